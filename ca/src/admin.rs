@@ -1,0 +1,78 @@
+//! The admin HTTP endpoint: Prometheus `/metrics`, `/ready` (signing key loaded and, with
+//! Kubernetes, the pod index synced) and `/healthz` (the process answers).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What `/ready` reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Readiness {
+    pub key_loaded: bool,
+    pub pods_synced: bool,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.key_loaded && self.pods_synced
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    registry: Arc<Registry>,
+    ready: watch::Receiver<Readiness>,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    ready: watch::Receiver<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/ready", get(ready_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(AdminState { registry, ready });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            body,
+        ),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            "metrics encoding failed\n".to_string(),
+        ),
+    }
+}
+
+async fn ready_handler(State(state): State<AdminState>) -> impl IntoResponse {
+    let ready = state.ready.borrow().clone();
+    if ready.is_ready() {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: key_loaded={} pods_synced={}\n", ready.key_loaded, ready.pods_synced),
+        )
+    }
+}

@@ -1,0 +1,458 @@
+//! Who is calling: a Kubernetes service-account token (checked by TokenReview, cached by token
+//! hash, or validated locally against the cluster's JWKS) or a client certificate this CA issued.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
+use sigil_identity::{SpiffeId, TrustDomain};
+use tokio::sync::watch;
+
+use crate::jwt::{self, Jwks, Validation};
+use crate::metrics::{CacheLabels, CacheResult, Metrics};
+use crate::pods::PodIndex;
+
+/// Default audience a caller's token must carry.
+pub const DEFAULT_AUDIENCE: &str = "sigil-ca";
+/// Most TokenReview results kept at once.
+pub const TOKEN_CACHE_CAPACITY: usize = 10_000;
+/// A cached review is dropped this long before its token expires.
+pub const TOKEN_CACHE_EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+/// Extra keys TokenReview puts on pod-bound tokens.
+const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum AuthnError {
+    #[error("no bearer token and no client certificate")]
+    NoCredentials,
+    #[error("bearer tokens are not accepted by this CA (--auth certs)")]
+    TokensDisabled,
+    #[error("token rejected by TokenReview: {0}")]
+    TokenReviewRejected(String),
+    #[error("TokenReview call failed: {0}")]
+    TokenReviewFailed(String),
+    #[error("token rejected: {0}")]
+    Jwt(#[from] jwt::JwtError),
+    #[error("token is not a service-account token (user {0:?})")]
+    NotServiceAccount(String),
+    #[error("identity is not a valid SPIFFE ID: {0}")]
+    BadIdentity(String),
+    #[error("client certificate is from trust domain {0}, not ours")]
+    ForeignTrustDomain(String),
+    #[error("token is bound to pod {namespace}/{name}, which no longer exists")]
+    PodGone { namespace: String, name: String },
+    #[error("token is bound to pod {namespace}/{name} with UID {token_uid}, but that pod now has UID {pod_uid}")]
+    PodUidMismatch {
+        namespace: String,
+        name: String,
+        token_uid: String,
+        pod_uid: String,
+    },
+}
+
+impl AuthnError {
+    /// Whether the failure is ours (API server unreachable) rather than the caller's.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, AuthnError::TokenReviewFailed(_))
+    }
+}
+
+/// The authenticated caller.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Caller {
+    pub id: SpiffeId,
+    pub credential: Credential,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Credential {
+    Token(TokenIdentity),
+    ClientCert,
+}
+
+/// What a service-account token says about its holder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenIdentity {
+    pub namespace: String,
+    pub service_account: String,
+    /// Set for pod-bound (projected) tokens: (name, uid).
+    pub pod: Option<(String, String)>,
+    pub node: Option<String>,
+    pub expires_at: Option<SystemTime>,
+}
+
+/// How tokens are validated.
+pub enum TokenValidator {
+    TokenReview(kube::Client),
+    Jwks {
+        jwks: watch::Receiver<Arc<Jwks>>,
+        issuer: String,
+    },
+    /// Only client certificates are accepted (no Kubernetes).
+    Disabled,
+}
+
+pub struct Authenticator {
+    trust_domain: TrustDomain,
+    audiences: Vec<String>,
+    validator: TokenValidator,
+    pods: Option<watch::Receiver<PodIndex>>,
+    cache: Mutex<HashMap<[u8; 32], TokenIdentity>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Authenticator {
+    pub fn new(
+        trust_domain: TrustDomain,
+        audiences: Vec<String>,
+        validator: TokenValidator,
+        pods: Option<watch::Receiver<PodIndex>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Authenticator {
+            trust_domain,
+            audiences,
+            validator,
+            pods,
+            cache: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// A bearer token wins over a client certificate when both are present: it is the more
+    /// specific credential (a pod-bound token names the pod and node).
+    pub async fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        peer_id: Option<&SpiffeId>,
+    ) -> Result<Caller, AuthnError> {
+        if let Some(token) = bearer {
+            let identity = self.validate_token(token).await?;
+            self.check_pod_binding(&identity)?;
+            let id = SpiffeId::for_service_account(&self.trust_domain, &identity.namespace, &identity.service_account)
+                .map_err(|e| AuthnError::BadIdentity(e.to_string()))?;
+            return Ok(Caller {
+                id,
+                credential: Credential::Token(identity),
+            });
+        }
+        if let Some(id) = peer_id {
+            if id.trust_domain() != &self.trust_domain {
+                return Err(AuthnError::ForeignTrustDomain(id.trust_domain().to_string()));
+            }
+            return Ok(Caller {
+                id: id.clone(),
+                credential: Credential::ClientCert,
+            });
+        }
+        Err(AuthnError::NoCredentials)
+    }
+
+    async fn validate_token(&self, token: &str) -> Result<TokenIdentity, AuthnError> {
+        match &self.validator {
+            TokenValidator::Disabled => Err(AuthnError::TokensDisabled),
+            TokenValidator::Jwks { jwks, issuer } => {
+                let jwks = jwks.borrow().clone();
+                let mut last = None;
+                for audience in &self.audiences {
+                    let validation = Validation {
+                        issuer: issuer.clone(),
+                        audience: audience.clone(),
+                    };
+                    match jwt::validate(token, &jwks, &validation, SystemTime::now()) {
+                        Ok(claims) => {
+                            return Ok(TokenIdentity {
+                                namespace: claims.namespace,
+                                service_account: claims.service_account,
+                                pod: claims.pod.map(|p| (p.name, p.uid)),
+                                node: claims.node.map(|n| n.name),
+                                expires_at: Some(claims.expires_at),
+                            });
+                        }
+                        Err(e @ jwt::JwtError::WrongAudience) => last = Some(e),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(last.unwrap_or(jwt::JwtError::WrongAudience).into())
+            }
+            TokenValidator::TokenReview(client) => {
+                let key = token_hash(token);
+                let now = SystemTime::now();
+                if let Some(hit) = self.cached(&key, now) {
+                    self.metrics.token_cache.get_or_create(&CacheLabels { result: CacheResult::Hit }).inc();
+                    return Ok(hit);
+                }
+                self.metrics.token_cache.get_or_create(&CacheLabels { result: CacheResult::Miss }).inc();
+                let identity = self.token_review(client, token).await?;
+                self.remember(key, identity.clone(), now);
+                Ok(identity)
+            }
+        }
+    }
+
+    async fn token_review(&self, client: &kube::Client, token: &str) -> Result<TokenIdentity, AuthnError> {
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(self.audiences.clone()),
+            },
+            ..Default::default()
+        };
+        let api: Api<TokenReview> = Api::all(client.clone());
+        let answer = api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| AuthnError::TokenReviewFailed(e.to_string()))?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(AuthnError::TokenReviewRejected(
+                status.error.unwrap_or_else(|| "not authenticated".to_string()),
+            ));
+        }
+        if let Some(audiences) = &status.audiences
+            && !audiences.iter().any(|a| self.audiences.contains(a))
+        {
+            return Err(AuthnError::TokenReviewRejected(format!("audiences {audiences:?} not accepted")));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let Some((namespace, service_account)) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+        else {
+            return Err(AuthnError::NotServiceAccount(username));
+        };
+        let extra = user.extra.unwrap_or_default();
+        let first = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
+        let pod = first(EXTRA_POD_NAME).zip(first(EXTRA_POD_UID));
+        Ok(TokenIdentity {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            pod,
+            node: first(EXTRA_NODE_NAME),
+            expires_at: jwt::unverified_expiry(token),
+        })
+    }
+
+    /// A pod-bound token is only good while its pod exists with the same UID (checked against the
+    /// pod index; TokenReview checks it too, the index also covers cached and JWKS results).
+    fn check_pod_binding(&self, identity: &TokenIdentity) -> Result<(), AuthnError> {
+        let (Some(pods), Some((name, uid))) = (&self.pods, &identity.pod) else {
+            return Ok(());
+        };
+        let index = pods.borrow();
+        match index.get(&identity.namespace, name) {
+            None => Err(AuthnError::PodGone {
+                namespace: identity.namespace.clone(),
+                name: name.clone(),
+            }),
+            Some(entry) if &entry.uid != uid => Err(AuthnError::PodUidMismatch {
+                namespace: identity.namespace.clone(),
+                name: name.clone(),
+                token_uid: uid.clone(),
+                pod_uid: entry.uid.clone(),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn cached(&self, key: &[u8; 32], now: SystemTime) -> Option<TokenIdentity> {
+        let cache = self.cache.lock().expect("token cache lock");
+        cache
+            .get(key)
+            .filter(|id| id.expires_at.is_some_and(|exp| now + TOKEN_CACHE_EXPIRY_MARGIN < exp))
+            .cloned()
+    }
+
+    /// Caches only results whose token has a readable expiry, so no entry outlives its token.
+    fn remember(&self, key: [u8; 32], identity: TokenIdentity, now: SystemTime) {
+        if identity.expires_at.is_none() {
+            return;
+        }
+        let mut cache = self.cache.lock().expect("token cache lock");
+        if cache.len() >= TOKEN_CACHE_CAPACITY {
+            cache.retain(|_, id| id.expires_at.is_some_and(|exp| now + TOKEN_CACHE_EXPIRY_MARGIN < exp));
+        }
+        if cache.len() >= TOKEN_CACHE_CAPACITY {
+            // Still full of live entries: drop an arbitrary tenth rather than grow without bound.
+            let victims: Vec<_> = cache.keys().take(TOKEN_CACHE_CAPACITY / 10).copied().collect();
+            for victim in victims {
+                cache.remove(&victim);
+            }
+        }
+        cache.insert(key, identity);
+    }
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    digest.as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+/// Fetches the cluster's JWKS through the API server's OIDC discovery endpoints.
+pub async fn fetch_cluster_jwks(client: &kube::Client) -> Result<(String, Jwks), AuthnError> {
+    let get = |path: &str| {
+        http::Request::get(path)
+            .body(Vec::new())
+            .map_err(|e| AuthnError::TokenReviewFailed(e.to_string()))
+    };
+    let discovery: serde_json::Value = client
+        .request(get("/.well-known/openid-configuration")?)
+        .await
+        .map_err(|e| AuthnError::TokenReviewFailed(format!("OIDC discovery: {e}")))?;
+    let issuer = discovery["issuer"]
+        .as_str()
+        .ok_or_else(|| AuthnError::TokenReviewFailed("OIDC discovery has no issuer".into()))?
+        .to_string();
+    let text = client
+        .request_text(get("/openid/v1/jwks")?)
+        .await
+        .map_err(|e| AuthnError::TokenReviewFailed(format!("JWKS: {e}")))?;
+    Ok((issuer, Jwks::parse(&text)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::registry::Registry;
+    use sigil_test_apiserver::{PodSpec, TestApiServer, TokenAlg, TokenSigning, TokenSpec};
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    fn spec(pod: &k8s_openapi::api::core::v1::Pod) -> TokenSpec {
+        TokenSpec::for_pod(pod, DEFAULT_AUDIENCE)
+    }
+
+    async fn setup(jwks_mode: bool) -> (TestApiServer, Authenticator, k8s_openapi::api::core::v1::Pod, Arc<Metrics>) {
+        let server = TestApiServer::start().await;
+        let pod = server.add_pod(&PodSpec {
+            namespace: "demo".into(),
+            name: "web-1".into(),
+            service_account: "web".into(),
+            node: "node-a".into(),
+            phase: "Running".into(),
+            labels: Default::default(),
+        });
+        let (tx, mut rx) = watch::channel(PodIndex::default());
+        tokio::spawn(crate::pods::run(server.client(), tx));
+        rx.wait_for(|i| i.synced).await.unwrap();
+        let validator = if jwks_mode {
+            // A receiver keeps the last value after its sender is gone: a fixed JWKS.
+            let (_, jwks) = watch::channel(Arc::new(Jwks::parse(&server.jwks_json()).unwrap()));
+            TokenValidator::Jwks {
+                jwks,
+                issuer: server.issuer().to_string(),
+            }
+        } else {
+            TokenValidator::TokenReview(server.client())
+        };
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let authn = Authenticator::new(td(), vec![DEFAULT_AUDIENCE.into()], validator, Some(rx), metrics.clone());
+        (server, authn, pod, metrics)
+    }
+
+    #[tokio::test]
+    async fn token_review_identity_and_cache() {
+        let (server, authn, pod, metrics) = setup(false).await;
+        let token = server.issue_token(&spec(&pod));
+        let caller = authn.authenticate(Some(&token), None).await.unwrap();
+        assert_eq!(caller.id.to_string(), "spiffe://cluster.local/ns/demo/sa/web");
+        let Credential::Token(t) = &caller.credential else { panic!() };
+        assert_eq!(t.pod.as_ref().unwrap().0, "web-1");
+        assert_eq!(t.node.as_deref(), Some("node-a"));
+        authn.authenticate(Some(&token), None).await.unwrap();
+        assert_eq!(server.token_reviews_served(), 1, "second call answered from the cache");
+        assert_eq!(metrics.token_cache.get_or_create(&CacheLabels { result: CacheResult::Hit }).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn token_review_rejections() {
+        let (server, authn, pod, _) = setup(false).await;
+        let mut expired = spec(&pod);
+        expired.expires_in = -600;
+        let err = authn.authenticate(Some(&server.issue_token(&expired)), None).await.unwrap_err();
+        assert!(matches!(err, AuthnError::TokenReviewRejected(_)), "{err}");
+
+        let mut wrong_aud = spec(&pod);
+        wrong_aud.audiences = vec!["istio-ca".into()];
+        let err = authn.authenticate(Some(&server.issue_token(&wrong_aud)), None).await.unwrap_err();
+        assert!(matches!(err, AuthnError::TokenReviewRejected(_)), "{err}");
+
+        let mut unknown = spec(&pod);
+        unknown.signing = TokenSigning::UnknownKey;
+        let err = authn.authenticate(Some(&server.issue_token(&unknown)), None).await.unwrap_err();
+        assert!(matches!(err, AuthnError::TokenReviewRejected(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn cached_token_of_deleted_pod_is_refused() {
+        let (server, authn, pod, _) = setup(false).await;
+        let token = server.issue_token(&spec(&pod));
+        authn.authenticate(Some(&token), None).await.unwrap();
+        server.delete_pod("demo", "web-1");
+        let mut pods = authn.pods.clone().unwrap();
+        pods.wait_for(|i| i.get("demo", "web-1").is_none()).await.unwrap();
+        let err = authn.authenticate(Some(&token), None).await.unwrap_err();
+        assert!(matches!(err, AuthnError::PodGone { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn jwks_validation_and_rejections() {
+        let (server, authn, pod, _) = setup(true).await;
+        for alg in [TokenAlg::Rs256, TokenAlg::Es256] {
+            let mut s = spec(&pod);
+            s.alg = alg;
+            let caller = authn.authenticate(Some(&server.issue_token(&s)), None).await.unwrap();
+            assert_eq!(caller.id.to_string(), "spiffe://cluster.local/ns/demo/sa/web");
+        }
+        assert_eq!(server.token_reviews_served(), 0, "JWKS mode needs no API call per request");
+
+        let mut expired = spec(&pod);
+        expired.expires_in = -600;
+        let err = authn.authenticate(Some(&server.issue_token(&expired)), None).await.unwrap_err();
+        assert!(matches!(err, AuthnError::Jwt(jwt::JwtError::Expired)), "{err}");
+
+        let mut wrong_aud = spec(&pod);
+        wrong_aud.audiences = vec!["istio-ca".into()];
+        let err = authn.authenticate(Some(&server.issue_token(&wrong_aud)), None).await.unwrap_err();
+        assert!(matches!(err, AuthnError::Jwt(jwt::JwtError::WrongAudience)), "{err}");
+
+        let mut unknown = spec(&pod);
+        unknown.signing = TokenSigning::UnknownKey;
+        let err = authn.authenticate(Some(&server.issue_token(&unknown)), None).await.unwrap_err();
+        assert!(matches!(err, AuthnError::Jwt(jwt::JwtError::BadSignature | jwt::JwtError::UnknownKey)), "{err}");
+
+        server.delete_pod("demo", "web-1");
+        let token = server.issue_token(&spec(&pod));
+        let mut pods = authn.pods.clone().unwrap();
+        pods.wait_for(|i| i.get("demo", "web-1").is_none()).await.unwrap();
+        let err = authn.authenticate(Some(&token), None).await.unwrap_err();
+        assert!(matches!(err, AuthnError::PodGone { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn client_certs_and_missing_credentials() {
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let authn = Authenticator::new(td(), vec![DEFAULT_AUDIENCE.into()], TokenValidator::Disabled, None, metrics);
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        assert_eq!(authn.authenticate(None, Some(&id)).await.unwrap().credential, Credential::ClientCert);
+        let foreign = SpiffeId::parse("spiffe://other.org/ns/a/sa/b").unwrap();
+        assert!(matches!(authn.authenticate(None, Some(&foreign)).await, Err(AuthnError::ForeignTrustDomain(_))));
+        assert!(matches!(authn.authenticate(None, None).await, Err(AuthnError::NoCredentials)));
+        assert!(matches!(authn.authenticate(Some("x.y.z"), None).await, Err(AuthnError::TokensDisabled)));
+    }
+
+    #[tokio::test]
+    async fn fetches_jwks_by_oidc_discovery() {
+        let server = TestApiServer::start().await;
+        let (issuer, jwks) = fetch_cluster_jwks(&server.client()).await.unwrap();
+        assert_eq!(issuer, server.issuer());
+        assert!(!jwks.is_empty());
+    }
+}

@@ -1,0 +1,147 @@
+//! `sigil ca serve` configuration: every flag, its default (named consts) and its meaning, parsed
+//! once and printed at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:15012";
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15014";
+pub const DEFAULT_SERVICE_NAME: &str = "sigil-ca.sigil-system.svc";
+pub const DEFAULT_TTL: &str = "24h";
+pub const DEFAULT_MAX_TTL: &str = "7d";
+pub const DEFAULT_RELOAD_INTERVAL: &str = "5s";
+pub const DEFAULT_JWT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// How often the JWKS is re-read (file) or re-fetched (OIDC discovery).
+pub const JWKS_REFRESH: Duration = Duration::from_secs(300);
+
+/// How callers' service-account tokens are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// Ask the API server (TokenReview, audience-checked), caching results by token hash.
+    Tokenreview,
+    /// Validate locally against the cluster's JWKS (--jwks-file, or OIDC discovery): no API call per request.
+    Jwks,
+    /// No tokens: only client certificates issued by this CA (outside Kubernetes; see --static-entries).
+    Certs,
+}
+
+/// Runs the certificate authority.
+#[derive(Args, Clone, Debug)]
+pub struct CaConfig {
+    /// SPIFFE trust domain of every identity this CA issues.
+    #[arg(long, env = "SIGIL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// gRPC over TLS: sigil.ca.v1.CertificateAuthority and istio.v1.auth.IstioCertificateService.
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+
+    /// Prometheus /metrics, /ready and /healthz (plain HTTP).
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+
+    /// Keep the self-signed root in this directory instead of the Kubernetes Secret.
+    #[arg(long, conflicts_with_all = ["plugin_dir", "plugin_secret"])]
+    pub state_dir: Option<PathBuf>,
+
+    /// Namespace of the CA's Secrets (the pod's own namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = crate::store::DEFAULT_SECRET_NAMESPACE)]
+    pub namespace: String,
+
+    /// Secret holding the self-signed root (created on first start).
+    #[arg(long, default_value = crate::store::DEFAULT_SECRET_NAME)]
+    pub secret_name: String,
+
+    /// Plug-in CA: sign with the intermediate in this directory (ca-cert.pem, ca-key.pem,
+    /// cert-chain.pem, root-cert.pem), reloaded on change.
+    #[arg(long, conflicts_with = "plugin_secret")]
+    pub plugin_dir: Option<PathBuf>,
+
+    /// Plug-in CA from a Secret in --namespace with the same keys as --plugin-dir.
+    #[arg(long)]
+    pub plugin_secret: Option<String>,
+
+    /// How callers' tokens are validated.
+    #[arg(long, value_enum, default_value_t = AuthMode::Tokenreview)]
+    pub auth: AuthMode,
+
+    /// With --auth jwks: the cluster's JWKS as a file (else fetched by OIDC discovery).
+    #[arg(long)]
+    pub jwks_file: Option<PathBuf>,
+
+    /// With --auth jwks --jwks-file: the token issuer to require.
+    #[arg(long, default_value = DEFAULT_JWT_ISSUER)]
+    pub jwt_issuer: String,
+
+    /// Audiences a token may carry (repeat the flag for several, e.g. istio-ca for Istio clients).
+    #[arg(long = "audience", default_value = crate::authn::DEFAULT_AUDIENCE)]
+    pub audiences: Vec<String>,
+
+    /// Service accounts (namespace/name) of node agents allowed to request pods' identities.
+    #[arg(long = "trusted-agent", value_parser = crate::authz::parse_service_account,
+          default_values = crate::authz::DEFAULT_TRUSTED_AGENTS)]
+    pub trusted_agents: Vec<(String, String)>,
+
+    /// YAML registration entries for hosts without Kubernetes: which agent certificates may
+    /// issue which identities (`agents: [{id: ..., may_issue: [...]}]`).
+    #[arg(long)]
+    pub static_entries: Option<PathBuf>,
+
+    /// Extra DNS names / IP addresses for the CA's serving certificate (e.g. localhost, 127.0.0.1).
+    #[arg(long = "server-name")]
+    pub server_names: Vec<String>,
+
+    /// Lifetime of a certificate when the request asks for none.
+    #[arg(long, value_parser = parse_duration, default_value = DEFAULT_TTL)]
+    pub default_ttl: Duration,
+
+    /// Longest lifetime a request may ask for; longer requests are rejected, not shortened.
+    #[arg(long, value_parser = parse_duration, default_value = DEFAULT_MAX_TTL)]
+    pub max_ttl: Duration,
+
+    /// How often the key material (state, plug-in files) is re-read.
+    #[arg(long, value_parser = parse_duration, default_value = DEFAULT_RELOAD_INTERVAL)]
+    pub reload_interval: Duration,
+
+    /// Do not publish the sigil-ca-root ConfigMap in every namespace.
+    #[arg(long)]
+    pub no_root_configmaps: bool,
+}
+
+/// Parses `90s`, `15m`, `24h`, `7d` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 15m, 24h or 7d"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "ms" => return Ok(Duration::from_millis(n)),
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}

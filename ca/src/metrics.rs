@@ -1,0 +1,156 @@
+//! The CA's Prometheus metrics (served on the admin port's `/metrics`).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Which API a signing request came through.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Api {
+    Sigil,
+    Istio,
+}
+
+/// Why a signing request was refused (the audit log has the detail).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum DenyReason {
+    Unauthenticated,
+    PermissionDenied,
+    InvalidCsr,
+    InvalidTtl,
+    InvalidRequest,
+    Unavailable,
+    Internal,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum CacheResult {
+    Hit,
+    Miss,
+}
+
+impl Api {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Sigil => "sigil",
+            Api::Istio => "istio",
+        }
+    }
+}
+
+impl DenyReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::Unauthenticated => "unauthenticated",
+            DenyReason::PermissionDenied => "permission_denied",
+            DenyReason::InvalidCsr => "invalid_csr",
+            DenyReason::InvalidTtl => "invalid_ttl",
+            DenyReason::InvalidRequest => "invalid_request",
+            DenyReason::Unavailable => "unavailable",
+            DenyReason::Internal => "internal",
+        }
+    }
+}
+
+impl CacheResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheResult::Hit => "hit",
+            CacheResult::Miss => "miss",
+        }
+    }
+}
+
+/// Label values in Prometheus' snake_case, the same words the audit log uses.
+macro_rules! label_value_as_str {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    )*};
+}
+label_value_as_str!(Api, DenyReason, CacheResult);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub api: Api,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenyLabels {
+    pub api: Api,
+    pub reason: DenyReason,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub result: CacheResult,
+}
+
+pub struct Metrics {
+    pub issued: Family<ApiLabels, Counter>,
+    pub denied: Family<DenyLabels, Counter>,
+    pub sign_duration: Histogram,
+    pub root_expiry: Gauge,
+    pub intermediate_expiry: Gauge,
+    pub bundle_roots: Gauge,
+    pub token_cache: Family<CacheLabels, Counter>,
+    pub key_source_errors: Counter,
+    pub bundle_watchers: Gauge,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Metrics {
+            issued: Family::default(),
+            denied: Family::default(),
+            sign_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            root_expiry: Gauge::default(),
+            intermediate_expiry: Gauge::default(),
+            bundle_roots: Gauge::default(),
+            token_cache: Family::default(),
+            key_source_errors: Counter::default(),
+            bundle_watchers: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("sigil_ca");
+        r.register("certs_issued", "Certificates issued", metrics.issued.clone());
+        r.register("sign_denied", "Signing requests refused, by reason", metrics.denied.clone());
+        r.register(
+            "sign_duration_seconds",
+            "Time to authenticate, authorize and sign one request",
+            metrics.sign_duration.clone(),
+        );
+        r.register(
+            "root_expiry_timestamp_seconds",
+            "NotAfter (unix seconds) of the root the signing key chains to",
+            metrics.root_expiry.clone(),
+        );
+        r.register(
+            "intermediate_expiry_timestamp_seconds",
+            "NotAfter (unix seconds) of the plug-in intermediate that signs (0 in self-signed mode)",
+            metrics.intermediate_expiry.clone(),
+        );
+        r.register("trust_bundle_roots", "Roots in the trust bundle", metrics.bundle_roots.clone());
+        r.register(
+            "token_review_cache",
+            "Service-account token validations answered from the cache (hit) or not (miss)",
+            metrics.token_cache.clone(),
+        );
+        r.register(
+            "key_source_errors",
+            "Failures to load or refresh the signing key (state store or plug-in files)",
+            metrics.key_source_errors.clone(),
+        );
+        r.register(
+            "trust_bundle_watchers",
+            "Open WatchTrustBundle streams",
+            metrics.bundle_watchers.clone(),
+        );
+        metrics
+    }
+}

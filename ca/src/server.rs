@@ -1,0 +1,277 @@
+//! `sigil ca serve`: wires the key source, the pod index, authentication, the gRPC services, the
+//! trust-bundle ConfigMaps and the admin endpoint together, and runs them until shutdown.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use sigil_identity::{SpiffeId, TrustDomain};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, Readiness};
+use crate::authn::{Authenticator, TokenValidator};
+use crate::authority::Authority;
+use crate::authz::{Authorizer, StaticEntries};
+use crate::config::{AuthMode, CaConfig, DEFAULT_SERVICE_NAME, JWKS_REFRESH};
+use crate::jwt::Jwks;
+use crate::metrics::Metrics;
+use crate::pods::{self, PodIndex};
+use crate::plugin::PluginSource;
+use crate::service::{self, Ca, TtlPolicy};
+use crate::source::{self, KeySource};
+use crate::store::StateStore;
+use crate::tls_server;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("--trust-domain: {0}")]
+    TrustDomain(String),
+    #[error("connecting to the Kubernetes API (needed for {needed_for}): {source}")]
+    Kube {
+        needed_for: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("--static-entries: {0}")]
+    StaticEntries(#[from] crate::authz::StaticEntriesError),
+    #[error("--jwks-file {path}: {reason}")]
+    JwksFile { path: String, reason: String },
+    #[error("--max-ttl must be at least --default-ttl")]
+    TtlOrder,
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Why the Kubernetes API is needed with this configuration, if it is.
+fn kube_needed_for(config: &CaConfig) -> Option<&'static str> {
+    if config.auth == AuthMode::Tokenreview {
+        Some("--auth tokenreview")
+    } else if config.auth == AuthMode::Jwks && config.jwks_file.is_none() {
+        Some("--auth jwks without --jwks-file (OIDC discovery)")
+    } else if config.state_dir.is_none() && config.plugin_dir.is_none() {
+        Some("keeping the root in a Secret (no --state-dir)")
+    } else {
+        None
+    }
+}
+
+pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServeError> {
+    let td = TrustDomain::new(&config.trust_domain).map_err(|e| ServeError::TrustDomain(e.to_string()))?;
+    if config.max_ttl < config.default_ttl {
+        return Err(ServeError::TtlOrder);
+    }
+    info!(config = ?config, "starting sigil CA");
+
+    let kube = match kube_needed_for(&config) {
+        Some(needed_for) => Some(
+            kube::Client::try_default()
+                .await
+                .map_err(|source| ServeError::Kube { needed_for, source })?,
+        ),
+        None => None,
+    };
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let registry = Arc::new(registry);
+
+    // The signing key.
+    let key_source = match (&config.state_dir, &config.plugin_dir, &config.plugin_secret, &kube) {
+        (Some(dir), _, _, _) => KeySource::SelfSigned(StateStore::Dir(dir.clone())),
+        (None, Some(dir), _, _) => KeySource::Plugin(PluginSource::Dir(dir.clone())),
+        (None, None, Some(name), Some(client)) => KeySource::Plugin(PluginSource::Secret {
+            api: kube::Api::namespaced(client.clone(), &config.namespace),
+            name: name.clone(),
+        }),
+        (None, None, _, Some(client)) => {
+            KeySource::SelfSigned(StateStore::secret(client.clone(), &config.namespace, &config.secret_name))
+        }
+        (None, None, _, None) => unreachable!("kube_needed_for covers keeping the root in a Secret"),
+    };
+    info!(source = %key_source.describe(), "signing key source");
+    let (authority_tx, authority_rx) = watch::channel(Arc::new(Authority::empty(td.clone())));
+    tokio::spawn(source::run(
+        key_source,
+        td.clone(),
+        config.reload_interval,
+        authority_tx,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    // The pod index (Kubernetes only).
+    let pods_rx = kube.as_ref().map(|client| {
+        let (tx, rx) = watch::channel(PodIndex::default());
+        tokio::spawn(pods::run(client.clone(), tx));
+        rx
+    });
+
+    let validator = match config.auth {
+        AuthMode::Tokenreview => TokenValidator::TokenReview(kube.clone().expect("kube client for tokenreview")),
+        AuthMode::Certs => TokenValidator::Disabled,
+        AuthMode::Jwks => {
+            let (issuer, jwks) = match &config.jwks_file {
+                Some(path) => (config.jwt_issuer.clone(), read_jwks_file(path)?),
+                None => {
+                    let client = kube.as_ref().expect("kube client for OIDC discovery");
+                    crate::authn::fetch_cluster_jwks(client).await.map_err(|e| ServeError::JwksFile {
+                        path: "(OIDC discovery)".into(),
+                        reason: e.to_string(),
+                    })?
+                }
+            };
+            let (tx, rx) = watch::channel(Arc::new(jwks));
+            tokio::spawn(refresh_jwks(config.jwks_file.clone(), kube.clone(), tx));
+            TokenValidator::Jwks { jwks: rx, issuer }
+        }
+    };
+    let authn = Authenticator::new(
+        td.clone(),
+        config.audiences.clone(),
+        validator,
+        pods_rx.clone(),
+        metrics.clone(),
+    );
+    let static_entries = match &config.static_entries {
+        Some(path) => StaticEntries::load(path)?,
+        None => StaticEntries::default(),
+    };
+    let authz = Authorizer::new(
+        td.clone(),
+        config.trusted_agents.iter().cloned().collect::<HashSet<_>>(),
+        static_entries,
+        pods_rx.clone(),
+    );
+    let ca = Ca::new(
+        authority_rx.clone(),
+        authn,
+        authz,
+        TtlPolicy {
+            default: config.default_ttl,
+            max: config.max_ttl,
+        },
+        metrics.clone(),
+    );
+
+    if let (Some(client), false) = (&kube, config.no_root_configmaps) {
+        tokio::spawn(crate::distribute::run(client.clone(), authority_rx.clone()));
+    }
+
+    // Readiness: the key is loaded and (with Kubernetes) the pod index has synced.
+    let (ready_tx, ready_rx) = watch::channel(Readiness::default());
+    tokio::spawn(track_readiness(authority_rx.clone(), pods_rx, ready_tx));
+
+    // TLS and gRPC.
+    let serving_id = SpiffeId::for_service_account(&td, "sigil-system", "sigil-ca")
+        .map_err(|e| ServeError::TrustDomain(e.to_string()))?;
+    let mut names = vec![DEFAULT_SERVICE_NAME.to_string()];
+    names.extend(config.server_names.iter().cloned());
+    let (tls_tx, tls_rx) = watch::channel(None);
+    tokio::spawn(tls_server::run_serving_cert(
+        serving_id,
+        names,
+        authority_rx,
+        tls_tx,
+        vec![b"h2".to_vec()],
+    ));
+    let listener = TcpListener::bind(config.listen).await.map_err(|source| ServeError::Bind {
+        what: "gRPC",
+        addr: config.listen,
+        source,
+    })?;
+    let admin_listener = TcpListener::bind(config.admin_addr).await.map_err(|source| ServeError::Bind {
+        what: "admin",
+        addr: config.admin_addr,
+        source,
+    })?;
+    info!(grpc = %config.listen, admin = %config.admin_addr, "listening");
+    let admin_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        if let Err(e) = admin::serve(admin_listener, registry, ready_rx, admin_shutdown).await {
+            error!(error = %e, "admin server failed");
+        }
+    });
+
+    let (sigil_ca, istio_ca) = service::servers(ca);
+    let mut grpc_shutdown = shutdown;
+    tonic::transport::Server::builder()
+        .add_service(sigil_ca)
+        .add_service(istio_ca)
+        .serve_with_incoming_shutdown(tls_server::incoming(listener, tls_rx), async move {
+            let _ = grpc_shutdown.wait_for(|stop| *stop).await;
+        })
+        .await?;
+    info!("CA stopped");
+    Ok(())
+}
+
+fn read_jwks_file(path: &std::path::Path) -> Result<Jwks, ServeError> {
+    let err = |reason: String| ServeError::JwksFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    Jwks::parse(&text).map_err(|e| err(e.to_string()))
+}
+
+/// Re-reads the JWKS periodically so the API server's key rotation is followed.
+async fn refresh_jwks(file: Option<std::path::PathBuf>, kube: Option<kube::Client>, tx: watch::Sender<Arc<Jwks>>) {
+    loop {
+        tokio::time::sleep(JWKS_REFRESH).await;
+        let fresh = match (&file, &kube) {
+            (Some(path), _) => read_jwks_file(path).map_err(|e| e.to_string()),
+            (None, Some(client)) => crate::authn::fetch_cluster_jwks(client)
+                .await
+                .map(|(_, jwks)| jwks)
+                .map_err(|e| e.to_string()),
+            (None, None) => return,
+        };
+        match fresh {
+            Ok(jwks) => {
+                tx.send_replace(Arc::new(jwks));
+            }
+            Err(e) => warn!(error = %e, "JWKS refresh failed; keeping the previous keys"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+async fn track_readiness(
+    mut authority: watch::Receiver<crate::authority::SharedAuthority>,
+    mut pods: Option<watch::Receiver<PodIndex>>,
+    tx: watch::Sender<Readiness>,
+) {
+    loop {
+        let state = Readiness {
+            key_loaded: authority.borrow_and_update().signer.is_some(),
+            pods_synced: pods.as_mut().is_none_or(|p| p.borrow_and_update().synced),
+        };
+        tx.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state.clone();
+            changed
+        });
+        let pods_changed = async {
+            match pods.as_mut() {
+                Some(p) => p.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = authority.changed() => if r.is_err() { return },
+            r = pods_changed => if r.is_err() { tokio::time::sleep(Duration::from_secs(1)).await },
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The gRPC services: `sigil.ca.v1.CertificateAuthority` (Sign, WatchTrustBundle) and Istio's
+//! `IstioCertificateService/CreateCertificate`, sharing one path: authenticate, authorize, check
+//! the request, sign, audit. Callers get short opaque errors; the audit log gets the reason.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use sigil_identity::csr::{self, CsrError};
+use sigil_proto::istio::v1::auth::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use sigil_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use sigil_proto::sigil::ca::v1::certificate_authority_server::{CertificateAuthority, CertificateAuthorityServer};
+use sigil_proto::sigil::ca::v1::{SignRequest, SignResponse, TrustBundle, WatchTrustBundleRequest};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+
+use crate::audit::{self, Record};
+use crate::authn::{Authenticator, Caller, Credential};
+use crate::authority::{Authority, Issued, SharedAuthority, der_to_pem};
+use crate::authz::Authorizer;
+use crate::metrics::{Api, ApiLabels, DenyLabels, DenyReason, Metrics};
+use crate::tls_server::PeerInfo;
+
+/// Largest request message accepted (a CSR is at most `csr::MAX_CSR_BYTES`).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Istio's metadata key for node-agent impersonation.
+pub const ISTIO_IMPERSONATE_KEY: &str = "ImpersonatedIdentity";
+
+/// Lifetimes the CA hands out.
+#[derive(Clone, Copy, Debug)]
+pub struct TtlPolicy {
+    pub default: Duration,
+    pub max: Duration,
+}
+
+/// A refusal: what the caller sees, what the metrics count, what the audit log says.
+struct Refusal {
+    status: Status,
+    reason: DenyReason,
+    detail: String,
+}
+
+impl Refusal {
+    fn new(reason: DenyReason, detail: impl ToString) -> Self {
+        let status = match reason {
+            DenyReason::Unauthenticated => Status::unauthenticated("authentication failed"),
+            DenyReason::PermissionDenied => Status::permission_denied("permission denied"),
+            DenyReason::Unavailable => Status::unavailable("CA unavailable, retry later"),
+            DenyReason::Internal => Status::internal("internal error"),
+            DenyReason::InvalidTtl | DenyReason::InvalidCsr | DenyReason::InvalidRequest => {
+                // The caller's own input: say which field and what is wrong with it.
+                Status::invalid_argument(detail.to_string())
+            }
+        };
+        Refusal {
+            status,
+            reason,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// State shared by both services.
+pub struct Ca {
+    authority: watch::Receiver<SharedAuthority>,
+    authn: Authenticator,
+    authz: Authorizer,
+    ttl: TtlPolicy,
+    metrics: Arc<Metrics>,
+}
+
+impl Ca {
+    pub fn new(
+        authority: watch::Receiver<SharedAuthority>,
+        authn: Authenticator,
+        authz: Authorizer,
+        ttl: TtlPolicy,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Ca {
+            authority,
+            authn,
+            authz,
+            ttl,
+            metrics,
+        })
+    }
+
+    async fn authenticate(&self, metadata: &MetadataMap, peer: Option<&PeerInfo>) -> Result<Caller, Refusal> {
+        let bearer = match metadata.get("authorization") {
+            None => None,
+            Some(value) => {
+                let value = value
+                    .to_str()
+                    .map_err(|_| Refusal::new(DenyReason::Unauthenticated, "authorization header is not ASCII"))?;
+                let token = value
+                    .strip_prefix("Bearer ")
+                    .or_else(|| value.strip_prefix("bearer "))
+                    .ok_or_else(|| Refusal::new(DenyReason::Unauthenticated, "authorization header is not a Bearer token"))?;
+                Some(token.trim())
+            }
+        };
+        let peer_id = peer.and_then(|p| p.client_id.as_ref());
+        self.authn.authenticate(bearer, peer_id).await.map_err(|e| {
+            let reason = if e.is_unavailable() {
+                DenyReason::Unavailable
+            } else {
+                DenyReason::Unauthenticated
+            };
+            Refusal::new(reason, e)
+        })
+    }
+
+    /// The one signing path of both APIs.
+    async fn issue(
+        &self,
+        api: Api,
+        csr_der: Result<Vec<u8>, CsrError>,
+        ttl_seconds: u64,
+        impersonate: &str,
+        metadata: &MetadataMap,
+        peer: Option<&PeerInfo>,
+    ) -> Result<(Issued, SharedAuthority), Status> {
+        let started = Instant::now();
+        let mut record = Record {
+            api: Some(api),
+            peer: peer.map(|p| p.remote.to_string()),
+            requested: (!impersonate.is_empty()).then(|| impersonate.to_string()),
+            ttl_seconds,
+            ..Default::default()
+        };
+        let result = self.try_issue(csr_der, ttl_seconds, impersonate, metadata, peer, &mut record).await;
+        self.metrics.sign_duration.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok((issued, authority)) => {
+                record.granted = true;
+                record.serial = Some(issued.serial_hex.clone());
+                record.not_after = Some(issued.not_after.unix_timestamp());
+                audit::record(&record);
+                self.metrics.issued.get_or_create(&ApiLabels { api }).inc();
+                Ok((issued, authority))
+            }
+            Err(refusal) => {
+                record.reason = Some(refusal.reason);
+                record.detail = Some(refusal.detail);
+                audit::record(&record);
+                self.metrics
+                    .denied
+                    .get_or_create(&DenyLabels {
+                        api,
+                        reason: refusal.reason,
+                    })
+                    .inc();
+                Err(refusal.status)
+            }
+        }
+    }
+
+    async fn try_issue(
+        &self,
+        csr_der: Result<Vec<u8>, CsrError>,
+        ttl_seconds: u64,
+        impersonate: &str,
+        metadata: &MetadataMap,
+        peer: Option<&PeerInfo>,
+        record: &mut Record,
+    ) -> Result<(Issued, SharedAuthority), Refusal> {
+        let authority = self.authority.borrow().clone();
+        if authority.signer.is_none() {
+            return Err(Refusal::new(DenyReason::Unavailable, "no signing key loaded"));
+        }
+        let caller = self.authenticate(metadata, peer).await?;
+        record.caller = Some(caller.id.to_string());
+        record.credential = Some(match caller.credential {
+            Credential::Token(_) => "token",
+            Credential::ClientCert => "client-cert",
+        });
+        let identity = self
+            .authz
+            .authorize(&caller, impersonate)
+            .map_err(|e| Refusal::new(DenyReason::PermissionDenied, e))?;
+        record.requested = Some(identity.to_string());
+        let ttl = match ttl_seconds {
+            0 => self.ttl.default,
+            s if s > self.ttl.max.as_secs() => {
+                return Err(Refusal::new(
+                    DenyReason::InvalidTtl,
+                    format!("ttl_seconds: {s} exceeds the maximum of {}", self.ttl.max.as_secs()),
+                ));
+            }
+            s => Duration::from_secs(s),
+        };
+        let csr = csr_der
+            .and_then(|der| csr::verify_csr(&der))
+            .map_err(|e| Refusal::new(DenyReason::InvalidCsr, format!("csr: {e}")))?;
+        let signer = authority
+            .signer()
+            .map_err(|e| Refusal::new(DenyReason::Unavailable, e))?;
+        let issued = signer
+            .sign_leaf(&csr.spki_der, csr.key, &identity, ttl, OffsetDateTime::now_utc())
+            .map_err(|e| Refusal::new(DenyReason::Internal, e))?;
+        Ok((issued, authority))
+    }
+
+    async fn check_watcher(&self, metadata: &MetadataMap, peer: Option<&PeerInfo>) -> Result<Caller, Status> {
+        self.authenticate(metadata, peer).await.map_err(|refusal| {
+            tracing::info!(reason = %refusal.detail, "WatchTrustBundle refused");
+            refusal.status
+        })
+    }
+}
+
+fn bundle_message(authority: &Authority) -> TrustBundle {
+    TrustBundle {
+        trust_domain: authority.trust_domain.to_string(),
+        roots: authority.bundle.roots.iter().map(|r| r.to_vec()).collect(),
+        sequence: authority.bundle.sequence,
+    }
+}
+
+pub struct SigilCa(pub Arc<Ca>);
+
+type BundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundle, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CertificateAuthority for SigilCa {
+    async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let (metadata, _, req) = request.into_parts();
+        let (issued, authority) = self
+            .0
+            .issue(Api::Sigil, Ok(req.csr_der), req.ttl_seconds, &req.impersonate, &metadata, peer.as_ref())
+            .await?;
+        let signer = authority.signer().map_err(|_| Status::unavailable("CA unavailable, retry later"))?;
+        Ok(Response::new(SignResponse {
+            leaf: issued.leaf.to_vec(),
+            intermediates: signer.intermediates.iter().map(|c| c.to_vec()).collect(),
+            trust_bundle: authority.bundle.roots.iter().map(|r| r.to_vec()).collect(),
+        }))
+    }
+
+    type WatchTrustBundleStream = BundleStream;
+
+    async fn watch_trust_bundle(
+        &self,
+        request: Request<WatchTrustBundleRequest>,
+    ) -> Result<Response<BundleStream>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        self.0.check_watcher(request.metadata(), peer.as_ref()).await?;
+        let mut authority = self.0.authority.clone();
+        let metrics = self.0.metrics.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            metrics.bundle_watchers.inc();
+            let mut sent: Option<TrustBundle> = None;
+            loop {
+                let current = bundle_message(&authority.borrow_and_update());
+                if !current.roots.is_empty() && sent.as_ref().map(|s| &s.roots) != Some(&current.roots) {
+                    if tx.send(Ok(current.clone())).await.is_err() {
+                        break;
+                    }
+                    sent = Some(current);
+                }
+                tokio::select! {
+                    changed = authority.changed() => if changed.is_err() { break },
+                    _ = tx.closed() => break,
+                }
+            }
+            metrics.bundle_watchers.dec();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+pub struct IstioCa(pub Arc<Ca>);
+
+#[tonic::async_trait]
+impl IstioCertificateService for IstioCa {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let peer = request.extensions().get::<PeerInfo>().cloned();
+        let (metadata, _, req) = request.into_parts();
+        let impersonate = req
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(ISTIO_IMPERSONATE_KEY))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let ttl = u64::try_from(req.validity_duration).unwrap_or(u64::MAX);
+        let (issued, authority) = self
+            .0
+            .issue(Api::Istio, csr::csr_pem_to_der(&req.csr), ttl, &impersonate, &metadata, peer.as_ref())
+            .await?;
+        let signer = authority.signer().map_err(|_| Status::unavailable("CA unavailable, retry later"))?;
+        // Leaf first, then intermediates, then every root in one last string (Istio's layout).
+        let mut cert_chain = vec![der_to_pem(&issued.leaf)];
+        cert_chain.extend(signer.intermediates.iter().map(|c| der_to_pem(c)));
+        cert_chain.push(authority.roots_pem().concat());
+        Ok(Response::new(IstioCertificateResponse { cert_chain }))
+    }
+}
+
+/// Both services, with the request size limit applied.
+pub fn servers(
+    ca: Arc<Ca>,
+) -> (CertificateAuthorityServer<SigilCa>, IstioCertificateServiceServer<IstioCa>) {
+    (
+        CertificateAuthorityServer::new(SigilCa(ca.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
+        IstioCertificateServiceServer::new(IstioCa(ca)).max_decoding_message_size(MAX_REQUEST_BYTES),
+    )
+}

@@ -1,0 +1,901 @@
+//! rustls configurations that authenticate peers by SPIFFE ID: TLS 1.3 only, the ring provider,
+//! chains verified by webpki against a [`TrustBundle`], then the leaf's SPIFFE ID checked against
+//! the bundle's trust domain (and, for clients, the expected server identity).
+//!
+//! Verifiers report why they reject a peer through `rustls::Error`, so handshake failures in
+//! logs name the reason; [`TlsError::from`] turns such an error back into a [`TlsError`].
+
+use std::fmt;
+use std::io;
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{WebPkiServerVerifier, verify_server_cert_signed_by_trust_anchor};
+use rustls::crypto::{
+    CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature,
+};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{
+    AlertDescription, CertificateError, DigitallySignedStruct, DistinguishedName, OtherError,
+    RootCertStore, SignatureScheme,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use crate::bundle::{BundleError, TrustBundle};
+use crate::profile::{ProfileError, leaf_spiffe_id};
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// Why a peer or a TLS configuration was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TlsError {
+    #[error("peer presented no certificate")]
+    NoPeerCertificate,
+    #[error("certificate chain does not lead to a root of the trust bundle (unknown issuer)")]
+    UnknownIssuer,
+    #[error("certificate has expired")]
+    Expired,
+    #[error("certificate is not valid yet")]
+    NotYetValid,
+    #[error("certificate carries no workload SPIFFE ID: {0}")]
+    NotSpiffe(String),
+    #[error("certificate has more than one URI SAN; an X.509-SVID must have exactly one")]
+    MultipleUriSans,
+    #[error("peer {got} is not in trust domain {expected}")]
+    ForeignTrustDomain {
+        expected: TrustDomain,
+        got: SpiffeId,
+    },
+    #[error("a CA certificate was presented as the leaf")]
+    CaAsLeaf,
+    #[error("peer is {got}, expected {expected}")]
+    WrongIdentity { expected: SpiffeId, got: SpiffeId },
+    #[error("certificate rejected: {0}")]
+    BadCertificate(String),
+    #[error("peer rejected our certificate or handshake: alert {0:?}")]
+    PeerAlert(AlertDescription),
+    #[error("invalid PEM for certificate or key: {0}")]
+    Pem(String),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error("TLS: {0}")]
+    Rustls(rustls::Error),
+}
+
+impl From<ProfileError> for TlsError {
+    fn from(e: ProfileError) -> Self {
+        match e {
+            ProfileError::IsCa => TlsError::CaAsLeaf,
+            ProfileError::MultipleUriSans => TlsError::MultipleUriSans,
+            ProfileError::NoUriSan => TlsError::NotSpiffe("no URI SAN".into()),
+            ProfileError::NotSpiffe(why) => TlsError::NotSpiffe(why),
+            other => TlsError::BadCertificate(other.to_string()),
+        }
+    }
+}
+
+/// Classifies a handshake error: our own verifiers' reasons come back as themselves, webpki's
+/// as the matching variant.
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> Self {
+        match e {
+            rustls::Error::InvalidCertificate(cert_err) => match cert_err {
+                CertificateError::UnknownIssuer => TlsError::UnknownIssuer,
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    TlsError::Expired
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    TlsError::NotYetValid
+                }
+                CertificateError::Other(OtherError(inner)) => {
+                    if let Some(Rejection(ours)) = inner.downcast_ref::<Rejection>() {
+                        ours.clone()
+                    } else if let Some(webpki::Error::CaUsedAsEndEntity) =
+                        inner.downcast_ref::<webpki::Error>()
+                    {
+                        TlsError::CaAsLeaf
+                    } else {
+                        TlsError::BadCertificate(inner.to_string())
+                    }
+                }
+                other => TlsError::BadCertificate(format!("{other:?}")),
+            },
+            rustls::Error::NoCertificatesPresented => TlsError::NoPeerCertificate,
+            rustls::Error::AlertReceived(alert) => TlsError::PeerAlert(alert),
+            other => TlsError::Rustls(other),
+        }
+    }
+}
+
+impl TlsError {
+    /// The TLS reason inside an I/O error from tokio-rustls, if it carries one.
+    pub fn from_io_error(e: &io::Error) -> Option<TlsError> {
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(|tls| TlsError::from(tls.clone()))
+    }
+
+    /// Wraps a rejection reason for rustls so that it survives into the handshake error.
+    fn into_rustls(self) -> rustls::Error {
+        CertificateError::Other(OtherError(Arc::new(Rejection(self)))).into()
+    }
+}
+
+/// A verifier's reason as carried inside `rustls::Error`. rustls prints it with `Debug`, so
+/// `Debug` here is the readable message ("peer is spiffe://.., expected spiffe://..").
+#[derive(thiserror::Error)]
+#[error("{0}")]
+struct Rejection(TlsError);
+
+impl fmt::Debug for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// The process-wide ring crypto provider: every sigil config uses this one.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// A certificate chain (leaf first, then intermediates; never the root) and its private key.
+pub struct CertifiedKey {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl CertifiedKey {
+    /// Reads a PEM chain (leaf first) and a PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Pem(format!("certificate chain: {e}")))?;
+        if chain.is_empty() {
+            return Err(TlsError::Pem(
+                "certificate chain has no CERTIFICATE block".into(),
+            ));
+        }
+        // The key error's text is generic (never includes key material).
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| TlsError::Pem(format!("private key: {e}")))?;
+        Ok(CertifiedKey { chain, key })
+    }
+}
+
+impl Clone for CertifiedKey {
+    fn clone(&self) -> Self {
+        CertifiedKey {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+/// Never prints the private key.
+impl fmt::Debug for CertifiedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertifiedKey")
+            .field("chain_len", &self.chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Whether a server asks for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A valid SPIFFE client certificate is required.
+    Required,
+    /// Requested and verified if sent; clients without one are let through.
+    Optional,
+    /// Not requested.
+    Off,
+}
+
+/// What a client accepts as the server's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpectedServer {
+    /// Chain verified against the bundle, SNI/hostname ignored, the leaf's SPIFFE ID must equal
+    /// this one.
+    Spiffe(SpiffeId),
+    /// Any workload SPIFFE ID of the bundle's trust domain.
+    AnyInTrustDomain,
+    /// Ordinary webpki hostname verification of the connect-time server name against the
+    /// bundle's roots (for serving certificates with DNS/IP SANs).
+    DnsName,
+}
+
+static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+fn alpn_list(alpn: &[&[u8]]) -> Vec<Vec<u8>> {
+    alpn.iter().map(|p| p.to_vec()).collect()
+}
+
+/// A TLS 1.3 server config presenting `identity`; client certificates (if asked for) are
+/// checked by [`SpiffeClientVerifier`]. Session resumption is off so every connection's peer is
+/// verified against the current bundle.
+pub fn server_config(
+    identity: &CertifiedKey,
+    bundle: &TrustBundle,
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(TLS13_ONLY)
+        .map_err(TlsError::Rustls)?;
+    let builder = match client_auth {
+        ClientAuth::Off => builder.with_no_client_auth(),
+        ClientAuth::Required | ClientAuth::Optional => {
+            let verifier = SpiffeClientVerifier::new(bundle, client_auth == ClientAuth::Required)?;
+            builder.with_client_cert_verifier(Arc::new(verifier))
+        }
+    };
+    let mut config = builder
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())
+        .map_err(TlsError::Rustls)?;
+    config.alpn_protocols = alpn_list(alpn);
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// A TLS 1.3 client config, presenting `identity` if given and verifying the server as
+/// `server` says. Resumption is off (as in ztunnel) so the server is verified every time.
+pub fn client_config(
+    identity: Option<&CertifiedKey>,
+    bundle: &TrustBundle,
+    server: ExpectedServer,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(TLS13_ONLY)
+        .map_err(TlsError::Rustls)?;
+    let builder = match server {
+        ExpectedServer::DnsName => {
+            let verifier = WebPkiServerVerifier::builder_with_provider(
+                Arc::new(bundle.root_store()?),
+                crypto_provider(),
+            )
+            .build()
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+            builder.with_webpki_verifier(verifier)
+        }
+        ExpectedServer::Spiffe(id) => {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(
+                    bundle,
+                    Some(id),
+                )?))
+        }
+        ExpectedServer::AnyInTrustDomain => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier::new(bundle, None)?)),
+    };
+    let mut config = match identity {
+        Some(identity) => builder
+            .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+            .map_err(TlsError::Rustls)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn_list(alpn);
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// The SPIFFE ID of a peer whose chain the handshake already verified: what callers use to
+/// authorize a connection. Checks the X.509-SVID rules and the trust domain, not the chain.
+pub fn peer_spiffe_id(
+    chain: &[CertificateDer<'_>],
+    td: &TrustDomain,
+) -> Result<SpiffeId, TlsError> {
+    let leaf = chain.first().ok_or(TlsError::NoPeerCertificate)?;
+    let id = leaf_spiffe_id(leaf)?;
+    if id.trust_domain() != td {
+        return Err(TlsError::ForeignTrustDomain {
+            expected: td.clone(),
+            got: id,
+        });
+    }
+    Ok(id)
+}
+
+/// Turns webpki's "CA used as end entity" (which rustls reports only as an opaque error) into
+/// our named reason; leaves every other rustls error as is.
+fn name_ca_as_leaf(e: rustls::Error) -> rustls::Error {
+    match TlsError::from(e.clone()) {
+        TlsError::CaAsLeaf => TlsError::CaAsLeaf.into_rustls(),
+        _ => e,
+    }
+}
+
+/// Verifies client certificates: the chain by webpki against the bundle (client-auth EKU),
+/// then the leaf must be an X.509-SVID of the bundle's trust domain.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    trust_domain: TrustDomain,
+}
+
+impl SpiffeClientVerifier {
+    /// `mandatory = false` lets clients without a certificate through (their identity is then
+    /// absent); a certificate that is sent is always verified.
+    pub fn new(bundle: &TrustBundle, mandatory: bool) -> Result<Self, TlsError> {
+        let builder = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(bundle.root_store()?),
+            crypto_provider(),
+        );
+        let builder = if mandatory {
+            builder
+        } else {
+            builder.allow_unauthenticated()
+        };
+        let chain = builder
+            .build()
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        Ok(SpiffeClientVerifier {
+            chain,
+            trust_domain: bundle.trust_domain.clone(),
+        })
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.chain.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.chain.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.chain
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(name_ca_as_leaf)?;
+        peer_spiffe_id(std::slice::from_ref(end_entity), &self.trust_domain)
+            .map_err(TlsError::into_rustls)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
+}
+
+/// Verifies server certificates by SPIFFE ID instead of hostname: the chain by webpki against
+/// the bundle (server-auth EKU), then the leaf must be an X.509-SVID of the bundle's trust
+/// domain and, if an identity is expected, exactly that identity.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    trust_domain: TrustDomain,
+    expected: Option<SpiffeId>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    /// `expected = None` accepts any workload of the bundle's trust domain. An expected ID
+    /// outside that trust domain could never match, so it is refused here.
+    pub fn new(bundle: &TrustBundle, expected: Option<SpiffeId>) -> Result<Self, TlsError> {
+        if let Some(id) = &expected
+            && id.trust_domain() != &bundle.trust_domain
+        {
+            return Err(TlsError::ForeignTrustDomain {
+                expected: bundle.trust_domain.clone(),
+                got: id.clone(),
+            });
+        }
+        Ok(SpiffeServerVerifier {
+            roots: Arc::new(bundle.root_store()?),
+            trust_domain: bundle.trust_domain.clone(),
+            expected,
+            algorithms: crypto_provider().signature_verification_algorithms,
+        })
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )
+        .map_err(name_ca_as_leaf)?;
+        let got = peer_spiffe_id(std::slice::from_ref(end_entity), &self.trust_domain)
+            .map_err(TlsError::into_rustls)?;
+        if let Some(expected) = &self.expected
+            && &got != expected
+        {
+            return Err(TlsError::WrongIdentity {
+                expected: expected.clone(),
+                got,
+            }
+            .into_rustls());
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{KeyPair, SanType};
+    use time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+    use crate::profile::{KeyKind, LEAF_BACKDATE, leaf_params, serving_params};
+    use crate::test_support::{TestCa, certified, now, spiffe};
+
+    const SERVER: &str = "spiffe://example.org/ns/default/sa/server";
+    const CLIENT: &str = "spiffe://example.org/ns/default/sa/client";
+
+    type PeerChain = Option<Vec<CertificateDer<'static>>>;
+
+    struct Outcome {
+        server: Result<PeerChain, io::Error>,
+        client: Result<PeerChain, io::Error>,
+    }
+
+    /// Runs one handshake over an in-memory pipe, then a byte each way so that a rejection
+    /// sent after the client's last flight (TLS 1.3 client auth) reaches the client too.
+    async fn handshake(
+        server: rustls::ServerConfig,
+        client: rustls::ClientConfig,
+        server_name: &str,
+    ) -> Outcome {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let acceptor = TlsAcceptor::from(Arc::new(server));
+        let connector = TlsConnector::from(Arc::new(client));
+        let name = ServerName::try_from(server_name.to_string()).unwrap();
+        let server = async move {
+            let mut tls = acceptor.accept(server_io).await?;
+            let peer = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await?;
+            tls.write_all(&byte).await?;
+            tls.flush().await?;
+            Ok(peer)
+        };
+        let client = async move {
+            let mut tls = connector.connect(name, client_io).await?;
+            let peer = tls.get_ref().1.peer_certificates().map(|c| c.to_vec());
+            tls.write_all(b"x").await?;
+            tls.flush().await?;
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await?;
+            Ok(peer)
+        };
+        let (server, client) = tokio::join!(server, client);
+        Outcome { server, client }
+    }
+
+    fn reason(result: &Result<PeerChain, io::Error>) -> TlsError {
+        let err = result.as_ref().expect_err("handshake should have failed");
+        TlsError::from_io_error(err).unwrap_or_else(|| panic!("not a TLS error: {err}"))
+    }
+
+    fn leaf_identity(ca: &TestCa, id: &str) -> CertifiedKey {
+        let (der, key) = ca.leaf(id);
+        certified(vec![der], &key)
+    }
+
+    fn identity_from(ca: &TestCa, params: &rcgen::CertificateParams) -> CertifiedKey {
+        let key = KeyPair::generate().unwrap();
+        certified(vec![ca.sign(params, &key)], &key)
+    }
+
+    fn mtls_server(ca: &TestCa, bundle: &TrustBundle) -> rustls::ServerConfig {
+        server_config(
+            &leaf_identity(ca, SERVER),
+            bundle,
+            ClientAuth::Required,
+            &[b"h2"],
+        )
+        .unwrap()
+    }
+
+    fn client_with(identity: &CertifiedKey, bundle: &TrustBundle) -> rustls::ClientConfig {
+        client_config(
+            Some(identity),
+            bundle,
+            ExpectedServer::Spiffe(spiffe(SERVER)),
+            &[b"h2"],
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_extracts_both_identities() {
+        let ca = TestCa::root("example.org");
+        let bundle = ca.bundle();
+        let client = client_with(&leaf_identity(&ca, CLIENT), &bundle);
+        let out = handshake(mtls_server(&ca, &bundle), client, "ignored.example").await;
+
+        let client_chain = out.server.unwrap().expect("client certificate");
+        assert_eq!(peer_spiffe_id(&client_chain, &ca.td), Ok(spiffe(CLIENT)));
+        let server_chain = out.client.unwrap().expect("server certificate");
+        assert_eq!(peer_spiffe_id(&server_chain, &ca.td), Ok(spiffe(SERVER)));
+
+        // Any workload of the trust domain is accepted when no identity is pinned.
+        let client = client_config(None, &bundle, ExpectedServer::AnyInTrustDomain, &[]).unwrap();
+        let server = server_config(
+            &leaf_identity(&ca, SERVER),
+            &bundle,
+            ClientAuth::Optional,
+            &[],
+        )
+        .unwrap();
+        let out = handshake(server, client, "x").await;
+        assert_eq!(out.server.unwrap(), None, "no client certificate was sent");
+        assert!(out.client.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn chains_through_an_intermediate() {
+        let root = TestCa::root("example.org");
+        let intermediate = root.intermediate(Some(0));
+        let bundle = root.bundle();
+        let with_chain = |id| {
+            let (leaf, key) = intermediate.leaf(id);
+            certified(vec![leaf, intermediate.der.clone()], &key)
+        };
+        let server =
+            server_config(&with_chain(SERVER), &bundle, ClientAuth::Required, &[]).unwrap();
+        let client = client_with(&with_chain(CLIENT), &bundle);
+        let out = handshake(server, client, "x").await;
+        let client_chain = out.server.unwrap().unwrap();
+        assert_eq!(client_chain.len(), 2);
+        assert_eq!(peer_spiffe_id(&client_chain, &root.td), Ok(spiffe(CLIENT)));
+        assert_eq!(
+            peer_spiffe_id(&out.client.unwrap().unwrap(), &root.td),
+            Ok(spiffe(SERVER))
+        );
+
+        // Without the intermediate the leaf does not chain to the bundle.
+        let (leaf, key) = intermediate.leaf(CLIENT);
+        let client = client_with(&certified(vec![leaf], &key), &bundle);
+        let out = handshake(mtls_server(&root, &bundle), client, "x").await;
+        assert_eq!(reason(&out.server), TlsError::UnknownIssuer);
+    }
+
+    #[tokio::test]
+    async fn rejects_a_client_from_another_ca() {
+        let ca = TestCa::root("example.org");
+        let stranger = TestCa::root("example.org");
+        let client = client_with(&leaf_identity(&stranger, CLIENT), &ca.bundle());
+        let out = handshake(mtls_server(&ca, &ca.bundle()), client, "x").await;
+        assert_eq!(reason(&out.server), TlsError::UnknownIssuer);
+        assert_eq!(
+            reason(&out.client),
+            TlsError::PeerAlert(AlertDescription::UnknownCA)
+        );
+    }
+
+    #[tokio::test]
+    async fn rejects_a_server_from_another_ca() {
+        let ca = TestCa::root("example.org");
+        let stranger = TestCa::root("example.org");
+        let server = mtls_server(&stranger, &ca.bundle());
+        let client = client_with(&leaf_identity(&ca, CLIENT), &ca.bundle());
+        let out = handshake(server, client, "x").await;
+        assert_eq!(reason(&out.client), TlsError::UnknownIssuer);
+    }
+
+    #[tokio::test]
+    async fn rejects_a_foreign_trust_domain() {
+        let ca = TestCa::root("example.org");
+        let other = TestCa::root("other.org");
+        // Both roots are trusted, but the bundle belongs to example.org.
+        let bundle = TrustBundle::new(ca.td.clone(), vec![ca.der.clone(), other.der.clone()], 1);
+        let foreign = "spiffe://other.org/ns/default/sa/client";
+        let client = client_with(&leaf_identity(&other, foreign), &bundle);
+        let out = handshake(mtls_server(&ca, &bundle), client, "x").await;
+        assert_eq!(
+            reason(&out.server),
+            TlsError::ForeignTrustDomain {
+                expected: ca.td.clone(),
+                got: spiffe(foreign)
+            }
+        );
+
+        let server = server_config(
+            &leaf_identity(&other, "spiffe://other.org/ns/default/sa/server"),
+            &bundle,
+            ClientAuth::Off,
+            &[],
+        )
+        .unwrap();
+        let client = client_config(None, &bundle, ExpectedServer::AnyInTrustDomain, &[]).unwrap();
+        let out = handshake(server, client, "x").await;
+        assert!(matches!(
+            reason(&out.client),
+            TlsError::ForeignTrustDomain { .. }
+        ));
+
+        // Pinning an identity the bundle's trust domain can never vouch for is a config error.
+        assert_eq!(
+            client_config(None, &bundle, ExpectedServer::Spiffe(spiffe(foreign)), &[]).err(),
+            Some(TlsError::ForeignTrustDomain {
+                expected: ca.td.clone(),
+                got: spiffe(foreign)
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn rejects_an_expired_leaf() {
+        let ca = TestCa::root("example.org");
+        let expired = leaf_params(
+            &spiffe(CLIENT),
+            KeyKind::EcdsaP256,
+            now() - Duration::hours(2),
+            now() - Duration::hours(1),
+        );
+        let client = client_with(&identity_from(&ca, &expired), &ca.bundle());
+        let out = handshake(mtls_server(&ca, &ca.bundle()), client, "x").await;
+        assert_eq!(reason(&out.server), TlsError::Expired);
+
+        let not_yet = leaf_params(
+            &spiffe(CLIENT),
+            KeyKind::EcdsaP256,
+            now() + Duration::hours(1),
+            now() + Duration::hours(2),
+        );
+        let client = client_with(&identity_from(&ca, &not_yet), &ca.bundle());
+        let out = handshake(mtls_server(&ca, &ca.bundle()), client, "x").await;
+        assert_eq!(reason(&out.server), TlsError::NotYetValid);
+    }
+
+    #[tokio::test]
+    async fn rejects_two_uri_sans() {
+        let ca = TestCa::root("example.org");
+        let mut params = leaf_params(
+            &spiffe(CLIENT),
+            KeyKind::EcdsaP256,
+            now() - LEAF_BACKDATE,
+            now() + Duration::hours(1),
+        );
+        params
+            .subject_alt_names
+            .push(SanType::URI(SERVER.try_into().unwrap()));
+        let client = client_with(&identity_from(&ca, &params), &ca.bundle());
+        let out = handshake(mtls_server(&ca, &ca.bundle()), client, "x").await;
+        assert_eq!(reason(&out.server), TlsError::MultipleUriSans);
+    }
+
+    #[tokio::test]
+    async fn rejects_a_ca_certificate_as_leaf() {
+        let root = TestCa::root("example.org");
+        let intermediate = root.intermediate(None);
+        let client = client_with(&intermediate.as_identity(), &root.bundle());
+        let out = handshake(mtls_server(&root, &root.bundle()), client, "x").await;
+        assert_eq!(reason(&out.server), TlsError::CaAsLeaf);
+
+        let server =
+            server_config(&root.as_identity(), &root.bundle(), ClientAuth::Off, &[]).unwrap();
+        let client =
+            client_config(None, &root.bundle(), ExpectedServer::AnyInTrustDomain, &[]).unwrap();
+        let out = handshake(server, client, "x").await;
+        assert_eq!(reason(&out.client), TlsError::CaAsLeaf);
+    }
+
+    #[tokio::test]
+    async fn requires_a_client_certificate() {
+        let ca = TestCa::root("example.org");
+        let client = client_config(
+            None,
+            &ca.bundle(),
+            ExpectedServer::Spiffe(spiffe(SERVER)),
+            &[],
+        )
+        .unwrap();
+        let out = handshake(mtls_server(&ca, &ca.bundle()), client, "x").await;
+        assert_eq!(reason(&out.server), TlsError::NoPeerCertificate);
+        assert_eq!(
+            reason(&out.client),
+            TlsError::PeerAlert(AlertDescription::CertificateRequired)
+        );
+    }
+
+    #[tokio::test]
+    async fn rejects_the_wrong_server_identity() {
+        let ca = TestCa::root("example.org");
+        let expected = spiffe("spiffe://example.org/ns/default/sa/database");
+        let client = client_config(
+            Some(&leaf_identity(&ca, CLIENT)),
+            &ca.bundle(),
+            ExpectedServer::Spiffe(expected.clone()),
+            &[],
+        )
+        .unwrap();
+        let out = handshake(mtls_server(&ca, &ca.bundle()), client, "x").await;
+        let err = reason(&out.client);
+        assert_eq!(
+            err,
+            TlsError::WrongIdentity {
+                expected,
+                got: spiffe(SERVER)
+            }
+        );
+        // The reason is readable in the rustls error that ends up in logs.
+        let logged = out.client.unwrap_err().to_string();
+        assert!(
+            logged.contains(
+                "peer is spiffe://example.org/ns/default/sa/server, \
+                 expected spiffe://example.org/ns/default/sa/database"
+            ),
+            "{logged}"
+        );
+    }
+
+    #[tokio::test]
+    async fn dns_name_verification_for_serving_certificates() {
+        let ca = TestCa::root("example.org");
+        let key = KeyPair::generate().unwrap();
+        let params = serving_params(
+            &spiffe("spiffe://example.org/ns/sigil-system/sa/sigil-ca"),
+            &[
+                "sigil-ca.sigil-system.svc".to_string(),
+                "127.0.0.1".to_string(),
+            ],
+            now() - LEAF_BACKDATE,
+            now() + Duration::hours(1),
+        )
+        .unwrap();
+        let identity = certified(vec![ca.sign(&params, &key)], &key);
+        for name in ["sigil-ca.sigil-system.svc", "127.0.0.1"] {
+            let server = server_config(&identity, &ca.bundle(), ClientAuth::Off, &[]).unwrap();
+            let client = client_config(None, &ca.bundle(), ExpectedServer::DnsName, &[]).unwrap();
+            let out = handshake(server, client, name).await;
+            assert!(out.client.is_ok(), "{name}: {:?}", out.client.err());
+        }
+        let server = server_config(&identity, &ca.bundle(), ClientAuth::Off, &[]).unwrap();
+        let client = client_config(None, &ca.bundle(), ExpectedServer::DnsName, &[]).unwrap();
+        let out = handshake(server, client, "evil.example").await;
+        assert!(matches!(reason(&out.client), TlsError::BadCertificate(_)));
+    }
+
+    #[tokio::test]
+    async fn tls12_peers_are_refused() {
+        let ca = TestCa::root("example.org");
+        let server = mtls_server(&ca, &ca.bundle());
+        assert_eq!(server.alpn_protocols, vec![b"h2".to_vec()]);
+        assert_eq!(server.send_tls13_tickets, 0);
+        let tls12_client = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(
+                SpiffeServerVerifier::new(&ca.bundle(), None).unwrap(),
+            ))
+            .with_no_client_auth();
+        let out = handshake(server, tls12_client, "x").await;
+        assert!(
+            matches!(
+                reason(&out.server),
+                TlsError::Rustls(rustls::Error::PeerIncompatible(_))
+            ),
+            "{:?}",
+            out.server.err()
+        );
+        assert!(Arc::ptr_eq(
+            mtls_server(&ca, &ca.bundle()).crypto_provider(),
+            &crypto_provider()
+        ));
+    }
+
+    #[test]
+    fn certified_key_from_pem_and_redacted_debug() {
+        let ca = TestCa::root("example.org");
+        let (leaf, key) = ca.leaf(CLIENT);
+        let chain_pem = format!(
+            "{}{}",
+            pem::encode(&pem::Pem::new("CERTIFICATE", leaf.as_ref())),
+            pem::encode(&pem::Pem::new("CERTIFICATE", ca.der.as_ref()))
+        );
+        let identity = CertifiedKey::from_pem(&chain_pem, &key.serialize_pem()).unwrap();
+        assert_eq!(identity.chain, vec![leaf, ca.der.clone()]);
+        assert_eq!(identity.key.secret_der(), key.serialized_der());
+        let debug = format!("{:?}", identity.clone());
+        assert!(
+            debug.contains("<redacted>") && !debug.contains(&format!("{:?}", key.serialized_der()))
+        );
+
+        assert!(matches!(
+            CertifiedKey::from_pem("", &key.serialize_pem()),
+            Err(TlsError::Pem(_))
+        ));
+        assert!(matches!(
+            CertifiedKey::from_pem(&chain_pem, "no key here"),
+            Err(TlsError::Pem(_))
+        ));
+    }
+
+    #[test]
+    fn peer_spiffe_id_checks() {
+        let ca = TestCa::root("example.org");
+        assert_eq!(
+            peer_spiffe_id(&[], &ca.td),
+            Err(TlsError::NoPeerCertificate)
+        );
+        assert_eq!(
+            peer_spiffe_id(std::slice::from_ref(&ca.der), &ca.td),
+            Err(TlsError::CaAsLeaf)
+        );
+        let (leaf, _) = ca.leaf(CLIENT);
+        let other = TrustDomain::new("other.org").unwrap();
+        assert_eq!(
+            peer_spiffe_id(&[leaf], &other),
+            Err(TlsError::ForeignTrustDomain {
+                expected: other.clone(),
+                got: spiffe(CLIENT)
+            })
+        );
+    }
+}

@@ -1,0 +1,18 @@
+//! Wire types and gRPC stubs for every API sigil serves or calls.
+//! Generated at build time from `protos/`; nothing here is written by hand.
+
+pub mod sigil {
+    pub mod ca {
+        pub mod v1 {
+            tonic::include_proto!("sigil.ca.v1");
+        }
+    }
+}
+
+pub mod istio {
+    pub mod v1 {
+        pub mod auth {
+            tonic::include_proto!("istio.v1.auth");
+        }
+    }
+}

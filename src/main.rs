@@ -1,0 +1,91 @@
+//! The `sigil` binary: parses the command line and hands off to the library crates.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use sigil_ca::cli::{CaCommand, InspectCertArgs};
+use tokio::sync::watch;
+
+/// sigil: workload identity and mutual TLS for Kubernetes.
+///
+/// One binary for every part: the CA (`sigil ca serve`), and operator tools. Logs are JSON lines
+/// on stdout by default; set RUST_LOG (e.g. `info`, `sigil_ca=debug`) to change the level.
+#[derive(Parser, Debug)]
+#[command(name = "sigil", version, about, long_about)]
+struct Cli {
+    /// Log format: json (one object per line, for collectors) or text (for people).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The certificate authority: serve, and offline init / issue / rotate-root.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Look at what sigil issued.
+    #[command(subcommand)]
+    Inspect(InspectCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum InspectCommand {
+    /// Print a certificate chain's identity, validity and every departure from sigil's profile;
+    /// exits 1 if anything is wrong.
+    Cert(InspectCertArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Flips to true on SIGTERM or Ctrl-C, so servers drain and exit.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown signal received");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Ca(command) => sigil_ca::cli::run(command, shutdown_signal()).await.map(|()| true),
+        Command::Inspect(InspectCommand::Cert(args)) => {
+            sigil_ca::cli::inspect_cert(&args, &mut std::io::stdout())
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            let e = anyhow::Error::from(e);
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

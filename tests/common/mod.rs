@@ -1,0 +1,214 @@
+//! Harness for end-to-end tests: runs the real `sigil` binary as child processes, talks to them
+//! over real gRPC+TLS, and points them at the in-repo Kubernetes API test double.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sigil_identity::tls::CertifiedKey;
+use sigil_identity::{TrustBundle, TrustDomain};
+use sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthorityClient;
+use sigil_proto::sigil::ca::v1::{SignRequest, SignResponse};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+
+pub const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
+
+pub fn td() -> TrustDomain {
+    TrustDomain::new("cluster.local").unwrap()
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A `sigil ca serve` child process; killed on drop. Its stdout (JSON logs, audit lines) goes to
+/// `log` so tests can read the audit trail.
+pub struct CaProcess {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Drop for CaProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl CaProcess {
+    /// Starts `sigil ca serve` on fresh loopback ports with `args` added; `kubeconfig`, when
+    /// given, points it at a test API server.
+    pub fn start(work: &Path, kubeconfig: Option<&Path>, args: &[&str]) -> CaProcess {
+        let (grpc, admin) = (free_addr(), free_addr());
+        let log = work.join(format!("ca-{}.log", grpc.port()));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(SIGIL);
+        cmd.args(["ca", "serve", "--listen", &grpc.to_string(), "--admin-addr", &admin.to_string()])
+            .args(["--server-name", "localhost", "--server-name", "127.0.0.1"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("KUBECONFIG")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null());
+        if let Some(path) = kubeconfig {
+            cmd.env("KUBECONFIG", path);
+        }
+        CaProcess {
+            child: cmd.spawn().expect("spawning sigil ca serve"),
+            grpc,
+            admin,
+            log,
+        }
+    }
+
+    /// Waits for `/ready` to answer 200.
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("CA exited early ({status}):\n{}", self.logs());
+            }
+            if let Ok((200, _)) = http_get(self.admin, "/ready").await {
+                return;
+            }
+            assert!(Instant::now() < deadline, "CA never became ready:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The audit records logged so far, as JSON objects.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "sigil_audit")
+            .collect()
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(self.admin, "/metrics").await.unwrap().1
+    }
+
+    pub async fn client(&self, bundle: &TrustBundle, identity: Option<&CertifiedKey>) -> CertificateAuthorityClient<Channel> {
+        let channel = sigil_ca::client::connect(&self.grpc.to_string(), "localhost", bundle, identity)
+            .await
+            .expect("connecting to the CA");
+        CertificateAuthorityClient::new(channel)
+    }
+}
+
+/// A minimal HTTP/1.1 GET (the admin endpoint is plain HTTP on loopback).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of one sample in Prometheus text output (`name{labels}` exactly as printed).
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A P-256 key and a CSR for it, as a workload or agent would make them.
+pub fn key_and_csr() -> (rcgen::KeyPair, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = sigil_identity::csr::build_csr(&key).unwrap();
+    (key, csr)
+}
+
+pub fn sign_request(csr_der: Vec<u8>, ttl_seconds: u64, impersonate: &str, token: Option<&str>) -> tonic::Request<SignRequest> {
+    let mut request = tonic::Request::new(SignRequest {
+        csr_der,
+        ttl_seconds,
+        impersonate: impersonate.to_string(),
+    });
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
+}
+
+/// The client identity made of a key and a Sign answer.
+pub fn certified(key: &rcgen::KeyPair, response: &SignResponse) -> CertifiedKey {
+    let chain = std::iter::once(response.leaf.clone())
+        .chain(response.intermediates.iter().cloned())
+        .map(rustls::pki_types::CertificateDer::from)
+        .collect();
+    CertifiedKey {
+        chain,
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    }
+}
+
+/// Reads the trust bundle a self-signed CA keeps beside its state directory.
+pub fn state_dir_bundle(state_dir: &Path) -> TrustBundle {
+    let pem = std::fs::read_to_string(state_dir.join("root-cert.pem")).unwrap();
+    TrustBundle::from_pem(td(), &pem).unwrap()
+}
+
+pub fn bundle_from_der(roots: &[Vec<u8>]) -> TrustBundle {
+    TrustBundle::new(
+        td(),
+        roots.iter().cloned().map(rustls::pki_types::CertificateDer::from).collect(),
+        0,
+    )
+}
+
+pub fn pem(der: &[u8]) -> String {
+    sigil_ca::authority::der_to_pem(der)
+}
+
+/// Runs `openssl verify -x509_strict -purpose <purpose>` on a leaf (+ intermediates) against roots.
+pub fn openssl_verify(dir: &Path, leaf: &[u8], intermediates: &[Vec<u8>], roots: &[Vec<u8>], purpose: &str) -> (bool, String) {
+    let leaf_path = dir.join("leaf.pem");
+    let roots_path = dir.join("roots.pem");
+    let chain_path = dir.join("untrusted.pem");
+    std::fs::write(&leaf_path, pem(leaf)).unwrap();
+    std::fs::write(&roots_path, roots.iter().map(|r| pem(r)).collect::<String>()).unwrap();
+    let mut cmd = Command::new("openssl");
+    cmd.args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"]).arg(&roots_path);
+    if !intermediates.is_empty() {
+        std::fs::write(&chain_path, intermediates.iter().map(|r| pem(r)).collect::<String>()).unwrap();
+        cmd.arg("-untrusted").arg(&chain_path);
+    }
+    let out = cmd.arg(&leaf_path).output().expect("openssl is installed");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+pub fn openssl_text(dir: &Path, der: &[u8]) -> String {
+    let path = dir.join("show.pem");
+    std::fs::write(&path, pem(der)).unwrap();
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(&path)
+        .output()
+        .expect("openssl is installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
