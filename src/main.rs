@@ -48,7 +48,11 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -74,7 +78,9 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Ca(command) => sigil_ca::cli::run(command, shutdown_signal()).await.map(|()| true),
+        Command::Ca(command) => sigil_ca::cli::run(command, shutdown_signal())
+            .await
+            .map(|()| true),
         Command::Inspect(InspectCommand::Cert(args)) => {
             sigil_ca::cli::inspect_cert(&args, &mut std::io::stdout())
         }

@@ -54,7 +54,10 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(_) => (
@@ -72,7 +75,10 @@ async fn ready_handler(State(state): State<AdminState>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: key_loaded={} pods_synced={}\n", ready.key_loaded, ready.pods_synced),
+            format!(
+                "not ready: key_loaded={} pods_synced={}\n",
+                ready.key_loaded, ready.pods_synced
+            ),
         )
     }
 }

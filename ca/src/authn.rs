@@ -45,7 +45,9 @@ pub enum AuthnError {
     ForeignTrustDomain(String),
     #[error("token is bound to pod {namespace}/{name}, which no longer exists")]
     PodGone { namespace: String, name: String },
-    #[error("token is bound to pod {namespace}/{name} with UID {token_uid}, but that pod now has UID {pod_uid}")]
+    #[error(
+        "token is bound to pod {namespace}/{name} with UID {token_uid}, but that pod now has UID {pod_uid}"
+    )]
     PodUidMismatch {
         namespace: String,
         name: String,
@@ -133,8 +135,12 @@ impl Authenticator {
         if let Some(token) = bearer {
             let identity = self.validate_token(token).await?;
             self.check_pod_binding(&identity)?;
-            let id = SpiffeId::for_service_account(&self.trust_domain, &identity.namespace, &identity.service_account)
-                .map_err(|e| AuthnError::BadIdentity(e.to_string()))?;
+            let id = SpiffeId::for_service_account(
+                &self.trust_domain,
+                &identity.namespace,
+                &identity.service_account,
+            )
+            .map_err(|e| AuthnError::BadIdentity(e.to_string()))?;
             return Ok(Caller {
                 id,
                 credential: Credential::Token(identity),
@@ -142,7 +148,9 @@ impl Authenticator {
         }
         if let Some(id) = peer_id {
             if id.trust_domain() != &self.trust_domain {
-                return Err(AuthnError::ForeignTrustDomain(id.trust_domain().to_string()));
+                return Err(AuthnError::ForeignTrustDomain(
+                    id.trust_domain().to_string(),
+                ));
             }
             return Ok(Caller {
                 id: id.clone(),
@@ -183,10 +191,20 @@ impl Authenticator {
                 let key = token_hash(token);
                 let now = SystemTime::now();
                 if let Some(hit) = self.cached(&key, now) {
-                    self.metrics.token_cache.get_or_create(&CacheLabels { result: CacheResult::Hit }).inc();
+                    self.metrics
+                        .token_cache
+                        .get_or_create(&CacheLabels {
+                            result: CacheResult::Hit,
+                        })
+                        .inc();
                     return Ok(hit);
                 }
-                self.metrics.token_cache.get_or_create(&CacheLabels { result: CacheResult::Miss }).inc();
+                self.metrics
+                    .token_cache
+                    .get_or_create(&CacheLabels {
+                        result: CacheResult::Miss,
+                    })
+                    .inc();
                 let identity = self.token_review(client, token).await?;
                 self.remember(key, identity.clone(), now);
                 Ok(identity)
@@ -194,7 +212,11 @@ impl Authenticator {
         }
     }
 
-    async fn token_review(&self, client: &kube::Client, token: &str) -> Result<TokenIdentity, AuthnError> {
+    async fn token_review(
+        &self,
+        client: &kube::Client,
+        token: &str,
+    ) -> Result<TokenIdentity, AuthnError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
@@ -210,13 +232,17 @@ impl Authenticator {
         let status = answer.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             return Err(AuthnError::TokenReviewRejected(
-                status.error.unwrap_or_else(|| "not authenticated".to_string()),
+                status
+                    .error
+                    .unwrap_or_else(|| "not authenticated".to_string()),
             ));
         }
         if let Some(audiences) = &status.audiences
             && !audiences.iter().any(|a| self.audiences.contains(a))
         {
-            return Err(AuthnError::TokenReviewRejected(format!("audiences {audiences:?} not accepted")));
+            return Err(AuthnError::TokenReviewRejected(format!(
+                "audiences {audiences:?} not accepted"
+            )));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
@@ -264,7 +290,10 @@ impl Authenticator {
         let cache = self.cache.lock().expect("token cache lock");
         cache
             .get(key)
-            .filter(|id| id.expires_at.is_some_and(|exp| now + TOKEN_CACHE_EXPIRY_MARGIN < exp))
+            .filter(|id| {
+                id.expires_at
+                    .is_some_and(|exp| now + TOKEN_CACHE_EXPIRY_MARGIN < exp)
+            })
             .cloned()
     }
 
@@ -275,11 +304,18 @@ impl Authenticator {
         }
         let mut cache = self.cache.lock().expect("token cache lock");
         if cache.len() >= TOKEN_CACHE_CAPACITY {
-            cache.retain(|_, id| id.expires_at.is_some_and(|exp| now + TOKEN_CACHE_EXPIRY_MARGIN < exp));
+            cache.retain(|_, id| {
+                id.expires_at
+                    .is_some_and(|exp| now + TOKEN_CACHE_EXPIRY_MARGIN < exp)
+            });
         }
         if cache.len() >= TOKEN_CACHE_CAPACITY {
             // Still full of live entries: drop an arbitrary tenth rather than grow without bound.
-            let victims: Vec<_> = cache.keys().take(TOKEN_CACHE_CAPACITY / 10).copied().collect();
+            let victims: Vec<_> = cache
+                .keys()
+                .take(TOKEN_CACHE_CAPACITY / 10)
+                .copied()
+                .collect();
             for victim in victims {
                 cache.remove(&victim);
             }
@@ -329,7 +365,14 @@ mod tests {
         TokenSpec::for_pod(pod, DEFAULT_AUDIENCE)
     }
 
-    async fn setup(jwks_mode: bool) -> (TestApiServer, Authenticator, k8s_openapi::api::core::v1::Pod, Arc<Metrics>) {
+    async fn setup(
+        jwks_mode: bool,
+    ) -> (
+        TestApiServer,
+        Authenticator,
+        k8s_openapi::api::core::v1::Pod,
+        Arc<Metrics>,
+    ) {
         let server = TestApiServer::start().await;
         let pod = server.add_pod(&PodSpec {
             namespace: "demo".into(),
@@ -353,7 +396,13 @@ mod tests {
             TokenValidator::TokenReview(server.client())
         };
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
-        let authn = Authenticator::new(td(), vec![DEFAULT_AUDIENCE.into()], validator, Some(rx), metrics.clone());
+        let authn = Authenticator::new(
+            td(),
+            vec![DEFAULT_AUDIENCE.into()],
+            validator,
+            Some(rx),
+            metrics.clone(),
+        );
         (server, authn, pod, metrics)
     }
 
@@ -362,13 +411,30 @@ mod tests {
         let (server, authn, pod, metrics) = setup(false).await;
         let token = server.issue_token(&spec(&pod));
         let caller = authn.authenticate(Some(&token), None).await.unwrap();
-        assert_eq!(caller.id.to_string(), "spiffe://cluster.local/ns/demo/sa/web");
-        let Credential::Token(t) = &caller.credential else { panic!() };
+        assert_eq!(
+            caller.id.to_string(),
+            "spiffe://cluster.local/ns/demo/sa/web"
+        );
+        let Credential::Token(t) = &caller.credential else {
+            panic!()
+        };
         assert_eq!(t.pod.as_ref().unwrap().0, "web-1");
         assert_eq!(t.node.as_deref(), Some("node-a"));
         authn.authenticate(Some(&token), None).await.unwrap();
-        assert_eq!(server.token_reviews_served(), 1, "second call answered from the cache");
-        assert_eq!(metrics.token_cache.get_or_create(&CacheLabels { result: CacheResult::Hit }).get(), 1);
+        assert_eq!(
+            server.token_reviews_served(),
+            1,
+            "second call answered from the cache"
+        );
+        assert_eq!(
+            metrics
+                .token_cache
+                .get_or_create(&CacheLabels {
+                    result: CacheResult::Hit
+                })
+                .get(),
+            1
+        );
     }
 
     #[tokio::test]
@@ -376,17 +442,26 @@ mod tests {
         let (server, authn, pod, _) = setup(false).await;
         let mut expired = spec(&pod);
         expired.expires_in = -600;
-        let err = authn.authenticate(Some(&server.issue_token(&expired)), None).await.unwrap_err();
+        let err = authn
+            .authenticate(Some(&server.issue_token(&expired)), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, AuthnError::TokenReviewRejected(_)), "{err}");
 
         let mut wrong_aud = spec(&pod);
         wrong_aud.audiences = vec!["istio-ca".into()];
-        let err = authn.authenticate(Some(&server.issue_token(&wrong_aud)), None).await.unwrap_err();
+        let err = authn
+            .authenticate(Some(&server.issue_token(&wrong_aud)), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, AuthnError::TokenReviewRejected(_)), "{err}");
 
         let mut unknown = spec(&pod);
         unknown.signing = TokenSigning::UnknownKey;
-        let err = authn.authenticate(Some(&server.issue_token(&unknown)), None).await.unwrap_err();
+        let err = authn
+            .authenticate(Some(&server.issue_token(&unknown)), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, AuthnError::TokenReviewRejected(_)), "{err}");
     }
 
@@ -397,7 +472,9 @@ mod tests {
         authn.authenticate(Some(&token), None).await.unwrap();
         server.delete_pod("demo", "web-1");
         let mut pods = authn.pods.clone().unwrap();
-        pods.wait_for(|i| i.get("demo", "web-1").is_none()).await.unwrap();
+        pods.wait_for(|i| i.get("demo", "web-1").is_none())
+            .await
+            .unwrap();
         let err = authn.authenticate(Some(&token), None).await.unwrap_err();
         assert!(matches!(err, AuthnError::PodGone { .. }), "{err}");
     }
@@ -408,30 +485,63 @@ mod tests {
         for alg in [TokenAlg::Rs256, TokenAlg::Es256] {
             let mut s = spec(&pod);
             s.alg = alg;
-            let caller = authn.authenticate(Some(&server.issue_token(&s)), None).await.unwrap();
-            assert_eq!(caller.id.to_string(), "spiffe://cluster.local/ns/demo/sa/web");
+            let caller = authn
+                .authenticate(Some(&server.issue_token(&s)), None)
+                .await
+                .unwrap();
+            assert_eq!(
+                caller.id.to_string(),
+                "spiffe://cluster.local/ns/demo/sa/web"
+            );
         }
-        assert_eq!(server.token_reviews_served(), 0, "JWKS mode needs no API call per request");
+        assert_eq!(
+            server.token_reviews_served(),
+            0,
+            "JWKS mode needs no API call per request"
+        );
 
         let mut expired = spec(&pod);
         expired.expires_in = -600;
-        let err = authn.authenticate(Some(&server.issue_token(&expired)), None).await.unwrap_err();
-        assert!(matches!(err, AuthnError::Jwt(jwt::JwtError::Expired)), "{err}");
+        let err = authn
+            .authenticate(Some(&server.issue_token(&expired)), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, AuthnError::Jwt(jwt::JwtError::Expired)),
+            "{err}"
+        );
 
         let mut wrong_aud = spec(&pod);
         wrong_aud.audiences = vec!["istio-ca".into()];
-        let err = authn.authenticate(Some(&server.issue_token(&wrong_aud)), None).await.unwrap_err();
-        assert!(matches!(err, AuthnError::Jwt(jwt::JwtError::WrongAudience)), "{err}");
+        let err = authn
+            .authenticate(Some(&server.issue_token(&wrong_aud)), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, AuthnError::Jwt(jwt::JwtError::WrongAudience)),
+            "{err}"
+        );
 
         let mut unknown = spec(&pod);
         unknown.signing = TokenSigning::UnknownKey;
-        let err = authn.authenticate(Some(&server.issue_token(&unknown)), None).await.unwrap_err();
-        assert!(matches!(err, AuthnError::Jwt(jwt::JwtError::BadSignature | jwt::JwtError::UnknownKey)), "{err}");
+        let err = authn
+            .authenticate(Some(&server.issue_token(&unknown)), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                AuthnError::Jwt(jwt::JwtError::BadSignature | jwt::JwtError::UnknownKey)
+            ),
+            "{err}"
+        );
 
         server.delete_pod("demo", "web-1");
         let token = server.issue_token(&spec(&pod));
         let mut pods = authn.pods.clone().unwrap();
-        pods.wait_for(|i| i.get("demo", "web-1").is_none()).await.unwrap();
+        pods.wait_for(|i| i.get("demo", "web-1").is_none())
+            .await
+            .unwrap();
         let err = authn.authenticate(Some(&token), None).await.unwrap_err();
         assert!(matches!(err, AuthnError::PodGone { .. }), "{err}");
     }
@@ -439,13 +549,35 @@ mod tests {
     #[tokio::test]
     async fn client_certs_and_missing_credentials() {
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
-        let authn = Authenticator::new(td(), vec![DEFAULT_AUDIENCE.into()], TokenValidator::Disabled, None, metrics);
+        let authn = Authenticator::new(
+            td(),
+            vec![DEFAULT_AUDIENCE.into()],
+            TokenValidator::Disabled,
+            None,
+            metrics,
+        );
         let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
-        assert_eq!(authn.authenticate(None, Some(&id)).await.unwrap().credential, Credential::ClientCert);
+        assert_eq!(
+            authn
+                .authenticate(None, Some(&id))
+                .await
+                .unwrap()
+                .credential,
+            Credential::ClientCert
+        );
         let foreign = SpiffeId::parse("spiffe://other.org/ns/a/sa/b").unwrap();
-        assert!(matches!(authn.authenticate(None, Some(&foreign)).await, Err(AuthnError::ForeignTrustDomain(_))));
-        assert!(matches!(authn.authenticate(None, None).await, Err(AuthnError::NoCredentials)));
-        assert!(matches!(authn.authenticate(Some("x.y.z"), None).await, Err(AuthnError::TokensDisabled)));
+        assert!(matches!(
+            authn.authenticate(None, Some(&foreign)).await,
+            Err(AuthnError::ForeignTrustDomain(_))
+        ));
+        assert!(matches!(
+            authn.authenticate(None, None).await,
+            Err(AuthnError::NoCredentials)
+        ));
+        assert!(matches!(
+            authn.authenticate(Some("x.y.z"), None).await,
+            Err(AuthnError::TokensDisabled)
+        ));
     }
 
     #[tokio::test]

@@ -78,7 +78,8 @@ impl Signer {
         is_root: bool,
         chain_above: Vec<CertificateDer<'static>>,
     ) -> Result<Self, AuthorityError> {
-        let report = profile::inspect_cert(&cert).map_err(|e| AuthorityError::BadSigner(e.to_string()))?;
+        let report =
+            profile::inspect_cert(&cert).map_err(|e| AuthorityError::BadSigner(e.to_string()))?;
         if !report.is_ca {
             return Err(AuthorityError::BadSigner("certificate is not a CA".into()));
         }
@@ -184,11 +185,20 @@ pub(crate) mod tests {
     pub(crate) fn test_root(td: &TrustDomain) -> (Signer, CertificateDer<'static>) {
         let key = KeyPair::generate().unwrap();
         let now = OffsetDateTime::now_utc();
-        let cert = profile::ca_params(td, "test root", now - time::Duration::minutes(1), now + time::Duration::days(30), None)
-            .self_signed(&key)
-            .unwrap();
+        let cert = profile::ca_params(
+            td,
+            "test root",
+            now - time::Duration::minutes(1),
+            now + time::Duration::days(30),
+            None,
+        )
+        .self_signed(&key)
+        .unwrap();
         let der = cert.der().clone();
-        (Signer::new(der.clone(), key, true, Vec::new()).unwrap(), der)
+        (
+            Signer::new(der.clone(), key, true, Vec::new()).unwrap(),
+            der,
+        )
     }
 
     #[test]
@@ -199,13 +209,22 @@ pub(crate) mod tests {
         let verified = csr::verify_csr(&csr::build_csr(&key).unwrap()).unwrap();
         let id = SpiffeId::for_service_account(&td, "ns", "sa").unwrap();
         let issued = signer
-            .sign_leaf(&verified.spki_der, verified.key, &id, Duration::from_secs(400 * 24 * 3600), OffsetDateTime::now_utc())
+            .sign_leaf(
+                &verified.spki_der,
+                verified.key,
+                &id,
+                Duration::from_secs(400 * 24 * 3600),
+                OffsetDateTime::now_utc(),
+            )
             .unwrap();
         assert_eq!(issued.not_after, signer.not_after);
         let report = profile::inspect_cert(&issued.leaf).unwrap();
         assert_eq!(report.spiffe_id, Some(id));
         assert!(report.problems.is_empty(), "{:?}", report.problems);
-        assert_eq!(report.serial_hex.trim_start_matches('0'), issued.serial_hex.trim_start_matches('0'));
+        assert_eq!(
+            report.serial_hex.trim_start_matches('0'),
+            issued.serial_hex.trim_start_matches('0')
+        );
     }
 
     #[test]
@@ -216,7 +235,13 @@ pub(crate) mod tests {
         let id = SpiffeId::for_service_account(&td, "ns", "sa").unwrap();
         let later = signer.not_after + time::Duration::seconds(1);
         let err = signer
-            .sign_leaf(&key.subject_public_key_info(), KeyKind::EcdsaP256, &id, Duration::from_secs(60), later)
+            .sign_leaf(
+                &key.subject_public_key_info(),
+                KeyKind::EcdsaP256,
+                &id,
+                Duration::from_secs(60),
+                later,
+            )
             .unwrap_err();
         assert!(matches!(err, AuthorityError::SignerExpired(_)));
     }

@@ -28,7 +28,11 @@ pub enum AuthzError {
     #[error("agent pod {pod} is not in the pod index (deleted, or index not synced)")]
     AgentPodUnknown { pod: String },
     #[error("agent pod {pod} has UID {actual}, token says {claimed}")]
-    AgentPodUidMismatch { pod: String, claimed: String, actual: String },
+    AgentPodUidMismatch {
+        pod: String,
+        claimed: String,
+        actual: String,
+    },
     #[error("agent pod {pod} is on node {index_node:?} but its token says {token_node:?}")]
     AgentNodeMismatch {
         pod: String,
@@ -37,7 +41,9 @@ pub enum AuthzError {
     },
     #[error("{requested} is not a Kubernetes service-account identity (/ns/<ns>/sa/<sa>)")]
     NotServiceAccountId { requested: SpiffeId },
-    #[error("no live pod with service account {namespace}/{service_account} on node {node} (agent {caller})")]
+    #[error(
+        "no live pod with service account {namespace}/{service_account} on node {node} (agent {caller})"
+    )]
     NoPodOnNode {
         caller: SpiffeId,
         node: String,
@@ -47,17 +53,30 @@ pub enum AuthzError {
     #[error("no pod index: impersonation by token needs the Kubernetes API")]
     NoPodIndex,
     #[error("static entry for {caller} does not grant {requested}")]
-    NotGranted { caller: SpiffeId, requested: SpiffeId },
+    NotGranted {
+        caller: SpiffeId,
+        requested: SpiffeId,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StaticEntriesError {
     #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Parse { path: String, source: serde_yaml::Error },
+    Parse {
+        path: String,
+        source: serde_yaml::Error,
+    },
     #[error("{path}: {id:?} is not a valid SPIFFE ID: {reason}")]
-    BadId { path: String, id: String, reason: String },
+    BadId {
+        path: String,
+        id: String,
+        reason: String,
+    },
 }
 
 /// `--static-entries` file: which agents (by certificate identity) may issue which identities.
@@ -88,10 +107,11 @@ impl StaticEntries {
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self, StaticEntriesError> {
-        let file: StaticEntriesFile = serde_yaml::from_str(text).map_err(|source| StaticEntriesError::Parse {
-            path: origin.to_string(),
-            source,
-        })?;
+        let file: StaticEntriesFile =
+            serde_yaml::from_str(text).map_err(|source| StaticEntriesError::Parse {
+                path: origin.to_string(),
+                source,
+            })?;
         let parse = |id: &str| {
             SpiffeId::parse(id).map_err(|e| StaticEntriesError::BadId {
                 path: origin.to_string(),
@@ -101,8 +121,15 @@ impl StaticEntries {
         };
         let mut entries = HashMap::new();
         for agent in file.agents {
-            let grants = agent.may_issue.iter().map(|id| parse(id)).collect::<Result<HashSet<_>, _>>()?;
-            entries.entry(parse(&agent.id)?).or_insert_with(HashSet::new).extend(grants);
+            let grants = agent
+                .may_issue
+                .iter()
+                .map(|id| parse(id))
+                .collect::<Result<HashSet<_>, _>>()?;
+            entries
+                .entry(parse(&agent.id)?)
+                .or_insert_with(HashSet::new)
+                .extend(grants);
         }
         Ok(StaticEntries(entries))
     }
@@ -148,13 +175,20 @@ impl Authorizer {
         let requested = SpiffeId::parse(impersonate)
             .map_err(|e| AuthzError::BadRequestedId(impersonate.to_string(), e.to_string()))?;
         if requested.trust_domain() != &self.trust_domain {
-            return Err(AuthzError::ForeignTrustDomain(requested, self.trust_domain.clone()));
+            return Err(AuthzError::ForeignTrustDomain(
+                requested,
+                self.trust_domain.clone(),
+            ));
         }
         match &caller.credential {
             Credential::ClientCert => {
-                let grants = self.static_entries.0.get(&caller.id).ok_or(AuthzError::NotAnAgent {
-                    caller: caller.id.clone(),
-                })?;
+                let grants =
+                    self.static_entries
+                        .0
+                        .get(&caller.id)
+                        .ok_or(AuthzError::NotAnAgent {
+                            caller: caller.id.clone(),
+                        })?;
                 if grants.contains(&requested) {
                     Ok(requested)
                 } else {
@@ -179,9 +213,11 @@ impl Authorizer {
                     });
                 };
                 let (namespace, service_account) =
-                    requested.service_account().ok_or_else(|| AuthzError::NotServiceAccountId {
-                        requested: requested.clone(),
-                    })?;
+                    requested
+                        .service_account()
+                        .ok_or_else(|| AuthzError::NotServiceAccountId {
+                            requested: requested.clone(),
+                        })?;
                 let index = self.pods.as_ref().ok_or(AuthzError::NoPodIndex)?.borrow();
                 let pod = format!("{}/{pod_name}", token.namespace);
                 let agent_pod = index
@@ -223,7 +259,9 @@ impl Authorizer {
 /// Parses `namespace/service-account` pairs (the `--trusted-agent` flag).
 pub fn parse_service_account(s: &str) -> Result<(String, String), String> {
     match s.split_once('/') {
-        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => Ok((ns.to_string(), sa.to_string())),
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+            Ok((ns.to_string(), sa.to_string()))
+        }
         _ => Err(format!("{s:?} is not <namespace>/<service-account>")),
     }
 }
@@ -274,7 +312,14 @@ mod tests {
 
     fn authorizer() -> Authorizer {
         let mut index = PodIndex::default();
-        index.apply(&pod("sigil-system", "agent-a", "uid-agent-a", "sigil-agent", "node-a", "Running"));
+        index.apply(&pod(
+            "sigil-system",
+            "agent-a",
+            "uid-agent-a",
+            "sigil-agent",
+            "node-a",
+            "Running",
+        ));
         index.apply(&pod("demo", "web-1", "u1", "web", "node-a", "Running"));
         index.apply(&pod("demo", "db-1", "u2", "db", "node-b", "Running"));
         index.apply(&pod("demo", "job-1", "u3", "job", "node-a", "Succeeded"));
@@ -305,17 +350,22 @@ mod tests {
         let a = authorizer();
         let caller = agent_caller(Some("node-a"));
         assert_eq!(
-            a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/web").unwrap().to_string(),
+            a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/web")
+                .unwrap()
+                .to_string(),
             "spiffe://cluster.local/ns/demo/sa/web"
         );
         assert!(matches!(
             a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/db"),
             Err(AuthzError::NoPodOnNode { .. })
         ));
-        assert!(matches!(
-            a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/job"),
-            Err(AuthzError::NoPodOnNode { .. })
-        ), "a Succeeded pod holds no identity");
+        assert!(
+            matches!(
+                a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/job"),
+                Err(AuthzError::NoPodOnNode { .. })
+            ),
+            "a Succeeded pod holds no identity"
+        );
         assert!(matches!(
             a.authorize(&caller, "spiffe://other.org/ns/demo/sa/web"),
             Err(AuthzError::ForeignTrustDomain(..))
@@ -324,7 +374,10 @@ mod tests {
             a.authorize(&caller, "spiffe://cluster.local/custom/path"),
             Err(AuthzError::NotServiceAccountId { .. })
         ));
-        assert!(matches!(a.authorize(&caller, "not-an-id"), Err(AuthzError::BadRequestedId(..))));
+        assert!(matches!(
+            a.authorize(&caller, "not-an-id"),
+            Err(AuthzError::BadRequestedId(..))
+        ));
     }
 
     #[test]
@@ -332,25 +385,37 @@ mod tests {
         let a = authorizer();
         let web = "spiffe://cluster.local/ns/demo/sa/web";
         let lying = agent_caller(Some("node-b"));
-        assert!(matches!(a.authorize(&lying, web), Err(AuthzError::AgentNodeMismatch { .. })));
+        assert!(matches!(
+            a.authorize(&lying, web),
+            Err(AuthzError::AgentNodeMismatch { .. })
+        ));
 
         let mut stale = agent_caller(None);
         if let Credential::Token(t) = &mut stale.credential {
             t.pod = Some(("agent-a".into(), "old-uid".into()));
         }
-        assert!(matches!(a.authorize(&stale, web), Err(AuthzError::AgentPodUidMismatch { .. })));
+        assert!(matches!(
+            a.authorize(&stale, web),
+            Err(AuthzError::AgentPodUidMismatch { .. })
+        ));
 
         let mut unbound = agent_caller(None);
         if let Credential::Token(t) = &mut unbound.credential {
             t.pod = None;
         }
-        assert!(matches!(a.authorize(&unbound, web), Err(AuthzError::AgentTokenNotPodBound { .. })));
+        assert!(matches!(
+            a.authorize(&unbound, web),
+            Err(AuthzError::AgentTokenNotPodBound { .. })
+        ));
 
         let mut gone = agent_caller(None);
         if let Credential::Token(t) = &mut gone.credential {
             t.pod = Some(("agent-z".into(), "uid".into()));
         }
-        assert!(matches!(a.authorize(&gone, web), Err(AuthzError::AgentPodUnknown { .. })));
+        assert!(matches!(
+            a.authorize(&gone, web),
+            Err(AuthzError::AgentPodUnknown { .. })
+        ));
     }
 
     #[test]
@@ -379,7 +444,10 @@ mod tests {
             id: SpiffeId::parse("spiffe://cluster.local/ns/sigil-system/sa/sigil-agent").unwrap(),
             credential: Credential::ClientCert,
         };
-        assert!(a.authorize(&agent, "spiffe://cluster.local/ns/demo/sa/web").is_ok());
+        assert!(
+            a.authorize(&agent, "spiffe://cluster.local/ns/demo/sa/web")
+                .is_ok()
+        );
         assert!(matches!(
             a.authorize(&agent, "spiffe://cluster.local/ns/demo/sa/db"),
             Err(AuthzError::NotGranted { .. })
@@ -396,13 +464,22 @@ mod tests {
 
     #[test]
     fn static_entries_file_errors() {
-        assert!(matches!(StaticEntries::parse("agents: [{id: x, may_issue: []}]", "f"), Err(StaticEntriesError::BadId { .. })));
-        assert!(matches!(StaticEntries::parse("agent: []", "f"), Err(StaticEntriesError::Parse { .. })));
+        assert!(matches!(
+            StaticEntries::parse("agents: [{id: x, may_issue: []}]", "f"),
+            Err(StaticEntriesError::BadId { .. })
+        ));
+        assert!(matches!(
+            StaticEntries::parse("agent: []", "f"),
+            Err(StaticEntriesError::Parse { .. })
+        ));
         assert!(matches!(
             StaticEntries::load(Path::new("/nonexistent/entries.yaml")),
             Err(StaticEntriesError::Read { .. })
         ));
-        assert_eq!(parse_service_account("a/b").unwrap(), ("a".into(), "b".into()));
+        assert_eq!(
+            parse_service_account("a/b").unwrap(),
+            ("a".into(), "b".into())
+        );
         assert!(parse_service_account("ab").is_err());
     }
 }

@@ -41,7 +41,10 @@ pub enum CliError {
     #[error("signing: {0}")]
     Sign(#[from] crate::authority::AuthorityError),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Input(String),
     #[error("connecting to the Kubernetes API: {0}")]
@@ -138,10 +141,19 @@ pub async fn run(command: CaCommand, shutdown: watch::Receiver<bool>) -> Result<
             let td = trust_domain(&args.trust_domain)?;
             let store = StateStore::Dir(args.state_dir.clone());
             let fresh = CaState::new_self_signed(&td, unix_now())?;
-            let stored = store.create_if_absent(&fresh, &bundle_pem(&fresh, unix_now())?).await?;
+            let stored = store
+                .create_if_absent(&fresh, &bundle_pem(&fresh, unix_now())?)
+                .await?;
             stored.state.check_trust_domain(&td)?;
-            let verb = if stored.state == fresh { "created" } else { "kept the existing" };
-            println!("{verb} root for trust domain {td} in {}", args.state_dir.display());
+            let verb = if stored.state == fresh {
+                "created"
+            } else {
+                "kept the existing"
+            };
+            println!(
+                "{verb} root for trust domain {td} in {}",
+                args.state_dir.display()
+            );
             Ok(())
         }
         CaCommand::Issue(args) => issue(args).await,
@@ -158,7 +170,13 @@ async fn issue(args: IssueArgs) -> Result<(), CliError> {
     let authority = offline_authority(&StateStore::Dir(args.state_dir.clone()), &td).await?;
     let signer = authority.signer()?;
     let key = crate::source::generate_key().map_err(|e| CliError::Input(e.to_string()))?;
-    let issued = signer.sign_leaf(&key.subject_public_key_info(), KeyKind::EcdsaP256, &id, args.ttl, OffsetDateTime::now_utc())?;
+    let issued = signer.sign_leaf(
+        &key.subject_public_key_info(),
+        KeyKind::EcdsaP256,
+        &id,
+        args.ttl,
+        OffsetDateTime::now_utc(),
+    )?;
     std::fs::create_dir_all(&args.out_dir).map_err(io_err(&args.out_dir))?;
     let chain: String = std::iter::once(&issued.leaf)
         .chain(signer.intermediates.iter())
@@ -174,7 +192,9 @@ async fn issue(args: IssueArgs) -> Result<(), CliError> {
         .mode(0o600)
         .open(&key_path)
         .map_err(io_err(&key_path))?;
-    key_file.write_all(key.serialize_pem().as_bytes()).map_err(io_err(&key_path))?;
+    key_file
+        .write_all(key.serialize_pem().as_bytes())
+        .map_err(io_err(&key_path))?;
     let bundle_path = args.out_dir.join("bundle.pem");
     std::fs::write(&bundle_path, authority.roots_pem().concat()).map_err(io_err(&bundle_path))?;
     println!(
@@ -190,13 +210,19 @@ async fn rotate(args: RotateArgs) -> Result<(), CliError> {
     let td = trust_domain(&args.trust_domain)?;
     let store = match &args.state_dir {
         Some(dir) => StateStore::Dir(dir.clone()),
-        None => StateStore::secret(kube::Client::try_default().await?, &args.namespace, &args.secret_name),
+        None => StateStore::secret(
+            kube::Client::try_default().await?,
+            &args.namespace,
+            &args.secret_name,
+        ),
     };
     for _ in 0..ROTATE_ATTEMPTS {
-        let read = store
-            .load()
-            .await?
-            .ok_or_else(|| CliError::Input(format!("no CA state in {}; start the CA or run `sigil ca init`", store.describe())))?;
+        let read = store.load().await?.ok_or_else(|| {
+            CliError::Input(format!(
+                "no CA state in {}; start the CA or run `sigil ca init`",
+                store.describe()
+            ))
+        })?;
         read.state.check_trust_domain(&td)?;
         let mut next = read.state.clone();
         let now = unix_now();
@@ -229,16 +255,34 @@ pub fn inspect_cert(args: &InspectCertArgs, out: &mut impl Write) -> Result<bool
     let chain = read_certs(&args.file)?;
     let mut ok = true;
     for (i, der) in chain.iter().enumerate() {
-        let report = profile::inspect_cert(der).map_err(|e| CliError::Input(format!("certificate {i}: {e}")))?;
-        let _ = writeln!(out, "certificate {i}{}:", if i == 0 { " (leaf)" } else { "" });
-        let _ = writeln!(out, "  spiffe id:  {}", report.spiffe_id.as_ref().map_or("(none)".to_string(), |id| id.to_string()));
+        let report = profile::inspect_cert(der)
+            .map_err(|e| CliError::Input(format!("certificate {i}: {e}")))?;
+        let _ = writeln!(
+            out,
+            "certificate {i}{}:",
+            if i == 0 { " (leaf)" } else { "" }
+        );
+        let _ = writeln!(
+            out,
+            "  spiffe id:  {}",
+            report
+                .spiffe_id
+                .as_ref()
+                .map_or("(none)".to_string(), |id| id.to_string())
+        );
         let _ = writeln!(out, "  ca:         {}", report.is_ca);
         let _ = writeln!(out, "  subject:    {}", report.subject);
         let _ = writeln!(out, "  issuer:     {}", report.issuer);
         let _ = writeln!(out, "  serial:     {}", report.serial_hex);
         let _ = writeln!(out, "  not before: {}", report.not_before);
         let _ = writeln!(out, "  not after:  {}", report.not_after);
-        let _ = writeln!(out, "  key:        {}", report.key.map_or("(unsupported)".to_string(), |k| k.to_string()));
+        let _ = writeln!(
+            out,
+            "  key:        {}",
+            report
+                .key
+                .map_or("(unsupported)".to_string(), |k| k.to_string())
+        );
         if report.not_after < OffsetDateTime::now_utc() {
             ok = false;
             let _ = writeln!(out, "  PROBLEM: expired");
@@ -251,14 +295,19 @@ pub fn inspect_cert(args: &InspectCertArgs, out: &mut impl Write) -> Result<bool
     if let Some(bundle_path) = &args.bundle {
         let td = trust_domain(&args.trust_domain)?;
         let text = std::fs::read_to_string(bundle_path).map_err(io_err(bundle_path))?;
-        let bundle = TrustBundle::from_pem(td, &text).map_err(|e| CliError::Input(e.to_string()))?;
+        let bundle =
+            TrustBundle::from_pem(td, &text).map_err(|e| CliError::Input(e.to_string()))?;
         match verify_chain(&chain, &bundle) {
             Ok(()) => {
                 let _ = writeln!(out, "chain: verifies against {}", bundle_path.display());
             }
             Err(reason) => {
                 ok = false;
-                let _ = writeln!(out, "chain: PROBLEM: does not verify against {}: {reason}", bundle_path.display());
+                let _ = writeln!(
+                    out,
+                    "chain: PROBLEM: does not verify against {}: {reason}",
+                    bundle_path.display()
+                );
             }
         }
     }
@@ -274,7 +323,10 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CliError> {
         .map(|p| CertificateDer::from(p.into_contents()))
         .collect();
     if certs.is_empty() {
-        return Err(CliError::Input(format!("{}: no PEM certificate in it", path.display())));
+        return Err(CliError::Input(format!(
+            "{}: no PEM certificate in it",
+            path.display()
+        )));
     }
     Ok(certs)
 }
@@ -309,14 +361,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("state");
         let (_tx, shutdown) = watch::channel(false);
-        let init = || CaCommand::Init(InitArgs {
-            state_dir: state_dir.clone(),
-            trust_domain: "cluster.local".into(),
-        });
+        let init = || {
+            CaCommand::Init(InitArgs {
+                state_dir: state_dir.clone(),
+                trust_domain: "cluster.local".into(),
+            })
+        };
         run(init(), shutdown.clone()).await.unwrap();
         let first = std::fs::read(state_dir.join("ca.json")).unwrap();
         run(init(), shutdown.clone()).await.unwrap();
-        assert_eq!(std::fs::read(state_dir.join("ca.json")).unwrap(), first, "init keeps an existing root");
+        assert_eq!(
+            std::fs::read(state_dir.join("ca.json")).unwrap(),
+            first,
+            "init keeps an existing root"
+        );
 
         let out = dir.path().join("out");
         run(
@@ -337,7 +395,11 @@ mod tests {
             trust_domain: "cluster.local".into(),
         };
         let mut text = Vec::new();
-        assert!(inspect_cert(&inspect, &mut text).unwrap(), "{}", String::from_utf8_lossy(&text));
+        assert!(
+            inspect_cert(&inspect, &mut text).unwrap(),
+            "{}",
+            String::from_utf8_lossy(&text)
+        );
         let text = String::from_utf8(text).unwrap();
         assert!(text.contains("spiffe://cluster.local/ns/sigil-system/sa/sigil-agent"));
         assert!(text.contains("chain: verifies"));
@@ -357,21 +419,29 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, CliError::Id(_)));
 
-        let rotate = || CaCommand::RotateRoot(RotateArgs {
-            state_dir: Some(state_dir.clone()),
-            namespace: "sigil-system".into(),
-            secret_name: "sigil-ca".into(),
-            trust_domain: "cluster.local".into(),
-            propagation: Duration::from_secs(3600),
-            max_ttl: Duration::from_secs(3600),
-            retire_margin: Duration::from_secs(60),
-        });
+        let rotate = || {
+            CaCommand::RotateRoot(RotateArgs {
+                state_dir: Some(state_dir.clone()),
+                namespace: "sigil-system".into(),
+                secret_name: "sigil-ca".into(),
+                trust_domain: "cluster.local".into(),
+                propagation: Duration::from_secs(3600),
+                max_ttl: Duration::from_secs(3600),
+                retire_margin: Duration::from_secs(60),
+            })
+        };
         run(rotate(), shutdown.clone()).await.unwrap();
         let bundle = std::fs::read_to_string(state_dir.join("root-cert.pem")).unwrap();
-        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "both roots trusted during rotation");
+        assert_eq!(
+            bundle.matches("BEGIN CERTIFICATE").count(),
+            2,
+            "both roots trusted during rotation"
+        );
         assert!(matches!(
             run(rotate(), shutdown.clone()).await,
-            Err(CliError::State(crate::state::StateError::RotationInProgress(_)))
+            Err(CliError::State(
+                crate::state::StateError::RotationInProgress(_)
+            ))
         ));
     }
 
@@ -384,7 +454,13 @@ mod tests {
         let key = crate::source::generate_key().unwrap();
         let id = SpiffeId::for_service_account(&td, "a", "b").unwrap();
         let issued = signer
-            .sign_leaf(&key.subject_public_key_info(), KeyKind::EcdsaP256, &id, Duration::from_secs(60), OffsetDateTime::now_utc())
+            .sign_leaf(
+                &key.subject_public_key_info(),
+                KeyKind::EcdsaP256,
+                &id,
+                Duration::from_secs(60),
+                OffsetDateTime::now_utc(),
+            )
             .unwrap();
         std::fs::write(dir.path().join("cert.pem"), der_to_pem(&issued.leaf)).unwrap();
         std::fs::write(dir.path().join("bundle.pem"), der_to_pem(&other_root)).unwrap();

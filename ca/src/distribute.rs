@@ -53,7 +53,10 @@ pub async fn run(client: kube::Client, mut authority: watch::Receiver<SharedAuth
         let current = authority.borrow_and_update().roots_pem().concat();
         if current != pem && !current.is_empty() {
             pem = current;
-            info!(namespaces = known.len(), "publishing the trust bundle to ConfigMaps");
+            info!(
+                namespaces = known.len(),
+                "publishing the trust bundle to ConfigMaps"
+            );
             for ns in &known {
                 publish(&client, ns, &pem).await;
             }
@@ -78,7 +81,10 @@ async fn publish(client: &kube::Client, namespace: &str, pem: &str) {
     cm_json["apiVersion"] = "v1".into();
     cm_json["kind"] = "ConfigMap".into();
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    if let Err(e) = api.patch(CONFIGMAP_NAME, &params, &Patch::Apply(cm_json)).await {
+    if let Err(e) = api
+        .patch(CONFIGMAP_NAME, &params, &Patch::Apply(cm_json))
+        .await
+    {
         warn!(namespace, error = %e, "could not publish the trust bundle ConfigMap");
     }
 }

@@ -118,8 +118,16 @@ impl Metrics {
             bundle_watchers: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_ca");
-        r.register("certs_issued", "Certificates issued", metrics.issued.clone());
-        r.register("sign_denied", "Signing requests refused, by reason", metrics.denied.clone());
+        r.register(
+            "certs_issued",
+            "Certificates issued",
+            metrics.issued.clone(),
+        );
+        r.register(
+            "sign_denied",
+            "Signing requests refused, by reason",
+            metrics.denied.clone(),
+        );
         r.register(
             "sign_duration_seconds",
             "Time to authenticate, authorize and sign one request",
@@ -135,7 +143,11 @@ impl Metrics {
             "NotAfter (unix seconds) of the plug-in intermediate that signs (0 in self-signed mode)",
             metrics.intermediate_expiry.clone(),
         );
-        r.register("trust_bundle_roots", "Roots in the trust bundle", metrics.bundle_roots.clone());
+        r.register(
+            "trust_bundle_roots",
+            "Roots in the trust bundle",
+            metrics.bundle_roots.clone(),
+        );
         r.register(
             "token_review_cache",
             "Service-account token validations answered from the cache (hit) or not (miss)",

@@ -39,7 +39,7 @@ pub enum PluginError {
 #[derive(Clone)]
 pub enum PluginSource {
     Dir(PathBuf),
-    Secret { api: Api<Secret>, name: String },
+    Secret { api: Box<Api<Secret>>, name: String },
 }
 
 /// The raw file contents, compared to detect changes.
@@ -68,9 +68,15 @@ impl PluginSource {
                 }
             }
             PluginSource::Secret { api, name } => {
-                let secret = api.get(name).await.map_err(|e| PluginError::Read(e.to_string()))?;
+                let secret = api
+                    .get(name)
+                    .await
+                    .map_err(|e| PluginError::Read(e.to_string()))?;
                 for (key, value) in secret.data.unwrap_or_default() {
-                    if let Some(known) = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT].into_iter().find(|k| *k == key) {
+                    if let Some(known) = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT]
+                        .into_iter()
+                        .find(|k| *k == key)
+                    {
                         files.insert(known, value.0);
                     }
                 }
@@ -81,22 +87,47 @@ impl PluginSource {
 }
 
 /// Validates a set of plug-in files and builds the authority they describe.
-pub fn load(td: &TrustDomain, files: &PluginFiles, sequence: u64) -> Result<Authority, PluginError> {
+pub fn load(
+    td: &TrustDomain,
+    files: &PluginFiles,
+    sequence: u64,
+) -> Result<Authority, PluginError> {
     let ca_cert = certs(files, CA_CERT)?
         .into_iter()
         .next()
-        .ok_or(PluginError::Invalid { file: CA_CERT, reason: "no certificate".into() })?;
-    let key_pem = std::str::from_utf8(files.get(CA_KEY).ok_or(PluginError::Missing { file: CA_KEY })?)
-        .map_err(|_| PluginError::Invalid { file: CA_KEY, reason: "not UTF-8 PEM".into() })?;
-    let key = KeyPair::from_pem(key_pem).map_err(|e| PluginError::Invalid { file: CA_KEY, reason: e.to_string() })?;
-    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(&ca_cert)
-        .map_err(|e| PluginError::Invalid { file: CA_CERT, reason: e.to_string() })?;
+        .ok_or(PluginError::Invalid {
+            file: CA_CERT,
+            reason: "no certificate".into(),
+        })?;
+    let key_pem = std::str::from_utf8(
+        files
+            .get(CA_KEY)
+            .ok_or(PluginError::Missing { file: CA_KEY })?,
+    )
+    .map_err(|_| PluginError::Invalid {
+        file: CA_KEY,
+        reason: "not UTF-8 PEM".into(),
+    })?;
+    let key = KeyPair::from_pem(key_pem).map_err(|e| PluginError::Invalid {
+        file: CA_KEY,
+        reason: e.to_string(),
+    })?;
+    let (_, parsed) =
+        x509_parser::certificate::X509Certificate::from_der(&ca_cert).map_err(|e| {
+            PluginError::Invalid {
+                file: CA_CERT,
+                reason: e.to_string(),
+            }
+        })?;
     if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
         return Err(PluginError::KeyMismatch);
     }
     let roots = certs(files, ROOT_CERT)?;
     if roots.is_empty() {
-        return Err(PluginError::Invalid { file: ROOT_CERT, reason: "no certificate".into() });
+        return Err(PluginError::Invalid {
+            file: ROOT_CERT,
+            reason: "no certificate".into(),
+        });
     }
     let chain_above: Vec<CertificateDer<'static>> = match files.get(CERT_CHAIN) {
         Some(_) => certs(files, CERT_CHAIN)?
@@ -106,8 +137,11 @@ pub fn load(td: &TrustDomain, files: &PluginFiles, sequence: u64) -> Result<Auth
         None => Vec::new(),
     };
     let is_root = roots.contains(&ca_cert);
-    let signer = Signer::new(ca_cert, key, is_root, chain_above)
-        .map_err(|e| PluginError::Invalid { file: CA_CERT, reason: e.to_string() })?;
+    let signer =
+        Signer::new(ca_cert, key, is_root, chain_above).map_err(|e| PluginError::Invalid {
+            file: CA_CERT,
+            reason: e.to_string(),
+        })?;
     let bundle = TrustBundle::new(td.clone(), roots, sequence);
     prove_chain(td, &signer, &bundle)?;
     Ok(Authority {
@@ -120,19 +154,29 @@ pub fn load(td: &TrustDomain, files: &PluginFiles, sequence: u64) -> Result<Auth
 /// Signs a throwaway leaf and verifies it against the roots: the one check that covers every way
 /// a chain can be broken (wrong order, missing link, expired link, path-length limits).
 fn prove_chain(td: &TrustDomain, signer: &Signer, bundle: &TrustBundle) -> Result<(), PluginError> {
-    let probe_key = KeyPair::generate().map_err(|e| PluginError::ChainDoesNotReachRoots(e.to_string()))?;
+    let probe_key =
+        KeyPair::generate().map_err(|e| PluginError::ChainDoesNotReachRoots(e.to_string()))?;
     let id = SpiffeId::for_service_account(td, "sigil-system", "plugin-probe")
         .map_err(|e| PluginError::ChainDoesNotReachRoots(e.to_string()))?;
     let now = OffsetDateTime::now_utc();
     let leaf = signer
-        .sign_leaf(&probe_key.subject_public_key_info(), KeyKind::EcdsaP256, &id, std::time::Duration::from_secs(60), now)
+        .sign_leaf(
+            &probe_key.subject_public_key_info(),
+            KeyKind::EcdsaP256,
+            &id,
+            std::time::Duration::from_secs(60),
+            now,
+        )
         .map_err(|e| PluginError::ChainDoesNotReachRoots(e.to_string()))?;
     let anchors: Vec<_> = bundle
         .roots
         .iter()
         .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
         .collect::<Result<_, _>>()
-        .map_err(|e| PluginError::Invalid { file: ROOT_CERT, reason: format!("{e:?}") })?;
+        .map_err(|e| PluginError::Invalid {
+            file: ROOT_CERT,
+            reason: format!("{e:?}"),
+        })?;
     let end_entity = webpki::EndEntityCert::try_from(&leaf.leaf)
         .map_err(|e| PluginError::ChainDoesNotReachRoots(format!("{e:?}")))?;
     end_entity
@@ -149,9 +193,15 @@ fn prove_chain(td: &TrustDomain, signer: &Signer, bundle: &TrustBundle) -> Resul
     Ok(())
 }
 
-fn certs(files: &PluginFiles, file: &'static str) -> Result<Vec<CertificateDer<'static>>, PluginError> {
+fn certs(
+    files: &PluginFiles,
+    file: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, PluginError> {
     let bytes = files.get(file).ok_or(PluginError::Missing { file })?;
-    let blocks = pem::parse_many(bytes).map_err(|e| PluginError::Invalid { file, reason: e.to_string() })?;
+    let blocks = pem::parse_many(bytes).map_err(|e| PluginError::Invalid {
+        file,
+        reason: e.to_string(),
+    })?;
     Ok(blocks
         .into_iter()
         .filter(|b| b.tag() == "CERTIFICATE")
@@ -169,16 +219,31 @@ pub(crate) mod tests {
     pub(crate) fn plugin_files(td: &TrustDomain) -> (PluginFiles, KeyPair) {
         let now = OffsetDateTime::now_utc();
         let root_key = KeyPair::generate().unwrap();
-        let root_params = profile::ca_params(td, "offline root", now - time::Duration::minutes(1), now + time::Duration::days(365), None);
+        let root_params = profile::ca_params(
+            td,
+            "offline root",
+            now - time::Duration::minutes(1),
+            now + time::Duration::days(365),
+            None,
+        );
         let root = root_params.self_signed(&root_key).unwrap();
         let inter_key = KeyPair::generate().unwrap();
-        let inter = profile::ca_params(td, "cluster intermediate", now - time::Duration::minutes(1), now + time::Duration::days(90), Some(0))
-            .signed_by(&inter_key, &Issuer::new(root_params, &root_key))
-            .unwrap();
+        let inter = profile::ca_params(
+            td,
+            "cluster intermediate",
+            now - time::Duration::minutes(1),
+            now + time::Duration::days(90),
+            Some(0),
+        )
+        .signed_by(&inter_key, &Issuer::new(root_params, &root_key))
+        .unwrap();
         let files = PluginFiles::from([
             (CA_CERT, inter.pem().into_bytes()),
             (CA_KEY, inter_key.serialize_pem().into_bytes()),
-            (CERT_CHAIN, format!("{}{}", inter.pem(), root.pem()).into_bytes()),
+            (
+                CERT_CHAIN,
+                format!("{}{}", inter.pem(), root.pem()).into_bytes(),
+            ),
             (ROOT_CERT, root.pem().into_bytes()),
         ]);
         (files, root_key)
@@ -193,7 +258,11 @@ pub(crate) mod tests {
         let (files, _) = plugin_files(&td());
         let authority = load(&td(), &files, 1).unwrap();
         let signer = authority.signer().unwrap();
-        assert_eq!(signer.intermediates.len(), 1, "the intermediate itself, root excluded");
+        assert_eq!(
+            signer.intermediates.len(),
+            1,
+            "the intermediate itself, root excluded"
+        );
         assert_eq!(authority.bundle.roots.len(), 1);
     }
 
@@ -204,24 +273,42 @@ pub(crate) mod tests {
         files.insert(ROOT_CERT, other[ROOT_CERT].clone());
         files.insert(CERT_CHAIN, other[CERT_CHAIN].clone());
         let err = load(&td(), &files, 1).err().unwrap();
-        assert!(matches!(err, PluginError::ChainDoesNotReachRoots(_)), "{err}");
+        assert!(
+            matches!(err, PluginError::ChainDoesNotReachRoots(_)),
+            "{err}"
+        );
     }
 
     #[test]
     fn mismatched_key_is_refused() {
         let (mut files, _) = plugin_files(&td());
-        files.insert(CA_KEY, KeyPair::generate().unwrap().serialize_pem().into_bytes());
-        assert!(matches!(load(&td(), &files, 1), Err(PluginError::KeyMismatch)));
+        files.insert(
+            CA_KEY,
+            KeyPair::generate().unwrap().serialize_pem().into_bytes(),
+        );
+        assert!(matches!(
+            load(&td(), &files, 1),
+            Err(PluginError::KeyMismatch)
+        ));
     }
 
     #[test]
     fn missing_and_garbage_files_are_refused() {
         let (mut files, _) = plugin_files(&td());
         files.remove(CA_KEY);
-        assert!(matches!(load(&td(), &files, 1), Err(PluginError::Missing { file: CA_KEY })));
+        assert!(matches!(
+            load(&td(), &files, 1),
+            Err(PluginError::Missing { file: CA_KEY })
+        ));
         let (mut files, _) = plugin_files(&td());
         files.insert(ROOT_CERT, b"not pem".to_vec());
-        assert!(matches!(load(&td(), &files, 1), Err(PluginError::Invalid { file: ROOT_CERT, .. })));
+        assert!(matches!(
+            load(&td(), &files, 1),
+            Err(PluginError::Invalid {
+                file: ROOT_CERT,
+                ..
+            })
+        ));
     }
 
     #[tokio::test]
@@ -231,7 +318,10 @@ pub(crate) mod tests {
         for (name, bytes) in &files {
             std::fs::write(dir.path().join(name), bytes).unwrap();
         }
-        let read = PluginSource::Dir(dir.path().to_path_buf()).read().await.unwrap();
+        let read = PluginSource::Dir(dir.path().to_path_buf())
+            .read()
+            .await
+            .unwrap();
         assert_eq!(read, files);
     }
 }

@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -46,10 +46,15 @@ impl PodIndex {
 
     /// Whether a live pod running as `namespace/service_account` is scheduled on `node`.
     pub fn has_live_pod(&self, node: &str, namespace: &str, service_account: &str) -> bool {
-        let key = (node.to_string(), namespace.to_string(), service_account.to_string());
-        self.by_node_sa
-            .get(&key)
-            .is_some_and(|pods| pods.iter().any(|p| self.pods.get(p).is_some_and(PodEntry::is_live)))
+        let key = (
+            node.to_string(),
+            namespace.to_string(),
+            service_account.to_string(),
+        );
+        self.by_node_sa.get(&key).is_some_and(|pods| {
+            pods.iter()
+                .any(|p| self.pods.get(p).is_some_and(PodEntry::is_live))
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -89,7 +94,9 @@ impl PodIndex {
     }
 
     fn remove(&mut self, key: &PodKey) {
-        let Some(old) = self.pods.remove(key) else { return };
+        let Some(old) = self.pods.remove(key) else {
+            return;
+        };
         if let Some(node) = old.node {
             let index_key = (node, key.0.clone(), old.service_account);
             if let Some(set) = self.by_node_sa.get_mut(&index_key) {
@@ -110,7 +117,9 @@ fn pod_key(pod: &Pod) -> Option<PodKey> {
 /// watcher retries with backoff and re-lists when needed).
 pub async fn run(client: kube::Client, tx: watch::Sender<PodIndex>) {
     let api: Api<Pod> = Api::all(client);
-    let mut stream = watcher::watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     // A re-list builds a fresh index aside and swaps it in whole at InitDone.
     let mut relisting: Option<PodIndex> = None;
     while let Some(event) = stream.next().await {

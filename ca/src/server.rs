@@ -18,8 +18,8 @@ use crate::authz::{Authorizer, StaticEntries};
 use crate::config::{AuthMode, CaConfig, DEFAULT_SERVICE_NAME, JWKS_REFRESH};
 use crate::jwt::Jwks;
 use crate::metrics::Metrics;
-use crate::pods::{self, PodIndex};
 use crate::plugin::PluginSource;
+use crate::pods::{self, PodIndex};
 use crate::service::{self, Ca, TtlPolicy};
 use crate::source::{self, KeySource};
 use crate::store::StateStore;
@@ -66,7 +66,8 @@ fn kube_needed_for(config: &CaConfig) -> Option<&'static str> {
 }
 
 pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServeError> {
-    let td = TrustDomain::new(&config.trust_domain).map_err(|e| ServeError::TrustDomain(e.to_string()))?;
+    let td = TrustDomain::new(&config.trust_domain)
+        .map_err(|e| ServeError::TrustDomain(e.to_string()))?;
     if config.max_ttl < config.default_ttl {
         return Err(ServeError::TtlOrder);
     }
@@ -86,17 +87,26 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
     let registry = Arc::new(registry);
 
     // The signing key.
-    let key_source = match (&config.state_dir, &config.plugin_dir, &config.plugin_secret, &kube) {
+    let key_source = match (
+        &config.state_dir,
+        &config.plugin_dir,
+        &config.plugin_secret,
+        &kube,
+    ) {
         (Some(dir), _, _, _) => KeySource::SelfSigned(StateStore::Dir(dir.clone())),
         (None, Some(dir), _, _) => KeySource::Plugin(PluginSource::Dir(dir.clone())),
         (None, None, Some(name), Some(client)) => KeySource::Plugin(PluginSource::Secret {
-            api: kube::Api::namespaced(client.clone(), &config.namespace),
+            api: Box::new(kube::Api::namespaced(client.clone(), &config.namespace)),
             name: name.clone(),
         }),
-        (None, None, _, Some(client)) => {
-            KeySource::SelfSigned(StateStore::secret(client.clone(), &config.namespace, &config.secret_name))
+        (None, None, _, Some(client)) => KeySource::SelfSigned(StateStore::secret(
+            client.clone(),
+            &config.namespace,
+            &config.secret_name,
+        )),
+        (None, None, _, None) => {
+            unreachable!("kube_needed_for covers keeping the root in a Secret")
         }
-        (None, None, _, None) => unreachable!("kube_needed_for covers keeping the root in a Secret"),
     };
     info!(source = %key_source.describe(), "signing key source");
     let (authority_tx, authority_rx) = watch::channel(Arc::new(Authority::empty(td.clone())));
@@ -117,17 +127,21 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
     });
 
     let validator = match config.auth {
-        AuthMode::Tokenreview => TokenValidator::TokenReview(kube.clone().expect("kube client for tokenreview")),
+        AuthMode::Tokenreview => {
+            TokenValidator::TokenReview(kube.clone().expect("kube client for tokenreview"))
+        }
         AuthMode::Certs => TokenValidator::Disabled,
         AuthMode::Jwks => {
             let (issuer, jwks) = match &config.jwks_file {
                 Some(path) => (config.jwt_issuer.clone(), read_jwks_file(path)?),
                 None => {
                     let client = kube.as_ref().expect("kube client for OIDC discovery");
-                    crate::authn::fetch_cluster_jwks(client).await.map_err(|e| ServeError::JwksFile {
-                        path: "(OIDC discovery)".into(),
-                        reason: e.to_string(),
-                    })?
+                    crate::authn::fetch_cluster_jwks(client)
+                        .await
+                        .map_err(|e| ServeError::JwksFile {
+                            path: "(OIDC discovery)".into(),
+                            reason: e.to_string(),
+                        })?
                 }
             };
             let (tx, rx) = watch::channel(Arc::new(jwks));
@@ -148,7 +162,11 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
     };
     let authz = Authorizer::new(
         td.clone(),
-        config.trusted_agents.iter().cloned().collect::<HashSet<_>>(),
+        config
+            .trusted_agents
+            .iter()
+            .cloned()
+            .collect::<HashSet<_>>(),
         static_entries,
         pods_rx.clone(),
     );
@@ -184,16 +202,20 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
         tls_tx,
         vec![b"h2".to_vec()],
     ));
-    let listener = TcpListener::bind(config.listen).await.map_err(|source| ServeError::Bind {
-        what: "gRPC",
-        addr: config.listen,
-        source,
-    })?;
-    let admin_listener = TcpListener::bind(config.admin_addr).await.map_err(|source| ServeError::Bind {
-        what: "admin",
-        addr: config.admin_addr,
-        source,
-    })?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            what: "gRPC",
+            addr: config.listen,
+            source,
+        })?;
+    let admin_listener = TcpListener::bind(config.admin_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            what: "admin",
+            addr: config.admin_addr,
+            source,
+        })?;
     info!(grpc = %config.listen, admin = %config.admin_addr, "listening");
     let admin_shutdown = shutdown.clone();
     tokio::spawn(async move {
@@ -225,7 +247,11 @@ fn read_jwks_file(path: &std::path::Path) -> Result<Jwks, ServeError> {
 }
 
 /// Re-reads the JWKS periodically so the API server's key rotation is followed.
-async fn refresh_jwks(file: Option<std::path::PathBuf>, kube: Option<kube::Client>, tx: watch::Sender<Arc<Jwks>>) {
+async fn refresh_jwks(
+    file: Option<std::path::PathBuf>,
+    kube: Option<kube::Client>,
+    tx: watch::Sender<Arc<Jwks>>,
+) {
     loop {
         tokio::time::sleep(JWKS_REFRESH).await;
         let fresh = match (&file, &kube) {

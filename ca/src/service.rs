@@ -12,7 +12,9 @@ use sigil_proto::istio::v1::auth::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use sigil_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
-use sigil_proto::sigil::ca::v1::certificate_authority_server::{CertificateAuthority, CertificateAuthorityServer};
+use sigil_proto::sigil::ca::v1::certificate_authority_server::{
+    CertificateAuthority, CertificateAuthorityServer,
+};
 use sigil_proto::sigil::ca::v1::{SignRequest, SignResponse, TrustBundle, WatchTrustBundleRequest};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -92,17 +94,29 @@ impl Ca {
         })
     }
 
-    async fn authenticate(&self, metadata: &MetadataMap, peer: Option<&PeerInfo>) -> Result<Caller, Refusal> {
+    async fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<&PeerInfo>,
+    ) -> Result<Caller, Refusal> {
         let bearer = match metadata.get("authorization") {
             None => None,
             Some(value) => {
-                let value = value
-                    .to_str()
-                    .map_err(|_| Refusal::new(DenyReason::Unauthenticated, "authorization header is not ASCII"))?;
+                let value = value.to_str().map_err(|_| {
+                    Refusal::new(
+                        DenyReason::Unauthenticated,
+                        "authorization header is not ASCII",
+                    )
+                })?;
                 let token = value
                     .strip_prefix("Bearer ")
                     .or_else(|| value.strip_prefix("bearer "))
-                    .ok_or_else(|| Refusal::new(DenyReason::Unauthenticated, "authorization header is not a Bearer token"))?;
+                    .ok_or_else(|| {
+                        Refusal::new(
+                            DenyReason::Unauthenticated,
+                            "authorization header is not a Bearer token",
+                        )
+                    })?;
                 Some(token.trim())
             }
         };
@@ -122,7 +136,7 @@ impl Ca {
         &self,
         api: Api,
         csr_der: Result<Vec<u8>, CsrError>,
-        ttl_seconds: u64,
+        ttl_seconds: Result<u64, &'static str>,
         impersonate: &str,
         metadata: &MetadataMap,
         peer: Option<&PeerInfo>,
@@ -132,11 +146,22 @@ impl Ca {
             api: Some(api),
             peer: peer.map(|p| p.remote.to_string()),
             requested: (!impersonate.is_empty()).then(|| impersonate.to_string()),
-            ttl_seconds,
+            ttl_seconds: *ttl_seconds.as_ref().unwrap_or(&0),
             ..Default::default()
         };
-        let result = self.try_issue(csr_der, ttl_seconds, impersonate, metadata, peer, &mut record).await;
-        self.metrics.sign_duration.observe(started.elapsed().as_secs_f64());
+        let result = self
+            .try_issue(
+                csr_der,
+                ttl_seconds,
+                impersonate,
+                metadata,
+                peer,
+                &mut record,
+            )
+            .await;
+        self.metrics
+            .sign_duration
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok((issued, authority)) => {
                 record.granted = true;
@@ -165,7 +190,7 @@ impl Ca {
     async fn try_issue(
         &self,
         csr_der: Result<Vec<u8>, CsrError>,
-        ttl_seconds: u64,
+        ttl_seconds: Result<u64, &'static str>,
         impersonate: &str,
         metadata: &MetadataMap,
         peer: Option<&PeerInfo>,
@@ -173,7 +198,10 @@ impl Ca {
     ) -> Result<(Issued, SharedAuthority), Refusal> {
         let authority = self.authority.borrow().clone();
         if authority.signer.is_none() {
-            return Err(Refusal::new(DenyReason::Unavailable, "no signing key loaded"));
+            return Err(Refusal::new(
+                DenyReason::Unavailable,
+                "no signing key loaded",
+            ));
         }
         let caller = self.authenticate(metadata, peer).await?;
         record.caller = Some(caller.id.to_string());
@@ -186,12 +214,15 @@ impl Ca {
             .authorize(&caller, impersonate)
             .map_err(|e| Refusal::new(DenyReason::PermissionDenied, e))?;
         record.requested = Some(identity.to_string());
-        let ttl = match ttl_seconds {
+        let ttl = match ttl_seconds.map_err(|e| Refusal::new(DenyReason::InvalidTtl, e))? {
             0 => self.ttl.default,
             s if s > self.ttl.max.as_secs() => {
                 return Err(Refusal::new(
                     DenyReason::InvalidTtl,
-                    format!("ttl_seconds: {s} exceeds the maximum of {}", self.ttl.max.as_secs()),
+                    format!(
+                        "ttl_seconds: {s} exceeds the maximum of {}",
+                        self.ttl.max.as_secs()
+                    ),
                 ));
             }
             s => Duration::from_secs(s),
@@ -203,12 +234,22 @@ impl Ca {
             .signer()
             .map_err(|e| Refusal::new(DenyReason::Unavailable, e))?;
         let issued = signer
-            .sign_leaf(&csr.spki_der, csr.key, &identity, ttl, OffsetDateTime::now_utc())
+            .sign_leaf(
+                &csr.spki_der,
+                csr.key,
+                &identity,
+                ttl,
+                OffsetDateTime::now_utc(),
+            )
             .map_err(|e| Refusal::new(DenyReason::Internal, e))?;
         Ok((issued, authority))
     }
 
-    async fn check_watcher(&self, metadata: &MetadataMap, peer: Option<&PeerInfo>) -> Result<Caller, Status> {
+    async fn check_watcher(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<&PeerInfo>,
+    ) -> Result<Caller, Status> {
         self.authenticate(metadata, peer).await.map_err(|refusal| {
             tracing::info!(reason = %refusal.detail, "WatchTrustBundle refused");
             refusal.status
@@ -235,9 +276,18 @@ impl CertificateAuthority for SigilCa {
         let (metadata, _, req) = request.into_parts();
         let (issued, authority) = self
             .0
-            .issue(Api::Sigil, Ok(req.csr_der), req.ttl_seconds, &req.impersonate, &metadata, peer.as_ref())
+            .issue(
+                Api::Sigil,
+                Ok(req.csr_der),
+                Ok(req.ttl_seconds),
+                &req.impersonate,
+                &metadata,
+                peer.as_ref(),
+            )
             .await?;
-        let signer = authority.signer().map_err(|_| Status::unavailable("CA unavailable, retry later"))?;
+        let signer = authority
+            .signer()
+            .map_err(|_| Status::unavailable("CA unavailable, retry later"))?;
         Ok(Response::new(SignResponse {
             leaf: issued.leaf.to_vec(),
             intermediates: signer.intermediates.iter().map(|c| c.to_vec()).collect(),
@@ -252,7 +302,9 @@ impl CertificateAuthority for SigilCa {
         request: Request<WatchTrustBundleRequest>,
     ) -> Result<Response<BundleStream>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
-        self.0.check_watcher(request.metadata(), peer.as_ref()).await?;
+        self.0
+            .check_watcher(request.metadata(), peer.as_ref())
+            .await?;
         let mut authority = self.0.authority.clone();
         let metrics = self.0.metrics.clone();
         let (tx, rx) = mpsc::channel(4);
@@ -261,7 +313,9 @@ impl CertificateAuthority for SigilCa {
             let mut sent: Option<TrustBundle> = None;
             loop {
                 let current = bundle_message(&authority.borrow_and_update());
-                if !current.roots.is_empty() && sent.as_ref().map(|s| &s.roots) != Some(&current.roots) {
+                if !current.roots.is_empty()
+                    && sent.as_ref().map(|s| &s.roots) != Some(&current.roots)
+                {
                     if tx.send(Ok(current.clone())).await.is_err() {
                         break;
                     }
@@ -297,12 +351,22 @@ impl IstioCertificateService for IstioCa {
                 _ => None,
             })
             .unwrap_or_default();
-        let ttl = u64::try_from(req.validity_duration).unwrap_or(u64::MAX);
+        let ttl = u64::try_from(req.validity_duration)
+            .map_err(|_| "validity_duration: must not be negative");
         let (issued, authority) = self
             .0
-            .issue(Api::Istio, csr::csr_pem_to_der(&req.csr), ttl, &impersonate, &metadata, peer.as_ref())
+            .issue(
+                Api::Istio,
+                csr::csr_pem_to_der(&req.csr),
+                ttl,
+                &impersonate,
+                &metadata,
+                peer.as_ref(),
+            )
             .await?;
-        let signer = authority.signer().map_err(|_| Status::unavailable("CA unavailable, retry later"))?;
+        let signer = authority
+            .signer()
+            .map_err(|_| Status::unavailable("CA unavailable, retry later"))?;
         // Leaf first, then intermediates, then every root in one last string (Istio's layout).
         let mut cert_chain = vec![der_to_pem(&issued.leaf)];
         cert_chain.extend(signer.intermediates.iter().map(|c| der_to_pem(c)));
@@ -314,9 +378,121 @@ impl IstioCertificateService for IstioCa {
 /// Both services, with the request size limit applied.
 pub fn servers(
     ca: Arc<Ca>,
-) -> (CertificateAuthorityServer<SigilCa>, IstioCertificateServiceServer<IstioCa>) {
+) -> (
+    CertificateAuthorityServer<SigilCa>,
+    IstioCertificateServiceServer<IstioCa>,
+) {
     (
-        CertificateAuthorityServer::new(SigilCa(ca.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
-        IstioCertificateServiceServer::new(IstioCa(ca)).max_decoding_message_size(MAX_REQUEST_BYTES),
+        CertificateAuthorityServer::new(SigilCa(ca.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        IstioCertificateServiceServer::new(IstioCa(ca))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authn::TokenValidator;
+    use crate::authz::StaticEntries;
+    use prometheus_client::registry::Registry;
+    use sigil_identity::TrustDomain;
+
+    fn ca_with(authority: Authority) -> (Arc<Ca>, Arc<Metrics>) {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let (_, rx) = watch::channel(Arc::new(authority));
+        let authn = Authenticator::new(
+            td.clone(),
+            vec!["sigil-ca".into()],
+            TokenValidator::Disabled,
+            None,
+            metrics.clone(),
+        );
+        let authz = Authorizer::new(td, Default::default(), StaticEntries::default(), None);
+        let ttl = TtlPolicy {
+            default: Duration::from_secs(3600),
+            max: Duration::from_secs(7200),
+        };
+        (Ca::new(rx, authn, authz, ttl, metrics.clone()), metrics)
+    }
+
+    fn peer(id: &str) -> PeerInfo {
+        PeerInfo {
+            remote: "127.0.0.1:1".parse().unwrap(),
+            client_id: Some(id.parse().unwrap()),
+        }
+    }
+
+    #[tokio::test]
+    async fn sign_without_a_key_is_unavailable() {
+        let (ca, metrics) = ca_with(Authority::empty(TrustDomain::new("cluster.local").unwrap()));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let peer = peer("spiffe://cluster.local/ns/a/sa/b");
+        let status = ca
+            .issue(
+                Api::Sigil,
+                csr::build_csr(&key),
+                Ok(0),
+                "",
+                &MetadataMap::new(),
+                Some(&peer),
+            )
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let denied = metrics
+            .denied
+            .get_or_create(&DenyLabels {
+                api: Api::Sigil,
+                reason: DenyReason::Unavailable,
+            })
+            .get();
+        assert_eq!(denied, 1);
+    }
+
+    #[tokio::test]
+    async fn istio_request_with_negative_validity_is_rejected_not_defaulted() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let (signer, root) = crate::authority::tests::test_root(&td);
+        let authority = Authority {
+            trust_domain: td.clone(),
+            signer: Some(signer),
+            bundle: sigil_identity::TrustBundle::new(td, vec![root], 1),
+        };
+        let (ca, _) = ca_with(authority);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr_pem = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let mut request = Request::new(IstioCertificateRequest {
+            csr: csr_pem,
+            validity_duration: -1,
+            metadata: None,
+        });
+        request
+            .extensions_mut()
+            .insert(peer("spiffe://cluster.local/ns/a/sa/b"));
+        let status = IstioCa(ca.clone())
+            .create_certificate(request)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), "validity_duration: must not be negative");
+
+        let mut request = Request::new(IstioCertificateRequest {
+            csr: "not a pem".into(),
+            validity_duration: 60,
+            metadata: None,
+        });
+        request
+            .extensions_mut()
+            .insert(peer("spiffe://cluster.local/ns/a/sa/b"));
+        let status = IstioCa(ca).create_certificate(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().starts_with("csr:"), "{status:?}");
+    }
 }

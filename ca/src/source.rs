@@ -82,7 +82,11 @@ pub async fn run(
 /// What the published authority was built from; a reload that finds the same skips the rebuild.
 #[derive(PartialEq)]
 enum Fingerprint {
-    State { state: CaState, active: usize, trusted: Vec<usize> },
+    State {
+        state: CaState,
+        active: usize,
+        trusted: Vec<usize>,
+    },
     Plugin(PluginFiles),
 }
 
@@ -114,7 +118,11 @@ async fn refresh(
             let now = unix_now();
             let schedule = state.schedule_at(now)?;
             let index = |g: &RootGeneration| {
-                state.generations.iter().position(|x| std::ptr::eq(x, g)).expect("from state")
+                state
+                    .generations
+                    .iter()
+                    .position(|x| std::ptr::eq(x, g))
+                    .expect("from state")
             };
             let fingerprint = Fingerprint::State {
                 active: index(schedule.active),
@@ -139,8 +147,15 @@ async fn refresh(
             let files = plugin_source.read().await?;
             let fingerprint = Fingerprint::Plugin(files);
             if seen.as_ref() != Some(&fingerprint) {
-                let Fingerprint::Plugin(files) = &fingerprint else { unreachable!() };
-                let sequence = tx.borrow().bundle.sequence.max(unix_now().saturating_sub(1)) + 1;
+                let Fingerprint::Plugin(files) = &fingerprint else {
+                    unreachable!()
+                };
+                let sequence = tx
+                    .borrow()
+                    .bundle
+                    .sequence
+                    .max(unix_now().saturating_sub(1))
+                    + 1;
                 let authority = match plugin::load(td, files, sequence) {
                     Ok(a) => a,
                     Err(e) => {
@@ -158,7 +173,11 @@ async fn refresh(
     }
 }
 
-pub fn self_signed_authority(td: &TrustDomain, state: &CaState, now: u64) -> Result<Authority, SourceError> {
+pub fn self_signed_authority(
+    td: &TrustDomain,
+    state: &CaState,
+    now: u64,
+) -> Result<Authority, SourceError> {
     let schedule = state.schedule_at(now)?;
     let cert = CertificateDer::from(schedule.active.cert_der()?);
     let signer = Signer::new(cert, schedule.active.key_pair()?, true, Vec::new())?;
@@ -185,18 +204,24 @@ pub fn bundle_pem(state: &CaState, now: u64) -> Result<String, StateError> {
 }
 
 /// Loads the active signing key of a state directory (offline `sigil ca issue`).
-pub async fn offline_authority(store: &StateStore, td: &TrustDomain) -> Result<Authority, SourceError> {
-    let stored = store
-        .load()
-        .await?
-        .ok_or_else(|| StoreError::MissingKey(format!("{} (run `sigil ca init` first)", store.describe())))?;
+pub async fn offline_authority(
+    store: &StateStore,
+    td: &TrustDomain,
+) -> Result<Authority, SourceError> {
+    let stored = store.load().await?.ok_or_else(|| {
+        StoreError::MissingKey(format!("{} (run `sigil ca init` first)", store.describe()))
+    })?;
     stored.state.check_trust_domain(td)?;
     self_signed_authority(td, &stored.state, unix_now())
 }
 
 fn publish_gauges(authority: &Authority, metrics: &Metrics) {
-    metrics.bundle_roots.set(authority.bundle.roots.len() as i64);
-    let Some(signer) = &authority.signer else { return };
+    metrics
+        .bundle_roots
+        .set(authority.bundle.roots.len() as i64);
+    let Some(signer) = &authority.signer else {
+        return;
+    };
     let expiry = signer.not_after.unix_timestamp();
     if signer.intermediates.is_empty() {
         metrics.root_expiry.set(expiry);
@@ -267,7 +292,11 @@ mod tests {
         let a = rx.borrow().clone();
         assert_eq!(a.bundle.roots.len(), 2);
         assert_eq!(a.bundle.roots[0], first_root);
-        assert_ne!(a.signer().unwrap().cert(), &first_root, "the new root signs");
+        assert_ne!(
+            a.signer().unwrap().cert(),
+            &first_root,
+            "the new root signs"
+        );
         assert_eq!(metrics.bundle_roots.get(), 2);
     }
 
@@ -307,7 +336,10 @@ mod tests {
         for (name, bytes) in &next {
             std::fs::write(dir.path().join(name), bytes).unwrap();
         }
-        tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
         assert_ne!(rx.borrow().signer().unwrap().cert(), &loaded);
     }
 }

@@ -136,7 +136,8 @@ impl CaState {
         self.generations
             .retain(|g| g.retire_at.is_none_or(|retire| retire > now));
         let activate_at = now + timing.propagation.as_secs();
-        let retire_old_at = activate_at + timing.max_leaf_ttl.as_secs() + timing.retire_margin.as_secs();
+        let retire_old_at =
+            activate_at + timing.max_leaf_ttl.as_secs() + timing.retire_margin.as_secs();
         for generation in &mut self.generations {
             let retire = generation.retire_at.get_or_insert(retire_old_at);
             *retire = (*retire).min(retire_old_at);
@@ -196,9 +197,14 @@ impl RootGeneration {
     }
 }
 
-fn generate_root(td: &TrustDomain, now: u64, activate_at: u64) -> Result<RootGeneration, StateError> {
+fn generate_root(
+    td: &TrustDomain,
+    now: u64,
+    activate_at: u64,
+) -> Result<RootGeneration, StateError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let start = OffsetDateTime::from_unix_timestamp(now as i64).unwrap_or(OffsetDateTime::now_utc());
+    let start =
+        OffsetDateTime::from_unix_timestamp(now as i64).unwrap_or(OffsetDateTime::now_utc());
     let params = profile::ca_params(
         td,
         "sigil root",
@@ -249,7 +255,10 @@ mod tests {
             .schedule_rotation(&td(), 2000, timing(100, 500))
             .unwrap();
         assert_eq!(plan.activate_at, 2100);
-        assert_eq!(plan.retire_old_at, 2100 + 500 + DEFAULT_RETIRE_MARGIN.as_secs());
+        assert_eq!(
+            plan.retire_old_at,
+            2100 + 500 + DEFAULT_RETIRE_MARGIN.as_secs()
+        );
         let (old, new) = (&state.generations[0], &state.generations[1]);
 
         // Added: both trusted, old still signs, sequence moved.
@@ -312,6 +321,9 @@ mod tests {
             CaState::decode(br#"{"trust_domain":"x","generations":[]}"#),
             Err(StateError::Empty)
         ));
-        assert!(matches!(CaState::decode(b"nope"), Err(StateError::Decode(_))));
+        assert!(matches!(
+            CaState::decode(b"nope"),
+            Err(StateError::Decode(_))
+        ));
     }
 }

@@ -41,7 +41,7 @@ pub enum StoreError {
 #[derive(Clone)]
 pub enum StateStore {
     Dir(PathBuf),
-    Secret { api: Api<Secret>, name: String },
+    Secret { api: Box<Api<Secret>>, name: String },
 }
 
 /// A state as read, with the version needed to replace it.
@@ -54,7 +54,7 @@ pub struct Versioned {
 impl StateStore {
     pub fn secret(client: kube::Client, namespace: &str, name: &str) -> Self {
         StateStore::Secret {
-            api: Api::namespaced(client, namespace),
+            api: Box::new(Api::namespaced(client, namespace)),
             name: name.to_string(),
         }
     }
@@ -164,7 +164,9 @@ impl StateStore {
                 let secret = state_secret(name, state, bundle_pem, previous.version.clone());
                 match api.replace(name, &PostParams::default(), &secret).await {
                     Ok(_) => Ok(()),
-                    Err(kube::Error::Api(status)) if status.code == 409 => Err(StoreError::Conflict),
+                    Err(kube::Error::Api(status)) if status.code == 409 => {
+                        Err(StoreError::Conflict)
+                    }
                     Err(e) => Err(e.into()),
                 }
             }
@@ -184,7 +186,10 @@ fn state_secret(name: &str, state: &CaState, bundle_pem: &str, version: Option<S
         data: Some(
             [
                 (STATE_KEY.to_string(), ByteString(state.encode())),
-                (BUNDLE_KEY.to_string(), ByteString(bundle_pem.as_bytes().to_vec())),
+                (
+                    BUNDLE_KEY.to_string(),
+                    ByteString(bundle_pem.as_bytes().to_vec()),
+                ),
             ]
             .into(),
         ),
@@ -194,7 +199,11 @@ fn state_secret(name: &str, state: &CaState, bundle_pem: &str, version: Option<S
 
 /// Writes the private state to a fresh 0600 temp file in `dir` (same filesystem, for link/rename).
 fn write_private_temp(dir: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
-    let tmp = dir.join(format!(".{STATE_KEY}.{}.{}", std::process::id(), crc(bytes)));
+    let tmp = dir.join(format!(
+        ".{STATE_KEY}.{}.{}",
+        std::process::id(),
+        crc(bytes)
+    ));
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -269,7 +278,10 @@ mod tests {
             CaState::new_self_signed(&td(), 1).unwrap(),
             CaState::new_self_signed(&td(), 2).unwrap(),
         );
-        let (ra, rb) = tokio::join!(store.create_if_absent(&a, "pem"), store.create_if_absent(&b, "pem"));
+        let (ra, rb) = tokio::join!(
+            store.create_if_absent(&a, "pem"),
+            store.create_if_absent(&b, "pem")
+        );
         let (ra, rb) = (ra.unwrap(), rb.unwrap());
         assert_eq!(ra.state, rb.state);
         assert!(ra.state == a || ra.state == b);
@@ -277,6 +289,9 @@ mod tests {
         let mut next = ra.state.clone();
         next.generations[0].added_at = 9;
         store.replace(&ra, &next, "pem").await.unwrap();
-        assert!(matches!(store.replace(&ra, &next, "pem").await, Err(StoreError::Conflict)));
+        assert!(matches!(
+            store.replace(&ra, &next, "pem").await,
+            Err(StoreError::Conflict)
+        ));
     }
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sigil_identity::tls::{self, CertifiedKey, ClientAuth};
 use sigil_identity::SpiffeId;
+use sigil_identity::tls::{self, CertifiedKey, ClientAuth};
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -62,13 +62,21 @@ impl tonic::transport::server::Connected for TlsConnection {
 }
 
 impl AsyncRead for TlsConnection {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for TlsConnection {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -185,6 +193,8 @@ pub fn serving_config(
     };
     let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
     let config = tls::server_config(&certified, &authority.bundle, ClientAuth::Optional, &alpn)?;
-    let lifetime = (issued.not_after - now).try_into().unwrap_or(SERVING_CERT_TTL);
+    let lifetime = (issued.not_after - now)
+        .try_into()
+        .unwrap_or(SERVING_CERT_TTL);
     Ok((config, lifetime))
 }

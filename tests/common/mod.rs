@@ -22,7 +22,10 @@ pub fn td() -> TrustDomain {
 
 /// A loopback port nobody listens on right now.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// A `sigil ca serve` child process; killed on drop. Its stdout (JSON logs, audit lines) goes to
@@ -49,14 +52,21 @@ impl CaProcess {
         let log = work.join(format!("ca-{}.log", grpc.port()));
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(SIGIL);
-        cmd.args(["ca", "serve", "--listen", &grpc.to_string(), "--admin-addr", &admin.to_string()])
-            .args(["--server-name", "localhost", "--server-name", "127.0.0.1"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env_remove("KUBECONFIG")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .stdin(Stdio::null());
+        cmd.args([
+            "ca",
+            "serve",
+            "--listen",
+            &grpc.to_string(),
+            "--admin-addr",
+            &admin.to_string(),
+        ])
+        .args(["--server-name", "localhost", "--server-name", "127.0.0.1"])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null());
         if let Some(path) = kubeconfig {
             cmd.env("KUBECONFIG", path);
         }
@@ -78,7 +88,11 @@ impl CaProcess {
             if let Ok((200, _)) = http_get(self.admin, "/ready").await {
                 return;
             }
-            assert!(Instant::now() < deadline, "CA never became ready:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "CA never became ready:\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -100,10 +114,15 @@ impl CaProcess {
         http_get(self.admin, "/metrics").await.unwrap().1
     }
 
-    pub async fn client(&self, bundle: &TrustBundle, identity: Option<&CertifiedKey>) -> CertificateAuthorityClient<Channel> {
-        let channel = sigil_ca::client::connect(&self.grpc.to_string(), "localhost", bundle, identity)
-            .await
-            .expect("connecting to the CA");
+    pub async fn client(
+        &self,
+        bundle: &TrustBundle,
+        identity: Option<&CertifiedKey>,
+    ) -> CertificateAuthorityClient<Channel> {
+        let channel =
+            sigil_ca::client::connect(&self.grpc.to_string(), "localhost", bundle, identity)
+                .await
+                .expect("connecting to the CA");
         CertificateAuthorityClient::new(channel)
     }
 }
@@ -112,7 +131,9 @@ impl CaProcess {
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
@@ -121,14 +142,20 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
 /// The value of one sample in Prometheus text output (`name{labels}` exactly as printed).
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
 }
@@ -140,7 +167,12 @@ pub fn key_and_csr() -> (rcgen::KeyPair, Vec<u8>) {
     (key, csr)
 }
 
-pub fn sign_request(csr_der: Vec<u8>, ttl_seconds: u64, impersonate: &str, token: Option<&str>) -> tonic::Request<SignRequest> {
+pub fn sign_request(
+    csr_der: Vec<u8>,
+    ttl_seconds: u64,
+    impersonate: &str,
+    token: Option<&str>,
+) -> tonic::Request<SignRequest> {
     let mut request = tonic::Request::new(SignRequest {
         csr_der,
         ttl_seconds,
@@ -175,7 +207,11 @@ pub fn state_dir_bundle(state_dir: &Path) -> TrustBundle {
 pub fn bundle_from_der(roots: &[Vec<u8>]) -> TrustBundle {
     TrustBundle::new(
         td(),
-        roots.iter().cloned().map(rustls::pki_types::CertificateDer::from).collect(),
+        roots
+            .iter()
+            .cloned()
+            .map(rustls::pki_types::CertificateDer::from)
+            .collect(),
         0,
     )
 }
@@ -185,20 +221,39 @@ pub fn pem(der: &[u8]) -> String {
 }
 
 /// Runs `openssl verify -x509_strict -purpose <purpose>` on a leaf (+ intermediates) against roots.
-pub fn openssl_verify(dir: &Path, leaf: &[u8], intermediates: &[Vec<u8>], roots: &[Vec<u8>], purpose: &str) -> (bool, String) {
+pub fn openssl_verify(
+    dir: &Path,
+    leaf: &[u8],
+    intermediates: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    purpose: &str,
+) -> (bool, String) {
     let leaf_path = dir.join("leaf.pem");
     let roots_path = dir.join("roots.pem");
     let chain_path = dir.join("untrusted.pem");
     std::fs::write(&leaf_path, pem(leaf)).unwrap();
-    std::fs::write(&roots_path, roots.iter().map(|r| pem(r)).collect::<String>()).unwrap();
+    std::fs::write(
+        &roots_path,
+        roots.iter().map(|r| pem(r)).collect::<String>(),
+    )
+    .unwrap();
     let mut cmd = Command::new("openssl");
-    cmd.args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"]).arg(&roots_path);
+    cmd.args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"])
+        .arg(&roots_path);
     if !intermediates.is_empty() {
-        std::fs::write(&chain_path, intermediates.iter().map(|r| pem(r)).collect::<String>()).unwrap();
+        std::fs::write(
+            &chain_path,
+            intermediates.iter().map(|r| pem(r)).collect::<String>(),
+        )
+        .unwrap();
         cmd.arg("-untrusted").arg(&chain_path);
     }
     let out = cmd.arg(&leaf_path).output().expect("openssl is installed");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 

@@ -93,6 +93,27 @@ impl TokenSpec {
     }
 }
 
+impl TokenSpec {
+    /// A token for a service account, bound to no pod or node: RS256, valid one hour.
+    pub fn for_service_account(
+        namespace: &str,
+        service_account: &str,
+        audience: &str,
+    ) -> TokenSpec {
+        TokenSpec {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            audiences: vec![audience.to_string()],
+            pod: None,
+            node: None,
+            expires_in: DEFAULT_LIFETIME_SECONDS,
+            not_before_offset: 0,
+            alg: TokenAlg::Rs256,
+            signing: TokenSigning::ServerKey,
+        }
+    }
+}
+
 /// `{name, uid}` of an object a token is bound to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectRef {
@@ -146,7 +167,9 @@ pub enum TokenError {
     /// Not a JWT of this issuer: the service-account authenticator does not handle it.
     #[error("invalid bearer token")]
     NotServiceAccountToken,
-    #[error("go-jose/go-jose: unexpected signature algorithm {0:?}; expected [\"RS256\" \"ES256\"]")]
+    #[error(
+        "go-jose/go-jose: unexpected signature algorithm {0:?}; expected [\"RS256\" \"ES256\"]"
+    )]
     UnsupportedAlgorithm(String),
     #[error("go-jose/go-jose: error in cryptographic primitive")]
     BadSignature,
@@ -157,7 +180,10 @@ pub enum TokenError {
     #[error("service account token is issued in the future")]
     IssuedInFuture,
     #[error("token audiences {} is invalid for the target audiences {}", go_quoted(.token), go_quoted(.requested))]
-    AudienceMismatch { token: Vec<String>, requested: Vec<String> },
+    AudienceMismatch {
+        token: Vec<String>,
+        requested: Vec<String>,
+    },
     /// The bound pod, node or service account no longer exists.
     #[error("service account token has been invalidated")]
     Invalidated,
@@ -187,7 +213,13 @@ fn b64_json(value: &impl Serialize) -> String {
 }
 
 /// Signs a token for `spec`; `service_account_uid` and `node` come from the stored objects.
-pub fn issue(spec: &TokenSpec, issuer: &str, service_account_uid: &str, node: Option<ObjectRef>, now: i64) -> String {
+pub fn issue(
+    spec: &TokenSpec,
+    issuer: &str,
+    service_account_uid: &str,
+    node: Option<ObjectRef>,
+    now: i64,
+) -> String {
     let exp = now + spec.expires_in;
     // An already expired token was issued one default lifetime before it expired.
     let iat = if spec.expires_in > 0 {
@@ -211,7 +243,10 @@ pub fn issue(spec: &TokenSpec, issuer: &str, service_account_uid: &str, node: Op
             },
         },
         nbf: iat + spec.not_before_offset,
-        sub: format!("system:serviceaccount:{}:{}", spec.namespace, spec.service_account),
+        sub: format!(
+            "system:serviceaccount:{}:{}",
+            spec.namespace, spec.service_account
+        ),
     };
     let keys = match spec.signing {
         TokenSigning::ServerKey => server_keys(),
@@ -244,7 +279,8 @@ pub fn validate(token: &str, issuer: &str, now: i64) -> Result<Claims, TokenErro
         return Err(TokenError::NotServiceAccountToken);
     }
     let alg_name = header["alg"].as_str().unwrap_or_default();
-    let alg = TokenAlg::from_name(alg_name).ok_or_else(|| TokenError::UnsupportedAlgorithm(alg_name.to_string()))?;
+    let alg = TokenAlg::from_name(alg_name)
+        .ok_or_else(|| TokenError::UnsupportedAlgorithm(alg_name.to_string()))?;
     let signature = URL_SAFE_NO_PAD
         .decode(signature)
         .map_err(|_| TokenError::BadSignature)?;
@@ -252,7 +288,8 @@ pub fn validate(token: &str, issuer: &str, now: i64) -> Result<Claims, TokenErro
     if !server_keys().verify(alg, signing_input.as_bytes(), &signature) {
         return Err(TokenError::BadSignature);
     }
-    let claims: Claims = serde_json::from_value(payload_json).map_err(|_| TokenError::NotServiceAccountToken)?;
+    let claims: Claims =
+        serde_json::from_value(payload_json).map_err(|_| TokenError::NotServiceAccountToken)?;
     // go-jose's order: nbf, exp, iat.
     if claims.nbf > now + LEEWAY_SECONDS {
         return Err(TokenError::NotYetValid);
@@ -333,8 +370,14 @@ mod tests {
         let token = issue(&early, ISSUER, "sa-uid", None, now);
         assert_eq!(validate(&token, ISSUER, now), Err(TokenError::NotYetValid));
 
-        let token = issue(&spec(TokenAlg::Rs256), ISSUER, "sa-uid", None, now + 3600);
-        assert_eq!(validate(&token, ISSUER, now), Err(TokenError::IssuedInFuture));
+        // Issued an hour ahead; nbf pulled back to now so only iat is wrong.
+        let mut future = spec(TokenAlg::Rs256);
+        future.not_before_offset = -3600;
+        let token = issue(&future, ISSUER, "sa-uid", None, now + 3600);
+        assert_eq!(
+            validate(&token, ISSUER, now),
+            Err(TokenError::IssuedInFuture)
+        );
     }
 
     #[test]
@@ -351,14 +394,20 @@ mod tests {
         let mut claims = decode_json(parts[1]).unwrap();
         claims["kubernetes.io"]["namespace"] = json!("kube-system");
         let tampered = format!("{}.{}.{}", parts[0], b64_json(&claims), parts[2]);
-        assert_eq!(validate(&tampered, ISSUER, now), Err(TokenError::BadSignature));
+        assert_eq!(
+            validate(&tampered, ISSUER, now),
+            Err(TokenError::BadSignature)
+        );
 
         let none_alg = format!("{}.{}.", b64_json(&json!({ "alg": "none" })), parts[1]);
         assert_eq!(
             validate(&none_alg, ISSUER, now),
             Err(TokenError::UnsupportedAlgorithm("none".into()))
         );
-        assert_eq!(validate("not-a-jwt", ISSUER, now), Err(TokenError::NotServiceAccountToken));
+        assert_eq!(
+            validate("not-a-jwt", ISSUER, now),
+            Err(TokenError::NotServiceAccountToken)
+        );
         assert_eq!(
             validate(&token, "https://other.example", now),
             Err(TokenError::NotServiceAccountToken)

@@ -11,8 +11,8 @@ use ring::{
     rand::SystemRandom,
     rsa::PublicKeyComponents,
     signature::{
-        self, ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair, RsaKeyPair,
-        UnparsedPublicKey,
+        self, ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
+        RsaKeyPair, UnparsedPublicKey,
     },
 };
 use serde_json::{Value, json};
@@ -51,7 +51,12 @@ fn der_length(len: usize) -> Vec<u8> {
     if len < 0x80 {
         return vec![len as u8];
     }
-    let bytes: Vec<u8> = len.to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect();
+    let bytes: Vec<u8> = len
+        .to_be_bytes()
+        .iter()
+        .copied()
+        .skip_while(|b| *b == 0)
+        .collect();
     let mut out = vec![0x80 | bytes.len() as u8];
     out.extend(bytes);
     out
@@ -79,8 +84,8 @@ const RSA_ALGORITHM: &[u8] = &[
 ];
 /// AlgorithmIdentifier { id-ecPublicKey, prime256v1 }.
 const P256_ALGORITHM: &[u8] = &[
-    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d,
-    0x03, 0x01, 0x07,
+    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+    0xce, 0x3d, 0x03, 0x01, 0x07,
 ];
 
 /// Kubernetes' key ID: unpadded base64url of SHA-256 over the DER PKIX public key.
@@ -89,15 +94,28 @@ fn key_id(spki_der: &[u8]) -> String {
 }
 
 fn generate_rsa() -> Result<SigningKey, KeyError> {
-    // ring cannot generate RSA keys; openssl writes a PKCS#8 DER key to our pipe, never to disk.
+    // ring cannot generate RSA keys; openssl writes a DER key to our pipe, never to disk.
     let output = Command::new("openssl")
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-outform", "DER"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-outform",
+            "DER",
+        ])
         .output()
         .map_err(KeyError::OpensslLaunch)?;
     if !output.status.success() {
-        return Err(KeyError::OpensslFailed(String::from_utf8_lossy(&output.stderr).trim().to_string()));
+        return Err(KeyError::OpensslFailed(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        ));
     }
-    let pair = RsaKeyPair::from_pkcs8(&output.stdout).map_err(|e| KeyError::Rejected(e.to_string()))?;
+    // OpenSSL 3 writes DER keys from genpkey as PKCS#1 RSAPrivateKey; older releases as PKCS#8.
+    let pair = RsaKeyPair::from_der(&output.stdout)
+        .or_else(|_| RsaKeyPair::from_pkcs8(&output.stdout))
+        .map_err(|e| KeyError::Rejected(e.to_string()))?;
     let kid = key_id(&spki(RSA_ALGORITHM, pair.public().as_ref()));
     Ok(SigningKey {
         kid,
@@ -169,9 +187,11 @@ impl SigningKey {
                     .verify(&signature::RSA_PKCS1_2048_8192_SHA256, message, sig)
                     .is_ok()
             }
-            KeyMaterial::Ec(pair) => UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, pair.public_key().as_ref())
-                .verify(message, sig)
-                .is_ok(),
+            KeyMaterial::Ec(pair) => {
+                UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, pair.public_key().as_ref())
+                    .verify(message, sig)
+                    .is_ok()
+            }
         }
     }
 
@@ -273,9 +293,18 @@ mod tests {
         assert_eq!(keys[0]["kty"], "RSA");
         assert_eq!(keys[0]["e"], "AQAB");
         assert_eq!(keys[1]["crv"], "P-256");
-        assert_eq!(URL_SAFE_NO_PAD.decode(keys[1]["x"].as_str().unwrap()).unwrap().len(), 32);
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(keys[1]["x"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
         for key in keys {
-            assert!(key.get("d").is_none(), "private exponent must never be published");
+            assert!(
+                key.get("d").is_none(),
+                "private exponent must never be published"
+            );
         }
     }
 }

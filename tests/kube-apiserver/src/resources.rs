@@ -46,7 +46,10 @@ pub struct ResourceInfo {
 
 impl ResourceInfo {
     pub fn selectable_fields(&self) -> Vec<String> {
-        let mut fields = vec!["metadata.name".to_string(), "metadata.namespace".to_string()];
+        let mut fields = vec![
+            "metadata.name".to_string(),
+            "metadata.namespace".to_string(),
+        ];
         fields.extend(self.extra_fields.iter().cloned());
         fields
     }
@@ -78,7 +81,12 @@ struct BuiltIn {
     create_only: bool,
 }
 
-const fn builtin(group: &'static str, resource: &'static str, kind: &'static str, namespaced: bool) -> BuiltIn {
+const fn builtin(
+    group: &'static str,
+    resource: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+) -> BuiltIn {
     BuiltIn {
         group,
         version: "v1",
@@ -132,7 +140,12 @@ const BUILT_INS: &[BuiltIn] = &[
     with_status(builtin("", "services", "Service", true)),
     builtin("", "endpoints", "Endpoints", true),
     builtin("", "events", "Event", true),
-    with_status(builtin("", "persistentvolumeclaims", "PersistentVolumeClaim", true)),
+    with_status(builtin(
+        "",
+        "persistentvolumeclaims",
+        "PersistentVolumeClaim",
+        true,
+    )),
     BuiltIn {
         fields: &["status.phase"],
         ..with_status(builtin("", "namespaces", "Namespace", false))
@@ -146,13 +159,33 @@ const BUILT_INS: &[BuiltIn] = &[
     workload(builtin("apps", "daemonsets", "DaemonSet", true)),
     workload(builtin("apps", "statefulsets", "StatefulSet", true)),
     workload(builtin("apps", "replicasets", "ReplicaSet", true)),
-    workload(builtin("policy", "poddisruptionbudgets", "PodDisruptionBudget", true)),
+    workload(builtin(
+        "policy",
+        "poddisruptionbudgets",
+        "PodDisruptionBudget",
+        true,
+    )),
     builtin("coordination.k8s.io", "leases", "Lease", true),
     builtin("discovery.k8s.io", "endpointslices", "EndpointSlice", true),
     builtin("rbac.authorization.k8s.io", "roles", "Role", true),
-    builtin("rbac.authorization.k8s.io", "rolebindings", "RoleBinding", true),
-    builtin("rbac.authorization.k8s.io", "clusterroles", "ClusterRole", false),
-    builtin("rbac.authorization.k8s.io", "clusterrolebindings", "ClusterRoleBinding", false),
+    builtin(
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "RoleBinding",
+        true,
+    ),
+    builtin(
+        "rbac.authorization.k8s.io",
+        "clusterroles",
+        "ClusterRole",
+        false,
+    ),
+    builtin(
+        "rbac.authorization.k8s.io",
+        "clusterrolebindings",
+        "ClusterRoleBinding",
+        false,
+    ),
     BuiltIn {
         tracks_generation: true,
         ..builtin(
@@ -179,7 +212,12 @@ const BUILT_INS: &[BuiltIn] = &[
     )),
     BuiltIn {
         create_only: true,
-        ..builtin("authentication.k8s.io", "tokenreviews", "TokenReview", false)
+        ..builtin(
+            "authentication.k8s.io",
+            "tokenreviews",
+            "TokenReview",
+            false,
+        )
     },
 ];
 
@@ -188,7 +226,11 @@ fn from_builtin(b: &BuiltIn) -> ResourceInfo {
         resource: GroupResource::new(b.group, b.resource),
         kind: b.kind.to_string(),
         list_kind: format!("{}List", b.kind),
-        scope: if b.namespaced { Scope::Namespaced } else { Scope::Cluster },
+        scope: if b.namespaced {
+            Scope::Namespaced
+        } else {
+            Scope::Cluster
+        },
         origin: Origin::BuiltIn,
         status_subresource: b.status_subresource,
         extra_fields: b.fields.iter().map(|f| f.to_string()).collect(),
@@ -214,7 +256,10 @@ pub fn crd_resource() -> GroupResource {
 /// Describes a custom resource from its stored `CustomResourceDefinition` object.
 pub fn from_crd(resource: &GroupResource, crd: &Value) -> ResourceInfo {
     let spec = &crd["spec"];
-    let kind = spec["names"]["kind"].as_str().unwrap_or_default().to_string();
+    let kind = spec["names"]["kind"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let list_kind = spec["names"]["listKind"]
         .as_str()
         .map(str::to_string)
@@ -225,8 +270,17 @@ pub fn from_crd(resource: &GroupResource, crd: &Value) -> ResourceInfo {
         .any(|v| v.pointer("/subresources/status").is_some());
     let extra_fields = versions
         .iter()
-        .flat_map(|v| v["selectableFields"].as_array().cloned().unwrap_or_default())
-        .filter_map(|f| f["jsonPath"].as_str().map(|p| p.trim_start_matches('.').to_string()))
+        .flat_map(|v| {
+            v["selectableFields"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|f| {
+            f["jsonPath"]
+                .as_str()
+                .map(|p| p.trim_start_matches('.').to_string())
+        })
         .collect();
     ResourceInfo {
         resource: resource.clone(),
@@ -250,7 +304,10 @@ pub fn from_crd(resource: &GroupResource, crd: &Value) -> ResourceInfo {
 /// write, a guess from the plural (`widgets` -> `Widget`).
 pub fn unregistered(resource: &GroupResource, learned_kind: Option<&str>) -> ResourceInfo {
     let kind = learned_kind.map(str::to_string).unwrap_or_else(|| {
-        let singular = resource.resource.strip_suffix('s').unwrap_or(&resource.resource);
+        let singular = resource
+            .resource
+            .strip_suffix('s')
+            .unwrap_or(&resource.resource);
         let mut chars = singular.chars();
         chars
             .next()
@@ -329,7 +386,10 @@ mod tests {
         assert_eq!(pods.kind, "Pod");
         assert_eq!(pods.list_kind, "PodList");
         assert_eq!(pods.scope, Scope::Namespaced);
-        assert!(pods.selectable_fields().contains(&"spec.nodeName".to_string()));
+        assert!(
+            pods.selectable_fields()
+                .contains(&"spec.nodeName".to_string())
+        );
         assert!(pods.returns_deleted_object);
         let ns = builtin_info(&GroupResource::new("", "namespaces")).unwrap();
         assert_eq!(ns.scope, Scope::Cluster);

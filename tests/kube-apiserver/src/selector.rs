@@ -55,13 +55,15 @@ fn split_top_level(input: &str) -> Vec<&str> {
 }
 
 fn label_key(key: &str) -> Result<String, SelectorError> {
-    check_qualified_name(key).map_err(|e| SelectorError::LabelRequirement(format!("key {key:?}: {e}")))?;
+    check_qualified_name(key)
+        .map_err(|e| SelectorError::LabelRequirement(format!("key {key:?}: {e}")))?;
     Ok(key.to_string())
 }
 
 fn label_value(value: &str) -> Result<String, SelectorError> {
-    check_label_value(value)
-        .map_err(|e| SelectorError::LabelRequirement(format!("values[0]: Invalid value: {value:?}: {e}")))?;
+    check_label_value(value).map_err(|e| {
+        SelectorError::LabelRequirement(format!("values[0]: Invalid value: {value:?}: {e}"))
+    })?;
     Ok(value.to_string())
 }
 
@@ -105,8 +107,14 @@ fn parse_label_term(term: &str) -> Result<LabelRequirement, SelectorError> {
         .find(|c: char| c.is_whitespace() || c == '(')
         .unwrap_or(rest.len());
     match &rest[..word_end] {
-        "in" => Ok(LabelRequirement::In(key, value_set(&rest[word_end..], "in")?)),
-        "notin" => Ok(LabelRequirement::NotIn(key, value_set(&rest[word_end..], "notin")?)),
+        "in" => Ok(LabelRequirement::In(
+            key,
+            value_set(&rest[word_end..], "in")?,
+        )),
+        "notin" => Ok(LabelRequirement::NotIn(
+            key,
+            value_set(&rest[word_end..], "notin")?,
+        )),
         other => Err(SelectorError::LabelRequirement(format!(
             "found {other:?}, expected: in, notin, =, ==, !=, gt, lt"
         ))),
@@ -199,8 +207,12 @@ fn split_field_term(term: &str) -> Option<(&str, &'static str, &str)> {
     while i < bytes.len() {
         match bytes[i] {
             b'\\' => i += 2,
-            b'!' if bytes.get(i + 1) == Some(&b'=') => return Some((&term[..i], "!=", &term[i + 2..])),
-            b'=' if bytes.get(i + 1) == Some(&b'=') => return Some((&term[..i], "==", &term[i + 2..])),
+            b'!' if bytes.get(i + 1) == Some(&b'=') => {
+                return Some((&term[..i], "!=", &term[i + 2..]));
+            }
+            b'=' if bytes.get(i + 1) == Some(&b'=') => {
+                return Some((&term[..i], "==", &term[i + 2..]));
+            }
             b'=' => return Some((&term[..i], "=", &term[i + 1..])),
             _ => i += 1,
         }
@@ -237,7 +249,7 @@ impl FieldSelector {
         match self
             .requirements
             .iter()
-            .find(|r| !supported.iter().any(|s| *s == r.field))
+            .find(|r| !supported.contains(&r.field))
         {
             Some(r) => Err(SelectorError::UnsupportedField(r.field.clone())),
             None => Ok(()),
@@ -285,7 +297,11 @@ mod tests {
             ("app=web,tier=back", false),
             ("", true),
         ] {
-            assert_eq!(LabelSelector::parse(sel).unwrap().matches(&o), expected, "{sel}");
+            assert_eq!(
+                LabelSelector::parse(sel).unwrap().matches(&o),
+                expected,
+                "{sel}"
+            );
         }
     }
 
@@ -304,15 +320,29 @@ mod tests {
             ("! missing", true),
             ("app in (web),!tier", true),
         ] {
-            assert_eq!(LabelSelector::parse(sel).unwrap().matches(&o), expected, "{sel}");
+            assert_eq!(
+                LabelSelector::parse(sel).unwrap().matches(&o),
+                expected,
+                "{sel}"
+            );
         }
     }
 
     #[test]
     fn bad_label_selectors_are_rejected() {
-        for bad in ["app in web", "app in ()", "app ~ x", "Bad_Prefix/x=y", "app=-bad", "=x"] {
+        for bad in [
+            "app in web",
+            "app in ()",
+            "app ~ x",
+            "Bad_Prefix/x=y",
+            "app=-bad",
+            "=x",
+        ] {
             assert!(
-                matches!(LabelSelector::parse(bad), Err(SelectorError::LabelRequirement(_))),
+                matches!(
+                    LabelSelector::parse(bad),
+                    Err(SelectorError::LabelRequirement(_))
+                ),
                 "{bad}"
             );
         }
@@ -331,14 +361,22 @@ mod tests {
             ("spec.hostNetwork=true", true),
             ("spec.schedulerName=", true),
         ] {
-            assert_eq!(FieldSelector::parse(sel).unwrap().matches(&o), expected, "{sel}");
+            assert_eq!(
+                FieldSelector::parse(sel).unwrap().matches(&o),
+                expected,
+                "{sel}"
+            );
         }
     }
 
     #[test]
     fn field_selector_escapes_and_errors() {
         let o = json!({ "metadata": { "name": "a,b=c" } });
-        assert!(FieldSelector::parse(r"metadata.name=a\,b\=c").unwrap().matches(&o));
+        assert!(
+            FieldSelector::parse(r"metadata.name=a\,b\=c")
+                .unwrap()
+                .matches(&o)
+        );
         assert!(matches!(
             FieldSelector::parse("spec.nodeName"),
             Err(SelectorError::FieldTerm(_, _))

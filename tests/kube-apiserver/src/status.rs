@@ -73,9 +73,15 @@ impl FieldCause {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
     #[error("{resource} {name:?} not found")]
-    NotFound { resource: GroupResource, name: String },
+    NotFound {
+        resource: GroupResource,
+        name: String,
+    },
     #[error("{resource} {name:?} already exists")]
-    AlreadyExists { resource: GroupResource, name: String },
+    AlreadyExists {
+        resource: GroupResource,
+        name: String,
+    },
     /// Optimistic-concurrency or precondition failure.
     #[error("Operation cannot be fulfilled on {resource} {name:?}: {detail}")]
     Conflict {
@@ -256,7 +262,10 @@ mod tests {
         assert_eq!(status["message"], "pods \"web-0\" not found");
         assert_eq!(status["reason"], "NotFound");
         assert_eq!(status["code"], 404);
-        assert_eq!(status["details"], json!({ "name": "web-0", "kind": "pods" }));
+        assert_eq!(
+            status["details"],
+            json!({ "name": "web-0", "kind": "pods" })
+        );
     }
 
     #[test]
@@ -292,7 +301,10 @@ mod tests {
             "Pod \"Bad_Name\" is invalid: [metadata.name: Invalid value: \"Bad_Name\": bad, spec: Required value: needed]"
         );
         assert_eq!(status["code"], 422);
-        assert_eq!(status["details"]["causes"][1]["reason"], "FieldValueRequired");
+        assert_eq!(
+            status["details"]["causes"][1]["reason"],
+            "FieldValueRequired"
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@ use tokio::sync::broadcast;
 use crate::{
     resources::{self, Origin, ResourceInfo},
     status::{ApiError, FieldCause, GroupResource},
-    validation::{check_dns1123_label, check_dns1123_subdomain, check_label_value, check_qualified_name},
+    validation::{
+        check_dns1123_label, check_dns1123_subdomain, check_label_value, check_qualified_name,
+    },
 };
 
 /// `(namespace, name)`; the namespace is empty for cluster-scoped objects. Ordered like etcd keys.
@@ -154,9 +156,12 @@ impl ContinueToken {
         let bytes = URL_SAFE_NO_PAD
             .decode(token.trim_end_matches('='))
             .map_err(|e| invalid(&e.to_string()))?;
-        let wire: ContinueWire = serde_json::from_slice(&bytes).map_err(|e| invalid(&e.to_string()))?;
+        let wire: ContinueWire =
+            serde_json::from_slice(&bytes).map_err(|e| invalid(&e.to_string()))?;
         if wire.v != CONTINUE_VERSION {
-            return Err(invalid("continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)"));
+            return Err(invalid(
+                "continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)",
+            ));
         }
         let key = wire.start.trim_end_matches('\u{0}');
         let after = match key.split_once('/') {
@@ -224,18 +229,29 @@ pub struct Store {
 /// A random (version 4) UUID, as Kubernetes assigns to `metadata.uid`.
 pub fn new_uid() -> String {
     let mut bytes = [0u8; 16];
-    SystemRandom::new().fill(&mut bytes).expect("system randomness available");
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("system randomness available");
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
 }
 
 /// The five-character suffix of `generateName`, from the API server's alphabet (no vowels).
 fn random_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut bytes = [0u8; 5];
-    SystemRandom::new().fill(&mut bytes).expect("system randomness available");
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("system randomness available");
     bytes
         .iter()
         .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
@@ -264,7 +280,10 @@ fn metadata_mut(object: &mut Value) -> Result<&mut Map<String, Value>, ApiError>
 }
 
 fn namespace_mismatch() -> ApiError {
-    ApiError::BadRequest("the namespace of the provided object does not match the namespace sent on the request".into())
+    ApiError::BadRequest(
+        "the namespace of the provided object does not match the namespace sent on the request"
+            .into(),
+    )
 }
 
 /// Puts the request's namespace on the object, or rejects a different one in the body.
@@ -312,7 +331,11 @@ fn validate(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
             match value.as_str() {
                 Some(v) => {
                     if let Err(why) = check_label_value(v) {
-                        causes.push(FieldCause::invalid(&format!("metadata.labels[{key}]"), v, &why));
+                        causes.push(FieldCause::invalid(
+                            &format!("metadata.labels[{key}]"),
+                            v,
+                            &why,
+                        ));
                     }
                 }
                 None => causes.push(FieldCause::invalid(
@@ -332,18 +355,28 @@ fn validate(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
 
 /// Secrets: `stringData` is write-only and lands base64-encoded in `data`; `type` defaults to Opaque.
 fn normalize_secret(object: &mut Value) {
-    let Some(map) = object.as_object_mut() else { return };
+    let Some(map) = object.as_object_mut() else {
+        return;
+    };
     if let Some(Value::Object(string_data)) = map.remove("stringData") {
         let data = map.entry("data").or_insert_with(|| json!({}));
         if !data.is_object() {
             *data = json!({});
         }
         for (key, value) in string_data {
-            let text = value.as_str().map(str::to_string).unwrap_or_else(|| value.to_string());
+            let text = value
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
             data[&key] = json!(base64::engine::general_purpose::STANDARD.encode(text));
         }
     }
-    if map.get("type").and_then(Value::as_str).unwrap_or_default().is_empty() {
+    if map
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .is_empty()
+    {
         map.insert("type".into(), json!("Opaque"));
     }
 }
@@ -388,11 +421,16 @@ impl State {
         {
             return resources::from_crd(resource, crd);
         }
-        resources::unregistered(resource, self.learned_kinds.get(resource).map(String::as_str))
+        resources::unregistered(
+            resource,
+            self.learned_kinds.get(resource).map(String::as_str),
+        )
     }
 
     fn get(&self, resource: &GroupResource, key: &ObjectKey) -> Option<&Value> {
-        self.objects.get(resource).and_then(|objects| objects.get(key))
+        self.objects
+            .get(resource)
+            .and_then(|objects| objects.get(key))
     }
 
     fn commit(
@@ -451,17 +489,29 @@ impl State {
     }
 
     /// The objects of `resource` as they were at `revision`, undoing newer events.
-    fn snapshot(&self, resource: &GroupResource, revision: u64) -> Result<BTreeMap<ObjectKey, Value>, ApiError> {
+    fn snapshot(
+        &self,
+        resource: &GroupResource,
+        revision: u64,
+    ) -> Result<BTreeMap<ObjectKey, Value>, ApiError> {
         self.check_not_future(revision)?;
         if revision < self.compacted_through {
             return Err(self.too_old(revision));
         }
         let mut objects = self.objects.get(resource).cloned().unwrap_or_default();
-        for event in self.history.iter().rev().take_while(|e| e.revision > revision) {
+        for event in self
+            .history
+            .iter()
+            .rev()
+            .take_while(|e| e.revision > revision)
+        {
             if event.resource != *resource {
                 continue;
             }
-            let key = (event.namespace.clone(), meta_str(&event.object, "name").to_string());
+            let key = (
+                event.namespace.clone(),
+                meta_str(&event.object, "name").to_string(),
+            );
             // Undo the event: an addition disappears, anything else restores what was before.
             match &event.previous {
                 None => {
@@ -485,17 +535,35 @@ impl State {
         let resource = &info.resource;
         let meta = metadata_mut(&mut object)?;
         place_in_namespace(meta, namespace)?;
-        if meta.get("resourceVersion").and_then(Value::as_str).is_some_and(|rv| !rv.is_empty()) {
+        if meta
+            .get("resourceVersion")
+            .and_then(Value::as_str)
+            .is_some_and(|rv| !rv.is_empty())
+        {
             // etcd3 storage refuses this; the API server reports it as an internal error.
-            return Err(ApiError::Internal("resourceVersion should not be set on objects to be created".into()));
+            return Err(ApiError::Internal(
+                "resourceVersion should not be set on objects to be created".into(),
+            ));
         }
-        let given_name = meta.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
-        let generate_name = meta.get("generateName").and_then(Value::as_str).unwrap_or_default().to_string();
+        let given_name = meta
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let generate_name = meta
+            .get("generateName")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         if given_name.is_empty() && generate_name.is_empty() {
-            return Err(invalid(info, "", vec![FieldCause::required(
-                "metadata.name",
-                "name or generateName is required",
-            )]));
+            return Err(invalid(
+                info,
+                "",
+                vec![FieldCause::required(
+                    "metadata.name",
+                    "name or generateName is required",
+                )],
+            ));
         }
         meta.insert("uid".into(), json!(new_uid()));
         meta.insert("creationTimestamp".into(), now_timestamp());
@@ -521,7 +589,11 @@ impl State {
                 _ => {}
             }
         }
-        let mut attempts = if given_name.is_empty() { GENERATE_NAME_ATTEMPTS } else { 1 };
+        let mut attempts = if given_name.is_empty() {
+            GENERATE_NAME_ATTEMPTS
+        } else {
+            1
+        };
         let name = loop {
             let candidate = if given_name.is_empty() {
                 format!("{generate_name}{}", random_suffix())
@@ -529,7 +601,9 @@ impl State {
                 given_name.clone()
             };
             attempts -= 1;
-            let taken = self.get(resource, &(namespace.to_string(), candidate.clone())).is_some();
+            let taken = self
+                .get(resource, &(namespace.to_string(), candidate.clone()))
+                .is_some();
             if !taken {
                 break candidate;
             }
@@ -545,12 +619,19 @@ impl State {
         if opts.dry_run {
             return Ok(object);
         }
-        if info.origin == Origin::Unregistered {
-            if let Some(kind) = object["kind"].as_str() {
-                self.learned_kinds.insert(resource.clone(), kind.to_string());
-            }
+        if info.origin == Origin::Unregistered
+            && let Some(kind) = object["kind"].as_str()
+        {
+            self.learned_kinds
+                .insert(resource.clone(), kind.to_string());
         }
-        Ok(self.commit(resource, &(namespace.to_string(), name), EventType::Added, object, None))
+        Ok(self.commit(
+            resource,
+            &(namespace.to_string(), name),
+            EventType::Added,
+            object,
+            None,
+        ))
     }
 
     fn update(
@@ -579,7 +660,9 @@ impl State {
         place_in_namespace(meta, namespace)?;
         let current_rv = meta_str(&current, "resourceVersion").to_string();
         match meta.get("resourceVersion").and_then(Value::as_str) {
-            Some(rv) if !rv.is_empty() && rv != current_rv => return Err(ApiError::modified(resource, name)),
+            Some(rv) if !rv.is_empty() && rv != current_rv => {
+                return Err(ApiError::modified(resource, name));
+            }
             _ => {}
         }
         let current_uid = meta_str(&current, "uid").to_string();
@@ -588,13 +671,22 @@ impl State {
                 return Err(ApiError::Conflict {
                     resource: resource.clone(),
                     name: name.clone(),
-                    detail: format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {current_uid}"),
+                    detail: format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {current_uid}"
+                    ),
                 });
             }
             _ => {}
         }
         // Server-owned metadata cannot be changed by clients.
-        for field in ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "generateName"] {
+        for field in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "generateName",
+        ] {
             match current["metadata"].get(field) {
                 Some(value) => meta.insert(field.into(), value.clone()),
                 None => meta.remove(field),
@@ -672,7 +764,9 @@ impl State {
         if let Some(uid) = &preconditions.uid {
             let actual = meta_str(&current, "uid");
             if uid != actual {
-                return Err(failed(format!("UID in precondition: {uid}, UID in object meta: {actual}")));
+                return Err(failed(format!(
+                    "UID in precondition: {uid}, UID in object meta: {actual}"
+                )));
             }
         }
         if let Some(rv) = &preconditions.resource_version {
@@ -693,8 +787,17 @@ impl State {
             let mut terminating = current.clone();
             terminating["metadata"]["deletionTimestamp"] = now_timestamp();
             terminating["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-            let object = self.commit(resource, key, EventType::Modified, terminating, Some(current));
-            return Ok(Deletion { object, pending: true });
+            let object = self.commit(
+                resource,
+                key,
+                EventType::Modified,
+                terminating,
+                Some(current),
+            );
+            return Ok(Deletion {
+                object,
+                pending: true,
+            });
         }
         if dry_run {
             return Ok(Deletion {
@@ -702,8 +805,17 @@ impl State {
                 pending: false,
             });
         }
-        let object = self.commit(resource, key, EventType::Deleted, current.clone(), Some(current));
-        Ok(Deletion { object, pending: false })
+        let object = self.commit(
+            resource,
+            key,
+            EventType::Deleted,
+            current.clone(),
+            Some(current),
+        );
+        Ok(Deletion {
+            object,
+            pending: false,
+        })
     }
 }
 
@@ -726,7 +838,9 @@ impl Store {
 
     fn state(&self) -> MutexGuard<'_, State> {
         // A panicking test thread must not take the whole double down with it.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn resolve(&self, resource: &GroupResource) -> ResourceInfo {
@@ -753,7 +867,11 @@ impl Store {
             .ok_or_else(|| ApiError::not_found(resource, &key.1))
     }
 
-    pub fn list(&self, resource: &GroupResource, query: &ListQuery<'_>) -> Result<ListPage, ApiError> {
+    pub fn list(
+        &self,
+        resource: &GroupResource,
+        query: &ListQuery<'_>,
+    ) -> Result<ListPage, ApiError> {
         let state = self.state();
         let empty = BTreeMap::new();
         let current = || Cow::Borrowed(state.objects.get(resource).unwrap_or(&empty));
@@ -818,15 +936,25 @@ impl Store {
     }
 
     /// Returns the object, creating it from `template` first if it does not exist.
-    pub fn ensure(&self, info: &ResourceInfo, key: &ObjectKey, template: Value) -> Result<Value, ApiError> {
+    pub fn ensure(
+        &self,
+        info: &ResourceInfo,
+        key: &ObjectKey,
+        template: Value,
+    ) -> Result<Value, ApiError> {
         let mut state = self.state();
         if let Some(existing) = state.get(&info.resource, key) {
             return Ok(existing.clone());
         }
-        state.create(info, &key.0, template, WriteOptions {
-            keep_status: true,
-            ..WriteOptions::default()
-        })
+        state.create(
+            info,
+            &key.0,
+            template,
+            WriteOptions {
+                keep_status: true,
+                ..WriteOptions::default()
+            },
+        )
     }
 
     /// Read-modify-write under the lock: `change` maps the stored object to the desired one.
@@ -867,7 +995,10 @@ impl Store {
             Some(current) => {
                 let mut desired = current.clone();
                 json_patch::merge(&mut desired, &config);
-                Ok((state.update(info, key, current, desired, target, opts)?, false))
+                Ok((
+                    state.update(info, key, current, desired, target, opts)?,
+                    false,
+                ))
             }
         }
     }
@@ -925,7 +1056,9 @@ impl Store {
                 let backlog = state
                     .history
                     .iter()
-                    .filter(|e| e.revision > revision && e.resource == *resource && in_scope(&e.namespace))
+                    .filter(|e| {
+                        e.revision > revision && e.resource == *resource && in_scope(&e.namespace)
+                    })
                     .cloned()
                     .collect();
                 (Vec::new(), backlog)
@@ -993,7 +1126,9 @@ mod tests {
     #[test]
     fn create_sets_server_metadata_and_normalizes_secrets() {
         let store = Store::new(100);
-        let created = store.create(&secrets(), "ns", secret("s"), WriteOptions::default()).unwrap();
+        let created = store
+            .create(&secrets(), "ns", secret("s"), WriteOptions::default())
+            .unwrap();
         assert_eq!(meta_str(&created, "namespace"), "ns");
         assert_eq!(meta_str(&created, "uid").len(), 36);
         assert!(!meta_str(&created, "creationTimestamp").is_empty());
@@ -1006,16 +1141,22 @@ mod tests {
     #[test]
     fn create_rejects_clashes_missing_names_and_preset_versions() {
         let store = Store::new(100);
-        store.create(&secrets(), "ns", secret("s"), WriteOptions::default()).unwrap();
+        store
+            .create(&secrets(), "ns", secret("s"), WriteOptions::default())
+            .unwrap();
         assert!(matches!(
             store.create(&secrets(), "ns", secret("s"), WriteOptions::default()),
             Err(ApiError::AlreadyExists { .. })
         ));
         // Same name in another namespace is a different object.
-        store.create(&secrets(), "other", secret("s"), WriteOptions::default()).unwrap();
+        store
+            .create(&secrets(), "other", secret("s"), WriteOptions::default())
+            .unwrap();
         let nameless = json!({ "metadata": {} });
         match store.create(&secrets(), "ns", nameless, WriteOptions::default()) {
-            Err(ApiError::Invalid { causes, .. }) => assert_eq!(causes[0].reason, "FieldValueRequired"),
+            Err(ApiError::Invalid { causes, .. }) => {
+                assert_eq!(causes[0].reason, "FieldValueRequired")
+            }
             other => panic!("expected Invalid, got {other:?}"),
         }
         let mut with_rv = secret("t");
@@ -1036,7 +1177,9 @@ mod tests {
     fn generate_name_appends_a_suffix() {
         let store = Store::new(100);
         let object = json!({ "metadata": { "generateName": "tok-" } });
-        let created = store.create(&secrets(), "ns", object, WriteOptions::default()).unwrap();
+        let created = store
+            .create(&secrets(), "ns", object, WriteOptions::default())
+            .unwrap();
         let name = meta_str(&created, "name");
         assert!(name.starts_with("tok-") && name.len() == 9, "{name}");
     }
@@ -1044,26 +1187,50 @@ mod tests {
     #[test]
     fn update_enforces_resource_version_and_skips_no_ops() {
         let store = Store::new(100);
-        let created = store.create(&secrets(), "ns", secret("s"), WriteOptions::default()).unwrap();
-        let same = store
-            .update_with(&secrets(), &key("ns", "s"), WriteTarget::Main, WriteOptions::default(), |c| Ok(c.clone()))
+        let created = store
+            .create(&secrets(), "ns", secret("s"), WriteOptions::default())
             .unwrap();
-        assert_eq!(rv(&same), rv(&created), "a no-op update must not bump the version");
+        let same = store
+            .update_with(
+                &secrets(),
+                &key("ns", "s"),
+                WriteTarget::Main,
+                WriteOptions::default(),
+                |c| Ok(c.clone()),
+            )
+            .unwrap();
+        assert_eq!(
+            rv(&same),
+            rv(&created),
+            "a no-op update must not bump the version"
+        );
 
         let changed = store
-            .update_with(&secrets(), &key("ns", "s"), WriteTarget::Main, WriteOptions::default(), |c| {
-                let mut next = c.clone();
-                next["data"]["k"] = json!("dzI=");
-                Ok(next)
-            })
+            .update_with(
+                &secrets(),
+                &key("ns", "s"),
+                WriteTarget::Main,
+                WriteOptions::default(),
+                |c| {
+                    let mut next = c.clone();
+                    next["data"]["k"] = json!("dzI=");
+                    Ok(next)
+                },
+            )
             .unwrap();
         assert_eq!(rv(&changed), rv(&created) + 1);
 
-        let stale = store.update_with(&secrets(), &key("ns", "s"), WriteTarget::Main, WriteOptions::default(), |_| {
-            let mut old = created.clone();
-            old["data"]["k"] = json!("eDM=");
-            Ok(old)
-        });
+        let stale = store.update_with(
+            &secrets(),
+            &key("ns", "s"),
+            WriteTarget::Main,
+            WriteOptions::default(),
+            |_| {
+                let mut old = created.clone();
+                old["data"]["k"] = json!("eDM=");
+                Ok(old)
+            },
+        );
         assert!(matches!(stale, Err(ApiError::Conflict { .. })), "{stale:?}");
     }
 
@@ -1072,18 +1239,31 @@ mod tests {
         let store = Store::new(100);
         let mut object = secret("f");
         object["metadata"]["finalizers"] = json!(["sigil.dev/cleanup"]);
-        store.create(&secrets(), "ns", object, WriteOptions::default()).unwrap();
+        store
+            .create(&secrets(), "ns", object, WriteOptions::default())
+            .unwrap();
         let deletion = store
-            .delete(&secrets(), &key("ns", "f"), &Preconditions::default(), false)
+            .delete(
+                &secrets(),
+                &key("ns", "f"),
+                &Preconditions::default(),
+                false,
+            )
             .unwrap();
         assert!(deletion.pending);
         assert!(deletion.object["metadata"]["deletionTimestamp"].is_string());
         store
-            .update_with(&secrets(), &key("ns", "f"), WriteTarget::Main, WriteOptions::default(), |c| {
-                let mut next = c.clone();
-                next["metadata"]["finalizers"] = json!([]);
-                Ok(next)
-            })
+            .update_with(
+                &secrets(),
+                &key("ns", "f"),
+                WriteTarget::Main,
+                WriteOptions::default(),
+                |c| {
+                    let mut next = c.clone();
+                    next["metadata"]["finalizers"] = json!([]);
+                    Ok(next)
+                },
+            )
             .unwrap();
         assert!(matches!(
             store.get(&GroupResource::new("", "secrets"), &key("ns", "f")),
@@ -1094,7 +1274,9 @@ mod tests {
     #[test]
     fn delete_preconditions_are_checked() {
         let store = Store::new(100);
-        store.create(&secrets(), "ns", secret("p"), WriteOptions::default()).unwrap();
+        store
+            .create(&secrets(), "ns", secret("p"), WriteOptions::default())
+            .unwrap();
         let wrong_uid = Preconditions {
             uid: Some("nope".into()),
             resource_version: None,
@@ -1104,7 +1286,12 @@ mod tests {
             Err(ApiError::Conflict { .. })
         ));
         assert!(matches!(
-            store.delete(&secrets(), &key("ns", "missing"), &Preconditions::default(), false),
+            store.delete(
+                &secrets(),
+                &key("ns", "missing"),
+                &Preconditions::default(),
+                false
+            ),
             Err(ApiError::NotFound { .. })
         ));
     }
@@ -1113,10 +1300,16 @@ mod tests {
     fn snapshots_rebuild_past_states_until_compacted() {
         let store = Store::new(3);
         let info = secrets();
-        let a = store.create(&info, "ns", secret("a"), WriteOptions::default()).unwrap();
+        let a = store
+            .create(&info, "ns", secret("a"), WriteOptions::default())
+            .unwrap();
         let at_a = rv(&a);
-        store.create(&info, "ns", secret("b"), WriteOptions::default()).unwrap();
-        store.delete(&info, &key("ns", "a"), &Preconditions::default(), false).unwrap();
+        store
+            .create(&info, "ns", secret("b"), WriteOptions::default())
+            .unwrap();
+        store
+            .delete(&info, &key("ns", "a"), &Preconditions::default(), false)
+            .unwrap();
         let everything = |_: &Value| true;
         let query = |read| ListQuery {
             namespace: Some("ns"),
@@ -1126,16 +1319,24 @@ mod tests {
             filter: &everything,
             filtered: false,
         };
-        let past = store.list(&info.resource, &query(ListRead::Exact(at_a))).unwrap();
+        let past = store
+            .list(&info.resource, &query(ListRead::Exact(at_a)))
+            .unwrap();
         let names: Vec<&str> = past.items.iter().map(|o| meta_str(o, "name")).collect();
         assert_eq!(names, ["a"]);
-        let now = store.list(&info.resource, &query(ListRead::Latest)).unwrap();
+        let now = store
+            .list(&info.resource, &query(ListRead::Latest))
+            .unwrap();
         let names: Vec<&str> = now.items.iter().map(|o| meta_str(o, "name")).collect();
         assert_eq!(names, ["b"]);
 
         // Two more writes push the creation of "a" out of the 3-event history.
-        store.create(&info, "ns", secret("c"), WriteOptions::default()).unwrap();
-        store.create(&info, "ns", secret("d"), WriteOptions::default()).unwrap();
+        store
+            .create(&info, "ns", secret("c"), WriteOptions::default())
+            .unwrap();
+        store
+            .create(&info, "ns", secret("d"), WriteOptions::default())
+            .unwrap();
         assert!(matches!(
             store.list(&info.resource, &query(ListRead::Exact(at_a))),
             Err(ApiError::Expired(_))
@@ -1158,7 +1359,10 @@ mod tests {
             after: key("", "node-a"),
         };
         assert_eq!(ContinueToken::decode(&cluster.encode()).unwrap(), cluster);
-        assert!(matches!(ContinueToken::decode("%%%"), Err(ApiError::BadRequest(_))));
+        assert!(matches!(
+            ContinueToken::decode("%%%"),
+            Err(ApiError::BadRequest(_))
+        ));
     }
 
     #[test]
@@ -1166,14 +1370,20 @@ mod tests {
         let store = Store::new(2);
         let info = secrets();
         for name in ["a", "b", "c"] {
-            store.create(&info, "ns", secret(name), WriteOptions::default()).unwrap();
+            store
+                .create(&info, "ns", secret(name), WriteOptions::default())
+                .unwrap();
         }
         assert!(matches!(
             store.open_watch(&info.resource, None, WatchStart::After(INITIAL_REVISION)),
             Err(ApiError::Expired(_))
         ));
         let feed = store
-            .open_watch(&info.resource, Some("ns"), WatchStart::After(INITIAL_REVISION + 1))
+            .open_watch(
+                &info.resource,
+                Some("ns"),
+                WatchStart::After(INITIAL_REVISION + 1),
+            )
             .unwrap();
         assert_eq!(feed.backlog.len(), 2);
         assert!(matches!(

@@ -22,7 +22,9 @@ fn is_dns1123_label(s: &str) -> bool {
 /// An RFC 1123 label: the name rule for namespaces.
 pub fn check_dns1123_label(s: &str) -> Result<(), String> {
     if s.len() > DNS1123_LABEL_MAX {
-        return Err(format!("must be no more than {DNS1123_LABEL_MAX} characters"));
+        return Err(format!(
+            "must be no more than {DNS1123_LABEL_MAX} characters"
+        ));
     }
     if is_dns1123_label(s) {
         Ok(())
@@ -37,7 +39,9 @@ pub fn check_dns1123_label(s: &str) -> Result<(), String> {
 /// An RFC 1123 subdomain: the name rule for most kinds (pods, secrets, configmaps, ...).
 pub fn check_dns1123_subdomain(s: &str) -> Result<(), String> {
     if s.len() > DNS1123_SUBDOMAIN_MAX {
-        return Err(format!("must be no more than {DNS1123_SUBDOMAIN_MAX} characters"));
+        return Err(format!(
+            "must be no more than {DNS1123_SUBDOMAIN_MAX} characters"
+        ));
     }
     // Each dot-separated part follows the label alphabet; only the total length is bounded.
     let valid = !s.is_empty()
@@ -78,7 +82,9 @@ pub fn check_qualified_name(s: &str) -> Result<(), String> {
         check_dns1123_subdomain(prefix).map_err(|e| format!("prefix part {e}"))?;
     }
     if name.len() > QUALIFIED_NAME_MAX {
-        return Err(format!("name part must be no more than {QUALIFIED_NAME_MAX} characters"));
+        return Err(format!(
+            "name part must be no more than {QUALIFIED_NAME_MAX} characters"
+        ));
     }
     if is_name_part(name) {
         Ok(())

@@ -1,0 +1,591 @@
+//! The CA without Kubernetes: state in a directory, callers authenticated by client certificates
+//! it issued, node agents scoped by static entries, plug-in intermediates, and root rotation under
+//! continuous load with zero failures.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use sigil_identity::TrustBundle;
+use sigil_identity::profile;
+use sigil_identity::tls::CertifiedKey;
+use sigil_proto::sigil::ca::v1::WatchTrustBundleRequest;
+use tokio::sync::watch;
+use tonic::Code;
+
+const AGENT_ID: &str = "spiffe://cluster.local/ns/sigil-system/sa/sigil-agent";
+const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
+
+fn sigil(args: &[&str]) -> String {
+    let out = Command::new(SIGIL).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "sigil {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `sigil ca issue` into `out` and load it as a client identity.
+fn issue_offline(state: &Path, id: &str, out: &Path) -> CertifiedKey {
+    let out_s = out.to_str().unwrap();
+    sigil(&[
+        "ca",
+        "issue",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--id",
+        id,
+        "--ttl",
+        "1h",
+        "--out-dir",
+        out_s,
+    ]);
+    let chain = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+    let key = std::fs::read_to_string(out.join("key.pem")).unwrap();
+    CertifiedKey::from_pem(&chain, &key).unwrap()
+}
+
+fn write_entries(dir: &Path) -> String {
+    let path = dir.join("entries.yaml");
+    std::fs::write(
+        &path,
+        format!("agents:\n- id: {AGENT_ID}\n  may_issue: [{WEB_ID}]\n"),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn agent_certificate_with_static_entries_and_renewal_by_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    sigil(&["ca", "init", "--state-dir", state.to_str().unwrap()]);
+    let entries = write_entries(dir.path());
+    let mut ca = CaProcess::start(
+        dir.path(),
+        None,
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--auth",
+            "certs",
+            "--static-entries",
+            &entries,
+        ],
+    );
+    ca.wait_ready().await;
+    let bundle = state_dir_bundle(&state);
+    let agent = issue_offline(&state, AGENT_ID, &dir.path().join("agent"));
+    let mut client = ca.client(&bundle, Some(&agent)).await;
+
+    // The agent renews its own identity with its certificate...
+    let (key, csr) = key_and_csr();
+    let renewed = client
+        .sign(sign_request(csr, 600, "", None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        profile::leaf_spiffe_id(&renewed.leaf).unwrap().to_string(),
+        AGENT_ID
+    );
+    // ...and the renewed certificate works as a credential in turn.
+    let mut renewed_client = ca.client(&bundle, Some(&certified(&key, &renewed))).await;
+
+    // It may issue exactly what its entry grants.
+    let (_, csr) = key_and_csr();
+    let web = renewed_client
+        .sign(sign_request(csr, 0, WEB_ID, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        profile::leaf_spiffe_id(&web.leaf).unwrap().to_string(),
+        WEB_ID
+    );
+    let (_, csr) = key_and_csr();
+    let denied = renewed_client
+        .sign(sign_request(
+            csr,
+            0,
+            "spiffe://cluster.local/ns/demo/sa/db",
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert_eq!(
+        denied.message(),
+        "permission denied",
+        "callers learn nothing more"
+    );
+
+    // A workload certificate cannot impersonate, and a token is not accepted in --auth certs.
+    let web_identity = issue_offline(&state, WEB_ID, &dir.path().join("web"));
+    let mut web_client = ca.client(&bundle, Some(&web_identity)).await;
+    let (_, csr) = key_and_csr();
+    let status = web_client
+        .sign(sign_request(csr, 0, AGENT_ID, None))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let mut anonymous = ca.client(&bundle, None).await;
+    let (_, csr) = key_and_csr();
+    let status = anonymous
+        .sign(sign_request(csr, 0, "", Some("a.b.c")))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+
+    // A certificate from another CA is not a credential: the TLS handshake refuses it.
+    let other_state = dir.path().join("other");
+    sigil(&["ca", "init", "--state-dir", other_state.to_str().unwrap()]);
+    let foreign = issue_offline(&other_state, AGENT_ID, &dir.path().join("foreign"));
+    let result =
+        sigil_ca::client::connect(&ca.grpc.to_string(), "localhost", &bundle, Some(&foreign)).await;
+    let refused = match result {
+        Err(_) => true,
+        Ok(channel) => {
+            let mut c = sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthorityClient::new(channel);
+            let (_, csr) = key_and_csr();
+            c.sign(sign_request(csr, 0, WEB_ID, None)).await.is_err()
+        }
+    };
+    assert!(
+        refused,
+        "a foreign client certificate must not get a certificate"
+    );
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit = ca.audit();
+    assert!(
+        audit.iter().any(|r| r["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not grant"))),
+        "{audit:#?}"
+    );
+    assert!(
+        audit
+            .iter()
+            .any(|r| r["credential"] == "client-cert" && r["granted"] == true)
+    );
+}
+
+#[tokio::test]
+async fn sign_without_a_key_is_unavailable_and_a_bad_plugin_chain_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("cacerts");
+    std::fs::create_dir_all(&plugin).unwrap();
+    // An intermediate from one operator root, with another operator root as root-cert.pem.
+    let good = dir.path().join("good");
+    make_plugin(&good);
+    let other = dir.path().join("other");
+    make_plugin(&other);
+    for name in ["ca-cert.pem", "ca-key.pem", "cert-chain.pem"] {
+        std::fs::copy(good.join(name), plugin.join(name)).unwrap();
+    }
+    std::fs::copy(other.join("root-cert.pem"), plugin.join("root-cert.pem")).unwrap();
+
+    let mut ca = CaProcess::start(
+        dir.path(),
+        None,
+        &[
+            "--plugin-dir",
+            plugin.to_str().unwrap(),
+            "--auth",
+            "certs",
+            "--reload-interval",
+            "200ms",
+        ],
+    );
+    // Not ready: the only key on offer does not chain to its roots.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, body) = http_get(ca.admin, "/ready").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("key_loaded=false"));
+    assert!(
+        ca.logs().contains("does not reach the roots"),
+        "{}",
+        ca.logs()
+    );
+    let metrics = ca.metrics().await;
+    assert!(
+        metric(&metrics, "sigil_ca_key_source_errors_total") >= 1.0,
+        "{metrics}"
+    );
+
+    // Fixing the files is picked up without a restart.
+    std::fs::copy(good.join("root-cert.pem"), plugin.join("root-cert.pem")).unwrap();
+    ca.wait_ready().await;
+    let bundle = TrustBundle::from_pem(
+        td(),
+        &std::fs::read_to_string(good.join("root-cert.pem")).unwrap(),
+    )
+    .unwrap();
+    let (ok, out) = {
+        // The CA's serving chain goes through the intermediate: connecting proves it.
+        let channel =
+            sigil_ca::client::connect(&ca.grpc.to_string(), "localhost", &bundle, None).await;
+        (channel.is_ok(), format!("{:?}", channel.err()))
+    };
+    assert!(ok, "{out}");
+}
+
+/// An operator's offline root and intermediate in Istio's cacerts layout, made with openssl.
+fn make_plugin(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "[req]\ndistinguished_name=dn\n[dn]\n[root]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n\
+         [inter]\nbasicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign,digitalSignature\n\
+         subjectAltName=URI:spiffe://cluster.local\n",
+    )
+    .unwrap();
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "root-key.pem",
+    ]);
+    run(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        "root-key.pem",
+        "-subj",
+        "/O=operator/CN=offline root",
+        "-days",
+        "30",
+        "-config",
+        "ext.cnf",
+        "-extensions",
+        "root",
+        "-out",
+        "root-cert.pem",
+    ]);
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        "ca-key.pem",
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        "ca-key.pem",
+        "-subj",
+        "/O=operator/CN=cluster intermediate",
+        "-config",
+        "ext.cnf",
+        "-out",
+        "ca.csr",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "ca.csr",
+        "-CA",
+        "root-cert.pem",
+        "-CAkey",
+        "root-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "10",
+        "-extfile",
+        "ext.cnf",
+        "-extensions",
+        "inter",
+        "-out",
+        "ca-cert.pem",
+    ]);
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(dir.join("ca-cert.pem")).unwrap(),
+        std::fs::read_to_string(dir.join("root-cert.pem")).unwrap()
+    );
+    std::fs::write(dir.join("cert-chain.pem"), chain).unwrap();
+}
+
+#[tokio::test]
+async fn plugin_intermediate_issues_chains_that_openssl_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("cacerts");
+    make_plugin(&plugin);
+    let mut ca = CaProcess::start(
+        dir.path(),
+        None,
+        &[
+            "--plugin-dir",
+            plugin.to_str().unwrap(),
+            "--auth",
+            "certs",
+            "--static-entries",
+            &write_entries(dir.path()),
+        ],
+    );
+    ca.wait_ready().await;
+    let bundle = TrustBundle::from_pem(
+        td(),
+        &std::fs::read_to_string(plugin.join("root-cert.pem")).unwrap(),
+    )
+    .unwrap();
+    // Bootstrap an agent identity: with a plug-in CA the operator signs it with the intermediate.
+    let agent = operator_issued_agent(&plugin);
+    let mut client = ca.client(&bundle, Some(&agent)).await;
+    let (_, csr) = key_and_csr();
+    let r = client
+        .sign(sign_request(csr, 0, WEB_ID, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.intermediates.len(),
+        1,
+        "the intermediate travels with the leaf"
+    );
+    for purpose in ["sslclient", "sslserver"] {
+        let (ok, out) = openssl_verify(
+            dir.path(),
+            &r.leaf,
+            &r.intermediates,
+            &r.trust_bundle,
+            purpose,
+        );
+        assert!(ok, "{purpose}: {out}");
+    }
+    let metrics = ca.metrics().await;
+    assert!(
+        metric(&metrics, "sigil_ca_intermediate_expiry_timestamp_seconds") > 0.0,
+        "{metrics}"
+    );
+}
+
+/// An agent certificate signed by the operator's intermediate (how a host without
+/// Kubernetes is enrolled when the CA runs on a plug-in intermediate).
+fn operator_issued_agent(plugin: &Path) -> CertifiedKey {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(plugin.join("ca-cert.pem")).unwrap(),
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(plugin.join("ca-key.pem")).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let params = profile::leaf_params(
+        &AGENT_ID.parse().unwrap(),
+        profile::KeyKind::EcdsaP256,
+        now - time::Duration::minutes(1),
+        now + time::Duration::hours(1),
+    );
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    CertifiedKey {
+        chain: vec![
+            cert.der().clone(),
+            pem::parse(std::fs::read(plugin.join("ca-cert.pem")).unwrap())
+                .unwrap()
+                .into_contents()
+                .into(),
+        ],
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    }
+}
+
+/// The rotation test's client: keeps calling Sign, verifies every leaf against the last bundle
+/// WatchTrustBundle delivered, reconnects regularly with its newest certificate and bundle (as an
+/// agent does), and counts failures.
+#[tokio::test]
+async fn root_rotation_under_load_has_zero_failed_signs() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    sigil(&["ca", "init", "--state-dir", state.to_str().unwrap()]);
+    let mut ca = CaProcess::start(
+        dir.path(),
+        None,
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--auth",
+            "certs",
+            "--static-entries",
+            &write_entries(dir.path()),
+            "--reload-interval",
+            "100ms",
+            "--default-ttl",
+            "4s",
+            "--max-ttl",
+            "4s",
+        ],
+    );
+    ca.wait_ready().await;
+    let initial = state_dir_bundle(&state);
+    let old_root = initial.roots[0].clone();
+    let mut identity = issue_offline(&state, AGENT_ID, &dir.path().join("agent"));
+
+    // Follow the bundle over WatchTrustBundle.
+    let (bundle_tx, bundle_rx) = watch::channel(initial.clone());
+    let mut watch_client = ca.client(&initial, Some(&identity)).await;
+    let mut stream = watch_client
+        .watch_trust_bundle(WatchTrustBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let watcher = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Ok(Some(b)) = stream.message().await {
+            seen.push(b.roots.len());
+            bundle_tx.send_replace(bundle_from_der(&b.roots));
+        }
+        seen
+    });
+
+    let rotate_at = Instant::now() + Duration::from_secs(1);
+    let state_arg = state.to_str().unwrap().to_string();
+    let rotation = tokio::spawn(async move {
+        tokio::time::sleep_until(rotate_at.into()).await;
+        sigil(&[
+            "ca",
+            "rotate-root",
+            "--state-dir",
+            &state_arg,
+            "--propagation",
+            "2s",
+            "--max-ttl",
+            "4s",
+            "--retire-margin",
+            "1s",
+        ])
+    });
+
+    // Sign continuously until the old root has left the bundle (about 1 + 2 + 4 + 1 s), plus a bit.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut signs, mut failures, mut by_new_root, mut reconnects) =
+        (0u32, Vec::<String>::new(), 0u32, 0u32);
+    let mut client = ca.client(&initial, Some(&identity)).await;
+    let mut retired_at: Option<Instant> = None;
+    while Instant::now() < deadline {
+        if signs % 20 == 19 {
+            // Reconnect with the newest certificate and bundle.
+            let bundle = bundle_rx.borrow().clone();
+            match sigil_ca::client::connect(
+                &ca.grpc.to_string(),
+                "localhost",
+                &bundle,
+                Some(&identity),
+            )
+            .await
+            {
+                Ok(channel) => {
+                    client = sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthorityClient::new(channel);
+                    reconnects += 1;
+                }
+                Err(e) => failures.push(format!("reconnect: {e}")),
+            }
+        }
+        let (key, csr) = key_and_csr();
+        signs += 1;
+        match client.sign(sign_request(csr, 0, "", None)).await {
+            Ok(response) => {
+                let r = response.into_inner();
+                let bundle = bundle_rx.borrow().clone();
+                if let Err(e) = verify(&r.leaf, &r.intermediates, &bundle) {
+                    failures.push(format!(
+                        "sign {signs}: leaf does not verify against the watched bundle: {e}"
+                    ));
+                }
+                if bundle.roots.len() == 1 && bundle.roots[0] != old_root {
+                    retired_at.get_or_insert_with(Instant::now);
+                }
+                if verify(
+                    &r.leaf,
+                    &[],
+                    &TrustBundle::new(td(), vec![old_root.clone()], 0),
+                )
+                .is_err()
+                {
+                    by_new_root += 1;
+                }
+                identity = certified(&key, &r);
+            }
+            Err(status) => failures.push(format!("sign {signs}: {status:?}")),
+        }
+        if retired_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("{}", rotation.await.unwrap());
+    drop(client);
+    drop(watch_client);
+    drop(ca);
+    let seen = watcher.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {signs} signs failed: {failures:#?}",
+        failures.len()
+    );
+    assert!(
+        retired_at.is_some(),
+        "the old root never left the bundle (bundle sizes seen: {seen:?})"
+    );
+    assert!(
+        seen.contains(&2),
+        "the bundle carried both roots during the overlap: {seen:?}"
+    );
+    assert!(by_new_root > 0, "the new root never signed");
+    assert!(
+        signs > 100 && reconnects > 5,
+        "signs {signs}, reconnects {reconnects}"
+    );
+}
+
+fn verify(leaf: &[u8], intermediates: &[Vec<u8>], bundle: &TrustBundle) -> Result<(), String> {
+    let anchors: Vec<_> = bundle
+        .roots
+        .iter()
+        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned())
+        .collect();
+    let leaf = CertificateDer::from(leaf.to_vec());
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|i| CertificateDer::from(i.as_slice()))
+        .collect();
+    let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| format!("{e:?}"))?;
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &intermediates,
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| format!("{e:?}"))
+}
