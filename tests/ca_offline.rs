@@ -566,26 +566,11 @@ async fn root_rotation_under_load_has_zero_failed_signs() {
 }
 
 fn verify(leaf: &[u8], intermediates: &[Vec<u8>], bundle: &TrustBundle) -> Result<(), String> {
-    let anchors: Vec<_> = bundle
-        .roots
-        .iter()
-        .map(|r| webpki::anchor_from_trusted_cert(r).unwrap().to_owned())
+    let chain: Vec<CertificateDer<'_>> = std::iter::once(leaf)
+        .chain(intermediates.iter().map(Vec::as_slice))
+        .map(CertificateDer::from)
         .collect();
-    let leaf = CertificateDer::from(leaf.to_vec());
-    let intermediates: Vec<CertificateDer<'_>> = intermediates
-        .iter()
-        .map(|i| CertificateDer::from(i.as_slice()))
-        .collect();
-    let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| format!("{e:?}"))?;
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        &intermediates,
-        UnixTime::now(),
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| format!("{e:?}"))
+    bundle
+        .verify_chain(&chain, UnixTime::now())
+        .map_err(|e| e.to_string())
 }

@@ -581,6 +581,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unreachable_api_server_is_unavailable_not_unauthenticated() {
+        let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let authn = Authenticator::new(
+            td(),
+            vec![DEFAULT_AUDIENCE.into()],
+            TokenValidator::TokenReview(client),
+            None,
+            metrics,
+        );
+        let err = authn.authenticate(Some("a.b.c"), None).await.unwrap_err();
+        assert!(matches!(err, AuthnError::TokenReviewFailed(_)), "{err}");
+        assert!(err.is_unavailable(), "the caller should retry, not give up");
+    }
+
+    #[tokio::test]
     async fn fetches_jwks_by_oidc_discovery() {
         let server = TestApiServer::start().await;
         let (issuer, jwks) = fetch_cluster_jwks(&server.client()).await.unwrap();

@@ -297,7 +297,7 @@ pub fn inspect_cert(args: &InspectCertArgs, out: &mut impl Write) -> Result<bool
         let text = std::fs::read_to_string(bundle_path).map_err(io_err(bundle_path))?;
         let bundle =
             TrustBundle::from_pem(td, &text).map_err(|e| CliError::Input(e.to_string()))?;
-        match verify_chain(&chain, &bundle) {
+        match bundle.verify_chain(&chain, UnixTime::now()) {
             Ok(()) => {
                 let _ = writeln!(out, "chain: verifies against {}", bundle_path.display());
             }
@@ -329,27 +329,6 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CliError> {
         )));
     }
     Ok(certs)
-}
-
-fn verify_chain(chain: &[CertificateDer<'static>], bundle: &TrustBundle) -> Result<(), String> {
-    let anchors: Vec<_> = bundle
-        .roots
-        .iter()
-        .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("bad root: {e:?}"))?;
-    let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| format!("{e:?}"))?;
-    leaf.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        &chain[1..],
-        UnixTime::now(),
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| format!("{e:?}"))
 }
 
 #[cfg(test)]

@@ -168,28 +168,12 @@ fn prove_chain(td: &TrustDomain, signer: &Signer, bundle: &TrustBundle) -> Resul
             now,
         )
         .map_err(|e| PluginError::ChainDoesNotReachRoots(e.to_string()))?;
-    let anchors: Vec<_> = bundle
-        .roots
-        .iter()
-        .map(|r| webpki::anchor_from_trusted_cert(r).map(|a| a.to_owned()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| PluginError::Invalid {
-            file: ROOT_CERT,
-            reason: format!("{e:?}"),
-        })?;
-    let end_entity = webpki::EndEntityCert::try_from(&leaf.leaf)
-        .map_err(|e| PluginError::ChainDoesNotReachRoots(format!("{e:?}")))?;
-    end_entity
-        .verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &signer.intermediates,
-            UnixTime::now(),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| PluginError::ChainDoesNotReachRoots(format!("{e:?}")))?;
+    let chain: Vec<CertificateDer<'_>> = std::iter::once(leaf.leaf)
+        .chain(signer.intermediates.iter().cloned())
+        .collect();
+    bundle
+        .verify_chain(&chain, UnixTime::now())
+        .map_err(|e| PluginError::ChainDoesNotReachRoots(e.to_string()))?;
     Ok(())
 }
 
@@ -309,6 +293,40 @@ pub(crate) mod tests {
                 ..
             })
         ));
+    }
+
+    #[tokio::test]
+    async fn secret_source_reads_the_istio_layout() {
+        use k8s_openapi::ByteString;
+        use kube::api::{ObjectMeta, PostParams};
+        let (files, _) = plugin_files(&td());
+        let server = sigil_test_apiserver::TestApiServer::start().await;
+        let api: Api<Secret> = Api::namespaced(server.client(), "sigil-system");
+        let mut data: BTreeMap<String, ByteString> = files
+            .iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.clone())))
+            .collect();
+        data.insert("unrelated".into(), ByteString(b"ignored".to_vec()));
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some("cacerts".into()),
+                ..Default::default()
+            },
+            data: Some(data),
+            ..Default::default()
+        };
+        api.create(&PostParams::default(), &secret).await.unwrap();
+        let source = PluginSource::Secret {
+            api: Box::new(api),
+            name: "cacerts".into(),
+        };
+        assert_eq!(source.read().await.unwrap(), files);
+        assert!(load(&td(), &source.read().await.unwrap(), 1).is_ok());
+        let missing = PluginSource::Secret {
+            api: Box::new(Api::namespaced(server.client(), "sigil-system")),
+            name: "absent".into(),
+        };
+        assert!(matches!(missing.read().await, Err(PluginError::Read(_))));
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use serde_json::{Value, json};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::oid_registry::{
@@ -24,6 +24,8 @@ pub enum BundleError {
     Pem(String),
     #[error("trust bundle certificate #{index} is invalid: {reason}")]
     InvalidCertificate { index: usize, reason: String },
+    #[error("certificate chain does not verify against the trust bundle: {0}")]
+    ChainDoesNotVerify(String),
 }
 
 /// The roots of one trust domain and the bundle's sequence number (bumped on every change so
@@ -102,6 +104,44 @@ impl TrustBundle {
     }
 
     /// The roots as a rustls trust-anchor store.
+    /// Verifies a chain (leaf first, then intermediates) against these roots at `now`, for
+    /// client-auth use (sigil's leaves carry both EKUs): the one check used by `sigil inspect`,
+    /// plug-in validation and tests.
+    pub fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), BundleError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(BundleError::NoCertificates)?;
+        let anchors = self
+            .roots
+            .iter()
+            .enumerate()
+            .map(|(index, root)| {
+                webpki::anchor_from_trusted_cert(root)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| BundleError::InvalidCertificate {
+                        index,
+                        reason: format!("{e:?}"),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let end_entity = webpki::EndEntityCert::try_from(leaf)
+            .map_err(|e| BundleError::ChainDoesNotVerify(format!("{e:?}")))?;
+        end_entity
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .map(|_| ())
+            .map_err(|e| BundleError::ChainDoesNotVerify(format!("{e:?}")))
+    }
+
     pub fn root_store(&self) -> Result<rustls::RootCertStore, BundleError> {
         if self.roots.is_empty() {
             return Err(BundleError::NoCertificates);
