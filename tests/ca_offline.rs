@@ -177,6 +177,37 @@ async fn agent_certificate_with_static_entries_and_renewal_by_certificate() {
     );
 }
 
+#[test]
+fn static_entries_with_token_auth_is_refused_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let entries = write_entries(dir.path());
+    let out = Command::new(SIGIL)
+        .args(["ca", "serve", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .args([
+            "--auth",
+            "jwks",
+            "--jwks-file",
+            "/nonexistent",
+            "--static-entries",
+            &entries,
+        ])
+        .args([
+            "--listen",
+            &free_addr().to_string(),
+            "--admin-addr",
+            &free_addr().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--static-entries needs --auth certs"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn sign_without_a_key_is_unavailable_and_a_bad_plugin_chain_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -489,6 +520,7 @@ async fn root_rotation_under_load_has_zero_failed_signs() {
         (0u32, Vec::<String>::new(), 0u32, 0u32);
     let mut client = ca.client(&initial, Some(&identity)).await;
     let mut retired_at: Option<Instant> = None;
+    let mut stale_agent_reconnected: Option<Result<(), String>> = None;
     while Instant::now() < deadline {
         if signs % 20 == 19 {
             // Reconnect with the newest certificate and bundle.
@@ -530,6 +562,21 @@ async fn root_rotation_under_load_has_zero_failed_signs() {
                 .is_err()
                 {
                     by_new_root += 1;
+                    if stale_agent_reconnected.is_none() {
+                        // Just after the switch: an agent that missed the new bundle (offline
+                        // during propagation) still holds only the old root. The CA keeps serving
+                        // TLS with the old root until halfway through the overlap, so that agent
+                        // can still connect and fetch the new bundle.
+                        let stale = sigil_ca::client::connect(
+                            &ca.grpc.to_string(),
+                            "localhost",
+                            &initial,
+                            Some(&identity),
+                        )
+                        .await;
+                        stale_agent_reconnected =
+                            Some(stale.map(|_| ()).map_err(|e| e.to_string()));
+                    }
                 }
                 identity = certified(&key, &r);
             }
@@ -559,6 +606,14 @@ async fn root_rotation_under_load_has_zero_failed_signs() {
         "the bundle carried both roots during the overlap: {seen:?}"
     );
     assert!(by_new_root > 0, "the new root never signed");
+    assert_eq!(
+        stale_agent_reconnected,
+        Some(Ok(())),
+        "an agent with only the old bundle must reach the CA after the switch"
+    );
+    println!(
+        "rotation: {signs} signs, {by_new_root} by the new root, {reconnects} reconnects, bundle sizes seen {seen:?}"
+    );
     assert!(
         signs > 100 && reconnects > 5,
         "signs {signs}, reconnects {reconnects}"

@@ -2,22 +2,25 @@
 //! hash, or validated locally against the cluster's JWKS) or a client certificate this CA issued.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 use sigil_identity::{SpiffeId, TrustDomain};
-use tokio::sync::watch;
+use tokio::sync::{OnceCell, Semaphore, watch};
 
 use crate::jwt::{self, Jwks, Validation};
 use crate::metrics::{CacheLabels, CacheResult, Metrics};
-use crate::pods::PodIndex;
+use crate::pods::{self, PodIndex};
 
 /// Default audience a caller's token must carry.
 pub const DEFAULT_AUDIENCE: &str = "sigil-ca";
 /// Most TokenReview results kept at once.
 pub const TOKEN_CACHE_CAPACITY: usize = 10_000;
+/// Most TokenReview calls in flight at once.
+pub const MAX_CONCURRENT_TOKEN_REVIEWS: usize = 32;
 /// A cached review is dropped this long before its token expires.
 pub const TOKEN_CACHE_EXPIRY_MARGIN: Duration = Duration::from_secs(30);
 /// Extra keys TokenReview puts on pod-bound tokens.
@@ -103,7 +106,9 @@ pub struct Authenticator {
     audiences: Vec<String>,
     validator: TokenValidator,
     pods: Option<watch::Receiver<PodIndex>>,
-    cache: Mutex<HashMap<[u8; 32], TokenIdentity>>,
+    cache: Mutex<HashMap<[u8; 32], Arc<OnceCell<TokenIdentity>>>>,
+    /// Bounds TokenReview calls in flight, so a flood of bogus tokens cannot flood the API server.
+    review_slots: Semaphore,
     metrics: Arc<Metrics>,
 }
 
@@ -121,6 +126,7 @@ impl Authenticator {
             validator,
             pods,
             cache: Mutex::new(HashMap::new()),
+            review_slots: Semaphore::new(MAX_CONCURRENT_TOKEN_REVIEWS),
             metrics,
         }
     }
@@ -134,7 +140,7 @@ impl Authenticator {
     ) -> Result<Caller, AuthnError> {
         if let Some(token) = bearer {
             let identity = self.validate_token(token).await?;
-            self.check_pod_binding(&identity)?;
+            self.check_pod_binding(&identity).await?;
             let id = SpiffeId::for_service_account(
                 &self.trust_domain,
                 &identity.namespace,
@@ -188,26 +194,36 @@ impl Authenticator {
                 Err(last.unwrap_or(jwt::JwtError::WrongAudience).into())
             }
             TokenValidator::TokenReview(client) => {
+                precheck(token, SystemTime::now())?;
                 let key = token_hash(token);
-                let now = SystemTime::now();
-                if let Some(hit) = self.cached(&key, now) {
-                    self.metrics
-                        .token_cache
-                        .get_or_create(&CacheLabels {
-                            result: CacheResult::Hit,
-                        })
-                        .inc();
-                    return Ok(hit);
-                }
+                let cell = self.cache_cell(key, SystemTime::now());
+                // Concurrent calls with one token (an agent prefetching for many pods) share a
+                // single TokenReview: the first runs it, the others wait for its answer.
+                let reviewed = AtomicBool::new(false);
+                let result = cell
+                    .get_or_try_init(|| async {
+                        reviewed.store(true, Ordering::Relaxed);
+                        let _slot = self.review_slots.acquire().await.expect("never closed");
+                        self.token_review(client, token).await
+                    })
+                    .await
+                    .cloned();
+                let result_label = if reviewed.load(Ordering::Relaxed) {
+                    CacheResult::Miss
+                } else {
+                    CacheResult::Hit
+                };
                 self.metrics
                     .token_cache
                     .get_or_create(&CacheLabels {
-                        result: CacheResult::Miss,
+                        result: result_label,
                     })
                     .inc();
-                let identity = self.token_review(client, token).await?;
-                self.remember(key, identity.clone(), now);
-                Ok(identity)
+                // Failures and results without a readable expiry are not kept.
+                if result.as_ref().map_or(true, |id| id.expires_at.is_none()) {
+                    self.forget(&key, &cell);
+                }
+                result
             }
         }
     }
@@ -265,49 +281,57 @@ impl Authenticator {
     }
 
     /// A pod-bound token is only good while its pod exists with the same UID (checked against the
-    /// pod index; TokenReview checks it too, the index also covers cached and JWKS results).
-    fn check_pod_binding(&self, identity: &TokenIdentity) -> Result<(), AuthnError> {
+    /// pod index; TokenReview checks it too, the index also covers cached and JWKS results). A
+    /// pod the index does not know yet gets `INDEX_GRACE` to appear.
+    async fn check_pod_binding(&self, identity: &TokenIdentity) -> Result<(), AuthnError> {
         let (Some(pods), Some((name, uid))) = (&self.pods, &identity.pod) else {
             return Ok(());
         };
-        let index = pods.borrow();
+        pods::wait_for(pods, pods::INDEX_GRACE, |index| {
+            Self::pod_binding(index, identity, name, uid)
+        })
+        .await
+    }
+
+    fn pod_binding(
+        index: &PodIndex,
+        identity: &TokenIdentity,
+        name: &str,
+        uid: &str,
+    ) -> Result<(), AuthnError> {
         match index.get(&identity.namespace, name) {
             None => Err(AuthnError::PodGone {
                 namespace: identity.namespace.clone(),
-                name: name.clone(),
+                name: name.to_string(),
             }),
-            Some(entry) if &entry.uid != uid => Err(AuthnError::PodUidMismatch {
+            Some(entry) if entry.uid != uid => Err(AuthnError::PodUidMismatch {
                 namespace: identity.namespace.clone(),
-                name: name.clone(),
-                token_uid: uid.clone(),
+                name: name.to_string(),
+                token_uid: uid.to_string(),
                 pod_uid: entry.uid.clone(),
             }),
             Some(_) => Ok(()),
         }
     }
 
-    fn cached(&self, key: &[u8; 32], now: SystemTime) -> Option<TokenIdentity> {
-        let cache = self.cache.lock().expect("token cache lock");
-        cache
-            .get(key)
-            .filter(|id| {
-                id.expires_at
-                    .is_some_and(|exp| now + TOKEN_CACHE_EXPIRY_MARGIN < exp)
-            })
-            .cloned()
-    }
-
-    /// Caches only results whose token has a readable expiry, so no entry outlives its token.
-    fn remember(&self, key: [u8; 32], identity: TokenIdentity, now: SystemTime) {
-        if identity.expires_at.is_none() {
-            return;
-        }
+    /// The cache cell for a token: its cached review if still fresh, else a new empty cell
+    /// (shared with concurrent callers). Expired entries are dropped; a full cache evicts.
+    fn cache_cell(&self, key: [u8; 32], now: SystemTime) -> Arc<OnceCell<TokenIdentity>> {
+        let fresh = |cell: &OnceCell<TokenIdentity>| match cell.get() {
+            Some(id) => id
+                .expires_at
+                .is_some_and(|exp| now + TOKEN_CACHE_EXPIRY_MARGIN < exp),
+            None => true, // a review in flight
+        };
         let mut cache = self.cache.lock().expect("token cache lock");
+        if let Some(cell) = cache.get(&key) {
+            if fresh(cell) {
+                return cell.clone();
+            }
+            cache.remove(&key);
+        }
         if cache.len() >= TOKEN_CACHE_CAPACITY {
-            cache.retain(|_, id| {
-                id.expires_at
-                    .is_some_and(|exp| now + TOKEN_CACHE_EXPIRY_MARGIN < exp)
-            });
+            cache.retain(|_, cell| fresh(cell));
         }
         if cache.len() >= TOKEN_CACHE_CAPACITY {
             // Still full of live entries: drop an arbitrary tenth rather than grow without bound.
@@ -320,8 +344,34 @@ impl Authenticator {
                 cache.remove(&victim);
             }
         }
-        cache.insert(key, identity);
+        cache.entry(key).or_default().clone()
     }
+
+    /// Removes `cell` from the cache unless another call already replaced it.
+    fn forget(&self, key: &[u8; 32], cell: &Arc<OnceCell<TokenIdentity>>) {
+        let mut cache = self.cache.lock().expect("token cache lock");
+        if cache
+            .get(key)
+            .is_some_and(|current| Arc::ptr_eq(current, cell))
+        {
+            cache.remove(key);
+        }
+    }
+}
+
+/// Local checks before a token costs the API server a TokenReview: its size, and an `exp` in
+/// the future (read without verifying; TokenReview verifies). Projected tokens always have one.
+fn precheck(token: &str, now: SystemTime) -> Result<(), AuthnError> {
+    if token.len() > jwt::MAX_TOKEN_BYTES {
+        return Err(jwt::JwtError::TooLarge.into());
+    }
+    let expiry = jwt::unverified_expiry(token).ok_or_else(|| {
+        jwt::JwtError::Malformed("not a JWT with an expiry (projected tokens have one)".into())
+    })?;
+    if expiry + jwt::CLOCK_SKEW <= now {
+        return Err(jwt::JwtError::Expired.into());
+    }
+    Ok(())
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
@@ -438,15 +488,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn concurrent_calls_with_one_token_share_one_review() {
+        let (server, authn, pod, metrics) = setup(false).await;
+        let token = server.issue_token(&spec(&pod));
+        let calls = (0..16).map(|_| authn.authenticate(Some(&token), None));
+        for result in futures::future::join_all(calls).await {
+            assert_eq!(
+                result.unwrap().id.to_string(),
+                "spiffe://cluster.local/ns/demo/sa/web"
+            );
+        }
+        assert_eq!(server.token_reviews_served(), 1);
+        let misses = metrics
+            .token_cache
+            .get_or_create(&CacheLabels {
+                result: CacheResult::Miss,
+            })
+            .get();
+        assert_eq!(misses, 1);
+
+        // A rejected token is not remembered: each try is reviewed again.
+        let mut unknown = spec(&pod);
+        unknown.signing = TokenSigning::UnknownKey;
+        let bad = server.issue_token(&unknown);
+        assert!(authn.authenticate(Some(&bad), None).await.is_err());
+        assert!(authn.authenticate(Some(&bad), None).await.is_err());
+        assert_eq!(server.token_reviews_served(), 3);
+    }
+
+    #[tokio::test]
     async fn token_review_rejections() {
         let (server, authn, pod, _) = setup(false).await;
+        // Refused locally, before costing the API server a TokenReview.
         let mut expired = spec(&pod);
         expired.expires_in = -600;
         let err = authn
             .authenticate(Some(&server.issue_token(&expired)), None)
             .await
             .unwrap_err();
-        assert!(matches!(err, AuthnError::TokenReviewRejected(_)), "{err}");
+        assert!(
+            matches!(err, AuthnError::Jwt(jwt::JwtError::Expired)),
+            "{err}"
+        );
+        let err = authn
+            .authenticate(Some("not-a-jwt"), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, AuthnError::Jwt(jwt::JwtError::Malformed(_))),
+            "{err}"
+        );
+        let huge = "a".repeat(jwt::MAX_TOKEN_BYTES + 1);
+        let err = authn.authenticate(Some(&huge), None).await.unwrap_err();
+        assert!(
+            matches!(err, AuthnError::Jwt(jwt::JwtError::TooLarge)),
+            "{err}"
+        );
+        assert_eq!(server.token_reviews_served(), 0);
 
         let mut wrong_aud = spec(&pod);
         wrong_aud.audiences = vec!["istio-ca".into()];
@@ -580,6 +678,21 @@ mod tests {
         ));
     }
 
+    /// A JWT-shaped token with a future `exp` and no valid signature: passes the local precheck,
+    /// so only the API server could judge it.
+    fn unsigned_token_expiring_in(seconds: u64) -> String {
+        use base64::Engine;
+        let b64 = |v: serde_json::Value| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+        };
+        let exp = crate::state::unix_now() + seconds;
+        format!(
+            "{}.{}.c2ln",
+            b64(serde_json::json!({"alg": "RS256"})),
+            b64(serde_json::json!({"exp": exp}))
+        )
+    }
+
     #[tokio::test]
     async fn unreachable_api_server_is_unavailable_not_unauthenticated() {
         let config = kube::Config::new("http://127.0.0.1:1".parse().unwrap());
@@ -592,7 +705,10 @@ mod tests {
             None,
             metrics,
         );
-        let err = authn.authenticate(Some("a.b.c"), None).await.unwrap_err();
+        let err = authn
+            .authenticate(Some(&unsigned_token_expiring_in(3600)), None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, AuthnError::TokenReviewFailed(_)), "{err}");
         assert!(err.is_unavailable(), "the caller should retry, not give up");
     }

@@ -28,7 +28,11 @@ pub enum AuthorityError {
 /// One immutable view of the CA; replaced whole on every change.
 pub struct Authority {
     pub trust_domain: TrustDomain,
-    pub signer: Option<Signer>,
+    /// Signs workload certificates.
+    pub signer: Option<Arc<Signer>>,
+    /// Signs the CA's own serving certificate (during a root rotation, possibly the older root:
+    /// see `state::Schedule::serving`).
+    pub serving_signer: Option<Arc<Signer>>,
     pub bundle: TrustBundle,
 }
 
@@ -39,11 +43,12 @@ impl Authority {
             bundle: TrustBundle::new(trust_domain.clone(), Vec::new(), 0),
             trust_domain,
             signer: None,
+            serving_signer: None,
         }
     }
 
     pub fn signer(&self) -> Result<&Signer, AuthorityError> {
-        self.signer.as_ref().ok_or(AuthorityError::NoKey)
+        self.signer.as_deref().ok_or(AuthorityError::NoKey)
     }
 
     /// The bundle's roots as PEM, in the order the bundle holds them.
@@ -56,6 +61,8 @@ impl Authority {
 pub struct Signer {
     issuer: Issuer<'static, KeyPair>,
     cert: CertificateDer<'static>,
+    /// No certificate it signs lives past this: its own NotAfter, or earlier when the root it
+    /// chains to is scheduled to leave the trust bundle.
     pub not_after: OffsetDateTime,
     /// The signer's certificate followed by any intermediates above it, excluding roots; empty
     /// when the signer is itself a root.
@@ -71,12 +78,14 @@ pub struct Issued {
 }
 
 impl Signer {
-    /// `chain_above` is every certificate between the signer and a root (empty for a root signer).
+    /// `chain_above` is every certificate between the signer and a root (empty for a root
+    /// signer); `retire_at` caps the lifetime of what it signs.
     pub fn new(
         cert: CertificateDer<'static>,
         key: KeyPair,
         is_root: bool,
         chain_above: Vec<CertificateDer<'static>>,
+        retire_at: Option<OffsetDateTime>,
     ) -> Result<Self, AuthorityError> {
         let report =
             profile::inspect_cert(&cert).map_err(|e| AuthorityError::BadSigner(e.to_string()))?;
@@ -93,7 +102,7 @@ impl Signer {
         Ok(Signer {
             issuer,
             cert,
-            not_after: report.not_after,
+            not_after: retire_at.map_or(report.not_after, |r| r.min(report.not_after)),
             intermediates,
         })
     }
@@ -196,7 +205,7 @@ pub(crate) mod tests {
         .unwrap();
         let der = cert.der().clone();
         (
-            Signer::new(der.clone(), key, true, Vec::new()).unwrap(),
+            Signer::new(der.clone(), key, true, Vec::new(), None).unwrap(),
             der,
         )
     }
@@ -224,6 +233,39 @@ pub(crate) mod tests {
         assert_eq!(
             report.serial_hex.trim_start_matches('0'),
             issued.serial_hex.trim_start_matches('0')
+        );
+    }
+
+    #[test]
+    fn retiring_root_caps_leaf_lifetime() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let now = OffsetDateTime::now_utc();
+        let cert = profile::ca_params(
+            &td,
+            "root",
+            now - time::Duration::minutes(1),
+            now + time::Duration::days(30),
+            None,
+        )
+        .self_signed(&key)
+        .unwrap();
+        let retire = now + time::Duration::hours(2);
+        let signer = Signer::new(cert.der().clone(), key, true, Vec::new(), Some(retire)).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let id = SpiffeId::for_service_account(&td, "ns", "sa").unwrap();
+        let issued = signer
+            .sign_leaf(
+                &leaf_key.subject_public_key_info(),
+                KeyKind::EcdsaP256,
+                &id,
+                Duration::from_secs(86_400),
+                now,
+            )
+            .unwrap();
+        assert_eq!(
+            issued.not_after, retire,
+            "no leaf outlives its root's place in the bundle"
         );
     }
 

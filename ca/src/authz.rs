@@ -9,8 +9,8 @@ use serde::Deserialize;
 use sigil_identity::{SpiffeId, TrustDomain};
 use tokio::sync::watch;
 
-use crate::authn::{Caller, Credential};
-use crate::pods::PodIndex;
+use crate::authn::{Caller, Credential, TokenIdentity};
+use crate::pods::{self, PodIndex};
 
 /// Service accounts allowed to impersonate by default.
 pub const DEFAULT_TRUSTED_AGENTS: &[&str] = &["sigil-system/sigil-agent"];
@@ -52,6 +52,8 @@ pub enum AuthzError {
     },
     #[error("no pod index: impersonation by token needs the Kubernetes API")]
     NoPodIndex,
+    #[error("renewal of {id} by certificate refused: no live pod with that service account")]
+    RenewalWithoutLivePod { id: SpiffeId },
     #[error("static entry for {caller} does not grant {requested}")]
     NotGranted {
         caller: SpiffeId,
@@ -149,6 +151,7 @@ pub struct Authorizer {
     trusted_agents: HashSet<(String, String)>,
     static_entries: StaticEntries,
     pods: Option<watch::Receiver<PodIndex>>,
+    renewal_needs_live_pod: bool,
 }
 
 impl Authorizer {
@@ -157,20 +160,27 @@ impl Authorizer {
         trusted_agents: HashSet<(String, String)>,
         static_entries: StaticEntries,
         pods: Option<watch::Receiver<PodIndex>>,
+        renewal_needs_live_pod: bool,
     ) -> Self {
         Authorizer {
             trust_domain,
             trusted_agents,
             static_entries,
             pods,
+            renewal_needs_live_pod,
         }
     }
 
     /// The identity to issue: the caller's own when `impersonate` is empty, else the requested
-    /// one if the caller is allowed to obtain it.
-    pub fn authorize(&self, caller: &Caller, impersonate: &str) -> Result<SpiffeId, AuthzError> {
+    /// one if the caller is allowed to obtain it. Checks against pods the index may not know
+    /// yet wait up to `pods::INDEX_GRACE` for it to catch up.
+    pub async fn authorize(
+        &self,
+        caller: &Caller,
+        impersonate: &str,
+    ) -> Result<SpiffeId, AuthzError> {
         if impersonate.is_empty() || impersonate == caller.id.to_string() {
-            return Ok(caller.id.clone());
+            return self.renewal(caller).await;
         }
         let requested = SpiffeId::parse(impersonate)
             .map_err(|e| AuthzError::BadRequestedId(impersonate.to_string(), e.to_string()))?;
@@ -207,52 +217,94 @@ impl Authorizer {
                         caller: caller.id.clone(),
                     });
                 }
-                let Some((pod_name, pod_uid)) = &token.pod else {
-                    return Err(AuthzError::AgentTokenNotPodBound {
-                        caller: caller.id.clone(),
-                    });
-                };
-                let (namespace, service_account) =
-                    requested
-                        .service_account()
-                        .ok_or_else(|| AuthzError::NotServiceAccountId {
-                            requested: requested.clone(),
-                        })?;
-                let index = self.pods.as_ref().ok_or(AuthzError::NoPodIndex)?.borrow();
-                let pod = format!("{}/{pod_name}", token.namespace);
-                let agent_pod = index
-                    .get(&token.namespace, pod_name)
-                    .ok_or_else(|| AuthzError::AgentPodUnknown { pod: pod.clone() })?;
-                if &agent_pod.uid != pod_uid {
-                    return Err(AuthzError::AgentPodUidMismatch {
-                        pod,
-                        claimed: pod_uid.clone(),
-                        actual: agent_pod.uid.clone(),
-                    });
-                }
-                let node = match (&agent_pod.node, &token.node) {
-                    (Some(index_node), None) => index_node,
-                    (Some(index_node), Some(token_node)) if index_node == token_node => index_node,
-                    (index_node, token_node) => {
-                        return Err(AuthzError::AgentNodeMismatch {
-                            pod,
-                            index_node: index_node.clone(),
-                            token_node: token_node.clone(),
-                        });
-                    }
-                };
-                if index.has_live_pod(node, namespace, service_account) {
-                    Ok(requested.clone())
-                } else {
-                    Err(AuthzError::NoPodOnNode {
-                        caller: caller.id.clone(),
-                        node: node.clone(),
-                        namespace: namespace.to_string(),
-                        service_account: service_account.to_string(),
-                    })
-                }
+                let pods = self.pods.as_ref().ok_or(AuthzError::NoPodIndex)?;
+                pods::wait_for(pods, pods::INDEX_GRACE, |index| {
+                    node_grant(index, caller, token, &requested)
+                })
+                .await
             }
         }
+    }
+
+    /// A caller's own identity. Renewal by certificate, where tokens are the primary credential,
+    /// needs a live pod with that service account somewhere in the cluster: a certificate alone
+    /// must not keep an identity alive after its workload is gone.
+    async fn renewal(&self, caller: &Caller) -> Result<SpiffeId, AuthzError> {
+        if caller.credential != Credential::ClientCert || !self.renewal_needs_live_pod {
+            return Ok(caller.id.clone());
+        }
+        let (namespace, service_account) =
+            caller
+                .id
+                .service_account()
+                .ok_or_else(|| AuthzError::NotServiceAccountId {
+                    requested: caller.id.clone(),
+                })?;
+        let pods = self.pods.as_ref().ok_or(AuthzError::NoPodIndex)?;
+        pods::wait_for(pods, pods::INDEX_GRACE, |index| {
+            if index.has_live_pod_anywhere(namespace, service_account) {
+                Ok(caller.id.clone())
+            } else {
+                Err(AuthzError::RenewalWithoutLivePod {
+                    id: caller.id.clone(),
+                })
+            }
+        })
+        .await
+    }
+}
+
+/// Node-agent impersonation by token: the agent's pod (from its pod-bound token) must be in the
+/// index with that UID, its node is the index's, and a live pod with the requested service
+/// account must be on that node.
+fn node_grant(
+    index: &PodIndex,
+    caller: &Caller,
+    token: &TokenIdentity,
+    requested: &SpiffeId,
+) -> Result<SpiffeId, AuthzError> {
+    let Some((pod_name, pod_uid)) = &token.pod else {
+        return Err(AuthzError::AgentTokenNotPodBound {
+            caller: caller.id.clone(),
+        });
+    };
+    let (namespace, service_account) =
+        requested
+            .service_account()
+            .ok_or_else(|| AuthzError::NotServiceAccountId {
+                requested: requested.clone(),
+            })?;
+    let pod = format!("{}/{pod_name}", token.namespace);
+    let agent_pod = index
+        .get(&token.namespace, pod_name)
+        .ok_or_else(|| AuthzError::AgentPodUnknown { pod: pod.clone() })?;
+    if &agent_pod.uid != pod_uid {
+        return Err(AuthzError::AgentPodUidMismatch {
+            pod,
+            claimed: pod_uid.clone(),
+            actual: agent_pod.uid.clone(),
+        });
+    }
+    let node = match (&agent_pod.node, &token.node) {
+        (Some(index_node), None) => index_node,
+        (Some(index_node), Some(token_node)) if index_node == token_node => index_node,
+        (index_node, token_node) => {
+            return Err(AuthzError::AgentNodeMismatch {
+                pod,
+                index_node: index_node.clone(),
+                token_node: token_node.clone(),
+            });
+        }
+    };
+    if index.has_live_pod(node, namespace, service_account) {
+        Ok(requested.clone())
+    } else {
+        Err(AuthzError::NoPodOnNode {
+            caller: caller.id.clone(),
+            node: node.clone(),
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+        })
     }
 }
 
@@ -335,58 +387,64 @@ mod tests {
             [("sigil-system".to_string(), "sigil-agent".to_string())].into(),
             entries,
             Some(rx),
+            true,
         )
     }
 
-    #[test]
-    fn own_identity_is_always_granted() {
+    #[tokio::test]
+    async fn own_identity_is_always_granted() {
         let a = authorizer();
         let caller = agent_caller(None);
-        assert_eq!(a.authorize(&caller, "").unwrap(), caller.id);
+        assert_eq!(a.authorize(&caller, "").await.unwrap(), caller.id);
     }
 
-    #[test]
-    fn agent_gets_identities_of_pods_on_its_node_only() {
+    #[tokio::test]
+    async fn agent_gets_identities_of_pods_on_its_node_only() {
         let a = authorizer();
         let caller = agent_caller(Some("node-a"));
         assert_eq!(
             a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/web")
+                .await
                 .unwrap()
                 .to_string(),
             "spiffe://cluster.local/ns/demo/sa/web"
         );
         assert!(matches!(
-            a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/db"),
+            a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/db")
+                .await,
             Err(AuthzError::NoPodOnNode { .. })
         ));
         assert!(
             matches!(
-                a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/job"),
+                a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/job")
+                    .await,
                 Err(AuthzError::NoPodOnNode { .. })
             ),
             "a Succeeded pod holds no identity"
         );
         assert!(matches!(
-            a.authorize(&caller, "spiffe://other.org/ns/demo/sa/web"),
+            a.authorize(&caller, "spiffe://other.org/ns/demo/sa/web")
+                .await,
             Err(AuthzError::ForeignTrustDomain(..))
         ));
         assert!(matches!(
-            a.authorize(&caller, "spiffe://cluster.local/custom/path"),
+            a.authorize(&caller, "spiffe://cluster.local/custom/path")
+                .await,
             Err(AuthzError::NotServiceAccountId { .. })
         ));
         assert!(matches!(
-            a.authorize(&caller, "not-an-id"),
+            a.authorize(&caller, "not-an-id").await,
             Err(AuthzError::BadRequestedId(..))
         ));
     }
 
-    #[test]
-    fn agent_token_checks() {
+    #[tokio::test]
+    async fn agent_token_checks() {
         let a = authorizer();
         let web = "spiffe://cluster.local/ns/demo/sa/web";
         let lying = agent_caller(Some("node-b"));
         assert!(matches!(
-            a.authorize(&lying, web),
+            a.authorize(&lying, web).await,
             Err(AuthzError::AgentNodeMismatch { .. })
         ));
 
@@ -395,7 +453,7 @@ mod tests {
             t.pod = Some(("agent-a".into(), "old-uid".into()));
         }
         assert!(matches!(
-            a.authorize(&stale, web),
+            a.authorize(&stale, web).await,
             Err(AuthzError::AgentPodUidMismatch { .. })
         ));
 
@@ -404,7 +462,7 @@ mod tests {
             t.pod = None;
         }
         assert!(matches!(
-            a.authorize(&unbound, web),
+            a.authorize(&unbound, web).await,
             Err(AuthzError::AgentTokenNotPodBound { .. })
         ));
 
@@ -413,13 +471,13 @@ mod tests {
             t.pod = Some(("agent-z".into(), "uid".into()));
         }
         assert!(matches!(
-            a.authorize(&gone, web),
+            a.authorize(&gone, web).await,
             Err(AuthzError::AgentPodUnknown { .. })
         ));
     }
 
-    #[test]
-    fn non_agent_service_account_cannot_impersonate() {
+    #[tokio::test]
+    async fn non_agent_service_account_cannot_impersonate() {
         let a = authorizer();
         let caller = Caller {
             id: SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/web").unwrap(),
@@ -432,13 +490,43 @@ mod tests {
             }),
         };
         assert!(matches!(
-            a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/db"),
+            a.authorize(&caller, "spiffe://cluster.local/ns/demo/sa/db")
+                .await,
             Err(AuthzError::NotAnAgent { .. })
         ));
     }
 
-    #[test]
-    fn static_entries_grant_exactly_what_they_list() {
+    #[tokio::test(start_paused = true)]
+    async fn renewal_by_certificate_needs_a_live_pod_when_tokens_are_accepted() {
+        let a = authorizer();
+        let web = Caller {
+            id: SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/web").unwrap(),
+            credential: Credential::ClientCert,
+        };
+        assert_eq!(a.authorize(&web, "").await.unwrap(), web.id);
+        let gone = Caller {
+            id: SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/job").unwrap(),
+            credential: Credential::ClientCert,
+        };
+        assert!(
+            matches!(
+                a.authorize(&gone, "").await,
+                Err(AuthzError::RenewalWithoutLivePod { .. })
+            ),
+            "the job's only pod has Succeeded"
+        );
+        let custom = Caller {
+            id: SpiffeId::parse("spiffe://cluster.local/custom").unwrap(),
+            credential: Credential::ClientCert,
+        };
+        assert!(matches!(
+            a.authorize(&custom, "").await,
+            Err(AuthzError::NotServiceAccountId { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn static_entries_grant_exactly_what_they_list() {
         let a = authorizer();
         let agent = Caller {
             id: SpiffeId::parse("spiffe://cluster.local/ns/sigil-system/sa/sigil-agent").unwrap(),
@@ -446,10 +534,12 @@ mod tests {
         };
         assert!(
             a.authorize(&agent, "spiffe://cluster.local/ns/demo/sa/web")
+                .await
                 .is_ok()
         );
         assert!(matches!(
-            a.authorize(&agent, "spiffe://cluster.local/ns/demo/sa/db"),
+            a.authorize(&agent, "spiffe://cluster.local/ns/demo/sa/db")
+                .await,
             Err(AuthzError::NotGranted { .. })
         ));
         let other = Caller {
@@ -457,7 +547,8 @@ mod tests {
             credential: Credential::ClientCert,
         };
         assert!(matches!(
-            a.authorize(&other, "spiffe://cluster.local/ns/demo/sa/db"),
+            a.authorize(&other, "spiffe://cluster.local/ns/demo/sa/db")
+                .await,
             Err(AuthzError::NotAnAgent { .. })
         ));
     }

@@ -83,6 +83,7 @@ pub struct IssueArgs {
     /// SPIFFE ID to issue, e.g. spiffe://cluster.local/ns/sigil-system/sa/sigil-agent.
     #[arg(long)]
     pub id: String,
+    /// Lifetime, at most the CA's default --max-ttl (7d) so root rotation can retire old roots.
     #[arg(long, value_parser = parse_duration, default_value = "24h")]
     pub ttl: Duration,
     /// Directory to write cert.pem (leaf + intermediates), key.pem (mode 0600) and bundle.pem.
@@ -166,6 +167,14 @@ async fn issue(args: IssueArgs) -> Result<(), CliError> {
     let id = SpiffeId::parse(&args.id).map_err(|e| CliError::Id(e.to_string()))?;
     if id.trust_domain() != &td {
         return Err(CliError::Id(format!("{id} is not in trust domain {td}")));
+    }
+    let max_ttl = parse_duration(DEFAULT_MAX_TTL).expect("valid default");
+    if args.ttl > max_ttl {
+        return Err(CliError::Input(format!(
+            "--ttl {}s exceeds the maximum of {}s",
+            args.ttl.as_secs(),
+            max_ttl.as_secs()
+        )));
     }
     let authority = offline_authority(&StateStore::Dir(args.state_dir.clone()), &td).await?;
     let signer = authority.signer()?;

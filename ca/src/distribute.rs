@@ -3,6 +3,7 @@
 //! namespaces get it when they appear; every namespace gets each new bundle.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
@@ -17,29 +18,34 @@ use crate::authority::SharedAuthority;
 pub const CONFIGMAP_NAME: &str = "sigil-ca-root";
 pub const CONFIGMAP_KEY: &str = "root-cert.pem";
 const FIELD_MANAGER: &str = "sigil-ca";
+/// How often failed publishes are retried.
+const RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Runs until the authority channel closes.
+/// Runs until the authority channel closes. Namespaces whose publish failed are retried every
+/// `RETRY_INTERVAL` until it succeeds.
 pub async fn run(client: kube::Client, mut authority: watch::Receiver<SharedAuthority>) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let mut events = watcher::watcher(namespaces, watcher::Config::default())
         .default_backoff()
         .boxed();
     let mut known: BTreeSet<String> = BTreeSet::new();
+    let mut pending: BTreeSet<String> = BTreeSet::new();
     let mut pem = String::new();
+    let mut retry = tokio::time::interval(RETRY_INTERVAL);
     loop {
         tokio::select! {
             event = events.next() => {
                 let Some(event) = event else { return };
                 match event {
                     Ok(Event::Apply(ns) | Event::InitApply(ns)) => {
-                        let Some(name) = ns.metadata.name else { continue };
-                        if known.insert(name.clone()) && !pem.is_empty() {
-                            publish(&client, &name, &pem).await;
+                        if let Some(name) = ns.metadata.name && known.insert(name.clone()) {
+                            pending.insert(name);
                         }
                     }
                     Ok(Event::Delete(ns)) => {
                         if let Some(name) = ns.metadata.name {
                             known.remove(&name);
+                            pending.remove(&name);
                         }
                     }
                     Ok(Event::Init | Event::InitDone) => {}
@@ -49,6 +55,7 @@ pub async fn run(client: kube::Client, mut authority: watch::Receiver<SharedAuth
             changed = authority.changed() => {
                 if changed.is_err() { return }
             }
+            _ = retry.tick() => {}
         }
         let current = authority.borrow_and_update().roots_pem().concat();
         if current != pem && !current.is_empty() {
@@ -57,15 +64,24 @@ pub async fn run(client: kube::Client, mut authority: watch::Receiver<SharedAuth
                 namespaces = known.len(),
                 "publishing the trust bundle to ConfigMaps"
             );
-            for ns in &known {
-                publish(&client, ns, &pem).await;
+            pending.extend(known.iter().cloned());
+        }
+        if pem.is_empty() {
+            continue;
+        }
+        let mut failed = BTreeSet::new();
+        for ns in std::mem::take(&mut pending) {
+            if !publish(&client, &ns, &pem).await {
+                failed.insert(ns);
             }
         }
+        pending = failed;
     }
 }
 
 /// Server-side apply: creates or updates, and two replicas writing the same content agree.
-async fn publish(client: &kube::Client, namespace: &str, pem: &str) {
+/// Returns whether it succeeded.
+async fn publish(client: &kube::Client, namespace: &str, pem: &str) -> bool {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let cm = ConfigMap {
         metadata: ObjectMeta {
@@ -81,10 +97,14 @@ async fn publish(client: &kube::Client, namespace: &str, pem: &str) {
     cm_json["apiVersion"] = "v1".into();
     cm_json["kind"] = "ConfigMap".into();
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    if let Err(e) = api
+    match api
         .patch(CONFIGMAP_NAME, &params, &Patch::Apply(cm_json))
         .await
     {
-        warn!(namespace, error = %e, "could not publish the trust bundle ConfigMap");
+        Ok(_) => true,
+        Err(e) => {
+            warn!(namespace, error = %e, "could not publish the trust bundle ConfigMap; will retry");
+            false
+        }
     }
 }

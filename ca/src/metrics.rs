@@ -102,6 +102,7 @@ pub struct Metrics {
     pub token_cache: Family<CacheLabels, Counter>,
     pub key_source_errors: Counter,
     pub bundle_watchers: Gauge,
+    pub tls_handshake_failures: Counter,
 }
 
 impl Metrics {
@@ -116,6 +117,7 @@ impl Metrics {
             token_cache: Family::default(),
             key_source_errors: Counter::default(),
             bundle_watchers: Gauge::default(),
+            tls_handshake_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_ca");
         r.register(
@@ -162,6 +164,11 @@ impl Metrics {
             "trust_bundle_watchers",
             "Open WatchTrustBundle streams",
             metrics.bundle_watchers.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the gRPC port that failed or timed out (debug logs say why)",
+            metrics.tls_handshake_failures.clone(),
         );
         metrics
     }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
@@ -137,15 +138,18 @@ pub fn load(
         None => Vec::new(),
     };
     let is_root = roots.contains(&ca_cert);
-    let signer =
-        Signer::new(ca_cert, key, is_root, chain_above).map_err(|e| PluginError::Invalid {
+    let signer = Signer::new(ca_cert, key, is_root, chain_above, None).map_err(|e| {
+        PluginError::Invalid {
             file: CA_CERT,
             reason: e.to_string(),
-        })?;
+        }
+    })?;
     let bundle = TrustBundle::new(td.clone(), roots, sequence);
     prove_chain(td, &signer, &bundle)?;
+    let signer = Arc::new(signer);
     Ok(Authority {
         trust_domain: td.clone(),
+        serving_signer: Some(signer.clone()),
         signer: Some(signer),
         bundle,
     })

@@ -3,6 +3,7 @@
 //! account on this node?"; token checks ask it "does this pod still exist with this UID?".
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
@@ -29,7 +30,12 @@ impl PodEntry {
 }
 
 type PodKey = (String, String); // namespace, name
+type SaKey = (String, String); // namespace, service account
 type NodeSaKey = (String, String, String); // node, namespace, service account
+
+/// How long a check waits for the index to catch up with a pod it does not know yet (the CA's
+/// watch can lag behind the pod's token or the node agent's own watch by a moment).
+pub const INDEX_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Default, Debug)]
 pub struct PodIndex {
@@ -37,6 +43,7 @@ pub struct PodIndex {
     pub synced: bool,
     pods: HashMap<PodKey, PodEntry>,
     by_node_sa: HashMap<NodeSaKey, HashSet<PodKey>>,
+    by_sa: HashMap<SaKey, HashSet<PodKey>>,
 }
 
 impl PodIndex {
@@ -52,6 +59,15 @@ impl PodIndex {
             service_account.to_string(),
         );
         self.by_node_sa.get(&key).is_some_and(|pods| {
+            pods.iter()
+                .any(|p| self.pods.get(p).is_some_and(PodEntry::is_live))
+        })
+    }
+
+    /// Whether a live pod running as `namespace/service_account` exists on any node.
+    pub fn has_live_pod_anywhere(&self, namespace: &str, service_account: &str) -> bool {
+        let key = (namespace.to_string(), service_account.to_string());
+        self.by_sa.get(&key).is_some_and(|pods| {
             pods.iter()
                 .any(|p| self.pods.get(p).is_some_and(PodEntry::is_live))
         })
@@ -78,6 +94,10 @@ impl PodIndex {
                 .unwrap_or_else(|| "default".to_string()),
             phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
         };
+        self.by_sa
+            .entry((key.0.clone(), entry.service_account.clone()))
+            .or_default()
+            .insert(key.clone());
         if let Some(node) = &entry.node {
             self.by_node_sa
                 .entry((node.clone(), key.0.clone(), entry.service_account.clone()))
@@ -97,6 +117,13 @@ impl PodIndex {
         let Some(old) = self.pods.remove(key) else {
             return;
         };
+        let sa_key = (key.0.clone(), old.service_account.clone());
+        if let Some(set) = self.by_sa.get_mut(&sa_key) {
+            set.remove(key);
+            if set.is_empty() {
+                self.by_sa.remove(&sa_key);
+            }
+        }
         if let Some(node) = old.node {
             let index_key = (node, key.0.clone(), old.service_account);
             if let Some(set) = self.by_node_sa.get_mut(&index_key) {
@@ -105,6 +132,27 @@ impl PodIndex {
                     self.by_node_sa.remove(&index_key);
                 }
             }
+        }
+    }
+}
+
+/// Runs `check` against the index until it passes or `grace` has gone by, re-checking on every
+/// index change; returns the last outcome.
+pub async fn wait_for<T, E>(
+    index: &watch::Receiver<PodIndex>,
+    grace: Duration,
+    check: impl Fn(&PodIndex) -> Result<T, E>,
+) -> Result<T, E> {
+    let mut index = index.clone();
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        let outcome = check(&index.borrow_and_update());
+        if outcome.is_ok() {
+            return outcome;
+        }
+        match tokio::time::timeout_at(deadline, index.changed()).await {
+            Ok(Ok(())) => continue,
+            Ok(Err(_)) | Err(_) => return outcome,
         }
     }
 }
@@ -148,7 +196,6 @@ pub async fn run(client: kube::Client, tx: watch::Sender<PodIndex>) {
 mod tests {
     use super::*;
     use sigil_test_apiserver::{PodSpec, TestApiServer};
-    use std::time::Duration;
 
     fn pod(ns: &str, name: &str, sa: &str, node: &str, phase: &str) -> PodSpec {
         PodSpec {
@@ -178,8 +225,22 @@ mod tests {
         assert!(rx.borrow().has_live_pod("node-a", "demo", "web"));
         assert!(!rx.borrow().has_live_pod("node-b", "demo", "web"));
 
+        // A check waiting for a pod the index does not know yet passes once it appears.
+        let waiting = tokio::spawn({
+            let rx = rx.clone();
+            async move {
+                wait_for(&rx, Duration::from_secs(5), |i| {
+                    i.has_live_pod_anywhere("demo", "db")
+                        .then_some(())
+                        .ok_or(())
+                })
+                .await
+            }
+        });
         server.add_pod(&pod("demo", "db-1", "db", "node-b", "Pending"));
+        assert_eq!(waiting.await.unwrap(), Ok(()));
         until(&mut rx, |i| i.has_live_pod("node-b", "demo", "db")).await;
+        assert!(!rx.borrow().has_live_pod_anywhere("demo", "nobody"));
 
         server.set_pod_phase("demo", "web-1", "Succeeded");
         until(&mut rx, |i| !i.has_live_pod("node-a", "demo", "web")).await;
@@ -187,5 +248,11 @@ mod tests {
         server.delete_pod("demo", "db-1");
         until(&mut rx, |i| i.get("demo", "db-1").is_none()).await;
         assert!(!rx.borrow().has_live_pod("node-b", "demo", "db"));
+        assert!(!rx.borrow().has_live_pod_anywhere("demo", "db"));
+
+        // A check that never passes gives up after its grace period with the last outcome.
+        let outcome: Result<(), &str> =
+            wait_for(&rx, Duration::from_millis(100), |_| Err("absent")).await;
+        assert_eq!(outcome, Err("absent"));
     }
 }

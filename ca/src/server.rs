@@ -25,6 +25,10 @@ use crate::source::{self, KeySource};
 use crate::store::StateStore;
 use crate::tls_server;
 
+/// Dead peers are found by HTTP/2 pings, so their connection slots are freed.
+const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("--trust-domain: {0}")]
@@ -41,6 +45,10 @@ pub enum ServeError {
     JwksFile { path: String, reason: String },
     #[error("--max-ttl must be at least --default-ttl")]
     TtlOrder,
+    #[error(
+        "--static-entries needs --auth certs: with tokens accepted, a node could get an entry's identity by token and bypass node checks"
+    )]
+    StaticEntriesNeedCertsAuth,
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -70,6 +78,11 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
         .map_err(|e| ServeError::TrustDomain(e.to_string()))?;
     if config.max_ttl < config.default_ttl {
         return Err(ServeError::TtlOrder);
+    }
+    // A static entry names an identity by certificate alone; where tokens are accepted, any node
+    // could obtain that identity by token and then use the entry without a node check.
+    if config.static_entries.is_some() && config.auth != AuthMode::Certs {
+        return Err(ServeError::StaticEntriesNeedCertsAuth);
     }
     info!(config = ?config, "starting sigil CA");
 
@@ -125,6 +138,12 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
         tokio::spawn(pods::run(client.clone(), tx));
         rx
     });
+    if pods_rx.is_none() && config.auth == AuthMode::Jwks {
+        warn!(
+            "no Kubernetes API: pod-bound tokens cannot be checked against their pod, so a token \
+             outlives its pod until it expires, and node agents cannot impersonate"
+        );
+    }
 
     let validator = match config.auth {
         AuthMode::Tokenreview => {
@@ -169,6 +188,7 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
             .collect::<HashSet<_>>(),
         static_entries,
         pods_rx.clone(),
+        config.auth != AuthMode::Certs,
     );
     let ca = Ca::new(
         authority_rx.clone(),
@@ -227,11 +247,16 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
     let (sigil_ca, istio_ca) = service::servers(ca);
     let mut grpc_shutdown = shutdown;
     tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .add_service(sigil_ca)
         .add_service(istio_ca)
-        .serve_with_incoming_shutdown(tls_server::incoming(listener, tls_rx), async move {
-            let _ = grpc_shutdown.wait_for(|stop| *stop).await;
-        })
+        .serve_with_incoming_shutdown(
+            tls_server::incoming(listener, tls_rx, metrics),
+            async move {
+                let _ = grpc_shutdown.wait_for(|stop| *stop).await;
+            },
+        )
         .await?;
     info!("CA stopped");
     Ok(())

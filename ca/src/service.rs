@@ -212,6 +212,7 @@ impl Ca {
         let identity = self
             .authz
             .authorize(&caller, impersonate)
+            .await
             .map_err(|e| Refusal::new(DenyReason::PermissionDenied, e))?;
         record.requested = Some(identity.to_string());
         let ttl = match ttl_seconds.map_err(|e| Refusal::new(DenyReason::InvalidTtl, e))? {
@@ -409,7 +410,13 @@ mod tests {
             None,
             metrics.clone(),
         );
-        let authz = Authorizer::new(td, Default::default(), StaticEntries::default(), None);
+        let authz = Authorizer::new(
+            td,
+            Default::default(),
+            StaticEntries::default(),
+            None,
+            false,
+        );
         let ttl = TtlPolicy {
             default: Duration::from_secs(3600),
             max: Duration::from_secs(7200),
@@ -456,8 +463,10 @@ mod tests {
     async fn istio_request_with_negative_validity_is_rejected_not_defaulted() {
         let td = TrustDomain::new("cluster.local").unwrap();
         let (signer, root) = crate::authority::tests::test_root(&td);
+        let signer = Arc::new(signer);
         let authority = Authority {
             trust_domain: td.clone(),
+            serving_signer: Some(signer.clone()),
             signer: Some(signer),
             bundle: sigil_identity::TrustBundle::new(td, vec![root], 1),
         };

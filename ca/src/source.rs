@@ -8,6 +8,7 @@ use std::time::Duration;
 use rcgen::KeyPair;
 use rustls_pki_types::CertificateDer;
 use sigil_identity::{TrustBundle, TrustDomain};
+use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -85,6 +86,7 @@ enum Fingerprint {
     State {
         state: CaState,
         active: usize,
+        serving: usize,
         trusted: Vec<usize>,
     },
     Plugin(PluginFiles),
@@ -99,78 +101,104 @@ async fn refresh(
 ) -> Result<Option<u64>, SourceError> {
     match source {
         KeySource::SelfSigned(store) => {
-            let stored = match store.load().await? {
-                Some(v) => v,
-                None => {
-                    let fresh = CaState::new_self_signed(td, unix_now())?;
-                    let bundle = bundle_pem(&fresh, unix_now())?;
-                    let v = store.create_if_absent(&fresh, &bundle).await?;
-                    if v.state == fresh {
-                        info!(store = %store.describe(), "created a new self-signed root");
-                    } else {
-                        info!(store = %store.describe(), "another replica created the root first; using it");
+            let state = match load_or_create(store, td).await {
+                Ok(state) => state,
+                Err(e) => {
+                    // The store is unreachable: keep following the schedule of the last state
+                    // read, so rotation steps still happen on time, and report the failure.
+                    if let Some(Fingerprint::State { state, .. }) = seen.as_ref() {
+                        let state = state.clone();
+                        follow_schedule(td, state, seen, tx)?;
                     }
-                    v
+                    return Err(e);
                 }
             };
-            let state = stored.state;
-            state.check_trust_domain(td)?;
-            let now = unix_now();
-            let schedule = state.schedule_at(now)?;
-            let index = |g: &RootGeneration| {
-                state
-                    .generations
-                    .iter()
-                    .position(|x| std::ptr::eq(x, g))
-                    .expect("from state")
-            };
-            let fingerprint = Fingerprint::State {
-                active: index(schedule.active),
-                trusted: schedule.trusted.iter().map(|&g| index(g)).collect(),
-                state: state.clone(),
-            };
-            let next_change = schedule.next_change;
-            if seen.as_ref() != Some(&fingerprint) {
-                let authority = self_signed_authority(td, &state, now)?;
-                info!(
-                    roots = authority.bundle.roots.len(),
-                    sequence = authority.bundle.sequence,
-                    next_change = ?next_change,
-                    "signing key loaded"
-                );
-                tx.send_replace(Arc::new(authority));
-                *seen = Some(fingerprint);
-            }
-            Ok(next_change)
+            follow_schedule(td, state, seen, tx)
         }
         KeySource::Plugin(plugin_source) => {
             let files = plugin_source.read().await?;
-            let fingerprint = Fingerprint::Plugin(files);
-            if seen.as_ref() != Some(&fingerprint) {
-                let Fingerprint::Plugin(files) = &fingerprint else {
-                    unreachable!()
-                };
-                let sequence = tx
-                    .borrow()
-                    .bundle
-                    .sequence
-                    .max(unix_now().saturating_sub(1))
-                    + 1;
-                let authority = match plugin::load(td, files, sequence) {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Remember the bad set so it is reported once, not on every poll.
-                        *seen = Some(fingerprint);
-                        return Err(e.into());
-                    }
-                };
-                info!(source = %plugin_source.describe(), roots = authority.bundle.roots.len(), "plug-in intermediate loaded");
-                tx.send_replace(Arc::new(authority));
-                *seen = Some(fingerprint);
+            if seen
+                .as_ref()
+                .is_some_and(|s| *s == Fingerprint::Plugin(files.clone()))
+            {
+                return Ok(None);
             }
+            let sequence = tx
+                .borrow()
+                .bundle
+                .sequence
+                .max(unix_now().saturating_sub(1))
+                + 1;
+            // A set that fails is not remembered: it is retried (and reported) on every poll,
+            // since some failures pass with time (an intermediate whose NotBefore is ahead).
+            let authority = plugin::load(td, &files, sequence)?;
+            info!(source = %plugin_source.describe(), roots = authority.bundle.roots.len(), "plug-in intermediate loaded");
+            tx.send_replace(Arc::new(authority));
+            *seen = Some(Fingerprint::Plugin(files));
             Ok(None)
         }
     }
+}
+
+async fn load_or_create(store: &StateStore, td: &TrustDomain) -> Result<CaState, SourceError> {
+    let stored = match store.load().await? {
+        Some(v) => v,
+        None => {
+            let fresh = CaState::new_self_signed(td, unix_now())?;
+            let bundle = bundle_pem(&fresh, unix_now())?;
+            let v = store.create_if_absent(&fresh, &bundle).await?;
+            if v.state == fresh {
+                info!(store = %store.describe(), "created a new self-signed root");
+            } else {
+                info!(store = %store.describe(), "another replica created the root first; using it");
+            }
+            v
+        }
+    };
+    stored.state.check_trust_domain(td)?;
+    Ok(stored.state)
+}
+
+/// Publishes the authority `state` means now, if that differs from what was published.
+fn follow_schedule(
+    td: &TrustDomain,
+    state: CaState,
+    seen: &mut Option<Fingerprint>,
+    tx: &watch::Sender<SharedAuthority>,
+) -> Result<Option<u64>, SourceError> {
+    let now = unix_now();
+    let schedule = state.schedule_at(now)?;
+    let index = |g: &RootGeneration| {
+        state
+            .generations
+            .iter()
+            .position(|x| std::ptr::eq(x, g))
+            .expect("from state")
+    };
+    let (active, serving) = (index(schedule.active), index(schedule.serving));
+    let trusted = schedule.trusted.iter().map(|&g| index(g)).collect();
+    let next_change = schedule.next_change;
+    let fingerprint = Fingerprint::State {
+        state,
+        active,
+        serving,
+        trusted,
+    };
+    if seen.as_ref() != Some(&fingerprint) {
+        let Fingerprint::State { state, .. } = &fingerprint else {
+            unreachable!("built above")
+        };
+        let authority = self_signed_authority(td, state, now)?;
+        info!(
+            roots = authority.bundle.roots.len(),
+            sequence = authority.bundle.sequence,
+            next_change = ?next_change,
+            "signing key loaded"
+        );
+        tx.send_replace(Arc::new(authority));
+        *seen = Some(fingerprint);
+    }
+    Ok(next_change)
 }
 
 pub fn self_signed_authority(
@@ -179,8 +207,20 @@ pub fn self_signed_authority(
     now: u64,
 ) -> Result<Authority, SourceError> {
     let schedule = state.schedule_at(now)?;
-    let cert = CertificateDer::from(schedule.active.cert_der()?);
-    let signer = Signer::new(cert, schedule.active.key_pair()?, true, Vec::new())?;
+    let signer_of = |generation: &RootGeneration| -> Result<Arc<Signer>, SourceError> {
+        let cert = CertificateDer::from(generation.cert_der()?);
+        let retire_at = generation
+            .retire_at
+            .and_then(|r| OffsetDateTime::from_unix_timestamp(r as i64).ok());
+        let signer = Signer::new(cert, generation.key_pair()?, true, Vec::new(), retire_at)?;
+        Ok(Arc::new(signer))
+    };
+    let signer = signer_of(schedule.active)?;
+    let serving_signer = if std::ptr::eq(schedule.serving, schedule.active) {
+        signer.clone()
+    } else {
+        signer_of(schedule.serving)?
+    };
     let roots = schedule
         .trusted
         .iter()
@@ -189,6 +229,7 @@ pub fn self_signed_authority(
     Ok(Authority {
         trust_domain: td.clone(),
         signer: Some(signer),
+        serving_signer: Some(serving_signer),
         bundle: TrustBundle::new(td.clone(), roots, schedule.bundle_sequence),
     })
 }

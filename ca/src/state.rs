@@ -68,6 +68,10 @@ pub struct RootGeneration {
 pub struct Schedule<'a> {
     /// The generation that signs now.
     pub active: &'a RootGeneration,
+    /// The generation that signs the CA's own TLS serving certificate: the oldest trusted one
+    /// until halfway through the overlap, so that agents still holding only the old bundle (e.g.
+    /// offline during the propagation window) can reconnect and fetch the new one.
+    pub serving: &'a RootGeneration,
     /// Every generation in the trust bundle now, oldest first.
     pub trusted: Vec<&'a RootGeneration>,
     /// Increases with every change of the trusted set (the unix time of the last change).
@@ -169,19 +173,42 @@ impl CaState {
             .flatten()
             .max()
             .unwrap_or(0);
+        let serving = trusted
+            .iter()
+            .find(|g| self.serving_handoff(g).is_none_or(|handoff| now < handoff))
+            .copied()
+            .unwrap_or(active);
         let next_change = self
             .generations
             .iter()
-            .flat_map(|g| [Some(g.activate_at), g.retire_at])
+            .flat_map(|g| [Some(g.activate_at), g.retire_at, self.serving_handoff(g)])
             .flatten()
             .filter(|t| *t > now)
             .min();
         Ok(Schedule {
             active,
+            serving,
             trusted,
             bundle_sequence,
             next_change,
         })
+    }
+}
+
+impl CaState {
+    /// When a retiring generation hands the serving certificate to its successor: halfway
+    /// between the successor's activation and its own retirement.
+    fn serving_handoff(&self, generation: &RootGeneration) -> Option<u64> {
+        let retire = generation.retire_at?;
+        let successor = self
+            .generations
+            .iter()
+            .map(|g| g.activate_at)
+            .filter(|a| *a > generation.activate_at)
+            .min()
+            .unwrap_or(retire)
+            .min(retire);
+        Some(successor + (retire - successor) / 2)
     }
 }
 
@@ -265,20 +292,30 @@ mod tests {
         let s = state.schedule_at(2000).unwrap();
         assert_eq!(s.trusted, vec![old, new]);
         assert_eq!(s.active, old);
+        assert_eq!(s.serving, old);
         assert_eq!(s.bundle_sequence, 2000);
         assert_eq!(s.next_change, Some(2100));
 
-        // Switched: new signs, both still trusted.
+        // Switched: new signs, both still trusted; the CA still serves TLS with the old root.
+        let handoff = 2100 + (plan.retire_old_at - 2100) / 2;
         let s = state.schedule_at(2100).unwrap();
         assert_eq!(s.active, new);
+        assert_eq!(s.serving, old);
         assert_eq!(s.trusted.len(), 2);
         assert_eq!(s.bundle_sequence, 2000);
+        assert_eq!(s.next_change, Some(handoff));
+
+        // Halfway through the overlap the serving certificate moves to the new root.
+        let s = state.schedule_at(handoff).unwrap();
+        assert_eq!(s.serving, new);
+        assert_eq!(s.trusted.len(), 2);
         assert_eq!(s.next_change, Some(plan.retire_old_at));
 
         // Retired: only the new root.
         let s = state.schedule_at(plan.retire_old_at).unwrap();
         assert_eq!(s.trusted, vec![new]);
         assert_eq!(s.active, new);
+        assert_eq!(s.serving, new);
         assert_eq!(s.bundle_sequence, plan.retire_old_at);
         assert_eq!(s.next_change, None);
     }

@@ -15,12 +15,13 @@ use sigil_identity::tls::{self, CertifiedKey, ClientAuth};
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, error, info};
+use tracing::{debug, error};
 
 use crate::authority::{Authority, SharedAuthority};
+use crate::metrics::Metrics;
 
 /// Lifetime of the CA's serving certificate.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -28,6 +29,8 @@ pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections handshaken but not yet taken by the gRPC server.
 const ACCEPT_BACKLOG: usize = 128;
+/// Most connections open at once (agents keep one each; the rest wait in the kernel backlog).
+pub const MAX_CONNECTIONS: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsServerError {
@@ -51,6 +54,8 @@ pub struct PeerInfo {
 pub struct TlsConnection {
     inner: TlsStream<TcpStream>,
     info: PeerInfo,
+    /// Held for the connection's lifetime: bounds open connections.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl tonic::transport::server::Connected for TlsConnection {
@@ -90,26 +95,36 @@ impl AsyncWrite for TlsConnection {
 }
 
 /// Accepts TCP connections, completes TLS with the current server config, and yields them.
+/// At most `MAX_CONNECTIONS` are open at once; the loop ends when the gRPC server drops the stream.
 pub fn incoming(
     listener: TcpListener,
     configs: watch::Receiver<Option<Arc<ServerConfig>>>,
+    metrics: Arc<Metrics>,
 ) -> ReceiverStream<std::io::Result<TlsConnection>> {
     let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+                _ = tx.closed() => return,
+            };
+            let (tcp, remote) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
             };
             let Some(config) = configs.borrow().clone() else {
                 debug!(%remote, "no serving certificate yet; dropping connection");
                 continue;
             };
-            let tx = tx.clone();
+            let (tx, metrics) = (tx.clone(), metrics.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -117,11 +132,13 @@ pub fn incoming(
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
-                        info!(%remote, error = %e, "TLS handshake failed");
+                        metrics.tls_handshake_failures.inc();
+                        debug!(%remote, error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
-                        info!(%remote, "TLS handshake timed out");
+                        metrics.tls_handshake_failures.inc();
+                        debug!(%remote, "TLS handshake timed out");
                         return;
                     }
                 };
@@ -133,6 +150,7 @@ pub fn incoming(
                 let conn = TlsConnection {
                     inner: stream,
                     info: PeerInfo { remote, client_id },
+                    _slot: permit,
                 };
                 let _ = tx.send(Ok(conn)).await;
             });
@@ -178,7 +196,10 @@ pub fn serving_config(
     authority: &Authority,
     alpn: &[Vec<u8>],
 ) -> Result<(ServerConfig, Duration), TlsServerError> {
-    let signer = authority.signer.as_ref().ok_or(TlsServerError::NoSigner)?;
+    let signer = authority
+        .serving_signer
+        .as_ref()
+        .ok_or(TlsServerError::NoSigner)?;
     let key = crate::source::generate_key().map_err(|e| TlsServerError::Issue(e.to_string()))?;
     let now = OffsetDateTime::now_utc();
     let issued = signer
