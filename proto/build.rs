@@ -1,7 +1,11 @@
 //! Compiles protos/ with protox (a protobuf compiler in pure Rust), so no `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["sigil/ca/v1/ca.proto", "istio/v1/auth/ca.proto"];
+    let protos = [
+        "sigil/ca/v1/ca.proto",
+        "istio/v1/auth/ca.proto",
+        "workload.proto",
+    ];
     println!("cargo:rerun-if-changed=protos");
     let descriptors = protox::compile(protos, ["protos"])?;
     tonic_prost_build::configure().compile_fds(descriptors)?;

@@ -3,12 +3,14 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use sigil_agent::config::AgentConfig;
 use sigil_ca::cli::{CaCommand, InspectCertArgs};
 use tokio::sync::watch;
 
 /// sigil: workload identity and mutual TLS for Kubernetes.
 ///
-/// One binary for every part: the CA (`sigil ca serve`), and operator tools. Logs are JSON lines
+/// One binary for every part: the CA (`sigil ca serve`), the node agent (`sigil agent run`), and
+/// operator tools. Logs are JSON lines
 /// on stdout by default; set RUST_LOG (e.g. `info`, `sigil_ca=debug`) to change the level.
 #[derive(Parser, Debug)]
 #[command(name = "sigil", version, about, long_about)]
@@ -31,9 +33,19 @@ enum Command {
     /// The certificate authority: serve, and offline init / issue / rotate-root.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The node agent: attests workloads on this node and serves their certificates over
+    /// Envoy SDS and the SPIFFE Workload API on a Unix socket.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// Look at what sigil issued.
     #[command(subcommand)]
     Inspect(InspectCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCommand {
+    /// Run the agent (see --help for every flag).
+    Run(Box<AgentConfig>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,19 +89,25 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let result = match cli.command {
+    let result: anyhow::Result<bool> = match cli.command {
         Command::Ca(command) => sigil_ca::cli::run(command, shutdown_signal())
             .await
-            .map(|()| true),
+            .map(|()| true)
+            .map_err(Into::into),
+        Command::Agent(AgentCommand::Run(config)) => {
+            sigil_agent::server::run(*config, shutdown_signal())
+                .await
+                .map(|()| true)
+                .map_err(Into::into)
+        }
         Command::Inspect(InspectCommand::Cert(args)) => {
-            sigil_ca::cli::inspect_cert(&args, &mut std::io::stdout())
+            sigil_ca::cli::inspect_cert(&args, &mut std::io::stdout()).map_err(Into::into)
         }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            let e = anyhow::Error::from(e);
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }

@@ -1,5 +1,5 @@
-//! The admin HTTP endpoint: Prometheus `/metrics`, `/ready` (signing key loaded and, with
-//! Kubernetes, the pod index synced) and `/healthz` (the process answers).
+//! The admin HTTP endpoint shared by sigil's components: Prometheus `/metrics`, `/ready` (every
+//! named readiness condition holds) and `/healthz` (the process answers).
 
 use std::sync::Arc;
 
@@ -12,16 +12,25 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// What `/ready` reports.
+/// What `/ready` reports: named conditions, all of which must hold (e.g. the CA's
+/// `key_loaded` and `pods_synced`).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Readiness {
-    pub key_loaded: bool,
-    pub pods_synced: bool,
-}
+pub struct Readiness(pub Vec<(&'static str, bool)>);
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.key_loaded && self.pods_synced
+        !self.0.is_empty() && self.0.iter().all(|(_, holds)| *holds)
+    }
+}
+
+impl std::fmt::Display for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let conditions: Vec<String> = self
+            .0
+            .iter()
+            .map(|(name, holds)| format!("{name}={holds}"))
+            .collect();
+        f.write_str(&conditions.join(" "))
     }
 }
 
@@ -75,10 +84,7 @@ async fn ready_handler(State(state): State<AdminState>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "not ready: key_loaded={} pods_synced={}\n",
-                ready.key_loaded, ready.pods_synced
-            ),
+            format!("not ready: {ready}\n"),
         )
     }
 }

@@ -305,10 +305,13 @@ async fn track_readiness(
     tx: watch::Sender<Readiness>,
 ) {
     loop {
-        let state = Readiness {
-            key_loaded: authority.borrow_and_update().signer.is_some(),
-            pods_synced: pods.as_mut().is_none_or(|p| p.borrow_and_update().synced),
-        };
+        let state = Readiness(vec![
+            ("key_loaded", authority.borrow_and_update().signer.is_some()),
+            (
+                "pods_synced",
+                pods.as_mut().is_none_or(|p| p.borrow_and_update().synced),
+            ),
+        ]);
         tx.send_if_modified(|current| {
             let changed = *current != state;
             *current = state.clone();

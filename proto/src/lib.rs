@@ -16,3 +16,9 @@ pub mod istio {
         }
     }
 }
+
+/// The SPIFFE Workload API (`SpiffeWorkloadAPI`). Its proto file declares no package, so prost
+/// writes it to `_.rs` and its gRPC paths are `/SpiffeWorkloadAPI/<Method>`.
+pub mod spiffe_workload {
+    tonic::include_proto!("_");
+}

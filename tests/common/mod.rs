@@ -48,8 +48,22 @@ impl CaProcess {
     /// Starts `sigil ca serve` on fresh loopback ports with `args` added; `kubeconfig`, when
     /// given, points it at a test API server.
     pub fn start(work: &Path, kubeconfig: Option<&Path>, args: &[&str]) -> CaProcess {
-        let (grpc, admin) = (free_addr(), free_addr());
-        let log = work.join(format!("ca-{}.log", grpc.port()));
+        Self::start_on(work, kubeconfig, args, free_addr(), free_addr())
+    }
+
+    /// As `start`, on given addresses (to restart a CA where its clients expect it).
+    pub fn start_on(
+        work: &Path,
+        kubeconfig: Option<&Path>,
+        args: &[&str],
+        grpc: SocketAddr,
+        admin: SocketAddr,
+    ) -> CaProcess {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let log = work.join(format!("ca-{}-{started}.log", grpc.port()));
         let out = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(SIGIL);
         cmd.args([
@@ -127,7 +141,7 @@ impl CaProcess {
     }
 }
 
-/// A minimal HTTP/1.1 GET (the admin endpoint is plain HTTP on loopback).
+/// A minimal HTTP/1.1 GET (admin endpoints are plain HTTP on loopback), decoding a chunked body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
@@ -142,11 +156,34 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || after.len() < size {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    body
 }
 
 /// The value of one sample in Prometheus text output (`name{labels}` exactly as printed).

@@ -1,0 +1,189 @@
+//! The agent's side of the CA: a TLS channel that verifies the CA against the current trust
+//! bundle, the agent's credential (its projected token, re-read on every request, or its own
+//! client certificate, kept fresh by the certificate manager), `Sign` with impersonation, and the
+//! task that follows `WatchTrustBundle`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use sigil_identity::tls::CertifiedKey;
+use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
+use sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthorityClient;
+use sigil_proto::sigil::ca::v1::{SignRequest, SignResponse, WatchTrustBundleRequest};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::backoff::Backoff;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaClientError {
+    #[error("reading the token file {path}: {source}")]
+    Token {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to the CA: {0}")]
+    Connect(#[from] sigil_ca::client::ClientError),
+    #[error("the CA refused: {0}")]
+    Refused(#[from] tonic::Status),
+    #[error("the CA answered with an empty certificate")]
+    EmptyResponse,
+}
+
+impl CaClientError {
+    /// Whether retrying later can help (every failure but a request the CA calls invalid).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, CaClientError::Refused(s) if s.code() == tonic::Code::InvalidArgument)
+    }
+}
+
+/// How the agent proves who it is to the CA.
+#[derive(Clone)]
+pub enum Credential {
+    /// A projected service-account token (audience `sigil-ca`), re-read on every request because
+    /// the kubelet rotates it.
+    TokenFile(PathBuf),
+    /// A certificate this CA issued to the agent (hosts without Kubernetes); the receiver always
+    /// holds the newest one.
+    Certificate(watch::Receiver<Arc<CertifiedKey>>),
+}
+
+/// Where the CA is and how to reach it.
+#[derive(Clone)]
+pub struct CaClient {
+    addr: String,
+    server_name: String,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    credential: Credential,
+}
+
+impl CaClient {
+    pub fn new(
+        addr: String,
+        server_name: String,
+        bundle: watch::Receiver<Arc<TrustBundle>>,
+        credential: Credential,
+    ) -> Self {
+        CaClient {
+            addr,
+            server_name,
+            bundle,
+            credential,
+        }
+    }
+
+    /// A fresh connection with the newest bundle and client certificate. Connections are cheap
+    /// next to how rarely an agent signs, and a new one always uses the current trust material.
+    async fn connect(&self) -> Result<CertificateAuthorityClient<Channel>, CaClientError> {
+        let bundle = self.bundle.borrow().clone();
+        let identity = match &self.credential {
+            Credential::Certificate(current) => Some(current.borrow().clone()),
+            Credential::TokenFile(_) => None,
+        };
+        let channel =
+            sigil_ca::client::connect(&self.addr, &self.server_name, &bundle, identity.as_deref())
+                .await?;
+        Ok(CertificateAuthorityClient::new(channel))
+    }
+
+    fn authorize<T>(&self, request: &mut tonic::Request<T>) -> Result<(), CaClientError> {
+        if let Credential::TokenFile(path) = &self.credential {
+            let token = std::fs::read_to_string(path).map_err(|source| CaClientError::Token {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let value =
+                format!("Bearer {}", token.trim())
+                    .parse()
+                    .map_err(|_| CaClientError::Token {
+                        path: path.display().to_string(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "token is not ASCII",
+                        ),
+                    })?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(())
+    }
+
+    /// Signs `csr_der` for `identity` (impersonated unless it is the agent's own).
+    pub async fn sign(
+        &self,
+        csr_der: Vec<u8>,
+        ttl: Duration,
+        impersonate: Option<&SpiffeId>,
+    ) -> Result<SignResponse, CaClientError> {
+        let mut client = self.connect().await?;
+        let mut request = tonic::Request::new(SignRequest {
+            csr_der,
+            ttl_seconds: ttl.as_secs(),
+            impersonate: impersonate.map(ToString::to_string).unwrap_or_default(),
+        });
+        self.authorize(&mut request)?;
+        let response = client.sign(request).await?.into_inner();
+        if response.leaf.is_empty() {
+            return Err(CaClientError::EmptyResponse);
+        }
+        Ok(response)
+    }
+
+    /// Follows `WatchTrustBundle` until `tx` has no receivers left, reconnecting with backoff.
+    /// A bundle is accepted only if it is for our trust domain and not empty.
+    pub async fn follow_bundle(
+        self,
+        trust_domain: TrustDomain,
+        tx: watch::Sender<Arc<TrustBundle>>,
+    ) {
+        let mut backoff = Backoff::default();
+        while !tx.is_closed() {
+            match self.stream_bundle(&trust_domain, &tx, &mut backoff).await {
+                Ok(()) => info!("trust bundle stream ended; reconnecting"),
+                Err(e) => warn!(error = %e, "trust bundle stream failed; retrying"),
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    async fn stream_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+        tx: &watch::Sender<Arc<TrustBundle>>,
+        backoff: &mut Backoff,
+    ) -> Result<(), CaClientError> {
+        let mut client = self.connect().await?;
+        let mut request = tonic::Request::new(WatchTrustBundleRequest {});
+        self.authorize(&mut request)?;
+        let mut stream = client.watch_trust_bundle(request).await?.into_inner();
+        while let Some(message) = stream.message().await? {
+            backoff.reset();
+            if message.trust_domain != trust_domain.as_str() || message.roots.is_empty() {
+                warn!(trust_domain = %message.trust_domain, roots = message.roots.len(), "ignoring an unusable trust bundle");
+                continue;
+            }
+            let roots = message
+                .roots
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect();
+            let bundle = TrustBundle::new(trust_domain.clone(), roots, message.sequence);
+            tx.send_if_modified(|current| {
+                let changed = current.roots != bundle.roots;
+                if changed {
+                    info!(
+                        roots = bundle.roots.len(),
+                        sequence = bundle.sequence,
+                        "trust bundle updated"
+                    );
+                    *current = Arc::new(bundle);
+                }
+                changed
+            });
+        }
+        Ok(())
+    }
+}

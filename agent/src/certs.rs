@@ -1,0 +1,409 @@
+//! The certificate manager: one key and certificate per identity, shared by every workload on the
+//! node that has it. Keys are made here and never leave the node; a certificate is renewed at half
+//! its lifetime (±5 % jitter), failures back off exponentially per identity, and a still-valid
+//! certificate keeps being served while the CA is unreachable.
+//!
+//! One manager task owns the set of identities; each identity has a worker task that owns its
+//! certificate and publishes it on a `watch` channel. An identity lives while someone subscribes
+//! to it or the node's pods want it (prefetch), and is forgotten after that.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rcgen::KeyPair;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sigil_identity::SpiffeId;
+use sigil_identity::tls::CertifiedKey;
+use sigil_identity::{csr, profile};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::backoff::{Backoff, jitter};
+use crate::ca_client::{CaClient, CaClientError};
+use crate::metrics::{IdentityLabels, Metrics};
+
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Most signing requests in flight at once (ztunnel uses 8 too).
+pub const DEFAULT_MAX_CONCURRENT_FETCHES: usize = 8;
+/// Renew when this fraction of the lifetime has passed...
+const RENEW_AT: f64 = 0.5;
+/// ...give or take this fraction of it, so identities renewed together spread out.
+const RENEW_JITTER: f64 = 0.05;
+/// How often a worker checks whether anyone still wants its identity.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Ca(#[from] CaClientError),
+    #[error("making a key or CSR: {0}")]
+    Key(String),
+    #[error("the CA returned a certificate for {got}, not {expected}")]
+    WrongIdentity { expected: SpiffeId, got: String },
+    #[error("the CA returned an unusable certificate: {0}")]
+    BadCertificate(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the certificate manager has stopped")]
+pub struct ManagerGone;
+
+/// A certificate and its key, as served to workloads.
+pub struct Svid {
+    pub id: SpiffeId,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    key_pkcs8: Vec<u8>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// When the agent received it: renewal counts from here, not from the backdated NotBefore
+    /// (with a one-minute backdate, half of a short TTL's NotBefore-based lifetime is already past).
+    pub received_at: SystemTime,
+    pub serial_hex: String,
+}
+
+impl fmt::Debug for Svid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Svid")
+            .field("id", &self.id)
+            .field("serial", &self.serial_hex)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Svid {
+    pub fn certified_key(&self) -> CertifiedKey {
+        CertifiedKey {
+            chain: self.chain.clone(),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8.clone())),
+        }
+    }
+
+    /// The private key, PKCS#8 DER (for serving it to the workload that owns it).
+    pub fn key_pkcs8(&self) -> &[u8] {
+        &self.key_pkcs8
+    }
+
+    /// When to renew: at `RENEW_AT` of the remaining lifetime it arrived with, with jitter.
+    fn renew_in(&self, now: SystemTime) -> Duration {
+        let lifetime = self
+            .not_after
+            .duration_since(self.received_at)
+            .unwrap_or_default();
+        let renew_at =
+            self.received_at + jitter(lifetime.mul_f64(RENEW_AT), RENEW_JITTER / RENEW_AT);
+        renew_at.duration_since(now).unwrap_or_default()
+    }
+
+    fn is_valid(&self, now: SystemTime) -> bool {
+        now < self.not_after
+    }
+}
+
+pub type SvidWatch = watch::Receiver<Option<Arc<Svid>>>;
+
+/// Settings of the certificate manager.
+#[derive(Clone, Debug)]
+pub struct CertConfig {
+    pub ttl: Duration,
+    pub max_concurrent_fetches: usize,
+    /// The agent's own identity: requested without impersonation.
+    pub own_id: Option<SpiffeId>,
+}
+
+enum Command {
+    Subscribe(SpiffeId, oneshot::Sender<SvidWatch>),
+    Want(BTreeSet<SpiffeId>),
+    Idle(SpiffeId),
+}
+
+/// A handle to the manager task; cheap to clone.
+#[derive(Clone)]
+pub struct CertManager {
+    commands: mpsc::Sender<Command>,
+}
+
+struct Worker {
+    svid: Arc<watch::Sender<Option<Arc<Svid>>>>,
+    /// Dropping it stops the worker.
+    _stop: oneshot::Sender<()>,
+}
+
+impl CertManager {
+    pub fn spawn(ca: CaClient, config: CertConfig, metrics: Arc<Metrics>) -> CertManager {
+        let (commands, rx) = mpsc::channel(256);
+        let manager = CertManager { commands };
+        tokio::spawn(run_manager(
+            ca,
+            config,
+            metrics,
+            rx,
+            manager.commands.clone(),
+        ));
+        manager
+    }
+
+    /// The certificate of `id`, now and after every renewal (`None` until the first one arrives,
+    /// or once the held one expired with the CA unreachable). Starts fetching if needed.
+    pub async fn subscribe(&self, id: &SpiffeId) -> Result<SvidWatch, ManagerGone> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Subscribe(id.clone(), tx))
+            .await
+            .map_err(|_| ManagerGone)?;
+        rx.await.map_err(|_| ManagerGone)
+    }
+
+    /// The identities the node's workloads will need (their pods are on this node): fetched
+    /// ahead of the first request, and kept while wanted even with no subscriber.
+    pub async fn set_wanted(&self, ids: BTreeSet<SpiffeId>) -> Result<(), ManagerGone> {
+        self.commands
+            .send(Command::Want(ids))
+            .await
+            .map_err(|_| ManagerGone)
+    }
+}
+
+async fn run_manager(
+    ca: CaClient,
+    config: CertConfig,
+    metrics: Arc<Metrics>,
+    mut commands: mpsc::Receiver<Command>,
+    handle: mpsc::Sender<Command>,
+) {
+    let slots = Arc::new(Semaphore::new(config.max_concurrent_fetches));
+    let mut workers: HashMap<SpiffeId, Worker> = HashMap::new();
+    let mut wanted: BTreeSet<SpiffeId> = BTreeSet::new();
+    let spawn = |id: &SpiffeId| {
+        let svid = Arc::new(watch::channel(None).0);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let worker = IdentityWorker {
+            id: id.clone(),
+            impersonate: config.own_id.as_ref() != Some(id),
+            ca: ca.clone(),
+            ttl: config.ttl,
+            slots: slots.clone(),
+            metrics: metrics.clone(),
+            svid: svid.clone(),
+            manager: handle.clone(),
+        };
+        tokio::spawn(worker.run(stop_rx));
+        info!(identity = %id, "managing a new identity");
+        Worker {
+            svid,
+            _stop: stop_tx,
+        }
+    };
+    while let Some(command) = commands.recv().await {
+        match command {
+            Command::Subscribe(id, reply) => {
+                let worker = workers.entry(id.clone()).or_insert_with(|| spawn(&id));
+                let _ = reply.send(worker.svid.subscribe());
+            }
+            Command::Want(ids) => {
+                for id in &ids {
+                    workers.entry(id.clone()).or_insert_with(|| spawn(id));
+                }
+                let dropped: Vec<_> = wanted.difference(&ids).cloned().collect();
+                wanted = ids;
+                for id in dropped {
+                    forget_if_idle(&mut workers, &wanted, &id);
+                }
+            }
+            Command::Idle(id) => forget_if_idle(&mut workers, &wanted, &id),
+        }
+        metrics.identities.set(workers.len() as i64);
+    }
+}
+
+/// Stops and forgets `id` if no one subscribes to it and no pod on the node wants it. Decided
+/// here, in the one task that also hands out subscriptions, so none can race with it.
+fn forget_if_idle(
+    workers: &mut HashMap<SpiffeId, Worker>,
+    wanted: &BTreeSet<SpiffeId>,
+    id: &SpiffeId,
+) {
+    let idle = workers
+        .get(id)
+        .is_some_and(|w| w.svid.receiver_count() == 0);
+    if idle && !wanted.contains(id) {
+        workers.remove(id);
+        info!(identity = %id, "forgot an identity no workload needs any more");
+    }
+}
+
+/// Owns one identity's certificate.
+struct IdentityWorker {
+    id: SpiffeId,
+    impersonate: bool,
+    ca: CaClient,
+    ttl: Duration,
+    slots: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    svid: Arc<watch::Sender<Option<Arc<Svid>>>>,
+    manager: mpsc::Sender<Command>,
+}
+
+impl IdentityWorker {
+    async fn run(self, mut stop: oneshot::Receiver<()>) {
+        let labels = IdentityLabels {
+            identity: self.id.to_string(),
+        };
+        let mut backoff = Backoff::default();
+        let mut idle_check = tokio::time::interval(IDLE_CHECK);
+        let mut reported_idle = false;
+        loop {
+            let wait = match self.fetch().await {
+                Ok(svid) => {
+                    backoff.reset();
+                    let expiry = svid
+                        .not_after
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    self.metrics
+                        .cert_expiry
+                        .get_or_create(&labels)
+                        .set(expiry.as_secs() as i64);
+                    let wait = svid.renew_in(SystemTime::now());
+                    debug!(identity = %self.id, serial = %svid.serial_hex, renew_in = ?wait, "certificate issued");
+                    self.svid.send_replace(Some(Arc::new(svid)));
+                    wait
+                }
+                Err(e) => {
+                    self.metrics.csr_failures.get_or_create(&labels).inc();
+                    let still_valid = self
+                        .svid
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|s| s.is_valid(SystemTime::now()));
+                    if !still_valid && self.svid.borrow().is_some() {
+                        self.svid.send_replace(None);
+                    }
+                    let wait = backoff.next_delay();
+                    warn!(identity = %self.id, error = %e, keeping_valid_certificate = still_valid, retry_in = ?wait, "certificate request failed");
+                    wait
+                }
+            };
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = &mut stop => {
+                        self.metrics.cert_expiry.remove(&labels);
+                        return;
+                    }
+                    _ = idle_check.tick() => {
+                        if self.svid.receiver_count() > 0 {
+                            reported_idle = false;
+                        } else if !reported_idle {
+                            reported_idle = true;
+                            let _ = self.manager.send(Command::Idle(self.id.clone())).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<Svid, FetchError> {
+        let _slot = self.slots.acquire().await.expect("never closed");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| FetchError::Key(e.to_string()))?;
+        let csr = csr::build_csr(&key).map_err(|e| FetchError::Key(e.to_string()))?;
+        let started = Instant::now();
+        let result = self
+            .ca
+            .sign(csr, self.ttl, self.impersonate.then_some(&self.id))
+            .await;
+        self.metrics
+            .csr_duration
+            .observe(started.elapsed().as_secs_f64());
+        let response = result?;
+        let report = profile::inspect_cert(&response.leaf)
+            .map_err(|e| FetchError::BadCertificate(e.to_string()))?;
+        // Never serve a certificate for another identity than the one asked for (ztunnel checks
+        // this too): a CA bug must not become a workload impersonating another.
+        if report.spiffe_id.as_ref() != Some(&self.id) {
+            return Err(FetchError::WrongIdentity {
+                expected: self.id.clone(),
+                got: report
+                    .spiffe_id
+                    .map_or_else(|| "(none)".to_string(), |id| id.to_string()),
+            });
+        }
+        let chain = std::iter::once(response.leaf)
+            .chain(response.intermediates)
+            .map(CertificateDer::from)
+            .collect();
+        Ok(Svid {
+            id: self.id.clone(),
+            chain,
+            key_pkcs8: key.serialize_der(),
+            not_before: report.not_before.into(),
+            not_after: report.not_after.into(),
+            received_at: SystemTime::now(),
+            serial_hex: report.serial_hex,
+        })
+    }
+}
+
+/// Keeps the agent's own client certificate (hosts without Kubernetes) fresh: every renewal of
+/// `own_id` by the manager replaces the credential the CA client presents.
+pub async fn keep_agent_certificate(
+    manager: CertManager,
+    own_id: SpiffeId,
+    credential: watch::Sender<Arc<CertifiedKey>>,
+) -> Result<(), ManagerGone> {
+    let mut svid = manager.subscribe(&own_id).await?;
+    loop {
+        if let Some(current) = svid.borrow_and_update().clone() {
+            credential.send_replace(Arc::new(current.certified_key()));
+        }
+        if svid.changed().await.is_err() {
+            return Err(ManagerGone);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svid(received_at: SystemTime, ttl: Duration) -> Svid {
+        Svid {
+            id: "spiffe://cluster.local/ns/a/sa/b".parse().unwrap(),
+            chain: Vec::new(),
+            key_pkcs8: Vec::new(),
+            not_before: received_at - Duration::from_secs(60),
+            not_after: received_at + ttl,
+            received_at,
+            serial_hex: "01".into(),
+        }
+    }
+
+    #[test]
+    fn renews_at_half_the_lifetime_it_arrived_with() {
+        let now = SystemTime::now();
+        for ttl in [Duration::from_secs(4), Duration::from_secs(24 * 3600)] {
+            let wait = svid(now, ttl).renew_in(now);
+            assert!(
+                wait >= ttl.mul_f64(0.45) && wait <= ttl.mul_f64(0.55),
+                "{ttl:?}: {wait:?}"
+            );
+        }
+        // Already past its renewal time: renew now.
+        let old = svid(now - Duration::from_secs(10), Duration::from_secs(4));
+        assert_eq!(old.renew_in(now), Duration::ZERO);
+        assert!(!old.is_valid(now));
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let mut s = svid(SystemTime::now(), Duration::from_secs(4));
+        s.key_pkcs8 = b"SECRET-KEY-BYTES".to_vec();
+        assert!(!format!("{s:?}").contains("SECRET"));
+    }
+}

@@ -1,0 +1,91 @@
+//! `sigil agent run` configuration: every flag, its default (named consts) and its meaning,
+//! parsed once and printed at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use sigil_ca::config::parse_duration;
+
+pub const DEFAULT_CA_ADDR: &str = "sigil-ca.sigil-system.svc:15012";
+pub const DEFAULT_CA_NAME: &str = "sigil-ca.sigil-system.svc";
+pub const DEFAULT_SOCKET: &str = "/run/sigil/agent.sock";
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15021";
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/sigil-ca/token";
+pub const DEFAULT_CERT_TTL: &str = "24h";
+pub const DEFAULT_PROC_ROOT: &str = "/proc";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AttestorKind {
+    /// Pods: caller's PID → cgroup → pod UID → this node's pods (needs --node-name and the API).
+    K8s,
+    /// Hosts without Kubernetes: --unix-map maps uid (and optionally executable path) to an ID.
+    Unix,
+}
+
+/// Runs the node agent.
+#[derive(Args, Clone, Debug)]
+pub struct AgentConfig {
+    /// SPIFFE trust domain.
+    #[arg(long, env = "SIGIL_TRUST_DOMAIN", default_value = sigil_ca::config::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// The CA's address (host:port).
+    #[arg(long = "ca", default_value = DEFAULT_CA_ADDR)]
+    pub ca_addr: String,
+
+    /// The name the CA's serving certificate must carry.
+    #[arg(long, default_value = DEFAULT_CA_NAME)]
+    pub ca_name: String,
+
+    /// PEM roots that authenticate the CA at start (the `sigil-ca-root` ConfigMap's
+    /// root-cert.pem); after that the bundle follows the CA's WatchTrustBundle stream.
+    #[arg(long)]
+    pub ca_bundle: PathBuf,
+
+    /// The agent's projected service-account token (audience sigil-ca), re-read on every request.
+    #[arg(long, default_value = DEFAULT_TOKEN_FILE, conflicts_with = "client_cert")]
+    pub token_file: PathBuf,
+
+    /// Hosts without Kubernetes: the agent's certificate from `sigil ca issue` (renewed by the
+    /// agent itself before it expires); use with --client-key.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+
+    /// The Unix socket serving SDS and the SPIFFE Workload API (mode 0666; share the directory
+    /// with pods through a hostPath).
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// How callers are attested.
+    #[arg(long, value_enum, default_value_t = AttestorKind::K8s)]
+    pub attestor: AttestorKind,
+
+    /// With --attestor unix: `workloads: [{uid: 1000, path: /usr/bin/envoy, id: spiffe://...}]`.
+    #[arg(long, required_if_eq("attestor", "unix"))]
+    pub unix_map: Option<PathBuf>,
+
+    /// This node's name (the downward API's spec.nodeName), for --attestor k8s.
+    #[arg(long, env = "NODE_NAME", required_if_eq("attestor", "k8s"))]
+    pub node_name: Option<String>,
+
+    /// Where /proc is (the host's, with hostPID).
+    #[arg(long, default_value = DEFAULT_PROC_ROOT)]
+    pub proc_root: PathBuf,
+
+    /// Prometheus /metrics, /ready and /healthz.
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+
+    /// Lifetime to ask for; certificates are renewed at half of it.
+    #[arg(long, value_parser = parse_duration, default_value = DEFAULT_CERT_TTL)]
+    pub cert_ttl: Duration,
+
+    /// Most signing requests in flight at once.
+    #[arg(long, default_value_t = crate::certs::DEFAULT_MAX_CONCURRENT_FETCHES)]
+    pub max_concurrent_fetches: usize,
+}

@@ -1,0 +1,14 @@
+//! The sigil node agent: finds out who is calling (attestation from the caller's process, never
+//! from what it says) and keeps one certificate per identity fresh from the CA.
+#![forbid(unsafe_code)]
+
+pub mod attest;
+pub mod backoff;
+pub mod ca_client;
+pub mod certs;
+pub mod config;
+pub mod metrics;
+pub mod peer;
+pub mod sds;
+pub mod server;
+pub mod workload_api;

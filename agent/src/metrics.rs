@@ -1,0 +1,108 @@
+//! The agent's Prometheus metrics.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: String,
+}
+
+/// Which API on the agent socket.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum SocketApi {
+    Sds,
+    WorkloadApi,
+}
+
+impl SocketApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SocketApi::Sds => "sds",
+            SocketApi::WorkloadApi => "workload_api",
+        }
+    }
+}
+
+impl EncodeLabelValue for SocketApi {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    pub api: SocketApi,
+}
+
+pub struct Metrics {
+    pub cert_expiry: Family<IdentityLabels, Gauge>,
+    pub csr_duration: Histogram,
+    pub csr_failures: Family<IdentityLabels, Counter>,
+    pub identities: Gauge,
+    pub streams: Family<ApiLabels, Gauge>,
+    pub pushes: Family<ApiLabels, Counter>,
+    pub nacks: Counter,
+    pub attestation_failures: Counter,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let metrics = Metrics {
+            cert_expiry: Family::default(),
+            csr_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            csr_failures: Family::default(),
+            identities: Gauge::default(),
+            streams: Family::default(),
+            pushes: Family::default(),
+            nacks: Counter::default(),
+            attestation_failures: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("sigil_agent");
+        r.register(
+            "cert_expiry_timestamp_seconds",
+            "NotAfter (unix seconds) of the certificate held for each identity",
+            metrics.cert_expiry.clone(),
+        );
+        r.register(
+            "csr_duration_seconds",
+            "Time for one signing request to the CA, successful or not",
+            metrics.csr_duration.clone(),
+        );
+        r.register(
+            "csr_failures",
+            "Signing requests that failed, per identity (logs say why)",
+            metrics.csr_failures.clone(),
+        );
+        r.register(
+            "identities",
+            "Identities the agent currently keeps certificates for",
+            metrics.identities.clone(),
+        );
+        r.register(
+            "streams",
+            "Open streams on the agent socket, by API",
+            metrics.streams.clone(),
+        );
+        r.register(
+            "pushes",
+            "Responses pushed on streams (first answers, rotations, bundle changes), by API",
+            metrics.pushes.clone(),
+        );
+        r.register(
+            "sds_nacks",
+            "SDS responses Envoy rejected (NACK)",
+            metrics.nacks.clone(),
+        );
+        r.register(
+            "attestation_failures",
+            "Callers on the agent socket that could not be attested (logs say why)",
+            metrics.attestation_failures.clone(),
+        );
+        metrics
+    }
+}

@@ -1,0 +1,245 @@
+//! `sigil agent run`: wires the CA client, the trust-bundle stream, the certificate manager, the
+//! attestor (and, in Kubernetes, the watch of this node's pods that drives prefetching) and the
+//! socket serving SDS and the SPIFFE Workload API, plus the admin endpoint.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use sigil_ca::admin::{self, Readiness};
+use sigil_identity::tls::CertifiedKey;
+use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{error, info, warn};
+
+use crate::attest::Attestor;
+use crate::attest::k8s::{self, KubernetesAttestor, NodePods};
+use crate::attest::procfs::Procfs;
+use crate::attest::unix::UnixAttestor;
+use crate::ca_client::{CaClient, Credential};
+use crate::certs::{self, CertConfig, CertManager};
+use crate::config::{AgentConfig, AttestorKind};
+use crate::metrics::Metrics;
+use crate::peer::Workloads;
+use crate::sds::Sds;
+use crate::workload_api::WorkloadApi;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("--trust-domain: {0}")]
+    TrustDomain(String),
+    #[error("--ca-bundle {path}: {reason}")]
+    Bundle { path: String, reason: String },
+    #[error("--client-cert/--client-key: {0}")]
+    ClientCert(String),
+    #[error("--unix-map: {0}")]
+    UnixMap(String),
+    #[error("--attestor k8s needs --node-name (or NODE_NAME)")]
+    NoNodeName,
+    #[error("connecting to the Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("socket {path}: {reason}")]
+    Socket { path: String, reason: String },
+    #[error("binding the admin endpoint {addr}: {source}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving the agent socket: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+    let td = TrustDomain::new(&config.trust_domain)
+        .map_err(|e| AgentError::TrustDomain(e.to_string()))?;
+    info!(config = ?config, "starting sigil agent");
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+
+    let bundle = read_bundle(&config.ca_bundle, &td)?;
+    let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
+
+    // The agent's own credential, and its own identity when that is a certificate.
+    let (credential, own_cert) = match (&config.client_cert, &config.client_key) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &Path| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| AgentError::ClientCert(format!("{}: {e}", p.display())))
+            };
+            let certified = CertifiedKey::from_pem(&read(cert)?, &read(key)?)
+                .map_err(|e| AgentError::ClientCert(e.to_string()))?;
+            let own_id = sigil_identity::profile::leaf_spiffe_id(&certified.chain[0])
+                .map_err(|e| AgentError::ClientCert(e.to_string()))?;
+            let (tx, rx) = watch::channel(Arc::new(certified));
+            (Credential::Certificate(rx), Some((own_id, tx)))
+        }
+        _ => (Credential::TokenFile(config.token_file.clone()), None),
+    };
+    let ca = CaClient::new(
+        config.ca_addr.clone(),
+        config.ca_name.clone(),
+        bundle_rx.clone(),
+        credential,
+    );
+    tokio::spawn(ca.clone().follow_bundle(td.clone(), bundle_tx));
+    let certs = CertManager::spawn(
+        ca,
+        CertConfig {
+            ttl: config.cert_ttl,
+            max_concurrent_fetches: config.max_concurrent_fetches,
+            own_id: own_cert.as_ref().map(|(id, _)| id.clone()),
+        },
+        metrics.clone(),
+    );
+    if let Some((own_id, tx)) = own_cert {
+        let manager = certs.clone();
+        tokio::spawn(async move {
+            if let Err(e) = certs::keep_agent_certificate(manager, own_id, tx).await {
+                error!(error = %e, "renewing the agent's own certificate stopped");
+            }
+        });
+    }
+
+    // Attestation, and (Kubernetes) prefetching for the pods on this node.
+    let procfs = Procfs::new(config.proc_root.clone());
+    let (attestor, pods_synced) = match config.attestor {
+        AttestorKind::Unix => {
+            let path = config
+                .unix_map
+                .as_ref()
+                .ok_or_else(|| AgentError::UnixMap("missing".into()))?;
+            let attestor =
+                UnixAttestor::load(path, procfs).map_err(|e| AgentError::UnixMap(e.to_string()))?;
+            (Attestor::Unix(attestor), None)
+        }
+        AttestorKind::K8s => {
+            let node = config.node_name.clone().ok_or(AgentError::NoNodeName)?;
+            let client = kube::Client::try_default().await?;
+            let (tx, rx) = watch::channel(NodePods::default());
+            tokio::spawn(k8s::watch_node_pods(client, node, tx));
+            tokio::spawn(prefetch(rx.clone(), td.clone(), certs.clone()));
+            (
+                Attestor::Kubernetes(KubernetesAttestor::new(procfs, td.clone(), rx.clone())),
+                Some(rx),
+            )
+        }
+    };
+
+    let workloads = Workloads::new(
+        Arc::new(attestor),
+        certs,
+        bundle_rx.clone(),
+        metrics.clone(),
+    );
+    let listener = bind_socket(&config.socket)?;
+    info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS and the SPIFFE Workload API");
+
+    let (ready_tx, ready_rx) = watch::channel(Readiness::default());
+    tokio::spawn(track_readiness(bundle_rx, pods_synced, ready_tx));
+    let admin_listener = TcpListener::bind(config.admin_addr)
+        .await
+        .map_err(|source| AgentError::Admin {
+            addr: config.admin_addr,
+            source,
+        })?;
+    let admin_shutdown = shutdown.clone();
+    let registry = Arc::new(registry);
+    tokio::spawn(async move {
+        if let Err(e) = admin::serve(admin_listener, registry, ready_rx, admin_shutdown).await {
+            error!(error = %e, "admin server failed");
+        }
+    });
+
+    let mut socket_shutdown = shutdown;
+    let result = tonic::transport::Server::builder()
+        .add_service(Sds::new(workloads.clone()).into_service())
+        .add_service(WorkloadApi::new(workloads).into_service())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            let _ = socket_shutdown.wait_for(|stop| *stop).await;
+        })
+        .await;
+    let _ = std::fs::remove_file(&config.socket);
+    info!("agent stopped");
+    Ok(result?)
+}
+
+fn read_bundle(path: &Path, td: &TrustDomain) -> Result<TrustBundle, AgentError> {
+    let err = |reason: String| AgentError::Bundle {
+        path: path.display().to_string(),
+        reason,
+    };
+    let pem = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    TrustBundle::from_pem(td.clone(), &pem).map_err(|e| err(e.to_string()))
+}
+
+/// Binds the agent socket: a stale file from a crashed run is replaced, but a socket another
+/// agent still answers on is not stolen. Mode 0666 so every workload on the node can connect;
+/// who they are is decided by attestation, not by file permissions.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
+    let err = |reason: String| AgentError::Socket {
+        path: path.display().to_string(),
+        reason,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(err("another process is serving on it; stop it first".into()));
+        }
+        warn!(socket = %path.display(), "replacing a stale socket file");
+        std::fs::remove_file(path).map_err(|e| err(e.to_string()))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(listener)
+}
+
+/// Keeps the certificate manager's wanted set equal to the identities of the live pods on this
+/// node: fetched when a pod lands, forgotten when the last one leaves.
+async fn prefetch(mut pods: watch::Receiver<NodePods>, td: TrustDomain, certs: CertManager) {
+    loop {
+        let wanted: BTreeSet<SpiffeId> = pods
+            .borrow_and_update()
+            .service_accounts()
+            .into_iter()
+            .filter_map(|(ns, sa)| SpiffeId::for_service_account(&td, &ns, &sa).ok())
+            .collect();
+        if certs.set_wanted(wanted).await.is_err() || pods.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn track_readiness(
+    mut bundle: watch::Receiver<Arc<TrustBundle>>,
+    mut pods: Option<watch::Receiver<NodePods>>,
+    tx: watch::Sender<Readiness>,
+) {
+    loop {
+        let state = Readiness(vec![
+            ("trust_bundle", !bundle.borrow_and_update().roots.is_empty()),
+            (
+                "pods_synced",
+                pods.as_mut().is_none_or(|p| p.borrow_and_update().synced),
+            ),
+        ]);
+        tx.send_replace(state);
+        let pods_changed = async {
+            match pods.as_mut() {
+                Some(p) => p.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = bundle.changed() => if r.is_err() { return },
+            r = pods_changed => if r.is_err() { return },
+        }
+    }
+}

@@ -1,0 +1,829 @@
+//! The SPIFFE Workload API (`SpiffeWorkloadAPI`) on the agent socket, so SPIFFE client libraries
+//! (go-spiffe, the `spiffe` crate, py-spiffe) get their X.509-SVID and trust bundle from sigil.
+//!
+//! As the SPIFFE Workload Endpoint and Workload API standards say: every request must carry the
+//! metadata `workload.spiffe.io: true` (else `InvalidArgument`, checked before anything else); the
+//! caller is attested from its connection and gets exactly the identity it is entitled to (else
+//! `PermissionDenied`, which clients retry); each stream message carries the whole current state,
+//! the first one as soon as it exists, then one per rotation and per trust-bundle change.
+//!
+//! JWT-SVIDs are not issued by sigil's CA yet, so the JWT RPCs answer `Unimplemented` (what the
+//! standard expects of an endpoint without a profile) rather than anything made up.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use rustls_pki_types::CertificateDer;
+use sigil_identity::TrustBundle;
+use sigil_proto::spiffe_workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use sigil_proto::spiffe_workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
+};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::certs::{ManagerGone, Svid, SvidWatch};
+use crate::metrics::{ApiLabels, Metrics, SocketApi};
+use crate::peer::Workloads;
+
+/// The metadata key every request must carry, with the value `true`. A client that sets it knows
+/// it is talking to the Workload API, which keeps a request smuggled to the socket by some other
+/// protocol (SSRF) from obtaining the caller's key.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+const LABELS: ApiLabels = ApiLabels {
+    api: SocketApi::WorkloadApi,
+};
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Why a request was refused or a stream ended. The caller is told the message.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadApiError {
+    #[error("the security header `workload.spiffe.io: true` is missing")]
+    MissingSecurityHeader,
+    #[error("the agent is shutting down")]
+    ShuttingDown(#[from] ManagerGone),
+    #[error("JWT-SVIDs are not supported by this agent yet")]
+    JwtUnsupported,
+}
+
+impl From<WorkloadApiError> for Status {
+    fn from(e: WorkloadApiError) -> Self {
+        let message = e.to_string();
+        match e {
+            // Clients do not retry this: the same request would fail again.
+            WorkloadApiError::MissingSecurityHeader => Status::invalid_argument(message),
+            // Clients retry this, and reach the agent that replaces this one.
+            WorkloadApiError::ShuttingDown(_) => Status::unavailable(message),
+            WorkloadApiError::JwtUnsupported => Status::unimplemented(message),
+        }
+    }
+}
+
+/// The `SpiffeWorkloadAPI` service over the node's workloads.
+pub struct WorkloadApi {
+    workloads: Workloads,
+}
+
+impl WorkloadApi {
+    pub fn new(workloads: Workloads) -> Self {
+        WorkloadApi { workloads }
+    }
+
+    pub fn into_service(self) -> SpiffeWorkloadApiServer<WorkloadApi> {
+        SpiffeWorkloadApiServer::new(self)
+    }
+}
+
+/// Refuses a request without exactly one `workload.spiffe.io: true` (SPIRE accepts no more).
+fn check_security_header<T>(request: &Request<T>) -> Result<(), WorkloadApiError> {
+    let mut values = request.metadata().get_all(SECURITY_HEADER).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) if value.to_str().ok() == Some("true") => Ok(()),
+        _ => Err(WorkloadApiError::MissingSecurityHeader),
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_security_header(&request)?;
+        let workload = self.workloads.attest(&request).await?;
+        let svid = self
+            .workloads
+            .certs
+            .subscribe(&workload.id)
+            .await
+            .map_err(WorkloadApiError::from)?;
+        info!(identity = %workload.id, "Workload API X.509-SVID stream opened");
+        let feed = Feed::new(
+            Some(svid),
+            self.workloads.bundle.clone(),
+            &self.workloads.metrics,
+            x509_svid_response,
+        );
+        Ok(Response::new(feed.into_stream()))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_security_header(&request)?;
+        // Only attested callers learn what this node trusts, as with SPIRE.
+        let workload = self.workloads.attest(&request).await?;
+        info!(identity = %workload.id, "Workload API X.509 bundle stream opened");
+        let feed = Feed::new(
+            None,
+            self.workloads.bundle.clone(),
+            &self.workloads.metrics,
+            |_, bundle| Some(x509_bundles_response(bundle)),
+        );
+        Ok(Response::new(feed.into_stream()))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        check_security_header(&request)?;
+        Err(WorkloadApiError::JwtUnsupported.into())
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_security_header(&request)?;
+        Err(WorkloadApiError::JwtUnsupported.into())
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_security_header(&request)?;
+        Err(WorkloadApiError::JwtUnsupported.into())
+    }
+}
+
+/// The whole state one stream follows: the caller's certificate (X.509-SVID streams only) and
+/// the trust bundle. `render` turns the current state into the message to push, or `None` while
+/// there is nothing to push yet (no certificate issued, or one that expired while the CA was
+/// unreachable: the next message then comes with its replacement).
+struct Feed<T> {
+    svid: Option<SvidWatch>,
+    bundle: watch::Receiver<Arc<TrustBundle>>,
+    render: fn(Option<&Svid>, &TrustBundle) -> Option<T>,
+    /// Whether the state has not been looked at yet: the first message goes out without waiting
+    /// for a change.
+    unseen: bool,
+    pushes: Counter,
+    _open: OpenStream,
+}
+
+impl<T: Send + 'static> Feed<T> {
+    fn new(
+        svid: Option<SvidWatch>,
+        bundle: watch::Receiver<Arc<TrustBundle>>,
+        metrics: &Metrics,
+        render: fn(Option<&Svid>, &TrustBundle) -> Option<T>,
+    ) -> Self {
+        Feed {
+            svid,
+            bundle,
+            render,
+            unseen: true,
+            pushes: metrics.pushes.get_or_create(&LABELS).clone(),
+            _open: OpenStream::new(metrics),
+        }
+    }
+
+    /// The next message: at once for the first, else on the next change worth a message. Both
+    /// receivers always hold the newest value, so a client that reads slowly gets the latest
+    /// state, never a backlog of stale ones.
+    async fn next_message(&mut self) -> Result<T, WorkloadApiError> {
+        loop {
+            if !self.unseen {
+                let (svid, bundle) = (&mut self.svid, &mut self.bundle);
+                let svid_changed = async {
+                    match svid {
+                        Some(svid) => svid.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    changed = svid_changed => changed.map_err(|_| ManagerGone)?,
+                    // The bundle's sender lives as long as the agent does.
+                    changed = bundle.changed() => changed.map_err(|_| ManagerGone)?,
+                }
+            }
+            self.unseen = false;
+            let svid = self
+                .svid
+                .as_mut()
+                .and_then(|svid| svid.borrow_and_update().clone());
+            let bundle = self.bundle.borrow_and_update().clone();
+            // An empty bundle would tell the workload to trust nothing; wait for the real one.
+            if bundle.roots.is_empty() {
+                continue;
+            }
+            if let Some(message) = (self.render)(svid.as_deref(), &bundle) {
+                return Ok(message);
+            }
+        }
+    }
+
+    fn into_stream(self) -> ResponseStream<T> {
+        Box::pin(futures::stream::unfold(Some(self), |feed| async move {
+            let mut feed = feed?;
+            match feed.next_message().await {
+                Ok(message) => {
+                    feed.pushes.inc();
+                    Some((Ok(message), Some(feed)))
+                }
+                // The error is the stream's last message.
+                Err(e) => Some((Err(e.into()), None)),
+            }
+        }))
+    }
+}
+
+/// Counts the stream in `sigil_agent_streams{api="workload_api"}` while it lives, however it ends.
+struct OpenStream(Gauge);
+
+impl OpenStream {
+    fn new(metrics: &Metrics) -> Self {
+        let gauge = metrics.streams.get_or_create(&LABELS).clone();
+        gauge.inc();
+        OpenStream(gauge)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// DER certificates back to back, as the Workload API carries chains and bundles.
+fn concat_der(certs: &[CertificateDer<'_>]) -> Vec<u8> {
+    certs.iter().flat_map(|c| c.iter().copied()).collect()
+}
+
+/// The caller's one identity (so also `svids[0]`, the default), with its own trust domain's
+/// bundle. sigil does not federate, so there are no federated bundles.
+fn x509_svid_response(svid: Option<&Svid>, bundle: &TrustBundle) -> Option<X509svidResponse> {
+    let svid = svid?;
+    Some(X509svidResponse {
+        svids: vec![X509svid {
+            spiffe_id: svid.id.to_string(),
+            x509_svid: concat_der(&svid.chain),
+            x509_svid_key: svid.key_pkcs8().to_vec(),
+            bundle: concat_der(&bundle.roots),
+            hint: String::new(),
+        }],
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    })
+}
+
+/// The bundle keyed by the trust domain's SPIFFE ID (`spiffe://cluster.local`), as the standard
+/// and SPIRE key it; client libraries also accept the bare name.
+fn x509_bundles_response(bundle: &TrustBundle) -> X509BundlesResponse {
+    X509BundlesResponse {
+        crl: Vec::new(),
+        bundles: HashMap::from([(
+            bundle.trust_domain.id().to_string(),
+            concat_der(&bundle.roots),
+        )]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Everything over a real Unix socket served by tonic, with the real Unix attestor reading
+    //! this test process's peer credentials, a real certificate manager and a real sigil CA
+    //! running in-process; the happy paths through the real `spiffe` client library.
+
+    use std::net::SocketAddr;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use clap::Parser;
+    use futures::StreamExt;
+    use prometheus_client::registry::Registry;
+    use sigil_ca::cli::{CaCommand, InitArgs, IssueArgs, RotateArgs};
+    use sigil_ca::config::CaConfig;
+    use sigil_identity::tls::{self, CertifiedKey, ClientAuth};
+    use sigil_identity::{SpiffeId, TrustDomain};
+    use sigil_proto::spiffe_workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpStream, UnixListener, UnixStream};
+    use tokio_stream::wrappers::UnixListenerStream;
+    use tonic::transport::Channel;
+
+    use super::*;
+    use crate::attest::Attestor;
+    use crate::attest::procfs::Procfs;
+    use crate::attest::unix::UnixAttestor;
+    use crate::ca_client::{CaClient, Credential};
+    use crate::certs::{CertConfig, CertManager};
+
+    const AGENT_ID: &str = "spiffe://cluster.local/ns/sigil-system/sa/sigil-agent";
+    const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
+    const WAIT: Duration = Duration::from_secs(15);
+
+    /// `sigil ca serve`'s flags, parsed as the CLI parses them.
+    #[derive(Parser)]
+    struct CaFlags {
+        #[command(flatten)]
+        config: CaConfig,
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    fn free_addr() -> SocketAddr {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    fn this_uid() -> u32 {
+        std::fs::metadata("/proc/self").unwrap().uid()
+    }
+
+    /// Who the Unix attestor maps this test process to.
+    enum Caller {
+        /// Its uid → `WEB_ID`.
+        Known,
+        /// Its uid only when running a binary it is not: attestation fails.
+        Unknown,
+    }
+
+    /// A CA, an agent serving the Workload API on a Unix socket, and what tests look at.
+    struct Agent {
+        /// The CA's state, the agent's certificate and the socket live here.
+        _dir: tempfile::TempDir,
+        state: PathBuf,
+        socket: PathBuf,
+        bundle: Arc<TrustBundle>,
+        metrics: Arc<Metrics>,
+        /// Dropping it stops the CA.
+        _stop_ca: watch::Sender<bool>,
+    }
+
+    async fn ca_command(command: CaCommand) {
+        sigil_ca::cli::run(command, watch::channel(false).1)
+            .await
+            .unwrap();
+    }
+
+    /// Waits for the CA's `/ready` to answer 200 (its key is loaded).
+    async fn wait_ready(admin: SocketAddr) {
+        for _ in 0..300 {
+            if let Ok(mut stream) = TcpStream::connect(admin).await {
+                let request =
+                    format!("GET /ready HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
+                let mut answer = String::new();
+                if stream.write_all(request.as_bytes()).await.is_ok()
+                    && stream.read_to_string(&mut answer).await.is_ok()
+                    && answer.starts_with("HTTP/1.1 200")
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the CA never became ready");
+    }
+
+    /// The CA with client-certificate auth and a static entry letting the agent issue `WEB_ID`
+    /// (as `sigil ca serve --auth certs --static-entries` outside Kubernetes), then the agent.
+    async fn start(caller: Caller, ttl: Duration) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        ca_command(CaCommand::Init(InitArgs {
+            state_dir: state.clone(),
+            trust_domain: "cluster.local".into(),
+        }))
+        .await;
+        let entries = dir.path().join("entries.yaml");
+        std::fs::write(
+            &entries,
+            format!("agents:\n- id: {AGENT_ID}\n  may_issue: [{WEB_ID}]\n"),
+        )
+        .unwrap();
+        let agent_dir = dir.path().join("agent");
+        ca_command(CaCommand::Issue(IssueArgs {
+            state_dir: state.clone(),
+            trust_domain: "cluster.local".into(),
+            id: AGENT_ID.into(),
+            ttl: Duration::from_secs(3600),
+            out_dir: agent_dir.clone(),
+        }))
+        .await;
+        let agent_cert = CertifiedKey::from_pem(
+            &std::fs::read_to_string(agent_dir.join("cert.pem")).unwrap(),
+            &std::fs::read_to_string(agent_dir.join("key.pem")).unwrap(),
+        )
+        .unwrap();
+
+        let (grpc, admin) = (free_addr(), free_addr());
+        let (grpc_flag, admin_flag) = (grpc.to_string(), admin.to_string());
+        let flags = CaFlags::try_parse_from([
+            "ca",
+            "--listen",
+            &grpc_flag,
+            "--admin-addr",
+            &admin_flag,
+            "--server-name",
+            "localhost",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--auth",
+            "certs",
+            "--static-entries",
+            entries.to_str().unwrap(),
+            "--max-ttl",
+            "24h",
+            "--reload-interval",
+            "100ms",
+            "--no-root-configmaps",
+        ])
+        .unwrap();
+        let (stop_ca, ca_shutdown) = watch::channel(false);
+        tokio::spawn(sigil_ca::server::serve(flags.config, ca_shutdown));
+        wait_ready(admin).await;
+
+        let pem = std::fs::read_to_string(state.join("root-cert.pem")).unwrap();
+        let bundle = Arc::new(TrustBundle::from_pem(td(), &pem).unwrap());
+        let (bundle_tx, bundle_rx) = watch::channel(bundle.clone());
+        let (_, credential) = watch::channel(Arc::new(agent_cert));
+        let ca = CaClient::new(
+            grpc.to_string(),
+            "localhost".into(),
+            bundle_rx.clone(),
+            Credential::Certificate(credential),
+        );
+        tokio::spawn(ca.clone().follow_bundle(td(), bundle_tx));
+        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
+        let certs = CertManager::spawn(
+            ca,
+            CertConfig {
+                ttl,
+                max_concurrent_fetches: 8,
+                own_id: Some(AGENT_ID.parse().unwrap()),
+            },
+            metrics.clone(),
+        );
+
+        let uid = this_uid();
+        let workloads_yaml = match caller {
+            Caller::Known => format!("workloads:\n- {{uid: {uid}, id: {WEB_ID}}}\n"),
+            Caller::Unknown => {
+                format!(
+                    "workloads:\n- {{uid: {uid}, path: /usr/bin/not-this-test, id: {WEB_ID}}}\n"
+                )
+            }
+        };
+        let attestor = UnixAttestor::parse(&workloads_yaml, "test", Procfs::host()).unwrap();
+        let workloads = Workloads::new(
+            Arc::new(Attestor::Unix(attestor)),
+            certs,
+            bundle_rx,
+            metrics.clone(),
+        );
+        let socket = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(WorkloadApi::new(workloads).into_service())
+                .serve_with_incoming(UnixListenerStream::new(listener)),
+        );
+        Agent {
+            _dir: dir,
+            state,
+            socket,
+            bundle,
+            metrics,
+            _stop_ca: stop_ca,
+        }
+    }
+
+    impl Agent {
+        /// Our own generated client, which sends exactly what a test asks for.
+        async fn raw_client(&self) -> SpiffeWorkloadApiClient<Channel> {
+            let socket = self.socket.clone();
+            let channel = tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let socket = socket.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            UnixStream::connect(socket).await?,
+                        ))
+                    }
+                }))
+                .await
+                .unwrap();
+            SpiffeWorkloadApiClient::new(channel)
+        }
+
+        /// The `spiffe` crate's client, found as `SPIFFE_ENDPOINT_SOCKET` would name it.
+        async fn spiffe_client(&self) -> spiffe::WorkloadApiClient {
+            spiffe::WorkloadApiClient::connect_to(format!("unix://{}", self.socket.display()))
+                .await
+                .unwrap()
+        }
+
+        fn streams_open(&self) -> i64 {
+            self.metrics.streams.get_or_create(&LABELS).get()
+        }
+
+        fn pushes(&self) -> u64 {
+            self.metrics.pushes.get_or_create(&LABELS).get()
+        }
+
+        /// Starts a root rotation, which the CA's WatchTrustBundle streams to the agent.
+        async fn rotate_root(&self) {
+            ca_command(CaCommand::RotateRoot(RotateArgs {
+                state_dir: Some(self.state.clone()),
+                namespace: "sigil-system".into(),
+                secret_name: "unused-with-a-state-dir".into(),
+                trust_domain: "cluster.local".into(),
+                propagation: Duration::from_secs(3600),
+                max_ttl: Duration::from_secs(24 * 3600),
+                retire_margin: Duration::from_secs(60),
+            }))
+            .await;
+        }
+    }
+
+    fn with_header<T>(message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert(SECURITY_HEADER, "true".parse().unwrap());
+        request
+    }
+
+    async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
+        tokio::time::timeout(WAIT, future)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: nothing within {WAIT:?}"))
+    }
+
+    fn ders(certs: &[spiffe::cert::Certificate]) -> Vec<CertificateDer<'static>> {
+        certs
+            .iter()
+            .map(|c| CertificateDer::from(c.as_bytes().to_vec()))
+            .collect()
+    }
+
+    /// Checks an SVID the `spiffe` crate parsed: our identity, a chain that verifies against
+    /// `bundle`, and a key that parses and belongs to the leaf.
+    fn check_svid(svid: &spiffe::X509Svid, bundle: &TrustBundle) {
+        assert_eq!(svid.spiffe_id().to_string(), WEB_ID);
+        let chain = ders(svid.cert_chain());
+        let web: SpiffeId = WEB_ID.parse().unwrap();
+        assert_eq!(
+            sigil_identity::profile::leaf_spiffe_id(&chain[0]).unwrap(),
+            web
+        );
+        bundle
+            .verify_chain(&chain, rustls_pki_types::UnixTime::now())
+            .expect("the chain verifies against the bundle");
+        let key = svid.private_key().as_bytes();
+        ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            key,
+            &ring::rand::SystemRandom::new(),
+        )
+        .expect("the key is PKCS#8 P-256");
+        // rustls refuses a key that does not match the leaf's public key.
+        let certified = CertifiedKey {
+            chain,
+            key: rustls_pki_types::PrivateKeyDer::Pkcs8(key.to_vec().into()),
+        };
+        tls::server_config(&certified, bundle, ClientAuth::Off, &[])
+            .expect("the key belongs to the leaf");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_the_security_header_is_invalid_argument_before_attestation() {
+        // The attestor does not know this process: the header is checked first.
+        let agent = start(Caller::Unknown, Duration::from_secs(3600)).await;
+        let mut client = agent.raw_client().await;
+        let mut wrong_value = Request::new(X509svidRequest {});
+        wrong_value
+            .metadata_mut()
+            .insert(SECURITY_HEADER, "false".parse().unwrap());
+        let mut twice = with_header(X509svidRequest {});
+        twice
+            .metadata_mut()
+            .append(SECURITY_HEADER, "true".parse().unwrap());
+        let refusals = [
+            client
+                .fetch_x509svid(Request::new(X509svidRequest {}))
+                .await
+                .err(),
+            client.fetch_x509svid(wrong_value).await.err(),
+            client.fetch_x509svid(twice).await.err(),
+            client
+                .fetch_x509_bundles(Request::new(X509BundlesRequest {}))
+                .await
+                .err(),
+            client
+                .fetch_jwtsvid(Request::new(JwtsvidRequest::default()))
+                .await
+                .err(),
+        ];
+        for (i, refusal) in refusals.into_iter().enumerate() {
+            let status = refusal.unwrap_or_else(|| panic!("request {i} was accepted"));
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "request {i}");
+            assert_eq!(
+                status.message(),
+                "the security header `workload.spiffe.io: true` is missing"
+            );
+        }
+        assert_eq!(agent.metrics.attestation_failures.get(), 0);
+        assert_eq!(agent.streams_open(), 0);
+    }
+
+    #[tokio::test]
+    async fn fetch_x509_svid_sends_the_callers_svid_at_once_and_again_on_every_rotation() {
+        let agent = start(Caller::Known, Duration::from_secs(4)).await;
+        let client = agent.spiffe_client().await;
+        let mut contexts = client.stream_x509_contexts().await.unwrap();
+        let first = within("first X.509 context", contexts.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.svids().len(), 1, "one identity per caller");
+        let svid = first.default_svid().unwrap().clone();
+        check_svid(&svid, &agent.bundle);
+        let bundle = first
+            .bundle_set()
+            .get(&spiffe::TrustDomain::new("cluster.local").unwrap());
+        assert_eq!(
+            ders(bundle.expect("our trust domain's bundle").authorities()),
+            agent.bundle.roots
+        );
+        assert_eq!(agent.streams_open(), 1);
+        assert_eq!(agent.pushes(), 1);
+
+        // TTL 4 s: renewed at about 2 s, and pushed.
+        let second = within("the rotated SVID", contexts.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let rotated = second.default_svid().unwrap();
+        check_svid(rotated, &agent.bundle);
+        assert_ne!(
+            rotated.leaf().as_bytes(),
+            svid.leaf().as_bytes(),
+            "a new certificate"
+        );
+        assert_ne!(
+            rotated.private_key().as_bytes(),
+            svid.private_key().as_bytes(),
+            "with a new key"
+        );
+        assert_eq!(agent.pushes(), 2);
+
+        drop(contexts);
+        within("the stream gauge to drop", async {
+            while agent.streams_open() != 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn the_bundle_streams_push_the_bundle_at_once_and_again_on_every_change() {
+        let agent = start(Caller::Known, Duration::from_secs(3600)).await;
+        let ours = spiffe::TrustDomain::new("cluster.local").unwrap();
+        let mut bundles = agent
+            .spiffe_client()
+            .await
+            .stream_x509_bundles()
+            .await
+            .unwrap();
+        let first = within("first bundle set", bundles.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(
+            ders(first.get(&ours).unwrap().authorities()),
+            agent.bundle.roots
+        );
+        // Keyed by the trust domain's SPIFFE ID, as the standard says.
+        let mut raw = agent.raw_client().await;
+        let mut raw_bundles = raw
+            .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let message = within("raw bundles", raw_bundles.message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            message.bundles.keys().collect::<Vec<_>>(),
+            ["spiffe://cluster.local"]
+        );
+        // An SVID stream, open before the change, gets it too.
+        let mut svids = raw
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        let svid = within("first SVID", svids.message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(svid.svids[0].bundle, concat_der(&agent.bundle.roots));
+        assert_eq!(agent.streams_open(), 3);
+
+        agent.rotate_root().await;
+        let grown = within("the rotated bundle set", bundles.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let roots = ders(grown.get(&ours).unwrap().authorities());
+        assert_eq!(roots.len(), 2, "old and new root during the overlap");
+        assert_eq!(roots[0], agent.bundle.roots[0]);
+        let after = within("the SVID with the new bundle", svids.message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after.svids[0].bundle, concat_der(&roots));
+        assert_eq!(
+            after.svids[0].x509_svid, svid.svids[0].x509_svid,
+            "the same certificate, with the new bundle"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_the_attestor_does_not_know_is_permission_denied() {
+        let agent = start(Caller::Unknown, Duration::from_secs(3600)).await;
+        let mut raw = agent.raw_client().await;
+        let svid = raw
+            .fetch_x509svid(with_header(X509svidRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(svid.code(), tonic::Code::PermissionDenied);
+        assert_eq!(svid.message(), "caller could not be attested");
+        let bundles = raw
+            .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(bundles.code(), tonic::Code::PermissionDenied);
+        // What SPIFFE libraries make of it: denied, so retry later.
+        let error = agent
+            .spiffe_client()
+            .await
+            .fetch_x509_svid()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, spiffe::WorkloadApiError::PermissionDenied(_)),
+            "{error:?}"
+        );
+        assert_eq!(agent.metrics.attestation_failures.get(), 3);
+        assert_eq!(agent.streams_open(), 0);
+        assert_eq!(agent.pushes(), 0);
+    }
+
+    #[tokio::test]
+    async fn jwt_svids_are_unimplemented() {
+        let agent = start(Caller::Known, Duration::from_secs(3600)).await;
+        let mut raw = agent.raw_client().await;
+        let refusals = [
+            raw.fetch_jwtsvid(with_header(JwtsvidRequest {
+                audience: vec!["db".into()],
+                spiffe_id: String::new(),
+            }))
+            .await
+            .unwrap_err(),
+            raw.fetch_jwt_bundles(with_header(JwtBundlesRequest {}))
+                .await
+                .unwrap_err(),
+            raw.validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+                audience: "db".into(),
+                svid: "a.b.c".into(),
+            }))
+            .await
+            .unwrap_err(),
+        ];
+        for status in refusals {
+            assert_eq!(status.code(), tonic::Code::Unimplemented);
+            assert_eq!(
+                status.message(),
+                "JWT-SVIDs are not supported by this agent yet"
+            );
+        }
+    }
+}
