@@ -53,6 +53,13 @@ enum InspectCommand {
     /// Print a certificate chain's identity, validity and every departure from sigil's profile;
     /// exits 1 if anything is wrong.
     Cert(InspectCertArgs),
+    /// List the identities a node agent holds, their serials and when each renews (run as root
+    /// on the node).
+    Agent {
+        /// The agent's socket.
+        #[arg(long, default_value = sigil_agent::config::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -98,6 +105,19 @@ async fn main() -> ExitCode {
             sigil_agent::server::run(*config, shutdown_signal())
                 .await
                 .map(|()| true)
+                .map_err(Into::into)
+        }
+        Command::Inspect(InspectCommand::Agent { socket }) => {
+            sigil_agent::admin_api::list_identities(&socket)
+                .await
+                .map(|list| {
+                    sigil_agent::admin_api::print_identities(
+                        &list,
+                        std::time::SystemTime::now(),
+                        &mut std::io::stdout(),
+                    );
+                    true
+                })
                 .map_err(Into::into)
         }
         Command::Inspect(InspectCommand::Cert(args)) => {

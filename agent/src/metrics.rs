@@ -106,3 +106,20 @@ impl Metrics {
         metrics
     }
 }
+
+/// Counts a stream in `sigil_agent_streams{api}` while it lives, however it ends.
+pub struct OpenStream(Gauge);
+
+impl OpenStream {
+    pub fn new(metrics: &Metrics, api: SocketApi) -> OpenStream {
+        let gauge = metrics.streams.get_or_create(&ApiLabels { api }).clone();
+        gauge.inc();
+        OpenStream(gauge)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -24,7 +24,6 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
 use envoy_types::util::pack_any;
-use prometheus_client::metrics::gauge::Gauge;
 use sigil_ca::authority::der_to_pem;
 use sigil_identity::{SpiffeId, TrustBundle};
 use tokio::sync::{mpsc, watch};
@@ -34,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use crate::attest::Workload;
 use crate::certs::{CertManager, Svid, SvidWatch};
-use crate::metrics::{ApiLabels, Metrics, SocketApi};
+use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
 
 pub const TYPE_URL: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
@@ -390,23 +389,6 @@ fn combined_version(secrets: &[Built]) -> String {
     )
 }
 
-/// Counts the stream in the `streams` gauge while it lives, however it ends.
-struct OpenStream(Gauge);
-
-impl OpenStream {
-    fn new(metrics: &Metrics) -> Self {
-        let gauge = metrics.streams.get_or_create(&LABELS).clone();
-        gauge.inc();
-        OpenStream(gauge)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// The protocol-specific half of a stream; [`serve_stream`] does the waiting.
 trait Protocol: Send + 'static {
     type Request: Send + 'static;
@@ -436,7 +418,7 @@ async fn serve_stream<P: Protocol>(
     mut requests: Streaming<P::Request>,
     tx: mpsc::Sender<Result<P::Response, Status>>,
 ) {
-    let _open = OpenStream::new(stream.metrics());
+    let _open = OpenStream::new(stream.metrics(), SocketApi::Sds);
     let caller = stream.sources().caller.clone();
     let ended: Result<(), Status> = loop {
         let event = tokio::select! {
@@ -680,234 +662,46 @@ impl Protocol for DeltaStream {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddr;
-    use std::os::unix::fs::MetadataExt;
-    use std::path::{Path, PathBuf};
-
-    use clap::Parser;
     use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
     use envoy_types::pb::google::protobuf::Any;
     use envoy_types::pb::google::rpc;
-    use prometheus_client::registry::Registry;
     use prost::Message;
-    use sigil_ca::cli::{CaCommand, InitArgs, IssueArgs};
-    use sigil_ca::config::CaConfig;
-    use sigil_identity::TrustDomain;
     use sigil_identity::tls::CertifiedKey;
-    use tempfile::TempDir;
-    use tokio::net::{UnixListener, UnixStream};
-    use tokio_stream::wrappers::UnixListenerStream;
     use tonic::Code;
-    use tonic::transport::{Channel, Endpoint, Server};
+    use tonic::transport::Channel;
 
     use super::*;
-    use crate::attest::Attestor;
-    use crate::attest::procfs::Procfs;
-    use crate::attest::unix::UnixAttestor;
-    use crate::ca_client::{CaClient, Credential};
-    use crate::certs::CertConfig;
+    use crate::test_support::{
+        BundleSource, DB_ID, TestAgent, TestCa, WEB_ID, td, this_uid, uid_is_web,
+    };
 
-    const AGENT_ID: &str = "spiffe://cluster.local/ns/sigil-system/sa/sigil-agent";
-    const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
-    const DB_ID: &str = "spiffe://cluster.local/ns/demo/sa/db";
     /// Long enough that no rotation happens during a test that checks nothing is sent.
     const NO_ROTATION: Duration = Duration::from_secs(3600);
     /// Renewed at half life: a new certificate about every 2 s.
     const FAST_ROTATION: Duration = Duration::from_secs(4);
     const QUIET: Duration = Duration::from_millis(700);
 
-    #[derive(Parser)]
-    struct CaCli {
-        #[command(flatten)]
-        config: CaConfig,
+    /// SDS in front of a started CA, this test process's uid attested as `web`.
+    async fn start(ttl: Duration) -> TestAgent {
+        with_ca(TestCa::started().await, ttl, this_uid()).await
     }
 
-    fn td() -> TrustDomain {
-        TrustDomain::new("cluster.local").unwrap()
+    /// SDS in front of `ca` (started or not), `uid` attested as `web`; the trust bundle changes
+    /// only when a test sends one.
+    async fn with_ca(ca: TestCa, ttl: Duration, uid: u32) -> TestAgent {
+        TestAgent::serve(
+            SocketApi::Sds,
+            ca,
+            ttl,
+            &uid_is_web(uid),
+            BundleSource::Test,
+        )
+        .await
     }
 
-    fn free_addr() -> SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    }
-
-    fn path_str(path: &Path) -> &str {
-        path.to_str().unwrap()
-    }
-
-    /// A real CA (state directory, client-certificate auth, a static entry letting the agent
-    /// issue `web` and `db`) and the agent's bootstrap certificate, made with the `sigil ca`
-    /// commands as an operator would.
-    struct Ca {
-        dir: TempDir,
-        grpc: SocketAddr,
-        admin: SocketAddr,
-        agent: CertifiedKey,
-        bundle: TrustBundle,
-        shutdown: Option<watch::Sender<bool>>,
-    }
-
-    impl Ca {
-        async fn prepare() -> Ca {
-            let dir = tempfile::tempdir().unwrap();
-            let state = dir.path().join("state");
-            let (_keep, never) = watch::channel(false);
-            let init = InitArgs {
-                state_dir: state.clone(),
-                trust_domain: "cluster.local".into(),
-            };
-            sigil_ca::cli::run(CaCommand::Init(init), never.clone())
-                .await
-                .unwrap();
-            let out = dir.path().join("agent");
-            let issue = IssueArgs {
-                state_dir: state.clone(),
-                trust_domain: "cluster.local".into(),
-                id: AGENT_ID.into(),
-                ttl: Duration::from_secs(3600),
-                out_dir: out.clone(),
-            };
-            sigil_ca::cli::run(CaCommand::Issue(issue), never)
-                .await
-                .unwrap();
-            let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap();
-            let agent = CertifiedKey::from_pem(&read("cert.pem"), &read("key.pem")).unwrap();
-            let bundle = TrustBundle::from_pem(td(), &read("bundle.pem")).unwrap();
-            std::fs::write(
-                dir.path().join("entries.yaml"),
-                format!("agents:\n- id: {AGENT_ID}\n  may_issue: [{WEB_ID}, {DB_ID}]\n"),
-            )
-            .unwrap();
-            Ca {
-                dir,
-                grpc: free_addr(),
-                admin: free_addr(),
-                agent,
-                bundle,
-                shutdown: None,
-            }
-        }
-
-        /// Serves until the test ends (or `stop`).
-        fn start(&mut self) {
-            let cli = CaCli::parse_from([
-                "ca",
-                "--state-dir",
-                path_str(&self.dir.path().join("state")),
-                "--auth",
-                "certs",
-                "--static-entries",
-                path_str(&self.dir.path().join("entries.yaml")),
-                "--listen",
-                &self.grpc.to_string(),
-                "--admin-addr",
-                &self.admin.to_string(),
-                "--server-name",
-                "localhost",
-                "--max-ttl",
-                "24h",
-            ]);
-            let (tx, rx) = watch::channel(false);
-            tokio::spawn(async move {
-                if let Err(e) = sigil_ca::server::serve(cli.config, rx).await {
-                    panic!("the test CA failed: {e}");
-                }
-            });
-            self.shutdown = Some(tx);
-        }
-    }
-
-    /// The agent's SDS service on a real Unix socket, attesting with the Unix attestor (this
-    /// test process's uid is `web`), with certificates from the real CA.
-    struct Agent {
-        ca: Ca,
-        socket: PathBuf,
-        _socket_dir: TempDir,
-        certs: CertManager,
-        metrics: Arc<Metrics>,
-        bundle_tx: watch::Sender<Arc<TrustBundle>>,
-        _credential: watch::Sender<Arc<CertifiedKey>>,
-    }
-
-    fn this_uid() -> u32 {
-        std::fs::metadata("/proc/self").unwrap().uid()
-    }
-
-    impl Agent {
-        async fn start(ttl: Duration) -> Agent {
-            let mut ca = Ca::prepare().await;
-            ca.start();
-            Self::with_ca(ca, ttl, this_uid()).await
-        }
-
-        /// An agent in front of `ca` (started or not), mapping `uid` to `web`.
-        async fn with_ca(ca: Ca, ttl: Duration, uid: u32) -> Agent {
-            let (bundle_tx, bundle_rx) = watch::channel(Arc::new(ca.bundle.clone()));
-            let (credential, credential_rx) = watch::channel(Arc::new(ca.agent.clone()));
-            let client = CaClient::new(
-                ca.grpc.to_string(),
-                "localhost".into(),
-                bundle_rx.clone(),
-                Credential::Certificate(credential_rx),
-            );
-            let metrics = Arc::new(Metrics::new(&mut Registry::default()));
-            let certs = CertManager::spawn(
-                client,
-                CertConfig {
-                    ttl,
-                    max_concurrent_fetches: 8,
-                    own_id: Some(AGENT_ID.parse().unwrap()),
-                },
-                metrics.clone(),
-            );
-            let attestor = UnixAttestor::parse(
-                &format!("workloads:\n- {{uid: {uid}, id: {WEB_ID}}}\n"),
-                "test",
-                Procfs::host(),
-            )
-            .unwrap();
-            let workloads = Workloads::new(
-                Arc::new(Attestor::Unix(attestor)),
-                certs.clone(),
-                bundle_rx,
-                metrics.clone(),
-            );
-            let socket_dir = tempfile::tempdir().unwrap();
-            let socket = socket_dir.path().join("agent.sock");
-            let listener = UnixListener::bind(&socket).unwrap();
-            let service = Sds::new(workloads).into_service();
-            tokio::spawn(
-                Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming(UnixListenerStream::new(listener)),
-            );
-            Agent {
-                ca,
-                socket,
-                _socket_dir: socket_dir,
-                certs,
-                metrics,
-                bundle_tx,
-                _credential: credential,
-            }
-        }
-
+    impl TestAgent {
         async fn client(&self) -> SecretDiscoveryServiceClient<Channel> {
-            let socket = self.socket.clone();
-            let channel = Endpoint::from_static("http://[::]:50051")
-                .connect_with_connector(tower::service_fn(move |_| {
-                    let socket = socket.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            UnixStream::connect(socket).await?,
-                        ))
-                    }
-                }))
-                .await
-                .unwrap();
-            SecretDiscoveryServiceClient::new(channel)
+            SecretDiscoveryServiceClient::new(self.channel().await)
         }
 
         async fn sotw(&self) -> Stream<DiscoveryRequest, DiscoveryResponse> {
@@ -954,14 +748,6 @@ mod tests {
                     .unwrap()
                     .clone();
             held.unwrap()
-        }
-
-        fn streams_open(&self) -> i64 {
-            self.metrics.streams.get_or_create(&LABELS).get()
-        }
-
-        fn pushes(&self) -> u64 {
-            self.metrics.pushes.get_or_create(&LABELS).get()
         }
     }
 
@@ -1096,7 +882,7 @@ mod tests {
 
     #[tokio::test]
     async fn stream_pushes_default_and_rootca_then_stays_quiet_on_ack() {
-        let agent = Agent::start(NO_ROTATION).await;
+        let agent = start(NO_ROTATION).await;
         let mut stream = agent.sotw().await;
         stream
             .send(sotw_request(&[DEFAULT_CERTIFICATE, ROOT_CA], "", ""))
@@ -1129,7 +915,7 @@ mod tests {
 
     #[tokio::test]
     async fn stream_serves_the_callers_own_spiffe_id_by_name() {
-        let agent = Agent::start(NO_ROTATION).await;
+        let agent = start(NO_ROTATION).await;
         let mut stream = agent.sotw().await;
         stream.send(sotw_request(&[WEB_ID], "", "")).await;
         let response = stream.next().await.unwrap();
@@ -1140,7 +926,7 @@ mod tests {
 
     #[tokio::test]
     async fn stream_pushes_every_rotation_with_a_new_version_and_nonce() {
-        let agent = Agent::start(FAST_ROTATION).await;
+        let agent = start(FAST_ROTATION).await;
         let mut stream = agent.sotw().await;
         let names = [DEFAULT_CERTIFICATE, ROOT_CA];
         stream.send(sotw_request(&names, "", "")).await;
@@ -1189,7 +975,7 @@ mod tests {
 
     #[tokio::test]
     async fn nack_is_counted_not_answered_and_the_stream_stays_up() {
-        let agent = Agent::start(NO_ROTATION).await;
+        let agent = start(NO_ROTATION).await;
         let mut stream = agent.sotw().await;
         stream
             .send(sotw_request(&[DEFAULT_CERTIFICATE], "", ""))
@@ -1216,7 +1002,7 @@ mod tests {
 
     #[tokio::test]
     async fn stale_nonces_are_ignored() {
-        let agent = Agent::start(NO_ROTATION).await;
+        let agent = start(NO_ROTATION).await;
         let mut stream = agent.sotw().await;
         stream
             .send(sotw_request(&[DEFAULT_CERTIFICATE], "", ""))
@@ -1256,7 +1042,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_before_the_certificate_exists_is_answered_when_it_does() {
-        let mut agent = Agent::with_ca(Ca::prepare().await, NO_ROTATION, this_uid()).await;
+        let mut agent = with_ca(TestCa::prepare().await, NO_ROTATION, this_uid()).await;
         let mut stream = agent.sotw().await;
         stream
             .send(sotw_request(&[DEFAULT_CERTIFICATE, ROOT_CA], "", ""))
@@ -1266,7 +1052,7 @@ mod tests {
             .await;
         assert_eq!(agent.pushes(), 0);
 
-        agent.ca.start();
+        agent.ca.start().await;
         let first = stream
             .next()
             .await
@@ -1278,7 +1064,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_names_get_nothing_until_names_come() {
-        let agent = Agent::start(NO_ROTATION).await;
+        let agent = start(NO_ROTATION).await;
         let mut stream = agent.sotw().await;
         stream.send(sotw_request(&[], "", "")).await;
         stream.assert_quiet("no names").await;
@@ -1288,7 +1074,13 @@ mod tests {
     }
 
     /// Requests that must end the stream with `code`, and nothing sent before.
-    async fn assert_refused(agent: &Agent, names: &[&str], type_url: &str, code: Code, says: &str) {
+    async fn assert_refused(
+        agent: &TestAgent,
+        names: &[&str],
+        type_url: &str,
+        code: Code,
+        says: &str,
+    ) {
         let mut stream = agent.sotw().await;
         stream
             .send(DiscoveryRequest {
@@ -1303,7 +1095,7 @@ mod tests {
 
     #[tokio::test]
     async fn names_the_caller_may_not_have_are_refused() {
-        let agent = Agent::start(NO_ROTATION).await;
+        let agent = start(NO_ROTATION).await;
         assert_refused(
             &agent,
             &[DEFAULT_CERTIFICATE, DB_ID],
@@ -1376,9 +1168,8 @@ mod tests {
     #[tokio::test]
     async fn a_caller_that_cannot_be_attested_gets_nothing() {
         // This process's uid has no entry: every API refuses it before reading a request.
-        let mut ca = Ca::prepare().await;
-        ca.start();
-        let agent = Agent::with_ca(ca, NO_ROTATION, this_uid() + 1).await;
+        let ca = TestCa::started().await;
+        let agent = with_ca(ca, NO_ROTATION, this_uid() + 1).await;
         let mut client = agent.client().await;
         let (_requests, rx) = mpsc::channel(1);
         let status = client
@@ -1430,7 +1221,7 @@ mod tests {
 
     #[tokio::test]
     async fn delta_sends_subscribed_secrets_then_only_what_changed() {
-        let agent = Agent::start(FAST_ROTATION).await;
+        let agent = start(FAST_ROTATION).await;
         let mut stream = agent.delta().await;
         stream
             .send(delta_request(&[DEFAULT_CERTIFICATE, ROOT_CA], &[], ""))
@@ -1472,7 +1263,7 @@ mod tests {
 
     #[tokio::test]
     async fn delta_acks_nacks_unsubscribes_and_refusals() {
-        let agent = Agent::start(NO_ROTATION).await;
+        let agent = start(NO_ROTATION).await;
         let mut stream = agent.delta().await;
         stream.send(delta_request(&[ROOT_CA], &[], "")).await;
         let first = stream.next().await.unwrap();
@@ -1534,7 +1325,7 @@ mod tests {
 
     #[tokio::test]
     async fn fetch_answers_with_the_current_secrets() {
-        let agent = Agent::start(NO_ROTATION).await;
+        let agent = start(NO_ROTATION).await;
         let mut client = agent.client().await;
         let response = client
             .fetch_secrets(sotw_request(&[DEFAULT_CERTIFICATE, ROOT_CA], "", ""))
@@ -1565,7 +1356,7 @@ mod tests {
     #[tokio::test]
     async fn fetch_gives_up_when_no_certificate_comes() {
         tokio::time::pause();
-        let agent = Agent::with_ca(Ca::prepare().await, NO_ROTATION, this_uid()).await;
+        let agent = with_ca(TestCa::prepare().await, NO_ROTATION, this_uid()).await;
         let mut client = agent.client().await;
         let status = client
             .fetch_secrets(sotw_request(&[DEFAULT_CERTIFICATE], "", ""))

@@ -13,9 +13,11 @@ use sigil_identity::tls::CertifiedKey;
 use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{error, info, warn};
 
+use crate::admin_api::Admin;
 use crate::attest::Attestor;
 use crate::attest::k8s::{self, KubernetesAttestor, NodePods};
 use crate::attest::procfs::Procfs;
@@ -23,6 +25,7 @@ use crate::attest::unix::UnixAttestor;
 use crate::ca_client::{CaClient, Credential};
 use crate::certs::{self, CertConfig, CertManager};
 use crate::config::{AgentConfig, AttestorKind};
+use crate::h2_authority::H2AuthorityStream;
 use crate::metrics::Metrics;
 use crate::peer::Workloads;
 use crate::sds::Sds;
@@ -158,10 +161,15 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
     let mut socket_shutdown = shutdown;
     let result = tonic::transport::Server::builder()
         .add_service(Sds::new(workloads.clone()).into_service())
-        .add_service(WorkloadApi::new(workloads).into_service())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            let _ = socket_shutdown.wait_for(|stop| *stop).await;
-        })
+        .add_service(WorkloadApi::new(workloads.clone()).into_service())
+        .add_service(Admin::new(workloads).into_service())
+        .serve_with_incoming_shutdown(
+            // grpc-core clients' %-encoded socket path as :authority is fixed before h2 sees it.
+            UnixListenerStream::new(listener).map(|conn| conn.map(H2AuthorityStream::new)),
+            async move {
+                let _ = socket_shutdown.wait_for(|stop| *stop).await;
+            },
+        )
         .await;
     let _ = std::fs::remove_file(&config.socket);
     info!("agent stopped");

@@ -16,7 +16,6 @@ use std::sync::Arc;
 
 use futures::Stream;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use rustls_pki_types::CertificateDer;
 use sigil_identity::TrustBundle;
 use sigil_proto::spiffe_workload::spiffe_workload_api_server::{
@@ -32,7 +31,7 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use crate::certs::{ManagerGone, Svid, SvidWatch};
-use crate::metrics::{ApiLabels, Metrics, SocketApi};
+use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
 
 /// The metadata key every request must carry, with the value `true`. A client that sets it knows
@@ -191,7 +190,7 @@ impl<T: Send + 'static> Feed<T> {
             render,
             unseen: true,
             pushes: metrics.pushes.get_or_create(&LABELS).clone(),
-            _open: OpenStream::new(metrics),
+            _open: OpenStream::new(metrics, SocketApi::WorkloadApi),
         }
     }
 
@@ -245,23 +244,6 @@ impl<T: Send + 'static> Feed<T> {
     }
 }
 
-/// Counts the stream in `sigil_agent_streams{api="workload_api"}` while it lives, however it ends.
-struct OpenStream(Gauge);
-
-impl OpenStream {
-    fn new(metrics: &Metrics) -> Self {
-        let gauge = metrics.streams.get_or_create(&LABELS).clone();
-        gauge.inc();
-        OpenStream(gauge)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// DER certificates back to back, as the Workload API carries chains and bundles.
 fn concat_der(certs: &[CertificateDer<'_>]) -> Vec<u8> {
     certs.iter().flat_map(|c| c.iter().copied()).collect()
@@ -302,56 +284,21 @@ mod tests {
     //! this test process's peer credentials, a real certificate manager and a real sigil CA
     //! running in-process; the happy paths through the real `spiffe` client library.
 
-    use std::net::SocketAddr;
-    use std::os::unix::fs::MetadataExt;
-    use std::path::PathBuf;
     use std::time::Duration;
 
-    use clap::Parser;
     use futures::StreamExt;
-    use prometheus_client::registry::Registry;
-    use sigil_ca::cli::{CaCommand, InitArgs, IssueArgs, RotateArgs};
-    use sigil_ca::config::CaConfig;
+    use sigil_ca::cli::{CaCommand, RotateArgs};
+    use sigil_identity::SpiffeId;
     use sigil_identity::tls::{self, CertifiedKey, ClientAuth};
-    use sigil_identity::{SpiffeId, TrustDomain};
     use sigil_proto::spiffe_workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpStream, UnixListener, UnixStream};
-    use tokio_stream::wrappers::UnixListenerStream;
     use tonic::transport::Channel;
 
     use super::*;
-    use crate::attest::Attestor;
-    use crate::attest::procfs::Procfs;
-    use crate::attest::unix::UnixAttestor;
-    use crate::ca_client::{CaClient, Credential};
-    use crate::certs::{CertConfig, CertManager};
+    use crate::test_support::{
+        BundleSource, TestAgent, TestCa, WEB_ID, ca_command, this_uid, uid_is_web,
+    };
 
-    const AGENT_ID: &str = "spiffe://cluster.local/ns/sigil-system/sa/sigil-agent";
-    const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
     const WAIT: Duration = Duration::from_secs(15);
-
-    /// `sigil ca serve`'s flags, parsed as the CLI parses them.
-    #[derive(Parser)]
-    struct CaFlags {
-        #[command(flatten)]
-        config: CaConfig,
-    }
-
-    fn td() -> TrustDomain {
-        TrustDomain::new("cluster.local").unwrap()
-    }
-
-    fn free_addr() -> SocketAddr {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    }
-
-    fn this_uid() -> u32 {
-        std::fs::metadata("/proc/self").unwrap().uid()
-    }
 
     /// Who the Unix attestor maps this test process to.
     enum Caller {
@@ -361,172 +308,26 @@ mod tests {
         Unknown,
     }
 
-    /// A CA, an agent serving the Workload API on a Unix socket, and what tests look at.
-    struct Agent {
-        /// The CA's state, the agent's certificate and the socket live here.
-        _dir: tempfile::TempDir,
-        state: PathBuf,
-        socket: PathBuf,
-        bundle: Arc<TrustBundle>,
-        metrics: Arc<Metrics>,
-        /// Dropping it stops the CA.
-        _stop_ca: watch::Sender<bool>,
-    }
-
-    async fn ca_command(command: CaCommand) {
-        sigil_ca::cli::run(command, watch::channel(false).1)
-            .await
-            .unwrap();
-    }
-
-    /// Waits for the CA's `/ready` to answer 200 (its key is loaded).
-    async fn wait_ready(admin: SocketAddr) {
-        for _ in 0..300 {
-            if let Ok(mut stream) = TcpStream::connect(admin).await {
-                let request =
-                    format!("GET /ready HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n");
-                let mut answer = String::new();
-                if stream.write_all(request.as_bytes()).await.is_ok()
-                    && stream.read_to_string(&mut answer).await.is_ok()
-                    && answer.starts_with("HTTP/1.1 200")
-                {
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the CA never became ready");
-    }
-
-    /// The CA with client-certificate auth and a static entry letting the agent issue `WEB_ID`
-    /// (as `sigil ca serve --auth certs --static-entries` outside Kubernetes), then the agent.
-    async fn start(caller: Caller, ttl: Duration) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        ca_command(CaCommand::Init(InitArgs {
-            state_dir: state.clone(),
-            trust_domain: "cluster.local".into(),
-        }))
-        .await;
-        let entries = dir.path().join("entries.yaml");
-        std::fs::write(
-            &entries,
-            format!("agents:\n- id: {AGENT_ID}\n  may_issue: [{WEB_ID}]\n"),
-        )
-        .unwrap();
-        let agent_dir = dir.path().join("agent");
-        ca_command(CaCommand::Issue(IssueArgs {
-            state_dir: state.clone(),
-            trust_domain: "cluster.local".into(),
-            id: AGENT_ID.into(),
-            ttl: Duration::from_secs(3600),
-            out_dir: agent_dir.clone(),
-        }))
-        .await;
-        let agent_cert = CertifiedKey::from_pem(
-            &std::fs::read_to_string(agent_dir.join("cert.pem")).unwrap(),
-            &std::fs::read_to_string(agent_dir.join("key.pem")).unwrap(),
-        )
-        .unwrap();
-
-        let (grpc, admin) = (free_addr(), free_addr());
-        let (grpc_flag, admin_flag) = (grpc.to_string(), admin.to_string());
-        let flags = CaFlags::try_parse_from([
-            "ca",
-            "--listen",
-            &grpc_flag,
-            "--admin-addr",
-            &admin_flag,
-            "--server-name",
-            "localhost",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--auth",
-            "certs",
-            "--static-entries",
-            entries.to_str().unwrap(),
-            "--max-ttl",
-            "24h",
-            "--reload-interval",
-            "100ms",
-            "--no-root-configmaps",
-        ])
-        .unwrap();
-        let (stop_ca, ca_shutdown) = watch::channel(false);
-        tokio::spawn(sigil_ca::server::serve(flags.config, ca_shutdown));
-        wait_ready(admin).await;
-
-        let pem = std::fs::read_to_string(state.join("root-cert.pem")).unwrap();
-        let bundle = Arc::new(TrustBundle::from_pem(td(), &pem).unwrap());
-        let (bundle_tx, bundle_rx) = watch::channel(bundle.clone());
-        let (_, credential) = watch::channel(Arc::new(agent_cert));
-        let ca = CaClient::new(
-            grpc.to_string(),
-            "localhost".into(),
-            bundle_rx.clone(),
-            Credential::Certificate(credential),
-        );
-        tokio::spawn(ca.clone().follow_bundle(td(), bundle_tx));
-        let metrics = Arc::new(Metrics::new(&mut Registry::default()));
-        let certs = CertManager::spawn(
-            ca,
-            CertConfig {
-                ttl,
-                max_concurrent_fetches: 8,
-                own_id: Some(AGENT_ID.parse().unwrap()),
-            },
-            metrics.clone(),
-        );
-
+    /// A CA, then an agent serving the Workload API on a Unix socket and following the CA's
+    /// trust bundle.
+    async fn start(caller: Caller, ttl: Duration) -> TestAgent {
         let uid = this_uid();
-        let workloads_yaml = match caller {
-            Caller::Known => format!("workloads:\n- {{uid: {uid}, id: {WEB_ID}}}\n"),
+        let unix_map = match caller {
+            Caller::Known => uid_is_web(uid),
             Caller::Unknown => {
                 format!(
                     "workloads:\n- {{uid: {uid}, path: /usr/bin/not-this-test, id: {WEB_ID}}}\n"
                 )
             }
         };
-        let attestor = UnixAttestor::parse(&workloads_yaml, "test", Procfs::host()).unwrap();
-        let workloads = Workloads::new(
-            Arc::new(Attestor::Unix(attestor)),
-            certs,
-            bundle_rx,
-            metrics.clone(),
-        );
-        let socket = dir.path().join("agent.sock");
-        let listener = UnixListener::bind(&socket).unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(WorkloadApi::new(workloads).into_service())
-                .serve_with_incoming(UnixListenerStream::new(listener)),
-        );
-        Agent {
-            _dir: dir,
-            state,
-            socket,
-            bundle,
-            metrics,
-            _stop_ca: stop_ca,
-        }
+        let ca = TestCa::started().await;
+        TestAgent::serve(SocketApi::WorkloadApi, ca, ttl, &unix_map, BundleSource::Ca).await
     }
 
-    impl Agent {
+    impl TestAgent {
         /// Our own generated client, which sends exactly what a test asks for.
         async fn raw_client(&self) -> SpiffeWorkloadApiClient<Channel> {
-            let socket = self.socket.clone();
-            let channel = tonic::transport::Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let socket = socket.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            UnixStream::connect(socket).await?,
-                        ))
-                    }
-                }))
-                .await
-                .unwrap();
-            SpiffeWorkloadApiClient::new(channel)
+            SpiffeWorkloadApiClient::new(self.channel().await)
         }
 
         /// The `spiffe` crate's client, found as `SPIFFE_ENDPOINT_SOCKET` would name it.
@@ -536,18 +337,10 @@ mod tests {
                 .unwrap()
         }
 
-        fn streams_open(&self) -> i64 {
-            self.metrics.streams.get_or_create(&LABELS).get()
-        }
-
-        fn pushes(&self) -> u64 {
-            self.metrics.pushes.get_or_create(&LABELS).get()
-        }
-
         /// Starts a root rotation, which the CA's WatchTrustBundle streams to the agent.
         async fn rotate_root(&self) {
             ca_command(CaCommand::RotateRoot(RotateArgs {
-                state_dir: Some(self.state.clone()),
+                state_dir: Some(self.ca.state_dir()),
                 namespace: "sigil-system".into(),
                 secret_name: "unused-with-a-state-dir".into(),
                 trust_domain: "cluster.local".into(),
@@ -661,13 +454,13 @@ mod tests {
             .unwrap();
         assert_eq!(first.svids().len(), 1, "one identity per caller");
         let svid = first.default_svid().unwrap().clone();
-        check_svid(&svid, &agent.bundle);
+        check_svid(&svid, &agent.ca.bundle);
         let bundle = first
             .bundle_set()
             .get(&spiffe::TrustDomain::new("cluster.local").unwrap());
         assert_eq!(
             ders(bundle.expect("our trust domain's bundle").authorities()),
-            agent.bundle.roots
+            agent.ca.bundle.roots
         );
         assert_eq!(agent.streams_open(), 1);
         assert_eq!(agent.pushes(), 1);
@@ -678,7 +471,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let rotated = second.default_svid().unwrap();
-        check_svid(rotated, &agent.bundle);
+        check_svid(rotated, &agent.ca.bundle);
         assert_ne!(
             rotated.leaf().as_bytes(),
             svid.leaf().as_bytes(),
@@ -717,7 +510,7 @@ mod tests {
         assert_eq!(first.len(), 1);
         assert_eq!(
             ders(first.get(&ours).unwrap().authorities()),
-            agent.bundle.roots
+            agent.ca.bundle.roots
         );
         // Keyed by the trust domain's SPIFFE ID, as the standard says.
         let mut raw = agent.raw_client().await;
@@ -744,7 +537,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(svid.svids[0].bundle, concat_der(&agent.bundle.roots));
+        assert_eq!(svid.svids[0].bundle, concat_der(&agent.ca.bundle.roots));
         assert_eq!(agent.streams_open(), 3);
 
         agent.rotate_root().await;
@@ -754,7 +547,7 @@ mod tests {
             .unwrap();
         let roots = ders(grown.get(&ours).unwrap().authorities());
         assert_eq!(roots.len(), 2, "old and new root during the overlap");
-        assert_eq!(roots[0], agent.bundle.roots[0]);
+        assert_eq!(roots[0], agent.ca.bundle.roots[0]);
         let after = within("the SVID with the new bundle", svids.message())
             .await
             .unwrap()

@@ -7,6 +7,11 @@ pub mod sigil {
             tonic::include_proto!("sigil.ca.v1");
         }
     }
+    pub mod agent {
+        pub mod v1 {
+            tonic::include_proto!("sigil.agent.v1");
+        }
+    }
 }
 
 pub mod istio {

@@ -47,15 +47,19 @@ impl Drop for CaProcess {
 impl CaProcess {
     /// Starts `sigil ca serve` on fresh loopback ports with `args` added; `kubeconfig`, when
     /// given, points it at a test API server.
-    pub fn start(work: &Path, kubeconfig: Option<&Path>, args: &[&str]) -> CaProcess {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(
+        work: &Path,
+        kubeconfig: Option<&Path>,
+        args: &[S],
+    ) -> CaProcess {
         Self::start_on(work, kubeconfig, args, free_addr(), free_addr())
     }
 
     /// As `start`, on given addresses (to restart a CA where its clients expect it).
-    pub fn start_on(
+    pub fn start_on<S: AsRef<std::ffi::OsStr>>(
         work: &Path,
         kubeconfig: Option<&Path>,
-        args: &[&str],
+        args: &[S],
         grpc: SocketAddr,
         admin: SocketAddr,
     ) -> CaProcess {
@@ -303,4 +307,170 @@ pub fn openssl_text(dir: &Path, der: &[u8]) -> String {
         .output()
         .expect("openssl is installed");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub const AGENT_ID: &str = "spiffe://cluster.local/ns/sigil-system/sa/sigil-agent";
+pub const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
+pub const DB_ID: &str = "spiffe://cluster.local/ns/demo/sa/db";
+
+/// Runs `sigil ARGS` to completion and returns its stdout; panics with its output if it fails.
+pub fn sigil(args: &[&str]) -> String {
+    let out = Command::new(SIGIL).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "sigil {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A self-signed CA's state directory (`sigil ca init`) and a static-entries file letting the
+/// node agent's certificate (`AGENT_ID`) issue the given identities: the non-Kubernetes setup.
+pub struct OfflineCa {
+    pub state: PathBuf,
+    pub entries: PathBuf,
+}
+
+impl OfflineCa {
+    pub fn init(dir: &Path, may_issue: &[&str]) -> OfflineCa {
+        std::fs::create_dir_all(dir).unwrap();
+        let state = dir.join("state");
+        sigil(&["ca", "init", "--state-dir", state.to_str().unwrap()]);
+        let entries = dir.join("entries.yaml");
+        std::fs::write(
+            &entries,
+            format!(
+                "agents:\n- id: {AGENT_ID}\n  may_issue: [{}]\n",
+                may_issue.join(", ")
+            ),
+        )
+        .unwrap();
+        OfflineCa { state, entries }
+    }
+
+    /// `sigil ca serve` flags for this state, client-certificate auth and the static entries.
+    pub fn serve_args(&self) -> Vec<String> {
+        [
+            "--state-dir",
+            self.state.to_str().unwrap(),
+            "--auth",
+            "certs",
+            "--static-entries",
+            self.entries.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// `sigil ca issue` for `id` into `out` (cert.pem, key.pem, bundle.pem), loaded as a client identity.
+    pub fn issue(&self, id: &str, out: &Path) -> CertifiedKey {
+        sigil(&[
+            "ca",
+            "issue",
+            "--state-dir",
+            self.state.to_str().unwrap(),
+            "--id",
+            id,
+            "--ttl",
+            "1h",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ]);
+        let chain = std::fs::read_to_string(out.join("cert.pem")).unwrap();
+        let key = std::fs::read_to_string(out.join("key.pem")).unwrap();
+        CertifiedKey::from_pem(&chain, &key).unwrap()
+    }
+}
+
+/// A child process killed on drop, with its output in a log file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        cmd.stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null());
+        Proc {
+            child: cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
+            log,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// `sigil agent run` flags for a host without Kubernetes: the unix attestor with `unix_map`, the
+/// agent certificate `OfflineCa::issue` wrote to `agent_cert`, and the CA at `ca_grpc`.
+pub fn unix_agent_args(
+    ca_grpc: SocketAddr,
+    offline: &OfflineCa,
+    agent_cert: &Path,
+    unix_map: &Path,
+    socket: &Path,
+    admin: SocketAddr,
+    cert_ttl: &str,
+) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = ["agent", "run", "--attestor", "unix", "--unix-map"]
+        .map(Into::into)
+        .to_vec();
+    args.push(unix_map.into());
+    args.extend([
+        "--ca".into(),
+        ca_grpc.to_string().into(),
+        "--ca-name".into(),
+        "localhost".into(),
+    ]);
+    args.extend([
+        "--ca-bundle".into(),
+        offline.state.join("root-cert.pem").into_os_string(),
+    ]);
+    args.extend([
+        "--client-cert".into(),
+        agent_cert.join("cert.pem").into_os_string(),
+    ]);
+    args.extend([
+        "--client-key".into(),
+        agent_cert.join("key.pem").into_os_string(),
+    ]);
+    args.extend(["--socket".into(), socket.as_os_str().to_owned()]);
+    args.extend([
+        "--admin-addr".into(),
+        admin.to_string().into(),
+        "--cert-ttl".into(),
+        cert_ttl.into(),
+    ]);
+    args
+}
+
+/// Starts `sigil ARGS` (an agent) logging to `log`, and waits for its `/ready` on `admin`.
+pub async fn spawn_agent(args: &[std::ffi::OsString], log: PathBuf, admin: SocketAddr) -> Proc {
+    let mut cmd = Command::new(SIGIL);
+    cmd.args(args).env("RUST_LOG", "info");
+    let agent = Proc::spawn(cmd, log);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(http_get(admin, "/ready").await, Ok((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never became ready:\n{}",
+            agent.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent
 }

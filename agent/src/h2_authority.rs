@@ -1,0 +1,1087 @@
+//! Lets gRPC clients built on grpc's C core (py-spiffe, C++, Ruby...) use the agent socket.
+//!
+//! Since grpc 1.57 those clients send the %-encoded socket path as `:authority` on a `unix:`
+//! target (grpc/grpc#38142), which h2 rejects as a malformed authority by resetting every stream
+//! (hyperium/h2#487). This module owns the byte-level adapter between the socket and h2: on the
+//! client-to-agent side it HPACK-decodes every header block (with one decoder for the whole
+//! connection, as the client's encoder expects), replaces an `:authority` that is not a valid URI
+//! authority with `localhost`, and re-encodes the block without the dynamic table, so h2's own
+//! decoder never sees a reference to entries only this adapter holds. Every other frame, and the
+//! whole agent-to-client side, passes through untouched.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use fluke_hpack::Decoder;
+use fluke_hpack::decoder::DecoderError;
+use http::uri::Authority;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UnixStream;
+use tonic::transport::server::{Connected, UdsConnectInfo};
+
+/// RFC 9113 §3.4: what every client sends before its first frame.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADER_LEN: usize = 9;
+const HEADERS: u8 = 0x1;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+/// Stream dependency (4 bytes) and weight (1 byte) of a HEADERS frame with PRIORITY.
+const PRIORITY_LEN: usize = 5;
+/// The largest frame payload a client may send: the agent keeps h2's default
+/// SETTINGS_MAX_FRAME_SIZE, so re-encoded blocks are split at this size.
+const MAX_FRAME_PAYLOAD: usize = 16_384;
+/// The dynamic table the client's encoder may use: h2 advertises the default
+/// SETTINGS_HEADER_TABLE_SIZE, so a size update beyond it is a compression error.
+const HEADER_TABLE_SIZE: usize = 4_096;
+/// Bound on a header block, as received and as re-encoded (which also bounds what decoding a
+/// block full of references to large dynamic-table entries may produce).
+const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// What replaces an `:authority` h2 would reject. Nothing on the socket routes by authority.
+const FALLBACK_AUTHORITY: &[u8] = b"localhost";
+/// How much is read from the socket at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Why a client's byte stream could not be passed on to h2; the connection is closed.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum H2AuthorityError {
+    #[error("the client did not open with the HTTP/2 connection preface")]
+    BadPreface,
+    #[error("header block of at least {0} bytes exceeds the {MAX_HEADER_BLOCK}-byte limit")]
+    HeaderBlockTooLarge(usize),
+    #[error("frame of type {frame_type:#x} on stream {stream_id} interrupts a header block")]
+    InterruptedHeaderBlock { frame_type: u8, stream_id: u32 },
+    #[error("CONTINUATION frame on stream {0} without a header block to continue")]
+    UnexpectedContinuation(u32),
+    #[error("HEADERS frame's padding and priority exceed its {0}-byte payload")]
+    MalformedHeadersFrame(usize),
+    #[error("header block is not well-formed HPACK")]
+    MalformedHpack,
+    #[error("dynamic table size update after the first field of a header block")]
+    MisplacedTableSizeUpdate,
+    #[error("HPACK decoding failed: {0:?}")]
+    Hpack(DecoderError),
+}
+
+impl From<H2AuthorityError> for io::Error {
+    fn from(e: H2AuthorityError) -> Self {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+}
+
+/// An accepted agent-socket connection whose client-to-agent bytes are rewritten as this module
+/// describes. Connection info (peer credentials for attestation) is the socket's own.
+pub struct H2AuthorityStream {
+    inner: UnixStream,
+    rewriter: Rewriter,
+    /// Rewritten bytes h2 has not read yet, from `unread` on.
+    ready: Vec<u8>,
+    unread: usize,
+}
+
+impl H2AuthorityStream {
+    /// Wraps a connection accepted on the agent socket, before h2 reads anything from it.
+    pub fn new(inner: UnixStream) -> Self {
+        H2AuthorityStream {
+            inner,
+            rewriter: Rewriter::new(),
+            ready: Vec::new(),
+            unread: 0,
+        }
+    }
+}
+
+impl Connected for H2AuthorityStream {
+    type ConnectInfo = UdsConnectInfo;
+
+    fn connect_info(&self) -> UdsConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for H2AuthorityStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.unread < this.ready.len() {
+                let n = buf.remaining().min(this.ready.len() - this.unread);
+                buf.put_slice(&this.ready[this.unread..this.unread + n]);
+                this.unread += n;
+                if this.unread == this.ready.len() {
+                    this.ready.clear();
+                    this.unread = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut chunk = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut chunk))?;
+            if chunk.filled().is_empty() {
+                // End of stream: whatever partial frame is still buffered is dropped, as h2
+                // would drop it too.
+                return Poll::Ready(Ok(()));
+            }
+            this.rewriter.feed(chunk.filled(), &mut this.ready)?;
+        }
+    }
+}
+
+impl AsyncWrite for H2AuthorityStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The client-to-agent rewriting, independent of I/O: bytes in, bytes for h2 out.
+struct Rewriter {
+    /// One decoder for the connection: the client's encoder indexes across header blocks.
+    decoder: Decoder<'static>,
+    /// How much of the connection preface is still to come.
+    preface_left: usize,
+    /// Received bytes not yet handled: a partial frame header, or a header-block frame still
+    /// arriving.
+    pending: Vec<u8>,
+    /// Payload bytes of a frame being passed through that have not arrived yet.
+    passthrough_left: usize,
+    /// A header block waiting for its CONTINUATION frames.
+    block: Option<HeaderBlock>,
+}
+
+struct HeaderBlock {
+    stream_id: u32,
+    end_stream: bool,
+    priority: Option<[u8; PRIORITY_LEN]>,
+    fragments: Vec<u8>,
+}
+
+impl Rewriter {
+    fn new() -> Self {
+        let mut decoder = Decoder::new();
+        decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
+        Rewriter {
+            decoder,
+            preface_left: PREFACE.len(),
+            pending: Vec::new(),
+            passthrough_left: 0,
+            block: None,
+        }
+    }
+
+    /// Takes the next bytes from the client, appending to `out` what h2 should read.
+    fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), H2AuthorityError> {
+        let mut input = std::mem::take(&mut self.pending);
+        input.extend_from_slice(data);
+        let result = self.consume(&input, out);
+        // Whatever `consume` could not handle yet waits for more bytes; on error the connection
+        // is closed, so what is left behind does not matter.
+        if let Ok(handled) = result {
+            input.drain(..handled);
+            self.pending = input;
+        }
+        result.map(|_| ())
+    }
+
+    /// Handles as much of `input` as is complete, returning how many bytes that was.
+    fn consume(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, H2AuthorityError> {
+        let mut at = 0;
+        if self.preface_left > 0 {
+            let expected = &PREFACE[PREFACE.len() - self.preface_left..];
+            let n = expected.len().min(input.len());
+            if input[..n] != expected[..n] {
+                return Err(H2AuthorityError::BadPreface);
+            }
+            out.extend_from_slice(&input[..n]);
+            self.preface_left -= n;
+            at = n;
+        }
+        loop {
+            if self.passthrough_left > 0 {
+                let n = self.passthrough_left.min(input.len() - at);
+                out.extend_from_slice(&input[at..at + n]);
+                self.passthrough_left -= n;
+                at += n;
+                if self.passthrough_left > 0 {
+                    return Ok(at);
+                }
+            }
+            let Some(header) = input.get(at..at + FRAME_HEADER_LEN) else {
+                return Ok(at);
+            };
+            let length =
+                usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let (frame_type, flags) = (header[3], header[4]);
+            let stream_id =
+                u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+
+            if frame_type != HEADERS && frame_type != CONTINUATION {
+                if self.block.is_some() {
+                    return Err(H2AuthorityError::InterruptedHeaderBlock {
+                        frame_type,
+                        stream_id,
+                    });
+                }
+                out.extend_from_slice(header);
+                self.passthrough_left = length;
+                at += FRAME_HEADER_LEN;
+                continue;
+            }
+
+            let buffered = self.block.as_ref().map_or(0, |b| b.fragments.len());
+            if buffered + length > MAX_HEADER_BLOCK {
+                return Err(H2AuthorityError::HeaderBlockTooLarge(buffered + length));
+            }
+            let Some(payload) = input.get(at + FRAME_HEADER_LEN..at + FRAME_HEADER_LEN + length)
+            else {
+                return Ok(at);
+            };
+            at += FRAME_HEADER_LEN + length;
+            let block = if frame_type == HEADERS {
+                if let Some(block) = &self.block {
+                    return Err(H2AuthorityError::InterruptedHeaderBlock {
+                        frame_type,
+                        stream_id: block.stream_id,
+                    });
+                }
+                self.block
+                    .insert(HeaderBlock::start(flags, stream_id, payload)?)
+            } else {
+                match &mut self.block {
+                    Some(block) if block.stream_id == stream_id => {
+                        block.fragments.extend_from_slice(payload);
+                        block
+                    }
+                    Some(_) => {
+                        return Err(H2AuthorityError::InterruptedHeaderBlock {
+                            frame_type,
+                            stream_id,
+                        });
+                    }
+                    None => return Err(H2AuthorityError::UnexpectedContinuation(stream_id)),
+                }
+            };
+            if flags & END_HEADERS != 0 {
+                let fields = reencode(&mut self.decoder, &block.fragments)?;
+                block.write_frames(&fields, out);
+                self.block = None;
+            }
+        }
+    }
+}
+
+impl HeaderBlock {
+    /// The block a HEADERS frame opens: its first fragment, without padding.
+    fn start(flags: u8, stream_id: u32, payload: &[u8]) -> Result<Self, H2AuthorityError> {
+        let malformed = || H2AuthorityError::MalformedHeadersFrame(payload.len());
+        let mut rest = payload;
+        let mut padding = 0;
+        if flags & PADDED != 0 {
+            let (&pad_length, after) = rest.split_first().ok_or_else(malformed)?;
+            padding = usize::from(pad_length);
+            rest = after;
+        }
+        let mut priority = None;
+        if flags & PRIORITY != 0 {
+            let (fields, after) = rest
+                .split_first_chunk::<PRIORITY_LEN>()
+                .ok_or_else(malformed)?;
+            priority = Some(*fields);
+            rest = after;
+        }
+        let fragment = rest
+            .get(..rest.len().checked_sub(padding).ok_or_else(malformed)?)
+            .ok_or_else(malformed)?;
+        Ok(HeaderBlock {
+            stream_id,
+            end_stream: flags & END_STREAM != 0,
+            priority,
+            fragments: fragment.to_vec(),
+        })
+    }
+
+    /// Emits `fields` (the re-encoded block) as a HEADERS frame with this block's END_STREAM
+    /// and priority, followed by CONTINUATION frames if it does not fit in one.
+    fn write_frames(&self, fields: &[u8], out: &mut Vec<u8>) {
+        let priority: &[u8] = self.priority.as_ref().map_or(&[], |p| p.as_slice());
+        let (first, mut rest) =
+            fields.split_at(fields.len().min(MAX_FRAME_PAYLOAD - priority.len()));
+        let mut flags = if self.end_stream { END_STREAM } else { 0 };
+        if !priority.is_empty() {
+            flags |= PRIORITY;
+        }
+        if rest.is_empty() {
+            flags |= END_HEADERS;
+        }
+        write_frame_header(
+            out,
+            priority.len() + first.len(),
+            HEADERS,
+            flags,
+            self.stream_id,
+        );
+        out.extend_from_slice(priority);
+        out.extend_from_slice(first);
+        while !rest.is_empty() {
+            let (fragment, after) = rest.split_at(rest.len().min(MAX_FRAME_PAYLOAD));
+            rest = after;
+            let flags = if rest.is_empty() { END_HEADERS } else { 0 };
+            write_frame_header(out, fragment.len(), CONTINUATION, flags, self.stream_id);
+            out.extend_from_slice(fragment);
+        }
+    }
+}
+
+fn write_frame_header(out: &mut Vec<u8>, length: usize, frame_type: u8, flags: u8, stream_id: u32) {
+    // Lengths here are at most MAX_FRAME_PAYLOAD, so the u24 never truncates.
+    out.extend_from_slice(&(length as u32).to_be_bytes()[1..]);
+    out.push(frame_type);
+    out.push(flags);
+    out.extend_from_slice(&stream_id.to_be_bytes());
+}
+
+/// Decodes a complete header block and encodes its fields again, each as a literal without
+/// indexing (RFC 7541 §6.2.2), with an invalid `:authority` replaced.
+fn reencode(decoder: &mut Decoder<'static>, block: &[u8]) -> Result<Vec<u8>, H2AuthorityError> {
+    check_representations(block)?;
+    let mut fields = Vec::with_capacity(block.len() * 2);
+    // Once over the bound, decoding goes on (to keep the dynamic table in step) but the output
+    // stops growing: only its size is counted.
+    let mut too_large: Option<usize> = None;
+    decoder
+        .decode_with_cb(block, |name, value| {
+            let value: &[u8] = if &*name == b":authority" && Authority::try_from(&*value).is_err() {
+                FALLBACK_AUTHORITY
+            } else {
+                &value
+            };
+            if let Some(size) = &mut too_large {
+                *size += 1 + name.len() + value.len();
+                return;
+            }
+            fields.push(0x00);
+            encode_string(&mut fields, &name);
+            encode_string(&mut fields, value);
+            if fields.len() > MAX_HEADER_BLOCK {
+                too_large = Some(fields.len());
+            }
+        })
+        .map_err(H2AuthorityError::Hpack)?;
+    if let Some(size) = too_large {
+        return Err(H2AuthorityError::HeaderBlockTooLarge(size));
+    }
+    Ok(fields)
+}
+
+/// A raw (not Huffman-coded) string literal: its length as a 7-bit-prefix integer, then the
+/// octets.
+fn encode_string(out: &mut Vec<u8>, octets: &[u8]) {
+    let mut length = octets.len();
+    if length < 0x7f {
+        out.push(length as u8);
+    } else {
+        out.push(0x7f);
+        length -= 0x7f;
+        while length >= 0x80 {
+            out.push((length & 0x7f) as u8 | 0x80);
+            length >>= 7;
+        }
+        out.push(length as u8);
+    }
+    out.extend_from_slice(octets);
+}
+
+/// Checks that every representation in `block` is complete, without decoding strings (RFC 7541
+/// §6), and that table size updates come only first (§4.2). fluke-hpack panics on a truncated
+/// size update where it should fail, so its decoder sees only blocks that pass this.
+fn check_representations(mut block: &[u8]) -> Result<(), H2AuthorityError> {
+    let mut field_seen = false;
+    while let Some(&first) = block.first() {
+        if first & 0xe0 == 0x20 {
+            if field_seen {
+                return Err(H2AuthorityError::MisplacedTableSizeUpdate);
+            }
+            block = hpack_integer(block, 5)?.1;
+            continue;
+        }
+        field_seen = true;
+        block = match first {
+            b if b & 0x80 != 0 => hpack_integer(block, 7)?.1,
+            b if b & 0x40 != 0 => skip_literal(block, 6)?,
+            _ => skip_literal(block, 4)?,
+        };
+    }
+    Ok(())
+}
+
+/// Skips a literal field whose name index has a `prefix`-bit prefix; index 0 means the name is
+/// a literal too.
+fn skip_literal(block: &[u8], prefix: u8) -> Result<&[u8], H2AuthorityError> {
+    let (name_index, mut rest) = hpack_integer(block, prefix)?;
+    if name_index == 0 {
+        rest = skip_string(rest)?;
+    }
+    skip_string(rest)
+}
+
+fn skip_string(block: &[u8]) -> Result<&[u8], H2AuthorityError> {
+    let (length, rest) = hpack_integer(block, 7)?;
+    rest.get(length..).ok_or(H2AuthorityError::MalformedHpack)
+}
+
+/// An HPACK integer (RFC 7541 §5.1) with a `prefix`-bit prefix, and what follows it. At most
+/// four continuation octets, as fluke-hpack decodes.
+fn hpack_integer(block: &[u8], prefix: u8) -> Result<(usize, &[u8]), H2AuthorityError> {
+    let max_prefix = (1usize << prefix) - 1;
+    let (&first, mut rest) = block
+        .split_first()
+        .ok_or(H2AuthorityError::MalformedHpack)?;
+    let mut value = usize::from(first) & max_prefix;
+    if value < max_prefix {
+        return Ok((value, rest));
+    }
+    for shift in [0, 7, 14, 21] {
+        let (&octet, after) = rest.split_first().ok_or(H2AuthorityError::MalformedHpack)?;
+        rest = after;
+        value += usize::from(octet & 0x7f) << shift;
+        if octet & 0x80 == 0 {
+            return Ok((value, rest));
+        }
+    }
+    Err(H2AuthorityError::MalformedHpack)
+}
+
+#[cfg(test)]
+mod tests {
+    use fluke_hpack::Encoder;
+    use fluke_hpack::huffman::HuffmanDecoder;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+    /// A whole client connection captured from grpcio 1.85.1 (grpc-c 58.0.0) making two calls on
+    /// one channel to `unix:///run/sigil/agent.sock`: preface, SETTINGS, WINDOW_UPDATE, SETTINGS
+    /// ack, then per call HEADERS, WINDOW_UPDATE, DATA, RST_STREAM. The first HEADERS block adds
+    /// `:authority: run%2Fsigil%2Fagent.sock` to the dynamic table; the second refers to it.
+    const GRPC_CORE_CONNECTION: &str = "\
+        505249202a20485454502f322e300d0a0d0a534d0d0a0d0a0000240400000000000002000000000003000000\
+        00000400400000000500400000000600004000fe0300000001000004080000000000003f0001000000040100\
+        00000000011201040000000140053a70617468202f537069666665576f726b6c6f61644150492f4665746368\
+        5835303953564944400a3a617574686f726974791872756e253246736967696c2532466167656e742e736f63\
+        6b8386400c636f6e74656e742d74797065106170706c69636174696f6e2f677270634002746508747261696c\
+        6572734014677270632d6163636570742d656e636f64696e67176964656e746974792c206465666c6174652c\
+        20677a6970400c677270632d74696d656f7574043639366d400a757365722d6167656e7430677270632d7079\
+        74686f6e2f312e38352e3120677270632d632f35382e302e3020286c696e75783b2063687474703229001277\
+        6f726b6c6f61642e7370696666652e696f047472756500000408000000000100000005000005000100000001\
+        00000000000000040800000000000000000500000403000000000100000008000034010400000003c4c38386\
+        c2c1c0400c677270632d74696d656f7574043730306dbf0012776f726b6c6f61642e7370696666652e696f04\
+        7472756500000408000000000300000005000005000100000003000000000000000403000000000300000008";
+
+    const DATA: u8 = 0x0;
+    const WINDOW_UPDATE: u8 = 0x8;
+
+    fn unhex(hex: &str) -> Vec<u8> {
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn frame(frame_type: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_frame_header(&mut out, payload.len(), frame_type, flags, stream_id);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    struct Frame {
+        frame_type: u8,
+        flags: u8,
+        stream_id: u32,
+        payload: Vec<u8>,
+    }
+
+    /// Splits a byte stream (after the preface) into frames.
+    fn frames(mut bytes: &[u8]) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while !bytes.is_empty() {
+            let length = u32::from_be_bytes([0, bytes[0], bytes[1], bytes[2]]) as usize;
+            frames.push(Frame {
+                frame_type: bytes[3],
+                flags: bytes[4],
+                stream_id: u32::from_be_bytes(bytes[5..9].try_into().unwrap()),
+                payload: bytes[9..9 + length].to_vec(),
+            });
+            bytes = &bytes[9 + length..];
+        }
+        frames
+    }
+
+    /// Runs a whole connection through a rewriter, once in one piece and once a byte at a time
+    /// (which must give the same bytes), checking the preface passes and returning the rest.
+    fn rewrite(frames: &[u8]) -> Result<Vec<u8>, H2AuthorityError> {
+        let input = [PREFACE, frames].concat();
+        let mut whole = Vec::new();
+        Rewriter::new().feed(&input, &mut whole)?;
+        let mut rewriter = Rewriter::new();
+        let mut bytewise = Vec::new();
+        for byte in &input {
+            rewriter.feed(std::slice::from_ref(byte), &mut bytewise)?;
+        }
+        assert_eq!(whole, bytewise, "the same bytes whatever the read sizes");
+        assert!(rewriter.pending.is_empty() && rewriter.block.is_none());
+        assert_eq!(&whole[..PREFACE.len()], PREFACE);
+        Ok(whole.split_off(PREFACE.len()))
+    }
+
+    /// Decodes a header block with a decoder that has seen nothing before: what h2 can decode
+    /// whatever the client's dynamic table held.
+    fn decode_fresh(block: &[u8]) -> Fields {
+        Decoder::new()
+            .decode(block)
+            .expect("re-encoded block decodes")
+    }
+
+    fn fields(list: &[(&str, &str)]) -> Fields {
+        list.iter()
+            .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn with_authority(mut fields: Fields, authority: &str) -> Fields {
+        for (name, value) in &mut fields {
+            if name == b":authority" {
+                *value = authority.as_bytes().to_vec();
+            }
+        }
+        fields
+    }
+
+    /// The header blocks of single-frame HEADERS frames, each decoded from scratch.
+    fn header_blocks(out: &[u8]) -> Vec<Fields> {
+        frames(out)
+            .into_iter()
+            .filter(|f| f.frame_type == HEADERS)
+            .map(|f| {
+                assert_ne!(f.flags & END_HEADERS, 0);
+                decode_fresh(&f.payload)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn grpc_core_authority_becomes_localhost_and_every_other_frame_passes_unchanged() {
+        let input = unhex(GRPC_CORE_CONNECTION);
+        let out = rewrite(&input[PREFACE.len()..]).unwrap();
+
+        let (before, after) = (frames(&input[PREFACE.len()..]), frames(&out));
+        assert_eq!(before.len(), after.len());
+        let mut client_decoder = Decoder::new();
+        let mut authorities = Vec::new();
+        for (sent, got) in before.iter().zip(&after) {
+            assert_eq!(
+                (sent.frame_type, sent.flags, sent.stream_id),
+                (got.frame_type, got.flags, got.stream_id)
+            );
+            if sent.frame_type != HEADERS {
+                assert_eq!(sent.payload, got.payload);
+                continue;
+            }
+            let sent_fields = client_decoder.decode(&sent.payload).unwrap();
+            let authority = sent_fields
+                .iter()
+                .find(|(n, _)| n == b":authority")
+                .unwrap();
+            authorities.push(authority.1.clone());
+            assert_eq!(
+                decode_fresh(&got.payload),
+                with_authority(sent_fields, "localhost")
+            );
+        }
+        assert_eq!(
+            authorities, [b"run%2Fsigil%2Fagent.sock"; 2],
+            "both calls carried the socket path, the second through the dynamic table"
+        );
+        // The DATA frames (the gRPC messages) are among those compared byte for byte.
+        assert_eq!(after.iter().filter(|f| f.frame_type == DATA).count(), 2);
+    }
+
+    #[test]
+    fn huffman_coded_authority_in_the_dynamic_table_is_replaced_in_both_blocks() {
+        // :method GET, :scheme http, :path /, then `:authority: %2F` as a literal with incremental
+        // indexing and a Huffman-coded value (RFC 7541 Appendix B: '%' 010101, '2' 00010,
+        // 'F' 1100001, padded with ones).
+        let huffman_value = [0x54, 0x58, 0x7f];
+        assert_eq!(
+            HuffmanDecoder::new().decode(&huffman_value).unwrap(),
+            b"%2F"
+        );
+        let first = [&[0x82, 0x86, 0x84, 0x41, 0x83][..], &huffman_value].concat();
+        // The same request again, the authority as a reference to dynamic-table entry 62.
+        let second = [0x82, 0x86, 0x84, 0xbe];
+        let out = rewrite(
+            &[
+                frame(HEADERS, END_HEADERS | END_STREAM, 1, &first),
+                frame(HEADERS, END_HEADERS | END_STREAM, 3, &second),
+            ]
+            .concat(),
+        )
+        .unwrap();
+
+        let expected = fields(&[
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/"),
+            (":authority", "localhost"),
+        ]);
+        assert_eq!(header_blocks(&out), [expected.clone(), expected]);
+        let streams: Vec<_> = frames(&out)
+            .iter()
+            .map(|f| (f.stream_id, f.flags))
+            .collect();
+        assert_eq!(
+            streams,
+            [(1, END_HEADERS | END_STREAM), (3, END_HEADERS | END_STREAM)]
+        );
+    }
+
+    #[test]
+    fn valid_authorities_survive_huffman_and_dynamic_table_references() {
+        // RFC 7541 Appendix C.4: three requests with Huffman coding and dynamic-table references.
+        let blocks = [
+            "828684418cf1e3c2e5f23a6ba0ab90f4ff",
+            "828684be5886a8eb10649cbf",
+            "828785bf408825a849e95ba97d7f8925a849e95bb8e8b4bf",
+        ];
+        let input: Vec<u8> = blocks
+            .iter()
+            .zip([1, 3, 5])
+            .flat_map(|(block, stream)| frame(HEADERS, END_HEADERS, stream, &unhex(block)))
+            .collect();
+        let out = rewrite(&input).unwrap();
+
+        let first = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/"),
+            (":authority", "www.example.com"),
+        ];
+        assert_eq!(
+            header_blocks(&out),
+            [
+                fields(&first),
+                fields(&[&first[..], &[("cache-control", "no-cache")]].concat()),
+                fields(&[
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":path", "/index.html"),
+                    (":authority", "www.example.com"),
+                    ("custom-key", "custom-value"),
+                ]),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_encoder_indexing_across_blocks_gets_the_path_authority_replaced_and_localhost_kept() {
+        let mut encoder = Encoder::new();
+        let request = |authority: &str| {
+            fields(&[
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+                (":authority", authority),
+                ("workload.spiffe.io", "true"),
+            ])
+        };
+        let mut encode = |fields: &Fields| {
+            encoder.encode(fields.iter().map(|(n, v)| (n.as_slice(), v.as_slice())))
+        };
+        let path_socket = request("%2Frun%2Fsigil%2Fagent.sock");
+        let local = request("localhost");
+        let blocks = [encode(&path_socket), encode(&path_socket), encode(&local)];
+        assert!(
+            blocks[1].len() < blocks[0].len(),
+            "the second block refers to the first's dynamic-table entries"
+        );
+        let input: Vec<u8> = blocks
+            .iter()
+            .zip([1, 3, 5])
+            .flat_map(|(block, stream)| frame(HEADERS, END_HEADERS, stream, block))
+            .collect();
+
+        let out = rewrite(&input).unwrap();
+        assert_eq!(header_blocks(&out), [local.clone(), local.clone(), local]);
+    }
+
+    #[test]
+    fn padding_is_dropped_and_priority_and_end_stream_are_kept() {
+        let block =
+            Encoder::new().encode([(&b":method"[..], &b"GET"[..]), (b":authority", b"%2Fsock")]);
+        let priority = [0x80, 0, 0, 1, 15];
+        let payload = [&[3][..], &priority, &block, &[0, 0, 0]].concat();
+        let flags = PADDED | PRIORITY | END_STREAM | END_HEADERS;
+        let out = rewrite(&frame(HEADERS, flags, 3, &payload)).unwrap();
+
+        let [got] = frames(&out).try_into().ok().unwrap();
+        assert_eq!(got.frame_type, HEADERS);
+        assert_eq!(got.flags, PRIORITY | END_STREAM | END_HEADERS);
+        assert_eq!(got.stream_id, 3);
+        assert_eq!(got.payload[..PRIORITY_LEN], priority);
+        assert_eq!(
+            decode_fresh(&got.payload[PRIORITY_LEN..]),
+            fields(&[(":method", "GET"), (":authority", "localhost")])
+        );
+    }
+
+    #[test]
+    fn continuation_frames_are_joined_into_one_headers_frame() {
+        let block = Encoder::new().encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"%2Fsock"),
+            (b"x-trace", b"abc"),
+        ]);
+        let (a, rest) = block.split_at(4);
+        let (b, c) = rest.split_at(7);
+        let input = [
+            frame(HEADERS, END_STREAM, 5, a),
+            frame(CONTINUATION, 0, 5, b),
+            frame(CONTINUATION, END_HEADERS, 5, c),
+            frame(DATA, END_STREAM, 7, b"body"),
+        ]
+        .concat();
+        let out = rewrite(&input).unwrap();
+
+        let got = frames(&out);
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            (got[0].frame_type, got[0].flags, got[0].stream_id),
+            (HEADERS, END_STREAM | END_HEADERS, 5)
+        );
+        assert_eq!(
+            decode_fresh(&got[0].payload),
+            fields(&[
+                (":method", "POST"),
+                (":authority", "localhost"),
+                ("x-trace", "abc")
+            ])
+        );
+        assert_eq!(
+            out[out.len() - 13..],
+            frame(DATA, END_STREAM, 7, b"body")[..]
+        );
+    }
+
+    #[test]
+    fn a_block_larger_than_a_frame_is_split_into_continuations() {
+        let big = vec![b'x'; 20_000];
+        let block = Encoder::new().encode([(&b":authority"[..], &b"%2F"[..]), (b"x-big", &big)]);
+        let priority = [0, 0, 0, 0, 200];
+        let payload = [&priority[..], &block].concat();
+        let out = rewrite(&frame(HEADERS, PRIORITY | END_HEADERS, 1, &payload)).unwrap();
+
+        let got = frames(&out);
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].frame_type, got[0].flags), (HEADERS, PRIORITY));
+        assert_eq!(got[0].payload.len(), MAX_FRAME_PAYLOAD);
+        assert_eq!(got[0].payload[..PRIORITY_LEN], priority);
+        assert_eq!(
+            (got[1].frame_type, got[1].flags),
+            (CONTINUATION, END_HEADERS)
+        );
+        assert_eq!(got[1].stream_id, 1);
+        let joined = [&got[0].payload[PRIORITY_LEN..], &got[1].payload[..]].concat();
+        assert_eq!(
+            Decoder::new().decode(&joined).unwrap(),
+            vec![
+                (b":authority".to_vec(), b"localhost".to_vec()),
+                (b"x-big".to_vec(), big)
+            ]
+        );
+    }
+
+    #[test]
+    fn non_header_frames_pass_through_byte_for_byte() {
+        let input = [
+            frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100]),
+            frame(WINDOW_UPDATE, 0, 0, &[0, 1, 0, 0]),
+            frame(DATA, 0, 1, &vec![7; 40_000]),
+            frame(0x6, 0, 0, b"pingpong"),
+            frame(0x3, 0, 1, &[0, 0, 0, 8]),
+            frame(0x7, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 0]),
+        ]
+        .concat();
+        assert_eq!(rewrite(&input).unwrap(), input);
+    }
+
+    #[test]
+    fn a_connection_not_starting_with_the_preface_is_refused() {
+        let mut out = Vec::new();
+        assert_eq!(
+            Rewriter::new().feed(b"GET / HTTP/1.1\r\n", &mut out),
+            Err(H2AuthorityError::BadPreface)
+        );
+        // A preface that goes wrong only in a later read is refused too.
+        let mut rewriter = Rewriter::new();
+        rewriter.feed(&PREFACE[..10], &mut out).unwrap();
+        assert_eq!(
+            rewriter.feed(b"X", &mut out),
+            Err(H2AuthorityError::BadPreface)
+        );
+    }
+
+    #[test]
+    fn frames_breaking_up_a_header_block_are_refused() {
+        let block = Encoder::new().encode([(&b":method"[..], &b"GET"[..])]);
+        assert_eq!(
+            rewrite(&[frame(HEADERS, 0, 1, &block), frame(DATA, 0, 1, b"x")].concat()),
+            Err(H2AuthorityError::InterruptedHeaderBlock {
+                frame_type: DATA,
+                stream_id: 1
+            })
+        );
+        assert_eq!(
+            rewrite(
+                &[
+                    frame(HEADERS, 0, 1, &block),
+                    frame(HEADERS, END_HEADERS, 3, &block)
+                ]
+                .concat()
+            ),
+            Err(H2AuthorityError::InterruptedHeaderBlock {
+                frame_type: HEADERS,
+                stream_id: 1
+            })
+        );
+        assert_eq!(
+            rewrite(
+                &[
+                    frame(HEADERS, 0, 1, &block),
+                    frame(CONTINUATION, END_HEADERS, 3, &[])
+                ]
+                .concat()
+            ),
+            Err(H2AuthorityError::InterruptedHeaderBlock {
+                frame_type: CONTINUATION,
+                stream_id: 3
+            })
+        );
+        assert_eq!(
+            rewrite(&frame(CONTINUATION, END_HEADERS, 1, &block)),
+            Err(H2AuthorityError::UnexpectedContinuation(1))
+        );
+    }
+
+    #[test]
+    fn padding_or_priority_beyond_the_payload_is_refused() {
+        // Pad length 5 with only 3 bytes after it.
+        assert_eq!(
+            rewrite(&frame(HEADERS, PADDED | END_HEADERS, 1, &[5, 0x82, 0, 0])),
+            Err(H2AuthorityError::MalformedHeadersFrame(4))
+        );
+        assert_eq!(
+            rewrite(&frame(HEADERS, PADDED | END_HEADERS, 1, &[])),
+            Err(H2AuthorityError::MalformedHeadersFrame(0))
+        );
+        assert_eq!(
+            rewrite(&frame(HEADERS, PRIORITY | END_HEADERS, 1, &[0, 0, 1])),
+            Err(H2AuthorityError::MalformedHeadersFrame(3))
+        );
+    }
+
+    #[test]
+    fn oversized_header_blocks_are_refused_before_they_are_buffered() {
+        // Only the frame header has arrived: a 70,000-byte block is refused already.
+        let mut header = Vec::new();
+        write_frame_header(&mut header, 70_000, HEADERS, END_HEADERS, 1);
+        let mut out = Vec::new();
+        let mut rewriter = Rewriter::new();
+        rewriter.feed(PREFACE, &mut out).unwrap();
+        assert_eq!(
+            rewriter.feed(&header, &mut out),
+            Err(H2AuthorityError::HeaderBlockTooLarge(70_000))
+        );
+        // The same across CONTINUATION frames.
+        let chunk = vec![0x82; 16_384];
+        let mut input = frame(HEADERS, 0, 1, &chunk);
+        for _ in 0..3 {
+            input.extend(frame(CONTINUATION, 0, 1, &chunk));
+        }
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, &[0x82]));
+        assert_eq!(
+            rewrite(&input),
+            Err(H2AuthorityError::HeaderBlockTooLarge(4 * 16_384 + 1))
+        );
+    }
+
+    #[test]
+    fn a_small_block_expanding_past_the_bound_is_refused() {
+        // One 4,000-byte entry in the dynamic table, then referenced 20 times: 80 KB decoded
+        // from a few hundred bytes.
+        let value = vec![b'v'; 4_000];
+        let mut block = vec![0x40, 0x01, b'x', 0x7f];
+        encode_integer_tail(&mut block, value.len() - 0x7f);
+        block.extend_from_slice(&value);
+        block.extend([0xbe; 20]);
+        let result = rewrite(&frame(HEADERS, END_HEADERS, 1, &block));
+        assert!(
+            matches!(result, Err(H2AuthorityError::HeaderBlockTooLarge(size)) if size > 80_000),
+            "{result:?}"
+        );
+    }
+
+    /// The continuation octets of an HPACK integer, after a prefix of all ones.
+    fn encode_integer_tail(out: &mut Vec<u8>, mut rest: usize) {
+        while rest >= 0x80 {
+            out.push((rest & 0x7f) as u8 | 0x80);
+            rest >>= 7;
+        }
+        out.push(rest as u8);
+    }
+
+    #[test]
+    fn malformed_hpack_is_refused_without_panicking() {
+        let refused = |block: &[u8]| rewrite(&frame(HEADERS, END_HEADERS, 1, block)).unwrap_err();
+        // A table size update cut short (fluke-hpack would panic on it).
+        assert_eq!(refused(&[0x3f]), H2AuthorityError::MalformedHpack);
+        assert_eq!(
+            refused(&[0x3f, 0xff, 0xff]),
+            H2AuthorityError::MalformedHpack
+        );
+        // An integer with more continuation octets than any table size needs.
+        assert_eq!(
+            refused(&[0x3f, 0x80, 0x80, 0x80, 0x80, 0x01]),
+            H2AuthorityError::MalformedHpack
+        );
+        // A string longer than the block, a literal with no value.
+        assert_eq!(
+            refused(&[0x41, 0x0a, b'a']),
+            H2AuthorityError::MalformedHpack
+        );
+        assert_eq!(
+            refused(&[0x00, 0x01, b'a']),
+            H2AuthorityError::MalformedHpack
+        );
+        assert_eq!(refused(&[0x82, 0x10]), H2AuthorityError::MalformedHpack);
+        // Size updates: only first, and never above what h2 advertises.
+        assert_eq!(
+            refused(&[0x82, 0x20]),
+            H2AuthorityError::MisplacedTableSizeUpdate
+        );
+        assert_eq!(
+            refused(&[0x3f, 0xe2, 0x1f, 0x82]),
+            H2AuthorityError::Hpack(DecoderError::InvalidMaxDynamicSize)
+        );
+        assert_eq!(
+            refused(&[0x20]),
+            H2AuthorityError::Hpack(DecoderError::SizeUpdateAtEnd)
+        );
+        // An index past both tables; a Huffman string with the EOS symbol in it.
+        assert_eq!(
+            refused(&[0xbe]),
+            H2AuthorityError::Hpack(DecoderError::HeaderIndexOutOfBounds)
+        );
+        assert!(matches!(
+            refused(&[0x41, 0x84, 0xff, 0xff, 0xff, 0xff]),
+            H2AuthorityError::Hpack(DecoderError::StringDecodingError(_))
+        ));
+    }
+
+    #[test]
+    fn a_size_update_at_the_start_is_accepted_and_not_forwarded() {
+        // Shrink the table to 0 and back to 4,096, then one field.
+        let out = rewrite(&frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &[0x20, 0x3f, 0xe1, 0x1f, 0x82],
+        ))
+        .unwrap();
+        let [got] = frames(&out).try_into().ok().unwrap();
+        assert_eq!(
+            got.payload,
+            [
+                0x00, 7, b':', b'm', b'e', b't', b'h', b'o', b'd', 3, b'G', b'E', b'T'
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_stream_rewrites_what_it_reads_passes_what_it_writes_and_keeps_peer_credentials() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let mut server = H2AuthorityStream::new(server);
+        let cred = server.connect_info().peer_cred.expect("peer credentials");
+        assert_eq!(cred.pid(), Some(std::process::id() as i32));
+
+        let block = Encoder::new().encode([(&b":authority"[..], &b"%2Fa.sock"[..])]);
+        let (mut client_read, mut client_write) = client.into_split();
+        client_write
+            .write_all(&[PREFACE, &frame(HEADERS, END_HEADERS, 1, &block)].concat())
+            .await
+            .unwrap();
+        let expected = [
+            PREFACE,
+            &frame(HEADERS, END_HEADERS, 1, b"\x00\x0a:authority\x09localhost"),
+        ]
+        .concat();
+        let mut got = vec![0; expected.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, expected);
+
+        let reply = frame(0x4, 0, 0, &[]);
+        server.write_all(&reply).await.unwrap();
+        let mut echoed = vec![0; reply.len()];
+        client_read.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, reply);
+
+        // Garbage after that closes the connection with the reason.
+        client_write
+            .write_all(&frame(CONTINUATION, END_HEADERS, 9, &[]))
+            .await
+            .unwrap();
+        let error = server.read(&mut [0; 64]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(
+            error
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<H2AuthorityError>()),
+            Some(&H2AuthorityError::UnexpectedContinuation(9))
+        );
+
+        // End of stream from the client is end of stream for h2.
+        drop(client_write);
+        drop(client_read);
+        assert_eq!(server.read(&mut [0; 64]).await.unwrap(), 0);
+    }
+}

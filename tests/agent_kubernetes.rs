@@ -1,0 +1,186 @@
+//! The node agent in Kubernetes mode, end to end: the CA authenticates the agent's pod-bound
+//! token by TokenReview and grants it only identities of pods on its node; the agent watches its
+//! node's pods (prefetching their identities) and attests a real process placed in a real
+//! kubepods cgroup, which fetches its SVID with PyPI's `spiffe` client. The Kubernetes API is the
+//! in-repo test double; everything else is real.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::core::v1::Secret;
+use sigil_test_apiserver::{PodSpec, TestApiServer, TokenSpec};
+
+const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
+
+fn pod(ns: &str, name: &str, sa: &str, node: &str) -> PodSpec {
+    PodSpec {
+        namespace: ns.into(),
+        name: name.into(),
+        service_account: sa.into(),
+        node: node.into(),
+        phase: "Running".into(),
+        labels: BTreeMap::new(),
+    }
+}
+
+/// A cgroup (v1 `pids` hierarchy, cgroupfs driver layout) for one container of a pod; removed on drop.
+struct PodCgroup(PathBuf);
+
+impl PodCgroup {
+    fn create(pod_uid: &str) -> PodCgroup {
+        let container = format!("{:0>64}", "5a1b7e");
+        let dir = Path::new("/sys/fs/cgroup/pids/kubepods/burstable")
+            .join(format!("pod{pod_uid}"))
+            .join(container);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating {}: {e} (the tests run as root)", dir.display()));
+        PodCgroup(dir)
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        // Innermost first; each rmdir only succeeds once no process is left in it.
+        for dir in self.0.ancestors().take(4) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+const CLIENT: &str = r#"
+import json, sys
+from spiffe import WorkloadApiClient
+try:
+    with WorkloadApiClient() as client:
+        svid = client.fetch_x509_svid()
+        print(json.dumps({"id": str(svid.spiffe_id)}))
+except Exception as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+"#;
+
+/// Runs the py-spiffe client, inside `cgroup` if given, and returns what it printed.
+fn fetch_svid(dir: &Path, socket: &Path, cgroup: Option<&PodCgroup>) -> serde_json::Value {
+    let script = dir.join("client.py");
+    std::fs::write(&script, CLIENT).unwrap();
+    let enter = match cgroup {
+        Some(c) => format!("echo $$ > {}/cgroup.procs && ", c.0.display()),
+        None => String::new(),
+    };
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{enter}exec python3 {}", script.display()))
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "client printed {stdout:?}, stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[tokio::test]
+async fn a_process_in_a_pod_cgroup_gets_its_pods_identity_through_tokenreview_and_node_checks() {
+    let server = TestApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let agent_pod = server.add_pod(&pod(
+        "sigil-system",
+        "sigil-agent-a",
+        "sigil-agent",
+        "node-a",
+    ));
+    let web = server.add_pod(&pod("demo", "web-1", "web", "node-a"));
+    server.add_pod(&pod("demo", "db-1", "db", "node-b"));
+
+    let mut ca = CaProcess::start(dir.path(), Some(&kubeconfig), &[] as &[&str]);
+    ca.wait_ready().await;
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(server.client(), "sigil-system");
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        &secrets.get("sigil-ca").await.unwrap().data.unwrap()["root-cert.pem"].0,
+    )
+    .unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(
+        &token,
+        server.issue_token(&TokenSpec::for_pod(&agent_pod, "sigil-ca")),
+    )
+    .unwrap();
+
+    let socket = dir.path().join("agent.sock");
+    let admin = free_addr();
+    let log = dir.path().join("agent.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut agent = Command::new(SIGIL)
+        .args(["agent", "run", "--attestor", "k8s", "--node-name", "node-a"])
+        .args(["--ca", &ca.grpc.to_string(), "--ca-name", "localhost"])
+        .arg("--ca-bundle")
+        .arg(&bundle)
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--admin-addr", &admin.to_string()])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // Once this node's pods are synced, the identities of the pods on node-a (web, and the agent's
+    // own pod) are fetched before anyone asks; db, on node-b, is not.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = http_get(admin, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        if metric(&metrics, "sigil_agent_identities") == 2.0
+            && metrics.contains(&format!(
+                "sigil_agent_cert_expiry_timestamp_seconds{{identity=\"{WEB_ID}\"}}"
+            ))
+        {
+            assert!(
+                !metrics.contains("sa/db"),
+                "db's pod is on another node:\n{metrics}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web was not prefetched:\n{metrics}\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A process in web-1's container cgroup is attested as web.
+    let cgroup = PodCgroup::create(web.metadata.uid.as_deref().unwrap());
+    let answer = fetch_svid(dir.path(), &socket, Some(&cgroup));
+    assert_eq!(answer["id"], WEB_ID, "{answer}\n{}", logs());
+
+    // A host process (no pod cgroup) gets nothing, and the agent says why.
+    let answer = fetch_svid(dir.path(), &socket, None);
+    assert!(answer["error"].is_string(), "{answer}");
+    assert!(logs().contains("attestation failed"), "{}", logs());
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+    drop(cgroup);
+}
