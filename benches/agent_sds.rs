@@ -7,9 +7,14 @@
 //!    agent does not hold yet (attestation, key generation, CSR and the CA round trip) and for
 //!    one it holds (cache hit). Each sample is a separate client process running as its own uid,
 //!    which the agent's unix attestor maps to its own SPIFFE ID (so this needs root);
-//! 2. how one certificate rotation fans out to 1,000 open streams of one identity;
+//! 2. how one certificate rotation fans out to 1,000 open, ACKing streams of one identity, with
+//!    one connection per stream and with 100 streams per connection, dated from the CA's audit
+//!    line and the agent's log line for the renewed serial;
 //! 3. the agent's memory: idle, with those 1,000 streams, and (Kubernetes attestor, against the
 //!    in-repo API test double) with 1,000 identities prefetched for 1,000 pods on its node.
+//!
+//! The clients run on the same 2 cores as the agent and the CA, so delivery spreads include the
+//! clients' own decoding and ACKs; the agent's CPU per push is read from /proc to separate them.
 //!
 //! Run: `cargo bench --bench agent_sds` (BENCH_SAMPLES=50 and BENCH_STREAMS=1000 by default).
 

@@ -123,9 +123,8 @@ async fn a_process_in_a_pod_cgroup_gets_its_pods_identity_through_tokenreview_an
 
     let socket = dir.path().join("agent.sock");
     let admin = free_addr();
-    let log = dir.path().join("agent.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let mut agent = Command::new(SIGIL)
+    let mut agent_cmd = Command::new(SIGIL);
+    agent_cmd
         .args(["agent", "run", "--attestor", "k8s", "--node-name", "node-a"])
         .args(["--ca", &ca.grpc.to_string(), "--ca-name", "localhost"])
         .arg("--ca-bundle")
@@ -136,12 +135,10 @@ async fn a_process_in_a_pod_cgroup_gets_its_pods_identity_through_tokenreview_an
         .arg(&socket)
         .args(["--admin-addr", &admin.to_string()])
         .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+        .env("RUST_LOG", "info");
+    // Killed on drop, also when an assertion fails.
+    let agent = Proc::spawn(agent_cmd, dir.path().join("agent.log"));
+    let logs = || agent.logs();
 
     // Once this node's pods are synced, the identities of the pods on node-a (web, and the agent's
     // own pod) are fetched before anyone asks; db, on node-b, is not.
@@ -180,7 +177,6 @@ async fn a_process_in_a_pod_cgroup_gets_its_pods_identity_through_tokenreview_an
     assert!(answer["error"].is_string(), "{answer}");
     assert!(logs().contains("attestation failed"), "{}", logs());
 
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
     drop(cgroup);
 }

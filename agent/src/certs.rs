@@ -56,6 +56,9 @@ pub struct Svid {
     /// Leaf first, then intermediates.
     pub chain: Vec<CertificateDer<'static>>,
     key_pkcs8: Vec<u8>,
+    /// The chain and key as PEM, made once per certificate: SDS serves PEM to every stream.
+    chain_pem: String,
+    key_pem: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     /// When the agent received it: renewal counts from here, not from the backdated NotBefore
@@ -87,6 +90,16 @@ impl Svid {
     /// The private key, PKCS#8 DER (for serving it to the workload that owns it).
     pub fn key_pkcs8(&self) -> &[u8] {
         &self.key_pkcs8
+    }
+
+    /// The private key as a PEM "PRIVATE KEY" (PKCS#8) block.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// The chain, leaf first, as PEM.
+    pub fn chain_pem(&self) -> &str {
+        &self.chain_pem
     }
 
     fn renew_in(&self, now: SystemTime) -> Duration {
@@ -363,13 +376,19 @@ impl IdentityWorker {
             });
         }
         let (received_at, not_after) = (SystemTime::now(), report.not_after.into());
-        let chain = std::iter::once(response.leaf)
+        let chain: Vec<CertificateDer<'static>> = std::iter::once(response.leaf)
             .chain(response.intermediates)
             .map(CertificateDer::from)
+            .collect();
+        let chain_pem = chain
+            .iter()
+            .map(|der| sigil_ca::authority::der_to_pem(der))
             .collect();
         Ok(Svid {
             id: self.id.clone(),
             chain,
+            chain_pem,
+            key_pem: key.serialize_pem(),
             key_pkcs8: key.serialize_der(),
             not_before: report.not_before.into(),
             not_after,
@@ -414,6 +433,8 @@ mod tests {
             id: "spiffe://cluster.local/ns/a/sa/b".parse().unwrap(),
             chain: Vec::new(),
             key_pkcs8: Vec::new(),
+            chain_pem: String::new(),
+            key_pem: String::new(),
             not_before: received_at - Duration::from_secs(60),
             not_after: received_at + ttl,
             received_at,

@@ -24,7 +24,6 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
 use envoy_types::util::pack_any;
-use sigil_ca::authority::der_to_pem;
 use sigil_identity::{SpiffeId, TrustBundle};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -75,8 +74,6 @@ pub enum SdsError {
     ManagerGone,
     #[error("the trust bundle is no longer followed")]
     BundleGone,
-    #[error("the certificate's private key could not be encoded")]
-    Key,
 }
 
 impl From<SdsError> for Status {
@@ -91,7 +88,6 @@ impl From<SdsError> for Status {
             SdsError::NotReady(_) | SdsError::ManagerGone | SdsError::BundleGone => {
                 Status::unavailable(message)
             }
-            SdsError::Key => Status::internal(message),
         }
     }
 }
@@ -283,7 +279,7 @@ impl Sources {
         match source {
             Source::Certificate => {
                 let svid = self.svid.as_ref().and_then(|w| w.borrow().clone());
-                svid.map(|svid| certificate_secret(name, &svid)).transpose()
+                Ok(svid.map(|svid| certificate_secret(name, &svid)))
             }
             Source::Bundle => {
                 let bundle = self.bundle.borrow().clone();
@@ -327,14 +323,10 @@ fn inline(bytes: Vec<u8>) -> Option<DataSource> {
     })
 }
 
-fn certificate_secret(name: &str, svid: &Svid) -> Result<Built, SdsError> {
-    let chain_pem: String = svid.chain.iter().map(|der| der_to_pem(der)).collect();
-    // Envoy wants PEM; rcgen writes PKCS#8 as a "PRIVATE KEY" block. Its errors are not passed
-    // on, so nothing about the key reaches a log.
-    let key_pem = rcgen::KeyPair::try_from(svid.key_pkcs8())
-        .map_err(|_| SdsError::Key)?
-        .serialize_pem();
-    Ok(Built {
+fn certificate_secret(name: &str, svid: &Svid) -> Built {
+    // Envoy wants PEM; the certificate manager made it once per certificate.
+    let (chain_pem, key_pem) = (svid.chain_pem().to_string(), svid.key_pem().to_string());
+    Built {
         name: name.into(),
         // The chain is public and changes with every issuance (new key, new serial), so its
         // digest versions the key too without hashing the key itself.
@@ -347,7 +339,7 @@ fn certificate_secret(name: &str, svid: &Svid) -> Result<Built, SdsError> {
                 ..Default::default()
             })),
         },
-    })
+    }
 }
 
 fn bundle_secret(name: &str, bundle: &TrustBundle) -> Built {
