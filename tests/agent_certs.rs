@@ -279,7 +279,7 @@ async fn trust_bundle_follows_watch_trust_bundle_through_a_root_rotation() {
         bundle_rx.clone(),
         Credential::Certificate(credential_rx),
     );
-    tokio::spawn(client.follow_bundle(td(), bundle_tx));
+    tokio::spawn(client.follow_bundle(td(), bundle_tx, watch::channel(false).0));
     sigil(&[
         "ca",
         "rotate-root",

@@ -6,13 +6,13 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::peer::PeerAtAccept;
 use hyper_util::rt::TokioIo;
 use sigil_proto::sigil::agent::v1::agent_admin_client::AgentAdminClient;
 use sigil_proto::sigil::agent::v1::agent_admin_server::{AgentAdmin, AgentAdminServer};
 use sigil_proto::sigil::agent::v1::{
     IdentityStatus, ListIdentitiesRequest, ListIdentitiesResponse,
 };
-use tonic::transport::server::UdsConnectInfo;
 use tonic::transport::{Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
@@ -58,8 +58,8 @@ impl AgentAdmin for Admin {
     ) -> Result<Response<ListIdentitiesResponse>, Status> {
         let uid = request
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
+            .get::<PeerAtAccept>()
+            .and_then(|info| info.cred)
             .map(|cred| cred.uid());
         if uid != Some(0) {
             return Err(Status::permission_denied(

@@ -134,14 +134,19 @@ impl CaClient {
 
     /// Follows `WatchTrustBundle` until `tx` has no receivers left, reconnecting with backoff.
     /// A bundle is accepted only if it is for our trust domain and not empty.
+    /// `contacted` turns true with the first bundle the CA sends (the agent's readiness).
     pub async fn follow_bundle(
         self,
         trust_domain: TrustDomain,
         tx: watch::Sender<Arc<TrustBundle>>,
+        contacted: watch::Sender<bool>,
     ) {
         let mut backoff = Backoff::default();
         while !tx.is_closed() {
-            match self.stream_bundle(&trust_domain, &tx, &mut backoff).await {
+            match self
+                .stream_bundle(&trust_domain, &tx, &contacted, &mut backoff)
+                .await
+            {
                 Ok(()) => info!("trust bundle stream ended; reconnecting"),
                 Err(e) => warn!(error = %e, "trust bundle stream failed; retrying"),
             }
@@ -153,6 +158,7 @@ impl CaClient {
         &self,
         trust_domain: &TrustDomain,
         tx: &watch::Sender<Arc<TrustBundle>>,
+        contacted: &watch::Sender<bool>,
         backoff: &mut Backoff,
     ) -> Result<(), CaClientError> {
         let mut client = self.connect().await?;
@@ -171,7 +177,23 @@ impl CaClient {
                 .map(CertificateDer::from)
                 .collect();
             let bundle = TrustBundle::new(trust_domain.clone(), roots, message.sequence);
+            // A bundle with a root that does not parse would make every later connection to
+            // the CA fail, and the agent could never fetch a corrected one: keep the old one.
+            if let Err(e) = bundle.root_store() {
+                warn!(error = %e, "ignoring a trust bundle with an unusable root");
+                continue;
+            }
+            contacted.send_replace(true);
             tx.send_if_modified(|current| {
+                // An older bundle (a lagging CA replica) must not roll back a newer one.
+                if bundle.sequence < current.sequence {
+                    warn!(
+                        sequence = bundle.sequence,
+                        current = current.sequence,
+                        "ignoring an older trust bundle"
+                    );
+                    return false;
+                }
                 let changed = current.roots != bundle.roots;
                 if changed {
                     info!(

@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use rcgen::KeyPair;
+use rcgen::{KeyPair, PublicKeyData};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sigil_identity::SpiffeId;
 use sigil_identity::tls::CertifiedKey;
@@ -31,6 +31,10 @@ pub const DEFAULT_MAX_CONCURRENT_FETCHES: usize = 8;
 const RENEW_AT: f64 = 0.5;
 /// ...give or take this fraction of it, so identities renewed together spread out.
 const RENEW_JITTER: f64 = 0.05;
+/// A certificate arriving with less lifetime left than this is refused (and retried with backoff).
+const MIN_LIFETIME: Duration = Duration::from_secs(2);
+/// The shortest wait before renewing, whatever the certificate says.
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
 /// How often a worker checks whether anyone still wants its identity.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
@@ -103,7 +107,10 @@ impl Svid {
     }
 
     fn renew_in(&self, now: SystemTime) -> Duration {
-        self.renew_at.duration_since(now).unwrap_or_default()
+        self.renew_at
+            .duration_since(now)
+            .unwrap_or_default()
+            .max(MIN_RENEW_INTERVAL)
     }
 
     fn is_valid(&self, now: SystemTime) -> bool {
@@ -295,7 +302,6 @@ impl IdentityWorker {
         };
         let mut backoff = Backoff::default();
         let mut idle_check = tokio::time::interval(IDLE_CHECK);
-        let mut reported_idle = false;
         loop {
             let wait = match self.fetch().await {
                 Ok(svid) => {
@@ -323,7 +329,15 @@ impl IdentityWorker {
                     if !still_valid && self.svid.borrow().is_some() {
                         self.svid.send_replace(None);
                     }
-                    let wait = backoff.next_delay();
+                    // Wake up when the held certificate expires, at the latest, to stop serving it.
+                    let until_expiry = self
+                        .svid
+                        .borrow()
+                        .as_ref()
+                        .and_then(|s| s.not_after.duration_since(SystemTime::now()).ok());
+                    let wait = backoff
+                        .next_delay()
+                        .min(until_expiry.unwrap_or(Duration::MAX));
                     warn!(identity = %self.id, error = %e, keeping_valid_certificate = still_valid, retry_in = ?wait, "certificate request failed");
                     wait
                 }
@@ -336,11 +350,10 @@ impl IdentityWorker {
                         self.metrics.cert_expiry.remove(&labels);
                         return;
                     }
+                    // Reported on every check while no one subscribes: the manager decides (it
+                    // knows whether a pod still wants the identity), and the report is cheap.
                     _ = idle_check.tick() => {
-                        if self.svid.receiver_count() > 0 {
-                            reported_idle = false;
-                        } else if !reported_idle {
-                            reported_idle = true;
+                        if self.svid.receiver_count() == 0 {
                             let _ = self.manager.send(Command::Idle(self.id.clone())).await;
                         }
                     }
@@ -375,7 +388,23 @@ impl IdentityWorker {
                     .map_or_else(|| "(none)".to_string(), |id| id.to_string()),
             });
         }
-        let (received_at, not_after) = (SystemTime::now(), report.not_after.into());
+        let spki = profile::subject_public_key_info(&response.leaf)
+            .map_err(|e| FetchError::BadCertificate(e.to_string()))?;
+        if spki != key.subject_public_key_info() {
+            return Err(FetchError::BadCertificate(
+                "it is not for the key this agent generated".into(),
+            ));
+        }
+        let (received_at, not_after): (SystemTime, SystemTime) =
+            (SystemTime::now(), report.not_after.into());
+        // An already expired or nearly expired certificate (clock skew, or a CA at the end of
+        // its own life capping NotAfter) would be renewed at once, in a loop: fail and back off.
+        let lifetime = not_after.duration_since(received_at).unwrap_or_default();
+        if lifetime < MIN_LIFETIME {
+            return Err(FetchError::BadCertificate(format!(
+                "it is valid for only {lifetime:?} more (at least {MIN_LIFETIME:?} needed)"
+            )));
+        }
         let chain: Vec<CertificateDer<'static>> = std::iter::once(response.leaf)
             .chain(response.intermediates)
             .map(CertificateDer::from)
@@ -453,9 +482,9 @@ mod tests {
                 "{ttl:?}: {wait:?}"
             );
         }
-        // Already past its renewal time: renew now.
+        // Already past its renewal time: renew as soon as allowed (never in a tight loop).
         let old = svid(now - Duration::from_secs(10), Duration::from_secs(4));
-        assert_eq!(old.renew_in(now), Duration::ZERO);
+        assert_eq!(old.renew_in(now), MIN_RENEW_INTERVAL);
         assert!(!old.is_valid(now));
     }
 

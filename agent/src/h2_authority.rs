@@ -8,6 +8,10 @@
 //! authority with `localhost`, and re-encodes the block without the dynamic table, so h2's own
 //! decoder never sees a reference to entries only this adapter holds. Every other frame, and the
 //! whole agent-to-client side, passes through untouched.
+//!
+//! Memory is bounded although HPACK lets a few bytes stand for kilobytes: a re-encoded block may
+//! not exceed what h2 would accept anyway, and input is left unread while more than
+//! [`MAX_PENDING_OUTPUT`] bytes of output wait for h2.
 
 use std::io;
 use std::pin::Pin;
@@ -18,7 +22,9 @@ use fluke_hpack::decoder::DecoderError;
 use http::uri::Authority;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
-use tonic::transport::server::{Connected, UdsConnectInfo};
+use tonic::transport::server::Connected;
+
+use crate::peer::PeerAtAccept;
 
 /// RFC 9113 §3.4: what every client sends before its first frame.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -37,9 +43,17 @@ const MAX_FRAME_PAYLOAD: usize = 16_384;
 /// The dynamic table the client's encoder may use: h2 advertises the default
 /// SETTINGS_HEADER_TABLE_SIZE, so a size update beyond it is a compression error.
 const HEADER_TABLE_SIZE: usize = 4_096;
-/// Bound on a header block, as received and as re-encoded (which also bounds what decoding a
-/// block full of references to large dynamic-table entries may produce).
+/// Bound on a header block as received.
 const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// Bound on a header block as re-encoded: h2's default SETTINGS_MAX_HEADER_LIST_SIZE (as hyper
+/// serves it), which counts each field as more than its literal takes here, so h2 would refuse a
+/// larger block anyway. It also bounds what decoding a block full of references to large
+/// dynamic-table entries may produce.
+const MAX_REENCODED_BLOCK: usize = 16 * 1024;
+/// Once a read has produced this much output for h2, the rest of the input waits (buffered, and
+/// no more read from the socket) until h2 has read it all: a few KiB of tiny HEADERS frames each
+/// referring to a 4 KiB dynamic-table entry would otherwise expand a hundredfold at once.
+pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
 /// What replaces an `:authority` h2 would reject. Nothing on the socket routes by authority.
 const FALLBACK_AUTHORITY: &[u8] = b"localhost";
 /// How much is read from the socket at a time.
@@ -52,6 +66,10 @@ pub enum H2AuthorityError {
     BadPreface,
     #[error("header block of at least {0} bytes exceeds the {MAX_HEADER_BLOCK}-byte limit")]
     HeaderBlockTooLarge(usize),
+    #[error(
+        "header block decodes to {0} bytes, beyond the {MAX_REENCODED_BLOCK}-byte header list limit"
+    )]
+    HeaderListTooLarge(usize),
     #[error("frame of type {frame_type:#x} on stream {stream_id} interrupts a header block")]
     InterruptedHeaderBlock { frame_type: u8, stream_id: u32 },
     #[error("CONTINUATION frame on stream {0} without a header block to continue")]
@@ -73,9 +91,10 @@ impl From<H2AuthorityError> for io::Error {
 }
 
 /// An accepted agent-socket connection whose client-to-agent bytes are rewritten as this module
-/// describes. Connection info (peer credentials for attestation) is the socket's own.
+/// describes. Its connection info is the peer as recorded at accept, for attestation.
 pub struct H2AuthorityStream {
     inner: UnixStream,
+    peer: PeerAtAccept,
     rewriter: Rewriter,
     /// Rewritten bytes h2 has not read yet, from `unread` on.
     ready: Vec<u8>,
@@ -84,9 +103,10 @@ pub struct H2AuthorityStream {
 
 impl H2AuthorityStream {
     /// Wraps a connection accepted on the agent socket, before h2 reads anything from it.
-    pub fn new(inner: UnixStream) -> Self {
+    pub fn new(inner: UnixStream, peer: PeerAtAccept) -> Self {
         H2AuthorityStream {
             inner,
+            peer,
             rewriter: Rewriter::new(),
             ready: Vec::new(),
             unread: 0,
@@ -95,10 +115,10 @@ impl H2AuthorityStream {
 }
 
 impl Connected for H2AuthorityStream {
-    type ConnectInfo = UdsConnectInfo;
+    type ConnectInfo = PeerAtAccept;
 
-    fn connect_info(&self) -> UdsConnectInfo {
-        self.inner.connect_info()
+    fn connect_info(&self) -> PeerAtAccept {
+        self.peer
     }
 }
 
@@ -119,6 +139,10 @@ impl AsyncRead for H2AuthorityStream {
                     this.unread = 0;
                 }
                 return Poll::Ready(Ok(()));
+            }
+            if this.rewriter.backlogged {
+                this.rewriter.feed(&[], &mut this.ready)?;
+                continue;
             }
             let mut chunk = [0u8; READ_CHUNK];
             let mut chunk = ReadBuf::new(&mut chunk);
@@ -176,6 +200,9 @@ struct Rewriter {
     passthrough_left: usize,
     /// A header block waiting for its CONTINUATION frames.
     block: Option<HeaderBlock>,
+    /// Whether the last `feed` stopped at [`MAX_PENDING_OUTPUT`] with complete frames left in
+    /// `pending`: they are to be handled (with `feed(&[], ..)`) before anything more is read.
+    backlogged: bool,
 }
 
 struct HeaderBlock {
@@ -195,10 +222,13 @@ impl Rewriter {
             pending: Vec::new(),
             passthrough_left: 0,
             block: None,
+            backlogged: false,
         }
     }
 
-    /// Takes the next bytes from the client, appending to `out` what h2 should read.
+    /// Takes the next bytes from the client, appending to `out` what h2 should read: at most
+    /// about [`MAX_PENDING_OUTPUT`] bytes (plus one frame's worth) per call, the rest of the
+    /// input kept for the next call.
     fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), H2AuthorityError> {
         let mut input = std::mem::take(&mut self.pending);
         input.extend_from_slice(data);
@@ -212,8 +242,11 @@ impl Rewriter {
         result.map(|_| ())
     }
 
-    /// Handles as much of `input` as is complete, returning how many bytes that was.
+    /// Handles as much of `input` as is complete, or until [`MAX_PENDING_OUTPUT`] bytes have been
+    /// appended to `out`, returning how many bytes of input that was.
     fn consume(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<usize, H2AuthorityError> {
+        let output_limit = out.len() + MAX_PENDING_OUTPUT;
+        self.backlogged = false;
         let mut at = 0;
         if self.preface_left > 0 {
             let expected = &PREFACE[PREFACE.len() - self.preface_left..];
@@ -226,6 +259,10 @@ impl Rewriter {
             at = n;
         }
         loop {
+            if out.len() >= output_limit && at < input.len() {
+                self.backlogged = true;
+                return Ok(at);
+            }
             if self.passthrough_left > 0 {
                 let n = self.passthrough_left.min(input.len() - at);
                 out.extend_from_slice(&input[at..at + n]);
@@ -373,7 +410,7 @@ fn write_frame_header(out: &mut Vec<u8>, length: usize, frame_type: u8, flags: u
 /// indexing (RFC 7541 §6.2.2), with an invalid `:authority` replaced.
 fn reencode(decoder: &mut Decoder<'static>, block: &[u8]) -> Result<Vec<u8>, H2AuthorityError> {
     check_representations(block)?;
-    let mut fields = Vec::with_capacity(block.len() * 2);
+    let mut fields = Vec::with_capacity((block.len() * 2).min(MAX_REENCODED_BLOCK));
     // Once over the bound, decoding goes on (to keep the dynamic table in step) but the output
     // stops growing: only its size is counted.
     let mut too_large: Option<usize> = None;
@@ -391,13 +428,13 @@ fn reencode(decoder: &mut Decoder<'static>, block: &[u8]) -> Result<Vec<u8>, H2A
             fields.push(0x00);
             encode_string(&mut fields, &name);
             encode_string(&mut fields, value);
-            if fields.len() > MAX_HEADER_BLOCK {
+            if fields.len() > MAX_REENCODED_BLOCK {
                 too_large = Some(fields.len());
             }
         })
         .map_err(H2AuthorityError::Hpack)?;
     if let Some(size) = too_large {
-        return Err(H2AuthorityError::HeaderBlockTooLarge(size));
+        return Err(H2AuthorityError::HeaderListTooLarge(size));
     }
     Ok(fields)
 }
@@ -487,6 +524,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::attest::procfs::Procfs;
 
     type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -548,16 +586,29 @@ mod tests {
         frames
     }
 
+    /// Feeds `data`, then whatever input was held back for the output limit.
+    fn feed_all(
+        rewriter: &mut Rewriter,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), H2AuthorityError> {
+        rewriter.feed(data, out)?;
+        while rewriter.backlogged {
+            rewriter.feed(&[], out)?;
+        }
+        Ok(())
+    }
+
     /// Runs a whole connection through a rewriter, once in one piece and once a byte at a time
     /// (which must give the same bytes), checking the preface passes and returning the rest.
     fn rewrite(frames: &[u8]) -> Result<Vec<u8>, H2AuthorityError> {
         let input = [PREFACE, frames].concat();
         let mut whole = Vec::new();
-        Rewriter::new().feed(&input, &mut whole)?;
+        feed_all(&mut Rewriter::new(), &input, &mut whole)?;
         let mut rewriter = Rewriter::new();
         let mut bytewise = Vec::new();
         for byte in &input {
-            rewriter.feed(std::slice::from_ref(byte), &mut bytewise)?;
+            feed_all(&mut rewriter, std::slice::from_ref(byte), &mut bytewise)?;
         }
         assert_eq!(whole, bytewise, "the same bytes whatever the read sizes");
         assert!(rewriter.pending.is_empty() && rewriter.block.is_none());
@@ -805,7 +856,9 @@ mod tests {
 
     #[test]
     fn a_block_larger_than_a_frame_is_split_into_continuations() {
-        let big = vec![b'x'; 20_000];
+        // Re-encoded: `:authority: localhost` takes 22 bytes, `x-big` 10 plus its value, so the
+        // block is exactly the 16,384-byte limit, and with the priority fields one frame too big.
+        let big = vec![b'x'; MAX_REENCODED_BLOCK - 32];
         let block = Encoder::new().encode([(&b":authority"[..], &b"%2F"[..]), (b"x-big", &big)]);
         let priority = [0, 0, 0, 0, 200];
         let payload = [&priority[..], &block].concat();
@@ -815,6 +868,7 @@ mod tests {
         assert_eq!(got.len(), 2);
         assert_eq!((got[0].frame_type, got[0].flags), (HEADERS, PRIORITY));
         assert_eq!(got[0].payload.len(), MAX_FRAME_PAYLOAD);
+        assert_eq!(got[1].payload.len(), PRIORITY_LEN);
         assert_eq!(got[0].payload[..PRIORITY_LEN], priority);
         assert_eq!(
             (got[1].frame_type, got[1].flags),
@@ -956,9 +1010,124 @@ mod tests {
         block.extend([0xbe; 20]);
         let result = rewrite(&frame(HEADERS, END_HEADERS, 1, &block));
         assert!(
-            matches!(result, Err(H2AuthorityError::HeaderBlockTooLarge(size)) if size > 80_000),
+            matches!(result, Err(H2AuthorityError::HeaderListTooLarge(size)) if size > 80_000),
             "{result:?}"
         );
+    }
+
+    #[test]
+    fn a_block_re_encoded_past_h2s_header_list_limit_is_refused() {
+        let block_of = |value_len: usize| {
+            let value = vec![b'v'; value_len];
+            Encoder::new().encode([(&b":authority"[..], &b"%2F"[..]), (b"x-big", &value)])
+        };
+        // 32 bytes of field overhead (see the continuation test): 16,384 passes, 16,385 not.
+        rewrite(&frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &block_of(MAX_REENCODED_BLOCK - 32),
+        ))
+        .unwrap();
+        assert_eq!(
+            rewrite(&frame(
+                HEADERS,
+                END_HEADERS,
+                1,
+                &block_of(MAX_REENCODED_BLOCK - 31)
+            )),
+            Err(H2AuthorityError::HeaderListTooLarge(
+                MAX_REENCODED_BLOCK + 1
+            ))
+        );
+    }
+
+    /// A dynamic-table entry of about 4 KB (`x: vvvv...`, inserted by the first block), then
+    /// `count` one-byte HEADERS frames each referring to it: each is re-encoded as the whole
+    /// 4 KB field.
+    fn amplifying_frames(count: u32) -> (Vec<u8>, Fields) {
+        let value = vec![b'v'; 4_000];
+        let mut block = vec![0x40, 0x01, b'x', 0x7f];
+        encode_integer_tail(&mut block, value.len() - 0x7f);
+        block.extend_from_slice(&value);
+        let mut input = frame(HEADERS, END_HEADERS, 1, &block);
+        for i in 0..count {
+            input.extend(frame(HEADERS, END_HEADERS, 3 + 2 * i, &[0xbe]));
+        }
+        (input, vec![(b"x".to_vec(), value)])
+    }
+
+    /// Output held at once may be the limit plus one frame (a re-encoded block, with its frame
+    /// headers).
+    const MAX_HELD: usize = MAX_PENDING_OUTPUT + MAX_REENCODED_BLOCK + 2 * FRAME_HEADER_LEN;
+
+    #[test]
+    fn tiny_frames_referring_to_a_large_entry_wait_while_output_is_pending() {
+        let (frames_in, field) = amplifying_frames(300);
+        let input = [PREFACE, &frames_in].concat();
+        assert!(input.len() < 8 * 1024, "one read's worth of input");
+        let mut rewriter = Rewriter::new();
+        let mut out = Vec::new();
+        let mut produced = Vec::new();
+        rewriter.feed(&input, &mut out).unwrap();
+        let mut feeds = 1;
+        loop {
+            assert!(out.len() <= MAX_HELD, "{} bytes held at once", out.len());
+            produced.append(&mut out);
+            if !rewriter.backlogged {
+                break;
+            }
+            rewriter.feed(&[], &mut out).unwrap();
+            feeds += 1;
+        }
+        // 301 blocks of ~4 KB: about 1.2 MB, handed over ~64 KiB at a time.
+        assert!(produced.len() > 300 * 4_000, "{}", produced.len());
+        assert!(feeds >= produced.len() / MAX_HELD, "{feeds} feeds");
+        assert!(rewriter.pending.is_empty());
+        let blocks = header_blocks(&produced[PREFACE.len()..]);
+        assert_eq!(blocks.len(), 301);
+        assert!(blocks.iter().all(|block| *block == field));
+        let streams: Vec<u32> = frames(&produced[PREFACE.len()..])
+            .iter()
+            .map(|f| f.stream_id)
+            .collect();
+        assert_eq!(streams, (0..301).map(|i| 1 + 2 * i).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn the_stream_holds_little_output_however_much_one_read_expands() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let peer = PeerAtAccept {
+            cred: None,
+            start_time: None,
+        };
+        let mut server = H2AuthorityStream::new(server, peer);
+        let (frames_in, field) = amplifying_frames(300);
+        let (_client_read, mut client_write) = client.into_split();
+        client_write
+            .write_all(&[PREFACE, &frames_in].concat())
+            .await
+            .unwrap();
+        drop(client_write);
+
+        // h2 reading slowly: 1,000 bytes at a time.
+        let mut got = Vec::new();
+        let mut most_held = 0;
+        loop {
+            let mut buf = [0; 1_000];
+            let n = server.read(&mut buf).await.unwrap();
+            most_held = most_held.max(server.ready.len());
+            assert!(server.ready.len() <= MAX_HELD, "{}", server.ready.len());
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(most_held >= MAX_PENDING_OUTPUT, "{most_held}");
+        assert_eq!(&got[..PREFACE.len()], PREFACE);
+        let blocks = header_blocks(&got[PREFACE.len()..]);
+        assert_eq!(blocks.len(), 301);
+        assert!(blocks.iter().all(|block| *block == field));
     }
 
     /// The continuation octets of an HPACK integer, after a prefix of all ones.
@@ -1038,11 +1207,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_stream_rewrites_what_it_reads_passes_what_it_writes_and_keeps_peer_credentials() {
+    async fn the_stream_rewrites_what_it_reads_passes_what_it_writes_and_keeps_the_peer() {
         let (client, server) = UnixStream::pair().unwrap();
-        let mut server = H2AuthorityStream::new(server);
-        let cred = server.connect_info().peer_cred.expect("peer credentials");
-        assert_eq!(cred.pid(), Some(std::process::id() as i32));
+        let procfs = Procfs::host();
+        let peer = PeerAtAccept::record(&server, &procfs);
+        let mut server = H2AuthorityStream::new(server, peer);
+        assert_eq!(server.connect_info(), peer);
+        let cred = peer.cred.expect("peer credentials");
+        let pid = std::process::id() as i32;
+        assert_eq!(cred.pid(), Some(pid));
+        assert_eq!(peer.start_time, Some(procfs.start_time(pid).unwrap()));
 
         let block = Encoder::new().encode([(&b":authority"[..], &b"%2Fa.sock"[..])]);
         let (mut client_read, mut client_write) = client.into_split();

@@ -25,11 +25,13 @@ use crate::attest::unix::UnixAttestor;
 use crate::ca_client::{CaClient, Credential};
 use crate::certs::{self, CertConfig, CertManager};
 use crate::config::{AgentConfig, AttestorKind};
-use crate::h2_authority::H2AuthorityStream;
 use crate::metrics::Metrics;
-use crate::peer::Workloads;
+use crate::peer::{self, Workloads};
 use crate::sds::Sds;
 use crate::workload_api::WorkloadApi;
+
+/// How long open streams may take to close after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -89,7 +91,11 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         bundle_rx.clone(),
         credential,
     );
-    tokio::spawn(ca.clone().follow_bundle(td.clone(), bundle_tx));
+    let (contacted_tx, contacted_rx) = watch::channel(false);
+    tokio::spawn(
+        ca.clone()
+            .follow_bundle(td.clone(), bundle_tx, contacted_tx),
+    );
     let certs = CertManager::spawn(
         ca,
         CertConfig {
@@ -143,7 +149,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
     info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS and the SPIFFE Workload API");
 
     let (ready_tx, ready_rx) = watch::channel(Readiness::default());
-    tokio::spawn(track_readiness(bundle_rx, pods_synced, ready_tx));
+    tokio::spawn(track_readiness(contacted_rx, pods_synced, ready_tx));
     let admin_listener = TcpListener::bind(config.admin_addr)
         .await
         .map_err(|source| AgentError::Admin {
@@ -158,19 +164,36 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         }
     });
 
-    let mut socket_shutdown = shutdown;
-    let result = tonic::transport::Server::builder()
+    let mut socket_shutdown = shutdown.clone();
+    let serving = tonic::transport::Server::builder()
         .add_service(Sds::new(workloads.clone()).into_service())
         .add_service(WorkloadApi::new(workloads.clone()).into_service())
         .add_service(Admin::new(workloads).into_service())
         .serve_with_incoming_shutdown(
             // grpc-core clients' %-encoded socket path as :authority is fixed before h2 sees it.
-            UnixListenerStream::new(listener).map(|conn| conn.map(H2AuthorityStream::new)),
+            // Each connection's peer is recorded as it is accepted, so that a PID reused
+            // before a later request on it is not attested as the process holding it then.
+            UnixListenerStream::new(listener).map({
+                let procfs = Procfs::new(config.proc_root.clone());
+                move |conn| conn.map(|stream| peer::accept(stream, &procfs))
+            }),
             async move {
                 let _ = socket_shutdown.wait_for(|stop| *stop).await;
             },
-        )
-        .await;
+        );
+    // A graceful stop waits for open streams, and SDS / Workload API streams never end on their
+    // own: after the signal, give them SHUTDOWN_GRACE, then stop anyway.
+    let mut grace = shutdown;
+    let result = tokio::select! {
+        result = serving => result,
+        _ = async {
+            let _ = grace.wait_for(|stop| *stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            info!("streams still open after the shutdown grace period; closing them");
+            Ok(())
+        }
+    };
     let _ = std::fs::remove_file(&config.socket);
     info!("agent stopped");
     Ok(result?)
@@ -195,6 +218,19 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
     };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        // Workloads share this directory (a hostPath): if they could write to it, one could
+        // replace the socket with its own server, or race our chmod with a symlink.
+        let mode = std::fs::metadata(dir)
+            .map_err(|e| err(e.to_string()))?
+            .permissions()
+            .mode();
+        if mode & 0o022 != 0 {
+            return Err(err(format!(
+                "its directory {} is group- or world-writable (mode {:o}); make it 0755 and mount it read-only into pods",
+                dir.display(),
+                mode & 0o7777
+            )));
+        }
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -225,14 +261,16 @@ async fn prefetch(mut pods: watch::Receiver<NodePods>, td: TrustDomain, certs: C
     }
 }
 
+/// Ready once the CA has been reached (its first trust bundle arrived) and, in Kubernetes, this
+/// node's pods are synced.
 async fn track_readiness(
-    mut bundle: watch::Receiver<Arc<TrustBundle>>,
+    mut contacted: watch::Receiver<bool>,
     mut pods: Option<watch::Receiver<NodePods>>,
     tx: watch::Sender<Readiness>,
 ) {
     loop {
         let state = Readiness(vec![
-            ("trust_bundle", !bundle.borrow_and_update().roots.is_empty()),
+            ("ca_contacted", *contacted.borrow_and_update()),
             (
                 "pods_synced",
                 pods.as_mut().is_none_or(|p| p.borrow_and_update().synced),
@@ -246,8 +284,41 @@ async fn track_readiness(
             }
         };
         tokio::select! {
-            r = bundle.changed() => if r.is_err() { return },
+            r = contacted.changed() => if r.is_err() { return },
             r = pods_changed => if r.is_err() { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_a_live_one_is_not_stolen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let live = bind_socket(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o666,
+            "every workload may connect; attestation decides"
+        );
+        assert!(
+            matches!(bind_socket(&path), Err(AgentError::Socket { .. })),
+            "live socket"
+        );
+        drop(live); // the file stays, nobody answers: stale
+        assert!(path.exists());
+        bind_socket(&path).expect("a stale socket file is replaced");
+    }
+
+    #[test]
+    fn a_writable_socket_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = bind_socket(&dir.path().join("agent.sock")).unwrap_err();
+        assert!(err.to_string().contains("world-writable"), "{err}");
     }
 }

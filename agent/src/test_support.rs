@@ -1,6 +1,7 @@
 //! What the socket APIs' tests share: a real sigil CA run in-process (made with the `sigil ca`
 //! commands as an operator would), and an agent in front of it (CA client, certificate manager,
-//! the real Unix attestor) serving one API on a Unix socket, with a client channel to it.
+//! the real Unix attestor) serving one API on a Unix socket as the agent serves it (the peer
+//! recorded at accept, the :authority adapter in front of h2), with a client channel to it.
 
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
@@ -18,6 +19,7 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::service::Routes;
 use tonic::transport::{Channel, Endpoint, Server};
@@ -28,7 +30,7 @@ use crate::attest::unix::UnixAttestor;
 use crate::ca_client::{CaClient, Credential};
 use crate::certs::{CertConfig, CertManager};
 use crate::metrics::{ApiLabels, Metrics, SocketApi};
-use crate::peer::Workloads;
+use crate::peer::{self, Workloads};
 use crate::sds::Sds;
 use crate::workload_api::WorkloadApi;
 
@@ -228,7 +230,11 @@ impl TestAgent {
             Credential::Certificate(credential_rx),
         );
         if let BundleSource::Ca = bundle_source {
-            tokio::spawn(client.clone().follow_bundle(td(), bundle_tx.clone()));
+            tokio::spawn(client.clone().follow_bundle(
+                td(),
+                bundle_tx.clone(),
+                watch::channel(false).0,
+            ));
         }
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
         let certs = CertManager::spawn(
@@ -254,10 +260,13 @@ impl TestAgent {
         let socket_dir = tempfile::tempdir().unwrap();
         let socket = socket_dir.path().join("agent.sock");
         let listener = UnixListener::bind(&socket).unwrap();
+        // Accepted as the agent accepts: peer recorded, bytes through the :authority adapter.
+        let accepted = UnixListenerStream::new(listener)
+            .map(|conn| conn.map(|stream| peer::accept(stream, &Procfs::host())));
         tokio::spawn(
             Server::builder()
                 .add_routes(routes)
-                .serve_with_incoming(UnixListenerStream::new(listener)),
+                .serve_with_incoming(accepted),
         );
         TestAgent {
             ca,

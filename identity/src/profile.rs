@@ -501,6 +501,14 @@ fn check_san_criticality(
     Ok(())
 }
 
+/// The certificate's SubjectPublicKeyInfo, DER (to check a returned certificate is for the key
+/// that asked for it).
+pub fn subject_public_key_info(der: &[u8]) -> Result<Vec<u8>, ProfileError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| ProfileError::Malformed(e.to_string()))?;
+    Ok(cert.public_key().raw.to_vec())
+}
+
 /// The workload SPIFFE ID of a leaf certificate: exactly one URI SAN, parsing as a SPIFFE ID
 /// with a path, in a certificate that is not a CA.
 pub fn leaf_spiffe_id(der: &[u8]) -> Result<SpiffeId, ProfileError> {

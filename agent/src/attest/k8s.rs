@@ -473,6 +473,57 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_pid_reused_since_the_connection_was_accepted_is_refused() {
+        let (attacker_pod, victim_pod) = (
+            "11111111-41a4-4e5e-9b5d-0f7a8d3c1b2a",
+            "22222222-41a4-4e5e-9b5d-0f7a8d3c1b2a",
+        );
+        let proc = FakeProc::new();
+        let (_tx, rx) = watch::channel(synced(&[
+            pod(
+                attacker_pod,
+                "demo",
+                "attacker",
+                Some("attacker"),
+                "Running",
+            ),
+            pod(victim_pod, "demo", "victim", Some("victim"), "Running"),
+        ]));
+        let attestor = KubernetesAttestor::new(proc.procfs(), td(), rx);
+
+        // The attacker connected; its start time was recorded at accept. Then it forked, the
+        // parent exited, and a process of the victim pod (same uid) got the PID.
+        let attacker = FakeProcess::in_pod(4242, 1337, attacker_pod);
+        let connected = attacker.caller();
+        let victim = FakeProcess {
+            start_time: attacker.start_time + 9_000,
+            ..FakeProcess::in_pod(4242, 1337, victim_pod)
+        };
+        proc.add(&victim);
+        let refused = attestor.attest(&connected).await;
+        assert!(
+            matches!(refused, Err(AttestError::PidReused(4242))),
+            "{refused:?}"
+        );
+        // Not recorded at accept: refused, never attested as whoever holds the PID now.
+        let unrecorded = Caller {
+            start_time_at_connect: None,
+            ..connected
+        };
+        let refused = attestor.attest(&unrecorded).await;
+        assert!(
+            matches!(refused, Err(AttestError::NotRecordedAtConnect(4242))),
+            "{refused:?}"
+        );
+        // The victim's own connection, recorded with its own start time, is attested.
+        let workload = attestor.attest(&victim.caller()).await.unwrap();
+        assert_eq!(
+            workload.id,
+            spiffe("spiffe://cluster.local/ns/demo/sa/victim")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn processes_that_are_not_pod_containers_are_refused() {
         let pod_uid = "8d1f0c2e-41a4-4e5e-9b5d-0f7a8d3c1b2a";
         let proc = FakeProc::new();
@@ -498,6 +549,7 @@ mod tests {
             pid: 0,
             uid: 1337,
             gid: 1337,
+            start_time_at_connect: None,
         };
         let refused = attestor.attest(&unseen).await;
         assert!(matches!(refused, Err(AttestError::NoPid)), "{refused:?}");

@@ -1,11 +1,14 @@
 //! Attestation: who is calling, decided from the caller's process only — its peer credentials
-//! (SO_PEERCRED, taken by the socket server and passed in as a [`Caller`]) and what the kernel
-//! says about that process under `/proc` — never from anything the caller sends.
+//! (SO_PEERCRED) and start time, both recorded when its connection was accepted and passed in as
+//! a [`Caller`], and what the kernel says about that process under `/proc` — never from anything
+//! the caller sends.
 //!
 //! Two attestors: [`k8s::KubernetesAttestor`] (PID → cgroup → pod UID → this node's pods →
 //! namespace and service account) and [`unix::UnixAttestor`] (uid, optionally with the
-//! executable's path, → a configured SPIFFE ID). Both re-check the process after attesting, so a
-//! PID reused by another process while attestation ran is refused rather than misattributed.
+//! executable's path, → a configured SPIFFE ID). Both check that the process now at the caller's
+//! PID started when the one that connected did, and re-check it after attesting, so a PID reused
+//! by another process — since the connection was accepted, or while attestation ran — is refused
+//! rather than misattributed.
 
 pub mod cgroup;
 pub mod k8s;
@@ -16,9 +19,9 @@ pub mod unix;
 
 use sigil_identity::SpiffeId;
 use sigil_identity::spiffe::SpiffeIdError;
-use tokio::net::unix::UCred;
 
-/// The kernel's word on who is at the other end of a Unix socket (SO_PEERCRED, as of `connect`).
+/// The kernel's word on who is at the other end of a Unix socket (SO_PEERCRED, as of `connect`),
+/// and when that process started, as read when its connection was accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Caller {
     /// 0 when the peer is in a PID namespace this process cannot see.
@@ -26,16 +29,10 @@ pub struct Caller {
     /// Effective uid and gid at `connect` time.
     pub uid: u32,
     pub gid: u32,
-}
-
-impl From<UCred> for Caller {
-    fn from(cred: UCred) -> Self {
-        Caller {
-            pid: cred.pid().unwrap_or(0),
-            uid: cred.uid(),
-            gid: cred.gid(),
-        }
-    }
+    /// The start time of the process at `pid` when the connection was accepted (see
+    /// [`procfs::Procfs::start_time`]); `None` if it could not be read then. A PID only names the
+    /// connecting process while the process at it still has this start time.
+    pub start_time_at_connect: Option<u64>,
 }
 
 /// The identity a caller is entitled to, and the pod it runs in (Kubernetes attestation only).
@@ -62,6 +59,10 @@ pub enum AttestError {
     ProcessGone(i32),
     #[error("PID {0} now belongs to a different process than the one attested (PID reused)")]
     PidReused(i32),
+    #[error(
+        "process {0} could not be read when it connected, so a later process at its PID cannot be told apart from it"
+    )]
+    NotRecordedAtConnect(i32),
     #[error(
         "process {pid} runs as uid {now} but connected as uid {peer} (PID reused or credentials changed)"
     )]
@@ -112,11 +113,13 @@ impl Attestor {
 mod tests {
     use super::procfs::Procfs;
     use super::*;
+    use crate::peer::PeerAtAccept;
     use std::os::unix::fs::MetadataExt;
     use tokio::net::{UnixListener, UnixStream};
 
-    /// The whole path a request takes: the kernel's peer credentials of a real connection, then
-    /// the Unix attestor matching this test process's real uid and executable.
+    /// The whole path a request takes: the kernel's peer credentials of a real connection and
+    /// the start time recorded on accept, then the Unix attestor matching this test process's
+    /// real uid and executable.
     #[tokio::test]
     async fn peer_credentials_of_a_real_connection_attest_this_process() {
         let dir = tempfile::tempdir().unwrap();
@@ -125,11 +128,19 @@ mod tests {
         let (client, accepted) = tokio::join!(UnixStream::connect(&socket), listener.accept());
         let _client = client.unwrap();
         let (server_side, _) = accepted.unwrap();
-        let caller = Caller::from(server_side.peer_cred().unwrap());
+        let procfs = Procfs::host();
+        let caller = PeerAtAccept::record(&server_side, &procfs)
+            .caller()
+            .unwrap();
 
         let uid = std::fs::metadata("/proc/self").unwrap().uid();
-        assert_eq!(caller.pid, std::process::id() as i32);
+        let pid = std::process::id() as i32;
+        assert_eq!(caller.pid, pid);
         assert_eq!(caller.uid, uid);
+        assert_eq!(
+            caller.start_time_at_connect,
+            Some(procfs.start_time(pid).unwrap())
+        );
 
         let exe = std::env::current_exe().unwrap();
         let yaml = format!(
@@ -138,8 +149,7 @@ mod tests {
              - {{uid: {uid}, path: '{}', id: spiffe://example.org/this-test}}\n",
             exe.display()
         );
-        let attestor =
-            Attestor::Unix(unix::UnixAttestor::parse(&yaml, "test", Procfs::host()).unwrap());
+        let attestor = Attestor::Unix(unix::UnixAttestor::parse(&yaml, "test", procfs).unwrap());
         let workload = attestor.attest(&caller).await.unwrap();
         assert_eq!(
             workload,

@@ -1,6 +1,8 @@
 //! Reading what the kernel says about a process under a procfs root (`/proc` on a host; a
-//! directory tree in tests), and the PID-reuse check: a process is named by its PID *and* its
-//! start time, re-read after attestation so that a PID recycled meanwhile is caught.
+//! directory tree in tests), and the PID-reuse checks: a process is named by its PID *and* its
+//! start time, recorded when its connection is accepted, compared when a request on that
+//! connection is attested, and re-read after attestation, so that a PID recycled in between is
+//! caught.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -69,9 +71,16 @@ impl Procfs {
     }
 
     /// Records the caller's process before anything else is read about it, and checks that it
-    /// still runs as the uid it connected with.
+    /// is the process that connected (same start time) and still runs as the uid it connected
+    /// with. A caller whose start time was not recorded at accept is refused: its PID may name
+    /// anyone by now.
     pub fn observe(&self, caller: &Caller) -> Result<Process, AttestError> {
         let start_time = self.start_time(caller.pid)?;
+        match caller.start_time_at_connect {
+            Some(recorded) if recorded == start_time => {}
+            Some(_) => return Err(AttestError::PidReused(caller.pid)),
+            None => return Err(AttestError::NotRecordedAtConnect(caller.pid)),
+        }
         let uid = self.uid(caller.pid)?;
         if uid != caller.uid {
             return Err(AttestError::UidChanged {
@@ -85,6 +94,19 @@ impl Procfs {
             uid,
             start_time,
         })
+    }
+
+    /// For attestation that reads nothing else under `/proc` (the Unix attestor's uid-only
+    /// entries): when the caller's start time was recorded at accept, checks that its PID still
+    /// names that process. A caller whose process could not be recorded (a PID this agent cannot
+    /// see) is left to its peer credentials alone.
+    pub fn check_not_reused(&self, caller: &Caller) -> Result<(), AttestError> {
+        match caller.start_time_at_connect {
+            Some(recorded) if self.start_time(caller.pid)? != recorded => {
+                Err(AttestError::PidReused(caller.pid))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Checks, after everything else was read, that the PID still names the observed process.
@@ -228,6 +250,8 @@ mod tests {
             Err(AttestError::PidReused(4242))
         ));
 
+        // The same process, now running as root.
+        process.start_time -= 1;
         process.uid = 0;
         proc.add(&process);
         assert!(matches!(
@@ -251,6 +275,56 @@ mod tests {
         proc.remove(4242);
         assert!(matches!(
             procfs.confirm(&observed),
+            Err(AttestError::ProcessGone(4242))
+        ));
+    }
+
+    #[test]
+    fn observe_refuses_a_process_started_after_the_one_that_connected() {
+        let proc = FakeProc::new();
+        let procfs = proc.procfs();
+        let process = FakeProcess::host(4242, 1000);
+        proc.add(&process);
+        let connected = process.caller();
+        assert_eq!(connected.start_time_at_connect, Some(process.start_time));
+        assert_eq!(procfs.observe(&connected).unwrap().start_time, 123_456);
+        procfs.check_not_reused(&connected).unwrap();
+
+        // The connecting process exited and another got its PID before this request.
+        let earlier = Caller {
+            start_time_at_connect: Some(process.start_time - 1),
+            ..connected
+        };
+        assert!(matches!(
+            procfs.observe(&earlier),
+            Err(AttestError::PidReused(4242))
+        ));
+        assert!(matches!(
+            procfs.check_not_reused(&earlier),
+            Err(AttestError::PidReused(4242))
+        ));
+
+        // Not recorded at accept: no /proc-based decision trusts the PID.
+        let unrecorded = Caller {
+            start_time_at_connect: None,
+            ..connected
+        };
+        assert!(matches!(
+            procfs.observe(&unrecorded),
+            Err(AttestError::NotRecordedAtConnect(4242))
+        ));
+        procfs.check_not_reused(&unrecorded).unwrap();
+        assert!(matches!(
+            procfs.observe(&Caller {
+                pid: 0,
+                ..unrecorded
+            }),
+            Err(AttestError::NoPid)
+        ));
+
+        proc.remove(4242);
+        assert!(matches!(
+            procfs.check_not_reused(&connected),
             Err(AttestError::ProcessGone(4242))
         ));
     }

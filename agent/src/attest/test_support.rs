@@ -44,12 +44,13 @@ impl FakeProcess {
         }
     }
 
-    /// Its SO_PEERCRED credentials.
+    /// Its SO_PEERCRED credentials and start time, as recorded when it connected.
     pub fn caller(&self) -> Caller {
         Caller {
             pid: self.pid,
             uid: self.uid,
             gid: self.uid,
+            start_time_at_connect: Some(self.start_time),
         }
     }
 }

@@ -7,9 +7,11 @@
 //!   - {uid: 1000, id: spiffe://example.org/tools}
 //! ```
 //!
-//! The uid is the caller's SO_PEERCRED uid. The executable is read from `/proc/<pid>/exe` only
-//! when some entry for that uid names a path, and is then the path with symlinks resolved, as the
-//! kernel reports it: configure `/usr/local/bin/envoy`, not a symlink to it. A binary replaced
+//! The uid is the caller's SO_PEERCRED uid; when the caller's start time was recorded at accept,
+//! its PID must still name that process (so a connection handed down to a child that outlived
+//! its parent is not attested). The executable is read from `/proc/<pid>/exe` only when some
+//! entry for that uid names a path, and is then the path with symlinks resolved, as the kernel
+//! reports it: configure `/usr/local/bin/envoy`, not a symlink to it. A binary replaced
 //! since the process started shows as "<path> (deleted)" and matches no path entry. An entry
 //! with uid and path wins over the uid-only one.
 
@@ -112,6 +114,7 @@ impl UnixAttestor {
             });
         };
         let exe = if entries.by_path.is_empty() {
+            self.procfs.check_not_reused(caller)?;
             None
         } else {
             Some(self.exe_of(caller)?)
@@ -200,7 +203,7 @@ workloads:
     }
 
     #[test]
-    fn a_uid_only_match_needs_nothing_from_proc() {
+    fn a_uid_only_match_of_an_unrecorded_process_needs_nothing_from_proc() {
         let proc = FakeProc::new();
         let yaml = "workloads: [{uid: 1000, id: spiffe://example.org/tools}]";
         let attestor = UnixAttestor::parse(yaml, "test", proc.procfs()).unwrap();
@@ -209,11 +212,38 @@ workloads:
             pid: 0,
             uid: 1000,
             gid: 1000,
+            start_time_at_connect: None,
         };
         assert_eq!(
             id_of(attestor.attest(&caller)),
             spiffe("spiffe://example.org/tools")
         );
+    }
+
+    #[test]
+    fn a_uid_only_match_needs_the_process_that_connected() {
+        let proc = FakeProc::new();
+        let yaml = "workloads: [{uid: 1000, id: spiffe://example.org/tools}]";
+        let attestor = UnixAttestor::parse(yaml, "test", proc.procfs()).unwrap();
+        let caller = running(&proc, 40, 1000, "/usr/bin/bash");
+        assert_eq!(
+            id_of(attestor.attest(&caller)),
+            spiffe("spiffe://example.org/tools")
+        );
+        // Another process got the PID since the connection was accepted.
+        let reused = Caller {
+            start_time_at_connect: caller.start_time_at_connect.map(|t| t + 1),
+            ..caller
+        };
+        assert!(matches!(
+            attestor.attest(&reused),
+            Err(AttestError::PidReused(40))
+        ));
+        proc.remove(40);
+        assert!(matches!(
+            attestor.attest(&caller),
+            Err(AttestError::ProcessGone(40))
+        ));
     }
 
     #[test]
@@ -244,12 +274,17 @@ workloads:
             pid: 30,
             uid: 2000,
             gid: 2000,
+            start_time_at_connect: Some(123_456),
         };
         assert!(matches!(
             attestor.attest(&gone),
             Err(AttestError::ProcessGone(30))
         ));
-        let hidden = Caller { pid: 0, ..gone };
+        let hidden = Caller {
+            pid: 0,
+            start_time_at_connect: None,
+            ..gone
+        };
         assert!(matches!(attestor.attest(&hidden), Err(AttestError::NoPid)));
         // The PID now belongs to a root process running the configured binary.
         running(&proc, 30, 0, "/opt/db/bin/postgres");
@@ -260,6 +295,34 @@ workloads:
                 peer: 2000,
                 now: 0
             })
+        ));
+    }
+
+    #[test]
+    fn a_path_match_refuses_a_pid_reused_since_accept() {
+        let proc = FakeProc::new();
+        let attestor = UnixAttestor::parse(CONFIG, "test", proc.procfs()).unwrap();
+        let postgres = running(&proc, 31, 2000, "/opt/db/bin/postgres");
+        assert_eq!(
+            id_of(attestor.attest(&postgres)),
+            spiffe("spiffe://example.org/db")
+        );
+        // Same uid, same binary, but not the process that connected.
+        let reused = Caller {
+            start_time_at_connect: Some(1),
+            ..postgres
+        };
+        assert!(matches!(
+            attestor.attest(&reused),
+            Err(AttestError::PidReused(31))
+        ));
+        let unrecorded = Caller {
+            start_time_at_connect: None,
+            ..postgres
+        };
+        assert!(matches!(
+            attestor.attest(&unrecorded),
+            Err(AttestError::NotRecordedAtConnect(31))
         ));
     }
 
@@ -335,10 +398,12 @@ workloads:
             exe.display()
         );
         let attestor = UnixAttestor::parse(&yaml, "test", Procfs::host()).unwrap();
+        let pid = std::process::id() as i32;
         let me = Caller {
-            pid: std::process::id() as i32,
+            pid,
             uid,
             gid: 0,
+            start_time_at_connect: Some(Procfs::host().start_time(pid).unwrap()),
         };
         assert_eq!(
             id_of(attestor.attest(&me)),
