@@ -19,7 +19,10 @@ use sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthori
 use sigil_test_apiserver::{PodSpec, TestApiServer, TokenAlg, TokenSpec};
 use tokio::sync::Mutex;
 
-const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{SIGIL, cpu_seconds};
 
 struct Ca(Child);
 
@@ -207,21 +210,6 @@ async fn run_load(
     }
     outcome.elapsed = started.elapsed();
     outcome
-}
-
-/// CPU seconds (user + system) a process has used, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks: f64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
-        .unwrap_or(0.0);
-    ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
 /// Single-core operations per second of `op`, run for about `budget`.

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,17 +15,6 @@ use k8s_openapi::api::core::v1::Secret;
 use sigil_test_apiserver::{PodSpec, TestApiServer, TokenSpec};
 
 const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
-
-fn pod(ns: &str, name: &str, sa: &str, node: &str) -> PodSpec {
-    PodSpec {
-        namespace: ns.into(),
-        name: name.into(),
-        service_account: sa.into(),
-        node: node.into(),
-        phase: "Running".into(),
-        labels: BTreeMap::new(),
-    }
-}
 
 /// A cgroup (v1 `pids` hierarchy, cgroupfs driver layout) for one container of a pod; removed on drop.
 struct PodCgroup(PathBuf);
@@ -96,14 +84,14 @@ async fn a_process_in_a_pod_cgroup_gets_its_pods_identity_through_tokenreview_an
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).unwrap();
-    let agent_pod = server.add_pod(&pod(
+    let agent_pod = server.add_pod(&PodSpec::new(
         "sigil-system",
         "sigil-agent-a",
         "sigil-agent",
         "node-a",
     ));
-    let web = server.add_pod(&pod("demo", "web-1", "web", "node-a"));
-    server.add_pod(&pod("demo", "db-1", "db", "node-b"));
+    let web = server.add_pod(&PodSpec::new("demo", "web-1", "web", "node-a"));
+    server.add_pod(&PodSpec::new("demo", "db-1", "db", "node-b"));
 
     let mut ca = CaProcess::start(dir.path(), Some(&kubeconfig), &[] as &[&str]);
     ca.wait_ready().await;

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -30,26 +29,15 @@ struct Cluster {
     agent_a: Pod,
 }
 
-fn pod_spec(ns: &str, name: &str, sa: &str, node: &str) -> PodSpec {
-    PodSpec {
-        namespace: ns.into(),
-        name: name.into(),
-        service_account: sa.into(),
-        node: node.into(),
-        phase: "Running".into(),
-        labels: BTreeMap::new(),
-    }
-}
-
 /// A test API server with a web pod and a node agent on node-a, and a db pod on node-b.
 async fn cluster() -> Cluster {
     let server = TestApiServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).unwrap();
-    let web = server.add_pod(&pod_spec("demo", "web-1", "web", "node-a"));
-    server.add_pod(&pod_spec("demo", "db-1", "db", "node-b"));
-    let agent_a = server.add_pod(&pod_spec(
+    let web = server.add_pod(&PodSpec::new("demo", "web-1", "web", "node-a"));
+    server.add_pod(&PodSpec::new("demo", "db-1", "db", "node-b"));
+    let agent_a = server.add_pod(&PodSpec::new(
         "sigil-system",
         "sigil-agent-a",
         "sigil-agent",
@@ -353,7 +341,7 @@ async fn every_rejection_path_gets_its_own_error_and_audit_reason() {
     // A token bound to a pod that was deleted.
     let gone = c
         .server
-        .add_pod(&pod_spec("demo", "gone-1", "web", "node-a"));
+        .add_pod(&PodSpec::new("demo", "gone-1", "web", "node-a"));
     let gone_token = c.token(&gone);
     c.server.delete_pod("demo", "gone-1");
     tokio::time::sleep(Duration::from_millis(300)).await;

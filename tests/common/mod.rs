@@ -474,3 +474,18 @@ pub async fn spawn_agent(args: &[std::ffi::OsString], log: PathBuf, admin: Socke
     }
     agent
 }
+
+/// CPU seconds (user + system) a process has used, from /proc (10 ms resolution).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0);
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
