@@ -131,9 +131,8 @@ impl SecretDiscoveryService for Sds {
         let stream = SotwStream {
             sources: self.sources(&workload),
             names: BTreeMap::new(),
-            last_nonce: None,
+            nonces: Nonces::default(),
             sent_version: None,
-            responses: 0,
             metrics: self.workloads.metrics.clone(),
         };
         tokio::spawn(serve_stream(stream, request.into_inner(), tx));
@@ -151,8 +150,7 @@ impl SecretDiscoveryService for Sds {
             sources: self.sources(&workload),
             subscribed: BTreeMap::new(),
             client_has: HashMap::new(),
-            last_nonce: None,
-            responses: 0,
+            nonces: Nonces::default(),
             metrics: self.workloads.metrics.clone(),
         };
         tokio::spawn(serve_stream(stream, request.into_inner(), tx));
@@ -365,10 +363,7 @@ fn digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
         context.update(&(part.len() as u64).to_be_bytes());
         context.update(part);
     }
-    context.finish().as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    sigil_identity::profile::hex(&context.finish().as_ref()[..8])
 }
 
 /// The version of a whole state-of-the-world response: changes when any secret in it changes,
@@ -458,29 +453,52 @@ enum NonceState {
     Stale,
 }
 
-fn nonce_state(nonce: &str, last_sent: Option<&str>) -> NonceState {
-    match last_sent {
-        _ if nonce.is_empty() => NonceState::Fresh,
-        None => NonceState::Fresh,
-        Some(last) if last == nonce => NonceState::Latest,
-        Some(_) => NonceState::Stale,
-    }
+/// The nonces one stream has sent: the n-th response carries nonce "n", so the latest one
+/// follows from the count.
+#[derive(Default)]
+struct Nonces {
+    sent: u64,
 }
 
-fn record_nack(metrics: &Metrics, caller: &SpiffeId, nonce: &str, message: &str) {
-    metrics.nacks.inc();
-    warn!(identity = %caller, nonce, error = message, "Envoy rejected the secrets sent (NACK)");
+impl Nonces {
+    /// Where a request's `response_nonce` stands; a NACK of the latest response (its
+    /// `error_detail`) is logged and counted here.
+    fn on_request(
+        &self,
+        nonce: &str,
+        error: Option<&envoy_types::pb::google::rpc::Status>,
+        metrics: &Metrics,
+        caller: &SpiffeId,
+    ) -> NonceState {
+        let state = if nonce.is_empty() || self.sent == 0 {
+            NonceState::Fresh
+        } else if nonce == self.sent.to_string() {
+            NonceState::Latest
+        } else {
+            NonceState::Stale
+        };
+        if let (NonceState::Latest, Some(error)) = (&state, error) {
+            metrics.nacks.inc();
+            warn!(identity = %caller, nonce, error = %error.message, "Envoy rejected the secrets sent (NACK)");
+        }
+        state
+    }
+
+    /// The nonce of the next response.
+    fn next(&mut self) -> String {
+        self.sent += 1;
+        self.sent.to_string()
+    }
 }
 
 /// StreamSecrets: every request names the full set wanted, every response carries all of it.
 struct SotwStream {
     sources: Sources,
     names: BTreeMap<String, Source>,
-    last_nonce: Option<String>,
+    nonces: Nonces,
     /// The version of the last response; the same contents are never sent twice (so a NACKed
     /// response is not repeated until something changes).
     sent_version: Option<String>,
-    responses: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -498,23 +516,17 @@ impl Protocol for SotwStream {
 
     async fn on_request(&mut self, request: DiscoveryRequest) -> Result<(), SdsError> {
         check_type(&request.type_url)?;
-        match nonce_state(&request.response_nonce, self.last_nonce.as_deref()) {
-            NonceState::Stale => {
-                // xDS: a response the client has not processed yet supersedes this request.
-                debug!(identity = %self.sources.caller, nonce = %request.response_nonce, "ignoring a request with a stale nonce");
-                return Ok(());
-            }
-            NonceState::Latest => {
-                if let Some(error) = &request.error_detail {
-                    record_nack(
-                        &self.metrics,
-                        &self.sources.caller,
-                        &request.response_nonce,
-                        &error.message,
-                    );
-                }
-            }
-            NonceState::Fresh => {}
+        let nonce = &request.response_nonce;
+        let state = self.nonces.on_request(
+            nonce,
+            request.error_detail.as_ref(),
+            &self.metrics,
+            &self.sources.caller,
+        );
+        if state == NonceState::Stale {
+            // xDS: a response the client has not processed yet supersedes this request.
+            debug!(identity = %self.sources.caller, nonce, "ignoring a request with a stale nonce");
+            return Ok(());
         }
         let mut names = BTreeMap::new();
         for name in request.resource_names {
@@ -537,10 +549,8 @@ impl Protocol for SotwStream {
         if self.sent_version.as_ref() == Some(&version) {
             return Ok(None);
         }
-        self.responses += 1;
-        let nonce = self.responses.to_string();
+        let nonce = self.nonces.next();
         debug!(identity = %self.sources.caller, version, nonce, names = ?self.names.keys().collect::<Vec<_>>(), "pushing secrets");
-        self.last_nonce = Some(nonce.clone());
         self.sent_version = Some(version.clone());
         Ok(Some(DiscoveryResponse {
             version_info: version,
@@ -559,8 +569,7 @@ struct DeltaStream {
     /// The version of each secret the client holds: sent on this stream, or declared in
     /// `initial_resource_versions` when it reconnects.
     client_has: HashMap<String, String>,
-    last_nonce: Option<String>,
-    responses: u64,
+    nonces: Nonces,
     metrics: Arc<Metrics>,
 }
 
@@ -578,23 +587,17 @@ impl Protocol for DeltaStream {
 
     async fn on_request(&mut self, request: DeltaDiscoveryRequest) -> Result<(), SdsError> {
         check_type(&request.type_url)?;
-        match nonce_state(&request.response_nonce, self.last_nonce.as_deref()) {
-            // Subscription changes are deltas, not a state a newer response supersedes: they
-            // are applied whatever the nonce; only the ACK/NACK of a stale nonce is ignored.
-            NonceState::Stale => {
-                debug!(identity = %self.sources.caller, nonce = %request.response_nonce, "stale nonce; applying only its subscription changes");
-            }
-            NonceState::Latest => {
-                if let Some(error) = &request.error_detail {
-                    record_nack(
-                        &self.metrics,
-                        &self.sources.caller,
-                        &request.response_nonce,
-                        &error.message,
-                    );
-                }
-            }
-            NonceState::Fresh => {}
+        let nonce = &request.response_nonce;
+        let state = self.nonces.on_request(
+            nonce,
+            request.error_detail.as_ref(),
+            &self.metrics,
+            &self.sources.caller,
+        );
+        // Subscription changes are deltas, not a state a newer response supersedes: they are
+        // applied whatever the nonce; only the ACK/NACK of a stale nonce is ignored.
+        if state == NonceState::Stale {
+            debug!(identity = %self.sources.caller, nonce, "stale nonce; applying only its subscription changes");
         }
         for name in &request.resource_names_unsubscribe {
             self.subscribed.remove(name);
@@ -625,10 +628,8 @@ impl Protocol for DeltaStream {
         if changed.is_empty() {
             return Ok(None);
         }
-        self.responses += 1;
-        let nonce = self.responses.to_string();
+        let nonce = self.nonces.next();
         debug!(identity = %self.sources.caller, nonce, names = ?changed.iter().map(|b| &b.name).collect::<Vec<_>>(), "pushing changed secrets");
-        self.last_nonce = Some(nonce.clone());
         let resources = changed
             .into_iter()
             .map(|built| {
@@ -643,7 +644,7 @@ impl Protocol for DeltaStream {
             })
             .collect();
         Ok(Some(DeltaDiscoveryResponse {
-            system_version_info: self.responses.to_string(),
+            system_version_info: nonce.clone(),
             resources,
             type_url: TYPE_URL.into(),
             nonce,
