@@ -171,27 +171,18 @@ impl Authenticator {
             TokenValidator::Disabled => Err(AuthnError::TokensDisabled),
             TokenValidator::Jwks { jwks, issuer } => {
                 let jwks = jwks.borrow().clone();
-                let mut last = None;
-                for audience in &self.audiences {
-                    let validation = Validation {
-                        issuer: issuer.clone(),
-                        audience: audience.clone(),
-                    };
-                    match jwt::validate(token, &jwks, &validation, SystemTime::now()) {
-                        Ok(claims) => {
-                            return Ok(TokenIdentity {
-                                namespace: claims.namespace,
-                                service_account: claims.service_account,
-                                pod: claims.pod.map(|p| (p.name, p.uid)),
-                                node: claims.node.map(|n| n.name),
-                                expires_at: Some(claims.expires_at),
-                            });
-                        }
-                        Err(e @ jwt::JwtError::WrongAudience) => last = Some(e),
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Err(last.unwrap_or(jwt::JwtError::WrongAudience).into())
+                let validation = Validation {
+                    issuer: issuer.clone(),
+                    audiences: self.audiences.clone(),
+                };
+                let claims = jwt::validate(token, &jwks, &validation, SystemTime::now())?;
+                Ok(TokenIdentity {
+                    namespace: claims.namespace,
+                    service_account: claims.service_account,
+                    pod: claims.pod.map(|p| (p.name, p.uid)),
+                    node: claims.node.map(|n| n.name),
+                    expires_at: Some(claims.expires_at),
+                })
             }
             TokenValidator::TokenReview(client) => {
                 precheck(token, SystemTime::now())?;

@@ -315,8 +315,8 @@ fn bit_length(minimal_be: &[u8]) -> usize {
 pub struct Validation {
     /// The cluster's service-account issuer (`--service-account-issuer`), compared exactly.
     pub issuer: String,
-    /// The audience tokens must be minted for, e.g. `sigil-ca`.
-    pub audience: String,
+    /// The audiences a token may be minted for (any one suffices), e.g. `sigil-ca`.
+    pub audiences: Vec<String>,
 }
 
 /// The identity a validated token proves.
@@ -483,7 +483,7 @@ fn check_claims(
         Audience::One(aud) => vec![aud],
         Audience::Many(auds) => auds,
     };
-    if !audiences.contains(&v.audience) {
+    if !audiences.iter().any(|a| v.audiences.contains(a)) {
         return Err(JwtError::WrongAudience);
     }
 
@@ -601,7 +601,7 @@ mod tests {
     fn validation() -> Validation {
         Validation {
             issuer: ISSUER.to_owned(),
-            audience: AUDIENCE.to_owned(),
+            audiences: vec![AUDIENCE.to_owned()],
         }
     }
 
@@ -912,6 +912,22 @@ mod tests {
         let claims = with(pod_claims(), "/nbf", json!(within_skew));
         let claims = with(claims, "/iat", json!(within_skew));
         assert!(validate_es256(&claims).is_ok());
+    }
+
+    #[test]
+    fn any_one_of_several_accepted_audiences_suffices() {
+        let signer = Signer::es256();
+        let jwks = jwks_of(&[signer.jwk("k1")]);
+        let token = signer.token("k1", &with(pod_claims(), "/aud", json!(["istio-ca"])));
+        let both = Validation {
+            audiences: vec![AUDIENCE.to_owned(), "istio-ca".to_owned()],
+            ..validation()
+        };
+        assert!(validate(&token, &jwks, &both, now()).is_ok());
+        assert_eq!(
+            validate(&token, &jwks, &validation(), now()),
+            Err(JwtError::WrongAudience)
+        );
     }
 
     #[test]
