@@ -22,7 +22,7 @@ use tokio::sync::Mutex;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{SIGIL, cpu_seconds};
+use common::{SIGIL, cpu_seconds, free_addr};
 
 struct Ca(Child);
 
@@ -38,14 +38,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[derive(Clone, Copy)]
@@ -83,8 +75,8 @@ async fn start_ca(
 ) -> (Ca, String, sigil_identity::TrustBundle) {
     let kubeconfig = dir.join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).unwrap();
-    let grpc = format!("127.0.0.1:{}", free_port());
-    let admin = format!("127.0.0.1:{}", free_port());
+    let grpc = free_addr().to_string();
+    let admin = free_addr().to_string();
     let child = Command::new(SIGIL)
         .args([
             "ca",

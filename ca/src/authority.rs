@@ -164,7 +164,7 @@ impl Signer {
         let serial_hex = params
             .serial_number
             .as_ref()
-            .map(|s| hex(s.as_ref()))
+            .map(|s| profile::hex(s.as_ref()))
             .unwrap_or_default();
         let cert = params.signed_by(&public_key, &self.issuer)?;
         Ok(Issued {
@@ -179,10 +179,6 @@ pub type SharedAuthority = Arc<Authority>;
 
 pub fn der_to_pem(der: &[u8]) -> String {
     pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

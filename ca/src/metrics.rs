@@ -1,6 +1,6 @@
 //! The CA's Prometheus metrics (served on the admin port's `/metrics`).
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -65,10 +65,16 @@ impl CacheResult {
 }
 
 /// Label values in Prometheus' snake_case, the same words the audit log uses.
+/// Shared with the other components' metrics: a type with `fn as_str(self) -> &'static str`
+/// becomes a Prometheus label value.
+#[macro_export]
 macro_rules! label_value_as_str {
     ($($t:ty),*) => {$(
-        impl EncodeLabelValue for $t {
-            fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        impl prometheus_client::encoding::EncodeLabelValue for $t {
+            fn encode(
+                &self,
+                encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+            ) -> Result<(), std::fmt::Error> {
                 std::fmt::Write::write_str(encoder, self.as_str())
             }
         }

@@ -260,7 +260,12 @@ fn serial_hex(raw: &[u8]) -> String {
         .iter()
         .position(|b| *b != 0)
         .unwrap_or(raw.len().saturating_sub(1));
-    raw[start..].iter().map(|b| format!("{b:02x}")).collect()
+    hex(&raw[start..])
+}
+
+/// Lowercase hex of `bytes` (serials, digests).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a certificate contains, and how it deviates from the sigil profile.
