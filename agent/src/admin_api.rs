@@ -7,13 +7,11 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::peer::PeerAtAccept;
-use hyper_util::rt::TokioIo;
 use sigil_proto::sigil::agent::v1::agent_admin_client::AgentAdminClient;
 use sigil_proto::sigil::agent::v1::agent_admin_server::{AgentAdmin, AgentAdminServer};
 use sigil_proto::sigil::agent::v1::{
     IdentityStatus, ListIdentitiesRequest, ListIdentitiesResponse,
 };
-use tonic::transport::{Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use crate::peer::Workloads;
@@ -99,15 +97,7 @@ impl AgentAdmin for Admin {
 
 /// Asks the agent at `socket` for its identities.
 pub async fn list_identities(socket: &Path) -> Result<ListIdentitiesResponse, InspectError> {
-    let path = socket.to_path_buf();
-    // The URI is required by tonic but unused: the connector dials the socket.
-    let channel = Endpoint::from_static("http://agent.sock")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
+    let channel = crate::socket_client::connect(socket)
         .await
         .map_err(|source| InspectError::Connect {
             path: socket.display().to_string(),

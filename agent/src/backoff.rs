@@ -8,28 +8,38 @@ pub const MAX_DELAY: Duration = Duration::from_secs(120);
 
 #[derive(Debug)]
 pub struct Backoff {
+    initial: Duration,
+    max: Duration,
     next: Duration,
 }
 
+/// The CA retry schedule: [`INITIAL_DELAY`] doubling up to [`MAX_DELAY`].
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            next: INITIAL_DELAY,
-        }
+        Backoff::new(INITIAL_DELAY, MAX_DELAY)
     }
 }
 
 impl Backoff {
+    /// Starts at `initial`, doubling up to `max` (e.g. a short cap for a local agent socket).
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
     /// The delay to wait now (±20 % jitter so agents do not retry in lockstep after an outage),
     /// doubling the next one up to the cap.
     pub fn next_delay(&mut self) -> Duration {
         let delay = jitter(self.next, 0.2);
-        self.next = (self.next * 2).min(MAX_DELAY);
+        self.next = (self.next * 2).min(self.max);
         delay
     }
 
     pub fn reset(&mut self) {
-        self.next = INITIAL_DELAY;
+        self.next = self.initial;
     }
 }
 

@@ -69,6 +69,15 @@ pub struct AgentConfig {
     #[arg(long, required_if_eq("attestor", "unix"))]
     pub unix_map: Option<PathBuf>,
 
+    /// Meshed workloads listed in a YAML file, with either attestor:
+    /// `members: [{ip: 198.18.0.2, id: "spiffe://cluster.local/ns/b/sa/b"}]`, each the address of
+    /// a meshed workload and the SPIFFE ID (in --trust-domain) its proxy presents. Outside
+    /// Kubernetes it is the only source of the mesh membership; with --attestor k8s it adds to the
+    /// pods labelled sigil.dev/tls-mode=mtls and wins on a shared IP. Re-read every second; an
+    /// invalid edit is logged and the last good members kept.
+    #[arg(long)]
+    pub mesh_file: Option<PathBuf>,
+
     /// This node's name (the downward API's spec.nodeName), for --attestor k8s.
     #[arg(long, env = "NODE_NAME", required_if_eq("attestor", "k8s"))]
     pub node_name: Option<String>,

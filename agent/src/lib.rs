@@ -9,10 +9,12 @@ pub mod ca_client;
 pub mod certs;
 pub mod config;
 pub mod h2_authority;
+pub mod mesh;
 pub mod metrics;
 pub mod peer;
 pub mod sds;
 pub mod server;
+pub mod socket_client;
 #[cfg(test)]
 mod test_support;
 pub mod workload_api;

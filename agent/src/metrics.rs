@@ -17,6 +17,7 @@ pub struct IdentityLabels {
 pub enum SocketApi {
     Sds,
     WorkloadApi,
+    Mesh,
 }
 
 impl SocketApi {
@@ -24,6 +25,7 @@ impl SocketApi {
         match self {
             SocketApi::Sds => "sds",
             SocketApi::WorkloadApi => "workload_api",
+            SocketApi::Mesh => "mesh",
         }
     }
 }
@@ -44,6 +46,8 @@ pub struct Metrics {
     pub pushes: Family<ApiLabels, Counter>,
     pub nacks: Counter,
     pub attestation_failures: Counter,
+    pub mesh_members: Gauge,
+    pub mesh_file_reload_failures: Counter,
 }
 
 impl Metrics {
@@ -57,6 +61,8 @@ impl Metrics {
             pushes: Family::default(),
             nacks: Counter::default(),
             attestation_failures: Counter::default(),
+            mesh_members: Gauge::default(),
+            mesh_file_reload_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_agent");
         r.register(
@@ -98,6 +104,16 @@ impl Metrics {
             "attestation_failures",
             "Callers on the agent socket that could not be attested (logs say why)",
             metrics.attestation_failures.clone(),
+        );
+        r.register(
+            "mesh_members",
+            "Meshed addresses in the current mesh membership",
+            metrics.mesh_members.clone(),
+        );
+        r.register(
+            "mesh_file_reload_failures",
+            "Times --mesh-file became unreadable or invalid; its last good members were kept (logs say why)",
+            metrics.mesh_file_reload_failures.clone(),
         );
         metrics
     }

@@ -1,6 +1,7 @@
 //! `sigil agent run`: wires the CA client, the trust-bundle stream, the certificate manager, the
-//! attestor (and, in Kubernetes, the watch of this node's pods that drives prefetching) and the
-//! socket serving SDS and the SPIFFE Workload API, plus the admin endpoint.
+//! attestor (and, in Kubernetes, the watch of this node's pods that drives prefetching), the mesh
+//! membership and the socket serving SDS, the SPIFFE Workload API and the membership, plus the
+//! admin endpoint.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -25,6 +26,7 @@ use crate::attest::unix::UnixAttestor;
 use crate::ca_client::{CaClient, Credential};
 use crate::certs::{self, CertConfig, CertManager};
 use crate::config::{AgentConfig, AttestorKind};
+use crate::mesh::{self, MeshApi, MeshError, MeshFile, MeshSnapshot};
 use crate::metrics::Metrics;
 use crate::peer::{self, Workloads};
 use crate::sds::Sds;
@@ -43,6 +45,8 @@ pub enum AgentError {
     ClientCert(String),
     #[error("--unix-map: {0}")]
     UnixMap(String),
+    #[error("--mesh-file {path}: {reason}")]
+    MeshFile { path: String, reason: MeshError },
     #[error("--attestor k8s needs --node-name (or NODE_NAME)")]
     NoNodeName,
     #[error("connecting to the Kubernetes API: {0}")]
@@ -65,6 +69,16 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
     info!(config = ?config, "starting sigil agent");
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
+    let mesh_file = config
+        .mesh_file
+        .as_deref()
+        .map(|path| {
+            MeshFile::load(path, &td).map_err(|reason| AgentError::MeshFile {
+                path: path.display().to_string(),
+                reason,
+            })
+        })
+        .transpose()?;
 
     let bundle = read_bundle(&config.ca_bundle, &td)?;
     let (bundle_tx, bundle_rx) = watch::channel(Arc::new(bundle));
@@ -116,7 +130,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
 
     // Attestation, and (Kubernetes) prefetching for the pods on this node.
     let procfs = Procfs::new(config.proc_root.clone());
-    let (attestor, pods_synced) = match config.attestor {
+    let (attestor, pods_synced, kube_client) = match config.attestor {
         AttestorKind::Unix => {
             let path = config
                 .unix_map
@@ -124,20 +138,31 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
                 .ok_or_else(|| AgentError::UnixMap("missing".into()))?;
             let attestor =
                 UnixAttestor::load(path, procfs).map_err(|e| AgentError::UnixMap(e.to_string()))?;
-            (Attestor::Unix(attestor), None)
+            (Attestor::Unix(attestor), None, None)
         }
         AttestorKind::K8s => {
             let node = config.node_name.clone().ok_or(AgentError::NoNodeName)?;
             let client = kube::Client::try_default().await?;
             let (tx, rx) = watch::channel(NodePods::default());
-            tokio::spawn(k8s::watch_node_pods(client, node, tx));
+            tokio::spawn(k8s::watch_node_pods(client.clone(), node, tx));
             tokio::spawn(prefetch(rx.clone(), td.clone(), certs.clone()));
             (
                 Attestor::Kubernetes(KubernetesAttestor::new(procfs, td.clone(), rx.clone())),
                 Some(rx),
+                Some(client),
             )
         }
     };
+
+    let members = mesh::spawn(
+        td.clone(),
+        mesh::Sources {
+            kubernetes: kube_client,
+            file: mesh_file,
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    );
 
     let workloads = Workloads::new(
         Arc::new(attestor),
@@ -146,10 +171,15 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         metrics.clone(),
     );
     let listener = bind_socket(&config.socket)?;
-    info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS and the SPIFFE Workload API");
+    info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS, the SPIFFE Workload API and the mesh membership");
 
     let (ready_tx, ready_rx) = watch::channel(Readiness::default());
-    tokio::spawn(track_readiness(contacted_rx, pods_synced, ready_tx));
+    tokio::spawn(track_readiness(
+        contacted_rx,
+        pods_synced,
+        members.clone(),
+        ready_tx,
+    ));
     let admin_listener = TcpListener::bind(config.admin_addr)
         .await
         .map_err(|source| AgentError::Admin {
@@ -168,6 +198,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
     let serving = tonic::transport::Server::builder()
         .add_service(Sds::new(workloads.clone()).into_service())
         .add_service(WorkloadApi::new(workloads.clone()).into_service())
+        .add_service(MeshApi::new(workloads.clone(), members).into_service())
         .add_service(Admin::new(workloads).into_service())
         .serve_with_incoming_shutdown(
             // grpc-core clients' %-encoded socket path as :authority is fixed before h2 sees it.
@@ -261,11 +292,13 @@ async fn prefetch(mut pods: watch::Receiver<NodePods>, td: TrustDomain, certs: C
     }
 }
 
-/// Ready once the CA has been reached (its first trust bundle arrived) and, in Kubernetes, this
-/// node's pods are synced.
+/// Ready once the CA has been reached (its first trust bundle arrived), the mesh membership is
+/// known (in Kubernetes: the meshed pods are listed) and, in Kubernetes, this node's pods are
+/// synced.
 async fn track_readiness(
     mut contacted: watch::Receiver<bool>,
     mut pods: Option<watch::Receiver<NodePods>>,
+    mut mesh: watch::Receiver<Arc<MeshSnapshot>>,
     tx: watch::Sender<Readiness>,
 ) {
     loop {
@@ -275,6 +308,7 @@ async fn track_readiness(
                 "pods_synced",
                 pods.as_mut().is_none_or(|p| p.borrow_and_update().synced),
             ),
+            ("mesh_synced", mesh.borrow_and_update().is_synced()),
         ]);
         tx.send_replace(state);
         let pods_changed = async {
@@ -286,6 +320,7 @@ async fn track_readiness(
         tokio::select! {
             r = contacted.changed() => if r.is_err() { return },
             r = pods_changed => if r.is_err() { return },
+            r = mesh.changed() => if r.is_err() { return },
         }
     }
 }
@@ -312,6 +347,37 @@ mod tests {
         drop(live); // the file stays, nobody answers: stale
         assert!(path.exists());
         bind_socket(&path).expect("a stale socket file is replaced");
+    }
+
+    #[tokio::test]
+    async fn ready_once_the_ca_the_node_pods_and_the_mesh_membership_are_in() {
+        let (contacted_tx, contacted) = watch::channel(false);
+        let (pods_tx, pods) = watch::channel(NodePods::default());
+        let (mesh_tx, mesh) = watch::channel(Arc::new(MeshSnapshot::default()));
+        let (tx, rx) = watch::channel(Readiness::default());
+        tokio::spawn(track_readiness(contacted, Some(pods), mesh, tx));
+        let until = |state: &'static str| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    rx.wait_for(|r| r.to_string() == state),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("never {state}"))
+                .map(|r| r.is_ready())
+                .unwrap()
+            }
+        };
+        assert!(!until("ca_contacted=false pods_synced=false mesh_synced=false").await);
+        contacted_tx.send_replace(true);
+        pods_tx.send_modify(|pods| pods.synced = true);
+        assert!(!until("ca_contacted=true pods_synced=true mesh_synced=false").await);
+        mesh_tx.send_replace(Arc::new(MeshSnapshot {
+            version: 1,
+            ..MeshSnapshot::default()
+        }));
+        assert!(until("ca_contacted=true pods_synced=true mesh_synced=true").await);
     }
 
     #[test]

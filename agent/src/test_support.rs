@@ -29,6 +29,7 @@ use crate::attest::procfs::Procfs;
 use crate::attest::unix::UnixAttestor;
 use crate::ca_client::{CaClient, Credential};
 use crate::certs::{CertConfig, CertManager};
+use crate::mesh::{MeshApi, MeshSnapshot};
 use crate::metrics::{ApiLabels, Metrics, SocketApi};
 use crate::peer::{self, Workloads};
 use crate::sds::Sds;
@@ -208,6 +209,8 @@ pub(crate) struct TestAgent {
     pub(crate) certs: CertManager,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) bundle_tx: watch::Sender<Arc<TrustBundle>>,
+    /// The mesh membership the mesh API serves (version 0, not synced, until a test sends one).
+    pub(crate) mesh_tx: watch::Sender<Arc<MeshSnapshot>>,
     _credential: watch::Sender<Arc<CertifiedKey>>,
 }
 
@@ -253,9 +256,11 @@ impl TestAgent {
             bundle_rx,
             metrics.clone(),
         );
+        let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshSnapshot::default()));
         let routes = match api {
             SocketApi::Sds => Routes::new(Sds::new(workloads).into_service()),
             SocketApi::WorkloadApi => Routes::new(WorkloadApi::new(workloads).into_service()),
+            SocketApi::Mesh => Routes::new(MeshApi::new(workloads, mesh_rx).into_service()),
         };
         let socket_dir = tempfile::tempdir().unwrap();
         let socket = socket_dir.path().join("agent.sock");
@@ -276,6 +281,7 @@ impl TestAgent {
             certs,
             metrics,
             bundle_tx,
+            mesh_tx,
             _credential: credential,
         }
     }

@@ -78,7 +78,11 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn ready_handler(State(state): State<AdminState>) -> impl IntoResponse {
-    let ready = state.ready.borrow().clone();
+    ready_response(&state.ready.borrow())
+}
+
+/// `/ready`'s answer: 200 when every condition holds, else 503 naming the conditions.
+pub fn ready_response(ready: &Readiness) -> (StatusCode, String) {
     if ready.is_ready() {
         (StatusCode::OK, "ready\n".to_string())
     } else {

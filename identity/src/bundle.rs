@@ -103,7 +103,6 @@ impl TrustBundle {
         })
     }
 
-    /// The roots as a rustls trust-anchor store.
     /// Verifies a chain (leaf first, then intermediates) against these roots at `now`, for
     /// client-auth use (sigil's leaves carry both EKUs): the one check used by `sigil inspect`,
     /// plug-in validation and tests.
@@ -142,6 +141,7 @@ impl TrustBundle {
             .map_err(|e| BundleError::ChainDoesNotVerify(format!("{e:?}")))
     }
 
+    /// The roots as a rustls trust-anchor store.
     pub fn root_store(&self) -> Result<rustls::RootCertStore, BundleError> {
         if self.roots.is_empty() {
             return Err(BundleError::NoCertificates);

@@ -209,7 +209,55 @@ pub enum ExpectedServer {
     DnsName,
 }
 
+/// Which TLS versions a configuration speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum TlsVersions {
+    /// TLS 1.3 only: sigil's default everywhere.
+    #[default]
+    Tls13,
+    /// TLS 1.3, and TLS 1.2 for older peers, restricted to ECDHE key exchange with AES-GCM.
+    Tls12And13,
+}
+
 static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+static TLS12_AND_13: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+impl TlsVersions {
+    fn provider_and_versions(
+        self,
+    ) -> (
+        Arc<CryptoProvider>,
+        &'static [&'static rustls::SupportedProtocolVersion],
+    ) {
+        match self {
+            TlsVersions::Tls13 => (crypto_provider(), TLS13_ONLY),
+            TlsVersions::Tls12And13 => (tls12_provider(), TLS12_AND_13),
+        }
+    }
+}
+
+/// The ring provider with TLS 1.2 limited to forward-secret AEAD suites (no CBC, no static RSA,
+/// no ChaCha20 for 1.2), as the proxy's `--tls12` promises.
+fn tls12_provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite as suite;
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            let mut provider = rustls::crypto::ring::default_provider();
+            provider.cipher_suites = vec![
+                suite::TLS13_AES_128_GCM_SHA256,
+                suite::TLS13_AES_256_GCM_SHA384,
+                suite::TLS13_CHACHA20_POLY1305_SHA256,
+                suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            ];
+            Arc::new(provider)
+        })
+        .clone()
+}
 
 fn alpn_list(alpn: &[&[u8]]) -> Vec<Vec<u8>> {
     alpn.iter().map(|p| p.to_vec()).collect()
@@ -224,8 +272,20 @@ pub fn server_config(
     client_auth: ClientAuth,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, TlsError> {
-    let builder = rustls::ServerConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(TLS13_ONLY)
+    server_config_with_versions(identity, bundle, client_auth, alpn, TlsVersions::Tls13)
+}
+
+/// [`server_config`] speaking `versions`.
+pub fn server_config_with_versions(
+    identity: &CertifiedKey,
+    bundle: &TrustBundle,
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+    versions: TlsVersions,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let (provider, versions) = versions.provider_and_versions();
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
         .map_err(TlsError::Rustls)?;
     let builder = match client_auth {
         ClientAuth::Off => builder.with_no_client_auth(),
@@ -251,8 +311,20 @@ pub fn client_config(
     server: ExpectedServer,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, TlsError> {
-    let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
-        .with_protocol_versions(TLS13_ONLY)
+    client_config_with_versions(identity, bundle, server, alpn, TlsVersions::Tls13)
+}
+
+/// [`client_config`] speaking `versions`.
+pub fn client_config_with_versions(
+    identity: Option<&CertifiedKey>,
+    bundle: &TrustBundle,
+    server: ExpectedServer,
+    alpn: &[&[u8]],
+    versions: TlsVersions,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let (provider, versions) = versions.provider_and_versions();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
         .map_err(TlsError::Rustls)?;
     let builder = match server {
         ExpectedServer::DnsName => {

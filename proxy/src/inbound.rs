@@ -1,0 +1,153 @@
+//! Inbound: connections from other pods (redirected to --inbound-port, or on the explicit
+//! --inbound-listen). Each port's PeerAuthentication mode decides what is accepted: STRICT
+//! terminates mutual TLS and requires a verified SPIFFE ID of our trust domain, PERMISSIVE tells
+//! a TLS ClientHello from plaintext by peeking at the first bytes, DISABLE takes plaintext. Then
+//! the bytes go to the application on 127.0.0.1:<original port> (or --inbound-app).
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tracing::warn;
+
+use crate::config::MtlsMode;
+use crate::forward::{self, ConnectionLog, HANDSHAKE_TIMEOUT, Shared};
+use crate::metrics::{Direction, Security};
+use crate::tls::{self, HandshakeFailure};
+
+/// In PERMISSIVE, a client that has sent nothing after this long is taken as plaintext: TLS
+/// clients speak first, server-first protocols (SMTP, MySQL) wait for the application.
+const PERMISSIVE_DETECT_WAIT: Duration = Duration::from_millis(500);
+
+/// Where accepted connections go.
+#[derive(Clone, Copy, Debug)]
+pub enum AppTarget {
+    /// Transparent mode: 127.0.0.1 (or ::1) at the connection's original destination port.
+    OriginalPort,
+    /// Explicit mode: this address; the mode rules use the listener's port.
+    Fixed(SocketAddr),
+}
+
+/// One inbound connection, from accept to close.
+pub async fn handle(stream: TcpStream, source: SocketAddr, target: AppTarget, shared: Shared) {
+    let _ = stream.set_nodelay(true);
+    let (destination, app) = match target {
+        AppTarget::Fixed(app) => match stream.local_addr() {
+            Ok(local) => (local, app),
+            Err(_) => return,
+        },
+        AppTarget::OriginalPort => match forward::original_destination(&stream) {
+            Ok(original) => (
+                original,
+                SocketAddr::new(forward::loopback_like(original.ip()), original.port()),
+            ),
+            Err(e) => {
+                warn!(error = %e, %source, "inbound connection without an original destination (not redirected by iptables?); closing");
+                return;
+            }
+        },
+    };
+    let log = ConnectionLog::new(Direction::Inbound, source, destination);
+    let config = &shared.config;
+    if matches!(target, AppTarget::OriginalPort)
+        && [config.inbound_port, config.outbound_port].contains(&destination.port())
+    {
+        // Sent straight to a proxy port: forwarding it to 127.0.0.1:<that port> would loop.
+        return log.refused(
+            &shared.metrics,
+            HandshakeFailure::NotTls,
+            "connection addressed to the proxy's own port",
+        );
+    }
+    let mode = config.mtls_mode_for(destination.port());
+    let use_tls = match mode {
+        MtlsMode::Strict => true,
+        MtlsMode::Disable => false,
+        MtlsMode::Permissive => match starts_with_tls(&stream).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                return log.refused(&shared.metrics, HandshakeFailure::Io, &e.to_string());
+            }
+        },
+    };
+    if use_tls {
+        accept_tls(stream, log, app, shared).await;
+    } else {
+        let upstream = match forward::connect(app, shared.config.connect_timeout).await {
+            Ok(upstream) => upstream,
+            Err(e) => return log.upstream_failed(&shared.metrics, &e),
+        };
+        forward::splice(&shared, log, Security::Plaintext, stream, upstream).await;
+    }
+}
+
+async fn accept_tls(stream: TcpStream, mut log: ConnectionLog, app: SocketAddr, shared: Shared) {
+    let Some(state) = shared.current_tls() else {
+        return log.refused(
+            &shared.metrics,
+            HandshakeFailure::NoCertificate,
+            "no certificate from the agent yet",
+        );
+    };
+    let acceptor = TlsAcceptor::from(state.server.clone());
+    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => tls_stream,
+        Ok(Err(e)) => {
+            let (reason, detail) = HandshakeFailure::of_io_error(&e);
+            return log.refused(&shared.metrics, reason, &detail);
+        }
+        Err(_) => {
+            return log.refused(
+                &shared.metrics,
+                HandshakeFailure::Timeout,
+                "TLS handshake not finished in time",
+            );
+        }
+    };
+    // The verifier already required exactly this; reading it back gives the identity to log
+    // and, later, to authorize.
+    match tls::peer_identity(tls_stream.get_ref().1, &state.bundle) {
+        Ok(peer) => log.source_identity = Some(peer),
+        Err(e) => {
+            return log.refused(
+                &shared.metrics,
+                HandshakeFailure::of_tls_error(&e),
+                &e.to_string(),
+            );
+        }
+    }
+    log.destination_identity = Some(state.id.clone());
+    drop(state);
+    let upstream = match forward::connect(app, shared.config.connect_timeout).await {
+        Ok(upstream) => upstream,
+        Err(e) => return log.upstream_failed(&shared.metrics, &e),
+    };
+    forward::splice(&shared, log, Security::Mtls, tls_stream, upstream).await;
+}
+
+/// PERMISSIVE detection: a TLS record header (handshake, version 3.x) opens every ClientHello.
+/// Peeks without consuming, so either path sees the bytes from the start.
+async fn starts_with_tls(stream: &TcpStream) -> io::Result<bool> {
+    let mut head = [0u8; 3];
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let first = tokio::time::timeout(PERMISSIVE_DETECT_WAIT, stream.peek(&mut head)).await;
+    let mut seen = match first {
+        Err(_) => return Ok(false),
+        Ok(peeked) => peeked?,
+    };
+    // A ClientHello's header arrives in one segment in practice; if only part of it did, wait
+    // briefly for the rest rather than guessing.
+    while seen > 0 && seen < head.len() && head[0] == 0x16 {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "partial TLS record header",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        seen = stream.peek(&mut head).await?;
+    }
+    Ok(seen >= 3 && head[0] == 0x16 && head[1] == 0x03)
+}

@@ -1,0 +1,926 @@
+//! `sigil proxy init`: the iptables nat rules that send a pod's TCP traffic through the proxy.
+//!
+//! The rule shape follows Istio's istio-iptables, so its behaviour and exclusions carry over:
+//!
+//! ```text
+//! PREROUTING -p tcp -> SIGIL_INBOUND
+//!     RETURN: the proxy's own ports, --exclude-inbound-ports
+//!     the rest -> SIGIL_IN_REDIRECT: REDIRECT --to-ports <--inbound-port>
+//! OUTPUT -p tcp -> SIGIL_OUTPUT
+//!     RETURN: the proxy's uid, loopback, --exclude-outbound-cidrs, --exclude-outbound-ports
+//!     the rest -> SIGIL_REDIRECT: REDIRECT --to-ports <--outbound-port>
+//! ```
+//!
+//! Everything is applied as one `iptables-restore --noflush` transaction, built from what
+//! `iptables-save -t nat` shows: sigil's old jumps are deleted and its chains flushed in the same
+//! transaction that adds the new rules, so running init twice leaves exactly the same rules and no
+//! moment exists with half of them. `--cleanup` removes every `SIGIL_` chain and every jump to
+//! one, and leaves other rules alone.
+//!
+//! IPv4 only: IPv6 CIDRs are refused, and IPv6 traffic is not redirected (no ip6tables rules).
+
+use std::fmt;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, ExitStatus, Stdio};
+
+use clap::Args;
+use tracing::{info, warn};
+
+use crate::config::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
+
+/// The uid the injected proxy container runs as (Istio's 1337, so existing exclusions carry over).
+pub const DEFAULT_PROXY_UID: u32 = 1337;
+/// Inbound ports never redirected: the proxy's Prometheus port, so scrapers need no mTLS.
+pub const DEFAULT_EXCLUDED_INBOUND_PORTS: &str = "15020";
+/// The iptables command whose `-save` and `-restore` variants are run: the system's default
+/// backend (nf_tables or legacy, as Debian's alternatives choose).
+pub const DEFAULT_IPTABLES: &str = "iptables";
+
+/// Every chain sigil owns starts with this; cleanup removes all of them, even ones an older
+/// version created.
+const CHAIN_PREFIX: &str = "SIGIL_";
+const INBOUND_CHAIN: &str = "SIGIL_INBOUND";
+const IN_REDIRECT_CHAIN: &str = "SIGIL_IN_REDIRECT";
+const OUTPUT_CHAIN: &str = "SIGIL_OUTPUT";
+const REDIRECT_CHAIN: &str = "SIGIL_REDIRECT";
+/// Our chains, in the order they are declared.
+const CHAINS: [&str; 4] = [
+    INBOUND_CHAIN,
+    IN_REDIRECT_CHAIN,
+    OUTPUT_CHAIN,
+    REDIRECT_CHAIN,
+];
+const LOOPBACK_INTERFACE: &str = "lo";
+/// `iptables-restore` flags: keep every rule we do not name; wait for the xtables lock rather
+/// than fail when another tool holds it.
+const RESTORE_ARGS: [&str; 2] = ["--noflush", "--wait"];
+const SAVE_ARGS: [&str; 2] = ["-t", "nat"];
+/// What iptables prints when it lacks privileges (nf_tables and legacy backends alike).
+const PERMISSION_MARKERS: [&str; 2] = ["Permission denied", "must be root"];
+
+/// Writes (or with --cleanup removes) the iptables nat rules that send a pod's TCP traffic
+/// through the proxy: OUTPUT → --outbound-port, PREROUTING → --inbound-port. Traffic of the
+/// proxy's own uid and on loopback is never redirected. Idempotent: running it twice leaves
+/// the same rules. Needs NET_ADMIN and NET_RAW in the pod's network namespace. IPv4 only.
+#[derive(Args, Clone, Debug)]
+pub struct InitConfig {
+    /// The uid the proxy runs as; its own connections are not redirected. Must not be 0.
+    #[arg(long, default_value_t = DEFAULT_PROXY_UID)]
+    pub proxy_uid: u32,
+
+    /// Where inbound connections are redirected (the proxy's inbound listener).
+    #[arg(long, default_value_t = DEFAULT_INBOUND_PORT)]
+    pub inbound_port: u16,
+
+    /// Where outbound connections are redirected (the proxy's outbound listener).
+    #[arg(long, default_value_t = DEFAULT_OUTBOUND_PORT)]
+    pub outbound_port: u16,
+
+    /// Inbound destination ports left alone (comma-separated; give the flag no value to exclude
+    /// none). The proxy's own ports are always left alone.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 0..,
+        default_value = DEFAULT_EXCLUDED_INBOUND_PORTS
+    )]
+    pub exclude_inbound_ports: Vec<String>,
+
+    /// Outbound destination ports left alone (comma-separated).
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    pub exclude_outbound_ports: Vec<String>,
+
+    /// Outbound destination IPv4 CIDRs left alone (comma-separated, e.g. 169.254.169.254/32).
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    pub exclude_outbound_cidrs: Vec<String>,
+
+    /// Remove sigil's chains and jumps instead of installing them.
+    #[arg(long)]
+    pub cleanup: bool,
+
+    /// Print the iptables-restore input instead of applying it (reads the current rules when it
+    /// may, so the text is exactly what would be applied).
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// The iptables command: sigil runs `<IPTABLES>-save` and `<IPTABLES>-restore`, e.g.
+    /// iptables-legacy or iptables-nft to choose a backend, or a full path.
+    #[arg(long, default_value = DEFAULT_IPTABLES)]
+    pub iptables: String,
+}
+
+/// Why `sigil proxy init` refused or failed; each message says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error(
+        "--proxy-uid 0 refused: the proxy's uid is exempt from redirection, so every process \
+         running as root in the pod would bypass the proxy (no mTLS, no policy); run the proxy \
+         as its own non-root uid (default {DEFAULT_PROXY_UID})"
+    )]
+    RootProxyUid,
+    #[error("{flag} {value:?}: not a port (1-65535)")]
+    BadPort { flag: &'static str, value: String },
+    #[error(
+        "--inbound-port and --outbound-port are both {0}: they must differ, the proxy tells \
+         inbound from outbound traffic by the port it arrives on"
+    )]
+    SamePorts(u16),
+    #[error(
+        "--exclude-outbound-cidrs {cidr:?}: expected an IPv4 CIDR ADDRESS/PREFIX with a prefix \
+         of 0-32, e.g. 169.254.169.254/32"
+    )]
+    BadCidr { cidr: String },
+    #[error(
+        "--exclude-outbound-cidrs {0:?}: IPv6 is not supported yet; sigil proxy init installs \
+         IPv4 rules only (IPv6 traffic is not redirected), so leave IPv6 CIDRs out"
+    )]
+    Ipv6Cidr(String),
+    #[error(
+        "{program} not found: install iptables (Debian: apt-get install iptables), or point \
+         --iptables at it"
+    )]
+    IptablesMissing { program: String },
+    #[error(
+        "`{command}` was denied: sigil proxy init needs NET_ADMIN and NET_RAW in the pod's \
+         network namespace (run it as root, with those capabilities added to the init \
+         container's securityContext); iptables said: {stderr}"
+    )]
+    PermissionDenied { command: String, stderr: String },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error("running `{command}`: {source}")]
+    Io {
+        command: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing the rules to stdout: {0}")]
+    Print(#[source] io::Error),
+}
+
+/// Installs (or removes, with --cleanup) the redirection; with --dry-run prints the
+/// iptables-restore input on stdout instead.
+pub fn run(config: &InitConfig) -> Result<(), InitError> {
+    run_to(config, &mut io::stdout().lock())
+}
+
+fn run_to(config: &InitConfig, out: &mut impl Write) -> Result<(), InitError> {
+    let plan = Plan::new(config)?;
+    let iptables = Iptables::new(&config.iptables);
+    if config.dry_run {
+        // A dry run must work without root or iptables; it then shows the transaction for a
+        // namespace with no sigil rules yet.
+        let state = iptables.nat_state().unwrap_or_else(|e| {
+            warn!(error = %e, "cannot read the current rules; showing a first install");
+            NatState::default()
+        });
+        let transaction = if config.cleanup {
+            cleanup_transaction(&state)
+        } else {
+            install_transaction(&plan, &state)
+        };
+        return out
+            .write_all(transaction.as_bytes())
+            .map_err(InitError::Print);
+    }
+    let state = iptables.nat_state()?;
+    if config.cleanup {
+        iptables.restore(&cleanup_transaction(&state))?;
+        info!(
+            iptables = state.generated_by.as_deref().unwrap_or("unknown"),
+            removed_chains = ?state.sigil_chains,
+            removed_jumps = ?state.jumps,
+            "removed sigil's iptables redirection"
+        );
+    } else {
+        iptables.restore(&install_transaction(&plan, &state))?;
+        let cidrs: Vec<String> = plan
+            .exclude_outbound_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        info!(
+            iptables = state.generated_by.as_deref().unwrap_or("unknown"),
+            proxy_uid = plan.proxy_uid,
+            inbound_port = plan.inbound_port,
+            outbound_port = plan.outbound_port,
+            excluded_inbound_ports = ?plan.exclude_inbound_ports,
+            excluded_outbound_ports = ?plan.exclude_outbound_ports,
+            excluded_outbound_cidrs = ?cidrs,
+            replaced_jumps = state.jumps.len(),
+            rules = ?plan.rules(),
+            "installed sigil's iptables redirection"
+        );
+    }
+    Ok(())
+}
+
+/// The validated flags.
+#[derive(Debug)]
+struct Plan {
+    proxy_uid: u32,
+    inbound_port: u16,
+    outbound_port: u16,
+    exclude_inbound_ports: Vec<u16>,
+    exclude_outbound_ports: Vec<u16>,
+    exclude_outbound_cidrs: Vec<Ipv4Cidr>,
+}
+
+impl Plan {
+    fn new(config: &InitConfig) -> Result<Plan, InitError> {
+        if config.proxy_uid == 0 {
+            return Err(InitError::RootProxyUid);
+        }
+        let inbound_port = nonzero_port("--inbound-port", config.inbound_port)?;
+        let outbound_port = nonzero_port("--outbound-port", config.outbound_port)?;
+        if inbound_port == outbound_port {
+            return Err(InitError::SamePorts(inbound_port));
+        }
+        let exclude_outbound_cidrs = dedup(
+            non_empty(&config.exclude_outbound_cidrs)
+                .map(Ipv4Cidr::parse)
+                .collect::<Result<_, _>>()?,
+        );
+        Ok(Plan {
+            proxy_uid: config.proxy_uid,
+            inbound_port,
+            outbound_port,
+            exclude_inbound_ports: parse_ports(
+                "--exclude-inbound-ports",
+                &config.exclude_inbound_ports,
+            )?,
+            exclude_outbound_ports: parse_ports(
+                "--exclude-outbound-ports",
+                &config.exclude_outbound_ports,
+            )?,
+            exclude_outbound_cidrs,
+        })
+    }
+
+    /// The rules of our chains and the jumps into them, as `iptables-save` prints them (so
+    /// they can be compared with its output), jumps last.
+    fn rules(&self) -> Vec<String> {
+        let mut rules = vec![format!(
+            "-A {IN_REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+            self.inbound_port
+        )];
+        // Connections addressed to the proxy's own listeners must reach them as they are.
+        let inbound_returns = dedup(
+            [self.inbound_port, self.outbound_port]
+                .into_iter()
+                .chain(self.exclude_inbound_ports.iter().copied())
+                .collect(),
+        );
+        rules.extend(
+            inbound_returns
+                .iter()
+                .map(|port| format!("-A {INBOUND_CHAIN} -p tcp -m tcp --dport {port} -j RETURN")),
+        );
+        rules.push(format!("-A {INBOUND_CHAIN} -j {IN_REDIRECT_CHAIN}"));
+
+        rules.push(format!(
+            "-A {REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+            self.outbound_port
+        ));
+        // The proxy's own connections (to the original destination, and to the application on
+        // 127.0.0.1) must leave as they are, or they would loop back into it.
+        rules.push(format!(
+            "-A {OUTPUT_CHAIN} -m owner --uid-owner {} -j RETURN",
+            self.proxy_uid
+        ));
+        // Loopback covers 127.0.0.0/8 and the application calling its own pod IP.
+        rules.push(format!(
+            "-A {OUTPUT_CHAIN} -o {LOOPBACK_INTERFACE} -j RETURN"
+        ));
+        rules.extend(
+            self.exclude_outbound_cidrs
+                .iter()
+                .map(|cidr| format!("-A {OUTPUT_CHAIN} -d {cidr} -j RETURN")),
+        );
+        rules.extend(
+            self.exclude_outbound_ports
+                .iter()
+                .map(|port| format!("-A {OUTPUT_CHAIN} -p tcp -m tcp --dport {port} -j RETURN")),
+        );
+        rules.push(format!("-A {OUTPUT_CHAIN} -j {REDIRECT_CHAIN}"));
+
+        rules.push(format!("-A PREROUTING -p tcp -j {INBOUND_CHAIN}"));
+        rules.push(format!("-A OUTPUT -p tcp -j {OUTPUT_CHAIN}"));
+        rules
+    }
+}
+
+fn nonzero_port(flag: &'static str, port: u16) -> Result<u16, InitError> {
+    if port == 0 {
+        return Err(InitError::BadPort {
+            flag,
+            value: port.to_string(),
+        });
+    }
+    Ok(port)
+}
+
+/// Parses a port list; empty items are skipped so that templated flags such as
+/// `--exclude-outbound-ports=` mean "none".
+fn parse_ports(flag: &'static str, values: &[String]) -> Result<Vec<u16>, InitError> {
+    let ports = non_empty(values)
+        .map(|value| {
+            value
+                .parse::<u16>()
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| InitError::BadPort {
+                    flag,
+                    value: value.to_owned(),
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(dedup(ports))
+}
+
+fn non_empty(values: &[String]) -> impl Iterator<Item = &str> {
+    values.iter().map(|v| v.trim()).filter(|v| !v.is_empty())
+}
+
+/// Removes repeats, keeping the first of each, so a repeated flag value adds no duplicate rule.
+fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
+    let mut unique = Vec::with_capacity(items.len());
+    for item in items {
+        if !unique.contains(&item) {
+            unique.push(item);
+        }
+    }
+    unique
+}
+
+/// An IPv4 network, its address masked to the prefix the way iptables stores it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Ipv4Cidr {
+    network: Ipv4Addr,
+    prefix: u8,
+}
+
+impl Ipv4Cidr {
+    const MAX_PREFIX: u8 = 32;
+
+    fn parse(text: &str) -> Result<Ipv4Cidr, InitError> {
+        let bad = || InitError::BadCidr {
+            cidr: text.to_owned(),
+        };
+        let (address, prefix) = text.split_once('/').ok_or_else(bad)?;
+        let address = match address.parse::<IpAddr>().map_err(|_| bad())? {
+            IpAddr::V4(address) => address,
+            IpAddr::V6(_) => return Err(InitError::Ipv6Cidr(text.to_owned())),
+        };
+        let prefix = prefix
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= Self::MAX_PREFIX)
+            .ok_or_else(bad)?;
+        let mask = u32::MAX
+            .checked_shl(u32::from(Self::MAX_PREFIX - prefix))
+            .unwrap_or(0);
+        Ok(Ipv4Cidr {
+            network: Ipv4Addr::from(u32::from(address) & mask),
+            prefix,
+        })
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// What `iptables-save -t nat` shows of sigil.
+#[derive(Debug, Default, PartialEq)]
+struct NatState {
+    /// The `iptables-save` version line, e.g. `iptables-save v1.8.9 (nf_tables)` (the backend).
+    generated_by: Option<String>,
+    /// Every chain named `SIGIL_*`.
+    sigil_chains: Vec<String>,
+    /// Rules outside sigil's chains that jump to one, as `CHAIN RULE...` (the text after `-A`).
+    jumps: Vec<String>,
+}
+
+impl NatState {
+    fn parse(save: &str) -> NatState {
+        let mut state = NatState::default();
+        for line in save.lines() {
+            if let Some(generated) = line.strip_prefix("# Generated by ") {
+                let version = generated.split(" on ").next().unwrap_or(generated);
+                state.generated_by.get_or_insert_with(|| version.to_owned());
+            } else if let Some(chain) = line.strip_prefix(':') {
+                let name = chain.split_whitespace().next().unwrap_or_default();
+                if name.starts_with(CHAIN_PREFIX) {
+                    state.sigil_chains.push(name.to_owned());
+                }
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let words = rule_words(rule);
+                let chain = words.first().copied().unwrap_or_default();
+                let jumps_to_sigil = words
+                    .windows(2)
+                    .any(|w| matches!(w[0], "-j" | "-g") && w[1].starts_with(CHAIN_PREFIX));
+                if !chain.starts_with(CHAIN_PREFIX) && jumps_to_sigil {
+                    state.jumps.push(rule.to_owned());
+                }
+            }
+        }
+        state
+    }
+}
+
+/// Splits an `iptables-save` rule into words; a double-quoted string (a comment, say) stays one
+/// word with its quotes, so text inside it is never taken for an option.
+fn rule_words(rule: &str) -> Vec<&str> {
+    let mut words = Vec::new();
+    let mut start = None;
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in rule.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if let Some(begin) = start.take() {
+                    words.push(&rule[begin..i]);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        start.get_or_insert(i);
+    }
+    if let Some(begin) = start {
+        words.push(&rule[begin..]);
+    }
+    words
+}
+
+/// The `iptables-restore --noflush` input that replaces whatever sigil had installed with the
+/// plan's rules: declaring a chain creates it or flushes it, old jumps are deleted, chains of
+/// older versions that we no longer use are removed.
+fn install_transaction(plan: &Plan, state: &NatState) -> String {
+    let stale: Vec<&str> = state
+        .sigil_chains
+        .iter()
+        .map(String::as_str)
+        .filter(|chain| !CHAINS.contains(chain))
+        .collect();
+    let mut lines = vec!["*nat".to_owned()];
+    lines.extend(CHAINS.iter().map(|chain| format!(":{chain} - [0:0]")));
+    lines.extend(state.jumps.iter().map(|jump| format!("-D {jump}")));
+    lines.extend(stale.iter().map(|chain| format!("-F {chain}")));
+    lines.extend(stale.iter().map(|chain| format!("-X {chain}")));
+    lines.extend(plan.rules());
+    lines.push("COMMIT".to_owned());
+    lines.join("\n") + "\n"
+}
+
+/// The `iptables-restore --noflush` input that removes every jump into sigil's chains, then
+/// the chains (flushed first, since a chain with rules cannot be deleted).
+fn cleanup_transaction(state: &NatState) -> String {
+    let mut lines = vec!["*nat".to_owned()];
+    lines.extend(state.jumps.iter().map(|jump| format!("-D {jump}")));
+    lines.extend(state.sigil_chains.iter().map(|chain| format!("-F {chain}")));
+    lines.extend(state.sigil_chains.iter().map(|chain| format!("-X {chain}")));
+    lines.push("COMMIT".to_owned());
+    lines.join("\n") + "\n"
+}
+
+/// The `-save` and `-restore` commands of one iptables backend.
+struct Iptables {
+    save: String,
+    restore: String,
+}
+
+impl Iptables {
+    fn new(command: &str) -> Iptables {
+        Iptables {
+            save: format!("{command}-save"),
+            restore: format!("{command}-restore"),
+        }
+    }
+
+    fn nat_state(&self) -> Result<NatState, InitError> {
+        run_command(&self.save, &SAVE_ARGS, None).map(|out| NatState::parse(&out))
+    }
+
+    fn restore(&self, transaction: &str) -> Result<(), InitError> {
+        run_command(&self.restore, &RESTORE_ARGS, Some(transaction)).map(drop)
+    }
+}
+
+/// Runs `program args`, feeding `stdin` if given; returns its stdout.
+fn run_command(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, InitError> {
+    let command_line = [program]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let io_error = |source: io::Error| InitError::Io {
+        command: command_line.clone(),
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => InitError::IptablesMissing {
+                program: program.to_owned(),
+            },
+            _ => io_error(e),
+        })?;
+    // Closing stdin (dropping it) ends the input. A write error is reported only if the
+    // command succeeded anyway: when it failed, its stderr says why, not our broken pipe.
+    let written = match (child.stdin.take(), stdin) {
+        (Some(mut pipe), Some(input)) => pipe.write_all(input.as_bytes()),
+        _ => Ok(()),
+    };
+    let output = child.wait_with_output().map_err(io_error)?;
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    if !output.status.success() {
+        return Err(command_failed(command_line, output.status, stderr));
+    }
+    written.map_err(io_error)?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn command_failed(command: String, status: ExitStatus, stderr: String) -> InitError {
+    if PERMISSION_MARKERS
+        .iter()
+        .any(|marker| stderr.contains(marker))
+    {
+        InitError::PermissionDenied { command, stderr }
+    } else {
+        InitError::Failed {
+            command,
+            status,
+            stderr,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        init: InitConfig,
+    }
+
+    fn config(args: &[&str]) -> InitConfig {
+        Cli::try_parse_from(std::iter::once("init").chain(args.iter().copied()))
+            .unwrap()
+            .init
+    }
+
+    fn rules(args: &[&str]) -> Vec<String> {
+        Plan::new(&config(args)).unwrap().rules()
+    }
+
+    fn error(args: &[&str]) -> String {
+        Plan::new(&config(args)).unwrap_err().to_string()
+    }
+
+    const DEFAULT_TRANSACTION: &str = "\
+*nat
+:SIGIL_INBOUND - [0:0]
+:SIGIL_IN_REDIRECT - [0:0]
+:SIGIL_OUTPUT - [0:0]
+:SIGIL_REDIRECT - [0:0]
+-A SIGIL_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A SIGIL_INBOUND -p tcp -m tcp --dport 15006 -j RETURN
+-A SIGIL_INBOUND -p tcp -m tcp --dport 15001 -j RETURN
+-A SIGIL_INBOUND -p tcp -m tcp --dport 15020 -j RETURN
+-A SIGIL_INBOUND -j SIGIL_IN_REDIRECT
+-A SIGIL_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A SIGIL_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A SIGIL_OUTPUT -o lo -j RETURN
+-A SIGIL_OUTPUT -j SIGIL_REDIRECT
+-A PREROUTING -p tcp -j SIGIL_INBOUND
+-A OUTPUT -p tcp -j SIGIL_OUTPUT
+COMMIT
+";
+
+    #[test]
+    fn default_flags_give_istio_shaped_rules() {
+        let plan = Plan::new(&config(&[])).unwrap();
+        assert_eq!(
+            install_transaction(&plan, &NatState::default()),
+            DEFAULT_TRANSACTION
+        );
+    }
+
+    #[test]
+    fn ports_and_uid_flags_change_their_rules() {
+        let rules = rules(&[
+            "--proxy-uid",
+            "2000",
+            "--inbound-port",
+            "7000",
+            "--outbound-port",
+            "7001",
+        ]);
+        for rule in [
+            "-A SIGIL_IN_REDIRECT -p tcp -j REDIRECT --to-ports 7000",
+            "-A SIGIL_REDIRECT -p tcp -j REDIRECT --to-ports 7001",
+            "-A SIGIL_INBOUND -p tcp -m tcp --dport 7000 -j RETURN",
+            "-A SIGIL_INBOUND -p tcp -m tcp --dport 7001 -j RETURN",
+            "-A SIGIL_OUTPUT -m owner --uid-owner 2000 -j RETURN",
+        ] {
+            assert!(
+                rules.iter().any(|r| r == rule),
+                "{rule} missing: {rules:#?}"
+            );
+        }
+        assert!(!rules.iter().any(|r| r.contains("1500")));
+    }
+
+    #[test]
+    fn excluded_inbound_ports_return_before_the_redirect() {
+        let rules = rules(&["--exclude-inbound-ports", "22,8443,22,15006"]);
+        let inbound: Vec<&str> = rules
+            .iter()
+            .filter(|r| r.starts_with("-A SIGIL_INBOUND "))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            inbound,
+            [
+                "-A SIGIL_INBOUND -p tcp -m tcp --dport 15006 -j RETURN",
+                "-A SIGIL_INBOUND -p tcp -m tcp --dport 15001 -j RETURN",
+                "-A SIGIL_INBOUND -p tcp -m tcp --dport 22 -j RETURN",
+                "-A SIGIL_INBOUND -p tcp -m tcp --dport 8443 -j RETURN",
+                "-A SIGIL_INBOUND -j SIGIL_IN_REDIRECT",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_empty_inbound_exclusion_leaves_only_the_proxy_ports() {
+        for args in [
+            &["--exclude-inbound-ports"][..],
+            &["--exclude-inbound-ports="][..],
+        ] {
+            let rules = rules(args);
+            assert!(!rules.iter().any(|r| r.contains("15020")), "{args:?}");
+            assert_eq!(
+                rules.iter().filter(|r| r.contains("-j RETURN")).count(),
+                4,
+                "2 proxy ports, uid, loopback: {rules:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn excluded_outbound_ports_and_cidrs_return_before_the_redirect() {
+        let rules = rules(&[
+            "--exclude-outbound-ports",
+            "5432,,6379",
+            "--exclude-outbound-cidrs",
+            "169.254.169.254/32, 198.18.7.9/15,198.18.0.0/15",
+        ]);
+        let outbound: Vec<&str> = rules
+            .iter()
+            .filter(|r| r.starts_with("-A SIGIL_OUTPUT "))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            outbound,
+            [
+                "-A SIGIL_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+                "-A SIGIL_OUTPUT -o lo -j RETURN",
+                "-A SIGIL_OUTPUT -d 169.254.169.254/32 -j RETURN",
+                // Host bits are masked off as iptables does, and the repeat is dropped.
+                "-A SIGIL_OUTPUT -d 198.18.0.0/15 -j RETURN",
+                "-A SIGIL_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN",
+                "-A SIGIL_OUTPUT -p tcp -m tcp --dport 6379 -j RETURN",
+                "-A SIGIL_OUTPUT -j SIGIL_REDIRECT",
+            ]
+        );
+    }
+
+    #[test]
+    fn cidr_prefixes_mask_like_iptables() {
+        for (text, shown) in [
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("203.0.113.77/24", "203.0.113.0/24"),
+            ("203.0.113.77/32", "203.0.113.77/32"),
+            ("203.0.113.77/1", "128.0.0.0/1"),
+        ] {
+            assert_eq!(Ipv4Cidr::parse(text).unwrap().to_string(), shown);
+        }
+    }
+
+    #[test]
+    fn invalid_input_is_refused_with_a_reason() {
+        assert!(error(&["--proxy-uid", "0"]).contains("every process running as root"));
+        assert!(error(&["--inbound-port", "0"]).contains("--inbound-port \"0\": not a port"));
+        assert!(error(&["--outbound-port", "0"]).contains("--outbound-port \"0\": not a port"));
+        assert!(error(&["--outbound-port", "15006"]).contains("both 15006: they must differ"));
+        assert!(
+            error(&["--exclude-inbound-ports", "80,0"])
+                .contains("--exclude-inbound-ports \"0\": not a port")
+        );
+        assert!(
+            error(&["--exclude-outbound-ports", "http"])
+                .contains("--exclude-outbound-ports \"http\": not a port")
+        );
+        assert!(
+            error(&["--exclude-outbound-ports", "65536"])
+                .contains("--exclude-outbound-ports \"65536\": not a port")
+        );
+        for cidr in [
+            "10.0.0.1",
+            "10.0.0.0/33",
+            "10.0.0/8",
+            "example.com/32",
+            "10.0.0.0/x",
+        ] {
+            assert!(
+                error(&["--exclude-outbound-cidrs", cidr]).contains("expected an IPv4 CIDR"),
+                "{cidr}"
+            );
+        }
+        assert!(
+            error(&["--exclude-outbound-cidrs", "fd00::/8"]).contains("IPv6 is not supported yet")
+        );
+    }
+
+    const SAVE_WITH_SIGIL: &str = "\
+# Generated by iptables-save v1.8.9 (nf_tables) on Mon Nov 23 03:10:02 2026
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KEEP_ME - [0:0]
+:SIGIL_INBOUND - [0:0]
+:SIGIL_OLD - [0:0]
+:SIGIL_OUTPUT - [0:0]
+-A PREROUTING -p tcp -j SIGIL_INBOUND
+-A OUTPUT -d 192.0.2.1/32 -j RETURN
+-A OUTPUT -p tcp -j SIGIL_OUTPUT
+-A OUTPUT -p tcp -j SIGIL_OUTPUT
+-A OUTPUT -m comment --comment \"not -j SIGIL_X\" -j KEEP_ME
+-A KEEP_ME -g SIGIL_OLD
+-A SIGIL_INBOUND -j SIGIL_OLD
+-A SIGIL_OUTPUT -j RETURN
+COMMIT
+# Completed on Mon Nov 23 03:10:02 2026
+";
+
+    #[test]
+    fn the_saved_state_lists_sigil_chains_and_the_jumps_into_them() {
+        assert_eq!(
+            NatState::parse(SAVE_WITH_SIGIL),
+            NatState {
+                generated_by: Some("iptables-save v1.8.9 (nf_tables)".to_owned()),
+                sigil_chains: vec![
+                    "SIGIL_INBOUND".to_owned(),
+                    "SIGIL_OLD".to_owned(),
+                    "SIGIL_OUTPUT".to_owned(),
+                ],
+                jumps: vec![
+                    "PREROUTING -p tcp -j SIGIL_INBOUND".to_owned(),
+                    "OUTPUT -p tcp -j SIGIL_OUTPUT".to_owned(),
+                    "OUTPUT -p tcp -j SIGIL_OUTPUT".to_owned(),
+                    "KEEP_ME -g SIGIL_OLD".to_owned(),
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn rule_words_keep_quoted_strings_whole() {
+        assert_eq!(
+            rule_words(r#"OUTPUT -m comment --comment "a \"-j SIGIL_X\" b"  -j KEEP_ME"#),
+            [
+                "OUTPUT",
+                "-m",
+                "comment",
+                "--comment",
+                r#""a \"-j SIGIL_X\" b""#,
+                "-j",
+                "KEEP_ME"
+            ]
+        );
+    }
+
+    #[test]
+    fn reinstalling_replaces_old_jumps_and_drops_stale_chains_in_one_transaction() {
+        let plan = Plan::new(&config(&[])).unwrap();
+        let transaction = install_transaction(&plan, &NatState::parse(SAVE_WITH_SIGIL));
+        let expected = DEFAULT_TRANSACTION.replace(
+            ":SIGIL_REDIRECT - [0:0]\n",
+            ":SIGIL_REDIRECT - [0:0]\n\
+             -D PREROUTING -p tcp -j SIGIL_INBOUND\n\
+             -D OUTPUT -p tcp -j SIGIL_OUTPUT\n\
+             -D OUTPUT -p tcp -j SIGIL_OUTPUT\n\
+             -D KEEP_ME -g SIGIL_OLD\n\
+             -F SIGIL_OLD\n\
+             -X SIGIL_OLD\n",
+        );
+        assert_eq!(transaction, expected);
+    }
+
+    #[test]
+    fn cleanup_removes_jumps_then_flushes_and_deletes_every_sigil_chain() {
+        assert_eq!(
+            cleanup_transaction(&NatState::parse(SAVE_WITH_SIGIL)),
+            "\
+*nat
+-D PREROUTING -p tcp -j SIGIL_INBOUND
+-D OUTPUT -p tcp -j SIGIL_OUTPUT
+-D OUTPUT -p tcp -j SIGIL_OUTPUT
+-D KEEP_ME -g SIGIL_OLD
+-F SIGIL_INBOUND
+-F SIGIL_OLD
+-F SIGIL_OUTPUT
+-X SIGIL_INBOUND
+-X SIGIL_OLD
+-X SIGIL_OUTPUT
+COMMIT
+"
+        );
+        assert_eq!(cleanup_transaction(&NatState::default()), "*nat\nCOMMIT\n");
+    }
+
+    #[test]
+    fn a_missing_iptables_says_how_to_install_it() {
+        let missing = "/nonexistent/sigil-test/iptables";
+        let err = run_to(&config(&["--iptables", missing]), &mut Vec::new()).unwrap_err();
+        assert!(matches!(err, InitError::IptablesMissing { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("{missing}-save not found")),
+            "{message}"
+        );
+        assert!(message.contains("apt-get install iptables"), "{message}");
+    }
+
+    #[test]
+    fn a_dry_run_needs_no_iptables() {
+        let mut out = Vec::new();
+        let dry = config(&[
+            "--dry-run",
+            "--iptables",
+            "/nonexistent/sigil-test/iptables",
+        ]);
+        run_to(&dry, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), DEFAULT_TRANSACTION);
+    }
+
+    #[test]
+    fn iptables_failures_keep_its_stderr_and_name_the_capabilities_when_denied() {
+        let status = ExitStatus::from_raw(4 << 8);
+        let denied = command_failed(
+            "iptables-save -t nat".to_owned(),
+            status,
+            "iptables-save v1.8.9 (nf_tables): Could not fetch rule set generation id: \
+             Permission denied (you must be root)"
+                .to_owned(),
+        )
+        .to_string();
+        assert!(denied.contains("needs NET_ADMIN and NET_RAW"), "{denied}");
+        assert!(
+            denied.contains("generation id: Permission denied"),
+            "{denied}"
+        );
+
+        let failed = command_failed(
+            "iptables-restore --noflush --wait".to_owned(),
+            status,
+            "iptables-restore: line 3 failed".to_owned(),
+        )
+        .to_string();
+        assert!(!failed.contains("NET_ADMIN"), "{failed}");
+        assert!(
+            failed.contains("`iptables-restore --noflush --wait` failed"),
+            "{failed}"
+        );
+        assert!(failed.contains("line 3 failed"), "{failed}");
+    }
+}

@@ -1,0 +1,16 @@
+//! The sigil bundled proxy: sits beside an application, takes its certificate and trust bundle
+//! from the node agent over SDS, terminates mutual TLS for inbound connections and originates it
+//! for outbound connections to meshed destinations, so the application never handles TLS.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod forward;
+pub mod inbound;
+pub mod init;
+pub mod mesh;
+pub mod metrics;
+pub mod outbound;
+pub mod sds;
+pub mod server;
+pub mod tls;

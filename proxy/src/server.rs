@@ -1,0 +1,274 @@
+//! `sigil proxy run`: wires the agent feeds (SDS certificates, mesh membership), the listeners
+//! (transparent or explicit), the admin and metrics endpoints, readiness, and the drain on
+//! SIGTERM.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use sigil_ca::admin::{self, Readiness};
+use sigil_identity::SpiffeId;
+use sigil_identity::tls::TlsVersions;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info};
+
+use crate::config::ProxyConfig;
+use crate::forward::{self, Shared};
+use crate::inbound::{self, AppTarget};
+use crate::mesh;
+use crate::metrics::{Direction, Metrics};
+use crate::outbound::{self, Upstream};
+use crate::tls::TlsState;
+use crate::{admin as proxy_admin, sds};
+use sigil_agent::mesh::MeshSnapshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("--explicit needs --inbound-listen and/or --outbound-listen")]
+    NothingToServe,
+    #[error("--outbound-identity: {0}")]
+    OutboundIdentity(String),
+    #[error("--inbound-port and --outbound-port must differ")]
+    SamePorts,
+    #[error("binding {what} on {addr}: {source} (is another proxy running?)")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The listeners of one mode, bound before anything is announced as ready.
+struct Listeners {
+    inbound: Option<(TcpListener, AppTarget)>,
+    outbound: Option<(TcpListener, Upstream)>,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Bind { what, addr, source })
+}
+
+async fn bind_listeners(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
+    if !config.explicit {
+        if config.inbound_port == config.outbound_port {
+            return Err(ProxyError::SamePorts);
+        }
+        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        return Ok(Listeners {
+            inbound: Some((
+                bind("the inbound listener", any(config.inbound_port)).await?,
+                AppTarget::OriginalPort,
+            )),
+            outbound: Some((
+                bind("the outbound listener", any(config.outbound_port)).await?,
+                Upstream::OriginalDestination,
+            )),
+        });
+    }
+    let inbound = match (config.inbound_listen, config.inbound_app) {
+        (Some(listen), Some(app)) => Some((
+            bind("the inbound listener", listen).await?,
+            AppTarget::Fixed(app),
+        )),
+        _ => None,
+    };
+    let outbound = match (
+        config.outbound_listen,
+        config.outbound_upstream,
+        &config.outbound_identity,
+    ) {
+        (Some(listen), Some(upstream), Some(identity)) => {
+            let identity = SpiffeId::parse(identity)
+                .map_err(|e| ProxyError::OutboundIdentity(e.to_string()))?;
+            Some((
+                bind("the outbound listener", listen).await?,
+                Upstream::Fixed(upstream, identity),
+            ))
+        }
+        _ => None,
+    };
+    if inbound.is_none() && outbound.is_none() {
+        return Err(ProxyError::NothingToServe);
+    }
+    Ok(Listeners { inbound, outbound })
+}
+
+pub async fn run(
+    config: ProxyConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ProxyError> {
+    info!(config = ?config, workers = config.worker_threads(), "starting sigil proxy");
+    let config = Arc::new(config);
+    let listeners = bind_listeners(&config).await?;
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(&mut registry));
+    let versions = if config.tls12 {
+        TlsVersions::Tls12And13
+    } else {
+        TlsVersions::Tls13
+    };
+
+    let (tls_tx, tls_rx) = watch::channel(None::<Arc<TlsState>>);
+    tokio::spawn(sds::run(
+        config.agent_socket.clone(),
+        versions,
+        tls_tx,
+        metrics.clone(),
+    ));
+    // Explicit mode names its upstream's identity itself; only transparent mode needs to know
+    // which destinations are meshed.
+    let needs_mesh = !config.explicit;
+    let (mesh_tx, mesh_rx) = watch::channel(None::<Arc<MeshSnapshot>>);
+    if needs_mesh {
+        tokio::spawn(mesh::run(
+            config.agent_socket.clone(),
+            mesh_tx,
+            metrics.clone(),
+        ));
+    }
+
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = watch::channel(Readiness::default());
+    tokio::spawn(track_readiness(
+        tls_rx.clone(),
+        needs_mesh.then(|| mesh_rx.clone()),
+        draining_rx.clone(),
+        ready_tx,
+    ));
+
+    let admin_listener = bind("the admin endpoint", config.admin_addr).await?;
+    let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
+    let (endpoints_stop_tx, endpoints_stop) = watch::channel(false);
+    tokio::spawn({
+        let (config, tls, mesh, ready, stop) = (
+            config.clone(),
+            tls_rx.clone(),
+            mesh_rx.clone(),
+            ready_rx.clone(),
+            endpoints_stop.clone(),
+        );
+        async move {
+            if let Err(e) = proxy_admin::serve(admin_listener, config, tls, mesh, ready, stop).await
+            {
+                error!(error = %e, "admin endpoint failed");
+            }
+        }
+    });
+    tokio::spawn({
+        let (registry, ready, stop) = (Arc::new(registry), ready_rx, endpoints_stop);
+        async move {
+            if let Err(e) = admin::serve(metrics_listener, registry, ready, stop).await {
+                error!(error = %e, "metrics endpoint failed");
+            }
+        }
+    });
+
+    let (close_tx, close_rx) = watch::channel(false);
+    let shared = Shared {
+        config: config.clone(),
+        tls: tls_rx,
+        mesh: mesh_rx,
+        metrics,
+        close: close_rx,
+    };
+    let tracker = TaskTracker::new();
+    let (inbound_stop_tx, inbound_stop) = watch::channel(false);
+    let (outbound_stop_tx, outbound_stop) = watch::channel(false);
+    let mut accepting = Vec::new();
+    if let Some((listener, target)) = listeners.inbound {
+        info!(addr = %local(&listener), ?target, "inbound listener");
+        let shared = shared.clone();
+        accepting.push(tokio::spawn(forward::accept_loop(
+            listener,
+            Direction::Inbound,
+            tracker.clone(),
+            inbound_stop,
+            move |stream, peer| inbound::handle(stream, peer, target, shared.clone()),
+        )));
+    }
+    if let Some((listener, upstream)) = listeners.outbound {
+        info!(addr = %local(&listener), ?upstream, "outbound listener");
+        accepting.push(tokio::spawn(forward::accept_loop(
+            listener,
+            Direction::Outbound,
+            tracker.clone(),
+            outbound_stop,
+            move |stream, peer| outbound::handle(stream, peer, upstream.clone(), shared.clone()),
+        )));
+    }
+
+    let _ = shutdown.wait_for(|stop| *stop).await;
+    // Drain: report not ready and refuse new inbound connections at once; keep outbound open so
+    // the application's own shutdown calls still work; let live connections finish for up to
+    // --drain-timeout, then close what is left.
+    let _ = draining_tx.send(true);
+    let _ = inbound_stop_tx.send(true);
+    tracker.close();
+    info!(
+        open_connections = tracker.len(),
+        drain_timeout_s = config.drain_timeout.as_secs_f64(),
+        "draining"
+    );
+    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        info!(
+            open_connections = tracker.len(),
+            "drain timeout reached; closing the remaining connections"
+        );
+    }
+    let _ = outbound_stop_tx.send(true);
+    let _ = close_tx.send(true);
+    // Closed connections write their access-log lines; this is quick.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tracker.wait()).await;
+    let _ = endpoints_stop_tx.send(true);
+    for task in accepting {
+        let _ = task.await;
+    }
+    info!("proxy stopped");
+    Ok(())
+}
+
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
+}
+
+/// Ready once the agent's certificate (and, in transparent mode, the mesh membership) arrived,
+/// and not while draining.
+async fn track_readiness(
+    mut tls: watch::Receiver<Option<Arc<TlsState>>>,
+    mut mesh: Option<watch::Receiver<Option<Arc<MeshSnapshot>>>>,
+    mut draining: watch::Receiver<bool>,
+    tx: watch::Sender<Readiness>,
+) {
+    loop {
+        let mut conditions = vec![("certificate", tls.borrow().is_some())];
+        if let Some(mesh) = &mesh {
+            conditions.push(("mesh_membership", mesh.borrow().is_some()));
+        }
+        conditions.push(("not_draining", !*draining.borrow()));
+        tx.send_replace(Readiness(conditions));
+        let mesh_changed = async {
+            match &mut mesh {
+                Some(mesh) => mesh.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        let alive = tokio::select! {
+            changed = tls.changed() => changed.is_ok(),
+            changed = mesh_changed => changed.is_ok(),
+            changed = draining.changed() => changed.is_ok(),
+        };
+        if !alive {
+            return;
+        }
+    }
+}
