@@ -171,3 +171,93 @@ mod humantime_secs {
         s.serialize_f64(d.as_secs_f64())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        proxy: ProxyConfig,
+    }
+
+    fn parse(args: &[&str]) -> Result<ProxyConfig, clap::Error> {
+        Cli::try_parse_from(std::iter::once("proxy").chain(args.iter().copied())).map(|c| c.proxy)
+    }
+
+    #[test]
+    fn port_overrides_win_over_the_default_mode() {
+        let config = parse(&[
+            "--mtls-mode",
+            "permissive",
+            "--port-mtls",
+            "8080=STRICT",
+            "--port-mtls",
+            "9090=disable",
+        ])
+        .unwrap();
+        assert_eq!(config.mtls_mode_for(8080), MtlsMode::Strict);
+        assert_eq!(config.mtls_mode_for(9090), MtlsMode::Disable);
+        assert_eq!(config.mtls_mode_for(80), MtlsMode::Permissive);
+        assert_eq!(parse(&[]).unwrap().mtls_mode_for(80), MtlsMode::Strict);
+    }
+
+    #[test]
+    fn bad_port_modes_say_what_is_expected() {
+        for (arg, expected) in [
+            ("8080", "expected PORT=MODE"),
+            ("0=STRICT", "not a port"),
+            ("70000=STRICT", "not a port"),
+            ("8080=OFF", "STRICT, PERMISSIVE or DISABLE"),
+        ] {
+            let e = parse(&["--port-mtls", arg]).err().unwrap().to_string();
+            assert!(e.contains(expected), "{arg}: {e}");
+        }
+    }
+
+    #[test]
+    fn explicit_listeners_need_explicit_mode_and_their_partners() {
+        assert!(
+            parse(&[
+                "--inbound-listen",
+                "127.0.0.1:1",
+                "--inbound-app",
+                "127.0.0.1:2"
+            ])
+            .is_err()
+        );
+        assert!(parse(&["--explicit", "--inbound-listen", "127.0.0.1:1"]).is_err());
+        assert!(
+            parse(&[
+                "--explicit",
+                "--outbound-listen",
+                "127.0.0.1:1",
+                "--outbound-upstream",
+                "127.0.0.1:2"
+            ])
+            .is_err(),
+            "an outbound upstream without the identity it must prove"
+        );
+        let config = parse(&[
+            "--explicit",
+            "--outbound-listen",
+            "127.0.0.1:1",
+            "--outbound-upstream",
+            "127.0.0.1:2",
+            "--outbound-identity",
+            "spiffe://cluster.local/ns/a/sa/b",
+        ])
+        .unwrap();
+        assert!(config.explicit && config.inbound_listen.is_none());
+    }
+
+    #[test]
+    fn worker_threads_follow_concurrency_and_never_reach_zero() {
+        assert_eq!(parse(&["--concurrency", "3"]).unwrap().worker_threads(), 3);
+        assert_eq!(parse(&["--concurrency", "0"]).unwrap().worker_threads(), 1);
+        assert!(parse(&[]).unwrap().worker_threads() >= 1);
+    }
+}

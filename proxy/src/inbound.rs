@@ -151,3 +151,55 @@ async fn starts_with_tls(stream: &TcpStream) -> io::Result<bool> {
     }
     Ok(seen >= 3 && head[0] == 0x16 && head[1] == 0x03)
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Connects, lets the client send `first` (if anything), and runs the detection.
+    async fn detect(first: Option<&'static [u8]>) -> io::Result<bool> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            if let Some(bytes) = first {
+                stream.write_all(bytes).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        let detected = starts_with_tls(&server).await;
+        client.abort();
+        detected
+    }
+
+    #[tokio::test]
+    async fn a_client_hello_is_tls_and_anything_else_is_plaintext() {
+        // A TLS record header: handshake (22), version 3.1.
+        assert!(detect(Some(&[0x16, 0x03, 0x01, 0x02, 0x00])).await.unwrap());
+        assert!(!detect(Some(b"GET / HTTP/1.1\r\n")).await.unwrap());
+        // 0x16 followed by something that is not a TLS version.
+        assert!(!detect(Some(&[0x16, 0x7f, 0x00])).await.unwrap());
+        // A client that waits for the server (server-first protocols) is plaintext.
+        assert!(!detect(None).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_header_split_across_segments_is_waited_for() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(&[0x16]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream.write_all(&[0x03, 0x03]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        assert!(starts_with_tls(&server).await.unwrap());
+        client.abort();
+    }
+}

@@ -2,6 +2,7 @@
 //! agent sent (rebuilt on every update, used by new handshakes only), and the classification of
 //! why a handshake or a peer was refused.
 
+use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -136,10 +137,10 @@ impl HandshakeFailure {
     }
 
     /// The reason behind a failed tokio-rustls handshake.
-    pub fn of_io_error(e: &std::io::Error) -> (HandshakeFailure, String) {
+    pub fn of_io_error(e: &io::Error) -> (HandshakeFailure, String) {
         match TlsError::from_io_error(e) {
             Some(tls) => (HandshakeFailure::of_tls_error(&tls), tls.to_string()),
-            None if e.kind() == std::io::ErrorKind::InvalidData => {
+            None if e.kind() == io::ErrorKind::InvalidData => {
                 (HandshakeFailure::NotTls, e.to_string())
             }
             None => (HandshakeFailure::Io, e.to_string()),
@@ -177,4 +178,67 @@ pub fn peer_identity(
 ) -> Result<SpiffeId, TlsError> {
     let chain: &[CertificateDer<'static>] = conn.peer_certificates().unwrap_or(&[]);
     tls::peer_spiffe_id(chain, &bundle.trust_domain)
+}
+
+#[cfg(test)]
+mod tests {
+    use sigil_identity::TrustDomain;
+
+    use super::*;
+
+    #[test]
+    fn every_refusal_reason_has_its_own_label() {
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let cases = [
+            (TlsError::NoPeerCertificate, "no_client_certificate"),
+            (TlsError::UnknownIssuer, "unknown_issuer"),
+            (TlsError::Expired, "expired"),
+            (TlsError::NotYetValid, "not_yet_valid"),
+            (TlsError::NotSpiffe("x".into()), "not_spiffe"),
+            (TlsError::MultipleUriSans, "multiple_uri_sans"),
+            (
+                TlsError::ForeignTrustDomain {
+                    expected: TrustDomain::new("example.org").unwrap(),
+                    got: id.clone(),
+                },
+                "foreign_trust_domain",
+            ),
+            (TlsError::CaAsLeaf, "ca_as_leaf"),
+            (
+                TlsError::WrongIdentity {
+                    expected: id.clone(),
+                    got: id,
+                },
+                "wrong_identity",
+            ),
+            (
+                TlsError::PeerAlert(rustls::AlertDescription::BadCertificate),
+                "peer_alert",
+            ),
+            (
+                TlsError::Rustls(rustls::Error::PeerIncompatible(
+                    rustls::PeerIncompatible::SupportedVersionsExtensionRequired,
+                )),
+                "protocol_version",
+            ),
+            (
+                TlsError::Rustls(rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::InvalidContentType,
+                )),
+                "not_tls",
+            ),
+        ];
+        for (error, label) in cases {
+            assert_eq!(
+                HandshakeFailure::of_tls_error(&error).as_str(),
+                label,
+                "{error}"
+            );
+        }
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            HandshakeFailure::of_io_error(&reset).0,
+            HandshakeFailure::Io
+        );
+    }
 }
