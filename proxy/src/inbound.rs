@@ -57,7 +57,7 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, target: AppTarget, sh
         // Sent straight to a proxy port: forwarding it to 127.0.0.1:<that port> would loop.
         return log.refused(
             &shared.metrics,
-            HandshakeFailure::NotTls,
+            HandshakeFailure::ProxyPort,
             "connection addressed to the proxy's own port",
         );
     }

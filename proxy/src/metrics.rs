@@ -142,7 +142,7 @@ impl Metrics {
         r.register(
             "tls_handshake_failures",
             "Connections refused before any byte was forwarded, by reason (handshakes, plaintext \
-             in STRICT, a server with the wrong identity)",
+             in STRICT, a server with the wrong identity, no certificate or membership yet)",
             metrics.handshake_failures.clone(),
         );
         r.register(

@@ -42,7 +42,7 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, s
                 let log = ConnectionLog::new(Direction::Outbound, source, original);
                 return log.refused(
                     &shared.metrics,
-                    HandshakeFailure::NotTls,
+                    HandshakeFailure::ProxyPort,
                     "connection addressed to the proxy's own outbound port",
                 );
             }
@@ -52,7 +52,7 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, s
                 let log = ConnectionLog::new(Direction::Outbound, source, original);
                 return log.refused(
                     &shared.metrics,
-                    HandshakeFailure::NoCertificate,
+                    HandshakeFailure::NoMeshMembership,
                     "mesh membership not received from the agent yet",
                 );
             };

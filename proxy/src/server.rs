@@ -181,7 +181,7 @@ pub async fn run(
     let (outbound_stop_tx, outbound_stop) = watch::channel(false);
     let mut accepting = Vec::new();
     if let Some((listener, target)) = listeners.inbound {
-        info!(addr = %local(&listener), ?target, "inbound listener");
+        info!(addr = %local(&listener), app = ?target, "inbound listener");
         let shared = shared.clone();
         accepting.push(tokio::spawn(forward::accept_loop(
             listener,

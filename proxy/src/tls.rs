@@ -112,6 +112,11 @@ pub enum HandshakeFailure {
     Io,
     /// The proxy has no certificate yet (agent not reached since start).
     NoCertificate,
+    /// Transparent outbound before the agent sent the mesh membership: refused rather than
+    /// risk plaintext to a meshed pod.
+    NoMeshMembership,
+    /// Addressed to one of the proxy's own ports (forwarding it would loop).
+    ProxyPort,
 }
 
 impl HandshakeFailure {
@@ -133,6 +138,8 @@ impl HandshakeFailure {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Io => "io",
             HandshakeFailure::NoCertificate => "no_certificate",
+            HandshakeFailure::NoMeshMembership => "no_mesh_membership",
+            HandshakeFailure::ProxyPort => "proxy_port",
         }
     }
 
