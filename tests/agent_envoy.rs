@@ -124,18 +124,6 @@ static_resources:
     )
 }
 
-fn start_envoy(dir: &Path, envoy: &Path, name: &str, uid: u32, config: String) -> Proc {
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, config).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut cmd = Command::new(envoy);
-    cmd.arg("-c")
-        .arg(&path)
-        .args(["--disable-hot-restart", "-l", "info", "--concurrency", "1"]);
-    cmd.uid(uid).gid(uid);
-    Proc::spawn(cmd, dir.join(format!("{name}.log")))
-}
-
 /// One HTTP/1.1 request on a new connection: (status, x-peer-identity header, body).
 async fn get(addr: SocketAddr) -> std::io::Result<(u16, String, String)> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
@@ -228,19 +216,16 @@ async fn two_envoys_talk_mtls_with_certificates_from_the_agent_through_rotations
     );
     let mut agent = spawn_agent(&agent_args, dir.path().join("agent.log"), agent_admin).await;
 
-    let envoy = envoy_binary(dir.path());
     let (db_admin, db_listen, web_admin, web_listen) =
         (free_addr(), free_addr(), free_addr(), free_addr());
     let db = start_envoy(
         dir.path(),
-        &envoy,
         "envoy-db",
         DB_UID,
         db_bootstrap(db_admin, db_listen, &socket),
     );
     let web = start_envoy(
         dir.path(),
-        &envoy,
         "envoy-web",
         WEB_UID,
         web_bootstrap(web_admin, web_listen, db_listen, &socket),

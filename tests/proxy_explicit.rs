@@ -17,24 +17,6 @@ use tokio::net::{TcpListener, TcpStream};
 const WEB_UID: u32 = 41101;
 const DB_UID: u32 = 41102;
 
-/// An application that echoes every byte back, on a fresh loopback port.
-async fn echo_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    addr
-}
-
 /// Sends `message` and reads the same number of bytes back.
 async fn echo_through(addr: SocketAddr, message: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(addr).await?;
@@ -50,10 +32,6 @@ async fn echo_on(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<Vec<
     Ok(back)
 }
 
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
-
 struct Pair {
     host: MeshHost,
     web: ProxyProcess,
@@ -66,7 +44,7 @@ struct Pair {
 
 /// web app → web proxy (outbound, expects `expect_db`) → db proxy (inbound, `db_args`) → echo.
 async fn pair(dir: &std::path::Path, expect_db: &str, db_args: &[&str]) -> Pair {
-    pair_with(dir, expect_db, db_args, "1h", echo_app().await).await
+    pair_with(dir, expect_db, db_args, "1h", echo_app().await.0).await
 }
 
 async fn pair_with(
@@ -113,19 +91,6 @@ async fn pair_with(
         db,
         web_out,
         db_in,
-    }
-}
-
-/// Waits until `check` holds, polling; panics with `what` after 10 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

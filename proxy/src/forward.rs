@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use sigil_identity::SpiffeId;
+use sigil_identity::tls::TlsError;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -204,13 +205,22 @@ pub async fn splice<D, U>(
             COPY_BUFFER,
         ) => match copied {
             Ok(_) => ("ok", String::new()),
-            Err(e) => ("error", e.to_string()),
+            Err(e) => (copy_failure(&e, upstream.read), e.to_string()),
         },
         _ = close.wait_for(|close| *close) => ("closed_by_drain", String::new()),
     };
 
     active.dec();
     metrics.connections_closed.get_or_create(&labels).inc();
+    if result == HandshakeFailure::PeerAlert.as_str() {
+        metrics
+            .handshake_failures
+            .get_or_create(&HandshakeLabels {
+                direction: log.direction,
+                reason: HandshakeFailure::PeerAlert,
+            })
+            .inc();
+    }
     let (received, sent) = (downstream.read, upstream.read);
     for (flow, bytes) in [
         (Flow::DownstreamToUpstream, received),
@@ -225,6 +235,17 @@ pub async fn splice<D, U>(
             .inc_by(bytes);
     }
     log.write(received, sent, result, &detail);
+}
+
+/// The result of a copy that ended in an error. With TLS 1.3 a client's handshake completes
+/// before the server has judged the client's certificate, so a server refusing us shows up as
+/// an alert on the first read: with nothing received from upstream yet, that is a refusal
+/// (`peer_alert`), not a broken connection.
+fn copy_failure(e: &io::Error, from_upstream: u64) -> &'static str {
+    match TlsError::from_io_error(e) {
+        Some(TlsError::PeerAlert(_)) if from_upstream == 0 => HandshakeFailure::PeerAlert.as_str(),
+        _ => "error",
+    }
 }
 
 /// Counts the bytes read through a stream, so a connection that ends in an error still

@@ -505,6 +505,10 @@ pub fn envoy_binary(dir: &Path) -> PathBuf {
     );
     let source = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
     let target = dir.join("envoy");
+    if target.exists() {
+        // Linked already for an Envoy that may be running now.
+        return target;
+    }
     if std::fs::hard_link(&source, &target).is_err() {
         std::fs::copy(&source, &target).unwrap();
     }
@@ -685,4 +689,64 @@ pub async fn spawn_proxy(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     proxy
+}
+
+/// Writes `config` and starts Envoy with it as `uid` (mode 0644 so that uid can read it).
+pub fn start_envoy(dir: &Path, name: &str, uid: u32, config: String) -> Proc {
+    let envoy = envoy_binary(dir);
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, config).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = Command::new(envoy);
+    cmd.arg("-c")
+        .arg(&path)
+        .args(["--disable-hot-restart", "-l", "info", "--concurrency", "1"])
+        // Access logs on stdout are flushed every 10 s by default.
+        .args(["--file-flush-interval-msec", "100"])
+        .uid(uid)
+        .gid(uid);
+    Proc::spawn(cmd, dir.join(format!("{name}.log")))
+}
+
+/// Waits until `check` holds, polling; panics with `what` after 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The series of `sigil_proxy_tls_handshake_failures_total` for one direction and reason.
+pub fn failures_series(direction: &str, reason: &str) -> String {
+    format!(
+        "sigil_proxy_tls_handshake_failures_total{{direction=\"{direction}\",reason=\"{reason}\"}}"
+    )
+}
+
+/// Owned strings of a flag list.
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// An application that echoes every byte back, counting the connections that reach it.
+pub async fn echo_app() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reached = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    (addr, reached)
 }
