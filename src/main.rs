@@ -75,6 +75,10 @@ enum InspectCommand {
         #[arg(long, default_value = sigil_agent::config::DEFAULT_SOCKET)]
         socket: std::path::PathBuf,
     },
+    /// Would this connection or request be allowed, and by which policy? Prints `ALLOW` or
+    /// `DENY` and the deciding policy (`namespace/name` or `default`) on the first line, then
+    /// why; exits 0 for ALLOW, 1 for DENY, 2 for a usage or policy error.
+    Policy(sigil_policy::inspect::InspectPolicyArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -110,11 +114,19 @@ fn shutdown_signal() -> watch::Receiver<bool> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    // The proxy sizes its workers to its CPU limit; everything else takes tokio's default.
-    if let Command::Proxy(ProxyCommand::Run(config)) = &cli.command {
-        runtime.worker_threads(config.worker_threads());
-    }
+    // The proxy sizes its workers to its CPU limit (one worker: a single-threaded runtime, with
+    // no hand-off between threads); everything else takes tokio's default.
+    let mut runtime = match &cli.command {
+        Command::Proxy(ProxyCommand::Run(config)) if config.worker_threads() == 1 => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        Command::Proxy(ProxyCommand::Run(config)) => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.worker_threads(config.worker_threads());
+            runtime
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -161,6 +173,11 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Inspect(InspectCommand::Cert(args)) => {
             sigil_ca::cli::inspect_cert(&args, &mut std::io::stdout()).map_err(Into::into)
+        }
+        Command::Inspect(InspectCommand::Policy(args)) => {
+            sigil_policy::inspect::run(&args, &mut std::io::stdout())
+                .await
+                .map_err(Into::into)
         }
     };
     match result {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const WEB_UID: u32 = 41101;
 const DB_UID: u32 = 41102;
@@ -284,57 +284,6 @@ async fn sigterm_drains_live_connections_and_refuses_new_ones() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(p.db.logs().contains("proxy stopped"));
-}
-
-/// A minimal HTTP/1.1 keep-alive server: answers every request with `200 ok`.
-async fn http_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(n) = stream.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if stream.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// One request on `stream`; true if `200 ok` came back.
-async fn request(stream: &mut TcpStream) -> bool {
-    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-    if stream
-        .write_all(b"GET / HTTP/1.1\r\nhost: db\r\n\r\n")
-        .await
-        .is_err()
-    {
-        return false;
-    }
-    let mut answer = [0u8; ANSWER.len()];
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut answer)).await,
-        Ok(Ok(_))
-    ) && answer == ANSWER
 }
 
 #[tokio::test]

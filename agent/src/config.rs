@@ -65,7 +65,11 @@ pub struct AgentConfig {
     #[arg(long, value_enum, default_value_t = AttestorKind::K8s)]
     pub attestor: AttestorKind,
 
-    /// With --attestor unix: `workloads: [{uid: 1000, path: /usr/bin/envoy, id: spiffe://...}]`.
+    /// With --attestor unix: `workloads: [{uid: 1000, path: /usr/bin/envoy, id: spiffe://...,
+    /// labels: {app: web}}]`; `path` and `labels` are optional. The labels are what
+    /// authorization policy selectors (`spec.selector.matchLabels`) match for that workload, as a
+    /// pod's labels do in Kubernetes; its namespace is the one in an `/ns/<ns>/sa/<sa>` ID (other
+    /// IDs get only the mesh-wide policies of sigil-system).
     #[arg(long, required_if_eq("attestor", "unix"))]
     pub unix_map: Option<PathBuf>,
 
@@ -77,6 +81,17 @@ pub struct AgentConfig {
     /// invalid edit is logged and the last good members kept.
     #[arg(long)]
     pub mesh_file: Option<PathBuf>,
+
+    /// Authorization policies in a YAML file, with either attestor: AuthorizationPolicy and
+    /// PeerAuthentication objects as in the cluster (`apiVersion: sigil.dev/v1alpha1`, `kind`,
+    /// `metadata: {name, namespace}`, `spec`), several documents separated by `---`. Outside
+    /// Kubernetes it is the only source of policies; with --attestor k8s it adds to the
+    /// cluster's, which win over an object of the same kind, namespace and name. Re-read every
+    /// second; an invalid edit is logged and the last good objects kept. Replace it whole (write
+    /// another file, then rename it over this one): a read of a half-written file may take
+    /// effect.
+    #[arg(long)]
+    pub policy_file: Option<PathBuf>,
 
     /// This node's name (the downward API's spec.nodeName), for --attestor k8s.
     #[arg(long, env = "NODE_NAME", required_if_eq("attestor", "k8s"))]

@@ -12,6 +12,8 @@ pub mod h2_authority;
 pub mod mesh;
 pub mod metrics;
 pub mod peer;
+pub mod policy_feed;
+pub mod polled_file;
 pub mod sds;
 pub mod server;
 pub mod socket_client;

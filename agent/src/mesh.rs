@@ -20,7 +20,7 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,12 +39,12 @@ use sigil_identity::{SpiffeId, TrustDomain};
 use sigil_proto::sigil::mesh::v1::mesh_discovery_server::{MeshDiscovery, MeshDiscoveryServer};
 use sigil_proto::sigil::mesh::v1::{MeshMember, MeshMembers, WatchMembersRequest};
 use tokio::sync::watch;
-use tokio::time::MissedTickBehavior;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
+use crate::polled_file::{self, PolledFile};
 
 /// The pod label that puts a pod in the mesh (the sidecar injector sets it on injected pods).
 pub const TLS_MODE_LABEL: &str = "sigil.dev/tls-mode";
@@ -53,7 +53,7 @@ pub const TLS_MODE_MTLS: &str = "mtls";
 /// The source of the members read from `--mesh-file`.
 pub const FILE_SOURCE: &str = "mesh-file";
 /// How often `--mesh-file` is re-read.
-pub const FILE_POLL_INTERVAL: Duration = Duration::from_secs(1);
+pub const FILE_POLL_INTERVAL: Duration = polled_file::POLL_INTERVAL;
 /// What Kubernetes runs a pod as when it names no service account.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 const LABELS: ApiLabels = ApiLabels {
@@ -67,7 +67,7 @@ type PodEvents = BoxStream<'static, Result<Event<Pod>, watcher::Error>>;
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
     #[error("reading it: {0}")]
-    Read(std::io::Error),
+    Read(#[from] std::io::Error),
     #[error("{0}")]
     Yaml(String),
     #[error("members[{index}].ip {value:?} is not an IP address")]
@@ -226,61 +226,18 @@ fn parse_file(contents: &[u8], td: &TrustDomain) -> Result<BTreeMap<IpAddr, Spif
     Ok(parse_pairs(pairs, Some(td))?.into_iter().collect())
 }
 
-/// What the last read of the mesh file found, so each change is acted on, and each failure
-/// logged and counted, once rather than every poll.
-#[derive(Debug, PartialEq, Eq)]
-enum Seen {
-    Contents(Vec<u8>),
-    Unreadable(std::io::ErrorKind),
-}
-
-/// `--mesh-file`: where it is, what was last read from it, and the last valid membership.
+/// `--mesh-file`: the last valid membership listed in it, re-read every [`FILE_POLL_INTERVAL`].
 #[derive(Debug)]
-pub struct MeshFile {
-    path: PathBuf,
-    seen: Seen,
-    members: BTreeMap<IpAddr, SpiffeId>,
-}
+pub struct MeshFile(PolledFile<BTreeMap<IpAddr, SpiffeId>>);
 
 impl MeshFile {
     /// Reads and checks the file at start-up, where a missing or invalid file is an error.
     pub fn load(path: &Path, td: &TrustDomain) -> Result<MeshFile, MeshError> {
-        let contents = std::fs::read(path).map_err(MeshError::Read)?;
-        let members = parse_file(&contents, td)?;
-        Ok(MeshFile {
-            path: path.to_path_buf(),
-            seen: Seen::Contents(contents),
-            members,
-        })
+        PolledFile::load(path, |contents| parse_file(contents, td)).map(MeshFile)
     }
 
-    /// Takes in one read of the file: `Ok(true)` if it had new, valid contents (the members may
-    /// still be the same), `Ok(false)` if nothing changed (same contents, or the same failure as
-    /// last time), `Err` for a new failure, after which the last good members stay.
-    fn reload(
-        &mut self,
-        read: std::io::Result<Vec<u8>>,
-        td: &TrustDomain,
-    ) -> Result<bool, MeshError> {
-        match read {
-            Ok(contents) => {
-                if matches!(&self.seen, Seen::Contents(last) if *last == contents) {
-                    return Ok(false);
-                }
-                let parsed = parse_file(&contents, td);
-                self.seen = Seen::Contents(contents);
-                self.members = parsed?;
-                Ok(true)
-            }
-            Err(e) => {
-                let seen = Seen::Unreadable(e.kind());
-                if self.seen == seen {
-                    return Ok(false);
-                }
-                self.seen = seen;
-                Err(MeshError::Read(e))
-            }
-        }
+    fn members(&self) -> &BTreeMap<IpAddr, SpiffeId> {
+        self.0.value()
     }
 }
 
@@ -471,7 +428,7 @@ fn merge(
     let mut members = pods
         .map(|pods| pod_members(pods.pods.values(), &mut conflicts))
         .unwrap_or_default();
-    for (ip, id) in file.map(|file| &file.members).into_iter().flatten() {
+    for (ip, id) in file.map(MeshFile::members).into_iter().flatten() {
         let member = Member {
             id: id.clone(),
             source: FILE_SOURCE.into(),
@@ -552,11 +509,7 @@ impl Membership {
         tokio::pin!(stopping);
         // Without Kubernetes every source is already known.
         self.publish();
-        let mut poll = tokio::time::interval_at(
-            tokio::time::Instant::now() + FILE_POLL_INTERVAL,
-            FILE_POLL_INTERVAL,
-        );
-        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut poll = polled_file::poll_timer();
         loop {
             let next_event = async {
                 match events.as_mut() {
@@ -591,16 +544,18 @@ impl Membership {
         let Some(file) = self.file.as_mut() else {
             return;
         };
-        let read = tokio::fs::read(&file.path).await;
-        match file.reload(read, &self.td) {
+        let td = &self.td;
+        let reloaded = file.0.poll(|contents| parse_file(contents, td)).await;
+        let path = file.0.path().display();
+        match reloaded {
             Ok(false) => {}
             Ok(true) => {
-                info!(path = %file.path.display(), members = file.members.len(), "mesh file reloaded");
+                info!(%path, members = file.members().len(), "mesh file reloaded");
                 self.publish();
             }
             Err(e) => {
                 self.metrics.mesh_file_reload_failures.inc();
-                error!(path = %file.path.display(), error = %e, "mesh file is unreadable or invalid; keeping its last good members");
+                error!(%path, error = %e, "mesh file is unreadable or invalid; keeping its last good members");
             }
         }
     }
@@ -1126,11 +1081,14 @@ mod tests {
             "no change"
         );
         let vm = "spiffe://cluster.local/vm/db";
-        let file = MeshFile {
-            path: PathBuf::from("mesh.yaml"),
-            seen: Seen::Contents(Vec::new()),
-            members: BTreeMap::from([(ip("10.0.0.5"), spiffe(vm)), (ip("10.9.9.9"), spiffe(vm))]),
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(
+            &path,
+            format!("members: [{{ip: 10.0.0.5, id: {vm}}}, {{ip: 10.9.9.9, id: {vm}}}]"),
+        )
+        .unwrap();
+        let file = MeshFile::load(&path, &td()).unwrap();
         let (members, conflicts) = merge(Some(&pods), Some(&file));
         assert_eq!(
             members,

@@ -18,6 +18,7 @@ pub enum SocketApi {
     Sds,
     WorkloadApi,
     Mesh,
+    Policy,
 }
 
 impl SocketApi {
@@ -26,6 +27,7 @@ impl SocketApi {
             SocketApi::Sds => "sds",
             SocketApi::WorkloadApi => "workload_api",
             SocketApi::Mesh => "mesh",
+            SocketApi::Policy => "policy",
         }
     }
 }
@@ -48,6 +50,8 @@ pub struct Metrics {
     pub attestation_failures: Counter,
     pub mesh_members: Gauge,
     pub mesh_file_reload_failures: Counter,
+    pub policy_objects: Gauge,
+    pub policy_file_reload_failures: Counter,
 }
 
 impl Metrics {
@@ -63,6 +67,8 @@ impl Metrics {
             attestation_failures: Counter::default(),
             mesh_members: Gauge::default(),
             mesh_file_reload_failures: Counter::default(),
+            policy_objects: Gauge::default(),
+            policy_file_reload_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_agent");
         r.register(
@@ -114,6 +120,16 @@ impl Metrics {
             "mesh_file_reload_failures",
             "Times --mesh-file became unreadable or invalid; its last good members were kept (logs say why)",
             metrics.mesh_file_reload_failures.clone(),
+        );
+        r.register(
+            "policy_objects",
+            "AuthorizationPolicy and PeerAuthentication objects known to the policy feed, from every source",
+            metrics.policy_objects.clone(),
+        );
+        r.register(
+            "policy_file_reload_failures",
+            "Times --policy-file became unreadable or invalid; its last good objects were kept (logs say why)",
+            metrics.policy_file_reload_failures.clone(),
         );
         metrics
     }

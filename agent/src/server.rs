@@ -1,7 +1,7 @@
 //! `sigil agent run`: wires the CA client, the trust-bundle stream, the certificate manager, the
 //! attestor (and, in Kubernetes, the watch of this node's pods that drives prefetching), the mesh
-//! membership and the socket serving SDS, the SPIFFE Workload API and the membership, plus the
-//! admin endpoint.
+//! membership, the policy feed and the socket serving SDS, the SPIFFE Workload API, the
+//! membership and the policies, plus the admin endpoint.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -29,6 +29,7 @@ use crate::config::{AgentConfig, AttestorKind};
 use crate::mesh::{self, MeshApi, MeshError, MeshFile, MeshSnapshot};
 use crate::metrics::Metrics;
 use crate::peer::{self, Workloads};
+use crate::policy_feed::{self, PolicyApi, PolicyError, PolicyFile, PolicySnapshot};
 use crate::sds::Sds;
 use crate::workload_api::WorkloadApi;
 
@@ -47,6 +48,8 @@ pub enum AgentError {
     UnixMap(String),
     #[error("--mesh-file {path}: {reason}")]
     MeshFile { path: String, reason: MeshError },
+    #[error("--policy-file {path}: {reason}")]
+    PolicyFile { path: String, reason: PolicyError },
     #[error("--attestor k8s needs --node-name (or NODE_NAME)")]
     NoNodeName,
     #[error("connecting to the Kubernetes API: {0}")]
@@ -74,6 +77,16 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         .as_deref()
         .map(|path| {
             MeshFile::load(path, &td).map_err(|reason| AgentError::MeshFile {
+                path: path.display().to_string(),
+                reason,
+            })
+        })
+        .transpose()?;
+    let policy_file = config
+        .policy_file
+        .as_deref()
+        .map(|path| {
+            PolicyFile::load(path).map_err(|reason| AgentError::PolicyFile {
                 path: path.display().to_string(),
                 reason,
             })
@@ -157,8 +170,16 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
     let members = mesh::spawn(
         td.clone(),
         mesh::Sources {
-            kubernetes: kube_client,
+            kubernetes: kube_client.clone(),
             file: mesh_file,
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let policies = policy_feed::spawn(
+        policy_feed::Sources {
+            kubernetes: kube_client,
+            file: policy_file,
         },
         metrics.clone(),
         shutdown.clone(),
@@ -171,13 +192,14 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         metrics.clone(),
     );
     let listener = bind_socket(&config.socket)?;
-    info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS, the SPIFFE Workload API and the mesh membership");
+    info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS, the SPIFFE Workload API, the mesh membership and the policy feed");
 
     let (ready_tx, ready_rx) = watch::channel(Readiness::default());
     tokio::spawn(track_readiness(
         contacted_rx,
-        pods_synced,
+        pods_synced.clone(),
         members.clone(),
+        policies.clone(),
         ready_tx,
     ));
     let admin_listener = TcpListener::bind(config.admin_addr)
@@ -199,6 +221,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         .add_service(Sds::new(workloads.clone()).into_service())
         .add_service(WorkloadApi::new(workloads.clone()).into_service())
         .add_service(MeshApi::new(workloads.clone(), members).into_service())
+        .add_service(PolicyApi::new(workloads.clone(), policies, pods_synced).into_service())
         .add_service(Admin::new(workloads).into_service())
         .serve_with_incoming_shutdown(
             // grpc-core clients' %-encoded socket path as :authority is fixed before h2 sees it.
@@ -292,13 +315,14 @@ async fn prefetch(mut pods: watch::Receiver<NodePods>, td: TrustDomain, certs: C
     }
 }
 
-/// Ready once the CA has been reached (its first trust bundle arrived), the mesh membership is
-/// known (in Kubernetes: the meshed pods are listed) and, in Kubernetes, this node's pods are
-/// synced.
+/// Ready once the CA has been reached (its first trust bundle arrived), the mesh membership and
+/// the policies are known (in Kubernetes: the meshed pods and the policy objects are listed, or
+/// the policy CRDs found not installed) and, in Kubernetes, this node's pods are synced.
 async fn track_readiness(
     mut contacted: watch::Receiver<bool>,
     mut pods: Option<watch::Receiver<NodePods>>,
     mut mesh: watch::Receiver<Arc<MeshSnapshot>>,
+    mut policies: watch::Receiver<Arc<PolicySnapshot>>,
     tx: watch::Sender<Readiness>,
 ) {
     loop {
@@ -309,6 +333,7 @@ async fn track_readiness(
                 pods.as_mut().is_none_or(|p| p.borrow_and_update().synced),
             ),
             ("mesh_synced", mesh.borrow_and_update().is_synced()),
+            ("policies_synced", policies.borrow_and_update().is_synced()),
         ]);
         tx.send_replace(state);
         let pods_changed = async {
@@ -321,6 +346,7 @@ async fn track_readiness(
             r = contacted.changed() => if r.is_err() { return },
             r = pods_changed => if r.is_err() { return },
             r = mesh.changed() => if r.is_err() { return },
+            r = policies.changed() => if r.is_err() { return },
         }
     }
 }
@@ -350,12 +376,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ready_once_the_ca_the_node_pods_and_the_mesh_membership_are_in() {
+    async fn ready_once_the_ca_the_node_pods_the_mesh_membership_and_the_policies_are_in() {
         let (contacted_tx, contacted) = watch::channel(false);
         let (pods_tx, pods) = watch::channel(NodePods::default());
         let (mesh_tx, mesh) = watch::channel(Arc::new(MeshSnapshot::default()));
+        let (policies_tx, policies) = watch::channel(Arc::new(PolicySnapshot::default()));
         let (tx, rx) = watch::channel(Readiness::default());
-        tokio::spawn(track_readiness(contacted, Some(pods), mesh, tx));
+        tokio::spawn(track_readiness(contacted, Some(pods), mesh, policies, tx));
         let until = |state: &'static str| {
             let mut rx = rx.clone();
             async move {
@@ -369,15 +396,27 @@ mod tests {
                 .unwrap()
             }
         };
-        assert!(!until("ca_contacted=false pods_synced=false mesh_synced=false").await);
+        assert!(
+            !until("ca_contacted=false pods_synced=false mesh_synced=false policies_synced=false")
+                .await
+        );
         contacted_tx.send_replace(true);
         pods_tx.send_modify(|pods| pods.synced = true);
-        assert!(!until("ca_contacted=true pods_synced=true mesh_synced=false").await);
         mesh_tx.send_replace(Arc::new(MeshSnapshot {
             version: 1,
             ..MeshSnapshot::default()
         }));
-        assert!(until("ca_contacted=true pods_synced=true mesh_synced=true").await);
+        assert!(
+            !until("ca_contacted=true pods_synced=true mesh_synced=true policies_synced=false")
+                .await
+        );
+        policies_tx.send_replace(Arc::new(PolicySnapshot {
+            version: 1,
+            ..PolicySnapshot::default()
+        }));
+        assert!(
+            until("ca_contacted=true pods_synced=true mesh_synced=true policies_synced=true").await
+        );
     }
 
     #[test]

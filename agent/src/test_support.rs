@@ -32,6 +32,7 @@ use crate::certs::{CertConfig, CertManager};
 use crate::mesh::{MeshApi, MeshSnapshot};
 use crate::metrics::{ApiLabels, Metrics, SocketApi};
 use crate::peer::{self, Workloads};
+use crate::policy_feed::{PolicyApi, PolicySnapshot};
 use crate::sds::Sds;
 use crate::workload_api::WorkloadApi;
 
@@ -211,6 +212,8 @@ pub(crate) struct TestAgent {
     pub(crate) bundle_tx: watch::Sender<Arc<TrustBundle>>,
     /// The mesh membership the mesh API serves (version 0, not synced, until a test sends one).
     pub(crate) mesh_tx: watch::Sender<Arc<MeshSnapshot>>,
+    /// The policies the policy API serves (version 0, not synced, until a test sends some).
+    pub(crate) policy_tx: watch::Sender<Arc<PolicySnapshot>>,
     _credential: watch::Sender<Arc<CertifiedKey>>,
 }
 
@@ -257,10 +260,15 @@ impl TestAgent {
             metrics.clone(),
         );
         let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshSnapshot::default()));
+        let (policy_tx, policy_rx) = watch::channel(Arc::new(PolicySnapshot::default()));
         let routes = match api {
             SocketApi::Sds => Routes::new(Sds::new(workloads).into_service()),
             SocketApi::WorkloadApi => Routes::new(WorkloadApi::new(workloads).into_service()),
             SocketApi::Mesh => Routes::new(MeshApi::new(workloads, mesh_rx).into_service()),
+            // Unix-attested callers: their scope needs no pods.
+            SocketApi::Policy => {
+                Routes::new(PolicyApi::new(workloads, policy_rx, None).into_service())
+            }
         };
         let socket_dir = tempfile::tempdir().unwrap();
         let socket = socket_dir.path().join("agent.sock");
@@ -282,6 +290,7 @@ impl TestAgent {
             metrics,
             bundle_tx,
             mesh_tx,
+            policy_tx,
             _credential: credential,
         }
     }

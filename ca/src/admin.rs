@@ -44,13 +44,26 @@ pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     ready: watch::Receiver<Readiness>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    serve_router(listener, router(registry, ready), shutdown).await
+}
+
+/// `/metrics`, `/ready` and `/healthz`, for a component that adds routes of its own.
+pub fn router(registry: Arc<Registry>, ready: watch::Receiver<Readiness>) -> Router {
+    Router::new()
         .route("/metrics", get(metrics))
         .route("/ready", get(ready_handler))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(AdminState { registry, ready });
+        .with_state(AdminState { registry, ready })
+}
+
+/// Serves `app` until `shutdown` flips.
+pub async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;

@@ -17,6 +17,11 @@ pub mod sigil {
             tonic::include_proto!("sigil.mesh.v1");
         }
     }
+    pub mod policy {
+        pub mod v1 {
+            tonic::include_proto!("sigil.policy.v1");
+        }
+    }
 }
 
 pub mod istio {

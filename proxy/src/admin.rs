@@ -33,7 +33,7 @@ pub async fn serve(
     tls: watch::Receiver<Option<Arc<TlsState>>>,
     mesh: watch::Receiver<Option<Arc<MeshSnapshot>>>,
     ready: watch::Receiver<Readiness>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/certs", get(certs))
@@ -45,11 +45,7 @@ pub async fn serve(
             mesh,
             ready,
         });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
+    sigil_ca::admin::serve_router(listener, app, shutdown).await
 }
 
 fn unix(t: SystemTime) -> i64 {

@@ -114,6 +114,12 @@ pub struct ProxyConfig {
     #[serde(with = "humantime_secs")]
     pub drain_timeout: Duration,
 
+    /// A kubelet HTTP probe answered on the metrics port as /app-health/NAME by asking the
+    /// application at 127.0.0.1:PORT/PATH (repeatable), so probes work under STRICT mTLS and
+    /// deny-all policies; the injector rewrites the pod's probes to these.
+    #[arg(long = "app-probe", value_name = "NAME=PORT/PATH", value_parser = crate::probes::parse_app_probe)]
+    pub app_probes: Vec<crate::probes::AppProbe>,
+
     /// Worker threads. Default: the CPUs this process may use (its cgroup CPU limit rounded up),
     /// so a pod limited to 1 CPU gets 1 worker.
     #[arg(long)]

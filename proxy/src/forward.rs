@@ -6,6 +6,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use crate::authz::PolicyState;
 use crate::config::ProxyConfig;
 use crate::metrics::{
     BytesLabels, ConnectionLabels, Direction, Flow, HandshakeLabels, Metrics, Security,
@@ -36,6 +38,7 @@ pub struct Shared {
     pub tls: watch::Receiver<Option<Arc<TlsState>>>,
     pub mesh: watch::Receiver<Option<Arc<MeshSnapshot>>>,
     pub metrics: Arc<Metrics>,
+    pub policies: watch::Receiver<Option<Arc<PolicyState>>>,
     /// Flips to true when the drain period is over: live connections close.
     pub close: watch::Receiver<bool>,
 }
@@ -114,6 +117,8 @@ pub struct ConnectionLog {
     pub security: Option<Security>,
     pub source_identity: Option<SpiffeId>,
     pub destination_identity: Option<SpiffeId>,
+    /// The policy that decided on the connection (inbound).
+    pub policy: Option<String>,
 }
 
 impl ConnectionLog {
@@ -126,6 +131,7 @@ impl ConnectionLog {
             security: None,
             source_identity: None,
             destination_identity: None,
+            policy: None,
         }
     }
 
@@ -139,6 +145,11 @@ impl ConnectionLog {
             })
             .inc();
         self.write(0, 0, reason.as_str(), detail);
+    }
+
+    /// Refused by an authorization policy (counted with the decision).
+    pub fn denied(self, reason: &str) {
+        self.write(0, 0, "denied", reason);
     }
 
     /// The upstream (the app inbound, the destination outbound) could not be reached.
@@ -162,6 +173,7 @@ impl ConnectionLog {
             destination = %self.destination,
             source_identity = identity(&self.source_identity),
             destination_identity = identity(&self.destination_identity),
+            policy = self.policy.as_deref(),
             bytes_received = received,
             bytes_sent = sent,
             duration_ms = self.started.elapsed().as_secs_f64() * 1e3,
@@ -171,19 +183,56 @@ impl ConnectionLog {
     }
 }
 
-/// Forwards bytes both ways until both sides are done (or the drain period ends), then counts
-/// and logs the connection. `downstream` is the side that opened the connection.
-pub async fn splice<D, U>(
-    shared: &Shared,
-    log: ConnectionLog,
-    security: Security,
-    downstream: D,
-    upstream: U,
-) where
+/// How a connection's forwarding ended.
+pub struct Ended {
+    pub result: &'static str,
+    pub detail: String,
+}
+
+impl Ended {
+    pub fn ok() -> Self {
+        Ended {
+            result: "ok",
+            detail: String::new(),
+        }
+    }
+}
+
+/// Copies bytes both ways between `downstream` (counted) and `upstream` until both are done.
+pub async fn copy_both<D, U>(downstream: &mut Counted<D>, mut upstream: U) -> Ended
+where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut log = log;
+    match tokio::io::copy_bidirectional_with_sizes(
+        downstream,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    )
+    .await
+    {
+        Ok(_) => Ended::ok(),
+        Err(e) => Ended {
+            result: copy_failure(&e, downstream.counts.written()),
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// Runs an established connection's `forwarding` until it ends, the policy `revoked` it, or the
+/// drain period is over; then counts and logs it. `counts` are the downstream side's bytes.
+pub async fn track<F, R>(
+    shared: &Shared,
+    mut log: ConnectionLog,
+    security: Security,
+    counts: Arc<ByteCounts>,
+    forwarding: F,
+    revoked: R,
+) where
+    F: Future<Output = Ended>,
+    R: Future<Output = String>,
+{
     log.security = Some(security);
     let labels = ConnectionLabels {
         direction: log.direction,
@@ -194,25 +243,16 @@ pub async fn splice<D, U>(
     let active = metrics.connections_active.get_or_create(&labels).clone();
     active.inc();
 
-    let mut downstream = Counted::new(downstream);
-    let mut upstream = Counted::new(upstream);
     let mut close = shared.close.clone();
-    let (result, detail) = tokio::select! {
-        copied = tokio::io::copy_bidirectional_with_sizes(
-            &mut downstream,
-            &mut upstream,
-            COPY_BUFFER,
-            COPY_BUFFER,
-        ) => match copied {
-            Ok(_) => ("ok", String::new()),
-            Err(e) => (copy_failure(&e, upstream.read), e.to_string()),
-        },
-        _ = close.wait_for(|close| *close) => ("closed_by_drain", String::new()),
+    let ended = tokio::select! {
+        ended = forwarding => ended,
+        reason = revoked => Ended { result: "closed_by_policy", detail: reason },
+        _ = close.wait_for(|close| *close) => Ended { result: "closed_by_drain", detail: String::new() },
     };
 
     active.dec();
     metrics.connections_closed.get_or_create(&labels).inc();
-    if result == HandshakeFailure::PeerAlert.as_str() {
+    if ended.result == HandshakeFailure::PeerAlert.as_str() {
         metrics
             .handshake_failures
             .get_or_create(&HandshakeLabels {
@@ -221,7 +261,7 @@ pub async fn splice<D, U>(
             })
             .inc();
     }
-    let (received, sent) = (downstream.read, upstream.read);
+    let (received, sent) = (counts.read(), counts.written());
     for (flow, bytes) in [
         (Flow::DownstreamToUpstream, received),
         (Flow::UpstreamToDownstream, sent),
@@ -234,7 +274,31 @@ pub async fn splice<D, U>(
             })
             .inc_by(bytes);
     }
-    log.write(received, sent, result, &detail);
+    log.write(received, sent, ended.result, &ended.detail);
+}
+
+/// Forwards bytes both ways between the two sides (see [`track`]); nothing revokes it.
+pub async fn splice<D, U>(
+    shared: &Shared,
+    log: ConnectionLog,
+    security: Security,
+    downstream: D,
+    upstream: U,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut downstream = Counted::new(downstream);
+    let counts = downstream.counts();
+    track(
+        shared,
+        log,
+        security,
+        counts,
+        copy_both(&mut downstream, upstream),
+        std::future::pending(),
+    )
+    .await;
 }
 
 /// The result of a copy that ended in an error. With TLS 1.3 a client's handshake completes
@@ -248,16 +312,40 @@ fn copy_failure(e: &io::Error, from_upstream: u64) -> &'static str {
     }
 }
 
-/// Counts the bytes read through a stream, so a connection that ends in an error still
-/// reports what it carried.
-struct Counted<S> {
+/// Bytes read from and written to one side of a connection, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    read: AtomicU64,
+    written: AtomicU64,
+}
+
+impl ByteCounts {
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts the bytes through a stream, so a connection that ends in an error (or is handed to
+/// the HTTP server) still reports what it carried.
+pub struct Counted<S> {
     inner: S,
-    read: u64,
+    counts: Arc<ByteCounts>,
 }
 
 impl<S> Counted<S> {
-    fn new(inner: S) -> Self {
-        Counted { inner, read: 0 }
+    pub fn new(inner: S) -> Self {
+        Counted {
+            inner,
+            counts: Arc::default(),
+        }
+    }
+
+    pub fn counts(&self) -> Arc<ByteCounts> {
+        self.counts.clone()
     }
 }
 
@@ -269,12 +357,97 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let n = (buf.filled().len() - before) as u64;
+        self.counts.read.fetch_add(n, Ordering::Relaxed);
         polled
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.counts.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A stream whose first bytes were already read (to tell the protocol): reads return them
+/// first, then the rest of the stream.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    position: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> Prefixed<S> {
+    /// No prefix: the stream as it is.
+    pub fn new(inner: S) -> Prefixed<S> {
+        Prefixed {
+            prefix: Vec::new(),
+            position: 0,
+            inner,
+        }
+    }
+
+    /// Reads up to `want` bytes from `inner`, waiting at most `wait` for them (a client that
+    /// sends less, or nothing, is not an error: the prefix is what arrived).
+    pub async fn read_prefix(mut inner: S, want: usize, wait: Duration) -> io::Result<Prefixed<S>> {
+        use tokio::io::AsyncReadExt;
+        let mut prefix = vec![0u8; want];
+        let mut filled = 0;
+        let deadline = tokio::time::Instant::now() + wait;
+        while filled < want {
+            match tokio::time::timeout_at(deadline, inner.read(&mut prefix[filled..])).await {
+                Err(_) | Ok(Ok(0)) => break,
+                Ok(Ok(n)) => filled += n,
+                Ok(Err(e)) => return Err(e),
+            }
+        }
+        prefix.truncate(filled);
+        Ok(Prefixed {
+            prefix,
+            position: 0,
+            inner,
+        })
+    }
+
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.position < self.prefix.len() {
+            let rest = &self.prefix[self.position..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.position += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -8,12 +8,18 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tracing::warn;
 
+use crate::authz::{ConnectionAuthz, PolicyState};
 use crate::config::MtlsMode;
-use crate::forward::{self, ConnectionLog, HANDSHAKE_TIMEOUT, Shared};
+use crate::forward::{self, ConnectionLog, Counted, Ended, HANDSHAKE_TIMEOUT, Prefixed, Shared};
+use crate::l7::{self, HttpVersion};
 use crate::metrics::{Direction, Security};
 use crate::tls::{self, HandshakeFailure};
 
@@ -61,8 +67,15 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, target: AppTarget, sh
             "connection addressed to the proxy's own port",
         );
     }
-    let mode = config.mtls_mode_for(destination.port());
-    let use_tls = match mode {
+    let Some(policies) = shared.policies.borrow().clone() else {
+        return log.refused(
+            &shared.metrics,
+            HandshakeFailure::NoPolicy,
+            "no policies from the agent yet",
+        );
+    };
+    let port = destination.port();
+    let use_tls = match policies.mtls_mode(port, config.mtls_mode_for(port)) {
         MtlsMode::Strict => true,
         MtlsMode::Disable => false,
         MtlsMode::Permissive => match starts_with_tls(&stream).await {
@@ -73,58 +86,141 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, target: AppTarget, sh
         },
     };
     if use_tls {
-        accept_tls(stream, log, app, shared).await;
+        if let Some((tls_stream, log)) = accept_tls(stream, log, &shared).await {
+            authorize_and_forward(tls_stream, log, Security::Mtls, app, &policies, shared).await;
+        }
     } else {
-        let upstream = match forward::connect(app, shared.config.connect_timeout).await {
-            Ok(upstream) => upstream,
-            Err(e) => return log.upstream_failed(&shared.metrics, &e),
-        };
-        forward::splice(&shared, log, Security::Plaintext, stream, upstream).await;
+        authorize_and_forward(stream, log, Security::Plaintext, app, &policies, shared).await;
     }
 }
 
-async fn accept_tls(stream: TcpStream, mut log: ConnectionLog, app: SocketAddr, shared: Shared) {
+/// The TLS handshake; on success the stream and the log with the peer's identity.
+async fn accept_tls(
+    stream: TcpStream,
+    mut log: ConnectionLog,
+    shared: &Shared,
+) -> Option<(TlsStream<TcpStream>, ConnectionLog)> {
     let Some(state) = shared.current_tls() else {
-        return log.refused(
+        log.refused(
             &shared.metrics,
             HandshakeFailure::NoCertificate,
             "no certificate from the agent yet",
         );
+        return None;
     };
     let acceptor = TlsAcceptor::from(state.server.clone());
     let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls_stream)) => tls_stream,
         Ok(Err(e)) => {
             let (reason, detail) = HandshakeFailure::of_io_error(&e);
-            return log.refused(&shared.metrics, reason, &detail);
+            log.refused(&shared.metrics, reason, &detail);
+            return None;
         }
         Err(_) => {
-            return log.refused(
+            log.refused(
                 &shared.metrics,
                 HandshakeFailure::Timeout,
                 "TLS handshake not finished in time",
             );
+            return None;
         }
     };
     // The verifier already required exactly this; reading it back gives the identity to log
-    // and, later, to authorize.
+    // and to authorize.
     match tls::peer_identity(tls_stream.get_ref().1, &state.bundle) {
         Ok(peer) => log.source_identity = Some(peer),
         Err(e) => {
-            return log.refused(
+            log.refused(
                 &shared.metrics,
                 HandshakeFailure::of_tls_error(&e),
                 &e.to_string(),
             );
+            return None;
         }
     }
     log.destination_identity = Some(state.id.clone());
-    drop(state);
+    Some((tls_stream, log))
+}
+
+/// Authorizes the connection (and, if the policies look at HTTP and it speaks HTTP, each of its
+/// requests), then forwards it to the application until it ends or a policy change revokes it.
+async fn authorize_and_forward<D>(
+    downstream: D,
+    mut log: ConnectionLog,
+    security: Security,
+    app: SocketAddr,
+    policies: &PolicyState,
+    shared: Shared,
+) where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let authz = Arc::new(ConnectionAuthz::new(
+        shared.policies.clone(),
+        log.source_identity.as_ref(),
+        log.source.ip(),
+        log.destination.port(),
+        shared.metrics.clone(),
+    ));
+    let downstream = if policies.needs_http {
+        match Prefixed::read_prefix(downstream, l7::SNIFF_BYTES, PERMISSIVE_DETECT_WAIT).await {
+            Ok(prefixed) => prefixed,
+            Err(e) => return log.refused(&shared.metrics, HandshakeFailure::Io, &e.to_string()),
+        }
+    } else {
+        Prefixed::new(downstream)
+    };
+    let http = if policies.needs_http {
+        HttpVersion::sniff(downstream.prefix())
+    } else {
+        None
+    };
+    if http.is_none() {
+        let outcome = authz.decide_connection();
+        log.policy = Some(outcome.policy.clone());
+        if !outcome.allowed {
+            return log.denied(&outcome.reason);
+        }
+    }
     let upstream = match forward::connect(app, shared.config.connect_timeout).await {
         Ok(upstream) => upstream,
         Err(e) => return log.upstream_failed(&shared.metrics, &e),
     };
-    forward::splice(&shared, log, Security::Mtls, tls_stream, upstream).await;
+    let mut downstream = Counted::new(downstream);
+    let counts = downstream.counts();
+    match http {
+        None => {
+            let forwarding = forward::copy_both(&mut downstream, upstream);
+            forward::track(
+                &shared,
+                log,
+                security,
+                counts,
+                forwarding,
+                authz.revoked(false),
+            )
+            .await;
+        }
+        Some(version) => {
+            let forwarding = async {
+                match l7::serve(downstream, upstream, version, authz.clone()).await {
+                    Ok(()) => Ended::ok(),
+                    Err(e) => Ended {
+                        result: "error",
+                        detail: e.to_string(),
+                    },
+                }
+            };
+            forward::track(
+                &shared,
+                log,
+                security,
+                counts,
+                forwarding,
+                authz.revoked(true),
+            )
+            .await;
+        }
+    }
 }
 
 /// PERMISSIVE detection: a TLS record header (handshake, version 3.x) opens every ClientHello.

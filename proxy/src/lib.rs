@@ -4,13 +4,16 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod config;
 pub mod forward;
 pub mod inbound;
 pub mod init;
+pub mod l7;
 pub mod mesh;
 pub mod metrics;
 pub mod outbound;
+pub mod probes;
 pub mod sds;
 pub mod server;
 pub mod tls;

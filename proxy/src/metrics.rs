@@ -62,7 +62,54 @@ impl Flow {
     }
 }
 
-sigil_ca::label_value_as_str!(Direction, Security, Flow, HandshakeFailure);
+/// Where an authorization decision was made: once per connection, or per HTTP request.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Layer {
+    L4,
+    L7,
+}
+
+impl Layer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::L4 => "l4",
+            Layer::L7 => "l7",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum AuthzDecision {
+    Allow,
+    Deny,
+}
+
+impl AuthzDecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthzDecision::Allow => "allow",
+            AuthzDecision::Deny => "deny",
+        }
+    }
+}
+
+sigil_ca::label_value_as_str!(
+    Direction,
+    Security,
+    Flow,
+    HandshakeFailure,
+    Layer,
+    AuthzDecision
+);
+
+/// `policy` is the deciding policy (`namespace/name`, or `default`): bounded by the number of
+/// policies that apply to this workload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub decision: AuthzDecision,
+    pub policy: String,
+    pub layer: Layer,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
@@ -100,6 +147,10 @@ pub struct Metrics {
     pub sds_reconnects: Counter,
     pub mesh_members: Gauge,
     pub mesh_reconnects: Counter,
+    pub authz_decisions: Family<AuthzLabels, Counter>,
+    pub policy_updates: Counter,
+    pub policy_reconnects: Counter,
+    pub policies_rejected: Gauge,
 }
 
 impl Metrics {
@@ -117,6 +168,10 @@ impl Metrics {
             sds_reconnects: Counter::default(),
             mesh_members: Gauge::default(),
             mesh_reconnects: Counter::default(),
+            authz_decisions: Family::default(),
+            policy_updates: Counter::default(),
+            policy_reconnects: Counter::default(),
+            policies_rejected: Gauge::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_proxy");
         r.register(
@@ -179,6 +234,27 @@ impl Metrics {
             "mesh_reconnects",
             "Times the mesh membership stream to the agent was lost and re-opened",
             metrics.mesh_reconnects.clone(),
+        );
+        r.register(
+            "authz_decisions",
+            "Authorization decisions by result, deciding policy and layer (l4: per connection, \
+             l7: per HTTP request)",
+            metrics.authz_decisions.clone(),
+        );
+        r.register(
+            "policy_updates",
+            "Policy sets received from the agent and put in force",
+            metrics.policy_updates.clone(),
+        );
+        r.register(
+            "policy_reconnects",
+            "Times the policy stream to the agent was lost and re-opened",
+            metrics.policy_reconnects.clone(),
+        );
+        r.register(
+            "policies_rejected",
+            "Policies in the current set that did not validate and are enforced fail-closed",
+            metrics.policies_rejected.clone(),
         );
         metrics
     }

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
+use crate::authz::{self, PolicyState};
 use crate::config::ProxyConfig;
 use crate::forward::{self, Shared};
 use crate::inbound::{self, AppTarget};
@@ -21,7 +22,7 @@ use crate::mesh;
 use crate::metrics::{Direction, Metrics};
 use crate::outbound::{self, Upstream};
 use crate::tls::TlsState;
-use crate::{admin as proxy_admin, sds};
+use crate::{admin as proxy_admin, probes, sds};
 use sigil_agent::mesh::MeshSnapshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -132,11 +133,19 @@ pub async fn run(
         ));
     }
 
+    let (policies_tx, policies_rx) = watch::channel(None::<Arc<PolicyState>>);
+    tokio::spawn(authz::run(
+        config.agent_socket.clone(),
+        policies_tx,
+        metrics.clone(),
+    ));
+
     let (draining_tx, draining_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(Readiness::default());
     tokio::spawn(track_readiness(
         tls_rx.clone(),
         needs_mesh.then(|| mesh_rx.clone()),
+        policies_rx.clone(),
         draining_rx.clone(),
         ready_tx,
     ));
@@ -160,9 +169,10 @@ pub async fn run(
         }
     });
     tokio::spawn({
-        let (registry, ready, stop) = (Arc::new(registry), ready_rx, endpoints_stop);
+        let app = admin::router(Arc::new(registry), ready_rx)
+            .merge(probes::router(config.app_probes.clone()));
         async move {
-            if let Err(e) = admin::serve(metrics_listener, registry, ready, stop).await {
+            if let Err(e) = admin::serve_router(metrics_listener, app, endpoints_stop).await {
                 error!(error = %e, "metrics endpoint failed");
             }
         }
@@ -174,6 +184,7 @@ pub async fn run(
         tls: tls_rx,
         mesh: mesh_rx,
         metrics,
+        policies: policies_rx,
         close: close_rx,
     };
     let tracker = TaskTracker::new();
@@ -241,11 +252,12 @@ fn local(listener: &TcpListener) -> String {
         .map_or_else(|e| e.to_string(), |a| a.to_string())
 }
 
-/// Ready once the agent's certificate (and, in transparent mode, the mesh membership) arrived,
-/// and not while draining.
+/// Ready once the agent's certificate, the policies (and, in transparent mode, the mesh
+/// membership) arrived, and not while draining.
 async fn track_readiness(
     mut tls: watch::Receiver<Option<Arc<TlsState>>>,
     mut mesh: Option<watch::Receiver<Option<Arc<MeshSnapshot>>>>,
+    mut policies: watch::Receiver<Option<Arc<PolicyState>>>,
     mut draining: watch::Receiver<bool>,
     tx: watch::Sender<Readiness>,
 ) {
@@ -254,6 +266,7 @@ async fn track_readiness(
         if let Some(mesh) = &mesh {
             conditions.push(("mesh_membership", mesh.borrow().is_some()));
         }
+        conditions.push(("policies", policies.borrow().is_some()));
         conditions.push(("not_draining", !*draining.borrow()));
         tx.send_replace(Readiness(conditions));
         let mesh_changed = async {
@@ -265,6 +278,7 @@ async fn track_readiness(
         let alive = tokio::select! {
             changed = tls.changed() => changed.is_ok(),
             changed = mesh_changed => changed.is_ok(),
+            changed = policies.changed() => changed.is_ok(),
             changed = draining.changed() => changed.is_ok(),
         };
         if !alive {

@@ -117,6 +117,8 @@ pub enum HandshakeFailure {
     NoMeshMembership,
     /// Addressed to one of the proxy's own ports (forwarding it would loop).
     ProxyPort,
+    /// Inbound before the agent sent this workload's policies.
+    NoPolicy,
 }
 
 impl HandshakeFailure {
@@ -140,6 +142,7 @@ impl HandshakeFailure {
             HandshakeFailure::NoCertificate => "no_certificate",
             HandshakeFailure::NoMeshMembership => "no_mesh_membership",
             HandshakeFailure::ProxyPort => "proxy_port",
+            HandshakeFailure::NoPolicy => "no_policy",
         }
     }
 

@@ -750,3 +750,54 @@ pub async fn echo_app() -> (SocketAddr, std::sync::Arc<std::sync::atomic::Atomic
     });
     (addr, reached)
 }
+
+/// A minimal HTTP/1.1 keep-alive server: answers every request with `200 ok`.
+pub async fn http_app() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One request on `stream`; true if `200 ok` came back.
+pub async fn request(stream: &mut tokio::net::TcpStream) -> bool {
+    const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    if stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: db\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = [0u8; ANSWER.len()];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut answer)).await,
+        Ok(Ok(_))
+    ) && answer == ANSWER
+}

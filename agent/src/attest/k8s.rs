@@ -5,7 +5,7 @@
 //! pod of the same name does not share. A pod the watch has not delivered yet (it was just
 //! created, or the agent just started) is waited for briefly.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -31,6 +31,8 @@ pub struct NodePod {
     pub name: String,
     pub service_account: String,
     pub phase: Option<String>,
+    /// `metadata.labels`, which policy selectors match.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl NodePod {
@@ -88,6 +90,7 @@ impl NodePods {
                 name: name.clone(),
                 service_account,
                 phase: pod.status.as_ref().and_then(|status| status.phase.clone()),
+                labels: meta.labels.clone().unwrap_or_default(),
             },
         );
     }
@@ -189,6 +192,7 @@ impl KubernetesAttestor {
                 name: pod.name,
                 uid: uid.clone(),
             }),
+            labels: pod.labels,
         })
     }
 
@@ -284,7 +288,9 @@ mod tests {
     #[tokio::test]
     async fn attests_a_pod_from_the_watch_until_it_finishes() {
         let server = TestApiServer::start().await;
-        let created = server.add_pod(&PodSpec::new("demo", "web-1", "web", NODE));
+        let mut web = PodSpec::new("demo", "web-1", "web", NODE);
+        web.labels.insert("app".into(), "web".into());
+        let created = server.add_pod(&web);
         server.add_pod(&PodSpec::new("demo", "db-1", "db", "node-b"));
         let pods = watched(&server).await;
         assert_eq!(
@@ -305,6 +311,7 @@ mod tests {
                     name: "web-1".into(),
                     uid: uid_of(&created),
                 }),
+                labels: web.labels.clone(),
             }
         );
 

@@ -17,6 +17,8 @@ pub mod procfs;
 mod test_support;
 pub mod unix;
 
+use std::collections::BTreeMap;
+
 use sigil_identity::SpiffeId;
 use sigil_identity::spiffe::SpiffeIdError;
 
@@ -35,11 +37,14 @@ pub struct Caller {
     pub start_time_at_connect: Option<u64>,
 }
 
-/// The identity a caller is entitled to, and the pod it runs in (Kubernetes attestation only).
+/// The identity a caller is entitled to, the pod it runs in (Kubernetes attestation only), and
+/// its labels as of attestation (what policy selectors match): the pod's, or those its Unix
+/// attestor entry configures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
     pub id: SpiffeId,
     pub pod: Option<PodRef>,
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -156,6 +161,7 @@ mod tests {
             Workload {
                 id: SpiffeId::parse("spiffe://example.org/this-test").unwrap(),
                 pod: None,
+                labels: BTreeMap::new(),
             }
         );
     }

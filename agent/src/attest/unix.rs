@@ -1,9 +1,10 @@
 //! The Unix attestor, for machines without Kubernetes: a YAML file maps a uid, optionally with
-//! the executable's path, to a SPIFFE ID.
+//! the executable's path, to a SPIFFE ID, and optionally to labels that authorization policy
+//! selectors match (what a pod's labels are in Kubernetes).
 //!
 //! ```yaml
 //! workloads:
-//!   - {uid: 1000, path: /usr/bin/envoy, id: spiffe://example.org/web}
+//!   - {uid: 1000, path: /usr/bin/envoy, id: spiffe://example.org/ns/shop/sa/web, labels: {app: web}}
 //!   - {uid: 1000, id: spiffe://example.org/tools}
 //! ```
 //!
@@ -15,7 +16,7 @@
 //! since the process started shows as "<path> (deleted)" and matches no path entry. An entry
 //! with uid and path wins over the uid-only one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -37,17 +38,26 @@ struct EntryConfig {
     #[serde(default)]
     path: Option<PathBuf>,
     id: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
-/// The identities configured for one uid.
+/// What one entry attests its callers as.
+#[derive(Clone, Debug)]
+struct Entry {
+    id: SpiffeId,
+    labels: BTreeMap<String, String>,
+}
+
+/// The entries configured for one uid.
 #[derive(Clone, Debug, Default)]
 struct UidEntries {
-    any_binary: Option<SpiffeId>,
-    by_path: HashMap<PathBuf, SpiffeId>,
+    any_binary: Option<Entry>,
+    by_path: HashMap<PathBuf, Entry>,
 }
 
 impl UidEntries {
-    fn select(&self, exe: Option<&Path>) -> Option<&SpiffeId> {
+    fn select(&self, exe: Option<&Path>) -> Option<&Entry> {
         exe.and_then(|exe| self.by_path.get(exe))
             .or(self.any_binary.as_ref())
     }
@@ -82,9 +92,13 @@ impl UnixAttestor {
                 )));
             }
             let entries = by_uid.entry(entry.uid).or_default();
+            let attested = Entry {
+                id,
+                labels: entry.labels,
+            };
             match entry.path {
                 None => {
-                    if entries.any_binary.replace(id).is_some() {
+                    if entries.any_binary.replace(attested).is_some() {
                         return Err(invalid(format!("a second entry for uid {}", entry.uid)));
                     }
                 }
@@ -97,7 +111,7 @@ impl UnixAttestor {
                         entry.uid,
                         path.display()
                     );
-                    if entries.by_path.insert(path, id).is_some() {
+                    if entries.by_path.insert(path, attested).is_some() {
                         return Err(invalid(duplicate));
                     }
                 }
@@ -120,9 +134,10 @@ impl UnixAttestor {
             Some(self.exe_of(caller)?)
         };
         match entries.select(exe.as_deref()) {
-            Some(id) => Ok(Workload {
-                id: id.clone(),
+            Some(entry) => Ok(Workload {
+                id: entry.id.clone(),
                 pod: None,
+                labels: entry.labels.clone(),
             }),
             None => Err(AttestError::NoEntry {
                 uid: caller.uid,
@@ -200,6 +215,27 @@ workloads:
             id_of(attestor.attest(&postgres)),
             spiffe("spiffe://example.org/db")
         );
+    }
+
+    #[test]
+    fn the_matching_entry_s_labels_are_attested() {
+        let proc = FakeProc::new();
+        let yaml = "workloads:\n\
+                    - {uid: 1000, path: /usr/bin/envoy, id: spiffe://example.org/ns/shop/sa/web, labels: {app: web, tier: front}}\n\
+                    - {uid: 1000, id: spiffe://example.org/tools}\n";
+        let attestor = UnixAttestor::parse(yaml, "test", proc.procfs()).unwrap();
+        let envoy = running(&proc, 10, 1000, "/usr/bin/envoy");
+        assert_eq!(
+            attestor.attest(&envoy).unwrap().labels,
+            BTreeMap::from([
+                ("app".to_string(), "web".to_string()),
+                ("tier".to_string(), "front".to_string()),
+            ])
+        );
+        let shell = running(&proc, 11, 1000, "/usr/bin/bash");
+        assert!(attestor.attest(&shell).unwrap().labels.is_empty());
+        let not_strings = "workloads: [{uid: 1, id: spiffe://a/b, labels: [app]}]";
+        assert!(UnixAttestor::parse(not_strings, "test", proc.procfs()).is_err());
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! - A generic object store for any resource: `/api/v1/[namespaces/{ns}/]{plural}[/{name}]` and
 //!   `/apis/{group}/{version}/...`. Built-in kinds (pods, secrets, configmaps, namespaces,
 //!   serviceaccounts, nodes, apps/*, ...) are known; custom resources work once their
-//!   `CustomResourceDefinition` is stored, and any other path works with the kind its objects say.
+//!   `CustomResourceDefinition` is stored, and any other path works with the kind its objects say
+//!   (or, with [`ServerOptions::serve_undefined_resources`] off, is 404 as in a real cluster).
 //! - One global resourceVersion counter (like etcd); server-set `uid`, `creationTimestamp`,
 //!   `generation`, `generateName`; 409 `AlreadyExists` / `Conflict` (stale resourceVersion, failed
 //!   preconditions); 404 `NotFound`; 422 `Invalid` (names, labels); real `Status` bodies.
@@ -90,6 +91,11 @@ pub struct ServerOptions {
     pub history_limit: usize,
     /// How often watches with `allowWatchBookmarks` get a BOOKMARK (the API server: 1 minute).
     pub bookmark_interval: Duration,
+    /// Whether resources that are neither built in nor defined by a stored
+    /// `CustomResourceDefinition` are served, stored generically (the default, so tests need not
+    /// define every resource they use). `false` answers them 404 `NotFound`, as an API server
+    /// does for a custom resource whose CRD is not installed.
+    pub serve_undefined_resources: bool,
 }
 
 impl Default for ServerOptions {
@@ -97,6 +103,7 @@ impl Default for ServerOptions {
         Self {
             history_limit: 1000,
             bookmark_interval: Duration::from_secs(60),
+            serve_undefined_resources: true,
         }
     }
 }
@@ -193,6 +200,7 @@ impl TestApiServer {
             issuer: ISSUER.to_string(),
             token_reviews: AtomicU64::new(0),
             bookmark_interval: options.bookmark_interval,
+            serve_undefined_resources: options.serve_undefined_resources,
         });
         let (signal, stopped) = oneshot::channel::<()>();
         let router = rest::router(app.clone());

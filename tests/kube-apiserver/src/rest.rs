@@ -40,6 +40,8 @@ pub struct App {
     pub issuer: String,
     pub token_reviews: AtomicU64,
     pub bookmark_interval: Duration,
+    /// See `ServerOptions::serve_undefined_resources`.
+    pub serve_undefined_resources: bool,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -353,6 +355,9 @@ fn serve(
     let path = ResourcePath::parse(&segments)?;
     let params = Params::from_uri(uri)?;
     let info = app.store.resolve(&path.resource);
+    if info.origin == Origin::Unregistered && !app.serve_undefined_resources {
+        return Err(ApiError::PathNotFound);
+    }
     check_scope(&info, &path, method)?;
     let metadata_only = headers
         .get(header::ACCEPT)
@@ -935,7 +940,7 @@ mod client_tests {
     use serde_json::json;
 
     use crate::{
-        PodSpec, TestApiServer,
+        PodSpec, ServerOptions, TestApiServer,
         test_support::{api_status, configmap, expect_failure, secret},
     };
 
@@ -1574,6 +1579,49 @@ mod client_tests {
         let missing = expect_failure(widgets.get("w2").await, 404, "NotFound");
         assert_eq!(missing.message, "widgets.example.com \"w2\" not found");
         assert_eq!(missing.details.unwrap().group, "example.com");
+    }
+
+    #[tokio::test]
+    async fn undefined_resources_can_be_not_found_until_their_crd_exists() {
+        let server = TestApiServer::start_with(ServerOptions {
+            serve_undefined_resources: false,
+            ..ServerOptions::default()
+        })
+        .await;
+        let client = server.client();
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("sigil.dev", "v1alpha1", "Policy"),
+            "policies",
+        );
+        let all: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+        let policies: Api<DynamicObject> = Api::namespaced_with(client.clone(), "prod", &resource);
+        let missing = expect_failure(all.list(&ListParams::default()).await, 404, "NotFound");
+        assert_eq!(
+            missing.message,
+            "the server could not find the requested resource"
+        );
+        let object = DynamicObject::new("p", &resource).data(json!({ "spec": {} }));
+        expect_failure(
+            policies.create(&PostParams::default(), &object).await,
+            404,
+            "NotFound",
+        );
+        // Built-in resources are served all the same.
+        let configmaps: Api<ConfigMap> = Api::default_namespaced(client.clone());
+        assert!(configmaps.list(&ListParams::default()).await.is_ok());
+
+        let crds: Api<CustomResourceDefinition> = Api::all(client);
+        crds.create(&PostParams::default(), &policy_crd())
+            .await
+            .unwrap();
+        policies
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap();
+        assert_eq!(
+            names(all.list(&ListParams::default()).await.unwrap().items),
+            ["p"]
+        );
     }
 
     #[tokio::test]

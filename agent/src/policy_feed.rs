@@ -1,0 +1,1828 @@
+//! The policy feed: the `AuthorizationPolicy` and `PeerAuthentication` objects that apply to a
+//! workload, served on the agent socket as `sigil.policy.v1.PolicyDiscovery` to the bundled proxy
+//! attested as that workload, so that proxies never talk to the Kubernetes API.
+//!
+//! The agent selects and forwards; it does not interpret policies. Each object is kept as the
+//! JSON the user wrote — `apiVersion`, `kind`, `metadata.name` and `.namespace`, `spec`; status
+//! and the rest of the metadata dropped — and the proxy validates and compiles it. The only part
+//! of a `spec` read here is `selector.matchLabels`.
+//!
+//! Two sources, merged by one task that owns all of the state and publishes an immutable
+//! [`PolicySnapshot`] on a `watch` channel whenever the merged content changes:
+//! - Kubernetes (`--attestor k8s`): cluster-wide watches of `authorizationpolicies.sigil.dev` and
+//!   `peerauthentications.sigil.dev` ([`VERSION`]). A resource whose CRD is not installed (its
+//!   list is 404) counts as synced and empty, with a warning, and keeps being retried (with the
+//!   watcher's backoff, at most 30 s apart), so that its objects apply once the CRD appears.
+//! - `--policy-file` ([`PolicyFile`]): the same objects in a multi-document YAML file, re-read
+//!   every [`FILE_POLL_INTERVAL`]; an invalid edit is logged and counted, and the last good
+//!   objects stay.
+//!
+//! An object in both (same kind, namespace and name) is taken from the cluster. Nothing is
+//! published until every source has delivered its initial state: a proxy given part of the
+//! objects would let through what a missing DENY policy forbids.
+//!
+//! What applies to a workload ([`PolicySnapshot::select`]): the objects in its namespace and in
+//! [`ROOT_NAMESPACE`] (mesh-wide) whose `spec.selector.matchLabels` is absent or empty, or all
+//! match its labels. A workload's namespace and labels ([`Scope::of`]) are its pod's, followed
+//! as they change, or, for the Unix attestor, the namespace of its `/ns/<ns>/sa/<sa>` ID and the
+//! labels of its `--unix-map` entry.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use prometheus_client::metrics::counter::Counter;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sigil_proto::sigil::policy::v1::policy_discovery_server::{
+    PolicyDiscovery, PolicyDiscoveryServer,
+};
+use sigil_proto::sigil::policy::v1::{PolicySet, WatchPoliciesRequest};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+use tracing::{debug, error, info, warn};
+
+use crate::attest::Workload;
+use crate::attest::k8s::NodePods;
+use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
+use crate::peer::Workloads;
+use crate::polled_file::{self, PolledFile};
+
+/// The namespace whose objects are mesh-wide: they apply to workloads in every namespace.
+pub const ROOT_NAMESPACE: &str = "sigil-system";
+/// The policy resources' API group.
+pub const GROUP: &str = "sigil.dev";
+/// The policy resources' version, the only one served.
+pub const VERSION: &str = "v1alpha1";
+/// `apiVersion` of every policy object.
+pub const API_VERSION: &str = "sigil.dev/v1alpha1";
+/// How often `--policy-file` is re-read.
+pub const FILE_POLL_INTERVAL: Duration = polled_file::POLL_INTERVAL;
+/// What an operator is told when a policy resource is not served.
+const CRDS_MISSING: &str = "install the sigil CRDs: kubectl apply -k deploy/";
+/// The status of a list of a resource that is not served. Checked as a code, not as the
+/// `NotFound` reason: in front of some API servers the answer is a plain-text 404.
+const NOT_FOUND: u16 = 404;
+/// The top-level fields of a policy file document: an object's envelope. `status` is allowed
+/// (and dropped) so that objects copied from `kubectl get -o yaml` load.
+const DOCUMENT_FIELDS: [&str; 5] = ["apiVersion", "kind", "metadata", "spec", "status"];
+const LABELS: ApiLabels = ApiLabels {
+    api: SocketApi::Policy,
+};
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+type ClusterEvents = BoxStream<'static, (PolicyKind, Result<Event<DynamicObject>, watcher::Error>)>;
+/// Policy objects by identity, so in the order they are sent in.
+pub type Objects = BTreeMap<ObjectKey, Arc<PolicyObject>>;
+
+/// Why a policy file is invalid, or a stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("reading it: {0}")]
+    Read(#[from] std::io::Error),
+    /// `document` counts from 1, empty documents included, as an editor would.
+    #[error("document {document}: {reason}")]
+    Document { document: usize, reason: String },
+    #[error("document {document}: {key} is already document {first}")]
+    Duplicate {
+        document: usize,
+        key: ObjectKey,
+        first: usize,
+    },
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+/// The kinds of policy object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PolicyKind {
+    AuthorizationPolicy,
+    PeerAuthentication,
+}
+
+impl PolicyKind {
+    pub const ALL: [PolicyKind; 2] = [
+        PolicyKind::AuthorizationPolicy,
+        PolicyKind::PeerAuthentication,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::AuthorizationPolicy => "AuthorizationPolicy",
+            PolicyKind::PeerAuthentication => "PeerAuthentication",
+        }
+    }
+
+    /// The resource's name in the API (`<plural>.sigil.dev`).
+    pub fn plural(self) -> &'static str {
+        match self {
+            PolicyKind::AuthorizationPolicy => "authorizationpolicies",
+            PolicyKind::PeerAuthentication => "peerauthentications",
+        }
+    }
+
+    fn parse(kind: &str) -> Option<PolicyKind> {
+        PolicyKind::ALL.into_iter().find(|k| k.as_str() == kind)
+    }
+
+    fn api_resource(self) -> ApiResource {
+        let gvk = GroupVersionKind::gvk(GROUP, VERSION, self.as_str());
+        ApiResource::from_gvk_with_plural(&gvk, self.plural())
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What names a policy object; objects are sent in this order (kind, namespace, name).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: PolicyKind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// One policy object, as it is sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyObject {
+    /// `spec.selector.matchLabels`; `None` (absent or empty) selects every workload in scope.
+    selector: Option<BTreeMap<String, String>>,
+    /// `{apiVersion, kind, metadata: {name, namespace}, spec}`, compact; made once here rather
+    /// than for every stream it is sent on.
+    json: String,
+}
+
+impl PolicyObject {
+    fn new(key: &ObjectKey, spec: Value, selector: Option<BTreeMap<String, String>>) -> Self {
+        // Kubernetes stores an object written without a spec without one; it means an empty spec.
+        let spec = if spec.is_null() {
+            Value::Object(Map::new())
+        } else {
+            spec
+        };
+        let json = serde_json::json!({
+            "apiVersion": API_VERSION,
+            "kind": key.kind.as_str(),
+            "metadata": { "name": key.name, "namespace": key.namespace },
+            "spec": spec,
+        })
+        .to_string();
+        PolicyObject { selector, json }
+    }
+
+    /// The compact JSON sent to proxies.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+
+    fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.selector.as_ref().is_none_or(|selector| {
+            selector
+                .iter()
+                .all(|(name, value)| labels.get(name) == Some(value))
+        })
+    }
+}
+
+/// `spec.selector.matchLabels`, `None` if absent or empty; `Err` says what is malformed.
+fn match_labels(spec: &Value) -> Result<Option<BTreeMap<String, String>>, String> {
+    let selector = match spec {
+        Value::Null => return Ok(None),
+        Value::Object(spec) => spec.get("selector"),
+        _ => return Err("spec must be a mapping".into()),
+    };
+    let labels = match selector {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(selector)) => selector.get("matchLabels"),
+        Some(_) => return Err("spec.selector must be a mapping".into()),
+    };
+    let labels = match labels {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(labels)) => labels,
+        Some(_) => return Err("spec.selector.matchLabels must be a mapping".into()),
+    };
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(name, value)| match value {
+            Value::String(value) => Ok((name.clone(), value.clone())),
+            _ => Err(format!(
+                "spec.selector.matchLabels.{name} must be a string (quote it)"
+            )),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((!labels.is_empty()).then_some(labels))
+}
+
+/// What selects policies for a workload: its namespace (empty when it has none: then only the
+/// mesh-wide objects apply) and its labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Scope {
+    /// The scope of an attested workload now, whichever attestor attested it: a pod's namespace
+    /// and current labels, from this node's pods (`pods`); else the namespace of an
+    /// `/ns/<ns>/sa/<sa>` ID and the labels attested (the Unix attestor's entry's). `None` while
+    /// a pod is not among this node's pods: it has left them, and its proxy is going with it.
+    pub fn of(workload: &Workload, pods: Option<&NodePods>) -> Option<Scope> {
+        match &workload.pod {
+            Some(pod) => {
+                let current = pods?.get(&pod.uid)?;
+                Some(Scope {
+                    namespace: pod.namespace.clone(),
+                    labels: current.labels.clone(),
+                })
+            }
+            None => Some(Scope {
+                namespace: workload
+                    .id
+                    .service_account()
+                    .map(|(namespace, _)| namespace.to_string())
+                    .unwrap_or_default(),
+                labels: workload.labels.clone(),
+            }),
+        }
+    }
+}
+
+/// Every policy object at one point in time; never changed once published.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicySnapshot {
+    /// 0 until every source has synced (the objects are not known yet), then one more with every
+    /// published change.
+    pub version: u64,
+    pub objects: Objects,
+}
+
+impl PolicySnapshot {
+    /// Whether every source has delivered its initial state.
+    pub fn is_synced(&self) -> bool {
+        self.version > 0
+    }
+
+    /// The objects that apply to a workload in `scope`, in (kind, namespace, name) order.
+    pub fn select(&self, scope: &Scope) -> Vec<(&ObjectKey, &Arc<PolicyObject>)> {
+        let mut namespaces = BTreeSet::from([ROOT_NAMESPACE, scope.namespace.as_str()]);
+        namespaces.remove("");
+        let mut selected = Vec::new();
+        // The keys sort by kind, then namespace: one range per (kind, namespace) rather than a
+        // pass over every object in the cluster.
+        for kind in PolicyKind::ALL {
+            for namespace in &namespaces {
+                let first = ObjectKey {
+                    kind,
+                    namespace: (*namespace).to_string(),
+                    name: String::new(),
+                };
+                selected.extend(
+                    self.objects
+                        .range(first..)
+                        .take_while(|(key, _)| key.kind == kind && key.namespace == *namespace)
+                        .filter(|(_, object)| object.selects(&scope.labels)),
+                );
+            }
+        }
+        selected
+    }
+}
+
+/// Reads a policy file's documents into objects; `Err` names the first invalid document.
+fn parse_file(contents: &[u8]) -> Result<Objects, PolicyError> {
+    let mut objects = Objects::new();
+    let mut documents = HashMap::new();
+    for (index, document) in serde_yaml::Deserializer::from_slice(contents).enumerate() {
+        let number = index + 1;
+        let invalid = |reason: String| PolicyError::Document {
+            document: number,
+            reason,
+        };
+        let value = Value::deserialize(document).map_err(|e| invalid(e.to_string()))?;
+        // Between two `---`, or only comments: nothing to load.
+        if value.is_null() {
+            continue;
+        }
+        let (key, object) = file_object(value).map_err(invalid)?;
+        if let Some(first) = documents.insert(key.clone(), number) {
+            return Err(PolicyError::Duplicate {
+                document: number,
+                key,
+                first,
+            });
+        }
+        objects.insert(key, Arc::new(object));
+    }
+    Ok(objects)
+}
+
+/// One document of a policy file: a whole object, checked as far as the agent reads it.
+fn file_object(document: Value) -> Result<(ObjectKey, PolicyObject), String> {
+    let Value::Object(mut fields) = document else {
+        return Err(
+            "not a mapping; each document is one object (apiVersion, kind, metadata, spec)".into(),
+        );
+    };
+    if let Some(unknown) = fields
+        .keys()
+        .find(|field| !DOCUMENT_FIELDS.contains(&field.as_str()))
+    {
+        return Err(format!(
+            "unknown field `{unknown}`; an object has apiVersion, kind, metadata and spec"
+        ));
+    }
+    let api_version = required(fields.get("apiVersion"), "apiVersion")?;
+    if api_version != API_VERSION {
+        return Err(format!(
+            "apiVersion is {api_version:?}; policies are {API_VERSION}"
+        ));
+    }
+    let kind = required(fields.get("kind"), "kind")?;
+    let kind = PolicyKind::parse(kind)
+        .ok_or_else(|| format!("kind {kind:?} is not AuthorizationPolicy or PeerAuthentication"))?;
+    let metadata = fields.get("metadata");
+    let key = ObjectKey {
+        kind,
+        name: required(metadata.and_then(|m| m.get("name")), "metadata.name")?.into(),
+        namespace: required(
+            metadata.and_then(|m| m.get("namespace")),
+            "metadata.namespace",
+        )?
+        .into(),
+    };
+    let spec = fields.remove("spec").unwrap_or(Value::Null);
+    let selector = match_labels(&spec)?;
+    let object = PolicyObject::new(&key, spec, selector);
+    Ok((key, object))
+}
+
+/// The non-empty string at `value`, or what is wrong with it.
+fn required<'a>(value: Option<&'a Value>, what: &str) -> Result<&'a str, String> {
+    match value {
+        None | Some(Value::Null) => Err(format!("{what} is missing")),
+        Some(Value::String(s)) if !s.is_empty() => Ok(s),
+        Some(_) => Err(format!("{what} must be a non-empty string")),
+    }
+}
+
+/// `--policy-file`: the last valid objects in it, re-read every [`FILE_POLL_INTERVAL`].
+#[derive(Debug)]
+pub struct PolicyFile(PolledFile<Objects>);
+
+impl PolicyFile {
+    /// Reads and checks the file at start-up, where a missing or invalid file is an error.
+    pub fn load(path: &Path) -> Result<PolicyFile, PolicyError> {
+        PolledFile::load(path, parse_file).map(PolicyFile)
+    }
+
+    fn objects(&self) -> &Objects {
+        self.0.value()
+    }
+}
+
+/// One policy resource in the cluster, as its watch delivered it.
+#[derive(Debug, Default)]
+struct ClusterKind {
+    /// Whether the initial list has completed, or found the resource not served.
+    synced: bool,
+    /// Whether the last list found the resource not served (its CRD not installed).
+    missing: bool,
+    objects: Objects,
+    /// A re-list in progress, built aside and swapped in whole when it completes.
+    relisting: Option<Objects>,
+}
+
+impl ClusterKind {
+    /// Follows one watch event; returns whether the objects may have changed.
+    fn on_event(
+        &mut self,
+        kind: PolicyKind,
+        event: Result<Event<DynamicObject>, watcher::Error>,
+    ) -> bool {
+        match event {
+            Ok(Event::Init) => {
+                self.relisting = Some(Objects::new());
+                false
+            }
+            Ok(Event::InitApply(object)) => {
+                if let Some(objects) = self.relisting.as_mut() {
+                    objects.extend(cluster_object(kind, &object));
+                }
+                false
+            }
+            Ok(Event::InitDone) => match self.relisting.take() {
+                Some(objects) => {
+                    if self.missing {
+                        info!(%kind, "the policy resource is served now");
+                    }
+                    info!(%kind, objects = objects.len(), "cluster policies synced");
+                    self.missing = false;
+                    self.synced = true;
+                    self.objects = objects;
+                    true
+                }
+                None => false,
+            },
+            Ok(Event::Apply(object)) => match cluster_object(kind, &object) {
+                Some((key, object)) => self.objects.insert(key, object.clone()) != Some(object),
+                None => false,
+            },
+            Ok(Event::Delete(object)) => {
+                cluster_key(kind, &object).is_some_and(|key| self.objects.remove(&key).is_some())
+            }
+            // The resource is not served: nothing of this kind exists. The watcher retries the
+            // list, which succeeds once the CRD is installed.
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.code == NOT_FOUND =>
+            {
+                if !self.missing {
+                    warn!(%kind, resource = %format!("{}.{GROUP}", kind.plural()), "the policy resource is not served (no CRD); {CRDS_MISSING}. Until then there are no cluster policies of this kind");
+                }
+                self.missing = true;
+                self.relisting = None;
+                let changed = !self.synced || !self.objects.is_empty();
+                self.synced = true;
+                self.objects.clear();
+                changed
+            }
+            Err(e) => {
+                warn!(%kind, error = %e, "policy watch failed; retrying");
+                false
+            }
+        }
+    }
+}
+
+/// What names a cluster object; `None` for one without a namespace or name, which a namespaced
+/// resource does not have.
+fn cluster_key(kind: PolicyKind, object: &DynamicObject) -> Option<ObjectKey> {
+    let meta = &object.metadata;
+    Some(ObjectKey {
+        kind,
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+    })
+}
+
+/// What is kept of a cluster object (see the module doc).
+fn cluster_object(
+    kind: PolicyKind,
+    object: &DynamicObject,
+) -> Option<(ObjectKey, Arc<PolicyObject>)> {
+    let key = cluster_key(kind, object)?;
+    let spec = object.data.get("spec").cloned().unwrap_or(Value::Null);
+    // The CRD's schema makes this a map of strings. If it is not, the object still goes to
+    // every workload it could select, so that their proxies, which validate, refuse it rather
+    // than the agent silently dropping a policy.
+    let selector = match_labels(&spec).unwrap_or_else(|reason| {
+        warn!(object = %key, %reason, "policy has a malformed selector; sending it to every workload in its namespace");
+        None
+    });
+    let object = PolicyObject::new(&key, spec, selector);
+    Some((key, Arc::new(object)))
+}
+
+/// Where policies come from.
+#[derive(Default)]
+pub struct Sources {
+    /// The cluster-wide watches of the policy resources, with this client (`--attestor k8s`).
+    pub kubernetes: Option<kube::Client>,
+    /// `--policy-file`, loaded at start-up.
+    pub file: Option<PolicyFile>,
+}
+
+/// Starts the task that keeps every policy object, which stops when `shutdown` turns true or its
+/// sender is dropped (ending every `WatchPolicies` stream). The receiver holds version 0 until
+/// every source has synced.
+pub fn spawn(
+    sources: Sources,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> watch::Receiver<Arc<PolicySnapshot>> {
+    let (tx, rx) = watch::channel(Arc::new(PolicySnapshot::default()));
+    let events = sources.kubernetes.map(cluster_events);
+    let store = PolicyStore {
+        cluster: events.as_ref().map(|_| {
+            PolicyKind::ALL
+                .into_iter()
+                .map(|kind| (kind, ClusterKind::default()))
+                .collect()
+        }),
+        file: sources.file,
+        logged_conflicts: BTreeSet::new(),
+        tx,
+        metrics,
+    };
+    tokio::spawn(store.run(events, shutdown));
+    rx
+}
+
+/// The watches of both policy resources in every namespace, each event tagged with its kind.
+/// The watchers retry with backoff and re-list when they must.
+fn cluster_events(client: kube::Client) -> ClusterEvents {
+    let watches = PolicyKind::ALL.map(|kind| {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.api_resource());
+        watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .map(move |event| (kind, event))
+            .boxed()
+    });
+    futures::stream::select_all(watches).boxed()
+}
+
+/// The policy task's state: it alone reads the sources and publishes.
+struct PolicyStore {
+    /// `Some` when the Kubernetes source is on.
+    cluster: Option<BTreeMap<PolicyKind, ClusterKind>>,
+    file: Option<PolicyFile>,
+    /// Objects in both sources already logged, so a lasting overlap is logged once.
+    logged_conflicts: BTreeSet<ObjectKey>,
+    tx: watch::Sender<Arc<PolicySnapshot>>,
+    metrics: Arc<Metrics>,
+}
+
+impl PolicyStore {
+    async fn run(mut self, mut events: Option<ClusterEvents>, mut shutdown: watch::Receiver<bool>) {
+        let stopping = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stopping);
+        // Without Kubernetes every source is already known.
+        self.publish();
+        let mut poll = polled_file::poll_timer();
+        loop {
+            let next_event = async {
+                match events.as_mut() {
+                    Some(events) => events.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut stopping => break,
+                Some((kind, event)) = next_event => self.on_cluster_event(kind, event),
+                _ = poll.tick(), if self.file.is_some() => self.poll_file().await,
+            }
+        }
+        info!("policy feed stopped");
+    }
+
+    fn on_cluster_event(
+        &mut self,
+        kind: PolicyKind,
+        event: Result<Event<DynamicObject>, watcher::Error>,
+    ) {
+        let Some(state) = self.cluster.as_mut().and_then(|c| c.get_mut(&kind)) else {
+            return;
+        };
+        if state.on_event(kind, event) {
+            self.publish();
+        }
+    }
+
+    async fn poll_file(&mut self) {
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        let reloaded = file.0.poll(parse_file).await;
+        let path = file.0.path().display();
+        match reloaded {
+            Ok(false) => {}
+            Ok(true) => {
+                info!(%path, objects = file.objects().len(), "policy file reloaded");
+                self.publish();
+            }
+            Err(e) => {
+                self.metrics.policy_file_reload_failures.inc();
+                error!(%path, error = %e, "policy file is unreadable or invalid; keeping its last good objects");
+            }
+        }
+    }
+
+    /// Publishes the merged objects once every source has synced, if they differ from the ones
+    /// published last.
+    fn publish(&mut self) {
+        let synced = self
+            .cluster
+            .as_ref()
+            .is_none_or(|kinds| kinds.values().all(|kind| kind.synced));
+        if !synced {
+            return;
+        }
+        let (objects, conflicts) = merge(self.cluster.as_ref(), self.file.as_ref());
+        self.log_new(conflicts);
+        let version = {
+            let current = self.tx.borrow();
+            if current.is_synced() && current.objects == objects {
+                return;
+            }
+            current.version + 1
+        };
+        self.metrics.policy_objects.set(objects.len() as i64);
+        if version == 1 {
+            info!(objects = objects.len(), "policies synced");
+        } else {
+            debug!(version, objects = objects.len(), "policies changed");
+        }
+        self.tx
+            .send_replace(Arc::new(PolicySnapshot { version, objects }));
+    }
+
+    fn log_new(&mut self, conflicts: BTreeSet<ObjectKey>) {
+        for key in conflicts.difference(&self.logged_conflicts) {
+            warn!(object = %key, "a policy object is both in the cluster and in --policy-file; using the cluster's");
+        }
+        self.logged_conflicts = conflicts;
+    }
+}
+
+/// Every source's objects: the file's, then the cluster's over them; and the keys in both.
+fn merge(
+    cluster: Option<&BTreeMap<PolicyKind, ClusterKind>>,
+    file: Option<&PolicyFile>,
+) -> (Objects, BTreeSet<ObjectKey>) {
+    let mut objects = file.map(|file| file.objects().clone()).unwrap_or_default();
+    let mut conflicts = BTreeSet::new();
+    for (key, object) in cluster
+        .into_iter()
+        .flat_map(|kinds| kinds.values())
+        .flat_map(|kind| &kind.objects)
+    {
+        if objects.insert(key.clone(), object.clone()).is_some() {
+            conflicts.insert(key.clone());
+        }
+    }
+    (objects, conflicts)
+}
+
+/// `sigil.policy.v1.PolicyDiscovery`: to each attested workload, the policies that apply to it.
+pub struct PolicyApi {
+    workloads: Workloads,
+    policies: watch::Receiver<Arc<PolicySnapshot>>,
+    /// This node's pods, whose labels select policies (`--attestor k8s`).
+    pods: Option<watch::Receiver<NodePods>>,
+}
+
+impl PolicyApi {
+    pub fn new(
+        workloads: Workloads,
+        policies: watch::Receiver<Arc<PolicySnapshot>>,
+        pods: Option<watch::Receiver<NodePods>>,
+    ) -> Self {
+        PolicyApi {
+            workloads,
+            policies,
+            pods,
+        }
+    }
+
+    pub fn into_service(self) -> PolicyDiscoveryServer<PolicyApi> {
+        PolicyDiscoveryServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl PolicyDiscovery for PolicyApi {
+    type WatchPoliciesStream = ResponseStream<PolicySet>;
+
+    async fn watch_policies(
+        &self,
+        request: Request<WatchPoliciesRequest>,
+    ) -> Result<Response<Self::WatchPoliciesStream>, Status> {
+        // A workload's policies are only ever sent to that workload's proxy.
+        let workload = self.workloads.attest(&request).await?;
+        info!(identity = %workload.id, "policy stream opened");
+        let feed = Feed {
+            workload,
+            policies: self.policies.clone(),
+            pods: self.pods.clone(),
+            sent: None,
+            version: 0,
+            pushes: self.workloads.metrics.pushes.get_or_create(&LABELS).clone(),
+            _open: OpenStream::new(&self.workloads.metrics, SocketApi::Policy),
+        };
+        Ok(Response::new(feed.into_stream()))
+    }
+}
+
+/// What a set was made of, to tell whether the next one differs.
+#[derive(Debug, PartialEq, Eq)]
+struct Selected {
+    scope: Scope,
+    objects: Vec<Arc<PolicyObject>>,
+}
+
+/// One `WatchPolicies` stream.
+struct Feed {
+    workload: Workload,
+    policies: watch::Receiver<Arc<PolicySnapshot>>,
+    /// `None` for the Unix attestor, and once the pod watch has stopped.
+    pods: Option<watch::Receiver<NodePods>>,
+    /// What the last set sent was made of.
+    sent: Option<Selected>,
+    /// The last set's version: the sets sent on this stream so far.
+    version: u64,
+    pushes: Counter,
+    _open: OpenStream,
+}
+
+impl Feed {
+    /// The next set: the workload's as soon as the policies are synced, then after each change
+    /// to the objects that apply to it or to its namespace and labels. The receivers always hold
+    /// the newest state, so a slow reader gets the latest set, not a backlog.
+    async fn next_message(&mut self) -> Result<PolicySet, PolicyError> {
+        loop {
+            let snapshot = self.policies.borrow_and_update().clone();
+            let scope = {
+                let pods = self.pods.as_mut().map(|pods| pods.borrow_and_update());
+                Scope::of(&self.workload, pods.as_deref())
+            };
+            if snapshot.is_synced()
+                && let Some(scope) = scope
+            {
+                let objects = snapshot
+                    .select(&scope)
+                    .into_iter()
+                    .map(|(_, object)| object.clone())
+                    .collect();
+                let selected = Selected { scope, objects };
+                if self.sent.as_ref() != Some(&selected) {
+                    self.version += 1;
+                    let message = PolicySet {
+                        version: self.version,
+                        namespace: selected.scope.namespace.clone(),
+                        labels: selected.scope.labels.clone().into_iter().collect(),
+                        objects_json: selected
+                            .objects
+                            .iter()
+                            .map(|object| object.json().to_owned())
+                            .collect(),
+                    };
+                    self.sent = Some(selected);
+                    return Ok(message);
+                }
+            }
+            self.changed().await?;
+        }
+    }
+
+    /// Waits for the policies or this node's pods to change.
+    async fn changed(&mut self) -> Result<(), PolicyError> {
+        let pods = self.pods.as_mut();
+        let pods_changed = async move {
+            match pods {
+                Some(pods) => pods.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let pods_open = tokio::select! {
+            changed = self.policies.changed() => {
+                changed.map_err(|_| PolicyError::ShuttingDown)?;
+                true
+            }
+            open = pods_changed => open,
+        };
+        if !pods_open {
+            // The pod watch only stops with the agent, which ends this stream next.
+            self.pods = None;
+        }
+        Ok(())
+    }
+
+    fn into_stream(self) -> ResponseStream<PolicySet> {
+        Box::pin(futures::stream::unfold(Some(self), |feed| async move {
+            let mut feed = feed?;
+            match feed.next_message().await {
+                Ok(message) => {
+                    feed.pushes.inc();
+                    Some((Ok(message), Some(feed)))
+                }
+                // Only shutdown ends a feed: clients retry, and reach the agent replacing this
+                // one. The error is the stream's last message.
+                Err(e) => Some((Err(Status::unavailable(e.to_string())), None)),
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{Pod, PodSpec as CorePodSpec, PodStatus};
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+    use kube::core::Status as ApiStatus;
+    use prometheus_client::registry::Registry;
+    use serde_json::json;
+    use sigil_identity::SpiffeId;
+    use sigil_proto::sigil::policy::v1::policy_discovery_client::PolicyDiscoveryClient;
+    use sigil_test_apiserver::{ServerOptions, TestApiServer};
+
+    use super::*;
+    use crate::attest::PodRef;
+    use crate::test_support::{BundleSource, TestAgent, TestCa, WEB_ID, this_uid};
+
+    const WAIT: Duration = Duration::from_secs(10);
+    /// The watcher's longest backoff (30 s) and then some: how long a CRD installed late may take
+    /// to be noticed.
+    const CRD_RETRY_WAIT: Duration = Duration::from_secs(40);
+    const AP: PolicyKind = PolicyKind::AuthorizationPolicy;
+    const PA: PolicyKind = PolicyKind::PeerAuthentication;
+
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(&mut Registry::default()))
+    }
+
+    fn key(kind: PolicyKind, namespace: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// An object with this selector (`None`: no selector) and otherwise an opaque spec.
+    fn object(
+        kind: PolicyKind,
+        namespace: &str,
+        name: &str,
+        selector: Option<&[(&str, &str)]>,
+    ) -> (ObjectKey, Arc<PolicyObject>) {
+        let key = key(kind, namespace, name);
+        let mut spec = json!({ "action": "ALLOW", "rules": [{}] });
+        if let Some(selector) = selector {
+            spec["selector"] = json!({ "matchLabels": labels(selector) });
+        }
+        let selector = match_labels(&spec).unwrap();
+        let object = PolicyObject::new(&key, spec, selector);
+        (key, Arc::new(object))
+    }
+
+    fn snapshot(
+        version: u64,
+        objects: impl IntoIterator<Item = (ObjectKey, Arc<PolicyObject>)>,
+    ) -> PolicySnapshot {
+        PolicySnapshot {
+            version,
+            objects: objects.into_iter().collect(),
+        }
+    }
+
+    fn keys<'a>(
+        selected: impl IntoIterator<Item = (&'a ObjectKey, &'a Arc<PolicyObject>)>,
+    ) -> Vec<String> {
+        selected
+            .into_iter()
+            .map(|(key, _)| key.to_string())
+            .collect()
+    }
+
+    fn parsed(json: &str) -> Value {
+        serde_json::from_str(json).unwrap()
+    }
+
+    async fn until(
+        rx: &watch::Receiver<Arc<PolicySnapshot>>,
+        wait: Duration,
+        what: impl Fn(&PolicySnapshot) -> bool,
+    ) -> Arc<PolicySnapshot> {
+        tokio::time::timeout(wait, rx.clone().wait_for(|snapshot| what(snapshot)))
+            .await
+            .expect("the policies never reached the expected state")
+            .expect("the policy task stopped")
+            .clone()
+    }
+
+    /// Replaces the file as operators should (and ConfigMap volumes do): whole, never seen
+    /// half-written by a poll.
+    fn replace(path: &Path, contents: impl AsRef<[u8]>) {
+        let staged = path.with_extension("staged");
+        std::fs::write(&staged, contents).unwrap();
+        std::fs::rename(&staged, path).unwrap();
+    }
+
+    fn object_keys(snapshot: &PolicySnapshot) -> Vec<String> {
+        snapshot.objects.keys().map(ToString::to_string).collect()
+    }
+
+    // --- the policy file ---
+
+    const ALLOW_WEB: &str = "\
+apiVersion: sigil.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-web
+  namespace: demo
+  labels: {team: shop}
+  annotations: {note: kept out}
+spec:
+  selector:
+    matchLabels: {app: web}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/demo/sa/db]}}]
+";
+
+    #[test]
+    fn a_good_file_parses_skipping_empty_documents() {
+        let yaml = format!(
+            "# the shop's policies\n---\n{ALLOW_WEB}---\n# nothing here\n---\n---\n\
+             apiVersion: sigil.dev/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {{name: default, namespace: sigil-system}}\n\
+             spec: {{mtls: {{mode: STRICT}}}}\nstatus: {{observedGeneration: 3}}\n\
+             ---\napiVersion: sigil.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: deny-all, namespace: demo}}\n"
+        );
+        let objects = parse_file(yaml.as_bytes()).unwrap();
+        assert_eq!(
+            objects.keys().cloned().collect::<Vec<_>>(),
+            [
+                key(AP, "demo", "allow-web"),
+                key(AP, "demo", "deny-all"),
+                key(PA, "sigil-system", "default"),
+            ]
+        );
+        let allow_web = &objects[&key(AP, "demo", "allow-web")];
+        assert_eq!(
+            parsed(allow_web.json()),
+            json!({
+                "apiVersion": "sigil.dev/v1alpha1",
+                "kind": "AuthorizationPolicy",
+                "metadata": { "name": "allow-web", "namespace": "demo" },
+                "spec": {
+                    "selector": { "matchLabels": { "app": "web" } },
+                    "action": "ALLOW",
+                    "rules": [{ "from": [{ "source": { "principals": ["cluster.local/ns/demo/sa/db"] } }] }],
+                },
+            })
+        );
+        assert!(
+            !allow_web.json().contains([' ', '\n']),
+            "compact: {}",
+            allow_web.json()
+        );
+        assert_eq!(allow_web.selector, Some(labels(&[("app", "web")])));
+        // No spec is an empty spec; status is dropped.
+        let deny_all = &objects[&key(AP, "demo", "deny-all")];
+        assert_eq!(parsed(deny_all.json())["spec"], json!({}));
+        assert_eq!(deny_all.selector, None);
+        let strict = parsed(objects[&key(PA, "sigil-system", "default")].json());
+        assert_eq!(strict["spec"], json!({ "mtls": { "mode": "STRICT" } }));
+        assert_eq!(strict.get("status"), None);
+
+        for empty in ["", "---\n", "# no policies yet\n", "---\n---\n"] {
+            assert!(
+                parse_file(empty.as_bytes()).unwrap().is_empty(),
+                "{empty:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_file_is_refused_naming_the_document_and_what_is_wrong() {
+        let good = "apiVersion: sigil.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: demo}\n";
+        let cases = [
+            (
+                "apiVersion: sigil.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {namespace: demo}\n".to_string(),
+                "document 1: metadata.name is missing",
+            ),
+            (
+                format!("{good}---\napiVersion: sigil.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: b}}\n"),
+                "document 2: metadata.namespace is missing",
+            ),
+            (
+                "apiVersion: sigil.dev/v1alpha1\nkind: AuthorizationPolicy\nspec: {}\n".into(),
+                "document 1: metadata.name is missing",
+            ),
+            (
+                "apiVersion: sigil.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: '', namespace: demo}\n".into(),
+                "document 1: metadata.name must be a non-empty string",
+            ),
+            (
+                "apiVersion: sigil.dev/v1alpha1\nmetadata: {name: a, namespace: demo}\n".into(),
+                "document 1: kind is missing",
+            ),
+            (
+                "apiVersion: sigil.dev/v1alpha1\nkind: RequestAuthentication\nmetadata: {name: a, namespace: demo}\n".into(),
+                "document 1: kind \"RequestAuthentication\" is not AuthorizationPolicy or PeerAuthentication",
+            ),
+            (
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: demo}\n".into(),
+                "document 1: apiVersion is \"security.istio.io/v1\"; policies are sigil.dev/v1alpha1",
+            ),
+            (
+                "kind: AuthorizationPolicy\nmetadata: {name: a, namespace: demo}\n".into(),
+                "document 1: apiVersion is missing",
+            ),
+            (
+                format!("{good}specs: {{action: DENY}}\n"),
+                "document 1: unknown field `specs`; an object has apiVersion, kind, metadata and spec",
+            ),
+            ("- a\n- b\n".into(), "document 1: not a mapping"),
+            (
+                format!("{good}spec: {{selector: {{matchLabels: {{version: 2}}}}}}\n"),
+                "document 1: spec.selector.matchLabels.version must be a string (quote it)",
+            ),
+            (
+                format!("{good}spec: [ALLOW]\n"),
+                "document 1: spec must be a mapping",
+            ),
+            (
+                // Empty documents count: an editor's count of `---` finds the duplicate.
+                format!("{good}---\n---\n{good}"),
+                "document 3: AuthorizationPolicy demo/a is already document 1",
+            ),
+            ("kind: [".into(), "document 1: "),
+        ];
+        for (yaml, expected) in cases {
+            let err = parse_file(yaml.as_bytes()).unwrap_err().to_string();
+            assert!(
+                err.starts_with(expected),
+                "{yaml}\n  gave: {err}\n  want: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_or_invalid_file_at_start_up_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = PolicyFile::load(&dir.path().join("absent.yaml")).unwrap_err();
+        assert!(matches!(missing, PolicyError::Read(_)), "{missing:?}");
+        let path = dir.path().join("policies.yaml");
+        std::fs::write(&path, "apiVersion: v1\nkind: ConfigMap\n").unwrap();
+        let invalid = PolicyFile::load(&path).unwrap_err();
+        assert!(
+            matches!(invalid, PolicyError::Document { document: 1, .. }),
+            "{invalid:?}"
+        );
+    }
+
+    /// The file source alone, on paused time: each poll is exactly one FILE_POLL_INTERVAL.
+    #[tokio::test(start_paused = true)]
+    async fn the_file_is_reloaded_on_change_and_a_bad_edit_keeps_the_last_good_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policies.yaml");
+        std::fs::write(&path, ALLOW_WEB).unwrap();
+        let metrics = metrics();
+        let (_stop, shutdown) = watch::channel(false);
+        let sources = Sources {
+            kubernetes: None,
+            file: Some(PolicyFile::load(&path).unwrap()),
+        };
+        let rx = spawn(sources, metrics.clone(), shutdown);
+        let first = until(&rx, WAIT, PolicySnapshot::is_synced).await;
+        assert_eq!(first.version, 1);
+        assert_eq!(object_keys(&first), ["AuthorizationPolicy demo/allow-web"]);
+        assert_eq!(metrics.policy_objects.get(), 1);
+
+        // Invalid, then unreadable: logged and counted once each, the objects kept.
+        replace(&path, format!("{ALLOW_WEB}---\nkind: PeerAuthentication\n"));
+        tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
+        assert_eq!(metrics.policy_file_reload_failures.get(), 1);
+        std::fs::remove_file(&path).unwrap();
+        tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
+        assert_eq!(metrics.policy_file_reload_failures.get(), 2);
+        assert_eq!(*rx.borrow(), first, "nothing published");
+
+        // A valid edit is published within one poll; the same objects rewritten are not a change.
+        let edit = format!(
+            "{ALLOW_WEB}---\napiVersion: sigil.dev/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {{name: default, namespace: demo}}\nspec: {{mtls: {{mode: STRICT}}}}\n"
+        );
+        replace(&path, &edit);
+        let written = tokio::time::Instant::now();
+        let second = until(&rx, WAIT, |snapshot| snapshot.version == 2).await;
+        assert!(written.elapsed() <= FILE_POLL_INTERVAL);
+        assert_eq!(
+            object_keys(&second),
+            [
+                "AuthorizationPolicy demo/allow-web",
+                "PeerAuthentication demo/default"
+            ]
+        );
+        assert_eq!(metrics.policy_objects.get(), 2);
+        replace(&path, format!("# same objects\n{edit}"));
+        tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
+        assert_eq!(rx.borrow().version, 2);
+        assert_eq!(metrics.policy_file_reload_failures.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_sources_no_policies_are_published_and_shutdown_ends_it() {
+        let (stop, shutdown) = watch::channel(false);
+        let mut rx = spawn(Sources::default(), metrics(), shutdown);
+        let snapshot = until(&rx, WAIT, PolicySnapshot::is_synced).await;
+        assert!(snapshot.objects.is_empty());
+        rx.borrow_and_update();
+        stop.send_replace(true);
+        assert!(rx.changed().await.is_err(), "the sender is gone");
+    }
+
+    // --- selection ---
+
+    #[test]
+    fn selection_takes_the_namespace_s_and_the_mesh_wide_objects_whose_selector_matches() {
+        let web = [("app", "web")];
+        let snapshot = snapshot(
+            1,
+            [
+                object(AP, "demo", "namespace-wide", None),
+                object(AP, "demo", "web", Some(&web)),
+                object(AP, "demo", "db", Some(&[("app", "db")])),
+                object(
+                    AP,
+                    "demo",
+                    "web-v2",
+                    Some(&[("app", "web"), ("version", "v2")]),
+                ),
+                object(AP, "demo", "empty-selector", Some(&[])),
+                object(AP, "shop", "other-namespace", None),
+                object(AP, ROOT_NAMESPACE, "mesh-wide", None),
+                object(AP, ROOT_NAMESPACE, "mesh-web", Some(&web)),
+                object(AP, ROOT_NAMESPACE, "mesh-db", Some(&[("app", "db")])),
+                object(PA, "demo", "strict", None),
+                object(PA, "shop", "permissive", None),
+                object(PA, ROOT_NAMESPACE, "default", None),
+            ],
+        );
+        let scope = |namespace: &str, pairs: &[(&str, &str)]| Scope {
+            namespace: namespace.into(),
+            labels: labels(pairs),
+        };
+        let cases: [(&str, Scope, &[&str]); 5] = [
+            (
+                "web v1 in demo",
+                scope("demo", &[("app", "web"), ("version", "v1")]),
+                &[
+                    "AuthorizationPolicy demo/empty-selector",
+                    "AuthorizationPolicy demo/namespace-wide",
+                    "AuthorizationPolicy demo/web",
+                    "AuthorizationPolicy sigil-system/mesh-web",
+                    "AuthorizationPolicy sigil-system/mesh-wide",
+                    "PeerAuthentication demo/strict",
+                    "PeerAuthentication sigil-system/default",
+                ],
+            ),
+            (
+                "unlabelled in demo",
+                scope("demo", &[]),
+                &[
+                    "AuthorizationPolicy demo/empty-selector",
+                    "AuthorizationPolicy demo/namespace-wide",
+                    "AuthorizationPolicy sigil-system/mesh-wide",
+                    "PeerAuthentication demo/strict",
+                    "PeerAuthentication sigil-system/default",
+                ],
+            ),
+            (
+                "web in another namespace",
+                scope("shop", &web),
+                &[
+                    "AuthorizationPolicy shop/other-namespace",
+                    "AuthorizationPolicy sigil-system/mesh-web",
+                    "AuthorizationPolicy sigil-system/mesh-wide",
+                    "PeerAuthentication shop/permissive",
+                    "PeerAuthentication sigil-system/default",
+                ],
+            ),
+            (
+                "no namespace: only mesh-wide",
+                scope("", &web),
+                &[
+                    "AuthorizationPolicy sigil-system/mesh-web",
+                    "AuthorizationPolicy sigil-system/mesh-wide",
+                    "PeerAuthentication sigil-system/default",
+                ],
+            ),
+            (
+                "in the root namespace, each object once",
+                scope(ROOT_NAMESPACE, &[("app", "db")]),
+                &[
+                    "AuthorizationPolicy sigil-system/mesh-db",
+                    "AuthorizationPolicy sigil-system/mesh-wide",
+                    "PeerAuthentication sigil-system/default",
+                ],
+            ),
+        ];
+        for (what, scope, expected) in cases {
+            assert_eq!(keys(snapshot.select(&scope)), expected, "{what}");
+        }
+    }
+
+    fn node_pod(uid: &str, labels: &BTreeMap<String, String>, phase: &str) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                uid: Some(uid.into()),
+                namespace: Some("demo".into()),
+                name: Some("web-1".into()),
+                labels: Some(labels.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(CorePodSpec {
+                service_account_name: Some("web".into()),
+                ..CorePodSpec::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                ..PodStatus::default()
+            }),
+        }
+    }
+
+    fn pod_workload(uid: &str) -> Workload {
+        Workload {
+            id: WEB_ID.parse().unwrap(),
+            pod: Some(PodRef {
+                namespace: "demo".into(),
+                name: "web-1".into(),
+                uid: uid.into(),
+            }),
+            labels: labels(&[("app", "web")]),
+        }
+    }
+
+    #[test]
+    fn a_workload_s_scope_comes_from_its_pod_or_its_id_and_entry() {
+        let mut pods = NodePods::default();
+        pods.apply(&node_pod(
+            "uid-1",
+            &labels(&[("app", "web"), ("v", "2")]),
+            "Running",
+        ));
+        let pod = pod_workload("uid-1");
+        assert_eq!(
+            Scope::of(&pod, Some(&pods)),
+            Some(Scope {
+                namespace: "demo".into(),
+                labels: labels(&[("app", "web"), ("v", "2")]),
+            }),
+            "the pod's labels now, not those attested"
+        );
+        assert_eq!(Scope::of(&pod_workload("uid-gone"), Some(&pods)), None);
+        assert_eq!(Scope::of(&pod, None), None);
+
+        let unix = |id: &str| Workload {
+            id: SpiffeId::parse(id).unwrap(),
+            pod: None,
+            labels: labels(&[("app", "db")]),
+        };
+        assert_eq!(
+            Scope::of(&unix("spiffe://cluster.local/ns/shop/sa/db"), None),
+            Some(Scope {
+                namespace: "shop".into(),
+                labels: labels(&[("app", "db")]),
+            })
+        );
+        assert_eq!(
+            Scope::of(&unix("spiffe://cluster.local/vm/db"), Some(&pods)),
+            Some(Scope {
+                namespace: String::new(),
+                labels: labels(&[("app", "db")]),
+            }),
+            "an ID without a namespace"
+        );
+    }
+
+    /// One stream for a pod, driven directly: its set follows its labels, and only changes to
+    /// what applies to it are sent.
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_gets_a_new_set_when_its_labels_change_and_only_then() {
+        let objects = [
+            object(AP, "demo", "namespace-wide", None),
+            object(AP, "demo", "web", Some(&[("app", "web")])),
+            object(AP, "demo", "db", Some(&[("app", "db")])),
+        ];
+        let (policies_tx, policies) = watch::channel(Arc::new(snapshot(1, objects.clone())));
+        let web = labels(&[("app", "web")]);
+        let (pods_tx, pods) = watch::channel(NodePods::default());
+        pods_tx.send_modify(|pods| pods.apply(&node_pod("uid-1", &web, "Pending")));
+        let metrics = metrics();
+        let mut feed = Feed {
+            workload: pod_workload("uid-1"),
+            policies,
+            pods: Some(pods),
+            sent: None,
+            version: 0,
+            pushes: Counter::default(),
+            _open: OpenStream::new(&metrics, SocketApi::Policy),
+        };
+        let json = |i: usize| objects[i].1.json().to_string();
+
+        let first = feed.next_message().await.unwrap();
+        assert_eq!(
+            first,
+            PolicySet {
+                version: 1,
+                namespace: "demo".into(),
+                labels: web.clone().into_iter().collect(),
+                objects_json: vec![json(0), json(1)],
+            }
+        );
+        let quiet = Duration::from_secs(5);
+        // The pod starts running: a pod update that changes nothing here.
+        pods_tx.send_modify(|pods| pods.apply(&node_pod("uid-1", &web, "Running")));
+        assert!(
+            tokio::time::timeout(quiet, feed.next_message())
+                .await
+                .is_err()
+        );
+
+        let db = labels(&[("app", "db")]);
+        pods_tx.send_modify(|pods| pods.apply(&node_pod("uid-1", &db, "Running")));
+        let relabelled = feed.next_message().await.unwrap();
+        assert_eq!(relabelled.version, 2);
+        assert_eq!(
+            relabelled.objects_json,
+            [json(2), json(0)],
+            "sorted by name"
+        );
+        assert_eq!(relabelled.labels, db.clone().into_iter().collect());
+
+        // A policy that does not apply to it changes; then one that does.
+        let mut changed = snapshot(2, objects.clone());
+        changed.objects.extend([object(
+            AP,
+            "demo",
+            "web",
+            Some(&[("app", "web"), ("v", "2")]),
+        )]);
+        policies_tx.send_replace(Arc::new(changed.clone()));
+        assert!(
+            tokio::time::timeout(quiet, feed.next_message())
+                .await
+                .is_err()
+        );
+        changed.version = 3;
+        changed
+            .objects
+            .extend([object(AP, "demo", "db", Some(&[]))]);
+        let extra = changed.objects[&key(AP, "demo", "db")].json().to_string();
+        policies_tx.send_replace(Arc::new(changed));
+        let updated = feed.next_message().await.unwrap();
+        assert_eq!(updated.version, 3);
+        assert_eq!(updated.objects_json, [extra, json(0)]);
+
+        // The pod leaves the node: nothing more is sent for it.
+        pods_tx.send_modify(|pods| pods.delete(&node_pod("uid-1", &db, "Running")));
+        assert!(
+            tokio::time::timeout(quiet, feed.next_message())
+                .await
+                .is_err()
+        );
+        drop(policies_tx);
+        assert!(matches!(
+            feed.next_message().await,
+            Err(PolicyError::ShuttingDown)
+        ));
+    }
+
+    // --- the Kubernetes source, against the test API server ---
+
+    fn crd(kind: PolicyKind) -> CustomResourceDefinition {
+        serde_json::from_value(json!({
+            "metadata": { "name": format!("{}.{GROUP}", kind.plural()) },
+            "spec": {
+                "group": GROUP,
+                "names": { "plural": kind.plural(), "kind": kind.as_str() },
+                "scope": "Namespaced",
+                "versions": [{
+                    "name": VERSION, "served": true, "storage": true,
+                    "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } },
+                    "subresources": { "status": {} },
+                }],
+            },
+        }))
+        .unwrap()
+    }
+
+    async fn install_crds(server: &TestApiServer) {
+        let crds: Api<CustomResourceDefinition> = Api::all(server.client());
+        for kind in PolicyKind::ALL {
+            crds.create(&PostParams::default(), &crd(kind))
+                .await
+                .unwrap();
+        }
+    }
+
+    fn cluster_api(
+        server: &TestApiServer,
+        kind: PolicyKind,
+        namespace: &str,
+    ) -> Api<DynamicObject> {
+        Api::namespaced_with(server.client(), namespace, &kind.api_resource())
+    }
+
+    async fn create(
+        server: &TestApiServer,
+        kind: PolicyKind,
+        namespace: &str,
+        name: &str,
+        spec: Value,
+    ) {
+        let mut object =
+            DynamicObject::new(name, &kind.api_resource()).data(json!({ "spec": spec }));
+        object.metadata.labels = Some(labels(&[("team", "shop")]));
+        cluster_api(server, kind, namespace)
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap();
+    }
+
+    fn spec_of(snapshot: &PolicySnapshot, key: &ObjectKey) -> Option<Value> {
+        snapshot
+            .objects
+            .get(key)
+            .map(|object| parsed(object.json())["spec"].clone())
+    }
+
+    #[tokio::test]
+    async fn cluster_policies_follow_creates_updates_and_deletes_and_win_over_the_file() {
+        let server = TestApiServer::start().await;
+        install_crds(&server).await;
+        create(
+            &server,
+            AP,
+            "demo",
+            "allow-web",
+            json!({ "action": "ALLOW", "rules": [{}] }),
+        )
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policies.yaml");
+        std::fs::write(
+            &path,
+            "apiVersion: sigil.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+             metadata: {name: allow-web, namespace: demo}\nspec: {action: DENY}\n\
+             ---\napiVersion: sigil.dev/v1alpha1\nkind: PeerAuthentication\n\
+             metadata: {name: file-only, namespace: demo}\nspec: {mtls: {mode: PERMISSIVE}}\n",
+        )
+        .unwrap();
+
+        let metrics = metrics();
+        let (_stop, shutdown) = watch::channel(false);
+        let sources = Sources {
+            kubernetes: Some(server.client()),
+            file: Some(PolicyFile::load(&path).unwrap()),
+        };
+        let rx = spawn(sources, metrics.clone(), shutdown);
+        let synced = until(&rx, WAIT, PolicySnapshot::is_synced).await;
+        let allow_web = key(AP, "demo", "allow-web");
+        assert_eq!(
+            object_keys(&synced),
+            [
+                "AuthorizationPolicy demo/allow-web",
+                "PeerAuthentication demo/file-only"
+            ]
+        );
+        // The cluster's object, as the user wrote it: no labels, uid, resourceVersion...
+        assert_eq!(
+            parsed(synced.objects[&allow_web].json()),
+            json!({
+                "apiVersion": "sigil.dev/v1alpha1",
+                "kind": "AuthorizationPolicy",
+                "metadata": { "name": "allow-web", "namespace": "demo" },
+                "spec": { "action": "ALLOW", "rules": [{}] },
+            })
+        );
+        assert_eq!(metrics.policy_objects.get(), 2);
+
+        // A status write changes nothing that is sent.
+        let aps = cluster_api(&server, AP, "demo");
+        aps.patch_status(
+            "allow-web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": { "observedGeneration": 1 } })),
+        )
+        .await
+        .unwrap();
+        // A spec change is.
+        aps.patch(
+            "allow-web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "action": "AUDIT" } })),
+        )
+        .await
+        .unwrap();
+        let updated = until(&rx, WAIT, |s| s.version > synced.version).await;
+        assert_eq!(
+            updated.version,
+            synced.version + 1,
+            "the status write was not published"
+        );
+        assert_eq!(
+            spec_of(&updated, &allow_web),
+            Some(json!({ "action": "AUDIT", "rules": [{}] }))
+        );
+
+        create(
+            &server,
+            PA,
+            ROOT_NAMESPACE,
+            "default",
+            json!({ "mtls": { "mode": "STRICT" } }),
+        )
+        .await;
+        let grown = until(&rx, WAIT, |s| s.objects.len() == 3).await;
+        assert_eq!(
+            spec_of(&grown, &key(PA, ROOT_NAMESPACE, "default")),
+            Some(json!({ "mtls": { "mode": "STRICT" } }))
+        );
+        assert_eq!(metrics.policy_objects.get(), 3);
+
+        // Deleted from the cluster: the file's object of that name applies again.
+        aps.delete("allow-web", &DeleteParams::default())
+            .await
+            .unwrap();
+        let deleted = until(&rx, WAIT, |s| {
+            spec_of(s, &allow_web) == Some(json!({ "action": "DENY" }))
+        })
+        .await;
+        assert_eq!(deleted.objects.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn without_the_crds_the_cluster_has_no_policies_until_they_are_installed() {
+        let server = TestApiServer::start_with(ServerOptions {
+            serve_undefined_resources: false,
+            ..ServerOptions::default()
+        })
+        .await;
+        let (_stop, shutdown) = watch::channel(false);
+        let sources = Sources {
+            kubernetes: Some(server.client()),
+            file: None,
+        };
+        let rx = spawn(sources, metrics(), shutdown);
+        let synced = until(&rx, WAIT, PolicySnapshot::is_synced).await;
+        assert!(synced.objects.is_empty(), "ready, with no cluster policies");
+
+        install_crds(&server).await;
+        create(
+            &server,
+            AP,
+            "demo",
+            "deny-all",
+            json!({ "action": "DENY", "rules": [{}] }),
+        )
+        .await;
+        let installed = until(&rx, CRD_RETRY_WAIT, |s| !s.objects.is_empty()).await;
+        assert_eq!(
+            object_keys(&installed),
+            ["AuthorizationPolicy demo/deny-all"]
+        );
+    }
+
+    #[test]
+    fn a_missing_crd_is_an_empty_synced_source_until_it_is_listed() {
+        let failed_list = |message: &str, reason: &str, code: u16| {
+            let status = ApiStatus::failure(message, reason).with_code(code);
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(
+                status.boxed(),
+            )))
+        };
+        let not_found = || {
+            failed_list(
+                "the server could not find the requested resource",
+                "NotFound",
+                404,
+            )
+        };
+        let mut state = ClusterKind::default();
+        assert!(!state.on_event(AP, Ok(Event::Init)));
+        assert!(state.on_event(AP, not_found()), "synced: publish");
+        assert!(state.synced && state.missing && state.objects.is_empty());
+        // The watcher retries: still missing is no change (and not warned about again).
+        assert!(!state.on_event(AP, Ok(Event::Init)));
+        assert!(!state.on_event(AP, not_found()));
+
+        // The CRD is installed.
+        let resource = AP.api_resource();
+        let deny = DynamicObject::new("deny-all", &resource)
+            .within("demo")
+            .data(json!({ "spec": { "action": "DENY" } }));
+        assert!(!state.on_event(AP, Ok(Event::Init)));
+        assert!(!state.on_event(AP, Ok(Event::InitApply(deny.clone()))));
+        assert!(state.on_event(AP, Ok(Event::InitDone)));
+        assert!(!state.missing);
+        assert_eq!(state.objects.len(), 1);
+        assert!(
+            !state.on_event(AP, Ok(Event::Apply(deny.clone()))),
+            "unchanged"
+        );
+        // Other failures change nothing: without permission to list, say, the policies are
+        // not known, and not taken to be none.
+        assert!(!state.on_event(AP, Err(watcher::Error::NoResourceVersion)));
+        assert!(!state.on_event(AP, failed_list("forbidden", "Forbidden", 403)));
+        assert_eq!(state.objects.len(), 1);
+        // The CRD is deleted, and its objects with it; the 404 came as plain text, which the
+        // client could not parse as a Status.
+        let plain_404 = failed_list("404 page not found", "Failed to parse error data", 404);
+        assert!(state.on_event(AP, plain_404));
+        assert!(state.missing && state.objects.is_empty());
+        let mut unsynced = ClusterKind::default();
+        assert!(!unsynced.on_event(AP, failed_list("forbidden", "Forbidden", 403)));
+        assert!(!unsynced.synced);
+    }
+
+    #[test]
+    fn a_cluster_object_with_a_malformed_selector_goes_to_its_whole_namespace() {
+        let resource = AP.api_resource();
+        let object = DynamicObject::new("odd", &resource)
+            .within("demo")
+            .data(json!({ "spec": { "selector": { "matchLabels": { "version": 2 } } } }));
+        let (key, object) = cluster_object(AP, &object).unwrap();
+        assert_eq!(key, self::key(AP, "demo", "odd"));
+        assert!(object.selects(&BTreeMap::new()));
+        assert_eq!(
+            parsed(object.json())["spec"],
+            json!({ "selector": { "matchLabels": { "version": 2 } } }),
+            "sent as written, for the proxy to refuse"
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_published_before_the_cluster_is_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policies.yaml");
+        std::fs::write(&path, ALLOW_WEB).unwrap();
+        let server = TestApiServer::start().await;
+        let client = server.client();
+        server.shutdown().await;
+        let (_stop, shutdown) = watch::channel(false);
+        let sources = Sources {
+            kubernetes: Some(client),
+            file: Some(PolicyFile::load(&path).unwrap()),
+        };
+        let rx = spawn(sources, metrics(), shutdown);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !rx.borrow().is_synced(),
+            "the file alone is not every policy"
+        );
+    }
+
+    // --- the gRPC service on a real socket ---
+
+    impl TestAgent {
+        async fn policy_client(&self) -> PolicyDiscoveryClient<tonic::transport::Channel> {
+            PolicyDiscoveryClient::new(self.channel().await)
+        }
+
+        /// Serves what the policy task publishes from now on.
+        fn follow(&self, mut policies: watch::Receiver<Arc<PolicySnapshot>>) {
+            let tx = self.policy_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    tx.send_replace(policies.borrow_and_update().clone());
+                    if policies.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    async fn serve(unix_map: &str) -> TestAgent {
+        let ca = TestCa::prepare().await;
+        TestAgent::serve(
+            SocketApi::Policy,
+            ca,
+            Duration::from_secs(3600),
+            unix_map,
+            BundleSource::Test,
+        )
+        .await
+    }
+
+    const MESH_STRICT: &str = "apiVersion: sigil.dev/v1alpha1\nkind: PeerAuthentication\n\
+                               metadata: {name: default, namespace: sigil-system}\n\
+                               spec: {mtls: {mode: STRICT}}\n";
+
+    #[tokio::test]
+    async fn an_attested_caller_gets_its_set_then_each_change_to_it_once() {
+        let uid = this_uid();
+        let agent = serve(&format!(
+            "workloads:\n- {{uid: {uid}, id: {WEB_ID}, labels: {{app: web}}}}\n"
+        ))
+        .await;
+        let mut client = agent.policy_client().await;
+        let mut stream = client
+            .watch_policies(WatchPoliciesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        // Not synced yet: nothing is sent until it is.
+        let mut first = Box::pin(stream.message());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut first)
+                .await
+                .is_err()
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policies.yaml");
+        let not_web = "apiVersion: sigil.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                       metadata: {name: db, namespace: demo}\n\
+                       spec: {selector: {matchLabels: {app: db}}, action: DENY}\n";
+        std::fs::write(&path, format!("{ALLOW_WEB}---\n{not_web}")).unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let sources = Sources {
+            kubernetes: None,
+            file: Some(PolicyFile::load(&path).unwrap()),
+        };
+        let policies = spawn(sources, metrics(), shutdown);
+        agent.follow(policies.clone());
+        let message = tokio::time::timeout(WAIT, first)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let allow_web = policies.borrow().objects[&key(AP, "demo", "allow-web")]
+            .json()
+            .to_string();
+        assert_eq!(
+            message,
+            PolicySet {
+                version: 1,
+                namespace: "demo".into(),
+                labels: [("app".to_string(), "web".to_string())].into(),
+                objects_json: vec![allow_web.clone()],
+            }
+        );
+        assert_eq!(agent.streams_open(), 1);
+
+        // A policy that applies to it appears: sent within a poll of the file.
+        replace(
+            &path,
+            format!("{ALLOW_WEB}---\n{not_web}---\n{MESH_STRICT}"),
+        );
+        let written = std::time::Instant::now();
+        let message = tokio::time::timeout(WAIT, stream.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            written.elapsed() < FILE_POLL_INTERVAL + Duration::from_millis(500),
+            "{:?}",
+            written.elapsed()
+        );
+        assert_eq!(message.version, 2);
+        let mesh_strict = policies.borrow().objects[&key(PA, ROOT_NAMESPACE, "default")]
+            .json()
+            .to_string();
+        assert_eq!(message.objects_json, [allow_web, mesh_strict]);
+
+        // One that does not apply to it changes: nothing is sent.
+        let audit = not_web.replace("DENY", "AUDIT");
+        replace(&path, format!("{ALLOW_WEB}---\n{audit}---\n{MESH_STRICT}"));
+        until(&policies, WAIT, |s| s.version == 3).await;
+        assert!(
+            tokio::time::timeout(FILE_POLL_INTERVAL, stream.message())
+                .await
+                .is_err()
+        );
+        assert_eq!(agent.pushes(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unattested_caller_is_refused() {
+        let uid = this_uid();
+        let agent = serve(&format!(
+            "workloads:\n- {{uid: {uid}, path: /usr/bin/not-this-test, id: {WEB_ID}}}\n"
+        ))
+        .await;
+        agent.policy_tx.send_replace(Arc::new(snapshot(1, [])));
+        let refused = agent
+            .policy_client()
+            .await
+            .watch_policies(WatchPoliciesRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        assert_eq!(refused.message(), "caller could not be attested");
+        assert_eq!(agent.metrics.attestation_failures.get(), 1);
+        assert_eq!(agent.streams_open(), 0);
+    }
+}

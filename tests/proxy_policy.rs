@@ -1,0 +1,204 @@
+//! Authorization policies enforced by the bundled proxy, end to end with real processes: the
+//! agent serves the policy file's objects over `sigil.policy.v1`, the proxy decides at
+//! connection time (L4) and per HTTP request (L7, 403 on deny), closes a keep-alive connection
+//! that a policy change no longer allows, and answers kubelet probes under deny-all.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WEB_UID: u32 = 41401;
+const DB_UID: u32 = 41402;
+
+const DENY_ALL: &str = "apiVersion: sigil.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: demo}
+spec: {}
+";
+
+const ALLOW_WEB_ON_ALLOWED: &str = "apiVersion: sigil.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: demo}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/demo/sa/web]}}]
+    to: [{operation: {methods: [GET], paths: [/allowed, /public/*]}}]
+";
+
+/// Replaces the policy file whole (the agent may read it at any moment).
+fn write_policies(path: &Path, documents: &[&str]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, documents.join("---\n")).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// One HTTP/1.1 GET on `stream`: (status, body); None if the connection closed or broke.
+async fn get_on(stream: &mut TcpStream, path: &str) -> Option<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: db\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.ok()?;
+    Some((status, String::from_utf8_lossy(&body).to_string()))
+}
+
+fn decisions(decision: &str, policy: &str, layer: &str) -> String {
+    format!(
+        "sigil_proxy_authz_decisions_total{{decision=\"{decision}\",policy=\"{policy}\",layer=\"{layer}\"}}"
+    )
+}
+
+#[tokio::test]
+async fn deny_all_then_an_allow_for_one_path_then_its_removal_closes_the_open_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies.yaml");
+    write_policies(&policies, &[DENY_ALL]);
+    let host = MeshHost::start(
+        dir.path(),
+        &[(WEB_UID, WEB_ID), (DB_UID, DB_ID)],
+        "1h",
+        &["--policy-file", policies.to_str().unwrap()],
+    )
+    .await;
+    let app = http_app().await;
+    let (web_out, db_in): (SocketAddr, SocketAddr) = (free_addr(), free_addr());
+    let socket = host.socket.to_str().unwrap();
+    let db = spawn_proxy(
+        dir.path(),
+        "proxy-db",
+        Some(DB_UID),
+        &args(&[
+            "--explicit",
+            "--agent-socket",
+            socket,
+            "--inbound-listen",
+            &db_in.to_string(),
+            "--inbound-app",
+            &app.to_string(),
+            "--app-probe",
+            &format!("db-ready={}/healthz", app.port()),
+        ]),
+    )
+    .await;
+    let web = spawn_proxy(
+        dir.path(),
+        "proxy-web",
+        Some(WEB_UID),
+        &args(&[
+            "--explicit",
+            "--agent-socket",
+            socket,
+            "--outbound-listen",
+            &web_out.to_string(),
+            "--outbound-upstream",
+            &db_in.to_string(),
+            "--outbound-identity",
+            DB_ID,
+        ]),
+    )
+    .await;
+
+    // 1. deny-all: the connection is refused at connection time, by that policy.
+    let mut stream = TcpStream::connect(web_out).await.unwrap();
+    assert_eq!(get_on(&mut stream, "/allowed").await, None);
+    eventually("the denial in the db proxy's access log", || async {
+        db.access_log().iter().any(|l| l["result"] == "denied")
+    })
+    .await;
+    let line = db
+        .access_log()
+        .into_iter()
+        .find(|l| l["result"] == "denied")
+        .unwrap();
+    assert_eq!(line["policy"], "default", "{line}");
+    assert_eq!(line["source_identity"], WEB_ID);
+    assert!(db.metric(&decisions("deny", "default", "l4")).await >= 1.0);
+
+    // A kubelet-style probe (plaintext, no identity) still passes under deny-all.
+    let (status, body) = http_get(db.metrics, "/app-health/db-ready").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = http_get(db.metrics, "/app-health/unknown").await.unwrap();
+    assert_eq!(status, 404);
+
+    // 2. An ALLOW for web on some paths: HTTP requests are decided one by one.
+    write_policies(&policies, &[DENY_ALL, ALLOW_WEB_ON_ALLOWED]);
+    eventually("the db proxy has the new policies", || async {
+        db.metric("sigil_proxy_policy_updates_total").await >= 2.0
+    })
+    .await;
+    let mut stream = TcpStream::connect(web_out).await.unwrap();
+    assert_eq!(
+        get_on(&mut stream, "/allowed").await,
+        Some((200, "ok".to_string()))
+    );
+    assert_eq!(
+        get_on(&mut stream, "/public/x").await,
+        Some((200, "ok".to_string()))
+    );
+    let (status, body) = get_on(&mut stream, "/secret").await.unwrap();
+    assert_eq!((status, body.as_str()), (403, "RBAC: access denied\n"));
+    // The connection is still usable after a 403.
+    assert_eq!(
+        get_on(&mut stream, "/allowed").await,
+        Some((200, "ok".to_string()))
+    );
+    assert!(db.metric(&decisions("allow", "demo/allow-web", "l7")).await >= 3.0);
+    assert!(db.metric(&decisions("deny", "default", "l7")).await >= 1.0);
+    eventually("the 403 in the access log", || async {
+        db.access_log()
+            .iter()
+            .any(|l| l["kind"] == "http" && l["path"] == "/secret" && l["status"] == 403)
+    })
+    .await;
+
+    // 3. Removing the ALLOW closes the open keep-alive connection soon after the change.
+    let removed = Instant::now();
+    write_policies(&policies, &[DENY_ALL]);
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection stayed open: {read:?}"
+    );
+    let closed_after = removed.elapsed();
+    // The agent polls the file every second; the proxy acts on the update at once.
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "closed only after {closed_after:?}"
+    );
+    eventually("the closure in the access log", || async {
+        db.access_log()
+            .iter()
+            .any(|l| l["result"] == "closed_by_policy")
+    })
+    .await;
+    drop(web);
+}
