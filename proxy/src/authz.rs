@@ -9,12 +9,10 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{Value, json};
-use sigil_agent::backoff::Backoff;
 use sigil_identity::SpiffeId;
 use sigil_policy::model::Object;
 use sigil_policy::{Decision, HttpRequest, Peer, PolicySet, Request, Workload};
@@ -24,27 +22,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::MtlsMode;
+use crate::feed;
 use crate::l7::{Authorize, RequestInfo};
 use crate::metrics::{AuthzDecision, AuthzLabels, Layer, Metrics};
-
-const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
-
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyFeedError {
-    #[error("connecting to the agent at {path}: {source}")]
-    Connect {
-        path: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
-    #[error("the agent refused the policy stream: {0}")]
-    Refused(#[source] tonic::Status),
-    #[error("the policy stream broke: {0}")]
-    Stream(#[source] tonic::Status),
-    #[error("the agent closed the policy stream")]
-    Closed,
-}
 
 /// The policies in force for this workload.
 #[derive(Debug)]
@@ -250,49 +230,13 @@ pub async fn run(
     tx: watch::Sender<Option<Arc<PolicyState>>>,
     metrics: Arc<Metrics>,
 ) {
-    let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
-    loop {
-        let e = follow(&socket, &tx, &metrics, &mut backoff).await;
-        let delay = backoff.next_delay();
-        warn!(
-            error = %e,
-            retry_in_ms = delay.as_millis() as u64,
-            "lost the agent's policy stream; keeping the current policies and reconnecting"
-        );
-        metrics.policy_reconnects.inc();
-        tokio::time::sleep(delay).await;
-    }
-}
-
-async fn follow(
-    socket: &Path,
-    tx: &watch::Sender<Option<Arc<PolicyState>>>,
-    metrics: &Metrics,
-    backoff: &mut Backoff,
-) -> PolicyFeedError {
-    let channel = match sigil_agent::socket_client::connect(socket).await {
-        Ok(channel) => channel,
-        Err(source) => {
-            return PolicyFeedError::Connect {
-                path: socket.display().to_string(),
-                source,
-            };
-        }
+    let reconnects = metrics.policy_reconnects.clone();
+    let open = |channel| async move {
+        PolicyDiscoveryClient::new(channel)
+            .watch_policies(WatchPoliciesRequest {})
+            .await
     };
-    let mut stream = match PolicyDiscoveryClient::new(channel)
-        .watch_policies(WatchPoliciesRequest {})
-        .await
-    {
-        Ok(response) => response.into_inner(),
-        Err(status) => return PolicyFeedError::Refused(status),
-    };
-    loop {
-        let wire = match stream.message().await {
-            Ok(Some(wire)) => wire,
-            Ok(None) => return PolicyFeedError::Closed,
-            Err(status) => return PolicyFeedError::Stream(status),
-        };
-        backoff.reset();
+    let on_message = |wire: WirePolicySet| {
         let state = PolicyState::from_wire(&wire);
         for why in &state.rejected {
             warn!(problem = %why, "a policy from the agent is invalid; enforcing its fail-closed stand-in");
@@ -309,7 +253,8 @@ async fn follow(
         metrics.policy_updates.inc();
         metrics.policies_rejected.set(state.rejected.len() as i64);
         tx.send_replace(Some(Arc::new(state)));
-    }
+    };
+    feed::follow_forever(socket, "policies", open, on_message, reconnects).await;
 }
 
 /// The outcome of one decision, for logs.

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod authz;
 pub mod config;
+pub mod feed;
 pub mod forward;
 pub mod inbound;
 pub mod init;

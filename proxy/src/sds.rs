@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, Node, data_source};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
@@ -22,31 +21,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
+use crate::feed::{self, FeedError};
 use crate::metrics::Metrics;
 use crate::tls::TlsState;
 
-/// First retry after the agent went away; the agent usually restarts within seconds...
-const RECONNECT_INITIAL: Duration = Duration::from_millis(200);
-/// ...so the wait never grows past this (a local socket costs nothing to retry).
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Requests queued towards the agent (ACKs are one per response).
 const REQUEST_BUFFER: usize = 4;
-
-#[derive(Debug, thiserror::Error)]
-pub enum SdsError {
-    #[error("connecting to the agent at {path}: {source}")]
-    Connect {
-        path: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
-    #[error("the agent refused the SDS stream: {0}")]
-    Refused(#[source] tonic::Status),
-    #[error("the SDS stream broke: {0}")]
-    Stream(#[source] tonic::Status),
-    #[error("the agent closed the SDS stream")]
-    Closed,
-}
 
 /// Why a response could not be used: sent back to the agent as the NACK's detail.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +56,7 @@ pub async fn run(
     tx: watch::Sender<Option<Arc<TlsState>>>,
     metrics: Arc<Metrics>,
 ) {
-    let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
+    let mut backoff = Backoff::new(feed::RECONNECT_INITIAL, feed::RECONNECT_MAX);
     let mut received = Received::default();
     loop {
         let result = follow(
@@ -112,10 +92,10 @@ async fn follow(
     tx: &watch::Sender<Option<Arc<TlsState>>>,
     metrics: &Metrics,
     backoff: &mut Backoff,
-) -> Result<(), SdsError> {
+) -> Result<(), FeedError> {
     let channel = sigil_agent::socket_client::connect(socket)
         .await
-        .map_err(|source| SdsError::Connect {
+        .map_err(|source| FeedError::Connect {
             path: socket.display().to_string(),
             source,
         })?;
@@ -126,7 +106,7 @@ async fn follow(
     let mut responses = SecretDiscoveryServiceClient::new(channel)
         .stream_secrets(ReceiverStream::new(request_rx))
         .await
-        .map_err(SdsError::Refused)?
+        .map_err(FeedError::Refused)?
         .into_inner();
     metrics.sds_connected.set(1);
     info!(socket = %socket.display(), "SDS stream to the agent open");
@@ -135,8 +115,8 @@ async fn follow(
         let response = responses
             .message()
             .await
-            .map_err(SdsError::Stream)?
-            .ok_or(SdsError::Closed)?;
+            .map_err(FeedError::Stream)?
+            .ok_or(FeedError::Closed)?;
         backoff.reset();
         match apply(&response, received) {
             Ok(()) => {
