@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod peer;
 pub mod policy_feed;
 pub mod polled_file;
+pub mod push_stream;
 pub mod sds;
 pub mod server;
 pub mod socket_client;

@@ -21,12 +21,11 @@ use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
@@ -45,6 +44,7 @@ use tracing::{debug, error, info, warn};
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
 use crate::polled_file::{self, PolledFile};
+use crate::push_stream::{self, PushFeed, ResponseStream};
 
 /// The pod label that puts a pod in the mesh (the sidecar injector sets it on injected pods).
 pub const TLS_MODE_LABEL: &str = "sigil.dev/tls-mode";
@@ -60,8 +60,14 @@ const LABELS: ApiLabels = ApiLabels {
     api: SocketApi::Mesh,
 };
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 type PodEvents = BoxStream<'static, Result<Event<Pod>, watcher::Error>>;
+
+/// Only shutdown ends a stream: clients retry, and reach the agent replacing this one.
+impl From<MeshError> for Status {
+    fn from(e: MeshError) -> Status {
+        Status::unavailable(e.to_string())
+    }
+}
 
 /// Why a membership source or message is invalid, or a stream ended.
 #[derive(Debug, thiserror::Error)]
@@ -632,7 +638,7 @@ impl MeshDiscovery for MeshApi {
             pushes: self.workloads.metrics.pushes.get_or_create(&LABELS).clone(),
             _open: OpenStream::new(&self.workloads.metrics, SocketApi::Mesh),
         };
-        Ok(Response::new(feed.into_stream()))
+        Ok(Response::new(push_stream::into_stream(feed)))
     }
 }
 
@@ -646,7 +652,10 @@ struct Feed {
     _open: OpenStream,
 }
 
-impl Feed {
+impl PushFeed for Feed {
+    type Message = MeshMembers;
+    type Error = MeshError;
+
     /// The next message: the current membership at once, then the next change. The receiver
     /// always holds the newest snapshot, so a slow reader gets the latest, not a backlog.
     async fn next_message(&mut self) -> Result<MeshMembers, MeshError> {
@@ -665,19 +674,8 @@ impl Feed {
         }
     }
 
-    fn into_stream(self) -> ResponseStream<MeshMembers> {
-        Box::pin(futures::stream::unfold(Some(self), |feed| async move {
-            let mut feed = feed?;
-            match feed.next_message().await {
-                Ok(message) => {
-                    feed.pushes.inc();
-                    Some((Ok(message), Some(feed)))
-                }
-                // Only shutdown ends a feed: clients retry, and reach the agent replacing this
-                // one. The error is the stream's last message.
-                Err(e) => Some((Err(Status::unavailable(e.to_string())), None)),
-            }
-        }))
+    fn pushes(&self) -> &Counter {
+        &self.pushes
     }
 }
 

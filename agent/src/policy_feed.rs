@@ -29,12 +29,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -54,6 +53,7 @@ use crate::attest::k8s::NodePods;
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
 use crate::polled_file::{self, PolledFile};
+use crate::push_stream::{self, PushFeed, ResponseStream};
 
 /// The namespace whose objects are mesh-wide: they apply to workloads in every namespace.
 pub const ROOT_NAMESPACE: &str = "sigil-system";
@@ -77,10 +77,16 @@ const LABELS: ApiLabels = ApiLabels {
     api: SocketApi::Policy,
 };
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 type ClusterEvents = BoxStream<'static, (PolicyKind, Result<Event<DynamicObject>, watcher::Error>)>;
 /// Policy objects by identity, so in the order they are sent in.
 pub type Objects = BTreeMap<ObjectKey, Arc<PolicyObject>>;
+
+/// Only shutdown ends a stream: clients retry, and reach the agent replacing this one.
+impl From<PolicyError> for Status {
+    fn from(e: PolicyError) -> Status {
+        Status::unavailable(e.to_string())
+    }
+}
 
 /// Why a policy file is invalid, or a stream ended.
 #[derive(Debug, thiserror::Error)]
@@ -716,7 +722,7 @@ impl PolicyDiscovery for PolicyApi {
             pushes: self.workloads.metrics.pushes.get_or_create(&LABELS).clone(),
             _open: OpenStream::new(&self.workloads.metrics, SocketApi::Policy),
         };
-        Ok(Response::new(feed.into_stream()))
+        Ok(Response::new(push_stream::into_stream(feed)))
     }
 }
 
@@ -741,7 +747,10 @@ struct Feed {
     _open: OpenStream,
 }
 
-impl Feed {
+impl PushFeed for Feed {
+    type Message = PolicySet;
+    type Error = PolicyError;
+
     /// The next set: the workload's as soon as the policies are synced, then after each change
     /// to the objects that apply to it or to its namespace and labels. The receivers always hold
     /// the newest state, so a slow reader gets the latest set, not a backlog.
@@ -781,6 +790,12 @@ impl Feed {
         }
     }
 
+    fn pushes(&self) -> &Counter {
+        &self.pushes
+    }
+}
+
+impl Feed {
     /// Waits for the policies or this node's pods to change.
     async fn changed(&mut self) -> Result<(), PolicyError> {
         let pods = self.pods.as_mut();
@@ -802,21 +817,6 @@ impl Feed {
             self.pods = None;
         }
         Ok(())
-    }
-
-    fn into_stream(self) -> ResponseStream<PolicySet> {
-        Box::pin(futures::stream::unfold(Some(self), |feed| async move {
-            let mut feed = feed?;
-            match feed.next_message().await {
-                Ok(message) => {
-                    feed.pushes.inc();
-                    Some((Ok(message), Some(feed)))
-                }
-                // Only shutdown ends a feed: clients retry, and reach the agent replacing this
-                // one. The error is the stream's last message.
-                Err(e) => Some((Err(Status::unavailable(e.to_string())), None)),
-            }
-        }))
     }
 }
 

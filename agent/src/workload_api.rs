@@ -11,10 +11,8 @@
 //! standard expects of an endpoint without a profile) rather than anything made up.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
 use prometheus_client::metrics::counter::Counter;
 use rustls_pki_types::CertificateDer;
 use sigil_identity::TrustBundle;
@@ -33,6 +31,7 @@ use tracing::info;
 use crate::certs::{ManagerGone, Svid, SvidWatch};
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
+use crate::push_stream::{self, PushFeed, ResponseStream};
 
 /// The metadata key every request must carry, with the value `true`. A client that sets it knows
 /// it is talking to the Workload API, which keeps a request smuggled to the socket by some other
@@ -41,8 +40,6 @@ pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 const LABELS: ApiLabels = ApiLabels {
     api: SocketApi::WorkloadApi,
 };
-
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Why a request was refused or a stream ended. The caller is told the message.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +114,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             &self.workloads.metrics,
             x509_svid_response,
         );
-        Ok(Response::new(feed.into_stream()))
+        Ok(Response::new(push_stream::into_stream(feed)))
     }
 
     async fn fetch_x509_bundles(
@@ -134,7 +131,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             &self.workloads.metrics,
             |_, bundle| Some(x509_bundles_response(bundle)),
         );
-        Ok(Response::new(feed.into_stream()))
+        Ok(Response::new(push_stream::into_stream(feed)))
     }
 
     async fn fetch_jwtsvid(
@@ -193,6 +190,11 @@ impl<T: Send + 'static> Feed<T> {
             _open: OpenStream::new(metrics, SocketApi::WorkloadApi),
         }
     }
+}
+
+impl<T: Send + 'static> PushFeed for Feed<T> {
+    type Message = T;
+    type Error = WorkloadApiError;
 
     /// The next message: at once for the first, else on the next change worth a message. Both
     /// receivers always hold the newest value, so a client that reads slowly gets the latest
@@ -229,18 +231,8 @@ impl<T: Send + 'static> Feed<T> {
         }
     }
 
-    fn into_stream(self) -> ResponseStream<T> {
-        Box::pin(futures::stream::unfold(Some(self), |feed| async move {
-            let mut feed = feed?;
-            match feed.next_message().await {
-                Ok(message) => {
-                    feed.pushes.inc();
-                    Some((Ok(message), Some(feed)))
-                }
-                // The error is the stream's last message.
-                Err(e) => Some((Err(e.into()), None)),
-            }
-        }))
+    fn pushes(&self) -> &Counter {
+        &self.pushes
     }
 }
 

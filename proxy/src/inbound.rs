@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -178,6 +178,11 @@ async fn authorize_and_forward<D>(
         let outcome = authz.decide_connection();
         log.policy = Some(outcome.policy.clone());
         if !outcome.allowed {
+            log.security = Some(security);
+            // A clean close (TLS close_notify), so the client's proxy sees a refusal rather
+            // than a broken connection.
+            let mut downstream = downstream;
+            let _ = tokio::time::timeout(PERMISSIVE_DETECT_WAIT, downstream.shutdown()).await;
             return log.denied(&outcome.reason);
         }
     }
