@@ -6,39 +6,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use k8s_openapi::api::core::v1::Secret;
-use sigil_test_apiserver::{PodSpec, TestApiServer, TokenSpec};
+use sigil_test_apiserver::{PodSpec, TestApiServer};
 
 const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
-
-/// A cgroup (v1 `pids` hierarchy, cgroupfs driver layout) for one container of a pod; removed on drop.
-struct PodCgroup(PathBuf);
-
-impl PodCgroup {
-    fn create(pod_uid: &str) -> PodCgroup {
-        let container = format!("{:0>64}", "5a1b7e");
-        let dir = Path::new("/sys/fs/cgroup/pids/kubepods/burstable")
-            .join(format!("pod{pod_uid}"))
-            .join(container);
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("creating {}: {e} (the tests run as root)", dir.display()));
-        PodCgroup(dir)
-    }
-}
-
-impl Drop for PodCgroup {
-    fn drop(&mut self) {
-        // Innermost first; each rmdir only succeeds once no process is left in it.
-        for dir in self.0.ancestors().take(4) {
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
 
 const CLIENT: &str = r#"
 import json, sys
@@ -55,20 +30,16 @@ except Exception as e:
 fn fetch_svid(dir: &Path, socket: &Path, cgroup: Option<&PodCgroup>) -> serde_json::Value {
     let script = dir.join("client.py");
     std::fs::write(&script, CLIENT).unwrap();
-    let enter = match cgroup {
-        Some(c) => format!("echo $$ > {}/cgroup.procs && ", c.0.display()),
-        None => String::new(),
+    let mut client = Command::new("python3");
+    client.arg(&script).env(
+        "SPIFFE_ENDPOINT_SOCKET",
+        format!("unix://{}", socket.display()),
+    );
+    let mut command = match cgroup {
+        Some(cgroup) => cgroup.enter(&client),
+        None => client,
     };
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!("{enter}exec python3 {}", script.display()))
-        .env(
-            "SPIFFE_ENDPOINT_SOCKET",
-            format!("unix://{}", socket.display()),
-        )
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = command.stdin(Stdio::null()).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
         panic!(
@@ -95,37 +66,18 @@ async fn a_process_in_a_pod_cgroup_gets_its_pods_identity_through_tokenreview_an
 
     let mut ca = CaProcess::start(dir.path(), Some(&kubeconfig), &[] as &[&str]);
     ca.wait_ready().await;
-    let secrets: kube::Api<Secret> = kube::Api::namespaced(server.client(), "sigil-system");
-    let bundle = dir.path().join("bundle.pem");
-    std::fs::write(
-        &bundle,
-        &secrets.get("sigil-ca").await.unwrap().data.unwrap()["root-cert.pem"].0,
-    )
-    .unwrap();
-    let token = dir.path().join("token");
-    std::fs::write(
-        &token,
-        server.issue_token(&TokenSpec::for_pod(&agent_pod, "sigil-ca")),
-    )
-    .unwrap();
-
     let socket = dir.path().join("agent.sock");
-    let admin = free_addr();
-    let mut agent_cmd = Command::new(SIGIL);
-    agent_cmd
-        .args(["agent", "run", "--attestor", "k8s", "--node-name", "node-a"])
-        .args(["--ca", &ca.grpc.to_string(), "--ca-name", "localhost"])
-        .arg("--ca-bundle")
-        .arg(&bundle)
-        .arg("--token-file")
-        .arg(&token)
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--admin-addr", &admin.to_string()])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("RUST_LOG", "info");
     // Killed on drop, also when an assertion fails.
-    let agent = Proc::spawn(agent_cmd, dir.path().join("agent.log"));
+    let (agent, admin) = spawn_k8s_agent(
+        dir.path(),
+        &server,
+        &kubeconfig,
+        &ca,
+        &agent_pod,
+        "node-a",
+        &socket,
+    )
+    .await;
     let logs = || agent.logs();
 
     // Once this node's pods are synced, the identities of the pods on node-a (web, and the agent's
@@ -156,7 +108,7 @@ async fn a_process_in_a_pod_cgroup_gets_its_pods_identity_through_tokenreview_an
     }
 
     // A process in web-1's container cgroup is attested as web.
-    let cgroup = PodCgroup::create(web.metadata.uid.as_deref().unwrap());
+    let cgroup = PodCgroup::create(&web, "5a1b7e");
     let answer = fetch_svid(dir.path(), &socket, Some(&cgroup));
     assert_eq!(answer["id"], WEB_ID, "{answer}\n{}", logs());
 

@@ -5,18 +5,26 @@
 //! changes nothing; and that connections really are redirected, outbound and inbound (from a
 //! second namespace over a veth pair), except for the proxy's uid and the excluded ports and
 //! CIDRs, with the original destination readable through SO_ORIGINAL_DST as the proxy reads it.
+//! The namespaces are tests/common/netns.rs's, shared with tests/proxy_netns.rs and
+//! tests/policy_netns.rs.
+
+mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
-const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
-/// Debian's python3: the unprivileged client can run it (pyenv's lives under /root, mode 0700).
-const PYTHON: &str = "/usr/bin/python3";
+use common::SIGIL;
+use common::netns::{LINK_PREFIX, Netns, PYTHON, require_root, run};
+
+/// This test's namespaces are `sigil-init-<pid>-<role>`.
+const NETNS_PREFIX: &str = "sigil-init";
+/// Why these tests must run as root.
+const ROOT: &str = "these tests create network namespaces and install iptables rules: run them as \
+                    root (CI does)";
 const PROXY_UID: &str = "1337";
 /// Addresses come from 198.18.0.0/15 (benchmarking), which no real network uses.
 const POD_IP: &str = "198.18.0.1";
 const PEER_IP: &str = "198.18.0.2";
-const LINK_PREFIX: &str = "24";
 /// A second peer address, in a range the pod is told to leave alone.
 const EXCLUDED_CIDR: &str = "198.19.0.0/16";
 const PEER_EXCLUDED_IP: &str = "198.19.0.2";
@@ -71,68 +79,21 @@ for target in sys.argv[1:]:
     print(target, "->", answer, flush=True)
 "#;
 
-fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
-    let euid = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1));
-    assert_eq!(
-        euid,
-        Some("0"),
-        "these tests create network namespaces and install iptables rules: run them as root \
-         (CI does)"
-    );
+/// What these tests do in a namespace beyond common::netns.
+trait InitNetns {
+    /// `sigil proxy init ARGS` in the namespace; its stdout.
+    fn init(&self, args: &[&str]) -> String;
+    /// The nat table as `<iptables>-save` shows it, without its timestamped comments.
+    fn nat(&self, iptables: &str) -> String;
+    /// Runs the client script as `uid` and returns its `TARGET -> ANSWER` lines.
+    fn connect(&self, uid: &str, targets: &[String]) -> Vec<String>;
 }
 
-/// Runs a command to completion; panics with its output unless it succeeds. Returns stdout.
-fn run(command: &mut Command) -> String {
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{command:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A network namespace of this test process, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(role: &str) -> Netns {
-        require_root();
-        let name = format!("sigil-init-{}-{role}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let netns = Netns { name };
-        netns.run(&["ip", "link", "set", "lo", "up"]);
-        netns
-    }
-
-    /// `program args` inside the namespace.
-    fn command(&self, program_and_args: &[&str]) -> Command {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.name])
-            .args(program_and_args);
-        command
-    }
-
-    fn run(&self, program_and_args: &[&str]) -> String {
-        run(&mut self.command(program_and_args))
-    }
-
+impl InitNetns for Netns {
     fn init(&self, args: &[&str]) -> String {
         self.run(&[&[SIGIL, "proxy", "init"], args].concat())
     }
 
-    /// The nat table as `<iptables>-save` shows it, without its timestamped comments.
     fn nat(&self, iptables: &str) -> String {
         self.run(&[&format!("{iptables}-save"), "-t", "nat"])
             .lines()
@@ -141,33 +102,13 @@ impl Netns {
             .collect()
     }
 
-    /// Runs the client script as `uid` and returns its `TARGET -> ANSWER` lines.
     fn connect(&self, uid: &str, targets: &[String]) -> Vec<String> {
-        let mut command = vec![
-            "setpriv",
-            "--reuid",
-            uid,
-            "--regid",
-            uid,
-            "--clear-groups",
-            PYTHON,
-            "-I",
-            "-c",
-            CLIENT,
-        ];
+        let mut command = vec![PYTHON, "-I", "-c", CLIENT];
         command.extend(targets.iter().map(String::as_str));
-        self.run(&command).lines().map(str::to_owned).collect()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let deleted = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .status();
-        if !matches!(deleted, Ok(status) if status.success()) {
-            eprintln!("could not delete network namespace {}", self.name);
-        }
+        run(&mut self.command_as(uid, &command))
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -233,7 +174,8 @@ fn sigil_lines(nat: &str) -> String {
 
 /// Install, reinstall, dry runs and cleanups with one iptables backend.
 fn rules_cycle(iptables: &str) {
-    let netns = Netns::new(iptables);
+    require_root(ROOT);
+    let netns = Netns::new(NETNS_PREFIX, iptables);
     netns.run(&[&[iptables, "-w", "-t", "nat"][..], &FOREIGN_RULE].concat());
     let before = netns.nat(iptables);
     let flags = [
@@ -315,8 +257,9 @@ fn rules_are_idempotent_and_cleanup_removes_only_sigil_legacy() {
 
 #[test]
 fn connections_are_redirected_except_the_proxy_uid_and_exclusions() {
-    let pod = Netns::new("pod");
-    let peer = Netns::new("peer");
+    require_root(ROOT);
+    let pod = Netns::new(NETNS_PREFIX, "pod");
+    let peer = Netns::new(NETNS_PREFIX, "peer");
     // A veth pair: eth0 in the pod, eth0 in the peer, one /24 between them.
     pod.run(&[
         "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,

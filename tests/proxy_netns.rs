@@ -34,25 +34,22 @@
 //! Python's urllib run with `ip netns exec` and setpriv; the servers (B's app, C's server, the
 //! raw listener) and the /ready and /metrics reader are sockets of the test process (root),
 //! created by a thread that entered the namespace with setns(2): a socket stays in the
-//! namespace it was created in.
+//! namespace it was created in. The namespaces, the two-pod network and the pods' proxies are
+//! tests/common/netns.rs's, shared with tests/policy_netns.rs and tests/proxy_init.rs.
 
 mod common;
 
-use std::fs::File;
-use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::net::Ipv4Addr;
+use std::time::Duration;
 
-use common::{DB_ID, MeshHost, Proc, SIGIL, WEB_ID, metric};
+use common::netns::{Netns, PYTHON, PodNetwork, PodProxy, RecordingServer, require_root};
+use common::{DB_ID, MeshHost, WEB_ID};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::net::TcpListener;
 
+/// This test's namespaces are `sigil-netns-<pid>-{a,b,c}`.
+const NETNS_PREFIX: &str = "sigil-netns";
 /// A's proxy: attested as WEB, excluded from A's redirection.
 const WEB_UID: u32 = 41211;
 /// B's proxy: attested as DB, excluded from B's redirection.
@@ -63,22 +60,18 @@ const APP_UID: &str = "41213";
 const A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const C_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
-const LINK_PREFIX: &str = "24";
 /// B's application port.
 const APP_PORT: u16 = 8080;
 /// C's plain listener, outside the mesh.
 const OUTSIDE_PORT: u16 = 9090;
-/// sigil's defaults: the inbound listener, and the metrics port `proxy init` leaves alone.
+/// sigil's default inbound listener.
 const INBOUND_PORT: u16 = 15006;
-const METRICS_PORT: u16 = 15020;
 const B_BODY: &str = "hello from b's app\n";
 const C_BODY: &str = "hello from outside the mesh\n";
 const NOT_TLS: &str =
     "sigil_proxy_tls_handshake_failures_total{direction=\"inbound\",reason=\"not_tls\"}";
 const PLAINTEXT_OPENED: &str =
     "sigil_proxy_connections_opened_total{direction=\"inbound\",security=\"plaintext\"}";
-/// Debian's python3: the unprivileged app uid can run it (pyenv's lives under /root, mode 0700).
-const PYTHON: &str = "/usr/bin/python3";
 /// GETs `argv[1]` with no proxy settings (urllib would honour `http_proxy`) and prints the body;
 /// fails on anything but a 2xx HTTP answer.
 const HTTP_CLIENT: &str = r#"
@@ -87,138 +80,18 @@ opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 with opener.open(sys.argv[1], timeout=5) as answer:
     sys.stdout.write(answer.read().decode())
 "#;
-fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
-    let euid = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1));
-    assert_eq!(
-        euid,
-        Some("0"),
-        "this test creates network namespaces, installs iptables rules in them and runs \
-         processes as other uids: run it as root (CI does)"
-    );
-}
-
-/// Runs a command to completion; panics with its output unless it succeeds. Returns stdout.
-fn run(command: &mut Command) -> String {
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("running {command:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{command:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Runs `f` on a thread of its own that has entered the network namespace `name`: sockets it
-/// creates belong to that namespace for their whole life, whichever thread uses them later.
-fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
-    let path = format!("/run/netns/{name}");
-    let netns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                // setns(2) moves only this thread, which ends right after `f`.
-                rustix::thread::move_into_link_name_space(
-                    netns.as_fd(),
-                    Some(rustix::thread::LinkNameSpaceType::Network),
-                )
-                .unwrap_or_else(|e| panic!("setns into {path}: {e}"));
-                f()
-            })
-            .join()
-            .unwrap()
-    })
-}
-
-/// A TCP connection from inside the namespace `name`.
-async fn connect_in(name: &str, addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = in_netns(name, TcpSocket::new_v4)?;
-    tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
-}
-
-/// A minimal HTTP/1.0 GET from inside the namespace `name` (HTTP/1.0: no chunked answer).
-async fn http_get_in(name: &str, addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
-    let mut stream = connect_in(name, addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "read timed out"))??;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
-    Ok((status, body.to_owned()))
-}
-
-/// A network namespace of this test process, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(role: &str) -> Netns {
-        let name = format!("sigil-netns-{}-{role}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]));
-        let netns = Netns { name };
-        netns.run(&["ip", "link", "set", "lo", "up"]);
-        netns
-    }
-
-    /// `program args` inside the namespace.
-    fn command(&self, program_and_args: &[&str]) -> Command {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.name])
-            .args(program_and_args);
-        command
-    }
-
-    fn run(&self, program_and_args: &[&str]) -> String {
-        run(&mut self.command(program_and_args))
-    }
-
-    /// A listener on 0.0.0.0:`port` inside the namespace.
-    fn listen(&self, port: u16) -> TcpListener {
-        let socket = in_netns(&self.name, || -> io::Result<TcpSocket> {
-            let socket = TcpSocket::new_v4()?;
-            socket.set_reuseaddr(true)?;
-            socket.bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
-            Ok(socket)
-        })
-        .unwrap_or_else(|e| panic!("binding port {port} in {}: {e}", self.name));
-        socket.listen(64).unwrap()
-    }
-
+/// What this test does in a namespace beyond common::netns.
+trait PlainHttpClient {
     /// A plain HTTP client (Python's urllib, which knows nothing of the mesh) run as `uid`
     /// inside the namespace: the body on a 2xx answer, else the client's error.
+    async fn http_client(&self, uid: &str, url: &str) -> Result<String, String>;
+}
+
+impl PlainHttpClient for Netns {
     async fn http_client(&self, uid: &str, url: &str) -> Result<String, String> {
-        let mut command = tokio::process::Command::from(self.command(&[
-            "setpriv",
-            "--reuid",
-            uid,
-            "--regid",
-            uid,
-            "--clear-groups",
-            PYTHON,
-            "-I",
-            "-c",
-            HTTP_CLIENT,
-            url,
-        ]));
+        let mut command = tokio::process::Command::from(
+            self.command_as(uid, &[PYTHON, "-I", "-c", HTTP_CLIENT, url]),
+        );
         let out = command
             .output()
             .await
@@ -235,67 +108,30 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let deleted = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .status();
-        if !matches!(deleted, Ok(status) if status.success()) {
-            eprintln!("could not delete network namespace {}", self.name);
-        }
-    }
-}
-
 /// A plain HTTP server in a namespace: answers every request with a fixed body and closes,
 /// recording each connection's request head (empty if the client sent none). Stopped on drop.
-struct HttpApp {
-    requests: Arc<Mutex<Vec<String>>>,
-    task: JoinHandle<()>,
-}
-
-impl HttpApp {
-    fn start(netns: &Netns, port: u16, body: &'static str) -> HttpApp {
-        let listener = netns.listen(port);
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let seen = requests.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-                            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
-                            _ => break,
-                        }
-                    }
-                    seen.lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(&head).into_owned());
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-                         Connection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = stream.write_all(answer.as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                });
+fn http_app(netns: &Netns, port: u16, body: &'static str) -> RecordingServer {
+    RecordingServer::start(netns, port, move |mut stream, seen| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                _ => break,
             }
-        });
-        HttpApp { requests, task }
-    }
-
-    fn requests(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
-    }
-}
-
-impl Drop for HttpApp {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+        }
+        seen.lock()
+            .unwrap()
+            .push(String::from_utf8_lossy(&head).into_owned());
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
 }
 
 /// Accepts one connection and returns what it sent: its first TLS record (5-byte header and
@@ -326,110 +162,6 @@ async fn first_bytes(listener: TcpListener) -> Vec<u8> {
     bytes
 }
 
-/// A transparent `sigil proxy run` in a pod's namespace, as the pod's proxy uid; killed on
-/// drop. Its /ready and /metrics (on the pod's address, port 15020) are read from `observer`.
-struct PodProxy {
-    proc: Proc,
-    metrics: SocketAddr,
-    observer: String,
-}
-
-impl PodProxy {
-    async fn start(
-        pod: &Netns,
-        pod_ip: Ipv4Addr,
-        uid: u32,
-        agent_socket: &Path,
-        extra_args: &[&str],
-        log: PathBuf,
-        observer: &Netns,
-    ) -> PodProxy {
-        let uid = uid.to_string();
-        let metrics_addr = format!("0.0.0.0:{METRICS_PORT}");
-        let mut command = pod.command(&[
-            "setpriv",
-            "--reuid",
-            &uid,
-            "--regid",
-            &uid,
-            "--clear-groups",
-            SIGIL,
-            "proxy",
-            "run",
-            "--agent-socket",
-            agent_socket.to_str().unwrap(),
-            "--metrics-addr",
-            &metrics_addr,
-        ]);
-        command.args(extra_args).env("RUST_LOG", "info");
-        let mut proxy = PodProxy {
-            proc: Proc::spawn(command, log),
-            metrics: SocketAddrV4::new(pod_ip, METRICS_PORT).into(),
-            observer: observer.name.clone(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !matches!(
-            http_get_in(&proxy.observer, proxy.metrics, "/ready").await,
-            Ok((200, _))
-        ) {
-            if let Some(status) = proxy.proc.child.try_wait().unwrap() {
-                panic!(
-                    "the proxy in {} exited ({status}):\n{}",
-                    pod.name,
-                    proxy.logs()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the proxy in {} never became ready:\n{}",
-                pod.name,
-                proxy.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        proxy
-    }
-
-    fn logs(&self) -> String {
-        self.proc.logs()
-    }
-
-    /// The access-log lines (target `sigil_access`) so far, parsed.
-    fn access_log(&self) -> Vec<Value> {
-        self.logs()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-            .filter(|v| v["target"] == "sigil_access")
-            .collect()
-    }
-
-    /// Waits until the access log has `count` lines, and returns them.
-    async fn access_lines(&self, count: usize) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let lines = self.access_log();
-            if lines.len() >= count {
-                return lines;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "expected {count} access-log lines, got {}:\n{}",
-                lines.len(),
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn metric(&self, series: &str) -> f64 {
-        let (status, text) = http_get_in(&self.observer, self.metrics, "/metrics")
-            .await
-            .unwrap();
-        assert_eq!(status, 200, "{text}");
-        metric(&text, series)
-    }
-}
-
 /// A line's field as text (access-log fields are strings or null).
 fn field<'a>(line: &'a Value, name: &str) -> &'a str {
     line[name].as_str().unwrap_or_default()
@@ -437,7 +169,10 @@ fn field<'a>(line: &'a Value, name: &str) -> &'a str {
 
 #[tokio::test]
 async fn transparent_proxies_carry_a_plain_http_request_over_mtls_between_two_pods() {
-    require_root();
+    require_root(
+        "this test creates network namespaces, installs iptables rules in them and runs \
+         processes as other uids: run it as root (CI does)",
+    );
     let dir = tempfile::tempdir().unwrap();
     let mesh_file = dir.path().join("mesh.yaml");
     std::fs::write(
@@ -456,29 +191,14 @@ async fn transparent_proxies_carry_a_plain_http_request_over_mtls_between_two_po
     .await;
 
     // C holds the bridge both pods are plugged into, with an address of its own.
-    let c = Netns::new("c");
-    let c_cidr = format!("{C_IP}/{LINK_PREFIX}");
-    c.run(&["ip", "link", "add", "br0", "type", "bridge"]);
-    c.run(&["ip", "addr", "add", &c_cidr, "dev", "br0"]);
-    c.run(&["ip", "link", "set", "br0", "up"]);
-    let a = Netns::new("a");
-    let b = Netns::new("b");
-    for (pod, ip, port, uid) in [(&a, A_IP, "veth-a", WEB_UID), (&b, B_IP, "veth-b", DB_UID)] {
-        pod.run(&[
-            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", &c.name,
-        ]);
-        let cidr = format!("{ip}/{LINK_PREFIX}");
-        pod.run(&["ip", "addr", "add", &cidr, "dev", "eth0"]);
-        pod.run(&["ip", "link", "set", "eth0", "up"]);
-        c.run(&["ip", "link", "set", port, "master", "br0"]);
-        c.run(&["ip", "link", "set", port, "up"]);
-        pod.run(&[SIGIL, "proxy", "init", "--proxy-uid", &uid.to_string()]);
-    }
+    let PodNetwork { a, b, c } =
+        PodNetwork::new(NETNS_PREFIX, C_IP, [(A_IP, WEB_UID), (B_IP, DB_UID)]);
 
-    let b_app = HttpApp::start(&b, APP_PORT, B_BODY);
+    let b_app = http_app(&b, APP_PORT, B_BODY);
     let a_proxy = PodProxy::start(
         &a,
         A_IP,
+        None,
         WEB_UID,
         &host.socket,
         &[],
@@ -489,6 +209,7 @@ async fn transparent_proxies_carry_a_plain_http_request_over_mtls_between_two_po
     let b_proxy = PodProxy::start(
         &b,
         B_IP,
+        None,
         DB_UID,
         &host.socket,
         &[],
@@ -558,7 +279,7 @@ async fn transparent_proxies_carry_a_plain_http_request_over_mtls_between_two_po
     );
 
     // 5. A destination outside the mesh is passed through, plaintext and untouched.
-    let c_app = HttpApp::start(&c, OUTSIDE_PORT, C_BODY);
+    let c_app = http_app(&c, OUTSIDE_PORT, C_BODY);
     let c_url = format!("http://{C_IP}:{OUTSIDE_PORT}/outside");
     assert_eq!(a.http_client(APP_UID, &c_url).await.as_deref(), Ok(C_BODY));
     let requests = c_app.requests();
@@ -610,6 +331,7 @@ async fn transparent_proxies_carry_a_plain_http_request_over_mtls_between_two_po
     let b_proxy = PodProxy::start(
         &b,
         B_IP,
+        None,
         DB_UID,
         &host.socket,
         &["--mtls-mode", "PERMISSIVE"],

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 const WEB_UID: u32 = 41401;
@@ -37,37 +37,6 @@ fn write_policies(path: &Path, documents: &[&str]) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, documents.join("---\n")).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-/// One HTTP/1.1 GET on `stream`: (status, body); None if the connection closed or broke.
-async fn get_on(stream: &mut TcpStream, path: &str) -> Option<(u16, String)> {
-    let request = format!("GET {path} HTTP/1.1\r\nhost: db\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_string();
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).await.ok()?;
-    Some((status, String::from_utf8_lossy(&body).to_string()))
 }
 
 fn decisions(decision: &str, policy: &str, layer: &str) -> String {

@@ -2,6 +2,8 @@
 //! over real gRPC+TLS, and points them at the in-repo Kubernetes API test double.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod netns;
+
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -9,10 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use sigil_identity::tls::CertifiedKey;
 use sigil_identity::{TrustBundle, TrustDomain};
 use sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthorityClient;
 use sigil_proto::sigil::ca::v1::{SignRequest, SignResponse};
+use sigil_test_apiserver::{TestApiServer, TokenSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
@@ -201,6 +205,54 @@ pub fn metric(text: &str, series: &str) -> f64 {
         })
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// A cgroup (v1 `pids` hierarchy, cgroupfs driver layout, as the kubelet makes them) for one
+/// container of a pod, where the agent's Kubernetes attestor finds the pod's uid; removed on
+/// drop, once the processes in it are gone.
+pub struct PodCgroup(PathBuf);
+
+impl PodCgroup {
+    /// `kubepods/burstable/pod<uid>/<container, zero-padded to 64 characters>` for `pod` (one the
+    /// test API server returned: it has a uid).
+    pub fn create(pod: &Pod, container: &str) -> PodCgroup {
+        let uid = pod.metadata.uid.as_deref().expect("the server sets a uid");
+        let dir = Path::new("/sys/fs/cgroup/pids/kubepods/burstable")
+            .join(format!("pod{uid}"))
+            .join(format!("{container:0>64}"));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating {}: {e} (the tests run as root)", dir.display()));
+        PodCgroup(dir)
+    }
+
+    /// `command` started inside this cgroup: a shell (as root) writes its own PID to
+    /// `cgroup.procs` and then execs the command, so the process in the cgroup is the command's
+    /// (and the child a `Proc` kills on drop is the command). Keeps the command's environment.
+    pub fn enter(&self, command: &Command) -> Command {
+        let mut shell = Command::new("sh");
+        shell
+            .args(["-c", "echo $$ > \"$0\" && exec \"$@\""])
+            .arg(self.0.join("cgroup.procs"))
+            .arg(command.get_program())
+            .args(command.get_args());
+        for (name, value) in command.get_envs() {
+            match value {
+                Some(value) => shell.env(name, value),
+                None => shell.env_remove(name),
+            };
+        }
+        shell
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        // Innermost first; each rmdir only succeeds once no process is left in it (and the
+        // shared kubepods/burstable levels once no other test uses them).
+        for dir in self.0.ancestors().take(4) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 /// A P-256 key and a CSR for it, as a workload or agent would make them.
@@ -475,6 +527,49 @@ pub async fn spawn_agent(args: &[std::ffi::OsString], log: PathBuf, admin: Socke
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     agent
+}
+
+/// `sigil agent run --attestor k8s --node-name <node>` as the pod `agent_pod` of the test API
+/// server (`KUBECONFIG` = `kubeconfig`): its token is one the server issues for that pod with
+/// audience `sigil-ca` (which `ca`, started with the same kubeconfig, checks by TokenReview), its
+/// CA bundle the root `ca` published in the `sigil-system/sigil-ca` Secret. It serves `socket`,
+/// logs to `dir/agent.log` and is killed on drop; returned with its admin address, not waited for.
+pub async fn spawn_k8s_agent(
+    dir: &Path,
+    server: &TestApiServer,
+    kubeconfig: &Path,
+    ca: &CaProcess,
+    agent_pod: &Pod,
+    node: &str,
+    socket: &Path,
+) -> (Proc, SocketAddr) {
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(server.client(), "sigil-system");
+    let bundle = dir.join("bundle.pem");
+    std::fs::write(
+        &bundle,
+        &secrets.get("sigil-ca").await.unwrap().data.unwrap()["root-cert.pem"].0,
+    )
+    .unwrap();
+    let token = dir.join("token");
+    std::fs::write(
+        &token,
+        server.issue_token(&TokenSpec::for_pod(agent_pod, "sigil-ca")),
+    )
+    .unwrap();
+    let admin = free_addr();
+    let mut cmd = Command::new(SIGIL);
+    cmd.args(["agent", "run", "--attestor", "k8s", "--node-name", node])
+        .args(["--ca", &ca.grpc.to_string(), "--ca-name", "localhost"])
+        .arg("--ca-bundle")
+        .arg(&bundle)
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--admin-addr", &admin.to_string()])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info");
+    (Proc::spawn(cmd, dir.join("agent.log")), admin)
 }
 
 /// CPU seconds (user + system) a process has used, from /proc (10 ms resolution).
@@ -757,32 +852,81 @@ pub async fn http_app() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+            let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let Ok(n) = stream.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if stream.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
+            tokio::spawn(serve_keep_alive(
+                stream,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                |_| {},
+            ));
         }
     });
     addr
+}
+
+/// Serves one keep-alive connection of HTTP/1.1 requests without bodies (each ends at its blank
+/// line): for each request, passes its head to `on_request`, then writes `answer`. Returns when
+/// the client closes or the connection breaks.
+pub async fn serve_keep_alive(
+    mut stream: tokio::net::TcpStream,
+    answer: &[u8],
+    mut on_request: impl FnMut(&[u8]),
+) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Ok(n) = stream.read(&mut chunk).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head: Vec<u8> = buf.drain(..end + 4).collect();
+            on_request(&head);
+            if stream.write_all(answer).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 GET on a keep-alive `stream` (host `db`): (status, body); None if the connection
+/// closed or broke (or nothing came back within 5 s). For tests that follow one connection
+/// through policy changes (tests/proxy_policy.rs, tests/policy_netns.rs).
+pub async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> Option<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: db\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    Some((status, String::from_utf8_lossy(&body).to_string()))
 }
 
 /// One request on `stream`; true if `200 ok` came back.
