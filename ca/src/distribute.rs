@@ -17,7 +17,8 @@ use crate::authority::SharedAuthority;
 
 pub const CONFIGMAP_NAME: &str = "sigil-ca-root";
 pub const CONFIGMAP_KEY: &str = "root-cert.pem";
-const FIELD_MANAGER: &str = "sigil-ca";
+/// The field manager of everything the CA applies (ConfigMaps here, policy status conditions).
+pub const FIELD_MANAGER: &str = "sigil-ca";
 /// How often failed publishes are retried.
 const RETRY_INTERVAL: Duration = Duration::from_secs(10);
 

@@ -16,6 +16,7 @@ pub mod jwt;
 pub mod metrics;
 pub mod plugin;
 pub mod pods;
+pub mod policy_status;
 pub mod server;
 pub mod service;
 pub mod source;

@@ -109,6 +109,8 @@ pub struct Metrics {
     pub key_source_errors: Counter,
     pub bundle_watchers: Gauge,
     pub tls_handshake_failures: Counter,
+    pub policy_status_writes: Counter,
+    pub policy_status_write_failures: Counter,
 }
 
 impl Metrics {
@@ -124,6 +126,8 @@ impl Metrics {
             key_source_errors: Counter::default(),
             bundle_watchers: Gauge::default(),
             tls_handshake_failures: Counter::default(),
+            policy_status_writes: Counter::default(),
+            policy_status_write_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_ca");
         r.register(
@@ -175,6 +179,16 @@ impl Metrics {
             "tls_handshake_failures",
             "TLS handshakes on the gRPC port that failed or timed out (debug logs say why)",
             metrics.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "policy_status_writes",
+            "Status condition updates of AuthorizationPolicy and PeerAuthentication objects",
+            metrics.policy_status_writes.clone(),
+        );
+        r.register(
+            "policy_status_write_failures",
+            "Failed status condition updates of policy objects (retried)",
+            metrics.policy_status_write_failures.clone(),
         );
         metrics
     }

@@ -1,5 +1,6 @@
 //! `sigil ca serve`: wires the key source, the pod index, authentication, the gRPC services, the
-//! trust-bundle ConfigMaps and the admin endpoint together, and runs them until shutdown.
+//! trust-bundle ConfigMaps, the policy status conditions and the admin endpoint together, and
+//! runs them until shutdown.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -203,6 +204,10 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
 
     if let (Some(client), false) = (&kube, config.no_root_configmaps) {
         tokio::spawn(crate::distribute::run(client.clone(), authority_rx.clone()));
+    }
+    // The policy objects' status conditions: the CA is the one sigil process that sees them all.
+    if let Some(client) = &kube {
+        tokio::spawn(crate::policy_status::run(client.clone(), metrics.clone()));
     }
 
     // Readiness: the key is loaded and (with Kubernetes) the pod index has synced.

@@ -26,6 +26,8 @@
 //! - TokenReview with real service-account JWT validation (RS256 and ES256 keys, JWKS and OIDC
 //!   discovery), tokens issued by [`TestApiServer::issue_token`] shaped like projected pod-bound
 //!   tokens, bound-object checks (service account, pod, node).
+//! - [`parse_manifest`]: a YAML manifest as the JSON objects kubectl would send, so tests can
+//!   create the project's real manifests (its CRDs) through the `kube` client.
 //!
 //! ## What it does not do
 //! - No authentication or authorization of its own REST API (every request is served), no RBAC,
@@ -44,6 +46,7 @@
 mod discovery;
 mod jwt;
 mod keys;
+mod manifest;
 mod resources;
 mod rest;
 mod selector;
@@ -70,6 +73,7 @@ use serde_json::{Value, json};
 use tokio::{sync::oneshot, task::JoinHandle};
 
 pub use jwt::{TokenAlg, TokenSigning, TokenSpec};
+pub use manifest::{ManifestError, parse_manifest};
 
 use crate::{
     jwt::{ObjectRef, unix_now},

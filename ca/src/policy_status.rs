@@ -1,0 +1,767 @@
+//! Status conditions of the policy resources: the CA, the one sigil process that sees the whole
+//! cluster, watches every `AuthorizationPolicy` and `PeerAuthentication` (`sigil.dev`), validates
+//! each with `sigil-policy`, and tells the user the outcome in `status.conditions`, so that
+//! `kubectl get sigilap` shows a policy that the proxies will not enforce as written. Node
+//! agents only read these objects.
+//!
+//! What is validated is exactly what a proxy validates: the object as the agent forwards it
+//! (`apiVersion`, `kind`, `metadata.name` and `.namespace`, `spec`), so the condition is the
+//! proxies' verdict. Two conditions, in the style of Gateway API resources:
+//! - `Valid`: `True` (reason `Valid`), or `False` (reason `Invalid`) with every problem in the
+//!   message as `field.path: what is wrong`, joined by `; ` (an invalid object is enforced as a
+//!   fail-closed stand-in).
+//! - `Warnings`: `False` (reason `NoWarnings`); `True` with the warnings as the message, reason
+//!   `HttpFieldsOnTcp` when a rule uses HTTP-only fields (hosts, methods, paths, headers), which
+//!   do not apply to non-HTTP connections, and `Warnings` otherwise; `Unknown` (reason
+//!   `Invalid`) while the object is invalid, since validation stops at the problems.
+//!
+//! Both carry `observedGeneration` (the `metadata.generation` judged), and keep their
+//! `lastTransitionTime` until their status changes. They are written by server-side apply to the
+//! `status` subresource as field manager [`FIELD_MANAGER`], owning only these two entries of the
+//! `conditions` list (a map keyed by `type`), and only when they differ from the object's: the
+//! write's own watch event then finds nothing to change, so there is no write loop. The apply
+//! carries the `resourceVersion` judged, as a precondition: a write from an outdated view (the
+//! object changed meanwhile) fails with a conflict and is dropped, since the change that outdated
+//! it arrives as a watch event and is judged afresh; a stale verdict never overwrites a newer one.
+//!
+//! The CA may run as several replicas, each writing. They compute the same conditions from the
+//! same object and apply them as the same field manager, which is idempotent: applying content
+//! that is already there changes nothing (no new resourceVersion, no event). When both react to
+//! the same change, the first write wins; the other's fails its precondition and is dropped, and
+//! that replica then sees the written conditions equal to its own and writes nothing.
+//!
+//! A resource whose CRD is not installed (its list is 404) is logged once and retried by the
+//! watcher (with backoff, at most 30 s apart); failed writes are counted and retried every
+//! [`RETRY_INTERVAL`]. The CA's RBAC needs `get`, `list`, `watch` on both resources and `patch`
+//! on their `/status`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use serde_json::{Value, json};
+use sigil_policy::model::{self, Kind, Object};
+use sigil_policy::validate::{self, Problem, Warning};
+use tracing::{debug, info, warn};
+
+use crate::distribute::FIELD_MANAGER;
+use crate::metrics::Metrics;
+
+/// How often failed status writes are retried.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(10);
+/// Condition type: whether sigil accepted the object.
+pub const VALID: &str = "Valid";
+/// Condition type: whether a valid object may not do what it seems to.
+pub const WARNINGS: &str = "Warnings";
+const REASON_VALID: &str = "Valid";
+const REASON_INVALID: &str = "Invalid";
+const REASON_NO_WARNINGS: &str = "NoWarnings";
+const REASON_HTTP_FIELDS_ON_TCP: &str = "HttpFieldsOnTcp";
+const REASON_WARNINGS: &str = "Warnings";
+const STATUS_TRUE: &str = "True";
+const STATUS_FALSE: &str = "False";
+const STATUS_UNKNOWN: &str = "Unknown";
+/// Between the problems or warnings of one message.
+const SEPARATOR: &str = "; ";
+/// `metav1.Condition`'s limit on `message` (in characters; bytes are never fewer).
+const MAX_MESSAGE_LEN: usize = 32768;
+/// Ends a message cut to [`MAX_MESSAGE_LEN`].
+const CUT: &str = " ...";
+/// The status of a list of a resource that is not served (see the agent's policy feed for why
+/// the code and not the reason), or of a write to an object since deleted.
+const NOT_FOUND: u16 = 404;
+/// The status of a write whose resourceVersion precondition failed.
+const CONFLICT: u16 = 409;
+
+type Events = BoxStream<'static, (Kind, Result<Event<DynamicObject>, watcher::Error>)>;
+
+/// Why a status could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("writing the status of {object}: {source}")]
+    Write {
+        object: ObjectKey,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl StatusError {
+    /// Whether the object changed (409: the resourceVersion precondition failed) or went away
+    /// (404) since it was judged: nothing to retry.
+    fn superseded(&self) -> bool {
+        let StatusError::Write { source, .. } = self;
+        matches!(source, kube::Error::Api(status) if [CONFLICT, NOT_FOUND].contains(&status.code))
+    }
+}
+
+/// Names one policy object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// `None` for an object without a namespace or name, which the namespaced resources do not
+    /// have.
+    fn of(kind: Kind, object: &DynamicObject) -> Option<ObjectKey> {
+        Some(ObjectKey {
+            kind,
+            namespace: object.metadata.namespace.clone()?,
+            name: object.metadata.name.clone()?,
+        })
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// What validation makes of one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Every problem, as `field.path: what is wrong`.
+    Invalid(Vec<String>),
+    Valid {
+        warnings: Vec<String>,
+        /// Whether a rule uses HTTP-only fields (one of the warnings says so).
+        http_fields: bool,
+    },
+}
+
+/// Validates `object` as a proxy would: decoded from the envelope the agent forwards, then
+/// checked by `sigil-policy`.
+fn verdict(key: &ObjectKey, object: &DynamicObject) -> Verdict {
+    // Kubernetes stores an object written without a spec without one; it means an empty spec.
+    let spec = match object.data.get("spec") {
+        None | Some(Value::Null) => json!({}),
+        Some(spec) => spec.clone(),
+    };
+    let envelope = json!({
+        "apiVersion": model::API_VERSION,
+        "kind": key.kind.name(),
+        "metadata": { "name": key.name, "namespace": key.namespace },
+        "spec": spec,
+    });
+    let validated = match Object::decode(key.kind, envelope) {
+        Err(reason) => return Verdict::Invalid(vec![reason]),
+        Ok(Object::AuthorizationPolicy(policy)) => validate::authorization_policy(&policy)
+            .map(|valid| (lines(valid.warnings()), valid.uses_http())),
+        Ok(Object::PeerAuthentication(policy)) => {
+            validate::peer_authentication(&policy).map(|valid| (lines(valid.warnings()), false))
+        }
+    };
+    match validated {
+        Ok((warnings, http_fields)) => Verdict::Valid {
+            warnings,
+            http_fields,
+        },
+        Err(error) => Verdict::Invalid(error.problems.iter().map(problem_line).collect()),
+    }
+}
+
+fn lines(warnings: &[Warning]) -> Vec<String> {
+    warnings.iter().map(ToString::to_string).collect()
+}
+
+/// A problem without the `namespace/name` its `Display` starts with: the condition is on the
+/// object itself.
+fn problem_line(problem: &Problem) -> String {
+    if problem.path.is_empty() {
+        problem.message.clone()
+    } else {
+        format!("{}: {}", problem.path, problem.message)
+    }
+}
+
+/// The `Valid` and `Warnings` conditions for `verdict` on generation `generation`. A condition
+/// whose status is unchanged from `current` keeps its `lastTransitionTime`; one that changed
+/// gets `now`.
+fn conditions(
+    verdict: &Verdict,
+    generation: Option<i64>,
+    current: &[Condition],
+    now: &Time,
+) -> [Condition; 2] {
+    let (valid, warnings) = match verdict {
+        Verdict::Invalid(problems) => (
+            (STATUS_FALSE, REASON_INVALID, problems.join(SEPARATOR)),
+            (
+                STATUS_UNKNOWN,
+                REASON_INVALID,
+                "Not checked: the policy is invalid".to_owned(),
+            ),
+        ),
+        Verdict::Valid {
+            warnings,
+            http_fields,
+        } => {
+            let valid = (STATUS_TRUE, REASON_VALID, "The policy is valid".to_owned());
+            let warnings = match (warnings.is_empty(), http_fields) {
+                (true, _) => (STATUS_FALSE, REASON_NO_WARNINGS, "No warnings".to_owned()),
+                (false, true) => (
+                    STATUS_TRUE,
+                    REASON_HTTP_FIELDS_ON_TCP,
+                    warnings.join(SEPARATOR),
+                ),
+                (false, false) => (STATUS_TRUE, REASON_WARNINGS, warnings.join(SEPARATOR)),
+            };
+            (valid, warnings)
+        }
+    };
+    let condition = |type_: &str, (status, reason, message): (&str, &str, String)| {
+        let last_transition_time = current
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+        Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message: bounded(message),
+            observed_generation: generation,
+            last_transition_time,
+        }
+    };
+    [condition(VALID, valid), condition(WARNINGS, warnings)]
+}
+
+/// `message`, cut to what a condition may hold.
+fn bounded(mut message: String) -> String {
+    if message.len() <= MAX_MESSAGE_LEN {
+        return message;
+    }
+    let mut end = MAX_MESSAGE_LEN - CUT.len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message.truncate(end);
+    message.push_str(CUT);
+    message
+}
+
+/// The object's conditions; entries that are not well-formed conditions are skipped (if one of
+/// ours is malformed, it is rewritten).
+fn current_conditions(object: &DynamicObject) -> Vec<Condition> {
+    object
+        .data
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| serde_json::from_value(c.clone()).ok())
+        .collect()
+}
+
+fn api_resource(kind: Kind) -> ApiResource {
+    let gvk = GroupVersionKind::gvk(model::GROUP, model::VERSION, kind.name());
+    ApiResource::from_gvk_with_plural(&gvk, kind.plural())
+}
+
+/// Keeps the conditions of every policy object current, until the watch streams end (they do
+/// not; the watchers retry with backoff and re-list when they must).
+pub async fn run(client: kube::Client, metrics: Arc<Metrics>) {
+    let mut events = events(client.clone());
+    let mut writer = StatusWriter::new(client, metrics);
+    let mut retry = tokio::time::interval(RETRY_INTERVAL);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = events.next() => {
+                let Some((kind, event)) = event else { return };
+                writer.on_event(kind, event).await;
+            }
+            _ = retry.tick() => writer.retry().await,
+        }
+    }
+}
+
+/// Both resources in every namespace, each event tagged with its kind.
+fn events(client: kube::Client) -> Events {
+    let watches = Kind::ALL.map(|kind| {
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &api_resource(kind));
+        watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .map(move |event| (kind, event))
+            .boxed()
+    });
+    futures::stream::select_all(watches).boxed()
+}
+
+/// The watch's consumer: judges each object and writes its conditions when they are not current.
+struct StatusWriter {
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    /// Objects whose write failed, as last seen, for the next retry.
+    pending: HashMap<ObjectKey, DynamicObject>,
+    /// Kinds whose CRD the last list found missing, so that is logged once.
+    missing: HashSet<Kind>,
+}
+
+impl StatusWriter {
+    fn new(client: kube::Client, metrics: Arc<Metrics>) -> Self {
+        StatusWriter {
+            client,
+            metrics,
+            pending: HashMap::new(),
+            missing: HashSet::new(),
+        }
+    }
+
+    async fn on_event(&mut self, kind: Kind, event: Result<Event<DynamicObject>, watcher::Error>) {
+        match event {
+            // A re-list brings every object again: each is checked, and written only if its
+            // conditions are not current.
+            Ok(Event::Apply(object) | Event::InitApply(object)) => {
+                self.reconcile(kind, object).await;
+            }
+            Ok(Event::Delete(object)) => {
+                if let Some(key) = ObjectKey::of(kind, &object) {
+                    self.pending.remove(&key);
+                }
+            }
+            Ok(Event::Init) => {}
+            Ok(Event::InitDone) => {
+                if self.missing.remove(&kind) {
+                    info!(%kind, "the policy resource is served now; writing its status conditions");
+                }
+            }
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.code == NOT_FOUND =>
+            {
+                if self.missing.insert(kind) {
+                    warn!(%kind, resource = %format!("{}.{}", kind.plural(), model::GROUP), "the policy resource is not served (no CRD); no status conditions until it is installed");
+                }
+            }
+            Err(e) => warn!(%kind, error = %e, "policy watch failed; retrying"),
+        }
+    }
+
+    async fn reconcile(&mut self, kind: Kind, object: DynamicObject) {
+        let Some(key) = ObjectKey::of(kind, &object) else {
+            return;
+        };
+        self.pending.remove(&key);
+        match self.update(&key, &object).await {
+            Ok(()) => {}
+            // Its watch event follows, and is judged afresh.
+            Err(e) if e.superseded() => debug!(error = %e, "dropped"),
+            Err(e) => {
+                self.metrics.policy_status_write_failures.inc();
+                warn!(error = %e, "will retry");
+                self.pending.insert(key, object);
+            }
+        }
+    }
+
+    /// Writes the object's conditions if they are not current.
+    async fn update(&self, key: &ObjectKey, object: &DynamicObject) -> Result<(), StatusError> {
+        let verdict = verdict(key, object);
+        let current = current_conditions(object);
+        let now = Time(Timestamp::now());
+        let desired = conditions(&verdict, object.metadata.generation, &current, &now);
+        if desired.iter().all(|condition| current.contains(condition)) {
+            return Ok(());
+        }
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &key.namespace, &api_resource(key.kind));
+        // Only what this manager owns (naming other fields would take them over), and the
+        // version judged, as a precondition.
+        let mut apply = json!({
+            "apiVersion": model::API_VERSION,
+            "kind": key.kind.name(),
+            "metadata": { "name": key.name, "namespace": key.namespace },
+            "status": { "conditions": desired },
+        });
+        if let Some(version) = &object.metadata.resource_version {
+            apply["metadata"]["resourceVersion"] = json!(version);
+        }
+        api.patch_status(
+            &key.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(apply),
+        )
+        .await
+        .map_err(|source| StatusError::Write {
+            object: key.clone(),
+            source,
+        })?;
+        self.metrics.policy_status_writes.inc();
+        match &verdict {
+            Verdict::Invalid(problems) => {
+                info!(object = %key, problems = %problems.join(SEPARATOR), "policy is invalid")
+            }
+            Verdict::Valid { warnings, .. } => {
+                info!(object = %key, warnings = warnings.len(), "policy is valid")
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries the failed writes again, with the objects as last seen.
+    async fn retry(&mut self) {
+        for (key, object) in std::mem::take(&mut self.pending) {
+            self.reconcile(key.kind, object).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::PostParams;
+    use prometheus_client::registry::Registry;
+    use sigil_test_apiserver::{ServerOptions, TestApiServer, parse_manifest};
+
+    const AP: Kind = Kind::AuthorizationPolicy;
+    const PA: Kind = Kind::PeerAuthentication;
+    const CRDS: [&str; 2] = [
+        include_str!("../../deploy/crds/authorizationpolicies.sigil.dev.yaml"),
+        include_str!("../../deploy/crds/peerauthentications.sigil.dev.yaml"),
+    ];
+    const WAIT: Duration = Duration::from_secs(10);
+    /// The watcher's longest backoff (30 s) and then some: how long a CRD installed late may take.
+    const CRD_RETRY_WAIT: Duration = Duration::from_secs(40);
+    const HTTP_RULES: &str = r#"{"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}"#;
+
+    fn key(kind: Kind, name: &str) -> ObjectKey {
+        ObjectKey {
+            kind,
+            namespace: "demo".into(),
+            name: name.into(),
+        }
+    }
+
+    fn object(key: &ObjectKey, spec: Value) -> DynamicObject {
+        DynamicObject::new(&key.name, &api_resource(key.kind))
+            .within(&key.namespace)
+            .data(json!({ "spec": spec }))
+    }
+
+    fn time(seconds: i64) -> Time {
+        Time(Timestamp::from_second(seconds).unwrap())
+    }
+
+    fn parsed(json: &str) -> Value {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn verdicts_are_the_validation_of_what_the_proxies_get() {
+        let ap = key(AP, "p");
+        let verdict_of = |spec: Value| verdict(&ap, &object(&ap, spec));
+        assert_eq!(
+            verdict_of(
+                json!({ "rules": [{ "from": [{ "source": { "principals": ["cluster.local/ns/a/sa/b"] } }] }] })
+            ),
+            Verdict::Valid {
+                warnings: vec![],
+                http_fields: false
+            }
+        );
+        assert_eq!(
+            verdict_of(parsed(HTTP_RULES)),
+            Verdict::Valid {
+                warnings: vec!["rules[0]: uses HTTP fields (methods); on non-HTTP connections they never match in ALLOW and always match in DENY: in this ALLOW policy the rule never matches them".into()],
+                http_fields: true
+            }
+        );
+        assert_eq!(
+            verdict_of(json!({ "action": "DENY" })),
+            Verdict::Invalid(vec!["rules: a DENY policy without rules never matches; add `rules: [{}]` to deny every request".into()])
+        );
+        // Fields the schema would have pruned are still refused if they get here (an older CRD).
+        let Verdict::Invalid(problems) =
+            verdict_of(json!({ "rules": [{ "from": [{ "source": { "principal": [] } }] }] }))
+        else {
+            panic!("an unknown field is invalid");
+        };
+        assert!(
+            problems[0].starts_with("rules[0].from[0].source.principal: unknown field"),
+            "{problems:?}"
+        );
+        // Status and server-written metadata are not the policy's business.
+        let mut with_status = object(&ap, json!({ "rules": [{}] }));
+        with_status.metadata.generation = Some(3);
+        with_status.data["status"] = json!({ "conditions": [{ "type": "Other" }] });
+        assert!(matches!(verdict(&ap, &with_status), Verdict::Valid { .. }));
+        let pa = key(PA, "p");
+        let no_spec = DynamicObject::new("p", &api_resource(PA)).within("demo");
+        assert!(matches!(verdict(&pa, &no_spec), Verdict::Valid { .. }));
+    }
+
+    #[test]
+    fn conditions_keep_their_transition_time_until_their_status_changes() {
+        let valid = Verdict::Valid {
+            warnings: vec![],
+            http_fields: false,
+        };
+        let first = conditions(&valid, Some(1), &[], &time(100));
+        assert_eq!(
+            serde_json::to_value(&first).unwrap(),
+            json!([
+                { "type": "Valid", "status": "True", "reason": "Valid", "message": "The policy is valid",
+                  "observedGeneration": 1, "lastTransitionTime": "1970-01-01T00:01:40Z" },
+                { "type": "Warnings", "status": "False", "reason": "NoWarnings", "message": "No warnings",
+                  "observedGeneration": 1, "lastTransitionTime": "1970-01-01T00:01:40Z" },
+            ])
+        );
+        // A new generation, same verdict: only observedGeneration changes.
+        let second = conditions(&valid, Some(2), &first, &time(200));
+        assert_eq!(second[0].last_transition_time, time(100));
+        assert_eq!(second[0].observed_generation, Some(2));
+
+        let warned = Verdict::Valid {
+            warnings: vec!["a".into(), "b".into()],
+            http_fields: false,
+        };
+        let third = conditions(&warned, Some(3), &second, &time(300));
+        assert_eq!(third[0].last_transition_time, time(100), "still valid");
+        assert_eq!(
+            (third[1].status.as_str(), third[1].reason.as_str()),
+            ("True", "Warnings")
+        );
+        assert_eq!(third[1].message, "a; b");
+        assert_eq!(third[1].last_transition_time, time(300));
+
+        let invalid = Verdict::Invalid(vec!["x: bad".into(), "y: worse".into()]);
+        let fourth = conditions(&invalid, Some(4), &third, &time(400));
+        assert_eq!(
+            (fourth[0].status.as_str(), fourth[0].reason.as_str()),
+            ("False", "Invalid")
+        );
+        assert_eq!(fourth[0].message, "x: bad; y: worse");
+        assert_eq!(fourth[0].last_transition_time, time(400));
+        assert_eq!(
+            (fourth[1].status.as_str(), fourth[1].reason.as_str()),
+            ("Unknown", "Invalid")
+        );
+    }
+
+    #[test]
+    fn long_messages_are_cut_to_what_a_condition_holds() {
+        let problems = vec!["é".repeat(MAX_MESSAGE_LEN)];
+        let [valid, _] = conditions(&Verdict::Invalid(problems), None, &[], &time(0));
+        assert!(valid.message.len() <= MAX_MESSAGE_LEN);
+        assert!(valid.message.ends_with(CUT));
+        assert_eq!(bounded("short".into()), "short");
+    }
+
+    // --- against the test API server, with the real CRDs ---
+
+    async fn install_crds(server: &TestApiServer) {
+        let crds: Api<CustomResourceDefinition> = Api::all(server.client());
+        for text in CRDS {
+            for crd in parse_manifest(text).unwrap() {
+                let crd: CustomResourceDefinition = serde_json::from_value(crd).unwrap();
+                crds.create(&PostParams::default(), &crd).await.unwrap();
+            }
+        }
+    }
+
+    fn api(server: &TestApiServer, key: &ObjectKey) -> Api<DynamicObject> {
+        Api::namespaced_with(server.client(), &key.namespace, &api_resource(key.kind))
+    }
+
+    async fn create(server: &TestApiServer, key: &ObjectKey, spec: Value) {
+        api(server, key)
+            .create(&PostParams::default(), &object(key, spec))
+            .await
+            .unwrap();
+    }
+
+    /// Polls the object until `done` holds for its (Valid, Warnings) conditions.
+    async fn until(
+        server: &TestApiServer,
+        key: &ObjectKey,
+        wait: Duration,
+        done: impl Fn(&DynamicObject, &Condition, &Condition) -> bool,
+    ) -> (DynamicObject, Condition, Condition) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let object = api(server, key).get(&key.name).await.unwrap();
+            let current = current_conditions(&object);
+            let find = |t: &str| current.iter().find(|c| c.type_ == t).cloned();
+            if let (Some(valid), Some(warnings)) = (find(VALID), find(WARNINGS))
+                && done(&object, &valid, &warnings)
+            {
+                return (object, valid, warnings);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{key} never reached the expected status: {:?}",
+                object.data.get("status")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn status(condition: &Condition) -> (&str, &str) {
+        (&condition.status, &condition.reason)
+    }
+
+    fn new_metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new(&mut Registry::default()))
+    }
+
+    #[tokio::test]
+    async fn conditions_follow_the_policies_and_are_written_only_when_they_change() {
+        let server = TestApiServer::start().await;
+        install_crds(&server).await;
+        let metrics = new_metrics();
+        tokio::spawn(run(server.client(), metrics.clone()));
+
+        let good = key(AP, "good");
+        create(
+            &server,
+            &good,
+            json!({ "rules": [{ "from": [{ "source": { "principals": ["cluster.local/ns/demo/sa/web"] } }] }] }),
+        )
+        .await;
+        let (_, valid, warnings) = until(&server, &good, WAIT, |_, _, _| true).await;
+        assert_eq!(status(&valid), ("True", "Valid"));
+        assert_eq!(status(&warnings), ("False", "NoWarnings"));
+        assert_eq!(valid.observed_generation, Some(1));
+
+        let bad = key(AP, "bad");
+        create(
+            &server,
+            &bad,
+            json!({ "rules": [{ "from": [{ "source": {
+                "principals": ["cluster.local/ns/demo/sa/web"], "serviceAccounts": ["demo/web"] } }] }] }),
+        )
+        .await;
+        let (_, valid, warnings) = until(&server, &bad, WAIT, |_, _, _| true).await;
+        assert_eq!(status(&valid), ("False", "Invalid"));
+        assert_eq!(
+            valid.message,
+            "rules[0].from[0].source: use either principals or serviceAccounts, not both"
+        );
+        assert_eq!(status(&warnings), ("Unknown", "Invalid"));
+
+        let http = key(AP, "http");
+        create(&server, &http, parsed(HTTP_RULES)).await;
+        let (_, valid, warnings) = until(&server, &http, WAIT, |_, _, _| true).await;
+        assert_eq!(status(&valid), ("True", "Valid"));
+        assert_eq!(status(&warnings), ("True", "HttpFieldsOnTcp"));
+        assert!(
+            warnings
+                .message
+                .starts_with("rules[0]: uses HTTP fields (methods)"),
+            "{}",
+            warnings.message
+        );
+
+        // A PeerAuthentication with a selector in the root namespace is ignored: a warning.
+        let in_root = ObjectKey {
+            namespace: "sigil-system".into(),
+            ..key(PA, "root-selector")
+        };
+        create(
+            &server,
+            &in_root,
+            json!({ "selector": { "matchLabels": { "app": "web" } }, "mtls": { "mode": "STRICT" } }),
+        )
+        .await;
+        let (_, valid, warnings) = until(&server, &in_root, WAIT, |_, _, _| true).await;
+        assert_eq!(status(&valid), ("True", "Valid"));
+        assert_eq!(status(&warnings), ("True", "Warnings"));
+        assert!(
+            warnings.message.starts_with("selector: "),
+            "{}",
+            warnings.message
+        );
+
+        // The fix: a new generation, valid, with a new transition time.
+        let (before, old_valid, _) = until(&server, &bad, WAIT, |_, _, _| true).await;
+        api(&server, &bad)
+            .patch(
+                "bad",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "rules": [{ "from": [{ "source": { "serviceAccounts": ["demo/web"] } }] }] } })),
+            )
+            .await
+            .unwrap();
+        let (fixed, valid, warnings) =
+            until(&server, &bad, WAIT, |_, valid, _| valid.status == "True").await;
+        assert_eq!(before.metadata.generation, Some(1));
+        assert_eq!(fixed.metadata.generation, Some(2));
+        assert_eq!(valid.observed_generation, Some(2));
+        assert_eq!(warnings.observed_generation, Some(2));
+        assert_eq!(status(&warnings), ("False", "NoWarnings"));
+        assert!(valid.last_transition_time >= old_valid.last_transition_time);
+
+        // Nothing changed: a second writer (another CA replica, or this one re-listing) that
+        // sees the objects as they are now writes nothing.
+        let writes = metrics.policy_status_writes.get();
+        let revision = server.resource_version();
+        let replica_metrics = new_metrics();
+        let mut replica = StatusWriter::new(server.client(), replica_metrics.clone());
+        for kind in Kind::ALL {
+            let all: Api<DynamicObject> = Api::all_with(server.client(), &api_resource(kind));
+            for object in all.list(&Default::default()).await.unwrap() {
+                replica.on_event(kind, Ok(Event::InitApply(object))).await;
+            }
+        }
+        assert_eq!(replica_metrics.policy_status_writes.get(), 0);
+        assert_eq!(
+            server.resource_version(),
+            revision,
+            "no write reached the server"
+        );
+
+        // A change that leaves the verdict as it was (a label) writes nothing either: the next
+        // write is the new object's alone. And a writer judging the version before that change
+        // (as if its status were missing, so it would write) fails the resourceVersion
+        // precondition: dropped, not counted as a failure, not retried.
+        let mut stale = api(&server, &good).get("good").await.unwrap();
+        api(&server, &good)
+            .patch(
+                "good",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": { "labels": { "team": "web" } } })),
+            )
+            .await
+            .unwrap();
+        stale.data["status"] = Value::Null;
+        replica.on_event(AP, Ok(Event::Apply(stale))).await;
+        assert_eq!(replica_metrics.policy_status_writes.get(), 0);
+        assert_eq!(replica_metrics.policy_status_write_failures.get(), 0);
+        assert!(replica.pending.is_empty());
+        let after = key(AP, "after");
+        create(&server, &after, json!({ "rules": [{}] })).await;
+        until(&server, &after, WAIT, |_, _, _| true).await;
+        assert_eq!(metrics.policy_status_writes.get(), writes + 1);
+        assert_eq!(metrics.policy_status_write_failures.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn without_the_crds_conditions_are_written_once_they_are_installed() {
+        let server = TestApiServer::start_with(ServerOptions {
+            serve_undefined_resources: false,
+            ..ServerOptions::default()
+        })
+        .await;
+        tokio::spawn(run(server.client(), new_metrics()));
+        // Let the first lists fail.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        install_crds(&server).await;
+        let late = key(PA, "late");
+        create(&server, &late, json!({ "mtls": { "mode": "PERMISSIVE" } })).await;
+        let (_, valid, _) = until(&server, &late, CRD_RETRY_WAIT, |_, _, _| true).await;
+        assert_eq!(status(&valid), ("True", "Valid"));
+    }
+}
