@@ -1,7 +1,8 @@
 //! Authorization policies enforced by the bundled proxy, end to end with real processes: the
 //! agent serves the policy file's objects over `sigil.policy.v1`, the proxy decides at
-//! connection time (L4) and per HTTP request (L7, 403 on deny), closes a keep-alive connection
-//! that a policy change no longer allows, and answers kubelet probes under deny-all.
+//! connection time (L4) and per HTTP/1.1 or HTTP/2 request (L7, 403 on deny), closes a
+//! keep-alive connection that a policy change no longer allows, and answers kubelet probes under
+//! deny-all.
 
 mod common;
 
@@ -170,4 +171,105 @@ async fn deny_all_then_an_allow_for_one_path_then_its_removal_closes_the_open_co
     })
     .await;
     drop(web);
+}
+
+/// An HTTP/2 (h2c, prior knowledge, as gRPC speaks it) application answering `200 h2 ok`.
+async fn h2_app() -> SocketAddr {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_request| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"h2 ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn http2_requests_are_decided_one_by_one_on_one_connection() {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies.yaml");
+    write_policies(&policies, &[DENY_ALL, ALLOW_WEB_ON_ALLOWED]);
+    let host = MeshHost::start(
+        dir.path(),
+        &[(WEB_UID, WEB_ID), (DB_UID, DB_ID)],
+        "1h",
+        &["--policy-file", policies.to_str().unwrap()],
+    )
+    .await;
+    let app = h2_app().await;
+    let (web_out, db_in) = (free_addr(), free_addr());
+    let socket = host.socket.to_str().unwrap();
+    let db = spawn_proxy(
+        dir.path(),
+        "proxy-db",
+        Some(DB_UID),
+        &args(&[
+            "--explicit",
+            "--agent-socket",
+            socket,
+            "--inbound-listen",
+            &db_in.to_string(),
+            "--inbound-app",
+            &app.to_string(),
+        ]),
+    )
+    .await;
+    let _web = spawn_proxy(
+        dir.path(),
+        "proxy-web",
+        Some(WEB_UID),
+        &args(&[
+            "--explicit",
+            "--agent-socket",
+            socket,
+            "--outbound-listen",
+            &web_out.to_string(),
+            "--outbound-upstream",
+            &db_in.to_string(),
+            "--outbound-identity",
+            DB_ID,
+        ]),
+    )
+    .await;
+
+    let stream = TcpStream::connect(web_out).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let get = |path: &'static str| {
+        let mut sender = sender.clone();
+        async move {
+            let request = hyper::Request::get(format!("http://db{path}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).to_string())
+        }
+    };
+    // Concurrent streams on the one connection, each decided on its own.
+    let (allowed, denied, prefixed) =
+        tokio::join!(get("/allowed"), get("/secret"), get("/public/a"));
+    assert_eq!(allowed, (200, "h2 ok".to_string()));
+    assert_eq!(denied, (403, "RBAC: access denied\n".to_string()));
+    assert_eq!(prefixed, (200, "h2 ok".to_string()));
+    assert!(db.metric(&decisions("allow", "demo/allow-web", "l7")).await >= 2.0);
+    assert!(db.metric(&decisions("deny", "default", "l7")).await >= 1.0);
 }
