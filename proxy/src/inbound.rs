@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
+use futures::future::Either;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -192,40 +193,24 @@ async fn authorize_and_forward<D>(
     };
     let mut downstream = Counted::new(downstream);
     let counts = downstream.counts();
-    match http {
-        None => {
-            let forwarding = forward::copy_both(&mut downstream, upstream);
-            forward::track(
-                &shared,
-                log,
-                security,
-                counts,
-                forwarding,
-                authz.revoked(false),
-            )
-            .await;
-        }
-        Some(version) => {
-            let forwarding = async {
-                match l7::serve(downstream, upstream, version, authz.clone()).await {
+    // Either future, no allocation: plain bytes, or HTTP request by request.
+    let forwarding = match http {
+        None => Either::Left(forward::copy_both(&mut downstream, upstream)),
+        Some(version) => Either::Right({
+            let authz = authz.clone();
+            async move {
+                match l7::serve(downstream, upstream, version, authz).await {
                     Ok(()) => Ended::ok(),
                     Err(e) => Ended {
                         result: "error",
                         detail: e.to_string(),
                     },
                 }
-            };
-            forward::track(
-                &shared,
-                log,
-                security,
-                counts,
-                forwarding,
-                authz.revoked(true),
-            )
-            .await;
-        }
-    }
+            }
+        }),
+    };
+    let revoked = authz.revoked(http.is_some());
+    forward::track(&shared, log, security, counts, forwarding, revoked).await;
 }
 
 /// PERMISSIVE detection: a TLS record header (handshake, version 3.x) opens every ClientHello.
