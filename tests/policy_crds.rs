@@ -287,59 +287,20 @@ fn schemas_are_structural() {
     }
 }
 
-/// Policies from sigil's own tests (tests/proxy_policy.rs, tests/policy_inspect.rs,
-/// policy/src/file.rs) and from Istio's documentation with the apiVersion changed.
-const VALID_POLICIES: &str = r#"
-apiVersion: sigil.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: deny-all, namespace: demo}
-spec: {}
----
-apiVersion: sigil.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-web, namespace: demo}
-spec:
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/demo/sa/web]}}]
-    to: [{operation: {methods: [GET], paths: [/allowed, /public/*]}}]
----
-apiVersion: sigil.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-client, namespace: demo}
-spec:
-  selector: {matchLabels: {app: web}}
-  rules:
-  - from: [{source: {principals: ["cluster.local/ns/demo/sa/client"]}}]
-    to: [{operation: {ports: ["8080", "9090"]}}]
-  - from: [{source: {namespaces: [ops]}}]
-    to: [{operation: {methods: [GET], paths: ["/status*"]}}]
----
-apiVersion: sigil.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: deny-admin, namespace: demo}
-spec:
-  action: DENY
-  rules:
-  - to: [{operation: {paths: ["/admin*"]}}]
----
-apiVersion: sigil.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: audit-ops, namespace: sigil-system}
-spec:
-  action: AUDIT
-  rules:
-  - from: [{source: {namespaces: [ops]}}]
----
-apiVersion: sigil.dev/v1alpha1
-kind: PeerAuthentication
-metadata: {name: web, namespace: demo}
-spec:
-  selector: {matchLabels: {app: web}}
-  mtls: {mode: STRICT}
-  portLevelMtls:
-    9090: {mode: PERMISSIVE}
----
+/// Every policy sigil's own tests apply (the shared fixtures) and the examples below.
+fn valid_policies() -> String {
+    [
+        include_str!("fixtures/deny-all.yaml"),
+        include_str!("fixtures/allow-web.yaml"),
+        include_str!("fixtures/inspect-policies.yaml"),
+        OWN_EXAMPLES,
+    ]
+    .join("---\n")
+}
+
+/// Policies from policy/src/file.rs's tests and from Istio's documentation with the apiVersion
+/// changed; [`valid_policies`] adds the fixtures the other tests use.
+const OWN_EXAMPLES: &str = r#"
 apiVersion: sigil.dev/v1alpha1
 kind: PeerAuthentication
 metadata: {name: strict, namespace: sigil-system}
@@ -464,7 +425,7 @@ fn with_envelope(text: &str) -> Value {
 
 #[test]
 fn valid_policies_pass_the_schema_and_sigil() {
-    let policies = parse_manifest(VALID_POLICIES).unwrap();
+    let policies = parse_manifest(&valid_policies()).unwrap();
     assert_eq!(policies.len(), 15);
     for policy in &policies {
         let kind = kind_of(policy);

@@ -13,43 +13,7 @@ const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const ADMIN: &str = "spiffe://cluster.local/ns/ops/sa/admin";
 
-const POLICIES: &str = r#"
-apiVersion: sigil.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-client, namespace: demo}
-spec:
-  selector: {matchLabels: {app: web}}
-  rules:
-  - from: [{source: {principals: ["cluster.local/ns/demo/sa/client"]}}]
-    to: [{operation: {ports: ["8080", "9090"]}}]
-  - from: [{source: {namespaces: [ops]}}]
-    to: [{operation: {methods: [GET], paths: ["/status*"]}}]
----
-apiVersion: sigil.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: deny-admin, namespace: demo}
-spec:
-  action: DENY
-  rules:
-  - to: [{operation: {paths: ["/admin*"]}}]
----
-apiVersion: sigil.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: audit-ops, namespace: sigil-system}
-spec:
-  action: AUDIT
-  rules:
-  - from: [{source: {namespaces: [ops]}}]
----
-apiVersion: sigil.dev/v1alpha1
-kind: PeerAuthentication
-metadata: {name: web, namespace: demo}
-spec:
-  selector: {matchLabels: {app: web}}
-  mtls: {mode: STRICT}
-  portLevelMtls:
-    9090: {mode: PERMISSIVE}
-"#;
+const POLICIES: &str = include_str!("fixtures/inspect-policies.yaml");
 
 struct Run {
     code: i32,

@@ -32,18 +32,8 @@ async fn echo_on(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<Vec<
     Ok(back)
 }
 
-struct Pair {
-    host: MeshHost,
-    web: ProxyProcess,
-    db: ProxyProcess,
-    /// Where the web app connects (the web proxy's outbound listener).
-    web_out: SocketAddr,
-    /// The db proxy's inbound listener.
-    db_in: SocketAddr,
-}
-
 /// web app → web proxy (outbound, expects `expect_db`) → db proxy (inbound, `db_args`) → echo.
-async fn pair(dir: &std::path::Path, expect_db: &str, db_args: &[&str]) -> Pair {
+async fn pair(dir: &std::path::Path, expect_db: &str, db_args: &[&str]) -> ProxyPair {
     pair_with(dir, expect_db, db_args, "1h", echo_app().await.0).await
 }
 
@@ -53,45 +43,19 @@ async fn pair_with(
     db_args: &[&str],
     cert_ttl: &str,
     app: SocketAddr,
-) -> Pair {
-    let host = MeshHost::start(dir, &[(WEB_UID, WEB_ID), (DB_UID, DB_ID)], cert_ttl, &[]).await;
-    let (web_out, db_in) = (free_addr(), free_addr());
-    let socket = host.socket.to_str().unwrap().to_string();
-    let mut db_flags = args(&[
-        "--explicit",
-        "--agent-socket",
-        &socket,
-        "--inbound-listen",
-        &db_in.to_string(),
-        "--inbound-app",
-        &app.to_string(),
-    ]);
-    db_flags.extend(args(db_args));
-    let db = spawn_proxy(dir, "proxy-db", Some(DB_UID), &db_flags).await;
-    let web = spawn_proxy(
+) -> ProxyPair {
+    ProxyPair::start(
         dir,
-        "proxy-web",
-        Some(WEB_UID),
-        &args(&[
-            "--explicit",
-            "--agent-socket",
-            &socket,
-            "--outbound-listen",
-            &web_out.to_string(),
-            "--outbound-upstream",
-            &db_in.to_string(),
-            "--outbound-identity",
+        PairSpec {
+            uids: (WEB_UID, DB_UID),
             expect_db,
-        ]),
+            db_args,
+            cert_ttl,
+            agent_args: &[],
+            app,
+        },
     )
-    .await;
-    Pair {
-        host,
-        web,
-        db,
-        web_out,
-        db_in,
-    }
+    .await
 }
 
 #[tokio::test]

@@ -17,27 +17,31 @@ use tokio::net::TcpStream;
 const WEB_UID: u32 = 41401;
 const DB_UID: u32 = 41402;
 
-const DENY_ALL: &str = "apiVersion: sigil.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: deny-all, namespace: demo}
-spec: {}
-";
+const DENY_ALL: &str = include_str!("fixtures/deny-all.yaml");
 
-const ALLOW_WEB_ON_ALLOWED: &str = "apiVersion: sigil.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: allow-web, namespace: demo}
-spec:
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/demo/sa/web]}}]
-    to: [{operation: {methods: [GET], paths: [/allowed, /public/*]}}]
-";
+const ALLOW_WEB_ON_ALLOWED: &str = include_str!("fixtures/allow-web.yaml");
 
 /// Replaces the policy file whole (the agent may read it at any moment).
 fn write_policies(path: &Path, documents: &[&str]) {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, documents.join("---\n")).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The web and db proxies with an agent serving `policies`, `app` behind the db proxy.
+async fn start_pair(dir: &Path, policies: &Path, app: SocketAddr, db_args: &[&str]) -> ProxyPair {
+    ProxyPair::start(
+        dir,
+        PairSpec {
+            uids: (WEB_UID, DB_UID),
+            expect_db: DB_ID,
+            db_args,
+            cert_ttl: "1h",
+            agent_args: &["--policy-file", policies.to_str().unwrap()],
+            app,
+        },
+    )
+    .await
 }
 
 fn decisions(decision: &str, policy: &str, layer: &str) -> String {
@@ -51,50 +55,15 @@ async fn deny_all_then_an_allow_for_one_path_then_its_removal_closes_the_open_co
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies.yaml");
     write_policies(&policies, &[DENY_ALL]);
-    let host = MeshHost::start(
-        dir.path(),
-        &[(WEB_UID, WEB_ID), (DB_UID, DB_ID)],
-        "1h",
-        &["--policy-file", policies.to_str().unwrap()],
-    )
-    .await;
     let app = http_app().await;
-    let (web_out, db_in): (SocketAddr, SocketAddr) = (free_addr(), free_addr());
-    let socket = host.socket.to_str().unwrap();
-    let db = spawn_proxy(
-        dir.path(),
-        "proxy-db",
-        Some(DB_UID),
-        &args(&[
-            "--explicit",
-            "--agent-socket",
-            socket,
-            "--inbound-listen",
-            &db_in.to_string(),
-            "--inbound-app",
-            &app.to_string(),
-            "--app-probe",
-            &format!("db-ready={}/healthz", app.port()),
-        ]),
-    )
-    .await;
-    let web = spawn_proxy(
-        dir.path(),
-        "proxy-web",
-        Some(WEB_UID),
-        &args(&[
-            "--explicit",
-            "--agent-socket",
-            socket,
-            "--outbound-listen",
-            &web_out.to_string(),
-            "--outbound-upstream",
-            &db_in.to_string(),
-            "--outbound-identity",
-            DB_ID,
-        ]),
-    )
-    .await;
+    let probe = format!("db-ready={}/healthz", app.port());
+    let ProxyPair {
+        host: _host,
+        web,
+        db,
+        web_out,
+        ..
+    } = start_pair(dir.path(), &policies, app, &["--app-probe", &probe]).await;
 
     // 1. deny-all: the connection is refused at connection time, by that policy.
     let mut stream = TcpStream::connect(web_out).await.unwrap();
@@ -203,48 +172,14 @@ async fn http2_requests_are_decided_one_by_one_on_one_connection() {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies.yaml");
     write_policies(&policies, &[DENY_ALL, ALLOW_WEB_ON_ALLOWED]);
-    let host = MeshHost::start(
-        dir.path(),
-        &[(WEB_UID, WEB_ID), (DB_UID, DB_ID)],
-        "1h",
-        &["--policy-file", policies.to_str().unwrap()],
-    )
-    .await;
-    let app = h2_app().await;
-    let (web_out, db_in) = (free_addr(), free_addr());
-    let socket = host.socket.to_str().unwrap();
-    let db = spawn_proxy(
-        dir.path(),
-        "proxy-db",
-        Some(DB_UID),
-        &args(&[
-            "--explicit",
-            "--agent-socket",
-            socket,
-            "--inbound-listen",
-            &db_in.to_string(),
-            "--inbound-app",
-            &app.to_string(),
-        ]),
-    )
-    .await;
-    let _web = spawn_proxy(
-        dir.path(),
-        "proxy-web",
-        Some(WEB_UID),
-        &args(&[
-            "--explicit",
-            "--agent-socket",
-            socket,
-            "--outbound-listen",
-            &web_out.to_string(),
-            "--outbound-upstream",
-            &db_in.to_string(),
-            "--outbound-identity",
-            DB_ID,
-        ]),
-    )
-    .await;
+    // Bound, not `..`: a dropped process is killed.
+    let ProxyPair {
+        host: _host,
+        web: _web,
+        db,
+        web_out,
+        ..
+    } = start_pair(dir.path(), &policies, h2_app().await, &[]).await;
 
     let stream = TcpStream::connect(web_out).await.unwrap();
     let (sender, connection) =

@@ -945,3 +945,80 @@ pub async fn request(stream: &mut tokio::net::TcpStream) -> bool {
         Ok(Ok(_))
     ) && answer == ANSWER
 }
+
+/// What [`ProxyPair::start`] sets up.
+pub struct PairSpec<'a> {
+    /// The uids the web and db proxies run as (attested as `WEB_ID` and `DB_ID`).
+    pub uids: (u32, u32),
+    /// The identity the web proxy requires of the db proxy.
+    pub expect_db: &'a str,
+    /// Extra `sigil proxy run` flags of the db proxy.
+    pub db_args: &'a [&'a str],
+    pub cert_ttl: &'a str,
+    /// Extra `sigil agent run` flags.
+    pub agent_args: &'a [&'a str],
+    /// The application behind the db proxy.
+    pub app: SocketAddr,
+}
+
+/// A CA, an agent and two proxies in explicit mode: web app → web proxy (outbound) → mTLS →
+/// db proxy (inbound) → the application.
+pub struct ProxyPair {
+    pub host: MeshHost,
+    pub web: ProxyProcess,
+    pub db: ProxyProcess,
+    /// Where the web app connects (the web proxy's outbound listener).
+    pub web_out: SocketAddr,
+    /// The db proxy's inbound listener.
+    pub db_in: SocketAddr,
+}
+
+impl ProxyPair {
+    pub async fn start(dir: &Path, spec: PairSpec<'_>) -> ProxyPair {
+        let (web_uid, db_uid) = spec.uids;
+        let host = MeshHost::start(
+            dir,
+            &[(web_uid, WEB_ID), (db_uid, DB_ID)],
+            spec.cert_ttl,
+            spec.agent_args,
+        )
+        .await;
+        let (web_out, db_in) = (free_addr(), free_addr());
+        let socket = host.socket.to_str().unwrap().to_string();
+        let mut db_flags = args(&[
+            "--explicit",
+            "--agent-socket",
+            &socket,
+            "--inbound-listen",
+            &db_in.to_string(),
+            "--inbound-app",
+            &spec.app.to_string(),
+        ]);
+        db_flags.extend(args(spec.db_args));
+        let db = spawn_proxy(dir, "proxy-db", Some(db_uid), &db_flags).await;
+        let web = spawn_proxy(
+            dir,
+            "proxy-web",
+            Some(web_uid),
+            &args(&[
+                "--explicit",
+                "--agent-socket",
+                &socket,
+                "--outbound-listen",
+                &web_out.to_string(),
+                "--outbound-upstream",
+                &db_in.to_string(),
+                "--outbound-identity",
+                spec.expect_db,
+            ]),
+        )
+        .await;
+        ProxyPair {
+            host,
+            web,
+            db,
+            web_out,
+            db_in,
+        }
+    }
+}
