@@ -43,7 +43,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
-use crate::polled_file::{self, PolledFile};
+use crate::polled_file::{self, FollowedSources, PolledFile};
 use crate::push_stream::{self, PushFeed, ResponseStream};
 
 /// The pod label that puts a pod in the mesh (the sidecar injector sets it on injected pods).
@@ -508,31 +508,20 @@ struct Membership {
 }
 
 impl Membership {
-    async fn run(mut self, mut events: Option<PodEvents>, mut shutdown: watch::Receiver<bool>) {
-        let stopping = async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        };
-        tokio::pin!(stopping);
-        // Without Kubernetes every source is already known.
-        self.publish();
-        let mut poll = polled_file::poll_timer();
-        loop {
-            let next_event = async {
-                match events.as_mut() {
-                    Some(events) => events.next().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = &mut stopping => break,
-                Some(event) = next_event => self.on_pod_event(event),
-                _ = poll.tick(), if self.file.is_some() => self.poll_file().await,
-            }
-        }
+    async fn run(self, events: Option<PodEvents>, shutdown: watch::Receiver<bool>) {
+        polled_file::follow(self, events, shutdown).await;
         info!("mesh membership stopped");
     }
+}
 
-    fn on_pod_event(&mut self, event: Result<Event<Pod>, watcher::Error>) {
+impl FollowedSources for Membership {
+    type Event = Result<Event<Pod>, watcher::Error>;
+
+    fn has_file(&self) -> bool {
+        self.file.is_some()
+    }
+
+    fn on_event(&mut self, event: Self::Event) {
         let Some(pods) = self.pods.as_mut() else {
             return;
         };
@@ -590,7 +579,9 @@ impl Membership {
         self.tx
             .send_replace(Arc::new(MeshSnapshot { version, members }));
     }
+}
 
+impl Membership {
     fn log_new(&mut self, conflicts: Vec<Conflict>) {
         let current: BTreeSet<Conflict> = conflicts.into_iter().collect();
         for conflict in current.difference(&self.logged_conflicts) {

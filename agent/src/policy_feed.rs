@@ -52,7 +52,7 @@ use crate::attest::Workload;
 use crate::attest::k8s::NodePods;
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
-use crate::polled_file::{self, PolledFile};
+use crate::polled_file::{self, FollowedSources, PolledFile};
 use crate::push_stream::{self, PushFeed, ResponseStream};
 
 /// The namespace whose objects are mesh-wide: they apply to workloads in every namespace.
@@ -564,35 +564,20 @@ struct PolicyStore {
 }
 
 impl PolicyStore {
-    async fn run(mut self, mut events: Option<ClusterEvents>, mut shutdown: watch::Receiver<bool>) {
-        let stopping = async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        };
-        tokio::pin!(stopping);
-        // Without Kubernetes every source is already known.
-        self.publish();
-        let mut poll = polled_file::poll_timer();
-        loop {
-            let next_event = async {
-                match events.as_mut() {
-                    Some(events) => events.next().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = &mut stopping => break,
-                Some((kind, event)) = next_event => self.on_cluster_event(kind, event),
-                _ = poll.tick(), if self.file.is_some() => self.poll_file().await,
-            }
-        }
+    async fn run(self, events: Option<ClusterEvents>, shutdown: watch::Receiver<bool>) {
+        polled_file::follow(self, events, shutdown).await;
         info!("policy feed stopped");
     }
+}
 
-    fn on_cluster_event(
-        &mut self,
-        kind: PolicyKind,
-        event: Result<Event<DynamicObject>, watcher::Error>,
-    ) {
+impl FollowedSources for PolicyStore {
+    type Event = (PolicyKind, Result<Event<DynamicObject>, watcher::Error>);
+
+    fn has_file(&self) -> bool {
+        self.file.is_some()
+    }
+
+    fn on_event(&mut self, (kind, event): Self::Event) {
         let Some(state) = self.cluster.as_mut().and_then(|c| c.get_mut(&kind)) else {
             return;
         };
@@ -648,7 +633,9 @@ impl PolicyStore {
         self.tx
             .send_replace(Arc::new(PolicySnapshot { version, objects }));
     }
+}
 
+impl PolicyStore {
     fn log_new(&mut self, conflicts: BTreeSet<ObjectKey>) {
         for key in conflicts.difference(&self.logged_conflicts) {
             warn!(object = %key, "a policy object is both in the cluster and in --policy-file; using the cluster's");
