@@ -88,7 +88,7 @@ async fn start_ca(
             "--server-name",
             "localhost",
         ])
-        .args(["--auth", auth, "--no-root-configmaps"])
+        .args(["--auth", auth, "--no-root-configmaps", "--no-webhook"])
         .env("KUBECONFIG", &kubeconfig)
         // Audit records on, as in production: their cost is part of the number.
         .env("RUST_LOG", "info")

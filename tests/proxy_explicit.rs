@@ -90,6 +90,24 @@ async fn two_proxies_carry_bytes_over_mtls_and_each_logs_the_other_identity() {
     assert_eq!(certs["identity"], DB_ID, "{certs}");
     assert!(certs["expires_in_seconds"].as_i64().unwrap() > 3000);
     assert_eq!(certs["roots"].as_array().unwrap().len(), 1);
+    // The PEM endpoints feed `sigil inspect cert` (README's cluster quickstart does this through
+    // `kubectl port-forward`): the chain the proxy presents verifies against its bundle.
+    for (path, file) in [
+        ("/certs/chain.pem", "db-chain.pem"),
+        ("/certs/bundle.pem", "db-bundle.pem"),
+    ] {
+        let (status, pem) = http_get(p.db.admin, path).await.unwrap();
+        assert_eq!(status, 200, "{path}: {pem}");
+        std::fs::write(dir.path().join(file), pem).unwrap();
+    }
+    let report = sigil(&[
+        "inspect",
+        "cert",
+        dir.path().join("db-chain.pem").to_str().unwrap(),
+        "--bundle",
+        dir.path().join("db-bundle.pem").to_str().unwrap(),
+    ]);
+    assert!(report.contains(DB_ID), "{report}");
     assert_eq!(
         p.db.metric(
             "sigil_proxy_connections_opened_total{direction=\"inbound\",security=\"mtls\"}"

@@ -14,6 +14,8 @@ pub const DEFAULT_SERVICE_NAME: &str = "sigil-ca.sigil-system.svc";
 pub const DEFAULT_TTL: &str = "24h";
 pub const DEFAULT_MAX_TTL: &str = "7d";
 pub const DEFAULT_RELOAD_INTERVAL: &str = "5s";
+pub const DEFAULT_WEBHOOK_ADDR: &str = "0.0.0.0:15017";
+pub const DEFAULT_WEBHOOK_CONFIG: &str = "sigil-injector";
 pub const DEFAULT_JWT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 /// How often the JWKS is re-read (file) or re-fetched (OIDC discovery).
 pub const JWKS_REFRESH: Duration = Duration::from_secs(300);
@@ -110,6 +112,35 @@ pub struct CaConfig {
     /// Do not publish the sigil-ca-root ConfigMap in every namespace.
     #[arg(long)]
     pub no_root_configmaps: bool,
+
+    /// HTTPS address of the sidecar-injection webhook (`POST /inject`, serving certificate from
+    /// this CA). Served only when the CA talks to Kubernetes.
+    #[arg(long, default_value = DEFAULT_WEBHOOK_ADDR)]
+    pub webhook_addr: SocketAddr,
+
+    /// Neither serve the injection webhook nor keep its caBundle.
+    #[arg(long)]
+    pub no_webhook: bool,
+
+    /// The MutatingWebhookConfiguration whose webhooks' caBundle the CA keeps equal to the
+    /// trust bundle.
+    #[arg(long, default_value = DEFAULT_WEBHOOK_CONFIG)]
+    pub webhook_config: String,
+
+    /// Image of the injected `sigil-init` and `sigil-proxy` containers (deploy/ sets it to the
+    /// CA's own image).
+    #[arg(long, env = "SIGIL_PROXY_IMAGE", default_value = crate::inject::DEFAULT_PROXY_IMAGE)]
+    pub proxy_image: String,
+
+    /// The uid injected proxies run as; `sigil proxy init` exempts it from redirection.
+    #[arg(long, default_value_t = crate::inject::DEFAULT_PROXY_UID,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub proxy_uid: u32,
+
+    /// Namespaces never injected, whatever their labels (repeat the flag; replaces the default
+    /// list: kube-system, kube-public, kube-node-lease, sigil-system).
+    #[arg(long = "inject-exclude-namespace", default_values = crate::inject::DEFAULT_EXCLUDED_NAMESPACES)]
+    pub inject_excluded_namespaces: Vec<String>,
 }
 
 /// Parses `90s`, `15m`, `24h`, `7d` or plain seconds.

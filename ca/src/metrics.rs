@@ -7,6 +7,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::inject::SkipReason;
+
 /// Which API a signing request came through.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Api {
@@ -80,7 +82,34 @@ macro_rules! label_value_as_str {
         }
     )*};
 }
-label_value_as_str!(Api, DenyReason, CacheResult);
+label_value_as_str!(Api, DenyReason, CacheResult, InjectOutcome, SkipReason);
+
+/// What the injection webhook did with one AdmissionReview.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum InjectOutcome {
+    Injected,
+    Skipped,
+    Denied,
+    Malformed,
+}
+
+impl InjectOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InjectOutcome::Injected => "injected",
+            InjectOutcome::Skipped => "skipped",
+            InjectOutcome::Denied => "denied",
+            InjectOutcome::Malformed => "malformed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InjectLabels {
+    pub outcome: InjectOutcome,
+    /// Why a pod was admitted unchanged (empty for the other outcomes).
+    pub reason: Option<SkipReason>,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -111,6 +140,9 @@ pub struct Metrics {
     pub tls_handshake_failures: Counter,
     pub policy_status_writes: Counter,
     pub policy_status_write_failures: Counter,
+    pub injections: Family<InjectLabels, Counter>,
+    pub webhook_ca_bundle_writes: Counter,
+    pub webhook_ca_bundle_write_failures: Counter,
 }
 
 impl Metrics {
@@ -128,6 +160,9 @@ impl Metrics {
             tls_handshake_failures: Counter::default(),
             policy_status_writes: Counter::default(),
             policy_status_write_failures: Counter::default(),
+            injections: Family::default(),
+            webhook_ca_bundle_writes: Counter::default(),
+            webhook_ca_bundle_write_failures: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_ca");
         r.register(
@@ -177,7 +212,7 @@ impl Metrics {
         );
         r.register(
             "tls_handshake_failures",
-            "TLS handshakes on the gRPC port that failed or timed out (debug logs say why)",
+            "TLS handshakes on the gRPC and webhook ports that failed or timed out (debug logs say why)",
             metrics.tls_handshake_failures.clone(),
         );
         r.register(
@@ -189,6 +224,21 @@ impl Metrics {
             "policy_status_write_failures",
             "Failed status condition updates of policy objects (retried)",
             metrics.policy_status_write_failures.clone(),
+        );
+        r.register(
+            "injections",
+            "AdmissionReviews answered by the injection webhook, by outcome (and why skipped)",
+            metrics.injections.clone(),
+        );
+        r.register(
+            "webhook_ca_bundle_writes",
+            "Updates of the MutatingWebhookConfiguration's caBundle to the current trust bundle",
+            metrics.webhook_ca_bundle_writes.clone(),
+        );
+        r.register(
+            "webhook_ca_bundle_write_failures",
+            "Failed caBundle updates (retried)",
+            metrics.webhook_ca_bundle_write_failures.clone(),
         );
         metrics
     }

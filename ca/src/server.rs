@@ -1,6 +1,6 @@
 //! `sigil ca serve`: wires the key source, the pod index, authentication, the gRPC services, the
-//! trust-bundle ConfigMaps, the policy status conditions and the admin endpoint together, and
-//! runs them until shutdown.
+//! trust-bundle ConfigMaps, the policy status conditions, the injection webhook and the admin
+//! endpoint together, and runs them until shutdown.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use crate::authn::{Authenticator, TokenValidator};
 use crate::authority::Authority;
 use crate::authz::{Authorizer, StaticEntries};
 use crate::config::{AuthMode, CaConfig, DEFAULT_SERVICE_NAME, JWKS_REFRESH};
+use crate::inject::InjectConfig;
 use crate::jwt::Jwks;
 use crate::metrics::Metrics;
 use crate::plugin::PluginSource;
@@ -25,6 +26,7 @@ use crate::service::{self, Ca, TtlPolicy};
 use crate::source::{self, KeySource};
 use crate::store::StateStore;
 use crate::tls_server;
+use crate::webhook;
 
 /// Dead peers are found by HTTP/2 pings, so their connection slots are freed.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -221,9 +223,9 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
     names.extend(config.server_names.iter().cloned());
     let (tls_tx, tls_rx) = watch::channel(None);
     tokio::spawn(tls_server::run_serving_cert(
-        serving_id,
-        names,
-        authority_rx,
+        serving_id.clone(),
+        names.clone(),
+        authority_rx.clone(),
         tls_tx,
         vec![b"h2".to_vec()],
     ));
@@ -248,6 +250,54 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
             error!(error = %e, "admin server failed");
         }
     });
+
+    // The injection webhook: only for a CA that serves a cluster.
+    if let (Some(client), false) = (&kube, config.no_webhook) {
+        let webhook_listener = TcpListener::bind(config.webhook_addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                what: "webhook",
+                addr: config.webhook_addr,
+                source,
+            })?;
+        info!(webhook = %config.webhook_addr, config = %config.webhook_config, "serving the injection webhook");
+        let (webhook_tls_tx, webhook_tls_rx) = watch::channel(None);
+        tokio::spawn(tls_server::run_serving_cert(
+            serving_id,
+            names,
+            authority_rx.clone(),
+            webhook_tls_tx,
+            vec![b"http/1.1".to_vec()],
+        ));
+        tokio::spawn(webhook::keep_ca_bundle(
+            client.clone(),
+            config.webhook_config.clone(),
+            authority_rx.clone(),
+            metrics.clone(),
+        ));
+        let app = webhook::router(
+            InjectConfig {
+                image: config.proxy_image.clone(),
+                proxy_uid: config.proxy_uid,
+                excluded_namespaces: config.inject_excluded_namespaces.iter().cloned().collect(),
+            },
+            metrics.clone(),
+        );
+        let (webhook_metrics, webhook_shutdown) = (metrics.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = webhook::serve(
+                webhook_listener,
+                webhook_tls_rx,
+                app,
+                webhook_metrics,
+                webhook_shutdown,
+            )
+            .await
+            {
+                error!(error = %e, "webhook server failed");
+            }
+        });
+    }
 
     let (sigil_ca, istio_ca) = service::servers(ca);
     let mut grpc_shutdown = shutdown;

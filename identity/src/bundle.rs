@@ -76,15 +76,7 @@ impl TrustBundle {
 
     /// Concatenated `CERTIFICATE` PEM blocks, LF line endings.
     pub fn to_pem(&self) -> String {
-        let blocks: Vec<pem::Pem> = self
-            .roots
-            .iter()
-            .map(|der| pem::Pem::new("CERTIFICATE", der.as_ref()))
-            .collect();
-        pem::encode_many_config(
-            &blocks,
-            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-        )
+        certificates_to_pem(&self.roots)
     }
 
     /// The SPIFFE bundle format (SPIFFE Trust Domain and Bundle spec §4): a JWK set with one
@@ -212,6 +204,18 @@ fn public_key_jwk(spki: &SubjectPublicKeyInfo<'_>) -> Option<Value> {
 fn strip_leading_zeros(b: &[u8]) -> &[u8] {
     let start = b.iter().position(|x| *x != 0).unwrap_or(b.len());
     &b[start..]
+}
+
+/// Certificates as concatenated `CERTIFICATE` PEM blocks, LF line endings.
+pub fn certificates_to_pem(certs: &[CertificateDer<'_>]) -> String {
+    let blocks: Vec<pem::Pem> = certs
+        .iter()
+        .map(|der| pem::Pem::new("CERTIFICATE", der.as_ref()))
+        .collect();
+    pem::encode_many_config(
+        &blocks,
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The proxy's admin endpoint (--admin-addr, loopback by default): `/certs` (the certificate in
-//! use and the trust bundle), `/config` (the effective configuration and mesh membership) and
+//! use and the trust bundle; `/certs/chain.pem` and `/certs/bundle.pem` as PEM for
+//! `sigil inspect cert`), `/config` (the effective configuration and mesh membership) and
 //! `/ready`. Prometheus metrics are served separately on --metrics-addr.
 
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/certs", get(certs))
+        .route("/certs/chain.pem", get(chain_pem))
+        .route("/certs/bundle.pem", get(bundle_pem))
         .route("/config", get(config_dump))
         .route("/ready", get(ready_handler))
         .with_state(AdminState {
@@ -53,6 +56,29 @@ fn unix(t: SystemTime) -> i64 {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64),
     }
+}
+
+/// The chain (leaf first) the proxy presents now, as PEM.
+async fn chain_pem(State(state): State<AdminState>) -> (StatusCode, String) {
+    match state.tls.borrow().as_ref() {
+        Some(tls) => (StatusCode::OK, tls.chain_pem.clone()),
+        None => no_certificate_yet(),
+    }
+}
+
+/// The trust bundle the proxy verifies peers against, as PEM.
+async fn bundle_pem(State(state): State<AdminState>) -> (StatusCode, String) {
+    match state.tls.borrow().as_ref() {
+        Some(tls) => (StatusCode::OK, tls.bundle.to_pem()),
+        None => no_certificate_yet(),
+    }
+}
+
+fn no_certificate_yet() -> (StatusCode, String) {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no certificate from the agent yet\n".to_string(),
+    )
 }
 
 async fn certs(State(state): State<AdminState>) -> impl IntoResponse {

@@ -16,6 +16,8 @@ pub struct TlsState {
     pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The certificate chain (leaf first) as PEM: public, for `/certs/chain.pem`.
+    pub chain_pem: String,
     pub bundle: TrustBundle,
     /// Inbound: requires a client certificate of our trust domain.
     pub server: Arc<rustls::ServerConfig>,
@@ -68,6 +70,7 @@ impl TlsState {
             serial: report.serial_hex,
             not_before: report.not_before.into(),
             not_after: report.not_after.into(),
+            chain_pem: sigil_identity::bundle::certificates_to_pem(&certified.chain),
             bundle,
             server: Arc::new(server),
             client: Arc::new(client),

@@ -40,6 +40,8 @@ pub struct CaProcess {
     pub child: Child,
     pub grpc: SocketAddr,
     pub admin: SocketAddr,
+    /// The injection webhook's HTTPS address (served when the CA has a kubeconfig).
+    pub webhook: SocketAddr,
     pub log: PathBuf,
 }
 
@@ -75,6 +77,7 @@ impl CaProcess {
             .as_nanos();
         let log = work.join(format!("ca-{}-{started}.log", grpc.port()));
         let out = std::fs::File::create(&log).unwrap();
+        let webhook = free_addr();
         let mut cmd = Command::new(SIGIL);
         cmd.args([
             "ca",
@@ -83,6 +86,8 @@ impl CaProcess {
             &grpc.to_string(),
             "--admin-addr",
             &admin.to_string(),
+            "--webhook-addr",
+            &webhook.to_string(),
         ])
         .args(["--server-name", "localhost", "--server-name", "127.0.0.1"])
         .args(args)
@@ -98,6 +103,7 @@ impl CaProcess {
             child: cmd.spawn().expect("spawning sigil ca serve"),
             grpc,
             admin,
+            webhook,
             log,
         }
     }

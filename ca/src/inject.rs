@@ -1,0 +1,511 @@
+//! Sidecar injection: what the mutating admission webhook does to a pod. Given an
+//! `AdmissionReview` it answers with the JSON patch that adds the `sigil proxy init` init
+//! container, the proxy (a native sidecar, so it starts before and stops after the app), the agent
+//! socket mount and the mesh label, and points HTTP probes at the proxy so they keep working
+//! under STRICT mTLS and deny-all policies. Pure: no I/O, so every decision is testable with
+//! AdmissionReview documents.
+
+use std::collections::BTreeSet;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::{Container, Pod, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use serde_json::{Value, json};
+
+/// Namespace label (and pod label or annotation, `"false"`) that turns injection on (off).
+pub const INJECT_KEY: &str = "sigil.dev/inject";
+/// Set on injected pods; its presence means "already injected".
+pub const STATUS_ANNOTATION: &str = "sigil.dev/status";
+/// The mesh-membership label the agents' mesh feed selects (`agent/src/mesh.rs`).
+pub const TLS_MODE_LABEL: &str = "sigil.dev/tls-mode";
+pub const INIT_CONTAINER: &str = "sigil-init";
+pub const PROXY_CONTAINER: &str = "sigil-proxy";
+pub const AGENT_VOLUME: &str = "sigil-agent";
+/// Where the agent DaemonSet puts its socket on every node, and where pods see it.
+pub const AGENT_SOCKET_DIR: &str = "/run/sigil";
+pub const DEFAULT_PROXY_UID: u32 = 1337;
+pub const DEFAULT_PROXY_IMAGE: &str = concat!("sigil:", env!("CARGO_PKG_VERSION"));
+/// Never injected, whatever their labels say: the control plane's own namespaces.
+pub const DEFAULT_EXCLUDED_NAMESPACES: [&str; 4] = [
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    "sigil-system",
+];
+/// Per-pod annotations passed to `sigil proxy init` (checked here, so a typo fails the pod's
+/// creation with a reason rather than its init container later).
+pub const EXCLUDE_INBOUND_PORTS: &str = "sigil.dev/exclude-inbound-ports";
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "sigil.dev/exclude-outbound-ports";
+pub const EXCLUDE_OUTBOUND_CIDRS: &str = "sigil.dev/exclude-outbound-cidrs";
+/// The proxy's ports inside the pod (outbound, inbound, admin, metrics and probes): an app
+/// container may not declare them.
+pub const PROXY_PORTS: [i32; 4] = [15001, 15006, 15000, 15020];
+const METRICS_PORT: i32 = 15020;
+
+/// What the injector puts into pods (from `sigil ca serve` flags).
+#[derive(Clone, Debug)]
+pub struct InjectConfig {
+    pub image: String,
+    pub proxy_uid: u32,
+    pub excluded_namespaces: BTreeSet<String>,
+}
+
+/// What happened to one review, for the log line and the metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Injected,
+    /// Admitted unchanged, and why.
+    Skipped(SkipReason),
+    /// Refused, and why (also the message the user sees).
+    Denied(String),
+    /// The review itself could not be read.
+    Malformed(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    NotPodCreate,
+    ExcludedNamespace,
+    OptedOut,
+    AlreadyInjected,
+    HostNetwork,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::NotPodCreate => "not_pod_create",
+            SkipReason::ExcludedNamespace => "excluded_namespace",
+            SkipReason::OptedOut => "opted_out",
+            SkipReason::AlreadyInjected => "already_injected",
+            SkipReason::HostNetwork => "host_network",
+        }
+    }
+}
+
+/// The pod's name for logs (`generateName` pods have none yet).
+#[derive(Clone, Debug, Default)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Answers one AdmissionReview body: the response review to send, and what was decided.
+pub fn review(body: &[u8], config: &InjectConfig) -> (Value, Outcome, PodRef) {
+    let malformed = |reason: String| {
+        (
+            to_wire(AdmissionResponse::invalid(format!(
+                "sigil injector: {reason}"
+            ))),
+            Outcome::Malformed(reason),
+            PodRef::default(),
+        )
+    };
+    let raw: Value = match serde_json::from_slice(body) {
+        Ok(raw) => raw,
+        Err(e) => return malformed(format!("the body is not JSON: {e}")),
+    };
+    let review: AdmissionReview<DynamicObject> = match serde_json::from_value(raw.clone()) {
+        Ok(review) => review,
+        Err(e) => return malformed(format!("not an admission.k8s.io/v1 AdmissionReview: {e}")),
+    };
+    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(request) => request,
+        Err(_) => return malformed("the AdmissionReview has no request".into()),
+    };
+    let original = raw["request"]["object"].clone();
+    let pod_ref = PodRef {
+        namespace: request.namespace.clone().unwrap_or_default(),
+        name: pod_name(&original),
+    };
+    let response = AdmissionResponse::from(&request);
+    let (response, outcome) = match decide(&request, &original, config) {
+        Ok(Mutation::Skip(reason)) => (response, Outcome::Skipped(reason)),
+        Ok(Mutation::Patch { mutated, warnings }) => {
+            let patch = json_patch::diff(&original, &mutated);
+            match response.with_patch(patch) {
+                Ok(mut response) => {
+                    if !warnings.is_empty() {
+                        response.warnings = Some(warnings);
+                    }
+                    (response, Outcome::Injected)
+                }
+                Err(e) => {
+                    let reason = format!("serializing the patch: {e}");
+                    (
+                        AdmissionResponse::from(&request).deny(&reason),
+                        Outcome::Denied(reason),
+                    )
+                }
+            }
+        }
+        Err(reason) => (response.deny(&reason), Outcome::Denied(reason)),
+    };
+    (to_wire(response), outcome, pod_ref)
+}
+
+/// The response review as the API server reads it: the patch, a Go `[]byte`, base64-encoded
+/// (kube's type would write it as an array of numbers).
+fn to_wire(response: AdmissionResponse) -> Value {
+    let patch = response.patch.clone();
+    let mut review = serde_json::to_value(response.into_review()).expect("a review serializes");
+    if let Some(patch) = patch {
+        review["response"]["patch"] =
+            json!(base64::engine::general_purpose::STANDARD.encode(patch));
+    }
+    review
+}
+
+enum Mutation {
+    Skip(SkipReason),
+    Patch {
+        mutated: Value,
+        warnings: Vec<String>,
+    },
+}
+
+fn decide(
+    request: &AdmissionRequest<DynamicObject>,
+    original: &Value,
+    config: &InjectConfig,
+) -> Result<Mutation, String> {
+    if request.operation != Operation::Create
+        || request.kind.kind != "Pod"
+        || !request.kind.group.is_empty()
+        || request.sub_resource.is_some()
+    {
+        return Ok(Mutation::Skip(SkipReason::NotPodCreate));
+    }
+    let namespace = request.namespace.as_deref().unwrap_or_default();
+    if config.excluded_namespaces.contains(namespace) {
+        return Ok(Mutation::Skip(SkipReason::ExcludedNamespace));
+    }
+    let pod: Pod = serde_json::from_value(original.clone())
+        .map_err(|e| format!("sigil injector: the object is not a valid Pod: {e}"))?;
+    let meta = &pod.metadata;
+    let opted_out = [meta.labels.as_ref(), meta.annotations.as_ref()]
+        .into_iter()
+        .flatten()
+        .any(|map| map.get(INJECT_KEY).is_some_and(|v| v == "false"));
+    if opted_out {
+        return Ok(Mutation::Skip(SkipReason::OptedOut));
+    }
+    let spec = pod
+        .spec
+        .as_ref()
+        .ok_or("sigil injector: the Pod has no spec")?;
+    let already = meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(STATUS_ANNOTATION))
+        || spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .any(|c| c.name == PROXY_CONTAINER || c.name == INIT_CONTAINER);
+    if already {
+        return Ok(Mutation::Skip(SkipReason::AlreadyInjected));
+    }
+    // iptables rules in a host-network pod would redirect the node's own traffic.
+    if spec.host_network == Some(true) {
+        return Ok(Mutation::Skip(SkipReason::HostNetwork));
+    }
+    for container in &spec.containers {
+        for port in container.ports.iter().flatten() {
+            if PROXY_PORTS.contains(&port.container_port) {
+                return Err(format!(
+                    "sigil injector: container {:?} declares port {}, which the sigil proxy uses \
+                     (reserved: {PROXY_PORTS:?}); move the app or opt the pod out with the label \
+                     {INJECT_KEY}: \"false\"",
+                    container.name, port.container_port
+                ));
+            }
+        }
+    }
+    // A container running as the proxy's uid is exempt from redirection: it would talk past the
+    // proxy, unauthenticated.
+    let pod_uid = spec.security_context.as_ref().and_then(|s| s.run_as_user);
+    for container in &spec.containers {
+        let uid = container
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_user)
+            .or(pod_uid);
+        if uid == Some(i64::from(config.proxy_uid)) {
+            return Err(format!(
+                "sigil injector: container {:?} runs as uid {}, the sigil proxy's uid, whose \
+                 traffic is not intercepted; run it as another uid",
+                container.name, config.proxy_uid
+            ));
+        }
+    }
+    let init_args = init_args(meta.annotations.as_ref(), config.proxy_uid)?;
+
+    let mut mutated = original.clone();
+    let mut warnings = Vec::new();
+    let mut probe_flags = Vec::new();
+    for (index, container) in spec.containers.iter().enumerate() {
+        for (field, kind, probe) in [
+            ("livenessProbe", "live", &container.liveness_probe),
+            ("readinessProbe", "ready", &container.readiness_probe),
+            ("startupProbe", "startup", &container.startup_probe),
+        ] {
+            let Some(probe) = probe else { continue };
+            match rewrite_probe(container, kind, probe) {
+                ProbeRewrite::Http { flag, path } => {
+                    probe_flags.push(flag);
+                    let get = &mut mutated["spec"]["containers"][index][field]["httpGet"];
+                    get["port"] = json!(METRICS_PORT);
+                    get["path"] = json!(path);
+                    get["scheme"] = json!("HTTP");
+                }
+                ProbeRewrite::Unchanged => {}
+                ProbeRewrite::Warn(warning) => warnings.push(warning),
+            }
+        }
+    }
+
+    let labels = object_at(&mut mutated["metadata"], "labels");
+    labels.insert(TLS_MODE_LABEL.into(), json!("mtls"));
+    let annotations = object_at(&mut mutated["metadata"], "annotations");
+    annotations.insert(STATUS_ANNOTATION.into(), json!("injected"));
+    if let Some(first) = spec.containers.first() {
+        annotations
+            .entry("kubectl.kubernetes.io/default-container")
+            .or_insert(json!(first.name));
+    }
+    let init_containers = array_at(&mut mutated["spec"], "initContainers");
+    // First the rules, then the proxy: the app's own init containers already run meshed.
+    init_containers.insert(0, init_container(config, init_args));
+    init_containers.insert(1, proxy_container(config, probe_flags));
+    array_at(&mut mutated["spec"], "volumes").push(json!({
+        "name": AGENT_VOLUME,
+        "hostPath": {"path": AGENT_SOCKET_DIR, "type": "Directory"},
+    }));
+    Ok(Mutation::Patch { mutated, warnings })
+}
+
+enum ProbeRewrite {
+    Http { flag: String, path: String },
+    Unchanged,
+    Warn(String),
+}
+
+/// An HTTP probe goes to the proxy's `/app-health/<container>-<kind>`, which asks the app on
+/// loopback; other probe kinds cannot be carried and are left with a warning.
+fn rewrite_probe(container: &Container, kind: &str, probe: &Probe) -> ProbeRewrite {
+    let name = &container.name;
+    if let Some(get) = &probe.http_get {
+        if get
+            .scheme
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("https"))
+        {
+            return ProbeRewrite::Warn(format!(
+                "sigil: the HTTPS {kind} probe of container {name:?} is not rewritten; the kubelet's \
+                 probe meets the proxy, not the app"
+            ));
+        }
+        if get.host.is_some() {
+            return ProbeRewrite::Unchanged;
+        }
+        let port = match &get.port {
+            IntOrString::Int(port) => Some(*port),
+            IntOrString::String(port_name) => container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(port_name))
+                .map(|p| p.container_port),
+        };
+        let Some(port) = port.filter(|p| (1..=65535).contains(p)) else {
+            return ProbeRewrite::Warn(format!(
+                "sigil: the {kind} probe of container {name:?} names port {:?}, which the \
+                 container does not declare; not rewritten",
+                get.port
+            ));
+        };
+        let path = get.path.as_deref().unwrap_or("/");
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
+        let probe_name = format!("{name}-{kind}");
+        return ProbeRewrite::Http {
+            flag: format!("{probe_name}={port}{path}"),
+            path: format!("/app-health/{probe_name}"),
+        };
+    }
+    if probe.tcp_socket.is_some() {
+        return ProbeRewrite::Warn(format!(
+            "sigil: the TCP {kind} probe of container {name:?} is answered by the proxy and \
+             succeeds even when the app is down; use an httpGet probe"
+        ));
+    }
+    if probe.grpc.is_some() {
+        return ProbeRewrite::Warn(format!(
+            "sigil: the gRPC {kind} probe of container {name:?} cannot pass STRICT mTLS; use an \
+             httpGet probe or list its port in the {EXCLUDE_INBOUND_PORTS} annotation"
+        ));
+    }
+    ProbeRewrite::Unchanged
+}
+
+/// `sigil proxy init` arguments, with the pod's exclusion annotations checked.
+fn init_args(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    proxy_uid: u32,
+) -> Result<Vec<String>, String> {
+    let mut args: Vec<String> = ["proxy", "init", "--proxy-uid"].map(String::from).to_vec();
+    args.push(proxy_uid.to_string());
+    for (annotation, flag, check) in [
+        (
+            EXCLUDE_INBOUND_PORTS,
+            "--exclude-inbound-ports",
+            check_port as fn(&str) -> bool,
+        ),
+        (
+            EXCLUDE_OUTBOUND_PORTS,
+            "--exclude-outbound-ports",
+            check_port,
+        ),
+        (
+            EXCLUDE_OUTBOUND_CIDRS,
+            "--exclude-outbound-cidrs",
+            check_cidr,
+        ),
+    ] {
+        let Some(value) = annotations.and_then(|a| a.get(annotation)) else {
+            continue;
+        };
+        let items: Vec<&str> = value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Some(bad) = items.iter().find(|item| !check(item)) {
+            return Err(format!(
+                "sigil injector: annotation {annotation}: {bad:?} is not valid (expected a \
+                 comma-separated list of {})",
+                if flag.ends_with("cidrs") {
+                    "IPv4 CIDRs, e.g. 169.254.169.254/32"
+                } else {
+                    "ports, e.g. 8080,9090"
+                }
+            ));
+        }
+        if !items.is_empty() {
+            args.push(flag.to_string());
+            args.push(items.join(","));
+        }
+    }
+    Ok(args)
+}
+
+fn check_port(s: &str) -> bool {
+    s.parse::<u16>().is_ok_and(|p| p != 0)
+}
+
+fn check_cidr(s: &str) -> bool {
+    let (ip, len) = s.split_once('/').unwrap_or((s, "32"));
+    ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
+}
+
+fn init_container(config: &InjectConfig, args: Vec<String>) -> Value {
+    json!({
+        "name": INIT_CONTAINER,
+        "image": config.image,
+        "args": args,
+        // Root with NET_ADMIN and NET_RAW only, to write this pod's nat table; iptables needs a
+        // writable /run for its lock.
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": false,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": false,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"memory": "64Mi"},
+        },
+    })
+}
+
+fn proxy_container(config: &InjectConfig, probe_flags: Vec<String>) -> Value {
+    let mut args: Vec<String> = ["proxy", "run"].map(String::from).to_vec();
+    for flag in probe_flags {
+        args.push("--app-probe".into());
+        args.push(flag);
+    }
+    let ready = json!({"httpGet": {"path": "/ready", "port": METRICS_PORT}});
+    json!({
+        "name": PROXY_CONTAINER,
+        "image": config.image,
+        "args": args,
+        // A native sidecar: started before the app containers (once its startup probe passes,
+        // so the app never runs before its certificate), stopped after them.
+        "restartPolicy": "Always",
+        "ports": [{"name": "sigil-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "startupProbe": {
+            "httpGet": ready["httpGet"],
+            "periodSeconds": 1,
+            "failureThreshold": 120,
+        },
+        "readinessProbe": {
+            "httpGet": ready["httpGet"],
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+        },
+        // The proxy's uid is the one `sigil proxy init` exempts from redirection.
+        "securityContext": {
+            "runAsUser": config.proxy_uid,
+            "runAsGroup": config.proxy_uid,
+            "runAsNonRoot": true,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "resources": {
+            "requests": {"cpu": "20m", "memory": "32Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "volumeMounts": [{"name": AGENT_VOLUME, "mountPath": AGENT_SOCKET_DIR, "readOnly": true}],
+    })
+}
+
+fn pod_name(pod: &Value) -> String {
+    let meta = &pod["metadata"];
+    meta["name"]
+        .as_str()
+        .map(String::from)
+        .or_else(|| meta["generateName"].as_str().map(|g| format!("{g}*")))
+        .unwrap_or_default()
+}
+
+/// The object at `parent[key]`, created if absent or null.
+fn object_at<'a>(parent: &'a mut Value, key: &str) -> &'a mut serde_json::Map<String, Value> {
+    let slot = &mut parent[key];
+    if !slot.is_object() {
+        *slot = json!({});
+    }
+    slot.as_object_mut().expect("just made an object")
+}
+
+/// The array at `parent[key]`, created if absent or null.
+fn array_at<'a>(parent: &'a mut Value, key: &str) -> &'a mut Vec<Value> {
+    let slot = &mut parent[key];
+    if !slot.is_array() {
+        *slot = json!([]);
+    }
+    slot.as_array_mut().expect("just made an array")
+}
+
+#[cfg(test)]
+mod tests;

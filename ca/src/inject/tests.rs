@@ -1,0 +1,319 @@
+//! The injector against AdmissionReview documents shaped as the API server sends them
+//! (`tests/fixtures/admission/`): what it patches, what it leaves alone, what it refuses.
+
+use super::*;
+use base64::Engine;
+
+const WEB_REVIEW: &str = include_str!("../../../tests/fixtures/admission/web-pod.review.json");
+const WEB_INJECTED: &str = include_str!("../../../tests/fixtures/admission/web-pod.injected.json");
+
+fn config() -> InjectConfig {
+    InjectConfig {
+        image: "registry.example/sigil:0.1.0".into(),
+        proxy_uid: DEFAULT_PROXY_UID,
+        excluded_namespaces: DEFAULT_EXCLUDED_NAMESPACES.map(String::from).into(),
+    }
+}
+
+/// A named change to the web pod's review.
+type Change = Box<dyn Fn(&mut Value)>;
+
+fn web_review() -> Value {
+    serde_json::from_str(WEB_REVIEW).unwrap()
+}
+
+/// Answers `review` and returns the response object and the outcome.
+fn answer(review: &Value) -> (Value, Outcome) {
+    let (response, outcome, _) = super::review(&serde_json::to_vec(review).unwrap(), &config());
+    (response["response"].clone(), outcome)
+}
+
+/// The pod the API server would store: the request's object with the response's patch applied.
+fn patched(review: &Value, response: &Value) -> Value {
+    let mut pod = review["request"]["object"].clone();
+    if let Some(patch) = response["patch"].as_str() {
+        assert_eq!(response["patchType"], "JSONPatch");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(patch)
+            .unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        json_patch::patch(&mut pod, &patch).unwrap();
+    }
+    pod
+}
+
+#[test]
+fn a_deployment_pod_gets_the_expected_injected_pod() {
+    let review = web_review();
+    let (response, outcome) = answer(&review);
+    assert_eq!(outcome, Outcome::Injected);
+    assert_eq!(response["uid"], review["request"]["uid"]);
+    assert_eq!(response["allowed"], true);
+    let pod = patched(&review, &response);
+    let expected: Value = serde_json::from_str(WEB_INJECTED).unwrap();
+    assert_eq!(
+        pod,
+        expected,
+        "injected pod differs from tests/fixtures/admission/web-pod.injected.json:\n{}",
+        serde_json::to_string_pretty(&pod).unwrap()
+    );
+    // It is still a pod the typed model reads.
+    let pod: Pod = serde_json::from_value(pod).unwrap();
+    let spec = pod.spec.unwrap();
+    let init: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(init, [INIT_CONTAINER, PROXY_CONTAINER]);
+    // The TCP probe cannot be carried: the user hears why.
+    let warnings = response["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].as_str().unwrap().contains("metrics-exporter"));
+}
+
+#[test]
+fn http_probes_go_through_the_proxy_with_matching_flags() {
+    let review = web_review();
+    let pod = patched(&review, &answer(&review).0);
+    let web = &pod["spec"]["containers"][0];
+    // A named port is resolved from the container's ports.
+    assert_eq!(
+        web["livenessProbe"]["httpGet"],
+        json!({"path": "/app-health/web-live", "port": 15020, "scheme": "HTTP"})
+    );
+    // Headers stay (the kubelet sends them to the proxy, which ignores them); timings stay.
+    assert_eq!(web["readinessProbe"]["httpGet"]["port"], 15020);
+    assert_eq!(
+        web["readinessProbe"]["httpGet"]["httpHeaders"][0]["name"],
+        "X-Probe"
+    );
+    assert_eq!(web["readinessProbe"]["periodSeconds"], 5);
+    let proxy_args = pod["spec"]["initContainers"][1]["args"].clone();
+    assert_eq!(
+        proxy_args,
+        json!([
+            "proxy",
+            "run",
+            "--app-probe",
+            "web-live=8080/healthz",
+            "--app-probe",
+            "web-ready=8080/ready"
+        ])
+    );
+    // Every flag is one the proxy accepts.
+    for flag in ["web-live=8080/healthz", "web-ready=8080/ready"] {
+        assert!(sigil_proxy_probe_flag_shape(flag), "{flag}");
+    }
+    // The TCP probe is left as it was.
+    assert_eq!(
+        pod["spec"]["containers"][1]["livenessProbe"],
+        review["request"]["object"]["spec"]["containers"][1]["livenessProbe"]
+    );
+}
+
+/// The shape `sigil proxy run --app-probe` parses (proxy/src/probes.rs): NAME=PORT/PATH.
+fn sigil_proxy_probe_flag_shape(flag: &str) -> bool {
+    let Some((name, target)) = flag.split_once('=') else {
+        return false;
+    };
+    let (port, _) = target.split_once('/').unwrap_or((target, ""));
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && port.parse::<u16>().is_ok_and(|p| p != 0)
+}
+
+#[test]
+fn an_injected_pod_is_not_injected_twice() {
+    let review = web_review();
+    let pod = patched(&review, &answer(&review).0);
+    let mut again = review.clone();
+    again["request"]["object"] = pod;
+    let (response, outcome) = answer(&again);
+    assert_eq!(outcome, Outcome::Skipped(SkipReason::AlreadyInjected));
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("patch").is_none_or(Value::is_null));
+}
+
+#[test]
+fn pods_left_alone_are_admitted_unchanged() {
+    let cases: Vec<(&str, Change, SkipReason)> = vec![
+        (
+            "host network",
+            Box::new(|r| r["request"]["object"]["spec"]["hostNetwork"] = json!(true)),
+            SkipReason::HostNetwork,
+        ),
+        (
+            "excluded namespace",
+            Box::new(|r| {
+                r["request"]["namespace"] = json!("kube-system");
+                r["request"]["object"]["metadata"]["namespace"] = json!("kube-system");
+            }),
+            SkipReason::ExcludedNamespace,
+        ),
+        (
+            "opt-out annotation",
+            Box::new(|r| {
+                r["request"]["object"]["metadata"]["annotations"] = json!({INJECT_KEY: "false"})
+            }),
+            SkipReason::OptedOut,
+        ),
+        (
+            "opt-out label",
+            Box::new(|r| r["request"]["object"]["metadata"]["labels"][INJECT_KEY] = json!("false")),
+            SkipReason::OptedOut,
+        ),
+        (
+            "a container already named sigil-proxy",
+            Box::new(|r| {
+                r["request"]["object"]["spec"]["containers"][1]["name"] = json!(PROXY_CONTAINER)
+            }),
+            SkipReason::AlreadyInjected,
+        ),
+        (
+            "an update",
+            Box::new(|r| r["request"]["operation"] = json!("UPDATE")),
+            SkipReason::NotPodCreate,
+        ),
+        (
+            "the ephemeral-containers subresource",
+            Box::new(|r| r["request"]["subResource"] = json!("ephemeralcontainers")),
+            SkipReason::NotPodCreate,
+        ),
+    ];
+    for (what, change, reason) in cases {
+        let mut review = web_review();
+        change(&mut review);
+        let (response, outcome) = answer(&review);
+        assert_eq!(outcome, Outcome::Skipped(reason), "{what}");
+        assert_eq!(response["allowed"], true, "{what}");
+        assert_eq!(response["uid"], review["request"]["uid"], "{what}");
+        assert!(
+            response.get("patch").is_none_or(Value::is_null),
+            "{what}: {response}"
+        );
+    }
+}
+
+#[test]
+fn pods_that_cannot_be_meshed_are_refused_with_the_reason() {
+    let cases: Vec<(&str, Change, &str)> = vec![
+        (
+            "an app port the proxy uses",
+            Box::new(|r| {
+                r["request"]["object"]["spec"]["containers"][0]["ports"][0]["containerPort"] =
+                    json!(15006)
+            }),
+            "declares port 15006",
+        ),
+        (
+            "an app running as the proxy's uid",
+            Box::new(|r| {
+                r["request"]["object"]["spec"]["securityContext"]["runAsUser"] = json!(1337)
+            }),
+            "runs as uid 1337",
+        ),
+        (
+            "a CIDR that is not one",
+            Box::new(|r| {
+                r["request"]["object"]["metadata"]["annotations"] =
+                    json!({EXCLUDE_OUTBOUND_CIDRS: "169.254.169.254/32, 10.0.0.0/33"})
+            }),
+            "\"10.0.0.0/33\" is not valid",
+        ),
+        (
+            "a port that is not one",
+            Box::new(|r| {
+                r["request"]["object"]["metadata"]["annotations"] =
+                    json!({EXCLUDE_INBOUND_PORTS: "8080,http"})
+            }),
+            "\"http\" is not valid",
+        ),
+        (
+            "an object that is not a pod",
+            Box::new(|r| r["request"]["object"]["spec"]["containers"] = json!("web")),
+            "not a valid Pod",
+        ),
+    ];
+    for (what, change, message) in cases {
+        let mut review = web_review();
+        change(&mut review);
+        let (response, outcome) = answer(&review);
+        assert!(matches!(outcome, Outcome::Denied(_)), "{what}: {outcome:?}");
+        assert_eq!(response["allowed"], false, "{what}");
+        assert_eq!(response["uid"], review["request"]["uid"], "{what}");
+        let status = response["status"]["message"].as_str().unwrap_or_default();
+        assert!(status.contains(message), "{what}: {status}");
+    }
+}
+
+#[test]
+fn exclusion_annotations_reach_the_init_container() {
+    let mut review = web_review();
+    review["request"]["object"]["metadata"]["annotations"] = json!({
+        EXCLUDE_INBOUND_PORTS: "9100",
+        EXCLUDE_OUTBOUND_PORTS: "5432, 6379",
+        EXCLUDE_OUTBOUND_CIDRS: "169.254.169.254/32",
+    });
+    let pod = patched(&review, &answer(&review).0);
+    assert_eq!(
+        pod["spec"]["initContainers"][0]["args"],
+        json!([
+            "proxy",
+            "init",
+            "--proxy-uid",
+            "1337",
+            "--exclude-inbound-ports",
+            "9100",
+            "--exclude-outbound-ports",
+            "5432,6379",
+            "--exclude-outbound-cidrs",
+            "169.254.169.254/32"
+        ])
+    );
+    // The user's annotations stay, ours are added.
+    assert_eq!(
+        pod["metadata"]["annotations"][EXCLUDE_INBOUND_PORTS],
+        "9100"
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"][STATUS_ANNOTATION],
+        "injected"
+    );
+}
+
+#[test]
+fn a_malformed_review_gets_an_error_response() {
+    for (what, body) in [
+        ("empty body", b"".to_vec()),
+        ("not JSON", b"{\"kind\": \"AdmissionReview\"".to_vec()),
+        (
+            "no request",
+            br#"{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1"}"#.to_vec(),
+        ),
+        (
+            "a request of the wrong shape",
+            br#"{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1","request":{"uid":7}}"#
+                .to_vec(),
+        ),
+        ("binary garbage", vec![0xff, 0x00, 0x13, 0x37]),
+    ] {
+        let (response, outcome, _) = super::review(&body, &config());
+        assert!(
+            matches!(outcome, Outcome::Malformed(_)),
+            "{what}: {outcome:?}"
+        );
+        assert_eq!(response["kind"], "AdmissionReview", "{what}");
+        assert_eq!(response["response"]["allowed"], false, "{what}");
+        assert!(
+            response["response"]["status"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("sigil injector: "),
+            "{what}: {response}"
+        );
+    }
+}

@@ -1,0 +1,296 @@
+//! Reading the components' admin endpoints: a plain HTTP/1.1 GET, and the Prometheus text format
+//! parsed into samples that can be summed by name and labels.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+/// How long one admin request may take.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    #[error("GET http://{addr}{path}: {reason}")]
+    Http {
+        addr: SocketAddr,
+        path: String,
+        reason: String,
+    },
+    #[error("GET http://{addr}{path}: timed out after {TIMEOUT:?}")]
+    Timeout { addr: SocketAddr, path: String },
+    #[error("GET http://{addr}{path}: status {status}: {body}")]
+    Status {
+        addr: SocketAddr,
+        path: String,
+        status: u16,
+        body: String,
+    },
+    #[error("GET http://{addr}{path}: not JSON: {reason}")]
+    Json {
+        addr: SocketAddr,
+        path: String,
+        reason: String,
+    },
+}
+
+/// GET `path` on `addr`: (status, body).
+pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), ScrapeError> {
+    let http = |reason: String| ScrapeError::Http {
+        addr,
+        path: path.to_string(),
+        reason,
+    };
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| http(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| http(e.to_string()))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .map_err(|_| ScrapeError::Timeout {
+            addr,
+            path: path.to_string(),
+        })?
+}
+
+/// GET `path` and require 200.
+pub async fn get_ok(addr: SocketAddr, path: &str) -> Result<String, ScrapeError> {
+    match get(addr, path).await? {
+        (200, body) => Ok(body),
+        (status, body) => Err(ScrapeError::Status {
+            addr,
+            path: path.to_string(),
+            status,
+            body,
+        }),
+    }
+}
+
+/// GET `path` as JSON (200 only).
+pub async fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value, ScrapeError> {
+    let body = get_ok(addr, path).await?;
+    serde_json::from_str(&body).map_err(|e| ScrapeError::Json {
+        addr,
+        path: path.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Whether `path` answers 200 now.
+pub async fn is_ok(addr: SocketAddr, path: &str) -> bool {
+    matches!(get(addr, path).await, Ok((200, _)))
+}
+
+/// One Prometheus sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A scrape of one `/metrics` endpoint.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Metrics {
+    pub samples: Vec<Sample>,
+}
+
+impl Metrics {
+    /// Scrapes `http://addr/metrics`.
+    pub async fn scrape(addr: SocketAddr) -> Result<Metrics, ScrapeError> {
+        Ok(Metrics::parse(&get_ok(addr, "/metrics").await?))
+    }
+
+    /// Parses the text exposition format; lines that do not parse are skipped.
+    pub fn parse(text: &str) -> Metrics {
+        Metrics {
+            samples: text
+                .lines()
+                .filter(|line| !line.starts_with('#'))
+                .filter_map(parse_sample)
+                .collect(),
+        }
+    }
+
+    /// The sum of every sample named `name` whose labels include all of `labels` (0 if none).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).is_some_and(|have| have == v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+}
+
+impl Sample {
+    /// `name{k="v",...}` as Prometheus prints it (labels in name order).
+    pub fn series(&self) -> String {
+        if self.labels.is_empty() {
+            return self.name.clone();
+        }
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect();
+        format!("{}{{{}}}", self.name, labels.join(","))
+    }
+}
+
+/// The series named `name` whose value differs between two scrapes (absent counts as 0), with
+/// their values before and after, in series order.
+pub fn changes(before: &Metrics, after: &Metrics, name: &str) -> Vec<(String, f64, f64)> {
+    let mut changed: Vec<(String, f64, f64)> = after
+        .samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter_map(|s| {
+            let old = before
+                .samples
+                .iter()
+                .find(|b| b.name == s.name && b.labels == s.labels)
+                .map_or(0.0, |b| b.value);
+            (old != s.value).then(|| (s.series(), old, s.value))
+        })
+        .collect();
+    changed.sort_by(|a, b| a.0.cmp(&b.0));
+    changed
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let line = line.trim();
+    if line.is_empty() {
+        return None;
+    }
+    let (name, labels, rest) = match line.find('{') {
+        Some(open) if open < line.find(' ').unwrap_or(usize::MAX) => {
+            let (labels, rest) = parse_labels(&line[open + 1..])?;
+            (&line[..open], labels, rest)
+        }
+        _ => {
+            let (name, rest) = line.split_once(' ')?;
+            (name, BTreeMap::new(), rest)
+        }
+    };
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}
+
+/// Parses `k="v",k2="v2"}` (after the opening brace); returns the labels and what follows `}`.
+fn parse_labels(mut rest: &str) -> Option<(BTreeMap<String, String>, &str)> {
+    let mut labels = BTreeMap::new();
+    loop {
+        rest = rest.trim_start_matches([',', ' ']);
+        if let Some(after) = rest.strip_prefix('}') {
+            return Some((labels, after));
+        }
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                '"' => break i,
+                c => value.push(c),
+            }
+        };
+        labels.insert(key.trim().to_string(), value);
+        rest = &after[end + 1..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"# HELP sigil_proxy_authz_decisions Authorization decisions.
+# TYPE sigil_proxy_authz_decisions counter
+sigil_proxy_authz_decisions_total{decision="allow",policy="demo/frontend-reads-orders",layer="l7"} 12
+sigil_proxy_authz_decisions_total{decision="deny",policy="default",layer="l7"} 3
+sigil_proxy_authz_decisions_total{decision="deny",policy="default",layer="l4"} 1
+sigil_agent_identities 2
+odd{detail="a \"quoted\", comma}"} 1.5e0
+# EOF
+"#;
+
+    #[test]
+    fn sums_by_name_and_a_subset_of_labels() {
+        let m = Metrics::parse(TEXT);
+        let name = "sigil_proxy_authz_decisions_total";
+        assert_eq!(m.sum(name, &[("decision", "deny")]), 4.0);
+        assert_eq!(m.sum(name, &[("decision", "deny"), ("layer", "l7")]), 3.0);
+        assert_eq!(m.sum(name, &[]), 16.0);
+        assert_eq!(m.sum(name, &[("decision", "audit")]), 0.0);
+        assert_eq!(m.sum("sigil_agent_identities", &[]), 2.0);
+        assert_eq!(m.sum("missing", &[]), 0.0);
+    }
+
+    #[test]
+    fn label_values_may_hold_escaped_quotes_commas_and_braces() {
+        let m = Metrics::parse(TEXT);
+        let odd = m.samples.iter().find(|s| s.name == "odd").unwrap();
+        assert_eq!(odd.labels["detail"], "a \"quoted\", comma}");
+        assert_eq!(odd.value, 1.5);
+    }
+
+    #[test]
+    fn changes_list_the_series_that_moved() {
+        let before = Metrics::parse("a_total{x=\"1\"} 1\na_total{x=\"2\"} 5\nb 1\n");
+        let after =
+            Metrics::parse("a_total{x=\"1\"} 1\na_total{x=\"2\"} 7\na_total{x=\"3\"} 2\nb 2\n");
+        assert_eq!(
+            changes(&before, &after, "a_total"),
+            vec![
+                ("a_total{x=\"2\"}".to_string(), 5.0, 7.0),
+                ("a_total{x=\"3\"}".to_string(), 0.0, 2.0),
+            ]
+        );
+        assert_eq!(
+            changes(&before, &after, "b"),
+            vec![("b".to_string(), 1.0, 2.0)]
+        );
+    }
+
+    #[test]
+    fn garbage_lines_are_skipped() {
+        let m = Metrics::parse("no_value\nbad{x=\"1\" 2\nok 1\n");
+        assert_eq!(m.samples.len(), 1);
+        assert_eq!(m.sum("ok", &[]), 1.0);
+    }
+}

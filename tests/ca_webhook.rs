@@ -1,0 +1,251 @@
+//! The injection webhook as the API server meets it: a real `sigil ca serve` on the Kubernetes
+//! API test double keeps the MutatingWebhookConfiguration's caBundle current, and answers
+//! AdmissionReview documents over HTTPS that verify against that caBundle under the Service's
+//! DNS name, exactly as the API server calls a webhook.
+
+mod common;
+#[path = "common/manifests.rs"]
+mod manifests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use kube::api::{Api, PostParams};
+use serde_json::{Value, json};
+use sigil_test_apiserver::TestApiServer;
+
+const REVIEW: &str = include_str!("fixtures/admission/web-pod.review.json");
+const INJECTED: &str = include_str!("fixtures/admission/web-pod.injected.json");
+const IMAGE: &str = "registry.example/sigil:0.1.0";
+const SERVICE_NAME: &str = "sigil-ca.sigil-system.svc";
+
+/// The webhook configuration as an operator applies it: no caBundle (the CA fills it in).
+fn webhook_configuration() -> MutatingWebhookConfiguration {
+    serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "sigil-injector"},
+        "webhooks": [{
+            "name": "inject.sigil.dev",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "clientConfig": {"service": {"namespace": "sigil-system", "name": "sigil-ca", "path": "/inject", "port": 443}},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"sigil.dev/inject": "enabled"}},
+        }],
+    }))
+    .unwrap()
+}
+
+async fn ca_bundle(api: &Api<MutatingWebhookConfiguration>) -> Option<Vec<u8>> {
+    let object = api.get("sigil-injector").await.ok()?;
+    let webhook = object.webhooks?.into_iter().next()?;
+    webhook.client_config.ca_bundle.map(|b| b.0)
+}
+
+/// POSTs `body` to the webhook over TLS, trusting only `ca_bundle` for the Service's name, as the
+/// API server does. Returns the status and body.
+async fn post(addr: SocketAddr, ca_bundle: &[u8], body: Vec<u8>) -> (u16, Vec<u8>) {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(ca_bundle) {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(SERVICE_NAME.try_into().unwrap(), tcp)
+        .await
+        .expect("TLS to the webhook, verified against the caBundle");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let request = hyper::Request::post("/inject?timeout=10s")
+        .header("host", format!("{SERVICE_NAME}:443"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, body.to_vec())
+}
+
+fn rustls_pemfile_certs(pem_bytes: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    pem::parse_many(pem_bytes)
+        .unwrap()
+        .into_iter()
+        .map(|p| rustls::pki_types::CertificateDer::from(p.into_contents()))
+        .collect()
+}
+
+/// The pod after the response's JSON patch, as the API server would apply it.
+fn apply(review: &Value, response: &Value) -> Value {
+    let mut pod = review["request"]["object"].clone();
+    if let Some(patch) = response["response"]["patch"].as_str() {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(patch)
+            .unwrap();
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        json_patch::patch(&mut pod, &patch).unwrap();
+    }
+    pod
+}
+
+#[tokio::test]
+async fn the_ca_keeps_the_ca_bundle_and_injects_over_https() {
+    let server = TestApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(server.client());
+    configs
+        .create(&PostParams::default(), &webhook_configuration())
+        .await
+        .unwrap();
+
+    let mut ca = CaProcess::start(dir.path(), Some(&kubeconfig), &["--proxy-image", IMAGE]);
+    ca.wait_ready().await;
+
+    // The caBundle becomes the CA's trust bundle (the roots it publishes in sigil-ca-root).
+    eventually("the CA fills in the webhook caBundle", || async {
+        ca_bundle(&configs).await.is_some()
+    })
+    .await;
+    let bundle = ca_bundle(&configs).await.unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(server.client(), "sigil-system");
+    let secret = secrets.get("sigil-ca").await.unwrap();
+    assert_eq!(
+        bundle,
+        secret.data.unwrap()["root-cert.pem"].0,
+        "caBundle is the CA's root bundle"
+    );
+
+    // A pod created by a Deployment: the patch gives exactly the expected pod.
+    let review: Value = serde_json::from_str(REVIEW).unwrap();
+    let (status, body) = post(ca.webhook, &bundle, REVIEW.as_bytes().to_vec()).await;
+    assert_eq!(status, 200);
+    let response: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(response["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(response["kind"], "AdmissionReview");
+    assert_eq!(response["response"]["uid"], review["request"]["uid"]);
+    assert_eq!(response["response"]["allowed"], true);
+    let expected: Value = serde_json::from_str(INJECTED).unwrap();
+    assert_eq!(apply(&review, &response), expected);
+
+    // Host-network pods and pods in excluded namespaces are admitted unchanged.
+    for (what, change) in [
+        ("host network", json!({"spec": {"hostNetwork": true}})),
+        (
+            "excluded namespace",
+            json!({"metadata": {"namespace": "kube-system"}}),
+        ),
+    ] {
+        let mut review = review.clone();
+        json_patch::merge(&mut review["request"]["object"], &change);
+        if what == "excluded namespace" {
+            review["request"]["namespace"] = json!("kube-system");
+        }
+        let (status, body) = post(ca.webhook, &bundle, serde_json::to_vec(&review).unwrap()).await;
+        assert_eq!(status, 200, "{what}");
+        let response: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(response["response"]["allowed"], true, "{what}");
+        assert!(
+            response["response"]["patch"].is_null(),
+            "{what}: {response}"
+        );
+        assert_eq!(
+            apply(&review, &response),
+            review["request"]["object"],
+            "{what}"
+        );
+    }
+
+    // Malformed reviews get an error response, and the server carries on.
+    for garbage in [
+        b"not json at all".to_vec(),
+        br#"{"kind":"AdmissionReview","apiVersion":"admission.k8s.io/v1"}"#.to_vec(),
+    ] {
+        let (status, body) = post(ca.webhook, &bundle, garbage).await;
+        assert_eq!(status, 200);
+        let response: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(response["response"]["allowed"], false);
+        assert!(
+            response["response"]["status"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("sigil injector: ")
+        );
+    }
+    // A body far larger than any the API server sends is refused before it is read whole.
+    let (status, _) = post(ca.webhook, &bundle, vec![b' '; 5 << 20]).await;
+    assert_eq!(status, 413);
+    let (status, _) = post(ca.webhook, &bundle, REVIEW.as_bytes().to_vec()).await;
+    assert_eq!(status, 200, "the webhook still answers");
+    assert!(
+        ca.child.try_wait().unwrap().is_none(),
+        "the CA is still running"
+    );
+
+    let metrics = ca.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "sigil_ca_injections_total{outcome=\"injected\",reason=\"\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "sigil_ca_injections_total{outcome=\"skipped\",reason=\"host_network\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "sigil_ca_injections_total{outcome=\"malformed\",reason=\"\"}"
+        ),
+        2.0
+    );
+
+    // Re-applying the manifest (no caBundle) is repaired by the CA.
+    let mut reapplied = configs.get("sigil-injector").await.unwrap();
+    for webhook in reapplied.webhooks.iter_mut().flatten() {
+        webhook.client_config.ca_bundle = None;
+    }
+    configs
+        .replace("sigil-injector", &PostParams::default(), &reapplied)
+        .await
+        .unwrap();
+    eventually("the CA restores the caBundle", || async {
+        ca_bundle(&configs).await.as_deref() == Some(bundle.as_slice())
+    })
+    .await;
+}
+
+/// The injected pod is one a Kubernetes 1.30 (and the newest bundled) API server accepts:
+/// strict schema validation with kubernetes-validate, which scripts/test installs.
+#[test]
+fn the_injected_pod_is_a_valid_pod_for_kubernetes_1_30_and_later() {
+    let mut pod: Value = serde_json::from_str(INJECTED).unwrap();
+    // The API server names generateName pods before validating them.
+    pod["metadata"]["name"] = json!("web-7d9f8b6c5-x2x9q");
+    let (_, problems) = manifests::kubernetes_schema_problems(&[pod], &["1.30", "latest"]);
+    assert!(problems.is_empty(), "{problems:#?}");
+}
