@@ -26,6 +26,9 @@
 //! - TokenReview with real service-account JWT validation (RS256 and ES256 keys, JWKS and OIDC
 //!   discovery), tokens issued by [`TestApiServer::issue_token`] shaped like projected pod-bound
 //!   tokens, bound-object checks (service account, pod, node).
+//! - A log of every request ([`TestApiServer::requests`]): who asked (the bearer token) and what,
+//!   resolved as the API server's authorizer sees it (verb, group, resource, subresource,
+//!   namespace, name), so tests can check the project's RBAC rules against what its code does.
 //! - [`parse_manifest`]: a YAML manifest as the JSON objects kubectl would send, so tests can
 //!   create the project's real manifests (its CRDs) through the `kube` client.
 //!
@@ -47,6 +50,7 @@ mod discovery;
 mod jwt;
 mod keys;
 mod manifest;
+mod request_log;
 mod resources;
 mod rest;
 mod selector;
@@ -74,6 +78,7 @@ use tokio::{sync::oneshot, task::JoinHandle};
 
 pub use jwt::{TokenAlg, TokenSigning, TokenSpec};
 pub use manifest::{ManifestError, parse_manifest};
+pub use request_log::{RequestRecord, ResourceAttributes};
 
 use crate::{
     jwt::{ObjectRef, unix_now},
@@ -205,6 +210,7 @@ impl TestApiServer {
             token_reviews: AtomicU64::new(0),
             bookmark_interval: options.bookmark_interval,
             serve_undefined_resources: options.serve_undefined_resources,
+            requests: request_log::RequestLog::default(),
         });
         let (signal, stopped) = oneshot::channel::<()>();
         let router = rest::router(app.clone());
@@ -402,6 +408,18 @@ impl TestApiServer {
     /// How many TokenReview POSTs have arrived.
     pub fn token_reviews_served(&self) -> u64 {
         self.app().token_reviews.load(Ordering::SeqCst)
+    }
+
+    /// Every request served so far, in order, with the attributes the API server's authorizer
+    /// would check (see [`RequestRecord`]); tests give each client its own bearer token in its
+    /// kubeconfig to tell them apart.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.app().requests.snapshot()
+    }
+
+    /// Forgets the requests logged so far.
+    pub fn clear_requests(&self) {
+        self.app().requests.clear();
     }
 
     /// The current global resourceVersion.

@@ -42,6 +42,8 @@ pub struct App {
     pub bookmark_interval: Duration,
     /// See `ServerOptions::serve_undefined_resources`.
     pub serve_undefined_resources: bool,
+    /// Every request served, for tests (`TestApiServer::requests`).
+    pub requests: crate::request_log::RequestLog,
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -57,6 +59,10 @@ pub fn router(app: Arc<App>) -> Router {
             post(tokenreview::create).fallback(method_not_allowed),
         )
         .fallback(handle)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            crate::request_log::record,
+        ))
         .with_state(app)
 }
 
