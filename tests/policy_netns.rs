@@ -5,7 +5,9 @@
 //! `AuthorizationPolicy` objects created through the Kubernetes API for the pod's namespace and
 //! labels. It proves that:
 //!
-//! 0. with no policy, A's plain HTTP request reaches B's app (over mTLS, as `web`);
+//! 0. with no policy, A's plain HTTP request reaches B's app (over mTLS, as `web`), also through
+//!    db's Service: a cluster IP that the node (C) routes to B as kube-proxy does, and that the
+//!    agent's membership maps to db's identity because the Service selects db-1;
 //! 1. a deny-all (`spec: {}`) refuses A's connection at B's proxy (access log `result: denied`,
 //!    metric `decision="deny"` by `default` at `l4`), and B's app sees nothing;
 //! 2. an ALLOW for A's service account on `/allowed` (selecting B by its `app: db` label) makes
@@ -65,7 +67,7 @@ use common::{
     CaProcess, DB_ID, PodCgroup, WEB_ID, eventually, get_on, http_get, serve_keep_alive,
     spawn_k8s_agent,
 };
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -83,6 +85,9 @@ const DB_UID: u32 = 41502;
 const A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const C_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);
+/// db's Service, routed by the node (C) to B's app port.
+const SERVICE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 10);
+const SERVICE_PORT: u16 = 80;
 const NAMESPACE: &str = "demo";
 const NODE: &str = "node-1";
 /// B's application port.
@@ -285,6 +290,102 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
     assert_eq!(a_line["destination_identity"], DB_ID, "{a_line}");
     assert_eq!(b_app.requests(), ["GET / HTTP/1.1"]);
 
+    // 0b. Through a Service: A connects to db's cluster IP; the node (C) routes it to B as
+    // kube-proxy would (DNAT, and masquerade so B's answers return through it). A's proxy finds
+    // the cluster IP in the membership (the Service selects db-1, one identity) and speaks mTLS
+    // to whatever pod is behind it, requiring db's identity.
+    c.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+    let service_ip = SERVICE_IP.to_string();
+    let b_target = format!("{B_IP}:{APP_PORT}");
+    c.run(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        &service_ip,
+        "-p",
+        "tcp",
+        "--dport",
+        &SERVICE_PORT.to_string(),
+        "-j",
+        "DNAT",
+        "--to-destination",
+        &b_target,
+    ]);
+    c.run(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "DNAT",
+        "-j",
+        "MASQUERADE",
+    ]);
+    a.run(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{service_ip}/32"),
+        "via",
+        &C_IP.to_string(),
+    ]);
+    let services: Api<Service> = Api::namespaced(server.client(), NAMESPACE);
+    let service: Service = serde_json::from_value(json!({
+        "metadata": { "name": "db", "namespace": NAMESPACE },
+        "spec": {
+            "selector": { "app": "db" },
+            "clusterIP": service_ip,
+            "clusterIPs": [service_ip],
+            "ports": [{ "port": SERVICE_PORT, "targetPort": APP_PORT }],
+        },
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &service)
+        .await
+        .expect("creating the db Service");
+    let service_addr: SocketAddr = SocketAddrV4::new(SERVICE_IP, SERVICE_PORT).into();
+    // Until A's proxy has the new membership the connection passes through as plaintext, and
+    // B's STRICT proxy refuses it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = connect_in(&a.name, service_addr).await.unwrap();
+        if get_on(&mut stream, "/via-service").await == Some((200, APP_BODY.to_string())) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never reached B through the Service{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let service_line = || {
+        a_proxy
+            .access_log()
+            .into_iter()
+            .rfind(|l| l["destination"] == service_addr.to_string() && l["result"] == "ok")
+    };
+    eventually(
+        "A's access log has the connection to the Service",
+        || async { service_line().is_some() },
+    )
+    .await;
+    let via_service = service_line().unwrap();
+    assert_eq!(via_service["security"], "mtls", "{via_service}");
+    assert_eq!(via_service["destination_identity"], DB_ID, "{via_service}");
+    assert_eq!(
+        b_app.requests().last().map(String::as_str),
+        Some("GET /via-service HTTP/1.1")
+    );
+    let seen_before_policies = b_app.requests().len();
+
     // 1. deny-all in demo: A's connection is refused by B's proxy, at connection time.
     let (policies, resource) = authorization_policies(&server);
     let deny_all = DynamicObject::new("deny-all", &resource)
@@ -315,7 +416,11 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
         "no l4 deny counted{}",
         logs()
     );
-    assert_eq!(b_app.requests().len(), 1, "B's app saw a denied request");
+    assert_eq!(
+        b_app.requests().len(),
+        seen_before_policies,
+        "B's app saw a denied request"
+    );
 
     // 2. An ALLOW for web's service account on /allowed, selecting B by its pod's label.
     let allow_web = DynamicObject::new("allow-web", &resource)
@@ -361,7 +466,7 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
         logs()
     );
     assert_eq!(
-        b_app.requests()[1..],
+        b_app.requests()[seen_before_policies..],
         ["GET /allowed HTTP/1.1", "GET /allowed HTTP/1.1"],
         "B's app saw the denied /other"
     );

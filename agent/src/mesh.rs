@@ -10,6 +10,12 @@
 //!   identity. Host-network pods (their IP is the node's), finished pods and pods without an IP
 //!   are left out; when two pods claim one IP, one of them is stale and the running, more
 //!   recently created one is kept.
+//! - Kubernetes Services: a cluster-wide watch of Services. A Service with a selector and a
+//!   cluster IP is a member at its cluster IPs when the labelled pods it selects (in its
+//!   namespace, with an IP) all run as one identity: the proxy connects to the cluster IP, the
+//!   node's Service routing picks a pod, and that pod's proxy must prove the identity. A Service
+//!   whose meshed pods run as several identities is left out (and logged): no single identity
+//!   could be required of it.
 //! - `--mesh-file` ([`MeshFile`]): `{ip, id}` pairs, re-read every [`FILE_POLL_INTERVAL`]; an
 //!   invalid edit is logged and counted, and the last good list stays. Its entries win over pods
 //!   on the same IP: the operator named them explicitly.
@@ -26,7 +32,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
@@ -60,7 +66,14 @@ const LABELS: ApiLabels = ApiLabels {
     api: SocketApi::Mesh,
 };
 
-type PodEvents = BoxStream<'static, Result<Event<Pod>, watcher::Error>>;
+/// An event of one of the two Kubernetes watches.
+enum KubeEvent {
+    // Boxed: the objects are large, and an event is moved through the merged stream.
+    Pod(Box<Result<Event<Pod>, watcher::Error>>),
+    Service(Box<Result<Event<Service>, watcher::Error>>),
+}
+
+type KubeEvents = BoxStream<'static, KubeEvent>;
 
 /// Only shutdown ends a stream: clients retry, and reach the agent replacing this one.
 impl From<MeshError> for Status {
@@ -254,6 +267,9 @@ struct MeshPod {
     id: SpiffeId,
     /// `<namespace>/<name>`
     source: String,
+    namespace: String,
+    /// What Service selectors match.
+    labels: BTreeMap<String, String>,
     running: bool,
     created: Option<Time>,
 }
@@ -316,72 +332,142 @@ fn mesh_pod(pod: &Pod, td: &TrustDomain) -> Result<Option<MeshPod>, MeshError> {
         ips,
         id,
         source,
+        namespace: namespace.clone(),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
         running: phase == Some("Running"),
         created: pod.metadata.creation_timestamp.clone(),
     }))
 }
 
-/// The labelled pods that contribute to the membership, by UID, as the watch delivered them.
-#[derive(Debug, Default)]
-struct MeshPods {
+/// What a watch has delivered (labelled pods, Services), by UID, converted to what the
+/// membership needs of each object.
+#[derive(Debug)]
+struct Listed<T> {
     /// Whether the initial list has completed.
     synced: bool,
-    pods: HashMap<String, MeshPod>,
+    items: HashMap<String, T>,
     /// A re-list in progress, built aside and swapped in whole when it completes.
-    relisting: Option<HashMap<String, MeshPod>>,
+    relisting: Option<HashMap<String, T>>,
 }
 
-impl MeshPods {
-    /// Follows one watch event; returns whether the membership may have changed.
-    fn on_event(&mut self, event: Event<Pod>, td: &TrustDomain) -> bool {
+impl<T> Default for Listed<T> {
+    fn default() -> Self {
+        Listed {
+            synced: false,
+            items: HashMap::new(),
+            relisting: None,
+        }
+    }
+}
+
+impl<T: PartialEq> Listed<T> {
+    /// Follows one watch event, with `convert` giving an object's contribution (`None`: none);
+    /// returns whether the membership may have changed.
+    fn on_event<K: kube::Resource>(
+        &mut self,
+        event: Event<K>,
+        what: &str,
+        convert: impl Fn(&K) -> Option<T>,
+    ) -> bool {
         match event {
             Event::Init => {
                 self.relisting = Some(HashMap::new());
                 false
             }
-            Event::InitApply(pod) => {
-                if let Some(pods) = self.relisting.as_mut() {
-                    apply(pods, &pod, td);
+            Event::InitApply(object) => {
+                if let Some(items) = self.relisting.as_mut() {
+                    record(items, &object, convert(&object));
                 }
                 false
             }
             Event::InitDone => match self.relisting.take() {
-                Some(pods) => {
-                    info!(pods = pods.len(), "meshed pods synced");
-                    self.pods = pods;
+                Some(items) => {
+                    info!(count = items.len(), "{what} synced");
+                    self.items = items;
                     self.synced = true;
                     true
                 }
                 None => false,
             },
-            Event::Apply(pod) => apply(&mut self.pods, &pod, td),
-            Event::Delete(pod) => pod
-                .metadata
+            Event::Apply(object) => {
+                let contribution = convert(&object);
+                record(&mut self.items, &object, contribution)
+            }
+            Event::Delete(object) => object
+                .meta()
                 .uid
                 .as_ref()
-                .is_some_and(|uid| self.pods.remove(uid).is_some()),
+                .is_some_and(|uid| self.items.remove(uid).is_some()),
         }
     }
 }
 
-/// Records what `pod` contributes now; returns whether that differs from before (most pod
+/// Records what `object` contributes now; returns whether that differs from before (most pod
 /// updates are status conditions that change nothing here).
-fn apply(pods: &mut HashMap<String, MeshPod>, pod: &Pod, td: &TrustDomain) -> bool {
-    let Some(uid) = &pod.metadata.uid else {
+fn record<K: kube::Resource, T: PartialEq>(
+    items: &mut HashMap<String, T>,
+    object: &K,
+    contribution: Option<T>,
+) -> bool {
+    let Some(uid) = &object.meta().uid else {
         return false;
     };
-    let contribution = mesh_pod(pod, td).unwrap_or_else(|e| {
-        warn!(error = %e, "a pod labelled for the mesh is left out of it");
-        None
-    });
     match contribution {
         Some(contribution) => {
-            let unchanged = pods.get(uid) == Some(&contribution);
-            pods.insert(uid.clone(), contribution);
+            let unchanged = items.get(uid) == Some(&contribution);
+            items.insert(uid.clone(), contribution);
             !unchanged
         }
-        None => pods.remove(uid).is_some(),
+        None => items.remove(uid).is_some(),
     }
+}
+
+/// A labelled pod's contribution, or none (logged) when it has no valid identity.
+fn pod_contribution(pod: &Pod, td: &TrustDomain) -> Option<MeshPod> {
+    mesh_pod(pod, td).unwrap_or_else(|e| {
+        warn!(error = %e, "a pod labelled for the mesh is left out of it");
+        None
+    })
+}
+
+/// What the membership needs of one Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct MeshService {
+    cluster_ips: Vec<IpAddr>,
+    namespace: String,
+    selector: BTreeMap<String, String>,
+    /// `<namespace>/service/<name>`
+    source: String,
+}
+
+/// The Service's contribution: `None` without a selector (its endpoints are managed by hand),
+/// without a cluster IP (headless: clients reach the pods' own IPs, already members), or of type
+/// ExternalName.
+fn mesh_service(service: &Service) -> Option<MeshService> {
+    let (namespace, name) = (
+        service.metadata.namespace.as_ref()?,
+        service.metadata.name.as_ref()?,
+    );
+    let spec = service.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let selector = spec.selector.clone().filter(|s| !s.is_empty())?;
+    let listed: Vec<&String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    // "None" (headless) does not parse.
+    let cluster_ips: Vec<IpAddr> = listed.iter().filter_map(|ip| ip.parse().ok()).collect();
+    if cluster_ips.is_empty() {
+        return None;
+    }
+    Some(MeshService {
+        cluster_ips,
+        namespace: namespace.clone(),
+        selector,
+        source: format!("{namespace}/service/{name}"),
+    })
 }
 
 /// Two or more claims on one IP, and which one was kept.
@@ -390,6 +476,13 @@ struct Conflict {
     ip: IpAddr,
     kept: String,
     ignored: Vec<String>,
+}
+
+/// A Service left out of the membership because its meshed pods run as several identities.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct MixedService {
+    service: String,
+    ids: Vec<String>,
 }
 
 /// One member per IP from the pods (the best-ranked claim), recording the conflicts.
@@ -425,15 +518,86 @@ fn pod_members<'a>(
     members
 }
 
-/// The membership from every source: the pods', then the file's entries over them.
+/// The members for Services' cluster IPs: each Service whose selected meshed pods all have one
+/// identity, on pod IPs not already taken. Services selecting several identities are recorded.
+fn service_members<'a>(
+    services: impl IntoIterator<Item = &'a MeshService>,
+    pods: &Listed<MeshPod>,
+    members: &mut BTreeMap<IpAddr, Member>,
+    conflicts: &mut Vec<Conflict>,
+    mixed: &mut Vec<MixedService>,
+) {
+    for service in services {
+        let ids: BTreeSet<&SpiffeId> = pods
+            .items
+            .values()
+            .filter(|pod| {
+                pod.namespace == service.namespace
+                    && service
+                        .selector
+                        .iter()
+                        .all(|(key, value)| pod.labels.get(key) == Some(value))
+            })
+            .map(|pod| &pod.id)
+            .collect();
+        let id = match ids.len() {
+            0 => continue,
+            1 => *ids.first().expect("one identity"),
+            _ => {
+                mixed.push(MixedService {
+                    service: service.source.clone(),
+                    ids: ids.iter().map(ToString::to_string).collect(),
+                });
+                continue;
+            }
+        };
+        for ip in &service.cluster_ips {
+            match members.entry(*ip) {
+                Entry::Vacant(entry) => {
+                    entry.insert(Member {
+                        id: id.clone(),
+                        source: service.source.clone(),
+                    });
+                }
+                Entry::Occupied(entry) => conflicts.push(Conflict {
+                    ip: *ip,
+                    kept: entry.get().source.clone(),
+                    ignored: vec![service.source.clone()],
+                }),
+            }
+        }
+    }
+}
+
+/// What [`merge`] found besides the members, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct MergeNotes {
+    conflicts: Vec<Conflict>,
+    mixed_services: Vec<MixedService>,
+}
+
+/// The membership from every source: the pods', then the Services', then the file's entries
+/// over them.
 fn merge(
-    pods: Option<&MeshPods>,
+    pods: Option<&Listed<MeshPod>>,
+    services: Option<&Listed<MeshService>>,
     file: Option<&MeshFile>,
-) -> (BTreeMap<IpAddr, Member>, Vec<Conflict>) {
-    let mut conflicts = Vec::new();
+) -> (BTreeMap<IpAddr, Member>, MergeNotes) {
+    let mut notes = MergeNotes::default();
     let mut members = pods
-        .map(|pods| pod_members(pods.pods.values(), &mut conflicts))
+        .map(|pods| pod_members(pods.items.values(), &mut notes.conflicts))
         .unwrap_or_default();
+    if let (Some(pods), Some(services)) = (pods, services) {
+        let mut sorted: Vec<&MeshService> = services.items.values().collect();
+        sorted.sort_by(|a, b| a.source.cmp(&b.source));
+        service_members(
+            sorted,
+            pods,
+            &mut members,
+            &mut notes.conflicts,
+            &mut notes.mixed_services,
+        );
+    }
     for (ip, id) in file.map(MeshFile::members).into_iter().flatten() {
         let member = Member {
             id: id.clone(),
@@ -445,7 +609,7 @@ fn merge(
             }
             Entry::Occupied(mut entry) => {
                 let pod = entry.insert(member);
-                conflicts.push(Conflict {
+                notes.conflicts.push(Conflict {
                     ip: *ip,
                     kept: FILE_SOURCE.into(),
                     ignored: vec![pod.source],
@@ -453,13 +617,14 @@ fn merge(
             }
         }
     }
-    (members, conflicts)
+    (members, notes)
 }
 
 /// Where the membership comes from.
 #[derive(Default)]
 pub struct Sources {
-    /// The cluster-wide watch of labelled pods, with this client (`--attestor k8s`).
+    /// The cluster-wide watches of labelled pods and of Services, with this client
+    /// (`--attestor k8s`).
     pub kubernetes: Option<kube::Client>,
     /// `--mesh-file`, loaded at start-up.
     pub file: Option<MeshFile>,
@@ -474,12 +639,14 @@ pub fn spawn(
     shutdown: watch::Receiver<bool>,
 ) -> watch::Receiver<Arc<MeshSnapshot>> {
     let (tx, rx) = watch::channel(Arc::new(MeshSnapshot::default()));
-    let events = sources.kubernetes.map(pod_events);
+    let events = sources.kubernetes.map(kube_events);
     let membership = Membership {
         td,
-        pods: events.as_ref().map(|_| MeshPods::default()),
+        pods: events.as_ref().map(|_| Listed::default()),
+        services: events.as_ref().map(|_| Listed::default()),
         file: sources.file,
         logged_conflicts: BTreeSet::new(),
+        logged_mixed: BTreeSet::new(),
         tx,
         metrics,
     };
@@ -487,51 +654,72 @@ pub fn spawn(
     rx
 }
 
-/// The watch of every pod labelled for mTLS, in every namespace. The watcher retries with
-/// backoff and re-lists when it must.
-fn pod_events(client: kube::Client) -> PodEvents {
-    let api: Api<Pod> = Api::all(client);
-    let config = watcher::Config::default().labels(&format!("{TLS_MODE_LABEL}={TLS_MODE_MTLS}"));
-    watcher::watcher(api, config).default_backoff().boxed()
+/// The watches of every pod labelled for mTLS and of every Service, in every namespace, as one
+/// stream. The watchers retry with backoff and re-list when they must.
+fn kube_events(client: kube::Client) -> KubeEvents {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let labelled = watcher::Config::default().labels(&format!("{TLS_MODE_LABEL}={TLS_MODE_MTLS}"));
+    let pods = watcher::watcher(pods, labelled)
+        .default_backoff()
+        .map(|event| KubeEvent::Pod(Box::new(event)));
+    let services: Api<Service> = Api::all(client);
+    let services = watcher::watcher(services, watcher::Config::default())
+        .default_backoff()
+        .map(|event| KubeEvent::Service(Box::new(event)));
+    futures::stream::select(pods, services).boxed()
 }
 
 /// The membership task's state: it alone reads the sources and publishes.
 struct Membership {
     td: TrustDomain,
     /// `Some` when the Kubernetes source is on.
-    pods: Option<MeshPods>,
+    pods: Option<Listed<MeshPod>>,
+    services: Option<Listed<MeshService>>,
     file: Option<MeshFile>,
     /// Conflicts already logged, so a lasting one is logged once rather than on every change.
     logged_conflicts: BTreeSet<Conflict>,
+    logged_mixed: BTreeSet<MixedService>,
     tx: watch::Sender<Arc<MeshSnapshot>>,
     metrics: Arc<Metrics>,
 }
 
 impl Membership {
-    async fn run(self, events: Option<PodEvents>, shutdown: watch::Receiver<bool>) {
+    async fn run(self, events: Option<KubeEvents>, shutdown: watch::Receiver<bool>) {
         polled_file::follow(self, events, shutdown).await;
         info!("mesh membership stopped");
     }
 }
 
 impl FollowedSources for Membership {
-    type Event = Result<Event<Pod>, watcher::Error>;
+    type Event = KubeEvent;
 
     fn has_file(&self) -> bool {
         self.file.is_some()
     }
 
-    fn on_event(&mut self, event: Self::Event) {
-        let Some(pods) = self.pods.as_mut() else {
+    fn on_event(&mut self, event: KubeEvent) {
+        let (Some(pods), Some(services)) = (self.pods.as_mut(), self.services.as_mut()) else {
             return;
         };
-        match event {
-            Ok(event) => {
-                if pods.on_event(event, &self.td) {
-                    self.publish();
+        let td = &self.td;
+        let changed = match event {
+            KubeEvent::Pod(event) => match *event {
+                Ok(event) => pods.on_event(event, "meshed pods", |pod| pod_contribution(pod, td)),
+                Err(e) => {
+                    warn!(error = %e, "meshed pod watch failed; retrying");
+                    false
                 }
-            }
-            Err(e) => warn!(error = %e, "meshed pod watch failed; retrying"),
+            },
+            KubeEvent::Service(event) => match *event {
+                Ok(event) => services.on_event(event, "services", mesh_service),
+                Err(e) => {
+                    warn!(error = %e, "service watch failed; retrying");
+                    false
+                }
+            },
+        };
+        if changed {
+            self.publish();
         }
     }
 
@@ -558,11 +746,20 @@ impl FollowedSources for Membership {
     /// Publishes the merged membership once every source has synced, if it differs from the one
     /// published last.
     fn publish(&mut self) {
-        if !self.pods.as_ref().is_none_or(|pods| pods.synced) {
+        let synced = self.pods.as_ref().is_none_or(|pods| pods.synced)
+            && self
+                .services
+                .as_ref()
+                .is_none_or(|services| services.synced);
+        if !synced {
             return;
         }
-        let (members, conflicts) = merge(self.pods.as_ref(), self.file.as_ref());
-        self.log_new(conflicts);
+        let (members, notes) = merge(
+            self.pods.as_ref(),
+            self.services.as_ref(),
+            self.file.as_ref(),
+        );
+        self.log_new(notes);
         let version = {
             let current = self.tx.borrow();
             if current.is_synced() && current.members == members {
@@ -582,8 +779,17 @@ impl FollowedSources for Membership {
 }
 
 impl Membership {
-    fn log_new(&mut self, conflicts: Vec<Conflict>) {
-        let current: BTreeSet<Conflict> = conflicts.into_iter().collect();
+    fn log_new(&mut self, notes: MergeNotes) {
+        let mixed: BTreeSet<MixedService> = notes.mixed_services.into_iter().collect();
+        for service in mixed.difference(&self.logged_mixed) {
+            warn!(
+                service = %service.service,
+                identities = ?service.ids,
+                "a Service selects meshed pods of several identities; its cluster IP is not meshed (connections to it pass through as plaintext)"
+            );
+        }
+        self.logged_mixed = mixed;
+        let current: BTreeSet<Conflict> = notes.conflicts.into_iter().collect();
         for conflict in current.difference(&self.logged_conflicts) {
             warn!(
                 ip = %conflict.ip,
@@ -1061,14 +1267,110 @@ mod tests {
         assert!(conflicts.is_empty());
     }
 
+    fn apply_pod(pods: &mut Listed<MeshPod>, pod: Pod) -> bool {
+        pods.on_event(Event::Apply(pod), "meshed pods", |pod| {
+            pod_contribution(pod, &td())
+        })
+    }
+
+    fn service(
+        name: &str,
+        namespace: &str,
+        cluster_ip: &str,
+        selector: &[(&str, &str)],
+    ) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-svc-{namespace}-{name}")},
+            "spec": {
+                "clusterIP": cluster_ip,
+                "clusterIPs": [cluster_ip],
+                "selector": selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+                "ports": [{"port": 80, "targetPort": 8080}],
+            },
+        }))
+        .unwrap()
+    }
+
+    fn services(list: &[Service]) -> Listed<MeshService> {
+        let mut services = Listed::default();
+        for service in list {
+            services.on_event(Event::Apply(service.clone()), "services", mesh_service);
+        }
+        services
+    }
+
+    #[test]
+    fn a_service_is_a_member_at_its_cluster_ip_when_its_meshed_pods_share_one_identity() {
+        let web = "spiffe://cluster.local/ns/demo/sa/web";
+        let mut pods = Listed::default();
+        let labelled =
+            |name: &'static str, sa: &'static str, ip: &'static [&'static str], app: &str| {
+                let mut pod = TestPod {
+                    name,
+                    sa: Some(sa),
+                    pod_ips: ip,
+                    pod_ip: ip.first().copied(),
+                    ..RUNNING
+                }
+                .pod();
+                pod.metadata.labels = Some(BTreeMap::from([("app".to_string(), app.to_string())]));
+                pod
+            };
+        apply_pod(&mut pods, labelled("web-1", "web", &["10.0.0.5"], "web"));
+        apply_pod(&mut pods, labelled("web-2", "web", &["10.0.0.6"], "web"));
+        apply_pod(&mut pods, labelled("job-1", "job", &["10.0.0.7"], "mixed"));
+        apply_pod(
+            &mut pods,
+            labelled("cron-1", "cron", &["10.0.0.8"], "mixed"),
+        );
+        let list = [
+            service("web", "demo", "10.96.0.10", &[("app", "web")]),
+            // Its pods run as two identities: none can be required.
+            service("mixed", "demo", "10.96.0.11", &[("app", "mixed")]),
+            // Selects no meshed pod.
+            service("plain", "demo", "10.96.0.12", &[("app", "plain")]),
+            // Same selector, another namespace: selects nothing here.
+            service("web", "shop", "10.96.0.13", &[("app", "web")]),
+            // Headless: clients use the pods' own IPs.
+            service("web-headless", "demo", "None", &[("app", "web")]),
+            // No selector: endpoints by hand.
+            service("manual", "demo", "10.96.0.14", &[]),
+        ];
+        let (members, notes) = merge(Some(&pods), Some(&services(&list)), None);
+        let service_members: BTreeMap<IpAddr, Member> = members
+            .into_iter()
+            .filter(|(_, m)| m.source.contains("/service/"))
+            .collect();
+        assert_eq!(
+            service_members,
+            BTreeMap::from([(ip("10.96.0.10"), member(web, "demo/service/web"))])
+        );
+        assert_eq!(
+            notes.mixed_services,
+            [MixedService {
+                service: "demo/service/mixed".into(),
+                ids: vec![
+                    "spiffe://cluster.local/ns/demo/sa/cron".into(),
+                    "spiffe://cluster.local/ns/demo/sa/job".into()
+                ],
+            }]
+        );
+        assert!(notes.conflicts.is_empty(), "{:?}", notes.conflicts);
+        // The file still wins over a Service on the same IP.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        let vm = "spiffe://cluster.local/vm/db";
+        std::fs::write(&path, format!("members: [{{ip: 10.96.0.10, id: {vm}}}]")).unwrap();
+        let file = MeshFile::load(&path, &td()).unwrap();
+        let (members, _) = merge(Some(&pods), Some(&services(&list)), Some(&file));
+        assert_eq!(members[&ip("10.96.0.10")], member(vm, FILE_SOURCE));
+    }
+
     #[test]
     fn the_file_wins_over_a_pod_on_the_same_ip() {
-        let mut pods = MeshPods::default();
-        assert!(pods.on_event(Event::Apply(RUNNING.pod()), &td()));
-        assert!(
-            !pods.on_event(Event::Apply(RUNNING.pod()), &td()),
-            "no change"
-        );
+        let mut pods = Listed::default();
+        assert!(apply_pod(&mut pods, RUNNING.pod()));
+        assert!(!apply_pod(&mut pods, RUNNING.pod()), "no change");
         let vm = "spiffe://cluster.local/vm/db";
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.yaml");
@@ -1078,7 +1380,7 @@ mod tests {
         )
         .unwrap();
         let file = MeshFile::load(&path, &td()).unwrap();
-        let (members, conflicts) = merge(Some(&pods), Some(&file));
+        let (members, notes) = merge(Some(&pods), None, Some(&file));
         assert_eq!(
             members,
             BTreeMap::from([
@@ -1091,7 +1393,7 @@ mod tests {
             ])
         );
         assert_eq!(
-            conflicts,
+            notes.conflicts,
             [Conflict {
                 ip: ip("10.0.0.5"),
                 kept: FILE_SOURCE.into(),
@@ -1103,8 +1405,8 @@ mod tests {
             phase: "Succeeded",
             ..RUNNING
         };
-        assert!(pods.on_event(Event::Apply(finished.pod()), &td()));
-        assert!(pods.pods.is_empty());
+        assert!(apply_pod(&mut pods, finished.pod()));
+        assert!(pods.items.is_empty());
     }
 
     // --- the Kubernetes source, against the test API server ---
