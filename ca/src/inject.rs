@@ -43,6 +43,8 @@ pub const EXCLUDE_OUTBOUND_CIDRS: &str = "sigil.dev/exclude-outbound-cidrs";
 /// container may not declare them.
 pub const PROXY_PORTS: [i32; 4] = [15001, 15006, 15000, 15020];
 const METRICS_PORT: i32 = 15020;
+/// Worker threads of an injected proxy.
+const PROXY_CONCURRENCY: &str = "2";
 
 /// What the injector puts into pods (from `sigil ca serve` flags).
 #[derive(Clone, Debug)]
@@ -438,7 +440,11 @@ fn init_container(config: &InjectConfig, args: Vec<String>) -> Value {
 }
 
 fn proxy_container(config: &InjectConfig, probe_flags: Vec<String>) -> Value {
-    let mut args: Vec<String> = ["proxy", "run"].map(String::from).to_vec();
+    // The container has no CPU limit (a sidecar should not be throttled), so the proxy would
+    // otherwise start a worker per CPU of the node; two is Istio's sidecar default.
+    let mut args: Vec<String> = ["proxy", "run", "--concurrency", PROXY_CONCURRENCY]
+        .map(String::from)
+        .to_vec();
     for flag in probe_flags {
         args.push("--app-probe".into());
         args.push(flag);

@@ -96,6 +96,8 @@ fn http_probes_go_through_the_proxy_with_matching_flags() {
         json!([
             "proxy",
             "run",
+            "--concurrency",
+            "2",
             "--app-probe",
             "web-live=8080/healthz",
             "--app-probe",
