@@ -3,18 +3,16 @@
 //! AdmissionReview documents over HTTPS that verify against that caBundle under the Service's
 //! DNS name, exactly as the API server calls a webhook.
 
+#[path = "common/admission.rs"]
+mod admission;
 mod common;
 #[path = "common/manifests.rs"]
 mod manifests;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use base64::Engine;
-use bytes::Bytes;
+use admission::apply;
 use common::*;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
@@ -53,56 +51,15 @@ async fn ca_bundle(api: &Api<MutatingWebhookConfiguration>) -> Option<Vec<u8>> {
 /// POSTs `body` to the webhook over TLS, trusting only `ca_bundle` for the Service's name, as the
 /// API server does. Returns the status and body.
 async fn post(addr: SocketAddr, ca_bundle: &[u8], body: Vec<u8>) -> (u16, Vec<u8>) {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile_certs(ca_bundle) {
-        roots.add(cert).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(SERVICE_NAME.try_into().unwrap(), tcp)
-        .await
-        .expect("TLS to the webhook, verified against the caBundle");
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let request = hyper::Request::post("/inject?timeout=10s")
-        .header("host", format!("{SERVICE_NAME}:443"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    let status = response.status().as_u16();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    (status, body.to_vec())
-}
-
-fn rustls_pemfile_certs(pem_bytes: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    pem::parse_many(pem_bytes)
-        .unwrap()
-        .into_iter()
-        .map(|p| rustls::pki_types::CertificateDer::from(p.into_contents()))
-        .collect()
-}
-
-/// The pod after the response's JSON patch, as the API server would apply it.
-fn apply(review: &Value, response: &Value) -> Value {
-    let mut pod = review["request"]["object"].clone();
-    if let Some(patch) = response["response"]["patch"].as_str() {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(patch)
-            .unwrap();
-        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
-        json_patch::patch(&mut pod, &patch).unwrap();
-    }
-    pod
+    admission::post(
+        addr,
+        SERVICE_NAME,
+        443,
+        "/inject?timeout=10s",
+        ca_bundle,
+        body,
+    )
+    .await
 }
 
 #[tokio::test]
