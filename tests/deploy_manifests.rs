@@ -660,31 +660,6 @@ fn one_image_for_everything_and_the_proxy_image_follows_overrides() {
     }
 }
 
-/// The instructions of a Dockerfile, continuation lines joined, comments dropped.
-fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
-    let mut instructions = Vec::new();
-    let mut current = String::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
-            continue;
-        }
-        match trimmed.strip_suffix('\\') {
-            Some(part) => {
-                current.push_str(part);
-                current.push(' ');
-            }
-            None => {
-                current.push_str(trimmed);
-                let (instruction, rest) = current.split_once(' ').unwrap_or((&current, ""));
-                instructions.push((instruction.to_uppercase(), rest.trim().to_string()));
-                current.clear();
-            }
-        }
-    }
-    instructions
-}
-
 /// The workspace's `rust-version` and members, and the bench targets the root manifest
 /// declares (files a build needs even though it does not build them).
 fn workspace_layout() -> (String, Vec<String>) {

@@ -44,7 +44,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::{ApiResource, Scope};
-use manifests::{describe, kind, name, namespace, repo};
+use manifests::{describe, dockerfile_instructions, kind, name, namespace, repo};
 use serde_json::{Value, json};
 use sigil_identity::{SpiffeId, TrustDomain};
 use sigil_test_apiserver::TestApiServer;
@@ -905,31 +905,6 @@ fn workload_ref(text: &str) -> Option<(String, String)> {
         _ => return None,
     };
     Some((kind.to_string(), name.to_string()))
-}
-
-/// The Dockerfile's instructions, continuation lines joined and comments dropped.
-fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
-    let mut instructions = Vec::new();
-    let mut current = String::new();
-    for line in text.lines() {
-        let trimmed = line.trim();
-        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
-            continue;
-        }
-        match trimmed.strip_suffix('\\') {
-            Some(part) => {
-                current.push_str(part);
-                current.push(' ');
-            }
-            None => {
-                current.push_str(trimmed);
-                let (instruction, rest) = current.split_once(' ').unwrap_or((&current, ""));
-                instructions.push((instruction.to_uppercase(), rest.trim().to_string()));
-                current.clear();
-            }
-        }
-    }
-    instructions
 }
 
 // ---------------------------------------------------------------------------------------------

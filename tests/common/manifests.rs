@@ -417,3 +417,28 @@ pub fn debug_port(value: &str) -> u64 {
         .and_then(|(_, port)| port.parse().ok())
         .unwrap_or_else(|| panic!("not a socket address: {value}"))
 }
+
+/// The instructions of a Dockerfile, continuation lines joined, comments dropped.
+pub fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
+    let mut instructions = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(trimmed);
+                let (instruction, rest) = current.split_once(' ').unwrap_or((&current, ""));
+                instructions.push((instruction.to_uppercase(), rest.trim().to_string()));
+                current.clear();
+            }
+        }
+    }
+    instructions
+}
