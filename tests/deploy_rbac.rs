@@ -476,15 +476,7 @@ async fn the_base_rbac_grants_exactly_what_the_ca_and_agent_use() {
         &socket,
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(http_get(agent_admin, "/ready").await, Ok((200, _))) {
-        assert!(
-            Instant::now() < deadline,
-            "the agent never became ready:\n{}",
-            agent.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_agent_ready(&agent, agent_admin, "").await;
 
     // An operator rotates the root from a CA pod (with the CA's service account).
     let rotated = tokio::process::Command::new(SIGIL)

@@ -64,8 +64,8 @@ use common::netns::{
     require_root,
 };
 use common::{
-    CaProcess, DB_ID, PodCgroup, WEB_ID, eventually, get_on, http_get, serve_keep_alive,
-    spawn_k8s_agent,
+    CaProcess, DB_ID, PodCgroup, WEB_ID, eventually, get_on, serve_keep_alive, spawn_k8s_agent,
+    wait_agent_ready,
 };
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{
@@ -206,16 +206,7 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
         &socket,
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(http_get(agent_admin, "/ready").await, Ok((200, _))) {
-        assert!(
-            Instant::now() < deadline,
-            "the agent never became ready:\n{}\nCA:\n{}",
-            agent.logs(),
-            ca.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_agent_ready(&agent, agent_admin, &format!("\nCA:\n{}", ca.logs())).await;
 
     // The network: C holds the bridge both pods are plugged into, with an address of its own.
     let PodNetwork { a, b, c } =

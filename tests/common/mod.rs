@@ -578,6 +578,19 @@ pub async fn spawn_k8s_agent(
     (Proc::spawn(cmd, dir.join("agent.log")), admin)
 }
 
+/// Waits up to 30 s for the agent's `/ready` on `admin`, panicking with its log (and `more`).
+pub async fn wait_agent_ready(agent: &Proc, admin: SocketAddr, more: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(http_get(admin, "/ready").await, Ok((200, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never became ready:\n{}{more}",
+            agent.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// CPU seconds (user + system) a process has used, from /proc (10 ms resolution).
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
