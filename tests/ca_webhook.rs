@@ -158,6 +158,24 @@ async fn the_ca_keeps_the_ca_bundle_and_injects_over_https() {
         "the CA is still running"
     );
 
+    // A client that connects and says nothing is cut off, so idle connections cannot use up the
+    // webhook's connection slots (with failurePolicy Fail, that would block pod creation).
+    let mut idle = admission::connect(ca.webhook, SERVICE_NAME, &bundle).await;
+    let started = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio::io::AsyncReadExt::read(&mut idle, &mut byte),
+    )
+    .await
+    .expect("an idle connection is closed by the webhook");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_secs(9),
+        "closed after {waited:?}, before the header read timeout"
+    );
+
     let metrics = ca.metrics().await;
     assert_eq!(
         metric(

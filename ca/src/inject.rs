@@ -214,7 +214,14 @@ fn decide(
     if spec.host_network == Some(true) {
         return Ok(Mutation::Skip(SkipReason::HostNetwork));
     }
-    for container in &spec.containers {
+    // Init containers too: they share the network namespace, and native sidecars run beside
+    // the app.
+    let all_containers = || {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+    };
+    for container in all_containers() {
         for port in container.ports.iter().flatten() {
             if PROXY_PORTS.contains(&port.container_port) {
                 return Err(format!(
@@ -229,7 +236,7 @@ fn decide(
     // A container running as the proxy's uid is exempt from redirection: it would talk past the
     // proxy, unauthenticated.
     let pod_uid = spec.security_context.as_ref().and_then(|s| s.run_as_user);
-    for container in &spec.containers {
+    for container in all_containers() {
         let uid = container
             .security_context
             .as_ref()
@@ -256,9 +263,15 @@ fn decide(
         ] {
             let Some(probe) = probe else { continue };
             match rewrite_probe(container, kind, probe) {
-                ProbeRewrite::Http { flag, path } => {
+                ProbeRewrite::ToProxy { flag, path } => {
                     probe_flags.push(flag);
-                    let get = &mut mutated["spec"]["containers"][index][field]["httpGet"];
+                    let probe = &mut mutated["spec"]["containers"][index][field];
+                    // The kubelet asks the proxy over plain HTTP, whatever the app speaks; an
+                    // httpGet keeps its headers (the proxy ignores them).
+                    if let Some(probe) = probe.as_object_mut() {
+                        probe.remove("tcpSocket");
+                    }
+                    let get = &mut probe["httpGet"];
                     get["port"] = json!(METRICS_PORT);
                     get["path"] = json!(path);
                     get["scheme"] = json!("HTTP");
@@ -284,68 +297,78 @@ fn decide(
     init_containers.insert(1, proxy_container(config, probe_flags));
     array_at(&mut mutated["spec"], "volumes").push(json!({
         "name": AGENT_VOLUME,
-        "hostPath": {"path": AGENT_SOCKET_DIR, "type": "Directory"},
+        // OrCreate: a pod scheduled on a new node before the agent would otherwise wait for its
+        // mount; the kubelet creates the directory as the agent does (root, 0755).
+        "hostPath": {"path": AGENT_SOCKET_DIR, "type": "DirectoryOrCreate"},
     }));
     Ok(Mutation::Patch { mutated, warnings })
 }
 
 enum ProbeRewrite {
-    Http { flag: String, path: String },
+    /// Point the probe at the proxy's `path`, which the proxy answers as `--app-probe flag`.
+    ToProxy {
+        flag: String,
+        path: String,
+    },
     Unchanged,
     Warn(String),
 }
 
-/// An HTTP probe goes to the proxy's `/app-health/<container>-<kind>`, which asks the app on
-/// loopback; other probe kinds cannot be carried and are left with a warning.
+/// An HTTP, HTTPS or TCP probe goes to the proxy's `/app-health/<container>-<kind>` (as an HTTP
+/// GET), which probes the app the same way on loopback. A probe naming another host is left as it
+/// is; a gRPC probe cannot be carried and is left with a warning.
 fn rewrite_probe(container: &Container, kind: &str, probe: &Probe) -> ProbeRewrite {
     let name = &container.name;
+    let probe_name = format!("{name}-{kind}");
+    let to_proxy = |target: String| ProbeRewrite::ToProxy {
+        flag: format!("{probe_name}={target}"),
+        path: format!("/app-health/{probe_name}"),
+    };
+    let port_of = |port: &IntOrString| match port {
+        IntOrString::Int(port) => Some(*port).filter(|p| (1..=65535).contains(p)),
+        IntOrString::String(port_name) => container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(port_name))
+            .map(|p| p.container_port),
+    };
+    let undeclared = |port: &IntOrString| {
+        ProbeRewrite::Warn(format!(
+            "sigil: the {kind} probe of container {name:?} names port {port:?}, which the \
+             container does not declare; not rewritten"
+        ))
+    };
     if let Some(get) = &probe.http_get {
-        if get
-            .scheme
-            .as_deref()
-            .is_some_and(|s| s.eq_ignore_ascii_case("https"))
-        {
-            return ProbeRewrite::Warn(format!(
-                "sigil: the HTTPS {kind} probe of container {name:?} is not rewritten; the kubelet's \
-                 probe meets the proxy, not the app"
-            ));
-        }
         if get.host.is_some() {
             return ProbeRewrite::Unchanged;
         }
-        let port = match &get.port {
-            IntOrString::Int(port) => Some(*port),
-            IntOrString::String(port_name) => container
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref() == Some(port_name))
-                .map(|p| p.container_port),
-        };
-        let Some(port) = port.filter(|p| (1..=65535).contains(p)) else {
-            return ProbeRewrite::Warn(format!(
-                "sigil: the {kind} probe of container {name:?} names port {:?}, which the \
-                 container does not declare; not rewritten",
-                get.port
-            ));
+        let Some(port) = port_of(&get.port) else {
+            return undeclared(&get.port);
         };
         let path = get.path.as_deref().unwrap_or("/");
-        let path = if path.starts_with('/') {
-            path.to_string()
-        } else {
-            format!("/{path}")
-        };
-        let probe_name = format!("{name}-{kind}");
-        return ProbeRewrite::Http {
-            flag: format!("{probe_name}={port}{path}"),
-            path: format!("/app-health/{probe_name}"),
-        };
+        if path.contains(char::is_whitespace) {
+            return ProbeRewrite::Warn(format!(
+                "sigil: the {kind} probe of container {name:?} has a path with whitespace \
+                 ({path:?}); not rewritten"
+            ));
+        }
+        let slash = if path.starts_with('/') { "" } else { "/" };
+        let https = get
+            .scheme
+            .as_deref()
+            .is_some_and(|s| s.eq_ignore_ascii_case("https"));
+        let scheme = if https { "https:" } else { "" };
+        return to_proxy(format!("{scheme}{port}{slash}{path}"));
     }
-    if probe.tcp_socket.is_some() {
-        return ProbeRewrite::Warn(format!(
-            "sigil: the TCP {kind} probe of container {name:?} is answered by the proxy and \
-             succeeds even when the app is down; use an httpGet probe"
-        ));
+    if let Some(tcp) = &probe.tcp_socket {
+        if tcp.host.is_some() {
+            return ProbeRewrite::Unchanged;
+        }
+        return match port_of(&tcp.port) {
+            Some(port) => to_proxy(format!("tcp:{port}")),
+            None => undeclared(&tcp.port),
+        };
     }
     if probe.grpc.is_some() {
         return ProbeRewrite::Warn(format!(
@@ -398,6 +421,12 @@ fn init_args(
                     "ports, e.g. 8080,9090"
                 }
             ));
+        }
+        let mut items: Vec<String> = items.into_iter().map(String::from).collect();
+        // The flag replaces `sigil proxy init`'s default list, which keeps the kubelet's probes
+        // to the proxy (and the proxy's own startup probe) out of the redirection.
+        if flag == "--exclude-inbound-ports" && !items.contains(&METRICS_PORT.to_string()) {
+            items.push(METRICS_PORT.to_string());
         }
         if !items.is_empty() {
             args.push(flag.to_string());

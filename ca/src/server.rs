@@ -307,7 +307,7 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
         .add_service(sigil_ca)
         .add_service(istio_ca)
         .serve_with_incoming_shutdown(
-            tls_server::incoming(listener, tls_rx, metrics),
+            tls_server::incoming(listener, tls_rx, metrics, tls_server::MAX_CONNECTIONS),
             async move {
                 let _ = grpc_shutdown.wait_for(|stop| *stop).await;
             },

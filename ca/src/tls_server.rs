@@ -29,7 +29,8 @@ pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections handshaken but not yet taken by the gRPC server.
 const ACCEPT_BACKLOG: usize = 128;
-/// Most connections open at once (agents keep one each; the rest wait in the kernel backlog).
+/// Most connections open at once on the gRPC port (agents keep one each; the rest wait in the
+/// kernel backlog).
 pub const MAX_CONNECTIONS: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
@@ -95,14 +96,15 @@ impl AsyncWrite for TlsConnection {
 }
 
 /// Accepts TCP connections, completes TLS with the current server config, and yields them.
-/// At most `MAX_CONNECTIONS` are open at once; the loop ends when the gRPC server drops the stream.
+/// At most `max_connections` are open at once; the loop ends when the server drops the stream.
 pub fn incoming(
     listener: TcpListener,
     configs: watch::Receiver<Option<Arc<ServerConfig>>>,
     metrics: Arc<Metrics>,
+    max_connections: usize,
 ) -> ReceiverStream<std::io::Result<TlsConnection>> {
     let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(max_connections));
     tokio::spawn(async move {
         loop {
             let permit = tokio::select! {

@@ -12,6 +12,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::post;
 use base64::Engine;
 use futures::StreamExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
@@ -19,17 +20,21 @@ use kube::runtime::watcher::{self, Event};
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::authority::SharedAuthority;
 use crate::inject::{self, InjectConfig, Outcome};
 use crate::metrics::{InjectLabels, InjectOutcome, Metrics};
-use crate::tls_server::{self, PeerInfo, TlsConnection};
+use crate::tls_server;
 
 pub const WEBHOOK_PATH: &str = "/inject";
 /// The API server sends at most 3 MiB; anything larger is not an AdmissionReview it sent.
 pub const MAX_REVIEW_BYTES: usize = 4 << 20;
+/// A connection that sends no request head for this long is closed (the API server's own
+/// webhook timeout is at most 30 s, and it sends at once).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most webhook connections open at once (the API servers keep a few each).
+pub const MAX_CONNECTIONS: usize = 1024;
 /// How soon a failed caBundle write is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -84,39 +89,10 @@ async fn inject_handler(
     axum::Json(review)
 }
 
-/// The TLS connections of `tls_server::incoming`, as an axum listener.
-struct TlsListener {
-    connections: ReceiverStream<std::io::Result<TlsConnection>>,
-    local: std::net::SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsConnection;
-    type Addr = PeerInfo;
-
-    async fn accept(&mut self) -> (TlsConnection, PeerInfo) {
-        loop {
-            match self.connections.next().await {
-                Some(Ok(connection)) => {
-                    let info = tonic::transport::server::Connected::connect_info(&connection);
-                    return (connection, info);
-                }
-                Some(Err(_)) => continue,
-                // The accept loop only ends when this listener is dropped.
-                None => std::future::pending().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<PeerInfo> {
-        Ok(PeerInfo {
-            remote: self.local,
-            client_id: None,
-        })
-    }
-}
-
-/// Serves `app` over TLS with the configs on `tls` until `shutdown` flips.
+/// Serves `app` over TLS with the configs on `tls` until `shutdown` flips. Every connection must
+/// send a request head within [`HEADER_READ_TIMEOUT`] of connecting or of its last answer (so
+/// idle or trickling clients cannot hold the [`MAX_CONNECTIONS`] slots), and at shutdown finishes
+/// the request it is serving.
 pub async fn serve(
     listener: TcpListener,
     tls: watch::Receiver<Option<Arc<ServerConfig>>>,
@@ -124,16 +100,36 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let local = listener.local_addr()?;
-    let listener = TlsListener {
-        connections: tls_server::incoming(listener, tls, metrics),
-        local,
-    };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
+    let mut connections = tls_server::incoming(listener, tls, metrics, MAX_CONNECTIONS);
+    loop {
+        let connection = tokio::select! {
+            next = connections.next() => match next {
+                Some(Ok(connection)) => connection,
+                Some(Err(_)) => continue,
+                None => return Ok(()),
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let serving = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(connection), service);
+            tokio::pin!(serving);
+            let stopping = async move {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+            };
+            tokio::select! {
+                _ = serving.as_mut() => {}
+                () = stopping => {
+                    serving.as_mut().graceful_shutdown();
+                    let _ = serving.await;
+                }
+            }
+        });
+    }
 }
 
 /// Keeps `caBundle` of every webhook in the MutatingWebhookConfiguration `name` equal to the
@@ -164,7 +160,9 @@ pub async fn keep_ca_bundle(
                 None => return,
                 Some(Ok(Event::Apply(object) | Event::InitApply(object))) => current = Some(object),
                 Some(Ok(Event::Delete(_))) => current = None,
-                Some(Ok(Event::Init | Event::InitDone)) => {}
+                // A re-list starts: only what it lists still exists.
+                Some(Ok(Event::Init)) => current = None,
+                Some(Ok(Event::InitDone)) => {}
                 Some(Err(e)) => warn!(webhook_config = %name, error = %e, "MutatingWebhookConfiguration watch failed; retrying"),
             },
             changed = authority.changed() => if changed.is_err() { return },

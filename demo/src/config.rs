@@ -6,10 +6,11 @@ use std::time::Duration;
 use clap::Args;
 use sigil_ca::config::parse_duration;
 
-/// Lifetime of the workload certificates: short, so several renewals happen during the demo.
-pub const DEFAULT_CERT_TTL: &str = "6s";
+/// Lifetime of the workload certificates: short, so several renewals happen during the demo,
+/// with seconds to spare before expiry on a busy machine.
+pub const DEFAULT_CERT_TTL: &str = "8s";
 /// How long traffic flows while certificates rotate.
-pub const DEFAULT_ROTATION_WINDOW: &str = "10s";
+pub const DEFAULT_ROTATION_WINDOW: &str = "12s";
 /// Requests sent in each of the allowed and denied steps.
 pub const DEFAULT_REQUESTS: u32 = 10;
 /// The shortest certificate lifetime the demo accepts: the agent refuses a certificate with less
@@ -114,8 +115,8 @@ mod tests {
     #[test]
     fn the_defaults_are_valid() {
         let config = parse(&[]);
-        assert_eq!(config.cert_ttl, Duration::from_secs(6));
-        assert_eq!(config.rotation_window, Duration::from_secs(10));
+        assert_eq!(config.cert_ttl, Duration::from_secs(8));
+        assert_eq!(config.rotation_window, Duration::from_secs(12));
         assert!(!config.keep && config.dir.is_none());
         config.validate().unwrap();
     }

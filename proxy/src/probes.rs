@@ -1,8 +1,9 @@
 //! Kubelet probes under STRICT mTLS and deny-all policies. The kubelet cannot present a mesh
-//! certificate, so the injector points HTTP probes at the proxy's metrics port instead
-//! (`/app-health/<name>`, as Istio does), and the proxy makes the probe request itself to the
-//! application on loopback. That port is not intercepted and not subject to policies, and only
-//! the configured probes can be reached through it: one path on one port each, GET only.
+//! certificate, so the injector points probes at the proxy's metrics port instead
+//! (`/app-health/<name>`, as Istio does), and the proxy makes the probe itself to the
+//! application on loopback: an HTTP or HTTPS GET, or a TCP connect. That port is not intercepted
+//! and not subject to policies, and only the configured probes can be reached through it: one
+//! path on one port each, GET only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,10 @@ use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::forward;
 
@@ -21,18 +26,32 @@ use crate::forward;
 /// configured with a longer timeout is cut here).
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `--app-probe NAME=PORT/PATH`: the probe `/app-health/NAME` asks `127.0.0.1:PORT/PATH`.
+/// How a probe asks the application.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    Http,
+    /// HTTPS without verifying the application's certificate, as the kubelet does.
+    Https,
+    /// Passes when the application accepts a TCP connection.
+    Tcp,
+}
+
+/// `--app-probe NAME=[http:|https:|tcp:]PORT[/PATH]`: the probe `/app-health/NAME` asks
+/// `127.0.0.1:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct AppProbe {
     pub name: String,
+    pub kind: ProbeKind,
     pub port: u16,
+    /// The request path (HTTP and HTTPS).
     pub path: String,
 }
 
 pub fn parse_app_probe(s: &str) -> Result<AppProbe, String> {
-    let (name, target) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected NAME=PORT/PATH, e.g. web-ready=8080/healthz"))?;
+    let (name, target) = s.split_once('=').ok_or_else(|| {
+        format!("{s:?}: expected NAME=[http:|https:|tcp:]PORT[/PATH], e.g. web-ready=8080/healthz")
+    })?;
     let valid_name = !name.is_empty()
         && name
             .chars()
@@ -42,7 +61,19 @@ pub fn parse_app_probe(s: &str) -> Result<AppProbe, String> {
             "{name:?}: a probe name is letters, digits, '-', '_' and '.'"
         ));
     }
+    let (kind, target) = match target.split_once(':') {
+        Some(("http", rest)) => (ProbeKind::Http, rest),
+        Some(("https", rest)) => (ProbeKind::Https, rest),
+        Some(("tcp", rest)) => (ProbeKind::Tcp, rest),
+        Some((other, _)) => {
+            return Err(format!("{other:?}: a probe is http:, https: or tcp:"));
+        }
+        None => (ProbeKind::Http, target),
+    };
     let (port, path) = match target.split_once('/') {
+        Some(_) if kind == ProbeKind::Tcp => {
+            return Err(format!("{s:?}: a tcp: probe has a port and no path"));
+        }
         Some((port, path)) => (port, format!("/{path}")),
         None => (target, "/".to_string()),
     };
@@ -56,6 +87,7 @@ pub fn parse_app_probe(s: &str) -> Result<AppProbe, String> {
     }
     Ok(AppProbe {
         name: name.to_string(),
+        kind,
         port,
         path,
     })
@@ -91,13 +123,40 @@ async fn probe(
     }
 }
 
-/// One GET to the application; its status code.
+/// One probe of the application; the status code to answer with.
 async fn ask(probe: &AppProbe) -> Result<u16, String> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], probe.port));
     let stream = forward::connect(addr, PROBE_TIMEOUT)
         .await
         .map_err(|e| format!("connecting to {addr}: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    match probe.kind {
+        ProbeKind::Tcp => Ok(200),
+        ProbeKind::Http => http_get(probe, addr, TokioIo::new(stream)).await,
+        ProbeKind::Https => {
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(KubeletLikeVerifier::new()))
+            .with_no_client_auth();
+            let name = ServerName::IpAddress(addr.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS to {addr}: {e}"))?;
+            http_get(probe, addr, TokioIo::new(tls)).await
+        }
+    }
+}
+
+/// One GET of `probe.path` over `io`; the status code.
+async fn http_get<I>(probe: &AppProbe, addr: std::net::SocketAddr, io: I) -> Result<u16, String>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(connection);
@@ -113,6 +172,63 @@ async fn ask(probe: &AppProbe) -> Result<u16, String> {
     Ok(response.status().as_u16())
 }
 
+/// The kubelet's HTTPS probes skip certificate verification (the application's certificate is
+/// often self-signed or for another name); so does this. The handshake signature is still
+/// checked, so the answer comes from whoever holds the key of the certificate shown.
+#[derive(Debug)]
+struct KubeletLikeVerifier(Arc<CryptoProvider>);
+
+impl KubeletLikeVerifier {
+    fn new() -> Self {
+        KubeletLikeVerifier(Arc::new(rustls::crypto::ring::default_provider()))
+    }
+}
+
+impl ServerCertVerifier for KubeletLikeVerifier {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,13 +239,27 @@ mod tests {
             parse_app_probe("web-ready=8080/healthz/deep").unwrap(),
             AppProbe {
                 name: "web-ready".into(),
+                kind: ProbeKind::Http,
                 port: 8080,
                 path: "/healthz/deep".into()
             }
         );
         assert_eq!(parse_app_probe("live=9090").unwrap().path, "/");
+        let https = parse_app_probe("web-live=https:8443/livez").unwrap();
+        assert_eq!(
+            (https.kind, https.port, https.path.as_str()),
+            (ProbeKind::Https, 8443, "/livez")
+        );
+        let tcp = parse_app_probe("db-live=tcp:5432").unwrap();
+        assert_eq!((tcp.kind, tcp.port), (ProbeKind::Tcp, 5432));
+        assert_eq!(
+            parse_app_probe("web=http:80/x").unwrap().kind,
+            ProbeKind::Http
+        );
         for (bad, why) in [
-            ("8080/healthz", "expected NAME=PORT/PATH"),
+            ("8080/healthz", "expected NAME="),
+            ("web=udp:53", "http:, https: or tcp:"),
+            ("db=tcp:5432/x", "no path"),
             ("=8080/x", "probe name"),
             ("a/b=8080/x", "probe name"),
             ("web=0/x", "not a port"),
@@ -139,5 +269,56 @@ mod tests {
             let e = parse_app_probe(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    /// An HTTPS app with a self-signed certificate for another name, answering 204 to one GET.
+    async fn https_app() -> u16 {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["app.example".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+                .accept(tcp)
+                .await
+                .unwrap();
+            let mut head = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut head).await;
+            let answer = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n";
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut tls, answer).await;
+            let _ = tokio::io::AsyncWriteExt::flush(&mut tls).await;
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn https_probes_skip_verification_as_the_kubelet_does_and_tcp_probes_connect() {
+        let port = https_app().await;
+        let https = parse_app_probe(&format!("app-live=https:{port}/livez")).unwrap();
+        assert_eq!(ask(&https).await, Ok(204));
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_port = listener.local_addr().unwrap().port();
+        let tcp = parse_app_probe(&format!("db-live=tcp:{tcp_port}")).unwrap();
+        assert_eq!(ask(&tcp).await, Ok(200));
+        // Nothing listening any more: the probe fails.
+        drop(listener);
+        let refused = ask(&tcp).await.unwrap_err();
+        assert!(refused.contains("connecting to"), "{refused}");
     }
 }

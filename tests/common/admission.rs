@@ -13,17 +13,13 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-/// POSTs `body` to `path_and_query` of the webhook at `addr` over TLS, trusting only
-/// `ca_bundle` (PEM) for `server_name` (`<service>.<namespace>.svc`), with the Host header
-/// `server_name:port`, as the API server calls a webhook Service. Returns the status and body.
-pub async fn post(
+/// A TLS connection to the webhook at `addr`, trusting only `ca_bundle` (PEM) for `server_name`
+/// (`<service>.<namespace>.svc`), as the API server connects to a webhook Service.
+pub async fn connect(
     addr: SocketAddr,
     server_name: &str,
-    port: u16,
-    path_and_query: &str,
     ca_bundle: &[u8],
-    body: Vec<u8>,
-) -> (u16, Vec<u8>) {
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in pem_certs(ca_bundle) {
         roots.add(cert).unwrap();
@@ -38,10 +34,24 @@ pub async fn post(
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
         .unwrap_or_else(|e| panic!("{server_name} is not a DNS name: {e}"));
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
-        .expect("TLS to the webhook, verified against the caBundle");
+        .expect("TLS to the webhook, verified against the caBundle")
+}
+
+/// POSTs `body` to `path_and_query` of the webhook at `addr` over [`connect`], with the Host
+/// header `server_name:port`, as the API server calls a webhook Service. Returns the status and
+/// body.
+pub async fn post(
+    addr: SocketAddr,
+    server_name: &str,
+    port: u16,
+    path_and_query: &str,
+    ca_bundle: &[u8],
+    body: Vec<u8>,
+) -> (u16, Vec<u8>) {
+    let tls = connect(addr, server_name, ca_bundle).await;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();

@@ -67,10 +67,11 @@ fn a_deployment_pod_gets_the_expected_injected_pod() {
         .map(|c| c.name.as_str())
         .collect();
     assert_eq!(init, [INIT_CONTAINER, PROXY_CONTAINER]);
-    // The TCP probe cannot be carried: the user hears why.
-    let warnings = response["warnings"].as_array().unwrap();
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(warnings[0].as_str().unwrap().contains("metrics-exporter"));
+    // Every probe could be carried: nothing to warn about.
+    assert!(
+        response.get("warnings").is_none_or(Value::is_null),
+        "{response}"
+    );
 }
 
 #[test]
@@ -101,31 +102,53 @@ fn http_probes_go_through_the_proxy_with_matching_flags() {
             "--app-probe",
             "web-live=8080/healthz",
             "--app-probe",
-            "web-ready=8080/ready"
+            "web-ready=8080/ready",
+            "--app-probe",
+            "metrics-exporter-live=tcp:9100"
         ])
     );
-    // Every flag is one the proxy accepts.
-    for flag in ["web-live=8080/healthz", "web-ready=8080/ready"] {
-        assert!(sigil_proxy_probe_flag_shape(flag), "{flag}");
-    }
-    // The TCP probe is left as it was.
+    // The TCP probe becomes an HTTP GET of the proxy, which connects to the app's port.
     assert_eq!(
         pod["spec"]["containers"][1]["livenessProbe"],
-        review["request"]["object"]["spec"]["containers"][1]["livenessProbe"]
+        json!({
+            "httpGet": {"path": "/app-health/metrics-exporter-live", "port": 15020, "scheme": "HTTP"},
+            "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3
+        })
     );
 }
 
-/// The shape `sigil proxy run --app-probe` parses (proxy/src/probes.rs): NAME=PORT/PATH.
-fn sigil_proxy_probe_flag_shape(flag: &str) -> bool {
-    let Some((name, target)) = flag.split_once('=') else {
-        return false;
-    };
-    let (port, _) = target.split_once('/').unwrap_or((target, ""));
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        && port.parse::<u16>().is_ok_and(|p| p != 0)
+#[test]
+fn https_probes_keep_their_scheme_towards_the_app_and_grpc_probes_are_warned_about() {
+    let mut review = web_review();
+    let web = &mut review["request"]["object"]["spec"]["containers"][0];
+    web["livenessProbe"]["httpGet"]["scheme"] = json!("HTTPS");
+    web["readinessProbe"] = json!({"grpc": {"port": 8080}});
+    let (response, _) = answer(&review);
+    let pod = patched(&review, &response);
+    assert_eq!(
+        pod["spec"]["containers"][0]["livenessProbe"]["httpGet"],
+        json!({"path": "/app-health/web-live", "port": 15020, "scheme": "HTTP"})
+    );
+    let args = &pod["spec"]["initContainers"][1]["args"];
+    assert!(
+        args.as_array()
+            .unwrap()
+            .contains(&json!("web-live=https:8080/healthz")),
+        "{args}"
+    );
+    let warnings = response["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0]
+            .as_str()
+            .unwrap()
+            .contains("gRPC ready probe of container \"web\"")
+    );
+    assert_eq!(
+        pod["spec"]["containers"][0]["readinessProbe"],
+        json!({"grpc": {"port": 8080}}),
+        "left as it was"
+    );
 }
 
 #[test]
@@ -219,6 +242,27 @@ fn pods_that_cannot_be_meshed_are_refused_with_the_reason() {
             "runs as uid 1337",
         ),
         (
+            "an init container running as the proxy's uid",
+            Box::new(|r| {
+                r["request"]["object"]["spec"]["initContainers"] = json!([{
+                    "name": "migrate", "image": "registry.example/shop/migrate:1",
+                    "securityContext": {"runAsUser": 1337},
+                }])
+            }),
+            "container \"migrate\" runs as uid 1337",
+        ),
+        (
+            "a native sidecar on the proxy's inbound port",
+            Box::new(|r| {
+                r["request"]["object"]["spec"]["initContainers"] = json!([{
+                    "name": "logs", "image": "registry.example/tools/logs:1",
+                    "restartPolicy": "Always",
+                    "ports": [{"containerPort": 15006}],
+                }])
+            }),
+            "container \"logs\" declares port 15006",
+        ),
+        (
             "a CIDR that is not one",
             Box::new(|r| {
                 r["request"]["object"]["metadata"]["annotations"] =
@@ -269,12 +313,24 @@ fn exclusion_annotations_reach_the_init_container() {
             "--proxy-uid",
             "1337",
             "--exclude-inbound-ports",
-            "9100",
+            "9100,15020",
             "--exclude-outbound-ports",
             "5432,6379",
             "--exclude-outbound-cidrs",
             "169.254.169.254/32"
         ])
+    );
+    // The proxy's metrics port stays out of the redirection whatever the pod lists, or the
+    // kubelet's probes would meet the inbound listener.
+    let mut review = web_review();
+    review["request"]["object"]["metadata"]["annotations"] =
+        json!({EXCLUDE_INBOUND_PORTS: "15020,9100"});
+    let again = patched(&review, &answer(&review).0);
+    assert_eq!(
+        again["spec"]["initContainers"][0]["args"]
+            .as_array()
+            .unwrap()[4..],
+        [json!("--exclude-inbound-ports"), json!("15020,9100")]
     );
     // The user's annotations stay, ours are added.
     assert_eq!(
