@@ -7,7 +7,8 @@
 //!
 //! 0. with no policy, A's plain HTTP request reaches B's app (over mTLS, as `web`), also through
 //!    db's Service: a cluster IP that the node (C) routes to B as kube-proxy does, and that the
-//!    agent's membership maps to db's identity because the Service selects db-1;
+//!    agent's membership maps to db's identity because its only endpoint (the EndpointSlice the
+//!    test creates, as the endpoint controller would) is db-1's meshed IP;
 //! 1. a deny-all (`spec: {}`) refuses A's connection at B's proxy (access log `result: denied`,
 //!    metric `decision="deny"` by `default` at `l4`), and B's app sees nothing;
 //! 2. an ALLOW for A's service account on `/allowed` (selecting B by its `app: db` label) makes
@@ -68,6 +69,7 @@ use common::{
     wait_agent_ready,
 };
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -283,8 +285,8 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
 
     // 0b. Through a Service: A connects to db's cluster IP; the node (C) routes it to B as
     // kube-proxy would (DNAT, and masquerade so B's answers return through it). A's proxy finds
-    // the cluster IP in the membership (the Service selects db-1, one identity) and speaks mTLS
-    // to whatever pod is behind it, requiring db's identity.
+    // the cluster IP in the membership (its EndpointSlice lists only B, db-1's meshed IP) and
+    // speaks mTLS to whatever pod is behind it, requiring db's identity.
     c.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
     let service_ip = SERVICE_IP.to_string();
     let b_target = format!("{B_IP}:{APP_PORT}");
@@ -341,6 +343,27 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
         .create(&PostParams::default(), &service)
         .await
         .expect("creating the db Service");
+    // What the endpoint controller does for the Service's selector (the double has none).
+    let slices: Api<EndpointSlice> = Api::namespaced(server.client(), NAMESPACE);
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {
+            "name": "db-x7k2p",
+            "namespace": NAMESPACE,
+            "labels": { "kubernetes.io/service-name": "db" },
+        },
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": [B_IP.to_string()],
+            "conditions": { "ready": true },
+            "targetRef": { "kind": "Pod", "namespace": NAMESPACE, "name": "db-1" },
+        }],
+        "ports": [{ "port": APP_PORT, "protocol": "TCP" }],
+    }))
+    .unwrap();
+    slices
+        .create(&PostParams::default(), &slice)
+        .await
+        .expect("creating the db Service's EndpointSlice");
     let service_addr: SocketAddr = SocketAddrV4::new(SERVICE_IP, SERVICE_PORT).into();
     // Until A's proxy has the new membership the connection passes through as plaintext, and
     // B's STRICT proxy refuses it.
@@ -357,11 +380,14 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The attempts before the membership arrived are logged as passthrough "ok" too (B's proxy
+    // closed them): the one that got through is the mTLS line, logged when it closes.
     let service_line = || {
-        a_proxy
-            .access_log()
-            .into_iter()
-            .rfind(|l| l["destination"] == service_addr.to_string() && l["result"] == "ok")
+        a_proxy.access_log().into_iter().rfind(|l| {
+            l["destination"] == service_addr.to_string()
+                && l["result"] == "ok"
+                && l["security"] == "mtls"
+        })
     };
     eventually(
         "A's access log has the connection to the Service",

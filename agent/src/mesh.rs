@@ -1,24 +1,27 @@
-//! Mesh membership: which IP addresses belong to meshed workloads and the SPIFFE ID each one's
-//! proxy must present, served on the agent socket as `sigil.mesh.v1.MeshDiscovery` so that the
+//! Mesh membership: which IP addresses belong to meshed workloads and the SPIFFE IDs each one's
+//! server may present, served on the agent socket as `sigil.mesh.v1.MeshDiscovery` so that the
 //! bundled proxy can decide, per outbound connection, between originating mTLS (and checking the
 //! peer's ID) and passing through.
 //!
-//! Two sources, merged by one task that owns all of the state and publishes an immutable
+//! The sources, merged by one task that owns all of the state and publishes an immutable
 //! [`MeshSnapshot`] on a `watch` channel whenever the merged content changes:
 //! - Kubernetes (`--attestor k8s`): a cluster-wide watch of the pods labelled
 //!   [`TLS_MODE_LABEL`]`=`[`TLS_MODE_MTLS`]. Each pod's IPs map to its service account's
 //!   identity. Host-network pods (their IP is the node's), finished pods and pods without an IP
 //!   are left out; when two pods claim one IP, one of them is stale and the running, more
 //!   recently created one is kept.
-//! - Kubernetes Services: a cluster-wide watch of Services. A Service with a selector and a
-//!   cluster IP is a member at its cluster IPs when the labelled pods it selects (in its
-//!   namespace, with an IP) all run as one identity: the proxy connects to the cluster IP, the
-//!   node's Service routing picks a pod, and that pod's proxy must prove the identity. A Service
-//!   whose meshed pods run as several identities is left out (and logged): no single identity
-//!   could be required of it.
+//! - Kubernetes Services and their EndpointSlices (cluster-wide watches of both): a Service with
+//!   a cluster IP is a member at its cluster IPs when it has at least one endpoint address and
+//!   every endpoint address in its slices (ready or not: the node may route to terminating ones)
+//!   is itself a member (a labelled pod, or a mesh-file entry); the proxy connects to the cluster
+//!   IP, the node's Service routing picks one endpoint, and that endpoint's server must prove one
+//!   of the identities behind the Service, so the member carries all of them (several while,
+//!   say, a Deployment changes its service account). A Service with any unmeshed endpoint (a
+//!   rollout into a newly injected namespace, pods opted out of injection) is left out and
+//!   logged: some of its endpoints speak plaintext, so its connections pass through.
 //! - `--mesh-file` ([`MeshFile`]): `{ip, id}` pairs, re-read every [`FILE_POLL_INTERVAL`]; an
 //!   invalid edit is logged and counted, and the last good list stays. Its entries win over pods
-//!   on the same IP: the operator named them explicitly.
+//!   and Services on the same IP: the operator named them explicitly.
 //!
 //! Nothing is published until every source has delivered its initial state: a proxy given half a
 //! list would send plaintext to meshed peers missing from it.
@@ -33,6 +36,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::WatchStreamExt;
@@ -62,15 +66,20 @@ pub const FILE_SOURCE: &str = "mesh-file";
 pub const FILE_POLL_INTERVAL: Duration = polled_file::POLL_INTERVAL;
 /// What Kubernetes runs a pod as when it names no service account.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// The label naming the Service an EndpointSlice belongs to (in the slice's namespace).
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// How many of a partly meshed Service's unmeshed endpoint addresses its log line names.
+const LOGGED_UNMESHED: usize = 5;
 const LABELS: ApiLabels = ApiLabels {
     api: SocketApi::Mesh,
 };
 
-/// An event of one of the two Kubernetes watches.
+/// An event of one of the Kubernetes watches.
 enum KubeEvent {
     // Boxed: the objects are large, and an event is moved through the merged stream.
     Pod(Box<Result<Event<Pod>, watcher::Error>>),
     Service(Box<Result<Event<Service>, watcher::Error>>),
+    EndpointSlice(Box<Result<Event<EndpointSlice>, watcher::Error>>),
 }
 
 type KubeEvents = BoxStream<'static, KubeEvent>;
@@ -105,6 +114,8 @@ pub enum MeshError {
         id: SpiffeId,
         expected: TrustDomain,
     },
+    #[error("members[{index}] lists no SPIFFE ID")]
+    NoId { index: usize },
     #[error("members[{index}].ip {ip} is already members[{first}].ip")]
     DuplicateIp {
         index: usize,
@@ -120,10 +131,21 @@ pub enum MeshError {
 /// One meshed address's entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
-    /// The ID the workload's proxy presents as a server.
-    pub id: SpiffeId,
-    /// `<namespace>/<pod>` or [`FILE_SOURCE`], for logs.
+    /// The IDs the server there may present, any one of them; never empty. One for a pod or a
+    /// mesh-file entry; those of every endpoint behind a Service's cluster IP.
+    pub ids: BTreeSet<SpiffeId>,
+    /// `<namespace>/<pod>`, `<namespace>/service/<name>` or [`FILE_SOURCE`], for logs.
     pub source: String,
+}
+
+impl Member {
+    /// A member that must prove `id`.
+    pub fn single(id: SpiffeId, source: impl Into<String>) -> Member {
+        Member {
+            ids: BTreeSet::from([id]),
+            source: source.into(),
+        }
+    }
 }
 
 /// The whole membership at one point in time; never changed once published.
@@ -153,7 +175,7 @@ impl MeshSnapshot {
                 .iter()
                 .map(|(ip, member)| MeshMember {
                     ip: ip.to_string(),
-                    spiffe_id: member.id.to_string(),
+                    spiffe_ids: member.ids.iter().map(ToString::to_string).collect(),
                     source: member.source.clone(),
                 })
                 .collect(),
@@ -161,18 +183,19 @@ impl MeshSnapshot {
         }
     }
 
-    /// A `WatchMembers` message, parsed and checked (for the proxy's side of the stream).
+    /// A `WatchMembers` message, parsed and checked (for the proxy's side of the stream): every
+    /// entry valid, with at least one ID, or the whole message is refused.
     pub fn from_message(message: &MeshMembers) -> Result<MeshSnapshot, MeshError> {
-        let pairs = message
-            .members
-            .iter()
-            .map(|member| (member.ip.as_str(), member.spiffe_id.as_str()));
-        let members = parse_pairs(pairs, None)?
+        let entries = message.members.iter().map(|member| {
+            let ids = member.spiffe_ids.iter().map(String::as_str);
+            (member.ip.as_str(), ids)
+        });
+        let members = parse_entries(entries, None)?
             .into_iter()
             .zip(&message.members)
-            .map(|((ip, id), member)| {
+            .map(|((ip, ids), member)| {
                 let source = member.source.clone();
-                (ip, Member { id, source })
+                (ip, Member { ids, source })
             })
             .collect();
         Ok(MeshSnapshot {
@@ -182,43 +205,59 @@ impl MeshSnapshot {
     }
 }
 
-/// Parses `(ip, id)` pairs in order, naming the index and field of the first invalid one: IPs
-/// and workload IDs (in `trust_domain` if given), no IP twice.
-fn parse_pairs<'a>(
-    pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+/// Parses `(ip, ids)` entries in order, naming the index and field of the first invalid one: IPs
+/// and workload IDs (in `trust_domain` if given), at least one ID each, no IP twice.
+fn parse_entries<'a, I: IntoIterator<Item = &'a str>>(
+    entries: impl IntoIterator<Item = (&'a str, I)>,
     trust_domain: Option<&TrustDomain>,
-) -> Result<Vec<(IpAddr, SpiffeId)>, MeshError> {
+) -> Result<Vec<(IpAddr, BTreeSet<SpiffeId>)>, MeshError> {
     let mut first_index = HashMap::new();
-    pairs
+    entries
         .into_iter()
         .enumerate()
-        .map(|(index, (ip, id))| {
+        .map(|(index, (ip, ids))| {
             let ip: IpAddr = ip.parse().map_err(|_| MeshError::Ip {
                 index,
                 value: ip.into(),
             })?;
-            let id = SpiffeId::parse(id).map_err(|reason| MeshError::Id {
-                index,
-                value: id.into(),
-                reason,
-            })?;
-            if id.is_trust_domain_id() {
-                return Err(MeshError::NoPath { index, id });
-            }
-            if let Some(expected) = trust_domain.filter(|td| id.trust_domain() != *td) {
-                let expected = expected.clone();
-                return Err(MeshError::ForeignTrustDomain {
-                    index,
-                    id,
-                    expected,
-                });
+            let ids = ids
+                .into_iter()
+                .map(|id| parse_id(index, id, trust_domain))
+                .collect::<Result<BTreeSet<_>, _>>()?;
+            if ids.is_empty() {
+                return Err(MeshError::NoId { index });
             }
             if let Some(first) = first_index.insert(ip, index) {
                 return Err(MeshError::DuplicateIp { index, first, ip });
             }
-            Ok((ip, id))
+            Ok((ip, ids))
         })
         .collect()
+}
+
+/// One workload ID of `members[index]`, in `trust_domain` if given.
+fn parse_id(
+    index: usize,
+    id: &str,
+    trust_domain: Option<&TrustDomain>,
+) -> Result<SpiffeId, MeshError> {
+    let id = SpiffeId::parse(id).map_err(|reason| MeshError::Id {
+        index,
+        value: id.into(),
+        reason,
+    })?;
+    if id.is_trust_domain_id() {
+        return Err(MeshError::NoPath { index, id });
+    }
+    if let Some(expected) = trust_domain.filter(|td| id.trust_domain() != *td) {
+        let expected = expected.clone();
+        return Err(MeshError::ForeignTrustDomain {
+            index,
+            id,
+            expected,
+        });
+    }
+    Ok(id)
 }
 
 #[derive(Deserialize)]
@@ -238,11 +277,14 @@ struct FileEntry {
 fn parse_file(contents: &[u8], td: &TrustDomain) -> Result<BTreeMap<IpAddr, SpiffeId>, MeshError> {
     let file: FileYaml =
         serde_yaml::from_slice(contents).map_err(|e| MeshError::Yaml(e.to_string()))?;
-    let pairs = file
+    let entries = file
         .members
         .iter()
-        .map(|entry| (entry.ip.as_str(), entry.id.as_str()));
-    Ok(parse_pairs(pairs, Some(td))?.into_iter().collect())
+        .map(|entry| (entry.ip.as_str(), [entry.id.as_str()]));
+    Ok(parse_entries(entries, Some(td))?
+        .into_iter()
+        .filter_map(|(ip, mut ids)| Some((ip, ids.pop_first()?)))
+        .collect())
 }
 
 /// `--mesh-file`: the last valid membership listed in it, re-read every [`FILE_POLL_INTERVAL`].
@@ -267,9 +309,6 @@ struct MeshPod {
     id: SpiffeId,
     /// `<namespace>/<name>`
     source: String,
-    namespace: String,
-    /// What Service selectors match.
-    labels: BTreeMap<String, String>,
     running: bool,
     created: Option<Time>,
 }
@@ -332,15 +371,13 @@ fn mesh_pod(pod: &Pod, td: &TrustDomain) -> Result<Option<MeshPod>, MeshError> {
         ips,
         id,
         source,
-        namespace: namespace.clone(),
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
         running: phase == Some("Running"),
         created: pod.metadata.creation_timestamp.clone(),
     }))
 }
 
-/// What a watch has delivered (labelled pods, Services), by UID, converted to what the
-/// membership needs of each object.
+/// What a watch has delivered (labelled pods, Services, EndpointSlices), by UID, converted to
+/// what the membership needs of each object.
 #[derive(Debug)]
 struct Listed<T> {
     /// Whether the initial list has completed.
@@ -434,15 +471,13 @@ fn pod_contribution(pod: &Pod, td: &TrustDomain) -> Option<MeshPod> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct MeshService {
     cluster_ips: Vec<IpAddr>,
-    namespace: String,
-    selector: BTreeMap<String, String>,
-    /// `<namespace>/service/<name>`
+    /// `<namespace>/service/<name>`, also the key of its EndpointSlices ([`MeshSlice::service`]).
     source: String,
 }
 
-/// The Service's contribution: `None` without a selector (its endpoints are managed by hand),
-/// without a cluster IP (headless: clients reach the pods' own IPs, already members), or of type
-/// ExternalName.
+/// The Service's contribution: `None` without a cluster IP (headless: clients reach the
+/// endpoints' own IPs, members in their own right) or of type ExternalName. Its endpoints come
+/// from its EndpointSlices, whether the control plane manages them (a selector) or not.
 fn mesh_service(service: &Service) -> Option<MeshService> {
     let (namespace, name) = (
         service.metadata.namespace.as_ref()?,
@@ -452,7 +487,6 @@ fn mesh_service(service: &Service) -> Option<MeshService> {
     if spec.type_.as_deref() == Some("ExternalName") {
         return None;
     }
-    let selector = spec.selector.clone().filter(|s| !s.is_empty())?;
     let listed: Vec<&String> = match &spec.cluster_ips {
         Some(ips) if !ips.is_empty() => ips.iter().collect(),
         _ => spec.cluster_ip.iter().collect(),
@@ -464,10 +498,56 @@ fn mesh_service(service: &Service) -> Option<MeshService> {
     }
     Some(MeshService {
         cluster_ips,
-        namespace: namespace.clone(),
-        selector,
-        source: format!("{namespace}/service/{name}"),
+        source: service_key(namespace, name),
     })
+}
+
+fn service_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/service/{name}")
+}
+
+/// What the membership needs of one EndpointSlice: its Service and every endpoint address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct MeshSlice {
+    /// The Service's [`MeshService::source`].
+    service: String,
+    /// Every address of every endpoint, ready or not (the node may route to serving,
+    /// terminating endpoints), in the slice's textual form: one that does not parse as an IP
+    /// cannot be a member, and so keeps the Service out.
+    addresses: Vec<String>,
+}
+
+/// The slice's contribution: `None` for one that belongs to no Service (no
+/// [`SERVICE_NAME_LABEL`]) or lists FQDNs (the node's Service routing ignores those).
+fn mesh_slice(slice: &EndpointSlice) -> Option<MeshSlice> {
+    let namespace = slice.metadata.namespace.as_ref()?;
+    let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    if slice.address_type == "FQDN" {
+        return None;
+    }
+    let addresses = slice
+        .endpoints
+        .iter()
+        .flat_map(|endpoint| endpoint.addresses.iter().cloned())
+        .collect();
+    Some(MeshSlice {
+        service: service_key(namespace, service),
+        addresses,
+    })
+}
+
+/// The Kubernetes sources' state, each watch's as delivered.
+#[derive(Debug, Default)]
+struct KubeState {
+    pods: Listed<MeshPod>,
+    services: Listed<MeshService>,
+    slices: Listed<MeshSlice>,
+}
+
+impl KubeState {
+    fn synced(&self) -> bool {
+        self.pods.synced && self.services.synced && self.slices.synced
+    }
 }
 
 /// Two or more claims on one IP, and which one was kept.
@@ -478,11 +558,15 @@ struct Conflict {
     ignored: Vec<String>,
 }
 
-/// A Service left out of the membership because its meshed pods run as several identities.
+/// A Service left out of the membership because some of its endpoint addresses (and not all)
+/// are not meshed: connections to it pass through as plaintext.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct MixedService {
+struct PartlyMeshed {
     service: String,
-    ids: Vec<String>,
+    /// How many of its endpoint addresses are not members.
+    unmeshed: usize,
+    /// The first few of them, sorted, for the log.
+    examples: Vec<String>,
 }
 
 /// One member per IP from the pods (the best-ranked claim), recording the conflicts.
@@ -509,53 +593,76 @@ fn pod_members<'a>(
                 ignored: ignored.iter().map(|pod| pod.source.clone()).collect(),
             });
         }
-        let member = Member {
-            id: kept.id.clone(),
-            source: kept.source.clone(),
-        };
-        members.insert(ip, member);
+        members.insert(ip, Member::single(kept.id.clone(), kept.source.clone()));
     }
     members
 }
 
-/// The members for Services' cluster IPs: each Service whose selected meshed pods all have one
-/// identity, on pod IPs not already taken. Services selecting several identities are recorded.
-fn service_members<'a>(
-    services: impl IntoIterator<Item = &'a MeshService>,
-    pods: &Listed<MeshPod>,
+/// Adds the members for Services' cluster IPs, on IPs not already taken: each Service with at
+/// least one endpoint address whose endpoint addresses are all members of `members` (as it
+/// stands on entry: pods and file, not other Services), carrying the union of their IDs.
+/// Services with some unmeshed endpoints are recorded. Cost: one lookup per endpoint address.
+fn service_members(
+    kube: &KubeState,
     members: &mut BTreeMap<IpAddr, Member>,
     conflicts: &mut Vec<Conflict>,
-    mixed: &mut Vec<MixedService>,
+    partly_meshed: &mut Vec<PartlyMeshed>,
 ) {
+    let mut slices: HashMap<&str, Vec<&MeshSlice>> = HashMap::new();
+    for slice in kube.slices.items.values() {
+        slices.entry(&slice.service).or_default().push(slice);
+    }
+    let mut services: Vec<&MeshService> = kube.services.items.values().collect();
+    services.sort_by(|a, b| a.source.cmp(&b.source));
+    let mut found = Vec::new();
     for service in services {
-        let ids: BTreeSet<&SpiffeId> = pods
-            .items
-            .values()
-            .filter(|pod| {
-                pod.namespace == service.namespace
-                    && service
-                        .selector
-                        .iter()
-                        .all(|(key, value)| pod.labels.get(key) == Some(value))
-            })
-            .map(|pod| &pod.id)
-            .collect();
-        let id = match ids.len() {
-            0 => continue,
-            1 => *ids.first().expect("one identity"),
-            _ => {
-                mixed.push(MixedService {
-                    service: service.source.clone(),
-                    ids: ids.iter().map(ToString::to_string).collect(),
-                });
-                continue;
+        let mut ids = BTreeSet::new();
+        let mut meshed = 0;
+        let mut unmeshed = BTreeSet::new();
+        let addresses = slices
+            .get(service.source.as_str())
+            .into_iter()
+            .flatten()
+            .flat_map(|slice| &slice.addresses);
+        for address in addresses {
+            let member = address.parse().ok().and_then(|ip| members.get(&ip));
+            match member {
+                Some(member) => {
+                    meshed += 1;
+                    ids.extend(member.ids.iter().cloned());
+                }
+                None => {
+                    unmeshed.insert(address.as_str());
+                }
             }
-        };
+        }
+        if !unmeshed.is_empty() {
+            // A Service none of whose endpoints is meshed is simply outside the mesh.
+            if meshed > 0 {
+                partly_meshed.push(PartlyMeshed {
+                    service: service.source.clone(),
+                    unmeshed: unmeshed.len(),
+                    examples: unmeshed
+                        .iter()
+                        .take(LOGGED_UNMESHED)
+                        .map(|a| a.to_string())
+                        .collect(),
+                });
+            }
+            continue;
+        }
+        if ids.is_empty() {
+            // No endpoints: nothing to require yet.
+            continue;
+        }
+        found.push((service, ids));
+    }
+    for (service, ids) in found {
         for ip in &service.cluster_ips {
             match members.entry(*ip) {
                 Entry::Vacant(entry) => {
                     entry.insert(Member {
-                        id: id.clone(),
+                        ids: ids.clone(),
                         source: service.source.clone(),
                     });
                 }
@@ -573,36 +680,21 @@ fn service_members<'a>(
 #[derive(Debug, Default, PartialEq, Eq)]
 struct MergeNotes {
     conflicts: Vec<Conflict>,
-    mixed_services: Vec<MixedService>,
+    partly_meshed: Vec<PartlyMeshed>,
 }
 
-/// The membership from every source: the pods', then the Services', then the file's entries
-/// over them.
+/// The membership from every source: the pods', the file's entries over them, then the
+/// Services' (whose endpoints are looked up among those) where the IP is not taken.
 fn merge(
-    pods: Option<&Listed<MeshPod>>,
-    services: Option<&Listed<MeshService>>,
+    kube: Option<&KubeState>,
     file: Option<&MeshFile>,
 ) -> (BTreeMap<IpAddr, Member>, MergeNotes) {
     let mut notes = MergeNotes::default();
-    let mut members = pods
-        .map(|pods| pod_members(pods.items.values(), &mut notes.conflicts))
+    let mut members = kube
+        .map(|kube| pod_members(kube.pods.items.values(), &mut notes.conflicts))
         .unwrap_or_default();
-    if let (Some(pods), Some(services)) = (pods, services) {
-        let mut sorted: Vec<&MeshService> = services.items.values().collect();
-        sorted.sort_by(|a, b| a.source.cmp(&b.source));
-        service_members(
-            sorted,
-            pods,
-            &mut members,
-            &mut notes.conflicts,
-            &mut notes.mixed_services,
-        );
-    }
     for (ip, id) in file.map(MeshFile::members).into_iter().flatten() {
-        let member = Member {
-            id: id.clone(),
-            source: FILE_SOURCE.into(),
-        };
+        let member = Member::single(id.clone(), FILE_SOURCE);
         match members.entry(*ip) {
             Entry::Vacant(entry) => {
                 entry.insert(member);
@@ -617,13 +709,21 @@ fn merge(
             }
         }
     }
+    if let Some(kube) = kube {
+        service_members(
+            kube,
+            &mut members,
+            &mut notes.conflicts,
+            &mut notes.partly_meshed,
+        );
+    }
     (members, notes)
 }
 
 /// Where the membership comes from.
 #[derive(Default)]
 pub struct Sources {
-    /// The cluster-wide watches of labelled pods and of Services, with this client
+    /// The cluster-wide watches of labelled pods, Services and EndpointSlices, with this client
     /// (`--attestor k8s`).
     pub kubernetes: Option<kube::Client>,
     /// `--mesh-file`, loaded at start-up.
@@ -642,11 +742,10 @@ pub fn spawn(
     let events = sources.kubernetes.map(kube_events);
     let membership = Membership {
         td,
-        pods: events.as_ref().map(|_| Listed::default()),
-        services: events.as_ref().map(|_| Listed::default()),
+        kube: events.as_ref().map(|_| KubeState::default()),
         file: sources.file,
         logged_conflicts: BTreeSet::new(),
-        logged_mixed: BTreeSet::new(),
+        logged_partly_meshed: BTreeSet::new(),
         tx,
         metrics,
     };
@@ -654,31 +753,36 @@ pub fn spawn(
     rx
 }
 
-/// The watches of every pod labelled for mTLS and of every Service, in every namespace, as one
-/// stream. The watchers retry with backoff and re-list when they must.
+/// The watches of every pod labelled for mTLS, every Service and every EndpointSlice, in every
+/// namespace, as one stream. The watchers retry with backoff and re-list when they must.
 fn kube_events(client: kube::Client) -> KubeEvents {
     let pods: Api<Pod> = Api::all(client.clone());
     let labelled = watcher::Config::default().labels(&format!("{TLS_MODE_LABEL}={TLS_MODE_MTLS}"));
     let pods = watcher::watcher(pods, labelled)
         .default_backoff()
         .map(|event| KubeEvent::Pod(Box::new(event)));
-    let services: Api<Service> = Api::all(client);
+    let services: Api<Service> = Api::all(client.clone());
     let services = watcher::watcher(services, watcher::Config::default())
         .default_backoff()
         .map(|event| KubeEvent::Service(Box::new(event)));
-    futures::stream::select(pods, services).boxed()
+    let slices: Api<EndpointSlice> = Api::all(client);
+    let slices = watcher::watcher(slices, watcher::Config::default())
+        .default_backoff()
+        .map(|event| KubeEvent::EndpointSlice(Box::new(event)));
+    futures::stream::select(pods, futures::stream::select(services, slices)).boxed()
 }
 
 /// The membership task's state: it alone reads the sources and publishes.
 struct Membership {
     td: TrustDomain,
     /// `Some` when the Kubernetes source is on.
-    pods: Option<Listed<MeshPod>>,
-    services: Option<Listed<MeshService>>,
+    kube: Option<KubeState>,
     file: Option<MeshFile>,
     /// Conflicts already logged, so a lasting one is logged once rather than on every change.
     logged_conflicts: BTreeSet<Conflict>,
-    logged_mixed: BTreeSet<MixedService>,
+    /// The partly meshed Services already logged, likewise (by name: their unmeshed endpoints
+    /// change as a rollout proceeds).
+    logged_partly_meshed: BTreeSet<String>,
     tx: watch::Sender<Arc<MeshSnapshot>>,
     metrics: Arc<Metrics>,
 }
@@ -698,22 +802,31 @@ impl FollowedSources for Membership {
     }
 
     fn on_event(&mut self, event: KubeEvent) {
-        let (Some(pods), Some(services)) = (self.pods.as_mut(), self.services.as_mut()) else {
+        let Some(kube) = self.kube.as_mut() else {
             return;
         };
         let td = &self.td;
         let changed = match event {
             KubeEvent::Pod(event) => match *event {
-                Ok(event) => pods.on_event(event, "meshed pods", |pod| pod_contribution(pod, td)),
+                Ok(event) => kube
+                    .pods
+                    .on_event(event, "meshed pods", |pod| pod_contribution(pod, td)),
                 Err(e) => {
                     warn!(error = %e, "meshed pod watch failed; retrying");
                     false
                 }
             },
             KubeEvent::Service(event) => match *event {
-                Ok(event) => services.on_event(event, "services", mesh_service),
+                Ok(event) => kube.services.on_event(event, "services", mesh_service),
                 Err(e) => {
                     warn!(error = %e, "service watch failed; retrying");
+                    false
+                }
+            },
+            KubeEvent::EndpointSlice(event) => match *event {
+                Ok(event) => kube.slices.on_event(event, "endpoint slices", mesh_slice),
+                Err(e) => {
+                    warn!(error = %e, "endpoint slice watch failed; retrying");
                     false
                 }
             },
@@ -746,19 +859,10 @@ impl FollowedSources for Membership {
     /// Publishes the merged membership once every source has synced, if it differs from the one
     /// published last.
     fn publish(&mut self) {
-        let synced = self.pods.as_ref().is_none_or(|pods| pods.synced)
-            && self
-                .services
-                .as_ref()
-                .is_none_or(|services| services.synced);
-        if !synced {
+        if !self.kube.as_ref().is_none_or(KubeState::synced) {
             return;
         }
-        let (members, notes) = merge(
-            self.pods.as_ref(),
-            self.services.as_ref(),
-            self.file.as_ref(),
-        );
+        let (members, notes) = merge(self.kube.as_ref(), self.file.as_ref());
         self.log_new(notes);
         let version = {
             let current = self.tx.borrow();
@@ -780,15 +884,19 @@ impl FollowedSources for Membership {
 
 impl Membership {
     fn log_new(&mut self, notes: MergeNotes) {
-        let mixed: BTreeSet<MixedService> = notes.mixed_services.into_iter().collect();
-        for service in mixed.difference(&self.logged_mixed) {
-            warn!(
-                service = %service.service,
-                identities = ?service.ids,
-                "a Service selects meshed pods of several identities; its cluster IP is not meshed (connections to it pass through as plaintext)"
-            );
+        let mut partly_meshed = BTreeSet::new();
+        for service in notes.partly_meshed {
+            if !self.logged_partly_meshed.contains(&service.service) {
+                warn!(
+                    service = %service.service,
+                    unmeshed = service.unmeshed,
+                    examples = ?service.examples,
+                    "a Service has endpoints outside the mesh; its cluster IP is not meshed (connections to it pass through as plaintext) until all of them are"
+                );
+            }
+            partly_meshed.insert(service.service);
         }
-        self.logged_mixed = mixed;
+        self.logged_partly_meshed = partly_meshed;
         let current: BTreeSet<Conflict> = notes.conflicts.into_iter().collect();
         for conflict in current.difference(&self.logged_conflicts) {
             warn!(
@@ -902,8 +1010,12 @@ mod tests {
     }
 
     fn member(id: &str, source: &str) -> Member {
+        Member::single(spiffe(id), source)
+    }
+
+    fn member_of(ids: &[&str], source: &str) -> Member {
         Member {
-            id: spiffe(id),
+            ids: ids.iter().map(|id| spiffe(id)).collect(),
             source: source.into(),
         }
     }
@@ -1273,97 +1385,201 @@ mod tests {
         })
     }
 
-    fn service(
-        name: &str,
-        namespace: &str,
-        cluster_ip: &str,
-        selector: &[(&str, &str)],
-    ) -> Service {
+    fn service(name: &str, namespace: &str, cluster_ip: &str) -> Service {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-svc-{namespace}-{name}")},
             "spec": {
                 "clusterIP": cluster_ip,
                 "clusterIPs": [cluster_ip],
-                "selector": selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
                 "ports": [{"port": 80, "targetPort": 8080}],
             },
         }))
         .unwrap()
     }
 
-    fn services(list: &[Service]) -> Listed<MeshService> {
-        let mut services = Listed::default();
-        for service in list {
-            services.on_event(Event::Apply(service.clone()), "services", mesh_service);
+    /// An EndpointSlice of `namespace/service`; the addresses prefixed `!` are not ready.
+    fn slice(name: &str, namespace: &str, service: &str, addresses: &[&str]) -> EndpointSlice {
+        let endpoints: Vec<serde_json::Value> = addresses
+            .iter()
+            .map(|address| {
+                let ready = !address.starts_with('!');
+                serde_json::json!({
+                    "addresses": [address.trim_start_matches('!')],
+                    "conditions": {"ready": ready, "serving": true, "terminating": !ready},
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": format!("uid-slice-{namespace}-{name}"),
+                "labels": {SERVICE_NAME_LABEL: service},
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"port": 8080}],
+        }))
+        .unwrap()
+    }
+
+    fn kube_state(pods: &[Pod], services: &[Service], slices: &[EndpointSlice]) -> KubeState {
+        let mut kube = KubeState::default();
+        for pod in pods {
+            apply_pod(&mut kube.pods, pod.clone());
         }
-        services
+        for service in services {
+            kube.services
+                .on_event(Event::Apply(service.clone()), "services", mesh_service);
+        }
+        for slice in slices {
+            kube.slices
+                .on_event(Event::Apply(slice.clone()), "endpoint slices", mesh_slice);
+        }
+        kube
+    }
+
+    fn service_members_of(kube: &KubeState, file: Option<&MeshFile>) -> BTreeMap<IpAddr, Member> {
+        merge(Some(kube), file)
+            .0
+            .into_iter()
+            .filter(|(_, m)| m.source.contains("/service/"))
+            .collect()
     }
 
     #[test]
-    fn a_service_is_a_member_at_its_cluster_ip_when_its_meshed_pods_share_one_identity() {
+    fn a_service_is_a_member_when_every_endpoint_is_meshed_with_the_identities_behind_it() {
         let web = "spiffe://cluster.local/ns/demo/sa/web";
-        let mut pods = Listed::default();
-        let labelled =
-            |name: &'static str, sa: &'static str, ip: &'static [&'static str], app: &str| {
-                let mut pod = TestPod {
-                    name,
-                    sa: Some(sa),
-                    pod_ips: ip,
-                    pod_ip: ip.first().copied(),
-                    ..RUNNING
-                }
-                .pod();
-                pod.metadata.labels = Some(BTreeMap::from([("app".to_string(), app.to_string())]));
-                pod
-            };
-        apply_pod(&mut pods, labelled("web-1", "web", &["10.0.0.5"], "web"));
-        apply_pod(&mut pods, labelled("web-2", "web", &["10.0.0.6"], "web"));
-        apply_pod(&mut pods, labelled("job-1", "job", &["10.0.0.7"], "mixed"));
-        apply_pod(
-            &mut pods,
-            labelled("cron-1", "cron", &["10.0.0.8"], "mixed"),
-        );
-        let list = [
-            service("web", "demo", "10.96.0.10", &[("app", "web")]),
-            // Its pods run as two identities: none can be required.
-            service("mixed", "demo", "10.96.0.11", &[("app", "mixed")]),
-            // Selects no meshed pod.
-            service("plain", "demo", "10.96.0.12", &[("app", "plain")]),
-            // Same selector, another namespace: selects nothing here.
-            service("web", "shop", "10.96.0.13", &[("app", "web")]),
-            // Headless: clients use the pods' own IPs.
-            service("web-headless", "demo", "None", &[("app", "web")]),
-            // No selector: endpoints by hand.
-            service("manual", "demo", "10.96.0.14", &[]),
+        let api = "spiffe://cluster.local/ns/demo/sa/api";
+        let api_v2 = "spiffe://cluster.local/ns/demo/sa/api-v2";
+        let pod = |name: &'static str, sa: &'static str, ips: &'static [&'static str]| {
+            TestPod {
+                name,
+                sa: Some(sa),
+                pod_ips: ips,
+                pod_ip: ips.first().copied(),
+                ..RUNNING
+            }
+            .pod()
+        };
+        let pods = [
+            pod("web-1", "web", &["10.0.0.5"]),
+            pod("web-2", "web", &["10.0.0.6"]),
+            // One Deployment in the middle of a serviceAccountName change.
+            pod("api-1", "api", &["10.0.0.7"]),
+            pod("api-2", "api-v2", &["10.0.0.8"]),
         ];
-        let (members, notes) = merge(Some(&pods), Some(&services(&list)), None);
-        let service_members: BTreeMap<IpAddr, Member> = members
-            .into_iter()
-            .filter(|(_, m)| m.source.contains("/service/"))
-            .collect();
+        let services = [
+            service("web", "demo", "10.96.0.10"),
+            service("api", "demo", "10.96.0.11"),
+            // One endpoint (terminating, not ready) is an unmeshed pod.
+            service("partial", "demo", "10.96.0.12"),
+            // No endpoint is meshed: outside the mesh, nothing to log.
+            service("plain", "demo", "10.96.0.13"),
+            // A slice without endpoints, and no slice at all.
+            service("empty", "demo", "10.96.0.14"),
+            service("none", "demo", "10.96.0.15"),
+            // Same name, another namespace: demo's slices are not its own.
+            service("web", "shop", "10.96.0.16"),
+            // Headless: clients use the endpoints' own IPs.
+            service("web-headless", "demo", "None"),
+            // No selector: its slice is managed by hand.
+            service("manual", "demo", "10.96.0.17"),
+        ];
+        let slices = [
+            // The web Service's endpoints, over two slices.
+            slice("web-a", "demo", "web", &["10.0.0.5"]),
+            slice("web-b", "demo", "web", &["10.0.0.6"]),
+            slice("api-a", "demo", "api", &["10.0.0.7", "10.0.0.8"]),
+            slice("partial-a", "demo", "partial", &["10.0.0.5", "!10.0.0.99"]),
+            slice("plain-a", "demo", "plain", &["10.0.0.98"]),
+            slice("empty-a", "demo", "empty", &[]),
+            slice("web-headless-a", "demo", "web-headless", &["10.0.0.5"]),
+            slice("manual-1", "demo", "manual", &["10.0.0.6"]),
+        ];
+        let mut kube = kube_state(&pods, &services, &slices);
+        let (members, notes) = merge(Some(&kube), None);
         assert_eq!(
-            service_members,
-            BTreeMap::from([(ip("10.96.0.10"), member(web, "demo/service/web"))])
+            service_members_of(&kube, None),
+            BTreeMap::from([
+                (ip("10.96.0.10"), member(web, "demo/service/web")),
+                (
+                    ip("10.96.0.11"),
+                    member_of(&[api, api_v2], "demo/service/api")
+                ),
+                (ip("10.96.0.17"), member(web, "demo/service/manual")),
+            ])
         );
+        assert_eq!(members[&ip("10.0.0.8")], member(api_v2, "demo/api-2"));
         assert_eq!(
-            notes.mixed_services,
-            [MixedService {
-                service: "demo/service/mixed".into(),
-                ids: vec![
-                    "spiffe://cluster.local/ns/demo/sa/cron".into(),
-                    "spiffe://cluster.local/ns/demo/sa/job".into()
-                ],
+            notes.partly_meshed,
+            [PartlyMeshed {
+                service: "demo/service/partial".into(),
+                unmeshed: 1,
+                examples: vec!["10.0.0.99".into()],
             }]
         );
         assert!(notes.conflicts.is_empty(), "{:?}", notes.conflicts);
-        // The file still wins over a Service on the same IP.
+
+        // The file wins over a Service on the same IP, and its entries count as meshed
+        // endpoints: with the unmeshed one listed, the partial Service joins.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.yaml");
         let vm = "spiffe://cluster.local/vm/db";
-        std::fs::write(&path, format!("members: [{{ip: 10.96.0.10, id: {vm}}}]")).unwrap();
+        std::fs::write(
+            &path,
+            format!("members: [{{ip: 10.96.0.10, id: {vm}}}, {{ip: 10.0.0.99, id: {vm}}}]"),
+        )
+        .unwrap();
         let file = MeshFile::load(&path, &td()).unwrap();
-        let (members, _) = merge(Some(&pods), Some(&services(&list)), Some(&file));
+        let (members, notes) = merge(Some(&kube), Some(&file));
         assert_eq!(members[&ip("10.96.0.10")], member(vm, FILE_SOURCE));
+        assert_eq!(
+            members[&ip("10.96.0.12")],
+            member_of(&[vm, web], "demo/service/partial")
+        );
+        assert!(notes.partly_meshed.is_empty());
+
+        // A slice leaves: the Service's others still count; its last: it leaves too.
+        let delete_slice = |kube: &mut KubeState, slice: EndpointSlice| {
+            kube.slices
+                .on_event(Event::Delete(slice), "endpoint slices", mesh_slice)
+        };
+        assert!(delete_slice(&mut kube, slices[1].clone()));
+        assert!(delete_slice(&mut kube, slices[2].clone()));
+        let after = service_members_of(&kube, None);
+        assert_eq!(after[&ip("10.96.0.10")], member(web, "demo/service/web"));
+        assert_eq!(after.get(&ip("10.96.0.11")), None);
+        // A Service leaves.
+        assert!(kube.services.on_event(
+            Event::Delete(services[0].clone()),
+            "services",
+            mesh_service
+        ));
+        assert_eq!(
+            service_members_of(&kube, None).keys().collect::<Vec<_>>(),
+            [&ip("10.96.0.17")]
+        );
+    }
+
+    #[test]
+    fn slices_convert_to_their_services_endpoint_addresses() {
+        let mut fqdn = slice("ext", "demo", "ext", &["10.0.0.5"]);
+        fqdn.address_type = "FQDN".into();
+        assert_eq!(mesh_slice(&fqdn), None);
+        let mut orphan = slice("orphan", "demo", "x", &["10.0.0.5"]);
+        orphan.metadata.labels = None;
+        assert_eq!(mesh_slice(&orphan), None);
+        assert_eq!(
+            mesh_slice(&slice("web-a", "demo", "web", &["10.0.0.5", "!10.0.0.6"])),
+            Some(MeshSlice {
+                service: "demo/service/web".into(),
+                addresses: vec!["10.0.0.5".into(), "10.0.0.6".into()],
+            })
+        );
+        let mut external = service("ext", "demo", "10.96.0.9");
+        external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
+        assert_eq!(mesh_service(&external), None);
     }
 
     #[test]
@@ -1380,7 +1596,11 @@ mod tests {
         )
         .unwrap();
         let file = MeshFile::load(&path, &td()).unwrap();
-        let (members, notes) = merge(Some(&pods), None, Some(&file));
+        let kube = KubeState {
+            pods,
+            ..KubeState::default()
+        };
+        let (members, notes) = merge(Some(&kube), Some(&file));
         assert_eq!(
             members,
             BTreeMap::from([
@@ -1405,6 +1625,7 @@ mod tests {
             phase: "Succeeded",
             ..RUNNING
         };
+        let mut pods = kube.pods;
         assert!(apply_pod(&mut pods, finished.pod()));
         assert!(pods.items.is_empty());
     }
@@ -1567,7 +1788,7 @@ mod tests {
             MeshMembers {
                 members: vec![MeshMember {
                     ip: "198.18.0.2".into(),
-                    spiffe_id: b.into(),
+                    spiffe_ids: vec![b.into()],
                     source: FILE_SOURCE.into(),
                 }],
                 version: 1,
@@ -1627,21 +1848,32 @@ mod tests {
 
     #[test]
     fn a_bad_message_is_refused_by_from_message() {
-        let message = |ip: &str, id: &str| MeshMembers {
+        let message = |ip: &str, ids: &[&str]| MeshMembers {
             members: vec![MeshMember {
                 ip: ip.into(),
-                spiffe_id: id.into(),
+                spiffe_ids: ids.iter().map(|id| id.to_string()).collect(),
                 source: String::new(),
             }],
             version: 1,
         };
         assert!(matches!(
-            MeshSnapshot::from_message(&message("nope", WEB_ID)),
+            MeshSnapshot::from_message(&message("nope", &[WEB_ID])),
             Err(MeshError::Ip { index: 0, .. })
         ));
         assert!(matches!(
-            MeshSnapshot::from_message(&message("10.0.0.1", "web")),
+            MeshSnapshot::from_message(&message("10.0.0.1", &[WEB_ID, "web"])),
             Err(MeshError::Id { index: 0, .. })
         ));
+        assert!(matches!(
+            MeshSnapshot::from_message(&message("10.0.0.1", &[])),
+            Err(MeshError::NoId { index: 0 })
+        ));
+        // Several IDs: any one of them.
+        let b = "spiffe://cluster.local/ns/b/sa/b";
+        let parsed = MeshSnapshot::from_message(&message("10.0.0.1", &[b, WEB_ID])).unwrap();
+        assert_eq!(
+            parsed.get(ip("10.0.0.1")),
+            Some(&member_of(&[WEB_ID, b], ""))
+        );
     }
 }

@@ -126,7 +126,7 @@ async fn config_dump(State(state): State<AdminState>) -> Json<Value> {
                 .iter()
                 .map(|(ip, member)| json!({
                     "ip": ip.to_string(),
-                    "identity": member.id.to_string(),
+                    "identities": member.ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
                     "source": member.source,
                 }))
                 .collect::<Vec<_>>(),

@@ -1,7 +1,8 @@
 //! Outbound: connections the application opens (redirected to --outbound-port, or on the
 //! explicit --outbound-listen). A destination the agent lists as meshed gets mutual TLS and must
-//! prove the identity listed for it; any other destination is passed through untouched.
+//! prove one of the identities listed for it; any other destination is passed through untouched.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
 use rustls_pki_types::ServerName;
@@ -28,7 +29,7 @@ pub enum Upstream {
 pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, shared: Shared) {
     let _ = stream.set_nodelay(true);
     let (destination, expected) = match upstream {
-        Upstream::Fixed(addr, id) => (addr, Some(id)),
+        Upstream::Fixed(addr, id) => (addr, Some(BTreeSet::from([id]))),
         Upstream::OriginalDestination => {
             let original = match forward::original_destination(&stream) {
                 Ok(original) => original,
@@ -60,7 +61,7 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, s
                 original,
                 membership
                     .get(original.ip())
-                    .map(|member| member.id.clone()),
+                    .map(|member| member.ids.clone()),
             )
         }
     };
@@ -104,24 +105,74 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, s
                 );
             }
         };
-    match tls::peer_identity(tls_stream.get_ref().1, &state.bundle) {
-        Ok(got) if got == expected => log.destination_identity = Some(got),
-        Ok(got) => {
-            let e = TlsError::WrongIdentity { expected, got };
-            return log.refused(
-                &shared.metrics,
-                HandshakeFailure::WrongIdentity,
-                &e.to_string(),
-            );
-        }
-        Err(e) => {
-            return log.refused(
-                &shared.metrics,
-                HandshakeFailure::of_tls_error(&e),
-                &e.to_string(),
-            );
-        }
+    match check_server(
+        tls::peer_identity(tls_stream.get_ref().1, &state.bundle),
+        expected,
+    ) {
+        Ok(got) => log.destination_identity = Some(got),
+        Err((reason, detail)) => return log.refused(&shared.metrics, reason, &detail),
     }
     drop(state);
     forward::splice(&shared, log, Security::Mtls, stream, tls_stream).await;
+}
+
+/// The server's verified identity if it is one of `expected` (a Service's cluster IP may lead to
+/// endpoints of several identities), else why the connection is refused.
+fn check_server(
+    verified: Result<SpiffeId, TlsError>,
+    expected: BTreeSet<SpiffeId>,
+) -> Result<SpiffeId, (HandshakeFailure, String)> {
+    match verified {
+        Ok(got) if expected.contains(&got) => Ok(got),
+        Ok(got) => {
+            let detail = if expected.len() == 1 {
+                let expected = expected.into_iter().next().expect("one identity");
+                TlsError::WrongIdentity { expected, got }.to_string()
+            } else {
+                let listed: Vec<String> = expected.iter().map(ToString::to_string).collect();
+                format!("peer is {got}, expected one of {}", listed.join(", "))
+            };
+            Err((HandshakeFailure::WrongIdentity, detail))
+        }
+        Err(e) => Err((HandshakeFailure::of_tls_error(&e), e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_server_must_prove_one_of_the_listed_identities() {
+        let [api, api_v2, other] = [
+            "spiffe://cluster.local/ns/demo/sa/api",
+            "spiffe://cluster.local/ns/demo/sa/api-v2",
+            "spiffe://cluster.local/ns/demo/sa/other",
+        ]
+        .map(id);
+        let both = BTreeSet::from([api.clone(), api_v2.clone()]);
+        assert_eq!(check_server(Ok(api.clone()), both.clone()), Ok(api.clone()));
+        assert_eq!(
+            check_server(Ok(api_v2.clone()), both.clone()),
+            Ok(api_v2.clone())
+        );
+        let (reason, detail) = check_server(Ok(other.clone()), both).unwrap_err();
+        assert_eq!(reason.as_str(), "wrong_identity");
+        assert_eq!(
+            detail,
+            format!("peer is {other}, expected one of {api}, {api_v2}")
+        );
+        // One identity: the message names it alone.
+        let (reason, detail) =
+            check_server(Ok(other.clone()), BTreeSet::from([api.clone()])).unwrap_err();
+        assert_eq!(reason, HandshakeFailure::WrongIdentity);
+        assert_eq!(detail, format!("peer is {other}, expected {api}"));
+        // A verification failure is reported as such.
+        let (reason, _) = check_server(Err(TlsError::CaAsLeaf), BTreeSet::from([api])).unwrap_err();
+        assert_eq!(reason, HandshakeFailure::of_tls_error(&TlsError::CaAsLeaf));
+    }
 }
