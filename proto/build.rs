@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sigil/policy/v1/policy.proto",
         "istio/v1/auth/ca.proto",
         "workload.proto",
+        "grpc/health/v1/health.proto",
     ];
     println!("cargo:rerun-if-changed=protos");
     let descriptors = protox::compile(protos, ["protos"])?;

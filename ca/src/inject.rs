@@ -270,6 +270,7 @@ fn decide(
                     // httpGet keeps its headers (the proxy ignores them).
                     if let Some(probe) = probe.as_object_mut() {
                         probe.remove("tcpSocket");
+                        probe.remove("grpc");
                     }
                     let get = &mut probe["httpGet"];
                     get["port"] = json!(METRICS_PORT);
@@ -314,9 +315,9 @@ enum ProbeRewrite {
     Warn(String),
 }
 
-/// An HTTP, HTTPS or TCP probe goes to the proxy's `/app-health/<container>-<kind>` (as an HTTP
-/// GET), which probes the app the same way on loopback. A probe naming another host is left as it
-/// is; a gRPC probe cannot be carried and is left with a warning.
+/// An HTTP, HTTPS, TCP or gRPC probe goes to the proxy's `/app-health/<container>-<kind>` (as an
+/// HTTP GET), which probes the app the same way on loopback. A probe naming another host is left
+/// as it is.
 fn rewrite_probe(container: &Container, kind: &str, probe: &Probe) -> ProbeRewrite {
     let name = &container.name;
     let probe_name = format!("{name}-{kind}");
@@ -370,11 +371,18 @@ fn rewrite_probe(container: &Container, kind: &str, probe: &Probe) -> ProbeRewri
             None => undeclared(&tcp.port),
         };
     }
-    if probe.grpc.is_some() {
-        return ProbeRewrite::Warn(format!(
-            "sigil: the gRPC {kind} probe of container {name:?} cannot pass STRICT mTLS; use an \
-             httpGet probe or list its port in the {EXCLUDE_INBOUND_PORTS} annotation"
-        ));
+    if let Some(grpc) = &probe.grpc {
+        let Some(port) = Some(grpc.port).filter(|p| (1..=65535).contains(p)) else {
+            return undeclared(&IntOrString::Int(grpc.port));
+        };
+        let service = grpc.service.as_deref().unwrap_or_default();
+        if service.contains(|c: char| c.is_whitespace() || c == '/') {
+            return ProbeRewrite::Warn(format!(
+                "sigil: the gRPC {kind} probe of container {name:?} names service {service:?}, \
+                 which the proxy cannot carry; not rewritten"
+            ));
+        }
+        return to_proxy(format!("grpc:{port}/{service}"));
     }
     ProbeRewrite::Unchanged
 }

@@ -24,6 +24,15 @@ pub mod sigil {
     }
 }
 
+/// The gRPC health checking protocol, which kubelet gRPC probes use.
+pub mod grpc {
+    pub mod health {
+        pub mod v1 {
+            tonic::include_proto!("grpc.health.v1");
+        }
+    }
+}
+
 pub mod istio {
     pub mod v1 {
         pub mod auth {

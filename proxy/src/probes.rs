@@ -1,9 +1,9 @@
 //! Kubelet probes under STRICT mTLS and deny-all policies. The kubelet cannot present a mesh
 //! certificate, so the injector points probes at the proxy's metrics port instead
 //! (`/app-health/<name>`, as Istio does), and the proxy makes the probe itself to the
-//! application on loopback: an HTTP or HTTPS GET, or a TCP connect. That port is not intercepted
-//! and not subject to policies, and only the configured probes can be reached through it: one
-//! path on one port each, GET only.
+//! application on loopback: an HTTP or HTTPS GET, a TCP connect, or a gRPC health check. That
+//! port is not intercepted and not subject to policies, and only the configured probes can be
+//! reached through it: one path (or gRPC service) on one port each, GET only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,22 +35,27 @@ pub enum ProbeKind {
     Https,
     /// Passes when the application accepts a TCP connection.
     Tcp,
+    /// `grpc.health.v1.Health/Check` over HTTP/2 without TLS, as the kubelet's gRPC probes do;
+    /// passes when the application answers SERVING.
+    Grpc,
 }
 
-/// `--app-probe NAME=[http:|https:|tcp:]PORT[/PATH]`: the probe `/app-health/NAME` asks
-/// `127.0.0.1:PORT`.
+/// `--app-probe NAME=[http:|https:|tcp:|grpc:]PORT[/PATH]`: the probe `/app-health/NAME` asks
+/// `127.0.0.1:PORT`; for `grpc:` the PATH (without its slash) is the service name checked.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct AppProbe {
     pub name: String,
     pub kind: ProbeKind,
     pub port: u16,
-    /// The request path (HTTP and HTTPS).
+    /// The request path (HTTP and HTTPS), or `/` and the service name (gRPC).
     pub path: String,
 }
 
 pub fn parse_app_probe(s: &str) -> Result<AppProbe, String> {
     let (name, target) = s.split_once('=').ok_or_else(|| {
-        format!("{s:?}: expected NAME=[http:|https:|tcp:]PORT[/PATH], e.g. web-ready=8080/healthz")
+        format!(
+            "{s:?}: expected NAME=[http:|https:|tcp:|grpc:]PORT[/PATH], e.g. web-ready=8080/healthz"
+        )
     })?;
     let valid_name = !name.is_empty()
         && name
@@ -65,8 +70,11 @@ pub fn parse_app_probe(s: &str) -> Result<AppProbe, String> {
         Some(("http", rest)) => (ProbeKind::Http, rest),
         Some(("https", rest)) => (ProbeKind::Https, rest),
         Some(("tcp", rest)) => (ProbeKind::Tcp, rest),
+        Some(("grpc", rest)) => (ProbeKind::Grpc, rest),
         Some((other, _)) => {
-            return Err(format!("{other:?}: a probe is http:, https: or tcp:"));
+            return Err(format!(
+                "{other:?}: a probe is http:, https:, tcp: or grpc:"
+            ));
         }
         None => (ProbeKind::Http, target),
     };
@@ -126,12 +134,14 @@ async fn probe(
 /// One probe of the application; the status code to answer with.
 async fn ask(probe: &AppProbe) -> Result<u16, String> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], probe.port));
-    let stream = forward::connect(addr, PROBE_TIMEOUT)
-        .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let connect = || async move {
+        forward::connect(addr, PROBE_TIMEOUT)
+            .await
+            .map_err(|e| format!("connecting to {addr}: {e}"))
+    };
     match probe.kind {
-        ProbeKind::Tcp => Ok(200),
-        ProbeKind::Http => http_get(probe, addr, TokioIo::new(stream)).await,
+        ProbeKind::Tcp => connect().await.map(|_| 200),
+        ProbeKind::Http => http_get(probe, addr, TokioIo::new(connect().await?)).await,
         ProbeKind::Https => {
             let config = rustls::ClientConfig::builder_with_provider(Arc::new(
                 rustls::crypto::ring::default_provider(),
@@ -143,12 +153,36 @@ async fn ask(probe: &AppProbe) -> Result<u16, String> {
             .with_no_client_auth();
             let name = ServerName::IpAddress(addr.ip().into());
             let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, stream)
+                .connect(name, connect().await?)
                 .await
                 .map_err(|e| format!("TLS to {addr}: {e}"))?;
             http_get(probe, addr, TokioIo::new(tls)).await
         }
+        ProbeKind::Grpc => grpc_check(probe, addr).await,
     }
+}
+
+/// `grpc.health.v1.Health/Check` of the service named by the probe's path: 200 when SERVING,
+/// 503 otherwise.
+async fn grpc_check(probe: &AppProbe, addr: std::net::SocketAddr) -> Result<u16, String> {
+    use sigil_proto::grpc::health::v1::health_check_response::ServingStatus;
+    use sigil_proto::grpc::health::v1::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(PROBE_TIMEOUT)
+        .timeout(PROBE_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let service = probe.path.trim_start_matches('/').to_string();
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest { service })
+        .await
+        .map_err(|status| format!("health check: {}: {}", status.code(), status.message()))?;
+    Ok(match response.into_inner().status() {
+        ServingStatus::Serving => 200,
+        _ => 503,
+    })
 }
 
 /// One GET of `probe.path` over `io`; the status code.
@@ -258,7 +292,7 @@ mod tests {
         );
         for (bad, why) in [
             ("8080/healthz", "expected NAME="),
-            ("web=udp:53", "http:, https: or tcp:"),
+            ("web=udp:53", "http:, https:, tcp: or grpc:"),
             ("db=tcp:5432/x", "no path"),
             ("=8080/x", "probe name"),
             ("a/b=8080/x", "probe name"),
@@ -320,5 +354,63 @@ mod tests {
         drop(listener);
         let refused = ask(&tcp).await.unwrap_err();
         assert!(refused.contains("connecting to"), "{refused}");
+    }
+
+    /// A gRPC app whose health service reports "" as SERVING and "db" as NOT_SERVING.
+    struct Health;
+
+    #[tonic::async_trait]
+    impl sigil_proto::grpc::health::v1::health_server::Health for Health {
+        async fn check(
+            &self,
+            request: tonic::Request<sigil_proto::grpc::health::v1::HealthCheckRequest>,
+        ) -> Result<
+            tonic::Response<sigil_proto::grpc::health::v1::HealthCheckResponse>,
+            tonic::Status,
+        > {
+            use sigil_proto::grpc::health::v1::health_check_response::ServingStatus;
+            let status = match request.into_inner().service.as_str() {
+                "" => ServingStatus::Serving,
+                "db" => ServingStatus::NotServing,
+                _ => return Err(tonic::Status::not_found("unknown service")),
+            };
+            Ok(tonic::Response::new(
+                sigil_proto::grpc::health::v1::HealthCheckResponse {
+                    status: status as i32,
+                },
+            ))
+        }
+
+        type WatchStream = tokio_stream::Empty<
+            Result<sigil_proto::grpc::health::v1::HealthCheckResponse, tonic::Status>,
+        >;
+
+        async fn watch(
+            &self,
+            _request: tonic::Request<sigil_proto::grpc::health::v1::HealthCheckRequest>,
+        ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not used by probes"))
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_probes_pass_only_when_the_service_is_serving() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    sigil_proto::grpc::health::v1::health_server::HealthServer::new(Health),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let probe = |target: &str| parse_app_probe(&format!("app-live=grpc:{target}")).unwrap();
+        assert_eq!(ask(&probe(&port.to_string())).await, Ok(200));
+        assert_eq!(ask(&probe(&format!("{port}/db"))).await, Ok(503));
+        let unknown = ask(&probe(&format!("{port}/other"))).await.unwrap_err();
+        assert!(
+            unknown.contains("NotFound") || unknown.contains("not found"),
+            "{unknown}"
+        );
     }
 }

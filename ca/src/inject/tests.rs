@@ -118,37 +118,37 @@ fn http_probes_go_through_the_proxy_with_matching_flags() {
 }
 
 #[test]
-fn https_probes_keep_their_scheme_towards_the_app_and_grpc_probes_are_warned_about() {
+fn https_and_grpc_probes_become_proxy_probes_of_the_same_kind() {
     let mut review = web_review();
     let web = &mut review["request"]["object"]["spec"]["containers"][0];
     web["livenessProbe"]["httpGet"]["scheme"] = json!("HTTPS");
-    web["readinessProbe"] = json!({"grpc": {"port": 8080}});
+    web["readinessProbe"] =
+        json!({"grpc": {"port": 8080, "service": "orders"}, "periodSeconds": 5});
+    web["startupProbe"] = json!({"grpc": {"port": 8080}});
     let (response, _) = answer(&review);
+    assert!(
+        response.get("warnings").is_none_or(Value::is_null),
+        "{response}"
+    );
     let pod = patched(&review, &response);
+    let web = &pod["spec"]["containers"][0];
+    // The kubelet speaks plain HTTP to the proxy; the proxy speaks HTTPS or gRPC to the app.
     assert_eq!(
-        pod["spec"]["containers"][0]["livenessProbe"]["httpGet"],
+        web["livenessProbe"]["httpGet"],
         json!({"path": "/app-health/web-live", "port": 15020, "scheme": "HTTP"})
     );
-    let args = &pod["spec"]["initContainers"][1]["args"];
-    assert!(
-        args.as_array()
-            .unwrap()
-            .contains(&json!("web-live=https:8080/healthz")),
-        "{args}"
-    );
-    let warnings = response["warnings"].as_array().unwrap();
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(
-        warnings[0]
-            .as_str()
-            .unwrap()
-            .contains("gRPC ready probe of container \"web\"")
-    );
     assert_eq!(
-        pod["spec"]["containers"][0]["readinessProbe"],
-        json!({"grpc": {"port": 8080}}),
-        "left as it was"
+        web["readinessProbe"],
+        json!({"httpGet": {"path": "/app-health/web-ready", "port": 15020, "scheme": "HTTP"}, "periodSeconds": 5})
     );
+    let args = pod["spec"]["initContainers"][1]["args"].as_array().unwrap();
+    for flag in [
+        "web-live=https:8080/healthz",
+        "web-ready=grpc:8080/orders",
+        "web-startup=grpc:8080/",
+    ] {
+        assert!(args.contains(&json!(flag)), "{flag} not in {args:?}");
+    }
 }
 
 #[test]
