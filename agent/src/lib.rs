@@ -9,6 +9,7 @@ pub mod ca_client;
 pub mod certs;
 pub mod config;
 pub mod h2_authority;
+pub mod listed;
 pub mod mesh;
 pub mod metrics;
 pub mod peer;

@@ -51,6 +51,7 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
 
+use crate::listed::Listed;
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
 use crate::polled_file::{self, FollowedSources, PolledFile};
@@ -376,86 +377,22 @@ fn mesh_pod(pod: &Pod, td: &TrustDomain) -> Result<Option<MeshPod>, MeshError> {
     }))
 }
 
-/// What a watch has delivered (labelled pods, Services, EndpointSlices), by UID, converted to
-/// what the membership needs of each object.
-#[derive(Debug)]
-struct Listed<T> {
-    /// Whether the initial list has completed.
-    synced: bool,
-    items: HashMap<String, T>,
-    /// A re-list in progress, built aside and swapped in whole when it completes.
-    relisting: Option<HashMap<String, T>>,
-}
-
-impl<T> Default for Listed<T> {
-    fn default() -> Self {
-        Listed {
-            synced: false,
-            items: HashMap::new(),
-            relisting: None,
-        }
-    }
-}
-
-impl<T: PartialEq> Listed<T> {
+/// The membership's watches keep objects by UID.
+impl<T: PartialEq> Listed<String, T> {
     /// Follows one watch event, with `convert` giving an object's contribution (`None`: none);
     /// returns whether the membership may have changed.
-    fn on_event<K: kube::Resource>(
+    fn on_event<O: kube::Resource>(
         &mut self,
-        event: Event<K>,
+        event: Event<O>,
         what: &str,
-        convert: impl Fn(&K) -> Option<T>,
+        convert: impl Fn(&O) -> Option<T>,
     ) -> bool {
-        match event {
-            Event::Init => {
-                self.relisting = Some(HashMap::new());
-                false
-            }
-            Event::InitApply(object) => {
-                if let Some(items) = self.relisting.as_mut() {
-                    record(items, &object, convert(&object));
-                }
-                false
-            }
-            Event::InitDone => match self.relisting.take() {
-                Some(items) => {
-                    info!(count = items.len(), "{what} synced");
-                    self.items = items;
-                    self.synced = true;
-                    true
-                }
-                None => false,
-            },
-            Event::Apply(object) => {
-                let contribution = convert(&object);
-                record(&mut self.items, &object, contribution)
-            }
-            Event::Delete(object) => object
-                .meta()
-                .uid
-                .as_ref()
-                .is_some_and(|uid| self.items.remove(uid).is_some()),
+        let listing_done = matches!(event, Event::InitDone);
+        let changed = self.apply_event(event, |object| object.meta().uid.clone(), convert);
+        if listing_done && changed {
+            info!(count = self.items.len(), "{what} synced");
         }
-    }
-}
-
-/// Records what `object` contributes now; returns whether that differs from before (most pod
-/// updates are status conditions that change nothing here).
-fn record<K: kube::Resource, T: PartialEq>(
-    items: &mut HashMap<String, T>,
-    object: &K,
-    contribution: Option<T>,
-) -> bool {
-    let Some(uid) = &object.meta().uid else {
-        return false;
-    };
-    match contribution {
-        Some(contribution) => {
-            let unchanged = items.get(uid) == Some(&contribution);
-            items.insert(uid.clone(), contribution);
-            !unchanged
-        }
-        None => items.remove(uid).is_some(),
+        changed
     }
 }
 
@@ -539,9 +476,9 @@ fn mesh_slice(slice: &EndpointSlice) -> Option<MeshSlice> {
 /// The Kubernetes sources' state, each watch's as delivered.
 #[derive(Debug, Default)]
 struct KubeState {
-    pods: Listed<MeshPod>,
-    services: Listed<MeshService>,
-    slices: Listed<MeshSlice>,
+    pods: Listed<String, MeshPod>,
+    services: Listed<String, MeshService>,
+    slices: Listed<String, MeshSlice>,
 }
 
 impl KubeState {
@@ -1379,7 +1316,7 @@ mod tests {
         assert!(conflicts.is_empty());
     }
 
-    fn apply_pod(pods: &mut Listed<MeshPod>, pod: Pod) -> bool {
+    fn apply_pod(pods: &mut Listed<String, MeshPod>, pod: Pod) -> bool {
         pods.on_event(Event::Apply(pod), "meshed pods", |pod| {
             pod_contribution(pod, &td())
         })

@@ -50,6 +50,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::attest::Workload;
 use crate::attest::k8s::NodePods;
+use crate::listed::Listed;
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
 use crate::polled_file::{self, FollowedSources, PolledFile};
@@ -405,13 +406,10 @@ impl PolicyFile {
 /// One policy resource in the cluster, as its watch delivered it.
 #[derive(Debug, Default)]
 struct ClusterKind {
-    /// Whether the initial list has completed, or found the resource not served.
-    synced: bool,
     /// Whether the last list found the resource not served (its CRD not installed).
     missing: bool,
-    objects: Objects,
-    /// A re-list in progress, built aside and swapped in whole when it completes.
-    relisting: Option<Objects>,
+    /// Synced once the initial list has completed, or found the resource not served.
+    listed: Listed<ObjectKey, Arc<PolicyObject>>,
 }
 
 impl ClusterKind {
@@ -422,35 +420,21 @@ impl ClusterKind {
         event: Result<Event<DynamicObject>, watcher::Error>,
     ) -> bool {
         match event {
-            Ok(Event::Init) => {
-                self.relisting = Some(Objects::new());
-                false
-            }
-            Ok(Event::InitApply(object)) => {
-                if let Some(objects) = self.relisting.as_mut() {
-                    objects.extend(cluster_object(kind, &object));
-                }
-                false
-            }
-            Ok(Event::InitDone) => match self.relisting.take() {
-                Some(objects) => {
+            Ok(event) => {
+                let listing_done = matches!(event, Event::InitDone);
+                let changed = self.listed.apply_event(
+                    event,
+                    |object| cluster_key(kind, object),
+                    |object| cluster_object(kind, object).map(|(_, object)| object),
+                );
+                if listing_done && changed {
                     if self.missing {
                         info!(%kind, "the policy resource is served now");
                     }
-                    info!(%kind, objects = objects.len(), "cluster policies synced");
+                    info!(%kind, objects = self.listed.items.len(), "cluster policies synced");
                     self.missing = false;
-                    self.synced = true;
-                    self.objects = objects;
-                    true
                 }
-                None => false,
-            },
-            Ok(Event::Apply(object)) => match cluster_object(kind, &object) {
-                Some((key, object)) => self.objects.insert(key, object.clone()) != Some(object),
-                None => false,
-            },
-            Ok(Event::Delete(object)) => {
-                cluster_key(kind, &object).is_some_and(|key| self.objects.remove(&key).is_some())
+                changed
             }
             // The resource is not served: nothing of this kind exists. The watcher retries the
             // list, which succeeds once the CRD is installed.
@@ -461,11 +445,7 @@ impl ClusterKind {
                     warn!(%kind, resource = %format!("{}.{GROUP}", kind.plural()), "the policy resource is not served (no CRD); {CRDS_MISSING}. Until then there are no cluster policies of this kind");
                 }
                 self.missing = true;
-                self.relisting = None;
-                let changed = !self.synced || !self.objects.is_empty();
-                self.synced = true;
-                self.objects.clear();
-                changed
+                self.listed.set_empty_and_synced()
             }
             Err(e) => {
                 warn!(%kind, error = %e, "policy watch failed; retrying");
@@ -611,7 +591,7 @@ impl FollowedSources for PolicyStore {
         let synced = self
             .cluster
             .as_ref()
-            .is_none_or(|kinds| kinds.values().all(|kind| kind.synced));
+            .is_none_or(|kinds| kinds.values().all(|kind| kind.listed.synced));
         if !synced {
             return;
         }
@@ -654,7 +634,7 @@ fn merge(
     for (key, object) in cluster
         .into_iter()
         .flat_map(|kinds| kinds.values())
-        .flat_map(|kind| &kind.objects)
+        .flat_map(|kind| &kind.listed.items)
     {
         if objects.insert(key.clone(), object.clone()).is_some() {
             conflicts.insert(key.clone());
@@ -1598,7 +1578,7 @@ spec:
         let mut state = ClusterKind::default();
         assert!(!state.on_event(AP, Ok(Event::Init)));
         assert!(state.on_event(AP, not_found()), "synced: publish");
-        assert!(state.synced && state.missing && state.objects.is_empty());
+        assert!(state.listed.synced && state.missing && state.listed.items.is_empty());
         // The watcher retries: still missing is no change (and not warned about again).
         assert!(!state.on_event(AP, Ok(Event::Init)));
         assert!(!state.on_event(AP, not_found()));
@@ -1612,7 +1592,7 @@ spec:
         assert!(!state.on_event(AP, Ok(Event::InitApply(deny.clone()))));
         assert!(state.on_event(AP, Ok(Event::InitDone)));
         assert!(!state.missing);
-        assert_eq!(state.objects.len(), 1);
+        assert_eq!(state.listed.items.len(), 1);
         assert!(
             !state.on_event(AP, Ok(Event::Apply(deny.clone()))),
             "unchanged"
@@ -1621,15 +1601,15 @@ spec:
         // not known, and not taken to be none.
         assert!(!state.on_event(AP, Err(watcher::Error::NoResourceVersion)));
         assert!(!state.on_event(AP, failed_list("forbidden", "Forbidden", 403)));
-        assert_eq!(state.objects.len(), 1);
+        assert_eq!(state.listed.items.len(), 1);
         // The CRD is deleted, and its objects with it; the 404 came as plain text, which the
         // client could not parse as a Status.
         let plain_404 = failed_list("404 page not found", "Failed to parse error data", 404);
         assert!(state.on_event(AP, plain_404));
-        assert!(state.missing && state.objects.is_empty());
+        assert!(state.missing && state.listed.items.is_empty());
         let mut unsynced = ClusterKind::default();
         assert!(!unsynced.on_event(AP, failed_list("forbidden", "Forbidden", 403)));
-        assert!(!unsynced.synced);
+        assert!(!unsynced.listed.synced);
     }
 
     #[test]
