@@ -143,14 +143,13 @@ async fn ask(probe: &AppProbe) -> Result<u16, String> {
         ProbeKind::Tcp => connect().await.map(|_| 200),
         ProbeKind::Http => http_get(probe, addr, TokioIo::new(connect().await?)).await,
         ProbeKind::Https => {
-            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(KubeletLikeVerifier::new()))
-            .with_no_client_auth();
+            let provider = sigil_identity::tls::crypto_provider();
+            let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(KubeletLikeVerifier(provider)))
+                .with_no_client_auth();
             let name = ServerName::IpAddress(addr.ip().into());
             let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
                 .connect(name, connect().await?)
@@ -211,12 +210,6 @@ where
 /// checked, so the answer comes from whoever holds the key of the certificate shown.
 #[derive(Debug)]
 struct KubeletLikeVerifier(Arc<CryptoProvider>);
-
-impl KubeletLikeVerifier {
-    fn new() -> Self {
-        KubeletLikeVerifier(Arc::new(rustls::crypto::ring::default_provider()))
-    }
-}
 
 impl ServerCertVerifier for KubeletLikeVerifier {
     fn verify_server_cert(
