@@ -1,7 +1,8 @@
 //! The node agent's certificate manager against a real `sigil ca serve` process: issuance,
 //! rotation at half life, sharing per identity, fan-out, forgetting, a CA outage longer than
-//! half the lifetime, the trust bundle following WatchTrustBundle, and the agent's own
-//! certificate renewing itself.
+//! half the lifetime, an outage outliving the certificate (recovery within seconds of the CA's
+//! return), the trust bundle following WatchTrustBundle, and the agent's own certificate
+//! renewing itself.
 
 mod common;
 
@@ -223,6 +224,45 @@ async fn ca_outage_longer_than_half_the_lifetime_keeps_the_valid_cert_then_recov
     println!(
         "recovered {:?} after the CA returned, after {failures} failed attempts",
         back.elapsed()
+    );
+}
+
+/// An outage that outlives the certificate used to end with the agent still waiting out a
+/// backoff grown during it (16 s and more), so workloads stayed without a certificate long after
+/// the CA was back. Retries are at most a few seconds apart once the certificate expired.
+#[tokio::test]
+async fn after_an_outage_longer_than_the_lifetime_the_agent_renews_within_seconds_of_the_cas_return()
+ {
+    let s = setup();
+    let (grpc, admin) = (free_addr(), free_addr());
+    let mut ca = s.start_ca_on(grpc, admin);
+    ca.wait_ready().await;
+    let ttl = Duration::from_secs(6);
+    let (manager, _metrics, _credential) = s.manager(&ca, ttl);
+    let (web, db): (SpiffeId, SpiffeId) = (WEB_ID.parse().unwrap(), DB_ID.parse().unwrap());
+    let mut web_rx = manager.subscribe(&web).await.unwrap();
+    let mut db_rx = manager.subscribe(&db).await.unwrap();
+    let web_first = next_serial(&mut web_rx, &[], Duration::from_secs(10)).await;
+    let db_first = next_serial(&mut db_rx, &[], Duration::from_secs(10)).await;
+
+    drop(ca); // the CA process is killed...
+    tokio::time::sleep(Duration::from_secs(22)).await; // ...for over 3 × the lifetime
+    assert!(
+        web_rx.borrow().is_none() && db_rx.borrow().is_none(),
+        "an expired certificate is not served"
+    );
+
+    let mut ca = s.start_ca_on(grpc, admin);
+    ca.wait_ready().await;
+    let back = Instant::now();
+    for (rx, first) in [(&mut web_rx, web_first), (&mut db_rx, db_first)] {
+        next_serial(rx, std::slice::from_ref(&first), Duration::from_secs(30)).await;
+    }
+    let took = back.elapsed();
+    println!("both identities renewed {took:?} after the CA returned");
+    assert!(
+        took < Duration::from_secs(5),
+        "renewed {took:?} after the CA returned"
     );
 }
 

@@ -120,6 +120,74 @@ async fn agent_certificate_with_static_entries_and_renewal_by_certificate() {
     );
 }
 
+/// A CA pod that gets SIGTERM in a rollout is still an endpoint of the Service for about a
+/// second: it used to exit at once, so calls routed to it then were refused or hung. It now
+/// reports not ready at once and answers every call, on new connections too, for its grace
+/// period (5 s by default), then exits by itself.
+#[tokio::test]
+async fn a_ca_receiving_sigterm_answers_every_call_through_its_grace_period_then_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
+    let mut ca = CaProcess::start(dir.path(), None, &offline.serve_args());
+    ca.wait_ready().await;
+    let bundle = state_dir_bundle(&offline.state);
+    let agent = offline.issue(AGENT_ID, &dir.path().join("agent"));
+    let addr = ca.grpc.to_string();
+    // One call on a new connection, as a caller the Service routes here makes it; a refused
+    // connection is an error, a hung one a timeout.
+    let call = || async {
+        let attempt = async {
+            let channel = sigil_ca::client::connect(&addr, "localhost", &bundle, Some(&agent))
+                .await
+                .map_err(|e| e.to_string())?;
+            let (_key, csr) = key_and_csr();
+            sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthorityClient::new(channel)
+                .sign(sign_request(csr, 600, "", None))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(Duration::from_secs(2), attempt)
+            .await
+            .unwrap_or_else(|_| Err("hung for 2 s".into()))
+    };
+    call().await.expect("a call before the signal");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &ca.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let signalled = Instant::now();
+    let mut calls = 0;
+    let mut not_ready_seen = false;
+    while signalled.elapsed() < Duration::from_secs(4) {
+        if let Err(e) = call().await {
+            panic!(
+                "call {calls}, {:?} after SIGTERM, failed: {e}\n{}",
+                signalled.elapsed(),
+                ca.logs()
+            );
+        }
+        calls += 1;
+        not_ready_seen |= matches!(http_get(ca.admin, "/ready").await, Ok((503, _)));
+    }
+    assert!(not_ready_seen, "the CA reports not ready during its grace period");
+    println!("{calls} calls answered in the 4 s after SIGTERM");
+
+    // Then it drains and exits by itself, well within a terminationGracePeriodSeconds of 15.
+    let deadline = signalled + Duration::from_secs(12);
+    let status = loop {
+        if let Some(status) = ca.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the CA did not exit:\n{}", ca.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert!(ca.logs().contains("CA stopped"));
+}
+
 #[test]
 fn static_entries_with_token_auth_is_refused_at_startup() {
     let dir = tempfile::tempdir().unwrap();

@@ -214,6 +214,84 @@ async fn the_ca_keeps_the_ca_bundle_and_injects_over_https() {
     .await;
 }
 
+/// Two CA replicas whose trust bundles differ (one has seen a root rotation, the other not yet:
+/// up to the reload interval in a cluster, held here with a reload interval of an hour) used to
+/// rewrite the caBundle to their own view in turn, without end. Now the replica missing a root
+/// adds it, the other leaves the extra root alone, and the writes stop.
+#[tokio::test]
+async fn two_replicas_with_different_bundle_views_write_the_ca_bundle_a_bounded_number_of_times() {
+    let server = TestApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(server.client());
+    configs
+        .create(&PostParams::default(), &webhook_configuration())
+        .await
+        .unwrap();
+    let older = OfflineCa::init(&dir.path().join("older"), &[]);
+    let newer_state = dir.path().join("newer-state");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&older.state)
+        .arg(&newer_state)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    sigil(&[
+        "ca",
+        "rotate-root",
+        "--state-dir",
+        newer_state.to_str().unwrap(),
+        "--propagation",
+        "1h",
+    ]);
+    let older_bundle = state_dir_bundle(&older.state);
+    let newer_bundle = state_dir_bundle(&newer_state);
+    assert_eq!((older_bundle.roots.len(), newer_bundle.roots.len()), (1, 2));
+    let replica = |state: &std::path::Path| {
+        CaProcess::start(
+            dir.path(),
+            Some(&kubeconfig),
+            &[
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--reload-interval",
+                "1h",
+                "--no-root-configmaps",
+                "--proxy-image",
+                IMAGE,
+            ],
+        )
+    };
+    let mut a = replica(&older.state);
+    let mut b = replica(&newer_state);
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    // The caBundle ends up trusting both views: both roots.
+    let roots = |bundle: Option<Vec<u8>>| {
+        let text = String::from_utf8(bundle.unwrap_or_default()).unwrap();
+        sigil_identity::TrustBundle::from_pem(td(), &text)
+            .map(|b| b.roots)
+            .unwrap_or_default()
+    };
+    eventually("the caBundle holds both roots", || async {
+        roots(ca_bundle(&configs).await) == newer_bundle.roots
+    })
+    .await;
+    // And stays so, with no more writes: at most one by each replica in all.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert_eq!(roots(ca_bundle(&configs).await), newer_bundle.roots);
+    let writes = |text: String| metric(&text, "sigil_ca_webhook_ca_bundle_writes_total");
+    let (a_writes, b_writes) = (writes(a.metrics().await), writes(b.metrics().await));
+    println!("caBundle writes: older view {a_writes}, newer view {b_writes}");
+    assert!(
+        a_writes + b_writes <= 2.0,
+        "{a_writes} + {b_writes} writes for one difference of views"
+    );
+}
+
 /// The injected pod is one a Kubernetes 1.30 (and the newest bundled) API server accepts:
 /// strict schema validation with kubernetes-validate, which scripts/test installs.
 #[test]

@@ -431,7 +431,7 @@ fn the_ca_deployment_service_and_webhook_fit_the_binary() {
             "matchPolicy": "Equivalent",
             "sideEffects": "None",
             "admissionReviewVersions": ["v1"],
-            "timeoutSeconds": 10,
+            "timeoutSeconds": 5,
             "reinvocationPolicy": "Never",
         })
     );

@@ -1,7 +1,8 @@
 //! The agent's side of the CA: a TLS channel that verifies the CA against the current trust
 //! bundle, the agent's credential (its projected token, re-read on every request, or its own
-//! client certificate, kept fresh by the certificate manager), `Sign` with impersonation, and the
-//! task that follows `WatchTrustBundle`.
+//! client certificate, kept fresh by the certificate manager), `Sign` with impersonation, the
+//! task that follows `WatchTrustBundle`, and the signal that the CA answered (so that everything
+//! waiting out a backoff after an outage retries as soon as the CA is back).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,6 +60,8 @@ pub struct CaClient {
     server_name: String,
     bundle: watch::Receiver<Arc<TrustBundle>>,
     credential: Credential,
+    /// Bumped on every successful call to the CA (shared by every clone).
+    answered: Arc<watch::Sender<u64>>,
 }
 
 impl CaClient {
@@ -73,7 +76,19 @@ impl CaClient {
             server_name,
             bundle,
             credential,
+            answered: Arc::new(watch::channel(0).0),
         }
+    }
+
+    /// Changes whenever a call to the CA succeeded: a retry loop waiting out its backoff selects
+    /// on it so that, after an outage, the first success (of any identity, or of the trust
+    /// bundle stream) ends every wait at once.
+    pub fn answered(&self) -> watch::Receiver<u64> {
+        self.answered.subscribe()
+    }
+
+    fn record_answer(&self) {
+        self.answered.send_modify(|count| *count = count.wrapping_add(1));
     }
 
     /// A fresh connection with the newest bundle and client certificate. Connections are cheap
@@ -129,6 +144,7 @@ impl CaClient {
         if response.leaf.is_empty() {
             return Err(CaClientError::EmptyResponse);
         }
+        self.record_answer();
         Ok(response)
     }
 
@@ -142,6 +158,7 @@ impl CaClient {
         contacted: watch::Sender<bool>,
     ) {
         let mut backoff = Backoff::default();
+        let mut answered = self.answered();
         while !tx.is_closed() {
             match self
                 .stream_bundle(&trust_domain, &tx, &contacted, &mut backoff)
@@ -150,7 +167,14 @@ impl CaClient {
                 Ok(()) => info!("trust bundle stream ended; reconnecting"),
                 Err(e) => warn!(error = %e, "trust bundle stream failed; retrying"),
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            // Only answers from now on count (the stream's own messages do not).
+            answered.borrow_and_update();
+            // A signing request that got through means the CA is back: reconnect now rather
+            // than at the end of a backoff that grew during the outage.
+            tokio::select! {
+                () = tokio::time::sleep(backoff.next_delay()) => {}
+                changed = answered.changed() => if changed.is_ok() { backoff.reset() },
+            }
         }
     }
 
@@ -167,6 +191,7 @@ impl CaClient {
         let mut stream = client.watch_trust_bundle(request).await?.into_inner();
         while let Some(message) = stream.message().await? {
             backoff.reset();
+            self.record_answer();
             if message.trust_domain != trust_domain.as_str() || message.roots.is_empty() {
                 warn!(trust_domain = %message.trust_domain, roots = message.roots.len(), "ignoring an unusable trust bundle");
                 continue;

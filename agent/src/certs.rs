@@ -1,7 +1,12 @@
 //! The certificate manager: one key and certificate per identity, shared by every workload on the
 //! node that has it. Keys are made here and never leave the node; a certificate is renewed at half
-//! its lifetime (±5 % jitter), failures back off exponentially per identity, and a still-valid
-//! certificate keeps being served while the CA is unreachable.
+//! its lifetime (±5 % jitter), so a CA outage of up to half the TTL goes unnoticed. Failures back
+//! off exponentially per identity, but never longer than a quarter of the certificate's remaining
+//! lifetime (so retries get denser towards expiry, and several land well before it) and, once it
+//! has expired, than [`EXPIRED_RETRY`]; the first successful call to the CA (of any identity)
+//! ends every identity's wait, so recovery follows the CA's return at once. A still-valid
+//! certificate keeps being served while the CA is unreachable. A request the CA calls invalid is
+//! retried only at the slowest pace: asking again will not make it valid.
 //!
 //! One manager task owns the set of identities; each identity has a worker task that owns its
 //! certificate and publishes it on a `watch` channel. An identity lives while someone subscribes
@@ -18,7 +23,7 @@ use sigil_identity::SpiffeId;
 use sigil_identity::tls::CertifiedKey;
 use sigil_identity::{csr, profile};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::{Backoff, jitter};
 use crate::ca_client::{CaClient, CaClientError};
@@ -35,6 +40,11 @@ const RENEW_JITTER: f64 = 0.05;
 const MIN_LIFETIME: Duration = Duration::from_secs(2);
 /// The shortest wait before renewing, whatever the certificate says.
 const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
+/// A failed renewal waits at most this fraction of the held certificate's remaining lifetime.
+const RETRY_OF_REMAINING: f64 = 0.25;
+/// The longest wait between retries once there is no valid certificate (none yet, or expired):
+/// workloads of this identity fail until one arrives.
+pub const EXPIRED_RETRY: Duration = Duration::from_secs(2);
 /// How often a worker checks whether anyone still wants its identity.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
@@ -48,6 +58,18 @@ pub enum FetchError {
     WrongIdentity { expected: SpiffeId, got: String },
     #[error("the CA returned an unusable certificate: {0}")]
     BadCertificate(String),
+}
+
+impl FetchError {
+    /// Whether retrying soon can help: not for a request the CA calls invalid, nor for a CA that
+    /// answers with the wrong certificate (asking again gets the same answer).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FetchError::Ca(e) => e.is_retryable(),
+            FetchError::Key(_) => true,
+            FetchError::WrongIdentity { .. } | FetchError::BadCertificate(_) => false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -302,8 +324,12 @@ impl IdentityWorker {
         };
         let mut backoff = Backoff::default();
         let mut idle_check = tokio::time::interval(IDLE_CHECK);
+        let mut ca_answered = self.ca.answered();
         loop {
-            let wait = match self.fetch().await {
+            // Only answers from now on end a backoff (if this fetch fails while another
+            // identity's succeeds, the CA is back: retry at once).
+            ca_answered.borrow_and_update();
+            let (wait, failing) = match self.fetch().await {
                 Ok(svid) => {
                     backoff.reset();
                     let expiry = svid
@@ -317,29 +343,33 @@ impl IdentityWorker {
                     let wait = svid.renew_in(SystemTime::now());
                     debug!(identity = %self.id, serial = %svid.serial_hex, renew_in = ?wait, "certificate issued");
                     self.svid.send_replace(Some(Arc::new(svid)));
-                    wait
+                    (wait, false)
                 }
                 Err(e) => {
                     self.metrics.csr_failures.get_or_create(&labels).inc();
+                    let now = SystemTime::now();
                     let still_valid = self
                         .svid
                         .borrow()
                         .as_ref()
-                        .is_some_and(|s| s.is_valid(SystemTime::now()));
+                        .is_some_and(|s| s.is_valid(now));
                     if !still_valid && self.svid.borrow().is_some() {
                         self.svid.send_replace(None);
                     }
-                    // Wake up when the held certificate expires, at the latest, to stop serving it.
-                    let until_expiry = self
+                    let remaining = self
                         .svid
                         .borrow()
                         .as_ref()
-                        .and_then(|s| s.not_after.duration_since(SystemTime::now()).ok());
-                    let wait = backoff
-                        .next_delay()
-                        .min(until_expiry.unwrap_or(Duration::MAX));
-                    warn!(identity = %self.id, error = %e, keeping_valid_certificate = still_valid, retry_in = ?wait, "certificate request failed");
-                    wait
+                        .and_then(|s| s.not_after.duration_since(now).ok());
+                    let retryable = e.is_retryable();
+                    let wait = retry_wait(&mut backoff, remaining, retryable);
+                    if retryable {
+                        warn!(identity = %self.id, error = %e, keeping_valid_certificate = still_valid, retry_in = ?wait, "certificate request failed");
+                    } else {
+                        error!(identity = %self.id, error = %e, keeping_valid_certificate = still_valid, retry_in = ?wait, "certificate request failed and asking again will not help; retrying at the slowest pace");
+                    }
+                    // An invalid request stays invalid when the CA is back: keep its pace.
+                    (wait, retryable)
                 }
             };
             let deadline = tokio::time::Instant::now() + wait;
@@ -349,6 +379,13 @@ impl IdentityWorker {
                     _ = &mut stop => {
                         self.metrics.cert_expiry.remove(&labels);
                         return;
+                    }
+                    changed = ca_answered.changed(), if failing => {
+                        if changed.is_ok() {
+                            debug!(identity = %self.id, "the CA answered again; retrying now");
+                            backoff.reset();
+                            break;
+                        }
                     }
                     // Reported on every check while no one subscribes: the manager decides (it
                     // knows whether a pod still wants the identity), and the report is cheap.
@@ -428,6 +465,25 @@ impl IdentityWorker {
     }
 }
 
+/// How long to wait after a failed request. A retryable failure waits out the backoff, capped
+/// (with jitter, so identities do not retry in lockstep) at [`RETRY_OF_REMAINING`] of the held
+/// certificate's `remaining` lifetime, but no less than [`EXPIRED_RETRY`] apart, and never past
+/// the expiry itself (the worker wakes then to stop serving it); with no valid certificate, at
+/// most [`EXPIRED_RETRY`]. A failure retrying cannot fix waits the longest backoff.
+fn retry_wait(backoff: &mut Backoff, remaining: Option<Duration>, retryable: bool) -> Duration {
+    if !retryable {
+        return jitter(crate::backoff::MAX_DELAY, 0.2);
+    }
+    let cap = match remaining {
+        Some(remaining) => remaining
+            .mul_f64(RETRY_OF_REMAINING)
+            .max(EXPIRED_RETRY)
+            .min(remaining),
+        None => EXPIRED_RETRY,
+    };
+    backoff.next_delay().min(jitter(cap, 0.2))
+}
+
 /// When to renew a certificate received at `received_at`: at `RENEW_AT` of the lifetime it
 /// arrived with, ± `RENEW_JITTER` of it.
 fn renewal_time(received_at: SystemTime, not_after: SystemTime) -> SystemTime {
@@ -486,6 +542,51 @@ mod tests {
         let old = svid(now - Duration::from_secs(10), Duration::from_secs(4));
         assert_eq!(old.renew_in(now), MIN_RENEW_INTERVAL);
         assert!(!old.is_valid(now));
+    }
+
+    #[test]
+    fn a_failed_renewal_waits_at_most_a_quarter_of_the_remaining_lifetime() {
+        // A backoff grown long during an outage.
+        let grown = || {
+            let mut b = Backoff::default();
+            for _ in 0..20 {
+                b.next_delay();
+            }
+            b
+        };
+        let hour = Duration::from_secs(3600);
+        let wait = retry_wait(&mut grown(), Some(hour), true);
+        assert!(
+            wait <= hour.mul_f64(0.25 * 1.2) && wait >= Duration::from_secs(90),
+            "{wait:?}"
+        );
+        // Near expiry: retries every few seconds, and the last one before expiry at the latest.
+        let wait = retry_wait(&mut grown(), Some(Duration::from_secs(8)), true);
+        assert!(wait <= EXPIRED_RETRY.mul_f64(1.2), "{wait:?}");
+        let wait = retry_wait(&mut grown(), Some(Duration::from_millis(500)), true);
+        assert!(wait <= Duration::from_millis(600), "{wait:?}");
+        // Expired, or none yet: every few seconds however long the outage was.
+        let wait = retry_wait(&mut grown(), None, true);
+        assert!(wait <= EXPIRED_RETRY.mul_f64(1.2), "{wait:?}");
+        // A fresh backoff still starts short.
+        let wait = retry_wait(&mut Backoff::default(), Some(hour), true);
+        assert!(wait <= Duration::from_millis(600), "{wait:?}");
+        // A request the CA calls invalid is not hammered, even with no certificate.
+        let wait = retry_wait(&mut Backoff::default(), None, false);
+        assert!(wait >= crate::backoff::MAX_DELAY.mul_f64(0.8), "{wait:?}");
+    }
+
+    #[test]
+    fn only_failures_retrying_can_fix_are_retried_soon() {
+        let invalid = FetchError::Ca(CaClientError::Refused(tonic::Status::invalid_argument(
+            "bad csr",
+        )));
+        assert!(!invalid.is_retryable());
+        let unavailable = FetchError::Ca(CaClientError::Refused(tonic::Status::unavailable(
+            "no key loaded",
+        )));
+        assert!(unavailable.is_retryable());
+        assert!(!FetchError::BadCertificate("short".into()).is_retryable());
     }
 
     #[test]

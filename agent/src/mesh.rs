@@ -18,7 +18,11 @@
 //!   of the identities behind the Service, so the member carries all of them (several while,
 //!   say, a Deployment changes its service account). A Service with any unmeshed endpoint (a
 //!   rollout into a newly injected namespace, pods opted out of injection) is left out and
-//!   logged: some of its endpoints speak plaintext, so its connections pass through.
+//!   logged: some of its endpoints speak plaintext, so its connections pass through. A meshed pod
+//!   that is leaving (deleted, or finished) still counts for the Services whose slices list it
+//!   as their endpoint (by `targetRef` UID) until they stop listing it: Kubernetes may deliver
+//!   the pod's deletion before the slice update that drops its address, and in that gap the
+//!   Service must not fall out of the mesh (its connections would go out in plaintext).
 //! - `--mesh-file` ([`MeshFile`]): `{ip, id}` pairs, re-read every [`FILE_POLL_INTERVAL`]; an
 //!   invalid edit is logged and counted, and the last good list stays. Its entries win over pods
 //!   and Services on the same IP: the operator named them explicitly.
@@ -449,9 +453,18 @@ struct MeshSlice {
     /// The Service's [`MeshService::source`].
     service: String,
     /// Every address of every endpoint, ready or not (the node may route to serving,
-    /// terminating endpoints), in the slice's textual form: one that does not parse as an IP
-    /// cannot be a member, and so keeps the Service out.
-    addresses: Vec<String>,
+    /// terminating endpoints).
+    addresses: Vec<EndpointAddress>,
+}
+
+/// One endpoint address of a slice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct EndpointAddress {
+    /// In the slice's textual form: one that does not parse as an IP cannot be a member, and so
+    /// keeps the Service out.
+    address: String,
+    /// The UID of the pod behind it (`targetRef`), to recognise a pod that is leaving.
+    pod_uid: Option<String>,
 }
 
 /// The slice's contribution: `None` for one that belongs to no Service (no
@@ -465,7 +478,20 @@ fn mesh_slice(slice: &EndpointSlice) -> Option<MeshSlice> {
     let addresses = slice
         .endpoints
         .iter()
-        .flat_map(|endpoint| endpoint.addresses.iter().cloned())
+        .flat_map(|endpoint| {
+            let pod_uid = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|target| target.kind.as_deref() == Some("Pod"))
+                .and_then(|target| target.uid.clone());
+            endpoint
+                .addresses
+                .iter()
+                .map(move |address| EndpointAddress {
+                    address: address.clone(),
+                    pod_uid: pod_uid.clone(),
+                })
+        })
         .collect();
     Some(MeshSlice {
         service: service_key(namespace, service),
@@ -479,11 +505,80 @@ struct KubeState {
     pods: Listed<String, MeshPod>,
     services: Listed<String, MeshService>,
     slices: Listed<String, MeshSlice>,
+    /// Meshed pods that left (deleted, finished, or gone from a re-list), by UID, kept while an
+    /// EndpointSlice still names them as an endpoint: they count for those Services only, not
+    /// as members at their own IPs (which a new pod may take).
+    leaving: BTreeMap<String, MeshPod>,
 }
 
 impl KubeState {
     fn synced(&self) -> bool {
         self.pods.synced && self.services.synced && self.slices.synced
+    }
+
+    /// Follows one event of the meshed pods' watch, remembering the pods whose contribution it
+    /// ends; returns whether the membership may have changed.
+    fn on_pod_event(&mut self, event: Event<Pod>, td: &TrustDomain) -> bool {
+        let ending: Vec<(String, MeshPod)> = match &event {
+            Event::Apply(pod) | Event::Delete(pod) => pod
+                .metadata
+                .uid
+                .as_ref()
+                .and_then(|uid| Some((uid.clone(), self.pods.items.get(uid)?.clone())))
+                .into_iter()
+                .collect(),
+            // A re-list replaces the whole list: whatever it lacks has left.
+            Event::InitDone => self
+                .pods
+                .items
+                .iter()
+                .map(|(uid, pod)| (uid.clone(), pod.clone()))
+                .collect(),
+            Event::Init | Event::InitApply(_) => Vec::new(),
+        };
+        let mut changed = self
+            .pods
+            .on_event(event, "meshed pods", |pod| pod_contribution(pod, td));
+        for (uid, pod) in ending {
+            if !self.pods.items.contains_key(&uid) {
+                debug!(pod = %pod.source, "a meshed pod left; it counts for the Services still listing it");
+                self.leaving.insert(uid, pod);
+                changed = true;
+            }
+        }
+        let pods = &self.pods.items;
+        self.leaving.retain(|uid, _| !pods.contains_key(uid));
+        self.forget_left_pods();
+        changed
+    }
+
+    /// Follows one event of the EndpointSlices' watch; returns whether the membership may have
+    /// changed.
+    fn on_slice_event(&mut self, event: Event<EndpointSlice>) -> bool {
+        let changed = self.slices.on_event(event, "endpoint slices", mesh_slice);
+        self.forget_left_pods();
+        changed
+    }
+
+    /// Forgets the leaving pods no slice names any more: what held them is gone for good.
+    fn forget_left_pods(&mut self) {
+        if self.leaving.is_empty() {
+            return;
+        }
+        let named: BTreeSet<&str> = self
+            .slices
+            .items
+            .values()
+            .flat_map(|slice| &slice.addresses)
+            .filter_map(|address| address.pod_uid.as_deref())
+            .collect();
+        self.leaving.retain(|uid, _| named.contains(uid.as_str()));
+    }
+
+    /// The leaving pod behind `address`, if the slice names one at an IP it had.
+    fn leaving_pod(&self, address: &EndpointAddress, ip: IpAddr) -> Option<&MeshPod> {
+        let pod = self.leaving.get(address.pod_uid.as_deref()?)?;
+        pod.ips.contains(&ip).then_some(pod)
     }
 }
 
@@ -537,7 +632,8 @@ fn pod_members<'a>(
 
 /// Adds the members for Services' cluster IPs, on IPs not already taken: each Service with at
 /// least one endpoint address whose endpoint addresses are all members of `members` (as it
-/// stands on entry: pods and file, not other Services), carrying the union of their IDs.
+/// stands on entry: pods and file, not other Services) or meshed pods on their way out, carrying
+/// the union of their IDs.
 /// Services with some unmeshed endpoints are recorded. Cost: one lookup per endpoint address.
 fn service_members(
     kube: &KubeState,
@@ -561,15 +657,21 @@ fn service_members(
             .into_iter()
             .flatten()
             .flat_map(|slice| &slice.addresses);
-        for address in addresses {
-            let member = address.parse().ok().and_then(|ip| members.get(&ip));
-            match member {
-                Some(member) => {
+        for endpoint in addresses {
+            let ip: Option<IpAddr> = endpoint.address.parse().ok();
+            let member = ip.and_then(|ip| members.get(&ip));
+            let leaving = ip.and_then(|ip| kube.leaving_pod(endpoint, ip));
+            match (member, leaving) {
+                (Some(member), _) => {
                     meshed += 1;
                     ids.extend(member.ids.iter().cloned());
                 }
-                None => {
-                    unmeshed.insert(address.as_str());
+                (None, Some(pod)) => {
+                    meshed += 1;
+                    ids.insert(pod.id.clone());
+                }
+                (None, None) => {
+                    unmeshed.insert(endpoint.address.as_str());
                 }
             }
         }
@@ -745,9 +847,7 @@ impl FollowedSources for Membership {
         let td = &self.td;
         let changed = match event {
             KubeEvent::Pod(event) => match *event {
-                Ok(event) => kube
-                    .pods
-                    .on_event(event, "meshed pods", |pod| pod_contribution(pod, td)),
+                Ok(event) => kube.on_pod_event(event, td),
                 Err(e) => {
                     warn!(error = %e, "meshed pod watch failed; retrying");
                     false
@@ -761,7 +861,7 @@ impl FollowedSources for Membership {
                 }
             },
             KubeEvent::EndpointSlice(event) => match *event {
-                Ok(event) => kube.slices.on_event(event, "endpoint slices", mesh_slice),
+                Ok(event) => kube.on_slice_event(event),
                 Err(e) => {
                     warn!(error = %e, "endpoint slice watch failed; retrying");
                     false
@@ -1499,6 +1599,170 @@ mod tests {
         );
     }
 
+    /// An EndpointSlice of demo/web whose endpoints name their pods: (address, pod UID, ready,
+    /// serving, terminating), as the EndpointSlice controller writes them.
+    fn web_slice(endpoints: &[(&str, &str, bool, bool, bool)]) -> EndpointSlice {
+        let endpoints: Vec<serde_json::Value> = endpoints
+            .iter()
+            .map(|(address, uid, ready, serving, terminating)| {
+                serde_json::json!({
+                    "addresses": [address],
+                    "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                    "targetRef": {"kind": "Pod", "namespace": "demo", "name": uid.trim_start_matches("uid-"), "uid": uid},
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web-a",
+                "namespace": "demo",
+                "uid": "uid-slice-demo-web-a",
+                "labels": {SERVICE_NAME_LABEL: "web"},
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"port": 8080}],
+        }))
+        .unwrap()
+    }
+
+    /// A pod leaving a Service, event by event in each order Kubernetes delivers them (the pod's
+    /// deletion before or after the slice update that drops its address, and a force deletion
+    /// that skips the terminating conditions): the Service is a member after every event, and
+    /// the leaving pod's own IP stops being one as soon as the pod is gone.
+    #[test]
+    fn a_leaving_pod_never_takes_its_service_out_of_the_mesh() {
+        let web = "spiffe://cluster.local/ns/demo/sa/web";
+        let cluster_ip = ip("10.96.0.10");
+        let pod = |name: &'static str, ip: &'static [&'static str], phase: &'static str| {
+            TestPod {
+                name,
+                phase,
+                pod_ips: ip,
+                pod_ip: ip.first().copied(),
+                ..RUNNING
+            }
+            .pod()
+        };
+        let web_1 = pod("web-1", &["10.0.0.5"], "Running");
+        let web_2 = pod("web-2", &["10.0.0.6"], "Running");
+        let mut web_1_terminating = web_1.clone();
+        web_1_terminating.metadata.deletion_timestamp =
+            Some(Time("2026-01-01T01:00:00Z".parse().unwrap()));
+        let mut web_1_finished = web_1_terminating.clone();
+        web_1_finished.status.as_mut().unwrap().phase = Some("Succeeded".into());
+        let both_ready = web_slice(&[
+            ("10.0.0.5", "uid-web-1", true, true, true),
+            ("10.0.0.6", "uid-web-2", true, true, false),
+        ]);
+        let terminating = |serving| {
+            web_slice(&[
+                ("10.0.0.5", "uid-web-1", false, serving, true),
+                ("10.0.0.6", "uid-web-2", true, true, false),
+            ])
+        };
+        let web_2_only = web_slice(&[("10.0.0.6", "uid-web-2", true, true, false)]);
+
+        enum Step {
+            Pod(Event<Pod>),
+            Slice(EndpointSlice),
+        }
+        let graceful_start = || {
+            vec![
+                Step::Pod(Event::Apply(web_1_terminating.clone())),
+                Step::Slice(terminating(true)),
+                Step::Slice(terminating(false)),
+            ]
+        };
+        let pod_gone = || {
+            vec![
+                Step::Pod(Event::Apply(web_1_finished.clone())),
+                Step::Pod(Event::Delete(web_1_finished.clone())),
+            ]
+        };
+        let orders: [(&str, Vec<Step>); 4] = [
+            (
+                "pod deleted before the slice update",
+                [graceful_start(), pod_gone(), vec![Step::Slice(web_2_only.clone())]]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            ),
+            (
+                "pod deleted after the slice update",
+                [graceful_start(), vec![Step::Slice(web_2_only.clone())], pod_gone()]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            ),
+            (
+                "force deletion, the slice still saying ready",
+                vec![
+                    Step::Pod(Event::Delete(web_1.clone())),
+                    Step::Slice(web_2_only.clone()),
+                ],
+            ),
+            (
+                "the pod missing from a re-list",
+                vec![
+                    Step::Pod(Event::Init),
+                    Step::Pod(Event::InitApply(web_2.clone())),
+                    Step::Pod(Event::InitDone),
+                    Step::Slice(web_2_only.clone()),
+                ],
+            ),
+        ];
+        for (order, steps) in orders {
+            let mut kube = kube_state(
+                &[web_1.clone(), web_2.clone()],
+                &[service("web", "demo", "10.96.0.10")],
+                &[both_ready.clone()],
+            );
+            assert_eq!(
+                service_members_of(&kube, None)[&cluster_ip],
+                member(web, "demo/service/web")
+            );
+            for (index, step) in steps.into_iter().enumerate() {
+                match step {
+                    Step::Pod(event) => {
+                        kube.on_pod_event(event, &td());
+                    }
+                    Step::Slice(slice) => {
+                        kube.on_slice_event(Event::Apply(slice));
+                    }
+                }
+                let (members, notes) = merge(Some(&kube), None);
+                assert_eq!(
+                    members.get(&cluster_ip),
+                    Some(&member(web, "demo/service/web")),
+                    "{order}, after step {index}"
+                );
+                assert!(notes.partly_meshed.is_empty(), "{order}, step {index}");
+                if !kube.pods.items.contains_key("uid-web-1") {
+                    assert_eq!(members.get(&ip("10.0.0.5")), None, "{order}, step {index}");
+                }
+            }
+            assert!(kube.leaving.is_empty(), "{order}: forgotten once no slice names it");
+        }
+
+        // The address a leaving pod had, listed for another pod (not meshed): that is a
+        // plaintext endpoint, and the Service leaves the mesh.
+        let mut kube = kube_state(
+            &[web_1.clone(), web_2.clone()],
+            &[service("web", "demo", "10.96.0.10")],
+            &[both_ready.clone()],
+        );
+        kube.on_pod_event(Event::Delete(web_1.clone()), &td());
+        kube.on_slice_event(Event::Apply(web_slice(&[
+            ("10.0.0.5", "uid-web-1", false, false, true),
+            ("10.0.0.6", "uid-web-2", true, true, false),
+            ("10.0.0.5", "uid-plain", true, true, false),
+        ])));
+        let (members, notes) = merge(Some(&kube), None);
+        assert_eq!(members.get(&cluster_ip), None);
+        assert_eq!(notes.partly_meshed.len(), 1);
+    }
+
     #[test]
     fn slices_convert_to_their_services_endpoint_addresses() {
         let mut fqdn = slice("ext", "demo", "ext", &["10.0.0.5"]);
@@ -1511,7 +1775,12 @@ mod tests {
             mesh_slice(&slice("web-a", "demo", "web", &["10.0.0.5", "!10.0.0.6"])),
             Some(MeshSlice {
                 service: "demo/service/web".into(),
-                addresses: vec!["10.0.0.5".into(), "10.0.0.6".into()],
+                addresses: ["10.0.0.5", "10.0.0.6"]
+                    .map(|address| EndpointAddress {
+                        address: address.into(),
+                        pod_uid: None,
+                    })
+                    .to_vec(),
             })
         );
         let mut external = service("ext", "demo", "10.96.0.9");

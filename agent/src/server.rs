@@ -1,7 +1,9 @@
 //! `sigil agent run`: wires the CA client, the trust-bundle stream, the certificate manager, the
 //! attestor (and, in Kubernetes, the watch of this node's pods that drives prefetching), the mesh
 //! membership, the policy feed and the socket serving SDS, the SPIFFE Workload API, the
-//! membership and the policies, plus the admin endpoint.
+//! membership and the policies, plus the admin endpoint. On SIGTERM it reports not ready at once
+//! (the DaemonSet rollout waits on it), serves on for [`SHUTDOWN_GRACE`] (so nothing connecting
+//! meanwhile hangs on a socket no one accepts on), then closes what is open and exits.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -33,8 +35,11 @@ use crate::policy_feed::{self, PolicyApi, PolicyError, PolicyFile, PolicySnapsho
 use crate::sds::Sds;
 use crate::workload_api::WorkloadApi;
 
-/// How long open streams may take to close after SIGTERM.
+/// How long the agent serves on after SIGTERM, not ready.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Then: how long calls in flight may take to finish (SDS and Workload API streams never end
+/// on their own; their clients keep what they hold and reconnect to the next agent).
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -66,10 +71,13 @@ pub enum AgentError {
     Serve(#[from] tonic::transport::Error),
 }
 
-pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Result<(), AgentError> {
     let td = TrustDomain::new(&config.trust_domain)
         .map_err(|e| AgentError::TrustDomain(e.to_string()))?;
     info!(config = ?config, "starting sigil agent");
+    // Everything serves until `shutdown`: the grace period after the signal.
+    let (stop_tx, shutdown) = watch::channel(false);
+    tokio::spawn(stop_after_grace(signalled.clone(), stop_tx));
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     let mesh_file = config
@@ -200,6 +208,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
         pods_synced.clone(),
         members.clone(),
         policies.clone(),
+        signalled,
         ready_tx,
     ));
     let admin_listener = TcpListener::bind(config.admin_addr)
@@ -236,21 +245,34 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result
             },
         );
     // A graceful stop waits for open streams, and SDS / Workload API streams never end on their
-    // own: after the signal, give them SHUTDOWN_GRACE, then stop anyway.
-    let mut grace = shutdown;
+    // own: once the grace period is over, give calls DRAIN_TIMEOUT, then stop anyway.
+    let mut drain = shutdown;
     let result = tokio::select! {
         result = serving => result,
         _ = async {
-            let _ = grace.wait_for(|stop| *stop).await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            let _ = drain.wait_for(|stop| *stop).await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
         } => {
-            info!("streams still open after the shutdown grace period; closing them");
+            info!("streams still open after the grace period; closing them");
             Ok(())
         }
     };
     let _ = std::fs::remove_file(&config.socket);
     info!("agent stopped");
     Ok(result?)
+}
+
+/// Turns `stop` true [`SHUTDOWN_GRACE`] after `signalled` did (at once if `signalled` closes
+/// without).
+async fn stop_after_grace(mut signalled: watch::Receiver<bool>, stop: watch::Sender<bool>) {
+    if signalled.wait_for(|s| *s).await.is_ok() {
+        info!(
+            grace_s = SHUTDOWN_GRACE.as_secs_f64(),
+            "shutting down: reporting not ready, serving on for the grace period"
+        );
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    }
+    stop.send_replace(true);
 }
 
 fn read_bundle(path: &Path, td: &TrustDomain) -> Result<TrustBundle, AgentError> {
@@ -317,14 +339,17 @@ async fn prefetch(mut pods: watch::Receiver<NodePods>, td: TrustDomain, certs: C
 
 /// Ready once the CA has been reached (its first trust bundle arrived), the mesh membership and
 /// the policies are known (in Kubernetes: the meshed pods and the policy objects are listed, or
-/// the policy CRDs found not installed) and, in Kubernetes, this node's pods are synced.
+/// the policy CRDs found not installed) and, in Kubernetes, this node's pods are synced; not
+/// after the shutdown signal.
 async fn track_readiness(
     mut contacted: watch::Receiver<bool>,
     mut pods: Option<watch::Receiver<NodePods>>,
     mut mesh: watch::Receiver<Arc<MeshSnapshot>>,
     mut policies: watch::Receiver<Arc<PolicySnapshot>>,
+    mut signalled: watch::Receiver<bool>,
     tx: watch::Sender<Readiness>,
 ) {
+    let mut signal_open = true;
     loop {
         let state = Readiness(vec![
             ("ca_contacted", *contacted.borrow_and_update()),
@@ -334,6 +359,7 @@ async fn track_readiness(
             ),
             ("mesh_synced", mesh.borrow_and_update().is_synced()),
             ("policies_synced", policies.borrow_and_update().is_synced()),
+            ("not_shutting_down", !*signalled.borrow_and_update()),
         ]);
         tx.send_replace(state);
         let pods_changed = async {
@@ -342,11 +368,19 @@ async fn track_readiness(
                 None => std::future::pending().await,
             }
         };
+        let signal_changed = async {
+            if signal_open {
+                signalled.changed().await
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::select! {
             r = contacted.changed() => if r.is_err() { return },
             r = pods_changed => if r.is_err() { return },
             r = mesh.changed() => if r.is_err() { return },
             r = policies.changed() => if r.is_err() { return },
+            r = signal_changed => signal_open = r.is_ok(),
         }
     }
 }
@@ -381,8 +415,16 @@ mod tests {
         let (pods_tx, pods) = watch::channel(NodePods::default());
         let (mesh_tx, mesh) = watch::channel(Arc::new(MeshSnapshot::default()));
         let (policies_tx, policies) = watch::channel(Arc::new(PolicySnapshot::default()));
+        let (signal_tx, signalled) = watch::channel(false);
         let (tx, rx) = watch::channel(Readiness::default());
-        tokio::spawn(track_readiness(contacted, Some(pods), mesh, policies, tx));
+        tokio::spawn(track_readiness(
+            contacted,
+            Some(pods),
+            mesh,
+            policies,
+            signalled,
+            tx,
+        ));
         let until = |state: &'static str| {
             let mut rx = rx.clone();
             async move {
@@ -397,7 +439,7 @@ mod tests {
             }
         };
         assert!(
-            !until("ca_contacted=false pods_synced=false mesh_synced=false policies_synced=false")
+            !until("ca_contacted=false pods_synced=false mesh_synced=false policies_synced=false not_shutting_down=true")
                 .await
         );
         contacted_tx.send_replace(true);
@@ -407,7 +449,7 @@ mod tests {
             ..MeshSnapshot::default()
         }));
         assert!(
-            !until("ca_contacted=true pods_synced=true mesh_synced=true policies_synced=false")
+            !until("ca_contacted=true pods_synced=true mesh_synced=true policies_synced=false not_shutting_down=true")
                 .await
         );
         policies_tx.send_replace(Arc::new(PolicySnapshot {
@@ -415,7 +457,12 @@ mod tests {
             ..PolicySnapshot::default()
         }));
         assert!(
-            until("ca_contacted=true pods_synced=true mesh_synced=true policies_synced=true").await
+            until("ca_contacted=true pods_synced=true mesh_synced=true policies_synced=true not_shutting_down=true").await
+        );
+        // SIGTERM: not ready at once, so the DaemonSet rollout does not count this pod.
+        signal_tx.send_replace(true);
+        assert!(
+            !until("ca_contacted=true pods_synced=true mesh_synced=true policies_synced=true not_shutting_down=false").await
         );
     }
 

@@ -14,6 +14,8 @@ pub const DEFAULT_SERVICE_NAME: &str = "sigil-ca.sigil-system.svc";
 pub const DEFAULT_TTL: &str = "24h";
 pub const DEFAULT_MAX_TTL: &str = "7d";
 pub const DEFAULT_RELOAD_INTERVAL: &str = "5s";
+/// Istio's sidecars and Envoy's drain use 5 s too; kube-proxy drops an endpoint in about 1 s.
+pub const DEFAULT_SHUTDOWN_GRACE: &str = "5s";
 pub const DEFAULT_WEBHOOK_ADDR: &str = "0.0.0.0:15017";
 pub const DEFAULT_WEBHOOK_CONFIG: &str = "sigil-injector";
 pub const DEFAULT_JWT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -108,6 +110,13 @@ pub struct CaConfig {
     /// How often the key material (state, plug-in files) is re-read.
     #[arg(long, value_parser = parse_duration, default_value = DEFAULT_RELOAD_INTERVAL)]
     pub reload_interval: Duration,
+
+    /// After SIGTERM, report not ready at once but keep serving (gRPC, webhook, metrics) this
+    /// long, so that what the Service still routes here while it drops the endpoint is answered;
+    /// then stop accepting, give calls in flight a few seconds, and exit. The pod's
+    /// terminationGracePeriodSeconds must exceed it by those seconds.
+    #[arg(long, value_parser = parse_duration, default_value = DEFAULT_SHUTDOWN_GRACE)]
+    pub shutdown_grace: Duration,
 
     /// Do not publish the sigil-ca-root ConfigMap in every namespace.
     #[arg(long)]

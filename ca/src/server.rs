@@ -1,6 +1,9 @@
 //! `sigil ca serve`: wires the key source, the pod index, authentication, the gRPC services, the
 //! trust-bundle ConfigMaps, the policy status conditions, the injection webhook and the admin
-//! endpoint together, and runs them until shutdown.
+//! endpoint together, and runs them until shutdown: on SIGTERM it reports not ready at once,
+//! serves on for `--shutdown-grace` (the Service still routes new callers here until the
+//! endpoint is dropped), then stops accepting and lets calls in flight finish for up to
+//! [`DRAIN_TIMEOUT`].
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -31,6 +34,10 @@ use crate::webhook;
 /// Dead peers are found by HTTP/2 pings, so their connection slots are freed.
 const HTTP2_KEEPALIVE: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the grace period: how long calls in flight may take to finish. Streams
+/// (WatchTrustBundle) never end on their own and are closed then; their clients reconnect to
+/// another replica.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -76,7 +83,10 @@ fn kube_needed_for(config: &CaConfig) -> Option<&'static str> {
     }
 }
 
-pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServeError> {
+pub async fn serve(
+    config: CaConfig,
+    signalled: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
     let td = TrustDomain::new(&config.trust_domain)
         .map_err(|e| ServeError::TrustDomain(e.to_string()))?;
     if config.max_ttl < config.default_ttl {
@@ -88,6 +98,13 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
         return Err(ServeError::StaticEntriesNeedCertsAuth);
     }
     info!(config = ?config, "starting sigil CA");
+    // Everything serves until `shutdown`: the grace period after the signal.
+    let (stop_tx, shutdown) = watch::channel(false);
+    tokio::spawn(stop_after_grace(
+        signalled.clone(),
+        config.shutdown_grace,
+        stop_tx,
+    ));
 
     let kube = match kube_needed_for(&config) {
         Some(needed_for) => Some(
@@ -214,7 +231,12 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
 
     // Readiness: the key is loaded and (with Kubernetes) the pod index has synced.
     let (ready_tx, ready_rx) = watch::channel(Readiness::default());
-    tokio::spawn(track_readiness(authority_rx.clone(), pods_rx, ready_tx));
+    tokio::spawn(track_readiness(
+        authority_rx.clone(),
+        pods_rx,
+        signalled,
+        ready_tx,
+    ));
 
     // TLS and gRPC.
     let serving_id = SpiffeId::for_service_account(&td, "sigil-system", "sigil-ca")
@@ -300,8 +322,8 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
     }
 
     let (sigil_ca, istio_ca) = service::servers(ca);
-    let mut grpc_shutdown = shutdown;
-    tonic::transport::Server::builder()
+    let mut grpc_shutdown = shutdown.clone();
+    let serving = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .add_service(sigil_ca)
@@ -311,10 +333,34 @@ pub async fn serve(config: CaConfig, shutdown: watch::Receiver<bool>) -> Result<
             async move {
                 let _ = grpc_shutdown.wait_for(|stop| *stop).await;
             },
-        )
-        .await?;
+        );
+    let mut drain = shutdown;
+    tokio::select! {
+        result = serving => result?,
+        () = async {
+            let _ = drain.wait_for(|stop| *stop).await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => info!("calls still open after the drain timeout (streams); closing them"),
+    }
     info!("CA stopped");
     Ok(())
+}
+
+/// Turns `stop` true `grace` after `signalled` did (at once if `signalled` closes without).
+async fn stop_after_grace(
+    mut signalled: watch::Receiver<bool>,
+    grace: Duration,
+    stop: watch::Sender<bool>,
+) {
+    if signalled.wait_for(|s| *s).await.is_ok() {
+        info!(
+            grace_s = grace.as_secs_f64(),
+            "shutting down: reporting not ready, serving on for the grace period while the Service drops this endpoint"
+        );
+        tokio::time::sleep(grace).await;
+        info!("grace period over: no longer accepting; draining calls in flight");
+    }
+    stop.send_replace(true);
 }
 
 fn read_jwks_file(path: &std::path::Path) -> Result<Jwks, ServeError> {
@@ -354,11 +400,15 @@ async fn refresh_jwks(
     }
 }
 
+/// Ready while the key is loaded, (with Kubernetes) the pod index has synced, and no shutdown
+/// signal arrived.
 async fn track_readiness(
     mut authority: watch::Receiver<crate::authority::SharedAuthority>,
     mut pods: Option<watch::Receiver<PodIndex>>,
+    mut signalled: watch::Receiver<bool>,
     tx: watch::Sender<Readiness>,
 ) {
+    let mut signal_open = true;
     loop {
         let state = Readiness(vec![
             ("key_loaded", authority.borrow_and_update().signer.is_some()),
@@ -366,6 +416,7 @@ async fn track_readiness(
                 "pods_synced",
                 pods.as_mut().is_none_or(|p| p.borrow_and_update().synced),
             ),
+            ("not_shutting_down", !*signalled.borrow_and_update()),
         ]);
         tx.send_if_modified(|current| {
             let changed = *current != state;
@@ -378,9 +429,17 @@ async fn track_readiness(
                 None => std::future::pending().await,
             }
         };
+        let signal_changed = async {
+            if signal_open {
+                signalled.changed().await
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::select! {
             r = authority.changed() => if r.is_err() { return },
             r = pods_changed => if r.is_err() { tokio::time::sleep(Duration::from_secs(1)).await },
+            r = signal_changed => signal_open = r.is_ok(),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The sidecar-injection webhook's front: `POST /inject` over HTTPS on `--webhook-addr` (the
 //! serving certificate is issued by this CA, like the gRPC one), and the keeper of the
-//! MutatingWebhookConfiguration's `caBundle`, rewritten whenever the trust bundle changes or
-//! someone re-applies the manifest without it.
+//! MutatingWebhookConfiguration's `caBundle`, written whenever it misses a root of the trust
+//! bundle (a rotation, someone re-applying the manifest without it) and cleared of retired roots
+//! once every replica has caught up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,11 +19,12 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use rustls::ServerConfig;
+use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::authority::SharedAuthority;
+use crate::authority::{SharedAuthority, der_to_pem};
 use crate::inject::{self, InjectConfig, Outcome};
 use crate::metrics::{InjectLabels, InjectOutcome, Metrics};
 use crate::tls_server;
@@ -37,6 +39,11 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 1024;
 /// How soon a failed caBundle write is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a caBundle keeps roots this replica no longer has before it removes them: well past
+/// the interval at which replicas reload the key material (5 s by default), so a replica with
+/// the older view, still presenting a certificate from such a root, is not cut off, and
+/// replicas whose views differ do not overwrite each other.
+pub const SHRINK_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 struct WebhookState {
@@ -132,9 +139,16 @@ pub async fn serve(
     }
 }
 
-/// Keeps `caBundle` of every webhook in the MutatingWebhookConfiguration `name` equal to the
-/// trust bundle. Watches just that object (a `metadata.name` field selector, so RBAC can name
+/// Keeps `caBundle` of every webhook in the MutatingWebhookConfiguration `name` trusting this
+/// replica's roots. Watches just that object (a `metadata.name` field selector, so RBAC can name
 /// it), and runs until the authority channel closes.
+///
+/// Several replicas keep the same object, and during a root rotation their views differ for up
+/// to the reload interval. So a root missing from a caBundle is added at once (keeping what is
+/// there: another replica may still present a certificate from it), and roots this replica no
+/// longer has are removed only after [`SHRINK_AFTER`], by when every replica has caught up. Each
+/// change of the bundle is then one write (or two, when replicas remove a root at the same
+/// moment) instead of replicas rewriting each other's view in turn.
 pub async fn keep_ca_bundle(
     client: kube::Client,
     name: String,
@@ -148,9 +162,12 @@ pub async fn keep_ca_bundle(
         .boxed();
     let mut current: Option<MutatingWebhookConfiguration> = None;
     let mut retry_at: Option<tokio::time::Instant> = None;
+    // When extra roots, first seen now, may be removed.
+    let mut shrink_at: Option<tokio::time::Instant> = None;
     loop {
-        let retry = async {
-            match retry_at {
+        let wake_at = retry_at.into_iter().chain(shrink_at).min();
+        let wake = async {
+            match wake_at {
                 Some(at) => tokio::time::sleep_until(at).await,
                 None => std::future::pending().await,
             }
@@ -166,58 +183,186 @@ pub async fn keep_ca_bundle(
                 Some(Err(e)) => warn!(webhook_config = %name, error = %e, "MutatingWebhookConfiguration watch failed; retrying"),
             },
             changed = authority.changed() => if changed.is_err() { return },
-            _ = retry => {}
+            _ = wake => {}
         }
+        // Whatever woke us, a pending write is tried now.
         retry_at = None;
+        let now = tokio::time::Instant::now();
         let Some(object) = &current else { continue };
-        let bundle = authority.borrow_and_update().roots_pem().concat();
-        let Some(patch) = ca_bundle_patch(object, bundle.as_bytes()) else {
-            continue;
+        let roots = authority.borrow_and_update().bundle.roots.clone();
+        let shrink = shrink_at.is_some_and(|at| at <= now);
+        let plan = ca_bundle_patch(object, &roots, shrink);
+        shrink_at = match (plan.shrink_pending, shrink_at) {
+            (false, _) => None,
+            (true, Some(at)) => Some(at),
+            (true, None) => {
+                info!(webhook_config = %name, after_s = SHRINK_AFTER.as_secs(), "the webhook caBundle holds roots this CA no longer has; removing them once every replica has caught up");
+                Some(now + SHRINK_AFTER)
+            }
         };
+        let Some(patch) = plan.patch else { continue };
         match api
             .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
             .await
         {
             Ok(updated) => {
                 metrics.webhook_ca_bundle_writes.inc();
-                info!(webhook_config = %name, "webhook caBundle set to the current trust bundle");
+                info!(webhook_config = %name, removed_old_roots = shrink, "webhook caBundle updated to trust the current roots");
                 current = Some(updated);
             }
             Err(e) => {
                 metrics.webhook_ca_bundle_write_failures.inc();
                 warn!(webhook_config = %name, error = %e, "could not update the webhook caBundle; retrying");
-                retry_at = Some(tokio::time::Instant::now() + RETRY_INTERVAL);
+                retry_at = Some(now + RETRY_INTERVAL);
             }
         }
     }
 }
 
-/// The JSON patch that sets every webhook's caBundle to `bundle`, or `None` when all already
-/// carry it (or there is no bundle yet). Each write is guarded by a test of the webhook's name,
-/// so a concurrent reordering of the list fails the patch instead of writing the wrong entry.
+/// What [`ca_bundle_patch`] decided.
+#[derive(Debug)]
+pub struct CaBundlePlan {
+    /// The write to make now, if any.
+    pub patch: Option<json_patch::Patch>,
+    /// Some caBundle holds roots that `roots` lacks and that were left in place (no `shrink`).
+    pub shrink_pending: bool,
+}
+
+/// The JSON patch that makes every webhook's caBundle trust `roots`: a caBundle missing one of
+/// them gets them added to what it has; one holding only extra roots is set to exactly `roots`
+/// if `shrink`, else left alone (and reported in [`CaBundlePlan::shrink_pending`]). No patch when
+/// nothing is to change, or with no roots yet. Each write is guarded by a test of the webhook's
+/// name, so a concurrent reordering of the list fails the patch instead of writing the wrong
+/// entry.
 pub fn ca_bundle_patch(
     object: &MutatingWebhookConfiguration,
-    bundle: &[u8],
-) -> Option<json_patch::Patch> {
-    if bundle.is_empty() {
-        return None;
+    roots: &[CertificateDer<'_>],
+    shrink: bool,
+) -> CaBundlePlan {
+    let mut plan = CaBundlePlan {
+        patch: None,
+        shrink_pending: false,
+    };
+    if roots.is_empty() {
+        return plan;
     }
-    let encoded = base64::engine::general_purpose::STANDARD.encode(bundle);
     let mut ops = Vec::new();
     for (index, webhook) in object.webhooks.iter().flatten().enumerate() {
-        let current = webhook
+        // What does not parse trusts nothing, and is dropped by a write.
+        let held: Vec<Vec<u8>> = webhook
             .client_config
             .ca_bundle
             .as_ref()
-            .map(|b| b.0.as_slice());
-        if current == Some(bundle) {
+            .and_then(|b| pem::parse_many(&b.0).ok())
+            .into_iter()
+            .flatten()
+            .filter(|block| block.tag() == "CERTIFICATE")
+            .map(pem::Pem::into_contents)
+            .collect();
+        let missing: Vec<&[u8]> = roots
+            .iter()
+            .map(|root| root.as_ref())
+            .filter(|root| !held.iter().any(|h| h.as_slice() == *root))
+            .collect();
+        let extra = held
+            .iter()
+            .any(|h| !roots.iter().any(|root| root.as_ref() == h.as_slice()));
+        let wanted: Vec<&[u8]> = if !extra && missing.is_empty() {
             continue;
-        }
+        } else if extra && shrink {
+            roots.iter().map(|root| root.as_ref()).collect()
+        } else if missing.is_empty() {
+            plan.shrink_pending = true;
+            continue;
+        } else {
+            plan.shrink_pending |= extra;
+            held.iter().map(Vec::as_slice).chain(missing).collect()
+        };
+        let pem: String = wanted.into_iter().map(der_to_pem).collect();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(pem);
         ops.push(serde_json::json!({"op": "test", "path": format!("/webhooks/{index}/name"), "value": webhook.name}));
         ops.push(serde_json::json!({"op": "add", "path": format!("/webhooks/{index}/clientConfig/caBundle"), "value": encoded}));
     }
-    if ops.is_empty() {
-        return None;
+    if !ops.is_empty() {
+        plan.patch = Some(
+            serde_json::from_value(serde_json::Value::Array(ops)).expect("valid JSON patch ops"),
+        );
     }
-    Some(serde_json::from_value(serde_json::Value::Array(ops)).expect("valid JSON patch ops"))
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root(name: &str) -> CertificateDer<'static> {
+        rcgen::generate_simple_self_signed(vec![name.to_string()])
+            .unwrap()
+            .cert
+            .der()
+            .clone()
+    }
+
+    /// One webhook whose caBundle holds `roots` (none: no caBundle).
+    fn config(roots: &[CertificateDer<'_>]) -> MutatingWebhookConfiguration {
+        let pem: String = roots.iter().map(|r| der_to_pem(r)).collect();
+        let mut value = serde_json::json!({
+            "metadata": {"name": "sigil-injector"},
+            "webhooks": [{"name": "inject.sigil.dev", "admissionReviewVersions": ["v1"],
+                          "sideEffects": "None", "clientConfig": {}}],
+        });
+        if !roots.is_empty() {
+            value["webhooks"][0]["clientConfig"]["caBundle"] =
+                base64::engine::general_purpose::STANDARD.encode(pem).into();
+        }
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// The roots `plan` writes, or `None` for no write.
+    fn written(object: &MutatingWebhookConfiguration, plan: &CaBundlePlan) -> Option<Vec<Vec<u8>>> {
+        let mut value = serde_json::to_value(object).unwrap();
+        json_patch::patch(&mut value, plan.patch.as_ref()?).unwrap();
+        let encoded = value["webhooks"][0]["clientConfig"]["caBundle"].as_str()?;
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        Some(
+            pem::parse_many(pem)
+                .unwrap()
+                .into_iter()
+                .map(pem::Pem::into_contents)
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_missing_root_is_added_at_once_an_extra_one_removed_only_when_due() {
+        let (old, new) = (root("old"), root("new"));
+        let der = |roots: &[&CertificateDer<'_>]| -> Vec<Vec<u8>> {
+            roots.iter().map(|r| r.to_vec()).collect()
+        };
+        // No caBundle yet (or re-applied without one): ours, at once.
+        let empty = config(&[]);
+        let plan = ca_bundle_patch(&empty, std::slice::from_ref(&old), false);
+        assert_eq!(written(&empty, &plan), Some(der(&[&old])));
+        assert!(!plan.shrink_pending);
+        // Equal: nothing to write.
+        let plan = ca_bundle_patch(&config(&[old.clone()]), std::slice::from_ref(&old), false);
+        assert!(plan.patch.is_none() && !plan.shrink_pending);
+        // A replica that has seen a new root adds it, keeping the one another replica uses.
+        let held = config(&[old.clone()]);
+        let plan = ca_bundle_patch(&held, std::slice::from_ref(&new), false);
+        assert_eq!(written(&held, &plan), Some(der(&[&old, &new])));
+        assert!(plan.shrink_pending);
+        // A replica with the older view does not take the new root out...
+        let both = config(&[old.clone(), new.clone()]);
+        let plan = ca_bundle_patch(&both, std::slice::from_ref(&old), false);
+        assert!(plan.patch.is_none() && plan.shrink_pending);
+        // ...and once the removal is due, the retired root goes.
+        let plan = ca_bundle_patch(&both, std::slice::from_ref(&new), true);
+        assert_eq!(written(&both, &plan), Some(der(&[&new])));
+        // No roots loaded yet: never write an empty bundle.
+        let plan = ca_bundle_patch(&both, &[], true);
+        assert!(plan.patch.is_none());
+    }
 }

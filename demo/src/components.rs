@@ -222,6 +222,9 @@ impl Ca {
             "--default-ttl",
             &duration_flag(cert_ttl),
             "--no-root-configmaps",
+            // No Service routes to it: nothing to serve on for after the signal.
+            "--shutdown-grace",
+            "0s",
         ]
         .map(String::from)
         .to_vec();

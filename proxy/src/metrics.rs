@@ -143,6 +143,7 @@ pub struct Metrics {
     pub upstream_failures: Family<DirectionLabels, Counter>,
     pub cert_expiry: Gauge,
     pub cert_updates: Counter,
+    pub cert_expired: Counter,
     pub sds_connected: Gauge,
     pub sds_reconnects: Counter,
     pub mesh_members: Gauge,
@@ -164,6 +165,7 @@ impl Metrics {
             upstream_failures: Family::default(),
             cert_expiry: Gauge::default(),
             cert_updates: Counter::default(),
+            cert_expired: Counter::default(),
             sds_connected: Gauge::default(),
             sds_reconnects: Counter::default(),
             mesh_members: Gauge::default(),
@@ -214,6 +216,12 @@ impl Metrics {
             "cert_updates",
             "Certificates or trust bundles received from the agent and put in use",
             metrics.cert_updates.clone(),
+        );
+        r.register(
+            "cert_expired",
+            "Certificates that expired while the proxy presented them, no renewal having arrived \
+             (every mTLS connection fails until one does)",
+            metrics.cert_expired.clone(),
         );
         r.register(
             "sds_connected",

@@ -2,7 +2,9 @@
 //! (our certificate and key) and `ROOTCA` (the trust bundle), ACKing what it can use and NACKing
 //! what it cannot. Every usable update becomes a new [`TlsState`] on a `watch` channel, which new
 //! handshakes read; live connections keep the state they started with. When the agent goes away
-//! the current state stays in use and the stream is re-opened with backoff.
+//! the current state stays in use and the stream is re-opened with backoff. When the certificate
+//! in use expires with no renewal in sight, that is logged at error level and counted: every
+//! mTLS connection fails from then on.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use sigil_identity::TrustBundle;
 use sigil_identity::tls::{CertifiedKey, TlsVersions};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::feed::{self, FeedError};
 use crate::metrics::Metrics;
@@ -56,6 +58,7 @@ pub async fn run(
     tx: watch::Sender<Option<Arc<TlsState>>>,
     metrics: Arc<Metrics>,
 ) {
+    tokio::spawn(report_expiry(tx.subscribe(), metrics.clone()));
     let mut backoff = Backoff::new(feed::RECONNECT_INITIAL, feed::RECONNECT_MAX);
     let mut received = Received::default();
     loop {
@@ -81,6 +84,40 @@ pub async fn run(
         }
         metrics.sds_reconnects.inc();
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// Logs (error) and counts each certificate in use that reaches its NotAfter before a renewal
+/// replaced it: handshakes with it fail from then on, so operators must hear of it (the agent
+/// could not reach the CA for over half the certificate's lifetime). Ends with `tls`.
+async fn report_expiry(mut tls: watch::Receiver<Option<Arc<TlsState>>>, metrics: Arc<Metrics>) {
+    let mut reported: Option<String> = None;
+    loop {
+        let current = tls.borrow_and_update().clone();
+        let pending = current.filter(|state| reported.as_ref() != Some(&state.serial));
+        let Some(state) = pending else {
+            if tls.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let left = state
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        tokio::select! {
+            () = tokio::time::sleep(left) => {
+                metrics.cert_expired.inc();
+                error!(
+                    identity = %state.id,
+                    serial = %state.serial,
+                    not_after = state.not_after_unix(),
+                    "the certificate this proxy presents has expired and no renewal arrived: every mTLS connection fails until one does (can the node agent reach the CA?)"
+                );
+                reported = Some(state.serial.clone());
+            }
+            changed = tls.changed() => if changed.is_err() { return },
+        }
     }
 }
 
