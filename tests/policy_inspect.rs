@@ -516,3 +516,55 @@ async fn answers_from_the_cluster() {
     );
     server.shutdown().await;
 }
+
+/// Issue 11 item 1: `--path` goes through the proxy's normalization (`--path-normalization`,
+/// BASE by default) before matching, and the output says so; every row of the shared table
+/// gets the verdict the proxy gives it (a path the proxy refuses with 400 is `DENY invalid-path`).
+#[tokio::test]
+async fn paths_are_normalized_as_the_proxy_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = policy_file(dir.path(), include_str!("fixtures/deny-admin.yaml"));
+    let mut failures = Vec::new();
+    for case in sigil_policy::path::table() {
+        let mode = case.mode.to_string();
+        let run = inspect(
+            &[
+                "--policy-file",
+                &file,
+                "--namespace",
+                "demo",
+                "--labels",
+                "",
+                "--from",
+                CLIENT,
+                "--port",
+                "8080",
+                "--path-normalization",
+                &mode,
+                "--path",
+                case.target,
+            ],
+            None,
+        )
+        .await;
+        let (want_line, want_code) = match case.verdict.as_str() {
+            "400" => ("DENY invalid-path", 1),
+            "ALLOW default" => ("ALLOW default", 0),
+            other => (other, 1),
+        };
+        let explained = match case.forwarded {
+            Some(forwarded) => run.stdout.contains(&format!(
+                "path: {} normalized ({mode}) to {forwarded}",
+                case.target
+            )),
+            None => run.stdout.contains("the proxy answers 400"),
+        };
+        if run.first_line() != want_line || run.code != want_code || !explained {
+            failures.push(format!(
+                "{mode} {}: want {want_line:?}, got code {} {:?} {:?}",
+                case.target, run.code, run.stdout, run.stderr
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -11,7 +11,9 @@
 //!    request fails, B's app sees nothing and B counts a `not_tls` handshake failure;
 //! 4. PERMISSIVE lets that plaintext in with no identity, while A's requests still arrive over
 //!    mTLS as WEB;
-//! 5. a destination outside the mesh (the HTTP server in C) is passed through untouched.
+//! 5. a destination outside the mesh (the HTTP server in C) is passed through untouched;
+//! 6. inbound connections go to the original destination (B's pod IP), as Istio's since 1.10,
+//!    so a port B's app bound to 127.0.0.1 only is not reachable from the mesh (issue 11 item 7).
 //!
 //! ```text
 //!          pod A (netns)                           pod B (netns)
@@ -62,6 +64,8 @@ const B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const C_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 /// B's application port.
 const APP_PORT: u16 = 8080;
+/// A port of B's app bound to 127.0.0.1 only (a debug port, say).
+const PRIVATE_PORT: u16 = 9001;
 /// C's plain listener, outside the mesh.
 const OUTSIDE_PORT: u16 = 9090;
 /// sigil's default inbound listener.
@@ -261,10 +265,34 @@ async fn transparent_proxies_carry_a_plain_http_request_over_mtls_between_two_po
     );
     assert_eq!(a_line["result"], "ok", "{a_line}");
 
+    // 6. A port B's app bound to loopback only stays private: B's proxy forwards to B's pod
+    // IP, where nothing listens on it, not to 127.0.0.1.
+    let private = common::netns::in_netns(&b.name, || {
+        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, PRIVATE_PORT))
+    })
+    .unwrap();
+    private.set_nonblocking(true).unwrap();
+    let private = TcpListener::from_std(private).unwrap();
+    let private_seen = tokio::spawn(async move { private.accept().await.is_ok() });
+    let reached = a
+        .http_client(APP_UID, &format!("http://{B_IP}:{PRIVATE_PORT}/debug"))
+        .await;
+    assert!(
+        reached.is_err(),
+        "a loopback-only port was reachable from the mesh: {reached:?}"
+    );
+    assert!(
+        !private_seen.is_finished(),
+        "the loopback-only listener got a connection"
+    );
+    private_seen.abort();
+    let b_line = &b_proxy.access_lines(2).await[1];
+    assert_eq!(b_line["result"], "upstream_connect_failed", "{b_line}");
+
     // 3. STRICT: plaintext from C (no proxy there) is refused before B's app sees anything.
     let refused = c.http_client("0", &b_url).await;
     assert!(refused.is_err(), "STRICT let plaintext in: {refused:?}");
-    let b_line = &b_proxy.access_lines(2).await[1];
+    let b_line = &b_proxy.access_lines(3).await[2];
     assert_eq!(b_line["result"], "not_tls", "{b_line}");
     assert!(
         field(b_line, "source").starts_with(&format!("{C_IP}:")),

@@ -8,6 +8,10 @@
 //! answer is then `DENY` by the PeerAuthentication that made the port STRICT (`default` when
 //! it is sigil's default); on a DISABLE port the caller's identity is never seen, so the
 //! request is evaluated as plaintext.
+//!
+//! `--path` goes through the proxy's path normalization ([`crate::path`], `--path-normalization`
+//! as the proxy's flag, BASE by default) before matching, and the output says what it became;
+//! a path the proxy answers 400 gets `DENY invalid-path`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -26,6 +30,7 @@ use crate::engine::{
 };
 use crate::file::{self, FileError};
 use crate::model::{self, Kind};
+use crate::path::{self, PathNormalization};
 use crate::validate::{self, MtlsMode, ValidationError};
 
 /// The method of an HTTP request given without `--method`.
@@ -59,9 +64,13 @@ pub struct InspectPolicyArgs {
     /// (method GET, path /, no Host unless given); without them it is a plain TCP connection.
     #[arg(long)]
     pub method: Option<String>,
-    /// HTTP path (a query string is ignored).
+    /// HTTP request target: a path, with a query string (ignored by policies) if any. It is
+    /// normalized as the proxy does (see --path-normalization) before matching.
     #[arg(long)]
     pub path: Option<String>,
+    /// The path normalization of the proxy being asked about (its --path-normalization).
+    #[arg(long, value_enum, default_value_t = PathNormalization::Base, ignore_case = true)]
+    pub path_normalization: PathNormalization,
     /// HTTP Host header, with its port if the client sends one.
     #[arg(long)]
     pub host: Option<String>,
@@ -260,9 +269,23 @@ fn answer(
         || args.path.is_some()
         || args.host.is_some()
         || !args.headers.is_empty();
+    let target = args.path.as_deref().unwrap_or(DEFAULT_PATH);
+    let normalized = match path::normalize_target(target, args.path_normalization) {
+        Ok(normalized) => normalized,
+        Err(e) => {
+            writeln!(out, "DENY invalid-path")?;
+            writeln!(
+                out,
+                "reason: the proxy answers 400 Bad Request before authorization: {e} \
+                 (path normalization {})",
+                args.path_normalization
+            )?;
+            return Ok(false);
+        }
+    };
     let http = is_http.then(|| HttpRequest {
         method: args.method.as_deref().unwrap_or(DEFAULT_METHOD),
-        path: args.path.as_deref().unwrap_or(DEFAULT_PATH),
+        path: normalized.split('?').next().unwrap_or_default(),
         host: args.host.as_deref().unwrap_or_default(),
         headers: &headers,
     });
@@ -307,6 +330,13 @@ fn answer(
         if is_http { "HTTP" } else { "non-HTTP (TCP)" },
         args.port
     )?;
+    if let Some(path) = &args.path {
+        writeln!(
+            out,
+            "path: {path} normalized ({}) to {normalized}, as the proxy matches and forwards it",
+            args.path_normalization
+        )?;
+    }
     for policy in &applying {
         for warning in policy.warnings() {
             writeln!(out, "warning: {}: {warning}", policy.name())?;

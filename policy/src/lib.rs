@@ -9,6 +9,7 @@ pub mod engine;
 pub mod file;
 pub mod inspect;
 pub mod model;
+pub mod path;
 pub mod validate;
 
 pub use engine::{

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 use sigil_identity::SpiffeId;
@@ -23,8 +24,8 @@ use tracing::{info, warn};
 
 use crate::config::MtlsMode;
 use crate::feed;
-use crate::l7::{Authorize, RequestInfo};
-use crate::metrics::{AuthzDecision, AuthzLabels, Layer, Metrics};
+use crate::l7::{Authorize, BadRequest, HttpError, RequestInfo};
+use crate::metrics::{AuthzDecision, AuthzLabels, Direction, DirectionLabels, Layer, Metrics};
 
 /// The policies in force for this workload.
 #[derive(Debug)]
@@ -46,7 +47,7 @@ impl PolicyState {
         let objects: Vec<Object> = wire
             .objects_json
             .iter()
-            .filter_map(|json| match compile_one(json) {
+            .filter_map(|json| match compile_one(json, &wire.namespace) {
                 Compiled::Valid(object) => Some(object),
                 Compiled::Invalid { replacement, why } => {
                     rejected.push(why);
@@ -122,13 +123,19 @@ enum Compiled {
     },
 }
 
-fn compile_one(json: &str) -> Compiled {
+/// `namespace`: the workload's, where an object that is not even JSON denies everything (what
+/// it was meant to do cannot be known, so it fails closed as a DENY would).
+fn compile_one(json: &str, namespace: &str) -> Compiled {
     let value: Value = match serde_json::from_str(json) {
         Ok(value) => value,
         Err(e) => {
             return Compiled::Invalid {
-                replacement: None,
-                why: format!("an object that is not JSON: {e}"),
+                replacement: fail_closed(&json!({
+                    "kind": "AuthorizationPolicy",
+                    "metadata": { "name": "unparseable-policy", "namespace": namespace },
+                    "spec": { "action": "DENY" },
+                })),
+                why: format!("{namespace}/?: an object that is not JSON: {e}"),
             };
         }
     };
@@ -286,7 +293,19 @@ pub struct ConnectionAuthz {
     peer_id: Option<String>,
     source_ip: IpAddr,
     port: u16,
+    /// How the connection arrived, and the port's mode where no PeerAuthentication sets one
+    /// (the proxy's flags): re-checked against the mode after every policy change.
+    transport: Transport,
+    /// --access-log: one line per allowed HTTP request too (denied ones are always logged).
+    access_log: bool,
     metrics: Arc<Metrics>,
+}
+
+/// How an inbound connection arrived, for re-checking it against the port's mTLS mode.
+#[derive(Clone, Copy, Debug)]
+pub struct Transport {
+    pub mtls: bool,
+    pub default_mode: MtlsMode,
 }
 
 impl ConnectionAuthz {
@@ -295,6 +314,8 @@ impl ConnectionAuthz {
         peer: Option<&SpiffeId>,
         source_ip: IpAddr,
         port: u16,
+        transport: Transport,
+        access_log: bool,
         metrics: Arc<Metrics>,
     ) -> ConnectionAuthz {
         ConnectionAuthz {
@@ -303,8 +324,34 @@ impl ConnectionAuthz {
             peer_id: peer.map(ToString::to_string),
             source_ip,
             port,
+            transport,
+            access_log,
             metrics,
         }
+    }
+
+    /// Why the port's current mode no longer accepts this connection: plaintext on a port now
+    /// STRICT, mTLS on a port now DISABLE.
+    fn mode_forbids(&self) -> Option<String> {
+        let state = self.policies.borrow().clone()?;
+        let mode = state.mtls_mode(self.port, self.transport.default_mode);
+        let forbidden = match mode {
+            MtlsMode::Strict => !self.transport.mtls,
+            MtlsMode::Disable => self.transport.mtls,
+            MtlsMode::Permissive => false,
+        };
+        forbidden.then(|| {
+            format!(
+                "{} refused after a policy change: mTLS is {} on port {}",
+                if self.transport.mtls {
+                    "mTLS"
+                } else {
+                    "plaintext"
+                },
+                mode.as_str(),
+                self.port
+            )
+        })
     }
 
     fn request<'a>(&'a self, http: Option<HttpRequest<'a>>) -> Request<'a> {
@@ -341,13 +388,17 @@ impl ConnectionAuthz {
         }
     }
 
-    /// Resolves when a policy change takes away this connection's permission: then it must be
-    /// closed. `http`: the connection is served request by request.
+    /// Resolves when a policy change takes away this connection's permission, or its port's
+    /// mTLS mode no longer accepts how it arrived: then it must be closed. `http`: the
+    /// connection is served request by request.
     pub async fn revoked(&self, http: bool) -> String {
         let mut policies = self.policies.clone();
         loop {
             if policies.changed().await.is_err() {
                 return std::future::pending().await;
+            }
+            if let Some(why) = self.mode_forbids() {
+                return why;
             }
             let outcome = if http {
                 self.still_possible()
@@ -380,7 +431,7 @@ impl ConnectionAuthz {
 }
 
 impl Authorize for ConnectionAuthz {
-    fn authorize(&self, request: &RequestInfo<'_>) -> bool {
+    fn authorize(&self, request: &RequestInfo<'_>) -> Option<String> {
         let state = self.policies.borrow().clone();
         let outcome = match &state {
             Some(state) => Outcome::of(&state.set.evaluate(
@@ -396,7 +447,7 @@ impl Authorize for ConnectionAuthz {
         };
         self.count(&outcome, Layer::L7);
         if outcome.allowed {
-            return true;
+            return Some(outcome.policy);
         }
         info!(
             target: "sigil_access",
@@ -412,7 +463,58 @@ impl Authorize for ConnectionAuthz {
             policy = %outcome.policy,
             detail = %outcome.reason,
         );
-        false
+        None
+    }
+
+    fn served(&self, request: &RequestInfo<'_>, policy: &str, status: u16, elapsed: Duration) {
+        if !self.access_log {
+            return;
+        }
+        info!(
+            target: "sigil_access",
+            kind = "http",
+            source_ip = %self.source_ip,
+            source_identity = self.peer_id.as_deref(),
+            port = self.port,
+            method = request.method,
+            path = request.path,
+            host = request.host,
+            result = "allowed",
+            status,
+            policy,
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+        );
+    }
+
+    fn bad_request(&self, method: &str, target: &str, why: &BadRequest) {
+        self.metrics.http_bad_requests.inc();
+        info!(
+            target: "sigil_access",
+            kind = "http",
+            source_ip = %self.source_ip,
+            source_identity = self.peer_id.as_deref(),
+            port = self.port,
+            method,
+            path = target,
+            result = "bad_request",
+            status = 400,
+            detail = %why,
+        );
+    }
+
+    fn upstream_failed(&self, error: &HttpError) {
+        self.metrics
+            .upstream_failures
+            .get_or_create(&DirectionLabels {
+                direction: Direction::Inbound,
+            })
+            .inc();
+        warn!(
+            source_ip = %self.source_ip,
+            port = self.port,
+            error = %error,
+            "the application could not be reached for an allowed request; answered 502"
+        );
     }
 }
 
@@ -499,7 +601,8 @@ mod tests {
         assert_eq!(s.rejected.len(), 1);
         assert_eq!(s.mtls_mode(8080, MtlsMode::Disable), MtlsMode::Strict);
 
-        // Not even JSON: left out, and reported.
+        // Not even JSON (issue 11 item 5): it denies everything in the workload's namespace,
+        // and is reported (the log line and sigil_proxy_policies_rejected come from this list).
         let s = PolicyState::from_wire(&WirePolicySet {
             version: 1,
             namespace: "demo".into(),
@@ -507,7 +610,19 @@ mod tests {
             objects_json: vec!["{not json".into()],
         });
         assert_eq!(s.rejected.len(), 1);
-        assert_eq!(decide(&s, None), "ALLOW default");
+        assert!(s.rejected[0].contains("not JSON"), "{:?}", s.rejected);
+        assert_eq!(decide(&s, None), "DENY demo/unparseable-policy");
+        assert_eq!(decide(&s, Some(WEB)), "DENY demo/unparseable-policy");
+        // An object of a kind the proxy does not know stands in as an AuthorizationPolicy with
+        // its action: a DENY denies everything it selects.
+        let s = state(&[json!({
+            "apiVersion": "sigil.dev/v1alpha1",
+            "kind": "SomethingNew",
+            "metadata": {"name": "future", "namespace": "demo"},
+            "spec": {"action": "DENY"},
+        })]);
+        assert_eq!(s.rejected.len(), 1);
+        assert_eq!(decide(&s, Some(WEB)), "DENY demo/future");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use sigil_ca::config::parse_duration;
+use sigil_policy::path::PathNormalization;
 
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
@@ -15,6 +16,12 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 /// How long live connections may finish after SIGTERM (Istio's terminationDrainDuration).
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
+/// An inbound HTTP request head (HTTP/1) or first request (HTTP/2) must arrive within this.
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "30s";
+/// A connection with no bytes either way for this long is closed (Envoy's default idle timeout).
+pub const DEFAULT_IDLE_TIMEOUT: &str = "1h";
+/// Inbound connections held at once; more are closed at accept.
+pub const DEFAULT_MAX_INBOUND_CONNECTIONS: u32 = 4096;
 
 /// PeerAuthentication mode: whether a port accepts plaintext.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, serde::Serialize)]
@@ -63,7 +70,8 @@ fn parse_port_mtls(s: &str) -> Result<PortMtls, String> {
 /// Runs the proxy beside an application.
 ///
 /// Transparent mode (default): `sigil proxy init` has redirected the pod's traffic; inbound
-/// connections arrive on --inbound-port and go to 127.0.0.1:<original port> after mTLS;
+/// connections arrive on --inbound-port and go to their original destination (the pod IP)
+/// after mTLS;
 /// outbound connections arrive on --outbound-port and leave for their original destination,
 /// over mTLS when the agent lists it as meshed.
 ///
@@ -91,6 +99,26 @@ pub struct ProxyConfig {
     #[arg(long, default_value_t = DEFAULT_OUTBOUND_PORT)]
     pub outbound_port: u16,
 
+    /// Transparent mode: forward inbound connections to 127.0.0.1:<port> instead of the pod IP
+    /// they were addressed to, for applications that listen on loopback only. This exposes
+    /// every loopback-only port of the pod (debug endpoints, this proxy's admin) to the mesh.
+    #[arg(long)]
+    pub inbound_to_loopback: bool,
+
+    /// Inbound HTTP: set `x-forwarded-client-cert` on every allowed request from an mTLS peer
+    /// to `By=<this workload's SPIFFE ID>;URI=<the peer's>` (Envoy's SANITIZE_SET). HTTP is
+    /// then parsed on every inbound connection. A client's own x-forwarded-client-cert is
+    /// removed whenever the proxy parses HTTP; without this flag or an HTTP policy, bytes pass
+    /// untouched, so an application must trust the header only behind this flag.
+    #[arg(long)]
+    pub forward_client_cert: bool,
+
+    /// Inbound HTTP: log one JSON line per request (target `sigil_access`, `kind: http`): peer
+    /// identity, method, host, normalized path, status, deciding policy, duration. HTTP is then
+    /// parsed on every inbound connection. Denied and refused requests are always logged.
+    #[arg(long)]
+    pub access_log: bool,
+
     /// Inbound PeerAuthentication mode for every port without a --port-mtls override.
     #[arg(long, value_enum, default_value_t = MtlsMode::Strict, ignore_case = true)]
     pub mtls_mode: MtlsMode,
@@ -103,10 +131,37 @@ pub struct ProxyConfig {
     #[arg(long)]
     pub tls12: bool,
 
+    /// How inbound HTTP request paths are normalized before policies match them; the
+    /// normalized path is what the application receives. Istio's modes: NONE, BASE (RFC 3986:
+    /// dot segments, unreserved escapes, `\` to `/`), MERGE_SLASHES, DECODE_AND_MERGE_SLASHES
+    /// (also `%2F`, `%5C`). Refused with 400 whatever the mode: `%00`, invalid escapes; in all
+    /// but NONE: `;`, escapes that are not UTF-8, and `%2F`/`%5C` unless decoded.
+    #[arg(long, value_enum, default_value_t = PathNormalization::Base, ignore_case = true)]
+    pub path_normalization: PathNormalization,
+
     /// Give up on an upstream that has not accepted the TCP connection within this time.
     #[arg(long, value_parser = parse_duration, default_value = DEFAULT_CONNECT_TIMEOUT)]
     #[serde(with = "humantime_secs")]
     pub connect_timeout: Duration,
+
+    /// Inbound HTTP: close a connection whose HTTP/1 request head (the first one, or the next
+    /// one on a keep-alive connection) or first HTTP/2 request has not fully arrived within
+    /// this time. The application is connected to only once a request is allowed, so clients
+    /// that never finish a request never hold an application connection.
+    #[arg(long, value_parser = parse_duration, default_value = DEFAULT_HEADER_READ_TIMEOUT)]
+    #[serde(with = "humantime_secs")]
+    pub header_read_timeout: Duration,
+
+    /// Close a connection (inbound or outbound, HTTP or TCP) that carried no byte either way
+    /// for this long.
+    #[arg(long, value_parser = parse_duration, default_value = DEFAULT_IDLE_TIMEOUT)]
+    #[serde(with = "humantime_secs")]
+    pub idle_timeout: Duration,
+
+    /// Inbound connections held at once (from accept to close); more are closed at once and
+    /// counted in sigil_proxy_connections_over_limit_total.
+    #[arg(long, default_value_t = DEFAULT_MAX_INBOUND_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inbound_connections: u32,
 
     /// After SIGTERM: stop accepting, report not ready, let live connections finish for this
     /// long, then close them.

@@ -41,6 +41,8 @@ pub struct Shared {
     pub policies: watch::Receiver<Option<Arc<PolicyState>>>,
     /// Flips to true when the drain period is over: live connections close.
     pub close: watch::Receiver<bool>,
+    /// One permit per inbound connection held (--max-inbound-connections).
+    pub inbound_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -248,6 +250,16 @@ pub async fn track<F, R>(
         ended = forwarding => ended,
         reason = revoked => Ended { result: "closed_by_policy", detail: reason },
         _ = close.wait_for(|close| *close) => Ended { result: "closed_by_drain", detail: String::new() },
+        () = idle(&counts, shared.config.idle_timeout) => {
+            metrics
+                .idle_timeouts
+                .get_or_create(&crate::metrics::DirectionLabels { direction: log.direction })
+                .inc();
+            Ended {
+                result: "idle_timeout",
+                detail: format!("no byte either way for {:?}", shared.config.idle_timeout),
+            }
+        }
     };
 
     active.dec();
@@ -275,6 +287,24 @@ pub async fn track<F, R>(
             .inc_by(bytes);
     }
     log.write(received, sent, ended.result, &ended.detail);
+}
+
+/// Resolves once `counts` stayed the same for `timeout` (checked every quarter of it, so an idle
+/// connection ends within 1.25 times the timeout).
+async fn idle(counts: &ByteCounts, timeout: Duration) {
+    let step = timeout / 4;
+    let mut last = (counts.read(), counts.written());
+    let mut quiet = Duration::ZERO;
+    while quiet < timeout {
+        tokio::time::sleep(step).await;
+        let now = (counts.read(), counts.written());
+        quiet = if now == last {
+            quiet + step
+        } else {
+            Duration::ZERO
+        };
+        last = now;
+    }
 }
 
 /// Forwards bytes both ways between the two sides (see [`track`]); nothing revokes it.

@@ -2,7 +2,8 @@
 //! --inbound-listen). Each port's PeerAuthentication mode decides what is accepted: STRICT
 //! terminates mutual TLS and requires a verified SPIFFE ID of our trust domain, PERMISSIVE tells
 //! a TLS ClientHello from plaintext by peeking at the first bytes, DISABLE takes plaintext. Then
-//! the bytes go to the application on 127.0.0.1:<original port> (or --inbound-app).
+//! the bytes go to the application at the connection's original destination (the pod IP; with
+//! --inbound-to-loopback, 127.0.0.1:<original port>), or --inbound-app in explicit mode.
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,9 +16,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use crate::authz::{ConnectionAuthz, PolicyState};
+use crate::authz::{ConnectionAuthz, PolicyState, Transport};
 use crate::config::MtlsMode;
 use crate::forward::{self, ConnectionLog, Counted, Ended, HANDSHAKE_TIMEOUT, Prefixed, Shared};
 use crate::l7::{self, HttpVersion};
@@ -31,7 +32,8 @@ const PERMISSIVE_DETECT_WAIT: Duration = Duration::from_millis(500);
 /// Where accepted connections go.
 #[derive(Clone, Copy, Debug)]
 pub enum AppTarget {
-    /// Transparent mode: 127.0.0.1 (or ::1) at the connection's original destination port.
+    /// Transparent mode: the connection's original destination (127.0.0.1 or ::1 at its port
+    /// with --inbound-to-loopback).
     OriginalPort,
     /// Explicit mode: this address; the mode rules use the listener's port.
     Fixed(SocketAddr),
@@ -39,6 +41,12 @@ pub enum AppTarget {
 
 /// One inbound connection, from accept to close.
 pub async fn handle(stream: TcpStream, source: SocketAddr, target: AppTarget, shared: Shared) {
+    // Held until the connection ends: at most --max-inbound-connections at once.
+    let Ok(_slot) = shared.inbound_slots.clone().try_acquire_owned() else {
+        shared.metrics.connections_over_limit.inc();
+        debug!(%source, "inbound connection over --max-inbound-connections; closed");
+        return;
+    };
     let _ = stream.set_nodelay(true);
     let (destination, app) = match target {
         AppTarget::Fixed(app) => match stream.local_addr() {
@@ -46,6 +54,10 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, target: AppTarget, sh
             Err(_) => return,
         },
         AppTarget::OriginalPort => match forward::original_destination(&stream) {
+            // To the pod IP the client addressed, as Istio since 1.10: a port the application
+            // bound to loopback only stays private. `sigil proxy init` exempts the proxy's uid
+            // from redirection, so this connection does not come back to the proxy.
+            Ok(original) if !shared.config.inbound_to_loopback => (original, original),
             Ok(original) => (
                 original,
                 SocketAddr::new(forward::loopback_like(original.ip()), original.port()),
@@ -155,14 +167,23 @@ async fn authorize_and_forward<D>(
 ) where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let port = log.destination.port();
     let authz = Arc::new(ConnectionAuthz::new(
         shared.policies.clone(),
         log.source_identity.as_ref(),
         log.source.ip(),
-        log.destination.port(),
+        port,
+        Transport {
+            mtls: security == Security::Mtls,
+            default_mode: shared.config.mtls_mode_for(port),
+        },
+        shared.config.access_log,
         shared.metrics.clone(),
     ));
-    let downstream = if policies.needs_http {
+    // HTTP is parsed where a policy looks at it, or a flag asks for something per request.
+    let parse_http =
+        policies.needs_http || shared.config.forward_client_cert || shared.config.access_log;
+    let downstream = if parse_http {
         match Prefixed::read_prefix(downstream, l7::SNIFF_BYTES, PERMISSIVE_DETECT_WAIT).await {
             Ok(prefixed) => prefixed,
             Err(e) => return log.refused(&shared.metrics, HandshakeFailure::Io, &e.to_string()),
@@ -170,7 +191,7 @@ async fn authorize_and_forward<D>(
     } else {
         Prefixed::new(downstream)
     };
-    let http = if policies.needs_http {
+    let http = if parse_http {
         HttpVersion::sniff(downstream.prefix())
     } else {
         None
@@ -187,19 +208,33 @@ async fn authorize_and_forward<D>(
             return log.denied(&outcome.reason);
         }
     }
-    let upstream = match forward::connect(app, shared.config.connect_timeout).await {
-        Ok(upstream) => upstream,
-        Err(e) => return log.upstream_failed(&shared.metrics, &e),
-    };
+    let connect_timeout = shared.config.connect_timeout;
     let mut downstream = Counted::new(downstream);
     let counts = downstream.counts();
     // Either future, no allocation: plain bytes, or HTTP request by request.
     let forwarding = match http {
-        None => Either::Left(forward::copy_both(&mut downstream, upstream)),
+        None => match forward::connect(app, connect_timeout).await {
+            Ok(upstream) => Either::Left(forward::copy_both(&mut downstream, upstream)),
+            Err(e) => return log.upstream_failed(&shared.metrics, &e),
+        },
+        // HTTP connects to the application only for its first allowed request, so a client
+        // that never finishes one never holds an application connection.
         Some(version) => Either::Right({
             let authz = authz.clone();
+            let settings = l7::Settings {
+                version,
+                normalization: shared.config.path_normalization,
+                header_read_timeout: shared.config.header_read_timeout,
+                forward_client_cert: match (&log.destination_identity, &log.source_identity) {
+                    (Some(by), Some(peer)) if shared.config.forward_client_cert => {
+                        l7::client_cert_header(&by.to_string(), &peer.to_string())
+                    }
+                    _ => None,
+                },
+            };
+            let connect = move || forward::connect(app, connect_timeout);
             async move {
-                match l7::serve(downstream, upstream, version, authz).await {
+                match l7::serve(downstream, connect, settings, authz).await {
                     Ok(()) => Ended::ok(),
                     Err(e) => Ended {
                         result: "error",

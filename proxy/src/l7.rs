@@ -2,9 +2,17 @@
 //! headers): telling HTTP/1.1 and HTTP/2 from other bytes by their first bytes, then serving the
 //! connection as HTTP, deciding on every request, answering a denied one with 403 and forwarding
 //! an allowed one to the application over one upstream connection of the same HTTP version.
+//!
+//! Before any policy sees a request it is made unambiguous ([`check`]), so that what was
+//! authorized is what the application gets: the path is normalized (`sigil_policy::path`) and
+//! the normalized path is forwarded; more than one Host, a Host that differs from the
+//! absolute-form authority or HTTP/2 `:authority`, userinfo in either, and a method that is not
+//! upper-case are answered 400. One trailing dot of the host is ignored when matching.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -12,7 +20,8 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1 as client_h1, http2 as client_h2};
 use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use sigil_policy::path::{self, PathError, PathNormalization};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -65,15 +74,121 @@ pub struct RequestInfo<'a> {
     pub headers: &'a http::HeaderMap,
 }
 
-/// Decides on one request: true forwards it, false answers 403.
+/// Decides on one request and records what became of it.
 pub trait Authorize: Send + Sync + 'static {
-    fn authorize(&self, request: &RequestInfo<'_>) -> bool;
+    /// The deciding policy (`namespace/name` or `default`) if the request may be forwarded;
+    /// None answers 403 (and is logged by the implementation).
+    fn authorize(&self, request: &RequestInfo<'_>) -> Option<String>;
+    /// An allowed request answered with `status` after `elapsed` (the per-request access log).
+    fn served(&self, request: &RequestInfo<'_>, policy: &str, status: u16, elapsed: Duration);
+    /// A request answered 400 before any policy saw it (`target` as the client sent it):
+    /// logged with why, and counted.
+    fn bad_request(&self, method: &str, target: &str, why: &BadRequest);
+    /// The application could not be reached for an allowed request (answered 502).
+    fn upstream_failed(&self, error: &HttpError);
+}
+
+/// Why a request is answered 400 before authorization.
+#[derive(Debug, thiserror::Error)]
+pub enum BadRequest {
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("more than one Host header")]
+    SeveralHosts,
+    #[error("the Host header is not visible ASCII")]
+    HostNotText,
+    #[error("the Host header {host:?} differs from the request's authority {authority:?}")]
+    HostMismatch { host: String, authority: String },
+    #[error("userinfo in the authority or Host")]
+    Userinfo,
+    #[error("the method {0:?} is not upper-case")]
+    Method(String),
+}
+
+/// A request's attributes once made unambiguous.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// The normalized path and the untouched query: what policies see and the app receives.
+    pub target: Option<String>,
+    /// The host policies match: the authority (or Host), without one trailing dot.
+    pub host: String,
+}
+
+/// Checks the method, the Host and the path of a request (see the module docs).
+pub fn check<B>(
+    request: &Request<B>,
+    normalization: PathNormalization,
+) -> Result<Checked, BadRequest> {
+    let method = request.method().as_str();
+    if method.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Err(BadRequest::Method(method.to_owned()));
+    }
+    let mut hosts = request.headers().get_all(http::header::HOST).iter();
+    let host_header = match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => return Err(BadRequest::SeveralHosts),
+        (Some(host), None) => Some(host.to_str().map_err(|_| BadRequest::HostNotText)?),
+        (None, None) => None,
+    };
+    let authority = request.uri().authority().map(|a| a.as_str());
+    if let (Some(host), Some(authority)) = (host_header, authority)
+        && !host.eq_ignore_ascii_case(authority)
+    {
+        return Err(BadRequest::HostMismatch {
+            host: host.to_owned(),
+            authority: authority.to_owned(),
+        });
+    }
+    let host = authority.or(host_header).unwrap_or_default();
+    if host.contains('@') {
+        return Err(BadRequest::Userinfo);
+    }
+    let target = request
+        .uri()
+        .path_and_query()
+        .map(|p| path::normalize_target(p.as_str(), normalization))
+        .transpose()?;
+    Ok(Checked {
+        target,
+        host: without_trailing_dot(host),
+    })
+}
+
+/// `host.` and `host.:port` as `host` and `host:port` (the same name in DNS).
+fn without_trailing_dot(host: &str) -> String {
+    let (name, port) = match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            (name, Some(port))
+        }
+        _ => (host, None),
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    match port {
+        Some(port) => format!("{name}:{port}"),
+        None => name.to_owned(),
+    }
+}
+
+/// Replaces the request's path and query with `target` (known valid: normalization only
+/// removes and decodes characters the path already allowed).
+fn set_target<B>(request: &mut Request<B>, target: &str) {
+    let mut parts = request.uri().clone().into_parts();
+    let Ok(path_and_query) = target.parse::<http::uri::PathAndQuery>() else {
+        return;
+    };
+    parts.path_and_query = Some(path_and_query);
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *request.uri_mut() = uri;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    #[error("connecting to the application: {0}")]
+    Connect(#[source] std::io::Error),
     #[error("HTTP handshake with the application: {0}")]
     Upstream(#[source] hyper::Error),
+    #[error("no complete request head within --header-read-timeout ({0:?})")]
+    HeaderTimeout(Duration),
     #[error("serving HTTP to the client: {0}")]
     Downstream(#[source] hyper::Error),
 }
@@ -116,6 +231,15 @@ fn denied() -> Response<ProxyBody> {
     response
 }
 
+/// Why is in the log; the client learns only that its request was refused.
+fn bad_request() -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
+        b"bad request\n",
+    ))));
+    *response.status_mut() = StatusCode::BAD_REQUEST;
+    response
+}
+
 fn bad_gateway() -> Response<ProxyBody> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
         b"upstream unavailable\n",
@@ -124,19 +248,36 @@ fn bad_gateway() -> Response<ProxyBody> {
     response
 }
 
-/// Serves `downstream` as `version` until either side closes, forwarding
-/// allowed requests to `upstream`.
-pub async fn serve<D, A>(
-    downstream: D,
-    upstream: TcpStream,
-    version: HttpVersion,
-    authorizer: Arc<A>,
-) -> Result<(), HttpError>
+/// How [`serve`] serves one connection.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub version: HttpVersion,
+    pub normalization: PathNormalization,
+    /// HTTP/1: each request head must arrive within this; HTTP/2: the first request.
+    pub header_read_timeout: Duration,
+    /// The `x-forwarded-client-cert` set on allowed requests (see [`client_cert_header`]);
+    /// whatever the client sent is always removed.
+    pub forward_client_cert: Option<http::HeaderValue>,
+}
+
+/// The header an application reads the caller's verified identity from, as Envoy sets it.
+pub const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
+
+/// Envoy's `SANITIZE_SET` value for a peer (`URI`, its verified SPIFFE ID) calling this proxy
+/// (`By`, the identity it presents): `By=spiffe://...;URI=spiffe://...`. Envoy's `Hash` (of the
+/// peer's certificate) is left out: the identity is what authorization used.
+pub fn client_cert_header(by: &str, peer: &str) -> Option<http::HeaderValue> {
+    http::HeaderValue::from_str(&format!("By={by};URI={peer}")).ok()
+}
+
+/// Connects to the application and opens an HTTP connection of `version` on it.
+async fn open_upstream<C, F>(connect: &C, version: HttpVersion) -> Result<Sender, HttpError>
 where
-    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    A: Authorize,
+    C: Fn() -> F,
+    F: Future<Output = std::io::Result<TcpStream>>,
 {
-    let sender = match version {
+    let upstream = connect().await.map_err(HttpError::Connect)?;
+    Ok(match version {
         HttpVersion::Http2 => {
             let (sender, connection) =
                 client_h2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
@@ -152,54 +293,170 @@ where
             tokio::spawn(connection);
             Sender::Http1(tokio::sync::Mutex::new(sender))
         }
-    };
-    let sender = Arc::new(sender);
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let (sender, authorizer) = (sender.clone(), authorizer.clone());
+    })
+}
+
+/// Serves `downstream` until either side closes, forwarding allowed requests to the
+/// application, which `connect` reaches (once, on the first allowed request).
+pub async fn serve<D, C, F, A>(
+    downstream: D,
+    connect: C,
+    settings: Settings,
+    authorizer: Arc<A>,
+) -> Result<(), HttpError>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: Fn() -> F + Send + Sync + 'static,
+    F: Future<Output = std::io::Result<TcpStream>> + Send,
+    A: Authorize,
+{
+    let upstream = Arc::new((tokio::sync::OnceCell::<Sender>::new(), connect));
+    let seen_request = Arc::new(AtomicBool::new(false));
+    let seen = seen_request.clone();
+    let Settings {
+        version,
+        normalization,
+        header_read_timeout,
+        forward_client_cert,
+    } = settings;
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let (upstream, authorizer) = (upstream.clone(), authorizer.clone());
+        let forward_client_cert = forward_client_cert.clone();
+        seen.store(true, Ordering::Relaxed);
         async move {
-            let host = request
-                .uri()
-                .authority()
-                .map(|a| a.as_str())
-                .or_else(|| {
-                    request
-                        .headers()
-                        .get(http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                })
-                .unwrap_or_default()
-                .to_string();
+            let checked = match check(&request, normalization) {
+                Ok(checked) => checked,
+                Err(why) => {
+                    let target = request.uri().path_and_query().map_or("", |p| p.as_str());
+                    authorizer.bad_request(request.method().as_str(), target, &why);
+                    return Ok::<_, Infallible>(bad_request());
+                }
+            };
+            if let Some(target) = &checked.target
+                && request.uri().path_and_query().map(|p| p.as_str()) != Some(target)
+            {
+                set_target(&mut request, target);
+            }
+            // Only the proxy speaks for the peer: a client's own header never reaches the app.
+            request.headers_mut().remove(XFCC);
             let info = RequestInfo {
                 method: request.method().as_str(),
                 path: request.uri().path(),
-                host: &host,
+                host: &checked.host,
                 headers: request.headers(),
             };
-            if !authorizer.authorize(&info) {
-                return Ok::<_, Infallible>(denied());
+            let Some(policy) = authorizer.authorize(&info) else {
+                return Ok(denied());
+            };
+            if let Some(xfcc) = &forward_client_cert {
+                request.headers_mut().insert(XFCC, xfcc.clone());
             }
-            Ok(match sender.send(request).await {
+            let started = std::time::Instant::now();
+            let method = request.method().clone();
+            let path = request.uri().path().to_owned();
+            let (cell, connect) = &*upstream;
+            let sender = match cell
+                .get_or_try_init(|| open_upstream(connect, version))
+                .await
+            {
+                Ok(sender) => sender,
+                Err(e) => {
+                    authorizer.upstream_failed(&e);
+                    return Ok(bad_gateway());
+                }
+            };
+            let response = match sender.send(request).await {
                 Ok(response) => response.map(Either::Left),
                 Err(_) => bad_gateway(),
-            })
+            };
+            let info = RequestInfo {
+                method: method.as_str(),
+                path: &path,
+                host: &checked.host,
+                headers: &http::HeaderMap::new(),
+            };
+            authorizer.served(
+                &info,
+                &policy,
+                response.status().as_u16(),
+                started.elapsed(),
+            );
+            Ok(response)
         }
     });
     let io = TokioIo::new(downstream);
     match version {
-        HttpVersion::Http2 => server_h2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service)
-            .await
-            .map_err(HttpError::Downstream),
+        HttpVersion::Http2 => {
+            let connection = server_h2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, service);
+            // hyper has no header timeout for HTTP/2: a client that has not sent a whole
+            // request in time is dropped here (later ones are bounded by the idle timeout).
+            let first_request = async {
+                tokio::time::sleep(header_read_timeout).await;
+                if seen_request.load(Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                served = connection => served.map_err(HttpError::Downstream),
+                () = first_request => Err(HttpError::HeaderTimeout(header_read_timeout)),
+            }
+        }
         HttpVersion::Http1 => server_h1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
             .serve_connection(io, service)
             .await
-            .map_err(HttpError::Downstream),
+            .map_err(|e| {
+                if e.is_timeout() {
+                    HttpError::HeaderTimeout(header_read_timeout)
+                } else {
+                    HttpError::Downstream(e)
+                }
+            }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn checked(request: http::request::Builder) -> Result<Checked, BadRequest> {
+        check(&request.body(()).unwrap(), PathNormalization::Base)
+    }
+
+    #[test]
+    fn hosts_methods_and_paths_are_made_unambiguous() {
+        let ok = checked(Request::get("/x/../a?q=/..").header("host", "Example.com.:80")).unwrap();
+        assert_eq!(ok.target.as_deref(), Some("/a?q=/.."));
+        assert_eq!(ok.host, "Example.com:80");
+        let ok = checked(Request::get("http://a.example./").header("host", "A.example.")).unwrap();
+        assert_eq!(ok.host, "a.example");
+        assert_eq!(
+            checked(Request::get("/").header("host", "[::1]"))
+                .unwrap()
+                .host,
+            "[::1]"
+        );
+        for (request, why) in [
+            (
+                Request::get("/").header("host", "a").header("host", "b"),
+                "more than one",
+            ),
+            (Request::get("http://a/").header("host", "b"), "differs"),
+            (Request::get("http://u@a/"), "userinfo"),
+            (Request::get("/").header("host", "u@a"), "userinfo"),
+            (Request::get("/").method("delete"), "not upper-case"),
+            (Request::get("/").method("Get"), "not upper-case"),
+            (Request::get("/a;b"), "parameter"),
+        ] {
+            let e = checked(request).unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
+        }
+        // Methods that are upper-case tokens, standard or not, pass.
+        assert!(checked(Request::get("/").method("PROPFIND")).is_ok());
+    }
 
     #[test]
     fn first_bytes_tell_the_protocol() {

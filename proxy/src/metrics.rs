@@ -152,6 +152,9 @@ pub struct Metrics {
     pub policy_updates: Counter,
     pub policy_reconnects: Counter,
     pub policies_rejected: Gauge,
+    pub http_bad_requests: Counter,
+    pub connections_over_limit: Counter,
+    pub idle_timeouts: Family<DirectionLabels, Counter>,
 }
 
 impl Metrics {
@@ -174,6 +177,9 @@ impl Metrics {
             policy_updates: Counter::default(),
             policy_reconnects: Counter::default(),
             policies_rejected: Gauge::default(),
+            http_bad_requests: Counter::default(),
+            connections_over_limit: Counter::default(),
+            idle_timeouts: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_proxy");
         r.register(
@@ -263,6 +269,23 @@ impl Metrics {
             "policies_rejected",
             "Policies in the current set that did not validate and are enforced fail-closed",
             metrics.policies_rejected.clone(),
+        );
+        r.register(
+            "http_bad_requests",
+            "HTTP requests answered 400 before authorization: a path that cannot be normalized, \
+             an ambiguous Host, userinfo, a method that is not upper-case",
+            metrics.http_bad_requests.clone(),
+        );
+        r.register(
+            "connections_over_limit",
+            "Inbound connections closed at accept because --max-inbound-connections were open",
+            metrics.connections_over_limit.clone(),
+        );
+        r.register(
+            "idle_timeouts",
+            "Connections closed for carrying no byte for --idle-timeout, or for not finishing a \
+             request head within --header-read-timeout",
+            metrics.idle_timeouts.clone(),
         );
         metrics
     }

@@ -186,6 +186,9 @@ pub async fn run(
         metrics,
         policies: policies_rx,
         close: close_rx,
+        inbound_slots: Arc::new(tokio::sync::Semaphore::new(
+            config.max_inbound_connections as usize,
+        )),
     };
     let tracker = TaskTracker::new();
     let (inbound_stop_tx, inbound_stop) = watch::channel(false);
