@@ -472,3 +472,103 @@ async fn two_hundred_concurrent_sds_streams_all_receive_the_rotation() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The client's side of opening an HTTP/2 connection: the preface and an empty SETTINGS frame.
+const H2_OPENING: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// An HTTP/2 frame header: `length`, `frame_type`, no flags, stream 1.
+fn frame_header(length: usize, frame_type: u8) -> Vec<u8> {
+    let mut header = (length as u32).to_be_bytes()[1..].to_vec();
+    header.extend_from_slice(&[frame_type, 0, 0, 0, 0, 1]);
+    header
+}
+
+/// A header block of `size` bytes (HEADERS then CONTINUATION frames of 16 KiB) that never ends.
+fn unfinished_header_block(size: usize) -> Vec<u8> {
+    let mut bytes = H2_OPENING.to_vec();
+    let mut left = size;
+    let mut frame_type = 0x1;
+    while left > 0 {
+        let length = left.min(16 * 1024);
+        bytes.extend(frame_header(length, frame_type));
+        bytes.resize(bytes.len() + length, 0x40);
+        left -= length;
+        frame_type = 0x9;
+    }
+    bytes
+}
+
+/// Attack: 2,000 connections to the agent socket, each holding an unfinished 64 KiB header block,
+/// took the agent from 19 to 243 MB (its limit is 256 Mi), stopping rotation for the node. Now a
+/// header block is refused beyond what h2 would accept decoded (16 KiB), one that is not
+/// finished 10 s after it started closes its connection, one process may hold at most
+/// `--max-connections-per-process` (128) connections, and the agent serves SDS afterwards.
+#[tokio::test]
+async fn unfinished_header_blocks_and_connection_floods_are_bounded() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path()).await;
+
+    let mut oversized = UnixStream::connect(&agent.socket).await.unwrap();
+    // The agent may close the connection before it has read all of it.
+    let _ = oversized
+        .write_all(&unfinished_header_block(64 * 1024))
+        .await;
+    let (closed, _) = closed_within(&mut oversized, Duration::from_secs(5)).await;
+    assert!(closed, "a 64 KiB header block is still buffered");
+
+    let started = Instant::now();
+    let mut unfinished = UnixStream::connect(&agent.socket).await.unwrap();
+    unfinished
+        .write_all(&unfinished_header_block(8 * 1024))
+        .await
+        .unwrap();
+    let (closed, _) = closed_within(&mut unfinished, Duration::from_secs(20)).await;
+    assert!(closed, "an unfinished header block is waited for forever");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "closed too early"
+    );
+
+    let mut flood = Vec::new();
+    for _ in 0..138 {
+        let mut connection = UnixStream::connect(&agent.socket).await.unwrap();
+        let _ = connection.write_all(H2_OPENING).await;
+        flood.push(connection);
+    }
+    let mut refused = 0;
+    for connection in &mut flood {
+        let mut byte = [0u8; 1];
+        // The agent answers an accepted connection with its SETTINGS; a refused one is closed.
+        let read = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(connection, &mut byte),
+        )
+        .await
+        .expect("every connection is answered or closed");
+        if matches!(read, Ok(0) | Err(_)) {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 10, "one process holds at most 128 connections");
+    drop(flood);
+
+    // Their slots are given back as the agent sees them close, and it serves again.
+    let deadline = Instant::now() + WAIT;
+    let mut sds = loop {
+        match SdsStream::open(agent.connection().await).await {
+            Ok(sds) => break sds,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    sds.next_serial().await.unwrap();
+    assert!(
+        agent
+            .metric("sigil_agent_connections_refused_total{reason=\"per_process_limit\"}")
+            .await
+            >= 10.0
+    );
+}

@@ -643,3 +643,158 @@ fn verify(leaf: &[u8], intermediates: &[Vec<u8>], bundle: &TrustBundle) -> Resul
         .verify_chain(&chain, UnixTime::now())
         .map_err(|e| e.to_string())
 }
+
+/// Attack: 9,999 TLS connections that never send the HTTP/2 preface used to hold every connection
+/// slot for as long as they liked. Now one source (here 127.0.0.2) gets at most
+/// `--max-connections-per-source` (64) connections not yet authenticated, the rest are closed
+/// at once, every connection that has not authenticated a request 10 s after its handshake is
+/// closed, and an agent on another address renews meanwhile.
+#[tokio::test]
+async fn connections_that_never_authenticate_are_capped_per_source_and_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
+    let mut ca = CaProcess::start(dir.path(), None, &offline.serve_args());
+    ca.wait_ready().await;
+    let roots = std::fs::read(offline.state.join("root-cert.pem")).unwrap();
+    let attacker: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+
+    let mut opened = Vec::new();
+    let mut refused = 0;
+    for _ in 0..80 {
+        let tcp = tcp_from(attacker, ca.grpc).await.unwrap();
+        match tls_without_client_cert(tcp, "localhost", &roots, &[b"h2"]).await {
+            Ok(tls) => opened.push(tls),
+            Err(_) => refused += 1,
+        }
+    }
+    // A refused connection is closed at once (its handshake fails, or at best just finishes).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut held = Vec::new();
+    for mut tls in opened {
+        if closed_within(&mut tls, Duration::from_millis(5)).await.0 {
+            refused += 1;
+        } else {
+            held.push(tls);
+        }
+    }
+    assert_eq!(
+        (held.len(), refused),
+        (64, 16),
+        "one source holds at most 64 unauthenticated connections"
+    );
+
+    // An agent elsewhere still gets a connection and a certificate.
+    let bundle = state_dir_bundle(&offline.state);
+    let agent = offline.issue(AGENT_ID, &dir.path().join("agent"));
+    let mut client = ca.client(&bundle, Some(&agent)).await;
+    let (_, csr) = key_and_csr();
+    client.sign(sign_request(csr, 600, "", None)).await.unwrap();
+
+    // The held connections never authenticated anything: all closed 10 s after their handshake.
+    let started = Instant::now();
+    for tls in &mut held {
+        let (closed, _) = closed_within(tls, Duration::from_secs(20)).await;
+        assert!(closed, "an unauthenticated connection is still open");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "closed too early"
+    );
+    let metrics = ca.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "sigil_ca_connections_refused_total{port=\"grpc\",reason=\"per_source_limit\"}"
+        ),
+        16.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "sigil_ca_connections_refused_total{port=\"grpc\",reason=\"not_authenticated_in_time\"}"
+        ),
+        64.0
+    );
+    // Slots are given back: the attacker's address may connect again.
+    let tcp = tcp_from(attacker, ca.grpc).await.unwrap();
+    let mut tls = tls_without_client_cert(tcp, "localhost", &roots, &[b"h2"])
+        .await
+        .unwrap();
+    assert!(!closed_within(&mut tls, Duration::from_millis(200)).await.0);
+}
+
+/// Attack: 20 connections × 100 streams, each holding an unfinished 64 KiB message, took the CA
+/// from 20 to 195 MB before any authentication. Now a call without a credential is answered
+/// UNAUTHENTICATED from its headers, before its message is read.
+#[tokio::test]
+async fn calls_without_credentials_are_refused_before_their_message_is_read() {
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let dir = tempfile::tempdir().unwrap();
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
+    let mut ca = CaProcess::start(dir.path(), None, &offline.serve_args());
+    ca.wait_ready().await;
+    let roots = std::fs::read(offline.state.join("root-cert.pem")).unwrap();
+    let tcp = tcp_from("127.0.0.1".parse().unwrap(), ca.grpc)
+        .await
+        .unwrap();
+    let tls = tls_without_client_cert(tcp, "localhost", &roots, &[b"h2"])
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+
+    let mut unfinished = Vec::new();
+    for (path, bearer) in [
+        ("/sigil.ca.v1.CertificateAuthority/Sign", None),
+        (
+            "/istio.v1.auth.IstioCertificateService/CreateCertificate",
+            None,
+        ),
+        (
+            "/sigil.ca.v1.CertificateAuthority/Sign",
+            Some("Bearer eyJhbGciOiJSUzI1NiJ9.eyJleHAiOjk5OTk5OTk5OTl9.c2ln"),
+        ),
+    ] {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::io::Error>>();
+        // A gRPC message announced as 64 KiB, of which 16 KiB arrive; the rest never does.
+        let mut start = vec![0u8, 0, 1, 0, 0];
+        start.extend_from_slice(&[0u8; 16 * 1024]);
+        tx.unbounded_send(Ok(Frame::data(Bytes::from(start))))
+            .unwrap();
+        let mut request = hyper::Request::post(format!("https://localhost{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        if let Some(bearer) = bearer {
+            request = request.header("authorization", bearer);
+        }
+        let request = request.body(StreamBody::new(rx)).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+            .await
+            .unwrap_or_else(|_| panic!("{path}: no answer while the message is unfinished"))
+            .unwrap();
+        assert_eq!(
+            response
+                .headers()
+                .get("grpc-status")
+                .map(|v| v.to_str().unwrap()),
+            Some("16"),
+            "{path}: UNAUTHENTICATED, {response:?}"
+        );
+        unfinished.push(tx);
+    }
+    let metrics = ca.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "sigil_ca_sign_denied_total{api=\"sigil\",reason=\"unauthenticated\"}"
+        ),
+        2.0
+    );
+}

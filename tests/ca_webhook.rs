@@ -302,3 +302,101 @@ fn the_injected_pod_is_a_valid_pod_for_kubernetes_1_30_and_later() {
     let (_, problems) = manifests::kubernetes_schema_problems(&[pod], &["1.30", "latest"]);
     assert!(problems.is_empty(), "{problems:#?}");
 }
+
+/// A request head for `/inject` announcing a body of `length` bytes, followed by `sent` of them.
+fn partial_review(length: usize, sent: usize) -> Vec<u8> {
+    let mut bytes = format!(
+        "POST /inject?timeout=10s HTTP/1.1\r\nhost: {SERVICE_NAME}:443\r\n\
+         content-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.resize(bytes.len() + sent, b' ');
+    bytes
+}
+
+/// Attack: 100 connections each sending a 4 MiB body took the CA from 20 to 441 MB (its limit
+/// is 512 Mi). Now one source may have at most 8 MiB of bodies in flight (a further one is
+/// answered 429 before it is read), every body must arrive within 10 s (else 408), and the API
+/// server, elsewhere, is answered meanwhile.
+#[tokio::test]
+async fn webhook_bodies_in_flight_are_bounded_per_source_and_timed_out() {
+    use tokio::io::AsyncWriteExt;
+
+    let server = TestApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(server.client());
+    configs
+        .create(&PostParams::default(), &webhook_configuration())
+        .await
+        .unwrap();
+    let mut ca = CaProcess::start(dir.path(), Some(&kubeconfig), &["--proxy-image", IMAGE]);
+    ca.wait_ready().await;
+    eventually("the CA fills in the webhook caBundle", || async {
+        ca_bundle(&configs).await.is_some()
+    })
+    .await;
+    let bundle = ca_bundle(&configs).await.unwrap();
+    let attacker: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+
+    let full = 4 << 20;
+    let mut trickling = Vec::new();
+    for _ in 0..2 {
+        let tcp = tcp_from(attacker, ca.webhook).await.unwrap();
+        let mut tls = tls_without_client_cert(tcp, SERVICE_NAME, &bundle, &[])
+            .await
+            .unwrap();
+        tls.write_all(&partial_review(full, 1 << 20)).await.unwrap();
+        trickling.push(tls);
+    }
+    // Give the webhook the time to start reading both bodies.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let tcp = tcp_from(attacker, ca.webhook).await.unwrap();
+    let mut third = tls_without_client_cert(tcp, SERVICE_NAME, &bundle, &[])
+        .await
+        .unwrap();
+    third.write_all(&partial_review(full, 0)).await.unwrap();
+    let mut answer = [0u8; 12];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_exact(&mut third, &mut answer),
+    )
+    .await
+    .expect("a third 4 MiB body from one source is refused before it is read")
+    .unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 429");
+
+    // The API server (another address) is answered meanwhile.
+    let (status, _) = post(ca.webhook, &bundle, REVIEW.as_bytes().to_vec()).await;
+    assert_eq!(status, 200);
+
+    // The trickling bodies are cut off 10 s after their head.
+    for tls in &mut trickling {
+        let (closed, received) = closed_within(tls, std::time::Duration::from_secs(20)).await;
+        assert!(
+            closed,
+            "a body that never completes is still being waited for"
+        );
+        assert!(
+            received.starts_with(b"HTTP/1.1 408"),
+            "{}",
+            String::from_utf8_lossy(&received)
+        );
+    }
+    let metrics = ca.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "sigil_ca_webhook_bodies_refused_total{reason=\"per_source_limit\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "sigil_ca_webhook_bodies_refused_total{reason=\"read_timeout\"}"
+        ),
+        2.0
+    );
+}

@@ -112,4 +112,12 @@ pub struct AgentConfig {
     /// Most signing requests in flight at once.
     #[arg(long, default_value_t = crate::certs::DEFAULT_MAX_CONCURRENT_FETCHES)]
     pub max_concurrent_fetches: usize,
+
+    /// Most connections open at once on the agent socket (each proxy keeps a few).
+    #[arg(long, default_value_t = crate::peer::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Most connections one process (SO_PEERCRED's pid) may hold open on the agent socket.
+    #[arg(long, default_value_t = crate::peer::DEFAULT_MAX_CONNECTIONS_PER_PROCESS)]
+    pub max_connections_per_process: usize,
 }

@@ -13,18 +13,23 @@
 //! not exceed what h2 would accept anyway, and input is left unread while more than
 //! [`MAX_PENDING_OUTPUT`] bytes of output wait for h2.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use fluke_hpack::Decoder;
 use fluke_hpack::decoder::DecoderError;
 use http::uri::Authority;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
+use tokio::time::Sleep;
 use tonic::transport::server::Connected;
+use tracing::debug;
 
-use crate::peer::PeerAtAccept;
+use crate::metrics::RefusedReason;
+use crate::peer::{ConnectionSlot, PeerAtAccept};
 
 /// RFC 9113 §3.4: what every client sends before its first frame.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -43,13 +48,19 @@ const MAX_FRAME_PAYLOAD: usize = 16_384;
 /// The dynamic table the client's encoder may use: h2 advertises the default
 /// SETTINGS_HEADER_TABLE_SIZE, so a size update beyond it is a compression error.
 const HEADER_TABLE_SIZE: usize = 4_096;
-/// Bound on a header block as received.
-const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// Bound on a header block as re-encoded: h2's default SETTINGS_MAX_HEADER_LIST_SIZE (as hyper
 /// serves it), which counts each field as more than its literal takes here, so h2 would refuse a
 /// larger block anyway. It also bounds what decoding a block full of references to large
 /// dynamic-table entries may produce.
 const MAX_REENCODED_BLOCK: usize = 16 * 1024;
+/// Bound on a header block as received: a block never takes much more room encoded than its
+/// fields re-encoded as literals (Huffman coding is used only where shorter, table size updates
+/// are a few bytes), so a larger one would be refused anyway once decoded. Every connection may
+/// buffer this much, so it is what a connection flood costs.
+const MAX_HEADER_BLOCK: usize = MAX_REENCODED_BLOCK + 1024;
+/// The preface, and every header block once begun (and any frame header), must be complete
+/// within this: a connection cannot hold its buffer by sending a block slowly or never ending it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once a read has produced this much output for h2, the rest of the input waits (buffered, and
 /// no more read from the socket) until h2 has read it all: a few KiB of tiny HEADERS frames each
 /// referring to a 4 KiB dynamic-table entry would otherwise expand a hundredfold at once.
@@ -82,6 +93,10 @@ pub enum H2AuthorityError {
     MisplacedTableSizeUpdate,
     #[error("HPACK decoding failed: {0:?}")]
     Hpack(DecoderError),
+    #[error(
+        "the preface, a frame header or a header block was not complete within {HEADER_TIMEOUT:?}"
+    )]
+    HeaderTimeout,
 }
 
 impl From<H2AuthorityError> for io::Error {
@@ -99,18 +114,50 @@ pub struct H2AuthorityStream {
     /// Rewritten bytes h2 has not read yet, from `unread` on.
     ready: Vec<u8>,
     unread: usize,
+    /// Set while the client owes the rest of its preface, a frame header or a header block:
+    /// when the connection is closed if it has not sent it.
+    header_deadline: Option<Pin<Box<Sleep>>>,
+    /// The connection's place in the socket's limits, given back when it closes.
+    slot: Option<ConnectionSlot>,
 }
 
 impl H2AuthorityStream {
     /// Wraps a connection accepted on the agent socket, before h2 reads anything from it.
-    pub fn new(inner: UnixStream, peer: PeerAtAccept) -> Self {
+    pub fn new(inner: UnixStream, peer: PeerAtAccept, slot: Option<ConnectionSlot>) -> Self {
         H2AuthorityStream {
             inner,
             peer,
             rewriter: Rewriter::new(),
             ready: Vec::new(),
             unread: 0,
+            header_deadline: Some(Box::pin(tokio::time::sleep(HEADER_TIMEOUT))),
+            slot,
         }
+    }
+
+    /// Counts a connection the agent closes, by why.
+    fn refused(&self, reason: RefusedReason) {
+        if let Some(slot) = &self.slot {
+            slot.refused(reason);
+        }
+    }
+
+    /// Feeds the rewriter, keeping the header deadline armed while the client owes header
+    /// bytes (from when it started owing them, not from its last byte).
+    fn feed(&mut self, data: &[u8]) -> io::Result<()> {
+        if let Err(e) = self.rewriter.feed(data, &mut self.ready) {
+            if matches!(e, H2AuthorityError::HeaderBlockTooLarge(_)) {
+                self.refused(RefusedReason::HeaderTooLarge);
+            }
+            debug!(pid = ?self.peer.cred.and_then(|c| c.pid()), error = %e, "closing an agent-socket connection");
+            return Err(e.into());
+        }
+        if !self.rewriter.owes_header_bytes() {
+            self.header_deadline = None;
+        } else if self.header_deadline.is_none() {
+            self.header_deadline = Some(Box::pin(tokio::time::sleep(HEADER_TIMEOUT)));
+        }
+        Ok(())
     }
 }
 
@@ -141,8 +188,15 @@ impl AsyncRead for H2AuthorityStream {
                 return Poll::Ready(Ok(()));
             }
             if this.rewriter.backlogged {
-                this.rewriter.feed(&[], &mut this.ready)?;
+                this.feed(&[])?;
                 continue;
+            }
+            if let Some(deadline) = &mut this.header_deadline
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                this.refused(RefusedReason::HeaderTimeout);
+                debug!(pid = ?this.peer.cred.and_then(|c| c.pid()), "header bytes not sent in time; closing the connection");
+                return Poll::Ready(Err(H2AuthorityError::HeaderTimeout.into()));
             }
             let mut chunk = [0u8; READ_CHUNK];
             let mut chunk = ReadBuf::new(&mut chunk);
@@ -152,7 +206,7 @@ impl AsyncRead for H2AuthorityStream {
                 // would drop it too.
                 return Poll::Ready(Ok(()));
             }
-            this.rewriter.feed(chunk.filled(), &mut this.ready)?;
+            this.feed(chunk.filled())?;
         }
     }
 }
@@ -213,6 +267,15 @@ struct HeaderBlock {
 }
 
 impl Rewriter {
+    /// Whether the client is in the middle of its preface, a frame header or a header block
+    /// (bytes it must send before h2 can go on), rather than between frames or in a frame's
+    /// payload that flow control bounds.
+    fn owes_header_bytes(&self) -> bool {
+        self.preface_left > 0
+            || self.block.is_some()
+            || (!self.pending.is_empty() && !self.backlogged)
+    }
+
     fn new() -> Self {
         let mut decoder = Decoder::new();
         decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
@@ -995,7 +1058,7 @@ mod tests {
         input.extend(frame(CONTINUATION, END_HEADERS, 1, &[0x82]));
         assert_eq!(
             rewrite(&input),
-            Err(H2AuthorityError::HeaderBlockTooLarge(4 * 16_384 + 1))
+            Err(H2AuthorityError::HeaderBlockTooLarge(2 * 16_384))
         );
     }
 
@@ -1101,7 +1164,7 @@ mod tests {
             cred: None,
             start_time: None,
         };
-        let mut server = H2AuthorityStream::new(server, peer);
+        let mut server = H2AuthorityStream::new(server, peer, None);
         let (frames_in, field) = amplifying_frames(300);
         let (_client_read, mut client_write) = client.into_split();
         client_write
@@ -1211,7 +1274,7 @@ mod tests {
         let (client, server) = UnixStream::pair().unwrap();
         let procfs = Procfs::host();
         let peer = PeerAtAccept::record(&server, &procfs);
-        let mut server = H2AuthorityStream::new(server, peer);
+        let mut server = H2AuthorityStream::new(server, peer, None);
         assert_eq!(server.connect_info(), peer);
         let cred = peer.cred.expect("peer credentials");
         let pid = std::process::id() as i32;

@@ -32,7 +32,37 @@ impl SocketApi {
     }
 }
 
-sigil_ca::label_value_as_str!(SocketApi);
+sigil_ca::label_value_as_str!(SocketApi, RefusedReason);
+
+/// Why an agent-socket connection was closed by the agent's limits (`peer::ConnectionLimits`,
+/// `h2_authority`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RefusedReason {
+    /// Its process already held every connection one process may.
+    PerProcessLimit,
+    /// Every connection slot of the socket was taken.
+    ConnectionLimit,
+    /// It did not finish its preface or a header block in time.
+    HeaderTimeout,
+    /// It sent a header block larger than the agent accepts.
+    HeaderTooLarge,
+}
+
+impl RefusedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusedReason::PerProcessLimit => "per_process_limit",
+            RefusedReason::ConnectionLimit => "connection_limit",
+            RefusedReason::HeaderTimeout => "header_timeout",
+            RefusedReason::HeaderTooLarge => "header_too_large",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: RefusedReason,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -52,6 +82,7 @@ pub struct Metrics {
     pub mesh_file_reload_failures: Counter,
     pub policy_objects: Gauge,
     pub policy_file_reload_failures: Counter,
+    pub connections_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Metrics {
@@ -69,6 +100,7 @@ impl Metrics {
             mesh_file_reload_failures: Counter::default(),
             policy_objects: Gauge::default(),
             policy_file_reload_failures: Counter::default(),
+            connections_refused: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_agent");
         r.register(
@@ -130,6 +162,11 @@ impl Metrics {
             "policy_file_reload_failures",
             "Times --policy-file became unreadable or invalid; its last good objects were kept (logs say why)",
             metrics.policy_file_reload_failures.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Agent-socket connections refused or closed by the agent's limits, by reason",
+            metrics.connections_refused.clone(),
         );
         metrics
     }

@@ -1,22 +1,29 @@
 //! Who is on the other end of a request on the agent socket: the connection's peer, recorded
 //! when the connection is accepted (SO_PEERCRED and the process's start time), attested into a
 //! workload identity. Shared by every API served on the socket, so they all decide "who is this"
-//! the same way.
+//! the same way. Also how many connections peers may hold: in all, and per process.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use sigil_identity::TrustBundle;
 use tokio::net::UnixStream;
 use tokio::net::unix::UCred;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tonic::Status;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::attest::procfs::Procfs;
 use crate::attest::{Attestor, Caller, Workload};
 use crate::certs::CertManager;
 use crate::h2_authority::H2AuthorityStream;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RefusedLabels, RefusedReason};
+
+/// Default of `--max-connections`: every connection may buffer a header block
+/// (`h2_authority`), so this bounds what a flood of them costs (some 40 KiB each at most).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2_048;
+/// Default of `--max-connections-per-process`: a proxy keeps a few (SDS, membership, policies).
+pub const DEFAULT_MAX_CONNECTIONS_PER_PROCESS: usize = 128;
 
 /// The peer of an agent-socket connection as of its accept: the connection info every request
 /// on it carries. SO_PEERCRED names the connecting process by PID only, and requests come later,
@@ -52,10 +59,100 @@ impl PeerAtAccept {
 }
 
 /// A connection just accepted on the agent socket, its peer recorded (from the procfs
-/// attestation reads) and its client-to-agent bytes adapted for h2.
-pub fn accept(stream: UnixStream, procfs: &Procfs) -> H2AuthorityStream {
+/// attestation reads) and its client-to-agent bytes adapted for h2; `None` (the connection is
+/// closed) when the socket or the peer's process has no connection slot left.
+pub fn accept(
+    stream: UnixStream,
+    procfs: &Procfs,
+    slots: &Arc<ConnectionSlots>,
+) -> Option<H2AuthorityStream> {
     let peer = PeerAtAccept::record(&stream, procfs);
-    H2AuthorityStream::new(stream, peer)
+    let slot = slots.take(&peer)?;
+    Some(H2AuthorityStream::new(stream, peer, Some(slot)))
+}
+
+/// The agent socket's connection slots: at most `max` connections open at once, at most
+/// `per_process` of them from one process (SO_PEERCRED's pid; connections without peer
+/// credentials count as one process).
+pub struct ConnectionSlots {
+    total: Arc<Semaphore>,
+    per_process_limit: usize,
+    per_process: Mutex<HashMap<i32, usize>>,
+    metrics: Arc<Metrics>,
+}
+
+/// One open connection's slot, given back when dropped.
+pub struct ConnectionSlot {
+    slots: Arc<ConnectionSlots>,
+    pid: i32,
+    _total: OwnedSemaphorePermit,
+}
+
+impl ConnectionSlots {
+    pub fn new(max: usize, per_process: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(ConnectionSlots {
+            total: Arc::new(Semaphore::new(max)),
+            per_process_limit: per_process,
+            per_process: Mutex::default(),
+            metrics,
+        })
+    }
+
+    fn refused(&self, reason: RefusedReason) {
+        self.metrics
+            .connections_refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
+    }
+
+    fn take(self: &Arc<Self>, peer: &PeerAtAccept) -> Option<ConnectionSlot> {
+        let pid = peer.cred.and_then(|cred| cred.pid()).unwrap_or(0);
+        let Ok(total) = self.total.clone().try_acquire_owned() else {
+            self.refused(RefusedReason::ConnectionLimit);
+            warn!(
+                pid,
+                "every agent-socket connection slot is taken; closing a new connection"
+            );
+            return None;
+        };
+        let mut per_process = self.per_process.lock().expect("never poisoned");
+        let held = per_process.entry(pid).or_default();
+        if *held >= self.per_process_limit {
+            drop(per_process);
+            self.refused(RefusedReason::PerProcessLimit);
+            debug!(
+                pid,
+                limit = self.per_process_limit,
+                "process holds too many agent-socket connections; closing a new one"
+            );
+            return None;
+        }
+        *held += 1;
+        Some(ConnectionSlot {
+            slots: self.clone(),
+            pid,
+            _total: total,
+        })
+    }
+}
+
+impl ConnectionSlot {
+    /// Counts this connection as closed by a limit.
+    pub fn refused(&self, reason: RefusedReason) {
+        self.slots.refused(reason);
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut per_process = self.slots.per_process.lock().expect("never poisoned");
+        if let Some(held) = per_process.get_mut(&self.pid) {
+            *held -= 1;
+            if *held == 0 {
+                per_process.remove(&self.pid);
+            }
+        }
+    }
 }
 
 /// What the socket's APIs need: attestation, certificates and the trust bundle.
@@ -149,7 +246,10 @@ mod tests {
         assert_eq!(line, "connected\n");
 
         let procfs = Procfs::host();
-        let connection = accept(stream, &procfs);
+        let metrics = Arc::new(Metrics::new(
+            &mut prometheus_client::registry::Registry::default(),
+        ));
+        let connection = accept(stream, &procfs, &ConnectionSlots::new(1, 1, metrics)).unwrap();
         let peer = connection.connect_info();
         let stat = std::fs::read_to_string(format!("/proc/{child_pid}/stat")).unwrap();
         let start_time_in_stat: u64 = stat[stat.rfind(')').unwrap() + 2..]

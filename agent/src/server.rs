@@ -30,7 +30,7 @@ use crate::certs::{self, CertConfig, CertManager};
 use crate::config::{AgentConfig, AttestorKind};
 use crate::mesh::{self, MeshApi, MeshError, MeshFile, MeshSnapshot};
 use crate::metrics::Metrics;
-use crate::peer::{self, Workloads};
+use crate::peer::{self, ConnectionSlots, Workloads};
 use crate::policy_feed::{self, PolicyApi, PolicyError, PolicyFile, PolicySnapshot};
 use crate::sds::Sds;
 use crate::workload_api::WorkloadApi;
@@ -236,9 +236,17 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
             // grpc-core clients' %-encoded socket path as :authority is fixed before h2 sees it.
             // Each connection's peer is recorded as it is accepted, so that a PID reused
             // before a later request on it is not attested as the process holding it then.
-            UnixListenerStream::new(listener).map({
+            UnixListenerStream::new(listener).filter_map({
                 let procfs = Procfs::new(config.proc_root.clone());
-                move |conn| conn.map(|stream| peer::accept(stream, &procfs))
+                let slots = ConnectionSlots::new(
+                    config.max_connections,
+                    config.max_connections_per_process,
+                    metrics.clone(),
+                );
+                move |conn| match conn {
+                    Ok(stream) => peer::accept(stream, &procfs, &slots).map(Ok),
+                    Err(e) => Some(Err(e)),
+                }
             }),
             async move {
                 let _ = socket_shutdown.wait_for(|stop| *stop).await;

@@ -274,8 +274,15 @@ impl TestAgent {
         let socket = socket_dir.path().join("agent.sock");
         let listener = UnixListener::bind(&socket).unwrap();
         // Accepted as the agent accepts: peer recorded, bytes through the :authority adapter.
-        let accepted = UnixListenerStream::new(listener)
-            .map(|conn| conn.map(|stream| peer::accept(stream, &Procfs::host())));
+        let slots = peer::ConnectionSlots::new(
+            peer::DEFAULT_MAX_CONNECTIONS,
+            peer::DEFAULT_MAX_CONNECTIONS_PER_PROCESS,
+            metrics.clone(),
+        );
+        let accepted = UnixListenerStream::new(listener).filter_map(move |conn| match conn {
+            Ok(stream) => peer::accept(stream, &Procfs::host(), &slots).map(Ok),
+            Err(e) => Some(Err(e)),
+        });
         tokio::spawn(
             Server::builder()
                 .add_routes(routes)

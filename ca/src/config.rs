@@ -150,6 +150,16 @@ pub struct CaConfig {
     /// list: kube-system, kube-public, kube-node-lease, sigil-system).
     #[arg(long = "inject-exclude-namespace", default_values = crate::inject::DEFAULT_EXCLUDED_NAMESPACES)]
     pub inject_excluded_namespaces: Vec<String>,
+
+    /// Most gRPC connections that have authenticated a call, open at once (agents keep one
+    /// each). Connections not yet authenticated have their own 512 slots.
+    #[arg(long, default_value_t = crate::tls_server::MAX_CONNECTIONS, value_parser = clap::value_parser!(usize))]
+    pub max_connections: usize,
+
+    /// Most gRPC connections from one IP address that are in their TLS handshake or have not
+    /// authenticated a call yet; each has 10 s after its handshake to authenticate one.
+    #[arg(long, default_value_t = crate::tls_server::MAX_UNAUTHENTICATED_PER_SOURCE)]
+    pub max_connections_per_source: usize,
 }
 
 /// Parses `90s`, `15m`, `24h`, `7d` or plain seconds.

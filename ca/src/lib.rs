@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod audit;
 pub mod authn;
+pub mod authn_first;
 pub mod authority;
 pub mod authz;
 pub mod cli;

@@ -82,7 +82,88 @@ macro_rules! label_value_as_str {
         }
     )*};
 }
-label_value_as_str!(Api, DenyReason, CacheResult, InjectOutcome, SkipReason);
+label_value_as_str!(
+    Api,
+    DenyReason,
+    CacheResult,
+    InjectOutcome,
+    SkipReason,
+    Port,
+    RefusedReason,
+    BodyRefusedReason
+);
+
+/// Which TLS port a connection came to.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Port {
+    Grpc,
+    Webhook,
+}
+
+impl Port {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Port::Grpc => "grpc",
+            Port::Webhook => "webhook",
+        }
+    }
+}
+
+/// Why a connection was closed for want of a slot (`tls_server::ConnectionLimits`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RefusedReason {
+    /// Its address already had every unauthenticated slot it may have.
+    PerSourceLimit,
+    /// Every unauthenticated slot of the port was taken.
+    UnauthenticatedLimit,
+    /// It authenticated a call but every authenticated slot was taken.
+    ConnectionLimit,
+    /// No call on it authenticated in time.
+    NotAuthenticatedInTime,
+}
+
+impl RefusedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusedReason::PerSourceLimit => "per_source_limit",
+            RefusedReason::UnauthenticatedLimit => "unauthenticated_limit",
+            RefusedReason::ConnectionLimit => "connection_limit",
+            RefusedReason::NotAuthenticatedInTime => "not_authenticated_in_time",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub port: Port,
+    pub reason: RefusedReason,
+}
+
+/// Why the webhook refused a request body (`webhook::BodyBudget`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum BodyRefusedReason {
+    /// Its address already had as many body bytes in flight as it may.
+    PerSourceLimit,
+    /// The webhook already had as many body bytes in flight as it may.
+    TotalLimit,
+    /// It did not arrive in time.
+    ReadTimeout,
+}
+
+impl BodyRefusedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyRefusedReason::PerSourceLimit => "per_source_limit",
+            BodyRefusedReason::TotalLimit => "total_limit",
+            BodyRefusedReason::ReadTimeout => "read_timeout",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BodyRefusedLabels {
+    pub reason: BodyRefusedReason,
+}
 
 /// What the injection webhook did with one AdmissionReview.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -143,6 +224,8 @@ pub struct Metrics {
     pub injections: Family<InjectLabels, Counter>,
     pub webhook_ca_bundle_writes: Counter,
     pub webhook_ca_bundle_write_failures: Counter,
+    pub connections_refused: Family<RefusedLabels, Counter>,
+    pub webhook_bodies_refused: Family<BodyRefusedLabels, Counter>,
 }
 
 impl Metrics {
@@ -163,6 +246,8 @@ impl Metrics {
             injections: Family::default(),
             webhook_ca_bundle_writes: Counter::default(),
             webhook_ca_bundle_write_failures: Counter::default(),
+            connections_refused: Family::default(),
+            webhook_bodies_refused: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_ca");
         r.register(
@@ -239,6 +324,16 @@ impl Metrics {
             "webhook_ca_bundle_write_failures",
             "Failed caBundle updates (retried)",
             metrics.webhook_ca_bundle_write_failures.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "Connections closed for want of a connection slot or for not authenticating in time, by port and reason",
+            metrics.connections_refused.clone(),
+        );
+        r.register(
+            "webhook_bodies_refused",
+            "AdmissionReview bodies refused by the webhook before or while reading them, by reason",
+            metrics.webhook_bodies_refused.clone(),
         );
         metrics
     }

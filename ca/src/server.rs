@@ -17,12 +17,13 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
 use crate::authn::{Authenticator, TokenValidator};
+use crate::authn_first::AuthenticateFirstLayer;
 use crate::authority::Authority;
 use crate::authz::{Authorizer, StaticEntries};
 use crate::config::{AuthMode, CaConfig, DEFAULT_SERVICE_NAME, JWKS_REFRESH};
 use crate::inject::InjectConfig;
 use crate::jwt::Jwks;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Port};
 use crate::plugin::PluginSource;
 use crate::pods::{self, PodIndex};
 use crate::service::{self, Ca, TtlPolicy};
@@ -38,6 +39,16 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (WatchTrustBundle) never end on their own and are closed then; their clients reconnect to
 /// another replica.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Streams one gRPC connection may have open at once (Envoy's edge advice is 100; an agent
+/// needs its `--max-concurrent-fetches`, 8 by default, and one WatchTrustBundle).
+const HTTP2_MAX_STREAMS: u32 = 64;
+/// What a peer may send on a stream before the CA reads it: one largest request message.
+const HTTP2_STREAM_WINDOW: u32 = service::MAX_REQUEST_BYTES as u32 + 5;
+/// ...and on a connection, all streams together: unread request bytes one connection can make
+/// the CA hold (hyper's default is 1 MiB per stream and per connection).
+const HTTP2_CONNECTION_WINDOW: u32 = 128 * 1024;
+/// Request headers of one call: a 16 KiB token with room for the rest.
+const HTTP2_MAX_HEADER_LIST: u32 = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -321,15 +332,28 @@ pub async fn serve(
         });
     }
 
+    let ca_for_layer = ca.clone();
     let (sigil_ca, istio_ca) = service::servers(ca);
+    let limits = tls_server::ConnectionLimits {
+        port: Port::Grpc,
+        authenticated: config.max_connections,
+        unauthenticated: tls_server::MAX_UNAUTHENTICATED_CONNECTIONS,
+        per_source: config.max_connections_per_source,
+        authenticate_within: Some(tls_server::AUTHENTICATE_WITHIN),
+    };
     let mut grpc_shutdown = shutdown.clone();
     let serving = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(HTTP2_MAX_STREAMS)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW)
+        .http2_max_header_list_size(HTTP2_MAX_HEADER_LIST)
+        .layer(AuthenticateFirstLayer(ca_for_layer))
         .add_service(sigil_ca)
         .add_service(istio_ca)
         .serve_with_incoming_shutdown(
-            tls_server::incoming(listener, tls_rx, metrics, tls_server::MAX_CONNECTIONS),
+            tls_server::incoming(listener, tls_rx, metrics, limits),
             async move {
                 let _ = grpc_shutdown.wait_for(|stop| *stop).await;
             },

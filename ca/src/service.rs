@@ -31,6 +31,9 @@ use crate::tls_server::PeerInfo;
 
 /// Largest request message accepted (a CSR is at most `csr::MAX_CSR_BYTES`).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// The gRPC service names, as in request paths.
+const SIGIL_SERVICE: &str = "sigil.ca.v1.CertificateAuthority";
+const ISTIO_SERVICE: &str = "istio.v1.auth.IstioCertificateService";
 /// Istio's metadata key for node-agent impersonation.
 pub const ISTIO_IMPERSONATE_KEY: &str = "ImpersonatedIdentity";
 
@@ -66,6 +69,19 @@ impl Refusal {
             detail: detail.to_string(),
         }
     }
+}
+
+/// The caller of a call, authenticated from its headers before its message was read
+/// (`authn_first`); handlers take it from the request's extensions.
+#[derive(Clone, Debug)]
+pub struct Authenticated(pub Caller);
+
+/// The caller `request` was authenticated as, if it was.
+fn authenticated<T>(request: &Request<T>) -> Option<Caller> {
+    request
+        .extensions()
+        .get::<Authenticated>()
+        .map(|authenticated| authenticated.0.clone())
 }
 
 /// State shared by both services.
@@ -140,6 +156,7 @@ impl Ca {
         impersonate: &str,
         metadata: &MetadataMap,
         peer: Option<&PeerInfo>,
+        authenticated: Option<Caller>,
     ) -> Result<(Issued, SharedAuthority), Status> {
         let started = Instant::now();
         let mut record = Record {
@@ -156,6 +173,7 @@ impl Ca {
                 impersonate,
                 metadata,
                 peer,
+                authenticated,
                 &mut record,
             )
             .await;
@@ -171,20 +189,51 @@ impl Ca {
                 self.metrics.issued.get_or_create(&ApiLabels { api }).inc();
                 Ok((issued, authority))
             }
-            Err(refusal) => {
-                record.reason = Some(refusal.reason);
-                record.detail = Some(refusal.detail);
-                audit::record(&record);
-                self.metrics
-                    .denied
-                    .get_or_create(&DenyLabels {
-                        api,
-                        reason: refusal.reason,
-                    })
-                    .inc();
-                Err(refusal.status)
-            }
+            Err(refusal) => Err(self.refuse(api, record, refusal)),
         }
+    }
+
+    /// Audits and counts a refused signing request; what the caller gets.
+    fn refuse(&self, api: Api, mut record: Record, refusal: Refusal) -> Status {
+        record.reason = Some(refusal.reason);
+        record.detail = Some(refusal.detail);
+        audit::record(&record);
+        self.metrics
+            .denied
+            .get_or_create(&DenyLabels {
+                api,
+                reason: refusal.reason,
+            })
+            .inc();
+        refusal.status
+    }
+
+    /// Authenticates a call to `path` from its headers alone. A refused signing request is
+    /// audited and counted as the signing path would; other calls are logged.
+    pub async fn authenticate_call(
+        &self,
+        path: &str,
+        metadata: &MetadataMap,
+        peer: Option<&PeerInfo>,
+    ) -> Result<Caller, Status> {
+        let refusal = match self.authenticate(metadata, peer).await {
+            Ok(caller) => return Ok(caller),
+            Err(refusal) => refusal,
+        };
+        let api = match path.strip_prefix('/').and_then(|p| p.split_once('/')) {
+            Some((service, "Sign")) if service == SIGIL_SERVICE => Api::Sigil,
+            Some((service, _)) if service == ISTIO_SERVICE => Api::Istio,
+            _ => {
+                tracing::info!(path, reason = %refusal.detail, "call refused before its message was read");
+                return Err(refusal.status);
+            }
+        };
+        let record = Record {
+            api: Some(api),
+            peer: peer.map(|p| p.remote.to_string()),
+            ..Default::default()
+        };
+        Err(self.refuse(api, record, refusal))
     }
 
     async fn try_issue(
@@ -194,6 +243,7 @@ impl Ca {
         impersonate: &str,
         metadata: &MetadataMap,
         peer: Option<&PeerInfo>,
+        authenticated: Option<Caller>,
         record: &mut Record,
     ) -> Result<(Issued, SharedAuthority), Refusal> {
         let authority = self.authority.borrow().clone();
@@ -203,7 +253,10 @@ impl Ca {
                 "no signing key loaded",
             ));
         }
-        let caller = self.authenticate(metadata, peer).await?;
+        let caller = match authenticated {
+            Some(caller) => caller,
+            None => self.authenticate(metadata, peer).await?,
+        };
         record.caller = Some(caller.id.to_string());
         record.credential = Some(match caller.credential {
             Credential::Token(_) => "token",
@@ -274,6 +327,7 @@ type BundleStream = Pin<Box<dyn Stream<Item = Result<TrustBundle, Status>> + Sen
 impl CertificateAuthority for SigilCa {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
+        let caller = authenticated(&request);
         let (metadata, _, req) = request.into_parts();
         let (issued, authority) = self
             .0
@@ -284,6 +338,7 @@ impl CertificateAuthority for SigilCa {
                 &req.impersonate,
                 &metadata,
                 peer.as_ref(),
+                caller,
             )
             .await?;
         let signer = authority
@@ -302,10 +357,12 @@ impl CertificateAuthority for SigilCa {
         &self,
         request: Request<WatchTrustBundleRequest>,
     ) -> Result<Response<BundleStream>, Status> {
-        let peer = request.extensions().get::<PeerInfo>().cloned();
-        self.0
-            .check_watcher(request.metadata(), peer.as_ref())
-            .await?;
+        if authenticated(&request).is_none() {
+            let peer = request.extensions().get::<PeerInfo>().cloned();
+            self.0
+                .check_watcher(request.metadata(), peer.as_ref())
+                .await?;
+        }
         let mut authority = self.0.authority.clone();
         let metrics = self.0.metrics.clone();
         let (tx, rx) = mpsc::channel(4);
@@ -342,6 +399,7 @@ impl IstioCertificateService for IstioCa {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let peer = request.extensions().get::<PeerInfo>().cloned();
+        let caller = authenticated(&request);
         let (metadata, _, req) = request.into_parts();
         let impersonate = req
             .metadata
@@ -363,6 +421,7 @@ impl IstioCertificateService for IstioCa {
                 &impersonate,
                 &metadata,
                 peer.as_ref(),
+                caller,
             )
             .await?;
         let signer = authority
@@ -428,6 +487,7 @@ mod tests {
         PeerInfo {
             remote: "127.0.0.1:1".parse().unwrap(),
             client_id: Some(id.parse().unwrap()),
+            admission: Default::default(),
         }
     }
 
@@ -444,6 +504,7 @@ mod tests {
                 "",
                 &MetadataMap::new(),
                 Some(&peer),
+                None,
             )
             .await
             .err()

@@ -1,10 +1,14 @@
 //! The CA's TLS front: its serving certificate (issued by its own current signer, renewed at half
 //! life and whenever the signer or bundle changes), and the accept loop that terminates TLS and
-//! hands tonic connections that carry the peer's verified client identity, if any.
+//! hands tonic connections that carry the peer's verified client identity, if any, each in a
+//! connection slot that unauthenticated peers cannot use up.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,12 +20,13 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::time::Sleep;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use crate::authority::{Authority, SharedAuthority};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Port, RefusedLabels, RefusedReason};
 
 /// Lifetime of the CA's serving certificate.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -29,9 +34,17 @@ pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections handshaken but not yet taken by the gRPC server.
 const ACCEPT_BACKLOG: usize = 128;
-/// Most connections open at once on the gRPC port (agents keep one each; the rest wait in the
-/// kernel backlog).
+/// Most connections that have authenticated a request, open at once on the gRPC port (agents
+/// keep one each).
 pub const MAX_CONNECTIONS: usize = 10_000;
+/// Most connections in their TLS handshake or not yet authenticated, open at once: what
+/// unauthenticated peers can hold together, whatever their addresses.
+pub const MAX_UNAUTHENTICATED_CONNECTIONS: usize = 512;
+/// Of those, from one IP address (an agent opens one or two at a time).
+pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 64;
+/// How long after its handshake a gRPC connection has to authenticate a call (agents call at
+/// once: WatchTrustBundle or Sign).
+pub const AUTHENTICATE_WITHIN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsServerError {
@@ -49,14 +62,166 @@ pub struct PeerInfo {
     pub remote: SocketAddr,
     /// The client certificate's SPIFFE ID, verified against the trust bundle during the handshake.
     pub client_id: Option<SpiffeId>,
+    /// The connection's slot; a call that authenticates moves it to the authenticated ones.
+    pub admission: Admission,
+}
+
+/// Bounds on one TLS port's connections. A connection holds an unauthenticated slot (at most
+/// `unauthenticated` in all, `per_source` from one IP address) from its accept until a call on it
+/// authenticates, then an authenticated slot (at most `authenticated`), so a flood of
+/// connections that never authenticate cannot keep an agent out.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Which port these are (for the metrics).
+    pub port: Port,
+    pub authenticated: usize,
+    pub unauthenticated: usize,
+    pub per_source: usize,
+    /// How long after its handshake a connection has to authenticate a call before it is closed;
+    /// `None` where the server authenticates no one (the webhook bounds its clients otherwise).
+    pub authenticate_within: Option<Duration>,
+}
+
+/// The slot pools of one port.
+struct Slots {
+    limits: ConnectionLimits,
+    authenticated: Arc<Semaphore>,
+    unauthenticated: Arc<Semaphore>,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    metrics: Arc<Metrics>,
+}
+
+/// One unauthenticated connection counted against its source address until dropped.
+struct SourceSlot {
+    slots: Arc<Slots>,
+    source: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.slots.per_source.lock().expect("never poisoned");
+        if let Some(count) = counts.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Held for the connection's lifetime, given back when dropped.
+enum Slot {
+    Unauthenticated {
+        _permit: OwnedSemaphorePermit,
+        _source: SourceSlot,
+    },
+    Authenticated {
+        _permit: OwnedSemaphorePermit,
+    },
+}
+
+/// A connection's slot, shared by the connection and the calls on it.
+#[derive(Clone, Default)]
+pub struct Admission(Option<Arc<AdmissionState>>);
+
+struct AdmissionState {
+    slots: Arc<Slots>,
+    slot: Mutex<Slot>,
+    authenticated: AtomicBool,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("authenticated", &self.is_authenticated())
+            .finish()
+    }
+}
+
+impl Admission {
+    /// A call on this connection authenticated: the connection takes an authenticated slot and
+    /// gives its unauthenticated one back. With every authenticated slot taken it keeps the one
+    /// it has (and is closed when its time to authenticate is up).
+    pub fn authenticated(&self) {
+        let Some(state) = &self.0 else { return };
+        if state.authenticated.load(Ordering::Acquire) {
+            return;
+        }
+        let mut slot = state.slot.lock().expect("never poisoned");
+        if matches!(*slot, Slot::Authenticated { .. }) {
+            return;
+        }
+        match state.slots.authenticated.clone().try_acquire_owned() {
+            Ok(permit) => {
+                *slot = Slot::Authenticated { _permit: permit };
+                state.authenticated.store(true, Ordering::Release);
+            }
+            Err(_) => {
+                state.slots.refused(RefusedReason::ConnectionLimit);
+                warn!(
+                    limit = state.slots.limits.authenticated,
+                    "every authenticated connection slot is taken"
+                );
+            }
+        }
+    }
+
+    fn is_authenticated(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|state| state.authenticated.load(Ordering::Acquire))
+    }
+}
+
+impl Slots {
+    fn refused(&self, reason: RefusedReason) {
+        self.metrics
+            .connections_refused
+            .get_or_create(&RefusedLabels {
+                port: self.limits.port,
+                reason,
+            })
+            .inc();
+    }
+
+    /// An unauthenticated slot for a connection from `source`, if its address and the port
+    /// have one free.
+    fn unauthenticated(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
+        {
+            let mut counts = self.per_source.lock().expect("never poisoned");
+            let count = counts.entry(source).or_default();
+            if *count >= self.limits.per_source {
+                drop(counts);
+                self.refused(RefusedReason::PerSourceLimit);
+                debug!(%source, limit = self.limits.per_source, "too many unauthenticated connections from one address");
+                return None;
+            }
+            *count += 1;
+        }
+        let source_slot = SourceSlot {
+            slots: self.clone(),
+            source,
+        };
+        match self.unauthenticated.clone().try_acquire_owned() {
+            Ok(permit) => Some(Slot::Unauthenticated {
+                _permit: permit,
+                _source: source_slot,
+            }),
+            Err(_) => {
+                self.refused(RefusedReason::UnauthenticatedLimit);
+                debug!(%source, limit = self.limits.unauthenticated, "every unauthenticated connection slot is taken");
+                None
+            }
+        }
+    }
 }
 
 /// One accepted TLS connection.
 pub struct TlsConnection {
     inner: TlsStream<TcpStream>,
     info: PeerInfo,
-    /// Held for the connection's lifetime: bounds open connections.
-    _slot: OwnedSemaphorePermit,
+    /// Until a call on it authenticates: when it is closed.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl tonic::transport::server::Connected for TlsConnection {
@@ -69,11 +234,26 @@ impl tonic::transport::server::Connected for TlsConnection {
 
 impl AsyncRead for TlsConnection {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(deadline) = &mut this.deadline {
+            if this.info.admission.is_authenticated() {
+                this.deadline = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                if let Some(state) = &this.info.admission.0 {
+                    state.slots.refused(RefusedReason::NotAuthenticatedInTime);
+                }
+                debug!(remote = %this.info.remote, "no call authenticated in time; closing the connection");
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no call authenticated in time",
+                )));
+            }
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -95,22 +275,25 @@ impl AsyncWrite for TlsConnection {
     }
 }
 
-/// Accepts TCP connections, completes TLS with the current server config, and yields them.
-/// At most `max_connections` are open at once; the loop ends when the server drops the stream.
+/// Accepts TCP connections, completes TLS with the current server config, and yields them, each
+/// holding a slot as [`ConnectionLimits`] describes; a connection with no slot free is closed at
+/// once. The loop ends when the server drops the stream.
 pub fn incoming(
     listener: TcpListener,
     configs: watch::Receiver<Option<Arc<ServerConfig>>>,
     metrics: Arc<Metrics>,
-    max_connections: usize,
+    limits: ConnectionLimits,
 ) -> ReceiverStream<std::io::Result<TlsConnection>> {
     let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let slots = Arc::new(Slots {
+        limits,
+        authenticated: Arc::new(Semaphore::new(limits.authenticated)),
+        unauthenticated: Arc::new(Semaphore::new(limits.unauthenticated)),
+        per_source: Mutex::default(),
+        metrics,
+    });
     tokio::spawn(async move {
         loop {
-            let permit = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-                _ = tx.closed() => return,
-            };
             let (tcp, remote) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -122,11 +305,14 @@ pub fn incoming(
                 },
                 _ = tx.closed() => return,
             };
+            let Some(slot) = slots.unauthenticated(remote.ip()) else {
+                continue;
+            };
             let Some(config) = configs.borrow().clone() else {
                 debug!(%remote, "no serving certificate yet; dropping connection");
                 continue;
             };
-            let (tx, metrics) = (tx.clone(), metrics.clone());
+            let (tx, slots) = (tx.clone(), slots.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -134,12 +320,12 @@ pub fn incoming(
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
-                        metrics.tls_handshake_failures.inc();
+                        slots.metrics.tls_handshake_failures.inc();
                         debug!(%remote, error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
-                        metrics.tls_handshake_failures.inc();
+                        slots.metrics.tls_handshake_failures.inc();
                         debug!(%remote, "TLS handshake timed out");
                         return;
                     }
@@ -149,10 +335,23 @@ pub fn incoming(
                         .first()
                         .and_then(|leaf| sigil_identity::profile::leaf_spiffe_id(leaf).ok())
                 });
+                let deadline = slots
+                    .limits
+                    .authenticate_within
+                    .map(|within| Box::pin(tokio::time::sleep(within)));
+                let admission = Admission(Some(Arc::new(AdmissionState {
+                    slots,
+                    slot: Mutex::new(slot),
+                    authenticated: AtomicBool::new(false),
+                })));
                 let conn = TlsConnection {
                     inner: stream,
-                    info: PeerInfo { remote, client_id },
-                    _slot: permit,
+                    info: PeerInfo {
+                        remote,
+                        client_id,
+                        admission,
+                    },
+                    deadline,
                 };
                 let _ = tx.send(Ok(conn)).await;
             });

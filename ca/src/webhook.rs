@@ -4,12 +4,16 @@
 //! bundle (a rotation, someone re-applying the manifest without it) and cleared of retired roots
 //! once every replica has caught up.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{Extension, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
 use futures::StreamExt;
@@ -22,12 +26,15 @@ use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tonic::transport::server::Connected;
 use tracing::{info, warn};
 
 use crate::authority::{SharedAuthority, der_to_pem};
 use crate::inject::{self, InjectConfig, Outcome};
-use crate::metrics::{InjectLabels, InjectOutcome, Metrics};
-use crate::tls_server;
+use crate::metrics::{
+    BodyRefusedLabels, BodyRefusedReason, InjectLabels, InjectOutcome, Metrics, Port,
+};
+use crate::tls_server::{self, ConnectionLimits};
 
 pub const WEBHOOK_PATH: &str = "/inject";
 /// The API server sends at most 3 MiB; anything larger is not an AdmissionReview it sent.
@@ -37,6 +44,19 @@ pub const MAX_REVIEW_BYTES: usize = 4 << 20;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most webhook connections open at once (the API servers keep a few each).
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Of those, from one IP address.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 256;
+/// Request body bytes being read or answered at once, announced (Content-Length) or, for a body
+/// without a length, [`MAX_REVIEW_BYTES`]: what bodies can make the webhook hold. A pod's review
+/// is some 10 to 100 KiB.
+pub const MAX_BODY_BYTES_IN_FLIGHT: usize = 32 << 20;
+/// ...of which from one IP address (the API server's own reviews are small).
+pub const MAX_BODY_BYTES_PER_SOURCE: usize = 8 << 20;
+/// A body must have arrived this long after its request head (the API server's webhook timeout
+/// defaults to 10 s, and it sends the body at once).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest read buffer of a connection (request heads are small; hyper's default is ~400 KiB).
+const MAX_READ_BUFFER: usize = 64 * 1024;
 /// How soon a failed caBundle write is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a caBundle keeps roots this replica no longer has before it removes them: well past
@@ -49,24 +69,148 @@ pub const SHRINK_AFTER: Duration = Duration::from_secs(30);
 struct WebhookState {
     config: Arc<InjectConfig>,
     metrics: Arc<Metrics>,
+    budget: Arc<BodyBudget>,
+}
+
+/// The address a request came from, set per connection by [`serve`].
+#[derive(Clone, Copy, Debug)]
+struct Source(IpAddr);
+
+/// The request body bytes in flight, in all and per source address.
+#[derive(Default)]
+struct BodyBudget {
+    in_flight: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// Bytes of a body being read or answered; given back when dropped.
+struct Reservation {
+    budget: Arc<BodyBudget>,
+    source: IpAddr,
+    bytes: usize,
+}
+
+impl BodyBudget {
+    fn reserve(
+        self: &Arc<Self>,
+        source: IpAddr,
+        bytes: usize,
+    ) -> Result<Reservation, BodyRefusedReason> {
+        let mut in_flight = self.in_flight.lock().expect("never poisoned");
+        let (total, per_source) = &mut *in_flight;
+        let from_source = per_source.entry(source).or_default();
+        if *from_source + bytes > MAX_BODY_BYTES_PER_SOURCE {
+            if *from_source == 0 {
+                per_source.remove(&source);
+            }
+            return Err(BodyRefusedReason::PerSourceLimit);
+        }
+        if *total + bytes > MAX_BODY_BYTES_IN_FLIGHT {
+            if *from_source == 0 {
+                per_source.remove(&source);
+            }
+            return Err(BodyRefusedReason::TotalLimit);
+        }
+        *from_source += bytes;
+        *total += bytes;
+        Ok(Reservation {
+            budget: self.clone(),
+            source,
+            bytes,
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut in_flight = self.budget.in_flight.lock().expect("never poisoned");
+        let (total, per_source) = &mut *in_flight;
+        *total -= self.bytes;
+        if let Some(from_source) = per_source.get_mut(&self.source) {
+            *from_source -= self.bytes;
+            if *from_source == 0 {
+                per_source.remove(&self.source);
+            }
+        }
+    }
 }
 
 /// `POST /inject`, answering AdmissionReviews.
 pub fn router(config: InjectConfig, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route(WEBHOOK_PATH, post(inject_handler))
-        .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
         .with_state(WebhookState {
             config: Arc::new(config),
             metrics,
+            budget: Arc::default(),
         })
 }
 
+/// A refusal before or while reading a body; the connection is closed after it.
+fn refuse_body(
+    state: &WebhookState,
+    status: StatusCode,
+    reason: Option<BodyRefusedReason>,
+) -> Response {
+    if let Some(reason) = reason {
+        state
+            .metrics
+            .webhook_bodies_refused
+            .get_or_create(&BodyRefusedLabels { reason })
+            .inc();
+    }
+    (status, [(header::CONNECTION, "close")]).into_response()
+}
+
+/// Reads the body within the budget and the time allowed, then answers the review.
 async fn inject_handler(
     State(state): State<WebhookState>,
-    body: Bytes,
-) -> axum::Json<serde_json::Value> {
-    let (review, outcome, pod) = inject::review(&body, &state.config);
+    Extension(Source(source)): Extension<Source>,
+    request: Request,
+) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if announced.is_some_and(|length| length > MAX_REVIEW_BYTES) {
+        warn!(%source, length = announced, "AdmissionReview body larger than any the API server sends");
+        return refuse_body(&state, StatusCode::PAYLOAD_TOO_LARGE, None);
+    }
+    let _reservation = match state
+        .budget
+        .reserve(source, announced.unwrap_or(MAX_REVIEW_BYTES))
+    {
+        Ok(reservation) => reservation,
+        Err(reason) => {
+            warn!(%source, reason = reason.as_str(), "too many AdmissionReview bytes in flight; refused before reading");
+            let status = match reason {
+                BodyRefusedReason::PerSourceLimit => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            return refuse_body(&state, status, Some(reason));
+        }
+    };
+    let reading = axum::body::to_bytes(request.into_body(), MAX_REVIEW_BYTES);
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, reading).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            warn!(%source, error = %e, "AdmissionReview body unreadable or too large");
+            return refuse_body(&state, StatusCode::PAYLOAD_TOO_LARGE, None);
+        }
+        Err(_) => {
+            warn!(%source, timeout = ?BODY_READ_TIMEOUT, "AdmissionReview body did not arrive in time");
+            return refuse_body(
+                &state,
+                StatusCode::REQUEST_TIMEOUT,
+                Some(BodyRefusedReason::ReadTimeout),
+            );
+        }
+    };
+    review_response(&state, &body).into_response()
+}
+
+fn review_response(state: &WebhookState, body: &Bytes) -> axum::Json<serde_json::Value> {
+    let (review, outcome, pod) = inject::review(body, &state.config);
     let (label, reason) = match &outcome {
         Outcome::Injected => (InjectOutcome::Injected, None),
         Outcome::Skipped(why) => (InjectOutcome::Skipped, Some(*why)),
@@ -98,8 +242,9 @@ async fn inject_handler(
 
 /// Serves `app` over TLS with the configs on `tls` until `shutdown` flips. Every connection must
 /// send a request head within [`HEADER_READ_TIMEOUT`] of connecting or of its last answer (so
-/// idle or trickling clients cannot hold the [`MAX_CONNECTIONS`] slots), and at shutdown finishes
-/// the request it is serving.
+/// idle or trickling clients cannot hold the [`MAX_CONNECTIONS`] slots, nor one address more
+/// than [`MAX_CONNECTIONS_PER_SOURCE`]), its body within [`BODY_READ_TIMEOUT`] and within the
+/// bytes in flight allowed, and at shutdown finishes the request it is serving.
 pub async fn serve(
     listener: TcpListener,
     tls: watch::Receiver<Option<Arc<ServerConfig>>>,
@@ -107,7 +252,15 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let mut connections = tls_server::incoming(listener, tls, metrics, MAX_CONNECTIONS);
+    let limits = ConnectionLimits {
+        port: Port::Webhook,
+        // Nothing on this port authenticates: every connection stays in the other pool.
+        authenticated: 0,
+        unauthenticated: MAX_CONNECTIONS,
+        per_source: MAX_CONNECTIONS_PER_SOURCE,
+        authenticate_within: None,
+    };
+    let mut connections = tls_server::incoming(listener, tls, metrics, limits);
     loop {
         let connection = tokio::select! {
             next = connections.next() => match next {
@@ -117,12 +270,15 @@ pub async fn serve(
             },
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let source = Source(connection.connect_info().remote.ip());
+        let service =
+            hyper_util::service::TowerToHyperService::new(app.clone().layer(Extension(source)));
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let serving = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_READ_BUFFER)
                 .serve_connection(TokioIo::new(connection), service);
             tokio::pin!(serving);
             let stopping = async move {

@@ -1041,3 +1041,65 @@ impl ProxyPair {
         }
     }
 }
+
+/// A TCP connection to `addr` from the loopback address `source` (all of 127.0.0.0/8 reaches
+/// `lo`), so one test can play clients on different hosts.
+pub async fn tcp_from(
+    source: std::net::IpAddr,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+/// TLS over `tcp` to a server whose chain verifies against `roots` (PEM) for `server_name`,
+/// without a client certificate, offering `alpn`: what any unauthenticated peer can open.
+pub async fn tls_without_client_cert(
+    tcp: tokio::net::TcpStream,
+    server_name: &str,
+    roots_pem: &[u8],
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in pem::parse_many(roots_pem).unwrap() {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(
+                cert.into_contents(),
+            ))
+            .unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+/// Reads until the peer closes the connection (or fails it), for at most `within`: whether it
+/// did, and what it sent.
+pub async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    within: Duration,
+) -> (bool, Vec<u8>) {
+    let mut received = Vec::new();
+    let closed = tokio::time::timeout(within, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (closed, received)
+}
