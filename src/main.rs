@@ -177,20 +177,20 @@ async fn run(cli: Cli) -> ExitCode {
                     sigil_agent::admin_api::print_identities(
                         &list,
                         std::time::SystemTime::now(),
-                        &mut std::io::stdout(),
+                        &mut Stdout::new(),
                     );
                     true
                 })
                 .map_err(Into::into)
         }
         Command::Inspect(InspectCommand::Cert(args)) => {
-            sigil_ca::cli::inspect_cert(&args, &mut std::io::stdout()).map_err(Into::into)
+            sigil_ca::cli::inspect_cert(&args, &mut Stdout::new()).map_err(Into::into)
         }
         Command::Demo(config) => sigil_demo::run(config, shutdown_signal())
             .await
             .map_err(Into::into),
         Command::Inspect(InspectCommand::Policy(args)) => {
-            sigil_policy::inspect::run(&args, &mut std::io::stdout())
+            sigil_policy::inspect::run(&args, &mut Stdout::new())
                 .await
                 .map_err(Into::into)
         }
@@ -199,8 +199,97 @@ async fn run(cli: Cli) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_report(&e));
             ExitCode::from(2)
         }
+    }
+}
+
+/// The error and its causes on one line, `outer: inner: ...`, leaving out a cause whose text the
+/// message already carries (many errors say their source in their own message).
+fn error_report(error: &anyhow::Error) -> String {
+    let mut report = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !report.contains(&cause) {
+            report.push_str(": ");
+            report.push_str(&cause);
+        }
+    }
+    report
+}
+
+/// Standard output for commands that print an answer. Once the reader has gone (`sigil inspect
+/// ... | head`), the rest of the answer is dropped rather than failing the command: its exit
+/// code still says what it decided.
+struct Stdout {
+    inner: std::io::Stdout,
+    reader_gone: bool,
+}
+
+impl Stdout {
+    fn new() -> Self {
+        Stdout {
+            inner: std::io::stdout(),
+            reader_gone: false,
+        }
+    }
+}
+
+impl std::io::Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.reader_gone {
+            return Ok(buf.len());
+        }
+        match self.inner.write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.reader_gone = true;
+                Ok(buf.len())
+            }
+            other => other,
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.inner.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.reader_gone = true;
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that says its source in its own message, and also returns it as its source.
+    #[derive(Debug)]
+    struct Embeds {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Embeds {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "reading policy file p.yaml: {}", self.source)
+        }
+    }
+
+    impl std::error::Error for Embeds {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let e = anyhow::Error::new(Embeds {
+            source: std::io::Error::other("no such file"),
+        });
+        assert_eq!(error_report(&e), "reading policy file p.yaml: no such file");
+        let chained = anyhow::Error::new(std::io::Error::other("refused")).context("connecting");
+        assert_eq!(error_report(&chained), "connecting: refused");
     }
 }

@@ -558,9 +558,16 @@ async fn token_reviews_are_cached_and_jwks_mode_needs_no_api_call() {
 #[tokio::test]
 async fn istio_create_certificate_is_wire_compatible() {
     let c = cluster().await;
-    let mut ca = c.start_ca(&["--audience", "sigil-ca", "--audience", "istio-ca"]);
+    // --audience adds istio-ca to sigil-ca, as deploy/overlays/istio-ambient runs it.
+    let mut ca = c.start_ca(&["--audience", "istio-ca"]);
     ca.wait_ready().await;
     let bundle = c.secret_bundle().await;
+    let mut sigil_client = ca.client(&bundle, None).await;
+    let (_, csr) = key_and_csr();
+    sigil_client
+        .sign(sign_request(csr, 0, "", Some(&c.token(&c.web))))
+        .await
+        .expect("sigil's own audience stays accepted");
     let channel = sigil_ca::client::connect(&ca.grpc.to_string(), "localhost", &bundle, None)
         .await
         .unwrap();
@@ -734,4 +741,200 @@ async fn watch_trust_bundle_sends_the_current_bundle_at_once() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
+}
+
+/// Where tokens are accepted, a certificate does not renew itself: a stolen SVID and key would
+/// otherwise renew forever, wherever a pod of that service account runs. The caller presents its
+/// token, which names its pod and node.
+#[tokio::test]
+async fn renewal_by_certificate_is_refused_where_tokens_are_accepted() {
+    let c = cluster().await;
+    let mut ca = c.start_ca(&[]);
+    ca.wait_ready().await;
+    let bundle = c.secret_bundle().await;
+    let mut client = ca.client(&bundle, None).await;
+    let (key, csr) = key_and_csr();
+    let issued = client
+        .sign(sign_request(csr, 3600, "", Some(&c.token(&c.web))))
+        .await
+        .unwrap()
+        .into_inner();
+    // The web pod is alive, on its node: only the certificate is presented.
+    let mut by_cert = ca.client(&bundle, Some(&certified(&key, &issued))).await;
+    let (_, csr) = key_and_csr();
+    assert_refused(
+        by_cert.sign(sign_request(csr, 600, "", None)).await,
+        Code::PermissionDenied,
+        "permission denied",
+    )
+    .await;
+    let (_, csr) = key_and_csr();
+    assert_refused(
+        by_cert
+            .sign(sign_request(
+                csr,
+                600,
+                "spiffe://cluster.local/ns/demo/sa/web",
+                None,
+            ))
+            .await,
+        Code::PermissionDenied,
+        "permission denied",
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        ca.audit().iter().any(|r| r["credential"] == "client-cert"
+            && r["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("by certificate refused"))),
+        "{:#?}",
+        ca.audit()
+    );
+}
+
+/// A service account deleted (and re-created under the same name) ends its tokens here when it
+/// ends them at the API server (which caches its own answers for 10 s), not when the token
+/// expires: a successful TokenReview is trusted for 10 s at most.
+#[tokio::test]
+async fn a_deleted_service_accounts_token_stops_working_as_soon_as_the_api_server_says_so() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let c = cluster().await;
+    let mut ca = c.start_ca(&[]);
+    ca.wait_ready().await;
+    let bundle = c.secret_bundle().await;
+    let mut client = ca.client(&bundle, None).await;
+    let token = c.token(&c.web);
+    let (_, csr) = key_and_csr();
+    client
+        .sign(sign_request(csr, 0, "", Some(&token)))
+        .await
+        .unwrap();
+
+    let accounts: Api<ServiceAccount> = Api::namespaced(c.server.client(), "demo");
+    accounts
+        .delete("web", &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    let recreated = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("web".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    accounts
+        .create(&PostParams::default(), &recreated)
+        .await
+        .unwrap();
+    let deleted = std::time::Instant::now();
+    loop {
+        let (_, csr) = key_and_csr();
+        match client.sign(sign_request(csr, 0, "", Some(&token))).await {
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+                break;
+            }
+            Ok(_) => assert!(
+                deleted.elapsed() < Duration::from_secs(13),
+                "the old service account's token still works {:?} after its deletion",
+                deleted.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        ca.audit().iter().any(|r| r["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("TokenReview"))),
+        "{:#?}",
+        ca.audit()
+    );
+}
+
+/// A JWT-shaped token nobody signed, expiring `exp_in` seconds from now: it passes the CA's
+/// local checks, so only a TokenReview could judge it.
+fn made_up_token(exp_in: u64) -> String {
+    use base64::Engine;
+    let b64 = |v: serde_json::Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + exp_in;
+    format!(
+        "{}.{}.c2ln",
+        b64(serde_json::json!({"alg": "RS256", "kid": "made-up"})),
+        b64(serde_json::json!({"exp": exp, "sub": "system:serviceaccount:demo:web"}))
+    )
+}
+
+/// Made-up tokens cost the API server a TokenReview each: one source gets a bounded number of
+/// them (the rest are refused as "retry later"), and a rejected token repeated costs nothing.
+#[tokio::test]
+async fn token_reviews_are_bounded_per_source_and_rejections_are_remembered() {
+    let c = cluster().await;
+    let mut ca = c.start_ca(&[]);
+    ca.wait_ready().await;
+    let bundle = c.secret_bundle().await;
+    let mut client = ca.client(&bundle, None).await;
+
+    let before = c.server.token_reviews_served();
+    let bad = made_up_token(3600);
+    for _ in 0..5 {
+        let (_, csr) = key_and_csr();
+        assert_refused(
+            client.sign(sign_request(csr, 0, "", Some(&bad))).await,
+            Code::Unauthenticated,
+            "authentication failed",
+        )
+        .await;
+    }
+    assert_eq!(
+        c.server.token_reviews_served() - before,
+        1,
+        "a repeated rejected token is judged once"
+    );
+
+    let before = c.server.token_reviews_served();
+    let started = std::time::Instant::now();
+    let mut retry_later = 0;
+    for i in 0..60 {
+        let (_, csr) = key_and_csr();
+        let status = client
+            .sign(sign_request(csr, 0, "", Some(&made_up_token(4000 + i))))
+            .await
+            .unwrap_err();
+        match status.code() {
+            Code::Unavailable => retry_later += 1,
+            code => assert_eq!(code, Code::Unauthenticated, "{status:?}"),
+        }
+    }
+    let reviews = c.server.token_reviews_served() - before;
+    // The per-source budget: 20 at once, 5 more per second (the first loop spent one).
+    let budget = 20 + (5.0 * started.elapsed().as_secs_f64()).ceil() as u64;
+    assert!(
+        reviews <= budget,
+        "60 made-up tokens cost {reviews} TokenReviews (budget {budget})"
+    );
+    assert!(retry_later >= 60 - budget, "{retry_later}");
+
+    // A real caller from the same address is served again once the budget refills.
+    let (_, csr) = key_and_csr();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    client
+        .sign(sign_request(csr, 0, "", Some(&c.token(&c.web))))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        ca.audit().iter().any(|r| r["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("too many TokenReviews from 127.0.0.1"))),
+        "{:#?}",
+        ca.audit()
+    );
 }

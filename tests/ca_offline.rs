@@ -220,6 +220,233 @@ fn static_entries_with_token_auth_is_refused_at_startup() {
     );
 }
 
+/// Runs `command` and returns its output if it exits within `limit`; kills it otherwise.
+fn exits_within(command: &mut Command, limit: Duration) -> Option<std::process::Output> {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// A configuration mistake stops the process at start, with the reason and exit code 2, instead
+/// of a process that runs and never serves (a bad `--server-name` used to fail every 5 s in the
+/// background, forever). The same for the agent's names of the CA.
+#[test]
+fn configuration_errors_stop_the_process_at_start_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
+    let listen = free_addr().to_string();
+    let admin = free_addr().to_string();
+    let mut ca = Command::new(SIGIL);
+    ca.args(["ca", "serve", "--listen", &listen, "--admin-addr", &admin])
+        .args(offline.serve_args())
+        .args(["--server-name", "localhost", "--server-name", "not a name"]);
+    let out = exits_within(&mut ca, Duration::from_secs(10))
+        .expect("the CA must stop at start, not run without serving");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--server-name")
+            && stderr.contains("\"not a name\" is neither a DNS name nor an IP address"),
+        "{stderr}"
+    );
+
+    let bundle = offline.state.join("root-cert.pem");
+    let unix_map = dir.path().join("unix-map.yaml");
+    std::fs::write(&unix_map, "workloads: []\n").unwrap();
+    for (flag, value, reason) in [
+        (
+            "--ca-name",
+            "sigil ca",
+            "neither a DNS name nor an IP address",
+        ),
+        ("--ca", "sigil-ca.sigil-system.svc", "is not host:port"),
+    ] {
+        let mut agent = Command::new(SIGIL);
+        agent
+            .args(["agent", "run", "--attestor", "unix", "--ca-bundle"])
+            .arg(&bundle)
+            .args(["--unix-map"])
+            .arg(&unix_map)
+            .args(["--admin-addr", &free_addr().to_string()])
+            .args(["--socket"])
+            .arg(dir.path().join("agent.sock"))
+            .args([flag, value]);
+        let out = exits_within(&mut agent, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("the agent must stop at start on {flag} {value:?}"));
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag) && stderr.contains(reason), "{stderr}");
+    }
+}
+
+/// X509-SVID: a leaf's SPIFFE ID MUST have a path; `spiffe://cluster.local` names the trust
+/// domain (CA certificates carry it). No leaf is issued for it anywhere: `sigil ca issue`, a
+/// static entry granting it, or a certificate carrying it that asks to renew itself through
+/// Sign or CreateCertificate.
+#[tokio::test]
+async fn no_leaf_is_issued_for_a_trust_domain_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
+    let out_dir = dir.path().join("td-leaf");
+    let out = Command::new(SIGIL)
+        .args(["ca", "issue", "--state-dir"])
+        .arg(&offline.state)
+        .args(["--id", "spiffe://cluster.local", "--out-dir"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--id: spiffe://cluster.local is a trust-domain ID (no path)"),
+        "{stderr}"
+    );
+    assert!(!out_dir.join("cert.pem").exists(), "nothing is written");
+
+    // A static entry granting the trust-domain ID is a configuration error.
+    let entries = dir.path().join("td-entries.yaml");
+    std::fs::write(
+        &entries,
+        format!("agents:\n- id: {AGENT_ID}\n  may_issue: [spiffe://cluster.local]\n"),
+    )
+    .unwrap();
+    let listen = free_addr().to_string();
+    let admin = free_addr().to_string();
+    let mut ca = Command::new(SIGIL);
+    ca.args([
+        "ca",
+        "serve",
+        "--listen",
+        &listen,
+        "--admin-addr",
+        &admin,
+        "--state-dir",
+    ])
+    .arg(&offline.state)
+    .args(["--auth", "certs", "--static-entries"])
+    .arg(&entries);
+    let out = exits_within(&mut ca, Duration::from_secs(10))
+        .expect("the CA must refuse the entry at start");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("spiffe://cluster.local is a trust-domain ID"),
+        "{stderr}"
+    );
+
+    // A certificate for the trust-domain ID (made outside sigil, by the operator's intermediate)
+    // renews nothing, through either API: the CA's TLS verifier already refuses it as a client
+    // certificate (`Signer::sign_leaf` would refuse it next).
+    let plugin = dir.path().join("cacerts");
+    make_plugin(&plugin);
+    let mut ca = CaProcess::start(
+        dir.path(),
+        None,
+        &[
+            "--plugin-dir",
+            plugin.to_str().unwrap(),
+            "--auth",
+            "certs",
+            "--static-entries",
+            offline.entries.to_str().unwrap(),
+        ],
+    );
+    ca.wait_ready().await;
+    let bundle = TrustBundle::from_pem(
+        td(),
+        &std::fs::read_to_string(plugin.join("root-cert.pem")).unwrap(),
+    )
+    .unwrap();
+    let td_leaf = operator_issued(&plugin, "spiffe://cluster.local");
+    let grpc = ca.grpc.to_string();
+    let connect = || sigil_ca::client::connect(&grpc, "localhost", &bundle, Some(&td_leaf));
+    let signed = match connect().await {
+        Err(_) => false,
+        Ok(channel) => {
+            let (_, csr) = key_and_csr();
+            sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthorityClient::new(channel)
+                .sign(sign_request(csr, 0, "", None))
+                .await
+                .is_ok()
+        }
+    };
+    assert!(!signed, "Sign renewed a trust-domain ID");
+    let (key, _) = key_and_csr();
+    let csr_pem = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let created = match connect().await {
+        Err(_) => false,
+        Ok(channel) => sigil_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient::new(channel)
+            .create_certificate(sigil_proto::istio::v1::auth::IstioCertificateRequest {
+                csr: csr_pem,
+                validity_duration: 3600,
+                metadata: None,
+            })
+            .await
+            .is_ok(),
+    };
+    assert!(!created, "CreateCertificate renewed a trust-domain ID");
+    assert!(
+        !ca.audit().iter().any(|r| r["granted"] == true),
+        "{:#?}",
+        ca.audit()
+    );
+}
+
+/// A certificate renewing itself (a host without Kubernetes) gets at most the CA's default
+/// lifetime, however long it asks for: a stolen certificate cannot stretch itself to --max-ttl.
+#[tokio::test]
+async fn renewal_by_certificate_is_capped_at_the_default_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
+    let mut args = offline.serve_args();
+    args.extend(["--default-ttl", "1h", "--max-ttl", "7d"].map(String::from));
+    let mut ca = CaProcess::start(dir.path(), None, &args);
+    ca.wait_ready().await;
+    let bundle = state_dir_bundle(&offline.state);
+    let agent = offline.issue(AGENT_ID, &dir.path().join("agent"));
+    let mut client = ca.client(&bundle, Some(&agent)).await;
+    let (_, csr) = key_and_csr();
+    let renewed = client
+        .sign(sign_request(csr, 7 * 86_400, "", None))
+        .await
+        .unwrap()
+        .into_inner();
+    let report = profile::inspect_cert(&renewed.leaf).unwrap();
+    assert_eq!(
+        (report.not_after - report.not_before).whole_seconds(),
+        3600 + 60,
+        "renewed for the default hour (plus the minute of backdating), not 7 days"
+    );
+    // Issuing another identity by static entry keeps the requested lifetime.
+    let (_, csr) = key_and_csr();
+    let web = client
+        .sign(sign_request(csr, 2 * 86_400, WEB_ID, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let report = profile::inspect_cert(&web.leaf).unwrap();
+    assert_eq!(
+        (report.not_after - report.not_before).whole_seconds(),
+        2 * 86_400 + 60
+    );
+}
+
 #[tokio::test]
 async fn sign_without_a_key_is_unavailable_and_a_bad_plugin_chain_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -436,6 +663,11 @@ async fn plugin_intermediate_issues_chains_that_openssl_verifies() {
 /// An agent certificate signed by the operator's intermediate (how a host without
 /// Kubernetes is enrolled when the CA runs on a plug-in intermediate).
 fn operator_issued_agent(plugin: &Path) -> CertifiedKey {
+    operator_issued(plugin, AGENT_ID)
+}
+
+/// A leaf for `id` signed by the operator's intermediate, whatever sigil would make of it.
+fn operator_issued(plugin: &Path, id: &str) -> CertifiedKey {
     let key = rcgen::KeyPair::generate().unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_pem(
         &std::fs::read_to_string(plugin.join("ca-cert.pem")).unwrap(),
@@ -445,7 +677,7 @@ fn operator_issued_agent(plugin: &Path) -> CertifiedKey {
     .unwrap();
     let now = time::OffsetDateTime::now_utc();
     let params = profile::leaf_params(
-        &AGENT_ID.parse().unwrap(),
+        &id.parse().unwrap(),
         profile::KeyKind::EcdsaP256,
         now - time::Duration::minutes(1),
         now + time::Duration::hours(1),

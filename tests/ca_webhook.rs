@@ -400,3 +400,90 @@ async fn webhook_bodies_in_flight_are_bounded_per_source_and_timed_out() {
         2.0
     );
 }
+
+/// What a pod author sees from the real webhook: a pod that would reach the agent's socket
+/// directory through the injector's volume is refused with the reason; a probe the injector
+/// cannot rewrite gets a warning in plain words; a probe's own headers travel to the proxy that
+/// makes the probe.
+#[tokio::test]
+async fn hostile_pods_are_refused_and_probes_keep_their_headers() {
+    let server = TestApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(server.client());
+    configs
+        .create(&PostParams::default(), &webhook_configuration())
+        .await
+        .unwrap();
+    let mut ca = CaProcess::start(dir.path(), Some(&kubeconfig), &["--proxy-image", IMAGE]);
+    ca.wait_ready().await;
+    eventually("the CA fills in the webhook caBundle", || async {
+        ca_bundle(&configs).await.is_some()
+    })
+    .await;
+    let bundle = ca_bundle(&configs).await.unwrap();
+    let review: Value = serde_json::from_str(REVIEW).unwrap();
+    let webhook = ca.webhook;
+    let answer = |review: Value| {
+        let bundle = bundle.clone();
+        async move {
+            let (status, body) = post(webhook, &bundle, serde_json::to_vec(&review).unwrap()).await;
+            assert_eq!(status, 200);
+            serde_json::from_slice::<Value>(&body).unwrap()["response"].clone()
+        }
+    };
+
+    // The app mounts the agent's socket directory writable: after injection it could replace
+    // agent.sock and feed every proxy on the node its own certificates and policies.
+    for (what, change, reason) in [
+        (
+            "a mount of the injector's volume",
+            json!({"spec": {"containers": [{"name": "web", "volumeMounts": [
+                {"name": "sigil-agent", "mountPath": "/run/sigil"}]}]}}),
+            "container \"web\" mounts volume \"sigil-agent\", which the sigil injector reserves \
+             for the proxy",
+        ),
+        (
+            "a volume of the injector's name",
+            json!({"spec": {"volumes": [{"name": "sigil-agent",
+                "hostPath": {"path": "/run/sigil", "type": "Directory"}}]}}),
+            "the pod defines volume \"sigil-agent\", a name the sigil injector reserves",
+        ),
+    ] {
+        let mut hostile = review.clone();
+        let object = &mut hostile["request"]["object"];
+        if let Some(mounts) = change["spec"]["containers"][0].get("volumeMounts") {
+            object["spec"]["containers"][0]["volumeMounts"] = mounts.clone();
+        } else {
+            object["spec"]["volumes"] = change["spec"]["volumes"].clone();
+        }
+        let response = answer(hostile).await;
+        assert_eq!(response["allowed"], false, "{what}: {response}");
+        let message = response["status"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(reason), "{what}: {message}");
+    }
+
+    // A probe on a port name the container does not declare: a warning a person can read.
+    // A probe with its own headers: they reach the proxy's --app-probe flag.
+    let mut odd = review.clone();
+    let web = &mut odd["request"]["object"]["spec"]["containers"][0];
+    web["startupProbe"] = json!({"httpGet": {"path": "/up", "port": "admin"}});
+    web["livenessProbe"]["httpGet"]["httpHeaders"] =
+        json!([{"name": "Host", "value": "shop.example"}]);
+    let response = answer(odd.clone()).await;
+    assert_eq!(response["allowed"], true, "{response}");
+    assert_eq!(
+        response["warnings"],
+        json!([
+            "sigil: the startup probe of container \"web\" names port \"admin\", which the \
+             container does not declare; not rewritten"
+        ])
+    );
+    let pod = apply(&odd, &json!({"response": response}));
+    let args = pod["spec"]["initContainers"][1]["args"].as_array().unwrap();
+    assert!(
+        args.contains(&json!("web-live=8080/healthz#Host=shop.example")),
+        "{args:?}"
+    );
+}

@@ -34,6 +34,10 @@ fn plugin_overlay() -> Vec<Value> {
     kustomize(&deploy().join("overlays/plugin-ca"))
 }
 
+fn istio_overlay() -> Vec<Value> {
+    kustomize(&deploy().join("overlays/istio-ambient"))
+}
+
 /// Every object rendered, and the custom-resource kinds: the rendered CRDs.
 fn crds(objects: &[Value]) -> Vec<Value> {
     of_kind(objects, "CustomResourceDefinition")
@@ -88,6 +92,7 @@ fn base_and_overlay_render_and_pass_the_kubernetes_schemas() {
     // deploy/ is the base in deploy/base, unchanged.
     assert_eq!(rendered, kustomize(&deploy().join("base")));
     let overlay = plugin_overlay();
+    let istio = istio_overlay();
 
     let expected: BTreeSet<(String, String, String)> = [
         ("Namespace", "", NAMESPACE),
@@ -112,13 +117,14 @@ fn base_and_overlay_render_and_pass_the_kubernetes_schemas() {
         ("Deployment", NAMESPACE, "sigil-ca"),
         ("PodDisruptionBudget", NAMESPACE, "sigil-ca"),
         ("Service", NAMESPACE, "sigil-ca"),
+        ("NetworkPolicy", NAMESPACE, "sigil-ca"),
         ("MutatingWebhookConfiguration", "", "sigil-injector"),
         ("DaemonSet", NAMESPACE, "sigil-agent"),
     ]
     .into_iter()
     .map(|(k, ns, n)| (k.to_string(), ns.to_string(), n.to_string()))
     .collect();
-    for objects in [&rendered, &overlay] {
+    for objects in [&rendered, &overlay, &istio] {
         let found: BTreeSet<(String, String, String)> = objects
             .iter()
             .map(|o| {
@@ -152,6 +158,7 @@ fn base_and_overlay_render_and_pass_the_kubernetes_schemas() {
     // The API's schemas, strict, for the oldest supported and the newest known Kubernetes.
     let mut all = rendered.clone();
     all.extend(overlay);
+    all.extend(istio);
     let (latest, problems) = kubernetes_schema_problems(&all, &[OLDEST_KUBERNETES, "latest"]);
     assert!(
         latest.as_str() >= "1.35",
@@ -336,10 +343,8 @@ fn the_ca_deployment_service_and_webhook_fit_the_binary() {
     assert_eq!(field(&config, "plugin_secret"), "None");
     assert_eq!(field(&config, "state_dir"), "None");
     assert_eq!(field(&config, "auth"), "Tokenreview");
-    assert_eq!(
-        debug_strings(field(&config, "audiences")),
-        [sigil_ca::authn::DEFAULT_AUDIENCE]
-    );
+    // No audience besides sigil-ca, which is always accepted.
+    assert!(debug_strings(field(&config, "audiences")).is_empty());
     // The agents it trusts are the DaemonSet's service account.
     let daemonset = find(&rendered, "DaemonSet", "sigil-agent");
     assert_eq!(
@@ -586,6 +591,240 @@ fn workloads_are_highly_available_and_locked_down() {
     assert_eq!(
         ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
         "privileged"
+    );
+}
+
+/// Who connects in a cluster, as NetworkPolicy sees it.
+enum Peer<'a> {
+    Pod {
+        namespace: &'a Value,
+        labels: Value,
+        ip: &'a str,
+    },
+    /// A host-network process or a managed control plane: the API server calling the webhook.
+    Host { ip: &'a str },
+}
+
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let expressions = selector["matchExpressions"].as_array();
+    assert!(
+        expressions.is_none_or(Vec::is_empty),
+        "only matchLabels are modelled"
+    );
+    selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| &labels[k] == v)
+}
+
+fn in_cidr(ip: &str, cidr: &str) -> bool {
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    let (net, len) = cidr.split_once('/').unwrap();
+    let (net, len): (std::net::IpAddr, u32) = (net.parse().unwrap(), len.parse().unwrap());
+    match (ip, net) {
+        (std::net::IpAddr::V4(ip), std::net::IpAddr::V4(net)) => {
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            u32::from(ip) & mask == u32::from(net) & mask
+        }
+        (std::net::IpAddr::V6(ip), std::net::IpAddr::V6(net)) => {
+            let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+            u128::from(ip) & mask == u128::from(net) & mask
+        }
+        _ => false,
+    }
+}
+
+/// The ports of `container` (in a pod labelled `target_labels`) that the NetworkPolicies among
+/// `objects` in `policy_namespace` admit `peer` to, by the NetworkPolicy rules (ipBlocks applied
+/// to pod addresses too, as Calico and Cilium do). `None`: no policy selects the pod.
+fn admitted_ports(
+    objects: &[Value],
+    policy_namespace: &str,
+    target_labels: &Value,
+    container: &Value,
+    peer: &Peer,
+) -> Option<BTreeSet<u64>> {
+    let policies: Vec<&Value> = of_kind(objects, "NetworkPolicy")
+        .into_iter()
+        .filter(|p| namespace(p) == policy_namespace)
+        .filter(|p| selects(&p["spec"]["podSelector"], target_labels))
+        .collect();
+    if policies.is_empty() {
+        return None;
+    }
+    let mut admitted = BTreeSet::new();
+    for rule in policies
+        .iter()
+        .flat_map(|p| p["spec"]["ingress"].as_array().into_iter().flatten())
+    {
+        let from = rule["from"].as_array().cloned().unwrap_or_default();
+        let peer_matches = |from: &Value| {
+            if let Some(block) = from.get("ipBlock") {
+                let ip = match peer {
+                    Peer::Pod { ip, .. } | Peer::Host { ip } => ip,
+                };
+                return in_cidr(ip, block["cidr"].as_str().unwrap())
+                    && !block["except"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| in_cidr(ip, e.as_str().unwrap()));
+            }
+            let Peer::Pod {
+                namespace: ns,
+                labels,
+                ..
+            } = peer
+            else {
+                return false;
+            };
+            let ns_labels = &ns["metadata"]["labels"];
+            let ns_ok = match from.get("namespaceSelector") {
+                Some(selector) => selects(selector, ns_labels),
+                None => ns["metadata"]["name"] == policy_namespace,
+            };
+            ns_ok
+                && from
+                    .get("podSelector")
+                    .is_none_or(|selector| selects(selector, labels))
+        };
+        if from.is_empty() || from.iter().any(peer_matches) {
+            for port in rule["ports"].as_array().into_iter().flatten() {
+                admitted.insert(
+                    container_port(container, &port["port"])
+                        .unwrap_or_else(|| panic!("{port} is no port of the container")),
+                );
+            }
+        }
+    }
+    Some(admitted)
+}
+
+/// The NetworkPolicy lets the node agents reach the CA's signing port, the API server's side
+/// (outside the pod network) its webhook, and any pod its metrics; no pod reaches the webhook
+/// and no other pod the signing port (SECURITY.md, "What the cluster grants each part").
+#[test]
+fn the_network_policy_admits_agents_to_signing_and_the_api_server_to_the_webhook() {
+    let rendered = base();
+    let deployment = find(&rendered, "Deployment", "sigil-ca");
+    let ca = container(deployment, "ca");
+    let ca_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let config = parsed_config(deployment, "ca");
+    let grpc = debug_port(field(&config, "listen"));
+    let admin = debug_port(field(&config, "admin_addr"));
+    let webhook = debug_port(field(&config, "webhook_addr"));
+    // The API server sets this label on every namespace.
+    let with_name_label = |ns: &Value| {
+        let mut ns = ns.clone();
+        let name = ns["metadata"]["name"].clone();
+        ns["metadata"]["labels"]["kubernetes.io/metadata.name"] = name;
+        ns
+    };
+    let sigil_system = with_name_label(find(&rendered, "Namespace", NAMESPACE));
+    let demo = with_name_label(&json!({"metadata": {"name": "demo", "labels": {}}}));
+    let agent_labels = find(&rendered, "DaemonSet", "sigil-agent")["spec"]["template"]["metadata"]
+        ["labels"]
+        .clone();
+    let cases = [
+        (
+            "a node agent",
+            Peer::Pod {
+                namespace: &sigil_system,
+                labels: agent_labels.clone(),
+                ip: "10.244.1.5",
+            },
+            vec![grpc, admin],
+        ),
+        (
+            "an application pod",
+            Peer::Pod {
+                namespace: &demo,
+                labels: json!({"app": "web"}),
+                ip: "10.244.2.7",
+            },
+            vec![admin],
+        ),
+        (
+            "a pod wearing the agent's labels in its own namespace",
+            Peer::Pod {
+                namespace: &demo,
+                labels: agent_labels,
+                ip: "10.244.2.8",
+            },
+            vec![admin],
+        ),
+        (
+            "the API server (host network)",
+            Peer::Host { ip: "198.18.0.10" },
+            vec![webhook],
+        ),
+        (
+            "the API server over IPv6",
+            Peer::Host { ip: "2001:2::10" },
+            vec![webhook],
+        ),
+    ];
+    for (who, peer, expected) in cases {
+        let admitted = admitted_ports(&rendered, NAMESPACE, ca_labels, ca, &peer)
+            .expect("a NetworkPolicy selects the CA's pods");
+        assert_eq!(
+            admitted,
+            expected.into_iter().collect::<BTreeSet<_>>(),
+            "{who}"
+        );
+    }
+}
+
+/// deploy/overlays/istio-ambient makes sigil Istio's CA: ztunnel's tokens (audience istio-ca) are
+/// accepted and sigil's own agents' still are, ztunnel may ask for the identities of the pods on
+/// its node, and its pods may reach the signing port; its root patch points at the ConfigMap the
+/// CA publishes.
+#[test]
+fn the_istio_overlay_lets_ztunnel_in_and_keeps_sigils_agents_working() {
+    let istio = istio_overlay();
+    let deployment = find(&istio, "Deployment", "sigil-ca");
+    let config = parsed_config(deployment, "ca");
+    assert_eq!(debug_strings(field(&config, "audiences")), ["istio-ca"]);
+    assert_eq!(
+        field(&config, "trusted_agents"),
+        r#"[("sigil-system", "sigil-agent"), ("istio-system", "ztunnel")]"#
+    );
+    let grpc = debug_port(field(&config, "listen"));
+    let ca = container(deployment, "ca");
+    let ca_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let namespace_named = |name: &str| json!({"metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}});
+    let (istio_system, sigil_system) =
+        (namespace_named("istio-system"), namespace_named(NAMESPACE));
+    let agent_labels =
+        find(&istio, "DaemonSet", "sigil-agent")["spec"]["template"]["metadata"]["labels"].clone();
+    for (who, peer) in [
+        (
+            "ztunnel",
+            Peer::Pod {
+                namespace: &istio_system,
+                labels: json!({"app": "ztunnel", "sidecar.istio.io/inject": "false"}),
+                ip: "10.244.1.9",
+            },
+        ),
+        (
+            "sigil's agent",
+            Peer::Pod {
+                namespace: &sigil_system,
+                labels: agent_labels,
+                ip: "10.244.1.5",
+            },
+        ),
+    ] {
+        let admitted = admitted_ports(&istio, NAMESPACE, ca_labels, ca, &peer).unwrap();
+        assert!(admitted.contains(&grpc), "{who}: {admitted:?}");
+    }
+
+    let patch = yaml_file(&deploy().join("overlays/istio-ambient/ztunnel-root.yaml"));
+    let volumes = &patch[0]["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(
+        volumes[0]["configMap"]["name"],
+        sigil_ca::distribute::CONFIGMAP_NAME
     );
 }
 

@@ -568,3 +568,52 @@ async fn paths_are_normalized_as_the_proxy_does() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// What a user sees when something is wrong: each reason once, in plain words, and an answer
+/// piped into a reader that stops early (`| head`) ends with the answer's exit code, not a panic.
+#[tokio::test]
+async fn errors_read_once_and_a_closed_pipe_is_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.yaml");
+    let run = inspect(
+        &[
+            "--policy-file",
+            missing.to_str().unwrap(),
+            "-n",
+            "demo",
+            "--labels",
+            "",
+            "--plaintext",
+            "--port",
+            "80",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(run.code, 2);
+    assert_eq!(
+        run.stderr.matches("No such file or directory").count(),
+        1,
+        "the cause is said once: {}",
+        run.stderr
+    );
+
+    // The reader is gone before sigil writes its answer.
+    let file = policy_file(dir.path(), POLICIES);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(SIGIL)
+        .args(["inspect", "policy", "--policy-file", &file, "-n", "demo"])
+        .args(["--labels", "app=web", "--from", CLIENT, "--port", "8080"])
+        .args(["--method", "GET"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "ALLOW, as without the pipe: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

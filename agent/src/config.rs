@@ -32,11 +32,11 @@ pub struct AgentConfig {
     pub trust_domain: String,
 
     /// The CA's address (host:port).
-    #[arg(long = "ca", default_value = DEFAULT_CA_ADDR)]
+    #[arg(long = "ca", default_value = DEFAULT_CA_ADDR, value_parser = sigil_ca::config::parse_host_port)]
     pub ca_addr: String,
 
     /// The name the CA's serving certificate must carry.
-    #[arg(long, default_value = DEFAULT_CA_NAME)]
+    #[arg(long, default_value = DEFAULT_CA_NAME, value_parser = sigil_ca::config::parse_server_name)]
     pub ca_name: String,
 
     /// PEM roots that authenticate the CA at start (the `sigil-ca-root` ConfigMap's

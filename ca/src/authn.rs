@@ -1,10 +1,13 @@
 //! Who is calling: a Kubernetes service-account token (checked by TokenReview, cached by token
-//! hash, or validated locally against the cluster's JWKS) or a client certificate this CA issued.
+//! hash for about as long as the API server caches its own answers, or validated locally against
+//! the cluster's JWKS) or a client certificate this CA issued. TokenReviews are bounded: in
+//! flight, per source address, and rejected tokens are remembered briefly.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
@@ -23,6 +26,20 @@ pub const TOKEN_CACHE_CAPACITY: usize = 10_000;
 pub const MAX_CONCURRENT_TOKEN_REVIEWS: usize = 32;
 /// A cached review is dropped this long before its token expires.
 pub const TOKEN_CACHE_EXPIRY_MARGIN: Duration = Duration::from_secs(30);
+/// A successful TokenReview is trusted this long at most: the API server caches its own
+/// authentication results for 10 s, so a token whose service account (or secret) is deleted
+/// stops working here when it stops working there.
+pub const TOKEN_REVIEW_CACHE_TTL: Duration = Duration::from_secs(10);
+/// A token the API server rejected is rejected again without asking for this long, so repeating
+/// a bad token costs the API server nothing.
+pub const TOKEN_REJECTION_CACHE_TTL: Duration = Duration::from_secs(5);
+/// TokenReviews (cache misses) one source address may cause: this many at once...
+pub const REVIEWS_PER_SOURCE_BURST: f64 = 20.0;
+/// ...refilled at this rate. A node agent needs one review per token refresh; a flood of
+/// made-up tokens from one address is refused before it reaches the API server.
+pub const REVIEWS_PER_SOURCE_PER_SECOND: f64 = 5.0;
+/// Most source addresses whose review budget is tracked at once.
+const MAX_TRACKED_SOURCES: usize = 4096;
 /// Extra keys TokenReview puts on pod-bound tokens.
 const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
@@ -46,6 +63,8 @@ pub enum AuthnError {
     BadIdentity(String),
     #[error("client certificate is from trust domain {0}, not ours")]
     ForeignTrustDomain(String),
+    #[error("too many TokenReviews from {0}; retry later")]
+    RateLimited(IpAddr),
     #[error("token is bound to pod {namespace}/{name}, which no longer exists")]
     PodGone { namespace: String, name: String },
     #[error(
@@ -62,7 +81,16 @@ pub enum AuthnError {
 impl AuthnError {
     /// Whether the failure is ours (API server unreachable) rather than the caller's.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, AuthnError::TokenReviewFailed(_))
+        matches!(
+            self,
+            AuthnError::TokenReviewFailed(_) | AuthnError::RateLimited(_)
+        )
+    }
+
+    /// Whether the answer may be remembered for the token: the API server's verdict may, a
+    /// failure to ask it may not.
+    fn is_verdict(&self) -> bool {
+        !self.is_unavailable()
     }
 }
 
@@ -106,10 +134,51 @@ pub struct Authenticator {
     audiences: Vec<String>,
     validator: TokenValidator,
     pods: Option<watch::Receiver<PodIndex>>,
-    cache: Mutex<HashMap<[u8; 32], Arc<OnceCell<TokenIdentity>>>>,
+    cache: Mutex<HashMap<[u8; 32], Arc<OnceCell<Reviewed>>>>,
     /// Bounds TokenReview calls in flight, so a flood of bogus tokens cannot flood the API server.
     review_slots: Semaphore,
+    /// Each source address's remaining TokenReview budget.
+    review_budgets: Mutex<HashMap<IpAddr, Budget>>,
     metrics: Arc<Metrics>,
+}
+
+/// The API server's answer about one token, and until when it stands.
+#[derive(Clone, Debug)]
+struct Reviewed {
+    result: Result<TokenIdentity, AuthnError>,
+    fresh_until: SystemTime,
+}
+
+impl Reviewed {
+    fn new(result: Result<TokenIdentity, AuthnError>, now: SystemTime) -> Self {
+        let fresh_until = match &result {
+            Ok(identity) => match identity.expires_at {
+                Some(exp) => (now + TOKEN_REVIEW_CACHE_TTL)
+                    .min(exp.checked_sub(TOKEN_CACHE_EXPIRY_MARGIN).unwrap_or(now)),
+                None => now,
+            },
+            Err(e) if e.is_verdict() => now + TOKEN_REJECTION_CACHE_TTL,
+            Err(_) => now,
+        };
+        Reviewed {
+            result,
+            fresh_until,
+        }
+    }
+}
+
+/// A token bucket: `REVIEWS_PER_SOURCE_BURST` reviews, refilled continuously.
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Budget {
+    fn refilled(self, now: Instant) -> f64 {
+        let earned = now.duration_since(self.at).as_secs_f64() * REVIEWS_PER_SOURCE_PER_SECOND;
+        (self.tokens + earned).min(REVIEWS_PER_SOURCE_BURST)
+    }
 }
 
 impl Authenticator {
@@ -120,6 +189,10 @@ impl Authenticator {
         pods: Option<watch::Receiver<PodIndex>>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        // sigil's own audience is always accepted: the flag adds Istio's (istio-ca) or others.
+        let audiences = std::iter::once(DEFAULT_AUDIENCE.to_string())
+            .chain(audiences.into_iter().filter(|a| a != DEFAULT_AUDIENCE))
+            .collect();
         Authenticator {
             trust_domain,
             audiences,
@@ -127,19 +200,22 @@ impl Authenticator {
             pods,
             cache: Mutex::new(HashMap::new()),
             review_slots: Semaphore::new(MAX_CONCURRENT_TOKEN_REVIEWS),
+            review_budgets: Mutex::new(HashMap::new()),
             metrics,
         }
     }
 
     /// A bearer token wins over a client certificate when both are present: it is the more
-    /// specific credential (a pod-bound token names the pod and node).
+    /// specific credential (a pod-bound token names the pod and node). `source` is the caller's
+    /// address, whose TokenReview budget a cache miss spends.
     pub async fn authenticate(
         &self,
         bearer: Option<&str>,
         peer_id: Option<&SpiffeId>,
+        source: Option<IpAddr>,
     ) -> Result<Caller, AuthnError> {
         if let Some(token) = bearer {
-            let identity = self.validate_token(token).await?;
+            let identity = self.validate_token(token, source).await?;
             self.check_pod_binding(&identity).await?;
             let id = SpiffeId::for_service_account(
                 &self.trust_domain,
@@ -166,7 +242,11 @@ impl Authenticator {
         Err(AuthnError::NoCredentials)
     }
 
-    async fn validate_token(&self, token: &str) -> Result<TokenIdentity, AuthnError> {
+    async fn validate_token(
+        &self,
+        token: &str,
+        source: Option<IpAddr>,
+    ) -> Result<TokenIdentity, AuthnError> {
         match &self.validator {
             TokenValidator::Disabled => Err(AuthnError::TokensDisabled),
             TokenValidator::Jwks { jwks, issuer } => {
@@ -191,14 +271,23 @@ impl Authenticator {
                 // Concurrent calls with one token (an agent prefetching for many pods) share a
                 // single TokenReview: the first runs it, the others wait for its answer.
                 let reviewed = AtomicBool::new(false);
-                let result = cell
-                    .get_or_try_init(|| async {
+                let answer = cell
+                    .get_or_init(|| async {
                         reviewed.store(true, Ordering::Relaxed);
-                        let _slot = self.review_slots.acquire().await.expect("never closed");
-                        self.token_review(client, token).await
+                        let result = match source {
+                            Some(ip) if !self.spend_review_budget(ip, Instant::now()) => {
+                                Err(AuthnError::RateLimited(ip))
+                            }
+                            _ => {
+                                let _slot =
+                                    self.review_slots.acquire().await.expect("never closed");
+                                self.token_review(client, token).await
+                            }
+                        };
+                        Reviewed::new(result, SystemTime::now())
                     })
                     .await
-                    .cloned();
+                    .clone();
                 let result_label = if reviewed.load(Ordering::Relaxed) {
                     CacheResult::Miss
                 } else {
@@ -210,11 +299,11 @@ impl Authenticator {
                         result: result_label,
                     })
                     .inc();
-                // Failures and results without a readable expiry are not kept.
-                if result.as_ref().map_or(true, |id| id.expires_at.is_none()) {
+                // Failures to ask, and results without a readable expiry, are not kept.
+                if answer.fresh_until <= SystemTime::now() {
                     self.forget(&key, &cell);
                 }
-                result
+                answer.result
             }
         }
     }
@@ -305,13 +394,35 @@ impl Authenticator {
         }
     }
 
+    /// Takes one TokenReview from `source`'s budget; false when it has none left.
+    fn spend_review_budget(&self, source: IpAddr, now: Instant) -> bool {
+        let mut budgets = self.review_budgets.lock().expect("review budget lock");
+        if budgets.len() >= MAX_TRACKED_SOURCES && !budgets.contains_key(&source) {
+            // Sources whose budget is full again are the same as untracked ones.
+            budgets.retain(|_, b| b.refilled(now) < REVIEWS_PER_SOURCE_BURST);
+            if budgets.len() >= MAX_TRACKED_SOURCES {
+                // Every tracked source is spending: start over rather than grow without bound.
+                budgets.clear();
+            }
+        }
+        let budget = budgets.entry(source).or_insert(Budget {
+            tokens: REVIEWS_PER_SOURCE_BURST,
+            at: now,
+        });
+        let tokens = budget.refilled(now);
+        let granted = tokens >= 1.0;
+        *budget = Budget {
+            tokens: if granted { tokens - 1.0 } else { tokens },
+            at: now,
+        };
+        granted
+    }
+
     /// The cache cell for a token: its cached review if still fresh, else a new empty cell
     /// (shared with concurrent callers). Expired entries are dropped; a full cache evicts.
-    fn cache_cell(&self, key: [u8; 32], now: SystemTime) -> Arc<OnceCell<TokenIdentity>> {
-        let fresh = |cell: &OnceCell<TokenIdentity>| match cell.get() {
-            Some(id) => id
-                .expires_at
-                .is_some_and(|exp| now + TOKEN_CACHE_EXPIRY_MARGIN < exp),
+    fn cache_cell(&self, key: [u8; 32], now: SystemTime) -> Arc<OnceCell<Reviewed>> {
+        let fresh = |cell: &OnceCell<Reviewed>| match cell.get() {
+            Some(reviewed) => now < reviewed.fresh_until,
             None => true, // a review in flight
         };
         let mut cache = self.cache.lock().expect("token cache lock");
@@ -339,7 +450,7 @@ impl Authenticator {
     }
 
     /// Removes `cell` from the cache unless another call already replaced it.
-    fn forget(&self, key: &[u8; 32], cell: &Arc<OnceCell<TokenIdentity>>) {
+    fn forget(&self, key: &[u8; 32], cell: &Arc<OnceCell<Reviewed>>) {
         let mut cache = self.cache.lock().expect("token cache lock");
         if cache
             .get(key)
@@ -451,7 +562,7 @@ mod tests {
     async fn token_review_identity_and_cache() {
         let (server, authn, pod, metrics) = setup(false).await;
         let token = server.issue_token(&spec(&pod));
-        let caller = authn.authenticate(Some(&token), None).await.unwrap();
+        let caller = authn.authenticate(Some(&token), None, None).await.unwrap();
         assert_eq!(
             caller.id.to_string(),
             "spiffe://cluster.local/ns/demo/sa/web"
@@ -461,7 +572,7 @@ mod tests {
         };
         assert_eq!(t.pod.as_ref().unwrap().0, "web-1");
         assert_eq!(t.node.as_deref(), Some("node-a"));
-        authn.authenticate(Some(&token), None).await.unwrap();
+        authn.authenticate(Some(&token), None, None).await.unwrap();
         assert_eq!(
             server.token_reviews_served(),
             1,
@@ -482,7 +593,7 @@ mod tests {
     async fn concurrent_calls_with_one_token_share_one_review() {
         let (server, authn, pod, metrics) = setup(false).await;
         let token = server.issue_token(&spec(&pod));
-        let calls = (0..16).map(|_| authn.authenticate(Some(&token), None));
+        let calls = (0..16).map(|_| authn.authenticate(Some(&token), None, None));
         for result in futures::future::join_all(calls).await {
             assert_eq!(
                 result.unwrap().id.to_string(),
@@ -498,13 +609,73 @@ mod tests {
             .get();
         assert_eq!(misses, 1);
 
-        // A rejected token is not remembered: each try is reviewed again.
+        // A rejected token is remembered briefly: repeating it costs the API server nothing.
         let mut unknown = spec(&pod);
         unknown.signing = TokenSigning::UnknownKey;
         let bad = server.issue_token(&unknown);
-        assert!(authn.authenticate(Some(&bad), None).await.is_err());
-        assert!(authn.authenticate(Some(&bad), None).await.is_err());
-        assert_eq!(server.token_reviews_served(), 3);
+        assert!(authn.authenticate(Some(&bad), None, None).await.is_err());
+        assert!(authn.authenticate(Some(&bad), None, None).await.is_err());
+        assert_eq!(server.token_reviews_served(), 2);
+    }
+
+    #[test]
+    fn a_review_is_trusted_as_long_as_the_api_server_caches_it_and_no_longer() {
+        let now = SystemTime::now();
+        let identity = |exp: Option<SystemTime>| TokenIdentity {
+            namespace: "demo".into(),
+            service_account: "web".into(),
+            pod: None,
+            node: None,
+            expires_at: exp,
+        };
+        let hour = Reviewed::new(Ok(identity(Some(now + Duration::from_secs(3600)))), now);
+        assert_eq!(hour.fresh_until, now + TOKEN_REVIEW_CACHE_TTL);
+        let soon = Reviewed::new(Ok(identity(Some(now + Duration::from_secs(35)))), now);
+        assert_eq!(soon.fresh_until, now + Duration::from_secs(5));
+        assert_eq!(Reviewed::new(Ok(identity(None)), now).fresh_until, now);
+        let rejected = Reviewed::new(Err(AuthnError::TokenReviewRejected("x".into())), now);
+        assert_eq!(rejected.fresh_until, now + TOKEN_REJECTION_CACHE_TTL);
+        let failed = Reviewed::new(Err(AuthnError::TokenReviewFailed("x".into())), now);
+        assert_eq!(failed.fresh_until, now, "a failure to ask is not a verdict");
+    }
+
+    #[tokio::test]
+    async fn each_source_has_a_token_review_budget() {
+        let (server, authn, _, _) = setup(false).await;
+        let attacker: IpAddr = "198.18.0.66".parse().unwrap();
+        let mut limited = 0;
+        for i in 0..40u64 {
+            match authn
+                .authenticate(
+                    Some(&unsigned_token_expiring_in(3600 + i)),
+                    None,
+                    Some(attacker),
+                )
+                .await
+            {
+                Err(AuthnError::RateLimited(ip)) => {
+                    assert_eq!(ip, attacker);
+                    limited += 1;
+                }
+                Err(AuthnError::TokenReviewRejected(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(
+            limited >= 15,
+            "only {limited} of 40 made-up tokens were limited"
+        );
+        assert!(server.token_reviews_served() <= 25);
+        // Another source still gets its reviews.
+        let err = authn
+            .authenticate(
+                Some(&unsigned_token_expiring_in(7200)),
+                None,
+                Some("198.18.0.7".parse().unwrap()),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, AuthnError::TokenReviewRejected(_)), "{err}");
     }
 
     #[tokio::test]
@@ -514,7 +685,7 @@ mod tests {
         let mut expired = spec(&pod);
         expired.expires_in = -600;
         let err = authn
-            .authenticate(Some(&server.issue_token(&expired)), None)
+            .authenticate(Some(&server.issue_token(&expired)), None, None)
             .await
             .unwrap_err();
         assert!(
@@ -522,7 +693,7 @@ mod tests {
             "{err}"
         );
         let err = authn
-            .authenticate(Some("not-a-jwt"), None)
+            .authenticate(Some("not-a-jwt"), None, None)
             .await
             .unwrap_err();
         assert!(
@@ -530,7 +701,10 @@ mod tests {
             "{err}"
         );
         let huge = "a".repeat(jwt::MAX_TOKEN_BYTES + 1);
-        let err = authn.authenticate(Some(&huge), None).await.unwrap_err();
+        let err = authn
+            .authenticate(Some(&huge), None, None)
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, AuthnError::Jwt(jwt::JwtError::TooLarge)),
             "{err}"
@@ -540,7 +714,7 @@ mod tests {
         let mut wrong_aud = spec(&pod);
         wrong_aud.audiences = vec!["istio-ca".into()];
         let err = authn
-            .authenticate(Some(&server.issue_token(&wrong_aud)), None)
+            .authenticate(Some(&server.issue_token(&wrong_aud)), None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, AuthnError::TokenReviewRejected(_)), "{err}");
@@ -548,7 +722,7 @@ mod tests {
         let mut unknown = spec(&pod);
         unknown.signing = TokenSigning::UnknownKey;
         let err = authn
-            .authenticate(Some(&server.issue_token(&unknown)), None)
+            .authenticate(Some(&server.issue_token(&unknown)), None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, AuthnError::TokenReviewRejected(_)), "{err}");
@@ -558,13 +732,16 @@ mod tests {
     async fn cached_token_of_deleted_pod_is_refused() {
         let (server, authn, pod, _) = setup(false).await;
         let token = server.issue_token(&spec(&pod));
-        authn.authenticate(Some(&token), None).await.unwrap();
+        authn.authenticate(Some(&token), None, None).await.unwrap();
         server.delete_pod("demo", "web-1");
         let mut pods = authn.pods.clone().unwrap();
         pods.wait_for(|i| i.get("demo", "web-1").is_none())
             .await
             .unwrap();
-        let err = authn.authenticate(Some(&token), None).await.unwrap_err();
+        let err = authn
+            .authenticate(Some(&token), None, None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, AuthnError::PodGone { .. }), "{err}");
     }
 
@@ -575,7 +752,7 @@ mod tests {
             let mut s = spec(&pod);
             s.alg = alg;
             let caller = authn
-                .authenticate(Some(&server.issue_token(&s)), None)
+                .authenticate(Some(&server.issue_token(&s)), None, None)
                 .await
                 .unwrap();
             assert_eq!(
@@ -592,7 +769,7 @@ mod tests {
         let mut expired = spec(&pod);
         expired.expires_in = -600;
         let err = authn
-            .authenticate(Some(&server.issue_token(&expired)), None)
+            .authenticate(Some(&server.issue_token(&expired)), None, None)
             .await
             .unwrap_err();
         assert!(
@@ -603,7 +780,7 @@ mod tests {
         let mut wrong_aud = spec(&pod);
         wrong_aud.audiences = vec!["istio-ca".into()];
         let err = authn
-            .authenticate(Some(&server.issue_token(&wrong_aud)), None)
+            .authenticate(Some(&server.issue_token(&wrong_aud)), None, None)
             .await
             .unwrap_err();
         assert!(
@@ -614,7 +791,7 @@ mod tests {
         let mut unknown = spec(&pod);
         unknown.signing = TokenSigning::UnknownKey;
         let err = authn
-            .authenticate(Some(&server.issue_token(&unknown)), None)
+            .authenticate(Some(&server.issue_token(&unknown)), None, None)
             .await
             .unwrap_err();
         assert!(
@@ -631,7 +808,10 @@ mod tests {
         pods.wait_for(|i| i.get("demo", "web-1").is_none())
             .await
             .unwrap();
-        let err = authn.authenticate(Some(&token), None).await.unwrap_err();
+        let err = authn
+            .authenticate(Some(&token), None, None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, AuthnError::PodGone { .. }), "{err}");
     }
 
@@ -648,7 +828,7 @@ mod tests {
         let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
         assert_eq!(
             authn
-                .authenticate(None, Some(&id))
+                .authenticate(None, Some(&id), None)
                 .await
                 .unwrap()
                 .credential,
@@ -656,15 +836,15 @@ mod tests {
         );
         let foreign = SpiffeId::parse("spiffe://other.org/ns/a/sa/b").unwrap();
         assert!(matches!(
-            authn.authenticate(None, Some(&foreign)).await,
+            authn.authenticate(None, Some(&foreign), None).await,
             Err(AuthnError::ForeignTrustDomain(_))
         ));
         assert!(matches!(
-            authn.authenticate(None, None).await,
+            authn.authenticate(None, None, None).await,
             Err(AuthnError::NoCredentials)
         ));
         assert!(matches!(
-            authn.authenticate(Some("x.y.z"), None).await,
+            authn.authenticate(Some("x.y.z"), None, None).await,
             Err(AuthnError::TokensDisabled)
         ));
     }
@@ -697,7 +877,7 @@ mod tests {
             metrics,
         );
         let err = authn
-            .authenticate(Some(&unsigned_token_expiring_in(3600)), None)
+            .authenticate(Some(&unsigned_token_expiring_in(3600)), None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, AuthnError::TokenReviewFailed(_)), "{err}");

@@ -21,6 +21,10 @@ pub enum AuthorityError {
     BadSigner(String),
     #[error("public key is unusable: {0}")]
     BadPublicKey(String),
+    /// X509-SVID spec §2: a leaf's SPIFFE ID MUST have a non-root path; `spiffe://<td>` names
+    /// the trust domain itself (what CA certificates carry), never a workload.
+    #[error("{0} is a trust-domain ID (no path); a workload certificate needs a path")]
+    TrustDomainIdLeaf(SpiffeId),
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
 }
@@ -112,7 +116,9 @@ impl Signer {
     }
 
     /// Signs a workload certificate for `id` over the given public key. NotAfter is `now + ttl`
-    /// but never past the signer's own NotAfter.
+    /// but never past the signer's own NotAfter. Every leaf the CA issues (Sign,
+    /// CreateCertificate, `sigil ca issue`) comes through here, so this is where a trust-domain
+    /// ID is refused.
     pub fn sign_leaf(
         &self,
         spki_der: &[u8],
@@ -121,6 +127,9 @@ impl Signer {
         ttl: Duration,
         now: OffsetDateTime,
     ) -> Result<Issued, AuthorityError> {
+        if id.is_trust_domain_id() {
+            return Err(AuthorityError::TrustDomainIdLeaf(id.clone()));
+        }
         let (not_before, not_after) = self.validity(ttl, now)?;
         let params = profile::leaf_params(id, key, not_before, not_after);
         self.sign(params, spki_der, not_after)
@@ -282,6 +291,23 @@ pub(crate) mod tests {
             )
             .unwrap_err();
         assert!(matches!(err, AuthorityError::SignerExpired(_)));
+    }
+
+    #[test]
+    fn a_trust_domain_id_gets_no_leaf() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let (signer, _) = test_root(&td);
+        let key = KeyPair::generate().unwrap();
+        let err = signer
+            .sign_leaf(
+                &key.subject_public_key_info(),
+                KeyKind::EcdsaP256,
+                &td.id(),
+                Duration::from_secs(60),
+                OffsetDateTime::now_utc(),
+            )
+            .unwrap_err();
+        assert!(matches!(err, AuthorityError::TrustDomainIdLeaf(_)), "{err}");
     }
 
     #[test]

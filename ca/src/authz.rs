@@ -52,8 +52,10 @@ pub enum AuthzError {
     },
     #[error("no pod index: impersonation by token needs the Kubernetes API")]
     NoPodIndex,
-    #[error("renewal of {id} by certificate refused: no live pod with that service account")]
-    RenewalWithoutLivePod { id: SpiffeId },
+    #[error(
+        "renewal of {id} by certificate refused: this CA accepts tokens, so callers present their token"
+    )]
+    RenewalByCertificate { id: SpiffeId },
     #[error("static entry for {caller} does not grant {requested}")]
     NotGranted {
         caller: SpiffeId,
@@ -79,6 +81,10 @@ pub enum StaticEntriesError {
         id: String,
         reason: String,
     },
+    #[error(
+        "{path}: {id} is a trust-domain ID (no path); workload certificates are for IDs with a path"
+    )]
+    TrustDomainId { path: String, id: SpiffeId },
 }
 
 /// `--static-entries` file: which agents (by certificate identity) may issue which identities.
@@ -115,11 +121,18 @@ impl StaticEntries {
                 source,
             })?;
         let parse = |id: &str| {
-            SpiffeId::parse(id).map_err(|e| StaticEntriesError::BadId {
+            let parsed = SpiffeId::parse(id).map_err(|e| StaticEntriesError::BadId {
                 path: origin.to_string(),
                 id: id.to_string(),
                 reason: e.to_string(),
-            })
+            })?;
+            if parsed.is_trust_domain_id() {
+                return Err(StaticEntriesError::TrustDomainId {
+                    path: origin.to_string(),
+                    id: parsed,
+                });
+            }
+            Ok(parsed)
         };
         let mut entries = HashMap::new();
         for agent in file.agents {
@@ -151,7 +164,8 @@ pub struct Authorizer {
     trusted_agents: HashSet<(String, String)>,
     static_entries: StaticEntries,
     pods: Option<watch::Receiver<PodIndex>>,
-    renewal_needs_live_pod: bool,
+    /// `--auth tokenreview|jwks`: then a certificate does not renew itself.
+    tokens_accepted: bool,
 }
 
 impl Authorizer {
@@ -160,14 +174,14 @@ impl Authorizer {
         trusted_agents: HashSet<(String, String)>,
         static_entries: StaticEntries,
         pods: Option<watch::Receiver<PodIndex>>,
-        renewal_needs_live_pod: bool,
+        tokens_accepted: bool,
     ) -> Self {
         Authorizer {
             trust_domain,
             trusted_agents,
             static_entries,
             pods,
-            renewal_needs_live_pod,
+            tokens_accepted,
         }
     }
 
@@ -180,7 +194,7 @@ impl Authorizer {
         impersonate: &str,
     ) -> Result<SpiffeId, AuthzError> {
         if impersonate.is_empty() || impersonate == caller.id.to_string() {
-            return self.renewal(caller).await;
+            return self.own_identity(caller);
         }
         let requested = SpiffeId::parse(impersonate)
             .map_err(|e| AuthzError::BadRequestedId(impersonate.to_string(), e.to_string()))?;
@@ -226,31 +240,18 @@ impl Authorizer {
         }
     }
 
-    /// A caller's own identity. Renewal by certificate, where tokens are the primary credential,
-    /// needs a live pod with that service account somewhere in the cluster: a certificate alone
-    /// must not keep an identity alive after its workload is gone.
-    async fn renewal(&self, caller: &Caller) -> Result<SpiffeId, AuthzError> {
-        if caller.credential != Credential::ClientCert || !self.renewal_needs_live_pod {
-            return Ok(caller.id.clone());
+    /// A caller's own identity. Where tokens are accepted, every workload and agent has one, and
+    /// a token names its pod and node, which a certificate does not: a certificate (perhaps
+    /// stolen with its key) must not renew itself there, or it would live forever wherever a pod
+    /// of that service account runs. Hosts without Kubernetes (`--auth certs`) renew by
+    /// certificate; their renewals are capped at the default lifetime (`service.rs`).
+    fn own_identity(&self, caller: &Caller) -> Result<SpiffeId, AuthzError> {
+        if caller.credential == Credential::ClientCert && self.tokens_accepted {
+            return Err(AuthzError::RenewalByCertificate {
+                id: caller.id.clone(),
+            });
         }
-        let (namespace, service_account) =
-            caller
-                .id
-                .service_account()
-                .ok_or_else(|| AuthzError::NotServiceAccountId {
-                    requested: caller.id.clone(),
-                })?;
-        let pods = self.pods.as_ref().ok_or(AuthzError::NoPodIndex)?;
-        pods::wait_for(pods, pods::INDEX_GRACE, |index| {
-            if index.has_live_pod_anywhere(namespace, service_account) {
-                Ok(caller.id.clone())
-            } else {
-                Err(AuthzError::RenewalWithoutLivePod {
-                    id: caller.id.clone(),
-                })
-            }
-        })
-        .await
+        Ok(caller.id.clone())
     }
 }
 
@@ -496,33 +497,28 @@ mod tests {
         ));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn renewal_by_certificate_needs_a_live_pod_when_tokens_are_accepted() {
+    #[tokio::test]
+    async fn renewal_by_certificate_is_refused_where_tokens_are_accepted() {
         let a = authorizer();
         let web = Caller {
             id: SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/web").unwrap(),
             credential: Credential::ClientCert,
         };
-        assert_eq!(a.authorize(&web, "").await.unwrap(), web.id);
-        let gone = Caller {
-            id: SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/job").unwrap(),
-            credential: Credential::ClientCert,
-        };
         assert!(
             matches!(
-                a.authorize(&gone, "").await,
-                Err(AuthzError::RenewalWithoutLivePod { .. })
+                a.authorize(&web, "").await,
+                Err(AuthzError::RenewalByCertificate { .. })
             ),
-            "the job's only pod has Succeeded"
+            "web has a live pod, but a certificate alone names no pod or node"
         );
-        let custom = Caller {
-            id: SpiffeId::parse("spiffe://cluster.local/custom").unwrap(),
-            credential: Credential::ClientCert,
-        };
         assert!(matches!(
-            a.authorize(&custom, "").await,
-            Err(AuthzError::NotServiceAccountId { .. })
+            a.authorize(&web, "spiffe://cluster.local/ns/demo/sa/web")
+                .await,
+            Err(AuthzError::RenewalByCertificate { .. })
         ));
+        let certs_only =
+            Authorizer::new(td(), HashSet::new(), StaticEntries::default(), None, false);
+        assert_eq!(certs_only.authorize(&web, "").await.unwrap(), web.id);
     }
 
     #[tokio::test]
@@ -558,6 +554,13 @@ mod tests {
         assert!(matches!(
             StaticEntries::parse("agents: [{id: x, may_issue: []}]", "f"),
             Err(StaticEntriesError::BadId { .. })
+        ));
+        assert!(matches!(
+            StaticEntries::parse(
+                "agents: [{id: spiffe://cluster.local/ns/a/sa/b, may_issue: [spiffe://cluster.local]}]",
+                "f"
+            ),
+            Err(StaticEntriesError::TrustDomainId { .. })
         ));
         assert!(matches!(
             StaticEntries::parse("agent: []", "f"),

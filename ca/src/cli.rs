@@ -179,13 +179,21 @@ async fn issue(args: IssueArgs) -> Result<(), CliError> {
     let authority = offline_authority(&StateStore::Dir(args.state_dir.clone()), &td).await?;
     let signer = authority.signer()?;
     let key = crate::source::generate_key().map_err(|e| CliError::Input(e.to_string()))?;
-    let issued = signer.sign_leaf(
-        &key.subject_public_key_info(),
-        KeyKind::EcdsaP256,
-        &id,
-        args.ttl,
-        OffsetDateTime::now_utc(),
-    )?;
+    let issued = signer
+        .sign_leaf(
+            &key.subject_public_key_info(),
+            KeyKind::EcdsaP256,
+            &id,
+            args.ttl,
+            OffsetDateTime::now_utc(),
+        )
+        .map_err(|e| match e {
+            // The operator's own input: name the flag.
+            e @ crate::authority::AuthorityError::TrustDomainIdLeaf(_) => {
+                CliError::Id(e.to_string())
+            }
+            e => CliError::Sign(e),
+        })?;
     std::fs::create_dir_all(&args.out_dir).map_err(io_err(&args.out_dir))?;
     let chain: String = std::iter::once(&issued.leaf)
         .chain(signer.intermediates.iter())

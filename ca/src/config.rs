@@ -25,9 +25,13 @@ pub const JWKS_REFRESH: Duration = Duration::from_secs(300);
 /// How callers' service-account tokens are checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum AuthMode {
-    /// Ask the API server (TokenReview, audience-checked), caching results by token hash.
+    /// Ask the API server (TokenReview, audience-checked), caching results by token hash for
+    /// 10 s at most, as the API server caches its own.
     Tokenreview,
-    /// Validate locally against the cluster's JWKS (--jwks-file, or OIDC discovery): no API call per request.
+    /// Validate locally against the cluster's JWKS (--jwks-file, or OIDC discovery): no API call
+    /// per request. It cannot see a deleted service account: that account's tokens keep working
+    /// until they expire (pod-bound ones only while their pod exists). Use tokenreview where
+    /// that matters.
     Jwks,
     /// No tokens: only client certificates issued by this CA (outside Kubernetes; see --static-entries).
     Certs,
@@ -81,8 +85,10 @@ pub struct CaConfig {
     #[arg(long, default_value = DEFAULT_JWT_ISSUER)]
     pub jwt_issuer: String,
 
-    /// Audiences a token may carry (repeat the flag for several, e.g. istio-ca for Istio clients).
-    #[arg(long = "audience", default_value = crate::authn::DEFAULT_AUDIENCE)]
+    /// Audiences a token may carry besides sigil-ca, which is always accepted (repeat the flag
+    /// for several; istio-ca for Istio's ztunnel and istio-agent). Adds, never replaces: sigil's
+    /// own agents present sigil-ca tokens.
+    #[arg(long = "audience")]
     pub audiences: Vec<String>,
 
     /// Service accounts (namespace/name) of node agents allowed to request pods' identities.
@@ -96,7 +102,7 @@ pub struct CaConfig {
     pub static_entries: Option<PathBuf>,
 
     /// Extra DNS names / IP addresses for the CA's serving certificate (e.g. localhost, 127.0.0.1).
-    #[arg(long = "server-name")]
+    #[arg(long = "server-name", value_parser = parse_server_name)]
     pub server_names: Vec<String>,
 
     /// Lifetime of a certificate when the request asks for none.
@@ -162,6 +168,34 @@ pub struct CaConfig {
     pub max_connections_per_source: usize,
 }
 
+/// A `--server-name`: a DNS name or an IP address, checked as the serving certificate will use it.
+pub fn parse_server_name(s: &str) -> Result<String, String> {
+    sigil_identity::profile::server_name_san(s)
+        .map(|_| s.to_string())
+        .map_err(|_| format!("{s:?} is neither a DNS name nor an IP address"))
+}
+
+/// A `host:port` to dial (the agent's `--ca`): a DNS name or IP address (IPv6 in brackets) and a
+/// port, checked at start so a typo is not retried forever.
+pub fn parse_host_port(s: &str) -> Result<String, String> {
+    let bad = || format!("{s:?} is not host:port (e.g. sigil-ca.sigil-system.svc:15012)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(bad)?;
+    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6
+            .parse::<std::net::Ipv6Addr>()
+            .map_err(|_| bad())?
+            .to_string(),
+        None if host.contains(':') => return Err(bad()),
+        None => host.to_string(),
+    };
+    parse_server_name(&host).map_err(|_| bad())?;
+    Ok(s.to_string())
+}
+
 /// Parses `90s`, `15m`, `24h`, `7d` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -200,5 +234,31 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn server_names() {
+        for good in ["localhost", "sigil-ca.sigil-system.svc", "127.0.0.1", "::1"] {
+            assert_eq!(parse_server_name(good).unwrap(), good);
+        }
+        for bad in ["bad name", "", "a..b", "x_y:1"] {
+            assert!(parse_server_name(bad).is_err(), "{bad:?}");
+        }
+        for good in [
+            "sigil-ca.sigil-system.svc:15012",
+            "127.0.0.1:1",
+            "[::1]:15012",
+        ] {
+            assert_eq!(parse_host_port(good).unwrap(), good);
+        }
+        for bad in [
+            "sigil-ca",
+            "sigil-ca:0",
+            "bad name:1",
+            ":15012",
+            "::1:15012",
+        ] {
+            assert!(parse_host_port(bad).is_err(), "{bad:?}");
+        }
     }
 }

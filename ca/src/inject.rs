@@ -23,6 +23,8 @@ pub const TLS_MODE_LABEL: &str = "sigil.dev/tls-mode";
 pub const INIT_CONTAINER: &str = "sigil-init";
 pub const PROXY_CONTAINER: &str = "sigil-proxy";
 pub const AGENT_VOLUME: &str = "sigil-agent";
+/// Volume names the injector adds; a pod may neither define nor mount them.
+pub const RESERVED_VOLUMES: [&str; 1] = [AGENT_VOLUME];
 /// Where the agent DaemonSet puts its socket on every node, and where pods see it.
 pub const AGENT_SOCKET_DIR: &str = "/run/sigil";
 pub const DEFAULT_PROXY_UID: u32 = 1337;
@@ -43,6 +45,10 @@ pub const EXCLUDE_OUTBOUND_CIDRS: &str = "sigil.dev/exclude-outbound-cidrs";
 /// container may not declare them.
 pub const PROXY_PORTS: [i32; 4] = [15001, 15006, 15000, 15020];
 const METRICS_PORT: i32 = 15020;
+/// Bytes of a probe header's value escaped in `--app-probe` (`%XX`): those that end or escape a
+/// header there, and any the flag could not carry as they are.
+const PROBE_HEADER_ESCAPES: &percent_encoding::AsciiSet =
+    &percent_encoding::CONTROLS.add(b'%').add(b'#');
 /// Worker threads of an injected proxy.
 const PROXY_CONCURRENCY: &str = "2";
 
@@ -214,6 +220,47 @@ fn decide(
     if spec.host_network == Some(true) {
         return Ok(Mutation::Skip(SkipReason::HostNetwork));
     }
+    // The injector's own volume is the node's agent socket directory, which only the proxy may
+    // see (read-only): a pod that defines that name, or mounts it, would get the hostPath under
+    // its own terms after injection (e.g. writable, to replace the agent's socket).
+    if let Some(volume) = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| RESERVED_VOLUMES.contains(&v.name.as_str()))
+    {
+        return Err(format!(
+            "sigil injector: the pod defines volume \"{}\", a name the sigil injector \
+             reserves for the proxy; rename the volume or opt the pod out with the label \
+             {INJECT_KEY}: \"false\"",
+            volume.name
+        ));
+    }
+    let mounts = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| {
+            let mounts = c.volume_mounts.iter().flatten().map(|m| m.name.as_str());
+            let devices = c.volume_devices.iter().flatten().map(|d| d.name.as_str());
+            mounts
+                .chain(devices)
+                .map(move |name| (c.name.as_str(), name))
+        })
+        .chain(spec.ephemeral_containers.iter().flatten().flat_map(|c| {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .map(move |m| (c.name.as_str(), m.name.as_str()))
+        }));
+    for (container, volume) in mounts {
+        if RESERVED_VOLUMES.contains(&volume) {
+            return Err(format!(
+                "sigil injector: container \"{container}\" mounts volume \"{volume}\", which \
+                 the sigil injector reserves for the proxy; remove the mount"
+            ));
+        }
+    }
     // Init containers too: they share the network namespace, and native sidecars run beside
     // the app.
     let all_containers = || {
@@ -267,7 +314,8 @@ fn decide(
                     probe_flags.push(flag);
                     let probe = &mut mutated["spec"]["containers"][index][field];
                     // The kubelet asks the proxy over plain HTTP, whatever the app speaks; an
-                    // httpGet keeps its headers (the proxy ignores them).
+                    // httpGet keeps its headers (the proxy ignores them and sends the app the
+                    // ones its --app-probe flag carries).
                     if let Some(probe) = probe.as_object_mut() {
                         probe.remove("tcpSocket");
                         probe.remove("grpc");
@@ -335,8 +383,13 @@ fn rewrite_probe(container: &Container, kind: &str, probe: &Probe) -> ProbeRewri
             .map(|p| p.container_port),
     };
     let undeclared = |port: &IntOrString| {
+        // As the user wrote it in the pod: a number, or a quoted port name.
+        let port = match port {
+            IntOrString::Int(number) => number.to_string(),
+            IntOrString::String(port_name) => format!("\"{port_name}\""),
+        };
         ProbeRewrite::Warn(format!(
-            "sigil: the {kind} probe of container {name:?} names port {port:?}, which the \
+            "sigil: the {kind} probe of container \"{name}\" names port {port}, which the \
              container does not declare; not rewritten"
         ))
     };
@@ -348,10 +401,10 @@ fn rewrite_probe(container: &Container, kind: &str, probe: &Probe) -> ProbeRewri
             return undeclared(&get.port);
         };
         let path = get.path.as_deref().unwrap_or("/");
-        if path.contains(char::is_whitespace) {
+        if path.contains(|c: char| c.is_whitespace() || c == '#') {
             return ProbeRewrite::Warn(format!(
-                "sigil: the {kind} probe of container {name:?} has a path with whitespace \
-                 ({path:?}); not rewritten"
+                "sigil: the {kind} probe of container \"{name}\" has a path with whitespace or \
+                 '#' ({path}); not rewritten"
             ));
         }
         let slash = if path.starts_with('/') { "" } else { "/" };
@@ -360,7 +413,23 @@ fn rewrite_probe(container: &Container, kind: &str, probe: &Probe) -> ProbeRewri
             .as_deref()
             .is_some_and(|s| s.eq_ignore_ascii_case("https"));
         let scheme = if https { "https:" } else { "" };
-        return to_proxy(format!("{scheme}{port}{slash}{path}"));
+        // The pod's headers travel with the probe (a virtual host, a token): `#NAME=VALUE`.
+        let mut headers = String::new();
+        for header in get.http_headers.iter().flatten() {
+            // '#' is legal in a header name but separates headers in the flag.
+            let carried = http::HeaderName::from_bytes(header.name.as_bytes()).is_ok()
+                && !header.name.contains('#');
+            if !carried {
+                return ProbeRewrite::Warn(format!(
+                    "sigil: the {kind} probe of container \"{name}\" sends header \"{}\", \
+                     which the proxy cannot carry; not rewritten",
+                    header.name
+                ));
+            }
+            let value = percent_encoding::utf8_percent_encode(&header.value, PROBE_HEADER_ESCAPES);
+            headers.push_str(&format!("#{}={value}", header.name));
+        }
+        return to_proxy(format!("{scheme}{port}{slash}{path}{headers}"));
     }
     if let Some(tcp) = &probe.tcp_socket {
         if tcp.host.is_some() {

@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{self, Record};
 use crate::authn::{Authenticator, Caller, Credential};
-use crate::authority::{Authority, Issued, SharedAuthority, der_to_pem};
+use crate::authority::{Authority, AuthorityError, Issued, SharedAuthority, der_to_pem};
 use crate::authz::Authorizer;
 use crate::metrics::{Api, ApiLabels, DenyLabels, DenyReason, Metrics};
 use crate::tls_server::PeerInfo;
@@ -137,14 +137,18 @@ impl Ca {
             }
         };
         let peer_id = peer.and_then(|p| p.client_id.as_ref());
-        self.authn.authenticate(bearer, peer_id).await.map_err(|e| {
-            let reason = if e.is_unavailable() {
-                DenyReason::Unavailable
-            } else {
-                DenyReason::Unauthenticated
-            };
-            Refusal::new(reason, e)
-        })
+        let source = peer.map(|p| p.remote.ip());
+        self.authn
+            .authenticate(bearer, peer_id, source)
+            .await
+            .map_err(|e| {
+                let reason = if e.is_unavailable() {
+                    DenyReason::Unavailable
+                } else {
+                    DenyReason::Unauthenticated
+                };
+                Refusal::new(reason, e)
+            })
     }
 
     /// The one signing path of both APIs.
@@ -281,6 +285,13 @@ impl Ca {
             }
             s => Duration::from_secs(s),
         };
+        // A certificate renewing itself (hosts without Kubernetes) gets at most the default
+        // lifetime, so a stolen one cannot stretch itself to --max-ttl at each renewal.
+        let ttl = if caller.credential == Credential::ClientCert && identity == caller.id {
+            ttl.min(self.ttl.default)
+        } else {
+            ttl
+        };
         let csr = csr_der
             .and_then(|der| csr::verify_csr(&der))
             .map_err(|e| Refusal::new(DenyReason::InvalidCsr, format!("csr: {e}")))?;
@@ -295,7 +306,13 @@ impl Ca {
                 ttl,
                 OffsetDateTime::now_utc(),
             )
-            .map_err(|e| Refusal::new(DenyReason::Internal, e))?;
+            .map_err(|e| match e {
+                // Reachable only through a certificate or static entry carrying that ID.
+                AuthorityError::TrustDomainIdLeaf(_) => {
+                    Refusal::new(DenyReason::PermissionDenied, e)
+                }
+                e => Refusal::new(DenyReason::Internal, e),
+            })?;
         Ok((issued, authority))
     }
 

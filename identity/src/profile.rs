@@ -162,21 +162,23 @@ pub fn serving_params(
 ) -> Result<CertificateParams, ProfileError> {
     let mut params = end_entity_params(id, not_before, not_after);
     for name in dns_names_and_ips {
-        let san = match name.parse::<IpAddr>() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => {
-                rustls_pki_types::DnsName::try_from(name.as_str())
-                    .map_err(|_| ProfileError::InvalidName(name.clone()))?;
-                SanType::DnsName(
-                    name.as_str()
-                        .try_into()
-                        .map_err(|_| ProfileError::InvalidName(name.clone()))?,
-                )
-            }
-        };
-        params.subject_alt_names.push(san);
+        params.subject_alt_names.push(server_name_san(name)?);
     }
     Ok(params)
+}
+
+/// The SAN for a serving certificate name: an IP address, or a DNS name as TLS clients match it.
+/// Configurations call this at start, so a bad name stops the process there rather than at the
+/// first certificate issuance.
+pub fn server_name_san(name: &str) -> Result<SanType, ProfileError> {
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    rustls_pki_types::DnsName::try_from(name)
+        .map_err(|_| ProfileError::InvalidName(name.to_string()))?;
+    Ok(SanType::DnsName(name.try_into().map_err(|_| {
+        ProfileError::InvalidName(name.to_string())
+    })?))
 }
 
 fn end_entity_params(

@@ -40,21 +40,51 @@ pub enum ProbeKind {
     Grpc,
 }
 
-/// `--app-probe NAME=[http:|https:|tcp:|grpc:]PORT[/PATH]`: the probe `/app-health/NAME` asks
-/// `127.0.0.1:PORT`; for `grpc:` the PATH (without its slash) is the service name checked.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+/// `--app-probe NAME=[http:|https:|tcp:|grpc:]PORT[/PATH][#HEADER=VALUE]...`: the probe
+/// `/app-health/NAME` asks `127.0.0.1:PORT`; for `grpc:` the PATH (without its slash) is the
+/// service name checked. HTTP(S) probes send each `#HEADER=VALUE` (the pod's `httpHeaders`,
+/// VALUE percent-encoded), a `Host` among them replacing the default, as Istio's agent does.
+#[derive(Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AppProbe {
     pub name: String,
     pub kind: ProbeKind,
     pub port: u16,
     /// The request path (HTTP and HTTPS), or `/` and the service name (gRPC).
     pub path: String,
+    /// Request headers of an HTTP(S) probe, in order.
+    #[serde(serialize_with = "header_names")]
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+/// Start-up logs print the configuration: header names only, as on the status page.
+impl std::fmt::Debug for AppProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppProbe")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("port", &self.port)
+            .field("path", &self.path)
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// The status page shows which headers a probe sends, not their values (they may be tokens).
+fn header_names<S: serde::Serializer>(
+    headers: &[(http::HeaderName, http::HeaderValue)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(headers.iter().map(|(name, _)| name.as_str()))
 }
 
 pub fn parse_app_probe(s: &str) -> Result<AppProbe, String> {
     let (name, target) = s.split_once('=').ok_or_else(|| {
         format!(
-            "{s:?}: expected NAME=[http:|https:|tcp:|grpc:]PORT[/PATH], e.g. web-ready=8080/healthz"
+            "{s:?}: expected NAME=[http:|https:|tcp:|grpc:]PORT[/PATH][#HEADER=VALUE]..., e.g. \
+             web-ready=8080/healthz"
         )
     })?;
     let valid_name = !name.is_empty()
@@ -78,6 +108,11 @@ pub fn parse_app_probe(s: &str) -> Result<AppProbe, String> {
         }
         None => (ProbeKind::Http, target),
     };
+    let mut parts = target.split('#');
+    let target = parts.next().unwrap_or_default();
+    let headers = parts
+        .map(|header| parse_probe_header(header, kind))
+        .collect::<Result<Vec<_>, _>>()?;
     let (port, path) = match target.split_once('/') {
         Some(_) if kind == ProbeKind::Tcp => {
             return Err(format!("{s:?}: a tcp: probe has a port and no path"));
@@ -98,7 +133,29 @@ pub fn parse_app_probe(s: &str) -> Result<AppProbe, String> {
         kind,
         port,
         path,
+        headers,
     })
+}
+
+/// One `HEADER=VALUE` of an HTTP(S) probe, VALUE percent-decoded.
+fn parse_probe_header(
+    header: &str,
+    kind: ProbeKind,
+) -> Result<(http::HeaderName, http::HeaderValue), String> {
+    if !matches!(kind, ProbeKind::Http | ProbeKind::Https) {
+        return Err(format!(
+            "{header:?}: only http: and https: probes send headers"
+        ));
+    }
+    let (name, value) = header
+        .split_once('=')
+        .ok_or_else(|| format!("{header:?}: a probe header is #NAME=VALUE"))?;
+    let name = http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not an HTTP header name"))?;
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(value).collect();
+    let value = http::HeaderValue::from_bytes(&decoded)
+        .map_err(|_| format!("the value of probe header {name} is not a valid header value"))?;
+    Ok((name, value))
 }
 
 /// The `/app-health/{name}` route, to merge into the metrics endpoint.
@@ -193,11 +250,23 @@ where
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(connection);
-    let request = hyper::Request::get(probe.path.as_str())
-        .header(http::header::HOST, addr.to_string())
-        .header(http::header::USER_AGENT, "sigil-proxy-probe")
+    let mut request = hyper::Request::get(probe.path.as_str())
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
+    let headers = request.headers_mut();
+    let host = http::HeaderValue::try_from(addr.to_string()).map_err(|e| e.to_string())?;
+    headers.insert(http::header::HOST, host);
+    headers.insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static("sigil-proxy-probe"),
+    );
+    // The pod's own headers win, Host and User-Agent included, as with the kubelet.
+    for name in probe.headers.iter().map(|(name, _)| name) {
+        headers.remove(name);
+    }
+    for (name, value) in &probe.headers {
+        headers.append(name.clone(), value.clone());
+    }
     let response = sender
         .send_request(request)
         .await
@@ -268,8 +337,21 @@ mod tests {
                 name: "web-ready".into(),
                 kind: ProbeKind::Http,
                 port: 8080,
-                path: "/healthz/deep".into()
+                path: "/healthz/deep".into(),
+                headers: Vec::new(),
             }
+        );
+        let with_headers =
+            parse_app_probe("web-ready=https:8443/ready#Host=app.example#X-Token=a%23b%25c d")
+                .unwrap();
+        assert_eq!(with_headers.path, "/ready");
+        assert_eq!(
+            with_headers
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+                .collect::<Vec<_>>(),
+            [("host", "app.example"), ("x-token", "a#b%c d")]
         );
         assert_eq!(parse_app_probe("live=9090").unwrap().path, "/");
         let https = parse_app_probe("web-live=https:8443/livez").unwrap();
@@ -292,6 +374,10 @@ mod tests {
             ("web=0/x", "not a port"),
             ("web=http/x", "not a port"),
             ("web=80/a b", "not a request path"),
+            ("db=tcp:5432#X=1", "only http: and https:"),
+            ("web=80/x#X", "#NAME=VALUE"),
+            ("web=80/x#X Y=1", "not an HTTP header name"),
+            ("web=80/x#X=a%0Ab", "not a valid header value"),
         ] {
             let e = parse_app_probe(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
@@ -347,6 +433,51 @@ mod tests {
         drop(listener);
         let refused = ask(&tcp).await.unwrap_err();
         assert!(refused.contains("connecting to"), "{refused}");
+    }
+
+    /// An HTTP app answering one request, 204 when it carries the virtual host and token the
+    /// pod's probe names (as an app behind a Host-routing server would), 404 otherwise.
+    #[tokio::test]
+    async fn http_probes_send_the_pods_headers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = tokio::spawn(async move {
+            let mut heads = Vec::new();
+            for _ in 0..2 {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let mut head = vec![0u8; 4096];
+                let n = tokio::io::AsyncReadExt::read(&mut tcp, &mut head)
+                    .await
+                    .unwrap();
+                let head = String::from_utf8_lossy(&head[..n]).to_lowercase();
+                let wanted = head.contains("\r\nhost: shop.example\r\n")
+                    && head.contains("\r\nx-token: a#b\r\n")
+                    && head.matches("\r\nhost:").count() == 1;
+                let answer: &[u8] = if wanted {
+                    b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
+                };
+                tokio::io::AsyncWriteExt::write_all(&mut tcp, answer)
+                    .await
+                    .unwrap();
+                heads.push(head);
+            }
+            heads
+        });
+        let with = parse_app_probe(&format!(
+            "web-live={port}/healthz#Host=shop.example#X-Token=a%23b"
+        ))
+        .unwrap();
+        assert_eq!(ask(&with).await, Ok(204));
+        let without = parse_app_probe(&format!("web-live={port}/healthz")).unwrap();
+        assert_eq!(ask(&without).await, Ok(404));
+        let heads = app.await.unwrap();
+        assert!(
+            heads[1].contains(&format!("host: 127.0.0.1:{port}")),
+            "{}",
+            heads[1]
+        );
     }
 
     /// A gRPC app whose health service reports "" as SERVING and "db" as NOT_SERVING.

@@ -102,7 +102,7 @@ fn http_probes_go_through_the_proxy_with_matching_flags() {
             "--app-probe",
             "web-live=8080/healthz",
             "--app-probe",
-            "web-ready=8080/ready",
+            "web-ready=8080/ready#X-Probe=kubelet",
             "--app-probe",
             "metrics-exporter-live=tcp:9100"
         ])
@@ -149,6 +149,29 @@ fn https_and_grpc_probes_become_proxy_probes_of_the_same_kind() {
     ] {
         assert!(args.contains(&json!(flag)), "{flag} not in {args:?}");
     }
+}
+
+#[test]
+fn probe_headers_travel_in_the_flag_and_odd_probes_warn_in_plain_words() {
+    let mut review = web_review();
+    let web = &mut review["request"]["object"]["spec"]["containers"][0];
+    web["livenessProbe"]["httpGet"]["httpHeaders"] = json!([
+        {"name": "Host", "value": "shop.example"},
+        {"name": "Authorization", "value": "Bearer a#b%c"},
+    ]);
+    web["startupProbe"] = json!({"httpGet": {"port": "admin", "path": "/up"}});
+    let (response, _) = answer(&review);
+    assert_eq!(
+        response["warnings"],
+        json!([
+            "sigil: the startup probe of container \"web\" names port \"admin\", which the \
+             container does not declare; not rewritten"
+        ])
+    );
+    let pod = patched(&review, &response);
+    let args = pod["spec"]["initContainers"][1]["args"].as_array().unwrap();
+    let flag = "web-live=8080/healthz#Host=shop.example#Authorization=Bearer a%23b%25c";
+    assert!(args.contains(&json!(flag)), "{args:?}");
 }
 
 #[test]
@@ -277,6 +300,32 @@ fn pods_that_cannot_be_meshed_are_refused_with_the_reason() {
                     json!({EXCLUDE_INBOUND_PORTS: "8080,http"})
             }),
             "\"http\" is not valid",
+        ),
+        (
+            "an app mounting the agent's socket directory (writable, to replace the socket)",
+            Box::new(|r| {
+                r["request"]["object"]["spec"]["containers"][0]["volumeMounts"] =
+                    json!([{"name": AGENT_VOLUME, "mountPath": "/run/sigil"}])
+            }),
+            "container \"web\" mounts volume \"sigil-agent\", which the sigil injector reserves",
+        ),
+        (
+            "an init container mounting it",
+            Box::new(|r| {
+                r["request"]["object"]["spec"]["initContainers"] = json!([{
+                    "name": "setup", "image": "registry.example/tools/setup:1",
+                    "volumeMounts": [{"name": AGENT_VOLUME, "mountPath": "/x"}],
+                }])
+            }),
+            "container \"setup\" mounts volume \"sigil-agent\"",
+        ),
+        (
+            "a pod defining a volume of that name",
+            Box::new(|r| {
+                r["request"]["object"]["spec"]["volumes"] =
+                    json!([{"name": AGENT_VOLUME, "emptyDir": {}}])
+            }),
+            "the pod defines volume \"sigil-agent\"",
         ),
         (
             "an object that is not a pod",

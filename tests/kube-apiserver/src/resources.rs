@@ -167,6 +167,15 @@ const BUILT_INS: &[BuiltIn] = &[
     )),
     builtin("coordination.k8s.io", "leases", "Lease", true),
     builtin("discovery.k8s.io", "endpointslices", "EndpointSlice", true),
+    BuiltIn {
+        tracks_generation: true,
+        ..builtin(
+            "networking.k8s.io",
+            "networkpolicies",
+            "NetworkPolicy",
+            true,
+        )
+    },
     builtin("rbac.authorization.k8s.io", "roles", "Role", true),
     builtin(
         "rbac.authorization.k8s.io",
