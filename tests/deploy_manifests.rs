@@ -701,11 +701,11 @@ fn admitted_ports(
     Some(admitted)
 }
 
-/// The NetworkPolicy lets the node agents reach the CA's signing port, the API server's side
-/// (outside the pod network) its webhook, and any pod its metrics; no pod reaches the webhook
-/// and no other pod the signing port (SECURITY.md, "What the cluster grants each part").
+/// The NetworkPolicy lets only the node agents reach the CA's signing port; the webhook and the
+/// metrics stay open to every source, since the API server's and the kubelet's addresses depend
+/// on the CNI (SECURITY.md, "What the cluster grants each part").
 #[test]
-fn the_network_policy_admits_agents_to_signing_and_the_api_server_to_the_webhook() {
+fn the_network_policy_admits_only_agents_to_signing() {
     let rendered = base();
     let deployment = find(&rendered, "Deployment", "sigil-ca");
     let ca = container(deployment, "ca");
@@ -734,7 +734,7 @@ fn the_network_policy_admits_agents_to_signing_and_the_api_server_to_the_webhook
                 labels: agent_labels.clone(),
                 ip: "10.244.1.5",
             },
-            vec![grpc, admin],
+            vec![grpc, admin, webhook],
         ),
         (
             "an application pod",
@@ -743,7 +743,7 @@ fn the_network_policy_admits_agents_to_signing_and_the_api_server_to_the_webhook
                 labels: json!({"app": "web"}),
                 ip: "10.244.2.7",
             },
-            vec![admin],
+            vec![admin, webhook],
         ),
         (
             "a pod wearing the agent's labels in its own namespace",
@@ -752,17 +752,17 @@ fn the_network_policy_admits_agents_to_signing_and_the_api_server_to_the_webhook
                 labels: agent_labels,
                 ip: "10.244.2.8",
             },
-            vec![admin],
+            vec![admin, webhook],
         ),
         (
             "the API server (host network)",
             Peer::Host { ip: "198.18.0.10" },
-            vec![webhook],
+            vec![webhook, admin],
         ),
         (
             "the API server over IPv6",
             Peer::Host { ip: "2001:2::10" },
-            vec![webhook],
+            vec![webhook, admin],
         ),
     ];
     for (who, peer, expected) in cases {
