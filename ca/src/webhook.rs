@@ -437,6 +437,10 @@ pub fn ca_bundle_patch(
         let pem: String = wanted.into_iter().map(der_to_pem).collect();
         let encoded = base64::engine::general_purpose::STANDARD.encode(pem);
         ops.push(serde_json::json!({"op": "test", "path": format!("/webhooks/{index}/name"), "value": webhook.name}));
+        // The write holds only if the caBundle is still the one this plan was made from: another
+        // replica's write in between fails it (and the watch brings that write here), so no
+        // replica overwrites a root another one just added.
+        ops.push(serde_json::json!({"op": "test", "path": format!("/webhooks/{index}/clientConfig"), "value": webhook.client_config}));
         ops.push(serde_json::json!({"op": "add", "path": format!("/webhooks/{index}/clientConfig/caBundle"), "value": encoded}));
     }
     if !ops.is_empty() {
