@@ -320,7 +320,7 @@ async fn transparent_proxies_carry_a_plain_http_request_over_mtls_between_two_po
         requests[0].contains(&format!("\r\nHost: {C_IP}:{OUTSIDE_PORT}\r\n")),
         "{requests:?}"
     );
-    let a_line = &a_proxy.access_lines(2).await[1];
+    let a_line = &a_proxy.access_lines(3).await[2];
     assert_eq!(a_line["direction"], "outbound", "{a_line}");
     assert_eq!(a_line["security"], "passthrough", "{a_line}");
     assert_eq!(

@@ -597,8 +597,9 @@ async fn counting_http_app() -> (SocketAddr, std::sync::Arc<std::sync::atomic::A
     (addr, reached)
 }
 
-/// Issue 11 item 13 (slowloris): connections that send half a request head hold no
-/// application connection and are closed after --header-read-timeout; beyond
+/// Issue 11 item 13 (slowloris): connections that send half a request head (HTTP/1.1), or no
+/// request after the HTTP/2 preface, hold no application connection and are closed after
+/// --header-read-timeout; beyond
 /// --max-inbound-connections new connections are closed at once and counted; a complete
 /// request still gets through afterwards.
 #[tokio::test]
@@ -665,6 +666,26 @@ async fn half_sent_request_heads_hold_no_app_connection_and_are_closed() {
         .await;
         assert!(read.is_ok(), "slow connection {i} still open");
     }
+    assert_eq!(reached.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // HTTP/2 has no request-head timeout of its own: a client that sends the preface and
+    // settings but no request is closed after the same timeout.
+    let mut h2 = TcpStream::connect(db_in).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(6), async {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = h2.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "an HTTP/2 connection without a request stayed open"
+    );
     assert_eq!(reached.load(std::sync::atomic::Ordering::SeqCst), 0);
     let mut stream = TcpStream::connect(db_in).await.unwrap();
     assert_eq!(
