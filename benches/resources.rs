@@ -290,13 +290,12 @@ async fn grpc_streams(binary: &Path, dir: &Path) -> Row {
             let mut message = vec![0u8, 0, 1, 0, 0];
             message.resize(5 + 65_535, 0);
             let _ = tx.unbounded_send(Ok(Frame::data(Bytes::from(message))));
-            let request = hyper::Request::post(format!(
-                "https://localhost/sigil.ca.v1.CertificateAuthority/Sign"
-            ))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(StreamBody::new(rx))
-            .unwrap();
+            let request =
+                hyper::Request::post("https://localhost/sigil.ca.v1.CertificateAuthority/Sign")
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(StreamBody::new(rx))
+                    .unwrap();
             let (mut sender, answered) = (sender.clone(), answered.clone());
             held.push(tokio::spawn(async move {
                 if sender.ready().await.is_ok() && sender.send_request(request).await.is_ok() {
