@@ -387,3 +387,40 @@ pub fn ca_bundle_patch(
     }
     Some(serde_json::from_value(serde_json::Value::Array(ops)).expect("valid JSON patch ops"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_budget_bounds_each_source_large_bodies_and_the_total() {
+        let budget = Arc::new(BodyBudget::default());
+        let source = |last: u8| IpAddr::from([127, 0, 0, last]);
+        let four = MAX_REVIEW_BYTES;
+        // One source: two largest bodies, not a third.
+        let first = budget.reserve(source(2), four).unwrap();
+        let _second = budget.reserve(source(2), four).unwrap();
+        assert_eq!(
+            budget.reserve(source(2), 1).err(),
+            Some(BodyRefusedReason::PerSourceLimit)
+        );
+        // Large bodies from other sources up to their 32 MiB share...
+        let _others: Vec<_> = (3..9)
+            .map(|last| budget.reserve(source(last), four).unwrap())
+            .collect();
+        assert_eq!(
+            budget.reserve(source(9), four).err(),
+            Some(BodyRefusedReason::TotalLimit)
+        );
+        // ...while ordinary reviews still fit.
+        let small = budget.reserve(source(9), 64 * 1024).unwrap();
+        // Bytes are given back when a body is done.
+        drop(first);
+        budget.reserve(source(2), four).unwrap();
+        drop(small);
+        assert_eq!(
+            budget.in_flight.lock().unwrap().per_source.get(&source(9)),
+            None
+        );
+    }
+}
