@@ -682,6 +682,9 @@ async fn unix_setup(dir: &Path, samples: u32) -> UnixSetup {
         agent_cert.join("cert.pem").into_os_string(),
         "--client-key".into(),
         agent_cert.join("key.pem").into_os_string(),
+        // This one process plays 1,000 Envoys, with up to a connection each.
+        "--max-connections-per-process".into(),
+        "2000".into(),
     ]
     .to_vec();
     UnixSetup {

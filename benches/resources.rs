@@ -290,13 +290,12 @@ async fn grpc_streams(binary: &Path, dir: &Path) -> Row {
             let mut message = vec![0u8, 0, 1, 0, 0];
             message.resize(5 + 65_535, 0);
             let _ = tx.unbounded_send(Ok(Frame::data(Bytes::from(message))));
-            let request = hyper::Request::post(format!(
-                "https://localhost/sigil.ca.v1.CertificateAuthority/Sign"
-            ))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(StreamBody::new(rx))
-            .unwrap();
+            let request =
+                hyper::Request::post("https://localhost/sigil.ca.v1.CertificateAuthority/Sign")
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(StreamBody::new(rx))
+                    .unwrap();
             let (mut sender, answered) = (sender.clone(), answered.clone());
             held.push(tokio::spawn(async move {
                 if sender.ready().await.is_ok() && sender.send_request(request).await.is_ok() {
@@ -387,7 +386,7 @@ import socket, struct, sys
 path, count = sys.argv[1], int(sys.argv[2])
 def frame(length, kind):
     return struct.pack(">I", length)[1:] + bytes([kind, 0]) + struct.pack(">I", 1)
-block = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(0, 4)
+block = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 for i in range(4):
     block += frame(16384, 1 if i == 0 else 9) + b"\x40" * 16384
 held, refused = [], 0

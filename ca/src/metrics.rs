@@ -120,6 +120,9 @@ pub enum RefusedReason {
     ConnectionLimit,
     /// No call on it authenticated in time.
     NotAuthenticatedInTime,
+    /// It had not authenticated and was the oldest such when a new connection found every
+    /// unauthenticated slot taken.
+    Evicted,
 }
 
 impl RefusedReason {
@@ -129,6 +132,7 @@ impl RefusedReason {
             RefusedReason::UnauthenticatedLimit => "unauthenticated_limit",
             RefusedReason::ConnectionLimit => "connection_limit",
             RefusedReason::NotAuthenticatedInTime => "not_authenticated_in_time",
+            RefusedReason::Evicted => "evicted",
         }
     }
 }

@@ -76,6 +76,14 @@ impl Refusal {
 #[derive(Clone, Debug)]
 pub struct Authenticated(pub Caller);
 
+/// A call's credentials: its metadata and connection, and its caller if `authn_first` has
+/// authenticated it already.
+struct Credentials<'a> {
+    metadata: &'a MetadataMap,
+    peer: Option<&'a PeerInfo>,
+    caller: Option<Caller>,
+}
+
 /// The caller `request` was authenticated as, if it was.
 fn authenticated<T>(request: &Request<T>) -> Option<Caller> {
     request
@@ -158,28 +166,18 @@ impl Ca {
         csr_der: Result<Vec<u8>, CsrError>,
         ttl_seconds: Result<u64, &'static str>,
         impersonate: &str,
-        metadata: &MetadataMap,
-        peer: Option<&PeerInfo>,
-        authenticated: Option<Caller>,
+        credentials: Credentials<'_>,
     ) -> Result<(Issued, SharedAuthority), Status> {
         let started = Instant::now();
         let mut record = Record {
             api: Some(api),
-            peer: peer.map(|p| p.remote.to_string()),
+            peer: credentials.peer.map(|p| p.remote.to_string()),
             requested: (!impersonate.is_empty()).then(|| impersonate.to_string()),
             ttl_seconds: *ttl_seconds.as_ref().unwrap_or(&0),
             ..Default::default()
         };
         let result = self
-            .try_issue(
-                csr_der,
-                ttl_seconds,
-                impersonate,
-                metadata,
-                peer,
-                authenticated,
-                &mut record,
-            )
+            .try_issue(csr_der, ttl_seconds, impersonate, credentials, &mut record)
             .await;
         self.metrics
             .sign_duration
@@ -245,9 +243,7 @@ impl Ca {
         csr_der: Result<Vec<u8>, CsrError>,
         ttl_seconds: Result<u64, &'static str>,
         impersonate: &str,
-        metadata: &MetadataMap,
-        peer: Option<&PeerInfo>,
-        authenticated: Option<Caller>,
+        credentials: Credentials<'_>,
         record: &mut Record,
     ) -> Result<(Issued, SharedAuthority), Refusal> {
         let authority = self.authority.borrow().clone();
@@ -257,9 +253,12 @@ impl Ca {
                 "no signing key loaded",
             ));
         }
-        let caller = match authenticated {
+        let caller = match credentials.caller {
             Some(caller) => caller,
-            None => self.authenticate(metadata, peer).await?,
+            None => {
+                self.authenticate(credentials.metadata, credentials.peer)
+                    .await?
+            }
         };
         record.caller = Some(caller.id.to_string());
         record.credential = Some(match caller.credential {
@@ -353,9 +352,11 @@ impl CertificateAuthority for SigilCa {
                 Ok(req.csr_der),
                 Ok(req.ttl_seconds),
                 &req.impersonate,
-                &metadata,
-                peer.as_ref(),
-                caller,
+                Credentials {
+                    metadata: &metadata,
+                    peer: peer.as_ref(),
+                    caller,
+                },
             )
             .await?;
         let signer = authority
@@ -436,9 +437,11 @@ impl IstioCertificateService for IstioCa {
                 csr::csr_pem_to_der(&req.csr),
                 ttl,
                 &impersonate,
-                &metadata,
-                peer.as_ref(),
-                caller,
+                Credentials {
+                    metadata: &metadata,
+                    peer: peer.as_ref(),
+                    caller,
+                },
             )
             .await?;
         let signer = authority
@@ -519,9 +522,11 @@ mod tests {
                 csr::build_csr(&key),
                 Ok(0),
                 "",
-                &MetadataMap::new(),
-                Some(&peer),
-                None,
+                Credentials {
+                    metadata: &MetadataMap::new(),
+                    peer: Some(&peer),
+                    caller: None,
+                },
             )
             .await
             .err()

@@ -3,12 +3,12 @@
 //! hands tonic connections that carry the peer's verified client identity, if any, each in a
 //! connection slot that unauthenticated peers cannot use up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -19,8 +19,7 @@ use sigil_identity::tls::{self, CertifiedKey, ClientAuth};
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tokio::time::Sleep;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, error, warn};
@@ -42,6 +41,8 @@ pub const MAX_CONNECTIONS: usize = 10_000;
 pub const MAX_UNAUTHENTICATED_CONNECTIONS: usize = 512;
 /// Of those, from one IP address (an agent opens one or two at a time).
 pub const MAX_UNAUTHENTICATED_PER_SOURCE: usize = 64;
+/// How long a new connection waits for the slot of the connection evicted for it.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 /// How long after its handshake a gRPC connection has to authenticate a call (agents call at
 /// once: WatchTrustBundle or Sign).
 pub const AUTHENTICATE_WITHIN: Duration = Duration::from_secs(10);
@@ -88,7 +89,19 @@ struct Slots {
     authenticated: Arc<Semaphore>,
     unauthenticated: Arc<Semaphore>,
     per_source: Mutex<HashMap<IpAddr, usize>>,
+    /// Unauthenticated connections, oldest first (some may be gone or authenticated since).
+    oldest: Mutex<VecDeque<Weak<Eviction>>>,
     metrics: Arc<Metrics>,
+}
+
+/// How to close one connection before it has authenticated: when every unauthenticated slot is
+/// taken, the oldest such connection is closed for a new one, so a flood of idle connections
+/// cannot keep an agent from connecting (it authenticates within milliseconds of its handshake).
+#[derive(Default)]
+struct Eviction {
+    notify: Notify,
+    /// Set when a call on the connection authenticates: it is no longer evicted.
+    authenticated: AtomicBool,
 }
 
 /// One unauthenticated connection counted against its source address until dropped.
@@ -127,7 +140,7 @@ pub struct Admission(Option<Arc<AdmissionState>>);
 struct AdmissionState {
     slots: Arc<Slots>,
     slot: Mutex<Slot>,
-    authenticated: AtomicBool,
+    eviction: Arc<Eviction>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -144,7 +157,7 @@ impl Admission {
     /// it has (and is closed when its time to authenticate is up).
     pub fn authenticated(&self) {
         let Some(state) = &self.0 else { return };
-        if state.authenticated.load(Ordering::Acquire) {
+        if state.eviction.authenticated.load(Ordering::Acquire) {
             return;
         }
         let mut slot = state.slot.lock().expect("never poisoned");
@@ -154,7 +167,7 @@ impl Admission {
         match state.slots.authenticated.clone().try_acquire_owned() {
             Ok(permit) => {
                 *slot = Slot::Authenticated { _permit: permit };
-                state.authenticated.store(true, Ordering::Release);
+                state.eviction.authenticated.store(true, Ordering::Release);
             }
             Err(_) => {
                 state.slots.refused(RefusedReason::ConnectionLimit);
@@ -169,7 +182,7 @@ impl Admission {
     fn is_authenticated(&self) -> bool {
         self.0
             .as_ref()
-            .is_some_and(|state| state.authenticated.load(Ordering::Acquire))
+            .is_some_and(|state| state.eviction.authenticated.load(Ordering::Acquire))
     }
 }
 
@@ -184,35 +197,72 @@ impl Slots {
             .inc();
     }
 
-    /// An unauthenticated slot for a connection from `source`, if its address and the port
-    /// have one free.
-    fn unauthenticated(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
-        {
-            let mut counts = self.per_source.lock().expect("never poisoned");
-            let count = counts.entry(source).or_default();
-            if *count >= self.limits.per_source {
-                drop(counts);
-                self.refused(RefusedReason::PerSourceLimit);
-                debug!(%source, limit = self.limits.per_source, "too many unauthenticated connections from one address");
-                return None;
-            }
-            *count += 1;
+    /// A place for one more unauthenticated connection from `source`, if its address has one.
+    fn from_source(self: &Arc<Self>, source: IpAddr) -> Option<SourceSlot> {
+        let mut counts = self.per_source.lock().expect("never poisoned");
+        let count = counts.entry(source).or_default();
+        if *count >= self.limits.per_source {
+            drop(counts);
+            self.refused(RefusedReason::PerSourceLimit);
+            debug!(%source, limit = self.limits.per_source, "too many unauthenticated connections from one address");
+            return None;
         }
-        let source_slot = SourceSlot {
+        *count += 1;
+        Some(SourceSlot {
             slots: self.clone(),
             source,
+        })
+    }
+
+    /// An unauthenticated slot, and the way to evict its connection. With every slot taken, the
+    /// oldest unauthenticated connection is evicted and its slot awaited briefly.
+    async fn unauthenticated(
+        self: &Arc<Self>,
+        source: SourceSlot,
+    ) -> Option<(Slot, Arc<Eviction>)> {
+        let permit = match self.unauthenticated.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) if self.evict_oldest() => {
+                tokio::time::timeout(EVICTION_WAIT, self.unauthenticated.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            }
+            Err(_) => None,
         };
-        match self.unauthenticated.clone().try_acquire_owned() {
-            Ok(permit) => Some(Slot::Unauthenticated {
-                _permit: permit,
-                _source: source_slot,
-            }),
-            Err(_) => {
-                self.refused(RefusedReason::UnauthenticatedLimit);
-                debug!(%source, limit = self.limits.unauthenticated, "every unauthenticated connection slot is taken");
-                None
+        let Some(permit) = permit else {
+            self.refused(RefusedReason::UnauthenticatedLimit);
+            debug!(source = %source.source, limit = self.limits.unauthenticated, "every unauthenticated connection slot is taken");
+            return None;
+        };
+        let eviction = Arc::new(Eviction::default());
+        let mut oldest = self.oldest.lock().expect("never poisoned");
+        if oldest.len() >= 2 * self.limits.unauthenticated.max(1) {
+            oldest.retain(|e| {
+                e.upgrade()
+                    .is_some_and(|e| !e.authenticated.load(Ordering::Acquire))
+            });
+        }
+        oldest.push_back(Arc::downgrade(&eviction));
+        let slot = Slot::Unauthenticated {
+            _permit: permit,
+            _source: source,
+        };
+        Some((slot, eviction))
+    }
+
+    /// Tells the oldest connection still unauthenticated to close; whether there was one.
+    fn evict_oldest(&self) -> bool {
+        let mut oldest = self.oldest.lock().expect("never poisoned");
+        while let Some(eviction) = oldest.pop_front() {
+            if let Some(eviction) = eviction.upgrade()
+                && !eviction.authenticated.load(Ordering::Acquire)
+            {
+                eviction.notify.notify_one();
+                return true;
             }
         }
+        false
     }
 }
 
@@ -220,8 +270,8 @@ impl Slots {
 pub struct TlsConnection {
     inner: TlsStream<TcpStream>,
     info: PeerInfo,
-    /// Until a call on it authenticates: when it is closed.
-    deadline: Option<Pin<Box<Sleep>>>,
+    /// Until a call on it authenticates: ends, with the reason, when it is to be closed.
+    closing: Option<Pin<Box<dyn Future<Output = RefusedReason> + Send>>>,
 }
 
 impl tonic::transport::server::Connected for TlsConnection {
@@ -239,17 +289,17 @@ impl AsyncRead for TlsConnection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if let Some(deadline) = &mut this.deadline {
+        if let Some(closing) = &mut this.closing {
             if this.info.admission.is_authenticated() {
-                this.deadline = None;
-            } else if deadline.as_mut().poll(cx).is_ready() {
+                this.closing = None;
+            } else if let Poll::Ready(reason) = closing.as_mut().poll(cx) {
                 if let Some(state) = &this.info.admission.0 {
-                    state.slots.refused(RefusedReason::NotAuthenticatedInTime);
+                    state.slots.refused(reason);
                 }
-                debug!(remote = %this.info.remote, "no call authenticated in time; closing the connection");
+                debug!(remote = %this.info.remote, reason = reason.as_str(), "closing a connection that has not authenticated a call");
                 return Poll::Ready(Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    "no call authenticated in time",
+                    "no call authenticated",
                 )));
             }
         }
@@ -290,6 +340,7 @@ pub fn incoming(
         authenticated: Arc::new(Semaphore::new(limits.authenticated)),
         unauthenticated: Arc::new(Semaphore::new(limits.unauthenticated)),
         per_source: Mutex::default(),
+        oldest: Mutex::default(),
         metrics,
     });
     tokio::spawn(async move {
@@ -305,7 +356,7 @@ pub fn incoming(
                 },
                 _ = tx.closed() => return,
             };
-            let Some(slot) = slots.unauthenticated(remote.ip()) else {
+            let Some(source) = slots.from_source(remote.ip()) else {
                 continue;
             };
             let Some(config) = configs.borrow().clone() else {
@@ -314,9 +365,18 @@ pub fn incoming(
             };
             let (tx, slots) = (tx.clone(), slots.clone());
             tokio::spawn(async move {
+                let Some((slot, eviction)) = slots.unauthenticated(source).await else {
+                    return;
+                };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let handshake = tokio::select! {
+                    handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => handshake,
+                    _ = eviction.notify.notified() => {
+                        slots.refused(RefusedReason::Evicted);
+                        return;
+                    }
+                };
                 let stream = match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
@@ -335,14 +395,25 @@ pub fn incoming(
                         .first()
                         .and_then(|leaf| sigil_identity::profile::leaf_spiffe_id(leaf).ok())
                 });
-                let deadline = slots
-                    .limits
-                    .authenticate_within
-                    .map(|within| Box::pin(tokio::time::sleep(within)));
+                let closing = {
+                    let (eviction, within) = (eviction.clone(), slots.limits.authenticate_within);
+                    Box::pin(async move {
+                        let deadline = async {
+                            match within {
+                                Some(within) => tokio::time::sleep(within).await,
+                                None => std::future::pending().await,
+                            }
+                        };
+                        tokio::select! {
+                            () = deadline => RefusedReason::NotAuthenticatedInTime,
+                            () = eviction.notify.notified() => RefusedReason::Evicted,
+                        }
+                    })
+                };
                 let admission = Admission(Some(Arc::new(AdmissionState {
                     slots,
                     slot: Mutex::new(slot),
-                    authenticated: AtomicBool::new(false),
+                    eviction,
                 })));
                 let conn = TlsConnection {
                     inner: stream,
@@ -351,7 +422,7 @@ pub fn incoming(
                         client_id,
                         admission,
                     },
-                    deadline,
+                    closing: Some(closing),
                 };
                 let _ = tx.send(Ok(conn)).await;
             });

@@ -49,7 +49,11 @@ pub const MAX_CONNECTIONS_PER_SOURCE: usize = 256;
 /// Request body bytes being read or answered at once, announced (Content-Length) or, for a body
 /// without a length, [`MAX_REVIEW_BYTES`]: what bodies can make the webhook hold. A pod's review
 /// is some 10 to 100 KiB.
-pub const MAX_BODY_BYTES_IN_FLIGHT: usize = 32 << 20;
+pub const MAX_BODY_BYTES_IN_FLIGHT: usize = 64 << 20;
+/// Bodies over [`LARGE_BODY`] may take only this much of it, so that large bodies (which only
+/// unusual pods have) cannot crowd out the API server's ordinary reviews.
+pub const MAX_LARGE_BODY_BYTES_IN_FLIGHT: usize = 32 << 20;
+pub const LARGE_BODY: usize = 1 << 20;
 /// ...of which from one IP address (the API server's own reviews are small).
 pub const MAX_BODY_BYTES_PER_SOURCE: usize = 8 << 20;
 /// A body must have arrived this long after its request head (the API server's webhook timeout
@@ -79,7 +83,14 @@ struct Source(IpAddr);
 /// The request body bytes in flight, in all and per source address.
 #[derive(Default)]
 struct BodyBudget {
-    in_flight: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    in_flight: Mutex<InFlight>,
+}
+
+#[derive(Default)]
+struct InFlight {
+    total: usize,
+    large: usize,
+    per_source: HashMap<IpAddr, usize>,
 }
 
 /// Bytes of a body being read or answered; given back when dropped.
@@ -96,22 +107,19 @@ impl BodyBudget {
         bytes: usize,
     ) -> Result<Reservation, BodyRefusedReason> {
         let mut in_flight = self.in_flight.lock().expect("never poisoned");
-        let (total, per_source) = &mut *in_flight;
-        let from_source = per_source.entry(source).or_default();
-        if *from_source + bytes > MAX_BODY_BYTES_PER_SOURCE {
-            if *from_source == 0 {
-                per_source.remove(&source);
-            }
+        let from_source = in_flight.per_source.get(&source).copied().unwrap_or(0);
+        if from_source + bytes > MAX_BODY_BYTES_PER_SOURCE {
             return Err(BodyRefusedReason::PerSourceLimit);
         }
-        if *total + bytes > MAX_BODY_BYTES_IN_FLIGHT {
-            if *from_source == 0 {
-                per_source.remove(&source);
-            }
+        let large = if bytes > LARGE_BODY { bytes } else { 0 };
+        if in_flight.total + bytes > MAX_BODY_BYTES_IN_FLIGHT
+            || in_flight.large + large > MAX_LARGE_BODY_BYTES_IN_FLIGHT
+        {
             return Err(BodyRefusedReason::TotalLimit);
         }
-        *from_source += bytes;
-        *total += bytes;
+        *in_flight.per_source.entry(source).or_default() += bytes;
+        in_flight.total += bytes;
+        in_flight.large += large;
         Ok(Reservation {
             budget: self.clone(),
             source,
@@ -123,12 +131,14 @@ impl BodyBudget {
 impl Drop for Reservation {
     fn drop(&mut self) {
         let mut in_flight = self.budget.in_flight.lock().expect("never poisoned");
-        let (total, per_source) = &mut *in_flight;
-        *total -= self.bytes;
-        if let Some(from_source) = per_source.get_mut(&self.source) {
+        in_flight.total -= self.bytes;
+        if self.bytes > LARGE_BODY {
+            in_flight.large -= self.bytes;
+        }
+        if let Some(from_source) = in_flight.per_source.get_mut(&self.source) {
             *from_source -= self.bytes;
             if *from_source == 0 {
-                per_source.remove(&self.source);
+                in_flight.per_source.remove(&self.source);
             }
         }
     }
@@ -524,5 +534,42 @@ mod tests {
         // No roots loaded yet: never write an empty bundle.
         let plan = ca_bundle_patch(&both, &[], true);
         assert!(plan.patch.is_none());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_body_budget_bounds_each_source_large_bodies_and_the_total() {
+        let budget = Arc::new(BodyBudget::default());
+        let source = |last: u8| IpAddr::from([127, 0, 0, last]);
+        let four = MAX_REVIEW_BYTES;
+        // One source: two largest bodies, not a third.
+        let first = budget.reserve(source(2), four).unwrap();
+        let _second = budget.reserve(source(2), four).unwrap();
+        assert_eq!(
+            budget.reserve(source(2), 1).err(),
+            Some(BodyRefusedReason::PerSourceLimit)
+        );
+        // Large bodies from other sources up to their 32 MiB share...
+        let _others: Vec<_> = (3..9)
+            .map(|last| budget.reserve(source(last), four).unwrap())
+            .collect();
+        assert_eq!(
+            budget.reserve(source(9), four).err(),
+            Some(BodyRefusedReason::TotalLimit)
+        );
+        // ...while ordinary reviews still fit.
+        let small = budget.reserve(source(9), 64 * 1024).unwrap();
+        // Bytes are given back when a body is done.
+        drop(first);
+        budget.reserve(source(2), four).unwrap();
+        drop(small);
+        assert_eq!(
+            budget.in_flight.lock().unwrap().per_source.get(&source(9)),
+            None
+        );
     }
 }
