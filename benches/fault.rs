@@ -67,7 +67,10 @@ async fn load(entry: SocketAddr, interval: Duration, outcomes: Outcomes) {
                 let mut stream = tokio::net::TcpStream::connect(entry).await.ok()?;
                 request(&mut stream).await.then_some(())
             };
-            let ok = matches!(tokio::time::timeout(REQUEST_TIMEOUT, attempt).await, Ok(Some(())));
+            let ok = matches!(
+                tokio::time::timeout(REQUEST_TIMEOUT, attempt).await,
+                Ok(Some(()))
+            );
             outcomes.lock().expect("not poisoned").push((sent, ok));
         });
     }
@@ -95,7 +98,11 @@ fn summarize(
 ) -> Row {
     let all = outcomes.lock().expect("not poisoned");
     let window: Vec<&(Instant, bool)> = all.iter().filter(|(t, _)| *t >= from && *t < to).collect();
-    let failures: Vec<Instant> = window.iter().filter(|(_, ok)| !ok).map(|(t, _)| *t).collect();
+    let failures: Vec<Instant> = window
+        .iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(t, _)| *t)
+        .collect();
     Row {
         fault,
         sent: window.len(),
@@ -150,7 +157,9 @@ async fn bench() -> ExitCode {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     let command: Vec<String> = std::env::args().collect();
-    println!("Fault benchmark: CA, agent and two explicit proxies on loopback, under constant load");
+    println!(
+        "Fault benchmark: CA, agent and two explicit proxies on loopback, under constant load"
+    );
     println!("command: {} {}", settings.join(" "), command.join(" "));
     println!(
         "certificates {} s (BENCH_FAULT_TTL_SECS), renewed at half-life; {rate} requests/s (BENCH_FAULT_RATE), each a new mTLS connection between the proxies; failed = no 200 within {} s\n",
@@ -235,7 +244,8 @@ async fn bench() -> ExitCode {
     ));
     load_task.abort();
 
-    let secs = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
+    let secs =
+        |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64()));
     println!(
         "| fault | requests sent | failed | first failure after the fault began | recovery (fault end → last failure) |"
     );

@@ -172,7 +172,10 @@ async fn a_ca_receiving_sigterm_answers_every_call_through_its_grace_period_then
         calls += 1;
         not_ready_seen |= matches!(http_get(ca.admin, "/ready").await, Ok((503, _)));
     }
-    assert!(not_ready_seen, "the CA reports not ready during its grace period");
+    assert!(
+        not_ready_seen,
+        "the CA reports not ready during its grace period"
+    );
     println!("{calls} calls answered in the 4 s after SIGTERM");
 
     // Then it drains and exits by itself, well within a terminationGracePeriodSeconds of 15.
@@ -181,7 +184,11 @@ async fn a_ca_receiving_sigterm_answers_every_call_through_its_grace_period_then
         if let Some(status) = ca.child.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "the CA did not exit:\n{}", ca.logs());
+        assert!(
+            Instant::now() < deadline,
+            "the CA did not exit:\n{}",
+            ca.logs()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status}");

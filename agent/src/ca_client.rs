@@ -88,7 +88,8 @@ impl CaClient {
     }
 
     fn record_answer(&self) {
-        self.answered.send_modify(|count| *count = count.wrapping_add(1));
+        self.answered
+            .send_modify(|count| *count = count.wrapping_add(1));
     }
 
     /// A fresh connection with the newest bundle and client certificate. Connections are cheap

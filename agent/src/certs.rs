@@ -348,11 +348,7 @@ impl IdentityWorker {
                 Err(e) => {
                     self.metrics.csr_failures.get_or_create(&labels).inc();
                     let now = SystemTime::now();
-                    let still_valid = self
-                        .svid
-                        .borrow()
-                        .as_ref()
-                        .is_some_and(|s| s.is_valid(now));
+                    let still_valid = self.svid.borrow().as_ref().is_some_and(|s| s.is_valid(now));
                     if !still_valid && self.svid.borrow().is_some() {
                         self.svid.send_replace(None);
                     }

@@ -1664,51 +1664,61 @@ mod tests {
         let web_2_only = web_slice(&[("10.0.0.6", "uid-web-2", true, true, false)]);
 
         enum Step {
-            Pod(Event<Pod>),
-            Slice(EndpointSlice),
+            Pod(Box<Event<Pod>>),
+            Slice(Box<EndpointSlice>),
         }
+        let pod_step = |event: Event<Pod>| Step::Pod(Box::new(event));
+        let slice_step = |slice: EndpointSlice| Step::Slice(Box::new(slice));
         let graceful_start = || {
             vec![
-                Step::Pod(Event::Apply(web_1_terminating.clone())),
-                Step::Slice(terminating(true)),
-                Step::Slice(terminating(false)),
+                pod_step(Event::Apply(web_1_terminating.clone())),
+                slice_step(terminating(true)),
+                slice_step(terminating(false)),
             ]
         };
         let pod_gone = || {
             vec![
-                Step::Pod(Event::Apply(web_1_finished.clone())),
-                Step::Pod(Event::Delete(web_1_finished.clone())),
+                pod_step(Event::Apply(web_1_finished.clone())),
+                pod_step(Event::Delete(web_1_finished.clone())),
             ]
         };
         let orders: [(&str, Vec<Step>); 4] = [
             (
                 "pod deleted before the slice update",
-                [graceful_start(), pod_gone(), vec![Step::Slice(web_2_only.clone())]]
-                    .into_iter()
-                    .flatten()
-                    .collect(),
+                [
+                    graceful_start(),
+                    pod_gone(),
+                    vec![slice_step(web_2_only.clone())],
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
             ),
             (
                 "pod deleted after the slice update",
-                [graceful_start(), vec![Step::Slice(web_2_only.clone())], pod_gone()]
-                    .into_iter()
-                    .flatten()
-                    .collect(),
+                [
+                    graceful_start(),
+                    vec![slice_step(web_2_only.clone())],
+                    pod_gone(),
+                ]
+                .into_iter()
+                .flatten()
+                .collect(),
             ),
             (
                 "force deletion, the slice still saying ready",
                 vec![
-                    Step::Pod(Event::Delete(web_1.clone())),
-                    Step::Slice(web_2_only.clone()),
+                    pod_step(Event::Delete(web_1.clone())),
+                    slice_step(web_2_only.clone()),
                 ],
             ),
             (
                 "the pod missing from a re-list",
                 vec![
-                    Step::Pod(Event::Init),
-                    Step::Pod(Event::InitApply(web_2.clone())),
-                    Step::Pod(Event::InitDone),
-                    Step::Slice(web_2_only.clone()),
+                    pod_step(Event::Init),
+                    pod_step(Event::InitApply(web_2.clone())),
+                    pod_step(Event::InitDone),
+                    slice_step(web_2_only.clone()),
                 ],
             ),
         ];
@@ -1716,7 +1726,7 @@ mod tests {
             let mut kube = kube_state(
                 &[web_1.clone(), web_2.clone()],
                 &[service("web", "demo", "10.96.0.10")],
-                &[both_ready.clone()],
+                std::slice::from_ref(&both_ready),
             );
             assert_eq!(
                 service_members_of(&kube, None)[&cluster_ip],
@@ -1725,10 +1735,10 @@ mod tests {
             for (index, step) in steps.into_iter().enumerate() {
                 match step {
                     Step::Pod(event) => {
-                        kube.on_pod_event(event, &td());
+                        kube.on_pod_event(*event, &td());
                     }
                     Step::Slice(slice) => {
-                        kube.on_slice_event(Event::Apply(slice));
+                        kube.on_slice_event(Event::Apply(*slice));
                     }
                 }
                 let (members, notes) = merge(Some(&kube), None);
@@ -1742,7 +1752,10 @@ mod tests {
                     assert_eq!(members.get(&ip("10.0.0.5")), None, "{order}, step {index}");
                 }
             }
-            assert!(kube.leaving.is_empty(), "{order}: forgotten once no slice names it");
+            assert!(
+                kube.leaving.is_empty(),
+                "{order}: forgotten once no slice names it"
+            );
         }
 
         // The address a leaving pod had, listed for another pod (not meshed): that is a
@@ -1750,7 +1763,7 @@ mod tests {
         let mut kube = kube_state(
             &[web_1.clone(), web_2.clone()],
             &[service("web", "demo", "10.96.0.10")],
-            &[both_ready.clone()],
+            std::slice::from_ref(&both_ready),
         );
         kube.on_pod_event(Event::Delete(web_1.clone()), &td());
         kube.on_slice_event(Event::Apply(web_slice(&[

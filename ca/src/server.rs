@@ -94,10 +94,7 @@ fn kube_needed_for(config: &CaConfig) -> Option<&'static str> {
     }
 }
 
-pub async fn serve(
-    config: CaConfig,
-    signalled: watch::Receiver<bool>,
-) -> Result<(), ServeError> {
+pub async fn serve(config: CaConfig, signalled: watch::Receiver<bool>) -> Result<(), ServeError> {
     let td = TrustDomain::new(&config.trust_domain)
         .map_err(|e| ServeError::TrustDomain(e.to_string()))?;
     if config.max_ttl < config.default_ttl {

@@ -517,10 +517,14 @@ mod tests {
         assert_eq!(written(&empty, &plan), Some(der(&[&old])));
         assert!(!plan.shrink_pending);
         // Equal: nothing to write.
-        let plan = ca_bundle_patch(&config(&[old.clone()]), std::slice::from_ref(&old), false);
+        let plan = ca_bundle_patch(
+            &config(std::slice::from_ref(&old)),
+            std::slice::from_ref(&old),
+            false,
+        );
         assert!(plan.patch.is_none() && !plan.shrink_pending);
         // A replica that has seen a new root adds it, keeping the one another replica uses.
-        let held = config(&[old.clone()]);
+        let held = config(std::slice::from_ref(&old));
         let plan = ca_bundle_patch(&held, std::slice::from_ref(&new), false);
         assert_eq!(written(&held, &plan), Some(der(&[&old, &new])));
         assert!(plan.shrink_pending);
