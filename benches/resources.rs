@@ -16,10 +16,16 @@
 //!   preface; the agent signs as in 10b;
 //! - 12: 2,000 connections to the agent socket from one other process, each holding an
 //!   unfinished 64 KiB header block; a workload fetches its SDS secret every 250 ms, each time on
-//!   a new connection.
+//!   a new connection;
+//! - 13: 300 plaintext connections (PERMISSIVE mTLS) to an inbound `sigil proxy run --explicit`
+//!   with an HTTP policy, each sending half a request head and holding; a client (another
+//!   address) GETs an allowed path every 250 ms, each time on a new connection. Also counts the
+//!   connections the proxy opened to the application meanwhile. The proxy gets no flag beyond
+//!   the old binary's, so both run with their defaults (what the injector deploys). The CA and
+//!   agent are this build's.
 //!
 //! Run: `cargo bench --bench resources -- [path/to/sigil]` (default: this build's binary).
-//! BENCH_ATTACKS=10a,10b,11,12 selects attacks; BENCH_HOLD_SECS=15 is how long each is held
+//! BENCH_ATTACKS=10a,10b,11,12,13 selects attacks; BENCH_HOLD_SECS=15 is how long each is held
 //! after it is in place; BENCH_TLS_CONNECTIONS=9999.
 
 #[path = "../tests/common/mod.rs"]
@@ -49,6 +55,9 @@ const WEBHOOK_NAME: &str = "sigil-ca.sigil-system.svc";
 /// Half the memory limits in deploy/base (ca.yaml 512Mi, agent.yaml 256Mi), in MB.
 const CA_BUDGET_MB: f64 = 256.0 * 1.048_576;
 const AGENT_BUDGET_MB: f64 = 128.0 * 1.048_576;
+/// Half the memory limit the injector gives the proxy sidecar (ca/src/inject.rs, 256Mi), in MB.
+const PROXY_BUDGET_MB: f64 = 128.0 * 1.048_576;
+const DENY_ADMIN: &str = include_str!("../tests/fixtures/deny-admin.yaml");
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -472,6 +481,112 @@ async fn agent_headers(binary: &Path, dir: &Path) -> Row {
     }
 }
 
+/// An HTTP/1.1 application answering `200 ok`, counting the connections that reach it.
+async fn counting_http_app() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reached = Arc::new(AtomicUsize::new(0));
+    let counter = reached.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(serve_keep_alive(
+                stream,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                |_| {},
+            ));
+        }
+    });
+    (addr, reached)
+}
+
+async fn proxy_slowloris(binary: &Path, dir: &Path) -> Row {
+    let policies = dir.join("policies.yaml");
+    std::fs::write(&policies, DENY_ADMIN).unwrap();
+    // The proxy runs as this process's uid (root in the benchmark's setting), attested as db.
+    let host = MeshHost::start(
+        dir,
+        &[(0, DB_ID)],
+        "1h",
+        &["--policy-file", policies.to_str().unwrap()],
+    )
+    .await;
+    let (app, reached) = counting_http_app().await;
+    let inbound = free_addr();
+    let proxy = spawn_proxy_from(
+        binary,
+        dir,
+        "proxy-db",
+        None,
+        &args(&[
+            "--explicit",
+            "--agent-socket",
+            host.socket.to_str().unwrap(),
+            "--inbound-listen",
+            &inbound.to_string(),
+            "--inbound-app",
+            &app.to_string(),
+            "--mtls-mode",
+            "PERMISSIVE",
+        ]),
+    )
+    .await;
+    let mut probe = tcp_from("127.0.0.2".parse().unwrap(), inbound)
+        .await
+        .unwrap();
+    assert_eq!(
+        get_on(&mut probe, "/public").await,
+        Some((200, "ok".into())),
+        "the proxy does not serve:\n{}",
+        proxy.logs()
+    );
+    drop(probe);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = proxy.proc.child.id();
+    let before = memory_mb(pid).0;
+    let app_before = reached.load(Ordering::Relaxed);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let legit = legit_loop(stop.clone(), move || async move {
+        let Ok(mut stream) = tcp_from("127.0.0.2".parse().unwrap(), inbound).await else {
+            return false;
+        };
+        get_on(&mut stream, "/public").await == Some((200, "ok".into()))
+    });
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..300 {
+        let sent = async {
+            let mut stream = tcp_from("127.0.0.20".parse().unwrap(), inbound).await?;
+            stream
+                .write_all(b"GET /public HTTP/1.1\r\nHost: db\r\nX-Slow: ")
+                .await?;
+            Ok::<_, std::io::Error>(stream)
+        };
+        match sent.await {
+            Ok(stream) => held.push(stream),
+            Err(_) => refused += 1,
+        }
+    }
+    let peak = hold_and_measure(pid).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, tried) = legit.await.unwrap();
+    let app_connections = reached.load(Ordering::Relaxed) - app_before;
+    drop(held);
+    Row {
+        attack: "13 proxy: 300 × half a request head",
+        process: "proxy",
+        budget_mb: PROXY_BUDGET_MB,
+        before_mb: before,
+        peak_mb: peak,
+        legit_ok: ok,
+        legit_tried: tried,
+        note: format!(
+            "{app_connections} app connections opened during the attack ({tried} legitimate requests, {refused} attack connections refused)"
+        ),
+    }
+}
+
 /// A workload's legitimate call: a new connection to the agent socket, and FetchSecrets.
 async fn fetch_secret(socket: &Path) -> bool {
     let socket = socket.to_path_buf();
@@ -504,7 +619,7 @@ async fn main() {
         .skip(1)
         .find(|a| !a.starts_with("--"))
         .map_or_else(|| PathBuf::from(SIGIL), PathBuf::from);
-    let attacks = std::env::var("BENCH_ATTACKS").unwrap_or_else(|_| "10a,10b,11,12".into());
+    let attacks = std::env::var("BENCH_ATTACKS").unwrap_or_else(|_| "10a,10b,11,12,13".into());
     println!(
         "Resource benchmark: {} (hold {} s per attack, {} cores)",
         binary.display(),
@@ -525,7 +640,8 @@ async fn main() {
             "10b" => grpc_streams(&binary, &dir).await,
             "11" => tls_without_preface(&binary, &dir).await,
             "12" => agent_headers(&binary, &dir).await,
-            other => panic!("unknown attack {other:?} (10a, 10b, 11, 12)"),
+            "13" => proxy_slowloris(&binary, &dir).await,
+            other => panic!("unknown attack {other:?} (10a, 10b, 11, 12, 13)"),
         };
         println!(
             "{:<44} {:<6} before {:>6.1} MB  peak {:>6.1} MB  (half its limit: {:>5.1} MB)  legitimate calls ok {}/{}  — {}",

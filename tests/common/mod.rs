@@ -778,8 +778,19 @@ pub async fn spawn_proxy(
     uid: Option<u32>,
     args: &[String],
 ) -> ProxyProcess {
+    spawn_proxy_from(Path::new(SIGIL), dir, name, uid, args).await
+}
+
+/// [`spawn_proxy`] with another `sigil` binary (benches/resources.rs measures an old build).
+pub async fn spawn_proxy_from(
+    binary: &Path,
+    dir: &Path,
+    name: &str,
+    uid: Option<u32>,
+    args: &[String],
+) -> ProxyProcess {
     let (admin, metrics) = (free_addr(), free_addr());
-    let mut cmd = Command::new(SIGIL);
+    let mut cmd = Command::new(binary);
     cmd.args(["proxy", "run"])
         .args(args)
         .args(["--admin-addr", &admin.to_string()])
