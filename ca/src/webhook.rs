@@ -539,11 +539,6 @@ mod tests {
         let plan = ca_bundle_patch(&both, &[], true);
         assert!(plan.patch.is_none());
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[test]
     fn the_body_budget_bounds_each_source_large_bodies_and_the_total() {
