@@ -342,6 +342,53 @@ async fn trust_bundle_follows_watch_trust_bundle_through_a_root_rotation() {
     );
 }
 
+/// Hosts without Kubernetes: the agent authenticates to the CA with its own certificate, renewed
+/// like any other. A CA outage longer than its lifetime left the agent holding only an expired
+/// credential, which the CA refuses, so nothing was renewed again until the agent was restarted
+/// (seen in benches/fault.rs: every request failed from the outage until an agent restart). The
+/// agent now presents its --client-cert again once its renewed certificate has expired.
+#[tokio::test]
+async fn after_an_outage_longer_than_its_own_certificate_the_agent_renews_with_its_client_cert() {
+    let s = setup();
+    let (grpc, admin) = (free_addr(), free_addr());
+    let mut ca = s.start_ca_on(grpc, admin);
+    ca.wait_ready().await;
+    let (manager, _, credential_tx) = s.manager(&ca, Duration::from_secs(4));
+    let bootstrap = credential_tx.borrow().clone();
+    let mut credential_rx = credential_tx.subscribe();
+    tokio::spawn(sigil_agent::certs::keep_agent_certificate(
+        manager.clone(),
+        AGENT_ID.parse().unwrap(),
+        bootstrap.clone(),
+        credential_tx,
+    ));
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        credential_rx.wait_for(|c| c.chain[0] != bootstrap.chain[0]),
+    )
+    .await
+    .expect("the agent replaced its bootstrap certificate")
+    .unwrap();
+    let web: SpiffeId = WEB_ID.parse().unwrap();
+    let mut web_rx = manager.subscribe(&web).await.unwrap();
+    let first = next_serial(&mut web_rx, &[], Duration::from_secs(10)).await;
+
+    drop(ca); // the CA process is killed for 2.5 × the lifetime: every certificate expires
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        web_rx.borrow().is_none(),
+        "an expired certificate is not served"
+    );
+    let mut ca = s.start_ca_on(grpc, admin);
+    ca.wait_ready().await;
+    next_serial(
+        &mut web_rx,
+        std::slice::from_ref(&first),
+        Duration::from_secs(15),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn the_agents_own_certificate_renews_itself() {
     let s = setup();
@@ -350,9 +397,11 @@ async fn the_agents_own_certificate_renews_itself() {
     let (manager, _, credential_tx) = s.manager(&ca, Duration::from_secs(4));
     let mut credential_rx = credential_tx.subscribe();
     let bootstrap = s.agent.chain[0].clone();
+    let bootstrap_key = credential_tx.borrow().clone();
     tokio::spawn(sigil_agent::certs::keep_agent_certificate(
         manager.clone(),
         AGENT_ID.parse().unwrap(),
+        bootstrap_key,
         credential_tx,
     ));
     tokio::time::timeout(

@@ -488,16 +488,29 @@ fn renewal_time(received_at: SystemTime, not_after: SystemTime) -> SystemTime {
 }
 
 /// Keeps the agent's own client certificate (hosts without Kubernetes) fresh: every renewal of
-/// `own_id` by the manager replaces the credential the CA client presents.
+/// `own_id` by the manager replaces the credential the CA client presents. When the renewed
+/// certificate expires with no successor (a CA outage longer than its lifetime), the CA would
+/// refuse it, and renewing needs a credential the CA accepts: the agent presents `bootstrap`
+/// (its `--client-cert`, usually longer-lived) again until a renewal arrives. Without that the
+/// agent could never renew anything again until restarted.
 pub async fn keep_agent_certificate(
     manager: CertManager,
     own_id: SpiffeId,
+    bootstrap: Arc<CertifiedKey>,
     credential: watch::Sender<Arc<CertifiedKey>>,
 ) -> Result<(), ManagerGone> {
     let mut svid = manager.subscribe(&own_id).await?;
     loop {
-        if let Some(current) = svid.borrow_and_update().clone() {
-            credential.send_replace(Arc::new(current.certified_key()));
+        let current = svid.borrow_and_update().clone();
+        match current {
+            Some(current) => {
+                credential.send_replace(Arc::new(current.certified_key()));
+            }
+            None if !Arc::ptr_eq(&credential.borrow(), &bootstrap) => {
+                warn!(identity = %own_id, "the agent's own certificate expired without a renewal; presenting its --client-cert certificate again to renew it");
+                credential.send_replace(bootstrap.clone());
+            }
+            None => {}
         }
         if svid.changed().await.is_err() {
             return Err(ManagerGone);

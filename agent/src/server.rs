@@ -115,8 +115,9 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
                 .map_err(|e| AgentError::ClientCert(e.to_string()))?;
             let own_id = sigil_identity::profile::leaf_spiffe_id(&certified.chain[0])
                 .map_err(|e| AgentError::ClientCert(e.to_string()))?;
-            let (tx, rx) = watch::channel(Arc::new(certified));
-            (Credential::Certificate(rx), Some((own_id, tx)))
+            let bootstrap = Arc::new(certified);
+            let (tx, rx) = watch::channel(bootstrap.clone());
+            (Credential::Certificate(rx), Some((own_id, bootstrap, tx)))
         }
         _ => (Credential::TokenFile(config.token_file.clone()), None),
     };
@@ -136,14 +137,14 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
         CertConfig {
             ttl: config.cert_ttl,
             max_concurrent_fetches: config.max_concurrent_fetches,
-            own_id: own_cert.as_ref().map(|(id, _)| id.clone()),
+            own_id: own_cert.as_ref().map(|(id, _, _)| id.clone()),
         },
         metrics.clone(),
     );
-    if let Some((own_id, tx)) = own_cert {
+    if let Some((own_id, bootstrap, tx)) = own_cert {
         let manager = certs.clone();
         tokio::spawn(async move {
-            if let Err(e) = certs::keep_agent_certificate(manager, own_id, tx).await {
+            if let Err(e) = certs::keep_agent_certificate(manager, own_id, bootstrap, tx).await {
                 error!(error = %e, "renewing the agent's own certificate stopped");
             }
         });
