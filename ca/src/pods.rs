@@ -30,7 +30,6 @@ impl PodEntry {
 }
 
 type PodKey = (String, String); // namespace, name
-type SaKey = (String, String); // namespace, service account
 type NodeSaKey = (String, String, String); // node, namespace, service account
 
 /// How long a check waits for the index to catch up with a pod it does not know yet (the CA's
@@ -43,7 +42,6 @@ pub struct PodIndex {
     pub synced: bool,
     pods: HashMap<PodKey, PodEntry>,
     by_node_sa: HashMap<NodeSaKey, HashSet<PodKey>>,
-    by_sa: HashMap<SaKey, HashSet<PodKey>>,
 }
 
 impl PodIndex {
@@ -59,15 +57,6 @@ impl PodIndex {
             service_account.to_string(),
         );
         self.by_node_sa.get(&key).is_some_and(|pods| {
-            pods.iter()
-                .any(|p| self.pods.get(p).is_some_and(PodEntry::is_live))
-        })
-    }
-
-    /// Whether a live pod running as `namespace/service_account` exists on any node.
-    pub fn has_live_pod_anywhere(&self, namespace: &str, service_account: &str) -> bool {
-        let key = (namespace.to_string(), service_account.to_string());
-        self.by_sa.get(&key).is_some_and(|pods| {
             pods.iter()
                 .any(|p| self.pods.get(p).is_some_and(PodEntry::is_live))
         })
@@ -94,10 +83,6 @@ impl PodIndex {
                 .unwrap_or_else(|| "default".to_string()),
             phase: pod.status.as_ref().and_then(|s| s.phase.clone()),
         };
-        self.by_sa
-            .entry((key.0.clone(), entry.service_account.clone()))
-            .or_default()
-            .insert(key.clone());
         if let Some(node) = &entry.node {
             self.by_node_sa
                 .entry((node.clone(), key.0.clone(), entry.service_account.clone()))
@@ -117,13 +102,6 @@ impl PodIndex {
         let Some(old) = self.pods.remove(key) else {
             return;
         };
-        let sa_key = (key.0.clone(), old.service_account.clone());
-        if let Some(set) = self.by_sa.get_mut(&sa_key) {
-            set.remove(key);
-            if set.is_empty() {
-                self.by_sa.remove(&sa_key);
-            }
-        }
         if let Some(node) = old.node {
             let index_key = (node, key.0.clone(), old.service_account);
             if let Some(set) = self.by_node_sa.get_mut(&index_key) {
@@ -230,7 +208,7 @@ mod tests {
             let rx = rx.clone();
             async move {
                 wait_for(&rx, Duration::from_secs(5), |i| {
-                    i.has_live_pod_anywhere("demo", "db")
+                    i.has_live_pod("node-b", "demo", "db")
                         .then_some(())
                         .ok_or(())
                 })
@@ -240,7 +218,7 @@ mod tests {
         server.add_pod(&pod("demo", "db-1", "db", "node-b", "Pending"));
         assert_eq!(waiting.await.unwrap(), Ok(()));
         until(&mut rx, |i| i.has_live_pod("node-b", "demo", "db")).await;
-        assert!(!rx.borrow().has_live_pod_anywhere("demo", "nobody"));
+        assert!(!rx.borrow().has_live_pod("node-b", "demo", "nobody"));
 
         server.set_pod_phase("demo", "web-1", "Succeeded");
         until(&mut rx, |i| !i.has_live_pod("node-a", "demo", "web")).await;
@@ -248,7 +226,6 @@ mod tests {
         server.delete_pod("demo", "db-1");
         until(&mut rx, |i| i.get("demo", "db-1").is_none()).await;
         assert!(!rx.borrow().has_live_pod("node-b", "demo", "db"));
-        assert!(!rx.borrow().has_live_pod_anywhere("demo", "db"));
 
         // A check that never passes gives up after its grace period with the last outcome.
         let outcome: Result<(), &str> =
