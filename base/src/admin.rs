@@ -1,4 +1,4 @@
-//! The admin HTTP endpoint shared by sigil's components: Prometheus `/metrics`, `/ready` (every
+//! The admin HTTP endpoint every sigil process serves: Prometheus `/metrics`, `/ready` (every
 //! named readiness condition holds) and `/healthz` (the process answers).
 
 use std::sync::Arc;
@@ -12,27 +12,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// What `/ready` reports: named conditions, all of which must hold (e.g. the CA's
-/// `key_loaded` and `pods_synced`).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Readiness(pub Vec<(&'static str, bool)>);
-
-impl Readiness {
-    pub fn is_ready(&self) -> bool {
-        !self.0.is_empty() && self.0.iter().all(|(_, holds)| *holds)
-    }
-}
-
-impl std::fmt::Display for Readiness {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let conditions: Vec<String> = self
-            .0
-            .iter()
-            .map(|(name, holds)| format!("{name}={holds}"))
-            .collect();
-        f.write_str(&conditions.join(" "))
-    }
-}
+use crate::readiness::Readiness;
 
 #[derive(Clone)]
 struct AdminState {

@@ -1,4 +1,4 @@
-//! Exponential backoff with jitter, for retries against the CA.
+//! Exponential backoff with jitter, for retries (against the CA, the agent socket).
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! Dialing the agent socket as a gRPC client: what `sigil inspect agent` and the bundled proxy
+//! Dialing a unix socket as a gRPC client: what `sigil inspect agent` and the bundled proxy
 //! (SDS, mesh membership, policy feeds) use to reach the agent on this node.
 
 use std::path::Path;
