@@ -108,7 +108,7 @@ async fn start_ca(
                 std::str::from_utf8(&pem).unwrap(),
             )
             .unwrap();
-            if sigil_ca::client::connect(&grpc, "localhost", &bundle, None)
+            if sigil_agent::ca_channel::connect(&grpc, "localhost", &bundle, None)
                 .await
                 .is_ok()
             {
@@ -146,7 +146,7 @@ async fn run_load(
             .collect(),
     }));
     let channels: Vec<_> = futures::future::join_all(
-        (0..4).map(|_| sigil_ca::client::connect(grpc, "localhost", bundle, None)),
+        (0..4).map(|_| sigil_agent::ca_channel::connect(grpc, "localhost", bundle, None)),
     )
     .await
     .into_iter()

@@ -144,7 +144,7 @@ async fn start_ca(
 /// The agent's legitimate call: a new connection, and a Sign of its own identity.
 async fn agent_signs(grpc: SocketAddr, bundle: &TrustBundle, agent: &CertifiedKey) -> bool {
     let Ok(channel) =
-        sigil_ca::client::connect(&grpc.to_string(), "localhost", bundle, Some(agent)).await
+        sigil_agent::ca_channel::connect(&grpc.to_string(), "localhost", bundle, Some(agent)).await
     else {
         return false;
     };
@@ -606,7 +606,7 @@ async fn fetch_secret(socket: &Path) -> bool {
     SecretDiscoveryServiceClient::new(channel)
         .fetch_secrets(DiscoveryRequest {
             resource_names: vec!["default".into()],
-            type_url: sigil_agent::sds::TYPE_URL.into(),
+            type_url: sigil_proxy_api::sds::TYPE_URL.into(),
             ..Default::default()
         })
         .await

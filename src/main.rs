@@ -81,7 +81,7 @@ enum InspectCommand {
     /// on the node).
     Agent {
         /// The agent's socket.
-        #[arg(long, default_value = sigil_agent::config::DEFAULT_SOCKET)]
+        #[arg(long, default_value = sigil_proxy_api::AGENT_SOCKET)]
         socket: std::path::PathBuf,
     },
     /// Would this connection or request be allowed, and by which policy? Prints `ALLOW` or

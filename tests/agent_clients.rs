@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, sec
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use futures::channel::mpsc::{UnboundedSender, unbounded};
-use sigil_agent::sds::TYPE_URL;
+use sigil_proxy_api::sds::TYPE_URL;
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 

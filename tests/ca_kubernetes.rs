@@ -568,9 +568,10 @@ async fn istio_create_certificate_is_wire_compatible() {
         .sign(sign_request(csr, 0, "", Some(&c.token(&c.web))))
         .await
         .expect("sigil's own audience stays accepted");
-    let channel = sigil_ca::client::connect(&ca.grpc.to_string(), "localhost", &bundle, None)
-        .await
-        .unwrap();
+    let channel =
+        sigil_agent::ca_channel::connect(&ca.grpc.to_string(), "localhost", &bundle, None)
+            .await
+            .unwrap();
     let mut istio = IstioCertificateServiceClient::new(channel);
     let key = rcgen::KeyPair::generate().unwrap();
     let csr_pem = rcgen::CertificateParams::default()

@@ -90,8 +90,13 @@ async fn agent_certificate_with_static_entries_and_renewal_by_certificate() {
     // A certificate from another CA is not a credential: the TLS handshake refuses it.
     let other = OfflineCa::init(&dir.path().join("other-ca"), &[]);
     let foreign = other.issue(AGENT_ID, &dir.path().join("foreign"));
-    let result =
-        sigil_ca::client::connect(&ca.grpc.to_string(), "localhost", &bundle, Some(&foreign)).await;
+    let result = sigil_agent::ca_channel::connect(
+        &ca.grpc.to_string(),
+        "localhost",
+        &bundle,
+        Some(&foreign),
+    )
+    .await;
     let refused = match result {
         Err(_) => true,
         Ok(channel) => {
@@ -137,9 +142,10 @@ async fn a_ca_receiving_sigterm_answers_every_call_through_its_grace_period_then
     // connection is an error, a hung one a timeout.
     let call = || async {
         let attempt = async {
-            let channel = sigil_ca::client::connect(&addr, "localhost", &bundle, Some(&agent))
-                .await
-                .map_err(|e| e.to_string())?;
+            let channel =
+                sigil_agent::ca_channel::connect(&addr, "localhost", &bundle, Some(&agent))
+                    .await
+                    .map_err(|e| e.to_string())?;
             let (_key, csr) = key_and_csr();
             sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthorityClient::new(channel)
                 .sign(sign_request(csr, 600, "", None))
@@ -378,7 +384,7 @@ async fn no_leaf_is_issued_for_a_trust_domain_id() {
     .unwrap();
     let td_leaf = operator_issued(&plugin, "spiffe://cluster.local");
     let grpc = ca.grpc.to_string();
-    let connect = || sigil_ca::client::connect(&grpc, "localhost", &bundle, Some(&td_leaf));
+    let connect = || sigil_agent::ca_channel::connect(&grpc, "localhost", &bundle, Some(&td_leaf));
     let signed = match connect().await {
         Err(_) => false,
         Ok(channel) => {
@@ -508,7 +514,8 @@ async fn sign_without_a_key_is_unavailable_and_a_bad_plugin_chain_is_refused() {
     let (ok, out) = {
         // The CA's serving chain goes through the intermediate: connecting proves it.
         let channel =
-            sigil_ca::client::connect(&ca.grpc.to_string(), "localhost", &bundle, None).await;
+            sigil_agent::ca_channel::connect(&ca.grpc.to_string(), "localhost", &bundle, None)
+                .await;
         (channel.is_ok(), format!("{:?}", channel.err()))
     };
     assert!(ok, "{out}");
@@ -778,7 +785,7 @@ async fn root_rotation_under_load_has_zero_failed_signs() {
         if signs % 20 == 19 {
             // Reconnect with the newest certificate and bundle.
             let bundle = bundle_rx.borrow().clone();
-            match sigil_ca::client::connect(
+            match sigil_agent::ca_channel::connect(
                 &ca.grpc.to_string(),
                 "localhost",
                 &bundle,
@@ -820,7 +827,7 @@ async fn root_rotation_under_load_has_zero_failed_signs() {
                         // during propagation) still holds only the old root. The CA keeps serving
                         // TLS with the old root until halfway through the overlap, so that agent
                         // can still connect and fetch the new bundle.
-                        let stale = sigil_ca::client::connect(
+                        let stale = sigil_agent::ca_channel::connect(
                             &ca.grpc.to_string(),
                             "localhost",
                             &initial,

@@ -503,10 +503,10 @@ fn the_agent_daemonset_fits_the_binary_and_the_injected_pods() {
     let (volume, file) = volume_for(&socket);
     assert_eq!(
         volume["hostPath"],
-        json!({"path": sigil_ca::inject::AGENT_SOCKET_DIR, "type": "DirectoryOrCreate"})
+        json!({"path": sigil_proxy_api::AGENT_SOCKET_DIR, "type": "DirectoryOrCreate"})
     );
     assert_eq!(file, "agent.sock");
-    assert_eq!(socket, sigil_agent::config::DEFAULT_SOCKET);
+    assert_eq!(socket, sigil_proxy_api::AGENT_SOCKET);
     // The token: projected for the CA's audience.
     let (volume, file) = volume_for(&string_field(&config, "token_file"));
     assert_eq!(

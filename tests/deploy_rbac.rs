@@ -409,7 +409,7 @@ async fn cluster(rendered: &[Value]) -> (TestApiServer, Pod, Pod) {
     ));
     let mut web = PodSpec::new("demo", "web-1", "web", "node-a");
     web.labels
-        .insert(sigil_ca::inject::TLS_MODE_LABEL.into(), "mtls".into());
+        .insert(sigil_proxy_api::TLS_MODE_LABEL.into(), "mtls".into());
     let web = server.add_pod(&web);
     server.add_pod(&PodSpec::new("shop", "db-1", "db", "node-b"));
     (server, agent, web)

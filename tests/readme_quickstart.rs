@@ -1710,9 +1710,9 @@ impl Quickstart {
 
     fn is_meshed(pod: &Value) -> bool {
         labels_of(pod)
-            .get(sigil_agent::mesh::TLS_MODE_LABEL)
+            .get(sigil_proxy_api::TLS_MODE_LABEL)
             .map(String::as_str)
-            == Some(sigil_agent::mesh::TLS_MODE_MTLS)
+            == Some(sigil_proxy_api::TLS_MODE_MTLS)
     }
 
     /// The applied policy objects, as a file for `sigil inspect policy --policy-file`.

@@ -97,7 +97,7 @@ impl AgentAdmin for Admin {
 
 /// Asks the agent at `socket` for its identities.
 pub async fn list_identities(socket: &Path) -> Result<ListIdentitiesResponse, InspectError> {
-    let channel = crate::socket_client::connect(socket)
+    let channel = sigil_base::socket_client::connect(socket)
         .await
         .map_err(|source| InspectError::Connect {
             path: socket.display().to_string(),

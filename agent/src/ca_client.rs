@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use crate::backoff::Backoff;
+use sigil_base::backoff::Backoff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaClientError {
@@ -28,7 +28,7 @@ pub enum CaClientError {
         source: std::io::Error,
     },
     #[error("connecting to the CA: {0}")]
-    Connect(#[from] sigil_ca::client::ClientError),
+    Connect(#[from] crate::ca_channel::ClientError),
     #[error("the CA refused: {0}")]
     Refused(#[from] tonic::Status),
     #[error("the CA answered with an empty certificate")]
@@ -101,7 +101,7 @@ impl CaClient {
             Credential::TokenFile(_) => None,
         };
         let channel =
-            sigil_ca::client::connect(&self.addr, &self.server_name, &bundle, identity.as_deref())
+            crate::ca_channel::connect(&self.addr, &self.server_name, &bundle, identity.as_deref())
                 .await?;
         Ok(CertificateAuthorityClient::new(channel))
     }

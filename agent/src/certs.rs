@@ -25,9 +25,9 @@ use sigil_identity::{csr, profile};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::backoff::{Backoff, jitter};
 use crate::ca_client::{CaClient, CaClientError};
 use crate::metrics::{IdentityLabels, Metrics};
+use sigil_base::backoff::{self, Backoff, jitter};
 
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Most signing requests in flight at once (ztunnel uses 8 too).
@@ -53,11 +53,15 @@ pub enum FetchError {
     #[error(transparent)]
     Ca(#[from] CaClientError),
     #[error("making a key or CSR: {0}")]
-    Key(String),
+    Key(#[source] rcgen::Error),
+    #[error("making a key or CSR: {0}")]
+    Csr(#[source] csr::CsrError),
     #[error("the CA returned a certificate for {got}, not {expected}")]
     WrongIdentity { expected: SpiffeId, got: String },
     #[error("the CA returned an unusable certificate: {0}")]
     BadCertificate(String),
+    #[error("the CA returned an unusable certificate: {0}")]
+    Unusable(#[source] profile::ProfileError),
 }
 
 impl FetchError {
@@ -66,8 +70,10 @@ impl FetchError {
     pub fn is_retryable(&self) -> bool {
         match self {
             FetchError::Ca(e) => e.is_retryable(),
-            FetchError::Key(_) => true,
-            FetchError::WrongIdentity { .. } | FetchError::BadCertificate(_) => false,
+            FetchError::Key(_) | FetchError::Csr(_) => true,
+            FetchError::WrongIdentity { .. }
+            | FetchError::BadCertificate(_)
+            | FetchError::Unusable(_) => false,
         }
     }
 }
@@ -397,9 +403,8 @@ impl IdentityWorker {
 
     async fn fetch(&self) -> Result<Svid, FetchError> {
         let _slot = self.slots.acquire().await.expect("never closed");
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| FetchError::Key(e.to_string()))?;
-        let csr = csr::build_csr(&key).map_err(|e| FetchError::Key(e.to_string()))?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(FetchError::Key)?;
+        let csr = csr::build_csr(&key).map_err(FetchError::Csr)?;
         let started = Instant::now();
         let result = self
             .ca
@@ -409,8 +414,7 @@ impl IdentityWorker {
             .csr_duration
             .observe(started.elapsed().as_secs_f64());
         let response = result?;
-        let report = profile::inspect_cert(&response.leaf)
-            .map_err(|e| FetchError::BadCertificate(e.to_string()))?;
+        let report = profile::inspect_cert(&response.leaf).map_err(FetchError::Unusable)?;
         // Never serve a certificate for another identity than the one asked for (ztunnel checks
         // this too): a CA bug must not become a workload impersonating another.
         if report.spiffe_id.as_ref() != Some(&self.id) {
@@ -421,8 +425,8 @@ impl IdentityWorker {
                     .map_or_else(|| "(none)".to_string(), |id| id.to_string()),
             });
         }
-        let spki = profile::subject_public_key_info(&response.leaf)
-            .map_err(|e| FetchError::BadCertificate(e.to_string()))?;
+        let spki =
+            profile::subject_public_key_info(&response.leaf).map_err(FetchError::Unusable)?;
         if spki != key.subject_public_key_info() {
             return Err(FetchError::BadCertificate(
                 "it is not for the key this agent generated".into(),
@@ -444,7 +448,7 @@ impl IdentityWorker {
             .collect();
         let chain_pem = chain
             .iter()
-            .map(|der| sigil_ca::authority::der_to_pem(der))
+            .map(|der| sigil_identity::bundle::certificate_to_pem(der))
             .collect();
         Ok(Svid {
             id: self.id.clone(),
@@ -468,7 +472,7 @@ impl IdentityWorker {
 /// most [`EXPIRED_RETRY`]. A failure retrying cannot fix waits the longest backoff.
 fn retry_wait(backoff: &mut Backoff, remaining: Option<Duration>, retryable: bool) -> Duration {
     if !retryable {
-        return jitter(crate::backoff::MAX_DELAY, 0.2);
+        return jitter(backoff::MAX_DELAY, 0.2);
     }
     let cap = match remaining {
         Some(remaining) => remaining
@@ -582,7 +586,7 @@ mod tests {
         assert!(wait <= Duration::from_millis(600), "{wait:?}");
         // A request the CA calls invalid is not hammered, even with no certificate.
         let wait = retry_wait(&mut Backoff::default(), None, false);
-        assert!(wait >= crate::backoff::MAX_DELAY.mul_f64(0.8), "{wait:?}");
+        assert!(wait >= backoff::MAX_DELAY.mul_f64(0.8), "{wait:?}");
     }
 
     #[test]

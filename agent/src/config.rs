@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use sigil_ca::config::parse_duration;
+use sigil_base::flags::parse_duration;
+use sigil_identity::profile::{parse_host_port, parse_server_name};
+use sigil_identity::spiffe::DEFAULT_TRUST_DOMAIN;
+use sigil_proxy_api::AGENT_SOCKET;
 
 pub const DEFAULT_CA_ADDR: &str = "sigil-ca.sigil-system.svc:15012";
 pub const DEFAULT_CA_NAME: &str = "sigil-ca.sigil-system.svc";
-pub const DEFAULT_SOCKET: &str = "/run/sigil/agent.sock";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15021";
 pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/sigil-ca/token";
 pub const DEFAULT_CERT_TTL: &str = "24h";
@@ -28,15 +30,15 @@ pub enum AttestorKind {
 #[derive(Args, Clone, Debug)]
 pub struct AgentConfig {
     /// SPIFFE trust domain.
-    #[arg(long, env = "SIGIL_TRUST_DOMAIN", default_value = sigil_ca::config::DEFAULT_TRUST_DOMAIN)]
+    #[arg(long, env = "SIGIL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
 
     /// The CA's address (host:port).
-    #[arg(long = "ca", default_value = DEFAULT_CA_ADDR, value_parser = sigil_ca::config::parse_host_port)]
+    #[arg(long = "ca", default_value = DEFAULT_CA_ADDR, value_parser = parse_host_port)]
     pub ca_addr: String,
 
     /// The name the CA's serving certificate must carry.
-    #[arg(long, default_value = DEFAULT_CA_NAME, value_parser = sigil_ca::config::parse_server_name)]
+    #[arg(long, default_value = DEFAULT_CA_NAME, value_parser = parse_server_name)]
     pub ca_name: String,
 
     /// PEM roots that authenticate the CA at start (the `sigil-ca-root` ConfigMap's
@@ -58,7 +60,7 @@ pub struct AgentConfig {
 
     /// The Unix socket serving SDS and the SPIFFE Workload API (mode 0666; share the directory
     /// with pods through a hostPath).
-    #[arg(long, default_value = DEFAULT_SOCKET)]
+    #[arg(long, default_value = AGENT_SOCKET)]
     pub socket: PathBuf,
 
     /// How callers are attested.

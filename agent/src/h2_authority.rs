@@ -16,6 +16,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -28,8 +29,9 @@ use tokio::time::Sleep;
 use tonic::transport::server::Connected;
 use tracing::debug;
 
+use crate::attest::procfs::Procfs;
 use crate::metrics::RefusedReason;
-use crate::peer::{ConnectionSlot, PeerAtAccept};
+use crate::peer::{ConnectionSlot, ConnectionSlots, PeerAtAccept};
 
 /// RFC 9113 §3.4: what every client sends before its first frame.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -122,6 +124,19 @@ pub struct H2AuthorityStream {
 }
 
 impl H2AuthorityStream {
+    /// A connection just accepted on the agent socket, its peer recorded (from the procfs
+    /// attestation reads) and its client-to-agent bytes adapted for h2; `None` (the connection
+    /// is closed) when the socket or the peer's process has no connection slot left.
+    pub fn accept(
+        stream: UnixStream,
+        procfs: &Procfs,
+        slots: &Arc<ConnectionSlots>,
+    ) -> Option<H2AuthorityStream> {
+        let peer = PeerAtAccept::record(&stream, procfs);
+        let slot = slots.take(&peer)?;
+        Some(H2AuthorityStream::new(stream, peer, Some(slot)))
+    }
+
     /// Wraps a connection accepted on the agent socket, before h2 reads anything from it.
     pub fn new(inner: UnixStream, peer: PeerAtAccept, slot: Option<ConnectionSlot>) -> Self {
         H2AuthorityStream {

@@ -4,7 +4,7 @@
 
 pub mod admin_api;
 pub mod attest;
-pub mod backoff;
+pub mod ca_channel;
 pub mod ca_client;
 pub mod certs;
 pub mod config;
@@ -18,7 +18,6 @@ pub mod polled_file;
 pub mod push_stream;
 pub mod sds;
 pub mod server;
-pub mod socket_client;
 #[cfg(test)]
 mod test_support;
 pub mod workload_api;

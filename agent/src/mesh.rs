@@ -55,16 +55,15 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
 
+use sigil_proxy_api::mesh::{Member, MemberError, MeshSnapshot, parse_entries};
+use sigil_proxy_api::{TLS_MODE_LABEL, TLS_MODE_MTLS};
+
 use crate::listed::Listed;
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
 use crate::polled_file::{self, FollowedSources, PolledFile};
 use crate::push_stream::{self, PushFeed, ResponseStream};
 
-/// The pod label that puts a pod in the mesh (the sidecar injector sets it on injected pods).
-pub const TLS_MODE_LABEL: &str = "sigil.dev/tls-mode";
-/// The value of [`TLS_MODE_LABEL`] for pods whose proxy accepts mTLS.
-pub const TLS_MODE_MTLS: &str = "mtls";
 /// The source of the members read from `--mesh-file`.
 pub const FILE_SOURCE: &str = "mesh-file";
 /// How often `--mesh-file` is re-read.
@@ -103,166 +102,12 @@ pub enum MeshError {
     Read(#[from] std::io::Error),
     #[error("{0}")]
     Yaml(String),
-    #[error("members[{index}].ip {value:?} is not an IP address")]
-    Ip { index: usize, value: String },
-    #[error("members[{index}].id {value:?}: {reason}")]
-    Id {
-        index: usize,
-        value: String,
-        reason: SpiffeIdError,
-    },
-    #[error("members[{index}].id {id} has no path; a workload ID needs one")]
-    NoPath { index: usize, id: SpiffeId },
-    #[error("members[{index}].id {id} is not in this agent's trust domain {expected}")]
-    ForeignTrustDomain {
-        index: usize,
-        id: SpiffeId,
-        expected: TrustDomain,
-    },
-    #[error("members[{index}] lists no SPIFFE ID")]
-    NoId { index: usize },
-    #[error("members[{index}].ip {ip} is already members[{first}].ip")]
-    DuplicateIp {
-        index: usize,
-        first: usize,
-        ip: IpAddr,
-    },
+    #[error(transparent)]
+    Member(#[from] MemberError),
     #[error("pod {pod} has no valid identity: {reason}")]
     PodIdentity { pod: String, reason: SpiffeIdError },
     #[error("the agent is shutting down")]
     ShuttingDown,
-}
-
-/// One meshed address's entry.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Member {
-    /// The IDs the server there may present, any one of them; never empty. One for a pod or a
-    /// mesh-file entry; those of every endpoint behind a Service's cluster IP.
-    pub ids: BTreeSet<SpiffeId>,
-    /// `<namespace>/<pod>`, `<namespace>/service/<name>` or [`FILE_SOURCE`], for logs.
-    pub source: String,
-}
-
-impl Member {
-    /// A member that must prove `id`.
-    pub fn single(id: SpiffeId, source: impl Into<String>) -> Member {
-        Member {
-            ids: BTreeSet::from([id]),
-            source: source.into(),
-        }
-    }
-}
-
-/// The whole membership at one point in time; never changed once published.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MeshSnapshot {
-    /// 0 until every source has synced (the membership is not known yet), then one more with
-    /// every published change.
-    pub version: u64,
-    pub members: BTreeMap<IpAddr, Member>,
-}
-
-impl MeshSnapshot {
-    /// Whether every source has delivered its initial state.
-    pub fn is_synced(&self) -> bool {
-        self.version > 0
-    }
-
-    /// The member at `ip`, if that address is meshed.
-    pub fn get(&self, ip: IpAddr) -> Option<&Member> {
-        self.members.get(&ip)
-    }
-
-    fn to_message(&self) -> MeshMembers {
-        MeshMembers {
-            members: self
-                .members
-                .iter()
-                .map(|(ip, member)| MeshMember {
-                    ip: ip.to_string(),
-                    spiffe_ids: member.ids.iter().map(ToString::to_string).collect(),
-                    source: member.source.clone(),
-                })
-                .collect(),
-            version: self.version,
-        }
-    }
-
-    /// A `WatchMembers` message, parsed and checked (for the proxy's side of the stream): every
-    /// entry valid, with at least one ID, or the whole message is refused.
-    pub fn from_message(message: &MeshMembers) -> Result<MeshSnapshot, MeshError> {
-        let entries = message.members.iter().map(|member| {
-            let ids = member.spiffe_ids.iter().map(String::as_str);
-            (member.ip.as_str(), ids)
-        });
-        let members = parse_entries(entries, None)?
-            .into_iter()
-            .zip(&message.members)
-            .map(|((ip, ids), member)| {
-                let source = member.source.clone();
-                (ip, Member { ids, source })
-            })
-            .collect();
-        Ok(MeshSnapshot {
-            version: message.version,
-            members,
-        })
-    }
-}
-
-/// Parses `(ip, ids)` entries in order, naming the index and field of the first invalid one: IPs
-/// and workload IDs (in `trust_domain` if given), at least one ID each, no IP twice.
-fn parse_entries<'a, I: IntoIterator<Item = &'a str>>(
-    entries: impl IntoIterator<Item = (&'a str, I)>,
-    trust_domain: Option<&TrustDomain>,
-) -> Result<Vec<(IpAddr, BTreeSet<SpiffeId>)>, MeshError> {
-    let mut first_index = HashMap::new();
-    entries
-        .into_iter()
-        .enumerate()
-        .map(|(index, (ip, ids))| {
-            let ip: IpAddr = ip.parse().map_err(|_| MeshError::Ip {
-                index,
-                value: ip.into(),
-            })?;
-            let ids = ids
-                .into_iter()
-                .map(|id| parse_id(index, id, trust_domain))
-                .collect::<Result<BTreeSet<_>, _>>()?;
-            if ids.is_empty() {
-                return Err(MeshError::NoId { index });
-            }
-            if let Some(first) = first_index.insert(ip, index) {
-                return Err(MeshError::DuplicateIp { index, first, ip });
-            }
-            Ok((ip, ids))
-        })
-        .collect()
-}
-
-/// One workload ID of `members[index]`, in `trust_domain` if given.
-fn parse_id(
-    index: usize,
-    id: &str,
-    trust_domain: Option<&TrustDomain>,
-) -> Result<SpiffeId, MeshError> {
-    let id = SpiffeId::parse(id).map_err(|reason| MeshError::Id {
-        index,
-        value: id.into(),
-        reason,
-    })?;
-    if id.is_trust_domain_id() {
-        return Err(MeshError::NoPath { index, id });
-    }
-    if let Some(expected) = trust_domain.filter(|td| id.trust_domain() != *td) {
-        let expected = expected.clone();
-        return Err(MeshError::ForeignTrustDomain {
-            index,
-            id,
-            expected,
-        });
-    }
-    Ok(id)
 }
 
 #[derive(Deserialize)]
@@ -1141,7 +986,7 @@ mod tests {
         std::fs::write(&path, "members: [{ip: nope, id: spiffe://cluster.local/x}]").unwrap();
         let invalid = MeshFile::load(&path, &td()).unwrap_err();
         assert!(
-            matches!(invalid, MeshError::Ip { index: 0, .. }),
+            matches!(invalid, MeshError::Member(MemberError::Ip { index: 0, .. })),
             "{invalid:?}"
         );
     }
@@ -2063,36 +1908,5 @@ mod tests {
         assert_eq!(refused.message(), "caller could not be attested");
         assert_eq!(agent.metrics.attestation_failures.get(), 1);
         assert_eq!(agent.streams_open(), 0);
-    }
-
-    #[test]
-    fn a_bad_message_is_refused_by_from_message() {
-        let message = |ip: &str, ids: &[&str]| MeshMembers {
-            members: vec![MeshMember {
-                ip: ip.into(),
-                spiffe_ids: ids.iter().map(|id| id.to_string()).collect(),
-                source: String::new(),
-            }],
-            version: 1,
-        };
-        assert!(matches!(
-            MeshSnapshot::from_message(&message("nope", &[WEB_ID])),
-            Err(MeshError::Ip { index: 0, .. })
-        ));
-        assert!(matches!(
-            MeshSnapshot::from_message(&message("10.0.0.1", &[WEB_ID, "web"])),
-            Err(MeshError::Id { index: 0, .. })
-        ));
-        assert!(matches!(
-            MeshSnapshot::from_message(&message("10.0.0.1", &[])),
-            Err(MeshError::NoId { index: 0 })
-        ));
-        // Several IDs: any one of them.
-        let b = "spiffe://cluster.local/ns/b/sa/b";
-        let parsed = MeshSnapshot::from_message(&message("10.0.0.1", &[b, WEB_ID])).unwrap();
-        assert_eq!(
-            parsed.get(ip("10.0.0.1")),
-            Some(&member_of(&[WEB_ID, b], ""))
-        );
     }
 }

@@ -32,9 +32,9 @@ impl SocketApi {
     }
 }
 
-sigil_ca::label_value_as_str!(SocketApi, RefusedReason);
+sigil_base::label_value_as_str!(SocketApi, RefusedReason);
 
-/// Why an agent-socket connection was closed by the agent's limits (`peer::ConnectionLimits`,
+/// Why an agent-socket connection was closed by the agent's limits (`peer::ConnectionSlots`,
 /// `h2_authority`).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum RefusedReason {

@@ -3,20 +3,19 @@
 //! workload identity. Shared by every API served on the socket, so they all decide "who is this"
 //! the same way. Also how many connections peers may hold: in all, and per process.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use sigil_base::slots::{self, Refused};
 use sigil_identity::TrustBundle;
 use tokio::net::UnixStream;
 use tokio::net::unix::UCred;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tonic::Status;
 use tracing::{debug, warn};
 
 use crate::attest::procfs::Procfs;
 use crate::attest::{Attestor, Caller, Workload};
 use crate::certs::CertManager;
-use crate::h2_authority::H2AuthorityStream;
 use crate::metrics::{Metrics, RefusedLabels, RefusedReason};
 
 /// Default of `--max-connections`: every connection may buffer a header block
@@ -58,42 +57,24 @@ impl PeerAtAccept {
     }
 }
 
-/// A connection just accepted on the agent socket, its peer recorded (from the procfs
-/// attestation reads) and its client-to-agent bytes adapted for h2; `None` (the connection is
-/// closed) when the socket or the peer's process has no connection slot left.
-pub fn accept(
-    stream: UnixStream,
-    procfs: &Procfs,
-    slots: &Arc<ConnectionSlots>,
-) -> Option<H2AuthorityStream> {
-    let peer = PeerAtAccept::record(&stream, procfs);
-    let slot = slots.take(&peer)?;
-    Some(H2AuthorityStream::new(stream, peer, Some(slot)))
-}
-
 /// The agent socket's connection slots: at most `max` connections open at once, at most
 /// `per_process` of them from one process (SO_PEERCRED's pid; connections without peer
 /// credentials count as one process).
 pub struct ConnectionSlots {
-    total: Arc<Semaphore>,
-    per_process_limit: usize,
-    per_process: Mutex<HashMap<i32, usize>>,
+    slots: Arc<slots::ConnectionSlots<i32>>,
     metrics: Arc<Metrics>,
 }
 
 /// One open connection's slot, given back when dropped.
 pub struct ConnectionSlot {
     slots: Arc<ConnectionSlots>,
-    pid: i32,
-    _total: OwnedSemaphorePermit,
+    _slot: slots::ConnectionSlot<i32>,
 }
 
 impl ConnectionSlots {
     pub fn new(max: usize, per_process: usize, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(ConnectionSlots {
-            total: Arc::new(Semaphore::new(max)),
-            per_process_limit: per_process,
-            per_process: Mutex::default(),
+            slots: slots::ConnectionSlots::new(max, per_process),
             metrics,
         })
     }
@@ -105,34 +86,32 @@ impl ConnectionSlots {
             .inc();
     }
 
-    fn take(self: &Arc<Self>, peer: &PeerAtAccept) -> Option<ConnectionSlot> {
+    /// A slot for a connection from `peer`, if the socket and its process have one left.
+    pub fn take(self: &Arc<Self>, peer: &PeerAtAccept) -> Option<ConnectionSlot> {
         let pid = peer.cred.and_then(|cred| cred.pid()).unwrap_or(0);
-        let Ok(total) = self.total.clone().try_acquire_owned() else {
-            self.refused(RefusedReason::ConnectionLimit);
-            warn!(
-                pid,
-                "every agent-socket connection slot is taken; closing a new connection"
-            );
-            return None;
-        };
-        let mut per_process = self.per_process.lock().expect("never poisoned");
-        let held = per_process.entry(pid).or_default();
-        if *held >= self.per_process_limit {
-            drop(per_process);
-            self.refused(RefusedReason::PerProcessLimit);
-            debug!(
-                pid,
-                limit = self.per_process_limit,
-                "process holds too many agent-socket connections; closing a new one"
-            );
-            return None;
+        match self.slots.try_take(pid) {
+            Ok(slot) => Some(ConnectionSlot {
+                slots: self.clone(),
+                _slot: slot,
+            }),
+            Err(Refused::Total) => {
+                self.refused(RefusedReason::ConnectionLimit);
+                warn!(
+                    pid,
+                    "every agent-socket connection slot is taken; closing a new connection"
+                );
+                None
+            }
+            Err(Refused::PerKey) => {
+                self.refused(RefusedReason::PerProcessLimit);
+                debug!(
+                    pid,
+                    limit = self.slots.per_key_limit(),
+                    "process holds too many agent-socket connections; closing a new one"
+                );
+                None
+            }
         }
-        *held += 1;
-        Some(ConnectionSlot {
-            slots: self.clone(),
-            pid,
-            _total: total,
-        })
     }
 }
 
@@ -140,18 +119,6 @@ impl ConnectionSlot {
     /// Counts this connection as closed by a limit.
     pub fn refused(&self, reason: RefusedReason) {
         self.slots.refused(reason);
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        let mut per_process = self.slots.per_process.lock().expect("never poisoned");
-        if let Some(held) = per_process.get_mut(&self.pid) {
-            *held -= 1;
-            if *held == 0 {
-                per_process.remove(&self.pid);
-            }
-        }
     }
 }
 
@@ -210,6 +177,7 @@ mod tests {
     use super::*;
     use crate::attest::AttestError;
     use crate::attest::unix::UnixAttestor;
+    use crate::h2_authority::H2AuthorityStream;
     use crate::test_support::{WEB_ID, this_uid, uid_is_web};
 
     /// A real connection from another process: what is recorded at accept is that process's
@@ -249,7 +217,9 @@ mod tests {
         let metrics = Arc::new(Metrics::new(
             &mut prometheus_client::registry::Registry::default(),
         ));
-        let connection = accept(stream, &procfs, &ConnectionSlots::new(1, 1, metrics)).unwrap();
+        let connection =
+            H2AuthorityStream::accept(stream, &procfs, &ConnectionSlots::new(1, 1, metrics))
+                .unwrap();
         let peer = connection.connect_info();
         let stat = std::fs::read_to_string(format!("/proc/{child_pid}/stat")).unwrap();
         let start_time_in_stat: u64 = stat[stat.rfind(')').unwrap() + 2..]

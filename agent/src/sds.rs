@@ -30,16 +30,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use sigil_proxy_api::sds::{DEFAULT_CERTIFICATE, ROOT_CA, TYPE_URL};
+
 use crate::attest::Workload;
 use crate::certs::{CertManager, Svid, SvidWatch};
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
 
-pub const TYPE_URL: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
-/// The caller's certificate chain and key (the name Istio's sidecars ask for).
-pub const DEFAULT_CERTIFICATE: &str = "default";
-/// The trust bundle, as a validation context.
-pub const ROOT_CA: &str = "ROOTCA";
 /// Largest request accepted; Envoy's are a few KiB (mostly node metadata).
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// How long FetchSecrets waits for a certificate that is still being issued.

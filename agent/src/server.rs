@@ -11,7 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
-use sigil_ca::admin::{self, Readiness};
+use sigil_base::admin;
+use sigil_base::readiness::{Conditions, Readiness};
+use sigil_base::shutdown::{serve_then_drain, stop_after_grace};
 use sigil_identity::tls::CertifiedKey;
 use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
 use tokio::net::{TcpListener, UnixListener};
@@ -28,12 +30,14 @@ use crate::attest::unix::UnixAttestor;
 use crate::ca_client::{CaClient, Credential};
 use crate::certs::{self, CertConfig, CertManager};
 use crate::config::{AgentConfig, AttestorKind};
-use crate::mesh::{self, MeshApi, MeshError, MeshFile, MeshSnapshot};
+use crate::h2_authority::H2AuthorityStream;
+use crate::mesh::{self, MeshApi, MeshError, MeshFile};
 use crate::metrics::Metrics;
-use crate::peer::{self, ConnectionSlots, Workloads};
+use crate::peer::{ConnectionSlots, Workloads};
 use crate::policy_feed::{self, PolicyApi, PolicyError, PolicyFile, PolicySnapshot};
 use crate::sds::Sds;
 use crate::workload_api::WorkloadApi;
+use sigil_proxy_api::mesh::MeshSnapshot;
 
 /// How long the agent serves on after SIGTERM, not ready.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -44,13 +48,33 @@ const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("--trust-domain: {0}")]
-    TrustDomain(String),
-    #[error("--ca-bundle {path}: {reason}")]
-    Bundle { path: String, reason: String },
+    TrustDomain(#[source] sigil_identity::spiffe::SpiffeIdError),
+    #[error("--ca-bundle {path}: {source}")]
+    BundleRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--ca-bundle {path}: {source}")]
+    Bundle {
+        path: String,
+        #[source]
+        source: sigil_identity::bundle::BundleError,
+    },
+    #[error("--client-cert/--client-key: {path}: {source}")]
+    ClientCertRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("--client-cert/--client-key: {0}")]
-    ClientCert(String),
+    ClientCert(#[source] sigil_identity::tls::TlsError),
+    #[error("--client-cert/--client-key: {0}")]
+    ClientCertId(#[source] sigil_identity::profile::ProfileError),
+    #[error("--unix-map: missing")]
+    NoUnixMap,
     #[error("--unix-map: {0}")]
-    UnixMap(String),
+    UnixMap(#[source] crate::attest::AttestError),
     #[error("--mesh-file {path}: {reason}")]
     MeshFile { path: String, reason: MeshError },
     #[error("--policy-file {path}: {reason}")]
@@ -61,6 +85,12 @@ pub enum AgentError {
     Kube(#[from] kube::Error),
     #[error("socket {path}: {reason}")]
     Socket { path: String, reason: String },
+    #[error("socket {path}: {source}")]
+    SocketIo {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("binding the admin endpoint {addr}: {source}")]
     Admin {
         addr: std::net::SocketAddr,
@@ -72,12 +102,10 @@ pub enum AgentError {
 }
 
 pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Result<(), AgentError> {
-    let td = TrustDomain::new(&config.trust_domain)
-        .map_err(|e| AgentError::TrustDomain(e.to_string()))?;
+    let td = TrustDomain::new(&config.trust_domain).map_err(AgentError::TrustDomain)?;
     info!(config = ?config, "starting sigil agent");
     // Everything serves until `shutdown`: the grace period after the signal.
-    let (stop_tx, shutdown) = watch::channel(false);
-    tokio::spawn(stop_after_grace(signalled.clone(), stop_tx));
+    let shutdown = stop_after_grace(signalled.clone(), SHUTDOWN_GRACE);
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(&mut registry));
     let mesh_file = config
@@ -108,13 +136,15 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
     let (credential, own_cert) = match (&config.client_cert, &config.client_key) {
         (Some(cert), Some(key)) => {
             let read = |p: &Path| {
-                std::fs::read_to_string(p)
-                    .map_err(|e| AgentError::ClientCert(format!("{}: {e}", p.display())))
+                std::fs::read_to_string(p).map_err(|source| AgentError::ClientCertRead {
+                    path: p.display().to_string(),
+                    source,
+                })
             };
             let certified = CertifiedKey::from_pem(&read(cert)?, &read(key)?)
-                .map_err(|e| AgentError::ClientCert(e.to_string()))?;
+                .map_err(AgentError::ClientCert)?;
             let own_id = sigil_identity::profile::leaf_spiffe_id(&certified.chain[0])
-                .map_err(|e| AgentError::ClientCert(e.to_string()))?;
+                .map_err(AgentError::ClientCertId)?;
             let bootstrap = Arc::new(certified);
             let (tx, rx) = watch::channel(bootstrap.clone());
             (Credential::Certificate(rx), Some((own_id, bootstrap, tx)))
@@ -154,12 +184,8 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
     let procfs = Procfs::new(config.proc_root.clone());
     let (attestor, pods_synced, kube_client) = match config.attestor {
         AttestorKind::Unix => {
-            let path = config
-                .unix_map
-                .as_ref()
-                .ok_or_else(|| AgentError::UnixMap("missing".into()))?;
-            let attestor =
-                UnixAttestor::load(path, procfs).map_err(|e| AgentError::UnixMap(e.to_string()))?;
+            let path = config.unix_map.as_ref().ok_or(AgentError::NoUnixMap)?;
+            let attestor = UnixAttestor::load(path, procfs).map_err(AgentError::UnixMap)?;
             (Attestor::Unix(attestor), None, None)
         }
         AttestorKind::K8s => {
@@ -203,15 +229,13 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
     let listener = bind_socket(&config.socket)?;
     info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS, the SPIFFE Workload API, the mesh membership and the policy feed");
 
-    let (ready_tx, ready_rx) = watch::channel(Readiness::default());
-    tokio::spawn(track_readiness(
+    let ready_rx = readiness(
         contacted_rx,
         pods_synced.clone(),
         members.clone(),
         policies.clone(),
         signalled,
-        ready_tx,
-    ));
+    );
     let admin_listener = TcpListener::bind(config.admin_addr)
         .await
         .map_err(|source| AgentError::Admin {
@@ -245,7 +269,7 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
                     metrics.clone(),
                 );
                 move |conn| match conn {
-                    Ok(stream) => peer::accept(stream, &procfs, &slots).map(Ok),
+                    Ok(stream) => H2AuthorityStream::accept(stream, &procfs, &slots).map(Ok),
                     Err(e) => Some(Err(e)),
                 }
             }),
@@ -255,42 +279,21 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
         );
     // A graceful stop waits for open streams, and SDS / Workload API streams never end on their
     // own: once the grace period is over, give calls DRAIN_TIMEOUT, then stop anyway.
-    let mut drain = shutdown;
-    let result = tokio::select! {
-        result = serving => result,
-        _ = async {
-            let _ = drain.wait_for(|stop| *stop).await;
-            tokio::time::sleep(DRAIN_TIMEOUT).await;
-        } => {
-            info!("streams still open after the grace period; closing them");
-            Ok(())
-        }
-    };
+    let result = serve_then_drain(serving, shutdown, DRAIN_TIMEOUT).await;
     let _ = std::fs::remove_file(&config.socket);
     info!("agent stopped");
-    Ok(result?)
-}
-
-/// Turns `stop` true [`SHUTDOWN_GRACE`] after `signalled` did (at once if `signalled` closes
-/// without).
-async fn stop_after_grace(mut signalled: watch::Receiver<bool>, stop: watch::Sender<bool>) {
-    if signalled.wait_for(|s| *s).await.is_ok() {
-        info!(
-            grace_s = SHUTDOWN_GRACE.as_secs_f64(),
-            "shutting down: reporting not ready, serving on for the grace period"
-        );
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    }
-    stop.send_replace(true);
+    Ok(result.transpose()?.unwrap_or_default())
 }
 
 fn read_bundle(path: &Path, td: &TrustDomain) -> Result<TrustBundle, AgentError> {
-    let err = |reason: String| AgentError::Bundle {
+    let pem = std::fs::read_to_string(path).map_err(|source| AgentError::BundleRead {
         path: path.display().to_string(),
-        reason,
-    };
-    let pem = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    TrustBundle::from_pem(td.clone(), &pem).map_err(|e| err(e.to_string()))
+        source,
+    })?;
+    TrustBundle::from_pem(td.clone(), &pem).map_err(|source| AgentError::Bundle {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Binds the agent socket: a stale file from a crashed run is replaced, but a socket another
@@ -301,14 +304,15 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
         path: path.display().to_string(),
         reason,
     };
+    let io = |source: std::io::Error| AgentError::SocketIo {
+        path: path.display().to_string(),
+        source,
+    };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+        std::fs::create_dir_all(dir).map_err(io)?;
         // Workloads share this directory (a hostPath): if they could write to it, one could
         // replace the socket with its own server, or race our chmod with a symlink.
-        let mode = std::fs::metadata(dir)
-            .map_err(|e| err(e.to_string()))?
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(dir).map_err(io)?.permissions().mode();
         if mode & 0o022 != 0 {
             return Err(err(format!(
                 "its directory {} is group- or world-writable (mode {:o}); make it 0755 and mount it read-only into pods",
@@ -322,11 +326,10 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, AgentError> {
             return Err(err("another process is serving on it; stop it first".into()));
         }
         warn!(socket = %path.display(), "replacing a stale socket file");
-        std::fs::remove_file(path).map_err(|e| err(e.to_string()))?;
+        std::fs::remove_file(path).map_err(io)?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| err(e.to_string()))?;
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
     Ok(listener)
 }
 
@@ -350,48 +353,23 @@ async fn prefetch(mut pods: watch::Receiver<NodePods>, td: TrustDomain, certs: C
 /// the policies are known (in Kubernetes: the meshed pods and the policy objects are listed, or
 /// the policy CRDs found not installed) and, in Kubernetes, this node's pods are synced; not
 /// after the shutdown signal.
-async fn track_readiness(
-    mut contacted: watch::Receiver<bool>,
-    mut pods: Option<watch::Receiver<NodePods>>,
-    mut mesh: watch::Receiver<Arc<MeshSnapshot>>,
-    mut policies: watch::Receiver<Arc<PolicySnapshot>>,
-    mut signalled: watch::Receiver<bool>,
-    tx: watch::Sender<Readiness>,
-) {
-    let mut signal_open = true;
-    loop {
-        let state = Readiness(vec![
-            ("ca_contacted", *contacted.borrow_and_update()),
-            (
-                "pods_synced",
-                pods.as_mut().is_none_or(|p| p.borrow_and_update().synced),
-            ),
-            ("mesh_synced", mesh.borrow_and_update().is_synced()),
-            ("policies_synced", policies.borrow_and_update().is_synced()),
-            ("not_shutting_down", !*signalled.borrow_and_update()),
-        ]);
-        tx.send_replace(state);
-        let pods_changed = async {
-            match pods.as_mut() {
-                Some(p) => p.changed().await,
-                None => std::future::pending().await,
-            }
-        };
-        let signal_changed = async {
-            if signal_open {
-                signalled.changed().await
-            } else {
-                std::future::pending().await
-            }
-        };
-        tokio::select! {
-            r = contacted.changed() => if r.is_err() { return },
-            r = pods_changed => if r.is_err() { return },
-            r = mesh.changed() => if r.is_err() { return },
-            r = policies.changed() => if r.is_err() { return },
-            r = signal_changed => signal_open = r.is_ok(),
-        }
-    }
+fn readiness(
+    contacted: watch::Receiver<bool>,
+    pods: Option<watch::Receiver<NodePods>>,
+    mesh: watch::Receiver<Arc<MeshSnapshot>>,
+    policies: watch::Receiver<Arc<PolicySnapshot>>,
+    signalled: watch::Receiver<bool>,
+) -> watch::Receiver<Readiness> {
+    let conditions = Conditions::new().watch("ca_contacted", contacted, |c| *c);
+    let conditions = match pods {
+        Some(pods) => conditions.watch("pods_synced", pods, |p| p.synced),
+        None => conditions.fixed("pods_synced", true),
+    };
+    conditions
+        .watch("mesh_synced", mesh, |m| m.is_synced())
+        .watch("policies_synced", policies, |p| p.is_synced())
+        .watch("not_shutting_down", signalled, |s| !*s)
+        .spawn()
 }
 
 #[cfg(test)]
@@ -425,15 +403,7 @@ mod tests {
         let (mesh_tx, mesh) = watch::channel(Arc::new(MeshSnapshot::default()));
         let (policies_tx, policies) = watch::channel(Arc::new(PolicySnapshot::default()));
         let (signal_tx, signalled) = watch::channel(false);
-        let (tx, rx) = watch::channel(Readiness::default());
-        tokio::spawn(track_readiness(
-            contacted,
-            Some(pods),
-            mesh,
-            policies,
-            signalled,
-            tx,
-        ));
+        let rx = readiness(contacted, Some(pods), mesh, policies, signalled);
         let until = |state: &'static str| {
             let mut rx = rx.clone();
             async move {

@@ -29,12 +29,14 @@ use crate::attest::procfs::Procfs;
 use crate::attest::unix::UnixAttestor;
 use crate::ca_client::{CaClient, Credential};
 use crate::certs::{CertConfig, CertManager};
-use crate::mesh::{MeshApi, MeshSnapshot};
+use crate::h2_authority::H2AuthorityStream;
+use crate::mesh::MeshApi;
 use crate::metrics::{ApiLabels, Metrics, SocketApi};
 use crate::peer::{self, Workloads};
 use crate::policy_feed::{PolicyApi, PolicySnapshot};
 use crate::sds::Sds;
 use crate::workload_api::WorkloadApi;
+use sigil_proxy_api::mesh::MeshSnapshot;
 
 pub(crate) const AGENT_ID: &str = "spiffe://cluster.local/ns/sigil-system/sa/sigil-agent";
 pub(crate) const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
@@ -280,7 +282,7 @@ impl TestAgent {
             metrics.clone(),
         );
         let accepted = UnixListenerStream::new(listener).filter_map(move |conn| match conn {
-            Ok(stream) => peer::accept(stream, &Procfs::host(), &slots).map(Ok),
+            Ok(stream) => H2AuthorityStream::accept(stream, &Procfs::host(), &slots).map(Ok),
             Err(e) => Some(Err(e)),
         });
         tokio::spawn(

@@ -60,7 +60,7 @@ pub enum AuthnError {
     #[error("token is not a service-account token (user {0:?})")]
     NotServiceAccount(String),
     #[error("identity is not a valid SPIFFE ID: {0}")]
-    BadIdentity(String),
+    BadIdentity(#[source] sigil_identity::spiffe::SpiffeIdError),
     #[error("client certificate is from trust domain {0}, not ours")]
     ForeignTrustDomain(String),
     #[error("too many TokenReviews from {0}; retry later")]
@@ -222,7 +222,7 @@ impl Authenticator {
                 &identity.namespace,
                 &identity.service_account,
             )
-            .map_err(|e| AuthnError::BadIdentity(e.to_string()))?;
+            .map_err(AuthnError::BadIdentity)?;
             return Ok(Caller {
                 id,
                 credential: Credential::Token(identity),

@@ -2,6 +2,7 @@
 //! bundle. Key sources (`source.rs`) rebuild it when the stored state, the plug-in files or the
 //! rotation schedule change; requests read it through a `watch` channel.
 
+use sigil_identity::bundle::certificate_to_pem;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,10 @@ pub enum AuthorityError {
     SignerExpired(OffsetDateTime),
     #[error("signing certificate is unusable: {0}")]
     BadSigner(String),
+    #[error("signing certificate is unusable: {0}")]
+    SignerProfile(#[source] profile::ProfileError),
+    #[error("signing certificate is unusable: {0}")]
+    SignerKey(#[source] rcgen::Error),
     #[error("public key is unusable: {0}")]
     BadPublicKey(String),
     /// X509-SVID spec §2: a leaf's SPIFFE ID MUST have a non-root path; `spiffe://<td>` names
@@ -57,7 +62,11 @@ impl Authority {
 
     /// The bundle's roots as PEM, in the order the bundle holds them.
     pub fn roots_pem(&self) -> Vec<String> {
-        self.bundle.roots.iter().map(|r| der_to_pem(r)).collect()
+        self.bundle
+            .roots
+            .iter()
+            .map(|r| certificate_to_pem(r))
+            .collect()
     }
 }
 
@@ -91,13 +100,11 @@ impl Signer {
         chain_above: Vec<CertificateDer<'static>>,
         retire_at: Option<OffsetDateTime>,
     ) -> Result<Self, AuthorityError> {
-        let report =
-            profile::inspect_cert(&cert).map_err(|e| AuthorityError::BadSigner(e.to_string()))?;
+        let report = profile::inspect_cert(&cert).map_err(AuthorityError::SignerProfile)?;
         if !report.is_ca {
             return Err(AuthorityError::BadSigner("certificate is not a CA".into()));
         }
-        let issuer = Issuer::from_ca_cert_der(&cert, key)
-            .map_err(|e| AuthorityError::BadSigner(e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(AuthorityError::SignerKey)?;
         let intermediates = if is_root {
             Vec::new()
         } else {
@@ -185,10 +192,6 @@ impl Signer {
 }
 
 pub type SharedAuthority = Arc<Authority>;
-
-pub fn der_to_pem(der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
-}
 
 #[cfg(test)]
 pub(crate) mod tests {

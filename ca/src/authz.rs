@@ -18,7 +18,7 @@ pub const DEFAULT_TRUSTED_AGENTS: &[&str] = &["sigil-system/sigil-agent"];
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum AuthzError {
     #[error("requested identity {0:?} is not a valid SPIFFE ID: {1}")]
-    BadRequestedId(String, String),
+    BadRequestedId(String, #[source] sigil_identity::spiffe::SpiffeIdError),
     #[error("requested identity {0} is outside trust domain {1}")]
     ForeignTrustDomain(SpiffeId, TrustDomain),
     #[error("{caller} may not impersonate: not a trusted node agent")]
@@ -197,7 +197,7 @@ impl Authorizer {
             return self.own_identity(caller);
         }
         let requested = SpiffeId::parse(impersonate)
-            .map_err(|e| AuthzError::BadRequestedId(impersonate.to_string(), e.to_string()))?;
+            .map_err(|e| AuthzError::BadRequestedId(impersonate.to_string(), e))?;
         if requested.trust_domain() != &self.trust_domain {
             return Err(AuthzError::ForeignTrustDomain(
                 requested,

@@ -13,8 +13,11 @@ use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::authority::der_to_pem;
-use crate::config::{CaConfig, DEFAULT_MAX_TTL, DEFAULT_TRUST_DOMAIN, parse_duration};
+use sigil_base::flags::parse_duration;
+use sigil_identity::bundle::certificate_to_pem;
+use sigil_identity::spiffe::DEFAULT_TRUST_DOMAIN;
+
+use crate::config::{CaConfig, DEFAULT_MAX_TTL};
 use crate::source::{bundle_pem, offline_authority};
 use crate::state::{CaState, RotationTiming, unix_now};
 use crate::store::{DEFAULT_SECRET_NAME, DEFAULT_SECRET_NAMESPACE, StateStore, StoreError};
@@ -27,9 +30,29 @@ const ROTATE_ATTEMPTS: usize = 5;
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("--trust-domain: {0}")]
-    TrustDomain(String),
+    TrustDomain(#[source] sigil_identity::spiffe::SpiffeIdError),
     #[error("--id: {0}")]
     Id(String),
+    #[error("--id: {0}")]
+    BadId(#[source] sigil_identity::spiffe::SpiffeIdError),
+    #[error("--id: {0}")]
+    IdRefused(#[source] crate::authority::AuthorityError),
+    #[error("certificate {index}: {source}")]
+    Inspect {
+        index: usize,
+        #[source]
+        source: profile::ProfileError,
+    },
+    #[error("{path}: {source}")]
+    Pem {
+        path: String,
+        #[source]
+        source: pem::PemError,
+    },
+    #[error("{0}")]
+    Key(#[source] rcgen::Error),
+    #[error("{0}")]
+    Bundle(#[source] sigil_identity::bundle::BundleError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -43,6 +66,7 @@ pub enum CliError {
     #[error("{path}: {source}")]
     Io {
         path: String,
+        #[source]
         source: std::io::Error,
     },
     #[error("{0}")]
@@ -125,7 +149,7 @@ pub struct InspectCertArgs {
 }
 
 fn trust_domain(s: &str) -> Result<TrustDomain, CliError> {
-    TrustDomain::new(s).map_err(|e| CliError::TrustDomain(e.to_string()))
+    TrustDomain::new(s).map_err(CliError::TrustDomain)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
@@ -164,7 +188,7 @@ pub async fn run(command: CaCommand, shutdown: watch::Receiver<bool>) -> Result<
 
 async fn issue(args: IssueArgs) -> Result<(), CliError> {
     let td = trust_domain(&args.trust_domain)?;
-    let id = SpiffeId::parse(&args.id).map_err(|e| CliError::Id(e.to_string()))?;
+    let id = SpiffeId::parse(&args.id).map_err(CliError::BadId)?;
     if id.trust_domain() != &td {
         return Err(CliError::Id(format!("{id} is not in trust domain {td}")));
     }
@@ -178,7 +202,7 @@ async fn issue(args: IssueArgs) -> Result<(), CliError> {
     }
     let authority = offline_authority(&StateStore::Dir(args.state_dir.clone()), &td).await?;
     let signer = authority.signer()?;
-    let key = crate::source::generate_key().map_err(|e| CliError::Input(e.to_string()))?;
+    let key = crate::source::generate_key().map_err(CliError::Key)?;
     let issued = signer
         .sign_leaf(
             &key.subject_public_key_info(),
@@ -189,15 +213,13 @@ async fn issue(args: IssueArgs) -> Result<(), CliError> {
         )
         .map_err(|e| match e {
             // The operator's own input: name the flag.
-            e @ crate::authority::AuthorityError::TrustDomainIdLeaf(_) => {
-                CliError::Id(e.to_string())
-            }
+            e @ crate::authority::AuthorityError::TrustDomainIdLeaf(_) => CliError::IdRefused(e),
             e => CliError::Sign(e),
         })?;
     std::fs::create_dir_all(&args.out_dir).map_err(io_err(&args.out_dir))?;
     let chain: String = std::iter::once(&issued.leaf)
         .chain(signer.intermediates.iter())
-        .map(|c| der_to_pem(c))
+        .map(|c| certificate_to_pem(c))
         .collect();
     let cert_path = args.out_dir.join("cert.pem");
     std::fs::write(&cert_path, chain).map_err(io_err(&cert_path))?;
@@ -272,8 +294,8 @@ pub fn inspect_cert(args: &InspectCertArgs, out: &mut impl Write) -> Result<bool
     let chain = read_certs(&args.file)?;
     let mut ok = true;
     for (i, der) in chain.iter().enumerate() {
-        let report = profile::inspect_cert(der)
-            .map_err(|e| CliError::Input(format!("certificate {i}: {e}")))?;
+        let report =
+            profile::inspect_cert(der).map_err(|source| CliError::Inspect { index: i, source })?;
         let _ = writeln!(
             out,
             "certificate {i}{}:",
@@ -312,8 +334,7 @@ pub fn inspect_cert(args: &InspectCertArgs, out: &mut impl Write) -> Result<bool
     if let Some(bundle_path) = &args.bundle {
         let td = trust_domain(&args.trust_domain)?;
         let text = std::fs::read_to_string(bundle_path).map_err(io_err(bundle_path))?;
-        let bundle =
-            TrustBundle::from_pem(td, &text).map_err(|e| CliError::Input(e.to_string()))?;
+        let bundle = TrustBundle::from_pem(td, &text).map_err(CliError::Bundle)?;
         match bundle.verify_chain(&chain, UnixTime::now()) {
             Ok(()) => {
                 let _ = writeln!(out, "chain: verifies against {}", bundle_path.display());
@@ -334,7 +355,10 @@ pub fn inspect_cert(args: &InspectCertArgs, out: &mut impl Write) -> Result<bool
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CliError> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
     let certs: Vec<_> = pem::parse_many(&bytes)
-        .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?
+        .map_err(|source| CliError::Pem {
+            path: path.display().to_string(),
+            source,
+        })?
         .into_iter()
         .filter(|p| p.tag() == "CERTIFICATE")
         .map(|p| CertificateDer::from(p.into_contents()))
@@ -458,8 +482,16 @@ mod tests {
                 OffsetDateTime::now_utc(),
             )
             .unwrap();
-        std::fs::write(dir.path().join("cert.pem"), der_to_pem(&issued.leaf)).unwrap();
-        std::fs::write(dir.path().join("bundle.pem"), der_to_pem(&other_root)).unwrap();
+        std::fs::write(
+            dir.path().join("cert.pem"),
+            certificate_to_pem(&issued.leaf),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("bundle.pem"),
+            certificate_to_pem(&other_root),
+        )
+        .unwrap();
         let args = InspectCertArgs {
             file: dir.path().join("cert.pem"),
             bundle: Some(dir.path().join("bundle.pem")),

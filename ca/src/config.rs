@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use sigil_base::flags::parse_duration;
+use sigil_identity::profile::parse_server_name;
+use sigil_identity::spiffe::DEFAULT_TRUST_DOMAIN;
 
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:15012";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15014";
 pub const DEFAULT_SERVICE_NAME: &str = "sigil-ca.sigil-system.svc";
@@ -148,7 +150,7 @@ pub struct CaConfig {
     pub proxy_image: String,
 
     /// The uid injected proxies run as; `sigil proxy init` exempts it from redirection.
-    #[arg(long, default_value_t = crate::inject::DEFAULT_PROXY_UID,
+    #[arg(long, default_value_t = sigil_proxy_api::PROXY_UID,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub proxy_uid: u32,
 
@@ -166,99 +168,4 @@ pub struct CaConfig {
     /// authenticated a call yet; each has 10 s after its handshake to authenticate one.
     #[arg(long, default_value_t = crate::tls_server::MAX_UNAUTHENTICATED_PER_SOURCE)]
     pub max_connections_per_source: usize,
-}
-
-/// A `--server-name`: a DNS name or an IP address, checked as the serving certificate will use it.
-pub fn parse_server_name(s: &str) -> Result<String, String> {
-    sigil_identity::profile::server_name_san(s)
-        .map(|_| s.to_string())
-        .map_err(|_| format!("{s:?} is neither a DNS name nor an IP address"))
-}
-
-/// A `host:port` to dial (the agent's `--ca`): a DNS name or IP address (IPv6 in brackets) and a
-/// port, checked at start so a typo is not retried forever.
-pub fn parse_host_port(s: &str) -> Result<String, String> {
-    let bad = || format!("{s:?} is not host:port (e.g. sigil-ca.sigil-system.svc:15012)");
-    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    port.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(bad)?;
-    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        Some(v6) => v6
-            .parse::<std::net::Ipv6Addr>()
-            .map_err(|_| bad())?
-            .to_string(),
-        None if host.contains(':') => return Err(bad()),
-        None => host.to_string(),
-    };
-    parse_server_name(&host).map_err(|_| bad())?;
-    Ok(s.to_string())
-}
-
-/// Parses `90s`, `15m`, `24h`, `7d` or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 15m, 24h or 7d"))?;
-    let seconds = match unit {
-        "" | "s" => n,
-        "ms" => return Ok(Duration::from_millis(n)),
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
-            ));
-        }
-    };
-    Ok(Duration::from_secs(seconds))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
-        assert_eq!(
-            parse_duration("7d").unwrap(),
-            Duration::from_secs(7 * 86_400)
-        );
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("1w").is_err());
-        assert!(parse_duration("h").is_err());
-    }
-
-    #[test]
-    fn server_names() {
-        for good in ["localhost", "sigil-ca.sigil-system.svc", "127.0.0.1", "::1"] {
-            assert_eq!(parse_server_name(good).unwrap(), good);
-        }
-        for bad in ["bad name", "", "a..b", "x_y:1"] {
-            assert!(parse_server_name(bad).is_err(), "{bad:?}");
-        }
-        for good in [
-            "sigil-ca.sigil-system.svc:15012",
-            "127.0.0.1:1",
-            "[::1]:15012",
-        ] {
-            assert_eq!(parse_host_port(good).unwrap(), good);
-        }
-        for bad in [
-            "sigil-ca",
-            "sigil-ca:0",
-            "bad name:1",
-            ":15012",
-            "::1:15012",
-        ] {
-            assert!(parse_host_port(bad).is_err(), "{bad:?}");
-        }
-    }
 }

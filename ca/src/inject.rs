@@ -13,21 +13,17 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde_json::{Value, json};
+use sigil_proxy_api::{AGENT_SOCKET_DIR, PROXY_PORTS, TLS_MODE_LABEL, TLS_MODE_MTLS};
 
 /// Namespace label (and pod label or annotation, `"false"`) that turns injection on (off).
 pub const INJECT_KEY: &str = "sigil.dev/inject";
 /// Set on injected pods; its presence means "already injected".
 pub const STATUS_ANNOTATION: &str = "sigil.dev/status";
-/// The mesh-membership label the agents' mesh feed selects (`agent/src/mesh.rs`).
-pub const TLS_MODE_LABEL: &str = "sigil.dev/tls-mode";
 pub const INIT_CONTAINER: &str = "sigil-init";
 pub const PROXY_CONTAINER: &str = "sigil-proxy";
 pub const AGENT_VOLUME: &str = "sigil-agent";
 /// Volume names the injector adds; a pod may neither define nor mount them.
 pub const RESERVED_VOLUMES: [&str; 1] = [AGENT_VOLUME];
-/// Where the agent DaemonSet puts its socket on every node, and where pods see it.
-pub const AGENT_SOCKET_DIR: &str = "/run/sigil";
-pub const DEFAULT_PROXY_UID: u32 = 1337;
 pub const DEFAULT_PROXY_IMAGE: &str = concat!("sigil:", env!("CARGO_PKG_VERSION"));
 /// Never injected, whatever their labels say: the control plane's own namespaces.
 pub const DEFAULT_EXCLUDED_NAMESPACES: [&str; 4] = [
@@ -41,10 +37,8 @@ pub const DEFAULT_EXCLUDED_NAMESPACES: [&str; 4] = [
 pub const EXCLUDE_INBOUND_PORTS: &str = "sigil.dev/exclude-inbound-ports";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "sigil.dev/exclude-outbound-ports";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "sigil.dev/exclude-outbound-cidrs";
-/// The proxy's ports inside the pod (outbound, inbound, admin, metrics and probes): an app
-/// container may not declare them.
-pub const PROXY_PORTS: [i32; 4] = [15001, 15006, 15000, 15020];
-const METRICS_PORT: i32 = 15020;
+/// The proxy's metrics and probe port, as Kubernetes declares ports.
+const METRICS_PORT: i32 = sigil_proxy_api::METRICS_PORT as i32;
 /// Bytes of a probe header's value escaped in `--app-probe` (`%XX`): those that end or escape a
 /// header there, and any the flag could not carry as they are.
 const PROBE_HEADER_ESCAPES: &percent_encoding::AsciiSet =
@@ -270,7 +264,7 @@ fn decide(
     };
     for container in all_containers() {
         for port in container.ports.iter().flatten() {
-            if PROXY_PORTS.contains(&port.container_port) {
+            if u16::try_from(port.container_port).is_ok_and(|p| PROXY_PORTS.contains(&p)) {
                 return Err(format!(
                     "sigil injector: container {:?} declares port {}, which the sigil proxy uses \
                      (reserved: {PROXY_PORTS:?}); move the app or opt the pod out with the label \
@@ -332,7 +326,7 @@ fn decide(
     }
 
     let labels = object_at(&mut mutated["metadata"], "labels");
-    labels.insert(TLS_MODE_LABEL.into(), json!("mtls"));
+    labels.insert(TLS_MODE_LABEL.into(), json!(TLS_MODE_MTLS));
     let annotations = object_at(&mut mutated["metadata"], "annotations");
     annotations.insert(STATUS_ANNOTATION.into(), json!("injected"));
     if let Some(first) = spec.containers.first() {

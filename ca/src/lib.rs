@@ -3,14 +3,12 @@
 //! X.509-SVIDs for them over gRPC+TLS, with the trust bundle streamed to node agents.
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod audit;
 pub mod authn;
 pub mod authn_first;
 pub mod authority;
 pub mod authz;
 pub mod cli;
-pub mod client;
 pub mod config;
 pub mod distribute;
 pub mod inject;

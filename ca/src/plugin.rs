@@ -24,8 +24,14 @@ pub const ROOT_CERT: &str = "root-cert.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
+    #[error("reading plug-in CA files: {name}: {source}")]
+    Read {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("reading plug-in CA files: {0}")]
-    Read(String),
+    Secret(#[source] kube::Error),
     #[error("{file} is missing")]
     Missing { file: &'static str },
     #[error("{file}: {reason}")]
@@ -33,7 +39,13 @@ pub enum PluginError {
     #[error("ca-key.pem does not match the public key of ca-cert.pem")]
     KeyMismatch,
     #[error("the intermediate's chain does not reach the roots in root-cert.pem: {0}")]
-    ChainDoesNotReachRoots(String),
+    ChainDoesNotReachRoots(#[source] sigil_identity::bundle::BundleError),
+    #[error("the intermediate's chain does not reach the roots in root-cert.pem: {0}")]
+    ProbeKey(#[source] rcgen::Error),
+    #[error("the intermediate's chain does not reach the roots in root-cert.pem: {0}")]
+    ProbeId(#[source] sigil_identity::spiffe::SpiffeIdError),
+    #[error("the intermediate's chain does not reach the roots in root-cert.pem: {0}")]
+    ProbeSign(#[source] crate::authority::AuthorityError),
 }
 
 /// Where the plug-in files come from.
@@ -64,15 +76,12 @@ impl PluginSource {
                             files.insert(name, bytes);
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(PluginError::Read(format!("{name}: {e}"))),
+                        Err(source) => return Err(PluginError::Read { name, source }),
                     }
                 }
             }
             PluginSource::Secret { api, name } => {
-                let secret = api
-                    .get(name)
-                    .await
-                    .map_err(|e| PluginError::Read(e.to_string()))?;
+                let secret = api.get(name).await.map_err(PluginError::Secret)?;
                 for (key, value) in secret.data.unwrap_or_default() {
                     if let Some(known) = [CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT]
                         .into_iter()
@@ -158,10 +167,9 @@ pub fn load(
 /// Signs a throwaway leaf and verifies it against the roots: the one check that covers every way
 /// a chain can be broken (wrong order, missing link, expired link, path-length limits).
 fn prove_chain(td: &TrustDomain, signer: &Signer, bundle: &TrustBundle) -> Result<(), PluginError> {
-    let probe_key =
-        KeyPair::generate().map_err(|e| PluginError::ChainDoesNotReachRoots(e.to_string()))?;
+    let probe_key = KeyPair::generate().map_err(PluginError::ProbeKey)?;
     let id = SpiffeId::for_service_account(td, "sigil-system", "plugin-probe")
-        .map_err(|e| PluginError::ChainDoesNotReachRoots(e.to_string()))?;
+        .map_err(PluginError::ProbeId)?;
     let now = OffsetDateTime::now_utc();
     let leaf = signer
         .sign_leaf(
@@ -171,13 +179,13 @@ fn prove_chain(td: &TrustDomain, signer: &Signer, bundle: &TrustBundle) -> Resul
             std::time::Duration::from_secs(60),
             now,
         )
-        .map_err(|e| PluginError::ChainDoesNotReachRoots(e.to_string()))?;
+        .map_err(PluginError::ProbeSign)?;
     let chain: Vec<CertificateDer<'_>> = std::iter::once(leaf.leaf)
         .chain(signer.intermediates.iter().cloned())
         .collect();
     bundle
         .verify_chain(&chain, UnixTime::now())
-        .map_err(|e| PluginError::ChainDoesNotReachRoots(e.to_string()))?;
+        .map_err(PluginError::ChainDoesNotReachRoots)?;
     Ok(())
 }
 
@@ -330,7 +338,10 @@ pub(crate) mod tests {
             api: Box::new(Api::namespaced(server.client(), "sigil-system")),
             name: "absent".into(),
         };
-        assert!(matches!(missing.read().await, Err(PluginError::Read(_))));
+        assert!(matches!(
+            missing.read().await,
+            Err(PluginError::Read { .. })
+        ));
     }
 
     #[tokio::test]

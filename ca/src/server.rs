@@ -10,12 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::registry::Registry;
+use sigil_base::admin;
+use sigil_base::readiness::Conditions;
+use sigil_base::shutdown::{serve_then_drain, stop_after_grace};
 use sigil_identity::{SpiffeId, TrustDomain};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, Readiness};
 use crate::authn::{Authenticator, TokenValidator};
 use crate::authn_first::AuthenticateFirstLayer;
 use crate::authority::Authority;
@@ -53,7 +55,7 @@ const HTTP2_MAX_HEADER_LIST: u32 = 32 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("--trust-domain: {0}")]
-    TrustDomain(String),
+    TrustDomain(#[source] sigil_identity::spiffe::SpiffeIdError),
     #[error("connecting to the Kubernetes API (needed for {needed_for}): {source}")]
     Kube {
         needed_for: &'static str,
@@ -62,8 +64,20 @@ pub enum ServeError {
     },
     #[error("--static-entries: {0}")]
     StaticEntries(#[from] crate::authz::StaticEntriesError),
-    #[error("--jwks-file {path}: {reason}")]
-    JwksFile { path: String, reason: String },
+    #[error("--jwks-file {path}: {source}")]
+    JwksRead {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--jwks-file {path}: {source}")]
+    JwksParse {
+        path: String,
+        #[source]
+        source: crate::jwt::JwtError,
+    },
+    #[error("--jwks-file (OIDC discovery): {0}")]
+    JwksDiscovery(#[source] crate::authn::AuthnError),
     #[error("--max-ttl must be at least --default-ttl")]
     TtlOrder,
     #[error(
@@ -95,8 +109,7 @@ fn kube_needed_for(config: &CaConfig) -> Option<&'static str> {
 }
 
 pub async fn serve(config: CaConfig, signalled: watch::Receiver<bool>) -> Result<(), ServeError> {
-    let td = TrustDomain::new(&config.trust_domain)
-        .map_err(|e| ServeError::TrustDomain(e.to_string()))?;
+    let td = TrustDomain::new(&config.trust_domain).map_err(ServeError::TrustDomain)?;
     if config.max_ttl < config.default_ttl {
         return Err(ServeError::TtlOrder);
     }
@@ -107,12 +120,7 @@ pub async fn serve(config: CaConfig, signalled: watch::Receiver<bool>) -> Result
     }
     info!(config = ?config, "starting sigil CA");
     // Everything serves until `shutdown`: the grace period after the signal.
-    let (stop_tx, shutdown) = watch::channel(false);
-    tokio::spawn(stop_after_grace(
-        signalled.clone(),
-        config.shutdown_grace,
-        stop_tx,
-    ));
+    let shutdown = stop_after_grace(signalled.clone(), config.shutdown_grace);
 
     let kube = match kube_needed_for(&config) {
         Some(needed_for) => Some(
@@ -185,10 +193,7 @@ pub async fn serve(config: CaConfig, signalled: watch::Receiver<bool>) -> Result
                     let client = kube.as_ref().expect("kube client for OIDC discovery");
                     crate::authn::fetch_cluster_jwks(client)
                         .await
-                        .map_err(|e| ServeError::JwksFile {
-                            path: "(OIDC discovery)".into(),
-                            reason: e.to_string(),
-                        })?
+                        .map_err(ServeError::JwksDiscovery)?
                 }
             };
             let (tx, rx) = watch::channel(Arc::new(jwks));
@@ -237,18 +242,11 @@ pub async fn serve(config: CaConfig, signalled: watch::Receiver<bool>) -> Result
         tokio::spawn(crate::policy_status::run(client.clone(), metrics.clone()));
     }
 
-    // Readiness: the key is loaded and (with Kubernetes) the pod index has synced.
-    let (ready_tx, ready_rx) = watch::channel(Readiness::default());
-    tokio::spawn(track_readiness(
-        authority_rx.clone(),
-        pods_rx,
-        signalled,
-        ready_tx,
-    ));
+    let ready_rx = readiness(authority_rx.clone(), pods_rx, signalled);
 
     // TLS and gRPC.
     let serving_id = SpiffeId::for_service_account(&td, "sigil-system", "sigil-ca")
-        .map_err(|e| ServeError::TrustDomain(e.to_string()))?;
+        .map_err(ServeError::TrustDomain)?;
     let mut names = vec![DEFAULT_SERVICE_NAME.to_string()];
     names.extend(config.server_names.iter().cloned());
     let (tls_tx, tls_rx) = watch::channel(None);
@@ -355,42 +353,22 @@ pub async fn serve(config: CaConfig, signalled: watch::Receiver<bool>) -> Result
                 let _ = grpc_shutdown.wait_for(|stop| *stop).await;
             },
         );
-    let mut drain = shutdown;
-    tokio::select! {
-        result = serving => result?,
-        () = async {
-            let _ = drain.wait_for(|stop| *stop).await;
-            tokio::time::sleep(DRAIN_TIMEOUT).await;
-        } => info!("calls still open after the drain timeout (streams); closing them"),
-    }
+    serve_then_drain(serving, shutdown, DRAIN_TIMEOUT)
+        .await
+        .transpose()?;
     info!("CA stopped");
     Ok(())
 }
 
-/// Turns `stop` true `grace` after `signalled` did (at once if `signalled` closes without).
-async fn stop_after_grace(
-    mut signalled: watch::Receiver<bool>,
-    grace: Duration,
-    stop: watch::Sender<bool>,
-) {
-    if signalled.wait_for(|s| *s).await.is_ok() {
-        info!(
-            grace_s = grace.as_secs_f64(),
-            "shutting down: reporting not ready, serving on for the grace period while the Service drops this endpoint"
-        );
-        tokio::time::sleep(grace).await;
-        info!("grace period over: no longer accepting; draining calls in flight");
-    }
-    stop.send_replace(true);
-}
-
 fn read_jwks_file(path: &std::path::Path) -> Result<Jwks, ServeError> {
-    let err = |reason: String| ServeError::JwksFile {
+    let text = std::fs::read_to_string(path).map_err(|source| ServeError::JwksRead {
         path: path.display().to_string(),
-        reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    Jwks::parse(&text).map_err(|e| err(e.to_string()))
+        source,
+    })?;
+    Jwks::parse(&text).map_err(|source| ServeError::JwksParse {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// Re-reads the JWKS periodically so the API server's key rotation is followed.
@@ -423,44 +401,17 @@ async fn refresh_jwks(
 
 /// Ready while the key is loaded, (with Kubernetes) the pod index has synced, and no shutdown
 /// signal arrived.
-async fn track_readiness(
-    mut authority: watch::Receiver<crate::authority::SharedAuthority>,
-    mut pods: Option<watch::Receiver<PodIndex>>,
-    mut signalled: watch::Receiver<bool>,
-    tx: watch::Sender<Readiness>,
-) {
-    let mut signal_open = true;
-    loop {
-        let state = Readiness(vec![
-            ("key_loaded", authority.borrow_and_update().signer.is_some()),
-            (
-                "pods_synced",
-                pods.as_mut().is_none_or(|p| p.borrow_and_update().synced),
-            ),
-            ("not_shutting_down", !*signalled.borrow_and_update()),
-        ]);
-        tx.send_if_modified(|current| {
-            let changed = *current != state;
-            *current = state.clone();
-            changed
-        });
-        let pods_changed = async {
-            match pods.as_mut() {
-                Some(p) => p.changed().await,
-                None => std::future::pending().await,
-            }
-        };
-        let signal_changed = async {
-            if signal_open {
-                signalled.changed().await
-            } else {
-                std::future::pending().await
-            }
-        };
-        tokio::select! {
-            r = authority.changed() => if r.is_err() { return },
-            r = pods_changed => if r.is_err() { tokio::time::sleep(Duration::from_secs(1)).await },
-            r = signal_changed => signal_open = r.is_ok(),
-        }
-    }
+fn readiness(
+    authority: watch::Receiver<crate::authority::SharedAuthority>,
+    pods: Option<watch::Receiver<PodIndex>>,
+    signalled: watch::Receiver<bool>,
+) -> watch::Receiver<sigil_base::readiness::Readiness> {
+    let conditions = Conditions::new().watch("key_loaded", authority, |a| a.signer.is_some());
+    let conditions = match pods {
+        Some(pods) => conditions.watch("pods_synced", pods, |p| p.synced),
+        None => conditions.fixed("pods_synced", true),
+    };
+    conditions
+        .watch("not_shutting_down", signalled, |s| !*s)
+        .spawn()
 }

@@ -24,10 +24,11 @@ use tonic::{Request, Response, Status};
 
 use crate::audit::{self, Record};
 use crate::authn::{Authenticator, Caller, Credential};
-use crate::authority::{Authority, AuthorityError, Issued, SharedAuthority, der_to_pem};
+use crate::authority::{Authority, AuthorityError, Issued, SharedAuthority};
 use crate::authz::Authorizer;
 use crate::metrics::{Api, ApiLabels, DenyLabels, DenyReason, Metrics};
 use crate::tls_server::PeerInfo;
+use sigil_identity::bundle::certificate_to_pem;
 
 /// Largest request message accepted (a CSR is at most `csr::MAX_CSR_BYTES`).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -448,8 +449,8 @@ impl IstioCertificateService for IstioCa {
             .signer()
             .map_err(|_| Status::unavailable("CA unavailable, retry later"))?;
         // Leaf first, then intermediates, then every root in one last string (Istio's layout).
-        let mut cert_chain = vec![der_to_pem(&issued.leaf)];
-        cert_chain.extend(signer.intermediates.iter().map(|c| der_to_pem(c)));
+        let mut cert_chain = vec![certificate_to_pem(&issued.leaf)];
+        cert_chain.extend(signer.intermediates.iter().map(|c| certificate_to_pem(c)));
         cert_chain.push(authority.roots_pem().concat());
         Ok(Response::new(IstioCertificateResponse { cert_chain }))
     }

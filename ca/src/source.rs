@@ -12,11 +12,12 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::{error, info};
 
-use crate::authority::{Authority, SharedAuthority, Signer, der_to_pem};
+use crate::authority::{Authority, SharedAuthority, Signer};
 use crate::metrics::Metrics;
 use crate::plugin::{self, PluginFiles, PluginSource};
 use crate::state::{CaState, RootGeneration, StateError, unix_now};
 use crate::store::{StateStore, StoreError};
+use sigil_identity::bundle::certificate_to_pem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -240,7 +241,7 @@ pub fn bundle_pem(state: &CaState, now: u64) -> Result<String, StateError> {
     schedule
         .trusted
         .iter()
-        .map(|g| g.cert_der().map(|d| der_to_pem(&d)))
+        .map(|g| g.cert_der().map(|d| certificate_to_pem(&d)))
         .collect()
 }
 

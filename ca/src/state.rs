@@ -36,7 +36,9 @@ pub enum StateError {
     #[error("a root rotation is already in progress: the new root activates at unix time {0}")]
     RotationInProgress(u64),
     #[error("stored root generation is unusable: {0}")]
-    BadGeneration(String),
+    BadKey(#[source] rcgen::Error),
+    #[error("stored root generation is unusable: {0}")]
+    BadCertificate(#[source] pem::PemError),
     #[error("could not create a root: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("CA state is not valid JSON: {0}")]
@@ -214,13 +216,13 @@ impl CaState {
 
 impl RootGeneration {
     pub fn key_pair(&self) -> Result<KeyPair, StateError> {
-        KeyPair::from_pem(&self.key_pem).map_err(|e| StateError::BadGeneration(e.to_string()))
+        KeyPair::from_pem(&self.key_pem).map_err(StateError::BadKey)
     }
 
     pub fn cert_der(&self) -> Result<Vec<u8>, StateError> {
         pem::parse(&self.cert_pem)
             .map(|p| p.into_contents())
-            .map_err(|e| StateError::BadGeneration(e.to_string()))
+            .map_err(StateError::BadCertificate)
     }
 }
 

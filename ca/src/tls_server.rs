@@ -3,23 +3,22 @@
 //! hands tonic connections that carry the peer's verified client identity, if any, each in a
 //! connection slot that unauthenticated peers cannot use up.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sigil_base::slots::{ConnectionSlot, ConnectionSlots, Eviction, KeySlot};
 use sigil_identity::SpiffeId;
 use sigil_identity::tls::{self, CertifiedKey, ClientAuth};
 use time::OffsetDateTime;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, error, warn};
@@ -52,7 +51,9 @@ pub enum TlsServerError {
     #[error("no signing key to issue the serving certificate")]
     NoSigner,
     #[error("issuing the serving certificate: {0}")]
-    Issue(String),
+    Key(#[source] rcgen::Error),
+    #[error("issuing the serving certificate: {0}")]
+    Issue(#[source] crate::authority::AuthorityError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
@@ -87,50 +88,17 @@ pub struct ConnectionLimits {
 struct Slots {
     limits: ConnectionLimits,
     authenticated: Arc<Semaphore>,
-    unauthenticated: Arc<Semaphore>,
-    per_source: Mutex<HashMap<IpAddr, usize>>,
-    /// Unauthenticated connections, oldest first (some may be gone or authenticated since).
-    oldest: Mutex<VecDeque<Weak<Eviction>>>,
+    /// Until a call authenticates: counted by source address, the oldest evicted when full, so
+    /// a flood of idle connections cannot keep an agent from connecting (it authenticates within
+    /// milliseconds of its handshake).
+    unauthenticated: Arc<ConnectionSlots<IpAddr>>,
     metrics: Arc<Metrics>,
-}
-
-/// How to close one connection before it has authenticated: when every unauthenticated slot is
-/// taken, the oldest such connection is closed for a new one, so a flood of idle connections
-/// cannot keep an agent from connecting (it authenticates within milliseconds of its handshake).
-#[derive(Default)]
-struct Eviction {
-    notify: Notify,
-    /// Set when a call on the connection authenticates: it is no longer evicted.
-    authenticated: AtomicBool,
-}
-
-/// One unauthenticated connection counted against its source address until dropped.
-struct SourceSlot {
-    slots: Arc<Slots>,
-    source: IpAddr,
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut counts = self.slots.per_source.lock().expect("never poisoned");
-        if let Some(count) = counts.get_mut(&self.source) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.source);
-            }
-        }
-    }
 }
 
 /// Held for the connection's lifetime, given back when dropped.
 enum Slot {
-    Unauthenticated {
-        _permit: OwnedSemaphorePermit,
-        _source: SourceSlot,
-    },
-    Authenticated {
-        _permit: OwnedSemaphorePermit,
-    },
+    Unauthenticated { _slot: ConnectionSlot<IpAddr> },
+    Authenticated { _permit: OwnedSemaphorePermit },
 }
 
 /// A connection's slot, shared by the connection and the calls on it.
@@ -157,7 +125,7 @@ impl Admission {
     /// it has (and is closed when its time to authenticate is up).
     pub fn authenticated(&self) {
         let Some(state) = &self.0 else { return };
-        if state.eviction.authenticated.load(Ordering::Acquire) {
+        if state.eviction.is_settled() {
             return;
         }
         let mut slot = state.slot.lock().expect("never poisoned");
@@ -167,7 +135,7 @@ impl Admission {
         match state.slots.authenticated.clone().try_acquire_owned() {
             Ok(permit) => {
                 *slot = Slot::Authenticated { _permit: permit };
-                state.eviction.authenticated.store(true, Ordering::Release);
+                state.eviction.settle();
             }
             Err(_) => {
                 state.slots.refused(RefusedReason::ConnectionLimit);
@@ -182,7 +150,7 @@ impl Admission {
     fn is_authenticated(&self) -> bool {
         self.0
             .as_ref()
-            .is_some_and(|state| state.eviction.authenticated.load(Ordering::Acquire))
+            .is_some_and(|state| state.eviction.is_settled())
     }
 }
 
@@ -198,71 +166,29 @@ impl Slots {
     }
 
     /// A place for one more unauthenticated connection from `source`, if its address has one.
-    fn from_source(self: &Arc<Self>, source: IpAddr) -> Option<SourceSlot> {
-        let mut counts = self.per_source.lock().expect("never poisoned");
-        let count = counts.entry(source).or_default();
-        if *count >= self.limits.per_source {
-            drop(counts);
+    fn from_source(&self, source: IpAddr) -> Option<KeySlot<IpAddr>> {
+        let slot = self.unauthenticated.take_key(source);
+        if slot.is_none() {
             self.refused(RefusedReason::PerSourceLimit);
             debug!(%source, limit = self.limits.per_source, "too many unauthenticated connections from one address");
-            return None;
         }
-        *count += 1;
-        Some(SourceSlot {
-            slots: self.clone(),
-            source,
-        })
+        slot
     }
 
     /// An unauthenticated slot, and the way to evict its connection. With every slot taken, the
     /// oldest unauthenticated connection is evicted and its slot awaited briefly.
-    async fn unauthenticated(
-        self: &Arc<Self>,
-        source: SourceSlot,
-    ) -> Option<(Slot, Arc<Eviction>)> {
-        let permit = match self.unauthenticated.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) if self.evict_oldest() => {
-                tokio::time::timeout(EVICTION_WAIT, self.unauthenticated.clone().acquire_owned())
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-            }
-            Err(_) => None,
-        };
-        let Some(permit) = permit else {
+    async fn unauthenticated(&self, source: KeySlot<IpAddr>) -> Option<(Slot, Arc<Eviction>)> {
+        let address = *source.key();
+        let Some((slot, eviction)) = self
+            .unauthenticated
+            .take_evicting(source, EVICTION_WAIT)
+            .await
+        else {
             self.refused(RefusedReason::UnauthenticatedLimit);
-            debug!(source = %source.source, limit = self.limits.unauthenticated, "every unauthenticated connection slot is taken");
+            debug!(source = %address, limit = self.limits.unauthenticated, "every unauthenticated connection slot is taken");
             return None;
         };
-        let eviction = Arc::new(Eviction::default());
-        let mut oldest = self.oldest.lock().expect("never poisoned");
-        if oldest.len() >= 2 * self.limits.unauthenticated.max(1) {
-            oldest.retain(|e| {
-                e.upgrade()
-                    .is_some_and(|e| !e.authenticated.load(Ordering::Acquire))
-            });
-        }
-        oldest.push_back(Arc::downgrade(&eviction));
-        let slot = Slot::Unauthenticated {
-            _permit: permit,
-            _source: source,
-        };
-        Some((slot, eviction))
-    }
-
-    /// Tells the oldest connection still unauthenticated to close; whether there was one.
-    fn evict_oldest(&self) -> bool {
-        let mut oldest = self.oldest.lock().expect("never poisoned");
-        while let Some(eviction) = oldest.pop_front() {
-            if let Some(eviction) = eviction.upgrade()
-                && !eviction.authenticated.load(Ordering::Acquire)
-            {
-                eviction.notify.notify_one();
-                return true;
-            }
-        }
-        false
+        Some((Slot::Unauthenticated { _slot: slot }, eviction))
     }
 }
 
@@ -338,9 +264,7 @@ pub fn incoming(
     let slots = Arc::new(Slots {
         limits,
         authenticated: Arc::new(Semaphore::new(limits.authenticated)),
-        unauthenticated: Arc::new(Semaphore::new(limits.unauthenticated)),
-        per_source: Mutex::default(),
-        oldest: Mutex::default(),
+        unauthenticated: ConnectionSlots::new(limits.unauthenticated, limits.per_source),
         metrics,
     });
     tokio::spawn(async move {
@@ -372,7 +296,7 @@ pub fn incoming(
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
                 let handshake = tokio::select! {
                     handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => handshake,
-                    _ = eviction.notify.notified() => {
+                    () = eviction.evicted() => {
                         slots.refused(RefusedReason::Evicted);
                         return;
                     }
@@ -406,7 +330,7 @@ pub fn incoming(
                         };
                         tokio::select! {
                             () = deadline => RefusedReason::NotAuthenticatedInTime,
-                            () = eviction.notify.notified() => RefusedReason::Evicted,
+                            () = eviction.evicted() => RefusedReason::Evicted,
                         }
                     })
                 };
@@ -472,11 +396,11 @@ pub fn serving_config(
         .serving_signer
         .as_ref()
         .ok_or(TlsServerError::NoSigner)?;
-    let key = crate::source::generate_key().map_err(|e| TlsServerError::Issue(e.to_string()))?;
+    let key = crate::source::generate_key().map_err(TlsServerError::Key)?;
     let now = OffsetDateTime::now_utc();
     let issued = signer
         .sign_serving(&key, id, names, SERVING_CERT_TTL, now)
-        .map_err(|e| TlsServerError::Issue(e.to_string()))?;
+        .map_err(TlsServerError::Issue)?;
     let chain: Vec<CertificateDer<'static>> = std::iter::once(issued.leaf)
         .chain(signer.intermediates.iter().cloned())
         .collect();

@@ -29,12 +29,13 @@ use tokio::sync::watch;
 use tonic::transport::server::Connected;
 use tracing::{info, warn};
 
-use crate::authority::{SharedAuthority, der_to_pem};
+use crate::authority::SharedAuthority;
 use crate::inject::{self, InjectConfig, Outcome};
 use crate::metrics::{
     BodyRefusedLabels, BodyRefusedReason, InjectLabels, InjectOutcome, Metrics, Port,
 };
 use crate::tls_server::{self, ConnectionLimits};
+use sigil_identity::bundle::certificate_to_pem;
 
 pub const WEBHOOK_PATH: &str = "/inject";
 /// The API server sends at most 3 MiB; anything larger is not an AdmissionReview it sent.
@@ -444,7 +445,7 @@ pub fn ca_bundle_patch(
             plan.shrink_pending |= extra;
             held.iter().map(Vec::as_slice).chain(missing).collect()
         };
-        let pem: String = wanted.into_iter().map(der_to_pem).collect();
+        let pem: String = wanted.into_iter().map(certificate_to_pem).collect();
         let encoded = base64::engine::general_purpose::STANDARD.encode(pem);
         ops.push(serde_json::json!({"op": "test", "path": format!("/webhooks/{index}/name"), "value": webhook.name}));
         // The write holds only if the caBundle is still the one this plan was made from: another
@@ -475,7 +476,7 @@ mod tests {
 
     /// One webhook whose caBundle holds `roots` (none: no caBundle).
     fn config(roots: &[CertificateDer<'_>]) -> MutatingWebhookConfiguration {
-        let pem: String = roots.iter().map(|r| der_to_pem(r)).collect();
+        let pem: String = roots.iter().map(|r| certificate_to_pem(r)).collect();
         let mut value = serde_json::json!({
             "metadata": {"name": "sigil-injector"},
             "webhooks": [{"name": "inject.sigil.dev", "admissionReviewVersions": ["v1"],

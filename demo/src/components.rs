@@ -306,7 +306,7 @@ async fn issue(
     std::fs::create_dir_all(out).map_err(io(out))?;
     let chain: String = std::iter::once(&issued.leaf)
         .chain(signer.intermediates.iter())
-        .map(|c| sigil_ca::authority::der_to_pem(c))
+        .map(|c| sigil_identity::bundle::certificate_to_pem(c))
         .collect();
     write(&out.join("cert.pem"), &chain)?;
     let key_path = out.join("key.pem");

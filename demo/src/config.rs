@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use sigil_ca::config::parse_duration;
+use sigil_base::flags::parse_duration;
 
 /// Lifetime of the workload certificates: short, so several renewals happen during the demo,
 /// with seconds to spare before expiry on a busy machine.

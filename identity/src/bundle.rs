@@ -206,6 +206,12 @@ fn strip_leading_zeros(b: &[u8]) -> &[u8] {
     &b[start..]
 }
 
+/// One DER certificate as a `CERTIFICATE` PEM block, LF line endings: the one PEM encoder of
+/// sigil (the CA's APIs, ConfigMaps and files, the agent's Workload API and SDS, the tests).
+pub fn certificate_to_pem(der: &[u8]) -> String {
+    certificates_to_pem(&[CertificateDer::from(der)])
+}
+
 /// Certificates as concatenated `CERTIFICATE` PEM blocks, LF line endings.
 pub fn certificates_to_pem(certs: &[CertificateDer<'_>]) -> String {
     let blocks: Vec<pem::Pem> = certs

@@ -1,6 +1,7 @@
 //! PKCS#10 certificate signing requests. The CA only takes the public key from a CSR, after
 //! proving the requester holds the private key (the CSR's own signature); every other CSR field
-//! is ignored because the identity comes from the authenticated caller (DESIGN §3).
+//! is ignored because the identity comes from the authenticated caller (its token or client
+//! certificate), never from what the CSR asks for.
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use x509_parser::certification_request::X509CertificationRequest;

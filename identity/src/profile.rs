@@ -1,4 +1,5 @@
-//! The X.509-SVID certificate profile (DESIGN §3): the one place where sigil decides what its
+//! The X.509-SVID certificate profile (a SPIFFE ID as the only URI SAN, no subject, digital
+//! signature only, server and client auth; CAs constrained to the trust domain): the one place where sigil decides what its
 //! leaf and CA certificates contain ([`leaf_params`], [`serving_params`], [`ca_params`]) and the
 //! one place that checks a certificate against that profile ([`inspect_cert`],
 //! [`leaf_spiffe_id`]).
@@ -179,6 +180,35 @@ pub fn server_name_san(name: &str) -> Result<SanType, ProfileError> {
     Ok(SanType::DnsName(name.try_into().map_err(|_| {
         ProfileError::InvalidName(name.to_string())
     })?))
+}
+
+/// A `--server-name` flag: a DNS name or an IP address, checked as the serving certificate will
+/// use it.
+pub fn parse_server_name(s: &str) -> Result<String, String> {
+    server_name_san(s)
+        .map(|_| s.to_string())
+        .map_err(|_| format!("{s:?} is neither a DNS name nor an IP address"))
+}
+
+/// A `host:port` to dial (the agent's `--ca`): a DNS name or IP address (IPv6 in brackets) and a
+/// port, checked at start so a typo is not retried forever.
+pub fn parse_host_port(s: &str) -> Result<String, String> {
+    let bad = || format!("{s:?} is not host:port (e.g. sigil-ca.sigil-system.svc:15012)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(bad)?;
+    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6
+            .parse::<std::net::Ipv6Addr>()
+            .map_err(|_| bad())?
+            .to_string(),
+        None if host.contains(':') => return Err(bad()),
+        None => host.to_string(),
+    };
+    parse_server_name(&host).map_err(|_| bad())?;
+    Ok(s.to_string())
 }
 
 fn end_entity_params(
@@ -545,6 +575,32 @@ mod tests {
     use rcgen::{KeyPair, PKCS_ECDSA_P384_SHA384, PKCS_ED25519, PublicKeyData};
 
     use super::*;
+
+    #[test]
+    fn server_names() {
+        for good in ["localhost", "sigil-ca.sigil-system.svc", "127.0.0.1", "::1"] {
+            assert_eq!(parse_server_name(good).unwrap(), good);
+        }
+        for bad in ["bad name", "", "a..b", "x_y:1"] {
+            assert!(parse_server_name(bad).is_err(), "{bad:?}");
+        }
+        for good in [
+            "sigil-ca.sigil-system.svc:15012",
+            "127.0.0.1:1",
+            "[::1]:15012",
+        ] {
+            assert_eq!(parse_host_port(good).unwrap(), good);
+        }
+        for bad in [
+            "sigil-ca",
+            "sigil-ca:0",
+            "bad name:1",
+            ":15012",
+            "::1:15012",
+        ] {
+            assert!(parse_host_port(bad).is_err(), "{bad:?}");
+        }
+    }
     use crate::test_support::{
         TestCa, now, openssl, openssl_genpkey, openssl_rsa_key, openssl_text, openssl_verify,
         spiffe,

@@ -7,6 +7,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The trust domain of a cluster that names none (Kubernetes' own default DNS domain).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 const SCHEME_PREFIX: &str = "spiffe://";
 /// The spec caps the trust domain name at 255 bytes.
 pub const MAX_TRUST_DOMAIN_BYTES: usize = 255;
@@ -136,7 +139,7 @@ impl SpiffeId {
     }
 
     /// `spiffe://<td>/ns/<namespace>/sa/<service_account>`, the identity of a Kubernetes
-    /// service account (DESIGN §3).
+    /// service account: what the CA issues to a pod running as that account.
     pub fn for_service_account(
         td: &TrustDomain,
         namespace: &str,

@@ -149,7 +149,7 @@ pub fn openssl_text(der: &[u8]) -> String {
 }
 
 pub fn to_pem(der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der))
+    crate::bundle::certificate_to_pem(der)
 }
 
 /// `openssl verify -x509_strict -purpose <purpose>` of `leaf` (with `untrusted` intermediates)

@@ -1,4 +1,35 @@
 //! The contract between the node agent and the proxies it serves, typed on both sides: what the
-//! agent publishes on its socket (mesh membership, policies, SDS resources) and what the CA's
-//! sidecar injector must know about the proxy (its ports and uid).
+//! agent publishes on its socket (mesh membership in [`mesh`], SDS resources in [`sds`]), where
+//! that socket is, and what the CA's sidecar injector must know about the proxy it injects (its
+//! ports and uid, and the label that puts a pod in the mesh).
 #![forbid(unsafe_code)]
+
+pub mod mesh;
+pub mod sds;
+
+/// Where the agent DaemonSet puts its socket on every node, and where pods see it.
+pub const AGENT_SOCKET_DIR: &str = "/run/sigil";
+/// The agent socket, in [`AGENT_SOCKET_DIR`].
+pub const AGENT_SOCKET: &str = "/run/sigil/agent.sock";
+
+/// The uid the injected proxy container runs as (Istio's 1337, so existing exclusions carry
+/// over); `sigil proxy init` exempts it from redirection.
+pub const PROXY_UID: u32 = 1337;
+/// The proxy's transparent outbound listener, where `sigil proxy init` redirects the pod's
+/// outgoing connections.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The proxy's transparent inbound listener, where incoming connections are redirected.
+pub const INBOUND_PORT: u16 = 15006;
+/// The proxy's admin endpoint (loopback only).
+pub const ADMIN_PORT: u16 = 15000;
+/// The proxy's Prometheus `/metrics`, `/ready` and rewritten application probes; never
+/// redirected, so scrapers and the kubelet need no mTLS.
+pub const METRICS_PORT: u16 = 15020;
+/// Every port the proxy listens on inside the pod: an application container may not use them.
+pub const PROXY_PORTS: [u16; 4] = [OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, METRICS_PORT];
+
+/// The pod label that puts a pod in the mesh: the injector sets it on injected pods, the
+/// agent's membership selects on it.
+pub const TLS_MODE_LABEL: &str = "sigil.dev/tls-mode";
+/// The value of [`TLS_MODE_LABEL`] for pods whose proxy accepts mTLS.
+pub const TLS_MODE_MTLS: &str = "mtls";

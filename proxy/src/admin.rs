@@ -12,13 +12,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
 use serde_json::{Value, json};
-use sigil_ca::admin::Readiness;
+use sigil_base::readiness::Readiness;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::ProxyConfig;
 use crate::tls::TlsState;
-use sigil_agent::mesh::MeshSnapshot;
+use sigil_proxy_api::mesh::MeshSnapshot;
 
 #[derive(Clone)]
 struct AdminState {
@@ -48,7 +48,7 @@ pub async fn serve(
             mesh,
             ready,
         });
-    sigil_ca::admin::serve_router(listener, app, shutdown).await
+    sigil_base::admin::serve_router(listener, app, shutdown).await
 }
 
 fn unix(t: SystemTime) -> i64 {
@@ -139,5 +139,5 @@ async fn config_dump(State(state): State<AdminState>) -> Json<Value> {
 }
 
 async fn ready_handler(State(state): State<AdminState>) -> impl IntoResponse {
-    sigil_ca::admin::ready_response(&state.ready.borrow())
+    sigil_base::admin::ready_response(&state.ready.borrow())
 }

@@ -1,18 +1,19 @@
 //! `sigil proxy run` configuration: every flag, its default (named consts)
 //! and its meaning, parsed once and printed at start-up.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use sigil_ca::config::parse_duration;
+use sigil_base::flags::parse_duration;
 use sigil_policy::path::PathNormalization;
+use sigil_proxy_api::{ADMIN_PORT, AGENT_SOCKET, INBOUND_PORT, METRICS_PORT, OUTBOUND_PORT};
 
-pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
-pub const DEFAULT_INBOUND_PORT: u16 = 15006;
-pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub const DEFAULT_ADMIN_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ADMIN_PORT);
+pub const DEFAULT_METRICS_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), METRICS_PORT);
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 /// How long live connections may finish after SIGTERM (Istio's terminationDrainDuration).
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
@@ -80,23 +81,23 @@ fn parse_port_mtls(s: &str) -> Result<PortMtls, String> {
 #[derive(Args, Clone, Debug, serde::Serialize)]
 pub struct ProxyConfig {
     /// The node agent's socket (certificates over SDS, mesh membership).
-    #[arg(long, default_value = sigil_agent::config::DEFAULT_SOCKET)]
+    #[arg(long, default_value = AGENT_SOCKET)]
     pub agent_socket: PathBuf,
 
     /// Admin endpoint: /certs, /config, /ready. Keep it on loopback: it describes the pod.
-    #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
+    #[arg(long, default_value_t = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
 
     /// Prometheus /metrics (and /ready for the kubelet's probe).
-    #[arg(long, default_value = DEFAULT_METRICS_ADDR)]
+    #[arg(long, default_value_t = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
 
     /// Transparent mode: where `sigil proxy init` redirects inbound connections.
-    #[arg(long, default_value_t = DEFAULT_INBOUND_PORT)]
+    #[arg(long, default_value_t = INBOUND_PORT)]
     pub inbound_port: u16,
 
     /// Transparent mode: where `sigil proxy init` redirects outbound connections.
-    #[arg(long, default_value_t = DEFAULT_OUTBOUND_PORT)]
+    #[arg(long, default_value_t = OUTBOUND_PORT)]
     pub outbound_port: u16,
 
     /// Transparent mode: forward inbound connections to 127.0.0.1:<port> instead of the pod IP

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use sigil_agent::backoff::Backoff;
+use sigil_base::backoff::Backoff;
 use tonic::Streaming;
 use tonic::transport::Channel;
 use tracing::warn;
@@ -72,7 +72,7 @@ where
     Fut: Future<Output = Result<tonic::Response<Streaming<M>>, tonic::Status>>,
     OnMessage: FnMut(M),
 {
-    let channel = match sigil_agent::socket_client::connect(socket).await {
+    let channel = match sigil_base::socket_client::connect(socket).await {
         Ok(channel) => channel,
         Err(source) => {
             return FeedError::Connect {

@@ -23,7 +23,7 @@ use crate::metrics::{
     BytesLabels, ConnectionLabels, Direction, Flow, HandshakeLabels, Metrics, Security,
 };
 use crate::tls::{HandshakeFailure, TlsState};
-use sigil_agent::mesh::MeshSnapshot;
+use sigil_proxy_api::mesh::MeshSnapshot;
 
 /// Copy buffer per direction: one TLS record's worth of plaintext (16 KiB), so a full record
 /// is read or written per call without growing rustls' buffers.

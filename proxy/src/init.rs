@@ -27,10 +27,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use clap::Args;
 use tracing::{info, warn};
 
-use crate::config::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
+use sigil_proxy_api::{INBOUND_PORT, OUTBOUND_PORT, PROXY_UID};
 
-/// The uid the injected proxy container runs as (Istio's 1337, so existing exclusions carry over).
-pub const DEFAULT_PROXY_UID: u32 = 1337;
 /// Inbound ports never redirected: the proxy's Prometheus port, so scrapers need no mTLS.
 pub const DEFAULT_EXCLUDED_INBOUND_PORTS: &str = "15020";
 /// The iptables command whose `-save` and `-restore` variants are run: the system's default
@@ -66,15 +64,15 @@ const PERMISSION_MARKERS: [&str; 2] = ["Permission denied", "must be root"];
 #[derive(Args, Clone, Debug)]
 pub struct InitConfig {
     /// The uid the proxy runs as; its own connections are not redirected. Must not be 0.
-    #[arg(long, default_value_t = DEFAULT_PROXY_UID)]
+    #[arg(long, default_value_t = PROXY_UID)]
     pub proxy_uid: u32,
 
     /// Where inbound connections are redirected (the proxy's inbound listener).
-    #[arg(long, default_value_t = DEFAULT_INBOUND_PORT)]
+    #[arg(long, default_value_t = INBOUND_PORT)]
     pub inbound_port: u16,
 
     /// Where outbound connections are redirected (the proxy's outbound listener).
-    #[arg(long, default_value_t = DEFAULT_OUTBOUND_PORT)]
+    #[arg(long, default_value_t = OUTBOUND_PORT)]
     pub outbound_port: u16,
 
     /// Inbound destination ports left alone (comma-separated; give the flag no value to exclude
@@ -116,7 +114,7 @@ pub enum InitError {
     #[error(
         "--proxy-uid 0 refused: the proxy's uid is exempt from redirection, so every process \
          running as root in the pod would bypass the proxy (no mTLS, no policy); run the proxy \
-         as its own non-root uid (default {DEFAULT_PROXY_UID})"
+         as its own non-root uid (default {PROXY_UID})"
     )]
     RootProxyUid,
     #[error("{flag} {value:?}: not a port (1-65535)")]

@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sigil_agent::mesh::MeshSnapshot;
 use sigil_proto::sigil::mesh::v1::mesh_discovery_client::MeshDiscoveryClient;
 use sigil_proto::sigil::mesh::v1::{MeshMembers, WatchMembersRequest};
+use sigil_proxy_api::mesh::MeshSnapshot;
 use tokio::sync::watch;
 use tracing::{info, warn};
 

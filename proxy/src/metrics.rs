@@ -93,7 +93,7 @@ impl AuthzDecision {
     }
 }
 
-sigil_ca::label_value_as_str!(
+sigil_base::label_value_as_str!(
     Direction,
     Security,
     Flow,

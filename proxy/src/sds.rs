@@ -15,10 +15,10 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
-use sigil_agent::backoff::Backoff;
-use sigil_agent::sds::{DEFAULT_CERTIFICATE, ROOT_CA, TYPE_URL};
+use sigil_base::backoff::Backoff;
 use sigil_identity::TrustBundle;
 use sigil_identity::tls::{CertifiedKey, TlsVersions};
+use sigil_proxy_api::sds::{DEFAULT_CERTIFICATE, ROOT_CA, TYPE_URL};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{error, info, warn};
@@ -41,6 +41,12 @@ enum SecretError {
     Unexpected(String),
     #[error("secret {name:?}: {reason}")]
     Invalid { name: String, reason: String },
+    #[error("secret {name:?}: {source}")]
+    Certificate {
+        name: String,
+        #[source]
+        source: sigil_identity::tls::TlsError,
+    },
 }
 
 /// What the agent sent last, parsed; kept across reconnects.
@@ -130,7 +136,7 @@ async fn follow(
     metrics: &Metrics,
     backoff: &mut Backoff,
 ) -> Result<(), FeedError> {
-    let channel = sigil_agent::socket_client::connect(socket)
+    let channel = sigil_base::socket_client::connect(socket)
         .await
         .map_err(|source| FeedError::Connect {
             path: socket.display().to_string(),
@@ -214,8 +220,13 @@ fn apply(response: &DiscoveryResponse, received: &mut Received) -> Result<(), Se
             (DEFAULT_CERTIFICATE, Some(secret::Type::TlsCertificate(tls))) => {
                 let chain = data_source_text(&tls.certificate_chain).map_err(&invalid)?;
                 let key = data_source_text(&tls.private_key).map_err(&invalid)?;
-                certificate =
-                    Some(CertifiedKey::from_pem(&chain, &key).map_err(|e| invalid(e.to_string()))?);
+                let certified = CertifiedKey::from_pem(&chain, &key).map_err(|source| {
+                    SecretError::Certificate {
+                        name: secret.name.clone(),
+                        source,
+                    }
+                })?;
+                certificate = Some(certified);
             }
             (ROOT_CA, Some(secret::Type::ValidationContext(context))) => {
                 bundle_pem = Some(data_source_text(&context.trusted_ca).map_err(&invalid)?);

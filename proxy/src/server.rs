@@ -6,7 +6,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
-use sigil_ca::admin::{self, Readiness};
+use sigil_base::admin;
+use sigil_base::readiness::{Conditions, Readiness};
 use sigil_identity::SpiffeId;
 use sigil_identity::tls::TlsVersions;
 use tokio::net::TcpListener;
@@ -23,14 +24,14 @@ use crate::metrics::{Direction, Metrics};
 use crate::outbound::{self, Upstream};
 use crate::tls::TlsState;
 use crate::{admin as proxy_admin, probes, sds};
-use sigil_agent::mesh::MeshSnapshot;
+use sigil_proxy_api::mesh::MeshSnapshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("--explicit needs --inbound-listen and/or --outbound-listen")]
     NothingToServe,
     #[error("--outbound-identity: {0}")]
-    OutboundIdentity(String),
+    OutboundIdentity(#[source] sigil_identity::spiffe::SpiffeIdError),
     #[error("--inbound-port and --outbound-port must differ")]
     SamePorts,
     #[error("binding {what} on {addr}: {source} (is another proxy running?)")]
@@ -84,8 +85,7 @@ async fn bind_listeners(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
         &config.outbound_identity,
     ) {
         (Some(listen), Some(upstream), Some(identity)) => {
-            let identity = SpiffeId::parse(identity)
-                .map_err(|e| ProxyError::OutboundIdentity(e.to_string()))?;
+            let identity = SpiffeId::parse(identity).map_err(ProxyError::OutboundIdentity)?;
             Some((
                 bind("the outbound listener", listen).await?,
                 Upstream::Fixed(upstream, identity),
@@ -141,14 +141,12 @@ pub async fn run(
     ));
 
     let (draining_tx, draining_rx) = watch::channel(false);
-    let (ready_tx, ready_rx) = watch::channel(Readiness::default());
-    tokio::spawn(track_readiness(
+    let ready_rx = readiness(
         tls_rx.clone(),
         needs_mesh.then(|| mesh_rx.clone()),
         policies_rx.clone(),
-        draining_rx.clone(),
-        ready_tx,
-    ));
+        draining_rx,
+    );
 
     let admin_listener = bind("the admin endpoint", config.admin_addr).await?;
     let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
@@ -257,35 +255,18 @@ fn local(listener: &TcpListener) -> String {
 
 /// Ready once the agent's certificate, the policies (and, in transparent mode, the mesh
 /// membership) arrived, and not while draining.
-async fn track_readiness(
-    mut tls: watch::Receiver<Option<Arc<TlsState>>>,
-    mut mesh: Option<watch::Receiver<Option<Arc<MeshSnapshot>>>>,
-    mut policies: watch::Receiver<Option<Arc<PolicyState>>>,
-    mut draining: watch::Receiver<bool>,
-    tx: watch::Sender<Readiness>,
-) {
-    loop {
-        let mut conditions = vec![("certificate", tls.borrow().is_some())];
-        if let Some(mesh) = &mesh {
-            conditions.push(("mesh_membership", mesh.borrow().is_some()));
-        }
-        conditions.push(("policies", policies.borrow().is_some()));
-        conditions.push(("not_draining", !*draining.borrow()));
-        tx.send_replace(Readiness(conditions));
-        let mesh_changed = async {
-            match &mut mesh {
-                Some(mesh) => mesh.changed().await,
-                None => std::future::pending().await,
-            }
-        };
-        let alive = tokio::select! {
-            changed = tls.changed() => changed.is_ok(),
-            changed = mesh_changed => changed.is_ok(),
-            changed = policies.changed() => changed.is_ok(),
-            changed = draining.changed() => changed.is_ok(),
-        };
-        if !alive {
-            return;
-        }
+fn readiness(
+    tls: watch::Receiver<Option<Arc<TlsState>>>,
+    mesh: Option<watch::Receiver<Option<Arc<MeshSnapshot>>>>,
+    policies: watch::Receiver<Option<Arc<PolicyState>>>,
+    draining: watch::Receiver<bool>,
+) -> watch::Receiver<Readiness> {
+    let mut conditions = Conditions::new().watch("certificate", tls, Option::is_some);
+    if let Some(mesh) = mesh {
+        conditions = conditions.watch("mesh_membership", mesh, Option::is_some);
     }
+    conditions
+        .watch("policies", policies, Option::is_some)
+        .watch("not_draining", draining, |draining| !*draining)
+        .spawn()
 }

@@ -150,7 +150,7 @@ impl CaProcess {
         identity: Option<&CertifiedKey>,
     ) -> CertificateAuthorityClient<Channel> {
         let channel =
-            sigil_ca::client::connect(&self.grpc.to_string(), "localhost", bundle, identity)
+            sigil_agent::ca_channel::connect(&self.grpc.to_string(), "localhost", bundle, identity)
                 .await
                 .expect("connecting to the CA");
         CertificateAuthorityClient::new(channel)
@@ -318,7 +318,7 @@ pub fn bundle_from_der(roots: &[Vec<u8>]) -> TrustBundle {
 }
 
 pub fn pem(der: &[u8]) -> String {
-    sigil_ca::authority::der_to_pem(der)
+    sigil_identity::bundle::certificate_to_pem(der)
 }
 
 /// Runs `openssl verify -x509_strict -purpose <purpose>` on a leaf (+ intermediates) against roots.

@@ -10,7 +10,7 @@ const WEB_INJECTED: &str = include_str!("../../../tests/fixtures/admission/web-p
 fn config() -> InjectConfig {
     InjectConfig {
         image: "registry.example/sigil:0.1.0".into(),
-        proxy_uid: DEFAULT_PROXY_UID,
+        proxy_uid: sigil_proxy_api::PROXY_UID,
         excluded_namespaces: DEFAULT_EXCLUDED_NAMESPACES.map(String::from).into(),
     }
 }

@@ -1,6 +1,6 @@
-//! Connecting to the CA: a tonic channel over TLS that checks the CA's serving certificate
-//! against a trust bundle (by DNS name), optionally presenting a client certificate. Used by the
-//! node agent, the benchmarks and the tests.
+//! The channel to the CA: tonic over TLS, checking the CA's serving certificate against a trust
+//! bundle (by DNS name), optionally presenting a client certificate. The node agent's
+//! [`crate::ca_client`] dials the CA with it; so do the benchmarks and the tests.
 
 use std::sync::Arc;
 use std::time::Duration;
