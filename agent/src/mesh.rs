@@ -50,7 +50,7 @@ use serde::Deserialize;
 use sigil_identity::spiffe::SpiffeIdError;
 use sigil_identity::{SpiffeId, TrustDomain};
 use sigil_proto::sigil::mesh::v1::mesh_discovery_server::{MeshDiscovery, MeshDiscoveryServer};
-use sigil_proto::sigil::mesh::v1::{MeshMember, MeshMembers, WatchMembersRequest};
+use sigil_proto::sigil::mesh::v1::{MeshMembers, WatchMembersRequest};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
@@ -871,6 +871,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{PodIP, PodSpec as CorePodSpec, PodStatus};
     use kube::api::{ObjectMeta, Patch, PatchParams};
     use prometheus_client::registry::Registry;
+    use sigil_proto::sigil::mesh::v1::MeshMember;
     use sigil_proto::sigil::mesh::v1::mesh_discovery_client::MeshDiscoveryClient;
     use sigil_test_apiserver::{PodSpec, TestApiServer};
 
