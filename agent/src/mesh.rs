@@ -38,27 +38,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use sigil_identity::spiffe::SpiffeIdError;
 use sigil_identity::{SpiffeId, TrustDomain};
+use sigil_kube_watch::follow::{self, Events, WatchEvent};
+use sigil_kube_watch::{Listed, POLL_INTERVAL, PolledFile, State, publish};
 use sigil_proto::sigil::mesh::v1::mesh_discovery_server::{MeshDiscovery, MeshDiscoveryServer};
 use sigil_proto::sigil::mesh::v1::{MeshMember, MeshMembers, WatchMembersRequest};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
 
-use crate::listed::Listed;
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
-use crate::polled_file::{self, FollowedSources, PolledFile};
 use crate::push_stream::{self, PushFeed, ResponseStream};
 
 /// The pod label that puts a pod in the mesh (the sidecar injector sets it on injected pods).
@@ -68,7 +66,7 @@ pub const TLS_MODE_MTLS: &str = "mtls";
 /// The source of the members read from `--mesh-file`.
 pub const FILE_SOURCE: &str = "mesh-file";
 /// How often `--mesh-file` is re-read.
-pub const FILE_POLL_INTERVAL: Duration = polled_file::POLL_INTERVAL;
+pub const FILE_POLL_INTERVAL: Duration = POLL_INTERVAL;
 /// What Kubernetes runs a pod as when it names no service account.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// The label naming the Service an EndpointSlice belongs to (in the slice's namespace).
@@ -82,12 +80,10 @@ const LABELS: ApiLabels = ApiLabels {
 /// An event of one of the Kubernetes watches.
 enum KubeEvent {
     // Boxed: the objects are large, and an event is moved through the merged stream.
-    Pod(Box<Result<Event<Pod>, watcher::Error>>),
-    Service(Box<Result<Event<Service>, watcher::Error>>),
-    EndpointSlice(Box<Result<Event<EndpointSlice>, watcher::Error>>),
+    Pod(Box<WatchEvent<Pod>>),
+    Service(Box<WatchEvent<Service>>),
+    EndpointSlice(Box<WatchEvent<EndpointSlice>>),
 }
-
-type KubeEvents = BoxStream<'static, KubeEvent>;
 
 /// Only shutdown ends a stream: clients retry, and reach the agent replacing this one.
 impl From<MeshError> for Status {
@@ -102,7 +98,7 @@ pub enum MeshError {
     #[error("reading it: {0}")]
     Read(#[from] std::io::Error),
     #[error("{0}")]
-    Yaml(String),
+    Yaml(#[from] serde_yaml::Error),
     #[error("members[{index}].ip {value:?} is not an IP address")]
     Ip { index: usize, value: String },
     #[error("members[{index}].id {value:?}: {reason}")]
@@ -280,8 +276,7 @@ struct FileEntry {
 
 /// Parses and checks a mesh file: every IP and ID valid, IDs in `td`, no IP listed twice.
 fn parse_file(contents: &[u8], td: &TrustDomain) -> Result<BTreeMap<IpAddr, SpiffeId>, MeshError> {
-    let file: FileYaml =
-        serde_yaml::from_slice(contents).map_err(|e| MeshError::Yaml(e.to_string()))?;
+    let file: FileYaml = serde_yaml::from_slice(contents)?;
     let entries = file
         .members
         .iter()
@@ -379,25 +374,6 @@ fn mesh_pod(pod: &Pod, td: &TrustDomain) -> Result<Option<MeshPod>, MeshError> {
         running: phase == Some("Running"),
         created: pod.metadata.creation_timestamp.clone(),
     }))
-}
-
-/// The membership's watches keep objects by UID.
-impl<T: PartialEq> Listed<String, T> {
-    /// Follows one watch event, with `convert` giving an object's contribution (`None`: none);
-    /// returns whether the membership may have changed.
-    fn on_event<O: kube::Resource>(
-        &mut self,
-        event: Event<O>,
-        what: &str,
-        convert: impl Fn(&O) -> Option<T>,
-    ) -> bool {
-        let listing_done = matches!(event, Event::InitDone);
-        let changed = self.apply_event(event, |object| object.meta().uid.clone(), convert);
-        if listing_done && changed {
-            info!(count = self.items.len(), "{what} synced");
-        }
-        changed
-    }
 }
 
 /// A labelled pod's contribution, or none (logged) when it has no valid identity.
@@ -777,7 +753,6 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> watch::Receiver<Arc<MeshSnapshot>> {
-    let (tx, rx) = watch::channel(Arc::new(MeshSnapshot::default()));
     let events = sources.kubernetes.map(kube_events);
     let membership = Membership {
         td,
@@ -785,28 +760,20 @@ pub fn spawn(
         file: sources.file,
         logged_conflicts: BTreeSet::new(),
         logged_partly_meshed: BTreeSet::new(),
-        tx,
         metrics,
     };
-    tokio::spawn(membership.run(events, shutdown));
-    rx
+    publish::spawn("mesh membership", membership, events, shutdown)
 }
 
 /// The watches of every pod labelled for mTLS, every Service and every EndpointSlice, in every
 /// namespace, as one stream. The watchers retry with backoff and re-list when they must.
-fn kube_events(client: kube::Client) -> KubeEvents {
-    let pods: Api<Pod> = Api::all(client.clone());
+fn kube_events(client: kube::Client) -> Events<KubeEvent> {
     let labelled = watcher::Config::default().labels(&format!("{TLS_MODE_LABEL}={TLS_MODE_MTLS}"));
-    let pods = watcher::watcher(pods, labelled)
-        .default_backoff()
+    let pods = follow::watch(Api::all(client.clone()), labelled)
         .map(|event| KubeEvent::Pod(Box::new(event)));
-    let services: Api<Service> = Api::all(client.clone());
-    let services = watcher::watcher(services, watcher::Config::default())
-        .default_backoff()
+    let services = follow::watch(Api::all(client.clone()), watcher::Config::default())
         .map(|event| KubeEvent::Service(Box::new(event)));
-    let slices: Api<EndpointSlice> = Api::all(client);
-    let slices = watcher::watcher(slices, watcher::Config::default())
-        .default_backoff()
+    let slices = follow::watch(Api::all(client), watcher::Config::default())
         .map(|event| KubeEvent::EndpointSlice(Box::new(event)));
     futures::stream::select(pods, futures::stream::select(services, slices)).boxed()
 }
@@ -822,30 +789,28 @@ struct Membership {
     /// The partly meshed Services already logged, likewise (by name: their unmeshed endpoints
     /// change as a rollout proceeds).
     logged_partly_meshed: BTreeSet<String>,
-    tx: watch::Sender<Arc<MeshSnapshot>>,
     metrics: Arc<Metrics>,
 }
 
-impl Membership {
-    async fn run(self, events: Option<KubeEvents>, shutdown: watch::Receiver<bool>) {
-        polled_file::follow(self, events, shutdown).await;
-        info!("mesh membership stopped");
-    }
-}
-
-impl FollowedSources for Membership {
+impl State for Membership {
     type Event = KubeEvent;
+    type Content = BTreeMap<IpAddr, Member>;
+    type Snapshot = MeshSnapshot;
 
     fn has_file(&self) -> bool {
         self.file.is_some()
     }
 
-    fn on_event(&mut self, event: KubeEvent) {
+    fn synced(&self) -> bool {
+        self.kube.as_ref().is_none_or(KubeState::synced)
+    }
+
+    fn on_event(&mut self, event: KubeEvent) -> bool {
         let Some(kube) = self.kube.as_mut() else {
-            return;
+            return false;
         };
         let td = &self.td;
-        let changed = match event {
+        match event {
             KubeEvent::Pod(event) => match *event {
                 Ok(event) => kube.on_pod_event(event, td),
                 Err(e) => {
@@ -867,55 +832,49 @@ impl FollowedSources for Membership {
                     false
                 }
             },
-        };
-        if changed {
-            self.publish();
         }
     }
 
-    async fn poll_file(&mut self) {
+    async fn poll_file(&mut self) -> bool {
         let Some(file) = self.file.as_mut() else {
-            return;
+            return false;
         };
         let td = &self.td;
         let reloaded = file.0.poll(|contents| parse_file(contents, td)).await;
         let path = file.0.path().display();
         match reloaded {
-            Ok(false) => {}
+            Ok(false) => false,
             Ok(true) => {
                 info!(%path, members = file.members().len(), "mesh file reloaded");
-                self.publish();
+                true
             }
             Err(e) => {
                 self.metrics.mesh_file_reload_failures.inc();
                 error!(%path, error = %e, "mesh file is unreadable or invalid; keeping its last good members");
+                false
             }
         }
     }
 
-    /// Publishes the merged membership once every source has synced, if it differs from the one
-    /// published last.
-    fn publish(&mut self) {
-        if !self.kube.as_ref().is_none_or(KubeState::synced) {
-            return;
-        }
+    /// The merged membership, logging the conflicts and partly meshed Services not logged yet.
+    fn content(&mut self) -> BTreeMap<IpAddr, Member> {
         let (members, notes) = merge(self.kube.as_ref(), self.file.as_ref());
         self.log_new(notes);
-        let version = {
-            let current = self.tx.borrow();
-            if current.is_synced() && current.members == members {
-                return;
-            }
-            current.version + 1
-        };
+        members
+    }
+
+    fn published(snapshot: &MeshSnapshot) -> (u64, &BTreeMap<IpAddr, Member>) {
+        (snapshot.version, &snapshot.members)
+    }
+
+    fn snapshot(&self, version: u64, members: BTreeMap<IpAddr, Member>) -> MeshSnapshot {
         self.metrics.mesh_members.set(members.len() as i64);
         if version == 1 {
             info!(members = members.len(), "mesh membership synced");
         } else {
             debug!(version, members = members.len(), "mesh membership changed");
         }
-        self.tx
-            .send_replace(Arc::new(MeshSnapshot { version, members }));
+        MeshSnapshot { version, members }
     }
 }
 
