@@ -8,14 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
 use sigil_identity::{SpiffeId, TrustDomain};
+use sigil_kube_watch::{Index, follow, index};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::Instrument;
 
 use super::cgroup::{ContainerRef, parse_cgroup};
 use super::procfs::{Process, Procfs};
@@ -102,34 +101,34 @@ impl NodePods {
     }
 }
 
+/// The node pod watch's events change the pods in place.
+impl Index<Pod> for NodePods {
+    fn apply(&mut self, pod: &Pod) {
+        NodePods::apply(self, pod);
+    }
+
+    fn delete(&mut self, pod: &Pod) {
+        NodePods::delete(self, pod);
+    }
+
+    fn set_synced(&mut self) {
+        self.synced = true;
+    }
+
+    fn len(&self) -> usize {
+        NodePods::len(self)
+    }
+}
+
 /// Watches the pods with `spec.nodeName=<node_name>` and keeps `tx` current. It does not return:
 /// the watcher retries with backoff and re-lists when it must; a re-list is built aside and
 /// swapped in whole, so lookups never see a half-listed node.
 pub async fn watch_node_pods(client: kube::Client, node_name: String, tx: watch::Sender<NodePods>) {
     let api: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={node_name}"));
-    let mut events = watcher::watcher(api, config).default_backoff().boxed();
-    let mut relisting: Option<NodePods> = None;
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(Event::Init) => relisting = Some(NodePods::default()),
-            Ok(Event::InitApply(pod)) => {
-                if let Some(pods) = relisting.as_mut() {
-                    pods.apply(&pod);
-                }
-            }
-            Ok(Event::InitDone) => {
-                if let Some(mut pods) = relisting.take() {
-                    pods.synced = true;
-                    info!(node = %node_name, pods = pods.len(), "node pods synced");
-                    tx.send_replace(pods);
-                }
-            }
-            Ok(Event::Apply(pod)) => tx.send_modify(|pods| pods.apply(&pod)),
-            Ok(Event::Delete(pod)) => tx.send_modify(|pods| pods.delete(&pod)),
-            Err(err) => warn!(node = %node_name, error = %err, "node pod watch failed; retrying"),
-        }
-    }
+    index::keep("node pods", follow::watch(api, config), tx)
+        .instrument(tracing::info_span!("node_pods", node = %node_name))
+        .await;
 }
 
 #[derive(Clone, Debug)]
