@@ -38,17 +38,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use sigil_identity::spiffe::SpiffeIdError;
 use sigil_identity::{SpiffeId, TrustDomain};
+use sigil_kube_watch::follow::{self, Events, WatchEvent};
+use sigil_kube_watch::{Listed, POLL_INTERVAL, PolledFile, State, publish};
 use sigil_proto::sigil::mesh::v1::mesh_discovery_server::{MeshDiscovery, MeshDiscoveryServer};
 use sigil_proto::sigil::mesh::v1::{MeshMembers, WatchMembersRequest};
 use tokio::sync::watch;
@@ -58,16 +58,14 @@ use tracing::{debug, error, info, warn};
 use sigil_proxy_api::mesh::{Member, MemberError, MeshSnapshot, parse_entries};
 use sigil_proxy_api::{TLS_MODE_LABEL, TLS_MODE_MTLS};
 
-use crate::listed::Listed;
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
-use crate::polled_file::{self, FollowedSources, PolledFile};
 use crate::push_stream::{self, PushFeed, ResponseStream};
 
 /// The source of the members read from `--mesh-file`.
 pub const FILE_SOURCE: &str = "mesh-file";
 /// How often `--mesh-file` is re-read.
-pub const FILE_POLL_INTERVAL: Duration = polled_file::POLL_INTERVAL;
+pub const FILE_POLL_INTERVAL: Duration = POLL_INTERVAL;
 /// What Kubernetes runs a pod as when it names no service account.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 /// The label naming the Service an EndpointSlice belongs to (in the slice's namespace).
@@ -81,12 +79,10 @@ const LABELS: ApiLabels = ApiLabels {
 /// An event of one of the Kubernetes watches.
 enum KubeEvent {
     // Boxed: the objects are large, and an event is moved through the merged stream.
-    Pod(Box<Result<Event<Pod>, watcher::Error>>),
-    Service(Box<Result<Event<Service>, watcher::Error>>),
-    EndpointSlice(Box<Result<Event<EndpointSlice>, watcher::Error>>),
+    Pod(Box<WatchEvent<Pod>>),
+    Service(Box<WatchEvent<Service>>),
+    EndpointSlice(Box<WatchEvent<EndpointSlice>>),
 }
-
-type KubeEvents = BoxStream<'static, KubeEvent>;
 
 /// Only shutdown ends a stream: clients retry, and reach the agent replacing this one.
 impl From<MeshError> for Status {
@@ -101,7 +97,7 @@ pub enum MeshError {
     #[error("reading it: {0}")]
     Read(#[from] std::io::Error),
     #[error("{0}")]
-    Yaml(String),
+    Yaml(#[from] serde_yaml::Error),
     #[error(transparent)]
     Member(#[from] MemberError),
     #[error("pod {pod} has no valid identity: {reason}")]
@@ -125,8 +121,7 @@ struct FileEntry {
 
 /// Parses and checks a mesh file: every IP and ID valid, IDs in `td`, no IP listed twice.
 fn parse_file(contents: &[u8], td: &TrustDomain) -> Result<BTreeMap<IpAddr, SpiffeId>, MeshError> {
-    let file: FileYaml =
-        serde_yaml::from_slice(contents).map_err(|e| MeshError::Yaml(e.to_string()))?;
+    let file: FileYaml = serde_yaml::from_slice(contents)?;
     let entries = file
         .members
         .iter()
@@ -224,25 +219,6 @@ fn mesh_pod(pod: &Pod, td: &TrustDomain) -> Result<Option<MeshPod>, MeshError> {
         running: phase == Some("Running"),
         created: pod.metadata.creation_timestamp.clone(),
     }))
-}
-
-/// The membership's watches keep objects by UID.
-impl<T: PartialEq> Listed<String, T> {
-    /// Follows one watch event, with `convert` giving an object's contribution (`None`: none);
-    /// returns whether the membership may have changed.
-    fn on_event<O: kube::Resource>(
-        &mut self,
-        event: Event<O>,
-        what: &str,
-        convert: impl Fn(&O) -> Option<T>,
-    ) -> bool {
-        let listing_done = matches!(event, Event::InitDone);
-        let changed = self.apply_event(event, |object| object.meta().uid.clone(), convert);
-        if listing_done && changed {
-            info!(count = self.items.len(), "{what} synced");
-        }
-        changed
-    }
 }
 
 /// A labelled pod's contribution, or none (logged) when it has no valid identity.
@@ -622,7 +598,6 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> watch::Receiver<Arc<MeshSnapshot>> {
-    let (tx, rx) = watch::channel(Arc::new(MeshSnapshot::default()));
     let events = sources.kubernetes.map(kube_events);
     let membership = Membership {
         td,
@@ -630,28 +605,20 @@ pub fn spawn(
         file: sources.file,
         logged_conflicts: BTreeSet::new(),
         logged_partly_meshed: BTreeSet::new(),
-        tx,
         metrics,
     };
-    tokio::spawn(membership.run(events, shutdown));
-    rx
+    publish::spawn("mesh membership", membership, events, shutdown)
 }
 
 /// The watches of every pod labelled for mTLS, every Service and every EndpointSlice, in every
 /// namespace, as one stream. The watchers retry with backoff and re-list when they must.
-fn kube_events(client: kube::Client) -> KubeEvents {
-    let pods: Api<Pod> = Api::all(client.clone());
+fn kube_events(client: kube::Client) -> Events<KubeEvent> {
     let labelled = watcher::Config::default().labels(&format!("{TLS_MODE_LABEL}={TLS_MODE_MTLS}"));
-    let pods = watcher::watcher(pods, labelled)
-        .default_backoff()
+    let pods = follow::watch(Api::all(client.clone()), labelled)
         .map(|event| KubeEvent::Pod(Box::new(event)));
-    let services: Api<Service> = Api::all(client.clone());
-    let services = watcher::watcher(services, watcher::Config::default())
-        .default_backoff()
+    let services = follow::watch(Api::all(client.clone()), watcher::Config::default())
         .map(|event| KubeEvent::Service(Box::new(event)));
-    let slices: Api<EndpointSlice> = Api::all(client);
-    let slices = watcher::watcher(slices, watcher::Config::default())
-        .default_backoff()
+    let slices = follow::watch(Api::all(client), watcher::Config::default())
         .map(|event| KubeEvent::EndpointSlice(Box::new(event)));
     futures::stream::select(pods, futures::stream::select(services, slices)).boxed()
 }
@@ -667,30 +634,28 @@ struct Membership {
     /// The partly meshed Services already logged, likewise (by name: their unmeshed endpoints
     /// change as a rollout proceeds).
     logged_partly_meshed: BTreeSet<String>,
-    tx: watch::Sender<Arc<MeshSnapshot>>,
     metrics: Arc<Metrics>,
 }
 
-impl Membership {
-    async fn run(self, events: Option<KubeEvents>, shutdown: watch::Receiver<bool>) {
-        polled_file::follow(self, events, shutdown).await;
-        info!("mesh membership stopped");
-    }
-}
-
-impl FollowedSources for Membership {
+impl State for Membership {
     type Event = KubeEvent;
+    type Content = BTreeMap<IpAddr, Member>;
+    type Snapshot = MeshSnapshot;
 
     fn has_file(&self) -> bool {
         self.file.is_some()
     }
 
-    fn on_event(&mut self, event: KubeEvent) {
+    fn synced(&self) -> bool {
+        self.kube.as_ref().is_none_or(KubeState::synced)
+    }
+
+    fn on_event(&mut self, event: KubeEvent) -> bool {
         let Some(kube) = self.kube.as_mut() else {
-            return;
+            return false;
         };
         let td = &self.td;
-        let changed = match event {
+        match event {
             KubeEvent::Pod(event) => match *event {
                 Ok(event) => kube.on_pod_event(event, td),
                 Err(e) => {
@@ -712,55 +677,49 @@ impl FollowedSources for Membership {
                     false
                 }
             },
-        };
-        if changed {
-            self.publish();
         }
     }
 
-    async fn poll_file(&mut self) {
+    async fn poll_file(&mut self) -> bool {
         let Some(file) = self.file.as_mut() else {
-            return;
+            return false;
         };
         let td = &self.td;
         let reloaded = file.0.poll(|contents| parse_file(contents, td)).await;
         let path = file.0.path().display();
         match reloaded {
-            Ok(false) => {}
+            Ok(false) => false,
             Ok(true) => {
                 info!(%path, members = file.members().len(), "mesh file reloaded");
-                self.publish();
+                true
             }
             Err(e) => {
                 self.metrics.mesh_file_reload_failures.inc();
                 error!(%path, error = %e, "mesh file is unreadable or invalid; keeping its last good members");
+                false
             }
         }
     }
 
-    /// Publishes the merged membership once every source has synced, if it differs from the one
-    /// published last.
-    fn publish(&mut self) {
-        if !self.kube.as_ref().is_none_or(KubeState::synced) {
-            return;
-        }
+    /// The merged membership, logging the conflicts and partly meshed Services not logged yet.
+    fn content(&mut self) -> BTreeMap<IpAddr, Member> {
         let (members, notes) = merge(self.kube.as_ref(), self.file.as_ref());
         self.log_new(notes);
-        let version = {
-            let current = self.tx.borrow();
-            if current.is_synced() && current.members == members {
-                return;
-            }
-            current.version + 1
-        };
+        members
+    }
+
+    fn published(snapshot: &MeshSnapshot) -> (u64, &BTreeMap<IpAddr, Member>) {
+        (snapshot.version, &snapshot.members)
+    }
+
+    fn snapshot(&self, version: u64, members: BTreeMap<IpAddr, Member>) -> MeshSnapshot {
         self.metrics.mesh_members.set(members.len() as i64);
         if version == 1 {
             info!(members = members.len(), "mesh membership synced");
         } else {
             debug!(version, members = members.len(), "mesh membership changed");
         }
-        self.tx
-            .send_replace(Arc::new(MeshSnapshot { version, members }));
+        MeshSnapshot { version, members }
     }
 }
 
@@ -867,1047 +826,4 @@ impl PushFeed for Feed {
 }
 
 #[cfg(test)]
-mod tests {
-    use k8s_openapi::api::core::v1::{PodIP, PodSpec as CorePodSpec, PodStatus};
-    use kube::api::{ObjectMeta, Patch, PatchParams};
-    use prometheus_client::registry::Registry;
-    use sigil_proto::sigil::mesh::v1::MeshMember;
-    use sigil_proto::sigil::mesh::v1::mesh_discovery_client::MeshDiscoveryClient;
-    use sigil_test_apiserver::{PodSpec, TestApiServer};
-
-    use super::*;
-    use crate::test_support::{BundleSource, TestAgent, TestCa, WEB_ID, td, this_uid, uid_is_web};
-
-    const WAIT: Duration = Duration::from_secs(10);
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    fn spiffe(s: &str) -> SpiffeId {
-        s.parse().unwrap()
-    }
-
-    fn metrics() -> Arc<Metrics> {
-        Arc::new(Metrics::new(&mut Registry::default()))
-    }
-
-    fn member(id: &str, source: &str) -> Member {
-        Member::single(spiffe(id), source)
-    }
-
-    fn member_of(ids: &[&str], source: &str) -> Member {
-        Member {
-            ids: ids.iter().map(|id| spiffe(id)).collect(),
-            source: source.into(),
-        }
-    }
-
-    async fn until(
-        rx: &watch::Receiver<Arc<MeshSnapshot>>,
-        what: impl Fn(&MeshSnapshot) -> bool,
-    ) -> Arc<MeshSnapshot> {
-        tokio::time::timeout(WAIT, rx.clone().wait_for(|snapshot| what(snapshot)))
-            .await
-            .expect("the membership never reached the expected state")
-            .expect("the membership task stopped")
-            .clone()
-    }
-
-    // --- the mesh file ---
-
-    #[test]
-    fn a_good_file_parses() {
-        let yaml = "members:\n\
-                    - {ip: 198.18.0.2, id: \"spiffe://cluster.local/ns/b/sa/b\"}\n\
-                    - ip: fd00::7\n  id: spiffe://cluster.local/vm/db\n";
-        let members = parse_file(yaml.as_bytes(), &td()).unwrap();
-        assert_eq!(
-            members,
-            BTreeMap::from([
-                (ip("198.18.0.2"), spiffe("spiffe://cluster.local/ns/b/sa/b")),
-                (ip("fd00::7"), spiffe("spiffe://cluster.local/vm/db")),
-            ])
-        );
-        assert!(parse_file(b"members: []", &td()).unwrap().is_empty());
-    }
-
-    #[test]
-    fn a_bad_file_is_refused_naming_the_entry_and_field() {
-        let cases = [
-            (
-                "members: [{ip: 198.18.0.2, id: spiffe://cluster.local/ns/b/sa/b, port: 80}]",
-                "members[0]: unknown field `port`, expected `ip` or `id`",
-            ),
-            ("member: []", "unknown field `member`, expected `members`"),
-            (
-                "members:\n- {ip: 198.18.0.2, id: spiffe://cluster.local/ns/a/sa/a}\n- {ip: 198.18.0.300, id: spiffe://cluster.local/ns/b/sa/b}",
-                "members[1].ip \"198.18.0.300\" is not an IP address",
-            ),
-            (
-                "members: [{ip: 198.18.0.2, id: spiffe://cluster.local/ns//sa/b}]",
-                "members[0].id \"spiffe://cluster.local/ns//sa/b\": SPIFFE ID path has an empty segment",
-            ),
-            (
-                "members: [{ip: 198.18.0.2, id: \"https://cluster.local/ns/b/sa/b\"}]",
-                "members[0].id \"https://cluster.local/ns/b/sa/b\": SPIFFE ID must start with",
-            ),
-            (
-                "members: [{ip: 198.18.0.2, id: spiffe://cluster.local}]",
-                "members[0].id spiffe://cluster.local has no path",
-            ),
-            (
-                "members: [{ip: 198.18.0.2, id: spiffe://example.org/ns/b/sa/b}]",
-                "members[0].id spiffe://example.org/ns/b/sa/b is not in this agent's trust domain cluster.local",
-            ),
-            (
-                "members:\n- {ip: 198.18.0.2, id: spiffe://cluster.local/ns/a/sa/a}\n- {ip: 198.18.0.2, id: spiffe://cluster.local/ns/b/sa/b}",
-                "members[1].ip 198.18.0.2 is already members[0].ip",
-            ),
-            (
-                "members: [{ip: 198.18.0.2}]",
-                "members[0]: missing field `id`",
-            ),
-        ];
-        for (yaml, expected) in cases {
-            let err = parse_file(yaml.as_bytes(), &td()).unwrap_err().to_string();
-            assert!(
-                err.contains(expected),
-                "{yaml}\n  gave: {err}\n  want: {expected}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_missing_or_invalid_file_at_start_up_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let missing = MeshFile::load(&dir.path().join("absent.yaml"), &td()).unwrap_err();
-        assert!(matches!(missing, MeshError::Read(_)), "{missing:?}");
-        let path = dir.path().join("mesh.yaml");
-        std::fs::write(&path, "members: [{ip: nope, id: spiffe://cluster.local/x}]").unwrap();
-        let invalid = MeshFile::load(&path, &td()).unwrap_err();
-        assert!(
-            matches!(invalid, MeshError::Member(MemberError::Ip { index: 0, .. })),
-            "{invalid:?}"
-        );
-    }
-
-    /// The file source alone, on paused time: each poll is exactly one FILE_POLL_INTERVAL.
-    #[tokio::test(start_paused = true)]
-    async fn the_file_is_reloaded_on_change_and_a_bad_edit_keeps_the_last_good_members() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mesh.yaml");
-        let b = "spiffe://cluster.local/ns/b/sa/b";
-        std::fs::write(&path, format!("members: [{{ip: 198.18.0.2, id: {b}}}]")).unwrap();
-        let metrics = metrics();
-        let (_stop, shutdown) = watch::channel(false);
-        let sources = Sources {
-            kubernetes: None,
-            file: Some(MeshFile::load(&path, &td()).unwrap()),
-        };
-        let rx = spawn(td(), sources, metrics.clone(), shutdown);
-        let first = until(&rx, MeshSnapshot::is_synced).await;
-        assert_eq!(first.version, 1);
-        assert_eq!(
-            first.members,
-            BTreeMap::from([(ip("198.18.0.2"), member(b, FILE_SOURCE))])
-        );
-        assert_eq!(metrics.mesh_members.get(), 1);
-
-        // Invalid, then unreadable: logged and counted once each, the members kept.
-        std::fs::write(
-            &path,
-            "members: [{ip: 198.18.0.2, id: spiffe://evil.org/x}]",
-        )
-        .unwrap();
-        tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
-        assert_eq!(metrics.mesh_file_reload_failures.get(), 1);
-        std::fs::remove_file(&path).unwrap();
-        tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
-        assert_eq!(metrics.mesh_file_reload_failures.get(), 2);
-        assert_eq!(*rx.borrow(), first, "nothing published");
-
-        // A valid edit is published; rewriting the same members is not a change.
-        let c = "spiffe://cluster.local/ns/c/sa/c";
-        let edit =
-            format!("members:\n- {{ip: 198.18.0.2, id: {b}}}\n- {{ip: 198.18.0.3, id: {c}}}\n");
-        std::fs::write(&path, &edit).unwrap();
-        let second = until(&rx, |snapshot| snapshot.version == 2).await;
-        assert_eq!(
-            second.members,
-            BTreeMap::from([
-                (ip("198.18.0.2"), member(b, FILE_SOURCE)),
-                (ip("198.18.0.3"), member(c, FILE_SOURCE)),
-            ])
-        );
-        assert_eq!(metrics.mesh_members.get(), 2);
-        std::fs::write(&path, format!("# same members\n{edit}")).unwrap();
-        tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
-        assert_eq!(rx.borrow().version, 2);
-        assert_eq!(metrics.mesh_file_reload_failures.get(), 2);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn without_sources_the_empty_membership_is_published_and_shutdown_ends_it() {
-        let (stop, shutdown) = watch::channel(false);
-        let mut rx = spawn(td(), Sources::default(), metrics(), shutdown);
-        let snapshot = until(&rx, MeshSnapshot::is_synced).await;
-        assert!(snapshot.members.is_empty());
-        rx.borrow_and_update();
-        stop.send_replace(true);
-        assert!(rx.changed().await.is_err(), "the sender is gone");
-    }
-
-    // --- pods ---
-
-    struct TestPod {
-        name: &'static str,
-        sa: Option<&'static str>,
-        phase: &'static str,
-        pod_ip: Option<&'static str>,
-        pod_ips: &'static [&'static str],
-        host_network: bool,
-        created: &'static str,
-    }
-
-    const RUNNING: TestPod = TestPod {
-        name: "web-1",
-        sa: Some("web"),
-        phase: "Running",
-        pod_ip: Some("10.0.0.5"),
-        pod_ips: &["10.0.0.5", "fd00::5"],
-        host_network: false,
-        created: "2026-01-01T00:00:00Z",
-    };
-
-    impl TestPod {
-        fn pod(&self) -> Pod {
-            Pod {
-                metadata: ObjectMeta {
-                    uid: Some(format!("uid-{}", self.name)),
-                    namespace: Some("demo".into()),
-                    name: Some(self.name.into()),
-                    creation_timestamp: Some(Time(self.created.parse().unwrap())),
-                    ..ObjectMeta::default()
-                },
-                spec: Some(CorePodSpec {
-                    service_account_name: self.sa.map(Into::into),
-                    host_network: Some(self.host_network),
-                    ..CorePodSpec::default()
-                }),
-                status: Some(PodStatus {
-                    phase: Some(self.phase.into()),
-                    pod_ip: self.pod_ip.map(Into::into),
-                    pod_ips: Some(
-                        self.pod_ips
-                            .iter()
-                            .map(|ip| PodIP { ip: (*ip).into() })
-                            .collect(),
-                    ),
-                    ..PodStatus::default()
-                }),
-            }
-        }
-
-        fn mesh_pod(&self) -> Option<MeshPod> {
-            mesh_pod(&self.pod(), &td()).unwrap()
-        }
-    }
-
-    #[test]
-    fn pods_convert_to_members() {
-        /// The IPs and ID the pod contributes, if any.
-        type Contribution = Option<(&'static [&'static str], &'static str)>;
-        let web = "spiffe://cluster.local/ns/demo/sa/web";
-        let cases: [(&str, TestPod, Contribution); 8] = [
-            (
-                "every podIP",
-                RUNNING,
-                Some((&["10.0.0.5", "fd00::5"], web)),
-            ),
-            (
-                "podIP when podIPs is empty",
-                TestPod {
-                    pod_ips: &[],
-                    ..RUNNING
-                },
-                Some((&["10.0.0.5"], web)),
-            ),
-            (
-                "pending with an IP",
-                TestPod {
-                    phase: "Pending",
-                    ..RUNNING
-                },
-                Some((&["10.0.0.5", "fd00::5"], web)),
-            ),
-            (
-                "host network",
-                TestPod {
-                    host_network: true,
-                    ..RUNNING
-                },
-                None,
-            ),
-            (
-                "succeeded",
-                TestPod {
-                    phase: "Succeeded",
-                    ..RUNNING
-                },
-                None,
-            ),
-            (
-                "failed",
-                TestPod {
-                    phase: "Failed",
-                    ..RUNNING
-                },
-                None,
-            ),
-            (
-                "no IP yet",
-                TestPod {
-                    pod_ip: None,
-                    pod_ips: &[],
-                    phase: "Pending",
-                    ..RUNNING
-                },
-                None,
-            ),
-            (
-                "default service account",
-                TestPod {
-                    sa: None,
-                    ..RUNNING
-                },
-                Some((
-                    &["10.0.0.5", "fd00::5"],
-                    "spiffe://cluster.local/ns/demo/sa/default",
-                )),
-            ),
-        ];
-        for (what, pod, expected) in cases {
-            let got = pod.mesh_pod();
-            let got = got.as_ref().map(|p| {
-                let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
-                (ips, p.id.clone(), p.source.as_str())
-            });
-            let expected = expected.map(|(ips, id)| {
-                let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
-                (ips, spiffe(id), "demo/web-1")
-            });
-            assert_eq!(got, expected, "{what}");
-        }
-        let bad_sa = TestPod {
-            sa: Some("Not_A/Segment"),
-            ..RUNNING
-        };
-        let err = mesh_pod(&bad_sa.pod(), &td()).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("pod demo/web-1 has no valid identity")
-        );
-    }
-
-    #[test]
-    fn a_duplicate_ip_goes_to_the_running_then_newest_pod() {
-        let old = TestPod {
-            name: "old",
-            sa: Some("old"),
-            pod_ips: &["10.0.0.5"],
-            ..RUNNING
-        };
-        let newer = TestPod {
-            name: "newer",
-            sa: Some("newer"),
-            pod_ips: &["10.0.0.5"],
-            created: "2026-01-02T00:00:00Z",
-            ..RUNNING
-        };
-        let newest_pending = TestPod {
-            name: "newest",
-            sa: Some("newest"),
-            pod_ips: &["10.0.0.5"],
-            phase: "Pending",
-            created: "2026-01-03T00:00:00Z",
-            ..RUNNING
-        };
-        let pods = [&old, &newer, &newest_pending].map(|p| p.mesh_pod().unwrap());
-        let ten = ip("10.0.0.5");
-        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
-            let mut conflicts = Vec::new();
-            let members = pod_members(order.iter().map(|&i| &pods[i]), &mut conflicts);
-            assert_eq!(
-                members,
-                BTreeMap::from([(
-                    ten,
-                    member("spiffe://cluster.local/ns/demo/sa/newer", "demo/newer")
-                )]),
-                "{order:?}"
-            );
-            assert_eq!(
-                conflicts,
-                [Conflict {
-                    ip: ten,
-                    kept: "demo/newer".into(),
-                    ignored: vec!["demo/old".into(), "demo/newest".into()],
-                }]
-            );
-        }
-        // Without the running ones, the pending pod has the IP.
-        let mut conflicts = Vec::new();
-        let members = pod_members([&pods[2]], &mut conflicts);
-        assert_eq!(members[&ten].source, "demo/newest");
-        assert!(conflicts.is_empty());
-    }
-
-    fn apply_pod(pods: &mut Listed<String, MeshPod>, pod: Pod) -> bool {
-        pods.on_event(Event::Apply(pod), "meshed pods", |pod| {
-            pod_contribution(pod, &td())
-        })
-    }
-
-    fn service(name: &str, namespace: &str, cluster_ip: &str) -> Service {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-svc-{namespace}-{name}")},
-            "spec": {
-                "clusterIP": cluster_ip,
-                "clusterIPs": [cluster_ip],
-                "ports": [{"port": 80, "targetPort": 8080}],
-            },
-        }))
-        .unwrap()
-    }
-
-    /// An EndpointSlice of `namespace/service`; the addresses prefixed `!` are not ready.
-    fn slice(name: &str, namespace: &str, service: &str, addresses: &[&str]) -> EndpointSlice {
-        let endpoints: Vec<serde_json::Value> = addresses
-            .iter()
-            .map(|address| {
-                let ready = !address.starts_with('!');
-                serde_json::json!({
-                    "addresses": [address.trim_start_matches('!')],
-                    "conditions": {"ready": ready, "serving": true, "terminating": !ready},
-                })
-            })
-            .collect();
-        serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "uid": format!("uid-slice-{namespace}-{name}"),
-                "labels": {SERVICE_NAME_LABEL: service},
-            },
-            "addressType": "IPv4",
-            "endpoints": endpoints,
-            "ports": [{"port": 8080}],
-        }))
-        .unwrap()
-    }
-
-    fn kube_state(pods: &[Pod], services: &[Service], slices: &[EndpointSlice]) -> KubeState {
-        let mut kube = KubeState::default();
-        for pod in pods {
-            apply_pod(&mut kube.pods, pod.clone());
-        }
-        for service in services {
-            kube.services
-                .on_event(Event::Apply(service.clone()), "services", mesh_service);
-        }
-        for slice in slices {
-            kube.slices
-                .on_event(Event::Apply(slice.clone()), "endpoint slices", mesh_slice);
-        }
-        kube
-    }
-
-    fn service_members_of(kube: &KubeState, file: Option<&MeshFile>) -> BTreeMap<IpAddr, Member> {
-        merge(Some(kube), file)
-            .0
-            .into_iter()
-            .filter(|(_, m)| m.source.contains("/service/"))
-            .collect()
-    }
-
-    #[test]
-    fn a_service_is_a_member_when_every_endpoint_is_meshed_with_the_identities_behind_it() {
-        let web = "spiffe://cluster.local/ns/demo/sa/web";
-        let api = "spiffe://cluster.local/ns/demo/sa/api";
-        let api_v2 = "spiffe://cluster.local/ns/demo/sa/api-v2";
-        let pod = |name: &'static str, sa: &'static str, ips: &'static [&'static str]| {
-            TestPod {
-                name,
-                sa: Some(sa),
-                pod_ips: ips,
-                pod_ip: ips.first().copied(),
-                ..RUNNING
-            }
-            .pod()
-        };
-        let pods = [
-            pod("web-1", "web", &["10.0.0.5"]),
-            pod("web-2", "web", &["10.0.0.6"]),
-            // One Deployment in the middle of a serviceAccountName change.
-            pod("api-1", "api", &["10.0.0.7"]),
-            pod("api-2", "api-v2", &["10.0.0.8"]),
-        ];
-        let services = [
-            service("web", "demo", "10.96.0.10"),
-            service("api", "demo", "10.96.0.11"),
-            // One endpoint (terminating, not ready) is an unmeshed pod.
-            service("partial", "demo", "10.96.0.12"),
-            // No endpoint is meshed: outside the mesh, nothing to log.
-            service("plain", "demo", "10.96.0.13"),
-            // A slice without endpoints, and no slice at all.
-            service("empty", "demo", "10.96.0.14"),
-            service("none", "demo", "10.96.0.15"),
-            // Same name, another namespace: demo's slices are not its own.
-            service("web", "shop", "10.96.0.16"),
-            // Headless: clients use the endpoints' own IPs.
-            service("web-headless", "demo", "None"),
-            // No selector: its slice is managed by hand.
-            service("manual", "demo", "10.96.0.17"),
-        ];
-        let slices = [
-            // The web Service's endpoints, over two slices.
-            slice("web-a", "demo", "web", &["10.0.0.5"]),
-            slice("web-b", "demo", "web", &["10.0.0.6"]),
-            slice("api-a", "demo", "api", &["10.0.0.7", "10.0.0.8"]),
-            slice("partial-a", "demo", "partial", &["10.0.0.5", "!10.0.0.99"]),
-            slice("plain-a", "demo", "plain", &["10.0.0.98"]),
-            slice("empty-a", "demo", "empty", &[]),
-            slice("web-headless-a", "demo", "web-headless", &["10.0.0.5"]),
-            slice("manual-1", "demo", "manual", &["10.0.0.6"]),
-        ];
-        let mut kube = kube_state(&pods, &services, &slices);
-        let (members, notes) = merge(Some(&kube), None);
-        assert_eq!(
-            service_members_of(&kube, None),
-            BTreeMap::from([
-                (ip("10.96.0.10"), member(web, "demo/service/web")),
-                (
-                    ip("10.96.0.11"),
-                    member_of(&[api, api_v2], "demo/service/api")
-                ),
-                (ip("10.96.0.17"), member(web, "demo/service/manual")),
-            ])
-        );
-        assert_eq!(members[&ip("10.0.0.8")], member(api_v2, "demo/api-2"));
-        assert_eq!(
-            notes.partly_meshed,
-            [PartlyMeshed {
-                service: "demo/service/partial".into(),
-                unmeshed: 1,
-                examples: vec!["10.0.0.99".into()],
-            }]
-        );
-        assert!(notes.conflicts.is_empty(), "{:?}", notes.conflicts);
-
-        // The file wins over a Service on the same IP, and its entries count as meshed
-        // endpoints: with the unmeshed one listed, the partial Service joins.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mesh.yaml");
-        let vm = "spiffe://cluster.local/vm/db";
-        std::fs::write(
-            &path,
-            format!("members: [{{ip: 10.96.0.10, id: {vm}}}, {{ip: 10.0.0.99, id: {vm}}}]"),
-        )
-        .unwrap();
-        let file = MeshFile::load(&path, &td()).unwrap();
-        let (members, notes) = merge(Some(&kube), Some(&file));
-        assert_eq!(members[&ip("10.96.0.10")], member(vm, FILE_SOURCE));
-        assert_eq!(
-            members[&ip("10.96.0.12")],
-            member_of(&[vm, web], "demo/service/partial")
-        );
-        assert!(notes.partly_meshed.is_empty());
-
-        // A slice leaves: the Service's others still count; its last: it leaves too.
-        let delete_slice = |kube: &mut KubeState, slice: EndpointSlice| {
-            kube.slices
-                .on_event(Event::Delete(slice), "endpoint slices", mesh_slice)
-        };
-        assert!(delete_slice(&mut kube, slices[1].clone()));
-        assert!(delete_slice(&mut kube, slices[2].clone()));
-        let after = service_members_of(&kube, None);
-        assert_eq!(after[&ip("10.96.0.10")], member(web, "demo/service/web"));
-        assert_eq!(after.get(&ip("10.96.0.11")), None);
-        // A Service leaves.
-        assert!(kube.services.on_event(
-            Event::Delete(services[0].clone()),
-            "services",
-            mesh_service
-        ));
-        assert_eq!(
-            service_members_of(&kube, None).keys().collect::<Vec<_>>(),
-            [&ip("10.96.0.17")]
-        );
-    }
-
-    /// An EndpointSlice of demo/web whose endpoints name their pods: (address, pod UID, ready,
-    /// serving, terminating), as the EndpointSlice controller writes them.
-    fn web_slice(endpoints: &[(&str, &str, bool, bool, bool)]) -> EndpointSlice {
-        let endpoints: Vec<serde_json::Value> = endpoints
-            .iter()
-            .map(|(address, uid, ready, serving, terminating)| {
-                serde_json::json!({
-                    "addresses": [address],
-                    "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
-                    "targetRef": {"kind": "Pod", "namespace": "demo", "name": uid.trim_start_matches("uid-"), "uid": uid},
-                })
-            })
-            .collect();
-        serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "web-a",
-                "namespace": "demo",
-                "uid": "uid-slice-demo-web-a",
-                "labels": {SERVICE_NAME_LABEL: "web"},
-            },
-            "addressType": "IPv4",
-            "endpoints": endpoints,
-            "ports": [{"port": 8080}],
-        }))
-        .unwrap()
-    }
-
-    /// A pod leaving a Service, event by event in each order Kubernetes delivers them (the pod's
-    /// deletion before or after the slice update that drops its address, and a force deletion
-    /// that skips the terminating conditions): the Service is a member after every event, and
-    /// the leaving pod's own IP stops being one as soon as the pod is gone.
-    #[test]
-    fn a_leaving_pod_never_takes_its_service_out_of_the_mesh() {
-        let web = "spiffe://cluster.local/ns/demo/sa/web";
-        let cluster_ip = ip("10.96.0.10");
-        let pod = |name: &'static str, ip: &'static [&'static str], phase: &'static str| {
-            TestPod {
-                name,
-                phase,
-                pod_ips: ip,
-                pod_ip: ip.first().copied(),
-                ..RUNNING
-            }
-            .pod()
-        };
-        let web_1 = pod("web-1", &["10.0.0.5"], "Running");
-        let web_2 = pod("web-2", &["10.0.0.6"], "Running");
-        let mut web_1_terminating = web_1.clone();
-        web_1_terminating.metadata.deletion_timestamp =
-            Some(Time("2026-01-01T01:00:00Z".parse().unwrap()));
-        let mut web_1_finished = web_1_terminating.clone();
-        web_1_finished.status.as_mut().unwrap().phase = Some("Succeeded".into());
-        let both_ready = web_slice(&[
-            ("10.0.0.5", "uid-web-1", true, true, true),
-            ("10.0.0.6", "uid-web-2", true, true, false),
-        ]);
-        let terminating = |serving| {
-            web_slice(&[
-                ("10.0.0.5", "uid-web-1", false, serving, true),
-                ("10.0.0.6", "uid-web-2", true, true, false),
-            ])
-        };
-        let web_2_only = web_slice(&[("10.0.0.6", "uid-web-2", true, true, false)]);
-
-        enum Step {
-            Pod(Box<Event<Pod>>),
-            Slice(Box<EndpointSlice>),
-        }
-        let pod_step = |event: Event<Pod>| Step::Pod(Box::new(event));
-        let slice_step = |slice: EndpointSlice| Step::Slice(Box::new(slice));
-        let graceful_start = || {
-            vec![
-                pod_step(Event::Apply(web_1_terminating.clone())),
-                slice_step(terminating(true)),
-                slice_step(terminating(false)),
-            ]
-        };
-        let pod_gone = || {
-            vec![
-                pod_step(Event::Apply(web_1_finished.clone())),
-                pod_step(Event::Delete(web_1_finished.clone())),
-            ]
-        };
-        let orders: [(&str, Vec<Step>); 4] = [
-            (
-                "pod deleted before the slice update",
-                [
-                    graceful_start(),
-                    pod_gone(),
-                    vec![slice_step(web_2_only.clone())],
-                ]
-                .into_iter()
-                .flatten()
-                .collect(),
-            ),
-            (
-                "pod deleted after the slice update",
-                [
-                    graceful_start(),
-                    vec![slice_step(web_2_only.clone())],
-                    pod_gone(),
-                ]
-                .into_iter()
-                .flatten()
-                .collect(),
-            ),
-            (
-                "force deletion, the slice still saying ready",
-                vec![
-                    pod_step(Event::Delete(web_1.clone())),
-                    slice_step(web_2_only.clone()),
-                ],
-            ),
-            (
-                "the pod missing from a re-list",
-                vec![
-                    pod_step(Event::Init),
-                    pod_step(Event::InitApply(web_2.clone())),
-                    pod_step(Event::InitDone),
-                    slice_step(web_2_only.clone()),
-                ],
-            ),
-        ];
-        for (order, steps) in orders {
-            let mut kube = kube_state(
-                &[web_1.clone(), web_2.clone()],
-                &[service("web", "demo", "10.96.0.10")],
-                std::slice::from_ref(&both_ready),
-            );
-            assert_eq!(
-                service_members_of(&kube, None)[&cluster_ip],
-                member(web, "demo/service/web")
-            );
-            for (index, step) in steps.into_iter().enumerate() {
-                match step {
-                    Step::Pod(event) => {
-                        kube.on_pod_event(*event, &td());
-                    }
-                    Step::Slice(slice) => {
-                        kube.on_slice_event(Event::Apply(*slice));
-                    }
-                }
-                let (members, notes) = merge(Some(&kube), None);
-                assert_eq!(
-                    members.get(&cluster_ip),
-                    Some(&member(web, "demo/service/web")),
-                    "{order}, after step {index}"
-                );
-                assert!(notes.partly_meshed.is_empty(), "{order}, step {index}");
-                if !kube.pods.items.contains_key("uid-web-1") {
-                    assert_eq!(members.get(&ip("10.0.0.5")), None, "{order}, step {index}");
-                }
-            }
-            assert!(
-                kube.leaving.is_empty(),
-                "{order}: forgotten once no slice names it"
-            );
-        }
-
-        // The address a leaving pod had, listed for another pod (not meshed): that is a
-        // plaintext endpoint, and the Service leaves the mesh.
-        let mut kube = kube_state(
-            &[web_1.clone(), web_2.clone()],
-            &[service("web", "demo", "10.96.0.10")],
-            std::slice::from_ref(&both_ready),
-        );
-        kube.on_pod_event(Event::Delete(web_1.clone()), &td());
-        kube.on_slice_event(Event::Apply(web_slice(&[
-            ("10.0.0.5", "uid-web-1", false, false, true),
-            ("10.0.0.6", "uid-web-2", true, true, false),
-            ("10.0.0.5", "uid-plain", true, true, false),
-        ])));
-        let (members, notes) = merge(Some(&kube), None);
-        assert_eq!(members.get(&cluster_ip), None);
-        assert_eq!(notes.partly_meshed.len(), 1);
-    }
-
-    #[test]
-    fn slices_convert_to_their_services_endpoint_addresses() {
-        let mut fqdn = slice("ext", "demo", "ext", &["10.0.0.5"]);
-        fqdn.address_type = "FQDN".into();
-        assert_eq!(mesh_slice(&fqdn), None);
-        let mut orphan = slice("orphan", "demo", "x", &["10.0.0.5"]);
-        orphan.metadata.labels = None;
-        assert_eq!(mesh_slice(&orphan), None);
-        assert_eq!(
-            mesh_slice(&slice("web-a", "demo", "web", &["10.0.0.5", "!10.0.0.6"])),
-            Some(MeshSlice {
-                service: "demo/service/web".into(),
-                addresses: ["10.0.0.5", "10.0.0.6"]
-                    .map(|address| EndpointAddress {
-                        address: address.into(),
-                        pod_uid: None,
-                    })
-                    .to_vec(),
-            })
-        );
-        let mut external = service("ext", "demo", "10.96.0.9");
-        external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
-        assert_eq!(mesh_service(&external), None);
-    }
-
-    #[test]
-    fn the_file_wins_over_a_pod_on_the_same_ip() {
-        let mut pods = Listed::default();
-        assert!(apply_pod(&mut pods, RUNNING.pod()));
-        assert!(!apply_pod(&mut pods, RUNNING.pod()), "no change");
-        let vm = "spiffe://cluster.local/vm/db";
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mesh.yaml");
-        std::fs::write(
-            &path,
-            format!("members: [{{ip: 10.0.0.5, id: {vm}}}, {{ip: 10.9.9.9, id: {vm}}}]"),
-        )
-        .unwrap();
-        let file = MeshFile::load(&path, &td()).unwrap();
-        let kube = KubeState {
-            pods,
-            ..KubeState::default()
-        };
-        let (members, notes) = merge(Some(&kube), Some(&file));
-        assert_eq!(
-            members,
-            BTreeMap::from([
-                (ip("10.0.0.5"), member(vm, FILE_SOURCE)),
-                (ip("10.9.9.9"), member(vm, FILE_SOURCE)),
-                (
-                    ip("fd00::5"),
-                    member("spiffe://cluster.local/ns/demo/sa/web", "demo/web-1")
-                ),
-            ])
-        );
-        assert_eq!(
-            notes.conflicts,
-            [Conflict {
-                ip: ip("10.0.0.5"),
-                kept: FILE_SOURCE.into(),
-                ignored: vec!["demo/web-1".into()],
-            }]
-        );
-        // A pod that finishes leaves the membership.
-        let finished = TestPod {
-            phase: "Succeeded",
-            ..RUNNING
-        };
-        let mut pods = kube.pods;
-        assert!(apply_pod(&mut pods, finished.pod()));
-        assert!(pods.items.is_empty());
-    }
-
-    // --- the Kubernetes source, against the test API server ---
-
-    /// What the kubelet does once the pod's sandbox has an address.
-    async fn set_pod_ips(server: &TestApiServer, namespace: &str, name: &str, ips: &[&str]) {
-        let pods: Api<Pod> = Api::namespaced(server.client(), namespace);
-        let status = Pod {
-            status: Some(PodStatus {
-                pod_ip: ips.first().map(|ip| (*ip).into()),
-                pod_ips: Some(ips.iter().map(|ip| PodIP { ip: (*ip).into() }).collect()),
-                ..PodStatus::default()
-            }),
-            ..Pod::default()
-        };
-        pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-            .await
-            .unwrap();
-    }
-
-    fn labelled(namespace: &str, name: &str, sa: &str) -> PodSpec {
-        let mut spec = PodSpec::new(namespace, name, sa, "node-a");
-        spec.labels
-            .insert(TLS_MODE_LABEL.into(), TLS_MODE_MTLS.into());
-        spec
-    }
-
-    #[tokio::test]
-    async fn labelled_pods_with_ips_are_members_until_deleted() {
-        let server = TestApiServer::start().await;
-        server.add_pod(&labelled("demo", "web-1", "web"));
-        set_pod_ips(&server, "demo", "web-1", &["10.0.0.5"]).await;
-        // Unlabelled, or labelled for something else: not meshed.
-        server.add_pod(&PodSpec::new("demo", "plain-1", "plain", "node-b"));
-        set_pod_ips(&server, "demo", "plain-1", &["10.0.0.6"]).await;
-        let mut other_mode = PodSpec::new("demo", "off-1", "off", "node-b");
-        other_mode
-            .labels
-            .insert(TLS_MODE_LABEL.into(), "disabled".into());
-        server.add_pod(&other_mode);
-        set_pod_ips(&server, "demo", "off-1", &["10.0.0.7"]).await;
-
-        let metrics = metrics();
-        let (_stop, shutdown) = watch::channel(false);
-        let sources = Sources {
-            kubernetes: Some(server.client()),
-            file: None,
-        };
-        let rx = spawn(td(), sources, metrics.clone(), shutdown);
-        let synced = until(&rx, MeshSnapshot::is_synced).await;
-        let web = "spiffe://cluster.local/ns/demo/sa/web";
-        assert_eq!(
-            synced.members,
-            BTreeMap::from([(ip("10.0.0.5"), member(web, "demo/web-1"))])
-        );
-
-        // A new labelled pod in another namespace joins once it has an address.
-        server.add_pod(&labelled("shop", "db-1", "db"));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(rx.borrow().members.len(), 1, "no IP yet");
-        set_pod_ips(&server, "shop", "db-1", &["10.0.1.9", "fd00::9"]).await;
-        let grown = until(&rx, |s| s.members.len() == 3).await;
-        let db = "spiffe://cluster.local/ns/shop/sa/db";
-        assert_eq!(grown.get(ip("fd00::9")), Some(&member(db, "shop/db-1")));
-        assert_eq!(grown.get(ip("10.0.0.6")), None);
-        assert_eq!(metrics.mesh_members.get(), 3);
-
-        server.delete_pod("demo", "web-1");
-        let shrunk = until(&rx, |s| s.members.len() == 2).await;
-        assert_eq!(shrunk.get(ip("10.0.0.5")), None);
-        server.set_pod_phase("shop", "db-1", "Succeeded");
-        until(&rx, |s| s.members.is_empty()).await;
-        assert_eq!(metrics.mesh_members.get(), 0);
-    }
-
-    #[tokio::test]
-    async fn nothing_is_published_before_the_pods_are_synced() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mesh.yaml");
-        std::fs::write(
-            &path,
-            "members: [{ip: 198.18.0.2, id: spiffe://cluster.local/vm/a}]",
-        )
-        .unwrap();
-        let server = TestApiServer::start().await;
-        let client = server.client();
-        server.shutdown().await;
-        let (_stop, shutdown) = watch::channel(false);
-        let sources = Sources {
-            kubernetes: Some(client),
-            file: Some(MeshFile::load(&path, &td()).unwrap()),
-        };
-        let rx = spawn(td(), sources, metrics(), shutdown);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            !rx.borrow().is_synced(),
-            "the file alone is not the membership"
-        );
-    }
-
-    // --- the gRPC service on a real socket ---
-
-    impl TestAgent {
-        async fn mesh_client(&self) -> MeshDiscoveryClient<tonic::transport::Channel> {
-            MeshDiscoveryClient::new(self.channel().await)
-        }
-    }
-
-    async fn serve(unix_map: &str) -> TestAgent {
-        let ca = TestCa::prepare().await;
-        TestAgent::serve(
-            SocketApi::Mesh,
-            ca,
-            Duration::from_secs(3600),
-            unix_map,
-            BundleSource::Test,
-        )
-        .await
-    }
-
-    fn snapshot(version: u64, members: &[(&str, &str)]) -> Arc<MeshSnapshot> {
-        Arc::new(MeshSnapshot {
-            version,
-            members: members
-                .iter()
-                .map(|(ip_, id)| (ip(ip_), member(id, FILE_SOURCE)))
-                .collect(),
-        })
-    }
-
-    #[tokio::test]
-    async fn an_attested_caller_gets_the_membership_then_every_change() {
-        let mut agent = serve(&uid_is_web(this_uid())).await;
-        let mut client = agent.mesh_client().await;
-        let mut stream = client
-            .watch_members(WatchMembersRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        // Not synced yet: nothing is sent until it is.
-        let mut first = Box::pin(stream.message());
-        assert!(
-            tokio::time::timeout(Duration::from_millis(200), &mut first)
-                .await
-                .is_err()
-        );
-        let b = "spiffe://cluster.local/ns/b/sa/b";
-        agent
-            .mesh_tx
-            .send_replace(snapshot(1, &[("198.18.0.2", b)]));
-        let message = tokio::time::timeout(WAIT, first)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            message,
-            MeshMembers {
-                members: vec![MeshMember {
-                    ip: "198.18.0.2".into(),
-                    spiffe_ids: vec![b.into()],
-                    source: FILE_SOURCE.into(),
-                }],
-                version: 1,
-            }
-        );
-        assert_eq!(
-            MeshSnapshot::from_message(&message).unwrap(),
-            *snapshot(1, &[("198.18.0.2", b)])
-        );
-        assert_eq!(agent.streams_open(), 1);
-
-        agent
-            .mesh_tx
-            .send_replace(snapshot(2, &[("198.18.0.2", b), ("fd00::3", WEB_ID)]));
-        let message = tokio::time::timeout(WAIT, stream.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        let parsed = MeshSnapshot::from_message(&message).unwrap();
-        assert_eq!(parsed.version, 2);
-        assert_eq!(
-            parsed.get(ip("fd00::3")),
-            Some(&member(WEB_ID, FILE_SOURCE))
-        );
-        assert_eq!(agent.pushes(), 2);
-
-        // The agent stops: the stream ends with a status clients retry on.
-        agent.mesh_tx = watch::channel(Arc::new(MeshSnapshot::default())).0;
-        let end = tokio::time::timeout(WAIT, stream.message())
-            .await
-            .unwrap()
-            .unwrap_err();
-        assert_eq!(end.code(), tonic::Code::Unavailable);
-        assert_eq!(end.message(), "the agent is shutting down");
-    }
-
-    #[tokio::test]
-    async fn an_unattested_caller_is_refused() {
-        let uid = this_uid();
-        let agent = serve(&format!(
-            "workloads:\n- {{uid: {uid}, path: /usr/bin/not-this-test, id: {WEB_ID}}}\n"
-        ))
-        .await;
-        agent.mesh_tx.send_replace(snapshot(1, &[]));
-        let refused = agent
-            .mesh_client()
-            .await
-            .watch_members(WatchMembersRequest {})
-            .await
-            .unwrap_err();
-        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
-        assert_eq!(refused.message(), "caller could not be attested");
-        assert_eq!(agent.metrics.attestation_failures.get(), 1);
-        assert_eq!(agent.streams_open(), 0);
-    }
-}
+mod tests;

@@ -32,14 +32,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use futures::stream::BoxStream;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use sigil_kube_watch::follow::{self, Events, WatchEvent};
+use sigil_kube_watch::{Listed, POLL_INTERVAL, PolledFile, State, publish};
 use sigil_proto::sigil::policy::v1::policy_discovery_server::{
     PolicyDiscovery, PolicyDiscoveryServer,
 };
@@ -50,10 +49,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::attest::Workload;
 use crate::attest::k8s::NodePods;
-use crate::listed::Listed;
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
-use crate::polled_file::{self, FollowedSources, PolledFile};
 use crate::push_stream::{self, PushFeed, ResponseStream};
 
 /// The namespace whose objects are mesh-wide: they apply to workloads in every namespace.
@@ -65,7 +62,7 @@ pub const VERSION: &str = "v1alpha1";
 /// `apiVersion` of every policy object.
 pub const API_VERSION: &str = "sigil.dev/v1alpha1";
 /// How often `--policy-file` is re-read.
-pub const FILE_POLL_INTERVAL: Duration = polled_file::POLL_INTERVAL;
+pub const FILE_POLL_INTERVAL: Duration = POLL_INTERVAL;
 /// What an operator is told when a policy resource is not served.
 const CRDS_MISSING: &str = "install the sigil CRDs: kubectl apply -k deploy/";
 /// The status of a list of a resource that is not served. Checked as a code, not as the
@@ -78,7 +75,7 @@ const LABELS: ApiLabels = ApiLabels {
     api: SocketApi::Policy,
 };
 
-type ClusterEvents = BoxStream<'static, (PolicyKind, Result<Event<DynamicObject>, watcher::Error>)>;
+type ClusterEvent = (PolicyKind, WatchEvent<DynamicObject>);
 /// Policy objects by identity, so in the order they are sent in.
 pub type Objects = BTreeMap<ObjectKey, Arc<PolicyObject>>;
 
@@ -414,11 +411,7 @@ struct ClusterKind {
 
 impl ClusterKind {
     /// Follows one watch event; returns whether the objects may have changed.
-    fn on_event(
-        &mut self,
-        kind: PolicyKind,
-        event: Result<Event<DynamicObject>, watcher::Error>,
-    ) -> bool {
+    fn on_event(&mut self, kind: PolicyKind, event: WatchEvent<DynamicObject>) -> bool {
         match event {
             Ok(event) => {
                 let listing_done = matches!(event, Event::InitDone);
@@ -501,7 +494,6 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> watch::Receiver<Arc<PolicySnapshot>> {
-    let (tx, rx) = watch::channel(Arc::new(PolicySnapshot::default()));
     let events = sources.kubernetes.map(cluster_events);
     let store = PolicyStore {
         cluster: events.as_ref().map(|_| {
@@ -512,24 +504,18 @@ pub fn spawn(
         }),
         file: sources.file,
         logged_conflicts: BTreeSet::new(),
-        tx,
         metrics,
     };
-    tokio::spawn(store.run(events, shutdown));
-    rx
+    publish::spawn("policy feed", store, events, shutdown)
 }
 
 /// The watches of both policy resources in every namespace, each event tagged with its kind.
 /// The watchers retry with backoff and re-list when they must.
-fn cluster_events(client: kube::Client) -> ClusterEvents {
-    let watches = PolicyKind::ALL.map(|kind| {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &kind.api_resource());
-        watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .map(move |event| (kind, event))
-            .boxed()
-    });
-    futures::stream::select_all(watches).boxed()
+fn cluster_events(client: kube::Client) -> Events<ClusterEvent> {
+    follow::tagged(PolicyKind::ALL.map(|kind| {
+        let api = Api::all_with(client.clone(), &kind.api_resource());
+        (kind, follow::watch(api, watcher::Config::default()))
+    }))
 }
 
 /// The policy task's state: it alone reads the sources and publishes.
@@ -539,79 +525,70 @@ struct PolicyStore {
     file: Option<PolicyFile>,
     /// Objects in both sources already logged, so a lasting overlap is logged once.
     logged_conflicts: BTreeSet<ObjectKey>,
-    tx: watch::Sender<Arc<PolicySnapshot>>,
     metrics: Arc<Metrics>,
 }
 
-impl PolicyStore {
-    async fn run(self, events: Option<ClusterEvents>, shutdown: watch::Receiver<bool>) {
-        polled_file::follow(self, events, shutdown).await;
-        info!("policy feed stopped");
-    }
-}
-
-impl FollowedSources for PolicyStore {
-    type Event = (PolicyKind, Result<Event<DynamicObject>, watcher::Error>);
+impl State for PolicyStore {
+    type Event = ClusterEvent;
+    type Content = Objects;
+    type Snapshot = PolicySnapshot;
 
     fn has_file(&self) -> bool {
         self.file.is_some()
     }
 
-    fn on_event(&mut self, (kind, event): Self::Event) {
-        let Some(state) = self.cluster.as_mut().and_then(|c| c.get_mut(&kind)) else {
-            return;
-        };
-        if state.on_event(kind, event) {
-            self.publish();
-        }
+    fn synced(&self) -> bool {
+        self.cluster
+            .as_ref()
+            .is_none_or(|kinds| kinds.values().all(|kind| kind.listed.synced))
     }
 
-    async fn poll_file(&mut self) {
+    fn on_event(&mut self, (kind, event): ClusterEvent) -> bool {
+        let Some(state) = self.cluster.as_mut().and_then(|c| c.get_mut(&kind)) else {
+            return false;
+        };
+        state.on_event(kind, event)
+    }
+
+    async fn poll_file(&mut self) -> bool {
         let Some(file) = self.file.as_mut() else {
-            return;
+            return false;
         };
         let reloaded = file.0.poll(parse_file).await;
         let path = file.0.path().display();
         match reloaded {
-            Ok(false) => {}
+            Ok(false) => false,
             Ok(true) => {
                 info!(%path, objects = file.objects().len(), "policy file reloaded");
-                self.publish();
+                true
             }
             Err(e) => {
                 self.metrics.policy_file_reload_failures.inc();
                 error!(%path, error = %e, "policy file is unreadable or invalid; keeping its last good objects");
+                false
             }
         }
     }
 
-    /// Publishes the merged objects once every source has synced, if they differ from the ones
-    /// published last.
-    fn publish(&mut self) {
-        let synced = self
-            .cluster
-            .as_ref()
-            .is_none_or(|kinds| kinds.values().all(|kind| kind.listed.synced));
-        if !synced {
-            return;
-        }
+    /// The merged objects, logging the overlaps not logged yet.
+    fn content(&mut self) -> Objects {
         let (objects, conflicts) = merge(self.cluster.as_ref(), self.file.as_ref());
         self.log_new(conflicts);
-        let version = {
-            let current = self.tx.borrow();
-            if current.is_synced() && current.objects == objects {
-                return;
-            }
-            current.version + 1
-        };
+        objects
+    }
+
+    fn published(snapshot: &PolicySnapshot) -> (u64, &Objects) {
+        (snapshot.version, &snapshot.objects)
+    }
+
+    fn snapshot(&self, version: u64, objects: Objects) -> PolicySnapshot {
         self.metrics.policy_objects.set(objects.len() as i64);
         if version == 1 {
             info!(objects = objects.len(), "policies synced");
         } else {
             debug!(version, objects = objects.len(), "policies changed");
         }
-        self.tx
-            .send_replace(Arc::new(PolicySnapshot { version, objects }));
+        PolicySnapshot { version, objects }
     }
 }
 

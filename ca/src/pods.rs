@@ -5,13 +5,11 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher;
+use sigil_kube_watch::{Index, follow, index};
 use tokio::sync::watch;
-use tracing::{info, warn};
 
 /// What the CA needs to know of one pod.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,6 +112,25 @@ impl PodIndex {
     }
 }
 
+/// The pod watch's events change the index in place.
+impl Index<Pod> for PodIndex {
+    fn apply(&mut self, pod: &Pod) {
+        PodIndex::apply(self, pod);
+    }
+
+    fn delete(&mut self, pod: &Pod) {
+        PodIndex::delete(self, pod);
+    }
+
+    fn set_synced(&mut self) {
+        self.synced = true;
+    }
+
+    fn len(&self) -> usize {
+        PodIndex::len(self)
+    }
+}
+
 /// Runs `check` against the index until it passes or `grace` has gone by, re-checking on every
 /// index change; returns the last outcome.
 pub async fn wait_for<T, E>(
@@ -143,31 +160,8 @@ fn pod_key(pod: &Pod) -> Option<PodKey> {
 /// watcher retries with backoff and re-lists when needed).
 pub async fn run(client: kube::Client, tx: watch::Sender<PodIndex>) {
     let api: Api<Pod> = Api::all(client);
-    let mut stream = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    // A re-list builds a fresh index aside and swaps it in whole at InitDone.
-    let mut relisting: Option<PodIndex> = None;
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(Event::Init) => relisting = Some(PodIndex::default()),
-            Ok(Event::InitApply(pod)) => {
-                if let Some(index) = relisting.as_mut() {
-                    index.apply(&pod);
-                }
-            }
-            Ok(Event::InitDone) => {
-                if let Some(mut index) = relisting.take() {
-                    index.synced = true;
-                    info!(pods = index.len(), "pod index synced");
-                    tx.send_replace(index);
-                }
-            }
-            Ok(Event::Apply(pod)) => tx.send_modify(|index| index.apply(&pod)),
-            Ok(Event::Delete(pod)) => tx.send_modify(|index| index.delete(&pod)),
-            Err(e) => warn!(error = %e, "pod watch failed; retrying"),
-        }
-    }
+    let events = follow::watch(api, watcher::Config::default());
+    index::keep("pod index", events, tx).await;
 }
 
 #[cfg(test)]

@@ -40,14 +40,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use futures::stream::BoxStream;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use serde_json::{Value, json};
+use sigil_kube_watch::follow::{self, Events, Follower, WatchEvent};
 use sigil_policy::model::{self, Kind, Object};
 use sigil_policy::validate::{self, Problem, Warning};
 use tracing::{debug, info, warn};
@@ -81,7 +79,7 @@ const NOT_FOUND: u16 = 404;
 /// The status of a write whose resourceVersion precondition failed.
 const CONFLICT: u16 = 409;
 
-type Events = BoxStream<'static, (Kind, Result<Event<DynamicObject>, watcher::Error>)>;
+type KindEvent = (Kind, WatchEvent<DynamicObject>);
 
 /// Why a status could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -273,31 +271,35 @@ fn api_resource(kind: Kind) -> ApiResource {
 /// Keeps the conditions of every policy object current, until the watch streams end (they do
 /// not; the watchers retry with backoff and re-list when they must).
 pub async fn run(client: kube::Client, metrics: Arc<Metrics>) {
-    let mut events = events(client.clone());
+    let events = events(client.clone());
     let mut writer = StatusWriter::new(client, metrics);
-    let mut retry = tokio::time::interval(RETRY_INTERVAL);
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            event = events.next() => {
-                let Some((kind, event)) = event else { return };
-                writer.on_event(kind, event).await;
-            }
-            _ = retry.tick() => writer.retry().await,
-        }
-    }
+    follow::follow(&mut writer, Some(events), std::future::pending()).await;
 }
 
 /// Both resources in every namespace, each event tagged with its kind.
-fn events(client: kube::Client) -> Events {
-    let watches = Kind::ALL.map(|kind| {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &api_resource(kind));
-        watcher::watcher(api, watcher::Config::default())
-            .default_backoff()
-            .map(move |event| (kind, event))
-            .boxed()
-    });
-    futures::stream::select_all(watches).boxed()
+fn events(client: kube::Client) -> Events<KindEvent> {
+    follow::tagged(Kind::ALL.map(|kind| {
+        let api = Api::all_with(client.clone(), &api_resource(kind));
+        (kind, follow::watch(api, watcher::Config::default()))
+    }))
+}
+
+/// It reconciles rather than publishes: each event is acted on at once, and failed writes are
+/// retried every [`RETRY_INTERVAL`].
+impl Follower for StatusWriter {
+    type Event = KindEvent;
+
+    async fn on_event(&mut self, (kind, event): KindEvent) {
+        StatusWriter::on_event(self, kind, event).await;
+    }
+
+    fn tick_period(&self) -> Option<Duration> {
+        Some(RETRY_INTERVAL)
+    }
+
+    async fn on_tick(&mut self) {
+        self.retry().await;
+    }
 }
 
 /// The watch's consumer: judges each object and writes its conditions when they are not current.
@@ -320,7 +322,7 @@ impl StatusWriter {
         }
     }
 
-    async fn on_event(&mut self, kind: Kind, event: Result<Event<DynamicObject>, watcher::Error>) {
+    async fn on_event(&mut self, kind: Kind, event: WatchEvent<DynamicObject>) {
         match event {
             // A re-list brings every object again: each is checked, and written only if its
             // conditions are not current.

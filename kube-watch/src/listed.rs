@@ -1,11 +1,12 @@
 //! What a Kubernetes watch has delivered, kept by key and converted to what a feed needs of each
 //! object. The initial list, and every re-list after a broken watch, is built aside and swapped
-//! in whole when it completes, so a reader never sees half a list. Used by the mesh membership
-//! (pods, Services, EndpointSlices) and the policy feed (the policy resources).
+//! in whole when it completes, so a reader never sees half a list. Used by the agent's mesh
+//! membership (pods, Services, EndpointSlices, by UID) and policy feed (the policy resources).
 
 use std::collections::BTreeMap;
 
 use kube::runtime::watcher::Event;
+use tracing::info;
 
 #[derive(Debug)]
 pub struct Listed<K, T> {
@@ -70,6 +71,26 @@ impl<K: Ord, T: PartialEq> Listed<K, T> {
         let changed = !self.synced || !self.items.is_empty();
         self.synced = true;
         self.items.clear();
+        changed
+    }
+}
+
+/// Objects kept by UID.
+impl<T: PartialEq> Listed<String, T> {
+    /// Follows one watch event, with `convert` giving an object's contribution (`None`: none),
+    /// logging when `what` (the objects, in the log) has synced; returns whether the items may
+    /// have changed.
+    pub fn on_event<O: kube::Resource>(
+        &mut self,
+        event: Event<O>,
+        what: &str,
+        convert: impl Fn(&O) -> Option<T>,
+    ) -> bool {
+        let listing_done = matches!(event, Event::InitDone);
+        let changed = self.apply_event(event, |object| object.meta().uid.clone(), convert);
+        if listing_done && changed {
+            info!(count = self.items.len(), "{what} synced");
+        }
         changed
     }
 }

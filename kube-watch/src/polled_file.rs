@@ -1,22 +1,17 @@
-//! A configuration file the agent follows while it runs (`--mesh-file`, `--policy-file`): loaded
-//! at start-up, where a missing or invalid file is an error, then re-read every
-//! [`POLL_INTERVAL`]. Polling rather than inotify, because these files are typically ConfigMap
+//! A configuration file followed while the process runs (the agent's `--mesh-file` and
+//! `--policy-file`): loaded at start-up, where a missing or invalid file is an error, then re-read
+//! every [`POLL_INTERVAL`]. Polling rather than inotify, because these files are typically ConfigMap
 //! volumes or edited by tools that replace them, which inotify watches lose track of.
 //!
 //! Each read is compared with the previous one, so new contents are parsed once, and a failure
 //! (unreadable, or contents that do not parse) is reported once rather than on every poll; after
 //! a failure the last good value stays in force.
 //!
-//! [`follow`] is the loop of the tasks that merge such a file with a Kubernetes watch (the mesh
-//! membership, the policies).
+//! The loop of [`crate::follow`] re-reads it for the states that merge such a file with their
+//! watches ([`crate::State::poll_file`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-use futures::StreamExt;
-use futures::stream::BoxStream;
-use tokio::sync::watch;
-use tokio::time::{Interval, MissedTickBehavior};
 
 /// How often a followed file is re-read.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -94,56 +89,6 @@ impl<T> PolledFile<T> {
                 self.seen = seen;
                 Err(e.into())
             }
-        }
-    }
-}
-
-/// The timer to re-read files on: the first tick one interval from now (the files were just
-/// loaded), and a late tick delays the next rather than bunching reads up.
-fn poll_timer() -> Interval {
-    let mut timer =
-        tokio::time::interval_at(tokio::time::Instant::now() + POLL_INTERVAL, POLL_INTERVAL);
-    timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    timer
-}
-
-/// A single-owner task merging a Kubernetes watch and/or a polled file into what it publishes.
-pub trait FollowedSources: Send {
-    type Event: Send;
-    /// Publishes the merged state if every source has synced and it changed.
-    fn publish(&mut self);
-    /// Takes one event of the Kubernetes watch.
-    fn on_event(&mut self, event: Self::Event);
-    fn has_file(&self) -> bool;
-    /// Re-reads the file, publishing if it changed.
-    fn poll_file(&mut self) -> impl Future<Output = ()> + Send;
-}
-
-/// Runs `sources` until `shutdown` flips: the watch's events as they come (`None`: no
-/// Kubernetes), the file every [`POLL_INTERVAL`].
-pub async fn follow<S: FollowedSources>(
-    mut sources: S,
-    mut events: Option<BoxStream<'static, S::Event>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let stopping = async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    };
-    tokio::pin!(stopping);
-    // Without Kubernetes every source is already known.
-    sources.publish();
-    let mut poll = poll_timer();
-    loop {
-        let next_event = async {
-            match events.as_mut() {
-                Some(events) => events.next().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = &mut stopping => break,
-            Some(event) = next_event => sources.on_event(event),
-            _ = poll.tick(), if sources.has_file() => sources.poll_file().await,
         }
     }
 }
