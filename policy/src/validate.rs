@@ -1,6 +1,5 @@
-//! Turns the wire objects of [`crate::model`] into validated, compiled policies: every string
-//! match parsed once into a matcher, ports and CIDRs parsed, header names interned, so the engine
-//! never parses or allocates while deciding. Errors name the policy and the field path
+//! Turns the objects users write ([`crate::model`]) into the compiled policies of
+//! [`crate::compiled`]. Errors name the policy and the field path
 //! (`demo/allow-web: rules[0].from[0].source: use either principals or serviceAccounts, not
 //! both`); every problem in a policy is reported, not just the first. Valid but surprising
 //! constructs produce [`Warning`]s instead, which callers surface as status conditions.
@@ -8,10 +7,16 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use serde_json::Value;
 use sigil_identity::SpiffeId;
 
-use crate::engine::{PolicySet, ROOT_NAMESPACE};
-use crate::model::{self, Action, Kind, MtlsModeSpec};
+use crate::compiled::{
+    AuthzAction, AuthzPolicy, Cidr, Compiled, ConditionMatch, Field, InvalidPolicy, MtlsMode,
+    OperationMatch, PeerAuthnPolicy, Rule, ServiceAccount, SourceMatch, StandIn, StrMatch, Warning,
+};
+use crate::engine::PolicySet;
+use crate::envelope::{Envelope, Kind, ROOT_NAMESPACE};
+use crate::model::{self, Action, MtlsModeSpec};
 
 const SPIFFE_SCHEME: &str = "spiffe://";
 /// Kubernetes limits namespace names (DNS-1123 labels) to 63 bytes.
@@ -67,216 +72,6 @@ fn lines(problems: &[Problem]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Something valid that probably does not do what its author meant.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Warning {
-    /// As in [`Problem::path`].
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for Warning {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
-    }
-}
-
-/// A policy's identity, printed `namespace/name`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct PolicyName {
-    pub namespace: String,
-    pub name: String,
-}
-
-impl fmt::Display for PolicyName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-/// A validated AuthorizationPolicy's action (CUSTOM is rejected).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AuthzAction {
-    Allow,
-    Deny,
-    Audit,
-}
-
-impl fmt::Display for AuthzAction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AuthzAction::Allow => "ALLOW",
-            AuthzAction::Deny => "DENY",
-            AuthzAction::Audit => "AUDIT",
-        })
-    }
-}
-
-/// A validated, compiled AuthorizationPolicy.
-#[derive(Clone, Debug)]
-pub struct AuthzPolicy {
-    pub(crate) name: PolicyName,
-    pub(crate) action: AuthzAction,
-    /// Labels that must all match; empty means every workload in scope.
-    pub(crate) selector: Vec<(String, String)>,
-    /// Empty (rules absent or `[]`) matches nothing.
-    pub(crate) rules: Vec<Rule>,
-    pub(crate) warnings: Vec<Warning>,
-}
-
-impl AuthzPolicy {
-    pub fn name(&self) -> &PolicyName {
-        &self.name
-    }
-
-    pub fn action(&self) -> AuthzAction {
-        self.action
-    }
-
-    pub fn warnings(&self) -> &[Warning] {
-        &self.warnings
-    }
-
-    /// Whether any rule looks at HTTP attributes (hosts, methods, paths, request headers), so
-    /// deciding on HTTP traffic needs the request parsed.
-    pub fn uses_http(&self) -> bool {
-        self.rules.iter().any(|rule| rule.uses_http)
-    }
-}
-
-/// One compiled rule: `from` entries OR'ed (empty = any source), `to` entries OR'ed (empty = any
-/// operation), `when` conditions AND'ed.
-#[derive(Clone, Debug)]
-pub(crate) struct Rule {
-    pub(crate) from: Vec<SourceMatch>,
-    pub(crate) to: Vec<OperationMatch>,
-    pub(crate) when: Vec<ConditionMatch>,
-    /// Whether any HTTP-only field appears: such a rule never matches a non-HTTP connection in
-    /// an ALLOW policy (Istio drops the whole rule there).
-    pub(crate) uses_http: bool,
-}
-
-#[derive(Clone, Debug, Default)]
-pub(crate) struct SourceMatch {
-    /// Against the peer's SPIFFE ID without `spiffe://`, as Istio writes principals.
-    pub(crate) principals: Field<StrMatch>,
-    pub(crate) namespaces: Field<StrMatch>,
-    pub(crate) service_accounts: Field<ServiceAccount>,
-    pub(crate) ip_blocks: Field<Cidr>,
-}
-
-#[derive(Clone, Debug, Default)]
-pub(crate) struct OperationMatch {
-    /// Patterns lower-cased; matched ASCII-case-insensitively.
-    pub(crate) hosts: Field<StrMatch>,
-    pub(crate) ports: Field<u16>,
-    pub(crate) methods: Field<StrMatch>,
-    pub(crate) paths: Field<StrMatch>,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) enum ConditionMatch {
-    SourceIp(Field<Cidr>),
-    SourceNamespace(Field<StrMatch>),
-    SourcePrincipal(Field<StrMatch>),
-    DestinationPort(Field<u16>),
-    Header(http::HeaderName, Field<StrMatch>),
-}
-
-/// A field and its `not*` twin: some `any` value must match (if there are any), and no `none`
-/// value may.
-#[derive(Clone, Debug)]
-pub(crate) struct Field<T> {
-    pub(crate) any: Vec<T>,
-    pub(crate) none: Vec<T>,
-}
-
-impl<T> Default for Field<T> {
-    fn default() -> Self {
-        Field {
-            any: Vec::new(),
-            none: Vec::new(),
-        }
-    }
-}
-
-impl<T> Field<T> {
-    pub(crate) fn is_set(&self) -> bool {
-        !self.any.is_empty() || !self.none.is_empty()
-    }
-}
-
-/// Istio's string match forms: `abc`, `abc*`, `*abc`, `*` (any non-empty value).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum StrMatch {
-    Exact(Box<str>),
-    Prefix(Box<str>),
-    Suffix(Box<str>),
-    Present,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct ServiceAccount {
-    pub(crate) namespace: Box<str>,
-    pub(crate) name: Box<str>,
-}
-
-/// An address block, stored masked so matching is one mask-and-compare.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Cidr {
-    V4 { net: u32, mask: u32 },
-    V6 { net: u128, mask: u128 },
-}
-
-/// A resolved mTLS mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MtlsMode {
-    /// mTLS only: plaintext is refused before authorization.
-    Strict,
-    /// mTLS or plaintext; plaintext peers have no identity.
-    Permissive,
-    /// Plaintext only: no peer identity.
-    Disable,
-}
-
-impl fmt::Display for MtlsMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            MtlsMode::Strict => "STRICT",
-            MtlsMode::Permissive => "PERMISSIVE",
-            MtlsMode::Disable => "DISABLE",
-        })
-    }
-}
-
-/// A validated PeerAuthentication.
-#[derive(Clone, Debug)]
-pub struct PeerAuthnPolicy {
-    pub(crate) name: PolicyName,
-    pub(crate) creation_timestamp: Option<String>,
-    /// Empty: namespace-wide (mesh-wide in the root namespace).
-    pub(crate) selector: Vec<(String, String)>,
-    /// None: UNSET, inherit.
-    pub(crate) mode: Option<MtlsMode>,
-    /// Sorted by port; None: UNSET, inherit the workload-level mode.
-    pub(crate) ports: Vec<(u16, Option<MtlsMode>)>,
-    pub(crate) warnings: Vec<Warning>,
-}
-
-impl PeerAuthnPolicy {
-    pub fn name(&self) -> &PolicyName {
-        &self.name
-    }
-
-    pub fn warnings(&self) -> &[Warning] {
-        &self.warnings
-    }
 }
 
 /// Collects problems and warnings for one object.
@@ -471,17 +266,8 @@ pub fn authorization_policy(
         .enumerate()
         .map(|(i, rule)| compile_rule(&mut c, &format!("rules[{i}]"), rule, action))
         .collect();
-    let name = PolicyName {
-        namespace: object.metadata.namespace.clone().unwrap_or_default(),
-        name: object.metadata.name.clone(),
-    };
-    c.finish(|warnings| AuthzPolicy {
-        name,
-        action,
-        selector,
-        rules,
-        warnings,
-    })
+    let envelope = object.metadata.envelope(Kind::AuthorizationPolicy);
+    c.finish(|warnings| AuthzPolicy::new(envelope, action, selector, rules, warnings))
 }
 
 fn compile_rule(c: &mut Checker, path: &str, rule: &model::Rule, action: AuthzAction) -> Rule {
@@ -553,12 +339,7 @@ fn compile_rule(c: &mut Checker, path: &str, rule: &model::Rule, action: AuthzAc
             ),
         );
     }
-    Rule {
-        from,
-        to,
-        when,
-        uses_http,
-    }
+    Rule::new(from, to, when)
 }
 
 fn compile_source(
@@ -877,30 +658,9 @@ fn parse_cidr(value: &str) -> Result<Cidr, String> {
         Some((addr, len)) => (addr, Some(len.parse::<u8>().map_err(|_| bad())?)),
         None => (value, None),
     };
-    match addr.parse::<IpAddr>().map_err(|_| bad())? {
-        IpAddr::V4(ip) => {
-            let len = len.unwrap_or(32);
-            if len > 32 {
-                return Err(bad());
-            }
-            let mask = u32::MAX.checked_shl(u32::from(32 - len)).unwrap_or(0);
-            Ok(Cidr::V4 {
-                net: u32::from(ip) & mask,
-                mask,
-            })
-        }
-        IpAddr::V6(ip) => {
-            let len = len.unwrap_or(128);
-            if len > 128 {
-                return Err(bad());
-            }
-            let mask = u128::MAX.checked_shl(u32::from(128 - len)).unwrap_or(0);
-            Ok(Cidr::V6 {
-                net: u128::from(ip) & mask,
-                mask,
-            })
-        }
-    }
+    let addr = addr.parse::<IpAddr>().map_err(|_| bad())?;
+    let len = len.unwrap_or(if addr.is_ipv4() { 32 } else { 128 });
+    Cidr::new(addr, len).ok_or_else(bad)
 }
 
 fn parse_port(value: &str) -> Result<u16, String> {
@@ -986,10 +746,9 @@ pub fn peer_authentication(
                 Err(message) => c.error(format!("portLevelMtls.{}", key.0), message),
             }
         }
-        ports.sort_by_key(|(port, _)| *port);
     }
-    let namespace = object.metadata.namespace.clone().unwrap_or_default();
-    if namespace == ROOT_NAMESPACE && !selector.is_empty() {
+    let envelope = object.metadata.envelope(Kind::PeerAuthentication);
+    if envelope.key.namespace == ROOT_NAMESPACE && !selector.is_empty() {
         c.warn(
             "selector",
             format!(
@@ -998,19 +757,7 @@ pub fn peer_authentication(
             ),
         );
     }
-    let name = PolicyName {
-        namespace,
-        name: object.metadata.name.clone(),
-    };
-    let creation_timestamp = object.metadata.creation_timestamp.clone();
-    c.finish(|warnings| PeerAuthnPolicy {
-        name,
-        creation_timestamp,
-        selector,
-        mode,
-        ports,
-        warnings,
-    })
+    c.finish(|warnings| PeerAuthnPolicy::new(envelope, selector, mode, ports, warnings))
 }
 
 fn resolve_mode(mtls: Option<&model::Mtls>) -> Option<MtlsMode> {
@@ -1022,6 +769,44 @@ fn resolve_mode(mtls: Option<&model::Mtls>) -> Option<MtlsMode> {
     }
 }
 
+/// Validates and compiles one object of either kind.
+pub fn compile(object: &model::Object) -> Result<Compiled, ValidationError> {
+    match object {
+        model::Object::AuthorizationPolicy(p) => {
+            authorization_policy(p).map(Compiled::AuthorizationPolicy)
+        }
+        model::Object::PeerAuthentication(p) => {
+            peer_authentication(p).map(Compiled::PeerAuthentication)
+        }
+    }
+}
+
+/// The object made of `envelope` and the `spec` the user wrote, compiled; or, if it does not
+/// decode or validate, what is enforced in its place. This is the node agent's check of every
+/// object before it goes to a proxy.
+pub fn object(envelope: &Envelope, spec: &Value) -> Result<Compiled, InvalidPolicy> {
+    let compiled = model::Object::from_parts(envelope, spec)
+        .and_then(|object| compile(&object).map_err(|e| e.to_string()));
+    compiled.map_err(|reason| InvalidPolicy {
+        envelope: envelope.clone(),
+        selector: string_labels(&spec["selector"]["matchLabels"]),
+        stand_in: StandIn::for_object(envelope.key.kind, spec["action"].as_str()),
+        reason,
+    })
+}
+
+/// `matchLabels` if it is a map of strings, else empty (see [`InvalidPolicy::selector`]).
+fn string_labels(value: &Value) -> Vec<(String, String)> {
+    let Some(labels) = value.as_object() else {
+        return Vec::new();
+    };
+    labels
+        .iter()
+        .map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
+        .collect::<Option<_>>()
+        .unwrap_or_default()
+}
+
 /// Validates every object and builds the set; the error lists the problems of every invalid
 /// object, so one run shows them all.
 pub fn policy_set(objects: &[model::Object]) -> Result<PolicySet, ValidationError> {
@@ -1029,12 +814,10 @@ pub fn policy_set(objects: &[model::Object]) -> Result<PolicySet, ValidationErro
     let mut peer = Vec::new();
     let mut problems = Vec::new();
     for object in objects {
-        let result = match object {
-            model::Object::AuthorizationPolicy(p) => authorization_policy(p).map(|p| authz.push(p)),
-            model::Object::PeerAuthentication(p) => peer_authentication(p).map(|p| peer.push(p)),
-        };
-        if let Err(e) = result {
-            problems.extend(e.problems);
+        match compile(object) {
+            Ok(Compiled::AuthorizationPolicy(p)) => authz.push(p),
+            Ok(Compiled::PeerAuthentication(p)) => peer.push(p),
+            Err(e) => problems.extend(e.problems),
         }
     }
     if problems.is_empty() {
