@@ -5,7 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sigil/ca/v1/ca.proto",
         "sigil/agent/v1/agent.proto",
         "sigil/mesh/v1/mesh.proto",
-        "sigil/policy/v1/policy.proto",
+        "sigil/policy/v2/policy.proto",
         "istio/v1/auth/ca.proto",
         "workload.proto",
         "grpc/health/v1/health.proto",

@@ -1,5 +1,5 @@
 //! Authorization policies enforced by the bundled proxy, end to end with real processes: the
-//! agent serves the policy file's objects over `sigil.policy.v1`, the proxy decides at
+//! agent serves the policy file's objects over `sigil.policy.v2`, the proxy decides at
 //! connection time (L4) and per HTTP/1.1 or HTTP/2 request (L7, 403 on deny), closes a
 //! keep-alive connection that a policy change no longer allows, and answers kubelet probes under
 //! deny-all.

@@ -2,10 +2,12 @@
 //! workload, served on the agent socket as `sigil.policy.v1.PolicyDiscovery` to the bundled proxy
 //! attested as that workload, so that proxies never talk to the Kubernetes API.
 //!
-//! The agent selects and forwards; it does not interpret policies. Each object is kept as the
-//! JSON the user wrote — `apiVersion`, `kind`, `metadata.name` and `.namespace`, `spec`; status
-//! and the rest of the metadata dropped — and the proxy validates and compiles it. The only part
-//! of a `spec` read here is `selector.matchLabels`.
+//! The agent validates and compiles every object once, as it arrives
+//! ([`sigil_policy::validate::object`]: its envelope — kind, namespace, name, creation time, uid
+//! — and `spec`; status and the rest of the metadata dropped), and sends the compiled form
+//! (`sigil.policy.v2`, [`sigil_proxy_api::policy`]); an object that does not validate is sent as
+//! an invalid entry with its fail-closed stand-in, so that its workloads' proxies deny what it
+//! would have governed. Selecting reads only `spec.selector.matchLabels`.
 //!
 //! Two sources, merged by one task that owns all of the state and publishes an immutable
 //! [`PolicySnapshot`] on a `watch` channel whenever the merged content changes:
@@ -32,17 +34,20 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::api::{Api, DynamicObject};
 use kube::runtime::watcher::{self, Event};
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sigil_kube_watch::follow::{self, Events, WatchEvent};
 use sigil_kube_watch::{Listed, POLL_INTERVAL, PolledFile, State, publish};
-use sigil_proto::sigil::policy::v1::policy_discovery_server::{
+use sigil_policy::cluster;
+use sigil_policy::envelope::{API_VERSION, GROUP, ROOT_NAMESPACE};
+use sigil_policy::{Envelope, Kind, ObjectKey};
+use sigil_proto::sigil::policy::v2::policy_discovery_server::{
     PolicyDiscovery, PolicyDiscoveryServer,
 };
-use sigil_proto::sigil::policy::v1::{PolicySet, WatchPoliciesRequest};
+use sigil_proto::sigil::policy::v2::{self as wire, PolicySet, WatchPoliciesRequest};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
@@ -53,14 +58,6 @@ use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
 use crate::push_stream::{self, PushFeed, ResponseStream};
 
-/// The namespace whose objects are mesh-wide: they apply to workloads in every namespace.
-pub const ROOT_NAMESPACE: &str = "sigil-system";
-/// The policy resources' API group.
-pub const GROUP: &str = "sigil.dev";
-/// The policy resources' version, the only one served.
-pub const VERSION: &str = "v1alpha1";
-/// `apiVersion` of every policy object.
-pub const API_VERSION: &str = "sigil.dev/v1alpha1";
 /// How often `--policy-file` is re-read.
 pub const FILE_POLL_INTERVAL: Duration = POLL_INTERVAL;
 /// What an operator is told when a policy resource is not served.
@@ -75,7 +72,7 @@ const LABELS: ApiLabels = ApiLabels {
     api: SocketApi::Policy,
 };
 
-type ClusterEvent = (PolicyKind, WatchEvent<DynamicObject>);
+type ClusterEvent = (Kind, WatchEvent<DynamicObject>);
 /// Policy objects by identity, so in the order they are sent in.
 pub type Objects = BTreeMap<ObjectKey, Arc<PolicyObject>>;
 
@@ -104,95 +101,40 @@ pub enum PolicyError {
     ShuttingDown,
 }
 
-/// The kinds of policy object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum PolicyKind {
-    AuthorizationPolicy,
-    PeerAuthentication,
-}
-
-impl PolicyKind {
-    pub const ALL: [PolicyKind; 2] = [
-        PolicyKind::AuthorizationPolicy,
-        PolicyKind::PeerAuthentication,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PolicyKind::AuthorizationPolicy => "AuthorizationPolicy",
-            PolicyKind::PeerAuthentication => "PeerAuthentication",
-        }
-    }
-
-    /// The resource's name in the API (`<plural>.sigil.dev`).
-    pub fn plural(self) -> &'static str {
-        match self {
-            PolicyKind::AuthorizationPolicy => "authorizationpolicies",
-            PolicyKind::PeerAuthentication => "peerauthentications",
-        }
-    }
-
-    fn parse(kind: &str) -> Option<PolicyKind> {
-        PolicyKind::ALL.into_iter().find(|k| k.as_str() == kind)
-    }
-
-    fn api_resource(self) -> ApiResource {
-        let gvk = GroupVersionKind::gvk(GROUP, VERSION, self.as_str());
-        ApiResource::from_gvk_with_plural(&gvk, self.plural())
-    }
-}
-
-impl std::fmt::Display for PolicyKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// What names a policy object; objects are sent in this order (kind, namespace, name).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectKey {
-    pub kind: PolicyKind,
-    pub namespace: String,
-    pub name: String,
-}
-
-impl std::fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
-    }
-}
-
-/// One policy object, as it is sent.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One policy object: the spec the user wrote, and what is sent for it.
+#[derive(Clone, Debug, PartialEq)]
 pub struct PolicyObject {
     /// `spec.selector.matchLabels`; `None` (absent or empty) selects every workload in scope.
     selector: Option<BTreeMap<String, String>>,
-    /// `{apiVersion, kind, metadata: {name, namespace}, spec}`, compact; made once here rather
-    /// than for every stream it is sent on.
-    json: String,
+    /// As written (null: none), for telling a changed object from an unchanged one.
+    spec: Value,
+    /// Compiled, or invalid with its stand-in; made once here rather than for every stream it
+    /// is sent on.
+    wire: wire::Policy,
 }
 
 impl PolicyObject {
-    fn new(key: &ObjectKey, spec: Value, selector: Option<BTreeMap<String, String>>) -> Self {
-        // Kubernetes stores an object written without a spec without one; it means an empty spec.
-        let spec = if spec.is_null() {
-            Value::Object(Map::new())
-        } else {
-            spec
-        };
-        let json = serde_json::json!({
-            "apiVersion": API_VERSION,
-            "kind": key.kind.as_str(),
-            "metadata": { "name": key.name, "namespace": key.namespace },
-            "spec": spec,
-        })
-        .to_string();
-        PolicyObject { selector, json }
+    fn new(envelope: &Envelope, spec: Value, selector: Option<BTreeMap<String, String>>) -> Self {
+        let checked = sigil_policy::validate::object(envelope, &spec);
+        if let Err(invalid) = &checked {
+            debug!(object = %envelope.key, problem = %invalid.reason, "a policy is invalid; its workloads' proxies enforce a fail-closed stand-in");
+        }
+        let wire = sigil_proxy_api::policy::to_wire(&checked);
+        PolicyObject {
+            selector,
+            spec,
+            wire,
+        }
     }
 
-    /// The compact JSON sent to proxies.
-    pub fn json(&self) -> &str {
-        &self.json
+    /// The spec as written (null: none).
+    pub fn spec(&self) -> &Value {
+        &self.spec
+    }
+
+    /// What is sent to proxies.
+    pub fn wire(&self) -> &wire::Policy {
+        &self.wire
     }
 
     fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
@@ -268,7 +210,7 @@ impl Scope {
 }
 
 /// Every policy object at one point in time; never changed once published.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PolicySnapshot {
     /// 0 until every source has synced (the objects are not known yet), then one more with every
     /// published change.
@@ -289,7 +231,7 @@ impl PolicySnapshot {
         let mut selected = Vec::new();
         // The keys sort by kind, then namespace: one range per (kind, namespace) rather than a
         // pass over every object in the cluster.
-        for kind in PolicyKind::ALL {
+        for kind in Kind::ALL {
             for namespace in &namespaces {
                 let first = ObjectKey {
                     kind,
@@ -358,22 +300,31 @@ fn file_object(document: Value) -> Result<(ObjectKey, PolicyObject), String> {
         ));
     }
     let kind = required(fields.get("kind"), "kind")?;
-    let kind = PolicyKind::parse(kind)
+    let kind = Kind::from_name(kind)
         .ok_or_else(|| format!("kind {kind:?} is not AuthorizationPolicy or PeerAuthentication"))?;
     let metadata = fields.get("metadata");
-    let key = ObjectKey {
-        kind,
-        name: required(metadata.and_then(|m| m.get("name")), "metadata.name")?.into(),
-        namespace: required(
-            metadata.and_then(|m| m.get("namespace")),
-            "metadata.namespace",
-        )?
-        .into(),
+    let optional = |field| {
+        metadata
+            .and_then(|m| m.get(field))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let envelope = Envelope {
+        creation_timestamp: optional("creationTimestamp"),
+        uid: optional("uid"),
+        ..Envelope::new(
+            kind,
+            required(
+                metadata.and_then(|m| m.get("namespace")),
+                "metadata.namespace",
+            )?,
+            required(metadata.and_then(|m| m.get("name")), "metadata.name")?,
+        )
     };
     let spec = fields.remove("spec").unwrap_or(Value::Null);
     let selector = match_labels(&spec)?;
-    let object = PolicyObject::new(&key, spec, selector);
-    Ok((key, object))
+    let object = PolicyObject::new(&envelope, spec, selector);
+    Ok((envelope.key, object))
 }
 
 /// The non-empty string at `value`, or what is wrong with it.
@@ -411,7 +362,7 @@ struct ClusterKind {
 
 impl ClusterKind {
     /// Follows one watch event; returns whether the objects may have changed.
-    fn on_event(&mut self, kind: PolicyKind, event: WatchEvent<DynamicObject>) -> bool {
+    fn on_event(&mut self, kind: Kind, event: WatchEvent<DynamicObject>) -> bool {
         match event {
             Ok(event) => {
                 let listing_done = matches!(event, Event::InitDone);
@@ -448,33 +399,24 @@ impl ClusterKind {
     }
 }
 
-/// What names a cluster object; `None` for one without a namespace or name, which a namespaced
-/// resource does not have.
-fn cluster_key(kind: PolicyKind, object: &DynamicObject) -> Option<ObjectKey> {
-    let meta = &object.metadata;
-    Some(ObjectKey {
-        kind,
-        namespace: meta.namespace.clone()?,
-        name: meta.name.clone()?,
-    })
+/// What names a cluster object (see [`cluster::envelope`]).
+fn cluster_key(kind: Kind, object: &DynamicObject) -> Option<ObjectKey> {
+    cluster::envelope(kind, object).map(|envelope| envelope.key)
 }
 
 /// What is kept of a cluster object (see the module doc).
-fn cluster_object(
-    kind: PolicyKind,
-    object: &DynamicObject,
-) -> Option<(ObjectKey, Arc<PolicyObject>)> {
-    let key = cluster_key(kind, object)?;
-    let spec = object.data.get("spec").cloned().unwrap_or(Value::Null);
+fn cluster_object(kind: Kind, object: &DynamicObject) -> Option<(ObjectKey, Arc<PolicyObject>)> {
+    let envelope = cluster::envelope(kind, object)?;
+    let spec = cluster::spec(object).clone();
     // The CRD's schema makes this a map of strings. If it is not, the object still goes to
-    // every workload it could select, so that their proxies, which validate, refuse it rather
-    // than the agent silently dropping a policy.
+    // every workload it could select, as an invalid entry their proxies enforce fail-closed,
+    // rather than the agent silently dropping a policy.
     let selector = match_labels(&spec).unwrap_or_else(|reason| {
-        warn!(object = %key, %reason, "policy has a malformed selector; sending it to every workload in its namespace");
+        warn!(object = %envelope.key, %reason, "policy has a malformed selector; sending it to every workload in its namespace");
         None
     });
-    let object = PolicyObject::new(&key, spec, selector);
-    Some((key, Arc::new(object)))
+    let object = PolicyObject::new(&envelope, spec, selector);
+    Some((envelope.key, Arc::new(object)))
 }
 
 /// Where policies come from.
@@ -497,7 +439,7 @@ pub fn spawn(
     let events = sources.kubernetes.map(cluster_events);
     let store = PolicyStore {
         cluster: events.as_ref().map(|_| {
-            PolicyKind::ALL
+            Kind::ALL
                 .into_iter()
                 .map(|kind| (kind, ClusterKind::default()))
                 .collect()
@@ -512,8 +454,8 @@ pub fn spawn(
 /// The watches of both policy resources in every namespace, each event tagged with its kind.
 /// The watchers retry with backoff and re-list when they must.
 fn cluster_events(client: kube::Client) -> Events<ClusterEvent> {
-    follow::tagged(PolicyKind::ALL.map(|kind| {
-        let api = Api::all_with(client.clone(), &kind.api_resource());
+    follow::tagged(Kind::ALL.map(|kind| {
+        let api = Api::all_with(client.clone(), &cluster::api_resource(kind));
         (kind, follow::watch(api, watcher::Config::default()))
     }))
 }
@@ -521,7 +463,7 @@ fn cluster_events(client: kube::Client) -> Events<ClusterEvent> {
 /// The policy task's state: it alone reads the sources and publishes.
 struct PolicyStore {
     /// `Some` when the Kubernetes source is on.
-    cluster: Option<BTreeMap<PolicyKind, ClusterKind>>,
+    cluster: Option<BTreeMap<Kind, ClusterKind>>,
     file: Option<PolicyFile>,
     /// Objects in both sources already logged, so a lasting overlap is logged once.
     logged_conflicts: BTreeSet<ObjectKey>,
@@ -603,7 +545,7 @@ impl PolicyStore {
 
 /// Every source's objects: the file's, then the cluster's over them; and the keys in both.
 fn merge(
-    cluster: Option<&BTreeMap<PolicyKind, ClusterKind>>,
+    cluster: Option<&BTreeMap<Kind, ClusterKind>>,
     file: Option<&PolicyFile>,
 ) -> (Objects, BTreeSet<ObjectKey>) {
     let mut objects = file.map(|file| file.objects().clone()).unwrap_or_default();
@@ -620,7 +562,7 @@ fn merge(
     (objects, conflicts)
 }
 
-/// `sigil.policy.v1.PolicyDiscovery`: to each attested workload, the policies that apply to it.
+/// `sigil.policy.v2.PolicyDiscovery`: to each attested workload, the policies that apply to it.
 pub struct PolicyApi {
     workloads: Workloads,
     policies: watch::Receiver<Arc<PolicySnapshot>>,
@@ -671,7 +613,7 @@ impl PolicyDiscovery for PolicyApi {
 }
 
 /// What a set was made of, to tell whether the next one differs.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 struct Selected {
     scope: Scope,
     objects: Vec<Arc<PolicyObject>>,
@@ -720,10 +662,10 @@ impl PushFeed for Feed {
                         version: self.version,
                         namespace: selected.scope.namespace.clone(),
                         labels: selected.scope.labels.clone().into_iter().collect(),
-                        objects_json: selected
+                        policies: selected
                             .objects
                             .iter()
-                            .map(|object| object.json().to_owned())
+                            .map(|object| object.wire().clone())
                             .collect(),
                     };
                     self.sent = Some(selected);
@@ -773,25 +715,26 @@ mod tests {
     use prometheus_client::registry::Registry;
     use serde_json::json;
     use sigil_identity::SpiffeId;
-    use sigil_proto::sigil::policy::v1::policy_discovery_client::PolicyDiscoveryClient;
+    use sigil_proto::sigil::policy::v2::policy_discovery_client::PolicyDiscoveryClient;
     use sigil_test_apiserver::{ServerOptions, TestApiServer};
 
     use super::*;
     use crate::attest::PodRef;
     use crate::test_support::{BundleSource, TestAgent, TestCa, WEB_ID, this_uid};
+    use sigil_policy::envelope::VERSION;
 
     const WAIT: Duration = Duration::from_secs(10);
     /// The watcher's longest backoff (30 s) and then some: how long a CRD installed late may take
     /// to be noticed.
     const CRD_RETRY_WAIT: Duration = Duration::from_secs(40);
-    const AP: PolicyKind = PolicyKind::AuthorizationPolicy;
-    const PA: PolicyKind = PolicyKind::PeerAuthentication;
+    const AP: Kind = Kind::AuthorizationPolicy;
+    const PA: Kind = Kind::PeerAuthentication;
 
     fn metrics() -> Arc<Metrics> {
         Arc::new(Metrics::new(&mut Registry::default()))
     }
 
-    fn key(kind: PolicyKind, namespace: &str, name: &str) -> ObjectKey {
+    fn key(kind: Kind, namespace: &str, name: &str) -> ObjectKey {
         ObjectKey {
             kind,
             namespace: namespace.into(),
@@ -808,7 +751,7 @@ mod tests {
 
     /// An object with this selector (`None`: no selector) and otherwise an opaque spec.
     fn object(
-        kind: PolicyKind,
+        kind: Kind,
         namespace: &str,
         name: &str,
         selector: Option<&[(&str, &str)]>,
@@ -819,7 +762,8 @@ mod tests {
             spec["selector"] = json!({ "matchLabels": labels(selector) });
         }
         let selector = match_labels(&spec).unwrap();
-        let object = PolicyObject::new(&key, spec, selector);
+        let envelope = Envelope::new(kind, namespace, name);
+        let object = PolicyObject::new(&envelope, spec, selector);
         (key, Arc::new(object))
     }
 
@@ -842,8 +786,17 @@ mod tests {
             .collect()
     }
 
-    fn parsed(json: &str) -> Value {
-        serde_json::from_str(json).unwrap()
+    /// The envelope sent for an object of the key's, with no creation time or uid.
+    fn sent_envelope(key: &ObjectKey) -> Option<wire::Envelope> {
+        Some(wire::Envelope {
+            kind: match key.kind {
+                Kind::AuthorizationPolicy => wire::Kind::AuthorizationPolicy,
+                Kind::PeerAuthentication => wire::Kind::PeerAuthentication,
+            } as i32,
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            ..Default::default()
+        })
     }
 
     async fn until(
@@ -909,31 +862,42 @@ spec:
         );
         let allow_web = &objects[&key(AP, "demo", "allow-web")];
         assert_eq!(
-            parsed(allow_web.json()),
-            json!({
-                "apiVersion": "sigil.dev/v1alpha1",
-                "kind": "AuthorizationPolicy",
-                "metadata": { "name": "allow-web", "namespace": "demo" },
-                "spec": {
-                    "selector": { "matchLabels": { "app": "web" } },
-                    "action": "ALLOW",
-                    "rules": [{ "from": [{ "source": { "principals": ["cluster.local/ns/demo/sa/db"] } }] }],
-                },
+            allow_web.spec(),
+            &json!({
+                "selector": { "matchLabels": { "app": "web" } },
+                "action": "ALLOW",
+                "rules": [{ "from": [{ "source": { "principals": ["cluster.local/ns/demo/sa/db"] } }] }],
             })
         );
-        assert!(
-            !allow_web.json().contains([' ', '\n']),
-            "compact: {}",
-            allow_web.json()
+        // Sent compiled, under its envelope: the labels and annotations are dropped.
+        let Some(wire::policy::Policy::AuthorizationPolicy(sent)) = &allow_web.wire().policy else {
+            panic!(
+                "sent as a valid AuthorizationPolicy: {:?}",
+                allow_web.wire()
+            );
+        };
+        assert_eq!(sent.envelope, sent_envelope(&key(AP, "demo", "allow-web")));
+        assert_eq!(sent.action, wire::Action::Allow as i32);
+        assert_eq!(
+            sent.selector,
+            [("app".to_string(), "web".to_string())].into()
         );
+        assert_eq!(sent.rules.len(), 1);
         assert_eq!(allow_web.selector, Some(labels(&[("app", "web")])));
-        // No spec is an empty spec; status is dropped.
+        // No spec is an empty spec (an ALLOW policy without rules); status is dropped.
         let deny_all = &objects[&key(AP, "demo", "deny-all")];
-        assert_eq!(parsed(deny_all.json())["spec"], json!({}));
+        assert_eq!(deny_all.spec(), &Value::Null);
+        let Some(wire::policy::Policy::AuthorizationPolicy(sent)) = &deny_all.wire().policy else {
+            panic!("sent as a valid AuthorizationPolicy: {:?}", deny_all.wire());
+        };
+        assert!(sent.rules.is_empty());
         assert_eq!(deny_all.selector, None);
-        let strict = parsed(objects[&key(PA, "sigil-system", "default")].json());
-        assert_eq!(strict["spec"], json!({ "mtls": { "mode": "STRICT" } }));
-        assert_eq!(strict.get("status"), None);
+        let strict = &objects[&key(PA, "sigil-system", "default")];
+        assert_eq!(strict.spec(), &json!({ "mtls": { "mode": "STRICT" } }));
+        let Some(wire::policy::Policy::PeerAuthentication(sent)) = &strict.wire().policy else {
+            panic!("sent as a valid PeerAuthentication: {:?}", strict.wire());
+        };
+        assert_eq!(sent.mode, wire::MtlsMode::Strict as i32);
 
         for empty in ["", "---\n", "# no policies yet\n", "---\n---\n"] {
             assert!(
@@ -1271,7 +1235,7 @@ spec:
             pushes: Counter::default(),
             _open: OpenStream::new(&metrics, SocketApi::Policy),
         };
-        let json = |i: usize| objects[i].1.json().to_string();
+        let json = |i: usize| objects[i].1.wire().clone();
 
         let first = feed.next_message().await.unwrap();
         assert_eq!(
@@ -1280,7 +1244,7 @@ spec:
                 version: 1,
                 namespace: "demo".into(),
                 labels: web.clone().into_iter().collect(),
-                objects_json: vec![json(0), json(1)],
+                policies: vec![json(0), json(1)],
             }
         );
         let quiet = Duration::from_secs(5);
@@ -1296,11 +1260,7 @@ spec:
         pods_tx.send_modify(|pods| pods.apply(&node_pod("uid-1", &db, "Running")));
         let relabelled = feed.next_message().await.unwrap();
         assert_eq!(relabelled.version, 2);
-        assert_eq!(
-            relabelled.objects_json,
-            [json(2), json(0)],
-            "sorted by name"
-        );
+        assert_eq!(relabelled.policies, [json(2), json(0)], "sorted by name");
         assert_eq!(relabelled.labels, db.clone().into_iter().collect());
 
         // A policy that does not apply to it changes; then one that does.
@@ -1321,11 +1281,11 @@ spec:
         changed
             .objects
             .extend([object(AP, "demo", "db", Some(&[]))]);
-        let extra = changed.objects[&key(AP, "demo", "db")].json().to_string();
+        let extra = changed.objects[&key(AP, "demo", "db")].wire().clone();
         policies_tx.send_replace(Arc::new(changed));
         let updated = feed.next_message().await.unwrap();
         assert_eq!(updated.version, 3);
-        assert_eq!(updated.objects_json, [extra, json(0)]);
+        assert_eq!(updated.policies, [extra, json(0)]);
 
         // The pod leaves the node: nothing more is sent for it.
         pods_tx.send_modify(|pods| pods.delete(&node_pod("uid-1", &db, "Running")));
@@ -1343,12 +1303,12 @@ spec:
 
     // --- the Kubernetes source, against the test API server ---
 
-    fn crd(kind: PolicyKind) -> CustomResourceDefinition {
+    fn crd(kind: Kind) -> CustomResourceDefinition {
         serde_json::from_value(json!({
             "metadata": { "name": format!("{}.{GROUP}", kind.plural()) },
             "spec": {
                 "group": GROUP,
-                "names": { "plural": kind.plural(), "kind": kind.as_str() },
+                "names": { "plural": kind.plural(), "kind": kind.name() },
                 "scope": "Namespaced",
                 "versions": [{
                     "name": VERSION, "served": true, "storage": true,
@@ -1362,30 +1322,20 @@ spec:
 
     async fn install_crds(server: &TestApiServer) {
         let crds: Api<CustomResourceDefinition> = Api::all(server.client());
-        for kind in PolicyKind::ALL {
+        for kind in Kind::ALL {
             crds.create(&PostParams::default(), &crd(kind))
                 .await
                 .unwrap();
         }
     }
 
-    fn cluster_api(
-        server: &TestApiServer,
-        kind: PolicyKind,
-        namespace: &str,
-    ) -> Api<DynamicObject> {
-        Api::namespaced_with(server.client(), namespace, &kind.api_resource())
+    fn cluster_api(server: &TestApiServer, kind: Kind, namespace: &str) -> Api<DynamicObject> {
+        Api::namespaced_with(server.client(), namespace, &cluster::api_resource(kind))
     }
 
-    async fn create(
-        server: &TestApiServer,
-        kind: PolicyKind,
-        namespace: &str,
-        name: &str,
-        spec: Value,
-    ) {
+    async fn create(server: &TestApiServer, kind: Kind, namespace: &str, name: &str, spec: Value) {
         let mut object =
-            DynamicObject::new(name, &kind.api_resource()).data(json!({ "spec": spec }));
+            DynamicObject::new(name, &cluster::api_resource(kind)).data(json!({ "spec": spec }));
         object.metadata.labels = Some(labels(&[("team", "shop")]));
         cluster_api(server, kind, namespace)
             .create(&PostParams::default(), &object)
@@ -1397,7 +1347,7 @@ spec:
         snapshot
             .objects
             .get(key)
-            .map(|object| parsed(object.json())["spec"].clone())
+            .map(|object| object.spec().clone())
     }
 
     #[tokio::test]
@@ -1439,16 +1389,20 @@ spec:
                 "PeerAuthentication demo/file-only"
             ]
         );
-        // The cluster's object, as the user wrote it: no labels, uid, resourceVersion...
+        // The cluster's object, as the user wrote it, and sent compiled under its envelope:
+        // its creation time and uid kept, no labels, resourceVersion...
+        let object = &synced.objects[&allow_web];
+        assert_eq!(object.spec(), &json!({ "action": "ALLOW", "rules": [{}] }));
+        let Some(wire::policy::Policy::AuthorizationPolicy(sent)) = &object.wire().policy else {
+            panic!("sent as a valid AuthorizationPolicy: {:?}", object.wire());
+        };
+        let envelope = sent.envelope.clone().unwrap();
         assert_eq!(
-            parsed(synced.objects[&allow_web].json()),
-            json!({
-                "apiVersion": "sigil.dev/v1alpha1",
-                "kind": "AuthorizationPolicy",
-                "metadata": { "name": "allow-web", "namespace": "demo" },
-                "spec": { "action": "ALLOW", "rules": [{}] },
-            })
+            (envelope.namespace.as_str(), envelope.name.as_str()),
+            ("demo", "allow-web")
         );
+        assert!(!envelope.creation_timestamp.is_empty());
+        assert!(!envelope.uid.is_empty());
         assert_eq!(metrics.policy_objects.get(), 2);
 
         // A status write changes nothing that is sent.
@@ -1561,7 +1515,7 @@ spec:
         assert!(!state.on_event(AP, not_found()));
 
         // The CRD is installed.
-        let resource = AP.api_resource();
+        let resource = cluster::api_resource(AP);
         let deny = DynamicObject::new("deny-all", &resource)
             .within("demo")
             .data(json!({ "spec": { "action": "DENY" } }));
@@ -1591,7 +1545,7 @@ spec:
 
     #[test]
     fn a_cluster_object_with_a_malformed_selector_goes_to_its_whole_namespace() {
-        let resource = AP.api_resource();
+        let resource = cluster::api_resource(AP);
         let object = DynamicObject::new("odd", &resource)
             .within("demo")
             .data(json!({ "spec": { "selector": { "matchLabels": { "version": 2 } } } }));
@@ -1599,10 +1553,15 @@ spec:
         assert_eq!(key, self::key(AP, "demo", "odd"));
         assert!(object.selects(&BTreeMap::new()));
         assert_eq!(
-            parsed(object.json())["spec"],
-            json!({ "selector": { "matchLabels": { "version": 2 } } }),
-            "sent as written, for the proxy to refuse"
+            object.spec(),
+            &json!({ "selector": { "matchLabels": { "version": 2 } } }),
         );
+        // Sent as invalid, for the proxies to enforce its stand-in in the whole namespace.
+        let Some(wire::policy::Policy::Invalid(sent)) = &object.wire().policy else {
+            panic!("sent as invalid: {:?}", object.wire());
+        };
+        assert!(sent.selector.is_empty());
+        assert_eq!(sent.stand_in, wire::StandIn::AllowNothing as i32);
     }
 
     #[tokio::test]
@@ -1703,15 +1662,15 @@ spec:
             .unwrap()
             .unwrap();
         let allow_web = policies.borrow().objects[&key(AP, "demo", "allow-web")]
-            .json()
-            .to_string();
+            .wire()
+            .clone();
         assert_eq!(
             message,
             PolicySet {
                 version: 1,
                 namespace: "demo".into(),
                 labels: [("app".to_string(), "web".to_string())].into(),
-                objects_json: vec![allow_web.clone()],
+                policies: vec![allow_web.clone()],
             }
         );
         assert_eq!(agent.streams_open(), 1);
@@ -1734,9 +1693,9 @@ spec:
         );
         assert_eq!(message.version, 2);
         let mesh_strict = policies.borrow().objects[&key(PA, ROOT_NAMESPACE, "default")]
-            .json()
-            .to_string();
-        assert_eq!(message.objects_json, [allow_web, mesh_strict]);
+            .wire()
+            .clone();
+        assert_eq!(message.policies, [allow_web, mesh_strict]);
 
         // One that does not apply to it changes: nothing is sent.
         let audit = not_web.replace("DENY", "AUDIT");

@@ -36,18 +36,19 @@
 //! on their `/status`.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use serde_json::{Value, json};
 use sigil_kube_watch::follow::{self, Events, Follower, WatchEvent};
-use sigil_policy::model::{self, Kind, Object};
-use sigil_policy::validate::{self, Problem, Warning};
+use sigil_policy::cluster::{self, api_resource};
+use sigil_policy::model::{self, Object};
+use sigil_policy::validate::{self, Problem};
+use sigil_policy::{Compiled, Envelope, Kind, ObjectKey, Warning};
 use tracing::{debug, info, warn};
 
 use crate::distribute::FIELD_MANAGER;
@@ -101,30 +102,9 @@ impl StatusError {
     }
 }
 
-/// Names one policy object.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ObjectKey {
-    pub kind: Kind,
-    pub namespace: String,
-    pub name: String,
-}
-
-impl ObjectKey {
-    /// `None` for an object without a namespace or name, which the namespaced resources do not
-    /// have.
-    fn of(kind: Kind, object: &DynamicObject) -> Option<ObjectKey> {
-        Some(ObjectKey {
-            kind,
-            namespace: object.metadata.namespace.clone()?,
-            name: object.metadata.name.clone()?,
-        })
-    }
-}
-
-impl fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
-    }
+/// The key of a stored object (see [`cluster::envelope`]).
+fn key_of(kind: Kind, object: &DynamicObject) -> Option<ObjectKey> {
+    cluster::envelope(kind, object).map(|envelope| envelope.key)
 }
 
 /// What validation makes of one object.
@@ -139,27 +119,20 @@ enum Verdict {
     },
 }
 
-/// Validates `object` as a proxy would: decoded from the envelope the agent forwards, then
-/// checked by `sigil-policy`.
+/// Validates `object` as the agent does before sending it to the proxies (what it sends is
+/// [`Object::from_parts`] of the same envelope and spec).
 fn verdict(key: &ObjectKey, object: &DynamicObject) -> Verdict {
-    // Kubernetes stores an object written without a spec without one; it means an empty spec.
-    let spec = match object.data.get("spec") {
-        None | Some(Value::Null) => json!({}),
-        Some(spec) => spec.clone(),
-    };
-    let envelope = json!({
-        "apiVersion": model::API_VERSION,
-        "kind": key.kind.name(),
-        "metadata": { "name": key.name, "namespace": key.namespace },
-        "spec": spec,
+    let envelope = cluster::envelope(key.kind, object).unwrap_or_else(|| Envelope {
+        key: key.clone(),
+        creation_timestamp: None,
+        uid: None,
     });
-    let validated = match Object::decode(key.kind, envelope) {
+    let validated = match Object::from_parts(&envelope, cluster::spec(object)) {
         Err(reason) => return Verdict::Invalid(vec![reason]),
-        Ok(Object::AuthorizationPolicy(policy)) => validate::authorization_policy(&policy)
-            .map(|valid| (lines(valid.warnings()), valid.uses_http())),
-        Ok(Object::PeerAuthentication(policy)) => {
-            validate::peer_authentication(&policy).map(|valid| (lines(valid.warnings()), false))
-        }
+        Ok(object) => validate::compile(&object).map(|compiled| match compiled {
+            Compiled::AuthorizationPolicy(p) => (lines(p.warnings()), p.uses_http()),
+            Compiled::PeerAuthentication(p) => (lines(p.warnings()), false),
+        }),
     };
     match validated {
         Ok((warnings, http_fields)) => Verdict::Valid {
@@ -263,11 +236,6 @@ fn current_conditions(object: &DynamicObject) -> Vec<Condition> {
         .collect()
 }
 
-fn api_resource(kind: Kind) -> ApiResource {
-    let gvk = GroupVersionKind::gvk(model::GROUP, model::VERSION, kind.name());
-    ApiResource::from_gvk_with_plural(&gvk, kind.plural())
-}
-
 /// Keeps the conditions of every policy object current, until the watch streams end (they do
 /// not; the watchers retry with backoff and re-list when they must).
 pub async fn run(client: kube::Client, metrics: Arc<Metrics>) {
@@ -330,7 +298,7 @@ impl StatusWriter {
                 self.reconcile(kind, object).await;
             }
             Ok(Event::Delete(object)) => {
-                if let Some(key) = ObjectKey::of(kind, &object) {
+                if let Some(key) = key_of(kind, &object) {
                     self.pending.remove(&key);
                 }
             }
@@ -352,7 +320,7 @@ impl StatusWriter {
     }
 
     async fn reconcile(&mut self, kind: Kind, object: DynamicObject) {
-        let Some(key) = ObjectKey::of(kind, &object) else {
+        let Some(key) = key_of(kind, &object) else {
             return;
         };
         self.pending.remove(&key);

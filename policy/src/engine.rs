@@ -47,13 +47,11 @@ use std::net::IpAddr;
 
 use sigil_identity::SpiffeId;
 
-use crate::validate::{
-    AuthzAction, AuthzPolicy, Cidr, ConditionMatch, Field, MtlsMode, OperationMatch,
+use crate::compiled::{
+    AuthzAction, AuthzPolicy, Cidr, Compiled, ConditionMatch, Field, MtlsMode, OperationMatch,
     PeerAuthnPolicy, PolicyName, Rule, ServiceAccount, SourceMatch, StrMatch,
 };
-
-/// Policies here apply mesh-wide.
-pub const ROOT_NAMESPACE: &str = "sigil-system";
+use crate::envelope::ROOT_NAMESPACE;
 /// sigil's mTLS mode where no PeerAuthentication sets one: the proxy's own default
 /// (`--mtls-mode STRICT`), secure by default, where Istio falls back to PERMISSIVE.
 pub const DEFAULT_MTLS_MODE: MtlsMode = MtlsMode::Strict;
@@ -250,23 +248,24 @@ impl PolicySet {
         for group in [&mut set.deny, &mut set.audit, &mut set.allow] {
             group.sort_by(|a, b| a.name.cmp(&b.name));
         }
-        // Missing timestamps sort last: a policy known to be old beats one of unknown age.
         peer.sort_by(|a, b| {
-            (
-                &a.name.namespace,
-                a.creation_timestamp.is_none(),
-                &a.creation_timestamp,
-                &a.name.name,
-            )
-                .cmp(&(
-                    &b.name.namespace,
-                    b.creation_timestamp.is_none(),
-                    &b.creation_timestamp,
-                    &b.name.name,
-                ))
+            (&a.name.namespace, a.envelope.precedence())
+                .cmp(&(&b.name.namespace, b.envelope.precedence()))
         });
         set.peer = peer;
         set
+    }
+
+    /// The set of these compiled objects.
+    pub fn of(objects: impl IntoIterator<Item = Compiled>) -> Self {
+        let (mut authz, mut peer) = (Vec::new(), Vec::new());
+        for object in objects {
+            match object {
+                Compiled::AuthorizationPolicy(p) => authz.push(p),
+                Compiled::PeerAuthentication(p) => peer.push(p),
+            }
+        }
+        PolicySet::new(authz, peer)
     }
 
     /// Every AuthorizationPolicy: DENY, then AUDIT, then ALLOW, each in `namespace/name` order.

@@ -20,18 +20,20 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams};
-use serde_json::json;
+use kube::api::{Api, DynamicObject, ListParams};
 use sigil_identity::SpiffeId;
 
+use crate::cluster;
+use crate::compiled::MtlsMode;
 use crate::engine::{
     DEFAULT_DECIDER, DEFAULT_MTLS_MODE, EffectiveMtls, HttpRequest, MtlsLevel, Peer, PolicySet,
-    ROOT_NAMESPACE, Request, Workload,
+    Request, Workload,
 };
+use crate::envelope::{Kind, ROOT_NAMESPACE};
 use crate::file::{self, FileError};
-use crate::model::{self, Kind};
+use crate::model;
 use crate::path::{self, PathNormalization};
-use crate::validate::{self, MtlsMode, ValidationError};
+use crate::validate::{self, ValidationError};
 
 /// The method of an HTTP request given without `--method`.
 const DEFAULT_METHOD: &str = "GET";
@@ -193,10 +195,7 @@ async fn cluster_policies(
     }
     let mut objects = Vec::new();
     for kind in Kind::ALL {
-        let resource = ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk(model::GROUP, model::VERSION, kind.name()),
-            kind.plural(),
-        );
+        let resource = cluster::api_resource(kind);
         for ns in &namespaces {
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
             let list =
@@ -217,26 +216,18 @@ async fn cluster_policies(
 
 /// Rebuilds the object from the fields policies use, so server-side metadata never matters.
 fn from_cluster(kind: Kind, item: DynamicObject) -> Result<model::Object, InspectError> {
-    let meta = &item.metadata;
-    let value = json!({
-        "apiVersion": model::API_VERSION,
-        "kind": kind.name(),
-        "metadata": {
-            "name": meta.name,
-            "namespace": meta.namespace,
-            "creationTimestamp": meta.creation_timestamp,
-        },
-        "spec": item.data.get("spec").cloned().unwrap_or_else(|| json!({})),
-    });
-    model::Object::decode(kind, &value).map_err(|message| InspectError::Object {
+    let invalid = |message| InspectError::Object {
         kind,
         name: format!(
             "{}/{}",
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default()
+            item.metadata.namespace.as_deref().unwrap_or_default(),
+            item.metadata.name.as_deref().unwrap_or_default()
         ),
         message,
-    })
+    };
+    let envelope = cluster::envelope(kind, &item)
+        .ok_or_else(|| invalid("the object has no namespace or name".to_owned()))?;
+    model::Object::from_parts(&envelope, cluster::spec(&item)).map_err(invalid)
 }
 
 fn answer(
@@ -306,7 +297,7 @@ fn answer(
     if decision.policy().is_none() && !decision.is_allowed() {
         let allow: Vec<String> = applying
             .iter()
-            .filter(|p| p.action() == validate::AuthzAction::Allow)
+            .filter(|p| p.action() == crate::compiled::AuthzAction::Allow)
             .map(|p| p.name().to_string())
             .collect();
         writeln!(out, "allow policies that apply: {}", allow.join(", "))?;

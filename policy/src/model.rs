@@ -9,50 +9,12 @@ use std::fmt;
 
 use serde::de::{self, Error as _, IgnoredAny, Visitor};
 use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
 
-/// The API group of sigil's policy CRDs.
-pub const GROUP: &str = "sigil.dev";
-/// The only served version.
-pub const VERSION: &str = "v1alpha1";
-/// `apiVersion` of every policy object.
-pub const API_VERSION: &str = "sigil.dev/v1alpha1";
+use crate::envelope::Envelope;
 
-/// The two kinds of policy object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
-    AuthorizationPolicy,
-    PeerAuthentication,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::AuthorizationPolicy, Kind::PeerAuthentication];
-
-    pub fn from_name(kind: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.name() == kind)
-    }
-
-    /// The `kind` field's value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::AuthorizationPolicy => "AuthorizationPolicy",
-            Kind::PeerAuthentication => "PeerAuthentication",
-        }
-    }
-
-    /// The resource name in the Kubernetes API.
-    pub fn plural(self) -> &'static str {
-        match self {
-            Kind::AuthorizationPolicy => "authorizationpolicies",
-            Kind::PeerAuthentication => "peerauthentications",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+// Every object carries these; defined with the rest of an object's identity.
+pub use crate::envelope::{API_VERSION, GROUP, Kind, VERSION};
 
 /// Kubernetes object metadata. Only `name`, `namespace` and `creationTimestamp` mean anything to
 /// sigil; the other fields the API server writes are accepted (so `kubectl get -o yaml` output
@@ -73,7 +35,7 @@ pub struct ObjectMeta {
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
-    pub uid: Option<IgnoredAny>,
+    pub uid: Option<String>,
     #[serde(default)]
     pub resource_version: Option<IgnoredAny>,
     #[serde(default)]
@@ -90,6 +52,21 @@ pub struct ObjectMeta {
     pub deletion_timestamp: Option<IgnoredAny>,
     #[serde(default)]
     pub deletion_grace_period_seconds: Option<IgnoredAny>,
+}
+
+impl ObjectMeta {
+    /// The envelope of an object of `kind` with this metadata.
+    pub fn envelope(&self, kind: Kind) -> Envelope {
+        Envelope {
+            creation_timestamp: self.creation_timestamp.clone(),
+            uid: self.uid.clone(),
+            ..Envelope::new(
+                kind,
+                self.namespace.clone().unwrap_or_default(),
+                self.name.clone(),
+            )
+        }
+    }
 }
 
 /// `AuthorizationPolicy`: who may call the selected workloads, and how.
@@ -333,6 +310,29 @@ impl Object {
             Object::AuthorizationPolicy(p) => &p.metadata,
             Object::PeerAuthentication(p) => &p.metadata,
         }
+    }
+
+    /// The object made of `envelope` and the `spec` the user wrote (null: an empty spec, as
+    /// Kubernetes stores an object written without one), ignoring everything else a stored
+    /// object carries, so that what the agent sends, what the CA reports and what `inspect`
+    /// evaluates are the same object. The error is [`Object::decode`]'s.
+    pub fn from_parts(envelope: &Envelope, spec: &Value) -> Result<Object, String> {
+        let key = &envelope.key;
+        let mut metadata = json!({ "name": key.name, "namespace": key.namespace });
+        if let Some(created) = &envelope.creation_timestamp {
+            metadata["creationTimestamp"] = json!(created);
+        }
+        if let Some(uid) = &envelope.uid {
+            metadata["uid"] = json!(uid);
+        }
+        let spec = if spec.is_null() { &json!({}) } else { spec };
+        let value = json!({
+            "apiVersion": API_VERSION,
+            "kind": key.kind.name(),
+            "metadata": metadata,
+            "spec": spec,
+        });
+        Object::decode(key.kind, &value)
     }
 
     /// Decodes one object of a known kind from any self-describing format (a YAML or JSON

@@ -18,8 +18,8 @@ pub mod sigil {
         }
     }
     pub mod policy {
-        pub mod v1 {
-            tonic::include_proto!("sigil.policy.v1");
+        pub mod v2 {
+            tonic::include_proto!("sigil.policy.v2");
         }
     }
 }

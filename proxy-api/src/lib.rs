@@ -1,10 +1,11 @@
 //! The contract between the node agent and the proxies it serves, typed on both sides: what the
-//! agent publishes on its socket (mesh membership in [`mesh`], SDS resources in [`sds`]), where
-//! that socket is, and what the CA's sidecar injector must know about the proxy it injects (its
-//! ports and uid, and the label that puts a pod in the mesh).
+//! agent publishes on its socket (mesh membership in [`mesh`], policies in [`policy`], SDS
+//! resources in [`sds`]), where that socket is, and what the CA's sidecar injector must know
+//! about the proxy it injects (its ports and uid, and the label that puts a pod in the mesh).
 #![forbid(unsafe_code)]
 
 pub mod mesh;
+pub mod policy;
 pub mod sds;
 
 /// Where the agent DaemonSet puts its socket on every node, and where pods see it.

@@ -24,28 +24,8 @@ pub const DEFAULT_IDLE_TIMEOUT: &str = "1h";
 /// Inbound connections held at once; more are closed at accept.
 pub const DEFAULT_MAX_INBOUND_CONNECTIONS: u32 = 4096;
 
-/// PeerAuthentication mode: whether a port accepts plaintext.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum, serde::Serialize)]
-#[value(rename_all = "UPPERCASE")]
-#[serde(rename_all = "UPPERCASE")]
-pub enum MtlsMode {
-    /// mTLS only; plaintext connections are closed.
-    Strict,
-    /// mTLS or plaintext, told apart by peeking at the first bytes; plaintext has no identity.
-    Permissive,
-    /// Plaintext only; the proxy forwards bytes untouched.
-    Disable,
-}
-
-impl MtlsMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MtlsMode::Strict => "STRICT",
-            MtlsMode::Permissive => "PERMISSIVE",
-            MtlsMode::Disable => "DISABLE",
-        }
-    }
-}
+/// PeerAuthentication's mode, which `--mtls-mode` and `--port-mtls` set where no policy does.
+pub use sigil_policy::MtlsMode;
 
 /// `PORT=MODE`, a per-port PeerAuthentication override.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

@@ -17,11 +17,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
-use crate::authz::PolicyState;
 use crate::config::ProxyConfig;
 use crate::metrics::{
     BytesLabels, ConnectionLabels, Direction, Flow, HandshakeLabels, Metrics, Security,
 };
+use crate::policy::PolicyState;
 use crate::tls::{HandshakeFailure, TlsState};
 use sigil_proxy_api::mesh::MeshSnapshot;
 
@@ -99,15 +99,6 @@ pub fn loopback_like(ip: IpAddr) -> IpAddr {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
     }
-}
-
-/// A TCP connection to `addr` within `timeout`, with Nagle off (request/response latency).
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
-    Ok(stream)
 }
 
 /// One connection's facts, filled in as it goes, logged once when it ends.

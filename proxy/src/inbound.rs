@@ -18,11 +18,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, warn};
 
-use crate::authz::{ConnectionAuthz, PolicyState, Transport};
 use crate::config::MtlsMode;
+use crate::dial;
 use crate::forward::{self, ConnectionLog, Counted, Ended, HANDSHAKE_TIMEOUT, Prefixed, Shared};
 use crate::l7::{self, HttpVersion};
 use crate::metrics::{Direction, Security};
+use crate::policy::{ConnectionAuthz, PolicyState, Transport};
 use crate::tls::{self, HandshakeFailure};
 
 /// In PERMISSIVE, a client that has sent nothing after this long is taken as plaintext: TLS
@@ -213,7 +214,7 @@ async fn authorize_and_forward<D>(
     let counts = downstream.counts();
     // Either future, no allocation: plain bytes, or HTTP request by request.
     let forwarding = match http {
-        None => match forward::connect(app, connect_timeout).await {
+        None => match dial::connect(app, connect_timeout).await {
             Ok(upstream) => Either::Left(forward::copy_both(&mut downstream, upstream)),
             Err(e) => return log.upstream_failed(&shared.metrics, &e),
         },
@@ -232,7 +233,7 @@ async fn authorize_and_forward<D>(
                     _ => None,
                 },
             };
-            let connect = move || forward::connect(app, connect_timeout);
+            let connect = move || dial::connect(app, connect_timeout);
             async move {
                 match l7::serve(downstream, connect, settings, authz).await {
                     Ok(()) => Ended::ok(),

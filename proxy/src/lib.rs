@@ -4,8 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod authz;
 pub mod config;
+pub mod dial;
 pub mod feed;
 pub mod forward;
 pub mod inbound;
@@ -14,6 +14,7 @@ pub mod l7;
 pub mod mesh;
 pub mod metrics;
 pub mod outbound;
+pub mod policy;
 pub mod probes;
 pub mod sds;
 pub mod server;

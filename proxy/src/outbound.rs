@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::warn;
 
+use crate::dial;
 use crate::forward::{self, ConnectionLog, HANDSHAKE_TIMEOUT, Shared};
 use crate::metrics::{Direction, Security};
 use crate::tls::{self, HandshakeFailure};
@@ -67,7 +68,7 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, s
     };
     let mut log = ConnectionLog::new(Direction::Outbound, source, destination);
     let Some(expected) = expected else {
-        let upstream = match forward::connect(destination, shared.config.connect_timeout).await {
+        let upstream = match dial::connect(destination, shared.config.connect_timeout).await {
             Ok(upstream) => upstream,
             Err(e) => return log.upstream_failed(&shared.metrics, &e),
         };
@@ -82,7 +83,7 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, s
         );
     };
     log.source_identity = Some(state.id.clone());
-    let tcp = match forward::connect(destination, shared.config.connect_timeout).await {
+    let tcp = match dial::connect(destination, shared.config.connect_timeout).await {
         Ok(tcp) => tcp,
         Err(e) => return log.upstream_failed(&shared.metrics, &e),
     };

@@ -20,7 +20,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::forward;
+use crate::dial;
 
 /// At most this long for the application's answer (the kubelet's own default is 1 s; a probe
 /// configured with a longer timeout is cut here).
@@ -192,7 +192,7 @@ async fn probe(
 async fn ask(probe: &AppProbe) -> Result<u16, String> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], probe.port));
     let connect = || async move {
-        forward::connect(addr, PROBE_TIMEOUT)
+        dial::connect(addr, PROBE_TIMEOUT)
             .await
             .map_err(|e| format!("connecting to {addr}: {e}"))
     };

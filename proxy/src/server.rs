@@ -15,13 +15,13 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
-use crate::authz::{self, PolicyState};
 use crate::config::ProxyConfig;
 use crate::forward::{self, Shared};
 use crate::inbound::{self, AppTarget};
 use crate::mesh;
 use crate::metrics::{Direction, Metrics};
 use crate::outbound::{self, Upstream};
+use crate::policy::{self, PolicyState};
 use crate::tls::TlsState;
 use crate::{admin as proxy_admin, probes, sds};
 use sigil_proxy_api::mesh::MeshSnapshot;
@@ -134,7 +134,7 @@ pub async fn run(
     }
 
     let (policies_tx, policies_rx) = watch::channel(None::<Arc<PolicyState>>);
-    tokio::spawn(authz::run(
+    tokio::spawn(policy::feed::run(
         config.agent_socket.clone(),
         policies_tx,
         metrics.clone(),
