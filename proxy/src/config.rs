@@ -87,16 +87,15 @@ pub struct ProxyConfig {
     pub inbound_to_loopback: bool,
 
     /// Inbound HTTP: set `x-forwarded-client-cert` on every allowed request from an mTLS peer
-    /// to `By=<this workload's SPIFFE ID>;URI=<the peer's>` (Envoy's SANITIZE_SET). HTTP is
-    /// then parsed on every inbound connection. A client's own x-forwarded-client-cert is
-    /// removed whenever the proxy parses HTTP; without this flag or an HTTP policy, bytes pass
-    /// untouched, so an application must trust the header only behind this flag.
+    /// to `By=<this workload's SPIFFE ID>;URI=<the peer's>` (Envoy's SANITIZE_SET). Without it
+    /// the header never reaches the application: the proxy tells HTTP from other bytes on every
+    /// inbound connection and removes a client's own x-forwarded-client-cert from every request.
     #[arg(long)]
     pub forward_client_cert: bool,
 
     /// Inbound HTTP: log one JSON line per request (target `sigil_access`, `kind: http`): peer
-    /// identity, method, host, normalized path, status, deciding policy, duration. HTTP is then
-    /// parsed on every inbound connection. Denied and refused requests are always logged.
+    /// identity, method, host, normalized path, status, deciding policy, duration. Denied and
+    /// refused requests are always logged.
     #[arg(long)]
     pub access_log: bool,
 

@@ -414,40 +414,14 @@ pub struct Prefixed<S> {
     inner: S,
 }
 
-impl<S: AsyncRead + Unpin> Prefixed<S> {
-    /// No prefix: the stream as it is.
-    pub fn new(inner: S) -> Prefixed<S> {
+impl<S> Prefixed<S> {
+    /// `inner`, whose first bytes `prefix` were already read from it.
+    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
         Prefixed {
-            prefix: Vec::new(),
-            position: 0,
-            inner,
-        }
-    }
-
-    /// Reads up to `want` bytes from `inner`, waiting at most `wait` for them (a client that
-    /// sends less, or nothing, is not an error: the prefix is what arrived).
-    pub async fn read_prefix(mut inner: S, want: usize, wait: Duration) -> io::Result<Prefixed<S>> {
-        use tokio::io::AsyncReadExt;
-        let mut prefix = vec![0u8; want];
-        let mut filled = 0;
-        let deadline = tokio::time::Instant::now() + wait;
-        while filled < want {
-            match tokio::time::timeout_at(deadline, inner.read(&mut prefix[filled..])).await {
-                Err(_) | Ok(Ok(0)) => break,
-                Ok(Ok(n)) => filled += n,
-                Ok(Err(e)) => return Err(e),
-            }
-        }
-        prefix.truncate(filled);
-        Ok(Prefixed {
             prefix,
             position: 0,
             inner,
-        })
-    }
-
-    pub fn prefix(&self) -> &[u8] {
-        &self.prefix
+        }
     }
 }
 

@@ -4,6 +4,12 @@
 //! a TLS ClientHello from plaintext by peeking at the first bytes, DISABLE takes plaintext. Then
 //! the bytes go to the application at the connection's original destination (the pod IP; with
 //! --inbound-to-loopback, 127.0.0.1:<original port>), or --inbound-app in explicit mode.
+//!
+//! Every connection's first bytes are told apart ([`Sniffed`]): HTTP is served request by
+//! request (so a client's `x-forwarded-client-cert` never reaches the application), anything
+//! else is forwarded as bytes. A client that sends nothing for [`DETECT_WAIT`] may be waiting
+//! for a server-first protocol's greeting: the application is connected then, and whichever
+//! side speaks first decides (see [`forward_opaque`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,7 +18,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use futures::future::Either;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -21,14 +27,15 @@ use tracing::{debug, warn};
 use crate::config::MtlsMode;
 use crate::dial;
 use crate::forward::{self, ConnectionLog, Counted, Ended, HANDSHAKE_TIMEOUT, Prefixed, Shared};
-use crate::l7::{self, HttpVersion};
+use crate::l7::{self, HttpVersion, Sniffed};
 use crate::metrics::{Direction, Security};
 use crate::policy::{ConnectionAuthz, PolicyState, Transport};
 use crate::tls::{self, HandshakeFailure};
 
-/// In PERMISSIVE, a client that has sent nothing after this long is taken as plaintext: TLS
-/// clients speak first, server-first protocols (SMTP, MySQL) wait for the application.
-const PERMISSIVE_DETECT_WAIT: Duration = Duration::from_millis(500);
+/// How long a client's first bytes are waited for to tell its protocol: in PERMISSIVE, TLS from
+/// plaintext (TLS clients speak first), then HTTP from other bytes. A client that has sent
+/// nothing by then may be waiting for a server-first protocol's greeting (SMTP, MySQL).
+const DETECT_WAIT: Duration = Duration::from_millis(500);
 
 /// Where accepted connections go.
 #[derive(Clone, Copy, Debug)]
@@ -156,10 +163,10 @@ async fn accept_tls(
     Some((tls_stream, log))
 }
 
-/// Authorizes the connection (and, if the policies look at HTTP and it speaks HTTP, each of its
-/// requests), then forwards it to the application until it ends or a policy change revokes it.
+/// Authorizes the connection (and, if it speaks HTTP, each of its requests), then forwards it to
+/// the application until it ends or a policy change revokes it.
 async fn authorize_and_forward<D>(
-    downstream: D,
+    mut downstream: D,
     mut log: ConnectionLog,
     security: Security,
     app: SocketAddr,
@@ -181,23 +188,23 @@ async fn authorize_and_forward<D>(
         shared.config.access_log,
         shared.metrics.clone(),
     ));
-    // HTTP is parsed where a policy looks at it, or a flag asks for something per request.
-    let parse_http =
-        policies.needs_http || shared.config.forward_client_cert || shared.config.access_log;
-    let downstream = if parse_http {
-        match Prefixed::read_prefix(downstream, l7::SNIFF_BYTES, PERMISSIVE_DETECT_WAIT).await {
-            Ok(prefixed) => prefixed,
-            Err(e) => return log.refused(&shared.metrics, HandshakeFailure::Io, &e.to_string()),
-        }
-    } else {
-        Prefixed::new(downstream)
+    let mut first = Vec::new();
+    let sniffed = match sniff(&mut downstream, &mut first, DETECT_WAIT).await {
+        Ok(sniffed) => sniffed,
+        Err(e) => return log.refused(&shared.metrics, HandshakeFailure::Io, &e.to_string()),
     };
-    let http = if parse_http {
-        HttpVersion::sniff(downstream.prefix())
-    } else {
-        None
+    let downstream = Prefixed::new(first, downstream);
+    let http = match sniffed {
+        Some(Sniffed::Http(version)) => Some(version),
+        _ => None,
     };
-    if http.is_none() {
+    let config = &shared.config;
+    // Requests are decided one by one where a policy or a flag looks at them. Elsewhere the
+    // connection is decided once, as bytes are (a denied client sees it refused), and HTTP is
+    // still parsed, to take out what a client must not send.
+    let per_request =
+        http.is_some() && (policies.needs_http || config.forward_client_cert || config.access_log);
+    if !per_request {
         let outcome = authz.decide_connection();
         log.policy = Some(outcome.policy.clone());
         if !outcome.allowed {
@@ -205,48 +212,157 @@ async fn authorize_and_forward<D>(
             // A clean close (TLS close_notify), so the client's proxy sees a refusal rather
             // than a broken connection.
             let mut downstream = downstream;
-            let _ = tokio::time::timeout(PERMISSIVE_DETECT_WAIT, downstream.shutdown()).await;
+            let _ = tokio::time::timeout(DETECT_WAIT, downstream.shutdown()).await;
             return log.denied(&outcome.reason);
         }
     }
-    let connect_timeout = shared.config.connect_timeout;
-    let mut downstream = Counted::new(downstream);
+    let serving = HttpServing {
+        app,
+        connect_timeout: config.connect_timeout,
+        settings: l7::Settings {
+            normalization: config.path_normalization,
+            header_read_timeout: config.header_read_timeout,
+            forward_client_cert: match (&log.destination_identity, &log.source_identity) {
+                (Some(by), Some(peer)) if config.forward_client_cert => {
+                    l7::client_cert_header(&by.to_string(), &peer.to_string())
+                }
+                _ => None,
+            },
+        },
+        authz: authz.clone(),
+    };
+    let downstream = Counted::new(downstream);
     let counts = downstream.counts();
-    // Either future, no allocation: plain bytes, or HTTP request by request.
+    // Either future, no allocation: bytes (possibly HTTP after all), or HTTP request by request.
     let forwarding = match http {
-        None => match dial::connect(app, connect_timeout).await {
-            Ok(upstream) => Either::Left(forward::copy_both(&mut downstream, upstream)),
+        None => match dial::connect(app, serving.connect_timeout).await {
+            Ok(upstream) => {
+                let silent = sniffed.is_none();
+                Either::Left(forward_opaque(downstream, upstream, silent, serving))
+            }
             Err(e) => return log.upstream_failed(&shared.metrics, &e),
         },
         // HTTP connects to the application only for its first allowed request, so a client
         // that never finishes one never holds an application connection.
-        Some(version) => Either::Right({
-            let authz = authz.clone();
-            let settings = l7::Settings {
-                version,
-                normalization: shared.config.path_normalization,
-                header_read_timeout: shared.config.header_read_timeout,
-                forward_client_cert: match (&log.destination_identity, &log.source_identity) {
-                    (Some(by), Some(peer)) if shared.config.forward_client_cert => {
-                        l7::client_cert_header(&by.to_string(), &peer.to_string())
-                    }
-                    _ => None,
-                },
-            };
-            let connect = move || dial::connect(app, connect_timeout);
-            async move {
-                match l7::serve(downstream, connect, settings, authz).await {
-                    Ok(()) => Ended::ok(),
-                    Err(e) => Ended {
-                        result: "error",
-                        detail: e.to_string(),
-                    },
+        Some(version) => Either::Right(serving.serve(downstream, version, None)),
+    };
+    let revoked = authz.revoked(per_request);
+    forward::track(&shared, log, security, counts, forwarding, revoked).await;
+}
+
+/// Reads a connection's first bytes into `first` until they tell its protocol, `wait` passes,
+/// the client closes or [`l7::SNIFF_LIMIT`] bytes came: the protocol, or None if the client
+/// sent nothing.
+async fn sniff<D: AsyncRead + Unpin>(
+    downstream: &mut D,
+    first: &mut Vec<u8>,
+    wait: Duration,
+) -> io::Result<Option<Sniffed>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut chunk = [0u8; 1024];
+    while Sniffed::of(first) == Sniffed::Undecided && first.len() < l7::SNIFF_LIMIT {
+        let room = chunk.len().min(l7::SNIFF_LIMIT - first.len());
+        match tokio::time::timeout_at(deadline, downstream.read(&mut chunk[..room])).await {
+            Err(_) | Ok(Ok(0)) => break,
+            Ok(Ok(n)) => first.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    Ok(Sniffed::at_end(first))
+}
+
+/// Forwards a connection that is not HTTP as bytes, both ways. If the client had sent nothing
+/// (`silent`), whichever side speaks first decides: the application (a server-first protocol)
+/// keeps it bytes; the client's first bytes are told apart as at the start, and HTTP is served
+/// on the application connection already open. So a client cannot take HTTP requests past the
+/// proxy's checks (and forge `x-forwarded-client-cert`) by waiting out [`DETECT_WAIT`].
+async fn forward_opaque<D>(
+    mut downstream: Counted<Prefixed<D>>,
+    mut upstream: TcpStream,
+    silent: bool,
+    serving: HttpServing,
+) -> Ended
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if silent {
+        let mut chunk = [0u8; 1024];
+        let client_first = tokio::select! {
+            // Readable also when the application closes or fails: bytes from here on.
+            _ = upstream.readable() => None,
+            read = downstream.read(&mut chunk) => Some(read),
+        };
+        match client_first {
+            Some(Ok(n)) if n > 0 => {
+                let mut first = chunk[..n].to_vec();
+                let sniffed = match sniff(&mut downstream, &mut first, DETECT_WAIT).await {
+                    Ok(sniffed) => sniffed,
+                    Err(e) => return failed(&e),
+                };
+                if let Some(Sniffed::Http(version)) = sniffed {
+                    let downstream = Prefixed::new(first, downstream);
+                    return serving.serve(downstream, version, Some(upstream)).await;
+                }
+                if let Err(e) = upstream.write_all(&first).await {
+                    return failed(&e);
                 }
             }
-        }),
-    };
-    let revoked = authz.revoked(http.is_some());
-    forward::track(&shared, log, security, counts, forwarding, revoked).await;
+            Some(Err(e)) => return failed(&e),
+            // The client closed its side first: the copy passes that on.
+            Some(Ok(_)) | None => {}
+        }
+    }
+    forward::copy_both(&mut downstream, upstream).await
+}
+
+fn failed(e: &dyn std::error::Error) -> Ended {
+    Ended {
+        result: "error",
+        detail: e.to_string(),
+    }
+}
+
+/// What serving a connection as HTTP needs.
+struct HttpServing {
+    app: SocketAddr,
+    connect_timeout: Duration,
+    settings: l7::Settings,
+    authz: Arc<ConnectionAuthz>,
+}
+
+impl HttpServing {
+    /// Serves `downstream` as HTTP of `version` (see [`l7::serve`]); the application is reached
+    /// on `connected` if a connection to it is open already, else on a new one.
+    async fn serve<D>(
+        self,
+        downstream: D,
+        version: HttpVersion,
+        connected: Option<TcpStream>,
+    ) -> Ended
+    where
+        D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let HttpServing {
+            app,
+            connect_timeout,
+            settings,
+            authz,
+        } = self;
+        let connected = std::sync::Mutex::new(connected);
+        let connect = move || {
+            let open = connected.lock().ok().and_then(|mut open| open.take());
+            async move {
+                match open {
+                    Some(open) => Ok(open),
+                    None => dial::connect(app, connect_timeout).await,
+                }
+            }
+        };
+        match l7::serve(downstream, version, connect, settings, authz).await {
+            Ok(()) => Ended::ok(),
+            Err(e) => failed(&e),
+        }
+    }
 }
 
 /// PERMISSIVE detection: a TLS record header (handshake, version 3.x) opens every ClientHello.
@@ -254,7 +370,7 @@ async fn authorize_and_forward<D>(
 async fn starts_with_tls(stream: &TcpStream) -> io::Result<bool> {
     let mut head = [0u8; 3];
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-    let first = tokio::time::timeout(PERMISSIVE_DETECT_WAIT, stream.peek(&mut head)).await;
+    let first = tokio::time::timeout(DETECT_WAIT, stream.peek(&mut head)).await;
     let mut seen = match first {
         Err(_) => return Ok(false),
         Ok(peeked) => peeked?,

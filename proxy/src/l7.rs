@@ -1,7 +1,8 @@
-//! HTTP awareness on inbound connections, for policies with HTTP fields (methods, paths, hosts,
-//! headers): telling HTTP/1.1 and HTTP/2 from other bytes by their first bytes, then serving the
-//! connection as HTTP, deciding on every request, answering a denied one with 403 and forwarding
-//! an allowed one to the application over one upstream connection of the same HTTP version.
+//! HTTP awareness on inbound connections: telling HTTP/1.1 and HTTP/2 from other bytes by their
+//! first bytes ([`Sniffed`]), then serving the connection as HTTP, deciding on every request (for
+//! policies with HTTP fields: methods, paths, hosts, headers), answering a denied one with 403 and
+//! forwarding an allowed one to the application over one upstream connection of the same HTTP
+//! version, without the client's `x-forwarded-client-cert`.
 //!
 //! Before any policy sees a request it is made unambiguous ([`check`]), so that what was
 //! authorized is what the application gets: the path is normalized (`sigil_policy::path`) and
@@ -27,10 +28,11 @@ use tokio::net::TcpStream;
 
 /// The body of a denied request: Envoy's, so clients and dashboards that know it keep working.
 pub const DENIED_BODY: &str = "RBAC: access denied\n";
-/// The HTTP/2 connection preface's first bytes.
+/// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Bytes needed to tell the protocols apart.
-pub const SNIFF_BYTES: usize = 8;
+/// The most of a connection's first bytes read to tell the protocol: a request line still
+/// unfinished at this length is taken as HTTP/1 (a longer URL than most servers accept).
+pub const SNIFF_LIMIT: usize = 8 * 1024;
 
 /// The HTTP version a connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,31 +41,95 @@ pub enum HttpVersion {
     Http2,
 }
 
-impl HttpVersion {
-    /// The version the first bytes a client sent (at least [`SNIFF_BYTES`] unless it sent fewer)
-    /// open, or None for anything that is not HTTP (decided on once, as a TCP connection).
-    pub fn sniff(first: &[u8]) -> Option<HttpVersion> {
-        const METHODS: [&[u8]; 9] = [
-            b"GET ",
-            b"POST ",
-            b"PUT ",
-            b"HEAD ",
-            b"DELETE ",
-            b"OPTIONS ",
-            b"PATCH ",
-            b"TRACE ",
-            b"CONNECT ",
-        ];
+/// What a connection's first bytes say about its protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sniffed {
+    Http(HttpVersion),
+    /// Not HTTP: forwarded as bytes.
+    Opaque,
+    /// Could still be either: more bytes are needed (see [`Sniffed::at_end`]).
+    Undecided,
+}
+
+impl Sniffed {
+    /// Classifies a connection's first bytes, erring towards HTTP: what the proxy takes for
+    /// opaque bytes reaches the application unparsed (a client's `x-forwarded-client-cert`
+    /// too), so only bytes that cannot open an HTTP request are opaque. HTTP/1 is any request
+    /// line `METHOD SP TARGET SP HTTP/`, whatever the method token (extension methods and
+    /// lower-case ones, which [`check`] refuses, included), after the empty lines servers skip
+    /// (RFC 9112 section 2.2); HTTP/2 is its connection preface.
+    pub fn of(first: &[u8]) -> Sniffed {
         let n = first.len().min(H2_PREFACE.len());
-        if n >= 3 && first[..n] == H2_PREFACE[..n] {
-            return Some(HttpVersion::Http2);
+        if n > 0 && first[..n] == H2_PREFACE[..n] {
+            return if n == H2_PREFACE.len() {
+                Sniffed::Http(HttpVersion::Http2)
+            } else {
+                Sniffed::Undecided
+            };
         }
-        let is_method = METHODS.iter().any(|method| {
-            let n = first.len().min(method.len());
-            n >= 4 && first[..n] == method[..n]
-        });
-        is_method.then_some(HttpVersion::Http1)
+        let line = match first.iter().position(|&b| b != b'\r' && b != b'\n') {
+            Some(start) => &first[start..],
+            None => return Sniffed::Undecided,
+        };
+        let method = line.iter().take_while(|&&b| is_tchar(b)).count();
+        match line.get(method) {
+            None => return Sniffed::Undecided,
+            Some(&b) if method > 0 && is_space(b) => {}
+            Some(_) => return Sniffed::Opaque,
+        }
+        // The target: anything up to the next space (servers parse what they get, and some
+        // take several spaces or tabs as one); a line that ends before a version is HTTP/0.9
+        // at most (no headers), or a text protocol's command.
+        let rest = skip_spaces(&line[method..]);
+        let target = rest
+            .iter()
+            .take_while(|&&b| !is_space(b) && b != b'\r' && b != b'\n')
+            .count();
+        match rest.get(target) {
+            None => return Sniffed::Undecided,
+            Some(&b) if target > 0 && is_space(b) => {}
+            Some(_) => return Sniffed::Opaque,
+        }
+        let version = skip_spaces(&rest[target..]);
+        let n = version.len().min(5);
+        if !version[..n].eq_ignore_ascii_case(&b"HTTP/"[..n]) {
+            Sniffed::Opaque
+        } else if n == 5 {
+            Sniffed::Http(HttpVersion::Http1)
+        } else {
+            Sniffed::Undecided
+        }
     }
+
+    /// The decision once no more bytes will be waited for (the client went quiet, closed, or
+    /// sent [`SNIFF_LIMIT`] bytes): undecided bytes are HTTP, which the HTTP server refuses if
+    /// they are not; no bytes at all is `None`, for the caller to decide.
+    pub fn at_end(first: &[u8]) -> Option<Sniffed> {
+        match Sniffed::of(first) {
+            _ if first.is_empty() => None,
+            Sniffed::Undecided if H2_PREFACE.starts_with(first) => {
+                Some(Sniffed::Http(HttpVersion::Http2))
+            }
+            Sniffed::Undecided => Some(Sniffed::Http(HttpVersion::Http1)),
+            decided => Some(decided),
+        }
+    }
+}
+
+/// Whitespace a lenient server accepts between the parts of a request line (RFC 9112 section
+/// 3: SP, and HTAB, VT and FF).
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | 0x0b | 0x0c)
+}
+
+fn skip_spaces(bytes: &[u8]) -> &[u8] {
+    let start = bytes.iter().take_while(|&&b| is_space(b)).count();
+    &bytes[start..]
+}
+
+/// A character of an HTTP token (RFC 9110 section 5.6.2), as methods are made of.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// The attributes of one request that policies look at.
@@ -191,6 +257,10 @@ pub enum HttpError {
     HeaderTimeout(Duration),
     #[error("serving HTTP to the client: {0}")]
     Downstream(#[source] hyper::Error),
+    #[error("switching protocols: {0}")]
+    Upgrade(#[source] hyper::Error),
+    #[error("relaying an upgraded connection: {0}")]
+    Tunnel(#[source] std::io::Error),
 }
 
 type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -251,7 +321,6 @@ fn bad_gateway() -> Response<ProxyBody> {
 /// How [`serve`] serves one connection.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub version: HttpVersion,
     pub normalization: PathNormalization,
     /// HTTP/1: each request head must arrive within this; HTTP/2: the first request.
     pub header_read_timeout: Duration,
@@ -290,7 +359,7 @@ where
             let (sender, connection) = client_h1::handshake(TokioIo::new(upstream))
                 .await
                 .map_err(HttpError::Upstream)?;
-            tokio::spawn(connection);
+            tokio::spawn(connection.with_upgrades());
             Sender::Http1(tokio::sync::Mutex::new(sender))
         }
     })
@@ -300,6 +369,7 @@ where
 /// application, which `connect` reaches (once, on the first allowed request).
 pub async fn serve<D, C, F, A>(
     downstream: D,
+    version: HttpVersion,
     connect: C,
     settings: Settings,
     authorizer: Arc<A>,
@@ -311,10 +381,11 @@ where
     A: Authorize,
 {
     let upstream = Arc::new((tokio::sync::OnceCell::<Sender>::new(), connect));
+    let tunnel = Arc::new(std::sync::Mutex::new(None::<Tunnel>));
+    let tunnel_of_service = tunnel.clone();
     let seen_request = Arc::new(AtomicBool::new(false));
     let seen = seen_request.clone();
     let Settings {
-        version,
         normalization,
         header_read_timeout,
         forward_client_cert,
@@ -322,6 +393,7 @@ where
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         let (upstream, authorizer) = (upstream.clone(), authorizer.clone());
         let forward_client_cert = forward_client_cert.clone();
+        let tunnel = tunnel_of_service.clone();
         seen.store(true, Ordering::Relaxed);
         async move {
             let checked = match check(&request, normalization) {
@@ -351,6 +423,11 @@ where
             if let Some(xfcc) = &forward_client_cert {
                 request.headers_mut().insert(XFCC, xfcc.clone());
             }
+            // HTTP/1.1 Upgrade (WebSocket and the like): if the application switches protocols,
+            // both connections are handed over and joined (see `Tunnel`).
+            let client_upgrade = (version == HttpVersion::Http1
+                && request.headers().contains_key(http::header::UPGRADE))
+            .then(|| hyper::upgrade::on(&mut request));
             let started = std::time::Instant::now();
             let method = request.method().clone();
             let path = request.uri().path().to_owned();
@@ -365,10 +442,19 @@ where
                     return Ok(bad_gateway());
                 }
             };
-            let response = match sender.send(request).await {
+            let mut response = match sender.send(request).await {
                 Ok(response) => response.map(Either::Left),
                 Err(_) => bad_gateway(),
             };
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(client) = client_upgrade
+                && let Ok(mut tunnel) = tunnel.lock()
+            {
+                *tunnel = Some(Tunnel {
+                    client,
+                    app: hyper::upgrade::on(&mut response),
+                });
+            }
             let info = RequestInfo {
                 method: method.as_str(),
                 path: &path,
@@ -403,18 +489,45 @@ where
                 () = first_request => Err(HttpError::HeaderTimeout(header_read_timeout)),
             }
         }
-        HttpVersion::Http1 => server_h1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_read_timeout)
-            .serve_connection(io, service)
+        HttpVersion::Http1 => {
+            server_h1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+                .map_err(|e| {
+                    if e.is_timeout() {
+                        HttpError::HeaderTimeout(header_read_timeout)
+                    } else {
+                        HttpError::Downstream(e)
+                    }
+                })?;
+            // The server hands the connection over after a 101: then it is the tunnel's.
+            let upgraded = tunnel.lock().ok().and_then(|mut tunnel| tunnel.take());
+            match upgraded {
+                Some(tunnel) => tunnel.relay().await,
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// Both sides of an HTTP/1.1 connection the application switched to another protocol (101):
+/// from then on bytes, relayed both ways until both sides are done (an allowed request
+/// upgraded it; policy changes still close it, as any connection).
+struct Tunnel {
+    client: hyper::upgrade::OnUpgrade,
+    app: hyper::upgrade::OnUpgrade,
+}
+
+impl Tunnel {
+    async fn relay(self) -> Result<(), HttpError> {
+        let (client, app) = tokio::try_join!(self.client, self.app).map_err(HttpError::Upgrade)?;
+        tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(app))
             .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    HttpError::HeaderTimeout(header_read_timeout)
-                } else {
-                    HttpError::Downstream(e)
-                }
-            }),
+            .map_err(HttpError::Tunnel)?;
+        Ok(())
     }
 }
 
@@ -460,23 +573,53 @@ mod tests {
 
     #[test]
     fn first_bytes_tell_the_protocol() {
-        assert_eq!(
-            HttpVersion::sniff(b"GET / HTTP/1.1\r\n"),
-            Some(HttpVersion::Http1)
-        );
-        assert_eq!(
-            HttpVersion::sniff(b"DELETE /x HTTP/1.1"),
-            Some(HttpVersion::Http1)
-        );
-        assert_eq!(
-            HttpVersion::sniff(b"OPTIONS * HTTP/1.1"),
-            Some(HttpVersion::Http1)
-        );
-        assert_eq!(HttpVersion::sniff(H2_PREFACE), Some(HttpVersion::Http2));
-        assert_eq!(HttpVersion::sniff(b"PRI * HT"), Some(HttpVersion::Http2));
-        assert_eq!(HttpVersion::sniff(b"\x16\x03\x01\x02\x00"), None);
-        assert_eq!(HttpVersion::sniff(b"SSH-2.0-OpenSSH"), None);
-        assert_eq!(HttpVersion::sniff(b"GETX"), None);
-        assert_eq!(HttpVersion::sniff(b""), None);
+        use HttpVersion::*;
+        use Sniffed::*;
+        for (first, want) in [
+            (&b"GET / HTTP/1.1\r\n"[..], Http(Http1)),
+            (b"DELETE /x HTTP/1.0", Http(Http1)),
+            (b"OPTIONS * HTTP/1.1", Http(Http1)),
+            // Whatever the method: an extension method, or one in lower case (then refused).
+            (b"PURGE /cache HTTP/1.1", Http(Http1)),
+            (b"delete /x http/1.1", Http(Http1)),
+            // Servers skip empty lines before the request line.
+            (b"\r\n\r\nGET / HTTP/1.1", Http(Http1)),
+            // Some servers take several spaces, or tabs, as one.
+            (b"GET  /\tHTTP/1.1", Http(Http1)),
+            (H2_PREFACE, Http(Http2)),
+            // Not yet enough to tell.
+            (b"", Undecided),
+            (b"\r\n", Undecided),
+            (b"G", Undecided),
+            (b"GET /very/long", Undecided),
+            (b"GET / HT", Undecided),
+            (b"PRI * HTTP/2.0\r\n", Undecided),
+            // Cannot open an HTTP request.
+            (b"\x16\x03\x01\x02\x00", Opaque),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", Opaque),
+            (b"GETX", Undecided),
+            (b"GETX\r\n", Opaque),
+            (b" GET / HTTP/1.1", Opaque),
+            // Text protocols' commands: Redis inline, memcached.
+            (b"PING\r\n", Opaque),
+            (b"SET key value\r\n", Opaque),
+            (b"get key\r\n", Opaque),
+            (b"set key 0 0 5\r\n", Opaque),
+            (b"\x00\x01", Opaque),
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Opaque),
+        ] {
+            assert_eq!(
+                Sniffed::of(first),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(first)
+            );
+        }
+        // When no more will come: what may be HTTP is HTTP.
+        assert_eq!(Sniffed::at_end(b""), None);
+        assert_eq!(Sniffed::at_end(b"GET /x"), Some(Http(Http1)));
+        assert_eq!(Sniffed::at_end(b"\r\n"), Some(Http(Http1)));
+        assert_eq!(Sniffed::at_end(b"PRI * HT"), Some(Http(Http2)));
+        assert_eq!(Sniffed::at_end(b"PING\r\n"), Some(Opaque));
     }
 }
