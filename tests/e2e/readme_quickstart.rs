@@ -26,12 +26,6 @@
 //! Separately, every `sigil ...` command line in README.md's shell blocks is run through the real
 //! binary's argument parser (with `--help` appended), and control cases prove those checks bite.
 
-#[path = "common/admission.rs"]
-mod admission;
-mod common;
-#[path = "common/manifests.rs"]
-mod manifests;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Display;
 use std::path::PathBuf;
@@ -39,20 +33,23 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::CaProcess;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use kube::discovery::{ApiResource, Scope};
-use manifests::{describe, dockerfile_instructions, kind, name, namespace, repo};
 use serde_json::{Value, json};
 use sigil_identity::{SpiffeId, TrustDomain};
 use sigil_test_apiserver::TestApiServer;
+use sigil_test_harness::manifests::{
+    describe, dockerfile_instructions, kind, name, namespace, repo,
+};
+use sigil_test_harness::{CaProcess, sigil_exe};
+use sigil_test_harness::{admission, manifests};
 
 /// The heading of the README section this test follows.
 const SECTION: &str = "## Install in a cluster";
 /// The shape of the AdmissionReview the API server sends (a pod created by a ReplicaSet).
-const REVIEW: &str = include_str!("fixtures/admission/web-pod.review.json");
+const REVIEW: &str = include_str!("../fixtures/admission/web-pod.review.json");
 /// How long the CA may take to do something the quickstart waits for.
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -365,7 +362,7 @@ fn sigil_args(cmd: &Cmd) -> Option<Vec<String>> {
 /// Runs `sigil ARGS` with an empty environment (so no SIGIL_* variable of the test's changes what
 /// it prints) and no way to reach a cluster.
 fn run_sigil(args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sigil"))
+    Command::new(sigil_exe())
         .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
