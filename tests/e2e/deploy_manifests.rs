@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 use sigil_policy::model::{Kind, Object};
-use sigil_test_harness::manifests;
 use sigil_test_harness::manifests::*;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
