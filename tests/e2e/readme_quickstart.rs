@@ -2307,12 +2307,12 @@ fn the_checks_bite() {
         ]
     );
     assert_eq!(
-        lines[3].text,
+        lines[2].text,
         "sudo sigil inspect agent --socket /tmp/s.sock # identities"
     );
-    assert_eq!(lines[3].comment(), Some("identities"));
+    assert_eq!(lines[2].comment(), Some("identities"));
     assert_eq!(
-        lines[4].heredoc,
+        lines[3].heredoc,
         Some((
             "YAML".to_string(),
             "sigil not-a-command --in-a-heredoc\n".to_string()
