@@ -18,9 +18,6 @@
 //!
 //! Run: `cargo bench --bench agent_sds` (BENCH_SAMPLES=50 and BENCH_STREAMS=1000 by default).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -29,13 +26,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{CaProcess, SIGIL, cpu_seconds, free_addr, http_get, metric};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use futures::StreamExt;
 use futures::channel::mpsc::{UnboundedSender, unbounded};
 use sigil_test_apiserver::{PodSpec, TestApiServer, TokenSpec};
+use sigil_test_harness::{CaProcess, cpu_seconds, free_addr, http_get, metric, sigil_exe};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
 use tonic::Streaming;
@@ -79,7 +76,7 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 }
 
 fn sigil(args: &[&str]) {
-    let out = Command::new(SIGIL).args(args).output().unwrap();
+    let out = Command::new(sigil_exe()).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "sigil {args:?}: {}",
@@ -148,7 +145,7 @@ impl Agent {
         let admin = free_addr();
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(SIGIL);
+        let mut cmd = Command::new(sigil_exe());
         cmd.args(["agent", "run", "--ca", &ca.grpc.to_string()])
             .args(["--ca-name", "localhost", "--admin-addr", &admin.to_string()])
             .arg("--ca-bundle")

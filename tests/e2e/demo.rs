@@ -6,13 +6,14 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
+use sigil_test_harness::sigil_exe;
+
 /// The promise; a debug build on a busy CI machine still has room.
 const DEMO_DEADLINE: Duration = Duration::from_secs(60);
 
 fn demo(args: &[&str]) -> (Output, Duration) {
     let started = Instant::now();
-    let output = Command::new(SIGIL)
+    let output = Command::new(sigil_exe())
         .arg("demo")
         .args(args)
         .env_remove("RUST_LOG")
@@ -202,7 +203,7 @@ fn demo_that_cannot_start_its_agent_exits_one_with_the_reason_and_keeps_the_logs
 
 #[test]
 fn demo_help_says_what_it_does() {
-    let output = Command::new(SIGIL)
+    let output = Command::new(sigil_exe())
         .args(["demo", "--help"])
         .output()
         .unwrap();

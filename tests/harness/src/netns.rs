@@ -1,13 +1,15 @@
-//! Network namespaces for the end-to-end tests that run as root (tests/proxy_init.rs,
-//! tests/proxy_netns.rs, tests/policy_netns.rs): namespaces this test process creates and
+//! Network namespaces for the end-to-end tests that run as root (tests/e2e/proxy_init.rs,
+//! tests/e2e/proxy_netns.rs, tests/e2e/policy_netns.rs): namespaces this test process creates and
 //! deletes on drop (pass or fail), commands run inside them (as root or as another uid), sockets
 //! of the test process created inside them (clients, and servers that record what reaches them),
 //! the two-pod network the transparent-proxy tests wire up, and a transparent `sigil proxy run`
 //! in a pod.
 //!
-//! Each test binary names its namespaces with a prefix of its own plus its PID, so that binaries
-//! can run in parallel; its addresses (from 198.18.0.0/15: 198.18.0.x for tests/proxy_netns.rs and
-//! tests/proxy_init.rs, 198.18.1.x for tests/policy_netns.rs) exist only inside its namespaces.
+//! Each test module names its namespaces `<prefix of its own>-<pid>-<role of each test>`, so that
+//! its tests run in parallel threads, beside the other modules' and beside another test process;
+//! its addresses (from 198.18.0.0/15: 198.18.0.x for tests/e2e/proxy_netns.rs and
+//! tests/e2e/proxy_init.rs, 198.18.1.x for tests/e2e/policy_netns.rs) exist only inside its
+//! namespaces.
 
 use std::fs::File;
 use std::io;
@@ -23,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
-use super::{PodCgroup, Proc, SIGIL, metric};
+use crate::{PodCgroup, Proc, metric, sigil_exe};
 
 /// Debian's python3: unprivileged uids can run it (pyenv's lives under /root, mode 0700).
 pub const PYTHON: &str = "/usr/bin/python3";
@@ -236,7 +238,13 @@ impl PodNetwork {
             pod.run(&["ip", "link", "set", "eth0", "up"]);
             c.run(&["ip", "link", "set", port, "master", "br0"]);
             c.run(&["ip", "link", "set", port, "up"]);
-            pod.run(&[SIGIL, "proxy", "init", "--proxy-uid", &uid.to_string()]);
+            pod.run(&[
+                sigil_exe(),
+                "proxy",
+                "init",
+                "--proxy-uid",
+                &uid.to_string(),
+            ]);
         }
         PodNetwork { a, b, c }
     }
@@ -270,7 +278,7 @@ impl PodProxy {
         let mut command = pod.command_as(
             &uid,
             &[
-                SIGIL,
+                sigil_exe(),
                 "proxy",
                 "run",
                 "--agent-socket",

@@ -2,15 +2,13 @@
 //! agent over SDS, mutual TLS between two proxies with SPIFFE ID checks, PERMISSIVE and STRICT,
 //! the agent going away, the drain on SIGTERM, and certificate rotation under load.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use sigil_test_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -1,11 +1,10 @@
-//! Helpers for the tests of the Kubernetes manifests in deploy/ (tests/deploy_manifests.rs,
-//! tests/deploy_rbac.rs): rendering them with the real kubectl's kustomize, validating objects
+//! Helpers for the tests of the Kubernetes manifests in deploy/ (tests/e2e/deploy_manifests.rs,
+//! tests/e2e/deploy_rbac.rs): rendering them with the real kubectl's kustomize, validating objects
 //! with PyPI's kubernetes-validate and custom resources against sigil's CRD schemas, and running
 //! the real `sigil` binary with a container's arguments to see what it makes of them.
 //!
 //! kubectl is `$SIGIL_KUBECTL`, else `target/tools/kubectl` (where scripts/test installs it);
 //! kubernetes-validate is a Python module scripts/test installs. Missing tools fail the tests.
-#![allow(dead_code)] // each test binary uses a different part
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -17,7 +16,12 @@ use serde_json::Value;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let harness = Path::new(env!("CARGO_MANIFEST_DIR"));
+    harness
+        .ancestors()
+        .nth(2)
+        .expect("this crate is tests/harness")
+        .to_path_buf()
 }
 
 /// The kubectl the tests use.
@@ -259,7 +263,7 @@ pub struct Parsed {
 /// file only the pod has. Killed if still running after 20 s.
 pub fn parse_with_sigil(args: &[String], env: &[(String, String)]) -> Parsed {
     let home = tempfile::tempdir().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_sigil"));
+    let mut command = Command::new(crate::sigil_exe());
     command
         .args(args)
         .env_clear()

@@ -10,12 +10,10 @@
 //! SAN the sigil proxy does not have (either way round), and Envoy's default TLS 1.2 maximum
 //! against the proxy's TLS 1.3-only default.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use sigil_test_harness::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 

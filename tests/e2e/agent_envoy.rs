@@ -3,8 +3,6 @@
 //! over mutual TLS, each checking the other's SPIFFE ID; certificates rotate every ~2 s while
 //! requests keep flowing, with zero failures and no SDS update rejected.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -13,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use sigil_test_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WEB_UID: u32 = 41001;
@@ -303,7 +301,7 @@ async fn two_envoys_talk_mtls_with_certificates_from_the_agent_through_rotations
     );
 
     // The operator's view of the agent: both identities, each with a serial and a renewal time.
-    let inspect = Command::new(SIGIL)
+    let inspect = Command::new(sigil_exe())
         .args(["inspect", "agent", "--socket"])
         .arg(&socket)
         .output()
@@ -321,7 +319,7 @@ async fn two_envoys_talk_mtls_with_certificates_from_the_agent_through_rotations
             .unwrap_or_else(|| panic!("{id} missing:\n{listing}"));
         assert!(!line.contains("(pending)"), "{line}");
     }
-    let mut as_workload = Command::new(SIGIL);
+    let mut as_workload = Command::new(sigil_exe());
     as_workload
         .args(["inspect", "agent", "--socket"])
         .arg(&socket)

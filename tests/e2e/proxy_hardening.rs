@@ -9,13 +9,11 @@
 //!   another namespace is unaffected;
 //! - item 21: `--app-probe ...#Name=value` sends the pod's probe headers to the application.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use sigil_test_harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -8,12 +8,12 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::json;
 use sigil_test_apiserver::{PodSpec, TestApiServer};
+use sigil_test_harness::sigil_exe;
 
-const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const ADMIN: &str = "spiffe://cluster.local/ns/ops/sa/admin";
 
-const POLICIES: &str = include_str!("fixtures/inspect-policies.yaml");
+const POLICIES: &str = include_str!("../fixtures/inspect-policies.yaml");
 
 struct Run {
     code: i32,
@@ -28,7 +28,7 @@ impl Run {
 }
 
 async fn inspect(args: &[&str], kubeconfig: Option<&Path>) -> Run {
-    let mut command = tokio::process::Command::new(SIGIL);
+    let mut command = tokio::process::Command::new(sigil_exe());
     command.args(["inspect", "policy"]).args(args);
     if let Some(path) = kubeconfig {
         command.env("KUBECONFIG", path);
@@ -523,7 +523,7 @@ async fn answers_from_the_cluster() {
 #[tokio::test]
 async fn paths_are_normalized_as_the_proxy_does() {
     let dir = tempfile::tempdir().unwrap();
-    let file = policy_file(dir.path(), include_str!("fixtures/deny-admin.yaml"));
+    let file = policy_file(dir.path(), include_str!("../fixtures/deny-admin.yaml"));
     let mut failures = Vec::new();
     for case in sigil_policy::path::table() {
         let mode = case.mode.to_string();
@@ -602,7 +602,7 @@ async fn errors_read_once_and_a_closed_pipe_is_not_a_crash() {
     let file = policy_file(dir.path(), POLICIES);
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = std::process::Command::new(SIGIL)
+    let out = std::process::Command::new(sigil_exe())
         .args(["inspect", "policy", "--policy-file", &file, "-n", "demo"])
         .args(["--labels", "app=web", "--from", CLIENT, "--port", "8080"])
         .args(["--method", "GET"])

@@ -3,23 +3,18 @@
 //! AdmissionReview documents over HTTPS that verify against that caBundle under the Service's
 //! DNS name, exactly as the API server calls a webhook.
 
-#[path = "common/admission.rs"]
-mod admission;
-mod common;
-#[path = "common/manifests.rs"]
-mod manifests;
-
 use std::net::SocketAddr;
 
-use admission::apply;
-use common::*;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::{Api, PostParams};
 use serde_json::{Value, json};
 use sigil_test_apiserver::TestApiServer;
+use sigil_test_harness::admission::apply;
+use sigil_test_harness::*;
+use sigil_test_harness::{admission, manifests};
 
-const REVIEW: &str = include_str!("fixtures/admission/web-pod.review.json");
-const INJECTED: &str = include_str!("fixtures/admission/web-pod.injected.json");
+const REVIEW: &str = include_str!("../fixtures/admission/web-pod.review.json");
+const INJECTED: &str = include_str!("../fixtures/admission/web-pod.injected.json");
 const IMAGE: &str = "registry.example/sigil:0.1.0";
 const SERVICE_NAME: &str = "sigil-ca.sigil-system.svc";
 

@@ -4,22 +4,20 @@
 //! keep-alive connection that a policy change no longer allows, and answers kubelet probes under
 //! deny-all.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use sigil_test_harness::*;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 const WEB_UID: u32 = 41401;
 const DB_UID: u32 = 41402;
 
-const DENY_ALL: &str = include_str!("fixtures/deny-all.yaml");
+const DENY_ALL: &str = include_str!("../fixtures/deny-all.yaml");
 
-const ALLOW_WEB_ON_ALLOWED: &str = include_str!("fixtures/allow-web.yaml");
+const ALLOW_WEB_ON_ALLOWED: &str = include_str!("../fixtures/allow-web.yaml");
 
 /// Replaces the policy file whole (the agent may read it at any moment).
 fn write_policies(path: &Path, documents: &[&str]) {
@@ -312,7 +310,7 @@ async fn h2_send(
     (status, String::from_utf8_lossy(&body).to_string())
 }
 
-const DENY_ADMIN: &str = include_str!("fixtures/deny-admin.yaml");
+const DENY_ADMIN: &str = include_str!("../fixtures/deny-admin.yaml");
 
 /// The status the proxy answers for a row of the normalization table, and the body (the target
 /// the application received) when it forwards.

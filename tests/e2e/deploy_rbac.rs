@@ -12,21 +12,18 @@
 //! needed (a rule without resourceNames whose requests all named one object, a ClusterRole whose
 //! requests all stayed in one namespace). The plug-in CA overlay is checked the same way.
 
-mod common;
-#[path = "common/manifests.rs"]
-mod manifests;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
-use manifests::{find, kind, kustomize, name, namespace, of_kind, repo};
 use serde_json::{Value, json};
 use sigil_test_apiserver::{PodSpec, RequestRecord, ResourceAttributes, TestApiServer, TokenSpec};
+use sigil_test_harness::manifests;
+use sigil_test_harness::manifests::{find, kind, kustomize, name, namespace, of_kind, repo};
+use sigil_test_harness::*;
 
 /// The bearer tokens the two processes present (in their kubeconfigs); the double only logs
 /// them. Named after the users their real tokens authenticate as.
@@ -479,7 +476,7 @@ async fn the_base_rbac_grants_exactly_what_the_ca_and_agent_use() {
     wait_agent_ready(&agent, agent_admin, "").await;
 
     // An operator rotates the root from a CA pod (with the CA's service account).
-    let rotated = tokio::process::Command::new(SIGIL)
+    let rotated = tokio::process::Command::new(sigil_exe())
         .args(["ca", "rotate-root", "--propagation", "1s"])
         .env("KUBECONFIG", &ca_kubeconfig)
         .env_remove("POD_NAMESPACE")

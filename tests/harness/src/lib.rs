@@ -1,7 +1,11 @@
-//! Harness for end-to-end tests: runs the real `sigil` binary as child processes, talks to them
-//! over real gRPC+TLS, and points them at the in-repo Kubernetes API test double.
-#![allow(dead_code)] // each test binary uses a different part of the harness
+//! Harness for the end-to-end tests (tests/e2e) and the benchmarks (benches/): runs the real
+//! `sigil` binary as child processes, talks to them over real gRPC+TLS, and points them at the
+//! in-repo Kubernetes API test double. A library, so that the one test binary and each bench
+//! compile it once and use only the parts they need.
+#![forbid(unsafe_code)]
 
+pub mod admission;
+pub mod manifests;
 pub mod netns;
 
 use std::net::{SocketAddr, TcpListener};
@@ -9,6 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
@@ -20,7 +25,30 @@ use sigil_test_apiserver::{TestApiServer, TokenSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
-pub const SIGIL: &str = env!("CARGO_BIN_EXE_sigil");
+/// The `sigil` binary under test. Cargo builds it into `target/<profile>/` before it runs
+/// integration tests and benches, and tells only those targets its path
+/// (`CARGO_BIN_EXE_sigil`); this library finds it next to the `deps/` directory the running test
+/// or bench binary is in.
+pub fn sigil_exe() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let running = std::env::current_exe().expect("the path of the running test binary");
+        let profile_dir = running
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binaries run from target/<profile>/deps/");
+        let sigil = profile_dir.join("sigil");
+        assert!(
+            sigil.is_file(),
+            "no sigil binary at {} (cargo builds it for tests and benches)",
+            sigil.display()
+        );
+        sigil
+            .into_os_string()
+            .into_string()
+            .expect("a UTF-8 target directory")
+    })
+}
 
 pub fn td() -> TrustDomain {
     TrustDomain::new("cluster.local").unwrap()
@@ -78,7 +106,7 @@ impl CaProcess {
         let log = work.join(format!("ca-{}-{started}.log", grpc.port()));
         let out = std::fs::File::create(&log).unwrap();
         let webhook = free_addr();
-        let mut cmd = Command::new(SIGIL);
+        let mut cmd = Command::new(sigil_exe());
         cmd.args([
             "ca",
             "serve",
@@ -375,7 +403,7 @@ pub const DB_ID: &str = "spiffe://cluster.local/ns/demo/sa/db";
 
 /// Runs `sigil ARGS` to completion and returns its stdout; panics with its output if it fails.
 pub fn sigil(args: &[&str]) -> String {
-    let out = Command::new(SIGIL).args(args).output().unwrap();
+    let out = Command::new(sigil_exe()).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "sigil {args:?} failed: {}{}",
@@ -520,7 +548,7 @@ pub fn unix_agent_args(
 
 /// Starts `sigil ARGS` (an agent) logging to `log`, and waits for its `/ready` on `admin`.
 pub async fn spawn_agent(args: &[std::ffi::OsString], log: PathBuf, admin: SocketAddr) -> Proc {
-    let mut cmd = Command::new(SIGIL);
+    let mut cmd = Command::new(sigil_exe());
     cmd.args(args).env("RUST_LOG", "info");
     let agent = Proc::spawn(cmd, log);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -563,7 +591,7 @@ pub async fn spawn_k8s_agent(
     )
     .unwrap();
     let admin = free_addr();
-    let mut cmd = Command::new(SIGIL);
+    let mut cmd = Command::new(sigil_exe());
     cmd.args(["agent", "run", "--attestor", "k8s", "--node-name", node])
         .args(["--ca", &ca.grpc.to_string(), "--ca-name", "localhost"])
         .arg("--ca-bundle")
@@ -778,7 +806,7 @@ pub async fn spawn_proxy(
     uid: Option<u32>,
     args: &[String],
 ) -> ProxyProcess {
-    spawn_proxy_from(Path::new(SIGIL), dir, name, uid, args).await
+    spawn_proxy_from(Path::new(sigil_exe()), dir, name, uid, args).await
 }
 
 /// [`spawn_proxy`] with another `sigil` binary (benches/resources.rs measures an old build).
@@ -925,7 +953,7 @@ pub async fn serve_keep_alive(
 
 /// One HTTP/1.1 GET on a keep-alive `stream` (host `db`): (status, body); None if the connection
 /// closed or broke (or nothing came back within 5 s). For tests that follow one connection
-/// through policy changes (tests/proxy_policy.rs, tests/policy_netns.rs).
+/// through policy changes (tests/e2e/proxy_policy.rs, tests/e2e/policy_netns.rs).
 pub async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> Option<(u16, String)> {
     let request = format!("GET {path} HTTP/1.1\r\nhost: db\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;

@@ -4,14 +4,12 @@
 //! kubepods cgroup, which fetches its SVID with PyPI's `spiffe` client. The Kubernetes API is the
 //! in-repo test double; everything else is real.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use sigil_test_apiserver::{PodSpec, TestApiServer};
+use sigil_test_harness::*;
 
 const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
 

@@ -11,10 +11,10 @@ use serde_json::{Value, json};
 use sigil_policy::model::{self, Kind, Object};
 use sigil_test_apiserver::parse_manifest;
 
-const AP_CRD: &str = include_str!("../deploy/crds/authorizationpolicies.sigil.dev.yaml");
-const PA_CRD: &str = include_str!("../deploy/crds/peerauthentications.sigil.dev.yaml");
-const KUSTOMIZATION: &str = include_str!("../deploy/crds/kustomization.yaml");
-const MODEL: &str = include_str!("../policy/src/model.rs");
+const AP_CRD: &str = include_str!("../../deploy/crds/authorizationpolicies.sigil.dev.yaml");
+const PA_CRD: &str = include_str!("../../deploy/crds/peerauthentications.sigil.dev.yaml");
+const KUSTOMIZATION: &str = include_str!("../../deploy/crds/kustomization.yaml");
+const MODEL: &str = include_str!("../../policy/src/model.rs");
 /// Istio's short names for its own AuthorizationPolicy and PeerAuthentication: ours must differ
 /// so that both can be installed.
 const ISTIO_SHORT_NAMES: [&str; 2] = ["ap", "pa"];
@@ -290,9 +290,9 @@ fn schemas_are_structural() {
 /// Every policy sigil's own tests apply (the shared fixtures) and the examples below.
 fn valid_policies() -> String {
     [
-        include_str!("fixtures/deny-all.yaml"),
-        include_str!("fixtures/allow-web.yaml"),
-        include_str!("fixtures/inspect-policies.yaml"),
+        include_str!("../fixtures/deny-all.yaml"),
+        include_str!("../fixtures/allow-web.yaml"),
+        include_str!("../fixtures/inspect-policies.yaml"),
         OWN_EXAMPLES,
     ]
     .join("---\n")

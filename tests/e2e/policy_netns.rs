@@ -49,25 +49,15 @@
 //! namespace with setns(2): a socket stays in the namespace it was created in. A's client runs as
 //! root, which A's rules redirect like any uid but the proxy's.
 //!
-//! The namespaces, the two-pod network and the pods' proxies are tests/common/netns.rs's (shared
-//! with tests/proxy_netns.rs and tests/proxy_init.rs); `get_on` (shared with
-//! tests/proxy_policy.rs), `PodCgroup` and `spawn_k8s_agent` (with tests/agent_kubernetes.rs) are
-//! tests/common's.
-
-mod common;
+//! The namespaces, the two-pod network and the pods' proxies are tests/harness/src/netns.rs's
+//! (shared with tests/e2e/proxy_netns.rs and tests/e2e/proxy_init.rs); `get_on` (shared with
+//! tests/e2e/proxy_policy.rs), `PodCgroup` and `spawn_k8s_agent` (with
+//! tests/e2e/agent_kubernetes.rs) are tests/harness's.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use common::netns::{
-    METRICS_PORT, Netns, PodNetwork, PodProxy, RecordingServer, connect_in, http_get_in,
-    require_root,
-};
-use common::{
-    CaProcess, DB_ID, PodCgroup, WEB_ID, eventually, get_on, serve_keep_alive, spawn_k8s_agent,
-    wait_agent_ready,
-};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{
@@ -75,6 +65,14 @@ use kube::api::{
 };
 use serde_json::json;
 use sigil_test_apiserver::{PodSpec, TestApiServer};
+use sigil_test_harness::netns::{
+    METRICS_PORT, Netns, PodNetwork, PodProxy, RecordingServer, connect_in, http_get_in,
+    require_root,
+};
+use sigil_test_harness::{
+    CaProcess, DB_ID, PodCgroup, WEB_ID, eventually, get_on, serve_keep_alive, spawn_k8s_agent,
+    wait_agent_ready,
+};
 use tokio::io::AsyncReadExt;
 
 /// This test's namespaces are `sigil-polns-<pid>-{a,b,c}`.

@@ -37,16 +37,16 @@
 //! raw listener) and the /ready and /metrics reader are sockets of the test process (root),
 //! created by a thread that entered the namespace with setns(2): a socket stays in the
 //! namespace it was created in. The namespaces, the two-pod network and the pods' proxies are
-//! tests/common/netns.rs's, shared with tests/policy_netns.rs and tests/proxy_init.rs.
-
-mod common;
+//! tests/harness/src/netns.rs's, shared with tests/e2e/policy_netns.rs and tests/e2e/proxy_init.rs.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use common::netns::{Netns, PYTHON, PodNetwork, PodProxy, RecordingServer, require_root};
-use common::{DB_ID, MeshHost, WEB_ID};
 use serde_json::Value;
+use sigil_test_harness::netns::{
+    Netns, PYTHON, PodNetwork, PodProxy, RecordingServer, require_root,
+};
+use sigil_test_harness::{DB_ID, MeshHost, WEB_ID};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -84,7 +84,7 @@ opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 with opener.open(sys.argv[1], timeout=5) as answer:
     sys.stdout.write(answer.read().decode())
 "#;
-/// What this test does in a namespace beyond common::netns.
+/// What this test does in a namespace beyond sigil_test_harness::netns.
 trait PlainHttpClient {
     /// A plain HTTP client (Python's urllib, which knows nothing of the mesh) run as `uid`
     /// inside the namespace: the body on a 2xx answer, else the client's error.
@@ -267,7 +267,7 @@ async fn transparent_proxies_carry_a_plain_http_request_over_mtls_between_two_po
 
     // 6. A port B's app bound to loopback only stays private: B's proxy forwards to B's pod
     // IP, where nothing listens on it, not to 127.0.0.1.
-    let private = common::netns::in_netns(&b.name, || {
+    let private = sigil_test_harness::netns::in_netns(&b.name, || {
         std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, PRIVATE_PORT))
     })
     .unwrap();

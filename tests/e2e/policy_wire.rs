@@ -4,15 +4,13 @@
 //! PeerAuthentications as `sigil inspect policy` does (Istio's rule: the oldest, then the first
 //! by name).
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use sigil_test_harness::*;
 use tokio::net::TcpStream;
 
-const WEB_UID: u32 = 41501;
-const DB_UID: u32 = 41502;
+const WEB_UID: u32 = 41601;
+const DB_UID: u32 = 41602;
 
 /// Two namespace-wide PeerAuthentications in `demo` (the same scope, so they compete): the one
 /// first by name is STRICT, the other PERMISSIVE; `permissive_created` decides which is older.

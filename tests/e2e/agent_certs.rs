@@ -4,19 +4,17 @@
 //! return), the trust bundle following WatchTrustBundle, and the agent's own certificate
 //! renewing itself.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use prometheus_client::registry::Registry;
 use sigil_agent::ca_client::{CaClient, Credential};
 use sigil_agent::certs::{CertConfig, CertManager, SvidWatch};
 use sigil_agent::metrics::{IdentityLabels, Metrics};
 use sigil_identity::tls::CertifiedKey;
 use sigil_identity::{SpiffeId, TrustBundle};
+use sigil_test_harness::*;
 use tokio::sync::watch;
 
 /// A CA (state dir, client-certificate auth, static entries for the agent) and the agent's

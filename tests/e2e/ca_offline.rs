@@ -2,18 +2,16 @@
 //! it issued, node agents scoped by static entries, plug-in intermediates, and root rotation under
 //! continuous load with zero failures.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use sigil_identity::TrustBundle;
 use sigil_identity::profile;
 use sigil_identity::tls::CertifiedKey;
 use sigil_proto::sigil::ca::v1::WatchTrustBundleRequest;
+use sigil_test_harness::*;
 use tokio::sync::watch;
 use tonic::Code;
 
@@ -206,7 +204,7 @@ fn static_entries_with_token_auth_is_refused_at_startup() {
     let dir = tempfile::tempdir().unwrap();
     let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
     let entries = offline.entries.to_str().unwrap().to_string();
-    let out = Command::new(SIGIL)
+    let out = Command::new(sigil_exe())
         .args(["ca", "serve", "--state-dir"])
         .arg(dir.path().join("state"))
         .args([
@@ -261,7 +259,7 @@ fn configuration_errors_stop_the_process_at_start_with_the_reason() {
     let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
     let listen = free_addr().to_string();
     let admin = free_addr().to_string();
-    let mut ca = Command::new(SIGIL);
+    let mut ca = Command::new(sigil_exe());
     ca.args(["ca", "serve", "--listen", &listen, "--admin-addr", &admin])
         .args(offline.serve_args())
         .args(["--server-name", "localhost", "--server-name", "not a name"]);
@@ -286,7 +284,7 @@ fn configuration_errors_stop_the_process_at_start_with_the_reason() {
         ),
         ("--ca", "sigil-ca.sigil-system.svc", "is not host:port"),
     ] {
-        let mut agent = Command::new(SIGIL);
+        let mut agent = Command::new(sigil_exe());
         agent
             .args(["agent", "run", "--attestor", "unix", "--ca-bundle"])
             .arg(&bundle)
@@ -313,7 +311,7 @@ async fn no_leaf_is_issued_for_a_trust_domain_id() {
     let dir = tempfile::tempdir().unwrap();
     let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
     let out_dir = dir.path().join("td-leaf");
-    let out = Command::new(SIGIL)
+    let out = Command::new(sigil_exe())
         .args(["ca", "issue", "--state-dir"])
         .arg(&offline.state)
         .args(["--id", "spiffe://cluster.local", "--out-dir"])
@@ -337,7 +335,7 @@ async fn no_leaf_is_issued_for_a_trust_domain_id() {
     .unwrap();
     let listen = free_addr().to_string();
     let admin = free_addr().to_string();
-    let mut ca = Command::new(SIGIL);
+    let mut ca = Command::new(sigil_exe());
     ca.args([
         "ca",
         "serve",

@@ -7,15 +7,12 @@
 //! probes, volumes, the webhook, RBAC resource names). The Dockerfile is checked statically
 //! (there is no Docker here).
 
-#[path = "common/manifests.rs"]
-mod manifests;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use manifests::*;
 use serde_json::{Value, json};
 use sigil_policy::model::{Kind, Object};
+use sigil_test_harness::manifests::*;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The oldest Kubernetes the manifests support.
@@ -319,7 +316,7 @@ fn the_ca_deployment_service_and_webhook_fit_the_binary() {
     assert_eq!(named_port(ca, "http-admin"), admin);
     assert_eq!(named_port(ca, "https-webhook"), webhook_port);
     assert_eq!(field(&config, "no_webhook"), "false");
-    // Probes on the admin port (their paths answer on the running CA: tests/deploy_rbac.rs).
+    // Probes on the admin port (their paths answer on the running CA: tests/e2e/deploy_rbac.rs).
     for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/healthz")] {
         assert_eq!(ca[probe]["httpGet"]["path"], path);
         assert_eq!(

@@ -5,16 +5,14 @@
 //! changes nothing; and that connections really are redirected, outbound and inbound (from a
 //! second namespace over a veth pair), except for the proxy's uid and the excluded ports and
 //! CIDRs, with the original destination readable through SO_ORIGINAL_DST as the proxy reads it.
-//! The namespaces are tests/common/netns.rs's, shared with tests/proxy_netns.rs and
-//! tests/policy_netns.rs.
-
-mod common;
+//! The namespaces are tests/harness/src/netns.rs's, shared with tests/e2e/proxy_netns.rs and
+//! tests/e2e/policy_netns.rs.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 
-use common::SIGIL;
-use common::netns::{LINK_PREFIX, Netns, PYTHON, require_root, run};
+use sigil_test_harness::netns::{LINK_PREFIX, Netns, PYTHON, require_root, run};
+use sigil_test_harness::sigil_exe;
 
 /// This test's namespaces are `sigil-init-<pid>-<role>`.
 const NETNS_PREFIX: &str = "sigil-init";
@@ -79,7 +77,7 @@ for target in sys.argv[1:]:
     print(target, "->", answer, flush=True)
 "#;
 
-/// What these tests do in a namespace beyond common::netns.
+/// What these tests do in a namespace beyond sigil_test_harness::netns.
 trait InitNetns {
     /// `sigil proxy init ARGS` in the namespace; its stdout.
     fn init(&self, args: &[&str]) -> String;
@@ -91,7 +89,7 @@ trait InitNetns {
 
 impl InitNetns for Netns {
     fn init(&self, args: &[&str]) -> String {
-        self.run(&[&[SIGIL, "proxy", "init"], args].concat())
+        self.run(&[&[sigil_exe(), "proxy", "init"], args].concat())
     }
 
     fn nat(&self, iptables: &str) -> String {

@@ -1,8 +1,7 @@
-//! The API server's side of a mutating admission webhook, for the tests that call the real
-//! injector (tests/ca_webhook.rs, tests/readme_quickstart.rs): POSTing an AdmissionReview over
-//! HTTPS while trusting only the webhook's caBundle for the Service's DNS name, and applying the
-//! JSON patch of the answer to the pod, as the API server does.
-#![allow(dead_code)] // each test binary uses a different part
+//! The API server's side of a mutating admission webhook, for the tests that call the real injector
+//! (tests/e2e/ca_webhook.rs, tests/e2e/readme_quickstart.rs): POSTing an AdmissionReview over HTTPS
+//! while trusting only the webhook's caBundle for the Service's DNS name, and applying the JSON
+//! patch of the answer to the pod, as the API server does.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -2,18 +2,16 @@
 //! crate over the SPIFFE Workload API, and 200 concurrent Envoy-style SDS streams that must all
 //! receive a rotation.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use futures::channel::mpsc::{UnboundedSender, unbounded};
 use sigil_proxy_api::sds::TYPE_URL;
+use sigil_test_harness::*;
 use tonic::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
