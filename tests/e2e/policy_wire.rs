@@ -37,7 +37,7 @@ fn write_policies(path: &Path, text: &str) {
 
 /// `sigil inspect policy`'s mTLS line for the db workload's `port`.
 fn inspect_mtls(policies: &Path, port: u16) -> String {
-    let out = std::process::Command::new(SIGIL)
+    let out = std::process::Command::new(sigil_exe())
         .args(["inspect", "policy", "--policy-file"])
         .arg(policies)
         .args(["--namespace", "demo", "--labels", "app=db", "--port"])

@@ -1038,34 +1038,3 @@ async fn an_unattested_caller_is_refused() {
     assert_eq!(agent.metrics.attestation_failures.get(), 1);
     assert_eq!(agent.streams_open(), 0);
 }
-
-#[test]
-fn a_bad_message_is_refused_by_from_message() {
-    let message = |ip: &str, ids: &[&str]| MeshMembers {
-        members: vec![MeshMember {
-            ip: ip.into(),
-            spiffe_ids: ids.iter().map(|id| id.to_string()).collect(),
-            source: String::new(),
-        }],
-        version: 1,
-    };
-    assert!(matches!(
-        MeshSnapshot::from_message(&message("nope", &[WEB_ID])),
-        Err(MeshError::Ip { index: 0, .. })
-    ));
-    assert!(matches!(
-        MeshSnapshot::from_message(&message("10.0.0.1", &[WEB_ID, "web"])),
-        Err(MeshError::Id { index: 0, .. })
-    ));
-    assert!(matches!(
-        MeshSnapshot::from_message(&message("10.0.0.1", &[])),
-        Err(MeshError::NoId { index: 0 })
-    ));
-    // Several IDs: any one of them.
-    let b = "spiffe://cluster.local/ns/b/sa/b";
-    let parsed = MeshSnapshot::from_message(&message("10.0.0.1", &[b, WEB_ID])).unwrap();
-    assert_eq!(
-        parsed.get(ip("10.0.0.1")),
-        Some(&member_of(&[WEB_ID, b], ""))
-    );
-}
