@@ -126,7 +126,7 @@ impl Index<Pod> for PodIndex {
         self.synced = true;
     }
 
-    fn len(&self) -> usize {
+    fn count(&self) -> usize {
         PodIndex::len(self)
     }
 }

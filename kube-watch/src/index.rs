@@ -22,7 +22,7 @@ pub trait Index<O>: Default + Send + Sync + 'static {
     /// Marks the index as holding a complete list.
     fn set_synced(&mut self);
     /// How many objects it holds, for the log.
-    fn len(&self) -> usize;
+    fn count(&self) -> usize;
 }
 
 /// Keeps `tx`'s index current with `events` until they end (they do not: the watcher retries);
@@ -63,7 +63,7 @@ impl<O: Send + 'static, I: Index<O>> Follower for Keeper<O, I> {
             Ok(Event::InitDone) => {
                 if let Some(mut index) = self.relisting.take() {
                     index.set_synced();
-                    info!(count = index.len(), "{} synced", self.what);
+                    info!(count = index.count(), "{} synced", self.what);
                     self.tx.send_replace(index);
                 }
             }

@@ -115,7 +115,7 @@ impl Index<Pod> for NodePods {
         self.synced = true;
     }
 
-    fn len(&self) -> usize {
+    fn count(&self) -> usize {
         NodePods::len(self)
     }
 }

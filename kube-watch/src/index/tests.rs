@@ -30,7 +30,7 @@ impl Index<Pod> for Phases {
         self.synced = true;
     }
 
-    fn len(&self) -> usize {
+    fn count(&self) -> usize {
         self.pods.len()
     }
 }
@@ -61,8 +61,8 @@ async fn the_index_is_listed_whole_then_follows_each_change() {
     server.set_pod_phase("demo", "web-1", "Succeeded");
     until(&mut rx, |phases| phases.pods["web-1"] == "Succeeded").await;
     server.add_pod(&PodSpec::new("demo", "db-1", "db", "node-b"));
-    until(&mut rx, |phases| phases.len() == 2).await;
+    until(&mut rx, |phases| phases.count() == 2).await;
     server.delete_pod("demo", "web-1");
     until(&mut rx, |phases| !phases.pods.contains_key("web-1")).await;
-    assert_eq!(rx.borrow().len(), 1);
+    assert_eq!(rx.borrow().count(), 1);
 }
