@@ -282,7 +282,8 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
     let result = serve_then_drain(serving, shutdown, DRAIN_TIMEOUT).await;
     let _ = std::fs::remove_file(&config.socket);
     info!("agent stopped");
-    Ok(result.transpose()?.unwrap_or_default())
+    result.transpose()?;
+    Ok(())
 }
 
 fn read_bundle(path: &Path, td: &TrustDomain) -> Result<TrustBundle, AgentError> {

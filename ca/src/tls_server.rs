@@ -166,7 +166,7 @@ impl Slots {
     }
 
     /// A place for one more unauthenticated connection from `source`, if its address has one.
-    fn from_source(&self, source: IpAddr) -> Option<KeySlot<IpAddr>> {
+    fn slot_for(&self, source: IpAddr) -> Option<KeySlot<IpAddr>> {
         let slot = self.unauthenticated.take_key(source);
         if slot.is_none() {
             self.refused(RefusedReason::PerSourceLimit);
@@ -280,7 +280,7 @@ pub fn incoming(
                 },
                 _ = tx.closed() => return,
             };
-            let Some(source) = slots.from_source(remote.ip()) else {
+            let Some(source) = slots.slot_for(remote.ip()) else {
                 continue;
             };
             let Some(config) = configs.borrow().clone() else {

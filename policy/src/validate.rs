@@ -784,14 +784,16 @@ pub fn compile(object: &model::Object) -> Result<Compiled, ValidationError> {
 /// The object made of `envelope` and the `spec` the user wrote, compiled; or, if it does not
 /// decode or validate, what is enforced in its place. This is the node agent's check of every
 /// object before it goes to a proxy.
-pub fn object(envelope: &Envelope, spec: &Value) -> Result<Compiled, InvalidPolicy> {
+pub fn object(envelope: &Envelope, spec: &Value) -> Result<Compiled, Box<InvalidPolicy>> {
     let compiled = model::Object::from_parts(envelope, spec)
         .and_then(|object| compile(&object).map_err(|e| e.to_string()));
-    compiled.map_err(|reason| InvalidPolicy {
-        envelope: envelope.clone(),
-        selector: string_labels(&spec["selector"]["matchLabels"]),
-        stand_in: StandIn::for_object(envelope.key.kind, spec["action"].as_str()),
-        reason,
+    compiled.map_err(|reason| {
+        Box::new(InvalidPolicy {
+            envelope: envelope.clone(),
+            selector: string_labels(&spec["selector"]["matchLabels"]),
+            stand_in: StandIn::for_object(envelope.key.kind, spec["action"].as_str()),
+            reason,
+        })
     })
 }
 

@@ -42,7 +42,7 @@ pub enum WireError {
 }
 
 /// One object as the agent sends it: compiled, or invalid with its stand-in.
-pub fn to_wire(object: &Result<Compiled, InvalidPolicy>) -> wire::Policy {
+pub fn to_wire(object: &Result<Compiled, Box<InvalidPolicy>>) -> wire::Policy {
     let policy = match object {
         Ok(Compiled::AuthorizationPolicy(p)) => {
             WirePolicy::AuthorizationPolicy(wire::AuthorizationPolicy {
@@ -81,35 +81,39 @@ pub fn to_wire(object: &Result<Compiled, InvalidPolicy>) -> wire::Policy {
 
 /// One object as the proxy enforces it. `namespace`: the workload's, where an entry without a
 /// readable envelope denies everything (what it was meant to govern cannot be known).
-pub fn from_wire(entry: &wire::Policy, namespace: &str) -> Result<Compiled, InvalidPolicy> {
+pub fn from_wire(entry: &wire::Policy, namespace: &str) -> Result<Compiled, Box<InvalidPolicy>> {
     match &entry.policy {
         Some(WirePolicy::AuthorizationPolicy(p)) => {
             let envelope = envelope_from_wire(p.envelope.as_ref(), Kind::AuthorizationPolicy);
             let action = wire::Action::try_from(p.action).ok();
             authz_from_wire(p, envelope.clone())
                 .map(Compiled::AuthorizationPolicy)
-                .map_err(|e| InvalidPolicy {
-                    envelope,
-                    selector: labels_from_wire(&p.selector),
-                    stand_in: match action {
-                        Some(wire::Action::Allow) => StandIn::AllowNothing,
-                        Some(wire::Action::Audit) => StandIn::Dropped,
-                        Some(wire::Action::Deny | wire::Action::Unspecified) | None => {
-                            StandIn::DenySelected
-                        }
-                    },
-                    reason: e.to_string(),
+                .map_err(|e| {
+                    Box::new(InvalidPolicy {
+                        envelope,
+                        selector: labels_from_wire(&p.selector),
+                        stand_in: match action {
+                            Some(wire::Action::Allow) => StandIn::AllowNothing,
+                            Some(wire::Action::Audit) => StandIn::Dropped,
+                            Some(wire::Action::Deny | wire::Action::Unspecified) | None => {
+                                StandIn::DenySelected
+                            }
+                        },
+                        reason: e.to_string(),
+                    })
                 })
         }
         Some(WirePolicy::PeerAuthentication(p)) => {
             let envelope = envelope_from_wire(p.envelope.as_ref(), Kind::PeerAuthentication);
             peer_from_wire(p, envelope.clone())
                 .map(Compiled::PeerAuthentication)
-                .map_err(|e| InvalidPolicy {
-                    envelope,
-                    selector: labels_from_wire(&p.selector),
-                    stand_in: StandIn::Strict,
-                    reason: e.to_string(),
+                .map_err(|e| {
+                    Box::new(InvalidPolicy {
+                        envelope,
+                        selector: labels_from_wire(&p.selector),
+                        stand_in: StandIn::Strict,
+                        reason: e.to_string(),
+                    })
                 })
         }
         Some(WirePolicy::Invalid(p)) => {
@@ -124,19 +128,19 @@ pub fn from_wire(entry: &wire::Policy, namespace: &str) -> Result<Compiled, Inva
                 StandIn::Strict => Kind::PeerAuthentication,
                 _ => Kind::AuthorizationPolicy,
             };
-            Err(InvalidPolicy {
+            Err(Box::new(InvalidPolicy {
                 envelope: envelope_from_wire(p.envelope.as_ref(), kind),
                 selector: labels_from_wire(&p.selector),
                 stand_in,
                 reason: p.reason.clone(),
-            })
+            }))
         }
-        None => Err(InvalidPolicy {
+        None => Err(Box::new(InvalidPolicy {
             envelope: Envelope::new(Kind::AuthorizationPolicy, namespace, "unknown-policy"),
             selector: Vec::new(),
             stand_in: StandIn::DenySelected,
             reason: WireError::Missing("policy of a kind this proxy knows").to_string(),
-        }),
+        })),
     }
 }
 

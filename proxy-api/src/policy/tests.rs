@@ -3,7 +3,7 @@ use sigil_policy::validate;
 
 use super::*;
 
-fn object(kind: Kind, name: &str, spec: serde_json::Value) -> Result<Compiled, InvalidPolicy> {
+fn object(kind: Kind, name: &str, spec: serde_json::Value) -> Result<Compiled, Box<InvalidPolicy>> {
     let envelope = Envelope {
         creation_timestamp: Some("2026-01-02T03:04:05Z".into()),
         uid: Some(format!("uid-{name}")),
