@@ -349,18 +349,33 @@ impl HttpServing {
             authz,
         } = self;
         let connected = std::sync::Mutex::new(connected);
+        // The client got a 502 for each request the application could not be reached for; the
+        // connection's log line says so too, as it does for bytes.
+        let connect_failure = Arc::new(std::sync::Mutex::new(None::<String>));
+        let failure = connect_failure.clone();
         let connect = move || {
             let open = connected.lock().ok().and_then(|mut open| open.take());
+            let failure = failure.clone();
             async move {
                 match open {
                     Some(open) => Ok(open),
-                    None => dial::connect(app, connect_timeout).await,
+                    None => dial::connect(app, connect_timeout).await.inspect_err(|e| {
+                        if let Ok(mut failure) = failure.lock() {
+                            *failure = Some(e.to_string());
+                        }
+                    }),
                 }
             }
         };
-        match l7::serve(downstream, version, connect, settings, authz).await {
-            Ok(()) => Ended::ok(),
-            Err(e) => failed(&e),
+        let served = l7::serve(downstream, version, connect, settings, authz).await;
+        let connect_failure = connect_failure.lock().ok().and_then(|mut f| f.take());
+        match (served, connect_failure) {
+            (Err(e), _) => failed(&e),
+            (Ok(()), Some(detail)) => Ended {
+                result: "upstream_connect_failed",
+                detail,
+            },
+            (Ok(()), None) => Ended::ok(),
         }
     }
 }

@@ -473,8 +473,10 @@ where
     let io = TokioIo::new(downstream);
     match version {
         HttpVersion::Http2 => {
+            // The application's response as it sent it: no `date` it did not set.
             let connection = server_h2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .auto_date_header(false)
                 .serve_connection(io, service);
             // hyper has no header timeout for HTTP/2: a client that has not sent a whole
             // request in time is dropped here (later ones are bounded by the idle timeout).
@@ -492,6 +494,7 @@ where
         HttpVersion::Http1 => {
             server_h1::Builder::new()
                 .timer(TokioTimer::new())
+                .auto_date_header(false)
                 .header_read_timeout(header_read_timeout)
                 .serve_connection(io, service)
                 .with_upgrades()

@@ -15,7 +15,10 @@ use tokio::net::TcpStream;
 const WEB_UID: u32 = 41101;
 const DB_UID: u32 = 41102;
 
-/// Sends `message` and reads the same number of bytes back.
+/// Sends `message` and reads the same number of bytes back. The short messages are lines, as a
+/// line-based protocol's are: a bare word with no line end could still open an HTTP request
+/// line, and the inbound proxy takes it for HTTP when the client then goes quiet (SECURITY.md,
+/// protocol detection).
 async fn echo_through(addr: SocketAddr, message: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut stream = TcpStream::connect(addr).await?;
     echo_on(&mut stream, message).await
@@ -136,7 +139,7 @@ async fn a_server_with_another_identity_is_refused_before_any_byte_is_forwarded(
     let dir = tempfile::tempdir().unwrap();
     // The web proxy expects WEB_ID from the upstream, which is the db proxy (DB_ID).
     let p = pair(dir.path(), WEB_ID, &[]).await;
-    assert!(echo_through(p.web_out, b"secret").await.is_err());
+    assert!(echo_through(p.web_out, b"secret\n").await.is_err());
     eventually("the refusal in the web proxy's access log", || async {
         !p.web.access_log().is_empty()
     })
@@ -183,9 +186,9 @@ async fn strict_refuses_plaintext_and_permissive_lets_it_in_without_identity() {
     let dir = tempfile::tempdir().unwrap();
     let p = pair(dir.path(), DB_ID, &["--mtls-mode", "PERMISSIVE"]).await;
     // Plaintext passes, with no identity...
-    assert_eq!(echo_through(p.db_in, b"plain").await.unwrap(), b"plain");
+    assert_eq!(echo_through(p.db_in, b"plain\n").await.unwrap(), b"plain\n");
     // ...and mTLS still works, with one.
-    assert_eq!(echo_through(p.web_out, b"tls").await.unwrap(), b"tls");
+    assert_eq!(echo_through(p.web_out, b"tls\n").await.unwrap(), b"tls\n");
     eventually("two lines", || async { p.db.access_log().len() == 2 }).await;
     let lines = p.db.access_log();
     let plain = lines.iter().find(|l| l["security"] == "plaintext").unwrap();
@@ -195,7 +198,7 @@ async fn strict_refuses_plaintext_and_permissive_lets_it_in_without_identity() {
     // A server-first protocol (the client waits for the server to speak) is plaintext too.
     let mut silent = TcpStream::connect(p.db_in).await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(echo_on(&mut silent, b"late").await.unwrap(), b"late");
+    assert_eq!(echo_on(&mut silent, b"late\n").await.unwrap(), b"late\n");
 }
 
 #[tokio::test]
@@ -203,7 +206,7 @@ async fn the_proxy_keeps_its_certificate_while_the_agent_is_away_and_reconnects(
     let dir = tempfile::tempdir().unwrap();
     let mut p = pair(dir.path(), DB_ID, &[]).await;
     let mut open = TcpStream::connect(p.web_out).await.unwrap();
-    assert_eq!(echo_on(&mut open, b"before").await.unwrap(), b"before");
+    assert_eq!(echo_on(&mut open, b"before\n").await.unwrap(), b"before\n");
 
     p.host.stop_agent();
     eventually("the proxies notice the agent is gone", || async {
@@ -211,8 +214,8 @@ async fn the_proxy_keeps_its_certificate_while_the_agent_is_away_and_reconnects(
     })
     .await;
     // Live and new connections both work on the certificate already held.
-    assert_eq!(echo_on(&mut open, b"during").await.unwrap(), b"during");
-    assert_eq!(echo_through(p.web_out, b"new").await.unwrap(), b"new");
+    assert_eq!(echo_on(&mut open, b"during\n").await.unwrap(), b"during\n");
+    assert_eq!(echo_through(p.web_out, b"new\n").await.unwrap(), b"new\n");
     let (status, _) = http_get(p.db.admin, "/ready").await.unwrap();
     assert_eq!(status, 200, "a held certificate keeps the proxy ready");
     assert!(p.db.logs().contains("lost the agent's SDS stream"));
@@ -224,7 +227,7 @@ async fn the_proxy_keeps_its_certificate_while_the_agent_is_away_and_reconnects(
     })
     .await;
     assert!(p.db.metric("sigil_proxy_sds_reconnects_total").await >= 1.0);
-    assert_eq!(echo_on(&mut open, b"after").await.unwrap(), b"after");
+    assert_eq!(echo_on(&mut open, b"after\n").await.unwrap(), b"after\n");
 }
 
 #[tokio::test]
@@ -232,7 +235,7 @@ async fn sigterm_drains_live_connections_and_refuses_new_ones() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = pair(dir.path(), DB_ID, &["--drain-timeout", "20s"]).await;
     let mut open = TcpStream::connect(p.web_out).await.unwrap();
-    assert_eq!(echo_on(&mut open, b"before").await.unwrap(), b"before");
+    assert_eq!(echo_on(&mut open, b"before\n").await.unwrap(), b"before\n");
     eventually("the db proxy holds the connection", || async {
         p.db.metric("sigil_proxy_connections_active{direction=\"inbound\",security=\"mtls\"}")
             .await
@@ -246,8 +249,8 @@ async fn sigterm_drains_live_connections_and_refuses_new_ones() {
     })
     .await;
     // The live connection still works; a new one is refused by the db proxy.
-    assert_eq!(echo_on(&mut open, b"during").await.unwrap(), b"during");
-    assert!(echo_through(p.web_out, b"new").await.is_err());
+    assert_eq!(echo_on(&mut open, b"during\n").await.unwrap(), b"during\n");
+    assert!(echo_through(p.web_out, b"new\n").await.is_err());
     assert!(
         p.db.proc.child.try_wait().unwrap().is_none(),
         "exited early"
