@@ -309,17 +309,16 @@ fn file_object(document: Value) -> Result<(ObjectKey, PolicyObject), String> {
             .and_then(Value::as_str)
             .map(str::to_owned)
     };
+    // The name is checked first: a document with no metadata is told its name is missing.
+    let name = required(metadata.and_then(|m| m.get("name")), "metadata.name")?;
+    let namespace = required(
+        metadata.and_then(|m| m.get("namespace")),
+        "metadata.namespace",
+    )?;
     let envelope = Envelope {
         creation_timestamp: optional("creationTimestamp"),
         uid: optional("uid"),
-        ..Envelope::new(
-            kind,
-            required(
-                metadata.and_then(|m| m.get("namespace")),
-                "metadata.namespace",
-            )?,
-            required(metadata.and_then(|m| m.get("name")), "metadata.name")?,
-        )
+        ..Envelope::new(kind, namespace, name)
     };
     let spec = fields.remove("spec").unwrap_or(Value::Null);
     let selector = match_labels(&spec)?;

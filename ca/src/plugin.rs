@@ -338,10 +338,7 @@ pub(crate) mod tests {
             api: Box::new(Api::namespaced(server.client(), "sigil-system")),
             name: "absent".into(),
         };
-        assert!(matches!(
-            missing.read().await,
-            Err(PluginError::Read { .. })
-        ));
+        assert!(matches!(missing.read().await, Err(PluginError::Secret(_))));
     }
 
     #[tokio::test]
