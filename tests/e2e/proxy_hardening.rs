@@ -79,39 +79,6 @@ async fn xfcc_echo_app() -> SocketAddr {
     addr
 }
 
-/// Reads one HTTP/1.1 response (head, then a `content-length` body) from `stream`: the status
-/// and the body; None if the connection closed first or 5 s passed.
-async fn read_response(stream: &mut TcpStream) -> Option<(u16, String)> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
-            .await
-            .ok()?
-            .ok()?;
-        if n == 0 {
-            return None;
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut body))
-        .await
-        .ok()?
-        .ok()?;
-    Some((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
 /// Issue 11 item 4: the db proxy runs without an HTTP policy, an access log or
 /// `--forward-client-cert`, so nothing asks it to look at HTTP; a client behind the web proxy
 /// (mTLS between them) sends a forged `x-forwarded-client-cert` every way it can think of, and

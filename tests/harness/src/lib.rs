@@ -957,6 +957,12 @@ pub async fn serve_keep_alive(
 pub async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> Option<(u16, String)> {
     let request = format!("GET {path} HTTP/1.1\r\nhost: db\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
+    read_response(stream).await
+}
+
+/// Reads one HTTP/1.1 response (head, then a `content-length` body) from `stream`: the status
+/// and the body; None if the connection closed first or 5 s passed.
+pub async fn read_response(stream: &mut tokio::net::TcpStream) -> Option<(u16, String)> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -969,7 +975,7 @@ pub async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> Option<(u
         }
         head.push(byte[0]);
     }
-    let head = String::from_utf8_lossy(&head).to_string();
+    let head = String::from_utf8_lossy(&head).into_owned();
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     let length: usize = head
         .lines()
@@ -984,7 +990,7 @@ pub async fn get_on(stream: &mut tokio::net::TcpStream, path: &str) -> Option<(u
         .await
         .ok()?
         .ok()?;
-    Some((status, String::from_utf8_lossy(&body).to_string()))
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// One request on `stream`; true if `200 ok` came back.
