@@ -45,38 +45,14 @@ async fn plain_pair(dir: &Path, app: SocketAddr, db_args: &[&str]) -> ProxyPair 
 /// An HTTP/1.1 and HTTP/2 (h2c, told apart by the preface) application that answers every
 /// request `200` with the `x-forwarded-client-cert` it received as the body, or `none`.
 async fn xfcc_echo_app() -> SocketAddr {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: hyper::Request<_>| async move {
-                    let _: &hyper::body::Incoming = request.body();
-                    let saw = match request.headers().get("x-forwarded-client-cert") {
-                        Some(value) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                        None => "none".to_owned(),
-                    };
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from(saw)),
-                    ))
-                });
-                let mut first = [0u8; 3];
-                let _ = stream.peek(&mut first).await;
-                let io = TokioIo::new(stream);
-                if &first == b"PRI" {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, service)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                }
-            });
-        }
-    });
-    addr
+    h1_or_h2_app(|request| {
+        let saw = match request.headers().get("x-forwarded-client-cert") {
+            Some(value) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            None => "none".to_owned(),
+        };
+        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(saw)))
+    })
+    .await
 }
 
 /// Issue 11 item 4: the db proxy runs without an HTTP policy, an access log or

@@ -211,44 +211,22 @@ async fn http2_requests_are_decided_one_by_one_on_one_connection() {
 /// request with its target (path and query) as the body, and the `x-forwarded-client-cert` it
 /// received (if any) in `x-app-saw-xfcc`: what reached the application is what the test checks.
 async fn target_echo_app() -> SocketAddr {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: hyper::Request<_>| async move {
-                    let _: &hyper::body::Incoming = request.body();
-                    let target = request
-                        .uri()
-                        .path_and_query()
-                        .map(|p| p.as_str().to_owned())
-                        .unwrap_or_default();
-                    let mut response =
-                        hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(target)));
-                    if let Some(xfcc) = request.headers().get("x-forwarded-client-cert") {
-                        response
-                            .headers_mut()
-                            .insert("x-app-saw-xfcc", xfcc.clone());
-                    }
-                    Ok::<_, std::convert::Infallible>(response)
-                });
-                let mut first = [0u8; 3];
-                let _ = stream.peek(&mut first).await;
-                let io = TokioIo::new(stream);
-                if &first == b"PRI" {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, service)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                }
-            });
+    h1_or_h2_app(|request| {
+        let target = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default();
+        let mut response =
+            hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(target)));
+        if let Some(xfcc) = request.headers().get("x-forwarded-client-cert") {
+            response
+                .headers_mut()
+                .insert("x-app-saw-xfcc", xfcc.clone());
         }
-    });
-    addr
+        response
+    })
+    .await
 }
 
 /// Sends `raw` bytes on a new connection to `addr` and reads until `responses` HTTP/1.1 status

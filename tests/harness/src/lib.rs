@@ -993,6 +993,45 @@ pub async fn read_response(stream: &mut tokio::net::TcpStream) -> Option<(u16, S
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// An HTTP/1.1 and HTTP/2 (h2c, told apart by the preface) application on a free loopback
+/// port, answering every request with what `respond` makes of it.
+pub async fn h1_or_h2_app<R>(respond: R) -> SocketAddr
+where
+    R: Fn(
+            &hyper::Request<hyper::body::Incoming>,
+        ) -> hyper::Response<http_body_util::Full<bytes::Bytes>>
+        + Copy
+        + Send
+        + Sync
+        + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| async move {
+                    Ok::<_, std::convert::Infallible>(respond(&request))
+                });
+                let mut first = [0u8; 3];
+                let _ = stream.peek(&mut first).await;
+                let io = TokioIo::new(stream);
+                if &first == b"PRI" {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// One request on `stream`; true if `200 ok` came back.
 pub async fn request(stream: &mut tokio::net::TcpStream) -> bool {
     const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
