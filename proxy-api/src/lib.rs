@@ -1,12 +1,13 @@
 //! The contract between the node agent and the proxies it serves, typed on both sides: what the
-//! agent publishes on its socket (mesh membership in [`mesh`], policies in [`policy`], SDS
-//! resources in [`sds`]), where that socket is, and what the CA's sidecar injector must know
+//! agent publishes on its socket (mesh membership in [`mesh`], meshed Services and their
+//! endpoints in [`services`], policies in [`policy`], SDS resources in [`sds`]), where that socket is, and what the CA's sidecar injector must know
 //! about the proxy it injects (its ports and uid, and the label that puts a pod in the mesh).
 #![forbid(unsafe_code)]
 
 pub mod mesh;
 pub mod policy;
 pub mod sds;
+pub mod services;
 
 /// Where the agent DaemonSet puts its socket on every node, and where pods see it.
 pub const AGENT_SOCKET_DIR: &str = "/run/sigil";
@@ -34,3 +35,14 @@ pub const PROXY_PORTS: [u16; 4] = [OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT, METR
 pub const TLS_MODE_LABEL: &str = "sigil.dev/tls-mode";
 /// The value of [`TLS_MODE_LABEL`] for pods whose proxy accepts mTLS.
 pub const TLS_MODE_MTLS: &str = "mtls";
+
+/// The annotation listing ports whose traffic is opaque TCP (never waits for protocol
+/// detection: server-first protocols such as MySQL or SMTP), comma-separated: on a Service, its
+/// Service ports; on a pod, the ports its proxy accepts inbound (Linkerd's
+/// `config.linkerd.io/opaque-ports`).
+pub const OPAQUE_PORTS_ANNOTATION: &str = "sigil.dev/opaque-ports";
+
+/// The request header that carries an HTTP/1.x request's version between two sigil proxies,
+/// which send every request over HTTP/2: the server's proxy removes it and speaks HTTP/1.1 to
+/// its application (Linkerd's `l5d-orig-proto`). Value: `HTTP/1.1` or `HTTP/1.0`.
+pub const ORIG_PROTO_HEADER: &str = "sigil-orig-proto";

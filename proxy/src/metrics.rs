@@ -1,12 +1,17 @@
 //! The proxy's Prometheus metrics (served on --metrics-addr): connections by direction and
 //! security mode, bytes, TLS handshake failures by reason, upstream failures, the certificate's
-//! expiry and the health of the agent feeds.
+//! expiry and the health of the agent feeds; per HTTP request the golden metrics (requests by
+//! status, latency, body bytes, by peer workload and destination Service) and the balancers'
+//! state per Service.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use sigil_identity::SpiffeId;
+use sigil_proxy_api::services::ServiceKey;
 
 use crate::tls::HandshakeFailure;
 
@@ -134,6 +139,101 @@ pub struct DirectionLabels {
     pub direction: Direction,
 }
 
+/// The workload on the other side of a request and, outbound, the Service it was sent to: what
+/// every golden metric is broken down by. Bounded by the workloads and Services this one talks
+/// to (never paths or addresses).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub direction: Direction,
+    /// Outbound: the destination Service, `<namespace>/<name>`; inbound, or outbound to a
+    /// destination that is no meshed Service: empty.
+    pub service: String,
+    /// From the peer's verified SPIFFE ID (`/ns/<ns>/sa/<sa>`); empty for a plaintext peer or
+    /// an ID of another shape.
+    pub peer_namespace: String,
+    pub peer_service_account: String,
+}
+
+impl PeerLabels {
+    pub fn new(
+        direction: Direction,
+        service: Option<&ServiceKey>,
+        peer: Option<&SpiffeId>,
+    ) -> Self {
+        let (namespace, service_account) =
+            peer.and_then(SpiffeId::service_account).unwrap_or_default();
+        PeerLabels {
+            direction,
+            service: service.map(ToString::to_string).unwrap_or_default(),
+            peer_namespace: namespace.to_owned(),
+            peer_service_account: service_account.to_owned(),
+        }
+    }
+}
+
+/// [`PeerLabels`] and the response's status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub peer: PeerLabels,
+    /// `2xx`, `5xx`...
+    pub status_class: &'static str,
+    pub status_code: u16,
+    /// The response's `grpc-status` (trailer, or header of a trailers-only response); empty
+    /// for a response that is not gRPC.
+    pub grpc_status: String,
+}
+
+/// [`PeerLabels`] and the status class (the latency histogram leaves out the code, to bound
+/// its series).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    #[prometheus(flatten)]
+    pub peer: PeerLabels,
+    pub status_class: &'static str,
+}
+
+/// A destination Service's balancer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+/// A balancer's endpoints by state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    /// `ready` (takes new requests) or `draining` (terminating, unready or removed: finishes
+    /// what it has).
+    pub state: &'static str,
+}
+
+/// Upper bounds of the request latency histogram, seconds: 1 ms to 10 s.
+pub const LATENCY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// One finished HTTP request, as the golden metrics count it.
+pub struct RequestOutcome {
+    pub peer: PeerLabels,
+    pub status: u16,
+    pub grpc_status: Option<u32>,
+    pub duration: std::time::Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+/// `2xx` for 200 and so on.
+pub fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
 pub struct Metrics {
     pub connections_opened: Family<ConnectionLabels, Counter>,
     pub connections_closed: Family<ConnectionLabels, Counter>,
@@ -155,6 +255,14 @@ pub struct Metrics {
     pub http_bad_requests: Counter,
     pub connections_over_limit: Counter,
     pub idle_timeouts: Family<DirectionLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<LatencyLabels, Histogram>,
+    pub request_bytes: Family<PeerLabels, Counter>,
+    pub response_bytes: Family<PeerLabels, Counter>,
+    pub balancer_endpoints: Family<EndpointLabels, Gauge>,
+    pub balancer_pending: Family<ServiceLabels, Gauge>,
+    pub no_endpoints: Family<ServiceLabels, Counter>,
+    pub detect_timeouts: Family<DirectionLabels, Counter>,
 }
 
 impl Metrics {
@@ -180,6 +288,16 @@ impl Metrics {
             http_bad_requests: Counter::default(),
             connections_over_limit: Counter::default(),
             idle_timeouts: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(|| {
+                Histogram::new(LATENCY_BUCKETS.iter().copied())
+            }),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
+            balancer_endpoints: Family::default(),
+            balancer_pending: Family::default(),
+            no_endpoints: Family::default(),
+            detect_timeouts: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("sigil_proxy");
         r.register(
@@ -287,6 +405,119 @@ impl Metrics {
              request head within --header-read-timeout",
             metrics.idle_timeouts.clone(),
         );
+        r.register(
+            "requests",
+            "HTTP and gRPC requests answered, by direction, destination Service (outbound), peer \
+             workload, status class and code, and gRPC status",
+            metrics.requests.clone(),
+        );
+        r.register_with_unit(
+            "request_duration",
+            "From a request's head to its response's head, by direction, destination Service, peer \
+             workload and status class",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.request_duration.clone(),
+        );
+        r.register_with_unit(
+            "request_body",
+            "Request body bytes, by direction, destination Service and peer workload",
+            prometheus_client::registry::Unit::Bytes,
+            metrics.request_bytes.clone(),
+        );
+        r.register_with_unit(
+            "response_body",
+            "Response body bytes, by direction, destination Service and peer workload",
+            prometheus_client::registry::Unit::Bytes,
+            metrics.response_bytes.clone(),
+        );
+        r.register(
+            "balancer_endpoints",
+            "A destination Service's endpoints in its balancer: ready (takes new requests) or \
+             draining (finishes what it has)",
+            metrics.balancer_endpoints.clone(),
+        );
+        r.register(
+            "balancer_pending_requests",
+            "Requests and opaque connections sent to a destination Service's endpoints and not \
+             answered yet",
+            metrics.balancer_pending.clone(),
+        );
+        r.register(
+            "no_endpoints",
+            "Requests and connections to a meshed Service refused at once (503) because it had no \
+             ready endpoint",
+            metrics.no_endpoints.clone(),
+        );
+        r.register(
+            "protocol_detect_timeouts",
+            "Connections on a port with no declared protocol whose client sent too little to tell \
+             its protocol within the detection timeout, forwarded as opaque TCP",
+            metrics.detect_timeouts.clone(),
+        );
         metrics
+    }
+
+    /// Counts one finished HTTP request in the golden metrics.
+    pub fn record_request(&self, outcome: &RequestOutcome) {
+        let class = status_class(outcome.status);
+        self.requests
+            .get_or_create(&RequestLabels {
+                peer: outcome.peer.clone(),
+                status_class: class,
+                status_code: outcome.status,
+                grpc_status: outcome
+                    .grpc_status
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&LatencyLabels {
+                peer: outcome.peer.clone(),
+                status_class: class,
+            })
+            .observe(outcome.duration.as_secs_f64());
+        self.request_bytes
+            .get_or_create(&outcome.peer)
+            .inc_by(outcome.request_bytes);
+        self.response_bytes
+            .get_or_create(&outcome.peer)
+            .inc_by(outcome.response_bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_metrics_are_labelled_by_peer_workload_and_status() {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let peer: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let service = ServiceKey::new("shop", "api");
+        metrics.record_request(&RequestOutcome {
+            peer: PeerLabels::new(Direction::Outbound, Some(&service), Some(&peer)),
+            status: 200,
+            grpc_status: Some(0),
+            duration: std::time::Duration::from_millis(3),
+            request_bytes: 10,
+            response_bytes: 20,
+        });
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let labels = "direction=\"outbound\",service=\"shop/api\",peer_namespace=\"shop\",peer_service_account=\"web\"";
+        for series in [
+            format!(
+                "sigil_proxy_requests_total{{{labels},status_class=\"2xx\",status_code=\"200\",grpc_status=\"0\"}} 1"
+            ),
+            format!(
+                "sigil_proxy_request_duration_seconds_bucket{{le=\"0.005\",{labels},status_class=\"2xx\"}} 1"
+            ),
+            format!("sigil_proxy_request_body_bytes_total{{{labels}}} 10"),
+            format!("sigil_proxy_response_body_bytes_total{{{labels}}} 20"),
+        ] {
+            assert!(text.contains(&series), "{series} not in\n{text}");
+        }
     }
 }
