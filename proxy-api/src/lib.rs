@@ -6,6 +6,7 @@
 
 pub mod mesh;
 pub mod policy;
+pub mod ports;
 pub mod sds;
 pub mod services;
 

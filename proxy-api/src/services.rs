@@ -14,6 +14,8 @@ use sigil_identity::spiffe::SpiffeIdError;
 use sigil_identity::{SpiffeId, TrustDomain};
 use sigil_proto::sigil::mesh::v1 as wire;
 
+use crate::ports::PortSet;
+
 /// Why a `ServiceUpdate` is refused, naming the Service and field.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -126,8 +128,8 @@ impl Protocol {
     }
 
     /// `protocol`, unless `port` is listed as opaque.
-    pub fn with_opaque(self, port: u16, opaque_ports: &[u16]) -> Protocol {
-        if opaque_ports.contains(&port) {
+    pub fn with_opaque(self, port: u16, opaque_ports: &PortSet) -> Protocol {
+        if opaque_ports.contains(port) {
             Protocol::Opaque
         } else {
             self

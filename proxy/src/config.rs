@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use sigil_base::flags::parse_duration;
 use sigil_policy::path::PathNormalization;
+use sigil_proxy_api::ports::PortSet;
 use sigil_proxy_api::{ADMIN_PORT, AGENT_SOCKET, INBOUND_PORT, METRICS_PORT, OUTBOUND_PORT};
 
 pub const DEFAULT_ADMIN_ADDR: SocketAddr =
@@ -21,6 +22,9 @@ pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
 pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "30s";
 /// A connection with no bytes either way for this long is closed (Envoy's default idle timeout).
 pub const DEFAULT_IDLE_TIMEOUT: &str = "1h";
+/// How long a connection on a port with no declared protocol may take to send enough bytes to
+/// tell HTTP from other traffic before it is forwarded as opaque TCP.
+pub const DEFAULT_DETECT_TIMEOUT: &str = "500ms";
 /// Inbound connections held at once; more are closed at accept.
 pub const DEFAULT_MAX_INBOUND_CONNECTIONS: u32 = 4096;
 
@@ -118,6 +122,19 @@ pub struct ProxyConfig {
     /// but NONE: `;`, escapes that are not UTF-8, and `%2F`/`%5C` unless decoded.
     #[arg(long, value_enum, default_value_t = PathNormalization::Base, ignore_case = true)]
     pub path_normalization: PathNormalization,
+
+    /// Inbound ports whose traffic is opaque TCP, comma-separated (`3306,4000-4010`): forwarded
+    /// as bytes at once, never waiting for protocol detection (server-first protocols such as
+    /// MySQL or SMTP). The injector sets it from the pod's `sigil.dev/opaque-ports` annotation.
+    #[arg(long, default_value = "")]
+    pub opaque_ports: PortSet,
+
+    /// Ports with no declared protocol (no appProtocol, no protocol-named port, not opaque):
+    /// a client that has not sent enough to tell HTTP from other bytes within this time is
+    /// forwarded as opaque TCP (counted in sigil_proxy_protocol_detect_timeouts_total).
+    #[arg(long, value_parser = parse_duration, default_value = DEFAULT_DETECT_TIMEOUT)]
+    #[serde(with = "humantime_secs")]
+    pub detect_timeout: Duration,
 
     /// Give up on an upstream that has not accepted the TCP connection within this time.
     #[arg(long, value_parser = parse_duration, default_value = DEFAULT_CONNECT_TIMEOUT)]

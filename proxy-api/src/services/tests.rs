@@ -60,8 +60,9 @@ fn protocols_follow_app_protocol_then_the_port_name() {
             "{app_protocol:?} {name}"
         );
     }
-    assert_eq!(Protocol::Http1.with_opaque(3306, &[3306]), Opaque);
-    assert_eq!(Protocol::Http1.with_opaque(80, &[3306]), Http1);
+    let opaque: PortSet = "3306".parse().unwrap();
+    assert_eq!(Protocol::Http1.with_opaque(3306, &opaque), Opaque);
+    assert_eq!(Protocol::Http1.with_opaque(80, &opaque), Http1);
 }
 
 #[test]
