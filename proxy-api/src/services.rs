@@ -22,22 +22,22 @@ pub enum ServiceError {
     #[error("service {0:?} is not <namespace>/<name>")]
     Key(String),
     #[error("{service}: cluster IP {value:?} is not an IP address")]
-    ClusterIp { service: ServiceKey, value: String },
+    ClusterIp { service: String, value: String },
     #[error("{service}: port {value} is not a port number (1-65535)")]
-    Port { service: ServiceKey, value: u32 },
+    Port { service: String, value: u32 },
     #[error("{service}: port {port} is listed twice")]
-    DuplicatePort { service: ServiceKey, port: u16 },
+    DuplicatePort { service: String, port: u16 },
     #[error("{service}: endpoint address {value:?} is not an IP address")]
-    EndpointIp { service: ServiceKey, value: String },
+    EndpointIp { service: String, value: String },
     #[error("{service}: endpoint {ip} port {value} is not a port number (1-65535)")]
     EndpointPort {
-        service: ServiceKey,
+        service: String,
         ip: IpAddr,
         value: u32,
     },
     #[error("{service}: endpoint {ip} identity {value:?}: {reason}")]
     EndpointId {
-        service: ServiceKey,
+        service: String,
         ip: IpAddr,
         value: String,
         #[source]
@@ -47,13 +47,13 @@ pub enum ServiceError {
         "{service}: endpoint {ip} identity {id} is not a workload ID in trust domain {expected}"
     )]
     ForeignId {
-        service: ServiceKey,
+        service: String,
         ip: IpAddr,
-        id: SpiffeId,
-        expected: TrustDomain,
+        id: String,
+        expected: String,
     },
     #[error("{0} is both upserted and removed in one update")]
-    UpsertedAndRemoved(ServiceKey),
+    UpsertedAndRemoved(String),
 }
 
 /// A Service's namespace and name: `<namespace>/<name>` in logs, labels and on the wire.
@@ -296,7 +296,7 @@ impl MeshService {
             .iter()
             .map(|ip| {
                 ip.parse().map_err(|_| ServiceError::ClusterIp {
-                    service: key.clone(),
+                    service: key.to_string(),
                     value: ip.clone(),
                 })
             })
@@ -304,12 +304,12 @@ impl MeshService {
         let mut ports: Vec<ServicePort> = Vec::with_capacity(message.ports.len());
         for port in &message.ports {
             let number = port_number(port.port).ok_or_else(|| ServiceError::Port {
-                service: key.clone(),
+                service: key.to_string(),
                 value: port.port,
             })?;
             if ports.iter().any(|p| p.port == number) {
                 return Err(ServiceError::DuplicatePort {
-                    service: key.clone(),
+                    service: key.to_string(),
                     port: number,
                 });
             }
@@ -344,7 +344,7 @@ fn endpoint_from_message(
     trust_domain: &TrustDomain,
 ) -> Result<Endpoint, ServiceError> {
     let ip: IpAddr = endpoint.ip.parse().map_err(|_| ServiceError::EndpointIp {
-        service: service.clone(),
+        service: service.to_string(),
         value: endpoint.ip.clone(),
     })?;
     let ports = endpoint
@@ -352,7 +352,7 @@ fn endpoint_from_message(
         .iter()
         .map(|port| {
             let number = port_number(port.port).ok_or_else(|| ServiceError::EndpointPort {
-                service: service.clone(),
+                service: service.to_string(),
                 ip,
                 value: port.port,
             })?;
@@ -360,17 +360,17 @@ fn endpoint_from_message(
         })
         .collect::<Result<_, ServiceError>>()?;
     let id = SpiffeId::parse(&endpoint.spiffe_id).map_err(|reason| ServiceError::EndpointId {
-        service: service.clone(),
+        service: service.to_string(),
         ip,
         value: endpoint.spiffe_id.clone(),
         reason,
     })?;
     if id.is_trust_domain_id() || id.trust_domain() != trust_domain {
         return Err(ServiceError::ForeignId {
-            service: service.clone(),
+            service: service.to_string(),
             ip,
-            id,
-            expected: trust_domain.clone(),
+            id: id.to_string(),
+            expected: trust_domain.to_string(),
         });
     }
     let text = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
@@ -523,7 +523,7 @@ impl ServiceTable {
             .collect::<Result<Vec<_>, _>>()?;
         for key in removals {
             if upserts.iter().any(|service| service.key == key) {
-                return Err(ServiceError::UpsertedAndRemoved(key));
+                return Err(ServiceError::UpsertedAndRemoved(key.to_string()));
             }
             services.remove(&key);
         }

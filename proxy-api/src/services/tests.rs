@@ -120,7 +120,8 @@ fn a_bad_entry_refuses_the_whole_update() {
         "198.18.100.3",
         vec![endpoint("198.18.0.5", 80, "web")],
     );
-    let cases: Vec<(Box<dyn Fn(&mut wire::MeshService)>, &str)> = vec![
+    type Corrupt = Box<dyn Fn(&mut wire::MeshService)>;
+    let cases: Vec<(Corrupt, &str)> = vec![
         (Box::new(|s| s.cluster_ips[0] = "nope".into()), "cluster IP"),
         (Box::new(|s| s.ports[0].port = 0), "not a port"),
         (
