@@ -33,11 +33,22 @@ fn member_of(ids: &[&str], source: &str) -> Member {
     }
 }
 
+/// The membership, once `what` holds for it.
 async fn until(
-    rx: &watch::Receiver<Arc<MeshSnapshot>>,
+    rx: &watch::Receiver<Arc<MeshState>>,
     what: impl Fn(&MeshSnapshot) -> bool,
-) -> Arc<MeshSnapshot> {
-    tokio::time::timeout(WAIT, rx.clone().wait_for(|snapshot| what(snapshot)))
+) -> MeshSnapshot {
+    until_state(rx, |state| what(state.members()))
+        .await
+        .members()
+        .clone()
+}
+
+async fn until_state(
+    rx: &watch::Receiver<Arc<MeshState>>,
+    what: impl Fn(&MeshState) -> bool,
+) -> Arc<MeshState> {
+    tokio::time::timeout(WAIT, rx.clone().wait_for(|state| what(state)))
         .await
         .expect("the membership never reached the expected state")
         .expect("the membership task stopped")
@@ -51,7 +62,7 @@ fn a_good_file_parses() {
     let yaml = "members:\n\
                     - {ip: 198.18.0.2, id: \"spiffe://cluster.local/ns/b/sa/b\"}\n\
                     - ip: fd00::7\n  id: spiffe://cluster.local/vm/db\n";
-    let members = parse_file(yaml.as_bytes(), &td()).unwrap();
+    let members = parse_file(yaml.as_bytes(), &td()).unwrap().members;
     assert_eq!(
         members,
         BTreeMap::from([
@@ -59,7 +70,13 @@ fn a_good_file_parses() {
             (ip("fd00::7"), spiffe("spiffe://cluster.local/vm/db")),
         ])
     );
-    assert!(parse_file(b"members: []", &td()).unwrap().is_empty());
+    assert_eq!(
+        parse_file(b"members: []", &td()).unwrap(),
+        FileContent {
+            members: BTreeMap::new(),
+            services: Vec::new()
+        }
+    );
 }
 
 #[test]
@@ -155,7 +172,7 @@ async fn the_file_is_reloaded_on_change_and_a_bad_edit_keeps_the_last_good_membe
     std::fs::remove_file(&path).unwrap();
     tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
     assert_eq!(metrics.mesh_file_reload_failures.get(), 2);
-    assert_eq!(*rx.borrow(), first, "nothing published");
+    assert_eq!(*rx.borrow().members(), first, "nothing published");
 
     // A valid edit is published; rewriting the same members is not a change.
     let c = "spiffe://cluster.local/ns/c/sa/c";
@@ -172,7 +189,7 @@ async fn the_file_is_reloaded_on_change_and_a_bad_edit_keeps_the_last_good_membe
     assert_eq!(metrics.mesh_members.get(), 2);
     std::fs::write(&path, format!("# same members\n{edit}")).unwrap();
     tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
-    assert_eq!(rx.borrow().version, 2);
+    assert_eq!(rx.borrow().version(), 2);
     assert_eq!(metrics.mesh_file_reload_failures.get(), 2);
 }
 
@@ -442,7 +459,7 @@ fn kube_state(pods: &[Pod], services: &[Service], slices: &[EndpointSlice]) -> K
     }
     for service in services {
         kube.services
-            .on_event(Event::Apply(service.clone()), "services", mesh_service);
+            .on_event(Event::Apply(service.clone()), "services", kube_service);
     }
     for slice in slices {
         kube.slices
@@ -510,7 +527,7 @@ fn a_service_is_a_member_when_every_endpoint_is_meshed_with_the_identities_behin
         slice("manual-1", "demo", "manual", &["10.0.0.6"]),
     ];
     let mut kube = kube_state(&pods, &services, &slices);
-    let (members, notes) = merge(Some(&kube), None);
+    let (members, _, notes) = merge(Some(&kube), None);
     assert_eq!(
         service_members_of(&kube, None),
         BTreeMap::from([
@@ -544,7 +561,7 @@ fn a_service_is_a_member_when_every_endpoint_is_meshed_with_the_identities_behin
     )
     .unwrap();
     let file = MeshFile::load(&path, &td()).unwrap();
-    let (members, notes) = merge(Some(&kube), Some(&file));
+    let (members, _, notes) = merge(Some(&kube), Some(&file));
     assert_eq!(members[&ip("10.96.0.10")], member(vm, FILE_SOURCE));
     assert_eq!(
         members[&ip("10.96.0.12")],
@@ -565,7 +582,7 @@ fn a_service_is_a_member_when_every_endpoint_is_meshed_with_the_identities_behin
     // A Service leaves.
     assert!(
         kube.services
-            .on_event(Event::Delete(services[0].clone()), "services", mesh_service)
+            .on_event(Event::Delete(services[0].clone()), "services", kube_service)
     );
     assert_eq!(
         service_members_of(&kube, None).keys().collect::<Vec<_>>(),
@@ -715,7 +732,7 @@ fn a_leaving_pod_never_takes_its_service_out_of_the_mesh() {
                     kube.on_slice_event(Event::Apply(*slice));
                 }
             }
-            let (members, notes) = merge(Some(&kube), None);
+            let (members, _, notes) = merge(Some(&kube), None);
             assert_eq!(
                 members.get(&cluster_ip),
                 Some(&member(web, "demo/service/web")),
@@ -745,7 +762,7 @@ fn a_leaving_pod_never_takes_its_service_out_of_the_mesh() {
         ("10.0.0.6", "uid-web-2", true, true, false),
         ("10.0.0.5", "uid-plain", true, true, false),
     ])));
-    let (members, notes) = merge(Some(&kube), None);
+    let (members, _, notes) = merge(Some(&kube), None);
     assert_eq!(members.get(&cluster_ip), None);
     assert_eq!(notes.partly_meshed.len(), 1);
 }
@@ -762,17 +779,25 @@ fn slices_convert_to_their_services_endpoint_addresses() {
         mesh_slice(&slice("web-a", "demo", "web", &["10.0.0.5", "!10.0.0.6"])),
         Some(MeshSlice {
             service: "demo/service/web".into(),
-            addresses: ["10.0.0.5", "10.0.0.6"]
-                .map(|address| EndpointAddress {
+            ports: BTreeMap::from([(String::new(), 8080)]),
+            addresses: [("10.0.0.5", true), ("10.0.0.6", false)]
+                .map(|(address, ready)| EndpointAddress {
                     address: address.into(),
                     pod_uid: None,
+                    state: EndpointState {
+                        ready,
+                        serving: true,
+                        terminating: !ready,
+                        node: None,
+                        zone: None,
+                    },
                 })
                 .to_vec(),
         })
     );
     let mut external = service("ext", "demo", "10.96.0.9");
     external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
-    assert_eq!(mesh_service(&external), None);
+    assert_eq!(kube_service(&external), None);
 }
 
 #[test]
@@ -793,7 +818,7 @@ fn the_file_wins_over_a_pod_on_the_same_ip() {
         pods,
         ..KubeState::default()
     };
-    let (members, notes) = merge(Some(&kube), Some(&file));
+    let (members, _, notes) = merge(Some(&kube), Some(&file));
     assert_eq!(
         members,
         BTreeMap::from([
@@ -880,7 +905,7 @@ async fn labelled_pods_with_ips_are_members_until_deleted() {
     // A new labelled pod in another namespace joins once it has an address.
     server.add_pod(&labelled("shop", "db-1", "db"));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(rx.borrow().members.len(), 1, "no IP yet");
+    assert_eq!(rx.borrow().members().members.len(), 1, "no IP yet");
     set_pod_ips(&server, "shop", "db-1", &["10.0.1.9", "fd00::9"]).await;
     let grown = until(&rx, |s| s.members.len() == 3).await;
     let db = "spiffe://cluster.local/ns/shop/sa/db";
@@ -941,14 +966,12 @@ async fn serve(unix_map: &str) -> TestAgent {
     .await
 }
 
-fn snapshot(version: u64, members: &[(&str, &str)]) -> Arc<MeshSnapshot> {
-    Arc::new(MeshSnapshot {
-        version,
-        members: members
-            .iter()
-            .map(|(ip_, id)| (ip(ip_), member(id, FILE_SOURCE)))
-            .collect(),
-    })
+fn snapshot(version: u64, members: &[(&str, &str)]) -> Arc<MeshState> {
+    let members = members
+        .iter()
+        .map(|(ip_, id)| (ip(ip_), member(id, FILE_SOURCE)))
+        .collect();
+    Arc::new(MeshState::new(version, members, []))
 }
 
 #[tokio::test]
@@ -989,7 +1012,7 @@ async fn an_attested_caller_gets_the_membership_then_every_change() {
     );
     assert_eq!(
         MeshSnapshot::from_message(&message).unwrap(),
-        *snapshot(1, &[("198.18.0.2", b)])
+        *snapshot(1, &[("198.18.0.2", b)]).members()
     );
     assert_eq!(agent.streams_open(), 1);
 
@@ -1010,7 +1033,7 @@ async fn an_attested_caller_gets_the_membership_then_every_change() {
     assert_eq!(agent.pushes(), 2);
 
     // The agent stops: the stream ends with a status clients retry on.
-    agent.mesh_tx = watch::channel(Arc::new(MeshSnapshot::default())).0;
+    agent.mesh_tx = watch::channel(Arc::new(MeshState::default())).0;
     let end = tokio::time::timeout(WAIT, stream.message())
         .await
         .unwrap()
