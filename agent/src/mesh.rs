@@ -62,9 +62,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
 
 use sigil_proxy_api::mesh::{Member, MemberError, MeshSnapshot, parse_entries};
-use sigil_proxy_api::services::{
-    Endpoint, MeshService, ServiceKey, ServicePort, ServiceTable,
-};
+use sigil_proxy_api::services::{Endpoint, MeshService, ServiceKey, ServicePort, ServiceTable};
 use sigil_proxy_api::{OPAQUE_PORTS_ANNOTATION, TLS_MODE_LABEL, TLS_MODE_MTLS};
 
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};

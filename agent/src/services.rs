@@ -43,7 +43,9 @@ const TCP: &str = "TCP";
 /// ended.
 #[derive(Debug, thiserror::Error)]
 pub enum ServicesError {
-    #[error("services[{index}]: namespace {namespace:?} and name {name:?} must be non-empty, without '/'")]
+    #[error(
+        "services[{index}]: namespace {namespace:?} and name {name:?} must be non-empty, without '/'"
+    )]
     Key {
         index: usize,
         namespace: String,
@@ -61,7 +63,9 @@ pub enum ServicesError {
         service: ServiceKey,
         value: String,
     },
-    #[error("services[{index}] {service}: ports[{port}].{field}: {value} is not a port number (1-65535)")]
+    #[error(
+        "services[{index}] {service}: ports[{port}].{field}: {value} is not a port number (1-65535)"
+    )]
     Port {
         index: usize,
         service: ServiceKey,
@@ -69,7 +73,9 @@ pub enum ServicesError {
         field: &'static str,
         value: u32,
     },
-    #[error("services[{index}] {service}: ports[{port}] repeats the name {name:?} or the port {number}")]
+    #[error(
+        "services[{index}] {service}: ports[{port}] repeats the name {name:?} or the port {number}"
+    )]
     DuplicatePort {
         index: usize,
         service: ServiceKey,

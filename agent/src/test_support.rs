@@ -268,9 +268,7 @@ impl TestAgent {
             SocketApi::Sds => Routes::new(Sds::new(workloads).into_service()),
             SocketApi::WorkloadApi => Routes::new(WorkloadApi::new(workloads).into_service()),
             SocketApi::Mesh => Routes::new(MeshApi::new(workloads, mesh_rx).into_service()),
-            SocketApi::Services => {
-                Routes::new(ServicesApi::new(workloads, mesh_rx).into_service())
-            }
+            SocketApi::Services => Routes::new(ServicesApi::new(workloads, mesh_rx).into_service()),
             // Unix-attested callers: their scope needs no pods.
             SocketApi::Policy => {
                 Routes::new(PolicyApi::new(workloads, policy_rx, None).into_service())

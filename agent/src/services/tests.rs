@@ -97,15 +97,14 @@ fn endpoint_conditions_take_kubernetes_defaults_and_ports_go_by_name() {
     }))
     .unwrap();
     let states: Vec<EndpointState> = slice.endpoints.iter().map(EndpointState::of).collect();
-    let state = |ready, serving, terminating, node: Option<&str>, zone: Option<&str>| {
-        EndpointState {
+    let state =
+        |ready, serving, terminating, node: Option<&str>, zone: Option<&str>| EndpointState {
             ready,
             serving,
             terminating,
             node: node.map(Into::into),
             zone: zone.map(Into::into),
-        }
-    };
+        };
     assert_eq!(
         states,
         [
@@ -402,7 +401,11 @@ async fn an_attested_caller_gets_every_service_then_only_what_changed() {
     let update = next(&mut stream).await;
     assert_eq!(
         (update.reset, update.upserts.as_slice(), update.removals),
-        (false, &[] as &[wire::MeshService], vec!["demo/db".to_owned()])
+        (
+            false,
+            &[] as &[wire::MeshService],
+            vec!["demo/db".to_owned()]
+        )
     );
     assert_eq!(agent.pushes(), 3);
 
@@ -421,7 +424,8 @@ async fn an_attested_caller_gets_every_service_then_only_what_changed() {
 /// holds to the newest table.
 #[tokio::test]
 async fn a_slow_reader_gets_the_newest_table_not_a_backlog() {
-    let metrics = crate::metrics::Metrics::new(&mut prometheus_client::registry::Registry::default());
+    let metrics =
+        crate::metrics::Metrics::new(&mut prometheus_client::registry::Registry::default());
     let api = mesh_service("api", "198.19.0.10", &[("198.18.0.2", true)]);
     let db = mesh_service("db", "198.19.0.11", &[("198.18.0.3", true)]);
     let web = mesh_service("web", "198.19.0.12", &[("198.18.0.6", true)]);
@@ -439,7 +443,12 @@ async fn a_slow_reader_gets_the_newest_table_not_a_backlog() {
     tx.send_replace(state(4, &[], &[&api, &web]));
     let update = feed.next_message().await.unwrap();
     assert_eq!(
-        (update.version, update.reset, update.upserts, update.removals),
+        (
+            update.version,
+            update.reset,
+            update.upserts,
+            update.removals
+        ),
         (4, false, vec![web.to_message()], vec!["demo/db".to_owned()])
     );
     // Back to what it holds: nothing to send.
