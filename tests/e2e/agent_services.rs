@@ -82,6 +82,8 @@ fn api_slice(endpoints: &[SliceEndpoint]) -> EndpointSlice {
 struct ServicesClient {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    /// What else it printed (libtest's lines), for a failure's message.
+    other: Vec<String>,
     stderr: PathBuf,
 }
 
@@ -104,6 +106,7 @@ impl ServicesClient {
         ServicesClient {
             child,
             lines,
+            other: Vec::new(),
             stderr,
         }
     }
@@ -115,10 +118,13 @@ impl ServicesClient {
 
     /// The next message the client received, as it printed it.
     async fn next(&mut self, agent: &Proc) -> Value {
+        let (lines, other) = (&mut self.lines, &mut self.other);
         let line = tokio::time::timeout(WAIT, async {
-            while let Some(line) = self.lines.next_line().await.unwrap() {
-                if let Some(update) = line.strip_prefix(UPDATE) {
-                    return Some(update.to_owned());
+            while let Some(line) = lines.next_line().await.unwrap() {
+                // libtest's "test <name> ... " may start the first one.
+                match line.split_once(UPDATE) {
+                    Some((_, update)) => return Some(update.to_owned()),
+                    None => other.push(line),
                 }
             }
             None
@@ -127,7 +133,8 @@ impl ServicesClient {
         match line {
             Ok(Some(update)) => serde_json::from_str(&update).unwrap(),
             _ => panic!(
-                "no message from the agent ({line:?}); client:\n{}\nagent:\n{}",
+                "no message from the agent ({line:?}); client:\n{}\n{}\nagent:\n{}",
+                self.other.join("\n"),
                 std::fs::read_to_string(&self.stderr).unwrap_or_default(),
                 agent.logs()
             ),
