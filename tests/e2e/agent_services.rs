@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use sigil_proto::sigil::mesh::v1::service_discovery_client::ServiceDiscoveryClient;
 use sigil_proto::sigil::mesh::v1::{Protocol, ServiceUpdate, WatchServicesRequest};
 use sigil_proxy_api::services::ServiceTable;
-use sigil_proxy_api::{TLS_MODE_LABEL, TLS_MODE_MTLS};
+use sigil_proxy_api::{OPAQUE_PORTS_ANNOTATION, TLS_MODE_LABEL, TLS_MODE_MTLS};
 use sigil_test_apiserver::{PodSpec, TestApiServer};
 use sigil_test_harness::*;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -265,8 +265,13 @@ async fn services_from_endpoint_slices_then_only_their_changes() {
     add_meshed_pod(&server, "api-1", "198.18.0.2").await;
     add_meshed_pod(&server, "api-2", "198.18.0.3").await;
     let services: Api<Service> = Api::namespaced(server.client(), NAMESPACE);
+    // Its opaque-ports annotation does not parse: ignored (the port stays HTTP), logged once.
     let service: Service = serde_json::from_value(json!({
-        "metadata": {"name": "api", "namespace": NAMESPACE},
+        "metadata": {
+            "name": "api",
+            "namespace": NAMESPACE,
+            "annotations": {OPAQUE_PORTS_ANNOTATION: "mysql"},
+        },
         "spec": {
             "clusterIP": "198.19.0.10",
             "clusterIPs": ["198.19.0.10"],
@@ -359,6 +364,11 @@ async fn services_from_endpoint_slices_then_only_their_changes() {
         "just that Service"
     );
     assert!(update["version"].as_u64() > reset["version"].as_u64());
+    let warnings = agent
+        .logs()
+        .matches("annotation is invalid; it is ignored")
+        .count();
+    assert_eq!(warnings, 1, "once, not on every change:\n{}", agent.logs());
 
     // The Service is deleted: a removal.
     services
