@@ -619,6 +619,9 @@ impl Tunnel {
 }
 
 #[cfg(test)]
+mod serve_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
