@@ -542,14 +542,11 @@ fn the_autoscaling_example_reads_the_proxys_request_counter() {
         "{series_query}"
     );
     // The counter exists under that name, with a `direction` label, in the proxy's registry.
+    use sigil_proxy::metrics::*;
     let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = sigil_proxy::metrics::Metrics::new(&mut registry);
-    metrics.record_request(&sigil_proxy::metrics::RequestOutcome {
-        peer: sigil_proxy::metrics::PeerLabels::new(
-            sigil_proxy::metrics::Direction::Inbound,
-            None,
-            None,
-        ),
+    let metrics = Metrics::new(&mut registry);
+    metrics.record_request(&RequestOutcome {
+        peer: PeerLabels::new(Direction::Inbound, None, None),
         status: 200,
         grpc_status: None,
         duration: Duration::from_millis(1),
@@ -561,5 +558,113 @@ fn the_autoscaling_example_reads_the_proxys_request_counter() {
     assert!(
         text.contains("sigil_proxy_requests_total{direction=\"inbound\","),
         "{text}"
+    );
+}
+
+/// README's "Request metrics" section: every metric it names is one the proxy registers (with
+/// the suffix Prometheus gives its type), and every PromQL example parses (`promtool check
+/// rules`, Debian's prometheus package, which scripts/test installs).
+#[test]
+fn the_readme_request_metrics_name_real_metrics_and_their_promql_parses() {
+    use sigil_test_harness::manifests::repo;
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme
+        .find("\n### Request metrics\n")
+        .expect("README.md has a Request metrics section");
+    let section = &readme[start + 1..];
+    let section = &section[..section[4..]
+        .find("\n### ")
+        .map_or(section.len(), |end| end + 4)];
+
+    // A sample in every family (empty ones are not printed).
+    use sigil_proxy::metrics::*;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let peer = PeerLabels::new(Direction::Inbound, None, None);
+    metrics.record_request(&RequestOutcome {
+        peer,
+        status: 200,
+        grpc_status: None,
+        duration: Duration::from_millis(1),
+        request_bytes: 1,
+        response_bytes: 1,
+    });
+    let service = || ServiceLabels {
+        service: "shop/api".into(),
+    };
+    metrics
+        .balancer_endpoints
+        .get_or_create(&EndpointLabels {
+            service: "shop/api".into(),
+            state: "ready",
+        })
+        .set(1);
+    metrics.balancer_pending.get_or_create(&service()).set(1);
+    metrics.no_endpoints.get_or_create(&service()).inc();
+    metrics
+        .detect_timeouts
+        .get_or_create(&DirectionLabels {
+            direction: Direction::Inbound,
+        })
+        .inc();
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let registered = |name: &str| {
+        ["_total", "_bucket", "_count", "_sum", ""]
+            .iter()
+            .any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|base| text.contains(&format!("# TYPE {base} ")))
+            })
+    };
+    let names: std::collections::BTreeSet<&str> = section
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|word| word.starts_with("sigil_proxy_"))
+        .collect();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in &names {
+        assert!(
+            registered(name),
+            "README names {name}, which the proxy does not serve"
+        );
+    }
+
+    let block = section
+        .split("```promql\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a promql block");
+    // One query per line; indented lines continue the previous one.
+    let mut queries: Vec<String> = Vec::new();
+    for line in block.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        match queries.last_mut() {
+            Some(query) if line.starts_with(' ') => query.push_str(line),
+            _ => queries.push(line.to_owned()),
+        }
+    }
+    assert!(queries.len() >= 5, "{queries:#?}");
+    let rules: String = queries
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            format!(
+                "  - record: readme:query_{i}\n    expr: '{}'\n",
+                q.replace('\'', "''")
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("readme-rules.yaml");
+    std::fs::write(&file, format!("groups:\n- name: readme\n  rules:\n{rules}")).unwrap();
+    let checked = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool runs (scripts/test installs prometheus)");
+    assert!(
+        checked.status.success(),
+        "{}{}\n{rules}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
     );
 }
