@@ -4,7 +4,8 @@
 //! an HTTP/1.1-only application as HTTP/1.1 over a few reused connections, chunked bodies and
 //! trailers intact; the golden metrics count them by status; a WebSocket from PyPI's
 //! `websockets` works under an HTTP AuthorizationPolicy; a server-first application on an
-//! --opaque-ports port greets its client without waiting for the detection timeout.
+//! --opaque-ports port greets its client without waiting for the detection timeout; gRPC keeps
+//! HTTP/2 and is counted by its grpc-status.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -667,4 +668,85 @@ fn the_readme_request_metrics_name_real_metrics_and_their_promql_parses() {
         String::from_utf8_lossy(&checked.stdout),
         String::from_utf8_lossy(&checked.stderr)
     );
+}
+
+/// An HTTP/2-only (h2c) application answering like a gRPC server: `grpc-status` in the
+/// trailers, or (for `/trailers-only`) in the headers of a response without a body; the
+/// version it saw in `x-app-version`.
+async fn grpc_like_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(|request: hyper::Request<Incoming>| async move {
+                        let version = format!("{:?}", request.version());
+                        let response = hyper::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .header("x-app-version", version);
+                        let response = if request.uri().path() == "/trailers-only" {
+                            response
+                                .header("grpc-status", "5")
+                                .body(Full::new(Bytes::new()).boxed())
+                        } else {
+                            let mut trailers = hyper::HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+                                Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi"))),
+                                Ok(Frame::trailers(trailers)),
+                            ];
+                            response.body(StreamBody::new(futures::stream::iter(frames)).boxed())
+                        };
+                        Ok::<_, std::convert::Infallible>(response.unwrap())
+                    });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Requests without `sigil-orig-proto` keep their version: gRPC (HTTP/2) reaches an h2c
+/// application as HTTP/2 with its trailers, and the golden metrics take the gRPC status from
+/// the trailers, or from the headers of a trailers-only response.
+#[tokio::test]
+async fn grpc_keeps_http2_and_is_counted_by_its_grpc_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = inbound(dir.path(), &[], grpc_like_app().await, &[]).await;
+    let h2 = p.h2().await;
+    let call = |path: &str| {
+        hyper::Request::post(format!("http://api.shop:50051{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(full("\0\0\0\0\x02hi"))
+            .unwrap()
+    };
+    for _ in 0..3 {
+        let (status, body, trailers, headers) = send(&h2, call("/shop.Api/Get")).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["x-app-version"], "HTTP/2.0");
+        assert_eq!(body, "\0\0\0\0\x02hi");
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+    }
+    let (status, _, trailers, headers) = send(&h2, call("/trailers-only")).await;
+    assert_eq!(
+        (status, &headers["grpc-status"]),
+        (200, &"5".parse::<hyper::header::HeaderValue>().unwrap())
+    );
+    assert!(trailers.is_none());
+
+    let series = |grpc: &str| {
+        format!(
+            "sigil_proxy_requests_total{{direction=\"inbound\",service=\"\",peer_namespace=\"demo\",\
+             peer_service_account=\"web\",status_class=\"2xx\",status_code=\"200\",grpc_status=\"{grpc}\"}}"
+        )
+    };
+    let proxy = &p.proxy;
+    eventually("the calls counted by gRPC status", || async {
+        proxy.metric(&series("0")).await == 3.0 && proxy.metric(&series("5")).await == 1.0
+    })
+    .await;
 }
