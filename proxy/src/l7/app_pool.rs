@@ -3,7 +3,8 @@
 //! [`MAX_IDLE_PER_APP`], each closed after [`IDLE_TIMEOUT`] unused) and one shared HTTP/2
 //! connection (closed after as long without a request). A connection is opened only when an
 //! allowed request needs one, so a client that never finishes a request never holds one.
-//! Upgrades and CONNECT get a connection of their own ([`AppUpstream::send_dedicated`]), never pooled.
+//! Upgrades and CONNECT get a connection of their own ([`AppUpstream::send_dedicated`]), never
+//! pooled.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -90,8 +91,9 @@ impl<B: PoolBody> AppPool<B> {
         pool
     }
 
-    /// Idle HTTP/1.1 connections now (for tests and the idle task).
-    pub fn idle_http1(&self) -> usize {
+    /// Idle HTTP/1.1 connections now.
+    #[cfg(test)]
+    pub(crate) fn idle_http1(&self) -> usize {
         self.http1.lock().map_or(0, |idle| idle.len())
     }
 
