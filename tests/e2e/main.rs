@@ -27,6 +27,7 @@ mod policy_wire;
 mod proxy_envoy;
 mod proxy_explicit;
 mod proxy_hardening;
+mod proxy_inbound_l7;
 mod proxy_init;
 mod proxy_netns;
 mod proxy_peers;
