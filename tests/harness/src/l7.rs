@@ -127,7 +127,10 @@ impl Drop for EchoApp {
     }
 }
 
-async fn echo(request: Request<Incoming>, record: &Mutex<Vec<SeenRequest>>) -> Response<Full<Bytes>> {
+async fn echo(
+    request: Request<Incoming>,
+    record: &Mutex<Vec<SeenRequest>>,
+) -> Response<Full<Bytes>> {
     let mut headers: HashMap<String, String> = HashMap::new();
     for (name, value) in request.headers() {
         let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
@@ -167,11 +170,17 @@ async fn echo(request: Request<Incoming>, record: &Mutex<Vec<SeenRequest>>) -> R
     });
     let response = Response::builder().header("x-app", "b");
     if method == hyper::Method::GET || method == hyper::Method::HEAD {
+        // HEAD says how long GET's body is, and has none (HTTP/2 resets a HEAD answered with
+        // DATA).
+        let body = if method == hyper::Method::HEAD {
+            Bytes::new()
+        } else {
+            Bytes::from_static(HELLO_BODY.as_bytes())
+        };
         response
             .header("content-type", "text/plain")
-            // Explicit, so that HEAD says how long GET's body is.
             .header("content-length", HELLO_BODY.len())
-            .body(Full::new(Bytes::from_static(HELLO_BODY.as_bytes())))
+            .body(Full::new(body))
             .unwrap()
     } else {
         response
