@@ -24,7 +24,10 @@
 //! 4. a server-first protocol (an SMTP-like banner) on a port the Service declares opaque (and
 //!    B's proxy has in `--opaque-ports`) reaches a client that only reads in well under the
 //!    500 ms detection timeout (asserted < 300 ms, printed);
-//! 5. in each case B's proxy access log (`--access-log`) names A's SPIFFE ID as the peer.
+//! 5. in each case B's proxy access log (`--access-log`) names A's SPIFFE ID as the peer; and
+//!    the HTTP cases were carried request by request by A's L7 outbound path: A's golden
+//!    request counters for db's Service, with db (the endpoint's own identity) as the peer,
+//!    count them (the gRPC calls exactly, by `grpc_status`).
 //!
 //! ```text
 //!          pod A (netns)                            pod B (netns)
@@ -441,6 +444,63 @@ impl Mesh {
         );
     }
 
+    /// A's golden request counters for db's Service with db as the peer (the endpoint's own
+    /// identity, which A's proxy checked): the sum of the `sigil_proxy_requests_total` samples
+    /// that also have every label of `labels`, and every such line (for failure messages).
+    async fn a_requests_to_db(&self, labels: &[(&str, &str)]) -> (f64, Vec<String>) {
+        let (status, text) = http_get_in(&self.net.c.name, self.a_proxy.metrics, "/metrics")
+            .await
+            .unwrap_or_else(|e| panic!("A's /metrics: {e}"));
+        assert_eq!(status, 200, "A's /metrics: {text}");
+        let to_db: Vec<String> = text
+            .lines()
+            .filter(|l| l.starts_with("sigil_proxy_requests_total{"))
+            .filter(|l| {
+                [
+                    ("direction", "outbound"),
+                    ("service", "demo/db"),
+                    ("peer_namespace", NAMESPACE),
+                    ("peer_service_account", "db"),
+                ]
+                .iter()
+                .all(|(name, value)| l.contains(&format!("{name}=\"{value}\"")))
+            })
+            .map(str::to_owned)
+            .collect();
+        let sum = to_db
+            .iter()
+            .filter(|l| {
+                labels
+                    .iter()
+                    .all(|(name, value)| l.contains(&format!("{name}=\"{value}\"")))
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        (sum, to_db)
+    }
+
+    /// Waits (5 s at most: a request is counted when its response ends) until A counted
+    /// `expected` requests to db with `labels` (at least that many if not `exact`).
+    async fn assert_a_counted(&self, labels: &[(&str, &str)], expected: f64, exact: bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (count, lines) = self.a_requests_to_db(labels).await;
+            if count == expected || (!exact && count > expected) {
+                println!("A's requests to db's Service:\n  {}", lines.join("\n  "));
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "A's proxy counted {count} requests to db with {labels:?}, not {}{expected}; \
+                 its request counters:\n  {}{}",
+                if exact { "" } else { "at least " },
+                lines.join("\n  "),
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Waits (10 s at most) for a line of B's access log that `matches` and checks it names
     /// A's SPIFFE ID as the peer.
     async fn assert_b_saw_web(&self, what: &str, matches: impl Fn(&Value) -> bool) {
@@ -509,6 +569,12 @@ async fn grpcio_unary_and_streaming_calls_and_error_trailers_cross_a_meshed_serv
         logs()
     );
 
+    // Each call was one request of A's L7 outbound path, to db's endpoint as db.
+    mesh.assert_a_counted(&[("grpc_status", "0")], 5.0, true)
+        .await;
+    mesh.assert_a_counted(&[("grpc_status", "9")], 1.0, true)
+        .await;
+
     mesh.assert_b_saw_web("the gRPC unary call", |l| {
         l["kind"] == "http" && l["path"] == "/sigil.test.Peers/Unary"
     })
@@ -555,6 +621,10 @@ async fn websockets_echo_through_a_meshed_service_under_an_l7_policy_that_denies
         .filter_map(|l| l.strip_prefix("connection ").map(str::to_owned))
         .collect();
     assert_eq!(app_saw, ["/ws"], "what reached B's websockets server");
+
+    // At least the probe's 403 was a request of A's L7 outbound path, answered by B's proxy.
+    mesh.assert_a_counted(&[("status_code", "403")], 1.0, false)
+        .await;
 
     mesh.assert_b_saw_web("the allowed upgrade", |l| {
         l["kind"] == "http" && l["path"] == "/ws" && l["result"] == "allowed"
@@ -799,6 +869,10 @@ async fn curl_http1_and_http2_prior_knowledge_bodies_head_and_expect_continue_cr
     for request in seen[..4].iter().chain(&seen[7..]) {
         assert_eq!(request.version, "HTTP/1.1", "{request:?}");
     }
+
+    // Every curl request (and the probe) was a request of A's L7 outbound path.
+    mesh.assert_a_counted(&[("status_code", "200")], seen.len() as f64, false)
+        .await;
 
     mesh.assert_b_saw_web("curl's GET", |l| {
         l["kind"] == "http" && l["path"] == "/hello" && l["result"] == "allowed"
