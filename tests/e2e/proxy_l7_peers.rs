@@ -480,20 +480,19 @@ impl Mesh {
     }
 
     /// Waits (5 s at most: a request is counted when its response ends) until A counted
-    /// `expected` requests to db with `labels` (at least that many if not `exact`).
-    async fn assert_a_counted(&self, labels: &[(&str, &str)], expected: f64, exact: bool) {
+    /// exactly `expected` requests to db with `labels`.
+    async fn assert_a_counted(&self, labels: &[(&str, &str)], expected: f64) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let (count, lines) = self.a_requests_to_db(labels).await;
-            if count == expected || (!exact && count > expected) {
+            if count == expected {
                 println!("A's requests to db's Service:\n  {}", lines.join("\n  "));
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "A's proxy counted {count} requests to db with {labels:?}, not {}{expected}; \
-                 its request counters:\n  {}{}",
-                if exact { "" } else { "at least " },
+                "A's proxy counted {count} requests to db with {labels:?}, not {expected}; its \
+                 request counters:\n  {}{}",
                 lines.join("\n  "),
                 self.logs()
             );
@@ -570,10 +569,8 @@ async fn grpcio_unary_and_streaming_calls_and_error_trailers_cross_a_meshed_serv
     );
 
     // Each call was one request of A's L7 outbound path, to db's endpoint as db.
-    mesh.assert_a_counted(&[("grpc_status", "0")], 5.0, true)
-        .await;
-    mesh.assert_a_counted(&[("grpc_status", "9")], 1.0, true)
-        .await;
+    mesh.assert_a_counted(&[("grpc_status", "0")], 5.0).await;
+    mesh.assert_a_counted(&[("grpc_status", "9")], 1.0).await;
 
     mesh.assert_b_saw_web("the gRPC unary call", |l| {
         l["kind"] == "http" && l["path"] == "/sigil.test.Peers/Unary"
@@ -622,9 +619,10 @@ async fn websockets_echo_through_a_meshed_service_under_an_l7_policy_that_denies
         .collect();
     assert_eq!(app_saw, ["/ws"], "what reached B's websockets server");
 
-    // At least the probe's 403 was a request of A's L7 outbound path, answered by B's proxy.
-    mesh.assert_a_counted(&[("status_code", "403")], 1.0, false)
-        .await;
+    // The probe's and the denied upgrade's 403s, and the upgrade, were requests of A's L7
+    // outbound path, answered through B's proxy.
+    mesh.assert_a_counted(&[("status_code", "403")], 2.0).await;
+    mesh.assert_a_counted(&[("status_code", "101")], 1.0).await;
 
     mesh.assert_b_saw_web("the allowed upgrade", |l| {
         l["kind"] == "http" && l["path"] == "/ws" && l["result"] == "allowed"
@@ -871,7 +869,8 @@ async fn curl_http1_and_http2_prior_knowledge_bodies_head_and_expect_continue_cr
     }
 
     // Every curl request (and the probe) was a request of A's L7 outbound path.
-    mesh.assert_a_counted(&[("status_code", "200")], seen.len() as f64, false)
+    let answered = app.seen().len() as f64;
+    mesh.assert_a_counted(&[("status_code", "200")], answered)
         .await;
 
     mesh.assert_b_saw_web("curl's GET", |l| {
