@@ -17,10 +17,10 @@
 //!    reaches B's app;
 //! 3. Debian's `curl` with `--http1.1` and with `--http2-prior-knowledge` on a port declared
 //!    `http`: status, body and Host arrive; an upload of unknown length (`-T -`, chunked on
-//!    HTTP/1.1) is echoed with its exact length; HEAD gets headers and no body (the next request
-//!    on the same connection is intact); `Expect: 100-continue` with a 4 KiB body gets its 100
-//!    and the echo; B's app gets HTTP/1.1 requests as HTTP/1.1 and never sees
-//!    `sigil-orig-proto`;
+//!    HTTP/1.1) is echoed with its exact length; HEAD gets GET's headers and no body (on
+//!    HTTP/1.1 the next request on the same connection is intact; on HTTP/2 curl would refuse a
+//!    DATA frame); `Expect: 100-continue` with a 4 KiB body gets its 100 and the echo; B's app
+//!    gets HTTP/1.1 requests as HTTP/1.1 with curl's Host and never sees `sigil-orig-proto`;
 //! 4. a server-first protocol (an SMTP-like banner) on a port the Service declares opaque (and
 //!    B's proxy has in `--opaque-ports`) reaches a client that only reads in well under the
 //!    500 ms detection timeout (asserted < 300 ms, printed);
