@@ -94,8 +94,8 @@ impl EchoApp {
                 let record = record.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
-                        let record = record.clone();
-                        async move { Ok::<_, Infallible>(echo(request, &record).await) }
+                        let answer = echo(request, record.clone());
+                        async move { Ok::<_, Infallible>(answer.await) }
                     });
                     let mut first = [0u8; 3];
                     let _ = stream.peek(&mut first).await;
@@ -129,7 +129,7 @@ impl Drop for EchoApp {
 
 async fn echo(
     request: Request<Incoming>,
-    record: &Mutex<Vec<SeenRequest>>,
+    record: Arc<Mutex<Vec<SeenRequest>>>,
 ) -> Response<Full<Bytes>> {
     let mut headers: HashMap<String, String> = HashMap::new();
     for (name, value) in request.headers() {
