@@ -101,15 +101,39 @@ async fn endpoint_server(ca: &Ca, n: usize, delay: Duration) -> SocketAddr {
             tcp.set_nodelay(true).unwrap();
             let acceptor = tokio_rustls::TlsAcceptor::from(state.server.clone());
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
                 let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                     answer(request, n, delay)
                 });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
+                // HTTP/2 from the pool; HTTP/1.1 on a connection dedicated to an upgrade.
+                let mut first = Vec::new();
+                // The proxy's HTTP clients speak at once; bytes with nothing sent yet are a
+                // client waiting for our greeting.
+                let wait = Duration::from_millis(100);
+                let sniffed = crate::l7::sniff(&mut tls, &mut first, wait).await;
+                let io = TokioIo::new(Prefixed::new(first, tls));
+                if let Ok(Some(Sniffed::Opaque) | None) = sniffed {
+                    // Bytes: answered with who this is, then echoed.
+                    let mut stream = io.into_inner();
+                    let _ = tokio::io::AsyncWriteExt::write_all(
+                        &mut stream,
+                        format!("endpoint {n}\n").as_bytes(),
+                    )
                     .await;
+                    let (mut read, mut write) = tokio::io::split(stream);
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                } else if let Ok(Some(Sniffed::Http(HttpVersion::Http1))) = sniffed {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .with_upgrades()
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await;
+                }
             });
         }
     });
@@ -120,11 +144,28 @@ type AnswerBody =
     StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
 
 async fn answer(
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     n: usize,
     delay: Duration,
 ) -> Result<Response<AnswerBody>, Infallible> {
     tokio::time::sleep(delay).await;
+    if request.headers().contains_key(http::header::UPGRADE) {
+        // Switches to an echo protocol: every byte comes back.
+        let upgrade = hyper::upgrade::on(&mut request);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let (mut read, mut write) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            }
+        });
+        let mut response = Response::new(StreamBody::new(futures::stream::iter(Vec::new())));
+        *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert("connection", http::HeaderValue::from_static("upgrade"));
+        headers.insert("upgrade", http::HeaderValue::from_static("echo"));
+        headers.insert("x-endpoint", n.to_string().parse().unwrap());
+        return Ok(response);
+    }
     let orig = request.headers().get(ORIG_PROTO_HEADER).cloned();
     let received = request
         .into_body()
@@ -176,6 +217,14 @@ type Feeds = (
 
 impl Proxy {
     async fn start(ca: &Ca, endpoints: &[(SocketAddr, String, bool)]) -> Proxy {
+        Proxy::start_with(ca, endpoints, Protocol::Http1).await
+    }
+
+    async fn start_with(
+        ca: &Ca,
+        endpoints: &[(SocketAddr, String, bool)],
+        protocol: Protocol,
+    ) -> Proxy {
         let config = Cli::try_parse_from(["proxy", "--access-log"])
             .unwrap()
             .proxy;
@@ -188,8 +237,8 @@ impl Proxy {
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
-                protocol: Protocol::Http1,
-                app_protocol: Some("http".into()),
+                protocol,
+                app_protocol: None,
             }],
             endpoints: endpoints
                 .iter()
@@ -473,4 +522,101 @@ async fn an_endpoint_with_another_identity_is_refused() {
         "{text}"
     );
     drop(proxy.shared);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_gets_its_own_connection_and_then_bytes_both_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let ca = Ca::new();
+    let proxy = Proxy::start(&ca, &three_endpoints(&ca, [0, 0, 0]).await).await;
+    let mut app = tokio::net::TcpStream::connect(proxy.listener_addr)
+        .await
+        .unwrap();
+    app.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: api.demo\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(app.read(&mut byte).await.unwrap(), 1, "{head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    assert!(head.contains("x-endpoint: "), "{head}");
+    for message in [&b"ping"[..], b"and more bytes"] {
+        app.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        app.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, message);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_and_undetected_connections_are_balanced_per_connection() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    let ca = Ca::new();
+    let endpoints = three_endpoints(&ca, [0, 0, 0]).await;
+    for (protocol, client_speaks_first) in [(Protocol::Opaque, false), (Protocol::Detect, true)] {
+        let proxy = Proxy::start_with(&ca, &endpoints, protocol).await;
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for _ in 0..45 {
+            let app = tokio::net::TcpStream::connect(proxy.listener_addr)
+                .await
+                .unwrap();
+            let mut app = tokio::io::BufReader::new(app);
+            if client_speaks_first {
+                // Not HTTP: told apart at once, no waiting for the detection timeout.
+                app.write_all(b"\x00\x01binary\n").await.unwrap();
+            }
+            let mut greeting = String::new();
+            app.read_line(&mut greeting).await.unwrap();
+            let endpoint = greeting
+                .trim()
+                .strip_prefix("endpoint ")
+                .unwrap()
+                .to_owned();
+            if client_speaks_first {
+                let mut echoed = String::new();
+                app.read_line(&mut echoed).await.unwrap();
+                assert_eq!(echoed, "\x00\x01binary\n");
+            }
+            app.write_all(b"echo\n").await.unwrap();
+            let mut echoed = String::new();
+            app.read_line(&mut echoed).await.unwrap();
+            assert_eq!(echoed, "echo\n");
+            *counts.entry(endpoint).or_default() += 1;
+        }
+        for n in ["1", "2", "3"] {
+            assert!(
+                counts.get(n).copied().unwrap_or(0) >= 5,
+                "{protocol:?}: {counts:?}"
+            );
+        }
+        let timeouts = proxy.metrics_text();
+        assert!(
+            !timeouts
+                .contains("sigil_proxy_protocol_detect_timeouts_total{direction=\"outbound\"} 1"),
+            "{timeouts}"
+        );
+    }
+    // A client that sends nothing on an undeclared port: after --detect-timeout, bytes.
+    let proxy = Proxy::start_with(&ca, &endpoints, Protocol::Detect).await;
+    let app = tokio::net::TcpStream::connect(proxy.listener_addr)
+        .await
+        .unwrap();
+    let mut app = tokio::io::BufReader::new(app);
+    let mut greeting = String::new();
+    app.read_line(&mut greeting).await.unwrap();
+    assert!(greeting.starts_with("endpoint "), "{greeting}");
+    assert!(
+        proxy
+            .metrics_text()
+            .contains("sigil_proxy_protocol_detect_timeouts_total{direction=\"outbound\"} 1")
+    );
 }
