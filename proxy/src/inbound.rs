@@ -35,6 +35,7 @@ use crate::l7::{self, HttpVersion, Sniffed, sniff};
 use crate::metrics::{Direction, DirectionLabels, PeerLabels, Security};
 use crate::policy::{ConnectionAuthz, PolicyState, Transport};
 use crate::tls::{self, HandshakeFailure};
+use sigil_proxy_api::services::Protocol;
 
 /// In PERMISSIVE, how long a client's first bytes are waited for to tell TLS from plaintext
 /// (TLS clients speak first). A client that has sent nothing by then is plaintext, perhaps
@@ -196,8 +197,14 @@ async fn authorize_and_forward<D>(
     ));
     let config = &shared.config;
     let mut first = Vec::new();
-    let sniffed = if config.opaque_ports.contains(port) {
-        // Declared opaque: bytes at once, whoever speaks first.
+    // Declared opaque on this pod (--opaque-ports) or by a Service that lists this address and
+    // port as an endpoint: bytes at once, whoever speaks first.
+    let declared = shared
+        .services
+        .borrow()
+        .as_ref()
+        .and_then(|table| table.endpoint_protocol(log.destination.ip(), port));
+    let sniffed = if config.opaque_ports.contains(port) || declared == Some(Protocol::Opaque) {
         Some(Sniffed::Opaque)
     } else {
         let started = tokio::time::Instant::now();

@@ -21,8 +21,9 @@
 //!    HTTP/1.1 the next request on the same connection is intact; on HTTP/2 curl would refuse a
 //!    DATA frame); `Expect: 100-continue` with a 4 KiB body gets its 100 and the echo; B's app
 //!    gets HTTP/1.1 requests as HTTP/1.1 with curl's Host and never sees `sigil-orig-proto`;
-//! 4. a server-first protocol (an SMTP-like banner) on a port the Service declares opaque (and
-//!    B's proxy has in `--opaque-ports`) reaches a client that only reads in well under the
+//! 4. a server-first protocol (an SMTP-like banner) on a port the Service declares opaque (which
+//!    both proxies take from the agent's Service table: A's outbound, and B's inbound for its
+//!    own endpoint address; no `--opaque-ports` flag) reaches a client that only reads in well under the
 //!    500 ms detection timeout (asserted < 300 ms, printed);
 //! 5. in each case B's proxy access log (`--access-log`) names A's SPIFFE ID as the peer; and
 //!    the HTTP cases were carried request by request by A's L7 outbound path: A's golden
@@ -87,7 +88,7 @@ const WS_PORT: u16 = 8765;
 /// The curl case: Service port 80 (declared `http`) → B's echo app on 8080.
 const HTTP_SERVICE_PORT: u16 = 80;
 const HTTP_PORT: u16 = 8080;
-/// The server-first case: port 2525 on both sides, opaque in the Service and on B's proxy.
+/// The server-first case: port 2525 on both sides, opaque in the Service.
 const BANNER_PORT: u16 = 2525;
 const BANNER: &str = "220 db.demo ESMTP ready";
 /// The proxies' default `--detect-timeout` is 500 ms: the banner must come well before it.
@@ -279,7 +280,6 @@ impl Mesh {
         prefix: &str,
         service_ports: &str,
         policies: Option<&str>,
-        b_args: &[&str],
     ) -> Mesh {
         require_root(
             "this test creates network namespaces, installs iptables rules in them and runs \
@@ -324,15 +324,13 @@ impl Mesh {
             &net.c,
         )
         .await;
-        let mut args = vec!["--access-log"];
-        args.extend(b_args);
         let b_proxy = PodProxy::start(
             &net.b,
             B_IP,
             None,
             DB_UID,
             &host.socket,
-            &args,
+            &["--access-log"],
             dir.path().join("proxy-b.log"),
             &net.c,
         )
@@ -526,7 +524,7 @@ async fn grpcio_unary_and_streaming_calls_and_error_trailers_cross_a_meshed_serv
         "  ports:\n  - {{name: grpc, port: {GRPC_SERVICE_PORT}, targetPort: {GRPC_PORT}, \
          appProtocol: grpc}}\n"
     );
-    let mesh = Mesh::start("sigil-l7grpc", &ports, None, &[]).await;
+    let mesh = Mesh::start("sigil-l7grpc", &ports, None).await;
     let _server = mesh
         .python_server_in_b("grpc-server", GRPC_SERVER, &[&GRPC_PORT.to_string()])
         .await;
@@ -584,7 +582,7 @@ async fn websockets_echo_through_a_meshed_service_under_an_l7_policy_that_denies
         "  ports:\n  - {{name: http-ws, port: {WS_SERVICE_PORT}, targetPort: {WS_PORT}, \
          appProtocol: kubernetes.io/ws}}\n"
     );
-    let mesh = Mesh::start("sigil-l7ws", &ports, Some(ALLOW_WEB_ON_WS), &[]).await;
+    let mesh = Mesh::start("sigil-l7ws", &ports, Some(ALLOW_WEB_ON_WS)).await;
     mesh.b_proxy.wait_for_policies(1, "allow-web-ws").await;
     let server = mesh
         .python_server_in_b("ws-server", WS_SERVER, &[&WS_PORT.to_string()])
@@ -714,7 +712,7 @@ async fn curl_http1_and_http2_prior_knowledge_bodies_head_and_expect_continue_cr
         "  ports:\n  - {{name: http, port: {HTTP_SERVICE_PORT}, targetPort: {HTTP_PORT}, \
          appProtocol: http}}\n"
     );
-    let mesh = Mesh::start("sigil-l7curl", &ports, None, &[]).await;
+    let mesh = Mesh::start("sigil-l7curl", &ports, None).await;
     let app = EchoApp::start(&mesh.net.b, HTTP_PORT);
     mesh.wait_routed(HTTP_SERVICE_PORT, "/probe").await;
     let base = format!("http://{}", mesh.service(HTTP_SERVICE_PORT));
@@ -881,14 +879,13 @@ async fn curl_http1_and_http2_prior_knowledge_bodies_head_and_expect_continue_cr
 
 #[tokio::test]
 async fn a_server_first_protocol_on_an_opaque_port_gets_its_banner_before_the_detection_timeout() {
-    // Named `smtp` and with no appProtocol, the port would be detected: only `opaquePorts` (and
-    // B's --opaque-ports) spare it the wait for a client byte that never comes.
+    // Named `smtp` and with no appProtocol, the port would be detected: only `opaquePorts`
+    // spares it the wait for a client byte that never comes, on both sides.
     let ports = format!(
         "  ports:\n  - {{name: smtp, port: {BANNER_PORT}, targetPort: {BANNER_PORT}}}\n  \
          opaquePorts: \"{BANNER_PORT}\"\n"
     );
-    let opaque = BANNER_PORT.to_string();
-    let mesh = Mesh::start("sigil-l7bann", &ports, None, &["--opaque-ports", &opaque]).await;
+    let mesh = Mesh::start("sigil-l7bann", &ports, None).await;
     // Writes the banner on accept, then answers QUIT; records what the client said.
     let app = RecordingServer::start(&mesh.net.b, BANNER_PORT, |mut stream, seen| async move {
         if stream
