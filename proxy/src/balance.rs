@@ -1,8 +1,15 @@
 //! Load balancing over a meshed Service's endpoints, one balancer per (Service, Service port):
 //! power of two choices over peak-EWMA latency (Linkerd's and Finagle's): each endpoint keeps an
-//! exponentially weighted moving average of its response times that jumps to a slower response
-//! at once and decays with [`DECAY`], and its load is that average times its pending requests
-//! plus one. Of two endpoints drawn at random the less loaded one is chosen.
+//! exponentially weighted moving average of its response times that rises with a slower
+//! response at once (at most [`PEAK_STEP`] times per response) and decays with [`DECAY`], and
+//! its load is that average times its pending requests plus one. Of two endpoints drawn at
+//! random the less loaded one is chosen.
+//!
+//! Two choices differ from Linkerd's (10 s decay, peaks taken whole), for clients that send one
+//! request at a time, where nothing is ever pending and the estimate alone decides: there, one
+//! slow response (a pause, a delayed ACK: 40 ms beside 1 ms) would keep an endpoint out for
+//! `DECAY × ln(40)`, over half a minute. Here it doubles the estimate and is forgotten within a
+//! second, while an endpoint that stays slow reaches its real latency within a few responses.
 //!
 //! The endpoints follow the Service table at once: an endpoint that takes new requests is
 //! chosen from the next pick on; one that leaves, turns unready or terminating is never chosen
@@ -24,7 +31,9 @@ use tokio::sync::watch;
 use crate::metrics::{EndpointLabels, Metrics, ServiceLabels};
 
 /// How fast an endpoint's latency average forgets: a response this old weighs 1/e.
-pub const DECAY: Duration = Duration::from_secs(10);
+pub const DECAY: Duration = Duration::from_secs(1);
+/// The most one slower response multiplies an endpoint's estimate by.
+pub const PEAK_STEP: f64 = 2.0;
 /// The latency assumed of the endpoints of a new balancer, before their first responses
 /// (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
@@ -91,12 +100,12 @@ struct PeakEwma {
 }
 
 impl PeakEwma {
-    /// A slower response is taken at once (the peak); a faster one moves the average by how
-    /// long ago it was last updated.
+    /// A slower response is taken at once (the peak), up to [`PEAK_STEP`] times the estimate; a
+    /// faster one moves the average by how long ago it was last updated.
     fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt_ns = rtt.as_nanos() as f64;
         if rtt_ns > self.estimate_ns {
-            self.estimate_ns = rtt_ns;
+            self.estimate_ns = rtt_ns.min(self.estimate_ns * PEAK_STEP);
         } else {
             let weight = self.weight_since_update(now);
             self.estimate_ns = self.estimate_ns * weight + rtt_ns * (1.0 - weight);

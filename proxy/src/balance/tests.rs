@@ -211,10 +211,40 @@ fn the_latency_estimate_takes_peaks_at_once_and_decays() {
         estimate_ns: DEFAULT_RTT.as_nanos() as f64,
         updated: start,
     };
+    // A slower response doubles the estimate at most; the next one reaches it.
+    ewma.observe(Duration::from_millis(100), start);
+    assert_eq!(ewma.estimate_ns, 60e6);
     ewma.observe(Duration::from_millis(100), start);
     assert_eq!(ewma.estimate_ns, 100e6);
-    // A faster response 10 s later: weight 1/e on the old estimate.
+    // A faster response DECAY later: weight 1/e on the old estimate.
     ewma.observe(Duration::from_millis(10), start + DECAY);
     let expected = 100e6 / std::f64::consts::E + 10e6 * (1.0 - 1.0 / std::f64::consts::E);
     assert!((ewma.estimate_ns - expected).abs() < 1.0);
+}
+
+#[test]
+fn one_slow_response_is_forgotten_within_a_second() {
+    let (_balancers, balancer, _) =
+        balancer(vec![endpoint(1, true, false), endpoint(2, true, false)]);
+    let start = Instant::now();
+    // Both measured at 1 ms.
+    for load in balancer.ready() {
+        *load.rtt.lock().unwrap() = PeakEwma {
+            estimate_ns: 1e6,
+            updated: start,
+        };
+    }
+    let spiked = balancer.ready()[0].clone();
+    spiked.observe(Duration::from_millis(40), start);
+    // Twice the others, not forty times...
+    assert!(spiked.estimate_ns(start) <= 2.0e6 + 1.0);
+    // ...and below the others (still answering in 1 ms) once a second has passed without a
+    // response of its own.
+    let later = start + DECAY;
+    let other = balancer.ready()[1].clone();
+    *other.rtt.lock().unwrap() = PeakEwma {
+        estimate_ns: 1e6,
+        updated: later,
+    };
+    assert!(spiked.estimate_ns(later) < other.estimate_ns(later));
 }
