@@ -5,7 +5,8 @@
 //! connection), and the same Service in the agent's `--mesh-file`. It proves that:
 //!
 //! a. without proxies, one HTTP/2 connection and one HTTP/1.1 keep-alive connection to the
-//!    cluster IP each land all their requests on one backend (kube-proxy balances connections);
+//!    cluster IP each land all their requests on one backend (kube-proxy balances connections:
+//!    many connections do reach every backend);
 //! b. with the proxies, the same two clients' requests are spread over the three backends
 //!    (a third each, within [`SHARE_TOLERANCE`]), sent over mTLS to each endpoint, and the
 //!    HTTP/1.1 client's requests reach the apps as HTTP/1.1;
@@ -68,6 +69,8 @@ const APP_PORT: u16 = 8080;
 const SERVICE: &str = "demo/api";
 /// Requests per client in phases a and b.
 const REQUESTS: usize = 3000;
+/// Connections (one request each) that show the node's per-connection balancing in phase a.
+const SPREAD_CONNECTIONS: usize = 60;
 /// Requests in phase c, and how many are in flight at once.
 const SLOW_REQUESTS: usize = 1000;
 const IN_FLIGHT: usize = 8;
@@ -521,16 +524,6 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         .map(|b| (*b, EndpointState::Ready))
         .collect();
     write_mesh_file(&mesh_file, &initial);
-    let mut workloads = vec![(A_UID, CLIENT_ID)];
-    workloads.extend(BACKENDS.iter().map(|b| (b.uid, b.id)));
-    let host = MeshHost::start(
-        dir.path(),
-        &workloads,
-        "1h",
-        &["--mesh-file", mesh_file.to_str().unwrap()],
-    )
-    .await;
-
     let node = Node::new(NETNS_PREFIX, C_IP);
     let a = node.add_pod("a", A_IP);
     let mut backends: Vec<Backend> = BACKENDS
@@ -577,6 +570,30 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
             .sum();
         assert_eq!(connections, 1, "{http:?}: the apps accepted {connections}");
     }
+    // The node does balance connections: many of them reach every backend.
+    let mut by_connection = BTreeMap::new();
+    for _ in 0..SPREAD_CONNECTIONS {
+        let outcome = Client::connect(&a, Http::H1).await.get(&unproxied).await;
+        let backend = outcome.answer.expect("a request without proxies");
+        *by_connection.entry(backend).or_insert(0) += 1;
+    }
+    print_table(
+        "a. without proxies, one request per HTTP/1.1 connection",
+        &by_connection,
+    );
+    assert_eq!(by_connection.len(), 3, "{by_connection:?}");
+
+    // The mesh: a CA, and an agent that attests every pod's proxy by its uid and serves the
+    // Service from the mesh file.
+    let mut workloads = vec![(A_UID, CLIENT_ID)];
+    workloads.extend(BACKENDS.iter().map(|b| (b.uid, b.id)));
+    let host = MeshHost::start(
+        dir.path(),
+        &workloads,
+        "1h",
+        &["--mesh-file", mesh_file.to_str().unwrap()],
+    )
+    .await;
 
     // The proxies: every pod's TCP goes through its own, which the agent attests by uid.
     proxy_init(&a, A_UID);
@@ -674,7 +691,8 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
             );
         }
     }
-    check_prometheus(&prometheus, &received.lock().unwrap().clone(), logs).await;
+    let so_far = received.lock().unwrap().clone();
+    check_prometheus(&prometheus, &so_far, logs).await;
 
     // c. B3's app answers 50 ms late: the balancer's latency estimate keeps most requests away.
     backends[2].app.set_delay(SLOW_DELAY);
@@ -699,7 +717,8 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         slow_share * 100.0,
         logs()
     );
-    check_prometheus(&prometheus, &received.lock().unwrap().clone(), logs).await;
+    let so_far = received.lock().unwrap().clone();
+    check_prometheus(&prometheus, &so_far, logs).await;
 
     // d. Under a steady load, B2 leaves the Service (terminating, then gone) and B4 joins it.
     let stop = Arc::new(AtomicBool::new(false));

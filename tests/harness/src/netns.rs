@@ -311,8 +311,8 @@ pub struct ClusterIpService<'a> {
     backends: Mutex<Vec<Ipv4Addr>>,
 }
 
-/// kube-proxy's mark for connections to masquerade.
-const MASQ_MARK: &str = "0x4000/0x4000";
+/// kube-proxy's mark bit for connections to masquerade.
+const MASQ_MARK: &str = "0x4000";
 
 impl ClusterIpService<'_> {
     /// The Service `name` (upper case, it names the chains) at `cluster_ip` in the node's
@@ -343,7 +343,7 @@ impl ClusterIpService<'_> {
              -A OUTPUT -j KUBE-SERVICES\n\
              -A POSTROUTING -j KUBE-POSTROUTING\n\
              -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}\n\
-             -A KUBE-POSTROUTING -m mark --mark {MASQ_MARK} -j MASQUERADE\n\
+             -A KUBE-POSTROUTING -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j MASQUERADE\n\
              -A KUBE-SERVICES -d {ip}/32 -p tcp --dport {port} -j {svc}\n\
              COMMIT\n",
             ip = cluster_ip.ip(),
