@@ -362,22 +362,37 @@ fn tally(outcomes: &[Outcome]) -> (BTreeMap<String, usize>, Vec<String>) {
     (by_backend, failures)
 }
 
-/// Prints `backend → requests (share)` for one run.
-fn print_table(title: &str, by_backend: &BTreeMap<String, usize>) {
+/// Prints `backend → requests (share)` for one run, with each backend's latencies as the client
+/// saw them: its first request's (which may include connecting to it), median and slowest.
+fn print_table(title: &str, by_backend: &BTreeMap<String, usize>, outcomes: &[Outcome]) {
     let total: usize = by_backend.values().sum();
     println!("{title}: {total} requests");
-    println!("  backend  requests   share");
+    println!("  backend  requests   share     first       p50       max");
     for (backend, count) in by_backend {
+        let latencies: Vec<&Outcome> = outcomes
+            .iter()
+            .filter(|o| o.answer.as_deref() == Ok(backend.as_str()))
+            .collect();
+        let first = latencies.first().map(|o| o.latency).unwrap_or_default();
+        let max = latencies
+            .iter()
+            .map(|o| o.latency)
+            .max()
+            .unwrap_or_default();
+        let median = quantile(&latencies, 0.5);
         println!(
-            "  {backend:<7}  {count:>8}  {:>5.1}%",
-            100.0 * *count as f64 / total.max(1) as f64
+            "  {backend:<7}  {count:>8}  {:>5.1}%  {:>8.2?}  {:>8.2?}  {:>8.2?}",
+            100.0 * *count as f64 / total.max(1) as f64,
+            first,
+            median,
+            max
         );
     }
 }
 
 /// The latency at quantile `q` of the outcomes.
-fn quantile(outcomes: &[Outcome], q: f64) -> Duration {
-    let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
+fn quantile<O: std::borrow::Borrow<Outcome>>(outcomes: &[O], q: f64) -> Duration {
+    let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.borrow().latency).collect();
     latencies.sort();
     let index = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
     latencies.get(index).copied().unwrap_or_default()
@@ -556,7 +571,11 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         let outcomes = client.load(REQUESTS, 1, &unproxied).await;
         drop(client);
         let (by_backend, failures) = tally(&outcomes);
-        print_table(&format!("a. without proxies, {http:?}"), &by_backend);
+        print_table(
+            &format!("a. without proxies, {http:?}"),
+            &by_backend,
+            &outcomes,
+        );
         assert!(failures.is_empty(), "{http:?}: {failures:?}");
         assert_eq!(
             by_backend.values().copied().collect::<Vec<_>>(),
@@ -571,16 +590,17 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         assert_eq!(connections, 1, "{http:?}: the apps accepted {connections}");
     }
     // The node does balance connections: many of them reach every backend.
-    let mut by_connection = BTreeMap::new();
+    let mut outcomes = Vec::new();
     for _ in 0..SPREAD_CONNECTIONS {
-        let outcome = Client::connect(&a, Http::H1).await.get(&unproxied).await;
-        let backend = outcome.answer.expect("a request without proxies");
-        *by_connection.entry(backend).or_insert(0) += 1;
+        outcomes.push(Client::connect(&a, Http::H1).await.get(&unproxied).await);
     }
+    let (by_connection, failures) = tally(&outcomes);
     print_table(
         "a. without proxies, one request per HTTP/1.1 connection",
         &by_connection,
+        &outcomes,
     );
+    assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(by_connection.len(), 3, "{by_connection:?}");
 
     // The mesh: a CA, and an agent that attests every pod's proxy by its uid and serves the
@@ -650,7 +670,10 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // b. The same two clients through the proxies: each request is balanced on its own.
+    // b. The same two clients through the proxies: each request is balanced on its own. How
+    // evenly (here) and how well away from a slow backend (c) are measurements: the ones that
+    // miss are reported together at the end, after every phase's table.
+    let mut unmet: Vec<String> = Vec::new();
     let received = Mutex::new(BTreeMap::new());
     for http in [Http::H2, Http::H1] {
         let before: Vec<AppRecord> = backends.iter().map(|b| b.app.record()).collect();
@@ -667,6 +690,7 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
                 started.elapsed()
             ),
             &by_backend,
+            &outcomes,
         );
         let after: Vec<AppRecord> = backends.iter().map(|b| b.app.record()).collect();
         for ((backend, before), after) in backends.iter().zip(&before).zip(&after) {
@@ -681,13 +705,15 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         assert!(failures.is_empty(), "{http:?}: {failures:?}{}", logs());
         for backend in &BACKENDS[..3] {
             let share = *by_backend.get(backend.name).unwrap_or(&0) as f64 / REQUESTS as f64;
-            assert!(
-                (share - 1.0 / 3.0).abs() <= SHARE_TOLERANCE,
-                "{http:?}: {} got {:.1}% of the requests: {by_backend:?}{}",
-                backend.name,
-                share * 100.0,
-                logs()
-            );
+            if (share - 1.0 / 3.0).abs() > SHARE_TOLERANCE {
+                unmet.push(format!(
+                    "b. {http:?}: {} got {:.1}% of the requests, not a third ±{:.0} points: \
+                     {by_backend:?}",
+                    backend.name,
+                    share * 100.0,
+                    SHARE_TOLERANCE * 100.0
+                ));
+            }
         }
         assert_eq!(by_backend.get("b4"), None, "b4 is not an endpoint yet");
         if let Http::H1 = http {
@@ -722,15 +748,18 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
             quantile(&outcomes, 0.99)
         ),
         &by_backend,
+        &outcomes,
     );
     assert!(failures.is_empty(), "{failures:?}{}", logs());
     let slow_share = *by_backend.get("b3").unwrap_or(&0) as f64 / SLOW_REQUESTS as f64;
-    assert!(
-        slow_share < SLOW_MAX_SHARE,
-        "the slow backend got {:.1}% of the requests: {by_backend:?}{}",
-        slow_share * 100.0,
-        logs()
-    );
+    if slow_share >= SLOW_MAX_SHARE {
+        unmet.push(format!(
+            "c. the slow backend got {:.1}% of the requests (at most {:.0}% expected): \
+             {by_backend:?}",
+            slow_share * 100.0,
+            SLOW_MAX_SHARE * 100.0
+        ));
+    }
     let so_far = received.lock().unwrap().clone();
     check_prometheus(&prometheus, &so_far, logs).await;
 
@@ -786,6 +815,7 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
     print_table(
         "d. steady load while b2 leaves and b4 joins (answers by backend)",
         &by_backend,
+        &outcomes,
     );
     let at_end: Vec<AppRecord> = backends.iter().map(|b| b.app.record()).collect();
     let b2_after_gone = at_end[1].requests() - b2_when_gone;
@@ -867,4 +897,10 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
             backend.id, backend.name
         );
     }
+    assert!(
+        unmet.is_empty(),
+        "balance expectations not met:\n{}{}",
+        unmet.join("\n"),
+        logs()
+    );
 }
