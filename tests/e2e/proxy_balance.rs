@@ -233,6 +233,15 @@ impl Drop for NamedApp {
     }
 }
 
+/// Tells the steady load's workers to stop when dropped: when phase d ends, or fails.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A backend pod with its app and (from phase b) its proxy.
 struct Backend {
     spec: BackendSpec,
@@ -764,17 +773,24 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
     check_prometheus(&prometheus, &so_far, logs).await;
 
     // d. Under a steady load, B2 leaves the Service (terminating, then gone) and B4 joins it.
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let received = Arc::new(received);
     let mut workers = Vec::new();
     let h2 = Client::connect(&a, Http::H2).await;
     let h1 = Client::connect(&a, Http::H1).await;
     for client in std::iter::repeat_n(h2, STEADY_H2_WORKERS).chain([h1]) {
-        let (stop, received) = (stop.clone(), received.clone());
+        let (stop, received) = (stop.0.clone(), received.clone());
         workers.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                outcomes.push(client.get(&received).await);
+                let outcome = client.get(&received).await;
+                // A failure fails the test: the first is enough (a broken connection would fail
+                // every request at once, in a loop that never yields).
+                let failed = outcome.answer.is_err();
+                outcomes.push(outcome);
+                if failed {
+                    break;
+                }
             }
             outcomes
         }));
@@ -806,7 +822,7 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
     let b2_when_gone = backends[1].app.record().requests();
     let b4_when_added = backends[3].app.record().requests();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
+    drop(stop);
     let mut outcomes = Vec::new();
     for worker in workers {
         outcomes.extend(worker.await.unwrap());
