@@ -17,7 +17,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use futures::future::Either;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -42,10 +42,6 @@ use crate::tls::{self, HandshakeFailure};
 const TLS_DETECT_WAIT: Duration = Duration::from_millis(500);
 /// How long a refused connection's clean close (TLS close_notify) may take.
 const CLOSE_WAIT: Duration = Duration::from_millis(500);
-
-/// The application connections of every inbound connection of this process, so that they are
-/// reused across client connections.
-static APP_POOLS: LazyLock<AppPools> = LazyLock::new(AppPools::default);
 
 /// Where accepted connections go.
 #[derive(Clone, Copy, Debug)]
@@ -245,6 +241,7 @@ async fn authorize_and_forward<D>(
     }
     let serving = HttpServing {
         app,
+        app_pools: shared.app_pools.clone(),
         connect_timeout: config.connect_timeout,
         detect_timeout: config.detect_timeout,
         settings: l7::Settings {
@@ -337,6 +334,7 @@ fn failed(e: &dyn std::error::Error) -> Ended {
 /// What serving a connection as HTTP needs.
 struct HttpServing {
     app: SocketAddr,
+    app_pools: Arc<AppPools>,
     connect_timeout: Duration,
     detect_timeout: Duration,
     settings: l7::Settings,
@@ -357,13 +355,14 @@ impl HttpServing {
     {
         let HttpServing {
             app,
+            app_pools,
             connect_timeout,
             settings,
             authz,
             ..
         } = self;
         let upstream = Arc::new(AppUpstream::new(
-            APP_POOLS.get(app, connect_timeout),
+            app_pools.get(app, connect_timeout),
             connected,
         ));
         let served = l7::serve(downstream, version, upstream.clone(), settings, authz).await;

@@ -385,11 +385,13 @@ pub fn app_version<B>(request: &mut Request<B>, downstream: HttpVersion) -> Http
 }
 
 /// Removes the headers that describe one connection rather than the message (RFC 9110 section
-/// 7.6.1): those the `Connection` header names, and the standard ones. `te: trailers` stays:
-/// gRPC servers require it, and it means the same on every hop.
+/// 7.6.1; Envoy's list): those the `Connection` header names, Connection, Keep-Alive,
+/// Proxy-Connection, Transfer-Encoding, Upgrade, and TE except `trailers` (the one value HTTP/2
+/// allows; gRPC servers require it, and it means the same on every hop).
 pub fn remove_hop_by_hop(headers: &mut http::HeaderMap) {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
     let named: Vec<http::HeaderName> = headers
-        .get_all(http::header::CONNECTION)
+        .get_all(CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
@@ -398,22 +400,26 @@ pub fn remove_hop_by_hop(headers: &mut http::HeaderMap) {
     for name in named {
         headers.remove(name);
     }
+    let trailers = headers.get_all(TE).iter().any(|value| {
+        value.to_str().is_ok_and(|value| {
+            value.split(',').any(|coding| {
+                let coding = coding.split(';').next().unwrap_or_default();
+                coding.trim().eq_ignore_ascii_case("trailers")
+            })
+        })
+    });
     for name in [
-        http::header::CONNECTION,
-        http::header::UPGRADE,
-        http::header::TRANSFER_ENCODING,
-        http::header::PROXY_AUTHENTICATE,
-        http::header::PROXY_AUTHORIZATION,
+        CONNECTION,
+        UPGRADE,
+        TRANSFER_ENCODING,
+        TE,
         http::HeaderName::from_static("keep-alive"),
         http::HeaderName::from_static("proxy-connection"),
     ] {
         headers.remove(name);
     }
-    if headers
-        .get(http::header::TE)
-        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        headers.remove(http::header::TE);
+    if trailers {
+        headers.insert(TE, http::HeaderValue::from_static("trailers"));
     }
 }
 
@@ -505,7 +511,7 @@ impl<A: Authorize> Handler<A> {
                 if let Ok(mut tunnel) = self.tunnel.lock() {
                     *tunnel = Some(Tunnel {
                         client,
-                        app: hyper::upgrade::on(&mut response),
+                        server: hyper::upgrade::on(&mut response),
                     });
                 }
             }
@@ -621,18 +627,20 @@ where
     }
 }
 
-/// Both sides of an HTTP/1.1 connection the application switched to another protocol (101, or
-/// 2xx to CONNECT): from then on bytes, relayed both ways until both sides are done (an allowed
-/// request upgraded it; policy changes still close it, as any connection).
-struct Tunnel {
-    client: hyper::upgrade::OnUpgrade,
-    app: hyper::upgrade::OnUpgrade,
+/// Both sides of an HTTP/1.1 connection whose server switched it to another protocol (101, or
+/// 2xx to CONNECT): from then on bytes, relayed both ways until both sides are done. Inbound
+/// the server is the application (an allowed request upgraded it; policy changes still close
+/// it, as any connection); outbound it is the endpoint's proxy.
+pub struct Tunnel {
+    pub client: hyper::upgrade::OnUpgrade,
+    pub server: hyper::upgrade::OnUpgrade,
 }
 
 impl Tunnel {
-    async fn relay(self) -> Result<(), HttpError> {
-        let (client, app) = tokio::try_join!(self.client, self.app).map_err(HttpError::Upgrade)?;
-        tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(app))
+    pub async fn relay(self) -> Result<(), HttpError> {
+        let (client, server) =
+            tokio::try_join!(self.client, self.server).map_err(HttpError::Upgrade)?;
+        tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(server))
             .await
             .map_err(HttpError::Tunnel)?;
         Ok(())
@@ -778,6 +786,12 @@ mod tests {
         headers.insert("te", http::HeaderValue::from_static("gzip"));
         remove_hop_by_hop(&mut headers);
         assert!(headers.is_empty());
+        headers.insert(
+            "te",
+            http::HeaderValue::from_static("trailers;q=1, deflate"),
+        );
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers["te"], "trailers");
     }
 
     #[test]

@@ -76,7 +76,8 @@ impl RequestTimer {
     }
 }
 
-fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
+/// A response's `grpc-status`: a header of a trailers-only response, else a trailer.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
     headers
         .get("grpc-status")?
         .to_str()
@@ -90,6 +91,13 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<u32> {
 pub struct CountedBody<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
+}
+
+impl<B> CountedBody<B> {
+    /// `body`, its data bytes added to `bytes` as they pass.
+    pub fn new(body: B, bytes: Arc<AtomicU64>) -> CountedBody<B> {
+        CountedBody { inner: body, bytes }
+    }
 }
 
 impl<B> Body for CountedBody<B>
