@@ -24,6 +24,7 @@ mod policy_crds;
 mod policy_inspect;
 mod policy_netns;
 mod policy_wire;
+mod proxy_balance;
 mod proxy_envoy;
 mod proxy_explicit;
 mod proxy_hardening;

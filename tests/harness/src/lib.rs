@@ -1006,31 +1006,43 @@ where
         + Sync
         + 'static,
 {
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| async move {
-                    Ok::<_, std::convert::Infallible>(respond(&request))
-                });
-                let mut first = [0u8; 3];
-                let _ = stream.peek(&mut first).await;
-                let io = TokioIo::new(stream);
-                if &first == b"PRI" {
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(io, service)
-                        .await;
-                } else {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                }
-            });
+            tokio::spawn(serve_h1_or_h2(stream, move |request| {
+                std::future::ready(respond(&request))
+            }));
         }
     });
     addr
+}
+
+/// Serves one connection of an application as HTTP/2 (h2c prior knowledge, if it starts with
+/// the preface) or HTTP/1.1, answering every request with what `respond` makes of it (a future:
+/// an application may take its time). Returns when the connection ends.
+pub async fn serve_h1_or_h2<R, F>(stream: tokio::net::TcpStream, respond: R)
+where
+    R: Fn(hyper::Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>> + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let service = hyper::service::service_fn(move |request| {
+        let response = respond(request);
+        async move { Ok::<_, std::convert::Infallible>(response.await) }
+    });
+    let mut first = [0u8; 3];
+    let _ = stream.peek(&mut first).await;
+    let io = TokioIo::new(stream);
+    if &first == b"PRI" {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .await;
+    }
 }
 
 /// One request on `stream`; true if `200 ok` came back.

@@ -1,15 +1,17 @@
 //! Network namespaces for the end-to-end tests that run as root (tests/e2e/proxy_init.rs,
-//! tests/e2e/proxy_netns.rs, tests/e2e/policy_netns.rs): namespaces this test process creates and
-//! deletes on drop (pass or fail), commands run inside them (as root or as another uid), sockets
-//! of the test process created inside them (clients, and servers that record what reaches them),
-//! the two-pod network the transparent-proxy tests wire up, and a transparent `sigil proxy run`
-//! in a pod.
+//! tests/e2e/proxy_netns.rs, tests/e2e/policy_netns.rs, tests/e2e/proxy_balance.rs): namespaces
+//! this test process creates and deletes on drop (pass or fail), commands run inside them (as
+//! root or as another uid), sockets of the test process created inside them (clients, and
+//! servers that record what reaches them), a node (namespace C, with a bridge) that pods are
+//! plugged into, the two-pod network the transparent-proxy tests wire up, a Service's cluster IP
+//! routed by the node as kube-proxy does, a transparent `sigil proxy run` in a pod, and a real
+//! Prometheus scraping the proxies.
 //!
 //! Each test module names its namespaces `<prefix of its own>-<pid>-<role of each test>`, so that
 //! its tests run in parallel threads, beside the other modules' and beside another test process;
 //! its addresses (from 198.18.0.0/15: 198.18.0.x for tests/e2e/proxy_netns.rs and
-//! tests/e2e/proxy_init.rs, 198.18.1.x for tests/e2e/policy_netns.rs) exist only inside its
-//! namespaces.
+//! tests/e2e/proxy_init.rs, 198.18.1.x and 198.18.2.x for tests/e2e/policy_netns.rs, 198.18.3.x
+//! and 198.19.0.x for tests/e2e/proxy_balance.rs) exist only inside its namespaces.
 
 use std::fs::File;
 use std::io;
@@ -208,10 +210,64 @@ impl Drop for RecordingServer {
     }
 }
 
-/// Two pods and the "node" between them, as the transparent-proxy tests wire them: namespace C
-/// holds a bridge `br0` with an address of its own; pods A and B each have an `eth0` (a veth
-/// whose peer, `veth-a` or `veth-b`, is plugged into `br0`) with their address, and
-/// `sigil proxy init` rules that exempt their proxy's uid. All addresses share one /24.
+/// The "node" the pods of a test are plugged into: namespace C with a bridge `br0` that has an
+/// address of its own (the pods' default gateway). Each pod is a namespace with an `eth0` (a
+/// veth whose peer, `veth-<role>`, is plugged into `br0`) holding its address on the bridge's
+/// /24, and a default route via C's address.
+pub struct Node {
+    pub c: Netns,
+    pub ip: Ipv4Addr,
+    prefix: String,
+}
+
+impl Node {
+    /// Namespace `<prefix>-<pid>-c`, its bridge holding `ip`.
+    pub fn new(prefix: &str, ip: Ipv4Addr) -> Node {
+        let c = Netns::new(prefix, "c");
+        let cidr = format!("{ip}/{LINK_PREFIX}");
+        c.run(&["ip", "link", "add", "br0", "type", "bridge"]);
+        c.run(&["ip", "addr", "add", &cidr, "dev", "br0"]);
+        c.run(&["ip", "link", "set", "br0", "up"]);
+        Node {
+            c,
+            ip,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// A pod `<prefix>-<pid>-<role>` at `ip`, plugged into the bridge (no `proxy init` rules
+    /// yet: see [`proxy_init`]).
+    pub fn add_pod(&self, role: &str, ip: Ipv4Addr) -> Netns {
+        let pod = Netns::new(&self.prefix, role);
+        let (port, node) = (format!("veth-{role}"), &self.c.name);
+        pod.run(&[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", node,
+        ]);
+        let cidr = format!("{ip}/{LINK_PREFIX}");
+        pod.run(&["ip", "addr", "add", &cidr, "dev", "eth0"]);
+        pod.run(&["ip", "link", "set", "eth0", "up"]);
+        pod.run(&["ip", "route", "add", "default", "via", &self.ip.to_string()]);
+        self.c.run(&["ip", "link", "set", &port, "master", "br0"]);
+        self.c.run(&["ip", "link", "set", &port, "up"]);
+        pod
+    }
+}
+
+/// Installs `sigil proxy init`'s rules in a pod: its TCP goes through its proxy, whose uid is
+/// exempt.
+pub fn proxy_init(pod: &Netns, proxy_uid: u32) {
+    pod.run(&[
+        sigil_exe(),
+        "proxy",
+        "init",
+        "--proxy-uid",
+        &proxy_uid.to_string(),
+    ]);
+}
+
+/// Two pods and the [`Node`] between them, as the transparent-proxy tests wire them: pods A and
+/// B with `sigil proxy init` rules that exempt their proxy's uid, plugged into C's bridge
+/// (`veth-a`, `veth-b`).
 pub struct PodNetwork {
     pub a: Netns,
     pub b: Netns,
@@ -221,33 +277,143 @@ pub struct PodNetwork {
 impl PodNetwork {
     /// Namespaces `<prefix>-<pid>-{a,b,c}`; `pods` are A's and B's (address, proxy uid).
     pub fn new(prefix: &str, c_ip: Ipv4Addr, pods: [(Ipv4Addr, u32); 2]) -> PodNetwork {
-        let c = Netns::new(prefix, "c");
-        let c_cidr = format!("{c_ip}/{LINK_PREFIX}");
-        c.run(&["ip", "link", "add", "br0", "type", "bridge"]);
-        c.run(&["ip", "addr", "add", &c_cidr, "dev", "br0"]);
-        c.run(&["ip", "link", "set", "br0", "up"]);
-        let a = Netns::new(prefix, "a");
-        let b = Netns::new(prefix, "b");
+        let node = Node::new(prefix, c_ip);
         let [(a_ip, a_uid), (b_ip, b_uid)] = pods;
-        for (pod, ip, port, uid) in [(&a, a_ip, "veth-a", a_uid), (&b, b_ip, "veth-b", b_uid)] {
-            pod.run(&[
-                "ip", "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", &c.name,
-            ]);
-            let cidr = format!("{ip}/{LINK_PREFIX}");
-            pod.run(&["ip", "addr", "add", &cidr, "dev", "eth0"]);
-            pod.run(&["ip", "link", "set", "eth0", "up"]);
-            c.run(&["ip", "link", "set", port, "master", "br0"]);
-            c.run(&["ip", "link", "set", port, "up"]);
-            pod.run(&[
-                sigil_exe(),
-                "proxy",
-                "init",
-                "--proxy-uid",
-                &uid.to_string(),
-            ]);
-        }
-        PodNetwork { a, b, c }
+        let a = node.add_pod("a", a_ip);
+        proxy_init(&a, a_uid);
+        let b = node.add_pod("b", b_ip);
+        proxy_init(&b, b_uid);
+        PodNetwork { a, b, c: node.c }
     }
+}
+
+/// A Service's cluster IP as kube-proxy's iptables mode (with `--masquerade-all`) makes it on a
+/// node, in C: `PREROUTING` → `KUBE-SERVICES` → the Service's `KUBE-SVC-` chain, which marks
+/// the connection for masquerading (so the backend's answers return through C, where conntrack
+/// undoes the DNAT) and picks one `KUBE-SEP-` chain per connection with `-m statistic --mode
+/// random --probability` rules (1/n, then 1/(n-1)... then the last unconditionally), each
+/// DNAT'ing to one backend's `podIP:targetPort`. Changing the backends rewrites the Service's
+/// chains in one `iptables-restore` transaction, as kube-proxy does.
+pub struct ClusterIpService<'a> {
+    node: &'a Netns,
+    name: String,
+    target_port: u16,
+    backends: Mutex<Vec<Ipv4Addr>>,
+}
+
+/// kube-proxy's mark bit for connections to masquerade.
+const MASQ_MARK: &str = "0x4000";
+
+impl ClusterIpService<'_> {
+    /// The Service `name` (upper case, it names the chains) at `cluster_ip` in the node's
+    /// namespace, sent to `backends` on `target_port`; turns on forwarding in C.
+    pub fn new<'a>(
+        node: &'a Node,
+        name: &str,
+        cluster_ip: SocketAddrV4,
+        target_port: u16,
+        backends: &[Ipv4Addr],
+    ) -> ClusterIpService<'a> {
+        let c = &node.c;
+        c.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        let service = ClusterIpService {
+            node: c,
+            name: name.to_owned(),
+            target_port,
+            backends: Mutex::new(Vec::new()),
+        };
+        let svc = service.svc_chain();
+        let rules = format!(
+            "*nat\n\
+             :KUBE-SERVICES - [0:0]\n\
+             :KUBE-MARK-MASQ - [0:0]\n\
+             :KUBE-POSTROUTING - [0:0]\n\
+             :{svc} - [0:0]\n\
+             -A PREROUTING -j KUBE-SERVICES\n\
+             -A OUTPUT -j KUBE-SERVICES\n\
+             -A POSTROUTING -j KUBE-POSTROUTING\n\
+             -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}\n\
+             -A KUBE-POSTROUTING -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j MASQUERADE\n\
+             -A KUBE-SERVICES -d {ip}/32 -p tcp --dport {port} -j {svc}\n\
+             COMMIT\n",
+            ip = cluster_ip.ip(),
+            port = cluster_ip.port(),
+        );
+        restore(c, &rules);
+        service.set_backends(backends);
+        service
+    }
+
+    fn svc_chain(&self) -> String {
+        format!("KUBE-SVC-{}", self.name)
+    }
+
+    fn sep_chain(&self, backend: Ipv4Addr) -> String {
+        format!("KUBE-SEP-{}-{:08X}", self.name, u32::from(backend))
+    }
+
+    /// Sends new connections to `backends` from now on (established ones keep theirs).
+    pub fn set_backends(&self, backends: &[Ipv4Addr]) {
+        let mut current = self.backends.lock().unwrap();
+        let svc = self.svc_chain();
+        let mut chains = format!("*nat\n:{svc} - [0:0]\n");
+        let mut rules = format!("-A {svc} -j KUBE-MARK-MASQ\n");
+        for (i, backend) in backends.iter().enumerate() {
+            let sep = self.sep_chain(*backend);
+            chains.push_str(&format!(":{sep} - [0:0]\n"));
+            let left = backends.len() - i;
+            if left > 1 {
+                let probability = 1.0 / left as f64;
+                rules.push_str(&format!(
+                    "-A {svc} -m statistic --mode random --probability {probability:.11} -j {sep}\n"
+                ));
+            } else {
+                rules.push_str(&format!("-A {svc} -j {sep}\n"));
+            }
+            rules.push_str(&format!(
+                "-A {sep} -p tcp -j DNAT --to-destination {backend}:{}\n",
+                self.target_port
+            ));
+        }
+        // Chains of backends that are gone: flushed by being declared, then deleted.
+        let stale: Vec<String> = current
+            .iter()
+            .filter(|b| !backends.contains(b))
+            .map(|b| self.sep_chain(*b))
+            .collect();
+        for sep in &stale {
+            chains.push_str(&format!(":{sep} - [0:0]\n"));
+            rules.push_str(&format!("-X {sep}\n"));
+        }
+        restore(self.node, &format!("{chains}{rules}COMMIT\n"));
+        *current = backends.to_vec();
+    }
+}
+
+/// Applies `rules` (iptables-restore syntax) in the namespace without flushing the rest.
+fn restore(netns: &Netns, rules: &str) {
+    use std::io::Write;
+    let mut child = netns
+        .command(&["iptables-restore", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running iptables-restore");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "iptables-restore in {} failed ({}): {}\n{rules}",
+        netns.name,
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A transparent `sigil proxy run` in a pod's namespace (and, if given, a container cgroup of
@@ -390,4 +556,101 @@ impl PodProxy {
         assert_eq!(status, 200, "{text}");
         metric(&text, series)
     }
+}
+
+/// Debian's Prometheus server (scripts/test installs it).
+pub const PROMETHEUS: &str = "/usr/bin/prometheus";
+/// The port Prometheus serves its API on, on the address it is given.
+pub const PROMETHEUS_PORT: u16 = 9090;
+
+/// A real Prometheus server inside a namespace (the node's, usually), scraping `/metrics` of
+/// `targets` every second, with its configuration and storage under a directory of the test;
+/// killed on drop. Its HTTP API is queried from the same namespace.
+pub struct Prometheus {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    netns: String,
+}
+
+impl Prometheus {
+    /// Starts Prometheus on `ip`:9090 in `netns` and waits up to 20 s for its /-/ready.
+    pub async fn start(netns: &Netns, ip: Ipv4Addr, targets: &[SocketAddr], dir: &Path) -> Self {
+        let config = dir.join("prometheus.yml");
+        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}\n\
+                 scrape_configs:\n\
+                 - job_name: sigil-proxy\n  \
+                   static_configs:\n  \
+                   - targets: [{}]\n",
+                targets.join(", ")
+            ),
+        )
+        .unwrap();
+        let addr = SocketAddr::from(SocketAddrV4::new(ip, PROMETHEUS_PORT));
+        let storage = dir.join("prometheus-data");
+        let command = netns.command(&[
+            PROMETHEUS,
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", storage.display()),
+            &format!("--web.listen-address={addr}"),
+            "--log.level=warn",
+        ]);
+        let prometheus = Prometheus {
+            proc: Proc::spawn(command, dir.join("prometheus.log")),
+            addr,
+            netns: netns.name.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !matches!(
+            http_get_in(&prometheus.netns, addr, "/-/ready").await,
+            Ok((200, _))
+        ) {
+            assert!(
+                Instant::now() < deadline,
+                "Prometheus never became ready:\n{}",
+                prometheus.proc.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        prometheus
+    }
+
+    /// An instant query through `/api/v1/query`: the result vector's samples as (labels,
+    /// value). Panics with Prometheus's answer unless it succeeded.
+    pub async fn query(&self, promql: &str) -> Vec<(Value, f64)> {
+        let path = format!("/api/v1/query?query={}", percent_encode(promql));
+        let (status, body) = http_get_in(&self.netns, self.addr, &path)
+            .await
+            .unwrap_or_else(|e| panic!("querying Prometheus for {promql}: {e}"));
+        let answer: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("Prometheus's answer to {promql} ({status}): {e}: {body}"));
+        assert_eq!(answer["status"], "success", "{promql}: {answer}");
+        answer["data"]["result"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{promql}: no result vector: {answer}"))
+            .iter()
+            .map(|sample| {
+                let value = sample["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{promql}: a sample without a value: {answer}"));
+                (sample["metric"].clone(), value)
+            })
+            .collect()
+    }
+}
+
+/// `text` as a URL query value: every byte but the unreserved ones percent-encoded.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
