@@ -276,11 +276,7 @@ struct Mesh {
 }
 
 impl Mesh {
-    async fn start(
-        prefix: &str,
-        service_ports: &str,
-        policies: Option<&str>,
-    ) -> Mesh {
+    async fn start(prefix: &str, service_ports: &str, policies: Option<&str>) -> Mesh {
         require_root(
             "this test creates network namespaces, installs iptables rules in them and runs \
              processes as other uids: run it as root (CI does)",

@@ -5,7 +5,6 @@
 //! the application (version, Host, framing, headers the mesh must not leak).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -14,11 +13,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::task::JoinHandle;
 
-use crate::Proc;
 use crate::netns::Netns;
+use crate::{Proc, serve_h1_or_h2};
 
 /// The Python that `scripts/test` installs `grpcio` and `websockets` into (the `python3` on
 /// PATH: pyenv's under /root, which only root can run, so the peers run as root, whose traffic
@@ -92,24 +90,9 @@ impl EchoApp {
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let record = record.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let answer = echo(request, record.clone());
-                        async move { Ok::<_, Infallible>(answer.await) }
-                    });
-                    let mut first = [0u8; 3];
-                    let _ = stream.peek(&mut first).await;
-                    let io = TokioIo::new(stream);
-                    if &first == b"PRI" {
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(io, service)
-                            .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, service)
-                            .await;
-                    }
-                });
+                tokio::spawn(serve_h1_or_h2(stream, move |request| {
+                    echo(request, record.clone())
+                }));
             }
         });
         EchoApp { seen, task }
