@@ -8,8 +8,9 @@
 //! Two choices differ from Linkerd's (10 s decay, peaks taken whole), for clients that send one
 //! request at a time, where nothing is ever pending and the estimate alone decides: there, one
 //! slow response (a pause, a delayed ACK: 40 ms beside 1 ms) would keep an endpoint out for
-//! `DECAY × ln(40)`, over half a minute. Here it doubles the estimate and is forgotten within a
-//! second, while an endpoint that stays slow reaches its real latency within a few responses.
+//! `DECAY × ln(40)`, over half a minute. Here it raises the estimate by a quarter, which loads
+//! within [`TIE`] of each other absorb, while an endpoint that stays slow is passed over after
+//! its second slow response and reaches its real latency within a few more.
 //!
 //! The endpoints follow the Service table at once: an endpoint that takes new requests is
 //! chosen from the next pick on; one that leaves, turns unready or terminating is never chosen
@@ -32,16 +33,20 @@ use crate::metrics::{EndpointLabels, Metrics, ServiceLabels};
 
 /// How fast an endpoint's latency average forgets: a response this old weighs 1/e.
 pub const DECAY: Duration = Duration::from_secs(1);
-/// The most one slower response multiplies an endpoint's estimate by.
-pub const PEAK_STEP: f64 = 2.0;
+/// The most one slower response multiplies an endpoint's estimate by: less than [`TIE`]
+/// absorbs, so that one response alone never sidelines an endpoint.
+pub const PEAK_STEP: f64 = 1.25;
 /// The latency assumed of the endpoints of a new balancer, before their first responses
 /// (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 
-/// Loads closer than this fraction are equal. Estimates of equal endpoints differ by
-/// microseconds of scheduling noise; compared exactly, that noise would pick the same endpoint
-/// over and over instead of spreading requests evenly.
-pub const TIE: f64 = 0.05;
+/// Loads closer than this fraction are equal, and the random draw decides between them. With
+/// a client that sends one request at a time nothing is ever pending, so the latency estimates
+/// alone decide; compared exactly (or within a few percent), the noise between equal endpoints
+/// (scheduling, a busy node) would rank one of three first for long stretches and give it two
+/// thirds of the requests. An endpoint a third faster still wins every comparison, as does
+/// one with a request pending fewer (`pending + 1` doubles a load).
+pub const TIE: f64 = 0.3;
 
 /// One endpoint's address (pod IP and target port), identity and load.
 #[derive(Debug)]
@@ -71,7 +76,7 @@ impl EndpointLoad {
     }
 
     fn estimate_ns(&self, now: Instant) -> f64 {
-        self.rtt.lock().map_or(0.0, |rtt| rtt.decayed(now))
+        self.rtt.lock().map_or(0.0, |mut rtt| rtt.decayed(now))
     }
 
     /// Requests (or opaque connections) sent here and not answered (or closed) yet.
@@ -81,7 +86,7 @@ impl EndpointLoad {
 
     /// The latency estimate as of `now` times the pending requests plus one.
     fn load(&self, now: Instant) -> f64 {
-        let estimate = self.rtt.lock().map_or(0.0, |rtt| rtt.decayed(now));
+        let estimate = self.rtt.lock().map_or(0.0, |mut rtt| rtt.decayed(now));
         estimate * (self.pending().max(0) + 1) as f64
     }
 
@@ -100,24 +105,27 @@ struct PeakEwma {
 }
 
 impl PeakEwma {
-    /// A slower response is taken at once (the peak), up to [`PEAK_STEP`] times the estimate; a
-    /// faster one moves the average by how long ago it was last updated.
+    /// The estimate decays towards zero as time passes (reads included, as Linkerd's does), so
+    /// that an endpoint once slow is tried again after a while instead of never; a response
+    /// slower than the estimate raises it at once (the peak), up to [`PEAK_STEP`] times; a
+    /// faster one pulls it towards itself by the weight of the time since the last update.
     fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt_ns = rtt.as_nanos() as f64;
-        if rtt_ns > self.estimate_ns {
-            self.estimate_ns = rtt_ns.min(self.estimate_ns * PEAK_STEP);
+        let weight = self.weight_since_update(now);
+        let current = self.estimate_ns * weight;
+        self.estimate_ns = if rtt_ns > current {
+            rtt_ns.min(current * PEAK_STEP)
         } else {
-            let weight = self.weight_since_update(now);
-            self.estimate_ns = self.estimate_ns * weight + rtt_ns * (1.0 - weight);
-        }
-        self.updated = now;
+            current * weight + rtt_ns * (1.0 - weight)
+        };
+        self.updated = self.updated.max(now);
     }
 
-    /// The estimate decayed towards zero for the time without a response, so that an endpoint
-    /// once slow is tried again after a while instead of never. Reading does not change it:
-    /// equal endpoints stay exactly equal, and ties go to the random draw.
-    fn decayed(&self, now: Instant) -> f64 {
-        self.estimate_ns * self.weight_since_update(now)
+    /// The estimate as of `now`, decayed for the time since the last update (and kept so).
+    fn decayed(&mut self, now: Instant) -> f64 {
+        self.estimate_ns *= self.weight_since_update(now);
+        self.updated = self.updated.max(now);
+        self.estimate_ns
     }
 
     fn weight_since_update(&self, now: Instant) -> f64 {
