@@ -242,7 +242,6 @@ fn one_slow_response_alone_does_not_sideline_an_endpoint() {
     spiked.observe(Duration::from_millis(40), start);
     // Within the tie of the others, not forty times theirs...
     assert!(spiked.estimate_ns(start) <= 1e6 * PEAK_STEP + 1.0);
-    assert!(PEAK_STEP < 1.0 / (1.0 - TIE));
     // ...and below the others (still answering in 1 ms) once a second has passed without a
     // response of its own.
     let later = start + DECAY;
