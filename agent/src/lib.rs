@@ -16,6 +16,7 @@ pub mod policy_feed;
 pub mod push_stream;
 pub mod sds;
 pub mod server;
+pub mod services;
 #[cfg(test)]
 mod test_support;
 pub mod workload_api;

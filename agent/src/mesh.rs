@@ -4,7 +4,9 @@
 //! peer's ID) and passing through.
 //!
 //! The sources, merged by one task that owns all of the state and publishes an immutable
-//! [`MeshSnapshot`] on a `watch` channel whenever the merged content changes:
+//! [`MeshState`] on a `watch` channel whenever the merged content changes: the membership (a
+//! [`MeshSnapshot`]) and, from the same sources and by the same rule, the meshed Services and
+//! their endpoints (a [`ServiceTable`], served by [`crate::services`]):
 //! - Kubernetes (`--attestor k8s`): a cluster-wide watch of the pods labelled
 //!   [`TLS_MODE_LABEL`]`=`[`TLS_MODE_MTLS`]. Each pod's IPs map to its service account's
 //!   identity. Host-network pods (their IP is the node's), finished pods and pods without an IP
@@ -23,9 +25,13 @@
 //!   as their endpoint (by `targetRef` UID) until they stop listing it: Kubernetes may deliver
 //!   the pod's deletion before the slice update that drops its address, and in that gap the
 //!   Service must not fall out of the mesh (its connections would go out in plaintext).
-//! - `--mesh-file` ([`MeshFile`]): `{ip, id}` pairs, re-read every [`FILE_POLL_INTERVAL`]; an
-//!   invalid edit is logged and counted, and the last good list stays. Its entries win over pods
-//!   and Services on the same IP: the operator named them explicitly.
+//!   The same rule puts a Service in the service table, headless ones included, each endpoint
+//!   with the identity of the member (or leaving pod) at its address.
+//! - `--mesh-file` ([`MeshFile`]): `{ip, id}` pairs, and optionally `services:` whose endpoints
+//!   are among them, re-read every [`FILE_POLL_INTERVAL`]; an invalid edit is logged and counted,
+//!   and the last good file stays. Its entries win over pods and Services on the same IP, and
+//!   its Services over Kubernetes' of the same namespace and name: the operator named them
+//!   explicitly.
 //!
 //! Nothing is published until every source has delivered its initial state: a proxy given half a
 //! list would send plaintext to meshed peers missing from it.
@@ -56,11 +62,16 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
 
 use sigil_proxy_api::mesh::{Member, MemberError, MeshSnapshot, parse_entries};
-use sigil_proxy_api::{TLS_MODE_LABEL, TLS_MODE_MTLS};
+use sigil_proxy_api::services::{Endpoint, MeshService, ServiceKey, ServicePort, ServiceTable};
+use sigil_proxy_api::{OPAQUE_PORTS_ANNOTATION, TLS_MODE_LABEL, TLS_MODE_MTLS};
 
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
 use crate::peer::Workloads;
 use crate::push_stream::{self, PushFeed, ResponseStream};
+use crate::services::{
+    EndpointState, FileService, InvalidOpaquePorts, ServicesError, file_services,
+    kube_service_entry, service_ports, slice_ports,
+};
 
 /// The source of the members read from `--mesh-file`.
 pub const FILE_SOURCE: &str = "mesh-file";
@@ -100,6 +111,8 @@ pub enum MeshError {
     Yaml(#[from] serde_yaml::Error),
     #[error(transparent)]
     Member(#[from] MemberError),
+    #[error(transparent)]
+    Service(#[from] ServicesError),
     #[error("pod {pod} has no valid identity: {reason}")]
     PodIdentity { pod: String, reason: SpiffeIdError },
     #[error("the agent is shutting down")]
@@ -110,6 +123,8 @@ pub enum MeshError {
 #[serde(deny_unknown_fields)]
 struct FileYaml {
     members: Vec<FileEntry>,
+    #[serde(default)]
+    services: Vec<FileService>,
 }
 
 #[derive(Deserialize)]
@@ -119,22 +134,33 @@ struct FileEntry {
     id: String,
 }
 
-/// Parses and checks a mesh file: every IP and ID valid, IDs in `td`, no IP listed twice.
-fn parse_file(contents: &[u8], td: &TrustDomain) -> Result<BTreeMap<IpAddr, SpiffeId>, MeshError> {
+/// What a mesh file lists, checked.
+#[derive(Debug, PartialEq)]
+struct FileContent {
+    members: BTreeMap<IpAddr, SpiffeId>,
+    services: Vec<MeshService>,
+}
+
+/// Parses and checks a mesh file: every IP and ID valid, IDs in `td`, no IP listed twice, and
+/// its Services valid with members as endpoints.
+fn parse_file(contents: &[u8], td: &TrustDomain) -> Result<FileContent, MeshError> {
     let file: FileYaml = serde_yaml::from_slice(contents)?;
     let entries = file
         .members
         .iter()
         .map(|entry| (entry.ip.as_str(), [entry.id.as_str()]));
-    Ok(parse_entries(entries, Some(td))?
+    let members = parse_entries(entries, Some(td))?
         .into_iter()
         .filter_map(|(ip, mut ids)| Some((ip, ids.pop_first()?)))
-        .collect())
+        .collect();
+    let services = file_services(&file.services, &members)?;
+    Ok(FileContent { members, services })
 }
 
-/// `--mesh-file`: the last valid membership listed in it, re-read every [`FILE_POLL_INTERVAL`].
+/// `--mesh-file`: the last valid membership and Services listed in it, re-read every
+/// [`FILE_POLL_INTERVAL`].
 #[derive(Debug)]
-pub struct MeshFile(PolledFile<BTreeMap<IpAddr, SpiffeId>>);
+pub struct MeshFile(PolledFile<FileContent>);
 
 impl MeshFile {
     /// Reads and checks the file at start-up, where a missing or invalid file is an error.
@@ -143,7 +169,11 @@ impl MeshFile {
     }
 
     fn members(&self) -> &BTreeMap<IpAddr, SpiffeId> {
-        self.0.value()
+        &self.0.value().members
+    }
+
+    fn services(&self) -> &[MeshService] {
+        &self.0.value().services
     }
 }
 
@@ -229,18 +259,23 @@ fn pod_contribution(pod: &Pod, td: &TrustDomain) -> Option<MeshPod> {
     })
 }
 
-/// What the membership needs of one Service.
+/// What the membership and the service table need of one Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct MeshService {
+struct KubeService {
+    key: ServiceKey,
+    /// Empty for a headless Service: its clients reach the endpoints' own IPs, members in their
+    /// own right, so only the service table lists it.
     cluster_ips: Vec<IpAddr>,
     /// `<namespace>/service/<name>`, also the key of its EndpointSlices ([`MeshSlice::service`]).
     source: String,
+    ports: Vec<ServicePort>,
+    /// Its opaque-ports annotation, when that does not parse (ignored, logged once).
+    invalid_opaque_ports: Option<InvalidOpaquePorts>,
 }
 
-/// The Service's contribution: `None` without a cluster IP (headless: clients reach the
-/// endpoints' own IPs, members in their own right) or of type ExternalName. Its endpoints come
-/// from its EndpointSlices, whether the control plane manages them (a selector) or not.
-fn mesh_service(service: &Service) -> Option<MeshService> {
+/// The Service's contribution: `None` for one of type ExternalName. Its endpoints come from its
+/// EndpointSlices, whether the control plane manages them (a selector) or not.
+fn kube_service(service: &Service) -> Option<KubeService> {
     let (namespace, name) = (
         service.metadata.namespace.as_ref()?,
         service.metadata.name.as_ref()?,
@@ -255,12 +290,13 @@ fn mesh_service(service: &Service) -> Option<MeshService> {
     };
     // "None" (headless) does not parse.
     let cluster_ips: Vec<IpAddr> = listed.iter().filter_map(|ip| ip.parse().ok()).collect();
-    if cluster_ips.is_empty() {
-        return None;
-    }
-    Some(MeshService {
+    let (ports, invalid_opaque_ports) = service_ports(service);
+    Some(KubeService {
+        key: ServiceKey::new(namespace, name),
         cluster_ips,
         source: service_key(namespace, name),
+        ports,
+        invalid_opaque_ports,
     })
 }
 
@@ -268,11 +304,14 @@ fn service_key(namespace: &str, name: &str) -> String {
     format!("{namespace}/service/{name}")
 }
 
-/// What the membership needs of one EndpointSlice: its Service and every endpoint address.
+/// What the membership and the service table need of one EndpointSlice: its Service, its ports
+/// and every endpoint address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct MeshSlice {
-    /// The Service's [`MeshService::source`].
+    /// The Service's [`KubeService::source`].
     service: String,
+    /// The target port of each Service port, by name, at every endpoint of this slice.
+    ports: BTreeMap<String, u16>,
     /// Every address of every endpoint, ready or not (the node may route to serving,
     /// terminating endpoints).
     addresses: Vec<EndpointAddress>,
@@ -286,6 +325,8 @@ struct EndpointAddress {
     address: String,
     /// The UID of the pod behind it (`targetRef`), to recognise a pod that is leaving.
     pod_uid: Option<String>,
+    /// Its endpoint's conditions, node and zone.
+    state: EndpointState,
 }
 
 /// The slice's contribution: `None` for one that belongs to no Service (no
@@ -305,17 +346,20 @@ fn mesh_slice(slice: &EndpointSlice) -> Option<MeshSlice> {
                 .as_ref()
                 .filter(|target| target.kind.as_deref() == Some("Pod"))
                 .and_then(|target| target.uid.clone());
+            let state = EndpointState::of(endpoint);
             endpoint
                 .addresses
                 .iter()
                 .map(move |address| EndpointAddress {
                     address: address.clone(),
                     pod_uid: pod_uid.clone(),
+                    state: state.clone(),
                 })
         })
         .collect();
     Some(MeshSlice {
         service: service_key(namespace, service),
+        ports: slice_ports(slice),
         addresses,
     })
 }
@@ -324,7 +368,7 @@ fn mesh_slice(slice: &EndpointSlice) -> Option<MeshSlice> {
 #[derive(Debug, Default)]
 struct KubeState {
     pods: Listed<String, MeshPod>,
-    services: Listed<String, MeshService>,
+    services: Listed<String, KubeService>,
     slices: Listed<String, MeshSlice>,
     /// Meshed pods that left (deleted, finished, or gone from a re-list), by UID, kept while an
     /// EndpointSlice still names them as an endpoint: they count for those Services only, not
@@ -451,54 +495,72 @@ fn pod_members<'a>(
     members
 }
 
-/// Adds the members for Services' cluster IPs, on IPs not already taken: each Service with at
-/// least one endpoint address whose endpoint addresses are all members of `members` (as it
-/// stands on entry: pods and file, not other Services) or meshed pods on their way out, carrying
-/// the union of their IDs.
-/// Services with some unmeshed endpoints are recorded. Cost: one lookup per endpoint address.
-fn service_members(
-    kube: &KubeState,
-    members: &mut BTreeMap<IpAddr, Member>,
-    conflicts: &mut Vec<Conflict>,
+/// One endpoint address of a meshed Service, and what vouches for it.
+struct MeshedAddress<'a> {
+    ip: IpAddr,
+    address: &'a EndpointAddress,
+    slice: &'a MeshSlice,
+    /// The identity it must prove: its member's (a pod's or the file's, one each), or that of the
+    /// meshed pod leaving from it.
+    id: &'a SpiffeId,
+    /// The member's or leaving pod's source: `<namespace>/<pod>` or `mesh-file`.
+    source: &'a str,
+}
+
+/// The one rule of which Services are meshed, for both the membership and the service table:
+/// each Service with at least one endpoint address whose endpoint addresses are all members of
+/// `members` (as it stands on entry: pods and file, not other Services) or meshed pods on their
+/// way out, with those addresses, sorted by Service. Services with some unmeshed endpoints are
+/// recorded. Cost: one lookup per endpoint address.
+fn meshed_services<'k: 'a, 'a>(
+    kube: &'k KubeState,
+    members: &'a BTreeMap<IpAddr, Member>,
     partly_meshed: &mut Vec<PartlyMeshed>,
-) {
+) -> Vec<(&'k KubeService, Vec<MeshedAddress<'a>>)> {
     let mut slices: HashMap<&str, Vec<&MeshSlice>> = HashMap::new();
     for slice in kube.slices.items.values() {
         slices.entry(&slice.service).or_default().push(slice);
     }
-    let mut services: Vec<&MeshService> = kube.services.items.values().collect();
+    let mut services: Vec<&'k KubeService> = kube.services.items.values().collect();
     services.sort_by(|a, b| a.source.cmp(&b.source));
     let mut found = Vec::new();
     for service in services {
-        let mut ids = BTreeSet::new();
-        let mut meshed = 0;
+        let mut meshed = Vec::new();
         let mut unmeshed = BTreeSet::new();
         let addresses = slices
             .get(service.source.as_str())
             .into_iter()
             .flatten()
-            .flat_map(|slice| &slice.addresses);
-        for endpoint in addresses {
-            let ip: Option<IpAddr> = endpoint.address.parse().ok();
-            let member = ip.and_then(|ip| members.get(&ip));
-            let leaving = ip.and_then(|ip| kube.leaving_pod(endpoint, ip));
-            match (member, leaving) {
-                (Some(member), _) => {
-                    meshed += 1;
-                    ids.extend(member.ids.iter().cloned());
-                }
-                (None, Some(pod)) => {
-                    meshed += 1;
-                    ids.insert(pod.id.clone());
-                }
-                (None, None) => {
-                    unmeshed.insert(endpoint.address.as_str());
+            .flat_map(|slice| slice.addresses.iter().map(move |address| (*slice, address)));
+        for (slice, address) in addresses {
+            let ip: Option<IpAddr> = address.address.parse().ok();
+            let member = ip.and_then(|ip| Some((ip, members.get(&ip)?)));
+            let vouched = match member {
+                Some((ip, member)) => member
+                    .ids
+                    .first()
+                    .map(|id| (ip, id, member.source.as_str())),
+                None => ip.and_then(|ip| {
+                    let pod = kube.leaving_pod(address, ip)?;
+                    Some((ip, &pod.id, pod.source.as_str()))
+                }),
+            };
+            match vouched {
+                Some((ip, id, source)) => meshed.push(MeshedAddress {
+                    ip,
+                    address,
+                    slice,
+                    id,
+                    source,
+                }),
+                None => {
+                    unmeshed.insert(address.address.as_str());
                 }
             }
         }
         if !unmeshed.is_empty() {
             // A Service none of whose endpoints is meshed is simply outside the mesh.
-            if meshed > 0 {
+            if !meshed.is_empty() {
                 partly_meshed.push(PartlyMeshed {
                     service: service.source.clone(),
                     unmeshed: unmeshed.len(),
@@ -511,13 +573,52 @@ fn service_members(
             }
             continue;
         }
-        if ids.is_empty() {
+        if meshed.is_empty() {
             // No endpoints: nothing to require yet.
             continue;
         }
-        found.push((service, ids));
+        found.push((service, meshed));
     }
-    for (service, ids) in found {
+    found
+}
+
+/// The meshed Services (see [`meshed_services`]) as table entries, and members for their
+/// cluster IPs (on IPs not already taken), carrying the union of their endpoints' IDs.
+fn service_members(
+    kube: &KubeState,
+    members: &mut BTreeMap<IpAddr, Member>,
+    notes: &mut MergeNotes,
+) -> Vec<MeshService> {
+    let meshed = meshed_services(kube, members, &mut notes.partly_meshed);
+    let mut entries = Vec::with_capacity(meshed.len());
+    let mut claims = Vec::new();
+    for (service, addresses) in meshed {
+        if let Some(invalid) = &service.invalid_opaque_ports {
+            notes
+                .invalid_opaque_ports
+                .push((service.key.clone(), invalid.clone()));
+        }
+        let ids: BTreeSet<SpiffeId> = addresses.iter().map(|a| a.id.clone()).collect();
+        claims.push((service, ids));
+        let endpoints = addresses.iter().map(|a| Endpoint {
+            ip: a.ip,
+            ports: a.slice.ports.clone(),
+            id: a.id.clone(),
+            ready: a.address.state.ready,
+            serving: a.address.state.serving,
+            terminating: a.address.state.terminating,
+            node: a.address.state.node.clone(),
+            zone: a.address.state.zone.clone(),
+            source: a.source.to_owned(),
+        });
+        entries.push(kube_service_entry(
+            service.key.clone(),
+            service.cluster_ips.clone(),
+            service.ports.clone(),
+            endpoints,
+        ));
+    }
+    for (service, ids) in claims {
         for ip in &service.cluster_ips {
             match members.entry(*ip) {
                 Entry::Vacant(entry) => {
@@ -526,7 +627,7 @@ fn service_members(
                         source: service.source.clone(),
                     });
                 }
-                Entry::Occupied(entry) => conflicts.push(Conflict {
+                Entry::Occupied(entry) => notes.conflicts.push(Conflict {
                     ip: *ip,
                     kept: entry.get().source.clone(),
                     ignored: vec![service.source.clone()],
@@ -534,21 +635,25 @@ fn service_members(
             }
         }
     }
+    entries
 }
 
-/// What [`merge`] found besides the members, for the log.
+/// What [`merge`] found besides the members and Services, for the log.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct MergeNotes {
     conflicts: Vec<Conflict>,
     partly_meshed: Vec<PartlyMeshed>,
+    /// Meshed Services whose opaque-ports annotation was ignored.
+    invalid_opaque_ports: Vec<(ServiceKey, InvalidOpaquePorts)>,
 }
 
 /// The membership from every source: the pods', the file's entries over them, then the
-/// Services' (whose endpoints are looked up among those) where the IP is not taken.
+/// Services' (whose endpoints are looked up among those) where the IP is not taken; and the
+/// meshed Services, the file's over Kubernetes' of the same name.
 fn merge(
     kube: Option<&KubeState>,
     file: Option<&MeshFile>,
-) -> (BTreeMap<IpAddr, Member>, MergeNotes) {
+) -> (BTreeMap<IpAddr, Member>, Vec<MeshService>, MergeNotes) {
     let mut notes = MergeNotes::default();
     let mut members = kube
         .map(|kube| pod_members(kube.pods.items.values(), &mut notes.conflicts))
@@ -569,15 +674,17 @@ fn merge(
             }
         }
     }
-    if let Some(kube) = kube {
-        service_members(
-            kube,
-            &mut members,
-            &mut notes.conflicts,
-            &mut notes.partly_meshed,
-        );
+    let kube_services = kube
+        .map(|kube| service_members(kube, &mut members, &mut notes))
+        .unwrap_or_default();
+    let mut services: BTreeMap<ServiceKey, MeshService> = kube_services
+        .into_iter()
+        .map(|service| (service.key.clone(), service))
+        .collect();
+    for service in file.map(MeshFile::services).into_iter().flatten() {
+        services.insert(service.key.clone(), service.clone());
     }
-    (members, notes)
+    (members, services.into_values().collect(), notes)
 }
 
 /// Where the membership comes from.
@@ -590,14 +697,69 @@ pub struct Sources {
     pub file: Option<MeshFile>,
 }
 
-/// Starts the task that keeps the membership, which stops when `shutdown` turns true or its
-/// sender is dropped (ending every `WatchMembers` stream). The receiver holds version 0 until every source has synced.
+/// What the membership task publishes: the membership (served by `WatchMembers`) and the meshed
+/// Services (`WatchServices`), computed together from the same sources and versioned together:
+/// 0 until every source has synced, then one more with every change of either (each stream
+/// skips the versions that change nothing it serves).
+#[derive(Debug, Default)]
+pub struct MeshState(MeshContent);
+
+/// What a [`MeshState`] holds.
+#[derive(Debug, Default)]
+struct MeshContent {
+    members: MeshSnapshot,
+    services: ServiceTable,
+}
+
+/// The publisher's test for a change: the members and Services, not the versions it gives them.
+impl PartialEq for MeshContent {
+    fn eq(&self, other: &MeshContent) -> bool {
+        self.members.members == other.members.members
+            && self.services.services().eq(other.services.services())
+    }
+}
+
+impl MeshState {
+    pub fn new(
+        version: u64,
+        members: BTreeMap<IpAddr, Member>,
+        services: impl IntoIterator<Item = MeshService>,
+    ) -> MeshState {
+        MeshState(MeshContent {
+            members: MeshSnapshot { version, members },
+            services: ServiceTable::new(version, services),
+        })
+    }
+
+    pub fn version(&self) -> u64 {
+        self.0.members.version
+    }
+
+    /// Whether every source has delivered its initial state.
+    pub fn is_synced(&self) -> bool {
+        self.version() > 0
+    }
+
+    /// The membership, at this state's version.
+    pub fn members(&self) -> &MeshSnapshot {
+        &self.0.members
+    }
+
+    /// The meshed Services, at this state's version.
+    pub fn services(&self) -> &ServiceTable {
+        &self.0.services
+    }
+}
+
+/// Starts the task that keeps the membership and the meshed Services, which stops when
+/// `shutdown` turns true or its sender is dropped (ending every `WatchMembers` and
+/// `WatchServices` stream). The receiver holds version 0 until every source has synced.
 pub fn spawn(
     td: TrustDomain,
     sources: Sources,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
-) -> watch::Receiver<Arc<MeshSnapshot>> {
+) -> watch::Receiver<Arc<MeshState>> {
     let events = sources.kubernetes.map(kube_events);
     let membership = Membership {
         td,
@@ -605,6 +767,7 @@ pub fn spawn(
         file: sources.file,
         logged_conflicts: BTreeSet::new(),
         logged_partly_meshed: BTreeSet::new(),
+        logged_invalid_opaque_ports: BTreeSet::new(),
         metrics,
     };
     publish::spawn("mesh membership", membership, events, shutdown)
@@ -634,13 +797,15 @@ struct Membership {
     /// The partly meshed Services already logged, likewise (by name: their unmeshed endpoints
     /// change as a rollout proceeds).
     logged_partly_meshed: BTreeSet<String>,
+    /// The ignored opaque-ports annotations already logged, likewise.
+    logged_invalid_opaque_ports: BTreeSet<(ServiceKey, InvalidOpaquePorts)>,
     metrics: Arc<Metrics>,
 }
 
 impl State for Membership {
     type Event = KubeEvent;
-    type Content = BTreeMap<IpAddr, Member>;
-    type Snapshot = MeshSnapshot;
+    type Content = MeshContent;
+    type Snapshot = MeshState;
 
     fn has_file(&self) -> bool {
         self.file.is_some()
@@ -664,7 +829,7 @@ impl State for Membership {
                 }
             },
             KubeEvent::Service(event) => match *event {
-                Ok(event) => kube.services.on_event(event, "services", mesh_service),
+                Ok(event) => kube.services.on_event(event, "services", kube_service),
                 Err(e) => {
                     warn!(error = %e, "service watch failed; retrying");
                     false
@@ -690,36 +855,44 @@ impl State for Membership {
         match reloaded {
             Ok(false) => false,
             Ok(true) => {
-                info!(%path, members = file.members().len(), "mesh file reloaded");
+                info!(%path, members = file.members().len(), services = file.services().len(), "mesh file reloaded");
                 true
             }
             Err(e) => {
                 self.metrics.mesh_file_reload_failures.inc();
-                error!(%path, error = %e, "mesh file is unreadable or invalid; keeping its last good members");
+                error!(%path, error = %e, "mesh file is unreadable or invalid; keeping its last good members and services");
                 false
             }
         }
     }
 
-    /// The merged membership, logging the conflicts and partly meshed Services not logged yet.
-    fn content(&mut self) -> BTreeMap<IpAddr, Member> {
-        let (members, notes) = merge(self.kube.as_ref(), self.file.as_ref());
+    /// The merged membership and Services (unversioned), logging the conflicts, partly meshed
+    /// Services and ignored annotations not logged yet.
+    fn content(&mut self) -> MeshContent {
+        let (members, services, notes) = merge(self.kube.as_ref(), self.file.as_ref());
         self.log_new(notes);
-        members
+        MeshState::new(0, members, services).0
     }
 
-    fn published(snapshot: &MeshSnapshot) -> (u64, &BTreeMap<IpAddr, Member>) {
-        (snapshot.version, &snapshot.members)
+    fn published(state: &MeshState) -> (u64, &MeshContent) {
+        (state.version(), &state.0)
     }
 
-    fn snapshot(&self, version: u64, members: BTreeMap<IpAddr, Member>) -> MeshSnapshot {
-        self.metrics.mesh_members.set(members.len() as i64);
+    fn snapshot(&self, version: u64, mut content: MeshContent) -> MeshState {
+        content.members.version = version;
+        content.services.version = version;
+        let (members, services) = (
+            content.members.members.len(),
+            content.services.services().count(),
+        );
+        self.metrics.mesh_members.set(members as i64);
+        self.metrics.mesh_services.set(services as i64);
         if version == 1 {
-            info!(members = members.len(), "mesh membership synced");
+            info!(members, services, "mesh membership synced");
         } else {
-            debug!(version, members = members.len(), "mesh membership changed");
+            debug!(version, members, services, "mesh membership changed");
         }
-        MeshSnapshot { version, members }
+        MeshState(content)
     }
 }
 
@@ -732,12 +905,23 @@ impl Membership {
                     service = %service.service,
                     unmeshed = service.unmeshed,
                     examples = ?service.examples,
-                    "a Service has endpoints outside the mesh; its cluster IP is not meshed (connections to it pass through as plaintext) until all of them are"
+                    "a Service has endpoints outside the mesh; it is not meshed (connections to it pass through as plaintext, unbalanced by the proxies) until all of them are"
                 );
             }
             partly_meshed.insert(service.service);
         }
         self.logged_partly_meshed = partly_meshed;
+        let invalid: BTreeSet<(ServiceKey, InvalidOpaquePorts)> =
+            notes.invalid_opaque_ports.into_iter().collect();
+        for (service, annotation) in invalid.difference(&self.logged_invalid_opaque_ports) {
+            warn!(
+                %service,
+                value = %annotation.value,
+                error = %annotation.reason,
+                "a Service's {OPAQUE_PORTS_ANNOTATION} annotation is invalid; it is ignored (the Service's ports keep their declared protocols)"
+            );
+        }
+        self.logged_invalid_opaque_ports = invalid;
         let current: BTreeSet<Conflict> = notes.conflicts.into_iter().collect();
         for conflict in current.difference(&self.logged_conflicts) {
             warn!(
@@ -754,12 +938,12 @@ impl Membership {
 /// `sigil.mesh.v1.MeshDiscovery`: the membership, to attested workloads.
 pub struct MeshApi {
     workloads: Workloads,
-    members: watch::Receiver<Arc<MeshSnapshot>>,
+    state: watch::Receiver<Arc<MeshState>>,
 }
 
 impl MeshApi {
-    pub fn new(workloads: Workloads, members: watch::Receiver<Arc<MeshSnapshot>>) -> Self {
-        MeshApi { workloads, members }
+    pub fn new(workloads: Workloads, state: watch::Receiver<Arc<MeshState>>) -> Self {
+        MeshApi { workloads, state }
     }
 
     pub fn into_service(self) -> MeshDiscoveryServer<MeshApi> {
@@ -779,8 +963,9 @@ impl MeshDiscovery for MeshApi {
         let workload = self.workloads.attest(&request).await?;
         info!(identity = %workload.id, "mesh membership stream opened");
         let feed = Feed {
-            members: self.members.clone(),
+            state: self.state.clone(),
             unseen: true,
+            sent: None,
             pushes: self.workloads.metrics.pushes.get_or_create(&LABELS).clone(),
             _open: OpenStream::new(&self.workloads.metrics, SocketApi::Mesh),
         };
@@ -790,10 +975,12 @@ impl MeshDiscovery for MeshApi {
 
 /// One `WatchMembers` stream.
 struct Feed {
-    members: watch::Receiver<Arc<MeshSnapshot>>,
+    state: watch::Receiver<Arc<MeshState>>,
     /// Whether the membership has not been looked at yet: the first message goes out without
     /// waiting for a change.
     unseen: bool,
+    /// The state whose membership was sent last.
+    sent: Option<Arc<MeshState>>,
     pushes: Counter,
     _open: OpenStream,
 }
@@ -802,20 +989,27 @@ impl PushFeed for Feed {
     type Message = MeshMembers;
     type Error = MeshError;
 
-    /// The next message: the current membership at once, then the next change. The receiver
-    /// always holds the newest snapshot, so a slow reader gets the latest, not a backlog.
+    /// The next message: the current membership at once, then the next change of it (a state
+    /// that changed only the Services is skipped). The receiver always holds the newest state,
+    /// so a slow reader gets the latest, not a backlog.
     async fn next_message(&mut self) -> Result<MeshMembers, MeshError> {
         loop {
             if !self.unseen {
-                self.members
+                self.state
                     .changed()
                     .await
                     .map_err(|_| MeshError::ShuttingDown)?;
             }
             self.unseen = false;
-            let snapshot = self.members.borrow_and_update().clone();
-            if snapshot.is_synced() {
-                return Ok(snapshot.to_message());
+            let state = self.state.borrow_and_update().clone();
+            let unchanged = self
+                .sent
+                .as_ref()
+                .is_some_and(|sent| sent.members().members == state.members().members);
+            if state.is_synced() && !unchanged {
+                let message = state.members().to_message();
+                self.sent = Some(state);
+                return Ok(message);
             }
         }
     }

@@ -18,6 +18,7 @@ pub enum SocketApi {
     Sds,
     WorkloadApi,
     Mesh,
+    Services,
     Policy,
 }
 
@@ -27,6 +28,7 @@ impl SocketApi {
             SocketApi::Sds => "sds",
             SocketApi::WorkloadApi => "workload_api",
             SocketApi::Mesh => "mesh",
+            SocketApi::Services => "services",
             SocketApi::Policy => "policy",
         }
     }
@@ -79,6 +81,7 @@ pub struct Metrics {
     pub nacks: Counter,
     pub attestation_failures: Counter,
     pub mesh_members: Gauge,
+    pub mesh_services: Gauge,
     pub mesh_file_reload_failures: Counter,
     pub policy_objects: Gauge,
     pub policy_file_reload_failures: Counter,
@@ -97,6 +100,7 @@ impl Metrics {
             nacks: Counter::default(),
             attestation_failures: Counter::default(),
             mesh_members: Gauge::default(),
+            mesh_services: Gauge::default(),
             mesh_file_reload_failures: Counter::default(),
             policy_objects: Gauge::default(),
             policy_file_reload_failures: Counter::default(),
@@ -147,6 +151,11 @@ impl Metrics {
             "mesh_members",
             "Meshed addresses in the current mesh membership",
             metrics.mesh_members.clone(),
+        );
+        r.register(
+            "mesh_services",
+            "Meshed Services (every endpoint meshed) served to proxies for load balancing",
+            metrics.mesh_services.clone(),
         );
         r.register(
             "mesh_file_reload_failures",

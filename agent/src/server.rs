@@ -1,7 +1,7 @@
 //! `sigil agent run`: wires the CA client, the trust-bundle stream, the certificate manager, the
 //! attestor (and, in Kubernetes, the watch of this node's pods that drives prefetching), the mesh
-//! membership, the policy feed and the socket serving SDS, the SPIFFE Workload API, the
-//! membership and the policies, plus the admin endpoint. On SIGTERM it reports not ready at once
+//! membership and meshed Services, the policy feed and the socket serving SDS, the SPIFFE
+//! Workload API, the membership, the meshed Services and the policies, plus the admin endpoint. On SIGTERM it reports not ready at once
 //! (the DaemonSet rollout waits on it), serves on for [`SHUTDOWN_GRACE`] (so nothing connecting
 //! meanwhile hangs on a socket no one accepts on), then closes what is open and exits.
 
@@ -31,13 +31,13 @@ use crate::ca_client::{CaClient, Credential};
 use crate::certs::{self, CertConfig, CertManager};
 use crate::config::{AgentConfig, AttestorKind};
 use crate::h2_authority::H2AuthorityStream;
-use crate::mesh::{self, MeshApi, MeshError, MeshFile};
+use crate::mesh::{self, MeshApi, MeshError, MeshFile, MeshState};
 use crate::metrics::Metrics;
 use crate::peer::{ConnectionSlots, Workloads};
 use crate::policy_feed::{self, PolicyApi, PolicyError, PolicyFile, PolicySnapshot};
 use crate::sds::Sds;
+use crate::services::ServicesApi;
 use crate::workload_api::WorkloadApi;
-use sigil_proxy_api::mesh::MeshSnapshot;
 
 /// How long the agent serves on after SIGTERM, not ready.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -202,7 +202,7 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
         }
     };
 
-    let members = mesh::spawn(
+    let mesh = mesh::spawn(
         td.clone(),
         mesh::Sources {
             kubernetes: kube_client.clone(),
@@ -227,12 +227,12 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
         metrics.clone(),
     );
     let listener = bind_socket(&config.socket)?;
-    info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS, the SPIFFE Workload API, the mesh membership and the policy feed");
+    info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS, the SPIFFE Workload API, the mesh membership, the meshed Services and the policy feed");
 
     let ready_rx = readiness(
         contacted_rx,
         pods_synced.clone(),
-        members.clone(),
+        mesh.clone(),
         policies.clone(),
         signalled,
     );
@@ -254,7 +254,8 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
     let serving = tonic::transport::Server::builder()
         .add_service(Sds::new(workloads.clone()).into_service())
         .add_service(WorkloadApi::new(workloads.clone()).into_service())
-        .add_service(MeshApi::new(workloads.clone(), members).into_service())
+        .add_service(MeshApi::new(workloads.clone(), mesh.clone()).into_service())
+        .add_service(ServicesApi::new(workloads.clone(), mesh).into_service())
         .add_service(PolicyApi::new(workloads.clone(), policies, pods_synced).into_service())
         .add_service(Admin::new(workloads).into_service())
         .serve_with_incoming_shutdown(
@@ -357,7 +358,7 @@ async fn prefetch(mut pods: watch::Receiver<NodePods>, td: TrustDomain, certs: C
 fn readiness(
     contacted: watch::Receiver<bool>,
     pods: Option<watch::Receiver<NodePods>>,
-    mesh: watch::Receiver<Arc<MeshSnapshot>>,
+    mesh: watch::Receiver<Arc<MeshState>>,
     policies: watch::Receiver<Arc<PolicySnapshot>>,
     signalled: watch::Receiver<bool>,
 ) -> watch::Receiver<Readiness> {
@@ -375,6 +376,8 @@ fn readiness(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     #[tokio::test]
@@ -401,7 +404,7 @@ mod tests {
     async fn ready_once_the_ca_the_node_pods_the_mesh_membership_and_the_policies_are_in() {
         let (contacted_tx, contacted) = watch::channel(false);
         let (pods_tx, pods) = watch::channel(NodePods::default());
-        let (mesh_tx, mesh) = watch::channel(Arc::new(MeshSnapshot::default()));
+        let (mesh_tx, mesh) = watch::channel(Arc::new(MeshState::default()));
         let (policies_tx, policies) = watch::channel(Arc::new(PolicySnapshot::default()));
         let (signal_tx, signalled) = watch::channel(false);
         let rx = readiness(contacted, Some(pods), mesh, policies, signalled);
@@ -424,10 +427,7 @@ mod tests {
         );
         contacted_tx.send_replace(true);
         pods_tx.send_modify(|pods| pods.synced = true);
-        mesh_tx.send_replace(Arc::new(MeshSnapshot {
-            version: 1,
-            ..MeshSnapshot::default()
-        }));
+        mesh_tx.send_replace(Arc::new(MeshState::new(1, BTreeMap::new(), [])));
         assert!(
             !until("ca_contacted=true pods_synced=true mesh_synced=true policies_synced=false not_shutting_down=true")
                 .await

@@ -30,13 +30,13 @@ use crate::attest::unix::UnixAttestor;
 use crate::ca_client::{CaClient, Credential};
 use crate::certs::{CertConfig, CertManager};
 use crate::h2_authority::H2AuthorityStream;
-use crate::mesh::MeshApi;
+use crate::mesh::{MeshApi, MeshState};
 use crate::metrics::{ApiLabels, Metrics, SocketApi};
 use crate::peer::{self, Workloads};
 use crate::policy_feed::{PolicyApi, PolicySnapshot};
 use crate::sds::Sds;
+use crate::services::ServicesApi;
 use crate::workload_api::WorkloadApi;
-use sigil_proxy_api::mesh::MeshSnapshot;
 
 pub(crate) const AGENT_ID: &str = "spiffe://cluster.local/ns/sigil-system/sa/sigil-agent";
 pub(crate) const WEB_ID: &str = "spiffe://cluster.local/ns/demo/sa/web";
@@ -212,8 +212,9 @@ pub(crate) struct TestAgent {
     pub(crate) certs: CertManager,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) bundle_tx: watch::Sender<Arc<TrustBundle>>,
-    /// The mesh membership the mesh API serves (version 0, not synced, until a test sends one).
-    pub(crate) mesh_tx: watch::Sender<Arc<MeshSnapshot>>,
+    /// The membership and Services the mesh and services APIs serve (version 0, not synced,
+    /// until a test sends one).
+    pub(crate) mesh_tx: watch::Sender<Arc<MeshState>>,
     /// The policies the policy API serves (version 0, not synced, until a test sends some).
     pub(crate) policy_tx: watch::Sender<Arc<PolicySnapshot>>,
     _credential: watch::Sender<Arc<CertifiedKey>>,
@@ -261,12 +262,13 @@ impl TestAgent {
             bundle_rx,
             metrics.clone(),
         );
-        let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshSnapshot::default()));
+        let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshState::default()));
         let (policy_tx, policy_rx) = watch::channel(Arc::new(PolicySnapshot::default()));
         let routes = match api {
             SocketApi::Sds => Routes::new(Sds::new(workloads).into_service()),
             SocketApi::WorkloadApi => Routes::new(WorkloadApi::new(workloads).into_service()),
             SocketApi::Mesh => Routes::new(MeshApi::new(workloads, mesh_rx).into_service()),
+            SocketApi::Services => Routes::new(ServicesApi::new(workloads, mesh_rx).into_service()),
             // Unix-attested callers: their scope needs no pods.
             SocketApi::Policy => {
                 Routes::new(PolicyApi::new(workloads, policy_rx, None).into_service())

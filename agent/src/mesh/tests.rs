@@ -3,6 +3,7 @@ use kube::api::{ObjectMeta, Patch, PatchParams};
 use prometheus_client::registry::Registry;
 use sigil_proto::sigil::mesh::v1::MeshMember;
 use sigil_proto::sigil::mesh::v1::mesh_discovery_client::MeshDiscoveryClient;
+use sigil_proxy_api::services::Protocol;
 use sigil_test_apiserver::{PodSpec, TestApiServer};
 
 use super::*;
@@ -33,11 +34,22 @@ fn member_of(ids: &[&str], source: &str) -> Member {
     }
 }
 
+/// The membership, once `what` holds for it.
 async fn until(
-    rx: &watch::Receiver<Arc<MeshSnapshot>>,
+    rx: &watch::Receiver<Arc<MeshState>>,
     what: impl Fn(&MeshSnapshot) -> bool,
-) -> Arc<MeshSnapshot> {
-    tokio::time::timeout(WAIT, rx.clone().wait_for(|snapshot| what(snapshot)))
+) -> MeshSnapshot {
+    until_state(rx, |state| what(state.members()))
+        .await
+        .members()
+        .clone()
+}
+
+async fn until_state(
+    rx: &watch::Receiver<Arc<MeshState>>,
+    what: impl Fn(&MeshState) -> bool,
+) -> Arc<MeshState> {
+    tokio::time::timeout(WAIT, rx.clone().wait_for(|state| what(state)))
         .await
         .expect("the membership never reached the expected state")
         .expect("the membership task stopped")
@@ -51,7 +63,7 @@ fn a_good_file_parses() {
     let yaml = "members:\n\
                     - {ip: 198.18.0.2, id: \"spiffe://cluster.local/ns/b/sa/b\"}\n\
                     - ip: fd00::7\n  id: spiffe://cluster.local/vm/db\n";
-    let members = parse_file(yaml.as_bytes(), &td()).unwrap();
+    let members = parse_file(yaml.as_bytes(), &td()).unwrap().members;
     assert_eq!(
         members,
         BTreeMap::from([
@@ -59,7 +71,13 @@ fn a_good_file_parses() {
             (ip("fd00::7"), spiffe("spiffe://cluster.local/vm/db")),
         ])
     );
-    assert!(parse_file(b"members: []", &td()).unwrap().is_empty());
+    assert_eq!(
+        parse_file(b"members: []", &td()).unwrap(),
+        FileContent {
+            members: BTreeMap::new(),
+            services: Vec::new()
+        }
+    );
 }
 
 #[test]
@@ -155,7 +173,7 @@ async fn the_file_is_reloaded_on_change_and_a_bad_edit_keeps_the_last_good_membe
     std::fs::remove_file(&path).unwrap();
     tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
     assert_eq!(metrics.mesh_file_reload_failures.get(), 2);
-    assert_eq!(*rx.borrow(), first, "nothing published");
+    assert_eq!(*rx.borrow().members(), first, "nothing published");
 
     // A valid edit is published; rewriting the same members is not a change.
     let c = "spiffe://cluster.local/ns/c/sa/c";
@@ -172,7 +190,7 @@ async fn the_file_is_reloaded_on_change_and_a_bad_edit_keeps_the_last_good_membe
     assert_eq!(metrics.mesh_members.get(), 2);
     std::fs::write(&path, format!("# same members\n{edit}")).unwrap();
     tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
-    assert_eq!(rx.borrow().version, 2);
+    assert_eq!(rx.borrow().version(), 2);
     assert_eq!(metrics.mesh_file_reload_failures.get(), 2);
 }
 
@@ -442,7 +460,7 @@ fn kube_state(pods: &[Pod], services: &[Service], slices: &[EndpointSlice]) -> K
     }
     for service in services {
         kube.services
-            .on_event(Event::Apply(service.clone()), "services", mesh_service);
+            .on_event(Event::Apply(service.clone()), "services", kube_service);
     }
     for slice in slices {
         kube.slices
@@ -510,7 +528,7 @@ fn a_service_is_a_member_when_every_endpoint_is_meshed_with_the_identities_behin
         slice("manual-1", "demo", "manual", &["10.0.0.6"]),
     ];
     let mut kube = kube_state(&pods, &services, &slices);
-    let (members, notes) = merge(Some(&kube), None);
+    let (members, _, notes) = merge(Some(&kube), None);
     assert_eq!(
         service_members_of(&kube, None),
         BTreeMap::from([
@@ -544,7 +562,7 @@ fn a_service_is_a_member_when_every_endpoint_is_meshed_with_the_identities_behin
     )
     .unwrap();
     let file = MeshFile::load(&path, &td()).unwrap();
-    let (members, notes) = merge(Some(&kube), Some(&file));
+    let (members, _, notes) = merge(Some(&kube), Some(&file));
     assert_eq!(members[&ip("10.96.0.10")], member(vm, FILE_SOURCE));
     assert_eq!(
         members[&ip("10.96.0.12")],
@@ -565,7 +583,7 @@ fn a_service_is_a_member_when_every_endpoint_is_meshed_with_the_identities_behin
     // A Service leaves.
     assert!(
         kube.services
-            .on_event(Event::Delete(services[0].clone()), "services", mesh_service)
+            .on_event(Event::Delete(services[0].clone()), "services", kube_service)
     );
     assert_eq!(
         service_members_of(&kube, None).keys().collect::<Vec<_>>(),
@@ -715,7 +733,7 @@ fn a_leaving_pod_never_takes_its_service_out_of_the_mesh() {
                     kube.on_slice_event(Event::Apply(*slice));
                 }
             }
-            let (members, notes) = merge(Some(&kube), None);
+            let (members, _, notes) = merge(Some(&kube), None);
             assert_eq!(
                 members.get(&cluster_ip),
                 Some(&member(web, "demo/service/web")),
@@ -745,7 +763,7 @@ fn a_leaving_pod_never_takes_its_service_out_of_the_mesh() {
         ("10.0.0.6", "uid-web-2", true, true, false),
         ("10.0.0.5", "uid-plain", true, true, false),
     ])));
-    let (members, notes) = merge(Some(&kube), None);
+    let (members, _, notes) = merge(Some(&kube), None);
     assert_eq!(members.get(&cluster_ip), None);
     assert_eq!(notes.partly_meshed.len(), 1);
 }
@@ -762,17 +780,25 @@ fn slices_convert_to_their_services_endpoint_addresses() {
         mesh_slice(&slice("web-a", "demo", "web", &["10.0.0.5", "!10.0.0.6"])),
         Some(MeshSlice {
             service: "demo/service/web".into(),
-            addresses: ["10.0.0.5", "10.0.0.6"]
-                .map(|address| EndpointAddress {
+            ports: BTreeMap::from([(String::new(), 8080)]),
+            addresses: [("10.0.0.5", true), ("10.0.0.6", false)]
+                .map(|(address, ready)| EndpointAddress {
                     address: address.into(),
                     pod_uid: None,
+                    state: EndpointState {
+                        ready,
+                        serving: true,
+                        terminating: !ready,
+                        node: None,
+                        zone: None,
+                    },
                 })
                 .to_vec(),
         })
     );
     let mut external = service("ext", "demo", "10.96.0.9");
     external.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
-    assert_eq!(mesh_service(&external), None);
+    assert_eq!(kube_service(&external), None);
 }
 
 #[test]
@@ -793,7 +819,7 @@ fn the_file_wins_over_a_pod_on_the_same_ip() {
         pods,
         ..KubeState::default()
     };
-    let (members, notes) = merge(Some(&kube), Some(&file));
+    let (members, _, notes) = merge(Some(&kube), Some(&file));
     assert_eq!(
         members,
         BTreeMap::from([
@@ -821,6 +847,370 @@ fn the_file_wins_over_a_pod_on_the_same_ip() {
     let mut pods = kube.pods;
     assert!(apply_pod(&mut pods, finished.pod()));
     assert!(pods.items.is_empty());
+}
+
+// --- the meshed Services ---
+
+/// A pod of `demo` with one IP, labelled for the mesh.
+fn pod_at(name: &'static str, sa: &'static str, ips: &'static [&'static str]) -> Pod {
+    TestPod {
+        name,
+        sa: Some(sa),
+        pod_ips: ips,
+        pod_ip: ips.first().copied(),
+        ..RUNNING
+    }
+    .pod()
+}
+
+/// A Service of `demo` from its spec (and annotations), as JSON.
+fn service_of(name: &str, spec: serde_json::Value, annotations: serde_json::Value) -> Service {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "namespace": "demo",
+            "uid": format!("uid-svc-{name}"),
+            "annotations": annotations,
+        },
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+/// An EndpointSlice of `demo/<service>` from its endpoints and ports, as JSON.
+fn slice_of(
+    name: &str,
+    service: &str,
+    endpoints: serde_json::Value,
+    ports: serde_json::Value,
+) -> EndpointSlice {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "namespace": "demo",
+            "uid": format!("uid-slice-{name}"),
+            "labels": {SERVICE_NAME_LABEL: service},
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": ports,
+    }))
+    .unwrap()
+}
+
+fn services_of(kube: &KubeState, file: Option<&MeshFile>) -> BTreeMap<String, MeshService> {
+    merge(Some(kube), file)
+        .1
+        .into_iter()
+        .map(|service| (service.key.to_string(), service))
+        .collect()
+}
+
+const API: &str = "spiffe://cluster.local/ns/demo/sa/api";
+
+#[test]
+fn meshed_services_are_served_with_their_endpoints_by_the_membership_rule() {
+    let pods = [
+        pod_at("api-1", "api", &["198.18.0.2"]),
+        pod_at("api-2", "api", &["198.18.0.3"]),
+        pod_at("api-3", "api", &["198.18.0.4"]),
+    ];
+    let two_ports = serde_json::json!({
+        "clusterIP": "198.19.0.10",
+        "clusterIPs": ["198.19.0.10"],
+        "ports": [
+            {"name": "http", "port": 80, "targetPort": "web", "appProtocol": "http"},
+            {"name": "db", "port": 3306, "targetPort": 3306},
+        ],
+    });
+    let services = [
+        service_of(
+            "api",
+            two_ports.clone(),
+            serde_json::json!({OPAQUE_PORTS_ANNOTATION: "3306"}),
+        ),
+        // Headless, with an annotation that does not parse.
+        service_of(
+            "api-headless",
+            serde_json::json!({"clusterIP": "None", "ports": [{"name": "grpc", "port": 9090}]}),
+            serde_json::json!({OPAQUE_PORTS_ANNOTATION: "3306-80"}),
+        ),
+        // One of its endpoints is not meshed.
+        service_of("partial", two_ports.clone(), serde_json::json!({})),
+    ];
+    let endpoint = |address: &str, pod: &str, conditions: serde_json::Value| {
+        serde_json::json!({
+            "addresses": [address],
+            "conditions": conditions,
+            "nodeName": "node-a",
+            "zone": "zone-1",
+            "targetRef": {"kind": "Pod", "namespace": "demo", "name": pod, "uid": format!("uid-{pod}")},
+        })
+    };
+    let ports =
+        |web: u16| serde_json::json!([{"name": "http", "port": web}, {"name": "db", "port": 3306}]);
+    let slices = [
+        // The named target port "web" is 8080 on some pods and 8081 on another: two slices.
+        slice_of(
+            "api-a",
+            "api",
+            serde_json::json!([
+                endpoint("198.18.0.2", "api-1", serde_json::json!({})),
+                endpoint("198.18.0.3", "api-2", serde_json::json!({"ready": false})),
+            ]),
+            ports(8080),
+        ),
+        slice_of(
+            "api-b",
+            "api",
+            serde_json::json!([endpoint(
+                "198.18.0.4",
+                "api-3",
+                serde_json::json!({"ready": false, "serving": true, "terminating": true})
+            )]),
+            ports(8081),
+        ),
+        slice_of(
+            "api-headless-a",
+            "api-headless",
+            serde_json::json!([endpoint("198.18.0.2", "api-1", serde_json::json!({}))]),
+            serde_json::json!([{"name": "grpc", "port": 9090}]),
+        ),
+        slice_of(
+            "partial-a",
+            "partial",
+            serde_json::json!([
+                endpoint("198.18.0.2", "api-1", serde_json::json!({})),
+                endpoint("198.18.0.99", "plain-1", serde_json::json!({})),
+            ]),
+            ports(8080),
+        ),
+    ];
+    let mut kube = kube_state(&pods, &services, &slices);
+    let served = services_of(&kube, None);
+    assert_eq!(
+        served.keys().collect::<Vec<_>>(),
+        ["demo/api", "demo/api-headless"],
+        "the partly meshed Service is left out"
+    );
+    let api_endpoint =
+        |address: &str, pod: &str, web: u16, conditions: (bool, bool, bool)| Endpoint {
+            ip: ip(address),
+            ports: BTreeMap::from([("http".into(), web), ("db".into(), 3306)]),
+            id: spiffe(API),
+            ready: conditions.0,
+            serving: conditions.1,
+            terminating: conditions.2,
+            node: Some("node-a".into()),
+            zone: Some("zone-1".into()),
+            source: format!("demo/{pod}"),
+        };
+    assert_eq!(
+        served["demo/api"],
+        MeshService {
+            key: ServiceKey::new("demo", "api"),
+            cluster_ips: vec![ip("198.19.0.10")],
+            ports: vec![
+                ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    protocol: Protocol::Http1,
+                    app_protocol: Some("http".into()),
+                },
+                ServicePort {
+                    name: "db".into(),
+                    port: 3306,
+                    protocol: Protocol::Opaque,
+                    app_protocol: None,
+                },
+            ],
+            endpoints: vec![
+                // No conditions: ready, serving, not terminating.
+                api_endpoint("198.18.0.2", "api-1", 8080, (true, true, false)),
+                // Not ready, serving unset: not serving either.
+                api_endpoint("198.18.0.3", "api-2", 8080, (false, false, false)),
+                api_endpoint("198.18.0.4", "api-3", 8081, (false, true, true)),
+            ],
+        }
+    );
+    let headless = &served["demo/api-headless"];
+    assert!(headless.cluster_ips.is_empty());
+    assert_eq!(
+        headless.ports[0].protocol,
+        Protocol::Grpc,
+        "annotation ignored"
+    );
+    assert_eq!(headless.endpoints.len(), 1);
+    let (members, _, notes) = merge(Some(&kube), None);
+    assert_eq!(
+        members[&ip("198.19.0.10")],
+        member(API, "demo/service/api"),
+        "the membership by the same rule"
+    );
+    assert_eq!(
+        notes.invalid_opaque_ports,
+        [(
+            ServiceKey::new("demo", "api-headless"),
+            InvalidOpaquePorts {
+                value: "3306-80".into(),
+                reason: "the range \"3306-80\" ends before it starts".into(),
+            }
+        )]
+    );
+    assert_eq!(notes.partly_meshed.len(), 1);
+
+    // An endpoint becomes terminating and one is added: api alone changes.
+    let before = ServiceTable::new(1, served.into_values());
+    let pod_4 = pod_at("api-4", "api", &["198.18.0.5"]);
+    apply_pod(&mut kube.pods, pod_4);
+    assert!(kube.on_slice_event(Event::Apply(slice_of(
+        "api-a",
+        "api",
+        serde_json::json!([
+            endpoint(
+                "198.18.0.2",
+                "api-1",
+                serde_json::json!({"ready": false, "serving": true, "terminating": true})
+            ),
+            endpoint("198.18.0.3", "api-2", serde_json::json!({"ready": false})),
+            endpoint("198.18.0.5", "api-4", serde_json::json!({"ready": true})),
+        ]),
+        ports(8080),
+    ))));
+    let after = ServiceTable::new(2, services_of(&kube, None).into_values());
+    let update = after.update_from(&before).unwrap();
+    assert_eq!(update.upserts.len(), 1);
+    assert_eq!(update.upserts[0].name, "api");
+    assert!(update.removals.is_empty());
+    let api = after.get(&ServiceKey::new("demo", "api")).unwrap();
+    let ips: Vec<String> = api.endpoints.iter().map(|e| e.ip.to_string()).collect();
+    assert_eq!(
+        ips,
+        ["198.18.0.2", "198.18.0.3", "198.18.0.4", "198.18.0.5"]
+    );
+    assert!(api.endpoints[0].terminating && !api.endpoints[0].takes_new_requests());
+    assert!(api.endpoints[3].takes_new_requests());
+
+    // A slice naming an address twice (one slice replacing another): one endpoint, the ready one.
+    kube.on_slice_event(Event::Apply(slice_of(
+        "api-c",
+        "api",
+        serde_json::json!([endpoint("198.18.0.3", "api-2", serde_json::json!({}))]),
+        ports(8080),
+    )));
+    let api = services_of(&kube, None).remove("demo/api").unwrap();
+    let twice: Vec<&Endpoint> = api
+        .endpoints
+        .iter()
+        .filter(|e| e.ip == ip("198.18.0.3"))
+        .collect();
+    assert_eq!(twice.len(), 1);
+    assert!(twice[0].ready);
+
+    // The Service goes: it is removed.
+    assert!(
+        kube.services
+            .on_event(Event::Delete(services[0].clone()), "services", kube_service)
+    );
+    let gone = ServiceTable::new(3, services_of(&kube, None).into_values());
+    let update = gone.update_from(&after).unwrap();
+    assert_eq!(
+        (update.upserts.len(), update.removals),
+        (0, vec!["demo/api".to_owned()])
+    );
+
+    // The mesh file's Service of the same name wins over Kubernetes'.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "members: [{{ip: 198.18.1.2, id: {API}}}]\n\
+             services:\n\
+             - {{namespace: demo, name: api-headless, endpoints: [{{ip: 198.18.1.2}}]}}\n"
+        ),
+    )
+    .unwrap();
+    let file = MeshFile::load(&path, &td()).unwrap();
+    let headless = services_of(&kube, Some(&file))
+        .remove("demo/api-headless")
+        .unwrap();
+    assert_eq!(headless.endpoints.len(), 1);
+    assert_eq!(headless.endpoints[0].ip, ip("198.18.1.2"));
+    assert_eq!(headless.endpoints[0].source, FILE_SOURCE);
+}
+
+/// The file source alone, on paused time: its Services are served, and an invalid edit keeps
+/// the last good ones.
+#[tokio::test(start_paused = true)]
+async fn the_mesh_files_services_are_served_and_a_bad_edit_keeps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.yaml");
+    let file = |endpoint: &str| {
+        format!(
+            "members:\n\
+             - {{ip: 198.18.0.2, id: {API}}}\n\
+             - {{ip: 198.18.0.4, id: {API}}}\n\
+             services:\n\
+             - namespace: demo\n  name: api\n  clusterIPs: [198.19.0.10]\n\
+             \x20 ports: [{{name: http, port: 80, targetPort: 8080, appProtocol: http}}]\n\
+             \x20 endpoints: [{{ip: 198.18.0.2}}, {{ip: {endpoint}, ready: false}}]\n"
+        )
+    };
+    std::fs::write(&path, file("198.18.0.4")).unwrap();
+    let metrics = metrics();
+    let (_stop, shutdown) = watch::channel(false);
+    let sources = Sources {
+        kubernetes: None,
+        file: Some(MeshFile::load(&path, &td()).unwrap()),
+    };
+    let rx = spawn(td(), sources, metrics.clone(), shutdown);
+    let first = until_state(&rx, MeshState::is_synced).await;
+    let table = first.services();
+    assert_eq!(table.version, 1);
+    let api = table.by_cluster_ip(ip("198.19.0.10")).unwrap();
+    assert_eq!(api.key, ServiceKey::new("demo", "api"));
+    assert_eq!(api.ports[0].protocol, Protocol::Http1);
+    let endpoints: Vec<(String, u16, bool)> = api
+        .endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.ip.to_string(),
+                e.target_port(&api.ports[0]).unwrap(),
+                e.ready,
+            )
+        })
+        .collect();
+    assert_eq!(
+        endpoints,
+        [
+            ("198.18.0.2".into(), 8080, true),
+            ("198.18.0.4".into(), 8080, false)
+        ]
+    );
+    assert!(api.endpoints.iter().all(|e| e.id == spiffe(API)));
+    assert_eq!(metrics.mesh_services.get(), 1);
+
+    // An endpoint that is not a member: refused, counted, the last good file kept.
+    std::fs::write(&path, file("198.18.0.9")).unwrap();
+    tokio::time::sleep(FILE_POLL_INTERVAL * 3).await;
+    assert_eq!(metrics.mesh_file_reload_failures.get(), 1);
+    assert_eq!(rx.borrow().version(), 1, "nothing published");
+    assert_eq!(rx.borrow().services().get(&api.key), Some(api));
+
+    // A valid edit is published.
+    std::fs::write(
+        &path,
+        file("198.18.0.2").replace(", {ip: 198.18.0.2, ready: false}", ""),
+    )
+    .unwrap();
+    let second = until_state(&rx, |state| state.version() == 2).await;
+    let api = second
+        .services()
+        .get(&ServiceKey::new("demo", "api"))
+        .unwrap();
+    assert_eq!(api.endpoints.len(), 1);
 }
 
 // --- the Kubernetes source, against the test API server ---
@@ -880,7 +1270,7 @@ async fn labelled_pods_with_ips_are_members_until_deleted() {
     // A new labelled pod in another namespace joins once it has an address.
     server.add_pod(&labelled("shop", "db-1", "db"));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(rx.borrow().members.len(), 1, "no IP yet");
+    assert_eq!(rx.borrow().members().members.len(), 1, "no IP yet");
     set_pod_ips(&server, "shop", "db-1", &["10.0.1.9", "fd00::9"]).await;
     let grown = until(&rx, |s| s.members.len() == 3).await;
     let db = "spiffe://cluster.local/ns/shop/sa/db";
@@ -941,14 +1331,12 @@ async fn serve(unix_map: &str) -> TestAgent {
     .await
 }
 
-fn snapshot(version: u64, members: &[(&str, &str)]) -> Arc<MeshSnapshot> {
-    Arc::new(MeshSnapshot {
-        version,
-        members: members
-            .iter()
-            .map(|(ip_, id)| (ip(ip_), member(id, FILE_SOURCE)))
-            .collect(),
-    })
+fn snapshot(version: u64, members: &[(&str, &str)]) -> Arc<MeshState> {
+    let members = members
+        .iter()
+        .map(|(ip_, id)| (ip(ip_), member(id, FILE_SOURCE)))
+        .collect();
+    Arc::new(MeshState::new(version, members, []))
 }
 
 #[tokio::test]
@@ -989,7 +1377,7 @@ async fn an_attested_caller_gets_the_membership_then_every_change() {
     );
     assert_eq!(
         MeshSnapshot::from_message(&message).unwrap(),
-        *snapshot(1, &[("198.18.0.2", b)])
+        *snapshot(1, &[("198.18.0.2", b)]).members()
     );
     assert_eq!(agent.streams_open(), 1);
 
@@ -1009,8 +1397,33 @@ async fn an_attested_caller_gets_the_membership_then_every_change() {
     );
     assert_eq!(agent.pushes(), 2);
 
+    // A state that changes only the Services is not a membership change: nothing is sent.
+    let members = snapshot(2, &[("198.18.0.2", b), ("fd00::3", WEB_ID)])
+        .members()
+        .members
+        .clone();
+    let service = MeshService {
+        key: ServiceKey::new("demo", "web"),
+        cluster_ips: vec![],
+        ports: vec![],
+        endpoints: vec![],
+    };
+    agent
+        .mesh_tx
+        .send_replace(Arc::new(MeshState::new(3, members, [service])));
+    agent
+        .mesh_tx
+        .send_replace(snapshot(4, &[("198.18.0.2", b)]));
+    let message = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.version, 4);
+    assert_eq!(agent.pushes(), 3);
+
     // The agent stops: the stream ends with a status clients retry on.
-    agent.mesh_tx = watch::channel(Arc::new(MeshSnapshot::default())).0;
+    agent.mesh_tx = watch::channel(Arc::new(MeshState::default())).0;
     let end = tokio::time::timeout(WAIT, stream.message())
         .await
         .unwrap()

@@ -1,0 +1,382 @@
+//! The node agent's `sigil.mesh.v1.ServiceDiscovery`, end to end: the real `sigil agent run`
+//! (Kubernetes attestor) against the Kubernetes API test double, read by the generated tonic
+//! client from inside a pod's cgroup (this test binary, run again as a child in a `PodCgroup`, so
+//! that the agent attests it as that pod), which applies every message to a `ServiceTable` as a
+//! proxy does. A meshed Service's endpoints come from its EndpointSlices with each endpoint's
+//! identity; an EndpointSlice change arrives as an upsert of that Service alone, its deletion as
+//! a removal.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use sigil_proto::sigil::mesh::v1::service_discovery_client::ServiceDiscoveryClient;
+use sigil_proto::sigil::mesh::v1::{Protocol, ServiceUpdate, WatchServicesRequest};
+use sigil_proxy_api::services::ServiceTable;
+use sigil_proxy_api::{TLS_MODE_LABEL, TLS_MODE_MTLS};
+use sigil_test_apiserver::{PodSpec, TestApiServer};
+use sigil_test_harness::*;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout};
+
+const NAMESPACE: &str = "demo";
+const API_ID: &str = "spiffe://cluster.local/ns/demo/sa/api";
+/// Longest wait for a message the agent owes the client.
+const WAIT: Duration = Duration::from_secs(20);
+/// Where the child client finds the agent socket.
+const SOCKET_ENV: &str = "SIGIL_E2E_SERVICES_SOCKET";
+/// The prefix of the child's lines carrying a message.
+const UPDATE: &str = "UPDATE ";
+
+/// A labelled (meshed) pod of `demo` on node-b with `ip` as its address.
+async fn add_meshed_pod(server: &TestApiServer, name: &str, ip: &str) {
+    let mut spec = PodSpec::new(NAMESPACE, name, "api", "node-b");
+    spec.labels
+        .insert(TLS_MODE_LABEL.into(), TLS_MODE_MTLS.into());
+    server.add_pod(&spec);
+    // What the kubelet writes once the pod's sandbox has an address.
+    let pods: Api<Pod> = Api::namespaced(server.client(), NAMESPACE);
+    let status = json!({ "status": { "podIP": ip, "podIPs": [{ "ip": ip }] } });
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap_or_else(|e| panic!("setting {name}'s podIP: {e}"));
+}
+
+/// An endpoint of the api slice: `(address, pod, ready, serving, terminating)`.
+type SliceEndpoint = (&'static str, &'static str, bool, bool, bool);
+
+/// The api Service's EndpointSlice, as the EndpointSlice controller writes it.
+fn api_slice(endpoints: &[SliceEndpoint]) -> EndpointSlice {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(address, pod, ready, serving, terminating)| {
+            json!({
+                "addresses": [address],
+                "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                "nodeName": "node-b",
+                "zone": "zone-1",
+                "targetRef": {"kind": "Pod", "namespace": NAMESPACE, "name": pod},
+            })
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": "api-x7k2p",
+            "namespace": NAMESPACE,
+            "labels": {"kubernetes.io/service-name": "api"},
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    }))
+    .unwrap()
+}
+
+/// The child: this test binary again, running [`watch_services_client`] inside a pod's cgroup,
+/// its messages read line by line.
+struct ServicesClient {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    stderr: PathBuf,
+}
+
+impl ServicesClient {
+    fn start(dir: &Path, cgroup: &PodCgroup, socket: &Path) -> ServicesClient {
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command
+            .args(["--exact", "agent_services::watch_services_client"])
+            .args(["--ignored", "--nocapture", "--test-threads", "1"])
+            .env(SOCKET_ENV, socket);
+        let stderr = dir.join("client.log");
+        let mut child = tokio::process::Command::from(cgroup.enter(&command))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        ServicesClient {
+            child,
+            lines,
+            stderr,
+        }
+    }
+
+    /// Ends the client, so that its cgroup can go.
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// The next message the client received, as it printed it.
+    async fn next(&mut self, agent: &Proc) -> Value {
+        let line = tokio::time::timeout(WAIT, async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                if let Some(update) = line.strip_prefix(UPDATE) {
+                    return Some(update.to_owned());
+                }
+            }
+            None
+        })
+        .await;
+        match line {
+            Ok(Some(update)) => serde_json::from_str(&update).unwrap(),
+            _ => panic!(
+                "no message from the agent ({line:?}); client:\n{}\nagent:\n{}",
+                std::fs::read_to_string(&self.stderr).unwrap_or_default(),
+                agent.logs()
+            ),
+        }
+    }
+}
+
+/// A message as the client prints it: what a test can compare, with every field it carries.
+fn update_json(update: &ServiceUpdate) -> Value {
+    let upserts: Vec<Value> = update
+        .upserts
+        .iter()
+        .map(|service| {
+            let ports: Vec<Value> = service
+                .ports
+                .iter()
+                .map(|port| json!({"name": port.name, "port": port.port, "protocol": port.protocol, "appProtocol": port.app_protocol}))
+                .collect();
+            let endpoints: Vec<Value> = service
+                .endpoints
+                .iter()
+                .map(|endpoint| {
+                    let ports: BTreeMap<&str, u32> = endpoint
+                        .ports
+                        .iter()
+                        .map(|port| (port.name.as_str(), port.port))
+                        .collect();
+                    json!({
+                        "ip": endpoint.ip,
+                        "ports": ports,
+                        "id": endpoint.spiffe_id,
+                        "ready": endpoint.ready,
+                        "serving": endpoint.serving,
+                        "terminating": endpoint.terminating,
+                        "node": endpoint.node,
+                        "zone": endpoint.zone,
+                        "source": endpoint.source,
+                    })
+                })
+                .collect();
+            json!({
+                "service": format!("{}/{}", service.namespace, service.name),
+                "clusterIPs": service.cluster_ips,
+                "ports": ports,
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({
+        "version": update.version,
+        "reset": update.reset,
+        "upserts": upserts,
+        "removals": update.removals,
+    })
+}
+
+/// The client half of [`services_from_endpoint_slices_then_only_their_changes`]: run by it, as
+/// a child in a pod's cgroup, never on its own.
+#[tokio::test]
+#[ignore = "the client half of agent_services::services_from_endpoint_slices_then_only_their_changes, which runs it in a pod's cgroup"]
+async fn watch_services_client() {
+    let socket = std::env::var_os(SOCKET_ENV)
+        .map(PathBuf::from)
+        .expect("run by services_from_endpoint_slices_then_only_their_changes");
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut stream = ServiceDiscoveryClient::new(channel)
+        .watch_services(WatchServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut table = ServiceTable::default();
+    while let Some(update) = stream.message().await.unwrap() {
+        // Checked entry by entry as the proxy checks it.
+        table = table.apply(&update, &td()).unwrap();
+        println!("{UPDATE}{}", update_json(&update));
+    }
+}
+
+/// The one Service of `update`'s upserts named `demo/api`.
+fn api_service(update: &Value) -> &Value {
+    let upserts = update["upserts"].as_array().unwrap();
+    let api: Vec<&Value> = upserts
+        .iter()
+        .filter(|service| service["service"] == "demo/api")
+        .collect();
+    assert_eq!(api.len(), 1, "{update}");
+    api[0]
+}
+
+fn endpoint(address: &str, pod: &str, ready: bool, serving: bool, terminating: bool) -> Value {
+    json!({
+        "ip": address,
+        "ports": {"http": 8080},
+        "id": API_ID,
+        "ready": ready,
+        "serving": serving,
+        "terminating": terminating,
+        "node": "node-b",
+        "zone": "zone-1",
+        "source": format!("{NAMESPACE}/{pod}"),
+    })
+}
+
+#[tokio::test]
+async fn services_from_endpoint_slices_then_only_their_changes() {
+    let server = TestApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let agent_pod = server.add_pod(&PodSpec::new(
+        "sigil-system",
+        "sigil-agent-a",
+        "sigil-agent",
+        "node-a",
+    ));
+    // The client's pod, on the agent's node.
+    let web = server.add_pod(&PodSpec::new(NAMESPACE, "web-1", "web", "node-a"));
+    add_meshed_pod(&server, "api-1", "198.18.0.2").await;
+    add_meshed_pod(&server, "api-2", "198.18.0.3").await;
+    let services: Api<Service> = Api::namespaced(server.client(), NAMESPACE);
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "api", "namespace": NAMESPACE},
+        "spec": {
+            "clusterIP": "198.19.0.10",
+            "clusterIPs": ["198.19.0.10"],
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080, "appProtocol": "http"}],
+        },
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(server.client(), NAMESPACE);
+    slices
+        .create(
+            &PostParams::default(),
+            &api_slice(&[
+                ("198.18.0.2", "api-1", true, true, false),
+                ("198.18.0.3", "api-2", true, true, false),
+            ]),
+        )
+        .await
+        .unwrap();
+
+    let mut ca = CaProcess::start(dir.path(), Some(&kubeconfig), &[] as &[&str]);
+    ca.wait_ready().await;
+    let socket = dir.path().join("agent.sock");
+    let (agent, admin) = spawn_k8s_agent(
+        dir.path(),
+        &server,
+        &kubeconfig,
+        &ca,
+        &agent_pod,
+        "node-a",
+        &socket,
+    )
+    .await;
+    wait_agent_ready(&agent, admin, "").await;
+
+    let cgroup = PodCgroup::create(&web, "c11e47");
+    let mut client = ServicesClient::start(dir.path(), &cgroup, &socket);
+
+    // First: every meshed Service, with each endpoint's identity.
+    let reset = client.next(&agent).await;
+    assert_eq!(reset["reset"], true, "{reset}");
+    assert_eq!(
+        *api_service(&reset),
+        json!({
+            "service": "demo/api",
+            "clusterIPs": ["198.19.0.10"],
+            "ports": [{"name": "http", "port": 80, "protocol": Protocol::Http1 as i32, "appProtocol": "http"}],
+            "endpoints": [
+                endpoint("198.18.0.2", "api-1", true, true, false),
+                endpoint("198.18.0.3", "api-2", true, true, false),
+            ],
+        })
+    );
+    println!("first message: {reset}");
+
+    // A rollout step: api-1 is terminating and a new meshed pod is added. Only the slice change
+    // changes the Service (the new pod alone changes only the membership).
+    add_meshed_pod(&server, "api-3", "198.18.0.4").await;
+    let changed = api_slice(&[
+        ("198.18.0.2", "api-1", false, true, true),
+        ("198.18.0.3", "api-2", true, true, false),
+        ("198.18.0.4", "api-3", true, true, false),
+    ]);
+    slices
+        .patch(
+            "api-x7k2p",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"endpoints": changed.endpoints})),
+        )
+        .await
+        .unwrap();
+    let update = client.next(&agent).await;
+    assert_eq!(update["reset"], false, "{update}");
+    assert_eq!(update["removals"], json!([]), "{update}");
+    assert_eq!(
+        update["upserts"],
+        json!([{
+            "service": "demo/api",
+            "clusterIPs": ["198.19.0.10"],
+            "ports": [{"name": "http", "port": 80, "protocol": Protocol::Http1 as i32, "appProtocol": "http"}],
+            "endpoints": [
+                endpoint("198.18.0.2", "api-1", false, true, true),
+                endpoint("198.18.0.3", "api-2", true, true, false),
+                endpoint("198.18.0.4", "api-3", true, true, false),
+            ],
+        }]),
+        "just that Service"
+    );
+    assert!(update["version"].as_u64() > reset["version"].as_u64());
+
+    // The Service is deleted: a removal.
+    services
+        .delete("api", &DeleteParams::default())
+        .await
+        .unwrap();
+    let removal = client.next(&agent).await;
+    assert_eq!(
+        (&removal["reset"], &removal["upserts"], &removal["removals"]),
+        (&json!(false), &json!([]), &json!(["demo/api"])),
+        "{removal}"
+    );
+
+    let metrics = http_get(admin, "/metrics").await.unwrap().1;
+    assert_eq!(
+        metric(&metrics, "sigil_agent_pushes_total{api=\"services\"}"),
+        3.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "sigil_agent_streams{api=\"services\"}"),
+        1.0
+    );
+    assert_eq!(metric(&metrics, "sigil_agent_mesh_services"), 0.0);
+    client.stop().await;
+    drop(agent);
+    drop(cgroup);
+}
