@@ -27,6 +27,8 @@ pub const DEFAULT_IDLE_TIMEOUT: &str = "1h";
 pub const DEFAULT_DETECT_TIMEOUT: &str = "500ms";
 /// Inbound connections held at once; more are closed at accept.
 pub const DEFAULT_MAX_INBOUND_CONNECTIONS: u32 = 4096;
+/// Pooled HTTP/2 connections to one endpoint of a meshed Service, at most.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ENDPOINT: u32 = 4;
 
 /// PeerAuthentication's mode, which `--mtls-mode` and `--port-mtls` set where no policy does.
 pub use sigil_policy::MtlsMode;
@@ -200,6 +202,12 @@ pub struct ProxyConfig {
     /// ...which must present this SPIFFE ID.
     #[arg(long, requires = "outbound_listen")]
     pub outbound_identity: Option<String>,
+
+    /// Outbound HTTP to a meshed Service: mutual TLS HTTP/2 connections kept open to each of its
+    /// endpoints. One carries many requests at once; another is opened only when the open ones
+    /// are busy.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS_PER_ENDPOINT, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_endpoint: u32,
 }
 
 impl ProxyConfig {

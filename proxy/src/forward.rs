@@ -17,13 +17,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use crate::balance::Balancers;
 use crate::config::ProxyConfig;
 use crate::metrics::{
     BytesLabels, ConnectionLabels, Direction, Flow, HandshakeLabels, Metrics, Security,
 };
 use crate::policy::PolicyState;
+use crate::pool::Pools;
 use crate::tls::{HandshakeFailure, TlsState};
 use sigil_proxy_api::mesh::MeshSnapshot;
+use sigil_proxy_api::services::ServiceTable;
 
 /// Copy buffer per direction: one TLS record's worth of plaintext (16 KiB), so a full record
 /// is read or written per call without growing rustls' buffers.
@@ -43,6 +46,13 @@ pub struct Shared {
     pub close: watch::Receiver<bool>,
     /// One permit per inbound connection held (--max-inbound-connections).
     pub inbound_slots: Arc<tokio::sync::Semaphore>,
+    /// Meshed Services (transparent mode; None from an agent without them, or before the first
+    /// update).
+    pub services: watch::Receiver<Option<Arc<ServiceTable>>>,
+    /// Outbound: a balancer per meshed Service port...
+    pub balancers: Arc<Balancers>,
+    /// ...and pooled HTTP/2 connections per endpoint.
+    pub pools: Arc<Pools>,
 }
 
 impl Shared {

@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 use crate::config::MtlsMode;
 use crate::dial;
 use crate::forward::{self, ConnectionLog, Counted, Ended, HANDSHAKE_TIMEOUT, Prefixed, Shared};
-use crate::l7::{self, HttpVersion, Sniffed};
+use crate::l7::{self, HttpVersion, Sniffed, sniff};
 use crate::metrics::{Direction, Security};
 use crate::policy::{ConnectionAuthz, PolicyState, Transport};
 use crate::tls::{self, HandshakeFailure};
@@ -248,27 +248,6 @@ async fn authorize_and_forward<D>(
     };
     let revoked = authz.revoked(per_request);
     forward::track(&shared, log, security, counts, forwarding, revoked).await;
-}
-
-/// Reads a connection's first bytes into `first` until they tell its protocol, `wait` passes,
-/// the client closes or [`l7::SNIFF_LIMIT`] bytes came: the protocol, or None if the client
-/// sent nothing.
-async fn sniff<D: AsyncRead + Unpin>(
-    downstream: &mut D,
-    first: &mut Vec<u8>,
-    wait: Duration,
-) -> io::Result<Option<Sniffed>> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut chunk = [0u8; 1024];
-    while Sniffed::of(first) == Sniffed::Undecided && first.len() < l7::SNIFF_LIMIT {
-        let room = chunk.len().min(l7::SNIFF_LIMIT - first.len());
-        match tokio::time::timeout_at(deadline, downstream.read(&mut chunk[..room])).await {
-            Err(_) | Ok(Ok(0)) => break,
-            Ok(Ok(n)) => first.extend_from_slice(&chunk[..n]),
-            Ok(Err(e)) => return Err(e),
-        }
-    }
-    Ok(Sniffed::at_end(first))
 }
 
 /// Forwards a connection that is not HTTP as bytes, both ways. If the client had sent nothing

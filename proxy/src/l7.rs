@@ -23,7 +23,7 @@ use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sigil_policy::path::{self, PathError, PathNormalization};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// The body of a denied request: Envoy's, so clients and dashboards that know it keep working.
@@ -114,6 +114,27 @@ impl Sniffed {
             decided => Some(decided),
         }
     }
+}
+
+/// Reads a connection's first bytes into `first` until they tell its protocol, `wait` passes,
+/// the client closes or [`SNIFF_LIMIT`] bytes came: the protocol, or None if the client
+/// sent nothing.
+pub async fn sniff<D: AsyncRead + Unpin>(
+    downstream: &mut D,
+    first: &mut Vec<u8>,
+    wait: Duration,
+) -> std::io::Result<Option<Sniffed>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut chunk = [0u8; 1024];
+    while Sniffed::of(first) == Sniffed::Undecided && first.len() < SNIFF_LIMIT {
+        let room = chunk.len().min(SNIFF_LIMIT - first.len());
+        match tokio::time::timeout_at(deadline, downstream.read(&mut chunk[..room])).await {
+            Err(_) | Ok(Ok(0)) => break,
+            Ok(Ok(n)) => first.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(e),
+        }
+    }
+    Ok(Sniffed::at_end(first))
 }
 
 /// Whitespace a lenient server accepts between the parts of a request line (RFC 9112 section

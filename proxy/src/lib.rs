@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod dial;
 pub mod feed;
@@ -15,7 +16,9 @@ pub mod mesh;
 pub mod metrics;
 pub mod outbound;
 pub mod policy;
+pub mod pool;
 pub mod probes;
 pub mod sds;
 pub mod server;
+pub mod services;
 pub mod tls;

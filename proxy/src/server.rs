@@ -1,6 +1,6 @@
-//! `sigil proxy run`: wires the agent feeds (SDS certificates, mesh membership), the listeners
-//! (transparent or explicit), the admin and metrics endpoints, readiness, and the drain on
-//! SIGTERM.
+//! `sigil proxy run`: wires the agent feeds (SDS certificates, mesh membership, meshed
+//! Services), the listeners (transparent or explicit), the admin and metrics endpoints,
+//! readiness, and the drain on SIGTERM.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
+use crate::balance::Balancers;
 use crate::config::ProxyConfig;
 use crate::forward::{self, Shared};
 use crate::inbound::{self, AppTarget};
@@ -22,9 +23,11 @@ use crate::mesh;
 use crate::metrics::{Direction, Metrics};
 use crate::outbound::{self, Upstream};
 use crate::policy::{self, PolicyState};
+use crate::pool::Pools;
 use crate::tls::TlsState;
-use crate::{admin as proxy_admin, probes, sds};
+use crate::{admin as proxy_admin, probes, sds, services};
 use sigil_proxy_api::mesh::MeshSnapshot;
+use sigil_proxy_api::services::ServiceTable;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -133,6 +136,17 @@ pub async fn run(
         ));
     }
 
+    // Meshed Services make outbound HTTP per request; without them (explicit mode, an older
+    // agent) outbound stays per connection.
+    let (services_tx, services_rx) = watch::channel(None::<Arc<ServiceTable>>);
+    if needs_mesh {
+        tokio::spawn(services::run(
+            config.agent_socket.clone(),
+            tls_rx.clone(),
+            services_tx,
+        ));
+    }
+
     let (policies_tx, policies_rx) = watch::channel(None::<Arc<PolicyState>>);
     tokio::spawn(policy::feed::run(
         config.agent_socket.clone(),
@@ -177,8 +191,17 @@ pub async fn run(
     });
 
     let (close_tx, close_rx) = watch::channel(false);
+    let pools = Arc::new(Pools::new(
+        tls_rx.clone(),
+        metrics.clone(),
+        config.connect_timeout,
+        config.max_connections_per_endpoint as usize,
+    ));
     let shared = Shared {
         config: config.clone(),
+        balancers: Arc::new(Balancers::new(metrics.clone())),
+        pools,
+        services: services_rx,
         tls: tls_rx,
         mesh: mesh_rx,
         metrics,

@@ -1,0 +1,348 @@
+//! Load balancing over a meshed Service's endpoints, one balancer per (Service, Service port):
+//! power of two choices over peak-EWMA latency (Linkerd's and Finagle's): each endpoint keeps an
+//! exponentially weighted moving average of its response times that jumps to a slower response
+//! at once and decays with [`DECAY`], and its load is that average times its pending requests
+//! plus one. Of two endpoints drawn at random the less loaded one is chosen.
+//!
+//! The endpoints follow the Service table at once: an endpoint that takes new requests is
+//! chosen from the next pick on; one that leaves, turns unready or terminating is never chosen
+//! again, while what was sent to it finishes ([`Pending`] holds its own reference).
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
+use sigil_identity::SpiffeId;
+use sigil_proxy_api::services::{MeshService, ServiceKey, ServicePort};
+
+use crate::metrics::{EndpointLabels, Metrics, ServiceLabels};
+
+/// How fast an endpoint's latency average forgets: a response this old weighs 1/e.
+pub const DECAY: Duration = Duration::from_secs(10);
+/// The latency assumed of the endpoints of a new balancer, nothing having been sent to them yet
+/// (Linkerd's default).
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// One endpoint's address (pod IP and target port), identity and load.
+#[derive(Debug)]
+pub struct EndpointLoad {
+    pub addr: SocketAddr,
+    pub id: SpiffeId,
+    pending: AtomicI64,
+    rtt: Mutex<PeakEwma>,
+}
+
+impl EndpointLoad {
+    fn new(addr: SocketAddr, id: SpiffeId, estimate_ns: f64, now: Instant) -> EndpointLoad {
+        EndpointLoad {
+            addr,
+            id,
+            pending: AtomicI64::new(0),
+            rtt: Mutex::new(PeakEwma {
+                estimate_ns,
+                updated: now,
+            }),
+        }
+    }
+
+    fn estimate_ns(&self, now: Instant) -> f64 {
+        self.rtt.lock().map_or(0.0, |rtt| rtt.decayed(now))
+    }
+
+    /// Requests (or opaque connections) sent here and not answered (or closed) yet.
+    pub fn pending(&self) -> i64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// The latency estimate as of `now` times the pending requests plus one.
+    fn load(&self, now: Instant) -> f64 {
+        let estimate = self.rtt.lock().map_or(0.0, |rtt| rtt.decayed(now));
+        estimate * (self.pending().max(0) + 1) as f64
+    }
+
+    fn observe(&self, rtt: Duration, now: Instant) {
+        if let Ok(mut estimate) = self.rtt.lock() {
+            estimate.observe(rtt, now);
+        }
+    }
+}
+
+/// The peak-EWMA latency estimate of one endpoint.
+#[derive(Debug)]
+struct PeakEwma {
+    estimate_ns: f64,
+    updated: Instant,
+}
+
+impl PeakEwma {
+    /// A slower response is taken at once (the peak); a faster one moves the average by how
+    /// long ago it was last updated.
+    fn observe(&mut self, rtt: Duration, now: Instant) {
+        let rtt_ns = rtt.as_nanos() as f64;
+        if rtt_ns > self.estimate_ns {
+            self.estimate_ns = rtt_ns;
+        } else {
+            let weight = self.weight_since_update(now);
+            self.estimate_ns = self.estimate_ns * weight + rtt_ns * (1.0 - weight);
+        }
+        self.updated = now;
+    }
+
+    /// The estimate decayed towards zero for the time without a response, so that an endpoint
+    /// once slow is tried again after a while instead of never. Reading does not change it:
+    /// equal endpoints stay exactly equal, and ties go to the random draw.
+    fn decayed(&self, now: Instant) -> f64 {
+        self.estimate_ns * self.weight_since_update(now)
+    }
+
+    fn weight_since_update(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        (-elapsed / DECAY.as_secs_f64()).exp()
+    }
+}
+
+/// A request (or opaque connection) sent to an endpoint: counted in its load until the
+/// response head arrives ([`Pending::answered`]) or it is dropped.
+#[derive(Debug)]
+pub struct Pending {
+    endpoint: Arc<EndpointLoad>,
+    sent: Instant,
+    gauge: Gauge,
+}
+
+impl Pending {
+    pub fn endpoint(&self) -> &Arc<EndpointLoad> {
+        &self.endpoint
+    }
+
+    /// The response head arrived: its latency feeds the endpoint's estimate.
+    pub fn answered(self) {
+        let now = Instant::now();
+        self.endpoint.observe(now - self.sent, now);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+/// The balancer of one Service port.
+#[derive(Debug)]
+pub struct Balancer {
+    pub service: ServiceKey,
+    state: Mutex<BalancerState>,
+    pending_gauge: Gauge,
+    ready_gauge: Gauge,
+    draining_gauge: Gauge,
+}
+
+#[derive(Debug, Default)]
+struct BalancerState {
+    /// The Service as last synced with (compared by pointer: the table never changes one).
+    synced: Option<Arc<MeshService>>,
+    /// Endpoints that take new requests.
+    ready: Vec<Arc<EndpointLoad>>,
+    /// Endpoints that left the ready set with requests still pending (for the gauge).
+    draining: Vec<Arc<EndpointLoad>>,
+    reported_ready: i64,
+    reported_draining: i64,
+}
+
+impl Balancer {
+    fn new(service: ServiceKey, metrics: &Metrics) -> Balancer {
+        let label = service.to_string();
+        let endpoints = |state| {
+            metrics
+                .balancer_endpoints
+                .get_or_create(&EndpointLabels {
+                    service: label.clone(),
+                    state,
+                })
+                .clone()
+        };
+        Balancer {
+            pending_gauge: metrics
+                .balancer_pending
+                .get_or_create(&ServiceLabels {
+                    service: label.clone(),
+                })
+                .clone(),
+            ready_gauge: endpoints("ready"),
+            draining_gauge: endpoints("draining"),
+            service,
+            state: Mutex::default(),
+        }
+    }
+
+    /// Takes `service`'s endpoints at `port` as they are now (a no-op if it is the Service
+    /// synced last).
+    pub fn sync(&self, service: &Arc<MeshService>, port: &ServicePort) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        if state
+            .synced
+            .as_ref()
+            .is_some_and(|synced| Arc::ptr_eq(synced, service))
+        {
+            return;
+        }
+        let now = Instant::now();
+        let mut previous: HashMap<(SocketAddr, SpiffeId), Arc<EndpointLoad>> = state
+            .ready
+            .drain(..)
+            .map(|load| ((load.addr, load.id.clone()), load))
+            .collect();
+        // A new endpoint starts at the mean estimate of those in use (the default RTT when
+        // there are none): at the default alone, beside endpoints measured faster, it would
+        // lose every comparison and never be tried.
+        let initial_ns = if previous.is_empty() {
+            DEFAULT_RTT.as_nanos() as f64
+        } else {
+            previous.values().map(|load| load.estimate_ns(now)).sum::<f64>() / previous.len() as f64
+        };
+        let mut ready = Vec::new();
+        for endpoint in service.endpoints.iter().filter(|e| e.takes_new_requests()) {
+            let Some(target) = endpoint.target_port(port) else {
+                continue;
+            };
+            let key = (SocketAddr::new(endpoint.ip, target), endpoint.id.clone());
+            let load = previous
+                .remove(&key)
+                .unwrap_or_else(|| {
+                    Arc::new(EndpointLoad::new(key.0, key.1.clone(), initial_ns, now))
+                });
+            ready.push(load);
+        }
+        state.draining.extend(previous.into_values());
+        state.ready = ready;
+        state.synced = Some(service.clone());
+        self.report(&mut state);
+    }
+
+    /// The endpoint for a new request or connection, counted as pending; None if no endpoint
+    /// takes new requests.
+    pub fn pick(&self) -> Option<Pending> {
+        let mut state = self.state.lock().ok()?;
+        let chosen = {
+            let ready = &state.ready;
+            match ready.len() {
+                0 => None,
+                1 => Some(ready[0].clone()),
+                n => {
+                    let (a, b) = two_distinct(n);
+                    let now = Instant::now();
+                    let (a, b) = (&ready[a], &ready[b]);
+                    Some(if b.load(now) < a.load(now) { b } else { a }.clone())
+                }
+            }
+        };
+        // Draining endpoints are forgotten once their last request is done.
+        self.report(&mut state);
+        drop(state);
+        let endpoint = chosen?;
+        endpoint.pending.fetch_add(1, Ordering::Relaxed);
+        self.pending_gauge.inc();
+        Some(Pending {
+            endpoint,
+            sent: Instant::now(),
+            gauge: self.pending_gauge.clone(),
+        })
+    }
+
+    /// The endpoints that take new requests now.
+    pub fn ready(&self) -> Vec<Arc<EndpointLoad>> {
+        self.state
+            .lock()
+            .map(|state| state.ready.clone())
+            .unwrap_or_default()
+    }
+
+    fn report(&self, state: &mut BalancerState) {
+        state.draining.retain(|load| load.pending() > 0);
+        let (ready, draining) = (state.ready.len() as i64, state.draining.len() as i64);
+        // Deltas: the gauges are per Service, shared by its ports' balancers.
+        self.ready_gauge.inc_by(ready - state.reported_ready);
+        self.draining_gauge
+            .inc_by(draining - state.reported_draining);
+        state.reported_ready = ready;
+        state.reported_draining = draining;
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        if let Ok(state) = self.state.lock() {
+            self.ready_gauge.dec_by(state.reported_ready);
+            self.draining_gauge.dec_by(state.reported_draining);
+        }
+    }
+}
+
+/// Two different indexes below `n` (n ≥ 2), uniformly.
+fn two_distinct(n: usize) -> (usize, usize) {
+    let a = random_below(n);
+    let mut b = random_below(n - 1);
+    if b >= a {
+        b += 1;
+    }
+    (a, b)
+}
+
+/// A random number below `n`, from a per-thread SplitMix64 sequence seeded once by the OS
+/// (through `RandomState`): not for secrets, ample for choosing endpoints.
+fn random_below(n: usize) -> usize {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(RandomState::new().build_hasher().finish());
+    }
+    let next = STATE.with(|state| {
+        let seed = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(seed);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    });
+    (next % n as u64) as usize
+}
+
+/// Every balancer of this proxy, by Service and Service port, made on first use.
+pub struct Balancers {
+    metrics: Arc<Metrics>,
+    by_port: Mutex<HashMap<(ServiceKey, u16), Arc<Balancer>>>,
+}
+
+impl Balancers {
+    pub fn new(metrics: Arc<Metrics>) -> Balancers {
+        Balancers {
+            metrics,
+            by_port: Mutex::default(),
+        }
+    }
+
+    /// The balancer of `service`'s `port`, synced with `service` as it is now.
+    pub fn get(&self, service: &Arc<MeshService>, port: &ServicePort) -> Arc<Balancer> {
+        let balancer = {
+            let mut by_port = self.by_port.lock().unwrap_or_else(|e| e.into_inner());
+            by_port
+                .entry((service.key.clone(), port.port))
+                .or_insert_with(|| {
+                    Arc::new(Balancer::new(service.key.clone(), &self.metrics))
+                })
+                .clone()
+        };
+        balancer.sync(service, port);
+        balancer
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,647 @@
+//! Outbound HTTP to a meshed Service: the application's connection is served as HTTP/1.x or
+//! HTTP/2 (as it speaks), and each request goes to the endpoint the balancer picks, over that
+//! endpoint's pooled mutual TLS HTTP/2 connections ([`crate::pool`]). An HTTP/1.x request loses
+//! its hop-by-hop headers (RFC 9110 section 7.6.1), keeps its Host as the `:authority`, and
+//! carries its version in `sigil-orig-proto` for the server's proxy to speak it to the
+//! application; the response is turned back into the application's protocol. Bodies stream
+//! both ways frame by frame (trailers included), never buffered.
+//!
+//! Requests that change the protocol (`Upgrade`, CONNECT) get a dedicated mutual TLS connection
+//! to their endpoint speaking HTTP/1.1; after a 101 (or a CONNECT's 2xx) both connections are
+//! relayed as bytes. Every request is counted in the golden metrics when its response body
+//! ends, and logged (`sigil_access`, `kind: http`) with --access-log.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1 as client_h1;
+use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use sigil_identity::SpiffeId;
+use sigil_proxy_api::ORIG_PROTO_HEADER;
+use sigil_proxy_api::services::ServiceKey;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::ServiceRoute;
+use crate::balance::{Balancer, EndpointLoad};
+use crate::dial::{self, DialError};
+use crate::forward::{Ended, Shared};
+use crate::l7::HttpVersion;
+use crate::metrics::{Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome, ServiceLabels};
+use crate::pool::{PoolError, Pools, RequestBody, StreamSlot, Target};
+use crate::tls::TlsState;
+
+/// The header of a response the proxy made itself, saying why (no endpoint, none reachable).
+pub const PROXY_ERROR_HEADER: HeaderName = HeaderName::from_static("sigil-proxy-error");
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    #[error("HTTP/1.1 to the endpoint for a protocol switch: {0}")]
+    Upstream(#[source] hyper::Error),
+    #[error("serving HTTP to the application: {0}")]
+    Downstream(#[source] hyper::Error),
+    #[error("switching protocols: {0}")]
+    Upgrade(#[source] hyper::Error),
+    #[error("relaying a switched connection: {0}")]
+    Tunnel(#[source] std::io::Error),
+}
+
+/// What every request of one application connection to one Service port needs.
+pub(super) struct ServiceCalls {
+    service: ServiceKey,
+    balancer: Arc<Balancer>,
+    pools: Arc<Pools>,
+    metrics: Arc<Metrics>,
+    tls: watch::Receiver<Option<Arc<TlsState>>>,
+    connect_timeout: Duration,
+    header_read_timeout: Duration,
+    access_log: bool,
+    source: SocketAddr,
+    destination: SocketAddr,
+}
+
+impl ServiceCalls {
+    pub(super) fn new(
+        shared: &Shared,
+        route: &ServiceRoute,
+        source: SocketAddr,
+        destination: SocketAddr,
+    ) -> Arc<ServiceCalls> {
+        Arc::new(ServiceCalls {
+            service: route.service.key.clone(),
+            balancer: route.balancer.clone(),
+            pools: shared.pools.clone(),
+            metrics: shared.metrics.clone(),
+            tls: shared.tls.clone(),
+            connect_timeout: shared.config.connect_timeout,
+            header_read_timeout: shared.config.header_read_timeout,
+            access_log: shared.config.access_log,
+            source,
+            destination,
+        })
+    }
+}
+
+/// Both sides of an HTTP/1.1 connection whose protocol was switched, relayed once the server
+/// connection handed the application's side over (as `l7`'s inbound tunnel).
+struct Tunnel {
+    client: hyper::upgrade::OnUpgrade,
+    endpoint: hyper::upgrade::OnUpgrade,
+}
+
+type TunnelSlot = Arc<Mutex<Option<Tunnel>>>;
+
+/// Serves the application's connection until either side closes.
+pub(super) async fn serve<D>(downstream: D, version: HttpVersion, calls: Arc<ServiceCalls>) -> Ended
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match serve_connection(downstream, version, calls).await {
+        Ok(()) => Ended::ok(),
+        Err(e) => Ended {
+            result: "error",
+            detail: e.to_string(),
+        },
+    }
+}
+
+async fn serve_connection<D>(
+    downstream: D,
+    version: HttpVersion,
+    calls: Arc<ServiceCalls>,
+) -> Result<(), CallError>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tunnel: TunnelSlot = Arc::default();
+    let header_read_timeout = calls.header_read_timeout;
+    let service = {
+        let tunnel = tunnel.clone();
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let (calls, tunnel) = (calls.clone(), tunnel.clone());
+            async move { Ok::<_, Infallible>(calls.call(request, version, &tunnel).await) }
+        })
+    };
+    let io = TokioIo::new(downstream);
+    match version {
+        HttpVersion::Http2 => server_h2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .auto_date_header(false)
+            .serve_connection(io, service)
+            .await
+            .map_err(CallError::Downstream),
+        HttpVersion::Http1 => {
+            server_h1::Builder::new()
+                .timer(TokioTimer::new())
+                .auto_date_header(false)
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+                .map_err(CallError::Downstream)?;
+            let switched = tunnel.lock().ok().and_then(|mut tunnel| tunnel.take());
+            let Some(tunnel) = switched else {
+                return Ok(());
+            };
+            let (client, endpoint) = tokio::try_join!(tunnel.client, tunnel.endpoint)
+                .map_err(CallError::Upgrade)?;
+            tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(endpoint))
+                .await
+                .map_err(CallError::Tunnel)?;
+            Ok(())
+        }
+    }
+}
+
+/// What a request was, for its metrics and log line.
+struct RequestFacts {
+    started: Instant,
+    method: Method,
+    path: String,
+    host: String,
+}
+
+impl ServiceCalls {
+    async fn call(
+        self: &Arc<Self>,
+        request: Request<Incoming>,
+        version: HttpVersion,
+        tunnel: &TunnelSlot,
+    ) -> Response<ResponseBody> {
+        let facts = RequestFacts {
+            started: Instant::now(),
+            method: request.method().clone(),
+            path: request.uri().path().to_owned(),
+            host: authority(&request).unwrap_or_default(),
+        };
+        let Some(pending) = self.balancer.pick() else {
+            self.metrics
+                .no_endpoints
+                .get_or_create(&ServiceLabels {
+                    service: self.service.to_string(),
+                })
+                .inc();
+            warn!(service = %self.service, method = %facts.method, path = %facts.path, "no ready endpoints for a meshed Service; answered 503");
+            let why = format!("no ready endpoints for {}", self.service);
+            return self.local(StatusCode::SERVICE_UNAVAILABLE, &why, facts, "no_endpoints");
+        };
+        let endpoint = pending.endpoint().clone();
+        let switching = version == HttpVersion::Http1
+            && (request.headers().contains_key(header::UPGRADE)
+                || request.method() == Method::CONNECT);
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let sent = if switching {
+            self.switch(request, &endpoint, tunnel)
+                .await
+                .map(|response| (response, None))
+        } else {
+            let (parts, body) = request.into_parts();
+            let body = CountedBody {
+                inner: body,
+                bytes: request_bytes.clone(),
+            };
+            let mut request = Request::from_parts(parts, body.boxed_unsync());
+            to_mesh(&mut request, self.destination);
+            let target = Target {
+                addr: endpoint.addr,
+                id: endpoint.id.clone(),
+            };
+            self.pools
+                .send(&target, request)
+                .await
+                .map(|(response, slot)| (response, Some(slot)))
+                .map_err(CallError::from)
+        };
+        let (response, slot) = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                self.metrics
+                    .upstream_failures
+                    .get_or_create(&DirectionLabels {
+                        direction: Direction::Outbound,
+                    })
+                    .inc();
+                warn!(error = %e, service = %self.service, endpoint = %endpoint.addr, "a request to a Service endpoint failed; answered 502");
+                let mut response = self.local(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream unavailable",
+                    facts,
+                    "upstream_failed",
+                );
+                if let Some(done) = &mut response.body_mut().done {
+                    done.endpoint = Some(endpoint);
+                }
+                return response;
+            }
+        };
+        pending.answered();
+        let (mut parts, body) = response.into_parts();
+        if version == HttpVersion::Http1 {
+            parts.version = Version::HTTP_11;
+        }
+        let head_after = facts.started.elapsed();
+        let done = RequestDone {
+            calls: self.clone(),
+            facts,
+            head_after,
+            endpoint: Some(endpoint),
+            status: parts.status.as_u16(),
+            grpc_status: grpc_status(&parts.headers),
+            request_bytes,
+            response_bytes: 0,
+            result: "ok",
+            _slot: slot,
+        };
+        Response::from_parts(
+            parts,
+            ResponseBody {
+                inner: body.boxed_unsync(),
+                done: Some(done),
+            },
+        )
+    }
+
+    /// A request that switches protocols: HTTP/1.1 as the application sent it, on a dedicated
+    /// connection to the endpoint, kept for the tunnel if the endpoint switches.
+    async fn switch(
+        &self,
+        mut request: Request<Incoming>,
+        endpoint: &EndpointLoad,
+        tunnel: &TunnelSlot,
+    ) -> Result<Response<Incoming>, CallError> {
+        let state = self.tls.borrow().clone().ok_or(PoolError::NoCertificate)?;
+        let expected = BTreeSet::from([endpoint.id.clone()]);
+        let (stream, _) = dial::mtls(endpoint.addr, self.connect_timeout, &state, expected)
+            .await
+            .inspect_err(|e| {
+                if let DialError::Refused { reason, .. } = e {
+                    self.pools.count_refusal(*reason);
+                }
+            })?;
+        let (mut sender, connection) = client_h1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(CallError::Upstream)?;
+        tokio::spawn(connection.with_upgrades());
+        let connect = request.method() == Method::CONNECT;
+        let client = hyper::upgrade::on(&mut request);
+        let mut response = sender
+            .send_request(request)
+            .await
+            .map_err(CallError::Upstream)?;
+        let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (connect && response.status().is_success());
+        if switched && let Ok(mut tunnel) = tunnel.lock() {
+            *tunnel = Some(Tunnel {
+                client,
+                endpoint: hyper::upgrade::on(&mut response),
+            });
+        }
+        Ok(response)
+    }
+
+    /// A response the proxy makes itself, saying why in [`PROXY_ERROR_HEADER`].
+    fn local(
+        self: &Arc<Self>,
+        status: StatusCode,
+        why: &str,
+        facts: RequestFacts,
+        result: &'static str,
+    ) -> Response<ResponseBody> {
+        let body = Full::new(Bytes::from(format!("{why}\n")))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let done = RequestDone {
+            calls: self.clone(),
+            head_after: facts.started.elapsed(),
+            facts,
+            endpoint: None,
+            status: status.as_u16(),
+            grpc_status: None,
+            request_bytes: Arc::default(),
+            response_bytes: 0,
+            result,
+            _slot: None,
+        };
+        let mut response = Response::new(ResponseBody {
+            inner: body,
+            done: Some(done),
+        });
+        *response.status_mut() = status;
+        if let Ok(value) = HeaderValue::from_str(why) {
+            response.headers_mut().insert(PROXY_ERROR_HEADER, value);
+        }
+        response
+    }
+}
+
+/// The request's authority: the URI's, else its Host.
+fn authority<B>(request: &Request<B>) -> Option<String> {
+    request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            let host = request.headers().get(header::HOST)?;
+            host.to_str().ok().map(str::to_owned)
+        })
+}
+
+/// An HTTP/1.x request made an HTTP/2 one between proxies: hop-by-hop headers removed, the
+/// version in `sigil-orig-proto`, the Host (else the destination address) as `:authority`. An
+/// HTTP/2 request goes as it is.
+fn to_mesh<B>(request: &mut Request<B>, destination: SocketAddr) {
+    let original = match request.version() {
+        Version::HTTP_10 | Version::HTTP_09 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        _ => return,
+    };
+    remove_hop_by_hop(request.headers_mut());
+    request.headers_mut().insert(
+        HeaderName::from_static(ORIG_PROTO_HEADER),
+        HeaderValue::from_static(original),
+    );
+    let authority = authority(request).unwrap_or_else(|| destination.to_string());
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    if let Ok(uri) = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+    {
+        *request.uri_mut() = uri;
+    }
+    *request.version_mut() = Version::HTTP_2;
+}
+
+/// Removes the headers that concern one HTTP/1 connection only (RFC 9110 section 7.6.1):
+/// Connection and those it names, Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade,
+/// and TE except `trailers` (the one value HTTP/2 allows).
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let trailers = headers.get_all(header::TE).iter().any(|value| {
+        value.to_str().is_ok_and(|value| {
+            value
+                .split(',')
+                .any(|coding| coding.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+    ] {
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A response's `grpc-status` (a header in a trailers-only response, else a trailer).
+fn grpc_status(headers: &HeaderMap) -> Option<u32> {
+    headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+}
+
+/// One request's record, written when its response body ends or is dropped.
+struct RequestDone {
+    calls: Arc<ServiceCalls>,
+    facts: RequestFacts,
+    head_after: Duration,
+    endpoint: Option<Arc<EndpointLoad>>,
+    status: u16,
+    grpc_status: Option<u32>,
+    request_bytes: Arc<AtomicU64>,
+    response_bytes: u64,
+    result: &'static str,
+    /// The request's stream on its pooled connection, held until the response is done.
+    _slot: Option<StreamSlot>,
+}
+
+impl RequestDone {
+    fn finish(self) {
+        let calls = &self.calls;
+        let endpoint_id: Option<&SpiffeId> = self.endpoint.as_ref().map(|e| &e.id);
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        calls.metrics.record_request(&RequestOutcome {
+            peer: PeerLabels::new(Direction::Outbound, Some(&calls.service), endpoint_id),
+            status: self.status,
+            grpc_status: self.grpc_status,
+            duration: self.head_after,
+            request_bytes,
+            response_bytes: self.response_bytes,
+        });
+        if !calls.access_log {
+            return;
+        }
+        info!(
+            target: "sigil_access",
+            kind = "http",
+            direction = "outbound",
+            source_ip = %calls.source.ip(),
+            destination = %calls.destination,
+            service = %calls.service,
+            upstream = self.endpoint.as_ref().map(|e| e.addr.to_string()),
+            destination_identity = endpoint_id.map(ToString::to_string),
+            method = %self.facts.method,
+            path = %self.facts.path,
+            host = %self.facts.host,
+            status = self.status,
+            grpc_status = self.grpc_status,
+            result = self.result,
+            duration_ms = self.head_after.as_secs_f64() * 1e3,
+            request_bytes,
+            response_bytes = self.response_bytes,
+        );
+    }
+}
+
+/// A request body on its way to an endpoint, its data bytes counted.
+struct CountedBody<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<B> Body for CountedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body on its way to the application: counts its data bytes, reads `grpc-status`
+/// from its trailers, and writes the request's record when it ends or is dropped.
+pub(super) struct ResponseBody {
+    inner: RequestBody,
+    done: Option<RequestDone>,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(done) = &mut self.done {
+                    if let Some(data) = frame.data_ref() {
+                        done.response_bytes += data.len() as u64;
+                    }
+                    if let Some(trailers) = frame.trailers_ref()
+                        && let Some(status) = grpc_status(trailers)
+                    {
+                        done.grpc_status = Some(status);
+                    }
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(done) = self.done.take() {
+                    done.finish();
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            done.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_stay_on_their_connection() {
+        let mut request = Request::get("/a?b=c")
+            .header("host", "api.demo:80")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header("transfer-encoding", "chunked")
+            .header("upgrade", "h2c")
+            .header("te", "trailers, deflate")
+            .header("x-end", "kept")
+            .body(())
+            .unwrap();
+        to_mesh(&mut request, "198.19.0.10:80".parse().unwrap());
+        assert_eq!(request.version(), Version::HTTP_2);
+        assert_eq!(request.uri().to_string(), "http://api.demo:80/a?b=c");
+        let headers = request.headers();
+        for gone in [
+            "connection",
+            "x-hop",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            assert!(!headers.contains_key(gone), "{gone}");
+        }
+        assert_eq!(headers["te"], "trailers");
+        assert_eq!(headers["x-end"], "kept");
+        assert_eq!(headers[ORIG_PROTO_HEADER], "HTTP/1.1");
+        assert_eq!(headers["host"], "api.demo:80");
+
+        // HTTP/1.0 without a Host: the destination address is the authority; TE without
+        // trailers goes.
+        let mut request = Request::get("/")
+            .version(Version::HTTP_10)
+            .header("te", "gzip")
+            .body(())
+            .unwrap();
+        to_mesh(&mut request, "198.19.0.10:80".parse().unwrap());
+        assert_eq!(request.uri().to_string(), "http://198.19.0.10:80/");
+        assert_eq!(request.headers()[ORIG_PROTO_HEADER], "HTTP/1.0");
+        assert!(!request.headers().contains_key("te"));
+
+        // HTTP/2 from the application: untouched.
+        let mut request = Request::get("http://api.demo/x")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        to_mesh(&mut request, "198.19.0.10:80".parse().unwrap());
+        assert!(!request.headers().contains_key(ORIG_PROTO_HEADER));
+    }
+
+    #[test]
+    fn grpc_status_is_read_from_headers_or_trailers() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(grpc_status(&headers), None);
+        headers.insert("grpc-status", HeaderValue::from_static("14"));
+        assert_eq!(grpc_status(&headers), Some(14));
+    }
+}

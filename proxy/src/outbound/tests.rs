@@ -1,0 +1,413 @@
+//! The outbound HTTP path end to end in one process: a real application client (HTTP/2 and
+//! HTTP/1.1), the proxy's Service handling, and three real HTTP/2-over-mTLS endpoints with
+//! certificates of a test CA.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::registry::Registry;
+use rcgen::{Issuer, KeyPair};
+use sigil_identity::profile::{KeyKind, ca_params, leaf_params};
+use sigil_identity::tls::{CertifiedKey, TlsVersions};
+use sigil_identity::{TrustBundle, TrustDomain};
+use sigil_proxy_api::ORIG_PROTO_HEADER;
+use sigil_proxy_api::mesh::MeshSnapshot;
+use sigil_proxy_api::services::{Endpoint, ServiceKey, ServiceTable};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::*;
+use crate::balance::Balancers;
+use crate::config::ProxyConfig;
+use crate::metrics::Metrics;
+use crate::pool::Pools;
+use crate::tls::TlsState;
+
+const CLUSTER_IP: [u8; 4] = [198, 19, 0, 10];
+
+/// A test CA issuing workload certificates of `cluster.local`.
+struct Ca {
+    td: TrustDomain,
+    key: KeyPair,
+    params: rcgen::CertificateParams,
+    der: rustls_pki_types::CertificateDer<'static>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let (from, to) = (rcgen::date_time_ymd(2020, 1, 1), rcgen::date_time_ymd(2100, 1, 1));
+        let params = ca_params(&td, "outbound test root", from, to, None);
+        let der = params.self_signed(&key).unwrap().der().clone();
+        Ca {
+            td,
+            key,
+            params,
+            der,
+        }
+    }
+
+    /// The TLS state of a workload with `id`, as the proxy builds it from the agent's SDS.
+    fn state(&self, id: &str) -> Arc<TlsState> {
+        let key = KeyPair::generate().unwrap();
+        let (from, to) = (rcgen::date_time_ymd(2020, 1, 1), rcgen::date_time_ymd(2100, 1, 1));
+        let params = leaf_params(&id.parse().unwrap(), KeyKind::EcdsaP256, from, to);
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let leaf = params.signed_by(&key, &issuer).unwrap().der().clone();
+        let certified = CertifiedKey {
+            chain: vec![leaf],
+            key: rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        };
+        let bundle = TrustBundle::new(self.td.clone(), vec![self.der.clone()], 1);
+        Arc::new(TlsState::new(certified, bundle, TlsVersions::Tls13).unwrap())
+    }
+}
+
+fn id(n: usize) -> String {
+    format!("spiffe://cluster.local/ns/demo/sa/api-{n}")
+}
+
+/// One endpoint: an HTTP/2 server over mutual TLS on 127.0.0.`n` (a loopback address of its
+/// own), presenting `id(n)`, answering after `delay` with `x-endpoint: n`, the version the
+/// request came from (`x-orig-proto`), the request body's length, and a `grpc-status` trailer.
+async fn endpoint_server(ca: &Ca, n: usize, delay: Duration) -> SocketAddr {
+    let state = ca.state(&id(n));
+    let listener = TcpListener::bind((Ipv4Addr::new(127, 0, 0, n as u8), 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(state.server.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    answer(request, n, delay)
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+type AnswerBody = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+async fn answer(
+    request: Request<Incoming>,
+    n: usize,
+    delay: Duration,
+) -> Result<Response<AnswerBody>, Infallible> {
+    tokio::time::sleep(delay).await;
+    let orig = request.headers().get(ORIG_PROTO_HEADER).cloned();
+    let received = request.into_body().collect().await.map_or(0, |b| b.to_bytes().len());
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let frames = vec![
+        Ok(Frame::data(Bytes::from(format!("endpoint {n} got {received}")))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let mut response = Response::new(StreamBody::new(futures::stream::iter(frames)));
+    response
+        .headers_mut()
+        .insert("x-endpoint", n.to_string().parse().unwrap());
+    if let Some(orig) = orig {
+        response.headers_mut().insert("x-orig-proto", orig);
+    }
+    Ok(response)
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    proxy: ProxyConfig,
+}
+
+/// The proxy's side: `Shared` with the client's certificate and a table with Service
+/// demo/api at 198.19.0.10:80 whose endpoints are `endpoints` (address, identity, ready).
+struct Proxy {
+    shared: Shared,
+    registry: Registry,
+    /// Where the application connects (standing in for the redirected cluster IP).
+    listener_addr: SocketAddr,
+    /// The feeds' senders, held: a closed `close` channel would end every connection at once.
+    _feeds: Feeds,
+}
+
+type Feeds = (
+    watch::Sender<Option<Arc<TlsState>>>,
+    watch::Sender<Option<Arc<ServiceTable>>>,
+    watch::Sender<Option<Arc<MeshSnapshot>>>,
+    watch::Sender<Option<Arc<crate::policy::PolicyState>>>,
+    watch::Sender<bool>,
+);
+
+impl Proxy {
+    async fn start(ca: &Ca, endpoints: &[(SocketAddr, String, bool)]) -> Proxy {
+        let config = Cli::try_parse_from(["proxy", "--access-log"]).unwrap().proxy;
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let (tls_tx, tls) = watch::channel(Some(ca.state("spiffe://cluster.local/ns/demo/sa/web")));
+        let service = MeshService {
+            key: ServiceKey::new("demo", "api"),
+            cluster_ips: vec![IpAddr::from(CLUSTER_IP)],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Http1,
+                app_protocol: Some("http".into()),
+            }],
+            endpoints: endpoints
+                .iter()
+                .map(|(addr, id, ready)| Endpoint {
+                    ip: addr.ip(),
+                    ports: BTreeMap::from([("http".to_owned(), addr.port())]),
+                    id: id.parse().unwrap(),
+                    ready: *ready,
+                    serving: *ready,
+                    terminating: false,
+                    node: None,
+                    zone: None,
+                    source: "mesh-file".into(),
+                })
+                .collect(),
+        };
+        let (services_tx, services) = watch::channel(Some(Arc::new(ServiceTable::new(1, [service]))));
+        let (mesh_tx, mesh) = watch::channel(Some(Arc::new(MeshSnapshot::default())));
+        let (policies_tx, policies) = watch::channel(None);
+        let (close_tx, close) = watch::channel(false);
+        let shared = Shared {
+            pools: Arc::new(Pools::new(
+                tls.clone(),
+                metrics.clone(),
+                config.connect_timeout,
+                config.max_connections_per_endpoint as usize,
+            )),
+            balancers: Arc::new(Balancers::new(metrics.clone())),
+            config: Arc::new(config),
+            tls,
+            mesh,
+            metrics,
+            policies,
+            close,
+            inbound_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+            services,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener_addr = listener.local_addr().unwrap();
+        let accepting = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, source)) = listener.accept().await else {
+                    return;
+                };
+                let shared = accepting.clone();
+                tokio::spawn(async move {
+                    let destination = SocketAddr::from((CLUSTER_IP, 80));
+                    let route = ServiceRoute::of(&shared, destination).expect("a meshed Service");
+                    let log = ConnectionLog::new(Direction::Outbound, source, destination);
+                    to_service(stream, log, route, shared).await;
+                });
+            }
+        });
+        Proxy {
+            shared,
+            registry,
+            listener_addr,
+            _feeds: (tls_tx, services_tx, mesh_tx, policies_tx, close_tx),
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
+        text
+    }
+}
+
+type ClientBody = Full<Bytes>;
+
+/// Sends `n` requests (`concurrency` at a time) through one connection; the answers'
+/// `x-endpoint` counted.
+async fn spread(
+    sender: hyper::client::conn::http2::SendRequest<ClientBody>,
+    n: usize,
+    concurrency: usize,
+) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n / concurrency {
+        let batch = (0..concurrency).map(|_| {
+            let mut sender = sender.clone();
+            async move {
+                let request = Request::get("http://api.demo/x")
+                    .body(Full::new(Bytes::from_static(b"ping")))
+                    .unwrap();
+                let response = sender.send_request(request).await.unwrap();
+                assert_eq!(response.status(), 200);
+                let endpoint = response.headers()["x-endpoint"].to_str().unwrap().to_owned();
+                let body = response.into_body().collect().await.unwrap();
+                let trailers = body.trailers().cloned().expect("trailers over HTTP/2");
+                assert_eq!(trailers["grpc-status"], "0");
+                assert_eq!(
+                    body.to_bytes(),
+                    format!("endpoint {endpoint} got 4").as_bytes()
+                );
+                endpoint
+            }
+        });
+        for endpoint in futures::future::join_all(batch).await {
+            *counts.entry(endpoint).or_default() += 1;
+        }
+    }
+    counts
+}
+
+async fn h2_client(proxy: &Proxy) -> hyper::client::conn::http2::SendRequest<ClientBody> {
+    let tcp = tokio::net::TcpStream::connect(proxy.listener_addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+async fn three_endpoints(ca: &Ca, delays: [u64; 3]) -> Vec<(SocketAddr, String, bool)> {
+    let mut endpoints = Vec::new();
+    for (i, delay) in delays.into_iter().enumerate() {
+        let addr = endpoint_server(ca, i + 1, Duration::from_millis(delay)).await;
+        endpoints.push((addr, id(i + 1), true));
+    }
+    endpoints
+}
+
+fn assert_even(counts: &HashMap<String, usize>, total: usize) {
+    for n in ["1", "2", "3"] {
+        let got = counts.get(n).copied().unwrap_or(0);
+        assert!(
+            got * 100 >= total * 20 && got * 100 <= total * 47,
+            "endpoint {n} got {got} of {total}: {counts:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http2_connection_spreads_its_requests_over_the_endpoints() {
+    let ca = Ca::new();
+    let proxy = Proxy::start(&ca, &three_endpoints(&ca, [0, 0, 0]).await).await;
+    let counts = spread(h2_client(&proxy).await, 3000, 10).await;
+    assert_even(&counts, 3000);
+    let text = proxy.metrics_text();
+    for n in 1..=3 {
+        let series = format!(
+            "sigil_proxy_requests_total{{direction=\"outbound\",service=\"demo/api\",peer_namespace=\"demo\",peer_service_account=\"api-{n}\",status_class=\"2xx\",status_code=\"200\",grpc_status=\"0\"}} {}",
+            counts[&n.to_string()]
+        );
+        assert!(text.contains(&series), "{series} not in\n{text}");
+    }
+    assert!(text.contains("sigil_proxy_balancer_endpoints{service=\"demo/api\",state=\"ready\"} 3"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http1_keep_alive_connection_spreads_its_requests_as_http2() {
+    let ca = Ca::new();
+    let proxy = Proxy::start(&ca, &three_endpoints(&ca, [0, 0, 0]).await).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.listener_addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for i in 0..3000 {
+        // Chunked (no length) every other request: the body streams through either way.
+        let body = Full::new(Bytes::from_static(b"hello"));
+        let mut request = Request::post("/echo")
+            .header("host", "api.demo")
+            .header("connection", "keep-alive, x-hop")
+            .header("x-hop", "dropped");
+        if i % 2 == 0 {
+            request = request.header("content-length", "5");
+        }
+        let response = sender.send_request(request.body(body).unwrap()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), http::Version::HTTP_11);
+        assert_eq!(response.headers()["x-orig-proto"], "HTTP/1.1");
+        let endpoint = response.headers()["x-endpoint"].to_str().unwrap().to_owned();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, format!("endpoint {endpoint} got 5").as_bytes());
+        *counts.entry(endpoint).or_default() += 1;
+    }
+    assert_even(&counts, 3000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_gets_a_small_share() {
+    let ca = Ca::new();
+    let proxy = Proxy::start(&ca, &three_endpoints(&ca, [0, 0, 50]).await).await;
+    let counts = spread(h2_client(&proxy).await, 600, 6).await;
+    let slow = counts.get("3").copied().unwrap_or(0);
+    assert!(slow * 100 < 600 * 8, "the slow endpoint got {slow} of 600: {counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_ready_endpoint_is_answered_503_at_once() {
+    let ca = Ca::new();
+    let addr = endpoint_server(&ca, 1, Duration::ZERO).await;
+    let proxy = Proxy::start(&ca, &[(addr, id(1), false)]).await;
+    let mut sender = h2_client(&proxy).await;
+    let started = std::time::Instant::now();
+    let response = sender
+        .send_request(Request::get("http://api.demo/").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.headers()[PROXY_ERROR_HEADER],
+        "no ready endpoints for demo/api"
+    );
+    assert!(
+        proxy
+            .metrics_text()
+            .contains("sigil_proxy_no_endpoints_total{service=\"demo/api\"} 1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_with_another_identity_is_refused() {
+    let ca = Ca::new();
+    // The server at this address presents api-1; the Service expects api-2 there.
+    let addr = endpoint_server(&ca, 1, Duration::ZERO).await;
+    let proxy = Proxy::start(&ca, &[(addr, id(2), true)]).await;
+    let mut sender = h2_client(&proxy).await;
+    let response = sender
+        .send_request(Request::get("http://api.demo/").body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    assert!(!response.headers().contains_key("x-endpoint"));
+    let text = proxy.metrics_text();
+    assert!(
+        text.contains(
+            "sigil_proxy_tls_handshake_failures_total{direction=\"outbound\",reason=\"wrong_identity\"} 1"
+        ),
+        "{text}"
+    );
+    drop(proxy.shared);
+}

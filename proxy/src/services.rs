@@ -1,0 +1,86 @@
+//! Meshed Services as the agent reports them (`sigil.mesh.v1.ServiceDiscovery`): each Service's
+//! cluster IPs, ports with their declared protocols, and endpoints with the identity each must
+//! prove. The outbound side looks a connection's original destination up here to balance it
+//! over the Service's endpoints; the agent sends the full set, then only the changes, and the
+//! stream is re-opened with backoff if it breaks, keeping the last table meanwhile. An agent
+//! without the service (UNIMPLEMENTED) leaves the table empty: every destination then keeps the
+//! connection-level path (membership and the kernel's DNAT).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use sigil_proto::sigil::mesh::v1::service_discovery_client::ServiceDiscoveryClient;
+use sigil_proto::sigil::mesh::v1::{ServiceUpdate, WatchServicesRequest};
+use sigil_proxy_api::services::ServiceTable;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::feed;
+use crate::tls::TlsState;
+
+/// An agent without `WatchServices` (older than the proxy) is asked again this rarely: it only
+/// gains the service by being replaced, and the proxy works without it meanwhile.
+const OLD_AGENT_RETRY: Duration = Duration::from_secs(60);
+
+/// Follows the agent's meshed Services for the life of the process. Updates are checked against
+/// our trust domain, so following starts once the first certificate arrived.
+pub async fn run(
+    socket: PathBuf,
+    mut tls: watch::Receiver<Option<Arc<TlsState>>>,
+    tx: watch::Sender<Option<Arc<ServiceTable>>>,
+) {
+    let trust_domain = match tls.wait_for(Option::is_some).await {
+        Ok(state) => match state.as_ref() {
+            Some(state) => state.bundle.trust_domain.clone(),
+            None => return,
+        },
+        // The certificate feed is gone: the proxy is stopping.
+        Err(_) => return,
+    };
+    let open = |channel| async move {
+        let opened = ServiceDiscoveryClient::new(channel)
+            .watch_services(WatchServicesRequest {})
+            .await;
+        if let Err(status) = &opened
+            && status.code() == tonic::Code::Unimplemented
+        {
+            info!(
+                retry_in_s = OLD_AGENT_RETRY.as_secs(),
+                "the agent does not publish meshed Services; outbound stays per connection"
+            );
+            tokio::time::sleep(OLD_AGENT_RETRY).await;
+        }
+        opened
+    };
+    let on_message = |update: ServiceUpdate| {
+        let current = tx.borrow().clone().unwrap_or_default();
+        match current.apply(&update, &trust_domain) {
+            Ok(table) => {
+                info!(
+                    version = table.version,
+                    reset = update.reset,
+                    services = table.services().count(),
+                    "meshed Services updated"
+                );
+                tx.send_replace(Some(Arc::new(table)));
+            }
+            // One bad entry refuses the whole update: a half-applied one could send requests
+            // to an endpoint with the wrong identity expected.
+            Err(e) => {
+                warn!(error = %e, version = update.version, "ignoring an invalid Service update from the agent; keeping the last table");
+            }
+        }
+    };
+    // The feed's losses are logged by `follow_forever`; the proxy has no separate counter for
+    // this stream (the membership stream's counts the agent's restarts already).
+    feed::follow_forever(
+        socket,
+        "meshed services",
+        open,
+        on_message,
+        Counter::default(),
+    )
+    .await;
+}
