@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use sigil_proto::sigil::mesh::v1::service_discovery_client::ServiceDiscoveryClient;
 use sigil_proto::sigil::mesh::v1::{Protocol, ServiceUpdate, WatchServicesRequest};
 use sigil_proxy_api::services::ServiceTable;
-use sigil_proxy_api::{TLS_MODE_LABEL, TLS_MODE_MTLS};
+use sigil_proxy_api::{OPAQUE_PORTS_ANNOTATION, TLS_MODE_LABEL, TLS_MODE_MTLS};
 use sigil_test_apiserver::{PodSpec, TestApiServer};
 use sigil_test_harness::*;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
@@ -82,6 +82,8 @@ fn api_slice(endpoints: &[SliceEndpoint]) -> EndpointSlice {
 struct ServicesClient {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    /// What else it printed (libtest's lines), for a failure's message.
+    other: Vec<String>,
     stderr: PathBuf,
 }
 
@@ -104,6 +106,7 @@ impl ServicesClient {
         ServicesClient {
             child,
             lines,
+            other: Vec::new(),
             stderr,
         }
     }
@@ -115,10 +118,13 @@ impl ServicesClient {
 
     /// The next message the client received, as it printed it.
     async fn next(&mut self, agent: &Proc) -> Value {
+        let (lines, other) = (&mut self.lines, &mut self.other);
         let line = tokio::time::timeout(WAIT, async {
-            while let Some(line) = self.lines.next_line().await.unwrap() {
-                if let Some(update) = line.strip_prefix(UPDATE) {
-                    return Some(update.to_owned());
+            while let Some(line) = lines.next_line().await.unwrap() {
+                // libtest's "test <name> ... " may start the first one.
+                match line.split_once(UPDATE) {
+                    Some((_, update)) => return Some(update.to_owned()),
+                    None => other.push(line),
                 }
             }
             None
@@ -127,7 +133,8 @@ impl ServicesClient {
         match line {
             Ok(Some(update)) => serde_json::from_str(&update).unwrap(),
             _ => panic!(
-                "no message from the agent ({line:?}); client:\n{}\nagent:\n{}",
+                "no message from the agent ({line:?}); client:\n{}\n{}\nagent:\n{}",
+                self.other.join("\n"),
                 std::fs::read_to_string(&self.stderr).unwrap_or_default(),
                 agent.logs()
             ),
@@ -258,8 +265,13 @@ async fn services_from_endpoint_slices_then_only_their_changes() {
     add_meshed_pod(&server, "api-1", "198.18.0.2").await;
     add_meshed_pod(&server, "api-2", "198.18.0.3").await;
     let services: Api<Service> = Api::namespaced(server.client(), NAMESPACE);
+    // Its opaque-ports annotation does not parse: ignored (the port stays HTTP), logged once.
     let service: Service = serde_json::from_value(json!({
-        "metadata": {"name": "api", "namespace": NAMESPACE},
+        "metadata": {
+            "name": "api",
+            "namespace": NAMESPACE,
+            "annotations": {OPAQUE_PORTS_ANNOTATION: "mysql"},
+        },
         "spec": {
             "clusterIP": "198.19.0.10",
             "clusterIPs": ["198.19.0.10"],
@@ -352,6 +364,11 @@ async fn services_from_endpoint_slices_then_only_their_changes() {
         "just that Service"
     );
     assert!(update["version"].as_u64() > reset["version"].as_u64());
+    let warnings = agent
+        .logs()
+        .matches("annotation is invalid; it is ignored")
+        .count();
+    assert_eq!(warnings, 1, "once, not on every change:\n{}", agent.logs());
 
     // The Service is deleted: a removal.
     services

@@ -233,6 +233,15 @@ impl Drop for NamedApp {
     }
 }
 
+/// Tells the steady load's workers to stop when dropped: when phase d ends, or fails.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A backend pod with its app and (from phase b) its proxy.
 struct Backend {
     spec: BackendSpec,
@@ -362,22 +371,37 @@ fn tally(outcomes: &[Outcome]) -> (BTreeMap<String, usize>, Vec<String>) {
     (by_backend, failures)
 }
 
-/// Prints `backend → requests (share)` for one run.
-fn print_table(title: &str, by_backend: &BTreeMap<String, usize>) {
+/// Prints `backend → requests (share)` for one run, with each backend's latencies as the client
+/// saw them: its first request's (which may include connecting to it), median and slowest.
+fn print_table(title: &str, by_backend: &BTreeMap<String, usize>, outcomes: &[Outcome]) {
     let total: usize = by_backend.values().sum();
     println!("{title}: {total} requests");
-    println!("  backend  requests   share");
+    println!("  backend  requests   share     first       p50       max");
     for (backend, count) in by_backend {
+        let latencies: Vec<&Outcome> = outcomes
+            .iter()
+            .filter(|o| o.answer.as_deref() == Ok(backend.as_str()))
+            .collect();
+        let first = latencies.first().map(|o| o.latency).unwrap_or_default();
+        let max = latencies
+            .iter()
+            .map(|o| o.latency)
+            .max()
+            .unwrap_or_default();
+        let median = quantile(&latencies, 0.5);
         println!(
-            "  {backend:<7}  {count:>8}  {:>5.1}%",
-            100.0 * *count as f64 / total.max(1) as f64
+            "  {backend:<7}  {count:>8}  {:>5.1}%  {:>8.2?}  {:>8.2?}  {:>8.2?}",
+            100.0 * *count as f64 / total.max(1) as f64,
+            first,
+            median,
+            max
         );
     }
 }
 
 /// The latency at quantile `q` of the outcomes.
-fn quantile(outcomes: &[Outcome], q: f64) -> Duration {
-    let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.latency).collect();
+fn quantile<O: std::borrow::Borrow<Outcome>>(outcomes: &[O], q: f64) -> Duration {
+    let mut latencies: Vec<Duration> = outcomes.iter().map(|o| o.borrow().latency).collect();
     latencies.sort();
     let index = ((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1));
     latencies.get(index).copied().unwrap_or_default()
@@ -556,7 +580,11 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         let outcomes = client.load(REQUESTS, 1, &unproxied).await;
         drop(client);
         let (by_backend, failures) = tally(&outcomes);
-        print_table(&format!("a. without proxies, {http:?}"), &by_backend);
+        print_table(
+            &format!("a. without proxies, {http:?}"),
+            &by_backend,
+            &outcomes,
+        );
         assert!(failures.is_empty(), "{http:?}: {failures:?}");
         assert_eq!(
             by_backend.values().copied().collect::<Vec<_>>(),
@@ -571,16 +599,17 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         assert_eq!(connections, 1, "{http:?}: the apps accepted {connections}");
     }
     // The node does balance connections: many of them reach every backend.
-    let mut by_connection = BTreeMap::new();
+    let mut outcomes = Vec::new();
     for _ in 0..SPREAD_CONNECTIONS {
-        let outcome = Client::connect(&a, Http::H1).await.get(&unproxied).await;
-        let backend = outcome.answer.expect("a request without proxies");
-        *by_connection.entry(backend).or_insert(0) += 1;
+        outcomes.push(Client::connect(&a, Http::H1).await.get(&unproxied).await);
     }
+    let (by_connection, failures) = tally(&outcomes);
     print_table(
         "a. without proxies, one request per HTTP/1.1 connection",
         &by_connection,
+        &outcomes,
     );
+    assert!(failures.is_empty(), "{failures:?}");
     assert_eq!(by_connection.len(), 3, "{by_connection:?}");
 
     // The mesh: a CA, and an agent that attests every pod's proxy by its uid and serves the
@@ -650,7 +679,10 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // b. The same two clients through the proxies: each request is balanced on its own.
+    // b. The same two clients through the proxies: each request is balanced on its own. How
+    // evenly (here) and how well away from a slow backend (c) are measurements: the ones that
+    // miss are reported together at the end, after every phase's table.
+    let mut unmet: Vec<String> = Vec::new();
     let received = Mutex::new(BTreeMap::new());
     for http in [Http::H2, Http::H1] {
         let before: Vec<AppRecord> = backends.iter().map(|b| b.app.record()).collect();
@@ -667,6 +699,7 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
                 started.elapsed()
             ),
             &by_backend,
+            &outcomes,
         );
         let after: Vec<AppRecord> = backends.iter().map(|b| b.app.record()).collect();
         for ((backend, before), after) in backends.iter().zip(&before).zip(&after) {
@@ -681,13 +714,15 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         assert!(failures.is_empty(), "{http:?}: {failures:?}{}", logs());
         for backend in &BACKENDS[..3] {
             let share = *by_backend.get(backend.name).unwrap_or(&0) as f64 / REQUESTS as f64;
-            assert!(
-                (share - 1.0 / 3.0).abs() <= SHARE_TOLERANCE,
-                "{http:?}: {} got {:.1}% of the requests: {by_backend:?}{}",
-                backend.name,
-                share * 100.0,
-                logs()
-            );
+            if (share - 1.0 / 3.0).abs() > SHARE_TOLERANCE {
+                unmet.push(format!(
+                    "b. {http:?}: {} got {:.1}% of the requests, not a third ±{:.0} points: \
+                     {by_backend:?}",
+                    backend.name,
+                    share * 100.0,
+                    SHARE_TOLERANCE * 100.0
+                ));
+            }
         }
         assert_eq!(by_backend.get("b4"), None, "b4 is not an endpoint yet");
         if let Http::H1 = http {
@@ -722,30 +757,40 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
             quantile(&outcomes, 0.99)
         ),
         &by_backend,
+        &outcomes,
     );
     assert!(failures.is_empty(), "{failures:?}{}", logs());
     let slow_share = *by_backend.get("b3").unwrap_or(&0) as f64 / SLOW_REQUESTS as f64;
-    assert!(
-        slow_share < SLOW_MAX_SHARE,
-        "the slow backend got {:.1}% of the requests: {by_backend:?}{}",
-        slow_share * 100.0,
-        logs()
-    );
+    if slow_share >= SLOW_MAX_SHARE {
+        unmet.push(format!(
+            "c. the slow backend got {:.1}% of the requests (at most {:.0}% expected): \
+             {by_backend:?}",
+            slow_share * 100.0,
+            SLOW_MAX_SHARE * 100.0
+        ));
+    }
     let so_far = received.lock().unwrap().clone();
     check_prometheus(&prometheus, &so_far, logs).await;
 
     // d. Under a steady load, B2 leaves the Service (terminating, then gone) and B4 joins it.
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let received = Arc::new(received);
     let mut workers = Vec::new();
     let h2 = Client::connect(&a, Http::H2).await;
     let h1 = Client::connect(&a, Http::H1).await;
     for client in std::iter::repeat_n(h2, STEADY_H2_WORKERS).chain([h1]) {
-        let (stop, received) = (stop.clone(), received.clone());
+        let (stop, received) = (stop.0.clone(), received.clone());
         workers.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                outcomes.push(client.get(&received).await);
+                let outcome = client.get(&received).await;
+                // A failure fails the test: the first is enough (a broken connection would fail
+                // every request at once, in a loop that never yields).
+                let failed = outcome.answer.is_err();
+                outcomes.push(outcome);
+                if failed {
+                    break;
+                }
             }
             outcomes
         }));
@@ -777,7 +822,7 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
     let b2_when_gone = backends[1].app.record().requests();
     let b4_when_added = backends[3].app.record().requests();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
+    drop(stop);
     let mut outcomes = Vec::new();
     for worker in workers {
         outcomes.extend(worker.await.unwrap());
@@ -786,6 +831,7 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
     print_table(
         "d. steady load while b2 leaves and b4 joins (answers by backend)",
         &by_backend,
+        &outcomes,
     );
     let at_end: Vec<AppRecord> = backends.iter().map(|b| b.app.record()).collect();
     let b2_after_gone = at_end[1].requests() - b2_when_gone;
@@ -815,22 +861,22 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
     let received = received.lock().unwrap().clone();
     check_prometheus(&prometheus, &received, logs).await;
 
-    // e. Identities: each backend's proxy saw A's identity on every request; A's proxy names
-    // every backend's own identity.
+    // e. Identities: each backend's proxy saw A's identity on every request; A's proxy logged
+    // each request it sent to a backend with that backend's own identity, proven by its
+    // certificate, and as many as the backend's proxy logged.
+    let a_requests: Vec<Value> = a_proxy
+        .access_log()
+        .into_iter()
+        .filter(|l| l["kind"] == "http" && l["direction"] == "outbound")
+        .collect();
     for backend in &backends {
         let proxy = backend.proxy.as_ref().unwrap();
-        let requests: Vec<Value> = proxy
+        let served: Vec<Value> = proxy
             .access_log()
             .into_iter()
             .filter(|l| l["kind"] == "http")
             .collect();
-        assert!(
-            !requests.is_empty(),
-            "{}'s proxy logged no request{}",
-            backend.spec.name,
-            logs()
-        );
-        let others: Vec<&Value> = requests
+        let others: Vec<&Value> = served
             .iter()
             .filter(|l| l["source_identity"] != CLIENT_ID)
             .collect();
@@ -839,32 +885,45 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
             "{}'s proxy logged requests from another peer than A: {others:?}",
             backend.spec.name
         );
-        println!(
-            "e. {}'s proxy: {} requests logged, all from {CLIENT_ID}",
-            backend.spec.name,
-            requests.len()
-        );
-    }
-    let a_lines = a_proxy.log_lines();
-    for backend in BACKENDS {
-        let naming = a_lines
+        let upstream = format!("{}:{APP_PORT}", backend.spec.ip);
+        let sent: Vec<&Value> = a_requests
             .iter()
-            .filter(|l| {
-                l["direction"] == "outbound"
-                    && l.as_object()
-                        .is_some_and(|fields| fields.values().any(|v| v == backend.id))
-            })
-            .count();
+            .filter(|l| l["upstream"] == upstream.as_str())
+            .collect();
+        let misnamed: Vec<&&Value> = sent
+            .iter()
+            .filter(|l| l["destination_identity"] != backend.spec.id)
+            .collect();
         assert!(
-            naming > 0,
-            "A's proxy never named {}'s identity {} on an outbound line{}",
-            backend.name,
-            backend.id,
+            misnamed.is_empty(),
+            "A's proxy logged requests to {upstream} with another identity than {}: {misnamed:?}",
+            backend.spec.id
+        );
+        println!(
+            "e. {}: its proxy logged {} requests, all from {CLIENT_ID}; A's proxy logged {} \
+             to {upstream}, all to {}",
+            backend.spec.name,
+            served.len(),
+            sent.len(),
+            backend.spec.id
+        );
+        assert!(
+            !served.is_empty(),
+            "{}'s proxy logged no request{}",
+            backend.spec.name,
             logs()
         );
-        println!(
-            "e. A's proxy: {naming} outbound lines name {} ({})",
-            backend.id, backend.name
+        assert_eq!(
+            sent.len(),
+            served.len(),
+            "requests A's proxy sent to {} and requests its proxy logged",
+            backend.spec.name
         );
     }
+    assert!(
+        unmet.is_empty(),
+        "balance expectations not met:\n{}{}",
+        unmet.join("\n"),
+        logs()
+    );
 }

@@ -239,19 +239,9 @@ impl Node {
     /// yet: see [`proxy_init`]).
     pub fn add_pod(&self, role: &str, ip: Ipv4Addr) -> Netns {
         let pod = Netns::new(&self.prefix, role);
-        let port = format!("veth-{role}");
+        let (port, node) = (format!("veth-{role}"), &self.c.name);
         pod.run(&[
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &self.c.name,
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", node,
         ]);
         let cidr = format!("{ip}/{LINK_PREFIX}");
         pod.run(&["ip", "addr", "add", &cidr, "dev", "eth0"]);
