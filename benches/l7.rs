@@ -36,7 +36,8 @@
 //! `sigil_test_harness::load`), the maximum rate of a closed loop (`BENCH_CLOSED_CONNECTIONS`,
 //! 64), the backends' shares of the closed loop's requests, the proxies' CPU (from /proc) per
 //! 1,000 requests/s and RSS, and the latency at `BENCH_SLOW_RATE` (1,000/s) while B1 answers
-//! `BENCH_SLOW_MS` (50) ms late. Each phase lasts `BENCH_SECS` (10) s; `BENCH_SETUPS`
+//! `BENCH_SLOW_MS` (50) ms late. Each phase lasts `BENCH_SECS` (10) s, after an unmeasured
+//! closed-loop warm-up of `BENCH_WARMUP_SECS` (2) s per setup and protocol; `BENCH_SETUPS`
 //! (`none,envoy,sigil`, always run in that order: sigil's iptables rules stay) and
 //! `BENCH_PROTOCOLS` (`http1,grpc`) pick what runs.
 //!
@@ -492,6 +493,8 @@ struct Config {
     closed_connections: usize,
     slow_rate: u64,
     slow_delay: Duration,
+    /// A closed loop before each setup and protocol's phases, not measured.
+    warm_up: Duration,
     setups: Vec<Setup>,
     protocols: Vec<Protocol>,
     envoy_curves: Vec<String>,
@@ -534,6 +537,7 @@ impl Config {
             closed_connections: env_or("BENCH_CLOSED_CONNECTIONS", 64),
             slow_rate: env_or("BENCH_SLOW_RATE", 1000),
             slow_delay: Duration::from_millis(env_or("BENCH_SLOW_MS", 50)),
+            warm_up: Duration::from_secs_f64(env_or("BENCH_WARMUP_SECS", 2.0)),
             setups: Setup::ALL
                 .into_iter()
                 .filter(|s| named.iter().any(|n| n == s.name()))
@@ -652,18 +656,25 @@ fn envoy_http_cluster(
     cluster
 }
 
-/// Starts an Envoy in `pod` as `uid`: a listener on `listen` (terminating mTLS from `client_id`
-/// when given) forwarding to `cluster`.
-fn start_envoy(
-    world: &World,
-    pod: &Netns,
+/// One Envoy: in `pod` as `uid`, a listener on `listen` (terminating mTLS from `client_id` when
+/// given).
+struct EnvoyRole<'a> {
+    pod: &'a Netns,
     role: &'static str,
     uid: u32,
     listen: SocketAddr,
-    client_id: Option<&str>,
-    cluster: Value,
-    config: &Config,
-) -> (Proxy, Proc) {
+    client_id: Option<&'a str>,
+}
+
+/// Starts the Envoy `r`, forwarding to `cluster`.
+fn start_envoy(world: &World, r: EnvoyRole, cluster: Value, config: &Config) -> (Proxy, Proc) {
+    let EnvoyRole {
+        pod,
+        role,
+        uid,
+        listen,
+        client_id,
+    } = r;
     let mut chain = json!({"filters": [envoy_http_filter("upstream")]});
     if let Some(id) = client_id {
         chain["transport_socket"] = json!({
@@ -740,31 +751,27 @@ async fn start_setup(setup: Setup, world: &World, config: &Config) -> Running {
                 .map(|b| SocketAddrV4::new(b.ip, ENVOY_INBOUND_PORT).into())
                 .collect();
             let client = envoy_http_cluster("upstream", &endpoints, Some(&ids), config);
-            let (proxy, proc) = start_envoy(
-                world,
-                &world.a,
-                "client",
-                A_UID,
-                Setup::Envoy.entry(),
-                None,
-                client,
-                config,
-            );
+            let role = EnvoyRole {
+                pod: &world.a,
+                role: "client",
+                uid: A_UID,
+                listen: Setup::Envoy.entry(),
+                client_id: None,
+            };
+            let (proxy, proc) = start_envoy(world, role, client, config);
             proxies.push(proxy);
             procs.push(proc);
             for (spec, pod) in BACKENDS.iter().zip(&world.pods) {
                 let app = SocketAddrV4::new(Ipv4Addr::LOCALHOST, APP_PORT).into();
                 let cluster = envoy_http_cluster("upstream", &[app], None, config);
-                let (proxy, proc) = start_envoy(
-                    world,
+                let role = EnvoyRole {
                     pod,
-                    spec.name,
-                    spec.uid,
-                    SocketAddrV4::new(spec.ip, ENVOY_INBOUND_PORT).into(),
-                    Some(CLIENT_ID),
-                    cluster,
-                    config,
-                );
+                    role: spec.name,
+                    uid: spec.uid,
+                    listen: SocketAddrV4::new(spec.ip, ENVOY_INBOUND_PORT).into(),
+                    client_id: Some(CLIENT_ID),
+                };
+                let (proxy, proc) = start_envoy(world, role, cluster, config);
                 proxies.push(proxy);
                 procs.push(proc);
             }
@@ -967,20 +974,15 @@ async fn measure(
         // The backend reads its delay file every 100 ms.
         tokio::time::sleep(Duration::from_millis(250)).await;
         let before = settled_counts(world).await;
-        let (netns, pids, backends, rate) = (
-            world.a.name.clone(),
-            pids.clone(),
-            backends.clone(),
-            config.slow_rate,
-        );
-        let config_shown = (config.slow_delay, config.slow_rate);
+        let (netns, pids, backends) = (world.a.name.clone(), pids.clone(), backends.clone());
+        let (slow_delay, slow_rate) = (config.slow_delay, config.slow_rate);
         let config = config.clone();
         let result = tokio::task::spawn_blocking(move || {
             run_open_loop(
                 protocol,
                 netns,
                 setup.entry(),
-                rate,
+                slow_rate,
                 &config,
                 &pids,
                 &backends,
@@ -992,8 +994,8 @@ async fn measure(
         let slow_shares = shares(&before, &settled_counts(world).await);
         println!(
             "{label}: B1 +{} ms, open loop {}/s: p50 {:.3} ms, p99 {:.3} ms, {} errors{}; shares {:.1?} %",
-            config_shown.0.as_millis(),
-            config_shown.1,
+            slow_delay.as_millis(),
+            slow_rate,
             ms(quantile(&result.latencies, 0.5).unwrap_or(0)),
             ms(quantile(&result.latencies, 0.99).unwrap_or(0)),
             result.errors,
@@ -1311,6 +1313,21 @@ async fn bench() -> ExitCode {
             started.elapsed().as_secs_f64() * 1e3
         );
         for &protocol in &config.protocols {
+            // Untimed: the proxies' pools, balancers and allocators settle before the phases.
+            let warm_up = Config {
+                length: config.warm_up,
+                ..config.clone()
+            };
+            let pids: Vec<u32> = running.proxies.iter().map(|p| p.pid).collect();
+            run_closed_loop(
+                protocol,
+                &world.a.name,
+                setup.entry(),
+                &warm_up,
+                &pids,
+                &world.backend_pids(),
+            )
+            .await;
             results.push(measure(setup, protocol, &world, &config, &running.proxies).await);
         }
         drop(running);
