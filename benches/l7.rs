@@ -732,7 +732,7 @@ fn start_envoy(world: &World, r: EnvoyRole, cluster: Value, config: &Config) -> 
 struct Running {
     proxies: Vec<Proxy>,
     _envoys: Vec<Proc>,
-    _sigil: Vec<PodProxy>,
+    sigil: Vec<PodProxy>,
 }
 
 async fn start_setup(setup: Setup, world: &World, config: &Config) -> Running {
@@ -740,7 +740,7 @@ async fn start_setup(setup: Setup, world: &World, config: &Config) -> Running {
         Setup::None => Running {
             proxies: Vec::new(),
             _envoys: Vec::new(),
-            _sigil: Vec::new(),
+            sigil: Vec::new(),
         },
         Setup::Envoy => {
             let mut procs = Vec::new();
@@ -778,7 +778,7 @@ async fn start_setup(setup: Setup, world: &World, config: &Config) -> Running {
             Running {
                 proxies,
                 _envoys: procs,
-                _sigil: Vec::new(),
+                sigil: Vec::new(),
             }
         }
         Setup::Sigil => {
@@ -845,7 +845,7 @@ async fn start_setup(setup: Setup, world: &World, config: &Config) -> Running {
             Running {
                 proxies,
                 _envoys: Vec::new(),
-                _sigil: running,
+                sigil: running,
             }
         }
     }
@@ -1063,6 +1063,10 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
                 Some(q(m, p)? - q(baseline(m)?, p)?)
             });
         }
+        add(format!("{rate}/s completed req/s"), 0, &|m| {
+            let o = &m.open[i];
+            Some(o.latencies.len() as f64 / o.elapsed.as_secs_f64())
+        });
         add(format!("{rate}/s errors"), 0, &|m| {
             Some(m.open[i].errors as f64)
         });
@@ -1078,6 +1082,9 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
         );
         add(format!("{rate}/s load generator CPU (% core)"), 0, &|m| {
             Some(100.0 * m.open[i].cpu.loadgen / m.open[i].elapsed.as_secs_f64())
+        });
+        add(format!("{rate}/s machine busy (% core)"), 0, &|m| {
+            Some(100.0 * m.open[i].cpu.machine / m.open[i].elapsed.as_secs_f64())
         });
         add(format!("{rate}/s load generator lag p99 (ms)"), 3, &|m| {
             quantile(&m.open[i].lag, 0.99).map(ms)
@@ -1307,6 +1314,19 @@ async fn bench() -> ExitCode {
         let started = Instant::now();
         let running = start_setup(setup, &world, &config).await;
         wait_through(setup, &world, &config, &running.proxies).await;
+        if let Some(client) = running.sigil.first() {
+            // The balancer A's proxy made for the Service on its first request: the requests
+            // take the L7 path, not the TCP pass-through.
+            let series = "sigil_proxy_balancer_endpoints{service=\"bench/api\",state=\"ready\"}";
+            let ready = client.metric(series).await;
+            assert_eq!(
+                ready,
+                BACKENDS.len() as f64,
+                "A's proxy's {series}:\n{}",
+                tail(&client.logs(), 30)
+            );
+            println!("sigil: A's proxy balances over {ready} ready endpoints of bench/api");
+        }
         println!(
             "{}: requests through after {:.0} ms",
             setup.name(),
