@@ -601,3 +601,82 @@ pub fn envoy_sds_cluster(socket: &Path) -> Value {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let samples: Vec<u64> = (1..=100).collect();
+        assert_eq!(quantile(&samples, 0.5), Some(50));
+        assert_eq!(quantile(&samples, 0.99), Some(99));
+        assert_eq!(quantile(&samples, 1.0), Some(100));
+        assert_eq!(quantile(&[7], 0.99), Some(7));
+        assert_eq!(quantile(&[], 0.5), None);
+    }
+
+    /// Feeds `bytes` to a [`Responses`] `chunk` bytes at a time; the outcomes of `take` as they
+    /// complete.
+    fn feed(bytes: &[u8], chunk: usize) -> Vec<Result<(), String>> {
+        let mut responses = Responses::new();
+        let mut outcomes = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            // As a read does: at most what the buffer has room for.
+            let spare = responses.spare();
+            let n = chunk.min(spare.len()).min(rest.len());
+            spare[..n].copy_from_slice(&rest[..n]);
+            responses.filled(n).unwrap();
+            rest = &rest[n..];
+            while let Some(outcome) = responses.take() {
+                outcomes.push(outcome.map_err(|e| e.to_string()));
+            }
+        }
+        assert_eq!(responses.len, 0, "bytes left over");
+        outcomes
+    }
+
+    #[test]
+    fn pipelined_responses_are_taken_one_by_one_whatever_the_reads() {
+        let body = vec![b'x'; 20_000];
+        let mut bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+        bytes.extend_from_slice(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n");
+        bytes.extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n");
+        bytes.extend_from_slice(&body);
+        for chunk in [1, 7, 4096, bytes.len()] {
+            assert_eq!(
+                feed(&bytes, chunk),
+                [Ok(()), Err("status 503".to_owned()), Ok(())],
+                "reads of {chunk} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn a_response_without_content_length_is_an_error() {
+        let mut responses = Responses::new();
+        let bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        responses.spare()[..bytes.len()].copy_from_slice(bytes);
+        responses.filled(bytes.len()).unwrap();
+        let error = responses.take().unwrap().unwrap_err();
+        assert!(
+            error.to_string().contains("without Content-Length"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn envoy_tls_requires_every_given_peer_id_as_an_alternative() {
+        let tls = envoy_common_tls(&["X25519".to_owned()], &["spiffe://a/x", "spiffe://a/y"]);
+        let matchers = &tls["combined_validation_context"]["default_validation_context"]["match_typed_subject_alt_names"];
+        assert_eq!(matchers.as_array().map(Vec::len), Some(2));
+        assert_eq!(matchers[1]["matcher"]["exact"], "spiffe://a/y");
+        assert_eq!(tls["tls_params"]["ecdh_curves"][0], "X25519");
+        assert!(
+            envoy_common_tls(&[], &["spiffe://a/x"])["tls_params"]
+                .get("ecdh_curves")
+                .is_none()
+        );
+    }
+}
