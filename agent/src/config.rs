@@ -79,8 +79,11 @@ pub struct AgentConfig {
     /// `members: [{ip: 198.18.0.2, id: "spiffe://cluster.local/ns/b/sa/b"}]`, each the address of
     /// a meshed workload and the SPIFFE ID (in --trust-domain) its proxy presents. Outside
     /// Kubernetes it is the only source of the mesh membership; with --attestor k8s it adds to the
-    /// pods labelled sigil.dev/tls-mode=mtls and wins on a shared IP. Re-read every second; an
-    /// invalid edit is logged and the last good members kept.
+    /// pods labelled sigil.dev/tls-mode=mtls and wins on a shared IP. An optional `services:`
+    /// list declares meshed Services for load balancing (namespace, name, clusterIPs, ports with
+    /// name/port/targetPort/appProtocol, opaquePorts, endpoints with ip/ready/terminating, each
+    /// endpoint one of the members); they win over Kubernetes Services of the same name. Re-read
+    /// every second; an invalid edit is logged and the last good file kept.
     #[arg(long)]
     pub mesh_file: Option<PathBuf>,
 

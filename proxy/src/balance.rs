@@ -24,9 +24,14 @@ use crate::metrics::{EndpointLabels, Metrics, ServiceLabels};
 
 /// How fast an endpoint's latency average forgets: a response this old weighs 1/e.
 pub const DECAY: Duration = Duration::from_secs(10);
-/// The latency assumed of the endpoints of a new balancer, nothing having been sent to them yet
+/// The latency assumed of the endpoints of a new balancer, before their first responses
 /// (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// Loads closer than this fraction are equal. Estimates of equal endpoints differ by
+/// microseconds of scheduling noise; compared exactly, that noise would pick the same endpoint
+/// over and over instead of spreading requests evenly.
+pub const TIE: f64 = 0.05;
 
 /// One endpoint's address (pod IP and target port), identity and load.
 #[derive(Debug)]
@@ -48,6 +53,11 @@ impl EndpointLoad {
                 updated: now,
             }),
         }
+    }
+
+    /// The latency estimate now (decayed for the time since the last response).
+    pub fn estimate(&self) -> Duration {
+        Duration::from_nanos(self.estimate_ns(Instant::now()) as u64)
     }
 
     fn estimate_ns(&self, now: Instant) -> f64 {
@@ -120,10 +130,18 @@ impl Pending {
         &self.endpoint
     }
 
-    /// The response head arrived: its latency feeds the endpoint's estimate.
+    /// The response head arrived: its latency since the pick feeds the endpoint's estimate.
     pub fn answered(self) {
+        let sent = self.sent;
+        self.answered_since(sent);
+    }
+
+    /// The response head arrived to a request written at `sent` (after waiting for a
+    /// connection, which is not the endpoint's latency).
+    pub fn answered_since(self, sent: Instant) {
         let now = Instant::now();
-        self.endpoint.observe(now - self.sent, now);
+        self.endpoint
+            .observe(now.saturating_duration_since(sent), now);
     }
 }
 
@@ -201,13 +219,13 @@ impl Balancer {
             .drain(..)
             .map(|load| ((load.addr, load.id.clone()), load))
             .collect();
-        // A new endpoint starts at the mean estimate of those in use (the default RTT when
-        // there are none): at the default alone, beside endpoints measured faster, it would
-        // lose every comparison and never be tried.
+        // A new endpoint starts at the mean estimate of those already in use: at the default
+        // beside endpoints measured faster it would lose every comparison for a decay period.
         let initial_ns = if previous.is_empty() {
             DEFAULT_RTT.as_nanos() as f64
         } else {
-            previous.values().map(|load| load.estimate_ns(now)).sum::<f64>() / previous.len() as f64
+            let sum: f64 = previous.values().map(|load| load.estimate_ns(now)).sum();
+            sum / previous.len() as f64
         };
         let mut ready = Vec::new();
         for endpoint in service.endpoints.iter().filter(|e| e.takes_new_requests()) {
@@ -215,11 +233,9 @@ impl Balancer {
                 continue;
             };
             let key = (SocketAddr::new(endpoint.ip, target), endpoint.id.clone());
-            let load = previous
-                .remove(&key)
-                .unwrap_or_else(|| {
-                    Arc::new(EndpointLoad::new(key.0, key.1.clone(), initial_ns, now))
-                });
+            let load = previous.remove(&key).unwrap_or_else(|| {
+                Arc::new(EndpointLoad::new(key.0, key.1.clone(), initial_ns, now))
+            });
             ready.push(load);
         }
         state.draining.extend(previous.into_values());
@@ -241,7 +257,9 @@ impl Balancer {
                     let (a, b) = two_distinct(n);
                     let now = Instant::now();
                     let (a, b) = (&ready[a], &ready[b]);
-                    Some(if b.load(now) < a.load(now) { b } else { a }.clone())
+                    // `a` is as random as `b`: a tie goes to the draw.
+                    let (load_a, load_b) = (a.load(now), b.load(now));
+                    Some(if load_b < load_a * (1.0 - TIE) { b } else { a }.clone())
                 }
             }
         };
@@ -334,9 +352,7 @@ impl Balancers {
             let mut by_port = self.by_port.lock().unwrap_or_else(|e| e.into_inner());
             by_port
                 .entry((service.key.clone(), port.port))
-                .or_insert_with(|| {
-                    Arc::new(Balancer::new(service.key.clone(), &self.metrics))
-                })
+                .or_insert_with(|| Arc::new(Balancer::new(service.key.clone(), &self.metrics)))
                 .clone()
         };
         balancer.sync(service, port);

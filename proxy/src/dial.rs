@@ -60,18 +60,17 @@ pub async fn mtls(
     let name = ServerName::IpAddress(addr.ip().into());
     let connector = TlsConnector::from(state.client.clone());
     let refused = |(reason, detail)| DialError::Refused { reason, detail };
-    let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
-        .await
-    {
-        Ok(Ok(tls_stream)) => tls_stream,
-        Ok(Err(e)) => return Err(refused(HandshakeFailure::of_io_error(&e))),
-        Err(_) => {
-            return Err(refused((
-                HandshakeFailure::Timeout,
-                "TLS handshake not finished in time".to_owned(),
-            )));
-        }
-    };
+    let tls_stream =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, tcp)).await {
+            Ok(Ok(tls_stream)) => tls_stream,
+            Ok(Err(e)) => return Err(refused(HandshakeFailure::of_io_error(&e))),
+            Err(_) => {
+                return Err(refused((
+                    HandshakeFailure::Timeout,
+                    "TLS handshake not finished in time".to_owned(),
+                )));
+            }
+        };
     let got = check_server(
         tls::peer_identity(tls_stream.get_ref().1, &state.bundle),
         expected,

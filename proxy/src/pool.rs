@@ -53,6 +53,15 @@ pub enum PoolError {
     },
 }
 
+/// A request's response head from an endpoint.
+pub struct Sent {
+    pub response: Response<Incoming>,
+    /// The request's stream on its connection, to hold until its response body is done.
+    pub slot: StreamSlot,
+    /// When the request went out on a ready connection (after any dial).
+    pub written: Instant,
+}
+
 /// An endpoint as a pool key: where it is and who it must be.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
@@ -109,18 +118,18 @@ impl Pools {
         }
     }
 
-    /// Sends `request` to `target` over a pooled connection; the response head, and the
-    /// request's stream slot to hold until its body is done.
+    /// Sends `request` to `target` over a pooled connection.
     pub async fn send(
         &self,
         target: &Target,
         request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, StreamSlot), PoolError> {
+    ) -> Result<Sent, PoolError> {
         let pool = {
             let mut by_target = self.by_target.lock().unwrap_or_else(|e| e.into_inner());
             by_target.entry(target.clone()).or_default().clone()
         };
-        let (mut sender, in_flight) = self.checkout(&pool, target).await?;
+        let (mut sender, slot) = self.checkout(&pool, target).await?;
+        let written = Instant::now();
         let sent = async {
             sender.ready().await?;
             sender.send_request(request).await
@@ -129,7 +138,11 @@ impl Pools {
             addr: target.addr,
             source,
         })?;
-        Ok((response, in_flight))
+        Ok(Sent {
+            response,
+            slot,
+            written,
+        })
     }
 
     /// A connection with room for one more request (dialled if none has), counted as in use.

@@ -162,7 +162,12 @@ impl ServiceRoute {
 }
 
 /// A connection to a meshed Service, by the port's declared protocol.
-async fn to_service(mut stream: TcpStream, log: ConnectionLog, route: ServiceRoute, shared: Shared) {
+async fn to_service(
+    mut stream: TcpStream,
+    log: ConnectionLog,
+    route: ServiceRoute,
+    shared: Shared,
+) {
     let config = &shared.config;
     let protocol = route.port.protocol;
     if protocol == Protocol::Opaque {
@@ -232,7 +237,13 @@ where
     log.source_identity = Some(state.id.clone());
     let endpoint = pending.endpoint().clone();
     let expected = BTreeSet::from([endpoint.id.clone()]);
-    let connected = dial::mtls(endpoint.addr, shared.config.connect_timeout, &state, expected).await;
+    let connected = dial::mtls(
+        endpoint.addr,
+        shared.config.connect_timeout,
+        &state,
+        expected,
+    )
+    .await;
     drop(state);
     match connected {
         Ok((tls_stream, got)) => {

@@ -40,7 +40,9 @@ use crate::balance::{Balancer, EndpointLoad};
 use crate::dial::{self, DialError};
 use crate::forward::{Ended, Shared};
 use crate::l7::HttpVersion;
-use crate::metrics::{Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome, ServiceLabels};
+use crate::metrics::{
+    Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome, ServiceLabels,
+};
 use crate::pool::{PoolError, Pools, RequestBody, StreamSlot, Target};
 use crate::tls::TlsState;
 
@@ -160,8 +162,8 @@ where
             let Some(tunnel) = switched else {
                 return Ok(());
             };
-            let (client, endpoint) = tokio::try_join!(tunnel.client, tunnel.endpoint)
-                .map_err(CallError::Upgrade)?;
+            let (client, endpoint) =
+                tokio::try_join!(tunnel.client, tunnel.endpoint).map_err(CallError::Upgrade)?;
             tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(endpoint))
                 .await
                 .map_err(CallError::Tunnel)?;
@@ -210,7 +212,7 @@ impl ServiceCalls {
         let sent = if switching {
             self.switch(request, &endpoint, tunnel)
                 .await
-                .map(|response| (response, None))
+                .map(|response| (response, None, None))
         } else {
             let (parts, body) = request.into_parts();
             let body = CountedBody {
@@ -226,10 +228,10 @@ impl ServiceCalls {
             self.pools
                 .send(&target, request)
                 .await
-                .map(|(response, slot)| (response, Some(slot)))
+                .map(|sent| (sent.response, Some(sent.slot), Some(sent.written)))
                 .map_err(CallError::from)
         };
-        let (response, slot) = match sent {
+        let (response, slot, written) = match sent {
             Ok(sent) => sent,
             Err(e) => {
                 self.metrics
@@ -251,7 +253,10 @@ impl ServiceCalls {
                 return response;
             }
         };
-        pending.answered();
+        match written {
+            Some(written) => pending.answered_since(written),
+            None => pending.answered(),
+        }
         let (mut parts, body) = response.into_parts();
         if version == HttpVersion::Http1 {
             parts.version = Version::HTTP_11;
@@ -410,9 +415,14 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     let trailers = headers.get_all(header::TE).iter().any(|value| {
         value.to_str().is_ok_and(|value| {
-            value
-                .split(',')
-                .any(|coding| coding.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("trailers"))
+            value.split(',').any(|coding| {
+                coding
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
         })
     });
     for name in [
@@ -432,7 +442,13 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// A response's `grpc-status` (a header in a trailers-only response, else a trailer).
 fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+    headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// One request's record, written when its response body ends or is dropped.
