@@ -128,21 +128,46 @@ impl Pools {
             let mut by_target = self.by_target.lock().unwrap_or_else(|e| e.into_inner());
             by_target.entry(target.clone()).or_default().clone()
         };
-        let (mut sender, slot) = self.checkout(&pool, target).await?;
-        let written = Instant::now();
-        let sent = async {
-            sender.ready().await?;
-            sender.send_request(request).await
-        };
-        let response = sent.await.map_err(|source| PoolError::Send {
-            addr: target.addr,
-            source,
-        })?;
-        Ok(Sent {
-            response,
-            slot,
-            written,
-        })
+        // A connection that broke before the request went out on it (the server closed it
+        // while idle, say) gives the request back: it is sent once more on another.
+        let mut request = request;
+        let mut retried = false;
+        loop {
+            let (mut sender, slot) = self.checkout(&pool, target).await?;
+            let written = Instant::now();
+            let error = match sender.ready().await {
+                Ok(()) => match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        return Ok(Sent {
+                            response,
+                            slot,
+                            written,
+                        });
+                    }
+                    Err(mut unsent) => match unsent.take_message() {
+                        Some(unsent_request) if !retried => {
+                            request = unsent_request;
+                            unsent.into_error()
+                        }
+                        _ => {
+                            return Err(PoolError::Send {
+                                addr: target.addr,
+                                source: unsent.into_error(),
+                            });
+                        }
+                    },
+                },
+                Err(error) if !retried => error,
+                Err(source) => {
+                    return Err(PoolError::Send {
+                        addr: target.addr,
+                        source,
+                    });
+                }
+            };
+            tracing::debug!(error = %error, addr = %target.addr, "pooled connection broke before a request went out; retrying on another");
+            retried = true;
+        }
     }
 
     /// A connection with room for one more request (dialled if none has), counted as in use.

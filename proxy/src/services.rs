@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
+use sigil_identity::TrustDomain;
 use sigil_proto::sigil::mesh::v1::service_discovery_client::ServiceDiscoveryClient;
 use sigil_proto::sigil::mesh::v1::{ServiceUpdate, WatchServicesRequest};
 use sigil_proxy_api::services::ServiceTable;
@@ -39,6 +40,15 @@ pub async fn run(
         // The certificate feed is gone: the proxy is stopping.
         Err(_) => return,
     };
+    follow(socket, trust_domain, tx).await;
+}
+
+/// Follows the stream for the life of the process, checking updates against `trust_domain`.
+async fn follow(
+    socket: PathBuf,
+    trust_domain: TrustDomain,
+    tx: watch::Sender<Option<Arc<ServiceTable>>>,
+) {
     let open = |channel| async move {
         let opened = ServiceDiscoveryClient::new(channel)
             .watch_services(WatchServicesRequest {})
@@ -83,4 +93,109 @@ pub async fn run(
         Counter::default(),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+
+    use futures::{Stream, StreamExt};
+    use sigil_proto::sigil::mesh::v1::service_discovery_server::{
+        ServiceDiscovery, ServiceDiscoveryServer,
+    };
+    use sigil_proto::sigil::mesh::v1::{Endpoint, MeshService, ServicePort};
+    use sigil_proxy_api::services::ServiceKey;
+
+    use super::*;
+
+    /// An agent that sends `updates`, then keeps the stream open.
+    struct Agent {
+        updates: Vec<ServiceUpdate>,
+    }
+
+    #[tonic::async_trait]
+    impl ServiceDiscovery for Agent {
+        type WatchServicesStream =
+            Pin<Box<dyn Stream<Item = Result<ServiceUpdate, tonic::Status>> + Send>>;
+
+        async fn watch_services(
+            &self,
+            _: tonic::Request<WatchServicesRequest>,
+        ) -> Result<tonic::Response<Self::WatchServicesStream>, tonic::Status> {
+            let updates = futures::stream::iter(self.updates.clone().into_iter().map(Ok));
+            Ok(tonic::Response::new(Box::pin(
+                updates.chain(futures::stream::pending()),
+            )))
+        }
+    }
+
+    fn service(name: &str, endpoint_id: &str) -> MeshService {
+        MeshService {
+            namespace: "demo".into(),
+            name: name.into(),
+            cluster_ips: vec!["198.19.0.10".into()],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                ..Default::default()
+            }],
+            endpoints: vec![Endpoint {
+                ip: "198.18.0.2".into(),
+                spiffe_id: endpoint_id.into(),
+                ready: true,
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn updates_apply_in_order_and_a_bad_one_keeps_the_last_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let api = "spiffe://cluster.local/ns/demo/sa/api";
+        let agent = Agent {
+            updates: vec![
+                ServiceUpdate {
+                    version: 1,
+                    reset: true,
+                    upserts: vec![service("api", api)],
+                    removals: vec![],
+                },
+                // An endpoint of another trust domain: the whole update is refused.
+                ServiceUpdate {
+                    version: 2,
+                    reset: false,
+                    upserts: vec![service("bad", "spiffe://other.example/ns/demo/sa/x")],
+                    removals: vec!["demo/api".into()],
+                },
+                ServiceUpdate {
+                    version: 3,
+                    reset: false,
+                    upserts: vec![service("web", api)],
+                    removals: vec![],
+                },
+            ],
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ServiceDiscoveryServer::new(agent))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+        );
+        let (tx, mut rx) = watch::channel(None);
+        let trust_domain = TrustDomain::new("cluster.local").unwrap();
+        tokio::spawn(follow(socket, trust_domain, tx));
+        let table = tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|table| table.as_ref().is_some_and(|t| t.version == 3)),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .clone()
+        .unwrap();
+        let keys: Vec<String> = table.services().map(|s| s.key.to_string()).collect();
+        assert_eq!(keys, ["demo/api", "demo/web"]);
+        assert!(table.get(&ServiceKey::new("demo", "bad")).is_none());
+    }
 }

@@ -11,8 +11,9 @@
 //!    (a third each, within [`SHARE_TOLERANCE`]), sent over mTLS to each endpoint, and the
 //!    HTTP/1.1 client's requests reach the apps as HTTP/1.1;
 //! c. a backend whose app answers 50 ms late gets a small share of concurrent requests;
-//! d. while requests flow, a backend marked terminating and then removed stops getting new
-//!    requests, a backend added starts getting them, and no request fails;
+//! d. while requests flow on long-lived connections, a backend marked terminating (then
+//!    removed) gets no new request once what it had is answered, a backend added starts getting
+//!    them, and no request fails;
 //! e. every backend's proxy names A's identity as the peer of each request, and A's proxy names
 //!    each backend's own identity;
 //!
@@ -807,7 +808,9 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         ],
     );
     service.set_backends(&[b1.ip, b3.ip]);
-    wait_for_endpoints(&a_proxy, 2.0, None, "B2 terminating", logs).await;
+    // Terminating: no new request goes to B2 once what it has is answered (no longer draining).
+    wait_for_endpoints(&a_proxy, 2.0, Some(0.0), "B2 terminating", logs).await;
+    let b2_when_terminating = backends[1].app.record().requests();
     tokio::time::sleep(Duration::from_secs(1)).await;
     write_mesh_file(
         &mesh_file,
@@ -819,7 +822,6 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
     );
     service.set_backends(&[b1.ip, b3.ip, b4.ip]);
     wait_for_endpoints(&a_proxy, 3.0, Some(0.0), "B2 gone, B4 added", logs).await;
-    let b2_when_gone = backends[1].app.record().requests();
     let b4_when_added = backends[3].app.record().requests();
     tokio::time::sleep(Duration::from_secs(2)).await;
     drop(stop);
@@ -834,10 +836,11 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         &outcomes,
     );
     let at_end: Vec<AppRecord> = backends.iter().map(|b| b.app.record()).collect();
-    let b2_after_gone = at_end[1].requests() - b2_when_gone;
+    let b2_after_terminating = at_end[1].requests() - b2_when_terminating;
     let b4_after_added = at_end[3].requests() - b4_when_added;
     println!(
-        "  b2 after it was gone: {b2_after_gone}; b4 after it was added: {b4_after_added}; \
+        "  b2 after it was terminating (then gone): {b2_after_terminating}; b4 after it was \
+         added: {b4_after_added}; \
          apps' counts at start {:?}, at end {:?}",
         counts_of(&backends, &at_start),
         counts_of(&backends, &at_end)
@@ -853,9 +856,9 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         logs()
     );
     assert_eq!(
-        b2_after_gone,
+        b2_after_terminating,
         0,
-        "b2 got requests after it left the Service{}",
+        "b2 got new requests after it was marked terminating (and then removed){}",
         logs()
     );
     let received = received.lock().unwrap().clone();

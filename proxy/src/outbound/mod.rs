@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use sigil_identity::SpiffeId;
-use sigil_proxy_api::services::{MeshService, Protocol, ServicePort};
+use sigil_proxy_api::services::{MeshService, Protocol, ServiceKey, ServicePort};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
@@ -27,7 +27,7 @@ use crate::balance::Balancer;
 use crate::dial::{self, DialError};
 use crate::forward::{self, ConnectionLog, Counted, Prefixed, Shared};
 use crate::l7::{self, HttpVersion, Sniffed};
-use crate::metrics::{Direction, DirectionLabels, Security, ServiceLabels};
+use crate::metrics::{Direction, DirectionLabels, Metrics, Security, ServiceLabels};
 use crate::tls::HandshakeFailure;
 
 pub use requests::PROXY_ERROR_HEADER;
@@ -143,22 +143,22 @@ impl ServiceRoute {
         })
     }
 
-    /// No endpoint takes new requests: counted and logged (the caller answers).
+    /// No endpoint takes new requests: counted and logged (the caller closes).
     fn no_endpoints(&self, shared: &Shared) {
-        shared
-            .metrics
-            .no_endpoints
-            .get_or_create(&ServiceLabels {
-                service: self.service.key.to_string(),
-            })
-            .inc();
-        warn!(
-            service = %self.service.key,
-            port = self.port.port,
-            endpoints = self.service.endpoints.len(),
-            "no ready endpoints for a meshed Service; refused"
-        );
+        no_endpoints(&shared.metrics, &self.service.key, "connection closed");
     }
+}
+
+/// A request or connection to `service` refused for want of a ready endpoint: counted and
+/// logged with what the application got.
+fn no_endpoints(metrics: &Metrics, service: &ServiceKey, answer: &str) {
+    metrics
+        .no_endpoints
+        .get_or_create(&ServiceLabels {
+            service: service.to_string(),
+        })
+        .inc();
+    warn!(%service, answer, "no ready endpoints for a meshed Service");
 }
 
 /// A connection to a meshed Service, by the port's declared protocol.

@@ -40,9 +40,7 @@ use crate::balance::{Balancer, EndpointLoad};
 use crate::dial::{self, DialError};
 use crate::forward::{Ended, Shared};
 use crate::l7::HttpVersion;
-use crate::metrics::{
-    Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome, ServiceLabels,
-};
+use crate::metrics::{Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome};
 use crate::pool::{PoolError, Pools, RequestBody, StreamSlot, Target};
 use crate::tls::TlsState;
 
@@ -194,13 +192,7 @@ impl ServiceCalls {
             host: authority(&request).unwrap_or_default(),
         };
         let Some(pending) = self.balancer.pick() else {
-            self.metrics
-                .no_endpoints
-                .get_or_create(&ServiceLabels {
-                    service: self.service.to_string(),
-                })
-                .inc();
-            warn!(service = %self.service, method = %facts.method, path = %facts.path, "no ready endpoints for a meshed Service; answered 503");
+            super::no_endpoints(&self.metrics, &self.service, "503");
             let why = format!("no ready endpoints for {}", self.service);
             return self.local(StatusCode::SERVICE_UNAVAILABLE, &why, facts, "no_endpoints");
         };
