@@ -83,9 +83,6 @@ const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// How many of a partly meshed Service's unmeshed endpoint addresses its log line names.
 const LOGGED_UNMESHED: usize = 5;
-const LABELS: ApiLabels = ApiLabels {
-    api: SocketApi::Mesh,
-};
 
 /// An event of one of the Kubernetes watches.
 enum KubeEvent {
@@ -962,37 +959,60 @@ impl MeshDiscovery for MeshApi {
         // Only attested callers learn which addresses are which workloads.
         let workload = self.workloads.attest(&request).await?;
         info!(identity = %workload.id, "mesh membership stream opened");
-        let feed = Feed {
-            state: self.state.clone(),
-            unseen: true,
-            sent: None,
-            pushes: self.workloads.metrics.pushes.get_or_create(&LABELS).clone(),
-            _open: OpenStream::new(&self.workloads.metrics, SocketApi::Mesh),
-        };
+        let feed = StateFeed::new(
+            self.state.clone(),
+            &self.workloads.metrics,
+            SocketApi::Mesh,
+            |sent, state| {
+                let unchanged =
+                    sent.is_some_and(|sent| sent.members().members == state.members().members);
+                (!unchanged).then(|| state.members().to_message())
+            },
+        );
         Ok(Response::new(push_stream::into_stream(feed)))
     }
 }
 
-/// One `WatchMembers` stream.
-struct Feed {
+/// One stream of a part of the published state (`WatchMembers`, `WatchServices`): its first
+/// message once the sources have synced, then one for each state that changed that part. The
+/// receiver always holds the newest state, so a slow reader gets the latest, not a backlog.
+pub(crate) struct StateFeed<M> {
     state: watch::Receiver<Arc<MeshState>>,
-    /// Whether the membership has not been looked at yet: the first message goes out without
+    /// Whether the state has not been looked at yet: the first message goes out without
     /// waiting for a change.
     unseen: bool,
-    /// The state whose membership was sent last.
+    /// What the client holds: the state of the last message sent.
     sent: Option<Arc<MeshState>>,
+    /// The message that takes a client holding `sent` (None: nothing yet) to `state`; None if
+    /// this stream's part did not change.
+    message: fn(Option<&MeshState>, &MeshState) -> Option<M>,
     pushes: Counter,
     _open: OpenStream,
 }
 
-impl PushFeed for Feed {
-    type Message = MeshMembers;
+impl<M> StateFeed<M> {
+    pub(crate) fn new(
+        state: watch::Receiver<Arc<MeshState>>,
+        metrics: &Metrics,
+        api: SocketApi,
+        message: fn(Option<&MeshState>, &MeshState) -> Option<M>,
+    ) -> StateFeed<M> {
+        StateFeed {
+            state,
+            unseen: true,
+            sent: None,
+            message,
+            pushes: metrics.pushes.get_or_create(&ApiLabels { api }).clone(),
+            _open: OpenStream::new(metrics, api),
+        }
+    }
+}
+
+impl<M: Send + 'static> PushFeed for StateFeed<M> {
+    type Message = M;
     type Error = MeshError;
 
-    /// The next message: the current membership at once, then the next change of it (a state
-    /// that changed only the Services is skipped). The receiver always holds the newest state,
-    /// so a slow reader gets the latest, not a backlog.
-    async fn next_message(&mut self) -> Result<MeshMembers, MeshError> {
+    async fn next_message(&mut self) -> Result<M, MeshError> {
         loop {
             if !self.unseen {
                 self.state
@@ -1002,12 +1022,10 @@ impl PushFeed for Feed {
             }
             self.unseen = false;
             let state = self.state.borrow_and_update().clone();
-            let unchanged = self
-                .sent
-                .as_ref()
-                .is_some_and(|sent| sent.members().members == state.members().members);
-            if state.is_synced() && !unchanged {
-                let message = state.members().to_message();
+            if !state.is_synced() {
+                continue;
+            }
+            if let Some(message) = (self.message)(self.sent.as_deref(), &state) {
                 self.sent = Some(state);
                 return Ok(message);
             }

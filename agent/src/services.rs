@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice};
-use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use sigil_identity::SpiffeId;
 use sigil_proto::sigil::mesh::v1::service_discovery_server::{
@@ -28,19 +27,15 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
-use crate::mesh::{FILE_SOURCE, MeshState};
-use crate::metrics::{ApiLabels, OpenStream, SocketApi};
+use crate::mesh::{FILE_SOURCE, MeshState, StateFeed};
+use crate::metrics::{Metrics, SocketApi};
 use crate::peer::Workloads;
-use crate::push_stream::{self, PushFeed, ResponseStream};
+use crate::push_stream::{self, ResponseStream};
 
-const LABELS: ApiLabels = ApiLabels {
-    api: SocketApi::Services,
-};
 /// The only transport the proxy carries; a Service's UDP and SCTP ports are not its business.
 const TCP: &str = "TCP";
 
-/// Why the mesh file's `services:` section is invalid (naming the entry and field), or a stream
-/// ended.
+/// Why the mesh file's `services:` section is invalid (naming the entry and field).
 #[derive(Debug, thiserror::Error)]
 pub enum ServicesError {
     #[error(
@@ -113,15 +108,6 @@ pub enum ServicesError {
         endpoint: usize,
         ip: IpAddr,
     },
-    #[error("the agent is shutting down")]
-    ShuttingDown,
-}
-
-/// Only shutdown ends a stream: clients retry, and reach the agent replacing this one.
-impl From<ServicesError> for Status {
-    fn from(e: ServicesError) -> Status {
-        Status::unavailable(e.to_string())
-    }
 }
 
 // --- Kubernetes ---
@@ -453,63 +439,23 @@ impl ServiceDiscovery for ServicesApi {
         // Only attested callers learn which addresses are which workloads.
         let workload = self.workloads.attest(&request).await?;
         info!(identity = %workload.id, "service discovery stream opened");
-        let feed = Feed {
-            state: self.state.clone(),
-            unseen: true,
-            sent: None,
-            pushes: self.workloads.metrics.pushes.get_or_create(&LABELS).clone(),
-            _open: OpenStream::new(&self.workloads.metrics, SocketApi::Services),
-        };
+        let feed = feed(self.state.clone(), &self.workloads.metrics);
         Ok(Response::new(push_stream::into_stream(feed)))
     }
 }
 
-/// One `WatchServices` stream.
-struct Feed {
-    state: watch::Receiver<Arc<MeshState>>,
-    /// Whether the state has not been looked at yet: the first message goes out without waiting
-    /// for a change.
-    unseen: bool,
-    /// What the client holds: the state of the last message sent.
-    sent: Option<Arc<MeshState>>,
-    pushes: Counter,
-    _open: OpenStream,
-}
-
-impl PushFeed for Feed {
-    type Message = ServiceUpdate;
-    type Error = ServicesError;
-
-    /// The next message: the whole table at once (once synced), then what changed since the
-    /// last message, skipping the states that changed nothing here. The receiver always holds
-    /// the newest state, so a slow reader gets the changes up to the latest, not a backlog.
-    async fn next_message(&mut self) -> Result<ServiceUpdate, ServicesError> {
-        loop {
-            if !self.unseen {
-                self.state
-                    .changed()
-                    .await
-                    .map_err(|_| ServicesError::ShuttingDown)?;
-            }
-            self.unseen = false;
-            let state = self.state.borrow_and_update().clone();
-            if !state.is_synced() {
-                continue;
-            }
-            let update = match &self.sent {
-                None => Some(state.services().full_update()),
-                Some(sent) => state.services().update_from(sent.services()),
-            };
-            if let Some(update) = update {
-                self.sent = Some(state);
-                return Ok(update);
-            }
-        }
-    }
-
-    fn pushes(&self) -> &Counter {
-        &self.pushes
-    }
+/// One `WatchServices` stream: the whole table at once (once synced), then what changed since
+/// the last message, skipping the states that changed nothing here.
+fn feed(state: watch::Receiver<Arc<MeshState>>, metrics: &Metrics) -> StateFeed<ServiceUpdate> {
+    StateFeed::new(
+        state,
+        metrics,
+        SocketApi::Services,
+        |sent, state| match sent {
+            None => Some(state.services().full_update()),
+            Some(sent) => state.services().update_from(sent.services()),
+        },
+    )
 }
 
 #[cfg(test)]

@@ -13,7 +13,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use serde_json::{Value, json};
-use sigil_proxy_api::{AGENT_SOCKET_DIR, PROXY_PORTS, TLS_MODE_LABEL, TLS_MODE_MTLS};
+use sigil_proxy_api::ports::PortSet;
+use sigil_proxy_api::{
+    AGENT_SOCKET_DIR, OPAQUE_PORTS_ANNOTATION, PROXY_PORTS, TLS_MODE_LABEL, TLS_MODE_MTLS,
+};
 
 /// Namespace label (and pod label or annotation, `"false"`) that turns injection on (off).
 pub const INJECT_KEY: &str = "sigil.dev/inject";
@@ -292,6 +295,7 @@ fn decide(
         }
     }
     let init_args = init_args(meta.annotations.as_ref(), config.proxy_uid)?;
+    let opaque_ports = opaque_ports(meta.annotations.as_ref())?;
 
     let mut mutated = original.clone();
     let mut warnings = Vec::new();
@@ -337,7 +341,7 @@ fn decide(
     let init_containers = array_at(&mut mutated["spec"], "initContainers");
     // First the rules, then the proxy: the app's own init containers already run meshed.
     init_containers.insert(0, init_container(config, init_args));
-    init_containers.insert(1, proxy_container(config, probe_flags));
+    init_containers.insert(1, proxy_container(config, probe_flags, opaque_ports));
     array_at(&mut mutated["spec"], "volumes").push(json!({
         "name": AGENT_VOLUME,
         // OrCreate: a pod scheduled on a new node before the agent would otherwise wait for its
@@ -507,6 +511,23 @@ fn init_args(
     Ok(args)
 }
 
+/// The pod's `sigil.dev/opaque-ports` annotation as the proxy's `--opaque-ports` value, checked
+/// here so that a typo refuses the pod with the reason instead of a proxy that never starts.
+fn opaque_ports(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<Option<String>, String> {
+    let Some(value) = annotations.and_then(|a| a.get(OPAQUE_PORTS_ANNOTATION)) else {
+        return Ok(None);
+    };
+    let ports: PortSet = value.parse().map_err(|e| {
+        format!(
+            "sigil injector: annotation {OPAQUE_PORTS_ANNOTATION}: {e}; write a comma-separated \
+             list of ports and ranges, e.g. \"3306,25,4000-4010\""
+        )
+    })?;
+    Ok((!ports.is_empty()).then(|| ports.to_string()))
+}
+
 fn check_port(s: &str) -> bool {
     s.parse::<u16>().is_ok_and(|p| p != 0)
 }
@@ -539,7 +560,11 @@ fn init_container(config: &InjectConfig, args: Vec<String>) -> Value {
     })
 }
 
-fn proxy_container(config: &InjectConfig, probe_flags: Vec<String>) -> Value {
+fn proxy_container(
+    config: &InjectConfig,
+    probe_flags: Vec<String>,
+    opaque_ports: Option<String>,
+) -> Value {
     // The container has no CPU limit (a sidecar should not be throttled), so the proxy would
     // otherwise start a worker per CPU of the node; two is Istio's sidecar default.
     let mut args: Vec<String> = ["proxy", "run", "--concurrency", PROXY_CONCURRENCY]
@@ -548,6 +573,10 @@ fn proxy_container(config: &InjectConfig, probe_flags: Vec<String>) -> Value {
     for flag in probe_flags {
         args.push("--app-probe".into());
         args.push(flag);
+    }
+    if let Some(ports) = opaque_ports {
+        args.push("--opaque-ports".into());
+        args.push(ports);
     }
     let ready = json!({"httpGet": {"path": "/ready", "port": METRICS_PORT}});
     json!({

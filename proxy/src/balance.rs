@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
 use sigil_identity::SpiffeId;
-use sigil_proxy_api::services::{MeshService, ServiceKey, ServicePort};
+use sigil_proxy_api::services::{MeshService, ServiceKey, ServicePort, ServiceTable};
+use tokio::sync::watch;
 
 use crate::metrics::{EndpointLabels, Metrics, ServiceLabels};
 
@@ -276,6 +277,17 @@ impl Balancer {
         })
     }
 
+    /// The Service or its port is gone: no endpoint takes new requests; what was sent finishes.
+    fn clear(&self) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let ready = std::mem::take(&mut state.ready);
+        state.draining.extend(ready);
+        state.synced = None;
+        self.report(&mut state);
+    }
+
     /// The endpoints that take new requests now.
     pub fn ready(&self) -> Vec<Arc<EndpointLoad>> {
         self.state
@@ -357,6 +369,39 @@ impl Balancers {
         };
         balancer.sync(service, port);
         balancer
+    }
+
+    /// Keeps every balancer in step with the Service table for the life of the process, so
+    /// that the requests of connections open for long (one HTTP/2 connection can carry all of
+    /// an application's requests) see endpoints come and go at once: each balancer takes its
+    /// Service's endpoints from every new table, and one whose Service or port is gone is
+    /// cleared and forgotten (its connections' next requests get 503).
+    pub async fn follow(self: Arc<Self>, mut services: watch::Receiver<Option<Arc<ServiceTable>>>) {
+        while services.changed().await.is_ok() {
+            let table = services.borrow_and_update().clone();
+            if let Some(table) = table {
+                self.sync_all(&table);
+            }
+        }
+    }
+
+    fn sync_all(&self, table: &ServiceTable) {
+        let mut by_port = self.by_port.lock().unwrap_or_else(|e| e.into_inner());
+        by_port.retain(|(key, number), balancer| {
+            let found = table
+                .get(key)
+                .and_then(|service| Some((service, service.port(*number)?)));
+            match found {
+                Some((service, port)) => {
+                    balancer.sync(service, port);
+                    true
+                }
+                None => {
+                    balancer.clear();
+                    false
+                }
+            }
+        });
     }
 }
 

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::balance::Balancers;
 use crate::config::ProxyConfig;
+use crate::l7::app_pool::AppPools;
 use crate::metrics::{
     BytesLabels, ConnectionLabels, Direction, Flow, HandshakeLabels, Metrics, Security,
 };
@@ -53,6 +54,8 @@ pub struct Shared {
     pub balancers: Arc<Balancers>,
     /// ...and pooled HTTP/2 connections per endpoint.
     pub pools: Arc<Pools>,
+    /// Inbound: connections to the application, reused across requests and client connections.
+    pub app_pools: Arc<AppPools>,
 }
 
 impl Shared {

@@ -6,10 +6,12 @@
 //! --inbound-to-loopback, 127.0.0.1:<original port>), or --inbound-app in explicit mode.
 //!
 //! Every connection's first bytes are told apart ([`Sniffed`]): HTTP is served request by
-//! request (so a client's `x-forwarded-client-cert` never reaches the application), anything
-//! else is forwarded as bytes. A client that sends nothing for [`DETECT_WAIT`] may be waiting
-//! for a server-first protocol's greeting: the application is connected then, and whichever
-//! side speaks first decides (see [`forward_opaque`]).
+//! request (so a client's `x-forwarded-client-cert` never reaches the application; see
+//! [`l7::serve`]), anything else is forwarded as bytes. A client that sends nothing for
+//! --detect-timeout may be waiting for a server-first protocol's greeting: the application is
+//! connected then (counted in `sigil_proxy_protocol_detect_timeouts_total`), and whichever side
+//! speaks first decides (see [`forward_opaque`]). Ports in --opaque-ports are never sniffed:
+//! their bytes go to the application at once, decided per connection.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,15 +29,19 @@ use tracing::{debug, warn};
 use crate::config::MtlsMode;
 use crate::dial;
 use crate::forward::{self, ConnectionLog, Counted, Ended, HANDSHAKE_TIMEOUT, Prefixed, Shared};
+use crate::l7::app_pool::{AppPools, AppUpstream};
+use crate::l7::request_metrics::RequestMetrics;
 use crate::l7::{self, HttpVersion, Sniffed, sniff};
-use crate::metrics::{Direction, Security};
+use crate::metrics::{Direction, DirectionLabels, PeerLabels, Security};
 use crate::policy::{ConnectionAuthz, PolicyState, Transport};
 use crate::tls::{self, HandshakeFailure};
 
-/// How long a client's first bytes are waited for to tell its protocol: in PERMISSIVE, TLS from
-/// plaintext (TLS clients speak first), then HTTP from other bytes. A client that has sent
-/// nothing by then may be waiting for a server-first protocol's greeting (SMTP, MySQL).
-const DETECT_WAIT: Duration = Duration::from_millis(500);
+/// In PERMISSIVE, how long a client's first bytes are waited for to tell TLS from plaintext
+/// (TLS clients speak first). A client that has sent nothing by then is plaintext, perhaps
+/// waiting for a server-first protocol's greeting (SMTP, MySQL).
+const TLS_DETECT_WAIT: Duration = Duration::from_millis(500);
+/// How long a refused connection's clean close (TLS close_notify) may take.
+const CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 /// Where accepted connections go.
 #[derive(Clone, Copy, Debug)]
@@ -188,17 +194,34 @@ async fn authorize_and_forward<D>(
         shared.config.access_log,
         shared.metrics.clone(),
     ));
+    let config = &shared.config;
     let mut first = Vec::new();
-    let sniffed = match sniff(&mut downstream, &mut first, DETECT_WAIT).await {
-        Ok(sniffed) => sniffed,
-        Err(e) => return log.refused(&shared.metrics, HandshakeFailure::Io, &e.to_string()),
+    let sniffed = if config.opaque_ports.contains(port) {
+        // Declared opaque: bytes at once, whoever speaks first.
+        Some(Sniffed::Opaque)
+    } else {
+        let started = tokio::time::Instant::now();
+        let sniffed = match sniff(&mut downstream, &mut first, config.detect_timeout).await {
+            Ok(sniffed) => sniffed,
+            Err(e) => return log.refused(&shared.metrics, HandshakeFailure::Io, &e.to_string()),
+        };
+        // Silent until the wait was over (not closed before): the fallback to opaque bytes.
+        if sniffed.is_none() && started.elapsed() >= config.detect_timeout {
+            shared
+                .metrics
+                .detect_timeouts
+                .get_or_create(&DirectionLabels {
+                    direction: Direction::Inbound,
+                })
+                .inc();
+        }
+        sniffed
     };
     let downstream = Prefixed::new(first, downstream);
     let http = match sniffed {
         Some(Sniffed::Http(version)) => Some(version),
         _ => None,
     };
-    let config = &shared.config;
     // Requests are decided one by one where a policy or a flag looks at them. Elsewhere the
     // connection is decided once, as bytes are (a denied client sees it refused), and HTTP is
     // still parsed, to take out what a client must not send.
@@ -212,13 +235,15 @@ async fn authorize_and_forward<D>(
             // A clean close (TLS close_notify), so the client's proxy sees a refusal rather
             // than a broken connection.
             let mut downstream = downstream;
-            let _ = tokio::time::timeout(DETECT_WAIT, downstream.shutdown()).await;
+            let _ = tokio::time::timeout(CLOSE_WAIT, downstream.shutdown()).await;
             return log.denied(&outcome.reason);
         }
     }
     let serving = HttpServing {
         app,
+        app_pools: shared.app_pools.clone(),
         connect_timeout: config.connect_timeout,
+        detect_timeout: config.detect_timeout,
         settings: l7::Settings {
             normalization: config.path_normalization,
             header_read_timeout: config.header_read_timeout,
@@ -227,6 +252,10 @@ async fn authorize_and_forward<D>(
                     l7::client_cert_header(&by.to_string(), &peer.to_string())
                 }
                 _ => None,
+            },
+            metrics: RequestMetrics {
+                metrics: shared.metrics.clone(),
+                peer: PeerLabels::new(Direction::Inbound, None, log.source_identity.as_ref()),
             },
         },
         authz: authz.clone(),
@@ -254,7 +283,7 @@ async fn authorize_and_forward<D>(
 /// (`silent`), whichever side speaks first decides: the application (a server-first protocol)
 /// keeps it bytes; the client's first bytes are told apart as at the start, and HTTP is served
 /// on the application connection already open. So a client cannot take HTTP requests past the
-/// proxy's checks (and forge `x-forwarded-client-cert`) by waiting out [`DETECT_WAIT`].
+/// proxy's checks (and forge `x-forwarded-client-cert`) by waiting out --detect-timeout.
 async fn forward_opaque<D>(
     mut downstream: Counted<Prefixed<D>>,
     mut upstream: TcpStream,
@@ -274,7 +303,8 @@ where
         match client_first {
             Some(Ok(n)) if n > 0 => {
                 let mut first = chunk[..n].to_vec();
-                let sniffed = match sniff(&mut downstream, &mut first, DETECT_WAIT).await {
+                let wait = serving.detect_timeout;
+                let sniffed = match sniff(&mut downstream, &mut first, wait).await {
                     Ok(sniffed) => sniffed,
                     Err(e) => return failed(&e),
                 };
@@ -304,7 +334,9 @@ fn failed(e: &dyn std::error::Error) -> Ended {
 /// What serving a connection as HTTP needs.
 struct HttpServing {
     app: SocketAddr,
+    app_pools: Arc<AppPools>,
     connect_timeout: Duration,
+    detect_timeout: Duration,
     settings: l7::Settings,
     authz: Arc<ConnectionAuthz>,
 }
@@ -323,32 +355,20 @@ impl HttpServing {
     {
         let HttpServing {
             app,
+            app_pools,
             connect_timeout,
             settings,
             authz,
+            ..
         } = self;
-        let connected = std::sync::Mutex::new(connected);
+        let upstream = Arc::new(AppUpstream::new(
+            app_pools.get(app, connect_timeout),
+            connected,
+        ));
+        let served = l7::serve(downstream, version, upstream.clone(), settings, authz).await;
         // The client got a 502 for each request the application could not be reached for; the
         // connection's log line says so too, as it does for bytes.
-        let connect_failure = Arc::new(std::sync::Mutex::new(None::<String>));
-        let failure = connect_failure.clone();
-        let connect = move || {
-            let open = connected.lock().ok().and_then(|mut open| open.take());
-            let failure = failure.clone();
-            async move {
-                match open {
-                    Some(open) => Ok(open),
-                    None => dial::connect(app, connect_timeout).await.inspect_err(|e| {
-                        if let Ok(mut failure) = failure.lock() {
-                            *failure = Some(e.to_string());
-                        }
-                    }),
-                }
-            }
-        };
-        let served = l7::serve(downstream, version, connect, settings, authz).await;
-        let connect_failure = connect_failure.lock().ok().and_then(|mut f| f.take());
-        match (served, connect_failure) {
+        match (served, upstream.connect_failure()) {
             (Err(e), _) => failed(&e),
             (Ok(()), Some(detail)) => Ended {
                 result: "upstream_connect_failed",
@@ -364,7 +384,7 @@ impl HttpServing {
 async fn starts_with_tls(stream: &TcpStream) -> io::Result<bool> {
     let mut head = [0u8; 3];
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-    let first = tokio::time::timeout(DETECT_WAIT, stream.peek(&mut head)).await;
+    let first = tokio::time::timeout(TLS_DETECT_WAIT, stream.peek(&mut head)).await;
     let mut seen = match first {
         Err(_) => return Ok(false),
         Ok(peeked) => peeked?,

@@ -1,8 +1,12 @@
 //! HTTP awareness on inbound connections: telling HTTP/1.1 and HTTP/2 from other bytes by their
 //! first bytes ([`Sniffed`]), then serving the connection as HTTP, deciding on every request (for
 //! policies with HTTP fields: methods, paths, hosts, headers), answering a denied one with 403 and
-//! forwarding an allowed one to the application over one upstream connection of the same HTTP
-//! version, without the client's `x-forwarded-client-cert`.
+//! forwarding an allowed one to the application, without the client's `x-forwarded-client-cert`
+//! or hop-by-hop headers, over connections pooled across requests and clients ([`app_pool`]).
+//! A request a peer sigil proxy carried over HTTP/2 for an HTTP/1.x client (`sigil-orig-proto`)
+//! reaches the application as that HTTP/1.x request ([`app_version`]); other requests keep their
+//! version. HTTP/1.1 upgrades (WebSocket) and CONNECT get an application connection of their own
+//! and become tunnels. Every request is counted in the golden metrics ([`request_metrics`]).
 //!
 //! Before any policy sees a request it is made unambiguous ([`check`]), so that what was
 //! authorized is what the application gets: the path is normalized (`sigil_policy::path`) and
@@ -18,13 +22,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1 as client_h1, http2 as client_h2};
 use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sigil_policy::path::{self, PathError, PathNormalization};
+use sigil_proxy_api::ORIG_PROTO_HEADER;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::TcpStream;
+
+pub mod app_pool;
+pub mod request_metrics;
+
+use app_pool::{AppBody, AppUpstream, PoolError};
+use request_metrics::{RequestMetrics, RequestTimer};
 
 /// The body of a denied request: Envoy's, so clients and dashboards that know it keep working.
 pub const DENIED_BODY: &str = "RBAC: access denied\n";
@@ -270,10 +279,8 @@ fn set_target<B>(request: &mut Request<B>, target: &str) {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("connecting to the application: {0}")]
-    Connect(#[source] std::io::Error),
-    #[error("HTTP handshake with the application: {0}")]
-    Upstream(#[source] hyper::Error),
+    #[error(transparent)]
+    App(#[from] PoolError),
     #[error("no complete request head within --header-read-timeout ({0:?})")]
     HeaderTimeout(Duration),
     #[error("serving HTTP to the client: {0}")]
@@ -285,30 +292,6 @@ pub enum HttpError {
 }
 
 type ProxyBody = Either<Incoming, Full<Bytes>>;
-
-enum Sender {
-    Http1(tokio::sync::Mutex<client_h1::SendRequest<Incoming>>),
-    Http2(client_h2::SendRequest<Incoming>),
-}
-
-impl Sender {
-    async fn send(&self, request: Request<Incoming>) -> Result<Response<Incoming>, hyper::Error> {
-        match self {
-            // One request at a time on an HTTP/1.1 connection: the lock is never contended,
-            // since the server side of this connection also handles one request at a time.
-            Sender::Http1(sender) => {
-                let mut sender = sender.lock().await;
-                sender.ready().await?;
-                sender.send_request(request).await
-            }
-            Sender::Http2(sender) => {
-                let mut sender = sender.clone();
-                sender.ready().await?;
-                sender.send_request(request).await
-            }
-        }
-    }
-}
 
 fn denied() -> Response<ProxyBody> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
@@ -348,6 +331,8 @@ pub struct Settings {
     /// The `x-forwarded-client-cert` set on allowed requests (see [`client_cert_header`]);
     /// whatever the client sent is always removed.
     pub forward_client_cert: Option<http::HeaderValue>,
+    /// Where every request, answered by the application or by the proxy, is counted.
+    pub metrics: RequestMetrics,
 }
 
 /// The header an application reads the caller's verified identity from, as Envoy sets it.
@@ -360,135 +345,236 @@ pub fn client_cert_header(by: &str, peer: &str) -> Option<http::HeaderValue> {
     http::HeaderValue::from_str(&format!("By={by};URI={peer}")).ok()
 }
 
-/// Connects to the application and opens an HTTP connection of `version` on it.
-async fn open_upstream<C, F>(connect: &C, version: HttpVersion) -> Result<Sender, HttpError>
-where
-    C: Fn() -> F,
-    F: Future<Output = std::io::Result<TcpStream>>,
-{
-    let upstream = connect().await.map_err(HttpError::Connect)?;
-    Ok(match version {
-        HttpVersion::Http2 => {
-            let (sender, connection) =
-                client_h2::handshake(TokioExecutor::new(), TokioIo::new(upstream))
-                    .await
-                    .map_err(HttpError::Upstream)?;
-            tokio::spawn(connection);
-            Sender::Http2(sender)
+/// The header a peer sigil proxy sets on an HTTP/1.x request it carries over HTTP/2.
+const ORIG_PROTO: http::HeaderName = http::HeaderName::from_static(ORIG_PROTO_HEADER);
+
+/// The HTTP version to speak to the application for `request`, which arrived over `downstream`:
+/// its own, unless a peer proxy carried an HTTP/1.x request over HTTP/2 (`sigil-orig-proto:
+/// HTTP/1.1` or `HTTP/1.0`). Then the request becomes that HTTP/1.x request again: the header
+/// removed (always: the application never sees it), the version set, the Host taken from
+/// `:authority` and the target in origin form (hyper frames the body).
+pub fn app_version<B>(request: &mut Request<B>, downstream: HttpVersion) -> HttpVersion {
+    let Some(orig) = request.headers_mut().remove(ORIG_PROTO) else {
+        return downstream;
+    };
+    let version = match orig.as_bytes() {
+        b"HTTP/1.1" => http::Version::HTTP_11,
+        b"HTTP/1.0" => http::Version::HTTP_10,
+        _ => return downstream,
+    };
+    if downstream == HttpVersion::Http1 {
+        return downstream;
+    }
+    *request.version_mut() = version;
+    if let Some(authority) = request.uri().authority().cloned() {
+        if !request.headers().contains_key(http::header::HOST)
+            && let Ok(host) = http::HeaderValue::from_str(authority.as_str())
+        {
+            request.headers_mut().insert(http::header::HOST, host);
         }
-        HttpVersion::Http1 => {
-            let (sender, connection) = client_h1::handshake(TokioIo::new(upstream))
-                .await
-                .map_err(HttpError::Upstream)?;
-            tokio::spawn(connection.with_upgrades());
-            Sender::Http1(tokio::sync::Mutex::new(sender))
+        if request.method() != http::Method::CONNECT {
+            let target = request
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            *request.uri_mut() = http::Uri::from(target);
         }
-    })
+    }
+    HttpVersion::Http1
+}
+
+/// Removes the headers that describe one connection rather than the message (RFC 9110 section
+/// 7.6.1; Envoy's list): those the `Connection` header names, Connection, Keep-Alive,
+/// Proxy-Connection, Transfer-Encoding, Upgrade, and TE except `trailers` (the one value HTTP/2
+/// allows; gRPC servers require it, and it means the same on every hop).
+pub fn remove_hop_by_hop(headers: &mut http::HeaderMap) {
+    use http::header::{CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+    let named: Vec<http::HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let trailers = headers.get_all(TE).iter().any(|value| {
+        value.to_str().is_ok_and(|value| {
+            value.split(',').any(|coding| {
+                let coding = coding.split(';').next().unwrap_or_default();
+                coding.trim().eq_ignore_ascii_case("trailers")
+            })
+        })
+    });
+    for name in [
+        CONNECTION,
+        UPGRADE,
+        TRANSFER_ENCODING,
+        TE,
+        http::HeaderName::from_static("keep-alive"),
+        http::HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(TE, http::HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A request that, answered with 101 (an `Upgrade`) or 2xx (CONNECT), turns its connection into
+/// a tunnel: it gets an application connection of its own.
+fn wants_tunnel<B>(request: &Request<B>, downstream: HttpVersion) -> bool {
+    downstream == HttpVersion::Http1
+        && (request.headers().contains_key(http::header::UPGRADE)
+            || request.method() == http::Method::CONNECT)
+}
+
+/// What serving one client connection's requests needs.
+struct Handler<A> {
+    downstream: HttpVersion,
+    upstream: Arc<AppUpstream<AppBody>>,
+    normalization: PathNormalization,
+    forward_client_cert: Option<http::HeaderValue>,
+    authorizer: Arc<A>,
+    /// An HTTP/1.1 connection that switched protocols, joined once the server hands it over.
+    tunnel: std::sync::Mutex<Option<Tunnel>>,
+}
+
+impl<A: Authorize> Handler<A> {
+    /// Checks, authorizes and forwards one request: the response for the client.
+    async fn handle(
+        &self,
+        mut request: Request<Incoming>,
+        timer: &RequestTimer,
+    ) -> Response<ProxyBody> {
+        let checked = match check(&request, self.normalization) {
+            Ok(checked) => checked,
+            Err(why) => {
+                let target = request.uri().path_and_query().map_or("", |p| p.as_str());
+                self.authorizer
+                    .bad_request(request.method().as_str(), target, &why);
+                return bad_request();
+            }
+        };
+        if let Some(target) = &checked.target
+            && request.uri().path_and_query().map(|p| p.as_str()) != Some(target)
+        {
+            set_target(&mut request, target);
+        }
+        // Only the proxy speaks for the peer: a client's own header never reaches the app.
+        request.headers_mut().remove(XFCC);
+        let app_version = app_version(&mut request, self.downstream);
+        let info = RequestInfo {
+            method: request.method().as_str(),
+            path: request.uri().path(),
+            host: &checked.host,
+            headers: request.headers(),
+        };
+        let Some(policy) = self.authorizer.authorize(&info) else {
+            return denied();
+        };
+        if let Some(xfcc) = &self.forward_client_cert {
+            request.headers_mut().insert(XFCC, xfcc.clone());
+        }
+        // HTTP/1.1 Upgrade (WebSocket and the like) and CONNECT: if the application switches
+        // protocols, both connections are handed over and joined (see `Tunnel`).
+        let client_upgrade =
+            wants_tunnel(&request, self.downstream).then(|| hyper::upgrade::on(&mut request));
+        if client_upgrade.is_none() {
+            remove_hop_by_hop(request.headers_mut());
+        }
+        let started = std::time::Instant::now();
+        let method = request.method().clone();
+        let path = request.uri().path().to_owned();
+        let request = request.map(|body| timer.counted(body));
+        let sent = match client_upgrade {
+            Some(_) => self.upstream.send_dedicated(request).await,
+            None => self.upstream.send(request, app_version).await,
+        };
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(e) => {
+                if matches!(e, PoolError::Connect(_) | PoolError::Handshake(_)) {
+                    self.authorizer.upstream_failed(&HttpError::App(e));
+                }
+                return bad_gateway();
+            }
+        };
+        let switched = match response.status() {
+            StatusCode::SWITCHING_PROTOCOLS => method != http::Method::CONNECT,
+            status => method == http::Method::CONNECT && status.is_success(),
+        };
+        match client_upgrade {
+            Some(client) if switched => {
+                if let Ok(mut tunnel) = self.tunnel.lock() {
+                    *tunnel = Some(Tunnel {
+                        client,
+                        server: hyper::upgrade::on(&mut response),
+                    });
+                }
+            }
+            _ => remove_hop_by_hop(response.headers_mut()),
+        }
+        *response.version_mut() = match self.downstream {
+            HttpVersion::Http2 => http::Version::HTTP_2,
+            HttpVersion::Http1 if app_version == HttpVersion::Http2 => http::Version::HTTP_11,
+            HttpVersion::Http1 => response.version(),
+        };
+        let info = RequestInfo {
+            method: method.as_str(),
+            path: &path,
+            host: &checked.host,
+            headers: &http::HeaderMap::new(),
+        };
+        self.authorizer.served(
+            &info,
+            &policy,
+            response.status().as_u16(),
+            started.elapsed(),
+        );
+        response.map(Either::Left)
+    }
 }
 
 /// Serves `downstream` until either side closes, forwarding allowed requests to the
-/// application, which `connect` reaches (once, on the first allowed request).
-pub async fn serve<D, C, F, A>(
+/// application through `upstream` (connected only for the first allowed request).
+pub async fn serve<D, A>(
     downstream: D,
     version: HttpVersion,
-    connect: C,
+    upstream: Arc<AppUpstream<AppBody>>,
     settings: Settings,
     authorizer: Arc<A>,
 ) -> Result<(), HttpError>
 where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    C: Fn() -> F + Send + Sync + 'static,
-    F: Future<Output = std::io::Result<TcpStream>> + Send,
     A: Authorize,
 {
-    let upstream = Arc::new((tokio::sync::OnceCell::<Sender>::new(), connect));
-    let tunnel = Arc::new(std::sync::Mutex::new(None::<Tunnel>));
-    let tunnel_of_service = tunnel.clone();
     let seen_request = Arc::new(AtomicBool::new(false));
     let seen = seen_request.clone();
     let Settings {
         normalization,
         header_read_timeout,
         forward_client_cert,
+        metrics,
     } = settings;
-    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-        let (upstream, authorizer) = (upstream.clone(), authorizer.clone());
-        let forward_client_cert = forward_client_cert.clone();
-        let tunnel = tunnel_of_service.clone();
+    let handler = Arc::new(Handler {
+        downstream: version,
+        upstream,
+        normalization,
+        forward_client_cert,
+        authorizer,
+        tunnel: std::sync::Mutex::new(None),
+    });
+    let handler_of_service = handler.clone();
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let handler = handler_of_service.clone();
+        let timer = metrics.start();
         seen.store(true, Ordering::Relaxed);
         async move {
-            let checked = match check(&request, normalization) {
-                Ok(checked) => checked,
-                Err(why) => {
-                    let target = request.uri().path_and_query().map_or("", |p| p.as_str());
-                    authorizer.bad_request(request.method().as_str(), target, &why);
-                    return Ok::<_, Infallible>(bad_request());
-                }
-            };
-            if let Some(target) = &checked.target
-                && request.uri().path_and_query().map(|p| p.as_str()) != Some(target)
-            {
-                set_target(&mut request, target);
-            }
-            // Only the proxy speaks for the peer: a client's own header never reaches the app.
-            request.headers_mut().remove(XFCC);
-            let info = RequestInfo {
-                method: request.method().as_str(),
-                path: request.uri().path(),
-                host: &checked.host,
-                headers: request.headers(),
-            };
-            let Some(policy) = authorizer.authorize(&info) else {
-                return Ok(denied());
-            };
-            if let Some(xfcc) = &forward_client_cert {
-                request.headers_mut().insert(XFCC, xfcc.clone());
-            }
-            // HTTP/1.1 Upgrade (WebSocket and the like): if the application switches protocols,
-            // both connections are handed over and joined (see `Tunnel`).
-            let client_upgrade = (version == HttpVersion::Http1
-                && request.headers().contains_key(http::header::UPGRADE))
-            .then(|| hyper::upgrade::on(&mut request));
-            let started = std::time::Instant::now();
-            let method = request.method().clone();
-            let path = request.uri().path().to_owned();
-            let (cell, connect) = &*upstream;
-            let sender = match cell
-                .get_or_try_init(|| open_upstream(connect, version))
-                .await
-            {
-                Ok(sender) => sender,
-                Err(e) => {
-                    authorizer.upstream_failed(&e);
-                    return Ok(bad_gateway());
-                }
-            };
-            let mut response = match sender.send(request).await {
-                Ok(response) => response.map(Either::Left),
-                Err(_) => bad_gateway(),
-            };
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                && let Some(client) = client_upgrade
-                && let Ok(mut tunnel) = tunnel.lock()
-            {
-                *tunnel = Some(Tunnel {
-                    client,
-                    app: hyper::upgrade::on(&mut response),
-                });
-            }
-            let info = RequestInfo {
-                method: method.as_str(),
-                path: &path,
-                host: &checked.host,
-                headers: &http::HeaderMap::new(),
-            };
-            authorizer.served(
-                &info,
-                &policy,
-                response.status().as_u16(),
-                started.elapsed(),
-            );
-            Ok(response)
+            let response = handler.handle(request, &timer).await;
+            Ok::<_, Infallible>(timer.respond(response))
         }
     });
     let io = TokioIo::new(downstream);
@@ -528,7 +614,11 @@ where
                     }
                 })?;
             // The server hands the connection over after a 101: then it is the tunnel's.
-            let upgraded = tunnel.lock().ok().and_then(|mut tunnel| tunnel.take());
+            let upgraded = handler
+                .tunnel
+                .lock()
+                .ok()
+                .and_then(|mut tunnel| tunnel.take());
             match upgraded {
                 Some(tunnel) => tunnel.relay().await,
                 None => Ok(()),
@@ -537,23 +627,28 @@ where
     }
 }
 
-/// Both sides of an HTTP/1.1 connection the application switched to another protocol (101):
-/// from then on bytes, relayed both ways until both sides are done (an allowed request
-/// upgraded it; policy changes still close it, as any connection).
-struct Tunnel {
-    client: hyper::upgrade::OnUpgrade,
-    app: hyper::upgrade::OnUpgrade,
+/// Both sides of an HTTP/1.1 connection whose server switched it to another protocol (101, or
+/// 2xx to CONNECT): from then on bytes, relayed both ways until both sides are done. Inbound
+/// the server is the application (an allowed request upgraded it; policy changes still close
+/// it, as any connection); outbound it is the endpoint's proxy.
+pub struct Tunnel {
+    pub client: hyper::upgrade::OnUpgrade,
+    pub server: hyper::upgrade::OnUpgrade,
 }
 
 impl Tunnel {
-    async fn relay(self) -> Result<(), HttpError> {
-        let (client, app) = tokio::try_join!(self.client, self.app).map_err(HttpError::Upgrade)?;
-        tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(app))
+    pub async fn relay(self) -> Result<(), HttpError> {
+        let (client, server) =
+            tokio::try_join!(self.client, self.server).map_err(HttpError::Upgrade)?;
+        tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(server))
             .await
             .map_err(HttpError::Tunnel)?;
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod serve_tests;
 
 #[cfg(test)]
 mod tests {
@@ -593,6 +688,127 @@ mod tests {
         }
         // Methods that are upper-case tokens, standard or not, pass.
         assert!(checked(Request::get("/").method("PROPFIND")).is_ok());
+    }
+
+    /// An HTTP/2 request as hyper's server hands it over.
+    fn h2_request(uri: &str) -> http::request::Builder {
+        Request::get(uri).version(http::Version::HTTP_2)
+    }
+
+    #[test]
+    fn an_http1_request_carried_over_http2_becomes_http1_again() {
+        let mut request = h2_request("http://db.demo:8080/a/b?q=1")
+            .header("sigil-orig-proto", "HTTP/1.1")
+            .header("x-app", "kept")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            app_version(&mut request, HttpVersion::Http2),
+            HttpVersion::Http1
+        );
+        assert_eq!(request.version(), http::Version::HTTP_11);
+        assert_eq!(request.uri(), "/a/b?q=1");
+        assert_eq!(request.headers()["host"], "db.demo:8080");
+        assert_eq!(request.headers()["x-app"], "kept");
+        assert!(!request.headers().contains_key("sigil-orig-proto"));
+
+        // HTTP/1.0, and a Host the client had set already (check() made sure it agrees).
+        let mut request = h2_request("http://db/")
+            .header("sigil-orig-proto", "HTTP/1.0")
+            .header("host", "db")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            app_version(&mut request, HttpVersion::Http2),
+            HttpVersion::Http1
+        );
+        assert_eq!(request.version(), http::Version::HTTP_10);
+        assert_eq!(request.headers().get_all("host").iter().count(), 1);
+        assert_eq!(request.uri(), "/");
+    }
+
+    #[test]
+    fn requests_without_the_header_keep_their_version_and_the_header_never_reaches_the_app() {
+        let mut request = h2_request("http://db/x").body(()).unwrap();
+        assert_eq!(
+            app_version(&mut request, HttpVersion::Http2),
+            HttpVersion::Http2
+        );
+        assert_eq!(request.uri(), "http://db/x");
+        assert!(!request.headers().contains_key("host"));
+        // A value that is no HTTP/1.x version: removed, the request stays HTTP/2.
+        let mut request = h2_request("http://db/x")
+            .header("sigil-orig-proto", "HTTP/3")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            app_version(&mut request, HttpVersion::Http2),
+            HttpVersion::Http2
+        );
+        assert!(!request.headers().contains_key("sigil-orig-proto"));
+        // On an HTTP/1.1 connection the request already is HTTP/1.x.
+        let mut request = Request::get("/x")
+            .header("sigil-orig-proto", "HTTP/1.0")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            app_version(&mut request, HttpVersion::Http1),
+            HttpVersion::Http1
+        );
+        assert_eq!(request.version(), http::Version::HTTP_11);
+        assert!(!request.headers().contains_key("sigil-orig-proto"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_and_te_trailers_stays() {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-connection", "keep-alive"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("trailer", "grpc-status"),
+            ("content-type", "text/plain"),
+        ] {
+            headers.insert(
+                http::HeaderName::from_static(name),
+                http::HeaderValue::from_static(value),
+            );
+        }
+        remove_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["content-type", "te", "trailer"]);
+        let mut headers = http::HeaderMap::new();
+        headers.insert("te", http::HeaderValue::from_static("gzip"));
+        remove_hop_by_hop(&mut headers);
+        assert!(headers.is_empty());
+        headers.insert(
+            "te",
+            http::HeaderValue::from_static("trailers;q=1, deflate"),
+        );
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(headers["te"], "trailers");
+    }
+
+    #[test]
+    fn upgrades_and_connect_on_http1_become_tunnels() {
+        let upgrade = Request::get("/ws")
+            .header("upgrade", "websocket")
+            .body(())
+            .unwrap();
+        assert!(wants_tunnel(&upgrade, HttpVersion::Http1));
+        let connect = Request::connect("db:443").body(()).unwrap();
+        assert!(wants_tunnel(&connect, HttpVersion::Http1));
+        assert!(!wants_tunnel(
+            &Request::get("/").body(()).unwrap(),
+            HttpVersion::Http1
+        ));
+        // HTTP/2 has no Upgrade; its requests go over the pool.
+        assert!(!wants_tunnel(&upgrade, HttpVersion::Http2));
     }
 
     #[test]

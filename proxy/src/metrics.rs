@@ -248,6 +248,7 @@ pub struct Metrics {
     pub sds_reconnects: Counter,
     pub mesh_members: Gauge,
     pub mesh_reconnects: Counter,
+    pub services_reconnects: Counter,
     pub authz_decisions: Family<AuthzLabels, Counter>,
     pub policy_updates: Counter,
     pub policy_reconnects: Counter,
@@ -281,6 +282,7 @@ impl Metrics {
             sds_reconnects: Counter::default(),
             mesh_members: Gauge::default(),
             mesh_reconnects: Counter::default(),
+            services_reconnects: Counter::default(),
             authz_decisions: Family::default(),
             policy_updates: Counter::default(),
             policy_reconnects: Counter::default(),
@@ -366,6 +368,11 @@ impl Metrics {
             "mesh_reconnects",
             "Times the mesh membership stream to the agent was lost and re-opened",
             metrics.mesh_reconnects.clone(),
+        );
+        r.register(
+            "services_reconnects",
+            "Times the meshed Services stream to the agent was lost and re-opened",
+            metrics.services_reconnects.clone(),
         );
         r.register(
             "authz_decisions",

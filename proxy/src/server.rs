@@ -144,6 +144,7 @@ pub async fn run(
             config.agent_socket.clone(),
             tls_rx.clone(),
             services_tx,
+            metrics.services_reconnects.clone(),
         ));
     }
 
@@ -201,6 +202,7 @@ pub async fn run(
         config: config.clone(),
         balancers: Arc::new(Balancers::new(metrics.clone())),
         pools,
+        app_pools: Arc::default(),
         services: services_rx,
         tls: tls_rx,
         mesh: mesh_rx,
@@ -211,6 +213,7 @@ pub async fn run(
             config.max_inbound_connections as usize,
         )),
     };
+    tokio::spawn(shared.balancers.clone().follow(shared.services.clone()));
     let tracker = TaskTracker::new();
     let (inbound_stop_tx, inbound_stop) = watch::channel(false);
     let (outbound_stop_tx, outbound_stop) = watch::channel(false);

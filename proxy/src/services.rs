@@ -31,6 +31,7 @@ pub async fn run(
     socket: PathBuf,
     mut tls: watch::Receiver<Option<Arc<TlsState>>>,
     tx: watch::Sender<Option<Arc<ServiceTable>>>,
+    reconnects: Counter,
 ) {
     let trust_domain = match tls.wait_for(Option::is_some).await {
         Ok(state) => match state.as_ref() {
@@ -40,7 +41,7 @@ pub async fn run(
         // The certificate feed is gone: the proxy is stopping.
         Err(_) => return,
     };
-    follow(socket, trust_domain, tx).await;
+    follow(socket, trust_domain, tx, reconnects).await;
 }
 
 /// Follows the stream for the life of the process, checking updates against `trust_domain`.
@@ -48,6 +49,7 @@ async fn follow(
     socket: PathBuf,
     trust_domain: TrustDomain,
     tx: watch::Sender<Option<Arc<ServiceTable>>>,
+    reconnects: Counter,
 ) {
     let open = |channel| async move {
         let opened = ServiceDiscoveryClient::new(channel)
@@ -83,16 +85,7 @@ async fn follow(
             }
         }
     };
-    // The feed's losses are logged by `follow_forever`; the proxy has no separate counter for
-    // this stream (the membership stream's counts the agent's restarts already).
-    feed::follow_forever(
-        socket,
-        "meshed services",
-        open,
-        on_message,
-        Counter::default(),
-    )
-    .await;
+    feed::follow_forever(socket, "meshed services", open, on_message, reconnects).await;
 }
 
 #[cfg(test)]
@@ -184,7 +177,7 @@ mod tests {
         );
         let (tx, mut rx) = watch::channel(None);
         let trust_domain = TrustDomain::new("cluster.local").unwrap();
-        tokio::spawn(follow(socket, trust_domain, tx));
+        tokio::spawn(follow(socket, trust_domain, tx, Counter::default()));
         let table = tokio::time::timeout(
             Duration::from_secs(10),
             rx.wait_for(|table| table.as_ref().is_some_and(|t| t.version == 3)),

@@ -6,6 +6,7 @@ use sigil_proxy_api::mesh::Member;
 use sigil_proxy_api::services::ServiceTable;
 
 use super::*;
+use crate::push_stream::PushFeed;
 use crate::test_support::{BundleSource, TestAgent, TestCa, WEB_ID, td, this_uid, uid_is_web};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -430,13 +431,7 @@ async fn a_slow_reader_gets_the_newest_table_not_a_backlog() {
     let db = mesh_service("db", "198.19.0.11", &[("198.18.0.3", true)]);
     let web = mesh_service("web", "198.19.0.12", &[("198.18.0.6", true)]);
     let (tx, rx) = watch::channel(state(1, &[], &[&api, &db]));
-    let mut feed = Feed {
-        state: rx,
-        unseen: true,
-        sent: None,
-        pushes: Counter::default(),
-        _open: OpenStream::new(&metrics, SocketApi::Services),
-    };
+    let mut feed = feed(rx, &metrics);
     assert!(feed.next_message().await.unwrap().reset);
     tx.send_replace(state(2, &[], &[&api]));
     tx.send_replace(state(3, &[], &[&api, &db]));

@@ -393,6 +393,52 @@ fn exclusion_annotations_reach_the_init_container() {
 }
 
 #[test]
+fn the_opaque_ports_annotation_reaches_the_proxy_and_a_bad_one_is_refused() {
+    let mut review = web_review();
+    review["request"]["object"]["metadata"]["annotations"] =
+        json!({OPAQUE_PORTS_ANNOTATION: "3306, 25,4000-4010"});
+    let (response, outcome) = answer(&review);
+    assert_eq!(outcome, Outcome::Injected, "{response}");
+    let pod = patched(&review, &response);
+    let args = pod["spec"]["initContainers"][1]["args"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let at = args
+        .iter()
+        .position(|a| a == "--opaque-ports")
+        .unwrap_or_else(|| panic!("no --opaque-ports in {args:?}"));
+    assert_eq!(args[at + 1], "3306,25,4000-4010");
+    // The value as the proxy itself parses it.
+    let parsed: PortSet = args[at + 1].as_str().unwrap().parse().unwrap();
+    assert!(parsed.contains(3306) && parsed.contains(4005) && !parsed.contains(80));
+    // Without the annotation the proxy gets no such flag.
+    let plain = patched(&web_review(), &answer(&web_review()).0);
+    let plain_args = plain["spec"]["initContainers"][1]["args"].to_string();
+    assert!(!plain_args.contains("--opaque-ports"), "{plain_args}");
+
+    for (value, says) in [
+        ("mysql", "\"mysql\" is not a port"),
+        ("3306,70000", "\"70000\" is not a port"),
+        ("4010-4000", "ends before it starts"),
+    ] {
+        let mut review = web_review();
+        review["request"]["object"]["metadata"]["annotations"] =
+            json!({OPAQUE_PORTS_ANNOTATION: value});
+        let (response, outcome) = answer(&review);
+        assert!(
+            matches!(outcome, Outcome::Denied(_)),
+            "{value}: {outcome:?}"
+        );
+        assert_eq!(response["allowed"], false, "{value}");
+        let message = response["status"]["message"].as_str().unwrap_or_default();
+        for part in [OPAQUE_PORTS_ANNOTATION, says, "e.g. \"3306,25,4000-4010\""] {
+            assert!(message.contains(part), "{value}: {part:?} not in {message}");
+        }
+    }
+}
+
+#[test]
 fn a_malformed_review_gets_an_error_response() {
     for (what, body) in [
         ("empty body", b"".to_vec()),

@@ -268,6 +268,14 @@ async fn serve_http<D>(
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     log.source_identity = shared.current_tls().map(|state| state.id.clone());
+    // Each request proves its own endpoint's identity (its access-log line names it); the
+    // connection's line names the Service's identity when all its endpoints share one.
+    let mut ids = route.service.endpoints.iter().map(|endpoint| &endpoint.id);
+    if let Some(first) = ids.next()
+        && ids.all(|id| id == first)
+    {
+        log.destination_identity = Some(first.clone());
+    }
     let downstream = Counted::new(downstream);
     let counts = downstream.counts();
     let calls = requests::ServiceCalls::new(&shared, &route, log.source, log.destination);

@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -39,7 +39,8 @@ use super::ServiceRoute;
 use crate::balance::{Balancer, EndpointLoad};
 use crate::dial::{self, DialError};
 use crate::forward::{Ended, Shared};
-use crate::l7::HttpVersion;
+use crate::l7::request_metrics::{CountedBody, grpc_status};
+use crate::l7::{HttpError, HttpVersion, Tunnel, remove_hop_by_hop};
 use crate::metrics::{Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome};
 use crate::pool::{PoolError, Pools, RequestBody, StreamSlot, Target};
 use crate::tls::TlsState;
@@ -57,10 +58,8 @@ pub enum CallError {
     Upstream(#[source] hyper::Error),
     #[error("serving HTTP to the application: {0}")]
     Downstream(#[source] hyper::Error),
-    #[error("switching protocols: {0}")]
-    Upgrade(#[source] hyper::Error),
-    #[error("relaying a switched connection: {0}")]
-    Tunnel(#[source] std::io::Error),
+    #[error(transparent)]
+    Tunnel(#[from] HttpError),
 }
 
 /// What every request of one application connection to one Service port needs.
@@ -97,13 +96,6 @@ impl ServiceCalls {
             destination,
         })
     }
-}
-
-/// Both sides of an HTTP/1.1 connection whose protocol was switched, relayed once the server
-/// connection handed the application's side over (as `l7`'s inbound tunnel).
-struct Tunnel {
-    client: hyper::upgrade::OnUpgrade,
-    endpoint: hyper::upgrade::OnUpgrade,
 }
 
 type TunnelSlot = Arc<Mutex<Option<Tunnel>>>;
@@ -160,12 +152,7 @@ where
             let Some(tunnel) = switched else {
                 return Ok(());
             };
-            let (client, endpoint) =
-                tokio::try_join!(tunnel.client, tunnel.endpoint).map_err(CallError::Upgrade)?;
-            tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(endpoint))
-                .await
-                .map_err(CallError::Tunnel)?;
-            Ok(())
+            Ok(tunnel.relay().await?)
         }
     }
 }
@@ -207,10 +194,7 @@ impl ServiceCalls {
                 .map(|response| (response, None, None))
         } else {
             let (parts, body) = request.into_parts();
-            let body = CountedBody {
-                inner: body,
-                bytes: request_bytes.clone(),
-            };
+            let body = CountedBody::new(body, request_bytes.clone());
             let mut request = Request::from_parts(parts, body.boxed_unsync());
             to_mesh(&mut request, self.destination);
             let target = Target {
@@ -307,7 +291,7 @@ impl ServiceCalls {
         if switched && let Ok(mut tunnel) = tunnel.lock() {
             *tunnel = Some(Tunnel {
                 client,
-                endpoint: hyper::upgrade::on(&mut response),
+                server: hyper::upgrade::on(&mut response),
             });
         }
         Ok(response)
@@ -391,58 +375,6 @@ fn to_mesh<B>(request: &mut Request<B>, destination: SocketAddr) {
     *request.version_mut() = Version::HTTP_2;
 }
 
-/// Removes the headers that concern one HTTP/1 connection only (RFC 9110 section 7.6.1):
-/// Connection and those it names, Keep-Alive, Proxy-Connection, Transfer-Encoding, Upgrade,
-/// and TE except `trailers` (the one value HTTP/2 allows).
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    let trailers = headers.get_all(header::TE).iter().any(|value| {
-        value.to_str().is_ok_and(|value| {
-            value.split(',').any(|coding| {
-                coding
-                    .split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .eq_ignore_ascii_case("trailers")
-            })
-        })
-    });
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::TE,
-    ] {
-        headers.remove(name);
-    }
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-/// A response's `grpc-status` (a header in a trailers-only response, else a trailer).
-fn grpc_status(headers: &HeaderMap) -> Option<u32> {
-    headers
-        .get("grpc-status")?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// One request's record, written when its response body ends or is dropped.
 struct RequestDone {
     calls: Arc<ServiceCalls>,
@@ -493,41 +425,6 @@ impl RequestDone {
             request_bytes,
             response_bytes = self.response_bytes,
         );
-    }
-}
-
-/// A request body on its way to an endpoint, its data bytes counted.
-struct CountedBody<B> {
-    inner: B,
-    bytes: Arc<AtomicU64>,
-}
-
-impl<B> Body for CountedBody<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -643,13 +540,5 @@ mod tests {
             .unwrap();
         to_mesh(&mut request, "198.19.0.10:80".parse().unwrap());
         assert!(!request.headers().contains_key(ORIG_PROTO_HEADER));
-    }
-
-    #[test]
-    fn grpc_status_is_read_from_headers_or_trailers() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(grpc_status(&headers), None);
-        headers.insert("grpc-status", HeaderValue::from_static("14"));
-        assert_eq!(grpc_status(&headers), Some(14));
     }
 }

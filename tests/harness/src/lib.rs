@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod l7;
 pub mod load;
 pub mod manifests;
 pub mod netns;

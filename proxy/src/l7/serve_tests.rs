@@ -1,0 +1,139 @@
+//! [`serve`] in process: hyper clients on in-memory connections, a real application on loopback
+//! counting the connections it accepts.
+
+use std::sync::atomic::AtomicUsize;
+
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1 as client_h1;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::net::TcpListener;
+
+use super::app_pool::AppPool;
+use super::*;
+use crate::metrics::{Direction, Metrics, PeerLabels};
+
+struct AllowAll;
+
+impl Authorize for AllowAll {
+    fn authorize(&self, _: &RequestInfo<'_>) -> Option<String> {
+        Some("default".into())
+    }
+    fn served(&self, _: &RequestInfo<'_>, _: &str, _: u16, _: Duration) {}
+    fn bad_request(&self, _: &str, _: &str, _: &BadRequest) {}
+    fn upstream_failed(&self, _: &HttpError) {}
+}
+
+/// An HTTP/1.1 application answering `ok` to every request on a keep-alive connection, and
+/// CONNECT with 200 then an echo of the tunnel's bytes; the connections it accepted.
+async fn app() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                loop {
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if !matches!(stream.read(&mut byte).await, Ok(1)) {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    if head.starts_with(b"CONNECT ") {
+                        stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await.unwrap();
+                        let (mut read, mut write) = stream.split();
+                        let _ = tokio::io::copy(&mut read, &mut write).await;
+                        return;
+                    }
+                    head.clear();
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+fn settings() -> Settings {
+    Settings {
+        normalization: PathNormalization::Base,
+        header_read_timeout: Duration::from_secs(5),
+        forward_client_cert: None,
+        metrics: RequestMetrics {
+            metrics: Arc::new(Metrics::new(&mut Registry::default())),
+            peer: PeerLabels::new(Direction::Inbound, None, None),
+        },
+    }
+}
+
+/// A client connection served by [`serve`] through `pool`: the client's HTTP/1.1 sender.
+async fn client(pool: &Arc<AppPool<AppBody>>) -> client_h1::SendRequest<Empty<Bytes>> {
+    let (client, server): (DuplexStream, DuplexStream) = tokio::io::duplex(64 * 1024);
+    let upstream = Arc::new(AppUpstream::new(pool.clone(), None));
+    tokio::spawn(serve(
+        server,
+        HttpVersion::Http1,
+        upstream,
+        settings(),
+        Arc::new(AllowAll),
+    ));
+    let (sender, connection) = client_h1::handshake(TokioIo::new(client)).await.unwrap();
+    tokio::spawn(connection.with_upgrades());
+    sender
+}
+
+async fn get(sender: &mut client_h1::SendRequest<Empty<Bytes>>) -> String {
+    let request = Request::get("/")
+        .header("host", "db")
+        .body(Empty::new())
+        .unwrap();
+    sender.ready().await.unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn connect_gets_a_connection_of_its_own_and_becomes_a_tunnel() {
+    let (app, accepted) = app().await;
+    let pool = AppPool::new(app, Duration::from_secs(2), app_pool::IDLE_TIMEOUT);
+    let mut plain = client(&pool).await;
+    assert_eq!(get(&mut plain).await, "ok");
+    until("the connection back in the pool", || pool.idle_http1() == 1).await;
+
+    let mut tunneling = client(&pool).await;
+    let request = Request::connect("db:5432").body(Empty::new()).unwrap();
+    let mut response = tunneling.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut tunnel = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tunnel.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping");
+    // The tunnel took a new connection and left the pooled one idle...
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(pool.idle_http1(), 1);
+    // ...which the next request, from another client connection, reuses.
+    let mut other = client(&pool).await;
+    assert_eq!(get(&mut other).await, "ok");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
