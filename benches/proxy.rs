@@ -68,17 +68,21 @@
 //!
 //! Run: `cargo bench --bench proxy` (as root: the agent's unix attestor maps uid 0).
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::{Arc, Barrier, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sigil_test_harness::load::{
+    self, AsyncClient, ClosedLoop, Cpu, OpenLoop, Responses, SyncClient, closed_loop,
+    content_length, env_or, envoy_sds_cluster, first_error, head_end, memory_kib, ms, open_loop,
+    quantile, response_head, tail,
+};
 use sigil_test_harness::{
-    AGENT_ID, CaProcess, OfflineCa, Proc, cpu_seconds, free_addr, http_get, sigil_exe, spawn_agent,
+    AGENT_ID, CaProcess, OfflineCa, Proc, free_addr, http_get, sigil_exe, spawn_agent,
     unix_agent_args,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,180 +96,6 @@ const BODY_LEN: usize = 1024;
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n";
 /// The same, asking the server to close the connection after its answer.
 const GET_CLOSE: &[u8] = b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n";
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn ms(ns: u64) -> f64 {
-    ns as f64 / 1e6
-}
-
-/// The `p` quantile of sorted `samples`, nearest rank.
-fn quantile(sorted: &[u64], p: f64) -> Option<u64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1);
-    sorted.get(i.min(sorted.len() - 1)).copied()
-}
-
-// ---------------------------------------------------------------------------------------------
-// HTTP/1.1, just enough for the bench: requests without bodies except POST /sink, responses
-// with Content-Length.
-
-/// Where the header block ends (after the blank line), if it is complete.
-fn head_end(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
-}
-
-fn content_length(head: &[u8]) -> Option<u64> {
-    std::str::from_utf8(head).ok()?.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse().ok())
-            .flatten()
-    })
-}
-
-/// A response at the start of `buf`: None while its header block is incomplete, else its status
-/// and total length (header block + body).
-fn response_head(buf: &[u8]) -> Option<std::io::Result<(u16, usize)>> {
-    let end = head_end(buf)?;
-    let head = &buf[..end];
-    let status = std::str::from_utf8(head)
-        .ok()
-        .and_then(|h| h.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Some(match content_length(head) {
-        Some(len) => Ok((status, end + len as usize)),
-        None => Err(std::io::Error::other(format!(
-            "response without Content-Length: {}",
-            String::from_utf8_lossy(head)
-        ))),
-    })
-}
-
-/// The read side of a keep-alive client connection: bytes received and not yet consumed.
-struct Responses {
-    buf: Vec<u8>,
-    len: usize,
-}
-
-impl Responses {
-    fn new() -> Responses {
-        Responses {
-            buf: vec![0; 16 * 1024],
-            len: 0,
-        }
-    }
-
-    /// Takes one complete response off the front: Some(Ok) for a 200, None if more bytes are
-    /// needed.
-    fn take(&mut self) -> Option<std::io::Result<()>> {
-        let (status, total) = match response_head(&self.buf[..self.len])? {
-            Ok(head) => head,
-            Err(e) => return Some(Err(e)),
-        };
-        if total > self.buf.len() {
-            self.buf.resize(total, 0);
-        }
-        if self.len < total {
-            return None;
-        }
-        self.buf.copy_within(total..self.len, 0);
-        self.len -= total;
-        Some(if status == 200 {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!("status {status}")))
-        })
-    }
-
-    fn spare(&mut self) -> &mut [u8] {
-        if self.len == self.buf.len() {
-            self.buf.resize(self.buf.len() * 2, 0);
-        }
-        &mut self.buf[self.len..]
-    }
-
-    fn filled(&mut self, n: usize) -> std::io::Result<()> {
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        self.len += n;
-        Ok(())
-    }
-}
-
-/// A blocking keep-alive client (the open-loop threads).
-struct SyncClient {
-    stream: std::net::TcpStream,
-    responses: Responses,
-}
-
-impl SyncClient {
-    fn connect(addr: SocketAddr) -> std::io::Result<SyncClient> {
-        let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut client = SyncClient {
-            stream,
-            responses: Responses::new(),
-        };
-        // The first request is not timed: it pays for the new connection (the mTLS handshake).
-        client.get()?;
-        Ok(client)
-    }
-
-    fn get(&mut self) -> std::io::Result<()> {
-        self.stream.write_all(GET)?;
-        loop {
-            if let Some(result) = self.responses.take() {
-                return result;
-            }
-            let n = self.stream.read(self.responses.spare())?;
-            self.responses.filled(n)?;
-        }
-    }
-}
-
-/// A keep-alive client on the bench's tokio runtime (closed loop, connection rate).
-struct AsyncClient {
-    stream: tokio::net::TcpStream,
-    responses: Responses,
-}
-
-impl AsyncClient {
-    async fn connect(addr: SocketAddr) -> std::io::Result<AsyncClient> {
-        let stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(AsyncClient {
-            stream,
-            responses: Responses::new(),
-        })
-    }
-
-    async fn get(&mut self) -> std::io::Result<()> {
-        self.request(GET).await
-    }
-
-    async fn request(&mut self, request: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(request).await?;
-        loop {
-            if let Some(result) = self.responses.take() {
-                return result;
-            }
-            let n = self.stream.read(self.responses.spare()).await?;
-            self.responses.filled(n)?;
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The backend (a child process running this executable with BACKEND_ENV set).
@@ -412,285 +242,6 @@ fn backend_main(addr: &str) -> ExitCode {
     })
 }
 
-// ---------------------------------------------------------------------------------------------
-// Measurements.
-
-/// CPU seconds used so far by the proxies (summed), the backend, this process (the load
-/// generator) and the whole machine.
-#[derive(Clone, Copy, Default)]
-struct Cpu {
-    proxies: f64,
-    backend: f64,
-    loadgen: f64,
-    machine: f64,
-}
-
-impl Cpu {
-    fn now(proxies: &[u32], backend: u32) -> Cpu {
-        Cpu {
-            proxies: proxies.iter().map(|&pid| cpu_seconds(pid)).sum(),
-            backend: cpu_seconds(backend),
-            loadgen: cpu_seconds(std::process::id()),
-            machine: machine_busy_seconds(),
-        }
-    }
-
-    fn since(self, before: Cpu) -> Cpu {
-        Cpu {
-            proxies: self.proxies - before.proxies,
-            backend: self.backend - before.backend,
-            loadgen: self.loadgen - before.loadgen,
-            machine: self.machine - before.machine,
-        }
-    }
-
-    /// CPU used by everything else on the machine (the agent and the CA, which are idle, and
-    /// whatever else runs there): what disturbs the numbers.
-    fn others(&self) -> f64 {
-        (self.machine - self.proxies - self.backend - self.loadgen).max(0.0)
-    }
-}
-
-/// Busy CPU seconds of the whole machine since boot (all CPUs), from /proc/stat.
-fn machine_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("cpu "))
-        .map(|rest| {
-            rest.split_whitespace()
-                .filter_map(|v| v.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
-    [0, 1, 2, 5, 6, 7]
-        .iter()
-        .filter_map(|&i| fields.get(i))
-        .sum::<f64>()
-        / 100.0 // USER_HZ
-}
-
-/// Resident and peak resident memory of a process (KiB), from /proc.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-struct OpenLoop {
-    /// Request latencies from the intended send time, sorted (ns).
-    latencies: Vec<u64>,
-    /// How late the threads sent after the moment they meant to (ns, sorted).
-    lag: Vec<u64>,
-    errors: u64,
-    /// Requests scheduled but not sent because the run overran by more than its length.
-    unsent: u64,
-    first_error: Option<String>,
-    elapsed: Duration,
-    cpu: Cpu,
-}
-
-/// What one open-loop connection's thread measured.
-#[derive(Default)]
-struct OpenLoopThread {
-    latencies: Vec<u64>,
-    lag: Vec<u64>,
-    errors: u64,
-    unsent: u64,
-    first_error: Option<String>,
-}
-
-/// One open-loop connection's thread: connects, waits for the common start, then sends on the
-/// schedule.
-fn open_loop_connection(
-    addr: SocketAddr,
-    index: usize,
-    connections: usize,
-    rate: u64,
-    length: Duration,
-    barriers: (Arc<Barrier>, Arc<Barrier>, Arc<OnceLock<Instant>>),
-) -> OpenLoopThread {
-    let (ready, go, start) = barriers;
-    let mut client = SyncClient::connect(addr);
-    ready.wait();
-    go.wait();
-    let start = *start.get().expect("start time set before the go barrier");
-    let end = start + length;
-    let give_up = end + length;
-    let interval = Duration::from_secs_f64(connections as f64 / rate as f64);
-    let mut intended = start + Duration::from_secs_f64(index as f64 / rate as f64);
-    let mut out = OpenLoopThread::default();
-    let mut free_at = start;
-    while intended < end {
-        let now = Instant::now();
-        if now > give_up {
-            out.unsent += 1;
-            intended += interval;
-            continue;
-        }
-        if intended > now {
-            std::thread::sleep(intended - now);
-        }
-        let sent = Instant::now();
-        out.lag.push(
-            sent.saturating_duration_since(intended.max(free_at))
-                .as_nanos() as u64,
-        );
-        let result = match &mut client {
-            Ok(c) => c.get(),
-            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-        };
-        free_at = Instant::now();
-        match result {
-            Ok(()) => out
-                .latencies
-                .push(free_at.duration_since(intended).as_nanos() as u64),
-            Err(e) => {
-                out.errors += 1;
-                out.first_error.get_or_insert_with(|| e.to_string());
-                client = SyncClient::connect(addr);
-            }
-        }
-        intended += interval;
-    }
-    out
-}
-
-fn open_loop(
-    addr: SocketAddr,
-    rate: u64,
-    connections: usize,
-    length: Duration,
-    pids: &[u32],
-    backend: u32,
-) -> OpenLoop {
-    let ready = Arc::new(Barrier::new(connections + 1));
-    let go = Arc::new(Barrier::new(connections + 1));
-    let start = Arc::new(OnceLock::new());
-    let threads: Vec<_> = (0..connections)
-        .map(|i| {
-            let barriers = (ready.clone(), go.clone(), start.clone());
-            std::thread::spawn(move || {
-                open_loop_connection(addr, i, connections, rate, length, barriers)
-            })
-        })
-        .collect();
-    ready.wait();
-    let before = Cpu::now(pids, backend);
-    let _ = start.set(Instant::now() + Duration::from_millis(5));
-    go.wait();
-    let mut result = OpenLoop {
-        latencies: Vec::new(),
-        lag: Vec::new(),
-        errors: 0,
-        unsent: 0,
-        first_error: None,
-        elapsed: Duration::ZERO,
-        cpu: Cpu::default(),
-    };
-    for thread in threads {
-        let t = thread.join().expect("an open-loop thread panicked");
-        result.latencies.extend(t.latencies);
-        result.lag.extend(t.lag);
-        result.errors += t.errors;
-        result.unsent += t.unsent;
-        result.first_error = result.first_error.or(t.first_error);
-    }
-    let started = *start.get().expect("start time set");
-    result.elapsed = started.elapsed();
-    result.cpu = Cpu::now(pids, backend).since(before);
-    result.latencies.sort_unstable();
-    result.lag.sort_unstable();
-    result
-}
-
-struct ClosedLoop {
-    requests: u64,
-    errors: u64,
-    first_error: Option<String>,
-    latencies: Vec<u64>,
-    elapsed: Duration,
-    cpu: Cpu,
-}
-
-async fn closed_loop(
-    addr: SocketAddr,
-    connections: usize,
-    length: Duration,
-    pids: &[u32],
-    backend: u32,
-) -> ClosedLoop {
-    // Connect and warm every connection first: handshakes are not part of the rate.
-    let mut clients = Vec::new();
-    for _ in 0..connections {
-        let mut client = AsyncClient::connect(addr)
-            .await
-            .expect("connecting a closed-loop connection");
-        client
-            .get()
-            .await
-            .expect("the first request of a closed-loop connection");
-        clients.push(client);
-    }
-    let before = Cpu::now(pids, backend);
-    let start = Instant::now();
-    let end = start + length;
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|mut client| {
-            tokio::spawn(async move {
-                let (mut latencies, mut errors, mut first_error) = (Vec::new(), 0u64, None);
-                loop {
-                    let sent = Instant::now();
-                    if sent >= end {
-                        break;
-                    }
-                    match client.get().await {
-                        Ok(()) => latencies.push(sent.elapsed().as_nanos() as u64),
-                        Err(e) => {
-                            errors += 1;
-                            first_error.get_or_insert_with(|| e.to_string());
-                            match AsyncClient::connect(addr).await {
-                                Ok(c) => client = c,
-                                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                            }
-                        }
-                    }
-                }
-                (latencies, errors, first_error)
-            })
-        })
-        .collect();
-    let mut result = ClosedLoop {
-        requests: 0,
-        errors: 0,
-        first_error: None,
-        latencies: Vec::new(),
-        elapsed: Duration::ZERO,
-        cpu: Cpu::default(),
-    };
-    for task in tasks {
-        let (latencies, errors, first_error) = task.await.expect("a closed-loop task panicked");
-        result.latencies.extend(latencies);
-        result.errors += errors;
-        result.first_error = result.first_error.or(first_error);
-    }
-    result.elapsed = start.elapsed();
-    result.cpu = Cpu::now(pids, backend).since(before);
-    result.requests = result.latencies.len() as u64;
-    result.latencies.sort_unstable();
-    result
-}
-
 struct Connects {
     connections: u64,
     errors: u64,
@@ -704,8 +255,8 @@ struct Connects {
 /// server's close. The server closes first, so the TIME_WAIT sockets stay on the accepting sides
 /// and do not use up the ephemeral ports that the load generator and the proxies connect from.
 async fn one_connection(addr: SocketAddr) -> std::io::Result<()> {
-    let mut client = AsyncClient::connect(addr).await?;
-    client.request(GET_CLOSE).await?;
+    let mut client = AsyncClient::connect(addr, GET).await?;
+    client.send(GET_CLOSE).await?;
     let mut rest = [0u8; 64];
     match client.stream.read(&mut rest).await? {
         0 if client.responses.len == 0 => Ok(()),
@@ -722,7 +273,7 @@ async fn connection_rate(
     pids: &[u32],
     backend: u32,
 ) -> Connects {
-    let before = Cpu::now(pids, backend);
+    let before = Cpu::now(pids, &[backend]);
     let start = Instant::now();
     let end = start + length;
     let tasks: Vec<_> = (0..concurrency)
@@ -768,7 +319,7 @@ async fn connection_rate(
         }
     }
     result.elapsed = start.elapsed();
-    result.cpu = Cpu::now(pids, backend).since(before);
+    result.cpu = Cpu::now(pids, &[backend]).since(before);
     result.connections = result.latencies.len() as u64;
     result.latencies.sort_unstable();
     result
@@ -848,14 +399,14 @@ async fn download(addr: SocketAddr, bytes: u64) -> std::io::Result<Duration> {
 }
 
 async fn bulk(addr: SocketAddr, bytes: u64, pids: &[u32], backend: u32) -> Bulk {
-    let before = Cpu::now(pids, backend);
+    let before = Cpu::now(pids, &[backend]);
     let upload = upload(addr, bytes).await.expect("bulk upload");
     let download = download(addr, bytes).await.expect("bulk download");
     Bulk {
         bytes,
         upload,
         download,
-        cpu: Cpu::now(pids, backend).since(before),
+        cpu: Cpu::now(pids, &[backend]).since(before),
     }
 }
 
@@ -990,17 +541,6 @@ impl Running {
     }
 }
 
-fn first_error(error: &Option<String>) -> String {
-    error
-        .as_ref()
-        .map_or(String::new(), |e| format!(" (first: {e})"))
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 fn start_sigil(shared: &Shared, config: &Config) -> Running {
     let (outbound, inbound) = (free_addr(), free_addr());
     let start = |role: &'static str, args: Vec<String>| {
@@ -1051,38 +591,10 @@ fn start_sigil(shared: &Shared, config: &Config) -> Running {
     }
 }
 
-fn sds_config() -> Value {
-    json!({
-        "resource_api_version": "V3",
-        "api_config_source": {
-            "api_type": "GRPC",
-            "transport_api_version": "V3",
-            "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]
-        }
-    })
-}
-
-/// TLS 1.3, `default` and `ROOTCA` over SDS, the peer's SPIFFE ID required (both sides);
-/// Envoy's default key exchange groups unless BENCH_ENVOY_ECDH_CURVES names some.
+/// TLS 1.3 with SDS certificates, requiring the bench's SPIFFE ID (both sides); Envoy's default
+/// key exchange groups unless BENCH_ENVOY_ECDH_CURVES names some.
 fn envoy_common_tls(config: &Config) -> Value {
-    let curves = &config.envoy_curves;
-    let mut params = json!({
-        "tls_minimum_protocol_version": "TLSv1_3",
-        "tls_maximum_protocol_version": "TLSv1_3"
-    });
-    if !curves.is_empty() {
-        params["ecdh_curves"] = json!(curves);
-    }
-    json!({
-        "tls_params": params,
-        "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds_config()}],
-        "combined_validation_context": {
-            "default_validation_context": {
-                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": BENCH_ID}}]
-            },
-            "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": sds_config()}
-        }
-    })
+    load::envoy_common_tls(&config.envoy_curves, &[BENCH_ID])
 }
 
 /// A static cluster of one endpoint; mTLS to it when `tls` is given.
@@ -1112,24 +624,6 @@ fn envoy_cluster(name: &str, to: SocketAddr, tls: Option<&Config>) -> Value {
         });
     }
     cluster
-}
-
-fn envoy_sds_cluster(socket: &Path) -> Value {
-    json!({
-        "name": "sds-grpc",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "sds-grpc",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": socket}}}}]}]
-        }
-    })
 }
 
 /// The network filter forwarding to `cluster`: tcp_proxy (L4) or the HTTP connection manager.
@@ -1421,7 +915,14 @@ async fn measure(setup: Setup, shared: &Shared, config: &Config) -> Measured {
         );
         let pids = pids.clone();
         let result = tokio::task::spawn_blocking(move || {
-            open_loop(addr, rate, connections, length, &pids, backend)
+            open_loop(
+                move || SyncClient::connect(addr, GET),
+                rate,
+                connections,
+                length,
+                &pids,
+                &[backend],
+            )
         })
         .await
         .expect("the open-loop phase panicked");
@@ -1437,12 +938,13 @@ async fn measure(setup: Setup, shared: &Shared, config: &Config) -> Measured {
     }
     let rss_loaded = memory(|m| m.0);
 
+    let entry = running.entry;
     let closed = closed_loop(
-        running.entry,
+        move || AsyncClient::connect(entry, GET),
         config.closed_connections,
         config.length,
         &pids,
-        shared.backend_pid,
+        &[shared.backend_pid],
     )
     .await;
     println!(

@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod l7;
+pub mod load;
 pub mod manifests;
 pub mod netns;
 
