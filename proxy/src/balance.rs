@@ -36,7 +36,10 @@ pub const DECAY: Duration = Duration::from_secs(1);
 /// The most one slower response multiplies an endpoint's estimate by: less than [`TIE`]
 /// absorbs, so that one response alone never sidelines an endpoint.
 pub const PEAK_STEP: f64 = 1.25;
-const _: () = assert!(PEAK_STEP * (1.0 - TIE) < 1.0, "one response must stay within a tie");
+const _: () = assert!(
+    PEAK_STEP * (1.0 - TIE) < 1.0,
+    "one response must stay within a tie"
+);
 /// The latency assumed of the endpoints of a new balancer, before their first responses
 /// (Linkerd's default).
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
