@@ -86,7 +86,7 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, s
             )
         }
     };
-    let mut log = ConnectionLog::new(Direction::Outbound, source, destination);
+    let log = ConnectionLog::new(Direction::Outbound, source, destination);
     let Some(expected) = expected else {
         let upstream = match dial::connect(destination, shared.config.connect_timeout).await {
             Ok(upstream) => upstream,
@@ -94,6 +94,20 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, s
         };
         return forward::splice(&shared, log, Security::Passthrough, stream, upstream).await;
     };
+    mtls_splice(stream, log, destination, expected, &shared).await;
+}
+
+/// Originates mTLS to `destination`, whose server must prove one of `expected`, and forwards
+/// `downstream` over it until either side is done; refusals are counted and logged.
+async fn mtls_splice<D>(
+    downstream: D,
+    mut log: ConnectionLog,
+    destination: SocketAddr,
+    expected: BTreeSet<SpiffeId>,
+    shared: &Shared,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
     let Some(state) = shared.current_tls() else {
         return log.refused(
             &shared.metrics,
@@ -107,9 +121,9 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, s
     match connected {
         Ok((tls_stream, got)) => {
             log.destination_identity = Some(got);
-            forward::splice(&shared, log, Security::Mtls, stream, tls_stream).await;
+            forward::splice(shared, log, Security::Mtls, downstream, tls_stream).await;
         }
-        Err(e) => refused(log, &shared, e),
+        Err(e) => refused(log, shared, e),
     }
 }
 
@@ -219,7 +233,7 @@ async fn to_service(
 }
 
 /// Bytes to one endpoint the balancer picks for the whole connection.
-async fn opaque<D>(downstream: D, mut log: ConnectionLog, route: ServiceRoute, shared: Shared)
+async fn opaque<D>(downstream: D, log: ConnectionLog, route: ServiceRoute, shared: Shared)
 where
     D: AsyncRead + AsyncWrite + Unpin,
 {
@@ -227,34 +241,12 @@ where
         // Closing is all a byte stream can be told.
         return route.no_endpoints(&shared);
     };
-    let Some(state) = shared.current_tls() else {
-        return log.refused(
-            &shared.metrics,
-            HandshakeFailure::NoCertificate,
-            "no certificate from the agent yet",
-        );
-    };
-    log.source_identity = Some(state.id.clone());
     let endpoint = pending.endpoint().clone();
+    debug!(service = %route.service.key, endpoint = %endpoint.addr, "opaque connection to a Service endpoint");
     let expected = BTreeSet::from([endpoint.id.clone()]);
-    let connected = dial::mtls(
-        endpoint.addr,
-        shared.config.connect_timeout,
-        &state,
-        expected,
-    )
-    .await;
-    drop(state);
-    match connected {
-        Ok((tls_stream, got)) => {
-            debug!(service = %route.service.key, endpoint = %endpoint.addr, "opaque connection to a Service endpoint");
-            log.destination_identity = Some(got);
-            // Counted in the endpoint's load until the connection ends.
-            forward::splice(&shared, log, Security::Mtls, downstream, tls_stream).await;
-            drop(pending);
-        }
-        Err(e) => refused(log, &shared, e),
-    }
+    mtls_splice(downstream, log, endpoint.addr, expected, &shared).await;
+    // Counted in the endpoint's load until the connection ends.
+    drop(pending);
 }
 
 /// The application's connection served as HTTP, each request balanced on its own.
