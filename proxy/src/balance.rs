@@ -36,21 +36,24 @@ pub const DECAY: Duration = Duration::from_secs(1);
 /// The most one slower response multiplies an endpoint's estimate by: less than [`TIE`]
 /// absorbs, so that one response alone never sidelines an endpoint.
 pub const PEAK_STEP: f64 = 1.25;
+/// The least a faster response pulls an endpoint's estimate towards itself.
+pub const PULL: f64 = 0.2;
 const _: () = assert!(
     PEAK_STEP * (1.0 - TIE) < 1.0,
     "one response must stay within a tie"
 );
-/// The latency assumed of the endpoints of a new balancer, before their first responses
-/// (Linkerd's default).
+/// The latency assumed of an endpoint before its first response when no endpoint of its
+/// balancer has answered yet (Linkerd's default); otherwise it counts as the mean of those that
+/// have, so that it is tried at once without being preferred.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
 
 /// Loads closer than this fraction are equal, and the random draw decides between them. With
 /// a client that sends one request at a time nothing is ever pending, so the latency estimates
 /// alone decide; compared exactly (or within a few percent), the noise between equal endpoints
 /// (scheduling, a busy node) would rank one of three first for long stretches and give it two
-/// thirds of the requests. An endpoint a third faster still wins every comparison, as does
-/// one with a request pending fewer (`pending + 1` doubles a load).
-pub const TIE: f64 = 0.3;
+/// thirds of the requests. An endpoint twice as fast still wins every comparison, as does one
+/// with two requests pending fewer (`pending + 1` triples a load).
+pub const TIE: f64 = 0.5;
 
 /// One endpoint's address (pod IP and target port), identity and load.
 #[derive(Debug)]
@@ -62,13 +65,14 @@ pub struct EndpointLoad {
 }
 
 impl EndpointLoad {
-    fn new(addr: SocketAddr, id: SpiffeId, estimate_ns: f64, now: Instant) -> EndpointLoad {
+    fn new(addr: SocketAddr, id: SpiffeId, now: Instant) -> EndpointLoad {
         EndpointLoad {
             addr,
             id,
             pending: AtomicI64::new(0),
             rtt: Mutex::new(PeakEwma {
-                estimate_ns,
+                estimate_ns: DEFAULT_RTT.as_nanos() as f64,
+                measured: false,
                 updated: now,
             }),
         }
@@ -88,9 +92,16 @@ impl EndpointLoad {
         self.pending.load(Ordering::Relaxed)
     }
 
-    /// The latency estimate as of `now` times the pending requests plus one.
-    fn load(&self, now: Instant) -> f64 {
-        let estimate = self.rtt.lock().map_or(0.0, |mut rtt| rtt.decayed(now));
+    /// The latency estimate as of `now` (None before the first response).
+    fn measured_ns(&self, now: Instant) -> Option<f64> {
+        let mut rtt = self.rtt.lock().ok()?;
+        rtt.measured.then(|| rtt.decayed(now))
+    }
+
+    /// The latency estimate as of `now` (`unmeasured` before the first response) times the
+    /// pending requests plus one.
+    fn load(&self, now: Instant, unmeasured: &mut impl FnMut() -> f64) -> f64 {
+        let estimate = self.measured_ns(now).unwrap_or_else(unmeasured);
         estimate * (self.pending().max(0) + 1) as f64
     }
 
@@ -105,6 +116,8 @@ impl EndpointLoad {
 #[derive(Debug)]
 struct PeakEwma {
     estimate_ns: f64,
+    /// Whether a response was observed: the first one is taken whole.
+    measured: bool,
     updated: Instant,
 }
 
@@ -112,15 +125,22 @@ impl PeakEwma {
     /// The estimate decays towards zero as time passes (reads included, as Linkerd's does), so
     /// that an endpoint once slow is tried again after a while instead of never; a response
     /// slower than the estimate raises it at once (the peak), up to [`PEAK_STEP`] times; a
-    /// faster one pulls it towards itself by the weight of the time since the last update.
+    /// faster one pulls it towards itself by the weight of the time since the last update, and
+    /// at least by [`PULL`], so that the estimate follows an endpoint's typical latency rather
+    /// than the worst of its recent responses.
     fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt_ns = rtt.as_nanos() as f64;
+        if !self.measured {
+            (self.estimate_ns, self.measured, self.updated) = (rtt_ns, true, now);
+            return;
+        }
         let weight = self.weight_since_update(now);
         let current = self.estimate_ns * weight;
         self.estimate_ns = if rtt_ns > current {
             rtt_ns.min(current * PEAK_STEP)
         } else {
-            current * weight + rtt_ns * (1.0 - weight)
+            let pull = (1.0 - weight).max(PULL);
+            current * (1.0 - pull) + rtt_ns * pull
         };
         self.updated = self.updated.max(now);
     }
@@ -241,23 +261,15 @@ impl Balancer {
             .drain(..)
             .map(|load| ((load.addr, load.id.clone()), load))
             .collect();
-        // A new endpoint starts at the mean estimate of those already in use: at the default
-        // beside endpoints measured faster it would lose every comparison for a decay period.
-        let initial_ns = if previous.is_empty() {
-            DEFAULT_RTT.as_nanos() as f64
-        } else {
-            let sum: f64 = previous.values().map(|load| load.estimate_ns(now)).sum();
-            sum / previous.len() as f64
-        };
         let mut ready = Vec::new();
         for endpoint in service.endpoints.iter().filter(|e| e.takes_new_requests()) {
             let Some(target) = endpoint.target_port(port) else {
                 continue;
             };
             let key = (SocketAddr::new(endpoint.ip, target), endpoint.id.clone());
-            let load = previous.remove(&key).unwrap_or_else(|| {
-                Arc::new(EndpointLoad::new(key.0, key.1.clone(), initial_ns, now))
-            });
+            let load = previous
+                .remove(&key)
+                .unwrap_or_else(|| Arc::new(EndpointLoad::new(key.0, key.1.clone(), now)));
             ready.push(load);
         }
         state.draining.extend(previous.into_values());
@@ -279,8 +291,24 @@ impl Balancer {
                     let (a, b) = two_distinct(n);
                     let now = Instant::now();
                     let (a, b) = (&ready[a], &ready[b]);
+                    // An endpoint not measured yet counts as the mean of those measured: tried
+                    // at once, not preferred (at the default beside endpoints measured faster
+                    // it would lose every comparison until its estimate decayed).
+                    let mut mean = None;
+                    let mut unmeasured = || {
+                        *mean.get_or_insert_with(|| {
+                            let measured: Vec<f64> =
+                                ready.iter().filter_map(|e| e.measured_ns(now)).collect();
+                            if measured.is_empty() {
+                                DEFAULT_RTT.as_nanos() as f64
+                            } else {
+                                measured.iter().sum::<f64>() / measured.len() as f64
+                            }
+                        })
+                    };
                     // `a` is as random as `b`: a tie goes to the draw.
-                    let (load_a, load_b) = (a.load(now), b.load(now));
+                    let (load_a, load_b) =
+                        (a.load(now, &mut unmeasured), b.load(now, &mut unmeasured));
                     Some(if load_b < load_a * (1.0 - TIE) { b } else { a }.clone())
                 }
             }

@@ -331,8 +331,20 @@ async fn services_from_endpoint_slices_then_only_their_changes() {
     println!("first message: {reset}");
 
     // A rollout step: api-1 is terminating and a new meshed pod is added. Only the slice change
-    // changes the Service (the new pod alone changes only the membership).
+    // changes the Service (the new pod alone changes only the membership). Kubernetes lists a
+    // pod in a slice only once it is ready, long after its creation; the agent's two watches
+    // keep no order between them, so the test waits for the pod to be a member first (else the
+    // slice would name an address not meshed yet, and the Service would rightly drop out).
+    let members = || async {
+        let text = http_get(admin, "/metrics").await.unwrap().1;
+        metric(&text, "sigil_agent_mesh_members")
+    };
+    let before = members().await;
     add_meshed_pod(&server, "api-3", "198.18.0.4").await;
+    eventually("the new pod is a mesh member", || async {
+        members().await > before
+    })
+    .await;
     let changed = api_slice(&[
         ("198.18.0.2", "api-1", false, true, true),
         ("198.18.0.3", "api-2", true, true, false),

@@ -209,6 +209,7 @@ fn the_latency_estimate_takes_peaks_at_once_and_decays() {
     let start = Instant::now();
     let mut ewma = PeakEwma {
         estimate_ns: DEFAULT_RTT.as_nanos() as f64,
+        measured: true,
         updated: start,
     };
     // A slower response raises the estimate by PEAK_STEP at most; the next ones reach it.
@@ -235,6 +236,7 @@ fn one_slow_response_alone_does_not_sideline_an_endpoint() {
     for load in balancer.ready() {
         *load.rtt.lock().unwrap() = PeakEwma {
             estimate_ns: 1e6,
+            measured: true,
             updated: start,
         };
     }
@@ -248,7 +250,27 @@ fn one_slow_response_alone_does_not_sideline_an_endpoint() {
     let other = balancer.ready()[1].clone();
     *other.rtt.lock().unwrap() = PeakEwma {
         estimate_ns: 1e6,
+        measured: true,
         updated: later,
     };
     assert!(spiked.estimate_ns(later) < other.estimate_ns(later));
+}
+
+#[test]
+fn an_endpoint_not_measured_yet_counts_as_the_mean_of_those_measured() {
+    let (_balancers, balancer, _) = balancer(vec![
+        endpoint(1, true, false),
+        endpoint(2, true, false),
+        endpoint(3, true, false),
+    ]);
+    // One endpoint answers in 1 ms; the others, at the 30 ms default, would lose every
+    // comparison to it. Counted as its mean, they share the requests from the start.
+    let counts = picks(&balancer, 300, |_| Duration::from_millis(1));
+    for last in 1..=3 {
+        assert!(
+            (60..=140).contains(&counts[last]),
+            "endpoint {last}: {:?}",
+            &counts[1..=3]
+        );
+    }
 }
