@@ -5,12 +5,16 @@
 //! its load is that average times its pending requests plus one. Of two endpoints drawn at
 //! random the less loaded one is chosen.
 //!
-//! Two choices differ from Linkerd's (10 s decay, peaks taken whole), for clients that send one
-//! request at a time, where nothing is ever pending and the estimate alone decides: there, one
-//! slow response (a pause, a delayed ACK: 40 ms beside 1 ms) would keep an endpoint out for
-//! `DECAY × ln(40)`, over half a minute. Here it raises the estimate by a quarter, which loads
-//! within [`TIE`] of each other absorb, while an endpoint that stays slow is passed over after
-//! its second slow response and reaches its real latency within a few more.
+//! Where this differs from Linkerd's (10 s decay, peaks taken whole, loads compared exactly),
+//! it is for clients that send one request at a time, where nothing is ever pending and the
+//! estimates alone decide: there, one slow response (a pause, a delayed ACK: 40 ms beside 1 ms)
+//! would keep an endpoint out for `DECAY × ln(40)`, over half a minute, and the noise of a busy
+//! node would rank one of three equal endpoints first for long stretches (the netns test saw
+//! one endpoint get 8% of the requests). Here a response raises an estimate by a quarter at
+//! most ([`PEAK_STEP`]), a faster one pulls it by a fifth at least ([`PULL`]), estimates decay in
+//! a second ([`DECAY`]), and loads within a factor of two ([`TIE`]) are left to the random
+//! draw; an endpoint much slower than the others (50 ms beside 1 ms) is still passed over after
+//! its second slow response, and one with two requests pending fewer still wins.
 //!
 //! The endpoints follow the Service table at once: an endpoint that takes new requests is
 //! chosen from the next pick on; one that leaves, turns unready or terminating is never chosen
