@@ -62,7 +62,7 @@ use sigil_test_harness::load::{
 use sigil_test_harness::netns::{
     ClusterIpService, Netns, Node, PodProxy, connect_in, in_netns, proxy_init, require_root,
 };
-use sigil_test_harness::{MeshHost, Proc, envoy_binary};
+use sigil_test_harness::{MeshHost, Proc, envoy_binary, serve_h1_or_h2};
 
 /// Set in a child process that is a backend: the path prefix of its delay and count files.
 const BACKEND_ENV: &str = "SIGIL_BENCH_L7_BACKEND";
@@ -154,36 +154,24 @@ async fn serve_backend(
     served: Arc<AtomicU64>,
     delay_ms: Arc<AtomicU64>,
 ) {
-    let service =
-        hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            served.fetch_add(1, Ordering::Relaxed);
-            let delay = Duration::from_millis(delay_ms.load(Ordering::Relaxed));
-            let grpc = request
-                .headers()
-                .get("content-type")
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-            async move {
-                // The request body is read whole before the answer, as a unary handler does.
-                let _ = request.into_body().collect().await;
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                Ok::<_, std::convert::Infallible>(answer(grpc))
-            }
-        });
     let _ = stream.set_nodelay(true);
-    let mut first = [0u8; 3];
-    let _ = stream.peek(&mut first).await;
-    let io = TokioIo::new(stream);
-    if &first == b"PRI" {
-        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .serve_connection(io, service)
-            .await;
-    } else {
-        let _ = hyper::server::conn::http1::Builder::new()
-            .serve_connection(io, service)
-            .await;
-    }
+    serve_h1_or_h2(stream, move |request| {
+        served.fetch_add(1, Ordering::Relaxed);
+        let delay = Duration::from_millis(delay_ms.load(Ordering::Relaxed));
+        let grpc = request
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        async move {
+            // The request body is read whole before the answer, as a unary handler does.
+            let _ = request.into_body().collect().await;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            answer(grpc)
+        }
+    })
+    .await;
 }
 
 /// The backend process: listens on :8080; every 100 ms reads its delay (ms) from

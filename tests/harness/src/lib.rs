@@ -1022,10 +1022,13 @@ where
 /// Serves one connection of an application as HTTP/2 (h2c prior knowledge, if it starts with
 /// the preface) or HTTP/1.1, answering every request with what `respond` makes of it (a future:
 /// an application may take its time). Returns when the connection ends.
-pub async fn serve_h1_or_h2<R, F>(stream: tokio::net::TcpStream, respond: R)
+pub async fn serve_h1_or_h2<R, F, B>(stream: tokio::net::TcpStream, respond: R)
 where
     R: Fn(hyper::Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = hyper::Response<http_body_util::Full<bytes::Bytes>>> + Send + 'static,
+    F: Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let service = hyper::service::service_fn(move |request| {
