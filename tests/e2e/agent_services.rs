@@ -14,12 +14,13 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use prost::Message;
 use serde_json::{Value, json};
-use sigil_proto::sigil::mesh::v1::service_discovery_client::ServiceDiscoveryClient;
-use sigil_proto::sigil::mesh::v1::{Protocol, ServiceUpdate, WatchServicesRequest};
+use sigil_proto::sigil::mesh::v1::{Protocol, ServiceUpdate};
 use sigil_proxy_api::services::ServiceTable;
 use sigil_proxy_api::{OPAQUE_PORTS_ANNOTATION, TLS_MODE_LABEL, TLS_MODE_MTLS};
 use sigil_test_apiserver::{PodSpec, TestApiServer};
+use sigil_test_harness::l7::peer_python;
 use sigil_test_harness::*;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
@@ -28,10 +29,17 @@ const NAMESPACE: &str = "demo";
 const API_ID: &str = "spiffe://cluster.local/ns/demo/sa/api";
 /// Longest wait for a message the agent owes the client.
 const WAIT: Duration = Duration::from_secs(20);
-/// Where the child client finds the agent socket.
-const SOCKET_ENV: &str = "SIGIL_E2E_SERVICES_SOCKET";
 /// The prefix of the child's lines carrying a message.
 const UPDATE: &str = "UPDATE ";
+/// The child: PyPI's grpcio following `WatchServices` on the agent socket (`argv[1]`), each
+/// message printed as it came off the wire, in hex, for the test to decode.
+const WATCH_SERVICES_PY: &str = r#"
+import sys, grpc
+channel = grpc.insecure_channel("unix:" + sys.argv[1])
+watch = channel.unary_stream("/sigil.mesh.v1.ServiceDiscovery/WatchServices")
+for message in watch(b""):
+    print("UPDATE " + message.hex(), flush=True)
+"#;
 
 /// A labelled (meshed) pod of `demo` on node-b with `ip` as its address.
 async fn add_meshed_pod(server: &TestApiServer, name: &str, ip: &str) {
@@ -77,11 +85,12 @@ fn api_slice(endpoints: &[SliceEndpoint]) -> EndpointSlice {
     .unwrap()
 }
 
-/// The child: this test binary again, running [`watch_services_client`] inside a pod's cgroup,
-/// its messages read line by line.
+/// The child ([`WATCH_SERVICES_PY`]) inside a pod's cgroup, its messages read line by line and
+/// applied as the proxy applies them.
 struct ServicesClient {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    table: ServiceTable,
     /// What else it printed (libtest's lines), for a failure's message.
     other: Vec<String>,
     stderr: PathBuf,
@@ -89,11 +98,8 @@ struct ServicesClient {
 
 impl ServicesClient {
     fn start(dir: &Path, cgroup: &PodCgroup, socket: &Path) -> ServicesClient {
-        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
-        command
-            .args(["--exact", "agent_services::watch_services_client"])
-            .args(["--ignored", "--nocapture", "--test-threads", "1"])
-            .env(SOCKET_ENV, socket);
+        let mut command = std::process::Command::new(peer_python());
+        command.arg("-c").arg(WATCH_SERVICES_PY).arg(socket);
         let stderr = dir.join("client.log");
         let mut child = tokio::process::Command::from(cgroup.enter(&command))
             .stdin(Stdio::null())
@@ -106,6 +112,7 @@ impl ServicesClient {
         ServicesClient {
             child,
             lines,
+            table: ServiceTable::default(),
             other: Vec::new(),
             stderr,
         }
@@ -121,9 +128,8 @@ impl ServicesClient {
         let (lines, other) = (&mut self.lines, &mut self.other);
         let line = tokio::time::timeout(WAIT, async {
             while let Some(line) = lines.next_line().await.unwrap() {
-                // libtest's "test <name> ... " may start the first one.
-                match line.split_once(UPDATE) {
-                    Some((_, update)) => return Some(update.to_owned()),
+                match line.strip_prefix(UPDATE) {
+                    Some(update) => return Some(update.to_owned()),
                     None => other.push(line),
                 }
             }
@@ -131,7 +137,16 @@ impl ServicesClient {
         })
         .await;
         match line {
-            Ok(Some(update)) => serde_json::from_str(&update).unwrap(),
+            Ok(Some(hex)) => {
+                let bytes: Vec<u8> = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect();
+                let update = ServiceUpdate::decode(bytes.as_slice()).unwrap();
+                // Checked entry by entry as the proxy checks it.
+                self.table = self.table.apply(&update, &td()).unwrap();
+                update_json(&update)
+            }
             _ => panic!(
                 "no message from the agent ({line:?}); client:\n{}\n{}\nagent:\n{}",
                 self.other.join("\n"),
@@ -142,7 +157,7 @@ impl ServicesClient {
     }
 }
 
-/// A message as the client prints it: what a test can compare, with every field it carries.
+/// A message as a test compares it, with every field it carries.
 fn update_json(update: &ServiceUpdate) -> Value {
     let upserts: Vec<Value> = update
         .upserts
@@ -189,38 +204,6 @@ fn update_json(update: &ServiceUpdate) -> Value {
         "upserts": upserts,
         "removals": update.removals,
     })
-}
-
-/// The client half of [`services_from_endpoint_slices_then_only_their_changes`]: run by it, as
-/// a child in a pod's cgroup, never on its own.
-#[tokio::test]
-#[ignore = "the client half of agent_services::services_from_endpoint_slices_then_only_their_changes, which runs it in a pod's cgroup"]
-async fn watch_services_client() {
-    let socket = std::env::var_os(SOCKET_ENV)
-        .map(PathBuf::from)
-        .expect("run by services_from_endpoint_slices_then_only_their_changes");
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    let mut stream = ServiceDiscoveryClient::new(channel)
-        .watch_services(WatchServicesRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let mut table = ServiceTable::default();
-    while let Some(update) = stream.message().await.unwrap() {
-        // Checked entry by entry as the proxy checks it.
-        table = table.apply(&update, &td()).unwrap();
-        println!("{UPDATE}{}", update_json(&update));
-    }
 }
 
 /// The one Service of `update`'s upserts named `demo/api`.
