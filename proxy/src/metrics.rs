@@ -4,6 +4,8 @@
 //! status, latency, body bytes, by peer workload and destination Service) and the balancers'
 //! state per Service.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -141,17 +143,18 @@ pub struct DirectionLabels {
 
 /// The workload on the other side of a request and, outbound, the Service it was sent to: what
 /// every golden metric is broken down by. Bounded by the workloads and Services this one talks
-/// to (never paths or addresses).
+/// to (never paths or addresses). Shared strings: a request's label sets are cloned per request
+/// (each golden metric's family is looked up with them), so a clone must not allocate.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub direction: Direction,
     /// Outbound: the destination Service, `<namespace>/<name>`; inbound, or outbound to a
     /// destination that is no meshed Service: empty.
-    pub service: String,
+    pub service: Arc<str>,
     /// From the peer's verified SPIFFE ID (`/ns/<ns>/sa/<sa>`); empty for a plaintext peer or
     /// an ID of another shape.
-    pub peer_namespace: String,
-    pub peer_service_account: String,
+    pub peer_namespace: Arc<str>,
+    pub peer_service_account: Arc<str>,
 }
 
 impl PeerLabels {
@@ -164,9 +167,9 @@ impl PeerLabels {
             peer.and_then(SpiffeId::service_account).unwrap_or_default();
         PeerLabels {
             direction,
-            service: service.map(ToString::to_string).unwrap_or_default(),
-            peer_namespace: namespace.to_owned(),
-            peer_service_account: service_account.to_owned(),
+            service: service.map(ToString::to_string).unwrap_or_default().into(),
+            peer_namespace: namespace.into(),
+            peer_service_account: service_account.into(),
         }
     }
 }
@@ -181,7 +184,7 @@ pub struct RequestLabels {
     pub status_code: u16,
     /// The response's `grpc-status` (trailer, or header of a trailers-only response); empty
     /// for a response that is not gRPC.
-    pub grpc_status: String,
+    pub grpc_status: Option<u32>,
 }
 
 /// [`PeerLabels`] and the status class (the latency histogram leaves out the code, to bound
@@ -472,10 +475,7 @@ impl Metrics {
                 peer: outcome.peer.clone(),
                 status_class: class,
                 status_code: outcome.status,
-                grpc_status: outcome
-                    .grpc_status
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
+                grpc_status: outcome.grpc_status,
             })
             .inc();
         self.request_duration

@@ -118,6 +118,8 @@ async fn connect_gets_a_connection_of_its_own_and_becomes_a_tunnel() {
     let pool = AppPool::new(app, Duration::from_secs(2), app_pool::IDLE_TIMEOUT);
     let mut plain = client(&pool).await;
     assert_eq!(get(&mut plain).await, "ok");
+    // The client connection kept it until it ended.
+    drop(plain);
     until("the connection back in the pool", || pool.idle_http1() == 1).await;
 
     let mut tunneling = client(&pool).await;

@@ -92,10 +92,30 @@ async fn http1_connections_are_reused_across_requests_and_client_connections() {
         let upstream = AppUpstream::new(pool.clone(), None);
         for _ in 0..5 {
             assert_eq!(get(&upstream, HttpVersion::Http1).await, "HTTP/1.1");
-            until("the connection back in the pool", || pool.idle_http1() == 1).await;
+            // Kept by the client connection for its next request, not in the pool.
+            assert_eq!(pool.idle_http1(), 0);
         }
+        drop(upstream);
+        until("the connection back in the pool", || pool.idle_http1() == 1).await;
     }
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn each_client_connection_keeps_its_own_connection_while_others_come_and_go() {
+    let (app, counts) = app(HttpVersion::Http1, Duration::ZERO, true).await;
+    let pool = pool(app, IDLE_TIMEOUT);
+    let clients: Vec<_> = (0..3).map(|_| AppUpstream::new(pool.clone(), None)).collect();
+    for _ in 0..4 {
+        for client in &clients {
+            assert_eq!(get(client, HttpVersion::Http1).await, "HTTP/1.1");
+        }
+    }
+    // One request at a time each: one application connection each, never raced for.
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 3);
+    assert_eq!(pool.idle_http1(), 0);
+    drop(clients);
+    until("all three back in the pool", || pool.idle_http1() == 3).await;
 }
 
 #[tokio::test]
@@ -111,6 +131,8 @@ async fn concurrent_requests_open_connections_and_at_most_the_bound_stay_idle() 
     .await;
     assert!(answers.iter().all(|a| a == "HTTP/1.1"), "{answers:?}");
     assert_eq!(counts.accepted.load(Ordering::SeqCst), requests);
+    // The one the client connection kept goes to the pool as it ends, which is full by then.
+    drop(upstream);
     until("the bound's worth of idle connections", || {
         counts.open.load(Ordering::SeqCst) == MAX_IDLE_PER_APP
     })
@@ -124,13 +146,15 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     let pool = pool(app, Duration::from_millis(200));
     let upstream = AppUpstream::new(pool.clone(), None);
     assert_eq!(get(&upstream, HttpVersion::Http1).await, "HTTP/1.1");
+    drop(upstream);
     until("the connection back in the pool", || pool.idle_http1() == 1).await;
     until("the idle connection closed at the application", || {
         counts.open.load(Ordering::SeqCst) == 0
     })
     .await;
     assert_eq!(pool.idle_http1(), 0);
-    // The next request opens a new one.
+    // The next client connection's request opens a new one.
+    let upstream = AppUpstream::new(pool.clone(), None);
     assert_eq!(get(&upstream, HttpVersion::Http1).await, "HTTP/1.1");
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
 }
@@ -174,7 +198,6 @@ async fn a_connection_opened_before_the_client_spoke_is_used_first() {
     .await;
     let upstream = AppUpstream::new(pool.clone(), Some(preopened));
     assert_eq!(get(&upstream, HttpVersion::Http1).await, "HTTP/1.1");
-    until("the connection back in the pool", || pool.idle_http1() == 1).await;
     assert_eq!(get(&upstream, HttpVersion::Http1).await, "HTTP/1.1");
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
 }
