@@ -25,7 +25,7 @@ use sigil_test_harness::netns::PROMETHEUS;
 const PROMTOOL: &str = "/usr/bin/promtool";
 /// The custom resources of the Prometheus Operator, which a plain cluster lacks (so they are in
 /// the overlay, not the base).
-const OPERATOR_GROUP: &str = "monitoring.coreos.com/v1";
+const OPERATOR_API_VERSION: &str = "monitoring.coreos.com/v1";
 
 fn prometheus_dir() -> PathBuf {
     repo().join("deploy/prometheus")
@@ -379,7 +379,7 @@ fn every_metric_the_rules_use_is_one_the_components_serve() {
 fn the_prometheus_rule_carries_exactly_the_rules_file() {
     let rendered = overlay();
     let rule = find(&rendered, "PrometheusRule", "sigil");
-    assert_eq!(rule["apiVersion"], OPERATOR_GROUP);
+    assert_eq!(rule["apiVersion"], OPERATOR_API_VERSION);
     assert_eq!(namespace(rule), "sigil-system");
     let file = rules_file();
     assert_eq!(
@@ -390,8 +390,8 @@ fn the_prometheus_rule_carries_exactly_the_rules_file() {
     );
 }
 
-/// The pod a ReplicaSet of `workload` (a Deployment or DaemonSet) would create on a node, with
-/// the pod IP `ip`.
+/// A running pod of `workload`'s template (a Deployment's or DaemonSet's), owned by `owner`
+/// (kind, name) as its controller, with the pod IP `ip`.
 fn pod_of(workload: &Value, owner: (&str, &str), pod_name: &str, ip: &str) -> Value {
     let template = &workload["spec"]["template"];
     json!({
@@ -533,10 +533,12 @@ fn discovered_targets(pod: &Value) -> Vec<Value> {
 }
 
 /// deploy/prometheus/scrape-config.yaml with each job's Kubernetes pod discovery replaced by a
-/// file_sd of `targets`, and rules.yaml beside it, in `dir`.
+/// file_sd of `targets`, and rules.yaml beside it, in `dir`. It scrapes only hourly: the targets
+/// are not there to answer, and the first scrape falls anywhere in the hour.
 fn config_with_file_discovery(dir: &Path, targets: &[Value]) -> PathBuf {
     let mut config = yaml_file(&prometheus_dir().join("scrape-config.yaml")).remove(0);
     assert_eq!(config["rule_files"], json!(["rules.yaml"]));
+    config["global"]["scrape_interval"] = json!("1h");
     let jobs = config["scrape_configs"].as_array_mut().unwrap();
     assert_eq!(jobs.len(), 2);
     let targets_file = dir.join("pods.json");
@@ -628,14 +630,8 @@ fn the_scrape_config_passes_promtool_and_finds_proxies_ca_and_agents() {
         printed(&checked)
     );
 
-    // The real Prometheus: its targets API shows what the relabelling made of them. It scrapes
-    // them only hourly (the first scrape falls anywhere in the hour), and only loopback.
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text = text.replace(
-        "\"scrape_interval\": \"15s\"",
-        "\"scrape_interval\": \"1h\"",
-    );
-    std::fs::write(&config, text).unwrap();
+    // The real Prometheus: its targets API shows what the relabelling made of them (the pods'
+    // addresses are loopback ones).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -743,7 +739,7 @@ fn the_prometheus_operator_overlay_renders_and_scrapes_what_it_means_to() {
     let (operator, kubernetes): (Vec<Value>, Vec<Value>) = rendered
         .iter()
         .cloned()
-        .partition(|o| o["apiVersion"] == OPERATOR_GROUP);
+        .partition(|o| o["apiVersion"] == OPERATOR_API_VERSION);
 
     // The base, unchanged (so its manifest and RBAC tests hold for it), plus the Operator's
     // objects; every object labelled as sigil's.
