@@ -1,7 +1,8 @@
 //! Sidecar injection: what the mutating admission webhook does to a pod. Given an
 //! `AdmissionReview` it answers with the JSON patch that adds the `sigil proxy init` init
 //! container, the proxy (a native sidecar, so it starts before and stops after the app), the agent
-//! socket mount and the mesh label, and points HTTP probes at the proxy so they keep working
+//! socket mount, the mesh label and (unless the pod has its own) the `prometheus.io/*` scrape
+//! annotations for the proxy's metrics, and points HTTP probes at the proxy so they keep working
 //! under STRICT mTLS and deny-all policies. Pure: no I/O, so every decision is testable with
 //! AdmissionReview documents.
 
@@ -42,6 +43,14 @@ pub const EXCLUDE_OUTBOUND_PORTS: &str = "sigil.dev/exclude-outbound-ports";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "sigil.dev/exclude-outbound-cidrs";
 /// The proxy's metrics and probe port, as Kubernetes declares ports.
 const METRICS_PORT: i32 = sigil_proxy_api::METRICS_PORT as i32;
+/// The name of the proxy container's metrics port, which the Prometheus Operator's PodMonitor
+/// (deploy/overlays/prometheus-operator) and the `sigil-proxies` job of
+/// deploy/prometheus/scrape-config.yaml select.
+pub const METRICS_PORT_NAME: &str = "sigil-metrics";
+/// The conventional `prometheus.io/*` scrape annotations (honoured by many scrape configs, and by
+/// deploy/prometheus/scrape-config.yaml): a pod that sets none of them gets them pointing at its
+/// proxy's metrics.
+const PROMETHEUS_ANNOTATION_PREFIX: &str = "prometheus.io/";
 /// Bytes of a probe header's value escaped in `--app-probe` (`%XX`): those that end or escape a
 /// header there, and any the flag could not carry as they are.
 const PROBE_HEADER_ESCAPES: &percent_encoding::AsciiSet =
@@ -338,6 +347,22 @@ fn decide(
             .entry("kubectl.kubernetes.io/default-container")
             .or_insert(json!(first.name));
     }
+    // A pod that sets any scrape annotation keeps all of them as they are: they describe the
+    // app's own metrics, which are the app's to expose (adding `scrape: "true"` beside its `port`
+    // would turn on a scrape it left off, and a `port` of ours would hide its metrics). Its proxy
+    // is still scraped by the named port.
+    if !annotations
+        .keys()
+        .any(|key| key.starts_with(PROMETHEUS_ANNOTATION_PREFIX))
+    {
+        for (key, value) in [
+            ("prometheus.io/scrape", "true".to_string()),
+            ("prometheus.io/port", METRICS_PORT.to_string()),
+            ("prometheus.io/path", "/metrics".to_string()),
+        ] {
+            annotations.insert(key.into(), json!(value));
+        }
+    }
     let init_containers = array_at(&mut mutated["spec"], "initContainers");
     // First the rules, then the proxy: the app's own init containers already run meshed.
     init_containers.insert(0, init_container(config, init_args));
@@ -586,7 +611,7 @@ fn proxy_container(
         // A native sidecar: started before the app containers (once its startup probe passes,
         // so the app never runs before its certificate), stopped after them.
         "restartPolicy": "Always",
-        "ports": [{"name": "sigil-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "startupProbe": {
             "httpGet": ready["httpGet"],
             "periodSeconds": 1,

@@ -19,6 +19,7 @@ mod ca_offline;
 mod ca_webhook;
 mod demo;
 mod deploy_manifests;
+mod deploy_prometheus;
 mod deploy_rbac;
 mod policy_crds;
 mod policy_inspect;

@@ -470,3 +470,70 @@ fn a_malformed_review_gets_an_error_response() {
         );
     }
 }
+
+/// The annotations many scrape configs honour point at the proxy, and its metrics port is named,
+/// as a PodMonitor selects it (deploy/overlays/prometheus-operator).
+#[test]
+fn injected_pods_are_scrapeable_at_the_proxys_named_metrics_port() {
+    let review = web_review();
+    let pod = patched(&review, &answer(&review).0);
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(
+        annotations["prometheus.io/port"],
+        sigil_proxy_api::METRICS_PORT.to_string()
+    );
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    let proxy = pod["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == PROXY_CONTAINER)
+        .unwrap();
+    assert_eq!(
+        proxy["ports"],
+        json!([{
+            "name": METRICS_PORT_NAME,
+            "containerPort": sigil_proxy_api::METRICS_PORT,
+            "protocol": "TCP",
+        }])
+    );
+}
+
+/// A pod with scrape annotations of its own keeps exactly those (they describe the app's
+/// metrics): none is overridden, and none of ours is added beside them.
+#[test]
+fn a_pods_own_scrape_annotations_win() {
+    for own in [
+        json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9090"}),
+        json!({"prometheus.io/port": "9090"}),
+        json!({"prometheus.io/scrape": "false"}),
+        json!({"prometheus.io/path": "/stats", "team": "shop"}),
+    ] {
+        let mut review = web_review();
+        review["request"]["object"]["metadata"]["annotations"] = own.clone();
+        let (response, outcome) = answer(&review);
+        assert_eq!(outcome, Outcome::Injected, "{own}");
+        let pod = patched(&review, &response);
+        let scrape: serde_json::Map<String, Value> = pod["metadata"]["annotations"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(key, _)| key.starts_with("prometheus.io/"))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        let expected: serde_json::Map<String, Value> = own
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(key, _)| key.starts_with("prometheus.io/"))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        assert_eq!(scrape, expected, "{own}");
+        // The proxy is injected all the same, its metrics port named for the PodMonitor.
+        assert_eq!(
+            pod["spec"]["initContainers"][1]["ports"][0]["name"], METRICS_PORT_NAME,
+            "{own}"
+        );
+    }
+}

@@ -95,6 +95,48 @@ pub fn of_kind<'a>(objects: &'a [Value], kind_: &str) -> Vec<&'a Value> {
     objects.iter().filter(|o| kind(o) == kind_).collect()
 }
 
+/// Objects not labelled as sigil's: every object deploy/ renders carries
+/// `app.kubernetes.io/part-of: sigil` and an `app.kubernetes.io/name` starting with `sigil`.
+pub fn unlabelled_objects(objects: &[Value]) -> Vec<String> {
+    objects
+        .iter()
+        .filter(|object| {
+            let labels = &object["metadata"]["labels"];
+            labels["app.kubernetes.io/part-of"] != "sigil"
+                || !labels["app.kubernetes.io/name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("sigil"))
+        })
+        .map(|object| format!("{}: {}", describe(object), object["metadata"]["labels"]))
+        .collect()
+}
+
+/// Whether a label selector (`matchLabels` and `matchExpressions`, as Kubernetes evaluates a
+/// `metav1.LabelSelector`; none selects everything) selects the labels object `labels`.
+pub fn selects(selector: &Value, labels: &Value) -> bool {
+    let match_labels = selector["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| &labels[k] == v);
+    let expressions = selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|e| {
+            let value = labels.get(e["key"].as_str().unwrap_or_default());
+            let values = e["values"].as_array().cloned().unwrap_or_default();
+            match e["operator"].as_str() {
+                Some("In") => value.is_some_and(|v| values.contains(v)),
+                Some("NotIn") => value.is_none_or(|v| !values.contains(v)),
+                Some("Exists") => value.is_some(),
+                Some("DoesNotExist") => value.is_none(),
+                other => panic!("unknown label selector operator {other:?} in {selector}"),
+            }
+        });
+    match_labels && expressions
+}
+
 /// The container `name` of a workload (Deployment, DaemonSet).
 pub fn container<'a>(workload: &'a Value, name_: &str) -> &'a Value {
     workload["spec"]["template"]["spec"]["containers"]
