@@ -20,6 +20,7 @@ mod ca_webhook;
 mod demo;
 mod deploy_manifests;
 mod deploy_rbac;
+mod observability_dashboards;
 mod policy_crds;
 mod policy_inspect;
 mod policy_netns;
