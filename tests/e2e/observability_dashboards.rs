@@ -441,6 +441,14 @@ async fn wait_for_targets(prometheus: &Prometheus, count: usize) {
     }
 }
 
+/// When the CA process Prometheus scraped last started (its `process_start_time_seconds`).
+async fn ca_start_time(prometheus: &Prometheus) -> Option<f64> {
+    let samples = prometheus
+        .query("process_start_time_seconds{job=\"sigil-ca\"}")
+        .await;
+    samples.first().map(|(_, start)| *start)
+}
+
 /// The values a query variable takes: `label_values(selector, label)` as Grafana asks
 /// Prometheus for them, or `query_result(expr)` with a `/label="([^"]+)"/` regex (the one form
 /// the dashboards use, which picks one label's values out of each result line).
@@ -626,6 +634,8 @@ async fn every_dashboard_query_returns_data_from_a_scraped_mesh() {
 
     // The agent cannot sign for a workload that starts while the CA is down (and counts it);
     // the CA comes back where the agent expects it and the workload gets its certificate.
+    let first_ca = ca_start_time(&prometheus).await;
+    assert!(first_ca.is_some(), "Prometheus has no start time of the CA");
     let _ = host.ca.child.kill();
     let _ = host.ca.child.wait();
     let mut late_command = web.command_as(
@@ -666,6 +676,20 @@ async fn every_dashboard_query_returns_data_from_a_scraped_mesh() {
     let serve_args = host.offline.serve_args();
     host.ca = CaProcess::start_on(dir.path(), None, &serve_args, host.ca.grpc, host.ca.admin);
     host.ca.wait_ready().await;
+    // The new CA's series must be scraped before it signs, or its latency histogram would be
+    // first seen with its observations in it and show no rate.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let scraped = ca_start_time(&prometheus).await;
+        if scraped.is_some() && scraped != first_ca {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped the restarted CA"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The CA refuses a signing request without credentials.
     let bundle = state_dir_bundle(&host.offline.state);
