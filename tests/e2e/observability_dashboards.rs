@@ -531,8 +531,9 @@ async fn every_dashboard_query_returns_data_from_a_scraped_mesh() {
     );
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
+    let specs: Vec<&PodSpec> = std::iter::once(&WEB).chain(&APIS).collect();
     let mut yaml = String::from("members:\n");
-    for pod in std::iter::once(&WEB).chain(&APIS) {
+    for pod in &specs {
         yaml.push_str(&format!("- {{ip: {}, id: \"{}\"}}\n", pod.ip, pod.id));
     }
     yaml.push_str(&format!(
@@ -562,10 +563,7 @@ async fn every_dashboard_query_returns_data_from_a_scraped_mesh() {
     let apis: Vec<Netns> = APIS.iter().map(|a| node.add_pod(a.role, a.ip)).collect();
     let _apps: Vec<JoinHandle<()>> = apis.iter().map(start_app).collect();
     let _service = ClusterIpService::new(&node, "API", CLUSTER_IP, APP_PORT, &APIS.map(|a| a.ip));
-    let mut workloads: Vec<(u32, &str)> = std::iter::once(&WEB)
-        .chain(&APIS)
-        .map(|p| (p.uid, p.id))
-        .collect();
+    let mut workloads: Vec<(u32, &str)> = specs.iter().map(|p| (p.uid, p.id)).collect();
     workloads.push((LATE_UID, LATE_ID));
     let mut host = MeshHost::start(
         dir.path(),
@@ -580,10 +578,7 @@ async fn every_dashboard_query_returns_data_from_a_scraped_mesh() {
     )
     .await;
     let mut proxies = Vec::new();
-    for (pod, spec) in std::iter::once(&web)
-        .chain(&apis)
-        .zip(std::iter::once(&WEB).chain(&APIS))
-    {
+    for (pod, spec) in std::iter::once(&web).chain(&apis).zip(&specs) {
         proxy_init(pod, spec.uid);
         proxies.push(
             PodProxy::start(
@@ -603,12 +598,12 @@ async fn every_dashboard_query_returns_data_from_a_scraped_mesh() {
         relay(&node.c, CA_RELAY_PORT, host.ca.admin),
         relay(&node.c, AGENT_RELAY_PORT, host.agent_admin),
     ];
-    let pod_labels: Vec<[(&str, &str); 2]> = std::iter::once(&WEB)
-        .chain(&APIS)
+    let pod_labels: Vec<[(&str, &str); 2]> = specs
+        .iter()
         .map(|p| [("namespace", NAMESPACE), ("pod", p.pod)])
         .collect();
-    let mut targets: Vec<ScrapeTarget> = std::iter::once(&WEB)
-        .chain(&APIS)
+    let mut targets: Vec<ScrapeTarget> = specs
+        .iter()
         .zip(&pod_labels)
         .map(|(p, labels)| ScrapeTarget {
             job: "sigil-proxy",
