@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use sigil_base::process_metrics::ProcessMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
@@ -106,6 +107,7 @@ impl Metrics {
             policy_file_reload_failures: Counter::default(),
             connections_refused: Family::default(),
         };
+        registry.register_collector(Box::new(ProcessMetrics::default()));
         let r = registry.sub_registry_with_prefix("sigil_agent");
         r.register(
             "cert_expiry_timestamp_seconds",

@@ -1,14 +1,16 @@
 //! Process machinery every sigil process (CA, node agent, proxy) shares: the admin endpoint
 //! ([`admin`]), readiness ([`readiness`]) and shutdown ([`shutdown`]), retry backoff
-//! ([`backoff`]), command-line values ([`flags`]), metrics labels ([`metrics`]), connection
-//! slots ([`slots`]) and the agent-socket gRPC client ([`socket_client`]). Nothing here knows
-//! about certificates, policies or Kubernetes: those live in the crates above.
+//! ([`backoff`]), command-line values ([`flags`]), metrics labels ([`metrics`]), the process's
+//! own CPU, memory and descriptors ([`process_metrics`]), connection slots ([`slots`]) and the
+//! agent-socket gRPC client ([`socket_client`]). Nothing here knows about certificates, policies
+//! or Kubernetes: those live in the crates above.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod backoff;
 pub mod flags;
 pub mod metrics;
+pub mod process_metrics;
 pub mod readiness;
 pub mod shutdown;
 pub mod slots;

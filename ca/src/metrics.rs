@@ -6,6 +6,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use sigil_base::process_metrics::ProcessMetrics;
 
 use crate::inject::SkipReason;
 
@@ -237,6 +238,7 @@ impl Metrics {
             connections_refused: Family::default(),
             webhook_bodies_refused: Family::default(),
         };
+        registry.register_collector(Box::new(ProcessMetrics::default()));
         let r = registry.sub_registry_with_prefix("sigil_ca");
         r.register(
             "certs_issued",

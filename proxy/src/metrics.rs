@@ -12,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use sigil_base::process_metrics::ProcessMetrics;
 use sigil_identity::SpiffeId;
 use sigil_proxy_api::services::ServiceKey;
 
@@ -304,6 +305,7 @@ impl Metrics {
             no_endpoints: Family::default(),
             detect_timeouts: Family::default(),
         };
+        registry.register_collector(Box::new(ProcessMetrics::default()));
         let r = registry.sub_registry_with_prefix("sigil_proxy");
         r.register(
             "connections_opened",

@@ -21,6 +21,7 @@ mod demo;
 mod deploy_manifests;
 mod deploy_prometheus;
 mod deploy_rbac;
+mod observability_dashboards;
 mod policy_crds;
 mod policy_inspect;
 mod policy_netns;

@@ -5,13 +5,14 @@
 //! servers that record what reaches them), a node (namespace C, with a bridge) that pods are
 //! plugged into, the two-pod network the transparent-proxy tests wire up, a Service's cluster IP
 //! routed by the node as kube-proxy does, a transparent `sigil proxy run` in a pod, and a real
-//! Prometheus scraping the proxies.
+//! Prometheus scraping the proxies (and whatever else a test gives it).
 //!
 //! Each test module names its namespaces `<prefix of its own>-<pid>-<role of each test>`, so that
 //! its tests run in parallel threads, beside the other modules' and beside another test process;
 //! its addresses (from 198.18.0.0/15: 198.18.0.x for tests/e2e/proxy_netns.rs and
 //! tests/e2e/proxy_init.rs, 198.18.1.x and 198.18.2.x for tests/e2e/policy_netns.rs, 198.18.3.x
-//! and 198.19.0.x for tests/e2e/proxy_balance.rs) exist only inside its namespaces.
+//! and 198.19.0.x for tests/e2e/proxy_balance.rs, 198.18.42.x and 198.19.42.x for
+//! tests/e2e/observability_dashboards.rs) exist only inside its namespaces.
 
 use std::fs::File;
 use std::io;
@@ -564,7 +565,7 @@ pub const PROMETHEUS: &str = "/usr/bin/prometheus";
 pub const PROMETHEUS_PORT: u16 = 9090;
 
 /// A real Prometheus server inside a namespace (the node's, usually), scraping `/metrics` of
-/// `targets` every second, with its configuration and storage under a directory of the test;
+/// its targets every second, with its configuration and storage under a directory of the test;
 /// killed on drop. Its HTTP API is queried from the same namespace.
 pub struct Prometheus {
     pub proc: Proc,
@@ -572,23 +573,61 @@ pub struct Prometheus {
     netns: String,
 }
 
+/// One `/metrics` endpoint for [`Prometheus::start_scraping`]: the job it belongs to and the
+/// labels its series get, as Kubernetes service discovery and relabelling would give a pod's
+/// (`namespace`, `pod`).
+pub struct ScrapeTarget<'a> {
+    pub job: &'a str,
+    pub addr: SocketAddr,
+    pub labels: &'a [(&'a str, &'a str)],
+}
+
 impl Prometheus {
-    /// Starts Prometheus on `ip`:9090 in `netns` and waits up to 20 s for its /-/ready.
+    /// Starts Prometheus on `ip`:9090 in `netns`, scraping `targets` as job `sigil-proxy` with no
+    /// labels of their own, and waits up to 20 s for its /-/ready.
     pub async fn start(netns: &Netns, ip: Ipv4Addr, targets: &[SocketAddr], dir: &Path) -> Self {
+        let targets: Vec<ScrapeTarget> = targets
+            .iter()
+            .map(|&addr| ScrapeTarget {
+                job: "sigil-proxy",
+                addr,
+                labels: &[],
+            })
+            .collect();
+        Self::start_scraping(netns, ip, &targets, dir).await
+    }
+
+    /// [`Prometheus::start`] with each target's job and labels.
+    pub async fn start_scraping(
+        netns: &Netns,
+        ip: Ipv4Addr,
+        targets: &[ScrapeTarget<'_>],
+        dir: &Path,
+    ) -> Self {
         let config = dir.join("prometheus.yml");
-        let targets: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
-        std::fs::write(
-            &config,
-            format!(
-                "global: {{scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}}\n\
-                 scrape_configs:\n\
-                 - job_name: sigil-proxy\n  \
-                   static_configs:\n  \
-                   - targets: [{}]\n",
-                targets.join(", ")
-            ),
-        )
-        .unwrap();
+        let mut yaml = String::from(
+            "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n\
+             scrape_configs:\n",
+        );
+        let mut jobs: Vec<&str> = targets.iter().map(|t| t.job).collect();
+        jobs.sort_unstable();
+        jobs.dedup();
+        for job in jobs {
+            yaml.push_str(&format!("- job_name: {job}\n  static_configs:\n"));
+            for target in targets.iter().filter(|t| t.job == job) {
+                let labels: Vec<String> = target
+                    .labels
+                    .iter()
+                    .map(|(name, value)| format!("{name}: \"{value}\""))
+                    .collect();
+                yaml.push_str(&format!(
+                    "  - {{targets: [\"{}\"], labels: {{{}}}}}\n",
+                    target.addr,
+                    labels.join(", ")
+                ));
+            }
+        }
+        std::fs::write(&config, yaml).unwrap();
         let addr = SocketAddr::from(SocketAddrV4::new(ip, PROMETHEUS_PORT));
         let storage = dir.join("prometheus-data");
         let command = netns.command(&[
