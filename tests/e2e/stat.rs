@@ -7,7 +7,7 @@
 //! measured over the same window, within [`TOLERANCE`], per pod (the server's proxy), per
 //! Service (the client's proxy, outbound) and per peer (the client's identity, as the server's
 //! proxy saw it); latency percentiles and TCP connections must be there. Its tables are
-//! printed. It must also say what to do when Prometheus is unreachable or a target is no proxy.
+//! printed; `--watch -o json` prints a document per interval. It must also say what to do when Prometheus is unreachable or a target is no proxy.
 //!
 //! ```text
 //!   pod A 198.18.37.1                  pod B 198.18.37.2
@@ -57,6 +57,8 @@ const WARM_UP: Duration = Duration::from_secs(6);
 /// `--window` of the Prometheus runs (a few of its 1 s scrapes) and of the direct scrapes.
 const PROMETHEUS_WINDOW: Duration = Duration::from_secs(5);
 const SCRAPE_WINDOW: Duration = Duration::from_secs(4);
+/// Documents read from `sigil stat --watch -o json`.
+const WATCHED: usize = 3;
 /// How far `sigil stat`'s rates may be from the client's: ±10%.
 const TOLERANCE: f64 = 0.10;
 
@@ -220,6 +222,26 @@ async fn sigil_stat(c: &Netns, args: &[&str]) -> StatRun {
         started,
         ended: Instant::now(),
     }
+}
+
+/// The first `count` lines `sigil stat <args> --watch` prints (within 10 s); then kills it.
+async fn watch_lines(c: &Netns, args: &[&str], count: usize) -> Vec<String> {
+    use tokio::io::AsyncBufReadExt;
+    let mut command = c.command(&[sigil_exe(), "stat", "--watch"]);
+    command.args(args).stdout(std::process::Stdio::piped());
+    let mut child = tokio::process::Command::from(command)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("running sigil stat --watch");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = Vec::new();
+    while out.len() < count {
+        match tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await {
+            Ok(Ok(Some(line))) => out.push(line),
+            other => panic!("sigil stat --watch {args:?} after {out:?}: {other:?}"),
+        }
+    }
+    out
 }
 
 /// The row `name` of a `-o json` run.
@@ -465,10 +487,21 @@ async fn sigil_stat_prints_the_rates_and_success_rates_the_client_generated() {
         let c = &node.c;
         async move { sigil_stat(c, &args).await }
     };
-    let (proxies_by_pod, proxies_by_peer, proxies_table) = tokio::join!(
+    let watch_args = [
+        "--metrics",
+        b_metrics.as_str(),
+        "--window",
+        "1s",
+        "--interval",
+        "1s",
+        "-o",
+        "json",
+    ];
+    let (proxies_by_pod, proxies_by_peer, proxies_table, watched) = tokio::join!(
         from_proxies("pod", "json"),
         from_proxies("peer", "json"),
         from_proxies("service", "table"),
+        watch_lines(&node.c, &watch_args, WATCHED),
     );
     let result: OpenLoop = load.await.unwrap();
     sampler.abort();
@@ -530,6 +563,19 @@ async fn sigil_stat_prints_the_rates_and_success_rates_the_client_generated() {
         scrape_client(&proxies_by_peer),
         false,
         &mut unmet,
+    );
+    // --watch redraws: a JSON document per interval, each with the load in it.
+    for line in &watched {
+        let stats: Value = serde_json::from_str(line).unwrap();
+        let rps = stats["rows"][0]["requests_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!(rps > 0.0, "sigil stat --watch printed {line}");
+    }
+    println!(
+        "sigil stat --watch {}: {} documents",
+        watch_args.join(" "),
+        watched.len()
     );
     assert!(unmet.is_empty(), "{}", unmet.join("\n"));
 }
