@@ -57,8 +57,12 @@ enum Command {
     /// failed (the report says which and why), 2 on bad flags.
     Demo(sigil_demo::DemoConfig),
     /// Live golden metrics of the mesh's proxies, like `linkerd viz stat`: success rate,
-    /// requests/s, p50/p95/p99 latency and TCP connections per pod, Service or peer, from
-    /// Prometheus or straight from the proxies' metrics endpoints (see --help for examples).
+    /// requests/s, p50/p95/p99 latency and TCP connections per pod, Service or peer.
+    ///
+    /// Read from Prometheus (--prometheus) or straight from the proxies' metrics endpoints
+    /// (--metrics). A request failed when it was answered 5xx or, for gRPC, with a grpc-status
+    /// other than 0; latency runs from a request's head to its response's head. Exits 2, saying
+    /// what to do, when a source cannot be read or holds no sigil proxy metrics.
     Stat(sigil_stat::StatArgs),
 }
 

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use sigil_proxy_api::metrics as names;
 
 use crate::exposition::{Sample, parse_value};
-use crate::source::scrape::{Snapshot, TargetScrape};
-use crate::view::{GroupKey, Measured, QUANTILES, Stats, View, is_success};
+use crate::source::scrape::Snapshot;
+use crate::view::{By, GroupKey, Measured, QUANTILES, Stats, View, is_success};
 
 /// How much a counter grew from `before` (None: the series did not exist yet, so it started
 /// from zero) to `now`. A counter lower than before was reset (the process restarted): all of
@@ -74,7 +74,7 @@ pub fn stats(view: &View, before: &Snapshot, now: &Snapshot, source: String) -> 
     for (target, after) in now.targets.iter().enumerate() {
         let in_direction =
             |s: &&Sample| s.labels.get(names::DIRECTION).map(String::as_str) == Some(direction);
-        if view.by == crate::view::By::Pod {
+        if view.by == By::Pod {
             for sample in after.samples.iter().filter(in_direction) {
                 if sample.name == names::CONNECTIONS_ACTIVE_SERIES {
                     *sums
@@ -134,16 +134,6 @@ pub fn stats(view: &View, before: &Snapshot, now: &Snapshot, source: String) -> 
         .collect();
     let window = now.at.duration_since(before.at).as_secs_f64();
     Stats::new(view, source, window, measured)
-}
-
-impl TargetScrape {
-    /// The samples by name and labels, to find a series' earlier value.
-    fn index(&self) -> BTreeMap<(&str, &BTreeMap<String, String>), f64> {
-        self.samples
-            .iter()
-            .map(|s| ((s.name.as_str(), &s.labels), s.value))
-            .collect()
-    }
 }
 
 #[cfg(test)]

@@ -20,10 +20,7 @@ Examples:
   # For scripts: one JSON document (a line per refresh with --watch)
   sigil stat --metrics 127.0.0.1:15020 -o json";
 
-/// Live golden metrics of the mesh's proxies (like `linkerd viz stat`): per pod, per destination
-/// Service or per peer workload, the success rate (requests not answered 5xx, and for gRPC with
-/// grpc-status 0), requests per second, p50/p95/p99 latency (from the request duration
-/// histogram: head of request to head of response) and, per pod, open TCP connections.
+/// `sigil stat`'s flags (its description is the subcommand's, in src/main.rs).
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("source").required(true).args(["prometheus", "metrics"])))]
 #[command(after_help = EXAMPLES)]

@@ -2,6 +2,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::exposition::parse;
+use crate::source::scrape::TargetScrape;
 use crate::view::{By, Direction};
 
 const BUCKETS: &str = "sigil_proxy_request_duration_seconds_bucket";

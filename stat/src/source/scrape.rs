@@ -1,6 +1,7 @@
 //! Reading the proxies' `/metrics` pages directly: every target at once, each sample labelled
 //! with its target (`instance`, as Prometheus labels it) and the time it was read.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use sigil_proxy_api::metrics as names;
@@ -53,6 +54,14 @@ impl TargetScrape {
             sample.labels.insert(INSTANCE.to_owned(), target.to_owned());
         }
         TargetScrape { at, samples }
+    }
+
+    /// The samples by name and labels, to find a series' earlier value.
+    pub fn index(&self) -> BTreeMap<(&str, &BTreeMap<String, String>), f64> {
+        self.samples
+            .iter()
+            .map(|s| ((s.name.as_str(), &s.labels), s.value))
+            .collect()
     }
 }
 
