@@ -51,7 +51,8 @@ pub struct StatArgs {
     /// after it).
     #[arg(long, value_parser = parse_duration)]
     pub window: Option<Duration>,
-    /// Keep redrawing (clear the screen, print the table) every --interval until interrupted.
+    /// Keep redrawing (clear the screen, print the table) every --interval until interrupted;
+    /// a source that cannot be read ends it, saying why.
     #[arg(long, short = 'w')]
     pub watch: bool,
     /// With --watch: how often to refresh.
