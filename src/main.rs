@@ -13,7 +13,7 @@ use tokio::sync::watch;
 ///
 /// One binary for every part: the CA (`sigil ca serve`), the node agent (`sigil agent run`), the
 /// bundled proxy (`sigil proxy run`, `sigil proxy init`), and
-/// operator tools. Logs are JSON lines
+/// operator tools (`sigil inspect`, `sigil stat`). Logs are JSON lines
 /// on stdout by default; set RUST_LOG (e.g. `info`, `sigil_ca=debug`) to change the level.
 #[derive(Parser, Debug)]
 #[command(name = "sigil", version, about, long_about)]
@@ -56,6 +56,14 @@ enum Command {
     /// (kept with --keep, or when a check fails). Exits 0 when every check passed, 1 when one
     /// failed (the report says which and why), 2 on bad flags.
     Demo(sigil_demo::DemoConfig),
+    /// Live golden metrics of the mesh's proxies, like `linkerd viz stat`: success rate,
+    /// requests/s, p50/p95/p99 latency and TCP connections per pod, Service or peer.
+    ///
+    /// Read from Prometheus (--prometheus) or straight from the proxies' metrics endpoints
+    /// (--metrics). A request failed when it was answered 5xx or, for gRPC, with a grpc-status
+    /// other than 0; latency runs from a request's head to its response's head. Exits 2, saying
+    /// what to do, when a source cannot be read or holds no sigil proxy metrics.
+    Stat(sigil_stat::StatArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -188,6 +196,10 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Command::Demo(config) => sigil_demo::run(config, shutdown_signal())
             .await
+            .map_err(Into::into),
+        Command::Stat(args) => sigil_stat::run(&args, &mut Stdout::new())
+            .await
+            .map(|()| true)
             .map_err(Into::into),
         Command::Inspect(InspectCommand::Policy(args)) => {
             sigil_policy::inspect::run(&args, &mut Stdout::new())

@@ -1,10 +1,13 @@
 //! The contract between the node agent and the proxies it serves, typed on both sides: what the
 //! agent publishes on its socket (mesh membership in [`mesh`], meshed Services and their
-//! endpoints in [`services`], policies in [`policy`], SDS resources in [`sds`]), where that socket is, and what the CA's sidecar injector must know
-//! about the proxy it injects (its ports and uid, and the label that puts a pod in the mesh).
+//! endpoints in [`services`], policies in [`policy`], SDS resources in [`sds`]), where that
+//! socket is, what the CA's sidecar injector must know about the proxy it injects (its ports and
+//! uid, and the label that puts a pod in the mesh), and the names of the proxy's request metrics
+//! that `sigil stat` reads ([`metrics`]).
 #![forbid(unsafe_code)]
 
 pub mod mesh;
+pub mod metrics;
 pub mod policy;
 pub mod ports;
 pub mod sds;

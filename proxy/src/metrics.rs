@@ -14,6 +14,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use sigil_base::process_metrics::ProcessMetrics;
 use sigil_identity::SpiffeId;
+use sigil_proxy_api::metrics as names;
 use sigil_proxy_api::services::ServiceKey;
 
 use crate::tls::HandshakeFailure;
@@ -27,8 +28,8 @@ pub enum Direction {
 impl Direction {
     pub fn as_str(self) -> &'static str {
         match self {
-            Direction::Inbound => "inbound",
-            Direction::Outbound => "outbound",
+            Direction::Inbound => names::DIRECTION_INBOUND,
+            Direction::Outbound => names::DIRECTION_OUTBOUND,
         }
     }
 }
@@ -234,7 +235,7 @@ pub fn status_class(status: u16) -> &'static str {
         2 => "2xx",
         3 => "3xx",
         4 => "4xx",
-        _ => "5xx",
+        _ => names::STATUS_CLASS_SERVER_ERROR,
     }
 }
 
@@ -306,7 +307,7 @@ impl Metrics {
             detect_timeouts: Family::default(),
         };
         registry.register_collector(Box::new(ProcessMetrics::default()));
-        let r = registry.sub_registry_with_prefix("sigil_proxy");
+        let r = registry.sub_registry_with_prefix(names::PREFIX);
         r.register(
             "connections_opened",
             "Connections accepted and established, by direction and security",
@@ -318,7 +319,7 @@ impl Metrics {
             metrics.connections_closed.clone(),
         );
         r.register(
-            "connections_active",
+            names::CONNECTIONS_ACTIVE,
             "Established connections open now",
             metrics.connections_active.clone(),
         );
@@ -418,13 +419,13 @@ impl Metrics {
             metrics.idle_timeouts.clone(),
         );
         r.register(
-            "requests",
+            names::REQUESTS,
             "HTTP and gRPC requests answered, by direction, destination Service (outbound), peer \
              workload, status class and code, and gRPC status",
             metrics.requests.clone(),
         );
         r.register_with_unit(
-            "request_duration",
+            names::REQUEST_DURATION,
             "From a request's head to its response's head, by direction, destination Service, peer \
              workload and status class",
             prometheus_client::registry::Unit::Seconds,
@@ -513,18 +514,34 @@ mod tests {
             request_bytes: 10,
             response_bytes: 20,
         });
+        // Spelled with the names `sigil stat` queries: a renamed field or metric fails here.
+        use names::*;
+        let labels = format!(
+            "{DIRECTION}=\"{DIRECTION_OUTBOUND}\",{SERVICE}=\"shop/api\",\
+             {PEER_NAMESPACE}=\"shop\",{PEER_SERVICE_ACCOUNT}=\"web\""
+        );
+        metrics
+            .connections_active
+            .get_or_create(&ConnectionLabels {
+                direction: Direction::Inbound,
+                security: Security::Mtls,
+            })
+            .inc();
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        let labels = "direction=\"outbound\",service=\"shop/api\",peer_namespace=\"shop\",peer_service_account=\"web\"";
         for series in [
             format!(
-                "sigil_proxy_requests_total{{{labels},status_class=\"2xx\",status_code=\"200\",grpc_status=\"0\"}} 1"
+                "{REQUESTS_SERIES}{{{labels},{STATUS_CLASS}=\"2xx\",{STATUS_CODE}=\"200\",\
+                 {GRPC_STATUS}=\"{GRPC_STATUS_OK}\"}} 1"
             ),
             format!(
-                "sigil_proxy_request_duration_seconds_bucket{{le=\"0.005\",{labels},status_class=\"2xx\"}} 1"
+                "{REQUEST_DURATION_BUCKET_SERIES}{{le=\"0.005\",{labels},{STATUS_CLASS}=\"2xx\"}} 1"
             ),
             format!("sigil_proxy_request_body_bytes_total{{{labels}}} 10"),
             format!("sigil_proxy_response_body_bytes_total{{{labels}}} 20"),
+            format!(
+                "{CONNECTIONS_ACTIVE_SERIES}{{{DIRECTION}=\"{DIRECTION_INBOUND}\",security=\"mtls\"}} 1"
+            ),
         ] {
             assert!(text.contains(&series), "{series} not in\n{text}");
         }

@@ -37,3 +37,4 @@ mod proxy_netns;
 mod proxy_peers;
 mod proxy_policy;
 mod readme_quickstart;
+mod stat;

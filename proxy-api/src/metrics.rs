@@ -1,0 +1,52 @@
+//! The names of the proxy's request and connection metrics and of their labels: the proxy
+//! registers its metrics under them, and `sigil stat` queries them (over Prometheus's API or
+//! straight from a proxy's `/metrics`), so both read one spelling.
+//!
+//! The proxy registers each metric as [`PREFIX`]`_<name>`; the exposition adds `_total` to a
+//! counter, the unit to a metric registered with one, and `_bucket`/`_sum`/`_count` to a
+//! histogram's series (the `*_SERIES` constants spell the exposed names out).
+
+/// What every proxy metric's name starts with.
+pub const PREFIX: &str = "sigil_proxy";
+
+/// Counter of HTTP and gRPC requests answered, labelled by [`DIRECTION`], [`SERVICE`],
+/// [`PEER_NAMESPACE`], [`PEER_SERVICE_ACCOUNT`], [`STATUS_CLASS`], [`STATUS_CODE`] and
+/// [`GRPC_STATUS`].
+pub const REQUESTS: &str = "requests";
+/// [`REQUESTS`] as exposed.
+pub const REQUESTS_SERIES: &str = "sigil_proxy_requests_total";
+
+/// Histogram (seconds) from a request's head to its response's head, labelled as [`REQUESTS`]
+/// less the status code and gRPC status.
+pub const REQUEST_DURATION: &str = "request_duration";
+/// The buckets of [`REQUEST_DURATION`] as exposed (each with an `le` label).
+pub const REQUEST_DURATION_BUCKET_SERIES: &str = "sigil_proxy_request_duration_seconds_bucket";
+
+/// Gauge of established connections open now, labelled by [`DIRECTION`] and `security`.
+pub const CONNECTIONS_ACTIVE: &str = "connections_active";
+/// [`CONNECTIONS_ACTIVE`] as exposed.
+pub const CONNECTIONS_ACTIVE_SERIES: &str = "sigil_proxy_connections_active";
+
+/// [`DIRECTION_INBOUND`] or [`DIRECTION_OUTBOUND`].
+pub const DIRECTION: &str = "direction";
+/// Requests and connections the proxy accepted for its own workload.
+pub const DIRECTION_INBOUND: &str = "inbound";
+/// Requests and connections the proxy's workload sent.
+pub const DIRECTION_OUTBOUND: &str = "outbound";
+/// Outbound: the destination Service, `<namespace>/<name>`; inbound, or to no meshed Service:
+/// empty.
+pub const SERVICE: &str = "service";
+/// The namespace in the peer's verified SPIFFE ID; empty for a plaintext peer.
+pub const PEER_NAMESPACE: &str = "peer_namespace";
+/// The service account in the peer's verified SPIFFE ID; empty for a plaintext peer.
+pub const PEER_SERVICE_ACCOUNT: &str = "peer_service_account";
+/// `2xx`, `5xx`...
+pub const STATUS_CLASS: &str = "status_class";
+/// The class of server errors, the failures of a success rate.
+pub const STATUS_CLASS_SERVER_ERROR: &str = "5xx";
+/// The HTTP status code.
+pub const STATUS_CODE: &str = "status_code";
+/// The response's `grpc-status`; empty for a response that is not gRPC.
+pub const GRPC_STATUS: &str = "grpc_status";
+/// The `grpc-status` of a gRPC call that succeeded.
+pub const GRPC_STATUS_OK: &str = "0";
