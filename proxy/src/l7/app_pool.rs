@@ -253,7 +253,9 @@ impl<B: PoolBody> AppUpstream<B> {
         // The kept connection is ready once its last response has been read (which the client
         // has by now, if it waited for it); an idle one the application closed meanwhile fails
         // before the request is written: hyper hands the request back, and it goes on the next.
-        while let Some(mut sender) = self.take_kept_http1().or_else(|| self.pool.take_idle_http1())
+        while let Some(mut sender) = self
+            .take_kept_http1()
+            .or_else(|| self.pool.take_idle_http1())
         {
             if sender.ready().await.is_err() {
                 continue;

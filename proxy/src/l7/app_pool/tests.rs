@@ -105,7 +105,9 @@ async fn http1_connections_are_reused_across_requests_and_client_connections() {
 async fn each_client_connection_keeps_its_own_connection_while_others_come_and_go() {
     let (app, counts) = app(HttpVersion::Http1, Duration::ZERO, true).await;
     let pool = pool(app, IDLE_TIMEOUT);
-    let clients: Vec<_> = (0..3).map(|_| AppUpstream::new(pool.clone(), None)).collect();
+    let clients: Vec<_> = (0..3)
+        .map(|_| AppUpstream::new(pool.clone(), None))
+        .collect();
     for _ in 0..4 {
         for client in &clients {
             assert_eq!(get(client, HttpVersion::Http1).await, "HTTP/1.1");
