@@ -668,21 +668,8 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
     );
     let prometheus = Prometheus::start(&node.c, C_IP, &scraped, dir.path()).await;
     let logs = || recent_logs(&host, Some(&a_proxy), &backends);
-    // A's proxy makes a Service's balancer on its first request; until it has the Service from
-    // the agent, its connections to the cluster IP would pass through.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !a_proxy
-        .log_lines()
-        .iter()
-        .any(|l| l["message"] == "meshed Services updated" && l["services"].as_u64() >= Some(1))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "A's proxy never got the Service from the agent{}",
-            logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // A's proxy balances the cluster IP once it has the Service from the agent.
+    a_proxy.wait_for_services(1).await;
 
     // b. The same two clients through the proxies: each request is balanced on its own. How
     // evenly (here) and how well away from a slow backend (c) are measurements: the ones that

@@ -386,21 +386,8 @@ async fn sigil_stat_prints_the_rates_and_success_rates_the_client_generated() {
     )
     .await;
     let prometheus_url = format!("http://{}", prometheus.addr);
-    // A's proxy balances the cluster IP once it has the Service from the agent; before, A's
-    // connections to it would pass through, to nowhere.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !a_proxy
-        .log_lines()
-        .iter()
-        .any(|l| l["message"] == "meshed Services updated" && l["services"].as_u64() >= Some(1))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "A's proxy never got the Service from the agent:\n{}",
-            a_proxy.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // A's proxy balances the cluster IP once it has the Service from the agent.
+    a_proxy.wait_for_services(1).await;
 
     // Errors say what to do: no Prometheus there, or a target that is no proxy (Prometheus's
     // own /metrics).

@@ -549,6 +549,22 @@ impl PodProxy {
         }
     }
 
+    /// Waits (10 s at most) until the proxy has at least `count` meshed Services from the
+    /// agent: before, its connections to a cluster IP pass through unbalanced.
+    pub async fn wait_for_services(&self, count: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log_lines().iter().any(|l| {
+            l["message"] == "meshed Services updated" && l["services"].as_u64() >= Some(count)
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the proxy never got {count} Service(s) from the agent:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// One sample of the proxy's /metrics, read from the observer's namespace.
     pub async fn metric(&self, series: &str) -> f64 {
         let (status, text) = http_get_in(&self.observer, self.metrics, "/metrics")
