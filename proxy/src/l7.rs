@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -439,7 +439,7 @@ struct Handler<A> {
     forward_client_cert: Option<http::HeaderValue>,
     authorizer: Arc<A>,
     /// An HTTP/1.1 connection that switched protocols, joined once the server hands it over.
-    tunnel: std::sync::Mutex<Option<Tunnel>>,
+    tunnel: TunnelSlot,
 }
 
 impl<A: Authorize> Handler<A> {
@@ -551,8 +551,6 @@ where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     A: Authorize,
 {
-    let seen_request = Arc::new(AtomicBool::new(false));
-    let seen = seen_request.clone();
     let Settings {
         normalization,
         header_read_timeout,
@@ -565,28 +563,68 @@ where
         normalization,
         forward_client_cert,
         authorizer,
-        tunnel: std::sync::Mutex::new(None),
+        tunnel: TunnelSlot::default(),
     });
-    let handler_of_service = handler.clone();
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let handler = handler_of_service.clone();
-        let timer = metrics.start();
-        seen.store(true, Ordering::Relaxed);
-        async move {
-            let response = handler.handle(request, &timer).await;
-            Ok::<_, Infallible>(timer.respond(response))
+    let respond = {
+        let handler = handler.clone();
+        move |request: Request<Incoming>| {
+            let handler = handler.clone();
+            let timer = metrics.start();
+            async move {
+                let response = handler.handle(request, &timer).await;
+                timer.respond(response)
+            }
         }
+    };
+    serve_downstream(
+        downstream,
+        version,
+        header_read_timeout,
+        &handler.tunnel,
+        respond,
+    )
+    .await
+}
+
+/// Where an HTTP/1.1 connection that switched protocols waits, both sides, until its server
+/// hands it over.
+pub type TunnelSlot = std::sync::Mutex<Option<Tunnel>>;
+
+/// Serves one client connection speaking `version`, every request answered by `respond`, until
+/// either side closes. HTTP/1.1: each request head within `header_read_timeout`, and a
+/// connection `respond` switched (leaving both sides in `tunnel`) is relayed as bytes from then
+/// on. HTTP/2: the first request within the same time (hyper has no header timeout for HTTP/2;
+/// later requests are bounded by the connection's idle timeout). No `date` header is added: the
+/// response goes out as its server sent it.
+pub async fn serve_downstream<D, F, Fut, B>(
+    downstream: D,
+    version: HttpVersion,
+    header_read_timeout: Duration,
+    tunnel: &TunnelSlot,
+    respond: F,
+) -> Result<(), HttpError>
+where
+    D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let seen_request = Arc::new(AtomicBool::new(false));
+    let seen = seen_request.clone();
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        seen.store(true, Ordering::Relaxed);
+        let response = respond(request);
+        async move { Ok::<_, Infallible>(response.await) }
     });
     let io = TokioIo::new(downstream);
     match version {
         HttpVersion::Http2 => {
-            // The application's response as it sent it: no `date` it did not set.
             let connection = server_h2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .auto_date_header(false)
                 .serve_connection(io, service);
-            // hyper has no header timeout for HTTP/2: a client that has not sent a whole
-            // request in time is dropped here (later ones are bounded by the idle timeout).
             let first_request = async {
                 tokio::time::sleep(header_read_timeout).await;
                 if seen_request.load(Ordering::Relaxed) {
@@ -613,13 +651,9 @@ where
                         HttpError::Downstream(e)
                     }
                 })?;
-            // The server hands the connection over after a 101: then it is the tunnel's.
-            let upgraded = handler
-                .tunnel
-                .lock()
-                .ok()
-                .and_then(|mut tunnel| tunnel.take());
-            match upgraded {
+            // The server hands the connection over after a switch: then it is the tunnel's.
+            let switched = tunnel.lock().ok().and_then(|mut tunnel| tunnel.take());
+            match switched {
                 Some(tunnel) => tunnel.relay().await,
                 None => Ok(()),
             }

@@ -1,4 +1,3 @@
-
 use k8s_openapi::api::core::v1::{Pod, PodSpec as CorePodSpec, PodStatus};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};

@@ -12,11 +12,10 @@
 //! ends, and logged (`sigil_access`, `kind: http`) with --access-log.
 
 use std::collections::BTreeSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -26,8 +25,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1 as client_h1;
-use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use sigil_identity::SpiffeId;
 use sigil_proxy_api::ORIG_PROTO_HEADER;
 use sigil_proxy_api::services::ServiceKey;
@@ -40,7 +38,7 @@ use crate::balance::{Balancer, EndpointLoad};
 use crate::dial::{self, DialError};
 use crate::forward::{Ended, Shared};
 use crate::l7::request_metrics::{CountedBody, grpc_status};
-use crate::l7::{HttpError, HttpVersion, Tunnel, remove_hop_by_hop};
+use crate::l7::{HttpError, HttpVersion, Tunnel, TunnelSlot, remove_hop_by_hop, serve_downstream};
 use crate::metrics::{Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome};
 use crate::pool::{PoolError, Pools, RequestBody, StreamSlot, Target};
 use crate::tls::TlsState;
@@ -56,8 +54,6 @@ pub enum CallError {
     Dial(#[from] DialError),
     #[error("HTTP/1.1 to the endpoint for a protocol switch: {0}")]
     Upstream(#[source] hyper::Error),
-    #[error("serving HTTP to the application: {0}")]
-    Downstream(#[source] hyper::Error),
     #[error(transparent)]
     Tunnel(#[from] HttpError),
 }
@@ -98,8 +94,6 @@ impl ServiceCalls {
     }
 }
 
-type TunnelSlot = Arc<Mutex<Option<Tunnel>>>;
-
 /// Serves the application's connection until either side closes.
 pub(super) async fn serve<D>(downstream: D, version: HttpVersion, calls: Arc<ServiceCalls>) -> Ended
 where
@@ -122,39 +116,16 @@ async fn serve_connection<D>(
 where
     D: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let tunnel: TunnelSlot = Arc::default();
+    let tunnel: Arc<TunnelSlot> = Arc::default();
     let header_read_timeout = calls.header_read_timeout;
-    let service = {
+    let respond = {
         let tunnel = tunnel.clone();
-        hyper::service::service_fn(move |request: Request<Incoming>| {
+        move |request: Request<Incoming>| {
             let (calls, tunnel) = (calls.clone(), tunnel.clone());
-            async move { Ok::<_, Infallible>(calls.call(request, version, &tunnel).await) }
-        })
-    };
-    let io = TokioIo::new(downstream);
-    match version {
-        HttpVersion::Http2 => server_h2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .auto_date_header(false)
-            .serve_connection(io, service)
-            .await
-            .map_err(CallError::Downstream),
-        HttpVersion::Http1 => {
-            server_h1::Builder::new()
-                .timer(TokioTimer::new())
-                .auto_date_header(false)
-                .header_read_timeout(header_read_timeout)
-                .serve_connection(io, service)
-                .with_upgrades()
-                .await
-                .map_err(CallError::Downstream)?;
-            let switched = tunnel.lock().ok().and_then(|mut tunnel| tunnel.take());
-            let Some(tunnel) = switched else {
-                return Ok(());
-            };
-            Ok(tunnel.relay().await?)
+            async move { calls.call(request, version, &tunnel).await }
         }
-    }
+    };
+    Ok(serve_downstream(downstream, version, header_read_timeout, &tunnel, respond).await?)
 }
 
 /// What a request was, for its metrics and log line.
