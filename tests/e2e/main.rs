@@ -35,3 +35,4 @@ mod proxy_netns;
 mod proxy_peers;
 mod proxy_policy;
 mod readme_quickstart;
+mod tls_key_exchange;
