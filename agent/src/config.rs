@@ -59,10 +59,10 @@ pub struct AgentConfig {
     #[arg(long, requires = "client_cert")]
     pub client_key: Option<PathBuf>,
 
-    /// Key exchange of every TLS connection the agent makes (to the CA, the Kubernetes API): `hybrid` offers and prefers
-    /// X25519MLKEM768 (X25519 with the post-quantum ML-KEM-768, against traffic recorded now and
-    /// decrypted later) and falls back to X25519, P-256, P-384; `classical` offers and accepts only
-    /// X25519, P-256, P-384 (FIPS-only or legacy environments).
+    /// Key exchange of every TLS connection the agent makes (to the CA, the Kubernetes API):
+    /// `hybrid` offers and prefers X25519MLKEM768 (X25519 with the post-quantum ML-KEM-768,
+    /// against traffic recorded now and decrypted later) and falls back to X25519, P-256,
+    /// P-384; `classical` offers only X25519, P-256, P-384 (FIPS-only or legacy environments).
     #[arg(long, value_enum, env = "SIGIL_TLS_KEY_EXCHANGE", default_value_t = KeyExchange::Hybrid)]
     pub tls_key_exchange: KeyExchange,
 

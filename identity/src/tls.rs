@@ -146,7 +146,7 @@ pub enum KeyExchange {
     #[default]
     Hybrid,
     /// X25519, P-256 and P-384 only: for FIPS-only or legacy environments that do not allow
-    /// ML-KEM yet, or peers that mishandle a ClientHello larger than one packet.
+    /// ML-KEM yet.
     Classical,
 }
 
@@ -166,9 +166,9 @@ impl KeyExchange {
 }
 
 /// The name of the key exchange group a finished handshake agreed on, from a fixed set (a
-/// bounded metric label): `X25519MLKEM768`, `X25519`, `secp256r1`, `secp384r1`, or `other`
-/// (none of these is offered by sigil, so a peer cannot have chosen it); `none` before the
-/// handshake is done.
+/// bounded metric label): `X25519MLKEM768`, `X25519`, `secp256r1`, `secp384r1`, or `other` (a
+/// group sigil never offers or accepts, so not seen in practice); `none` before the handshake
+/// is done.
 pub fn key_exchange_group(conn: &rustls::CommonState) -> &'static str {
     use rustls::NamedGroup;
     match conn.negotiated_key_exchange_group().map(|g| g.name()) {

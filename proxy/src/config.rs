@@ -119,10 +119,10 @@ pub struct ProxyConfig {
     pub tls12: bool,
 
     /// Key exchange of every TLS connection the proxy accepts (inbound mTLS) or makes
-    /// (outbound mTLS, HTTPS probes); TLS 1.2 peers (--tls12) always get a classical group: `hybrid` offers and prefers
-    /// X25519MLKEM768 (X25519 with the post-quantum ML-KEM-768, against traffic recorded now and
-    /// decrypted later) and falls back to X25519, P-256, P-384; `classical` offers and accepts only
-    /// X25519, P-256, P-384 (FIPS-only or legacy environments).
+    /// (outbound mTLS, HTTPS probes): `hybrid` offers and prefers X25519MLKEM768 (X25519 with
+    /// the post-quantum ML-KEM-768, against traffic recorded now and decrypted later) and falls
+    /// back to X25519, P-256, P-384; `classical` offers and accepts only X25519, P-256, P-384
+    /// (FIPS-only or legacy environments). TLS 1.2 peers (--tls12) get a classical group.
     #[arg(long, value_enum, env = "SIGIL_TLS_KEY_EXCHANGE", default_value_t = KeyExchange::Hybrid)]
     pub tls_key_exchange: KeyExchange,
 

@@ -1,6 +1,6 @@
 //! The proxy's Prometheus metrics (served on --metrics-addr): connections by direction and
-//! security mode, bytes, TLS handshakes by key exchange group and failures by reason, upstream failures, the certificate's
-//! expiry and the health of the agent feeds; per HTTP request the golden metrics (requests by
+//! security mode, bytes, TLS handshakes by key exchange group and failures by reason, upstream
+//! failures, the certificate's expiry and the health of the agent feeds; per HTTP request the golden metrics (requests by
 //! status, latency, body bytes, by peer workload and destination Service) and the balancers'
 //! state per Service.
 
