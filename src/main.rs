@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use sigil_agent::config::AgentConfig;
 use sigil_ca::cli::{CaCommand, InspectCertArgs};
+use sigil_identity::tls::KeyExchange;
 use sigil_proxy::config::ProxyConfig;
 use sigil_proxy::init::InitConfig;
 use tokio::sync::watch;
@@ -136,6 +137,18 @@ fn main() -> ExitCode {
     }
     // The proxy sizes its workers to its CPU limit (one worker: a single-threaded runtime, with
     // no hand-off between threads); everything else takes tokio's default.
+    // Before any TLS configuration: every connection of the process, sigil's own and the
+    // Kubernetes client's, uses the key exchange the component was given.
+    let key_exchange = match &cli.command {
+        Command::Ca(CaCommand::Serve(config)) => config.tls_key_exchange,
+        Command::Agent(AgentCommand::Run(config)) => config.tls_key_exchange,
+        Command::Proxy(ProxyCommand::Run(config)) => config.tls_key_exchange,
+        _ => KeyExchange::default(),
+    };
+    if let Err(e) = sigil_identity::tls::use_key_exchange(key_exchange) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let mut runtime = match &cli.command {
         Command::Proxy(ProxyCommand::Run(config)) if config.worker_threads() == 1 => {
             tokio::runtime::Builder::new_current_thread()

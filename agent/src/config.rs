@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use sigil_base::flags::parse_duration;
 use sigil_identity::profile::{parse_host_port, parse_server_name};
 use sigil_identity::spiffe::DEFAULT_TRUST_DOMAIN;
+use sigil_identity::tls::KeyExchange;
 use sigil_proxy_api::AGENT_SOCKET;
 
 pub const DEFAULT_CA_ADDR: &str = "sigil-ca.sigil-system.svc:15012";
@@ -57,6 +58,13 @@ pub struct AgentConfig {
 
     #[arg(long, requires = "client_cert")]
     pub client_key: Option<PathBuf>,
+
+    /// Key exchange of every TLS connection the agent makes (to the CA, the Kubernetes API):
+    /// `hybrid` offers and prefers X25519MLKEM768 (X25519 with the post-quantum ML-KEM-768,
+    /// against traffic recorded now and decrypted later) and falls back to X25519, P-256,
+    /// P-384; `classical` offers only X25519, P-256, P-384 (FIPS-only or legacy environments).
+    #[arg(long, value_enum, env = "SIGIL_TLS_KEY_EXCHANGE", default_value_t = KeyExchange::Hybrid)]
+    pub tls_key_exchange: KeyExchange,
 
     /// The Unix socket serving SDS and the SPIFFE Workload API (mode 0666; share the directory
     /// with pods through a hostPath).

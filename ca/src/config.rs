@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use sigil_base::flags::parse_duration;
 use sigil_identity::profile::parse_server_name;
 use sigil_identity::spiffe::DEFAULT_TRUST_DOMAIN;
+use sigil_identity::tls::KeyExchange;
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:15012";
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:15014";
@@ -53,6 +54,14 @@ pub struct CaConfig {
     /// Prometheus /metrics, /ready and /healthz (plain HTTP).
     #[arg(long, default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
+
+    /// Key exchange of every TLS connection the CA accepts (gRPC API, webhook) or makes (the
+    /// Kubernetes API): `hybrid` offers and prefers X25519MLKEM768 (X25519 with the
+    /// post-quantum ML-KEM-768, against traffic recorded now and decrypted later) and falls
+    /// back to X25519, P-256, P-384; `classical` offers and accepts only X25519, P-256, P-384
+    /// (FIPS-only or legacy environments).
+    #[arg(long, value_enum, env = "SIGIL_TLS_KEY_EXCHANGE", default_value_t = KeyExchange::Hybrid)]
+    pub tls_key_exchange: KeyExchange,
 
     /// Keep the self-signed root in this directory instead of the Kubernetes Secret.
     #[arg(long, conflicts_with_all = ["plugin_dir", "plugin_secret"])]

@@ -1,6 +1,7 @@
-//! rustls configurations that authenticate peers by SPIFFE ID: TLS 1.3 only, the ring provider,
-//! chains verified by webpki against a [`TrustBundle`], then the leaf's SPIFFE ID checked against
-//! the bundle's trust domain (and, for clients, the expected server identity).
+//! rustls configurations that authenticate peers by SPIFFE ID: TLS 1.3 only, one crypto provider
+//! for the whole process (key exchange X25519MLKEM768 first, unless `--tls-key-exchange
+//! classical`), chains verified by webpki against a [`TrustBundle`], then the leaf's SPIFFE ID
+//! checked against the bundle's trust domain (and, for clients, the expected server identity).
 //!
 //! Verifiers report why they reject a peer through `rustls::Error`, so handshake failures in
 //! logs name the reason; [`TlsError::from`] turns such an error back into a [`TlsError`].
@@ -12,7 +13,8 @@ use std::sync::{Arc, OnceLock};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{WebPkiServerVerifier, verify_server_cert_signed_by_trust_anchor};
 use rustls::crypto::{
-    CryptoProvider, WebPkiSupportedAlgorithms, verify_tls12_signature, verify_tls13_signature,
+    CryptoProvider, SupportedKxGroup, WebPkiSupportedAlgorithms, verify_tls12_signature,
+    verify_tls13_signature,
 };
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
@@ -134,12 +136,94 @@ impl fmt::Debug for Rejection {
     }
 }
 
-/// The process-wide ring crypto provider: every sigil config uses this one.
+/// Which key exchange groups every TLS connection of the process offers (as a client, in this
+/// order of preference) and accepts (as a server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyExchange {
+    /// X25519MLKEM768 (the hybrid of X25519 and the post-quantum ML-KEM-768) first, then
+    /// X25519, P-256 and P-384 for classical peers.
+    #[default]
+    Hybrid,
+    /// X25519, P-256 and P-384 only: for FIPS-only or legacy environments that do not allow
+    /// ML-KEM yet.
+    Classical,
+}
+
+impl KeyExchange {
+    fn groups(self) -> Vec<&'static dyn SupportedKxGroup> {
+        use rustls::crypto::aws_lc_rs::kx_group as aws;
+        let classical = [
+            rustls::crypto::ring::kx_group::X25519,
+            rustls::crypto::ring::kx_group::SECP256R1,
+            rustls::crypto::ring::kx_group::SECP384R1,
+        ];
+        match self {
+            KeyExchange::Hybrid => [&[aws::X25519MLKEM768][..], &classical].concat(),
+            KeyExchange::Classical => classical.to_vec(),
+        }
+    }
+}
+
+/// The name of the key exchange group a finished handshake agreed on, from a fixed set (a
+/// bounded metric label): `X25519MLKEM768`, `X25519`, `secp256r1`, `secp384r1`, or `other` (a
+/// group sigil never offers or accepts, so not seen in practice); `none` before the handshake
+/// is done.
+pub fn key_exchange_group(conn: &rustls::CommonState) -> &'static str {
+    use rustls::NamedGroup;
+    match conn.negotiated_key_exchange_group().map(|g| g.name()) {
+        Some(NamedGroup::X25519MLKEM768) => "X25519MLKEM768",
+        Some(NamedGroup::X25519) => "X25519",
+        Some(NamedGroup::secp256r1) => "secp256r1",
+        Some(NamedGroup::secp384r1) => "secp384r1",
+        Some(_) => "other",
+        None => "none",
+    }
+}
+
+/// The process's key exchange, fixed by [`use_key_exchange`] before the first configuration.
+static KEY_EXCHANGE: OnceLock<KeyExchange> = OnceLock::new();
+
+/// Why the process's key exchange could not be set.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the TLS key exchange is already fixed to {0:?}; set it once, before any TLS configuration"
+)]
+pub struct KeyExchangeAlreadySet(KeyExchange);
+
+/// Fixes the key exchange of every TLS configuration this process builds, and installs the
+/// matching provider as rustls' process default, which the Kubernetes client uses. Call once at
+/// start (the components' `--tls-key-exchange`); without it, [`KeyExchange::Hybrid`].
+pub fn use_key_exchange(kx: KeyExchange) -> Result<(), KeyExchangeAlreadySet> {
+    let fixed = *KEY_EXCHANGE.get_or_init(|| kx);
+    if fixed != kx {
+        return Err(KeyExchangeAlreadySet(fixed));
+    }
+    // Fails only if a provider was installed already: the Kubernetes client then uses that one.
+    let _ = CryptoProvider::install_default(crypto_provider().as_ref().clone());
+    Ok(())
+}
+
+fn process_key_exchange() -> KeyExchange {
+    *KEY_EXCHANGE.get_or_init(KeyExchange::default)
+}
+
+/// The process-wide crypto provider for TLS 1.3: every sigil config uses this one.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| crypto_provider_for(process_key_exchange()))
         .clone()
+}
+
+/// ring for signatures, verification and ciphers; the key exchange groups of `kx`, the hybrid one
+/// from aws-lc-rs (ring has no ML-KEM). BENCHMARKS.md ("Key exchange and crypto provider") has
+/// the measurements behind this split.
+pub fn crypto_provider_for(kx: KeyExchange) -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        kx_groups: kx.groups(),
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 /// A certificate chain (leaf first, then intermediates; never the root) and its private key.
@@ -237,14 +321,15 @@ impl TlsVersions {
     }
 }
 
-/// The ring provider with TLS 1.2 limited to forward-secret AEAD suites (no CBC, no static RSA,
-/// no ChaCha20 for 1.2), as the proxy's `--tls12` promises.
+/// The process's provider with TLS 1.2 limited to forward-secret AEAD suites (no CBC, no static
+/// RSA, no ChaCha20 for 1.2), as the proxy's `--tls12` promises. TLS 1.2 peers never negotiate
+/// the hybrid group (it is defined for TLS 1.3 only) and get a classical one.
 fn tls12_provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::cipher_suite as suite;
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
         .get_or_init(|| {
-            let mut provider = rustls::crypto::ring::default_provider();
+            let mut provider = crypto_provider().as_ref().clone();
             provider.cipher_suites = vec![
                 suite::TLS13_AES_128_GCM_SHA256,
                 suite::TLS13_AES_256_GCM_SHA384,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use sigil_base::flags::parse_duration;
+use sigil_identity::tls::KeyExchange;
 use sigil_policy::path::PathNormalization;
 use sigil_proxy_api::ports::PortSet;
 use sigil_proxy_api::{ADMIN_PORT, AGENT_SOCKET, INBOUND_PORT, METRICS_PORT, OUTBOUND_PORT};
@@ -116,6 +117,14 @@ pub struct ProxyConfig {
     /// Also accept and offer TLS 1.2 (ECDHE with AES-GCM only) for peers without TLS 1.3.
     #[arg(long)]
     pub tls12: bool,
+
+    /// Key exchange of every TLS connection the proxy accepts (inbound mTLS) or makes
+    /// (outbound mTLS, HTTPS probes): `hybrid` offers and prefers X25519MLKEM768 (X25519 with
+    /// the post-quantum ML-KEM-768, against traffic recorded now and decrypted later) and falls
+    /// back to X25519, P-256, P-384; `classical` offers and accepts only X25519, P-256, P-384
+    /// (FIPS-only or legacy environments). TLS 1.2 peers (--tls12) get a classical group.
+    #[arg(long, value_enum, env = "SIGIL_TLS_KEY_EXCHANGE", default_value_t = KeyExchange::Hybrid)]
+    pub tls_key_exchange: KeyExchange,
 
     /// How inbound HTTP request paths are normalized before policies match them; the
     /// normalized path is what the application receives. Istio's modes: NONE, BASE (RFC 3986:

@@ -15,6 +15,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use crate::forward::HANDSHAKE_TIMEOUT;
+use crate::metrics::Direction;
 use crate::tls::{self, HandshakeFailure, TlsState};
 
 /// A TCP connection to `addr` within `timeout`, with Nagle off (request/response latency).
@@ -71,6 +72,7 @@ pub async fn mtls(
                 )));
             }
         };
+    state.count_handshake(Direction::Outbound, tls_stream.get_ref().1);
     let got = check_server(
         tls::peer_identity(tls_stream.get_ref().1, &state.bundle),
         expected,

@@ -125,6 +125,8 @@ pub struct ConnectionLog {
     pub destination_identity: Option<SpiffeId>,
     /// The policy that decided on the connection (inbound).
     pub policy: Option<String>,
+    /// The key exchange group of the mTLS handshake (see `sigil_proxy_tls_handshakes_total`).
+    pub key_exchange: Option<&'static str>,
 }
 
 impl ConnectionLog {
@@ -138,6 +140,7 @@ impl ConnectionLog {
             source_identity: None,
             destination_identity: None,
             policy: None,
+            key_exchange: None,
         }
     }
 
@@ -180,6 +183,7 @@ impl ConnectionLog {
             source_identity = identity(&self.source_identity),
             destination_identity = identity(&self.destination_identity),
             policy = self.policy.as_deref(),
+            key_exchange = self.key_exchange,
             bytes_received = received,
             bytes_sent = sent,
             duration_ms = self.started.elapsed().as_secs_f64() * 1e3,

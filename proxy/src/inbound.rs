@@ -153,6 +153,7 @@ async fn accept_tls(
             return None;
         }
     };
+    log.key_exchange = Some(state.count_handshake(Direction::Inbound, tls_stream.get_ref().1));
     // The verifier already required exactly this; reading it back gives the identity to log
     // and to authorize.
     match tls::peer_identity(tls_stream.get_ref().1, &state.bundle) {

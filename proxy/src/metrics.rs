@@ -1,6 +1,6 @@
 //! The proxy's Prometheus metrics (served on --metrics-addr): connections by direction and
-//! security mode, bytes, TLS handshake failures by reason, upstream failures, the certificate's
-//! expiry and the health of the agent feeds; per HTTP request the golden metrics (requests by
+//! security mode, bytes, TLS handshakes by key exchange group and failures by reason, upstream
+//! failures, the certificate's expiry and the health of the agent feeds; per HTTP request the golden metrics (requests by
 //! status, latency, body bytes, by peer workload and destination Service) and the balancers'
 //! state per Service.
 
@@ -138,6 +138,14 @@ pub struct HandshakeLabels {
     pub reason: HandshakeFailure,
 }
 
+/// `key_exchange` is the agreed group's name from the fixed set of
+/// [`sigil_identity::tls::key_exchange_group`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyExchangeLabels {
+    pub direction: Direction,
+    pub key_exchange: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabels {
     pub direction: Direction,
@@ -245,6 +253,7 @@ pub struct Metrics {
     pub connections_active: Family<ConnectionLabels, Gauge>,
     pub bytes: Family<BytesLabels, Counter>,
     pub handshake_failures: Family<HandshakeLabels, Counter>,
+    pub handshakes: Family<KeyExchangeLabels, Counter>,
     pub upstream_failures: Family<DirectionLabels, Counter>,
     pub cert_expiry: Gauge,
     pub cert_updates: Counter,
@@ -279,6 +288,7 @@ impl Metrics {
             connections_active: Family::default(),
             bytes: Family::default(),
             handshake_failures: Family::default(),
+            handshakes: Family::default(),
             upstream_failures: Family::default(),
             cert_expiry: Gauge::default(),
             cert_updates: Counter::default(),
@@ -333,6 +343,13 @@ impl Metrics {
             "Connections refused before any byte was forwarded, by reason (handshakes, plaintext \
              in STRICT, a server with the wrong identity, no certificate or membership yet)",
             metrics.handshake_failures.clone(),
+        );
+        r.register(
+            "tls_handshakes",
+            "TLS handshakes completed, by direction and the key exchange group agreed \
+             (X25519MLKEM768: post-quantum hybrid); a peer refused after its handshake (wrong \
+             identity) is also in tls_handshake_failures",
+            metrics.handshakes.clone(),
         );
         r.register(
             "upstream_connect_failures",

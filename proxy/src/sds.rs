@@ -285,7 +285,10 @@ fn publish(
         }
     };
     let state = match TlsState::new(certificate.clone(), bundle, versions) {
-        Ok(state) => state,
+        Ok(state) => TlsState {
+            handshakes: metrics.handshakes.clone(),
+            ..state
+        },
         Err(e) => {
             warn!(error = %e, "certificate and bundle do not fit together (yet); keeping the current ones");
             return;

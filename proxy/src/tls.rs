@@ -6,9 +6,13 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use sigil_identity::tls::{self, CertifiedKey, ClientAuth, ExpectedServer, TlsError, TlsVersions};
 use sigil_identity::{SpiffeId, TrustBundle};
+
+use crate::metrics::{Direction, KeyExchangeLabels};
 
 /// The proxy's certificate, key and trust bundle in use, as configurations ready to handshake.
 pub struct TlsState {
@@ -24,6 +28,9 @@ pub struct TlsState {
     /// Outbound: presents our certificate, accepts any server of our trust domain; the expected
     /// identity of each destination is compared after the handshake (one config for all).
     pub client: Arc<rustls::ClientConfig>,
+    /// Where handshakes made with these configurations are counted: the proxy's
+    /// `sigil_proxy_tls_handshakes_total` once [`crate::sds`] publishes the state.
+    pub handshakes: Family<KeyExchangeLabels, Counter>,
 }
 
 impl std::fmt::Debug for TlsState {
@@ -74,7 +81,24 @@ impl TlsState {
             bundle,
             server: Arc::new(server),
             client: Arc::new(client),
+            handshakes: Family::default(),
         })
+    }
+
+    /// Counts a completed handshake by its key exchange group; returns the group's name.
+    pub fn count_handshake(
+        &self,
+        direction: Direction,
+        conn: &rustls::CommonState,
+    ) -> &'static str {
+        let key_exchange = tls::key_exchange_group(conn);
+        self.handshakes
+            .get_or_create(&KeyExchangeLabels {
+                direction,
+                key_exchange,
+            })
+            .inc();
+        key_exchange
     }
 
     pub fn not_after_unix(&self) -> u64 {

@@ -38,3 +38,4 @@ mod proxy_peers;
 mod proxy_policy;
 mod readme_quickstart;
 mod stat;
+mod tls_key_exchange;

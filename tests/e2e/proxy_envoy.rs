@@ -6,6 +6,9 @@
 //! - the sigil proxy's outbound (WEB) → Envoy as the server (DB, client certificate required)
 //!   → an HTTP app that is told the caller's SPIFFE ID by Envoy.
 //!
+//! Both ways round, Envoy (BoringSSL) and the proxy agree on the post-quantum hybrid key exchange
+//! X25519MLKEM768: the proxy's handshake metric and access log say so, and so do Envoy's stats.
+//!
 //! And the refusals: the sigil proxy expecting another identity than Envoy's, Envoy expecting a
 //! SAN the sigil proxy does not have (either way round), and Envoy's default TLS 1.2 maximum
 //! against the proxy's TLS 1.3-only default.
@@ -137,6 +140,27 @@ async fn line_with_result(proxy: &ProxyProcess, result: &str) -> serde_json::Val
         .into_iter()
         .find(|l| l["result"] == result)
         .unwrap()
+}
+
+/// The proxy's completed handshakes in `direction` that agreed on `group`.
+fn handshakes_series(direction: &str, group: &str) -> String {
+    format!(
+        "sigil_proxy_tls_handshakes_total{{direction=\"{direction}\",key_exchange=\"{group}\"}}"
+    )
+}
+
+/// The one key exchange group Envoy's TLS stats starting with `prefix` counted (its
+/// `<prefix>...ssl.curves.<group>` counters), asserting there is exactly one.
+async fn envoy_curve(admin: SocketAddr, prefix: &str) -> String {
+    let (_, stats) = http_get(admin, "/stats?filter=ssl.curves").await.unwrap();
+    let curves: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.starts_with(prefix) && !l.ends_with(": 0"))
+        .filter_map(|l| l.split_once("ssl.curves.")?.1.split_once(':'))
+        .map(|(curve, _)| curve)
+        .collect();
+    assert_eq!(curves.len(), 1, "Envoy's ssl.curves stats:\n{stats}");
+    curves[0].to_string()
 }
 
 /// Sends a message and reads it back: `Ok` only if the echo came back.
@@ -277,6 +301,17 @@ async fn envoy_as_client_reaches_the_app_behind_the_sigil_proxy_inbound() {
     assert_eq!(line["security"], "mtls");
     assert_eq!(line["source_identity"], WEB_ID, "Envoy's identity");
     assert_eq!(line["destination_identity"], DB_ID);
+    assert_eq!(line["key_exchange"], "X25519MLKEM768", "{line}");
+    assert_eq!(
+        proxy
+            .metric(&handshakes_series("inbound", "X25519MLKEM768"))
+            .await,
+        1.0
+    );
+    assert_eq!(
+        envoy_curve(envoy_admin, "cluster.db.").await,
+        "X25519MLKEM768"
+    );
     // Envoy verified the proxy as DB.
     eventually("Envoy's access-log line for to_db", || async {
         envoy.logs().contains("envoy-access to_db ")
@@ -401,6 +436,17 @@ async fn the_sigil_proxy_outbound_reaches_the_app_behind_envoy_as_server() {
     assert_eq!(line["security"], "mtls");
     assert_eq!(line["source_identity"], WEB_ID);
     assert_eq!(line["destination_identity"], DB_ID, "Envoy's identity");
+    assert_eq!(line["key_exchange"], "X25519MLKEM768", "{line}");
+    assert_eq!(
+        proxy
+            .metric(&handshakes_series("outbound", "X25519MLKEM768"))
+            .await,
+        1.0
+    );
+    assert_eq!(
+        envoy_curve(envoy_admin, "listener.").await,
+        "X25519MLKEM768"
+    );
 
     // The sigil proxy expecting another identity refuses Envoy before forwarding a byte.
     let (wrong, wrong_listen) = outbound("proxy-web-wrong-id", mtls_in, OTHER_ID).await;

@@ -411,3 +411,160 @@ fn peer_spiffe_id_checks() {
         })
     );
 }
+
+/// One handshake between raw configs over an in-memory pipe: the group each side agreed on.
+async fn agreed_groups(
+    server: rustls::ServerConfig,
+    client: rustls::ClientConfig,
+) -> Result<(&'static str, &'static str), io::Error> {
+    let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+    let name = ServerName::try_from("x").unwrap();
+    let (server, client) = tokio::join!(
+        TlsAcceptor::from(Arc::new(server)).accept(server_io),
+        TlsConnector::from(Arc::new(client)).connect(name, client_io)
+    );
+    Ok((
+        key_exchange_group(server?.get_ref().1),
+        key_exchange_group(client?.get_ref().1),
+    ))
+}
+
+/// A server presenting SERVER, requiring a client of the CA, with the groups of `provider`.
+fn server_with(ca: &TestCa, provider: Arc<CryptoProvider>) -> rustls::ServerConfig {
+    let identity = leaf_identity(ca, SERVER);
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(TLS13_ONLY)
+        .unwrap()
+        .with_client_cert_verifier(Arc::new(
+            SpiffeClientVerifier::new(&ca.bundle(), true).unwrap(),
+        ))
+        .with_single_cert(identity.chain, identity.key)
+        .unwrap()
+}
+
+/// A client presenting CLIENT, expecting SERVER, with the groups of `provider`.
+fn client_using(ca: &TestCa, provider: Arc<CryptoProvider>) -> rustls::ClientConfig {
+    let identity = leaf_identity(ca, CLIENT);
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(TLS13_ONLY)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(
+            SpiffeServerVerifier::new(&ca.bundle(), Some(spiffe(SERVER))).unwrap(),
+        ))
+        .with_client_auth_cert(identity.chain, identity.key)
+        .unwrap()
+}
+
+/// A provider offering only `groups`, as a peer restricted to them would.
+fn offering(groups: &[&'static dyn SupportedKxGroup]) -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        kx_groups: groups.to_vec(),
+        ..rustls::crypto::ring::default_provider()
+    })
+}
+
+#[tokio::test]
+async fn sigil_configs_agree_on_the_hybrid_group_and_fall_back_to_classical_ones() {
+    let ca = TestCa::root("example.org");
+    // The process default: sigil's own server and client configs.
+    assert_eq!(process_key_exchange(), KeyExchange::Hybrid);
+    let client = client_with(&leaf_identity(&ca, CLIENT), &ca.bundle());
+    assert_eq!(
+        agreed_groups(mtls_server(&ca, &ca.bundle()), client)
+            .await
+            .unwrap(),
+        ("X25519MLKEM768", "X25519MLKEM768")
+    );
+    // A peer without ML-KEM gets its first classical group, either way round.
+    for (group, name) in [
+        (rustls::crypto::ring::kx_group::X25519, "X25519"),
+        (rustls::crypto::ring::kx_group::SECP256R1, "secp256r1"),
+        (rustls::crypto::ring::kx_group::SECP384R1, "secp384r1"),
+    ] {
+        let client = client_using(&ca, offering(&[group]));
+        let agreed = agreed_groups(mtls_server(&ca, &ca.bundle()), client).await;
+        assert_eq!(agreed.unwrap(), (name, name));
+        let server = server_with(&ca, offering(&[group]));
+        let client = client_with(&leaf_identity(&ca, CLIENT), &ca.bundle());
+        assert_eq!(agreed_groups(server, client).await.unwrap(), (name, name));
+    }
+}
+
+#[tokio::test]
+async fn classical_refuses_a_hybrid_only_peer_and_serves_a_classical_one() {
+    let ca = TestCa::root("example.org");
+    let classical = crypto_provider_for(KeyExchange::Classical);
+    let hybrid_only = offering(&[rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768]);
+
+    let refused = agreed_groups(
+        server_with(&ca, classical.clone()),
+        client_using(&ca, hybrid_only.clone()),
+    )
+    .await;
+    let err = refused.expect_err("no group in common");
+    assert!(
+        matches!(
+            TlsError::from_io_error(&err),
+            Some(TlsError::Rustls(rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::NoKxGroupsInCommon
+            ))) | Some(TlsError::PeerAlert(AlertDescription::HandshakeFailure))
+        ),
+        "{err}"
+    );
+    let refused = agreed_groups(
+        server_with(&ca, hybrid_only),
+        client_using(&ca, classical.clone()),
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "a classical client and a hybrid-only server"
+    );
+
+    let x25519_only = offering(&[rustls::crypto::ring::kx_group::X25519]);
+    assert_eq!(
+        agreed_groups(
+            server_with(&ca, classical.clone()),
+            client_using(&ca, x25519_only)
+        )
+        .await
+        .unwrap(),
+        ("X25519", "X25519")
+    );
+    // A classical sigil part and a hybrid one agree on X25519, either way round.
+    assert_eq!(
+        agreed_groups(
+            server_with(&ca, classical.clone()),
+            client_using(&ca, crypto_provider())
+        )
+        .await
+        .unwrap(),
+        ("X25519", "X25519")
+    );
+    assert_eq!(
+        agreed_groups(mtls_server(&ca, &ca.bundle()), client_using(&ca, classical))
+            .await
+            .unwrap(),
+        ("X25519", "X25519")
+    );
+}
+
+#[test]
+fn the_key_exchange_is_fixed_once_per_process() {
+    // Hybrid is the default every other test of this process runs with.
+    use_key_exchange(KeyExchange::Hybrid).unwrap();
+    use_key_exchange(KeyExchange::Hybrid).unwrap();
+    let err = use_key_exchange(KeyExchange::Classical).unwrap_err();
+    assert!(err.to_string().contains("already fixed to Hybrid"), "{err}");
+    assert_eq!(
+        CryptoProvider::get_default().unwrap().kx_groups.len(),
+        crypto_provider().kx_groups.len()
+    );
+    // TLS 1.2 peers (--tls12) have the same groups; rustls offers the hybrid one in TLS 1.3 only.
+    assert_eq!(tls12_provider().kx_groups.len(), 4);
+    assert_eq!(
+        crypto_provider_for(KeyExchange::Classical).kx_groups.len(),
+        3
+    );
+}

@@ -121,6 +121,9 @@ async fn mtls_splice<D>(
     match connected {
         Ok((tls_stream, got)) => {
             log.destination_identity = Some(got);
+            log.key_exchange = Some(sigil_identity::tls::key_exchange_group(
+                tls_stream.get_ref().1,
+            ));
             forward::splice(shared, log, Security::Mtls, downstream, tls_stream).await;
         }
         Err(e) => refused(log, shared, e),

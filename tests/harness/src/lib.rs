@@ -1170,13 +1170,12 @@ pub async fn tls_without_client_cert(
             ))
             .unwrap();
     }
-    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(sigil_identity::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
