@@ -967,8 +967,8 @@ fn the_dockerfile_builds_one_static_sigil_image() {
         .collect();
     for part in [
         "COPY . .",
-        "cargo build --release --locked --bin sigil",
-        "cp target/release/sigil /sigil",
+        "cargo build --profile dist --locked --bin sigil",
+        "cp target/dist/sigil /sigil",
     ] {
         assert!(build_text.contains(part), "{part:?} not in\n{build_text}");
     }
