@@ -16,7 +16,8 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use serde_json::{Value, json};
 use sigil_proxy_api::ports::PortSet;
 use sigil_proxy_api::{
-    AGENT_SOCKET_DIR, OPAQUE_PORTS_ANNOTATION, PROXY_PORTS, TLS_MODE_LABEL, TLS_MODE_MTLS,
+    ACCESS_LOG_ANNOTATION, AGENT_SOCKET_DIR, OPAQUE_PORTS_ANNOTATION, PROXY_PORTS, TLS_MODE_LABEL,
+    TLS_MODE_MTLS,
 };
 
 /// Namespace label (and pod label or annotation, `"false"`) that turns injection on (off).
@@ -304,7 +305,7 @@ fn decide(
         }
     }
     let init_args = init_args(meta.annotations.as_ref(), config.proxy_uid)?;
-    let opaque_ports = opaque_ports(meta.annotations.as_ref())?;
+    let proxy_flags = proxy_flags(meta.annotations.as_ref())?;
 
     let mut mutated = original.clone();
     let mut warnings = Vec::new();
@@ -366,7 +367,7 @@ fn decide(
     let init_containers = array_at(&mut mutated["spec"], "initContainers");
     // First the rules, then the proxy: the app's own init containers already run meshed.
     init_containers.insert(0, init_container(config, init_args));
-    init_containers.insert(1, proxy_container(config, probe_flags, opaque_ports));
+    init_containers.insert(1, proxy_container(config, probe_flags, proxy_flags));
     array_at(&mut mutated["spec"], "volumes").push(json!({
         "name": AGENT_VOLUME,
         // OrCreate: a pod scheduled on a new node before the agent would otherwise wait for its
@@ -536,21 +537,38 @@ fn init_args(
     Ok(args)
 }
 
-/// The pod's `sigil.dev/opaque-ports` annotation as the proxy's `--opaque-ports` value, checked
-/// here so that a typo refuses the pod with the reason instead of a proxy that never starts.
-fn opaque_ports(
+/// The proxy's flags from the pod's annotations (`sigil.dev/opaque-ports` as `--opaque-ports`,
+/// `sigil.dev/access-log: "true"` as `--access-log`), checked here so that a typo refuses the
+/// pod with the reason instead of a proxy that never starts or a setting silently ignored.
+fn proxy_flags(
     annotations: Option<&std::collections::BTreeMap<String, String>>,
-) -> Result<Option<String>, String> {
-    let Some(value) = annotations.and_then(|a| a.get(OPAQUE_PORTS_ANNOTATION)) else {
-        return Ok(None);
-    };
-    let ports: PortSet = value.parse().map_err(|e| {
-        format!(
-            "sigil injector: annotation {OPAQUE_PORTS_ANNOTATION}: {e}; write a comma-separated \
-             list of ports and ranges, e.g. \"3306,25,4000-4010\""
-        )
-    })?;
-    Ok((!ports.is_empty()).then(|| ports.to_string()))
+) -> Result<Vec<String>, String> {
+    let mut flags = Vec::new();
+    if let Some(value) = annotations.and_then(|a| a.get(OPAQUE_PORTS_ANNOTATION)) {
+        let ports: PortSet = value.parse().map_err(|e| {
+            format!(
+                "sigil injector: annotation {OPAQUE_PORTS_ANNOTATION}: {e}; write a \
+                 comma-separated list of ports and ranges, e.g. \"3306,25,4000-4010\""
+            )
+        })?;
+        if !ports.is_empty() {
+            flags.extend(["--opaque-ports".to_owned(), ports.to_string()]);
+        }
+    }
+    match annotations
+        .and_then(|a| a.get(ACCESS_LOG_ANNOTATION))
+        .map(String::as_str)
+    {
+        None | Some("false") => {}
+        Some("true") => flags.push("--access-log".to_owned()),
+        Some(other) => {
+            return Err(format!(
+                "sigil injector: annotation {ACCESS_LOG_ANNOTATION}: {other:?} is not valid; \
+                 write \"true\" (one log line per request) or \"false\""
+            ));
+        }
+    }
+    Ok(flags)
 }
 
 fn check_port(s: &str) -> bool {
@@ -588,7 +606,7 @@ fn init_container(config: &InjectConfig, args: Vec<String>) -> Value {
 fn proxy_container(
     config: &InjectConfig,
     probe_flags: Vec<String>,
-    opaque_ports: Option<String>,
+    proxy_flags: Vec<String>,
 ) -> Value {
     // The container has no CPU limit (a sidecar should not be throttled), so the proxy would
     // otherwise start a worker per CPU of the node; two is Istio's sidecar default.
@@ -599,10 +617,7 @@ fn proxy_container(
         args.push("--app-probe".into());
         args.push(flag);
     }
-    if let Some(ports) = opaque_ports {
-        args.push("--opaque-ports".into());
-        args.push(ports);
-    }
+    args.extend(proxy_flags);
     let ready = json!({"httpGet": {"path": "/ready", "port": METRICS_PORT}});
     json!({
         "name": PROXY_CONTAINER,

@@ -46,6 +46,11 @@ pub const TLS_MODE_MTLS: &str = "mtls";
 /// `config.linkerd.io/opaque-ports`).
 pub const OPAQUE_PORTS_ANNOTATION: &str = "sigil.dev/opaque-ports";
 
+/// The pod annotation that turns on its proxy's per-request access log (`"true"`; `"false"` or
+/// absent: off): the injector passes `--access-log`, so one workload can be looked at closely
+/// without every proxy of the mesh logging each request.
+pub const ACCESS_LOG_ANNOTATION: &str = "sigil.dev/access-log";
+
 /// The request header that carries an HTTP/1.x request's version between two sigil proxies,
 /// which send every request over HTTP/2: the server's proxy removes it and speaks HTTP/1.1 to
 /// its application (Linkerd's `l5d-orig-proto`). Value: `HTTP/1.1` or `HTTP/1.0`.

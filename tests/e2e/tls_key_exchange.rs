@@ -62,14 +62,6 @@ async fn rustls_to(
     roots_pem: &str,
     groups: Vec<&'static dyn rustls::crypto::SupportedKxGroup>,
 ) -> std::io::Result<&'static str> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in pem::parse_many(roots_pem).unwrap() {
-        roots
-            .add(rustls::pki_types::CertificateDer::from(
-                cert.into_contents(),
-            ))
-            .unwrap();
-    }
     let provider = rustls::crypto::CryptoProvider {
         kx_groups: groups,
         ..crypto_provider().as_ref().clone()
@@ -77,7 +69,7 @@ async fn rustls_to(
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .with_root_certificates(roots)
+        .with_root_certificates(root_store(roots_pem.as_bytes()))
         .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();

@@ -393,6 +393,40 @@ fn exclusion_annotations_reach_the_init_container() {
 }
 
 #[test]
+fn the_access_log_annotation_turns_on_the_proxys_access_log_and_a_bad_one_is_refused() {
+    let proxy_args = |annotations: Value| {
+        let mut review = web_review();
+        review["request"]["object"]["metadata"]["annotations"] = annotations;
+        let (response, outcome) = answer(&review);
+        (outcome, response, review)
+    };
+    let (outcome, response, review) = proxy_args(json!({ACCESS_LOG_ANNOTATION: "true"}));
+    assert_eq!(outcome, Outcome::Injected, "{response}");
+    let args = patched(&review, &response)["spec"]["initContainers"][1]["args"].clone();
+    assert!(
+        args.as_array().unwrap().iter().any(|a| a == "--access-log"),
+        "{args}"
+    );
+    // Off, and absent: no flag.
+    for annotations in [json!({ACCESS_LOG_ANNOTATION: "false"}), json!({})] {
+        let (outcome, response, review) = proxy_args(annotations.clone());
+        assert_eq!(outcome, Outcome::Injected, "{response}");
+        let args = patched(&review, &response)["spec"]["initContainers"][1]["args"].to_string();
+        assert!(!args.contains("--access-log"), "{annotations}: {args}");
+    }
+    let (outcome, response, _) = proxy_args(json!({ACCESS_LOG_ANNOTATION: "yes"}));
+    assert!(matches!(outcome, Outcome::Denied(_)), "{outcome:?}");
+    let message = response["status"]["message"].as_str().unwrap_or_default();
+    for part in [
+        ACCESS_LOG_ANNOTATION,
+        "\"yes\" is not valid",
+        "write \"true\"",
+    ] {
+        assert!(message.contains(part), "{part:?} not in {message:?}");
+    }
+}
+
+#[test]
 fn the_opaque_ports_annotation_reaches_the_proxy_and_a_bad_one_is_refused() {
     let mut review = web_review();
     review["request"]["object"]["metadata"]["annotations"] =

@@ -19,15 +19,11 @@ pub async fn connect(
     server_name: &str,
     ca_bundle: &[u8],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in pem_certs(ca_bundle) {
-        roots.add(cert).unwrap();
-    }
     let config =
         rustls::ClientConfig::builder_with_provider(sigil_identity::tls::crypto_provider())
             .with_safe_default_protocol_versions()
             .unwrap()
-            .with_root_certificates(roots)
+            .with_root_certificates(crate::root_store(ca_bundle))
             .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(server_name.to_string())

@@ -1154,6 +1154,15 @@ pub async fn tcp_from(
     socket.connect(addr).await
 }
 
+/// The certificates of `roots_pem` as the roots a rustls client trusts.
+pub fn root_store(roots_pem: &[u8]) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in admission::pem_certs(roots_pem) {
+        roots.add(cert).unwrap();
+    }
+    roots
+}
+
 /// TLS over `tcp` to a server whose chain verifies against `roots` (PEM) for `server_name`,
 /// without a client certificate, offering `alpn`: what any unauthenticated peer can open.
 pub async fn tls_without_client_cert(
@@ -1162,19 +1171,11 @@ pub async fn tls_without_client_cert(
     roots_pem: &[u8],
     alpn: &[&[u8]],
 ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in pem::parse_many(roots_pem).unwrap() {
-        roots
-            .add(rustls::pki_types::CertificateDer::from(
-                cert.into_contents(),
-            ))
-            .unwrap();
-    }
     let mut config =
         rustls::ClientConfig::builder_with_provider(sigil_identity::tls::crypto_provider())
             .with_safe_default_protocol_versions()
             .unwrap()
-            .with_root_certificates(roots)
+            .with_root_certificates(root_store(roots_pem))
             .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
