@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod exposition;
 pub mod flags;
 pub mod metrics;
 pub mod process_metrics;

@@ -1,12 +1,12 @@
-//! Reading the components' admin endpoints: a plain HTTP/1.1 GET, and the Prometheus text format
-//! parsed into samples that can be summed by name and labels.
+//! Reading the components' admin endpoints: a plain HTTP/1.1 GET, and their `/metrics` pages as
+//! samples (parsed by `sigil_base::exposition`) that can be summed by name and labels.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use sigil_base::exposition::{self, Sample};
 
 /// How long one admin request may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,14 +104,6 @@ pub async fn is_ok(addr: SocketAddr, path: &str) -> bool {
     matches!(get(addr, path).await, Ok((200, _)))
 }
 
-/// One Prometheus sample.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Sample {
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    pub value: f64,
-}
-
 /// A scrape of one `/metrics` endpoint.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Metrics {
@@ -129,8 +121,9 @@ impl Metrics {
         Metrics {
             samples: text
                 .lines()
-                .filter(|line| !line.starts_with('#'))
-                .filter_map(parse_sample)
+                .map(str::trim)
+                .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                .filter_map(|line| exposition::parse_sample(line).ok())
                 .collect(),
         }
     }
@@ -150,19 +143,17 @@ impl Metrics {
     }
 }
 
-impl Sample {
-    /// `name{k="v",...}` as Prometheus prints it (labels in name order).
-    pub fn series(&self) -> String {
-        if self.labels.is_empty() {
-            return self.name.clone();
-        }
-        let labels: Vec<String> = self
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v:?}"))
-            .collect();
-        format!("{}{{{}}}", self.name, labels.join(","))
+/// `name{k="v",...}` as Prometheus prints it (labels in name order).
+fn series(sample: &Sample) -> String {
+    if sample.labels.is_empty() {
+        return sample.name.clone();
     }
+    let labels: Vec<String> = sample
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v:?}"))
+        .collect();
+    format!("{}{{{}}}", sample.name, labels.join(","))
 }
 
 /// The series named `name` whose value differs between two scrapes (absent counts as 0), with
@@ -178,61 +169,11 @@ pub fn changes(before: &Metrics, after: &Metrics, name: &str) -> Vec<(String, f6
                 .iter()
                 .find(|b| b.name == s.name && b.labels == s.labels)
                 .map_or(0.0, |b| b.value);
-            (old != s.value).then(|| (s.series(), old, s.value))
+            (old != s.value).then(|| (series(s), old, s.value))
         })
         .collect();
     changed.sort_by(|a, b| a.0.cmp(&b.0));
     changed
-}
-
-fn parse_sample(line: &str) -> Option<Sample> {
-    let line = line.trim();
-    if line.is_empty() {
-        return None;
-    }
-    let (name, labels, rest) = match line.find('{') {
-        Some(open) if open < line.find(' ').unwrap_or(usize::MAX) => {
-            let (labels, rest) = parse_labels(&line[open + 1..])?;
-            (&line[..open], labels, rest)
-        }
-        _ => {
-            let (name, rest) = line.split_once(' ')?;
-            (name, BTreeMap::new(), rest)
-        }
-    };
-    let value = rest.split_whitespace().next()?.parse().ok()?;
-    Some(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    })
-}
-
-/// Parses `k="v",k2="v2"}` (after the opening brace); returns the labels and what follows `}`.
-fn parse_labels(mut rest: &str) -> Option<(BTreeMap<String, String>, &str)> {
-    let mut labels = BTreeMap::new();
-    loop {
-        rest = rest.trim_start_matches([',', ' ']);
-        if let Some(after) = rest.strip_prefix('}') {
-            return Some((labels, after));
-        }
-        let (key, after) = rest.split_once("=\"")?;
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            let (i, c) = chars.next()?;
-            match c {
-                '\\' => match chars.next()?.1 {
-                    'n' => value.push('\n'),
-                    other => value.push(other),
-                },
-                '"' => break i,
-                c => value.push(c),
-            }
-        };
-        labels.insert(key.trim().to_string(), value);
-        rest = &after[end + 1..];
-    }
 }
 
 #[cfg(test)]

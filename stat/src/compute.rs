@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use sigil_proxy_api::metrics as names;
 
-use crate::exposition::{Sample, parse_value};
 use crate::source::scrape::Snapshot;
 use crate::view::{By, GroupKey, Measured, QUANTILES, Stats, View, is_success};
+use sigil_base::exposition::{Sample, parse_value};
 
 /// How much a counter grew from `before` (None: the series did not exist yet, so it started
 /// from zero) to `now`. A counter lower than before was reset (the process restarted): all of

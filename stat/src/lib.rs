@@ -13,7 +13,6 @@
 pub mod client;
 pub mod compute;
 pub mod config;
-pub mod exposition;
 pub mod render;
 pub mod source;
 pub mod view;

@@ -1,9 +1,9 @@
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::exposition::parse;
 use crate::source::scrape::TargetScrape;
 use crate::view::{By, Direction};
+use sigil_base::exposition::parse;
 
 const BUCKETS: &str = "sigil_proxy_request_duration_seconds_bucket";
 

@@ -180,7 +180,7 @@ impl Prometheus {
                 .map(|s| {
                     (
                         s.metric,
-                        crate::exposition::parse_value(&s.value.1).unwrap_or(f64::NAN),
+                        sigil_base::exposition::parse_value(&s.value.1).unwrap_or(f64::NAN),
                     )
                 })
                 .collect()),

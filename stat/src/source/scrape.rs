@@ -8,8 +8,8 @@ use sigil_proxy_api::metrics as names;
 
 use crate::client::{self, HttpError};
 use crate::config::MetricsTarget;
-use crate::exposition::{self, ParseError, Sample};
 use crate::view::INSTANCE;
+use sigil_base::exposition::{self, ParseError, Sample};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScrapeError {

@@ -1,7 +1,7 @@
-//! A parser of Prometheus's text exposition format (and of OpenMetrics text, which the proxy
-//! serves): the samples of a `/metrics` page, name, labels and value. Comments (`# HELP`,
-//! `# TYPE`, `# EOF`), timestamps and exemplars are skipped: rates here come from two scrapes'
-//! own times.
+//! A parser of Prometheus's text exposition format (and of OpenMetrics text, which sigil's
+//! components serve): the samples of a `/metrics` page, name, labels and value. Comments
+//! (`# HELP`, `# TYPE`, `# EOF`), timestamps and exemplars are skipped: readers (`sigil stat`,
+//! the demo's report) compare scrapes by their own times.
 
 use std::collections::BTreeMap;
 
@@ -43,7 +43,8 @@ fn is_name_char(c: char, first: bool) -> bool {
     c.is_ascii_alphabetic() || c == '_' || c == ':' || (!first && c.is_ascii_digit())
 }
 
-fn parse_sample(line: &str) -> Result<Sample, &'static str> {
+/// One sample line (trimmed, not empty, not a comment), or why it is not one.
+pub fn parse_sample(line: &str) -> Result<Sample, &'static str> {
     let name_end = line
         .char_indices()
         .find(|&(i, c)| !is_name_char(c, i == 0))
