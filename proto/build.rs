@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sigil/agent/v1/agent.proto",
         "sigil/mesh/v1/mesh.proto",
         "sigil/policy/v2/policy.proto",
+        "sigil/route/v1/route.proto",
         "istio/v1/auth/ca.proto",
         "workload.proto",
         "grpc/health/v1/health.proto",

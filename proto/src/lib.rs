@@ -22,6 +22,11 @@ pub mod sigil {
             tonic::include_proto!("sigil.policy.v2");
         }
     }
+    pub mod route {
+        pub mod v1 {
+            tonic::include_proto!("sigil.route.v1");
+        }
+    }
 }
 
 /// The gRPC health checking protocol, which kubelet gRPC probes use.

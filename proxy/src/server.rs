@@ -27,6 +27,7 @@ use crate::pool::Pools;
 use crate::tls::TlsState;
 use crate::{admin as proxy_admin, probes, sds, services};
 use sigil_proxy_api::mesh::MeshSnapshot;
+use sigil_proxy_api::routes::RouteTable;
 use sigil_proxy_api::services::ServiceTable;
 
 #[derive(Debug, thiserror::Error)]
@@ -198,8 +199,11 @@ pub async fn run(
         config.connect_timeout,
         config.max_connections_per_endpoint as usize,
     ));
+    // The routes follower (sigil.route.v1.RouteDiscovery) sends on routes_tx.
+    let (_routes_tx, routes_rx) = watch::channel(None::<Arc<RouteTable>>);
     let shared = Shared {
         config: config.clone(),
+        routes: routes_rx,
         balancers: Arc::new(Balancers::new(metrics.clone())),
         pools,
         app_pools: Arc::default(),

@@ -277,6 +277,7 @@ impl Proxy {
             close,
             inbound_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             services,
+            routes: watch::channel(None).1,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listener_addr = listener.local_addr().unwrap();
