@@ -43,7 +43,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
-use serde_json::{Value, json};
+use serde_json::json;
 use sigil_kube_watch::follow::{self, Events, Follower, WatchEvent};
 use sigil_policy::cluster::{self, api_resource};
 use sigil_policy::model::{self, Object};
@@ -51,6 +51,7 @@ use sigil_policy::validate::{self, Problem};
 use sigil_policy::{Compiled, Envelope, Kind, ObjectKey, Warning};
 use tracing::{debug, info, warn};
 
+use crate::conditions::{self, SEPARATOR, STATUS_FALSE, STATUS_TRUE, STATUS_UNKNOWN, condition};
 use crate::distribute::FIELD_MANAGER;
 use crate::metrics::Metrics;
 
@@ -65,15 +66,6 @@ const REASON_INVALID: &str = "Invalid";
 const REASON_NO_WARNINGS: &str = "NoWarnings";
 const REASON_HTTP_FIELDS_ON_TCP: &str = "HttpFieldsOnTcp";
 const REASON_WARNINGS: &str = "Warnings";
-const STATUS_TRUE: &str = "True";
-const STATUS_FALSE: &str = "False";
-const STATUS_UNKNOWN: &str = "Unknown";
-/// Between the problems or warnings of one message.
-const SEPARATOR: &str = "; ";
-/// `metav1.Condition`'s limit on `message` (in characters; bytes are never fewer).
-const MAX_MESSAGE_LEN: usize = 32768;
-/// Ends a message cut to [`MAX_MESSAGE_LEN`].
-const CUT: &str = " ...";
 /// The status of a list of a resource that is not served (see the agent's policy feed for why
 /// the code and not the reason), or of a write to an object since deleted.
 const NOT_FOUND: u16 = 404;
@@ -192,48 +184,13 @@ fn conditions(
             (valid, warnings)
         }
     };
-    let condition = |type_: &str, (status, reason, message): (&str, &str, String)| {
-        let last_transition_time = current
-            .iter()
-            .find(|c| c.type_ == type_ && c.status == status)
-            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
-        Condition {
-            type_: type_.to_owned(),
-            status: status.to_owned(),
-            reason: reason.to_owned(),
-            message: bounded(message),
-            observed_generation: generation,
-            last_transition_time,
-        }
-    };
+    let condition = |type_, verdict| condition(type_, verdict, generation, current, now);
     [condition(VALID, valid), condition(WARNINGS, warnings)]
 }
 
-/// `message`, cut to what a condition may hold.
-fn bounded(mut message: String) -> String {
-    if message.len() <= MAX_MESSAGE_LEN {
-        return message;
-    }
-    let mut end = MAX_MESSAGE_LEN - CUT.len();
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    message.truncate(end);
-    message.push_str(CUT);
-    message
-}
-
-/// The object's conditions; entries that are not well-formed conditions are skipped (if one of
-/// ours is malformed, it is rewritten).
+/// The object's conditions (see [`conditions::parse`]).
 fn current_conditions(object: &DynamicObject) -> Vec<Condition> {
-    object
-        .data
-        .pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|c| serde_json::from_value(c.clone()).ok())
-        .collect()
+    conditions::parse(object.data.pointer("/status/conditions"))
 }
 
 /// Keeps the conditions of every policy object current, until the watch streams end (they do

@@ -240,6 +240,8 @@ pub async fn serve(config: CaConfig, signalled: watch::Receiver<bool>) -> Result
     // The policy objects' status conditions: the CA is the one sigil process that sees them all.
     if let Some(client) = &kube {
         tokio::spawn(crate::policy_status::run(client.clone(), metrics.clone()));
+        // And the routes' and sigil traffic policies' status, for the same reason.
+        tokio::spawn(crate::route_status::run(client.clone()));
     }
 
     let ready_rx = readiness(authority_rx.clone(), pods_rx, signalled);

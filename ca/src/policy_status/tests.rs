@@ -1,7 +1,9 @@
 use super::*;
+use crate::conditions::{CUT, MAX_MESSAGE_LEN, bounded};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::PostParams;
 use prometheus_client::registry::Registry;
+use serde_json::Value;
 use sigil_test_apiserver::{ServerOptions, TestApiServer, parse_manifest};
 
 const AP: Kind = Kind::AuthorizationPolicy;
