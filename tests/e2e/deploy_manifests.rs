@@ -103,6 +103,12 @@ fn base_and_overlay_render_and_pass_the_kubernetes_schemas() {
             "",
             "peerauthentications.sigil.dev",
         ),
+        ("CustomResourceDefinition", "", "backendpolicies.sigil.dev"),
+        (
+            "CustomResourceDefinition",
+            "",
+            "ratelimitpolicies.sigil.dev",
+        ),
         ("ServiceAccount", NAMESPACE, "sigil-ca"),
         ("ServiceAccount", NAMESPACE, "sigil-agent"),
         ("ClusterRole", "", "sigil-ca"),

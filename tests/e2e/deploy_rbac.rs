@@ -3,7 +3,7 @@
 //! its own service account's token in its kubeconfig, run their real flows against the
 //! Kubernetes API test double, which logs every request as the API server's authorizer would
 //! see it (tests/kube-apiserver/src/request_log.rs): the CA creates its root Secret, publishes
-//! the trust-bundle ConfigMaps, writes policy status, keeps the webhook's caBundle, reviews the
+//! the trust-bundle ConfigMaps, writes policy and route status, keeps the webhook's caBundle, reviews the
 //! agent's token, and `sigil ca rotate-root` (run in a CA pod) updates the Secret; the agent
 //! watches its node's pods, the mesh membership and the policies. Then, for each service
 //! account, evaluated with Kubernetes' RBAC rules against the rendered ClusterRoles, Roles and
@@ -396,6 +396,50 @@ async fn cluster(rendered: &[Value]) -> (TestApiServer, Pod, Pod) {
         &client,
         &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
         "namespaces",
+    )
+    .await;
+    // The Gateway API (standard channel, as the README installs it) with a route of each kind
+    // on a Service, and sigil's traffic policies: the CA writes their status.
+    let gateway_api = manifests::yaml_file(
+        &repo().join("tests/fixtures/gateway-api/v1.6.1/standard-install.yaml"),
+    );
+    for crd in of_kind(&gateway_api, "CustomResourceDefinition") {
+        create(&client, crd, "customresourcedefinitions").await;
+    }
+    create(
+        &client,
+        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "demo"},
+                "spec": {"ports": [{"name": "http", "port": 80}]}}),
+        "services",
+    )
+    .await;
+    let parent_and_backend = json!({
+        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+        "rules": [{"backendRefs": [{"name": "web", "port": 80}]}],
+    });
+    for (kind_, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
+        create(
+            &client,
+            &json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": kind_,
+                    "metadata": {"name": "web", "namespace": "demo"}, "spec": parent_and_backend}),
+            plural,
+        )
+        .await;
+    }
+    let web_target = json!([{"group": "", "kind": "Service", "name": "web"}]);
+    create(
+        &client,
+        &json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "BackendPolicy",
+                "metadata": {"name": "web", "namespace": "demo"}, "spec": {"targetRefs": web_target}}),
+        "backendpolicies",
+    )
+    .await;
+    create(
+        &client,
+        &json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "RateLimitPolicy",
+                "metadata": {"name": "web", "namespace": "demo"},
+                "spec": {"targetRefs": web_target, "total": {"requests": 100}}}),
+        "ratelimitpolicies",
     )
     .await;
     let agent = server.add_pod(&PodSpec::new(
