@@ -295,4 +295,4 @@ pub(crate) fn check_policies<'a>(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
