@@ -56,6 +56,27 @@ struct Attached {
     grpc: BTreeSet<usize>,
 }
 
+/// The routes attached to each Service port: producer routes (in the Service's namespace) for
+/// every client, consumer routes for the clients of their own namespace.
+#[derive(Default)]
+struct Audiences {
+    producer: BTreeMap<PortKey, Attached>,
+    consumer: BTreeMap<(String, PortKey), Attached>,
+}
+
+impl Audiences {
+    /// Where a route in `namespace` attached to `key` goes.
+    fn of(&mut self, namespace: &str, key: PortKey) -> &mut Attached {
+        if key.service.namespace == namespace {
+            self.producer.entry(key).or_default()
+        } else {
+            self.consumer
+                .entry((namespace.to_owned(), key))
+                .or_default()
+        }
+    }
+}
+
 /// Compiles every object against the cluster's Services. `trust_domain` turns the service
 /// accounts of rate-limit overrides into SPIFFE IDs.
 pub fn compile(objects: &RouteObjects, catalog: &Catalog, trust_domain: &TrustDomain) -> Compiled {
@@ -64,27 +85,15 @@ pub fn compile(objects: &RouteObjects, catalog: &Catalog, trust_domain: &TrustDo
 
     // Step 2 and 4: each route on its parents' ports, as producer (the Service's namespace) or
     // consumer (the route's namespace, for clients there).
-    let mut producer: BTreeMap<PortKey, Attached> = BTreeMap::new();
-    let mut consumer: BTreeMap<(String, PortKey), Attached> = BTreeMap::new();
-    let mut attach = |namespace: &str, key: PortKey, add: &dyn Fn(&mut Attached)| {
-        if key.service.namespace == namespace {
-            add(producer.entry(key).or_default());
-        } else {
-            add(consumer.entry((namespace.to_owned(), key)).or_default());
-        }
-    };
+    let mut audiences = Audiences::default();
     for (i, route) in routes.http.iter().enumerate() {
         for key in route.attached_ports() {
-            attach(&route.meta.namespace, key, &|a| {
-                a.http.insert(i);
-            });
+            audiences.of(&route.meta.namespace, key).http.insert(i);
         }
     }
     for (i, route) in routes.grpc.iter().enumerate() {
         for key in route.attached_ports() {
-            attach(&route.meta.namespace, key, &|a| {
-                a.grpc.insert(i);
-            });
+            audiences.of(&route.meta.namespace, key).grpc.insert(i);
         }
     }
     let port_routes = |key: PortKey, origin: RouteOrigin, attached: Attached| {
@@ -104,11 +113,11 @@ pub fn compile(objects: &RouteObjects, catalog: &Catalog, trust_domain: &TrustDo
         })
     };
     let mut compiled = Compiled::default();
-    for (key, attached) in producer {
+    for (key, attached) in audiences.producer {
         let routes = port_routes(key.clone(), RouteOrigin::Producer, attached);
         compiled.producer.insert(key, routes);
     }
-    for ((namespace, key), attached) in consumer {
+    for ((namespace, key), attached) in audiences.consumer {
         let routes = port_routes(key.clone(), RouteOrigin::Consumer, attached);
         compiled
             .consumer

@@ -16,9 +16,9 @@ use crate::compiled::{
 };
 use crate::model::{
     BackendObjectReference, BackendRef, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HeaderFilter,
-    HttpRoute, HttpRouteMatch, HttpRouteRule, Meta, MirrorFilter, ParentReference,
-    PathModifierSpec, RedirectFilter, RewriteFilter, RouteFilter, RouteObjects, ValueMatchSpec,
-    is_core_service, parse_duration,
+    HttpRoute, HttpRouteMatch, HttpRouteRetry, HttpRouteRule, HttpRouteTimeouts, Meta,
+    MirrorFilter, ParentReference, PathModifierSpec, RedirectFilter, RewriteFilter, RouteFilter,
+    RouteObjects, ValueMatchSpec, is_core_service, parse_duration,
 };
 
 const UNSUPPORTED: &str = "UnsupportedValue";
@@ -278,7 +278,10 @@ fn backends(
     let mut entries = Vec::new();
     for (k, backend) in refs.iter().enumerate() {
         let path = format!("{rule_path}.backendRefs[{k}]");
-        let Ok(weight) = u32::try_from(backend.weight).map_err(drop) else {
+        let weight = u32::try_from(backend.weight)
+            .ok()
+            .filter(|w| *w <= 1_000_000);
+        let Some(weight) = weight else {
             problems.push(Problem::new(
                 UNSUPPORTED,
                 &path,
@@ -286,14 +289,6 @@ fn backends(
             ));
             continue;
         };
-        if weight > 1_000_000 {
-            problems.push(Problem::new(
-                UNSUPPORTED,
-                &path,
-                "weight must be 0 to 1000000",
-            ));
-            continue;
-        }
         let mut filters = Vec::new();
         for (f, filter) in backend.filters.iter().enumerate() {
             let path = format!("{path}.filters[{f}]");
@@ -403,17 +398,38 @@ fn check_http_rule(
         ));
     }
     let backends = backends(cx, &path, &rule.backend_refs, &mut problems, unresolved);
-    let timeouts = match &rule.timeouts {
+    let timeouts = http_timeouts(&path, rule.timeouts.as_ref(), annotations, &mut problems);
+    let retry = http_retry(&path, rule.retry.as_ref(), annotations, &mut problems);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok((
+        HttpRule {
+            source: rule_ref(cx, index, &rule.name),
+            filters,
+            backends,
+            timeouts,
+            retry,
+        },
+        matches,
+    ))
+}
+
+/// An HTTPRoute rule's `timeouts`, else the annotations'; the idle timeout always from
+/// `timeout.sigil.dev/idle`.
+fn http_timeouts(
+    path: &str,
+    timeouts: Option<&HttpRouteTimeouts>,
+    annotations: &RouteAnnotations,
+    problems: &mut Vec<Problem>,
+) -> Timeouts {
+    match timeouts {
         Some(t) => {
-            let request = field_duration(
-                &format!("{path}.timeouts.request"),
-                &t.request,
-                &mut problems,
-            );
+            let request = field_duration(&format!("{path}.timeouts.request"), &t.request, problems);
             let backend_request = field_duration(
                 &format!("{path}.timeouts.backendRequest"),
                 &t.backend_request,
-                &mut problems,
+                problems,
             );
             if let (Some(request), Some(backend)) = (request, backend_request)
                 && !request.is_zero()
@@ -432,17 +448,27 @@ fn check_http_rule(
             }
         }
         None => annotations.timeouts,
-    };
-    let retry = match &rule.retry {
+    }
+}
+
+/// An HTTPRoute rule's `retry` (GEP-1731: `attempts` 1 when not given, backoff
+/// [`DEFAULT_RETRY_BACKOFF`]), else the annotations'.
+fn http_retry(
+    path: &str,
+    retry: Option<&HttpRouteRetry>,
+    annotations: &RouteAnnotations,
+    problems: &mut Vec<Problem>,
+) -> Option<RetryPolicy> {
+    match retry {
         Some(retry) => {
-            let retry_path = format!("{path}.retry");
+            let path = format!("{path}.retry");
             let attempts = match retry.attempts.map(u32::try_from) {
                 None => 1,
                 Some(Ok(n)) => n,
                 Some(Err(_)) => {
                     problems.push(Problem::new(
                         UNSUPPORTED,
-                        &format!("{retry_path}.attempts"),
+                        &format!("{path}.attempts"),
                         "must not be negative",
                     ));
                     0
@@ -456,16 +482,12 @@ fn check_http_rule(
                     }
                     _ => problems.push(Problem::new(
                         UNSUPPORTED,
-                        &format!("{retry_path}.codes[{c}]"),
+                        &format!("{path}.codes[{c}]"),
                         format!("{code} is not a status code from 400 to 599"),
                     )),
                 }
             }
-            let backoff = field_duration(
-                &format!("{retry_path}.backoff"),
-                &retry.backoff,
-                &mut problems,
-            );
+            let backoff = field_duration(&format!("{path}.backoff"), &retry.backoff, problems);
             (attempts > 0).then(|| RetryPolicy {
                 attempts,
                 http_codes,
@@ -475,20 +497,7 @@ fn check_http_rule(
             })
         }
         None => annotations.retry.clone(),
-    };
-    if !problems.is_empty() {
-        return Err(problems);
     }
-    Ok((
-        HttpRule {
-            source: rule_ref(cx, index, &rule.name),
-            filters,
-            backends,
-            timeouts,
-            retry,
-        },
-        matches,
-    ))
 }
 
 fn check_grpc_rule(
