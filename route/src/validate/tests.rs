@@ -590,3 +590,63 @@ fn rate_limit_policy_verdicts() {
         ]
     );
 }
+
+#[test]
+fn annotation_values_that_are_ignored() {
+    let parse = |kind: RouteKind, pairs: &[(&str, &str)]| {
+        let annotations = (pairs.iter())
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut notes = Vec::new();
+        let parsed = annotations::RouteAnnotations::parse(&annotations, kind, &mut notes);
+        (parsed, notes)
+    };
+    let (parsed, notes) = parse(
+        RouteKind::HttpRoute,
+        &[
+            ("timeout.sigil.dev/request", "1s"),
+            ("timeout.sigil.dev/backend-request", "2s"),
+            ("retry.sigil.dev/grpc", "unavailable"),
+            ("retry.sigil.dev/http", "5xx,600"),
+            ("retry.sigil.dev/non-idempotent", "yes"),
+        ],
+    );
+    assert_eq!(
+        notes,
+        [
+            "annotation timeout.sigil.dev/backend-request ignored: longer than timeout.sigil.dev/request",
+            "annotation retry.sigil.dev/grpc ignored: it is not read on a HTTPRoute",
+            "annotation retry.sigil.dev/http ignored: \"600\": codes must be from 400 to 599",
+            "annotation retry.sigil.dev/non-idempotent ignored: \"yes\" is not \"true\" or \"false\"",
+        ]
+    );
+    assert_eq!(parsed.timeouts.backend_request, None);
+    // No valid retry annotation of the route's kind: no retries.
+    assert_eq!(parsed.retry, None);
+    let (parsed, notes) = parse(
+        RouteKind::GrpcRoute,
+        &[
+            ("retry.sigil.dev/grpc", "unavailable, 99"),
+            ("retry.sigil.dev/limit", "0"),
+        ],
+    );
+    assert_eq!(
+        notes,
+        [
+            "annotation retry.sigil.dev/grpc ignored: \"99\" is not a gRPC status name or number from 1 to 16"
+        ]
+    );
+    // A limit of 0 turns retries off.
+    assert_eq!(parsed.retry, None);
+    let (parsed, notes) = parse(
+        RouteKind::HttpRoute,
+        &[
+            ("retry.sigil.dev/http", "429, 500-503"),
+            ("retry.sigil.dev/non-idempotent", "true"),
+        ],
+    );
+    assert!(notes.is_empty(), "{notes:?}");
+    let retry = parsed.retry.unwrap();
+    assert_eq!(retry.http_codes, [429, 500, 501, 502, 503].into());
+    assert!(retry.non_idempotent && parsed.non_idempotent);
+}
