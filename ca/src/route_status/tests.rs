@@ -425,7 +425,9 @@ async fn each_situation_gets_the_gateway_api_conditions() {
         ),
         (
             // A consumer route: in the client's namespace, on a Service of another; no
-            // ReferenceGrant is needed for the parent.
+            // ReferenceGrant is needed for the parent. (Whether its backendRef to that same
+            // Service needs one is left to `validate`: GEP-1294 and upstream's MeshConsumerRoute
+            // conformance test say mesh routes need no ReferenceGrant for backends at all.)
             "consumer",
             json!({
                 "parentRefs": [{ "group": "", "kind": "Service", "name": "ratings",
@@ -434,7 +436,7 @@ async fn each_situation_gets_the_gateway_api_conditions() {
             }),
             NS,
             Some(("True", "Accepted")),
-            Some(("False", "RefNotPermitted")),
+            None,
             None,
         ),
     ];
