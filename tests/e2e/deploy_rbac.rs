@@ -406,42 +406,47 @@ async fn cluster(rendered: &[Value]) -> (TestApiServer, Pod, Pod) {
     for crd in of_kind(&gateway_api, "CustomResourceDefinition") {
         create(&client, crd, "customresourcedefinitions").await;
     }
-    create(
-        &client,
-        &json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "demo"},
-                "spec": {"ports": [{"name": "http", "port": 80}]}}),
-        "services",
-    )
-    .await;
-    let parent_and_backend = json!({
-        "parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
-        "rules": [{"backendRefs": [{"name": "web", "port": 80}]}],
-    });
-    for (kind_, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
+    // Two of each, in two namespaces with two names, so the test sees that the grants must be
+    // cluster-wide and for any name.
+    for (ns, name) in [("demo", "web"), ("shop", "db")] {
+        let metadata = json!({"name": name, "namespace": ns});
         create(
             &client,
-            &json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": kind_,
-                    "metadata": {"name": "web", "namespace": "demo"}, "spec": parent_and_backend}),
-            plural,
+            &json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata,
+                    "spec": {"ports": [{"name": "http", "port": 80}]}}),
+            "services",
+        )
+        .await;
+        let spec = json!({
+            "parentRefs": [{"group": "", "kind": "Service", "name": name, "port": 80}],
+            "rules": [{"backendRefs": [{"name": name, "port": 80}]}],
+        });
+        for (kind_, plural) in [("HTTPRoute", "httproutes"), ("GRPCRoute", "grpcroutes")] {
+            create(
+                &client,
+                &json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": kind_,
+                        "metadata": metadata, "spec": spec}),
+                plural,
+            )
+            .await;
+        }
+        let target = json!([{"group": "", "kind": "Service", "name": name}]);
+        create(
+            &client,
+            &json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "BackendPolicy",
+                    "metadata": metadata, "spec": {"targetRefs": target}}),
+            "backendpolicies",
+        )
+        .await;
+        create(
+            &client,
+            &json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "RateLimitPolicy",
+                    "metadata": metadata,
+                    "spec": {"targetRefs": target, "total": {"requests": 100}}}),
+            "ratelimitpolicies",
         )
         .await;
     }
-    let web_target = json!([{"group": "", "kind": "Service", "name": "web"}]);
-    create(
-        &client,
-        &json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "BackendPolicy",
-                "metadata": {"name": "web", "namespace": "demo"}, "spec": {"targetRefs": web_target}}),
-        "backendpolicies",
-    )
-    .await;
-    create(
-        &client,
-        &json!({"apiVersion": "sigil.dev/v1alpha1", "kind": "RateLimitPolicy",
-                "metadata": {"name": "web", "namespace": "demo"},
-                "spec": {"targetRefs": web_target, "total": {"requests": 100}}}),
-        "ratelimitpolicies",
-    )
-    .await;
     let agent = server.add_pod(&PodSpec::new(
         "sigil-system",
         "sigil-agent-x7k2p",
