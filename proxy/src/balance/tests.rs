@@ -293,7 +293,12 @@ fn policy() -> OutlierDetection {
 fn guarded(
     n: u8,
     policy: Option<&OutlierDetection>,
-) -> (Balancers, Arc<Balancer>, Arc<Metrics>, Vec<Arc<EndpointLoad>>) {
+) -> (
+    Balancers,
+    Arc<Balancer>,
+    Arc<Metrics>,
+    Vec<Arc<EndpointLoad>>,
+) {
     let (balancers, balancer, metrics) =
         balancer((1..=n).map(|last| endpoint(last, true, false)).collect());
     balancer.set_policy(policy);
@@ -392,7 +397,10 @@ fn gateway_errors_in_a_row_eject_and_other_failures_break_the_row() {
     report(&ready[0], GATEWAY, 1, now);
     assert!(ready[0].health.is_active(), "a 500 ended the row");
     report(&ready[0], Outcome::NoAnswer, 1, now);
-    assert!(!ready[0].health.is_active(), "a 502 then no answer: 2 in a row");
+    assert!(
+        !ready[0].health.is_active(),
+        "a 502 then no answer: 2 in a row"
+    );
     assert_eq!(ejections(&metrics, "gateway"), 1);
     assert_eq!(ejections(&metrics, "consecutive"), 0);
     assert_eq!(chosen(&balancer, now), set(&[2, 3]));
@@ -429,7 +437,10 @@ fn the_failure_percentage_of_an_interval_ejects_once_enough_endpoints_had_the_vo
     report(&ready[1], FAILURE, 4, start + interval);
     report(&ready[1], Outcome::Success, 6, start + interval);
     balancer.pick_at(start + interval + interval / 2);
-    assert!(ready[0].health.is_active(), "judged at the end of the interval");
+    assert!(
+        ready[0].health.is_active(),
+        "judged at the end of the interval"
+    );
     assert_eq!(chosen(&balancer, start + interval * 2), set(&[2, 3]));
     assert!(ready[1].health.is_active(), "40% is below the threshold");
     assert_eq!(ejections(&metrics, "rate"), 1);
@@ -491,7 +502,11 @@ fn below_min_health_percent_ejected_endpoints_are_used_again() {
     assert_eq!(chosen(&balancer, now), set(&[2, 3, 4]), "75% healthy");
     report(&ready[1], FAILURE, 3, now);
     assert!(!ready[1].health.is_active(), "ejected, though in panic");
-    assert_eq!(chosen(&balancer, now), set(&[1, 2, 3, 4]), "50% healthy: panic");
+    assert_eq!(
+        chosen(&balancer, now),
+        set(&[1, 2, 3, 4]),
+        "50% healthy: panic"
+    );
 }
 
 /// Whether `balancer` picks `endpoint` at `now` (in 300 picks, each answered at once).
@@ -514,7 +529,11 @@ fn ejection_time_grows_with_each_ejection_up_to_the_maximum() {
     for (times, seconds) in [(1, 30), (2, 60), (3, 70), (4, 70)] {
         assert_eq!(failing.health.times(), times);
         let out = Duration::from_secs(seconds);
-        assert!(!offered(&balancer, failing, at + out - Duration::from_millis(1)));
+        assert!(!offered(
+            &balancer,
+            failing,
+            at + out - Duration::from_millis(1)
+        ));
         at += out;
         assert!(offered(&balancer, failing, at), "probing after {seconds} s");
         report(failing, FAILURE, 1, at);
@@ -537,7 +556,11 @@ fn a_probing_endpoint_gets_one_request_at_a_time_until_one_succeeds() {
         .find(|pending| pending.endpoint().addr == probing.addr)
         .expect("the probing endpoint is offered");
     assert!(!offered(&balancer, probing, at), "one probe at a time");
-    assert_eq!(ejected_gauge(&metrics), 1, "probing still counts as ejected");
+    assert_eq!(
+        ejected_gauge(&metrics),
+        1,
+        "probing still counts as ejected"
+    );
     probing.report_at(Outcome::Success, at);
     drop(probe);
     assert!(probing.health.is_active());
@@ -575,7 +598,11 @@ fn each_healthy_interval_takes_one_off_the_ejection_count() {
     report(endpoint, FAILURE, 3, at);
     assert_eq!(endpoint.health.times(), 2);
     let out = policy().base_ejection_time * 2;
-    assert!(!offered(&balancer, endpoint, at + out - Duration::from_millis(1)));
+    assert!(!offered(
+        &balancer,
+        endpoint,
+        at + out - Duration::from_millis(1)
+    ));
     assert!(offered(&balancer, endpoint, at + out));
     // Readmitted and healthy for two intervals: back to 0.
     report(endpoint, Outcome::Success, 1, at + out);
@@ -591,7 +618,10 @@ fn without_a_policy_no_endpoint_is_ejected() {
     report(&ready[0], Outcome::NoAnswer, 100, now);
     report(&ready[1], GATEWAY, 100, now);
     assert!(ready.iter().all(|endpoint| endpoint.health.is_active()));
-    assert_eq!(chosen(&balancer, now + Duration::from_secs(60)), set(&[1, 2, 3]));
+    assert_eq!(
+        chosen(&balancer, now + Duration::from_secs(60)),
+        set(&[1, 2, 3])
+    );
     for reason in ["consecutive", "gateway", "rate"] {
         assert_eq!(ejections(&metrics, reason), 0);
     }
