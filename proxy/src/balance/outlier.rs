@@ -288,11 +288,11 @@ impl Detector {
         if self.policy.as_ref() == policy {
             return;
         }
-        if self.policy.is_none() {
+        let first = self.policy.is_none();
+        if first {
             self.judged = now;
         }
         limits.set(policy);
-        let first = self.policy.is_none();
         self.policy = policy.cloned();
         if first || policy.is_none() {
             for endpoint in ready {
@@ -356,7 +356,10 @@ impl Detector {
             return;
         }
         let intervals = (elapsed.as_nanos() / interval.as_nanos()).min(u128::from(u32::MAX)) as u32;
-        self.judged += interval * intervals;
+        self.judged = interval
+            .checked_mul(intervals)
+            .and_then(|judged| self.judged.checked_add(judged))
+            .unwrap_or(now);
         // Envoy's multiplier decay: one less per interval spent healthy.
         for endpoint in ready.iter().filter(|e| e.health.is_active()) {
             if let Ok(mut ejection) = endpoint.health.ejection.lock() {
