@@ -24,6 +24,7 @@ use crate::metrics::{Direction, Metrics};
 use crate::outbound::{self, Upstream};
 use crate::policy::{self, PolicyState};
 use crate::pool::Pools;
+use crate::ratelimit::RateLimits;
 use crate::tls::TlsState;
 use crate::{admin as proxy_admin, probes, sds, services};
 use sigil_proxy_api::mesh::MeshSnapshot;
@@ -201,9 +202,15 @@ pub async fn run(
     ));
     // The routes follower (sigil.route.v1.RouteDiscovery) sends on routes_tx.
     let (_routes_tx, routes_rx) = watch::channel(None::<Arc<RouteTable>>);
+    let rate_limits = Arc::new(RateLimits::new(
+        routes_rx.clone(),
+        services_rx.clone(),
+        metrics.clone(),
+    ));
     let shared = Shared {
         config: config.clone(),
         routes: routes_rx,
+        rate_limits,
         balancers: Arc::new(Balancers::new(metrics.clone())),
         pools,
         app_pools: Arc::default(),
