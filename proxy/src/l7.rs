@@ -491,12 +491,8 @@ impl<A: Authorize> Handler<A> {
             };
             if let Some(refusal) = limits.check(&head) {
                 let response = refusal.response();
-                self.authorizer.served(
-                    &info,
-                    &policy,
-                    response.status().as_u16(),
-                    Duration::ZERO,
-                );
+                self.authorizer
+                    .served(&info, &policy, response.status().as_u16(), Duration::ZERO);
                 return response.map(Either::Right);
             }
         }

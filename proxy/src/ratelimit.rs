@@ -576,10 +576,12 @@ fn identity_bucket<'a>(
     };
     let idle = rate.idle_after();
     let since = now.saturating_duration_since(*swept);
-    if since >= idle || (identities.len() >= MAX_IDENTITY_BUCKETS && since >= FULL_SWEEP_INTERVAL)
-    {
+    if since >= idle || (identities.len() >= MAX_IDENTITY_BUCKETS && since >= FULL_SWEEP_INTERVAL) {
         identities.retain(|_, bucket| !bucket.idle(now, idle));
-        if overflow.as_ref().is_some_and(|bucket| bucket.idle(now, idle)) {
+        if overflow
+            .as_ref()
+            .is_some_and(|bucket| bucket.idle(now, idle))
+        {
             *overflow = None;
         }
         *swept = now;
