@@ -202,15 +202,14 @@ pub async fn run(
     ));
     // The routes follower (sigil.route.v1.RouteDiscovery) sends on routes_tx.
     let (_routes_tx, routes_rx) = watch::channel(None::<Arc<RouteTable>>);
-    let rate_limits = Arc::new(RateLimits::new(
-        routes_rx.clone(),
-        services_rx.clone(),
-        metrics.clone(),
-    ));
     let shared = Shared {
         config: config.clone(),
+        rate_limits: Arc::new(RateLimits::new(
+            routes_rx.clone(),
+            services_rx.clone(),
+            metrics.clone(),
+        )),
         routes: routes_rx,
-        rate_limits,
         balancers: Arc::new(Balancers::new(metrics.clone())),
         pools,
         app_pools: Arc::default(),
