@@ -37,6 +37,7 @@ mod proxy_netns;
 mod proxy_peers;
 mod proxy_policy;
 mod readme_quickstart;
+mod route_inspect;
 mod routes_status;
 mod stat;
 mod tls_key_exchange;
