@@ -1,6 +1,6 @@
 //! Status of the Gateway API routes whose parent is a Service (GAMMA) and of sigil's
 //! `BackendPolicy` and `RateLimitPolicy`: the CA, the one sigil process that sees the whole
-//! cluster, watches HTTPRoutes, GRPCRoutes, ReferenceGrants, Services and the two sigil kinds,
+//! cluster, watches HTTPRoutes, GRPCRoutes, Services and the two sigil kinds,
 //! judges them with `sigil_route::validate` (the code the node agents use to decide what reaches
 //! a proxy, so the status is what the proxies do), and writes the verdicts.
 //!
@@ -33,7 +33,7 @@
 //! logged once and treated as empty; the watcher keeps retrying it with backoff (at most 30 s
 //! apart), and the other kinds are judged meanwhile. Failed writes are retried every
 //! [`RETRY_INTERVAL`]. The CA's RBAC: `get`, `list`, `watch` on the routes and `get`, `update`
-//! on their `/status`; `list`, `watch` on ReferenceGrants, Services and the two sigil kinds, and
+//! on their `/status`; `list`, `watch` on Services and the two sigil kinds, and
 //! `patch` on the latter's `/status`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -111,17 +111,15 @@ impl RouteStatusError {
 pub enum Watched {
     HttpRoute,
     GrpcRoute,
-    ReferenceGrant,
     BackendPolicy,
     RateLimitPolicy,
     Service,
 }
 
 impl Watched {
-    pub const ALL: [Watched; 6] = [
+    pub const ALL: [Watched; 5] = [
         Watched::HttpRoute,
         Watched::GrpcRoute,
-        Watched::ReferenceGrant,
         Watched::BackendPolicy,
         Watched::RateLimitPolicy,
         Watched::Service,
@@ -131,7 +129,6 @@ impl Watched {
         match self {
             Watched::HttpRoute => "HTTPRoute",
             Watched::GrpcRoute => "GRPCRoute",
-            Watched::ReferenceGrant => "ReferenceGrant",
             Watched::BackendPolicy => "BackendPolicy",
             Watched::RateLimitPolicy => "RateLimitPolicy",
             Watched::Service => "Service",
@@ -142,7 +139,6 @@ impl Watched {
         match self {
             Watched::HttpRoute => "httproutes",
             Watched::GrpcRoute => "grpcroutes",
-            Watched::ReferenceGrant => "referencegrants",
             Watched::BackendPolicy => "backendpolicies",
             Watched::RateLimitPolicy => "ratelimitpolicies",
             Watched::Service => "services",
@@ -152,9 +148,7 @@ impl Watched {
     /// The resource's group and version.
     fn group_version(self) -> (&'static str, &'static str) {
         match self {
-            Watched::HttpRoute | Watched::GrpcRoute | Watched::ReferenceGrant => {
-                (GATEWAY_GROUP, GATEWAY_VERSION)
-            }
+            Watched::HttpRoute | Watched::GrpcRoute => (GATEWAY_GROUP, GATEWAY_VERSION),
             Watched::BackendPolicy | Watched::RateLimitPolicy => SIGIL_API_VERSION
                 .split_once('/')
                 .expect("sigil's apiVersion is group/version"),

@@ -2,7 +2,7 @@
 //! and why the others were not taken, computed by the agent's and the proxy's own code.
 //!
 //! The route objects come from `--policy-file` (the agent's, holding HTTPRoute, GRPCRoute,
-//! ReferenceGrant, BackendPolicy and RateLimitPolicy documents among the policies) and the
+//! BackendPolicy and RateLimitPolicy documents among the policies) and the
 //! Services from `--mesh-file`'s `services:` (read by the caller, which passes the
 //! [`Catalog`]). They go through [`crate::compile`] and the client's view exactly as in the
 //! agent, then the request through [`crate::select`] and [`crate::filters`] as in the proxy.

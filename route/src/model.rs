@@ -1,9 +1,13 @@
-//! The objects as users write them: Gateway API `HTTPRoute`, `GRPCRoute` and `ReferenceGrant`
+//! The objects as users write them: Gateway API `HTTPRoute` and `GRPCRoute`
 //! (`gateway.networking.k8s.io`, v1.6 standard channel plus `HTTPRoute` `retry` from the
 //! experimental channel) and sigil's `BackendPolicy` and `RateLimitPolicy`
 //! (`sigil.dev/v1alpha1`), as serde structs for the fields sigil reads (unknown fields are
 //! ignored, as the API server would prune them). Read from Kubernetes' JSON or from the policy
 //! file's YAML documents.
+//!
+//! ReferenceGrants are not read: a mesh route may send to a Service in any namespace without
+//! one (GEP-1294, "Namespace boundaries"), because it gives a client no reach it did not have —
+//! the backend still authorizes the client's own identity.
 //!
 //! Defaults the CRDs apply (the API server writes them; the policy file does not have them) are
 //! applied here, so both sources read the same: path match `PathPrefix /`, header and query
@@ -90,7 +94,6 @@ struct RawMeta {
 pub enum RouteObject {
     HttpRoute(HttpRoute),
     GrpcRoute(GrpcRoute),
-    ReferenceGrant(ReferenceGrant),
     BackendPolicy(BackendPolicyObject),
     RateLimitPolicy(RateLimitPolicyObject),
 }
@@ -120,10 +123,6 @@ impl RouteObject {
             "GRPCRoute" if gateway(&["v1"]) => {
                 let (meta, spec) = read(kind, &value)?;
                 RouteObject::GrpcRoute(GrpcRoute { meta, spec })
-            }
-            "ReferenceGrant" if gateway(&["v1beta1", "v1"]) => {
-                let (meta, spec) = read(kind, &value)?;
-                RouteObject::ReferenceGrant(ReferenceGrant { meta, spec })
             }
             "BackendPolicy" if sigil => {
                 let (meta, spec) = read(kind, &value)?;
@@ -206,7 +205,6 @@ fn read<S: DeserializeOwned + Default>(kind: &str, value: &Value) -> Result<(Met
 pub struct RouteObjects {
     pub http_routes: Vec<HttpRoute>,
     pub grpc_routes: Vec<GrpcRoute>,
-    pub reference_grants: Vec<ReferenceGrant>,
     pub backend_policies: Vec<BackendPolicyObject>,
     pub rate_limit_policies: Vec<RateLimitPolicyObject>,
 }
@@ -218,7 +216,6 @@ impl FromIterator<RouteObject> for RouteObjects {
             match object {
                 RouteObject::HttpRoute(o) => all.http_routes.push(o),
                 RouteObject::GrpcRoute(o) => all.grpc_routes.push(o),
-                RouteObject::ReferenceGrant(o) => all.reference_grants.push(o),
                 RouteObject::BackendPolicy(o) => all.backend_policies.push(o),
                 RouteObject::RateLimitPolicy(o) => all.rate_limit_policies.push(o),
             }
@@ -582,52 +579,6 @@ pub struct GrpcMethodMatch {
     pub service: Option<String>,
     #[serde(default)]
     pub method: Option<String>,
-}
-
-// ---- ReferenceGrant (apis/v1beta1/referencegrant_types.go) ----
-
-#[derive(Clone, Debug)]
-pub struct ReferenceGrant {
-    pub meta: Meta,
-    pub spec: ReferenceGrantSpec,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-pub struct ReferenceGrantSpec {
-    #[serde(default)]
-    pub from: Vec<ReferenceGrantFrom>,
-    #[serde(default)]
-    pub to: Vec<ReferenceGrantTo>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct ReferenceGrantFrom {
-    pub group: String,
-    pub kind: String,
-    pub namespace: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-pub struct ReferenceGrantTo {
-    pub group: String,
-    pub kind: String,
-    /// Absent: every object of the kind.
-    #[serde(default)]
-    pub name: Option<String>,
-}
-
-impl ReferenceGrant {
-    /// Whether this grant lets a `from_kind` object in `from_namespace` refer to the core
-    /// Service `service` in the grant's namespace.
-    pub fn permits_service(&self, from_kind: &str, from_namespace: &str, service: &str) -> bool {
-        let from = self.spec.from.iter().any(|f| {
-            f.group == GATEWAY_GROUP && f.kind == from_kind && f.namespace == from_namespace
-        });
-        let to = self.spec.to.iter().any(|t| {
-            is_core_service(&t.group, &t.kind) && t.name.as_deref().is_none_or(|n| n == service)
-        });
-        from && to
-    }
 }
 
 // ---- sigil.dev/v1alpha1 ----

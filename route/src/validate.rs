@@ -49,7 +49,7 @@ pub struct Condition {
     pub type_: &'static str,
     pub status: bool,
     /// A Gateway API reason (`Accepted`, `NoMatchingParent`, `UnsupportedValue`,
-    /// `BackendNotFound`, `RefNotPermitted`, `InvalidKind`, `IncompatibleFilters`, ...).
+    /// `BackendNotFound`, `InvalidKind`, `IncompatibleFilters`, ...).
     pub reason: &'static str,
     /// Each problem as `spec.rules[2].backendRefs[0]: Service demo/v3 not found`, joined by `; `.
     pub message: String,

@@ -91,15 +91,6 @@ spec:
         statusCode: 301
   - backendRefs:
     - {name: reviews-v1, namespace: shop, port: 9080}
----
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: ReferenceGrant
-metadata: {name: from-web, namespace: shop}
-spec:
-  from:
-  - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: web}
-  to:
-  - {group: "", kind: Service}
 "#;
 
 struct Run {

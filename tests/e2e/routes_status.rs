@@ -193,7 +193,8 @@ async fn the_ca_writes_route_and_policy_status() {
                 "reviews",
                 json!([{ "backendRefs": [{ "name": "x", "namespace": "other", "port": 80 }] }]),
             ),
-            ("ResolvedRefs", "False", "RefNotPermitted"),
+            // No ReferenceGrant is needed (GEP-1294); the Service does not exist.
+            ("ResolvedRefs", "False", "BackendNotFound"),
         ),
         (
             "incompatible",

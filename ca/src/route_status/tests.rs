@@ -418,16 +418,14 @@ async fn each_situation_gets_the_gateway_api_conditions() {
                 "reviews",
                 json!([{ "backendRefs": [{ "name": "ratings", "namespace": OTHER_NS, "port": 80 }] }]),
             ),
+            // Mesh routes need no ReferenceGrant (GEP-1294).
             NS,
             Some(("True", "Accepted")),
-            Some(("False", "RefNotPermitted")),
+            Some(("True", "ResolvedRefs")),
             None,
         ),
         (
-            // A consumer route: in the client's namespace, on a Service of another; no
-            // ReferenceGrant is needed for the parent. (Whether its backendRef to that same
-            // Service needs one is left to `validate`: GEP-1294 and upstream's MeshConsumerRoute
-            // conformance test say mesh routes need no ReferenceGrant for backends at all.)
+            // A consumer route: in the client's namespace, on a Service of another (GAMMA).
             "consumer",
             json!({
                 "parentRefs": [{ "group": "", "kind": "Service", "name": "ratings",
@@ -436,7 +434,7 @@ async fn each_situation_gets_the_gateway_api_conditions() {
             }),
             NS,
             Some(("True", "Accepted")),
-            None,
+            Some(("True", "ResolvedRefs")),
             None,
         ),
     ];
@@ -471,24 +469,6 @@ async fn each_situation_gets_the_gateway_api_conditions() {
         }
     }
 
-    // The grant in the backend's namespace resolves the cross-namespace reference: verdicts
-    // follow other objects too.
-    create(
-        &server,
-        Watched::ReferenceGrant,
-        OTHER_NS,
-        "from-shop",
-        json!({
-            "from": [{ "group": GATEWAY_GROUP, "kind": "HTTPRoute", "namespace": NS }],
-            "to": [{ "group": "", "kind": "Service", "name": "ratings" }],
-        }),
-    )
-    .await;
-    println!("case cross-namespace with a ReferenceGrant");
-    until_route(&server, route, NS, "cross-namespace", WAIT, |seen| {
-        is(seen, "ResolvedRefs", "True", "ResolvedRefs")
-    })
-    .await;
     // A Service appearing resolves its backend.
     println!("case backend-missing after the Service exists");
     create_service(&server, NS, "nowhere", http80).await;

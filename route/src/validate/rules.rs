@@ -202,22 +202,6 @@ fn resolve_backend(
         namespace: (target.namespace.clone()).unwrap_or_else(|| cx.meta.namespace.clone()),
         name: target.name.clone(),
     };
-    if service.namespace != cx.meta.namespace {
-        let kind = cx.kind.to_string();
-        let permitted = (cx.objects.reference_grants.iter())
-            .filter(|grant| grant.meta.namespace == service.namespace)
-            .any(|grant| grant.permits_service(&kind, &cx.meta.namespace, &service.name));
-        if !permitted {
-            return Err(Problem::new(
-                "RefNotPermitted",
-                path,
-                format!(
-                    "no ReferenceGrant in namespace {} lets a {kind} in {} refer to Service {service}",
-                    service.namespace, cx.meta.namespace
-                ),
-            ));
-        }
-    }
     let not_found = |what: String| Problem::new("BackendNotFound", path, what);
     let Some(info) = cx.catalog.services.get(&service) else {
         return Err(not_found(format!("Service {service} not found")));

@@ -344,11 +344,6 @@ fn backend_references() {
             "spec.rules[0].backendRefs[0]: example.com/Bucket is not a Service (group \"\", kind Service)",
         ),
         (
-            "{name: payments, namespace: backends, port: 8080}",
-            "RefNotPermitted",
-            "spec.rules[0].backendRefs[0]: no ReferenceGrant in namespace backends lets a HTTPRoute in shop refer to Service backends/payments",
-        ),
-        (
             "{name: db, port: 3306}",
             "UnsupportedProtocol",
             "spec.rules[0].backendRefs[0]: port 3306 of shop/db is declared opaque (appProtocol mysql); routes carry HTTP",
@@ -366,23 +361,19 @@ fn backend_references() {
     }
 }
 
+/// GEP-1294: a mesh route sends to a Service in another namespace without a ReferenceGrant.
 #[test]
-fn reference_grant_permits_a_backend_in_another_namespace() {
-    let grant = "---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
-                 metadata: {name: g, namespace: backends}\nspec:\n  from:\n  \
-                 - {group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}\n  \
-                 to:\n  - {group: \"\", kind: Service}\n";
+fn a_backend_in_another_namespace_needs_no_grant() {
     let rules = "  - backendRefs:\n    - {name: payments, namespace: backends, port: 8080}\n";
-    let objects = all(&format!("{}{grant}", route(ECHO, rules)));
-    let verdicts = judge_routes(&objects, &catalog());
+    let verdicts = judge_routes(&all(&route(ECHO, rules)), &catalog());
     assert_eq!(
         summary(&verdicts[0].parents[0].conditions),
         [ACCEPTED, RESOLVED]
     );
 }
 
-/// GAMMA: a consumer route (its namespace is not the Service's) needs no ReferenceGrant for the
-/// parent; its backends in the Service's namespace still do.
+/// GAMMA: a consumer route (its namespace is not the Service's) needs no ReferenceGrant, for
+/// its parent or for its backends in the Service's namespace (upstream's MeshConsumerRoute).
 #[test]
 fn consumer_route() {
     let yaml = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
@@ -392,10 +383,7 @@ fn consumer_route() {
                 - filters:\n    - type: RequestHeaderModifier\n      \
                 requestHeaderModifier: {set: [{name: x-consumer, value: web}]}\n";
     let c = conditions(yaml);
-    assert_eq!(
-        summary(&c),
-        [ACCEPTED, ("ResolvedRefs", false, "RefNotPermitted")]
-    );
+    assert_eq!(summary(&c), [ACCEPTED, RESOLVED]);
 }
 
 #[test]
