@@ -237,6 +237,7 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
     // Not a readiness condition: a proxy without routes balances over each Service as before,
     // and the Gateway API CRDs may never be installed.
     let route_state = routes::spawn(
+        td.clone(),
         routes::Sources {
             kubernetes: kube_client,
             file: route_file,
