@@ -1,5 +1,5 @@
 //! The route feed: Gateway API HTTPRoutes and GRPCRoutes whose parent is a meshed Service
-//! (GAMMA), with the ReferenceGrants they rely on and sigil's BackendPolicy and RateLimitPolicy,
+//! (GAMMA) and sigil's BackendPolicy and RateLimitPolicy,
 //! compiled against the meshed Services ([`sigil_route::compile`]) and served on the agent
 //! socket as `sigil.route.v1.RouteDiscovery` to attested workloads, each getting its own view
 //! (consumer routes of its namespace, else the producer routes; the rate limits of the Service
@@ -97,16 +97,14 @@ pub enum RouteError {
 pub enum RouteResource {
     HttpRoute,
     GrpcRoute,
-    ReferenceGrant,
     BackendPolicy,
     RateLimitPolicy,
 }
 
 impl RouteResource {
-    pub const ALL: [RouteResource; 5] = [
+    pub const ALL: [RouteResource; 4] = [
         RouteResource::HttpRoute,
         RouteResource::GrpcRoute,
-        RouteResource::ReferenceGrant,
         RouteResource::BackendPolicy,
         RouteResource::RateLimitPolicy,
     ];
@@ -115,7 +113,6 @@ impl RouteResource {
         match self {
             RouteResource::HttpRoute => "HTTPRoute",
             RouteResource::GrpcRoute => "GRPCRoute",
-            RouteResource::ReferenceGrant => "ReferenceGrant",
             RouteResource::BackendPolicy => "BackendPolicy",
             RouteResource::RateLimitPolicy => "RateLimitPolicy",
         }
@@ -125,20 +122,17 @@ impl RouteResource {
         match self {
             RouteResource::HttpRoute => "httproutes",
             RouteResource::GrpcRoute => "grpcroutes",
-            RouteResource::ReferenceGrant => "referencegrants",
             RouteResource::BackendPolicy => "backendpolicies",
             RouteResource::RateLimitPolicy => "ratelimitpolicies",
         }
     }
 
-    /// The group and the version watched: the Gateway API's standard channel serves
-    /// ReferenceGrant as v1beta1 in every release that has it.
+    /// The group and the version watched.
     fn group_version(self) -> (&'static str, &'static str) {
         match self {
             RouteResource::HttpRoute | RouteResource::GrpcRoute => {
                 (sigil_route::model::GATEWAY_GROUP, "v1")
             }
-            RouteResource::ReferenceGrant => (sigil_route::model::GATEWAY_GROUP, "v1beta1"),
             RouteResource::BackendPolicy | RouteResource::RateLimitPolicy => {
                 ("sigil.dev", "v1alpha1")
             }
@@ -155,7 +149,6 @@ impl RouteResource {
         match object {
             RouteObject::HttpRoute(_) => RouteResource::HttpRoute,
             RouteObject::GrpcRoute(_) => RouteResource::GrpcRoute,
-            RouteObject::ReferenceGrant(_) => RouteResource::ReferenceGrant,
             RouteObject::BackendPolicy(_) => RouteResource::BackendPolicy,
             RouteObject::RateLimitPolicy(_) => RouteResource::RateLimitPolicy,
         }
@@ -194,7 +187,6 @@ fn meta(object: &RouteObject) -> &Meta {
     match object {
         RouteObject::HttpRoute(o) => &o.meta,
         RouteObject::GrpcRoute(o) => &o.meta,
-        RouteObject::ReferenceGrant(o) => &o.meta,
         RouteObject::BackendPolicy(o) => &o.meta,
         RouteObject::RateLimitPolicy(o) => &o.meta,
     }

@@ -19,10 +19,9 @@ use crate::validate;
 
 /// The kinds a policy file may hold beside policies, as (API group, kind): read by
 /// `sigil_route` (the agent's route feed, `sigil inspect route`), skipped by the policy readers.
-pub const ROUTE_KINDS: [(&str, &str); 5] = [
+pub const ROUTE_KINDS: [(&str, &str); 4] = [
     ("gateway.networking.k8s.io", "HTTPRoute"),
     ("gateway.networking.k8s.io", "GRPCRoute"),
-    ("gateway.networking.k8s.io", "ReferenceGrant"),
     ("sigil.dev", "BackendPolicy"),
     ("sigil.dev", "RateLimitPolicy"),
 ];
@@ -171,7 +170,7 @@ fn parse_objects(text: &str) -> (Vec<(usize, Object)>, Vec<DocumentProblem>) {
                 None => {
                     problems.push(problem(
                         format!("{kind} {namespace}/{name}"),
-                        format!("unknown kind {kind:?}: sigil policy files hold AuthorizationPolicy and PeerAuthentication (and the route kinds HTTPRoute, GRPCRoute, ReferenceGrant, BackendPolicy, RateLimitPolicy)"),
+                        format!("unknown kind {kind:?}: sigil policy files hold AuthorizationPolicy and PeerAuthentication (and the route kinds HTTPRoute, GRPCRoute, BackendPolicy, RateLimitPolicy)"),
                     ));
                     continue;
                 }
@@ -275,8 +274,6 @@ spec:
     fn route_kinds_beside_policies_are_skipped_whatever_their_version() {
         let routes = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
                       metadata: {name: web, namespace: demo}\nspec: {parentRefs: [{kind: Service, name: web}]}\n\
-                      ---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
-                      metadata: {name: g, namespace: demo}\n\
                       ---\napiVersion: sigil.dev/v1alpha1\nkind: RateLimitPolicy\n\
                       metadata: {name: r, namespace: demo}\n";
         let set = parse_policy_set(&format!("{GOOD}{routes}")).unwrap();
@@ -288,7 +285,7 @@ spec:
                 "apiVersion: example.com/v1\nkind: HTTPRoute\nmetadata: {name: a, namespace: demo}\n"
             ),
             [
-                "document 1 (HTTPRoute demo/a): unknown kind \"HTTPRoute\": sigil policy files hold AuthorizationPolicy and PeerAuthentication (and the route kinds HTTPRoute, GRPCRoute, ReferenceGrant, BackendPolicy, RateLimitPolicy)"
+                "document 1 (HTTPRoute demo/a): unknown kind \"HTTPRoute\": sigil policy files hold AuthorizationPolicy and PeerAuthentication (and the route kinds HTTPRoute, GRPCRoute, BackendPolicy, RateLimitPolicy)"
             ]
         );
     }

@@ -90,11 +90,6 @@ fn http_route(namespace: &str, name: &str, parent: &str, rest: &str) -> String {
 const ALLOW_WEB: &str = "apiVersion: sigil.dev/v1alpha1\nkind: AuthorizationPolicy\n\
                          metadata: {name: allow-web, namespace: demo}\nspec: {action: ALLOW}\n";
 
-/// A ReferenceGrant letting routes in `shop` use Services of `demo` as backends.
-const GRANT_SHOP: &str = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
-                          metadata: {name: shop, namespace: demo}\n\
-                          spec: {from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}], to: [{group: \"\", kind: Service}]}\n";
-
 fn key(resource: RouteResource, namespace: &str, name: &str) -> ObjectKey {
     ObjectKey {
         resource,
@@ -146,7 +141,6 @@ fn the_policy_file_s_route_documents_are_read_beside_its_policies() {
         "# routes and policies\n",
         ALLOW_WEB,
         &http_route("demo", "web", "web", "web"),
-        GRANT_SHOP,
         "apiVersion: sigil.dev/v1alpha1\nkind: BackendPolicy\n\
          metadata: {name: web, namespace: demo}\n\
          spec: {targetRefs: [{group: \"\", kind: Service, name: web}]}\nstatus: {ancestors: []}\n",
@@ -156,7 +150,6 @@ fn the_policy_file_s_route_documents_are_read_beside_its_policies() {
         objects.keys().cloned().collect::<Vec<_>>(),
         [
             key(RouteResource::HttpRoute, "demo", "web"),
-            key(RouteResource::ReferenceGrant, "demo", "shop"),
             key(RouteResource::BackendPolicy, "demo", "web"),
         ]
     );
@@ -333,7 +326,7 @@ async fn each_client_gets_its_namespace_s_consumer_routes_else_the_producer_s_th
     let consumer = http_route("shop", "web-for-shop", "web", "web-v2");
     let api = http_route("demo", "api", "api", "api");
     let mut store = store();
-    let first = state(&mut store, 1, &[&producer, &consumer, GRANT_SHOP, &api]);
+    let first = state(&mut store, 1, &[&producer, &consumer, &api]);
     let (tx, rx) = watch::channel(first);
     let metrics = metrics();
     let mut shop = feed(rx.clone(), &metrics, scope(SHOP_ID));
@@ -370,11 +363,7 @@ async fn each_client_gets_its_namespace_s_consumer_routes_else_the_producer_s_th
 
     // The api route changes: both get that entry only.
     let api_moved = http_route("demo", "api", "api", "web");
-    tx.send_replace(state(
-        &mut store,
-        2,
-        &[&producer, &consumer, GRANT_SHOP, &api_moved],
-    ));
+    tx.send_replace(state(&mut store, 2, &[&producer, &consumer, &api_moved]));
     for feed in [&mut shop, &mut other] {
         let update = next(feed).await;
         assert!(!update.reset);
@@ -384,14 +373,14 @@ async fn each_client_gets_its_namespace_s_consumer_routes_else_the_producer_s_th
     }
 
     // The consumer route goes: shop falls back to the producer's; the others see no change.
-    tx.send_replace(state(&mut store, 3, &[&producer, GRANT_SHOP, &api_moved]));
+    tx.send_replace(state(&mut store, 3, &[&producer, &api_moved]));
     let update = next(&mut shop).await;
     assert_eq!(upserted_ports(&update), ["demo/web:80"]);
     assert_eq!(origin(&update, "demo/web:80"), WireOrigin::Producer as i32);
     nothing(&mut other).await;
 
     // The api route goes: removed for both.
-    tx.send_replace(state(&mut store, 4, &[&producer, GRANT_SHOP]));
+    tx.send_replace(state(&mut store, 4, &[&producer]));
     for feed in [&mut shop, &mut other] {
         let update = next(feed).await;
         assert!(update.port_upserts.is_empty());
@@ -545,7 +534,6 @@ async fn an_attested_caller_gets_its_view_and_an_unattested_one_is_refused() {
         &[
             &http_route("demo", "web", "web", "web"),
             &http_route("shop", "web-for-shop", "web", "web-v2"),
-            GRANT_SHOP,
         ],
     ));
     let mut client = RouteDiscoveryClient::new(agent.channel().await);
