@@ -34,8 +34,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{ServiceRoute, route};
-use crate::balance::Outcome;
-use crate::balance::{Balancer, EndpointLoad};
+use crate::balance::{Balancer, EndpointLoad, Outcome};
 use crate::dial::{self, DialError};
 use crate::forward::{Ended, Shared};
 use crate::l7::request_metrics::{CountedBody, grpc_status};
@@ -237,9 +236,9 @@ impl ServiceCalls {
         let (response, slot, written) = match sent {
             Ok(sent) => sent,
             Err(e) => {
-                endpoint.report(Outcome::NoAnswer);
                 self.count_upstream_failure();
                 warn!(error = %e, service = %self.service, endpoint = %endpoint.addr, "a request to a Service endpoint failed; answered 502");
+                endpoint.report(Outcome::NoAnswer);
                 let mut response = self.local(
                     StatusCode::BAD_GATEWAY,
                     "upstream unavailable",
@@ -250,8 +249,8 @@ impl ServiceCalls {
                 return response;
             }
         };
-        endpoint.report(route::outcome(
-            response.status(),
+        endpoint.report(Outcome::of_response(
+            response.status().as_u16(),
             grpc_status(response.headers()),
         ));
         match written {

@@ -229,16 +229,6 @@ pub enum Failed {
     TimedOut,
 }
 
-/// What one attempt's answer tells outlier detection.
-pub fn outcome(status: StatusCode, grpc: Option<u32>) -> Outcome {
-    let gateway = matches!(status.as_u16(), 502..=504);
-    if status.is_server_error() || matches!(grpc, Some(2 | 13 | 14 | 15)) {
-        Outcome::Failure { gateway }
-    } else {
-        Outcome::Success
-    }
-}
-
 /// Sends `request` once to `destination`: through its balancer (a new pick) or to its cluster IP.
 pub async fn send_once(
     calls: &ServiceCalls,
@@ -262,7 +252,7 @@ pub async fn send_once(
                     let status = sent.response.status();
                     let grpc = grpc_status(sent.response.headers());
                     pending.answered_since(sent.written);
-                    endpoint.report(outcome(status, grpc));
+                    endpoint.report(Outcome::of_response(status.as_u16(), grpc));
                     Ok(Answered {
                         response: sent.response,
                         slot: Some(sent.slot),
