@@ -185,11 +185,14 @@ fn table(rules: Vec<(HttpRule, Vec<HttpMatch>)>, budgets: &[(&str, u32)]) -> Rou
     RouteTable { version: 1, routes }
 }
 
+/// Endpoints as `mesh_service` takes them: address, identity, ready.
+type Endpoints = Vec<(SocketAddr, String, bool)>;
+
 /// A proxy with demo/api (endpoint 1) and the backends `services` (name, cluster IP's last
 /// octet, endpoints).
 async fn routed_proxy(
     ca: &Ca,
-    services: Vec<(&str, u8, Vec<(SocketAddr, String, bool)>)>,
+    services: Vec<(&str, u8, Endpoints)>,
     routes: RouteTable,
 ) -> Proxy {
     let api = endpoint_server(ca, 1, Duration::ZERO).await;
