@@ -215,7 +215,8 @@ pub fn start(
     let calls = calls.clone();
     tokio::spawn(async move {
         let send = async {
-            let answered = route::send_once(&calls, &destination, request, app_version).await?;
+            let answered =
+                route::send_once(&calls, &destination, request, app_version, None).await?;
             // Read and dropped.
             let _ = answered.response.into_body().collect().await;
             Ok::<_, route::Failed>(())
