@@ -8,6 +8,11 @@
 //! meshed backend is balanced over its endpoints, any other reached at its cluster IP over
 //! plain HTTP. Attempts follow the rule's timeouts (GEP-1742) and retries (GEP-1731, with the
 //! backend's retry budget, [`super::retry`]); each attempt's outcome feeds outlier detection.
+//!
+//! Where this is narrower than the specs: a gRPC status is retried only when the answer is
+//! trailers-only (a status in the trailers comes after bytes were forwarded; gRPC's own retry
+//! policy stops there too); the idle timeout also bounds each attempt's wait for its response
+//! head; a protocol switch (Upgrade, CONNECT) is never retried, and only to a meshed backend.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
