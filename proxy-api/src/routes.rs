@@ -27,6 +27,9 @@ use sigil_route::compiled::{
     RouteKind, RouteOrigin, RuleRef, ServiceRef, Timeouts, ValueMatch, WeightedBackend,
     regex_pattern,
 };
+use sigil_route::validate::{Catalog, ServiceInfo, ServicePortInfo};
+
+use crate::services::MeshService;
 
 /// Request bodies up to this size are kept while they are sent, so a failed attempt can be
 /// retried; a longer body makes its request not retryable (Linkerd's bound).
@@ -203,6 +206,39 @@ fn removed<K: Ord + fmt::Display, V>(
         .collect()
 }
 
+/// The Services routes are judged against, from meshed Services (the agent's table, or a mesh
+/// file's `services:` for `sigil inspect route`): their ports and the SPIFFE IDs of their
+/// endpoints.
+pub fn catalog<'s>(services: impl IntoIterator<Item = &'s MeshService>) -> Catalog {
+    Catalog {
+        services: services
+            .into_iter()
+            .map(|service| {
+                let key = ServiceRef {
+                    namespace: service.key.namespace.clone(),
+                    name: service.key.name.clone(),
+                };
+                let info = ServiceInfo {
+                    ports: service
+                        .ports
+                        .iter()
+                        .map(|port| ServicePortInfo {
+                            name: port.name.clone(),
+                            port: port.port,
+                            app_protocol: port.app_protocol.clone(),
+                        })
+                        .collect(),
+                    cluster_ips: service.cluster_ips.clone(),
+                    // Only meshed Services are in the table.
+                    meshed: true,
+                    endpoint_ids: service.endpoints.iter().map(|e| e.id.clone()).collect(),
+                };
+                (key, info)
+            })
+            .collect(),
+    }
+}
+
 // ---- checking: what is wrong, and where ----
 
 /// A field of an entry that is not valid: its path in the message and why.
@@ -352,7 +388,7 @@ fn header_value_text(value: &HeaderValue) -> String {
 
 // ---- PortRoutes ----
 
-fn port_routes_to_message(routes: &PortRoutes) -> wire::PortRoutes {
+pub fn port_routes_to_message(routes: &PortRoutes) -> wire::PortRoutes {
     wire::PortRoutes {
         namespace: routes.key.service.namespace.clone(),
         name: routes.key.service.name.clone(),
@@ -969,7 +1005,7 @@ fn backends_from_message(backends: &[wire::WeightedBackend]) -> Checked<Backends
 
 // ---- BackendPolicy ----
 
-fn backend_policy_to_message(policy: &BackendPolicy) -> wire::BackendPolicy {
+pub fn backend_policy_to_message(policy: &BackendPolicy) -> wire::BackendPolicy {
     wire::BackendPolicy {
         namespace: policy.service.namespace.clone(),
         name: policy.service.name.clone(),
@@ -1065,7 +1101,7 @@ fn outlier_detection_from_message(message: &wire::OutlierDetection) -> Checked<O
 
 // ---- InboundPolicy ----
 
-fn inbound_policy_to_message(policy: &InboundPolicy) -> wire::InboundPolicy {
+pub fn inbound_policy_to_message(policy: &InboundPolicy) -> wire::InboundPolicy {
     let limit = |limit: &Limit| wire::Limit {
         requests: limit.requests,
         period_ms: millis(limit.period),

@@ -37,5 +37,6 @@ mod proxy_netns;
 mod proxy_peers;
 mod proxy_policy;
 mod readme_quickstart;
+mod route_inspect;
 mod stat;
 mod tls_key_exchange;
