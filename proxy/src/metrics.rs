@@ -266,6 +266,23 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+// proxy-routing (issue 15): labels of the retry and mirror counters.
+/// Retries of routed requests, by backend Service, route (`<namespace>/<name>` of the
+/// HTTPRoute/GRPCRoute) and what became of each retry the policy named.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub service: String,
+    pub route: String,
+    pub outcome: crate::outbound::RetryOutcome,
+}
+
+/// Mirrored copies by mirror backend Service and outcome (`sent`, `dropped`, `failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub service: String,
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     pub connections_opened: Family<ConnectionLabels, Counter>,
     pub connections_closed: Family<ConnectionLabels, Counter>,
@@ -302,6 +319,11 @@ pub struct Metrics {
     pub endpoint_readmissions: Family<ServiceLabels, Counter>,
     // ratelimit (issue 15): local rate limits on inbound requests.
     pub rate_limited: Family<RateLimitedLabels, Counter>,
+    // proxy-routing (issue 15)
+    pub retries: Family<RetryLabels, Counter>,
+    pub mirrored_requests: Family<MirrorLabels, Counter>,
+    pub route_updates_rejected: Counter,
+    pub routes_reconnects: Counter,
 }
 
 impl Metrics {
@@ -344,6 +366,11 @@ impl Metrics {
             endpoint_readmissions: Family::default(),
             // ratelimit (issue 15).
             rate_limited: Family::default(),
+            // proxy-routing (issue 15)
+            retries: Family::default(),
+            mirrored_requests: Family::default(),
+            route_updates_rejected: Counter::default(),
+            routes_reconnects: Counter::default(),
         };
         registry.register_collector(Box::new(ProcessMetrics::default()));
         let r = registry.sub_registry_with_prefix(names::PREFIX);
@@ -535,6 +562,32 @@ impl Metrics {
              RESOURCE_EXHAUSTED), by Service, policy and the bucket that was empty: total, \
              identity (the client's own) or override",
             metrics.rate_limited.clone(),
+        );
+        // proxy-routing (issue 15)
+        r.register(
+            names::RETRIES,
+            "Retries of routed requests by backend Service, route and outcome: sent, or not sent \
+             because the backend's retry budget was spent (budget_exhausted), the request may not \
+             be repeated (not_retryable) or its body passed the retry buffer (body_too_large)",
+            metrics.retries.clone(),
+        );
+        r.register(
+            names::MIRRORED_REQUESTS,
+            "Copies of routed requests sent to a RequestMirror backend, by mirror Service and \
+             outcome: sent (answered, the answer dropped), dropped (the mirror fell behind the \
+             primary, which went on), failed",
+            metrics.mirrored_requests.clone(),
+        );
+        r.register(
+            "route_updates_rejected",
+            "Route updates from the agent refused whole for an invalid entry (the last table \
+             stays in force)",
+            metrics.route_updates_rejected.clone(),
+        );
+        r.register(
+            "routes_reconnects",
+            "Times the routes stream to the agent was lost and re-opened",
+            metrics.routes_reconnects.clone(),
         );
         metrics
     }

@@ -548,6 +548,7 @@ async fn the_inbound_proxy_limits_authorized_requests_on_real_connections() {
     let (_policies_tx, policies) = watch::channel(Some(deny_forbidden()));
     let (_close_tx, close) = watch::channel(false);
     let shared = Shared {
+        retry_budgets: Arc::default(),
         rate_limits: Arc::new(RateLimits::new(
             routes.clone(),
             services.clone(),
