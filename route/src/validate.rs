@@ -274,10 +274,10 @@ pub(crate) fn check_routes<'a>(
 ) -> CheckedRoutes<'a> {
     CheckedRoutes {
         http: (objects.http_routes.iter())
-            .map(|route| rules::check_http_route(route, objects, catalog))
+            .map(|route| rules::check_http_route(route, catalog))
             .collect(),
         grpc: (objects.grpc_routes.iter())
-            .map(|route| rules::check_grpc_route(route, objects, catalog))
+            .map(|route| rules::check_grpc_route(route, catalog))
             .collect(),
     }
 }

@@ -18,7 +18,7 @@ use crate::model::{
     BackendObjectReference, BackendRef, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HeaderFilter,
     HttpRoute, HttpRouteMatch, HttpRouteRetry, HttpRouteRule, HttpRouteTimeouts, Meta,
     MirrorFilter, ParentReference, PathModifierSpec, RedirectFilter, RewriteFilter, RouteFilter,
-    RouteObjects, ValueMatchSpec, is_core_service, parse_duration,
+    ValueMatchSpec, is_core_service, parse_duration,
 };
 
 const UNSUPPORTED: &str = "UnsupportedValue";
@@ -33,19 +33,16 @@ pub(crate) const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(25);
 struct RouteContext<'a> {
     kind: RouteKind,
     meta: &'a Meta,
-    objects: &'a RouteObjects,
     catalog: &'a Catalog,
 }
 
 pub(super) fn check_http_route<'a>(
     route: &'a HttpRoute,
-    objects: &'a RouteObjects,
     catalog: &'a Catalog,
 ) -> CheckedRoute<'a, HttpRule, HttpMatch> {
     let cx = RouteContext {
         kind: RouteKind::HttpRoute,
         meta: &route.meta,
-        objects,
         catalog,
     };
     let mut notes = hostname_notes(&route.spec.hostnames);
@@ -73,13 +70,11 @@ pub(super) fn check_http_route<'a>(
 
 pub(super) fn check_grpc_route<'a>(
     route: &'a GrpcRoute,
-    objects: &'a RouteObjects,
     catalog: &'a Catalog,
 ) -> CheckedRoute<'a, GrpcRule, GrpcMatch> {
     let cx = RouteContext {
         kind: RouteKind::GrpcRoute,
         meta: &route.meta,
-        objects,
         catalog,
     };
     let mut notes = hostname_notes(&route.spec.hostnames);
