@@ -37,5 +37,7 @@ mod proxy_netns;
 mod proxy_peers;
 mod proxy_policy;
 mod readme_quickstart;
+mod routes_gamma;
+mod routes_resilience;
 mod stat;
 mod tls_key_exchange;
