@@ -197,7 +197,7 @@ spec:
     assert!(
         answers
             .iter()
-            .all(|(status, pod)| *status == 200 && service_of(pod) == "echo-v1"),
+            .all(|a| a.status == 200 && service_of(&a.pod) == "echo-v1"),
         "SimpleSameNamespace: every answer from echo-v1: {answers:?}{}",
         mesh.recent_logs()
     );
@@ -654,10 +654,10 @@ spec:
             500,
         )
         .await;
-    assert!(answers.iter().all(|(s, _)| *s == 200), "{answers:?}");
+    assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
     let v1 = answers
         .iter()
-        .filter(|(_, p)| service_of(p) == "echo-v1")
+        .filter(|a| service_of(&a.pod) == "echo-v1")
         .count() as f64
         / 500.0;
     println!(

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use crate::l7::peer_python;
-use crate::netns::{Netns, Node, PodProxy, proxy_init};
+use crate::netns::{Netns, Node, PodProxy, http_get_in, proxy_init};
 use crate::{MeshHost, serve_h1_or_h2};
 
 /// The port every [`RouteEcho`] serves HTTP/1.1 and h2c on (the Services' HTTP targetPort).
@@ -419,7 +419,17 @@ impl RoutesMesh {
         }
     }
 
-    fn pod(&self, name: &str) -> &MeshPod {
+    /// [`metric_sum`] over the /metrics of pod `name`'s proxy (read from the node).
+    pub async fn metric(&self, name: &str, series: &str, labels: &[(&str, &str)]) -> f64 {
+        let pod = self.pod(name);
+        let (status, text) = http_get_in(&self.node.c.name, pod.proxy.metrics, "/metrics")
+            .await
+            .unwrap_or_else(|e| panic!("reading {name}'s proxy /metrics: {e}"));
+        assert_eq!(status, 200, "{text}");
+        metric_sum(&text, series, labels)
+    }
+
+    pub fn pod(&self, name: &str) -> &MeshPod {
         self.clients
             .iter()
             .chain(&self.backends)
@@ -476,10 +486,10 @@ impl MeshPod {
         CurlAnswer::parse(&String::from_utf8_lossy(&out.stdout), &out.stderr)
     }
 
-    /// `count` GETs of `url` over one keep-alive connection (one `curl`, `args` given once), the
-    /// bodies of 2xx answers parsed as [`RouteEcho`] JSON lines; returns the statuses and the
-    /// answering pod of each.
-    pub async fn curl_many(&self, args: &[&str], url: &str, count: usize) -> Vec<(u16, String)> {
+    /// `count` requests to `url` over one keep-alive connection (one `curl`, `args` given once,
+    /// e.g. `--rate 60/s`), each answer's status, answering pod (from a [`RouteEcho`] JSON
+    /// body), `Retry-After` and time.
+    pub async fn curl_many(&self, args: &[&str], url: &str, count: usize) -> Vec<ManyAnswer> {
         let mut command = self.netns.command(&[
             "curl",
             "--silent",
@@ -487,7 +497,7 @@ impl MeshPod {
             "--max-time",
             "60",
             "--write-out",
-            "\n%{http_code}\n",
+            "\n%{http_code} %{time_total} [%header{retry-after}]\n",
         ]);
         command.args(args);
         for _ in 0..count {
@@ -496,16 +506,33 @@ impl MeshPod {
         let out = tokio::process::Command::from(command)
             .output()
             .await
-            .unwrap_or_else(|e| panic!("running a command in {}: {e}", self.spec.name));
+            .unwrap_or_else(|e| panic!("running curl in {}: {e}", self.spec.name));
         let text = String::from_utf8_lossy(&out.stdout);
         let mut answers = Vec::new();
         let mut pod = String::new();
         for line in text.lines().filter(|l| !l.is_empty()) {
-            if let Ok(status) = line.parse::<u16>() {
-                answers.push((status, std::mem::take(&mut pod)));
-            } else if let Ok(body) = serde_json::from_str::<Value>(line) {
+            if let Ok(body) = serde_json::from_str::<Value>(line)
+                && body.is_object()
+            {
                 pod = body["pod"].as_str().unwrap_or_default().to_owned();
+                continue;
             }
+            let mut fields = line.splitn(3, ' ');
+            let (Some(status), Some(seconds), Some(retry_after)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            let (Ok(status), Ok(seconds)) = (status.parse::<u16>(), seconds.parse::<f64>()) else {
+                continue;
+            };
+            let retry_after = retry_after.trim_start_matches('[').trim_end_matches(']');
+            answers.push(ManyAnswer {
+                status,
+                pod: std::mem::take(&mut pod),
+                retry_after: (!retry_after.is_empty()).then(|| retry_after.to_owned()),
+                time: Duration::from_secs_f64(seconds),
+            });
         }
         assert_eq!(
             answers.len(),
@@ -625,18 +652,40 @@ impl CurlAnswer {
     }
 }
 
+/// One answer of [`MeshPod::curl_many`].
+#[derive(Clone, Debug)]
+pub struct ManyAnswer {
+    pub status: u16,
+    /// The pod whose echo answered ("" if none did).
+    pub pod: String,
+    pub retry_after: Option<String>,
+    /// From sending the request to the end of its answer, as curl measured it.
+    pub time: Duration,
+}
+
 /// The `(pod name, count)` of answers, for printing and checking shares.
-pub fn count_by_pod(answers: &[(u16, String)]) -> BTreeMap<String, usize> {
+pub fn count_by_pod(answers: &[ManyAnswer]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
-    for (_, pod) in answers {
-        *counts.entry(pod.clone()).or_default() += 1;
+    for answer in answers {
+        *counts.entry(answer.pod.clone()).or_default() += 1;
     }
     counts
 }
 
-/// How long `f` took, and its result.
-pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
-    let started = Instant::now();
-    let value = f();
-    (value, started.elapsed())
+/// The sum of the samples of `name` whose labels include every one of `labels`, in Prometheus
+/// text `text` (label order and the other labels do not matter).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, rest) = series.split_once('{').unwrap_or((series, "}"));
+            (series_name == name).then_some(())?;
+            let set = rest.strip_suffix('}')?;
+            labels
+                .iter()
+                .all(|(k, v)| set.split(',').any(|pair| pair == format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
