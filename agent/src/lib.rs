@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod peer;
 pub mod policy_feed;
 pub mod push_stream;
+pub mod routes;
 pub mod sds;
 pub mod server;
 pub mod services;

@@ -973,42 +973,58 @@ impl MeshDiscovery for MeshApi {
     }
 }
 
-/// One stream of a part of the published state (`WatchMembers`, `WatchServices`): its first
-/// message once the sources have synced, then one for each state that changed that part. The
-/// receiver always holds the newest state, so a slow reader gets the latest, not a backlog.
-pub(crate) struct StateFeed<M> {
-    state: watch::Receiver<Arc<MeshState>>,
+/// A published state that says whether its sources have all delivered their initial state:
+/// nothing is streamed before then.
+pub(crate) trait Synced: Send + Sync + 'static {
+    fn is_synced(&self) -> bool;
+}
+
+impl Synced for MeshState {
+    fn is_synced(&self) -> bool {
+        MeshState::is_synced(self)
+    }
+}
+
+/// The message that takes a client holding the first state (None: nothing yet) to the second;
+/// None if this stream's part did not change. A closure, so that a stream can capture what it
+/// serves to whom (the routes' client scope).
+pub(crate) type StateMessage<S, M> = Box<dyn Fn(Option<&S>, &S) -> Option<M> + Send + Sync>;
+
+/// One stream of a part of a published state (`WatchMembers`, `WatchServices`, `WatchRoutes`):
+/// its first message once the sources have synced, then one for each state that changed that
+/// part. The receiver always holds the newest state, so a slow reader gets the latest, not a
+/// backlog.
+pub(crate) struct StateFeed<S, M> {
+    state: watch::Receiver<Arc<S>>,
     /// Whether the state has not been looked at yet: the first message goes out without
     /// waiting for a change.
     unseen: bool,
     /// What the client holds: the state of the last message sent.
-    sent: Option<Arc<MeshState>>,
-    /// The message that takes a client holding `sent` (None: nothing yet) to `state`; None if
-    /// this stream's part did not change.
-    message: fn(Option<&MeshState>, &MeshState) -> Option<M>,
+    sent: Option<Arc<S>>,
+    message: StateMessage<S, M>,
     pushes: Counter,
     _open: OpenStream,
 }
 
-impl<M> StateFeed<M> {
+impl<S, M> StateFeed<S, M> {
     pub(crate) fn new(
-        state: watch::Receiver<Arc<MeshState>>,
+        state: watch::Receiver<Arc<S>>,
         metrics: &Metrics,
         api: SocketApi,
-        message: fn(Option<&MeshState>, &MeshState) -> Option<M>,
-    ) -> StateFeed<M> {
+        message: impl Fn(Option<&S>, &S) -> Option<M> + Send + Sync + 'static,
+    ) -> StateFeed<S, M> {
         StateFeed {
             state,
             unseen: true,
             sent: None,
-            message,
+            message: Box::new(message),
             pushes: metrics.pushes.get_or_create(&ApiLabels { api }).clone(),
             _open: OpenStream::new(metrics, api),
         }
     }
 }
 
-impl<M: Send + 'static> PushFeed for StateFeed<M> {
+impl<S: Synced, M: Send + 'static> PushFeed for StateFeed<S, M> {
     type Message = M;
     type Error = MeshError;
 

@@ -21,6 +21,7 @@ pub enum SocketApi {
     Mesh,
     Services,
     Policy,
+    Routes,
 }
 
 impl SocketApi {
@@ -31,6 +32,7 @@ impl SocketApi {
             SocketApi::Mesh => "mesh",
             SocketApi::Services => "services",
             SocketApi::Policy => "policy",
+            SocketApi::Routes => "routes",
         }
     }
 }

@@ -17,7 +17,7 @@
 //!   watcher's backoff, at most 30 s apart), so that its objects apply once the CRD appears.
 //! - `--policy-file` ([`PolicyFile`]): the same objects in a multi-document YAML file, re-read
 //!   every [`FILE_POLL_INTERVAL`]; an invalid edit is logged and counted, and the last good
-//!   objects stay.
+//!   objects stay. The route kinds in it are skipped here and read by [`crate::routes`].
 //!
 //! An object in both (same kind, namespace and name) is taken from the cluster. Nothing is
 //! published until every source has delivered its initial state: a proxy given part of the
@@ -265,7 +265,10 @@ fn parse_file(contents: &[u8]) -> Result<Objects, PolicyError> {
         if value.is_null() {
             continue;
         }
-        let (key, object) = file_object(value).map_err(invalid)?;
+        // Routes and traffic policies share the file; the route feed reads them.
+        let Some((key, object)) = file_object(value).map_err(invalid)? else {
+            continue;
+        };
         if let Some(first) = documents.insert(key.clone(), number) {
             return Err(PolicyError::Duplicate {
                 document: number,
@@ -278,13 +281,21 @@ fn parse_file(contents: &[u8]) -> Result<Objects, PolicyError> {
     Ok(objects)
 }
 
-/// One document of a policy file: a whole object, checked as far as the agent reads it.
-fn file_object(document: Value) -> Result<(ObjectKey, PolicyObject), String> {
+/// One document of a policy file: a whole object, checked as far as the agent reads it;
+/// `None` for one of the route kinds ([`sigil_policy::file::ROUTE_KINDS`]), which
+/// [`crate::routes`] reads.
+fn file_object(document: Value) -> Result<Option<(ObjectKey, PolicyObject)>, String> {
     let Value::Object(mut fields) = document else {
         return Err(
             "not a mapping; each document is one object (apiVersion, kind, metadata, spec)".into(),
         );
     };
+    if let (Some(Value::String(api_version)), Some(Value::String(kind))) =
+        (fields.get("apiVersion"), fields.get("kind"))
+        && sigil_policy::file::is_route_kind(api_version, kind)
+    {
+        return Ok(None);
+    }
     if let Some(unknown) = fields
         .keys()
         .find(|field| !DOCUMENT_FIELDS.contains(&field.as_str()))
@@ -323,7 +334,7 @@ fn file_object(document: Value) -> Result<(ObjectKey, PolicyObject), String> {
     let spec = fields.remove("spec").unwrap_or(Value::Null);
     let selector = match_labels(&spec)?;
     let object = PolicyObject::new(&envelope, spec, selector);
-    Ok((envelope.key, object))
+    Ok(Some((envelope.key, object)))
 }
 
 /// The non-empty string at `value`, or what is wrong with it.
@@ -381,9 +392,7 @@ impl ClusterKind {
             }
             // The resource is not served: nothing of this kind exists. The watcher retries the
             // list, which succeeds once the CRD is installed.
-            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
-                if status.code == NOT_FOUND =>
-            {
+            Err(e) if not_served(&e) => {
                 if !self.missing {
                     warn!(%kind, resource = %format!("{}.{GROUP}", kind.plural()), "the policy resource is not served (no CRD); {CRDS_MISSING}. Until then there are no cluster policies of this kind");
                 }
@@ -396,6 +405,12 @@ impl ClusterKind {
             }
         }
     }
+}
+
+/// Whether a watch failed because its resource is not served (its CRD is not installed): its
+/// list answered 404. The watcher retries the list, which succeeds once the CRD is installed.
+pub(crate) fn not_served(error: &watcher::Error) -> bool {
+    matches!(error, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == NOT_FOUND)
 }
 
 /// What names a cluster object (see [`cluster::envelope`]).

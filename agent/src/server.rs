@@ -1,7 +1,8 @@
 //! `sigil agent run`: wires the CA client, the trust-bundle stream, the certificate manager, the
 //! attestor (and, in Kubernetes, the watch of this node's pods that drives prefetching), the mesh
-//! membership and meshed Services, the policy feed and the socket serving SDS, the SPIFFE
-//! Workload API, the membership, the meshed Services and the policies, plus the admin endpoint. On SIGTERM it reports not ready at once
+//! membership and meshed Services, the policy feed, the route feed and the socket serving SDS,
+//! the SPIFFE Workload API, the membership, the meshed Services, the policies and the routes,
+//! plus the admin endpoint. On SIGTERM it reports not ready at once
 //! (the DaemonSet rollout waits on it), serves on for [`SHUTDOWN_GRACE`] (so nothing connecting
 //! meanwhile hangs on a socket no one accepts on), then closes what is open and exits.
 
@@ -35,6 +36,7 @@ use crate::mesh::{self, MeshApi, MeshError, MeshFile, MeshState};
 use crate::metrics::Metrics;
 use crate::peer::{ConnectionSlots, Workloads};
 use crate::policy_feed::{self, PolicyApi, PolicyError, PolicyFile, PolicySnapshot};
+use crate::routes::{self, RouteError, RouteFile, RoutesApi};
 use crate::sds::Sds;
 use crate::services::ServicesApi;
 use crate::workload_api::WorkloadApi;
@@ -79,6 +81,8 @@ pub enum AgentError {
     MeshFile { path: String, reason: MeshError },
     #[error("--policy-file {path}: {reason}")]
     PolicyFile { path: String, reason: PolicyError },
+    #[error("--policy-file {path}: {reason}")]
+    RouteFile { path: String, reason: RouteError },
     #[error("--attestor k8s needs --node-name (or NODE_NAME)")]
     NoNodeName,
     #[error("connecting to the Kubernetes API: {0}")]
@@ -123,6 +127,17 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
         .as_deref()
         .map(|path| {
             PolicyFile::load(path).map_err(|reason| AgentError::PolicyFile {
+                path: path.display().to_string(),
+                reason,
+            })
+        })
+        .transpose()?;
+    // The same file's routes and traffic policies, for the route feed.
+    let route_file = config
+        .policy_file
+        .as_deref()
+        .map(|path| {
+            RouteFile::load(path).map_err(|reason| AgentError::RouteFile {
                 path: path.display().to_string(),
                 reason,
             })
@@ -213,9 +228,20 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
     );
     let policies = policy_feed::spawn(
         policy_feed::Sources {
-            kubernetes: kube_client,
+            kubernetes: kube_client.clone(),
             file: policy_file,
         },
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    // Not a readiness condition: a proxy without routes balances over each Service as before,
+    // and the Gateway API CRDs may never be installed.
+    let route_state = routes::spawn(
+        routes::Sources {
+            kubernetes: kube_client,
+            file: route_file,
+        },
+        mesh.clone(),
         metrics.clone(),
         shutdown.clone(),
     );
@@ -227,7 +253,7 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
         metrics.clone(),
     );
     let listener = bind_socket(&config.socket)?;
-    info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS, the SPIFFE Workload API, the mesh membership, the meshed Services and the policy feed");
+    info!(socket = %config.socket.display(), admin = %config.admin_addr, "serving SDS, the SPIFFE Workload API, the mesh membership, the meshed Services, the policy feed and the route feed");
 
     let ready_rx = readiness(
         contacted_rx,
@@ -256,6 +282,7 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
         .add_service(WorkloadApi::new(workloads.clone()).into_service())
         .add_service(MeshApi::new(workloads.clone(), mesh.clone()).into_service())
         .add_service(ServicesApi::new(workloads.clone(), mesh).into_service())
+        .add_service(RoutesApi::new(workloads.clone(), route_state).into_service())
         .add_service(PolicyApi::new(workloads.clone(), policies, pods_synced).into_service())
         .add_service(Admin::new(workloads).into_service())
         .serve_with_incoming_shutdown(

@@ -446,7 +446,10 @@ impl ServiceDiscovery for ServicesApi {
 
 /// One `WatchServices` stream: the whole table at once (once synced), then what changed since
 /// the last message, skipping the states that changed nothing here.
-fn feed(state: watch::Receiver<Arc<MeshState>>, metrics: &Metrics) -> StateFeed<ServiceUpdate> {
+fn feed(
+    state: watch::Receiver<Arc<MeshState>>,
+    metrics: &Metrics,
+) -> StateFeed<MeshState, ServiceUpdate> {
     StateFeed::new(
         state,
         metrics,

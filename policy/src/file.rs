@@ -1,6 +1,8 @@
 //! Policy files: multi-document YAML (`---` separated) of AuthorizationPolicy and
 //! PeerAuthentication objects, exactly as `kubectl apply -f` takes them. Outside Kubernetes this
-//! is where policies come from. Every error names the file, the document (counted from 1), and
+//! is where policies come from. The same file may also hold the route kinds
+//! ([`ROUTE_KINDS`]: Gateway API routes, sigil's traffic policies), which `sigil_route` reads and
+//! this reader skips. Every error names the file, the document (counted from 1), and
 //! the object's kind and `namespace/name` when known; every bad document is reported, not just
 //! the first (a YAML syntax error ends the scan, since nothing after it can be trusted).
 
@@ -14,6 +16,23 @@ use serde_yaml::Value;
 use crate::engine::PolicySet;
 use crate::model::{self, Kind, Object};
 use crate::validate;
+
+/// The kinds a policy file may hold beside policies, as (API group, kind): read by
+/// `sigil_route` (the agent's route feed, `sigil inspect route`), skipped by the policy readers.
+pub const ROUTE_KINDS: [(&str, &str); 5] = [
+    ("gateway.networking.k8s.io", "HTTPRoute"),
+    ("gateway.networking.k8s.io", "GRPCRoute"),
+    ("gateway.networking.k8s.io", "ReferenceGrant"),
+    ("sigil.dev", "BackendPolicy"),
+    ("sigil.dev", "RateLimitPolicy"),
+];
+
+/// Whether a document with this `apiVersion` (`<group>/<version>`) and `kind` is one of the
+/// [`ROUTE_KINDS`], whatever its version (the route reader judges that).
+pub fn is_route_kind(api_version: &str, kind: &str) -> bool {
+    let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+    ROUTE_KINDS.contains(&(group, kind))
+}
 
 /// A problem with one document of a policy file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,6 +151,11 @@ fn parse_objects(text: &str) -> (Vec<(usize, Object)>, Vec<DocumentProblem>) {
                 .and_then(Value::as_str)
                 .map(str::to_owned)
         };
+        if let (Some(api_version), Some(kind)) = (text_at(&["apiVersion"]), text_at(&["kind"]))
+            && is_route_kind(&api_version, &kind)
+        {
+            continue;
+        }
         let namespace = text_at(&["metadata", "namespace"]).unwrap_or_else(|| "?".into());
         let name = text_at(&["metadata", "name"]).unwrap_or_else(|| "?".into());
         let kind = match text_at(&["kind"]) {
@@ -147,7 +171,7 @@ fn parse_objects(text: &str) -> (Vec<(usize, Object)>, Vec<DocumentProblem>) {
                 None => {
                     problems.push(problem(
                         format!("{kind} {namespace}/{name}"),
-                        format!("unknown kind {kind:?}: sigil policy files hold only AuthorizationPolicy and PeerAuthentication"),
+                        format!("unknown kind {kind:?}: sigil policy files hold AuthorizationPolicy and PeerAuthentication (and the route kinds HTTPRoute, GRPCRoute, ReferenceGrant, BackendPolicy, RateLimitPolicy)"),
                     ));
                     continue;
                 }
@@ -245,6 +269,28 @@ spec:
             .map(|p| p.name().to_string())
             .collect();
         assert_eq!(peers, ["demo/web", "sigil-system/strict"]);
+    }
+
+    #[test]
+    fn route_kinds_beside_policies_are_skipped_whatever_their_version() {
+        let routes = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+                      metadata: {name: web, namespace: demo}\nspec: {parentRefs: [{kind: Service, name: web}]}\n\
+                      ---\napiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\n\
+                      metadata: {name: g, namespace: demo}\n\
+                      ---\napiVersion: sigil.dev/v1alpha1\nkind: RateLimitPolicy\n\
+                      metadata: {name: r, namespace: demo}\n";
+        let set = parse_policy_set(&format!("{GOOD}{routes}")).unwrap();
+        assert_eq!(set.authorization_policies().count(), 1);
+        assert_eq!(set.peer_authentications().count(), 2);
+        // A kind of another group is still refused, even with a route kind's name.
+        assert_eq!(
+            problems(
+                "apiVersion: example.com/v1\nkind: HTTPRoute\nmetadata: {name: a, namespace: demo}\n"
+            ),
+            [
+                "document 1 (HTTPRoute demo/a): unknown kind \"HTTPRoute\": sigil policy files hold AuthorizationPolicy and PeerAuthentication (and the route kinds HTTPRoute, GRPCRoute, ReferenceGrant, BackendPolicy, RateLimitPolicy)"
+            ]
+        );
     }
 
     #[test]

@@ -72,6 +72,16 @@ impl ServiceKey {
     }
 }
 
+/// The same Service as the routes name it.
+impl From<&ServiceKey> for sigil_route::ServiceRef {
+    fn from(key: &ServiceKey) -> sigil_route::ServiceRef {
+        sigil_route::ServiceRef {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+        }
+    }
+}
+
 impl fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)

@@ -19,21 +19,30 @@
 //! The endpoints follow the Service table at once: an endpoint that takes new requests is
 //! chosen from the next pick on; one that leaves, turns unready or terminating is never chosen
 //! again, while what was sent to it finishes ([`Pending`] holds its own reference).
+//!
+//! Each balancer also follows its Service's `outlierDetection` (from the routes the agent sends,
+//! [`outlier`]): the outcome of every request or connection is reported
+//! ([`EndpointLoad::report`]), an endpoint that fails too often is ejected, and the two choices
+//! are drawn among the endpoints not ejected (a probing one only while it has nothing pending).
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
 use sigil_identity::SpiffeId;
+use sigil_proxy_api::routes::RouteTable;
 use sigil_proxy_api::services::{MeshService, ServiceKey, ServicePort, ServiceTable};
+use sigil_route::{OutlierDetection, ServiceRef};
 use tokio::sync::watch;
 
 use crate::metrics::{EndpointLabels, Metrics, ServiceLabels};
+
+mod outlier;
 
 /// How fast an endpoint's latency average forgets: a response this old weighs 1/e.
 pub const DECAY: Duration = Duration::from_secs(1);
@@ -66,14 +75,19 @@ pub struct EndpointLoad {
     pub id: SpiffeId,
     pending: AtomicI64,
     rtt: Mutex<PeakEwma>,
+    health: outlier::Health,
+    /// Where outcomes are judged; gone once the balancer is.
+    balancer: Weak<Balancer>,
 }
 
 impl EndpointLoad {
-    fn new(addr: SocketAddr, id: SpiffeId, now: Instant) -> EndpointLoad {
+    fn new(addr: SocketAddr, id: SpiffeId, balancer: Weak<Balancer>, now: Instant) -> EndpointLoad {
         EndpointLoad {
             addr,
             id,
             pending: AtomicI64::new(0),
+            health: outlier::Health::default(),
+            balancer,
             rtt: Mutex::new(PeakEwma {
                 estimate_ns: DEFAULT_RTT.as_nanos() as f64,
                 measured: false,
@@ -175,12 +189,39 @@ pub enum Outcome {
     NoAnswer,
 }
 
+impl Outcome {
+    /// The outcome of a response with HTTP `status` and, for gRPC, `grpc_status` (as far as
+    /// known: the header of a trailers-only response, or the trailer).
+    pub fn of_response(status: u16, grpc_status: Option<u32>) -> Outcome {
+        // UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS; DEADLINE_EXCEEDED and PERMISSION_DENIED
+        // are more often the caller's doing than the endpoint's.
+        const GRPC_FAILURES: [u32; 4] = [2, 13, 14, 15];
+        match status {
+            502..=504 => Outcome::Failure { gateway: true },
+            500..=599 => Outcome::Failure { gateway: false },
+            _ if grpc_status.is_some_and(|code| GRPC_FAILURES.contains(&code)) => {
+                Outcome::Failure { gateway: false }
+            }
+            _ => Outcome::Success,
+        }
+    }
+}
+
 impl EndpointLoad {
     /// Counts an outcome in this endpoint's outlier detection (ejects it when its Service's
     /// policy says so). Called when the outcome is known: at the response head, or at the end
     /// of a gRPC response's trailers.
     pub fn report(&self, outcome: Outcome) {
-        let _ = outcome;
+        self.report_at(outcome, Instant::now());
+    }
+
+    fn report_at(&self, outcome: Outcome, now: Instant) {
+        let Some(balancer) = self.balancer.upgrade() else {
+            return;
+        };
+        if let Some(verdict) = self.health.count(outcome, &balancer.limits) {
+            balancer.judge(self, verdict, now);
+        }
     }
 }
 
@@ -224,13 +265,18 @@ impl Drop for Pending {
 #[derive(Debug)]
 pub struct Balancer {
     pub service: ServiceKey,
+    /// Given to its endpoints, which report to it.
+    me: Weak<Balancer>,
     state: Mutex<BalancerState>,
+    limits: outlier::Limits,
+    events: outlier::Events,
     pending_gauge: Gauge,
     ready_gauge: Gauge,
     draining_gauge: Gauge,
+    ejected_gauge: Gauge,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct BalancerState {
     /// The Service as last synced with (compared by pointer: the table never changes one).
     synced: Option<Arc<MeshService>>,
@@ -240,10 +286,11 @@ struct BalancerState {
     draining: Vec<Arc<EndpointLoad>>,
     reported_ready: i64,
     reported_draining: i64,
+    outlier: outlier::Detector,
 }
 
 impl Balancer {
-    fn new(service: ServiceKey, metrics: &Metrics) -> Balancer {
+    fn new(service: ServiceKey, metrics: &Metrics) -> Arc<Balancer> {
         let label = service.to_string();
         let endpoints = |state| {
             metrics
@@ -254,7 +301,10 @@ impl Balancer {
                 })
                 .clone()
         };
-        Balancer {
+        Arc::new_cyclic(|me| Balancer {
+            me: me.clone(),
+            limits: outlier::Limits::default(),
+            events: outlier::Events::new(&label, metrics),
             pending_gauge: metrics
                 .balancer_pending
                 .get_or_create(&ServiceLabels {
@@ -263,9 +313,41 @@ impl Balancer {
                 .clone(),
             ready_gauge: endpoints("ready"),
             draining_gauge: endpoints("draining"),
+            ejected_gauge: endpoints("ejected"),
             service,
-            state: Mutex::default(),
-        }
+            state: Mutex::new(BalancerState {
+                synced: None,
+                ready: Vec::new(),
+                draining: Vec::new(),
+                reported_ready: 0,
+                reported_draining: 0,
+                outlier: outlier::Detector::new(Instant::now()),
+            }),
+        })
+    }
+
+    /// Takes the Service's outlier detection policy (None: no endpoint is ejected).
+    pub fn set_policy(&self, policy: Option<&OutlierDetection>) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let state = &mut *state;
+        state
+            .outlier
+            .set_policy(policy, &self.limits, &state.ready, Instant::now());
+        self.report(state);
+    }
+
+    /// Acts on what an outcome reported by `endpoint` asks for.
+    fn judge(&self, endpoint: &EndpointLoad, verdict: outlier::Verdict, now: Instant) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let state = &mut *state;
+        state
+            .outlier
+            .apply(endpoint, verdict, &state.ready, now, &self.events);
+        self.report(state);
     }
 
     /// Takes `service`'s endpoints at `port` as they are now (a no-op if it is the Service
@@ -293,61 +375,44 @@ impl Balancer {
                 continue;
             };
             let key = (SocketAddr::new(endpoint.ip, target), endpoint.id.clone());
-            let load = previous
-                .remove(&key)
-                .unwrap_or_else(|| Arc::new(EndpointLoad::new(key.0, key.1.clone(), now)));
+            let load = previous.remove(&key).unwrap_or_else(|| {
+                Arc::new(EndpointLoad::new(
+                    key.0,
+                    key.1.clone(),
+                    self.me.clone(),
+                    now,
+                ))
+            });
             ready.push(load);
         }
         state.draining.extend(previous.into_values());
         state.ready = ready;
         state.synced = Some(service.clone());
-        self.report(&mut state);
+        let state = &mut *state;
+        state.outlier.recount(&state.ready);
+        self.report(state);
     }
 
     /// The endpoint for a new request or connection, counted as pending; None if no endpoint
     /// takes new requests.
     pub fn pick(&self) -> Option<Pending> {
+        self.pick_at(Instant::now())
+    }
+
+    fn pick_at(&self, now: Instant) -> Option<Pending> {
         let mut state = self.state.lock().ok()?;
-        let chosen = {
-            let ready = &state.ready;
-            match ready.len() {
-                0 => None,
-                1 => Some(ready[0].clone()),
-                n => {
-                    let (a, b) = two_distinct(n);
-                    let now = Instant::now();
-                    let (a, b) = (&ready[a], &ready[b]);
-                    // An endpoint not measured yet counts as the mean of those measured: tried
-                    // at once, not preferred (at the default beside endpoints measured faster
-                    // it would lose every comparison until its estimate decayed).
-                    let mut mean = None;
-                    let mut unmeasured = || {
-                        *mean.get_or_insert_with(|| {
-                            let measured: Vec<f64> =
-                                ready.iter().filter_map(|e| e.measured_ns(now)).collect();
-                            if measured.is_empty() {
-                                DEFAULT_RTT.as_nanos() as f64
-                            } else {
-                                measured.iter().sum::<f64>() / measured.len() as f64
-                            }
-                        })
-                    };
-                    // `a` is as random as `b`: a tie goes to the draw.
-                    let (load_a, load_b) =
-                        (a.load(now, &mut unmeasured), b.load(now, &mut unmeasured));
-                    Some(if load_b < load_a * (1.0 - TIE) { b } else { a }.clone())
-                }
-            }
-        };
+        let state = &mut *state;
+        state.outlier.tick(&state.ready, now, &self.events);
+        let chosen = choose(&state.outlier.candidates(&state.ready), now);
         // Draining endpoints are forgotten once their last request is done.
-        self.report(&mut state);
-        drop(state);
+        self.report(state);
         let endpoint = chosen?;
+        // Counted before the lock is let go: a probing endpoint takes one request at a time.
         endpoint.pending.fetch_add(1, Ordering::Relaxed);
         self.pending_gauge.inc();
         Some(Pending {
             endpoint,
-            sent: Instant::now(),
+            sent: now,
             gauge: self.pending_gauge.clone(),
         })
     }
@@ -360,7 +425,9 @@ impl Balancer {
         let ready = std::mem::take(&mut state.ready);
         state.draining.extend(ready);
         state.synced = None;
-        self.report(&mut state);
+        let state = &mut *state;
+        state.outlier.recount(&state.ready);
+        self.report(state);
     }
 
     /// The endpoints that take new requests now.
@@ -380,6 +447,7 @@ impl Balancer {
             .inc_by(draining - state.reported_draining);
         state.reported_ready = ready;
         state.reported_draining = draining;
+        state.outlier.report(&self.ejected_gauge);
     }
 }
 
@@ -388,6 +456,39 @@ impl Drop for Balancer {
         if let Ok(state) = self.state.lock() {
             self.ready_gauge.dec_by(state.reported_ready);
             self.draining_gauge.dec_by(state.reported_draining);
+            self.ejected_gauge.dec_by(state.outlier.reported());
+        }
+    }
+}
+
+/// Of two endpoints of `endpoints` drawn at random, the less loaded one.
+fn choose(endpoints: &[Arc<EndpointLoad>], now: Instant) -> Option<Arc<EndpointLoad>> {
+    match endpoints.len() {
+        0 => None,
+        1 => Some(endpoints[0].clone()),
+        n => {
+            let (a, b) = two_distinct(n);
+            let (a, b) = (&endpoints[a], &endpoints[b]);
+            // An endpoint not measured yet counts as the mean of those measured: tried at once,
+            // not preferred (at the default beside endpoints measured faster it would lose every
+            // comparison until its estimate decayed).
+            let mut mean = None;
+            let mut unmeasured = || {
+                *mean.get_or_insert_with(|| {
+                    let measured: Vec<f64> = endpoints
+                        .iter()
+                        .filter_map(|e| e.measured_ns(now))
+                        .collect();
+                    if measured.is_empty() {
+                        DEFAULT_RTT.as_nanos() as f64
+                    } else {
+                        measured.iter().sum::<f64>() / measured.len() as f64
+                    }
+                })
+            };
+            // `a` is as random as `b`: a tie goes to the draw.
+            let (load_a, load_b) = (a.load(now, &mut unmeasured), b.load(now, &mut unmeasured));
+            Some(if load_b < load_a * (1.0 - TIE) { b } else { a }.clone())
         }
     }
 }
@@ -423,6 +524,22 @@ fn random_below(n: usize) -> usize {
 pub struct Balancers {
     metrics: Arc<Metrics>,
     by_port: Mutex<HashMap<(ServiceKey, u16), Arc<Balancer>>>,
+    /// The routes last received, for the outlier detection policy of balancers made later.
+    routes: Mutex<Option<Arc<RouteTable>>>,
+}
+
+/// The outlier detection policy `routes` gives `service`.
+fn policy_of<'a>(
+    routes: &'a Option<Arc<RouteTable>>,
+    service: &ServiceKey,
+) -> Option<&'a OutlierDetection> {
+    routes
+        .as_ref()?
+        .routes
+        .backends
+        .get(&ServiceRef::from(service))?
+        .outlier_detection
+        .as_ref()
 }
 
 impl Balancers {
@@ -430,6 +547,7 @@ impl Balancers {
         Balancers {
             metrics,
             by_port: Mutex::default(),
+            routes: Mutex::default(),
         }
     }
 
@@ -439,7 +557,12 @@ impl Balancers {
             let mut by_port = self.by_port.lock().unwrap_or_else(|e| e.into_inner());
             by_port
                 .entry((service.key.clone(), port.port))
-                .or_insert_with(|| Arc::new(Balancer::new(service.key.clone(), &self.metrics)))
+                .or_insert_with(|| {
+                    let balancer = Balancer::new(service.key.clone(), &self.metrics);
+                    let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+                    balancer.set_policy(policy_of(&routes, &service.key));
+                    balancer
+                })
                 .clone()
         };
         balancer.sync(service, port);
@@ -450,13 +573,46 @@ impl Balancers {
     /// that the requests of connections open for long (one HTTP/2 connection can carry all of
     /// an application's requests) see endpoints come and go at once: each balancer takes its
     /// Service's endpoints from every new table, and one whose Service or port is gone is
-    /// cleared and forgotten (its connections' next requests get 503).
-    pub async fn follow(self: Arc<Self>, mut services: watch::Receiver<Option<Arc<ServiceTable>>>) {
-        while services.changed().await.is_ok() {
-            let table = services.borrow_and_update().clone();
-            if let Some(table) = table {
-                self.sync_all(&table);
+    /// cleared and forgotten (its connections' next requests get 503). Each balancer also
+    /// takes its Service's outlier detection policy from every new route table.
+    pub async fn follow(
+        self: Arc<Self>,
+        mut services: watch::Receiver<Option<Arc<ServiceTable>>>,
+        mut routes: watch::Receiver<Option<Arc<RouteTable>>>,
+    ) {
+        let current = routes.borrow_and_update().clone();
+        self.set_routes(current);
+        let mut routes_open = true;
+        loop {
+            tokio::select! {
+                changed = services.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let table = services.borrow_and_update().clone();
+                    if let Some(table) = table {
+                        self.sync_all(&table);
+                    }
+                }
+                changed = routes.changed(), if routes_open => match changed {
+                    Ok(()) => {
+                        let table = routes.borrow_and_update().clone();
+                        self.set_routes(table);
+                    }
+                    // The routes keep their last state; the endpoints are still followed.
+                    Err(_) => routes_open = false,
+                },
             }
+        }
+    }
+
+    /// Gives every balancer its Service's outlier detection policy from `routes` (None: the
+    /// routes are not known yet, so no policy).
+    fn set_routes(&self, routes: Option<Arc<RouteTable>>) {
+        *self.routes.lock().unwrap_or_else(|e| e.into_inner()) = routes.clone();
+        let by_port = self.by_port.lock().unwrap_or_else(|e| e.into_inner());
+        for ((key, _), balancer) in by_port.iter() {
+            balancer.set_policy(policy_of(&routes, key));
         }
     }
 

@@ -216,9 +216,17 @@ pub struct ServiceLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     pub service: String,
-    /// `ready` (takes new requests) or `draining` (terminating, unready or removed: finishes
-    /// what it has).
+    /// `ready` (takes new requests), `draining` (terminating, unready or removed: finishes
+    /// what it has) or `ejected` (those of the ready ones that outlier detection holds out).
     pub state: &'static str,
+}
+
+/// Why a destination Service's endpoint was ejected.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    pub service: String,
+    /// `consecutive`, `gateway` or `rate`.
+    pub reason: &'static str,
 }
 
 /// Upper bounds of the request latency histogram, seconds: 1 ms to 10 s.
@@ -278,6 +286,9 @@ pub struct Metrics {
     pub balancer_pending: Family<ServiceLabels, Gauge>,
     pub no_endpoints: Family<ServiceLabels, Counter>,
     pub detect_timeouts: Family<DirectionLabels, Counter>,
+    // outlier (issue 15, circuit breaking)
+    pub endpoint_ejections: Family<EjectionLabels, Counter>,
+    pub endpoint_readmissions: Family<ServiceLabels, Counter>,
 }
 
 impl Metrics {
@@ -315,6 +326,9 @@ impl Metrics {
             balancer_pending: Family::default(),
             no_endpoints: Family::default(),
             detect_timeouts: Family::default(),
+            // outlier (issue 15, circuit breaking)
+            endpoint_ejections: Family::default(),
+            endpoint_readmissions: Family::default(),
         };
         registry.register_collector(Box::new(ProcessMetrics::default()));
         let r = registry.sub_registry_with_prefix(names::PREFIX);
@@ -462,8 +476,9 @@ impl Metrics {
         );
         r.register(
             "balancer_endpoints",
-            "A destination Service's endpoints in its balancer: ready (takes new requests) or \
-             draining (finishes what it has)",
+            "A destination Service's endpoints in its balancer: ready (takes new requests per \
+             the Service's endpoints), draining (finishes what it has), ejected (of the ready \
+             ones, held out by outlier detection)",
             metrics.balancer_endpoints.clone(),
         );
         r.register(
@@ -483,6 +498,20 @@ impl Metrics {
             "Connections on a port with no declared protocol whose client sent too little to tell \
              its protocol within the detection timeout, forwarded as opaque TCP",
             metrics.detect_timeouts.clone(),
+        );
+        // outlier (issue 15, circuit breaking)
+        r.register(
+            "endpoint_ejections",
+            "Endpoints of a destination Service ejected by its outlier detection, by reason: \
+             consecutive (failures in a row, or a failed probe), gateway (502, 503, 504 or no \
+             answer in a row), rate (failure percentage of an interval)",
+            metrics.endpoint_ejections.clone(),
+        );
+        r.register(
+            "endpoint_readmissions",
+            "Ejected endpoints of a destination Service taken back after a successful probe \
+             request",
+            metrics.endpoint_readmissions.clone(),
         );
         metrics
     }

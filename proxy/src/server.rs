@@ -217,7 +217,12 @@ pub async fn run(
             config.max_inbound_connections as usize,
         )),
     };
-    tokio::spawn(shared.balancers.clone().follow(shared.services.clone()));
+    tokio::spawn(
+        shared
+            .balancers
+            .clone()
+            .follow(shared.services.clone(), shared.routes.clone()),
+    );
     let tracker = TaskTracker::new();
     let (inbound_stop_tx, inbound_stop) = watch::channel(false);
     let (outbound_stop_tx, outbound_stop) = watch::channel(false);

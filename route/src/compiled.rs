@@ -114,17 +114,78 @@ pub struct HttpMatch {
 #[derive(Clone, Debug)]
 pub enum PathMatch {
     Exact(String),
-    /// Element-wise, a trailing `/` ignored: `/foo` matches `/foo` and `/foo/bar`, not `/foobar`.
+    /// Element-wise, a trailing `/` ignored: `/foo` matches `/foo` and `/foo/bar`, not `/foobar`;
+    /// `/` matches every path.
     Prefix(String),
-    /// Anchored: matches the whole path.
+    /// Already anchored: built with [`PathMatch::regex`] from `^(?:pattern)$`, so that
+    /// [`crate::select`] matches the whole path with `is_match`; [`regex_pattern`] gives back
+    /// the user's pattern.
     Regex(Regex),
 }
 
 #[derive(Clone, Debug)]
 pub enum ValueMatch {
     Exact(String),
-    /// Anchored: matches the whole value.
+    /// Already anchored: built with [`ValueMatch::regex`] from `^(?:pattern)$` (see
+    /// [`PathMatch::Regex`]).
     Regex(Regex),
+}
+
+/// The largest compiled regex a route may carry ([`regex::RegexBuilder::size_limit`]): a pattern
+/// over it is refused (`UnsupportedValue` in status), so that no route costs a proxy megabytes.
+pub const REGEX_SIZE_LIMIT: usize = 64 * 1024;
+
+/// `pattern` compiled to match a whole path or value: `^(?:pattern)$`, at most
+/// [`REGEX_SIZE_LIMIT`]. Every regex of the compiled types is built here (the agent's compiler,
+/// the proxy's wire conversion), so that `is_match` is a whole match everywhere.
+pub fn anchored_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+}
+
+/// The user's pattern of a regex built by [`anchored_regex`] (its `as_str()` is the anchored
+/// form); a regex built otherwise is returned whole.
+pub fn regex_pattern(regex: &Regex) -> &str {
+    let text = regex.as_str();
+    text.strip_prefix("^(?:")
+        .and_then(|rest| rest.strip_suffix(")$"))
+        .unwrap_or(text)
+}
+
+impl PathMatch {
+    /// A `RegularExpression` path match (see [`anchored_regex`]).
+    pub fn regex(pattern: &str) -> Result<PathMatch, regex::Error> {
+        anchored_regex(pattern).map(PathMatch::Regex)
+    }
+}
+
+impl ValueMatch {
+    /// A `RegularExpression` header, query or gRPC match (see [`anchored_regex`]).
+    pub fn regex(pattern: &str) -> Result<ValueMatch, regex::Error> {
+        anchored_regex(pattern).map(ValueMatch::Regex)
+    }
+}
+
+/// As the Gateway API spells it: `PathPrefix /api`, `Exact /a`, `RegularExpression /v[0-9]+`.
+impl fmt::Display for PathMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathMatch::Exact(path) => write!(f, "Exact {path}"),
+            PathMatch::Prefix(prefix) => write!(f, "PathPrefix {prefix}"),
+            PathMatch::Regex(regex) => write!(f, "RegularExpression {}", regex_pattern(regex)),
+        }
+    }
+}
+
+/// `=value` or `~regex`, after a header, query parameter, service or method name.
+impl fmt::Display for ValueMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValueMatch::Exact(value) => write!(f, "={value}"),
+            ValueMatch::Regex(regex) => write!(f, "~{}", regex_pattern(regex)),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -139,8 +139,14 @@ fn a_good_file_parses_skipping_empty_documents() {
              metadata: {{name: default, namespace: sigil-system}}\n\
              spec: {{mtls: {{mode: STRICT}}}}\nstatus: {{observedGeneration: 3}}\n\
              ---\napiVersion: sigil.dev/v1alpha1\nkind: AuthorizationPolicy\n\
-             metadata: {{name: deny-all, namespace: demo}}\n"
+             metadata: {{name: deny-all, namespace: demo}}\n\
+             ---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+             metadata: {{name: web, namespace: demo}}\n\
+             spec: {{parentRefs: [{{kind: Service, name: web}}]}}\n\
+             ---\napiVersion: sigil.dev/v1alpha1\nkind: BackendPolicy\n\
+             metadata: {{name: web, namespace: demo}}\n"
     );
+    // The route kinds are skipped here (the route feed reads them).
     let objects = parse_file(yaml.as_bytes()).unwrap();
     assert_eq!(
         objects.keys().cloned().collect::<Vec<_>>(),

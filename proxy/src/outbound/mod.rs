@@ -23,7 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, EndpointLoad, Outcome};
 use crate::dial::{self, DialError};
 use crate::forward::{self, ConnectionLog, Counted, Prefixed, Shared};
 use crate::l7::{self, HttpVersion, Sniffed};
@@ -94,16 +94,18 @@ pub async fn handle(stream: TcpStream, source: SocketAddr, upstream: Upstream, s
         };
         return forward::splice(&shared, log, Security::Passthrough, stream, upstream).await;
     };
-    mtls_splice(stream, log, destination, expected, &shared).await;
+    mtls_splice(stream, log, destination, expected, None, &shared).await;
 }
 
-/// Originates mTLS to `destination`, whose server must prove one of `expected`, and forwards
+/// Originates mTLS to `destination`, whose server must prove one of `expected` (the dial's
+/// outcome reported to `endpoint`'s outlier detection when it is a balanced one), and forwards
 /// `downstream` over it until either side is done; refusals are counted and logged.
 async fn mtls_splice<D>(
     downstream: D,
     mut log: ConnectionLog,
     destination: SocketAddr,
     expected: BTreeSet<SpiffeId>,
+    endpoint: Option<&EndpointLoad>,
     shared: &Shared,
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
@@ -118,6 +120,13 @@ async fn mtls_splice<D>(
     log.source_identity = Some(state.id.clone());
     let connected = dial::mtls(destination, shared.config.connect_timeout, &state, expected).await;
     drop(state);
+    if let Some(endpoint) = endpoint {
+        endpoint.report(if connected.is_ok() {
+            Outcome::Success
+        } else {
+            Outcome::NoAnswer
+        });
+    }
     match connected {
         Ok((tls_stream, got)) => {
             log.destination_identity = Some(got);
@@ -247,7 +256,15 @@ where
     let endpoint = pending.endpoint().clone();
     debug!(service = %route.service.key, endpoint = %endpoint.addr, "opaque connection to a Service endpoint");
     let expected = BTreeSet::from([endpoint.id.clone()]);
-    mtls_splice(downstream, log, endpoint.addr, expected, &shared).await;
+    mtls_splice(
+        downstream,
+        log,
+        endpoint.addr,
+        expected,
+        Some(&endpoint),
+        &shared,
+    )
+    .await;
     // Counted in the endpoint's load until the connection ends.
     drop(pending);
 }

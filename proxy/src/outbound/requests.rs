@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::ServiceRoute;
-use crate::balance::{Balancer, EndpointLoad};
+use crate::balance::{Balancer, EndpointLoad, Outcome};
 use crate::dial::{self, DialError};
 use crate::forward::{Ended, Shared};
 use crate::l7::request_metrics::{CountedBody, grpc_status};
@@ -188,6 +188,7 @@ impl ServiceCalls {
                     })
                     .inc();
                 warn!(error = %e, service = %self.service, endpoint = %endpoint.addr, "a request to a Service endpoint failed; answered 502");
+                endpoint.report(Outcome::NoAnswer);
                 let mut response = self.local(
                     StatusCode::BAD_GATEWAY,
                     "upstream unavailable",
@@ -200,6 +201,10 @@ impl ServiceCalls {
                 return response;
             }
         };
+        endpoint.report(Outcome::of_response(
+            response.status().as_u16(),
+            grpc_status(response.headers()),
+        ));
         match written {
             Some(written) => pending.answered_since(written),
             None => pending.answered(),

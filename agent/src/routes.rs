@@ -1,0 +1,686 @@
+//! The route feed: Gateway API HTTPRoutes and GRPCRoutes whose parent is a meshed Service
+//! (GAMMA), with the ReferenceGrants they rely on and sigil's BackendPolicy and RateLimitPolicy,
+//! compiled against the meshed Services ([`sigil_route::compile`]) and served on the agent
+//! socket as `sigil.route.v1.RouteDiscovery` to attested workloads, each getting its own view
+//! (consumer routes of its namespace, else the producer routes; the rate limits of the Service
+//! ports it backs).
+//!
+//! One task owns the state and publishes an immutable [`RouteState`] on a `watch` channel
+//! whenever its inputs change; the objects are compiled once per change, not per client. Its
+//! inputs:
+//! - the mesh membership task's [`MeshState`] (its meshed Services become the
+//!   [`Catalog`] routes are judged against);
+//! - Kubernetes (`--attestor k8s`): cluster-wide watches of the five kinds ([`RouteResource`]).
+//!   The Gateway API CRDs are not part of a plain cluster, and an old sigil install may lack the
+//!   sigil.dev ones: a kind whose list is 404 has no objects (logged once, at info, with what to
+//!   install) and keeps being retried with the watcher's backoff (at most 30 s apart). Neither
+//!   this task nor a missing CRD holds back the agent's readiness or its other feeds;
+//! - `--policy-file` ([`RouteFile`]): the same kinds among the policies, re-read every
+//!   [`FILE_POLL_INTERVAL`]; an invalid edit is logged and counted, and the last good objects
+//!   stay. An object in both is taken from the cluster.
+//!
+//! Nothing is published before every source has delivered its initial state. Each
+//! `WatchRoutes` stream sends its client's whole view first (`reset`), then only the entries
+//! that changed ([`sigil_proxy_api::routes::update`]); a slow reader gets the newest state, not a
+//! backlog.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::watcher::{self, Event};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sigil_kube_watch::follow::{self, Events, WatchEvent};
+use sigil_kube_watch::{Listed, POLL_INTERVAL, PolledFile, State, publish};
+use sigil_proto::sigil::route::v1::route_discovery_server::{RouteDiscovery, RouteDiscoveryServer};
+use sigil_proto::sigil::route::v1::{RouteUpdate, WatchRoutesRequest};
+use sigil_route::ServiceRef;
+use sigil_route::compile::{ClientScope, Compiled};
+use sigil_route::model::{Meta, ModelError, RouteObject, RouteObjects};
+use sigil_route::validate::{Catalog, ServiceInfo, ServicePortInfo};
+use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, error, info, warn};
+
+use crate::mesh::{MeshState, StateFeed, Synced};
+use crate::metrics::{Metrics, SocketApi};
+use crate::peer::Workloads;
+use crate::policy_feed::not_served;
+use crate::push_stream::{self, ResponseStream};
+
+/// How often `--policy-file` is re-read for routes.
+pub const FILE_POLL_INTERVAL: Duration = POLL_INTERVAL;
+/// What an operator is told when a Gateway API route kind is not served.
+const GATEWAY_CRDS_MISSING: &str = "install the Gateway API CRDs (standard channel, v1.1 or later): kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/v1.3.0/standard-install.yaml";
+/// What an operator is told when a sigil.dev kind is not served.
+const SIGIL_CRDS_MISSING: &str = "install the sigil CRDs: kubectl apply -k deploy/";
+
+/// Only shutdown ends a stream: clients retry, and reach the agent replacing this one.
+impl From<RouteError> for Status {
+    fn from(e: RouteError) -> Status {
+        Status::unavailable(e.to_string())
+    }
+}
+
+/// Why the route documents of a policy file are invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("reading it: {0}")]
+    Read(#[from] std::io::Error),
+    /// `document` counts from 1, empty documents included, as an editor would.
+    #[error("document {document}: {reason}")]
+    Document { document: usize, reason: String },
+    #[error("document {document}: {source}")]
+    Object {
+        document: usize,
+        #[source]
+        source: ModelError,
+    },
+    #[error("document {document}: {key} is already document {first}")]
+    Duplicate {
+        document: usize,
+        key: ObjectKey,
+        first: usize,
+    },
+}
+
+/// The kinds the route feed reads, each a Kubernetes resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteResource {
+    HttpRoute,
+    GrpcRoute,
+    ReferenceGrant,
+    BackendPolicy,
+    RateLimitPolicy,
+}
+
+impl RouteResource {
+    pub const ALL: [RouteResource; 5] = [
+        RouteResource::HttpRoute,
+        RouteResource::GrpcRoute,
+        RouteResource::ReferenceGrant,
+        RouteResource::BackendPolicy,
+        RouteResource::RateLimitPolicy,
+    ];
+
+    pub fn kind(self) -> &'static str {
+        match self {
+            RouteResource::HttpRoute => "HTTPRoute",
+            RouteResource::GrpcRoute => "GRPCRoute",
+            RouteResource::ReferenceGrant => "ReferenceGrant",
+            RouteResource::BackendPolicy => "BackendPolicy",
+            RouteResource::RateLimitPolicy => "RateLimitPolicy",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            RouteResource::HttpRoute => "httproutes",
+            RouteResource::GrpcRoute => "grpcroutes",
+            RouteResource::ReferenceGrant => "referencegrants",
+            RouteResource::BackendPolicy => "backendpolicies",
+            RouteResource::RateLimitPolicy => "ratelimitpolicies",
+        }
+    }
+
+    /// The group and the version watched: the Gateway API's standard channel serves
+    /// ReferenceGrant as v1beta1 in every release that has it.
+    fn group_version(self) -> (&'static str, &'static str) {
+        match self {
+            RouteResource::HttpRoute | RouteResource::GrpcRoute => {
+                (sigil_route::model::GATEWAY_GROUP, "v1")
+            }
+            RouteResource::ReferenceGrant => (sigil_route::model::GATEWAY_GROUP, "v1beta1"),
+            RouteResource::BackendPolicy | RouteResource::RateLimitPolicy => {
+                ("sigil.dev", "v1alpha1")
+            }
+        }
+    }
+
+    fn api_resource(self) -> ApiResource {
+        let (group, version) = self.group_version();
+        let gvk = GroupVersionKind::gvk(group, version, self.kind());
+        ApiResource::from_gvk_with_plural(&gvk, self.plural())
+    }
+
+    fn of(object: &RouteObject) -> RouteResource {
+        match object {
+            RouteObject::HttpRoute(_) => RouteResource::HttpRoute,
+            RouteObject::GrpcRoute(_) => RouteResource::GrpcRoute,
+            RouteObject::ReferenceGrant(_) => RouteResource::ReferenceGrant,
+            RouteObject::BackendPolicy(_) => RouteResource::BackendPolicy,
+            RouteObject::RateLimitPolicy(_) => RouteResource::RateLimitPolicy,
+        }
+    }
+
+    /// What an operator installs to have this kind served.
+    fn install_hint(self) -> &'static str {
+        match self.group_version().0 {
+            "sigil.dev" => SIGIL_CRDS_MISSING,
+            _ => GATEWAY_CRDS_MISSING,
+        }
+    }
+}
+
+impl fmt::Display for RouteResource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind())
+    }
+}
+
+/// What names an object: its kind, namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub resource: RouteResource,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.resource, self.namespace, self.name)
+    }
+}
+
+fn meta(object: &RouteObject) -> &Meta {
+    match object {
+        RouteObject::HttpRoute(o) => &o.meta,
+        RouteObject::GrpcRoute(o) => &o.meta,
+        RouteObject::ReferenceGrant(o) => &o.meta,
+        RouteObject::BackendPolicy(o) => &o.meta,
+        RouteObject::RateLimitPolicy(o) => &o.meta,
+    }
+}
+
+/// One object as read, and what it was read from: two are the same when what sigil reads of
+/// them is (a status written by the CA is no change).
+#[derive(Clone, Debug)]
+pub struct Stored {
+    written: Value,
+    object: RouteObject,
+}
+
+impl PartialEq for Stored {
+    fn eq(&self, other: &Stored) -> bool {
+        self.written == other.written
+    }
+}
+
+impl Stored {
+    /// Reads `written`; `Ok(None)` when it is none of the route kinds.
+    fn read(written: Value) -> Result<Option<(ObjectKey, Stored)>, ModelError> {
+        let Some(object) = RouteObject::from_json(written.clone())? else {
+            return Ok(None);
+        };
+        let meta = meta(&object);
+        let key = ObjectKey {
+            resource: RouteResource::of(&object),
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+        };
+        Ok(Some((key, Stored { written, object })))
+    }
+}
+
+/// Route objects by kind, namespace and name.
+pub type Objects = BTreeMap<ObjectKey, Stored>;
+
+/// Reads the route documents of a policy file, skipping the others (policies, read by
+/// [`crate::policy_feed`]); `Err` names the first invalid route document.
+fn parse_file(contents: &[u8]) -> Result<Objects, RouteError> {
+    let mut objects = Objects::new();
+    let mut documents = HashMap::new();
+    for (index, document) in serde_yaml::Deserializer::from_slice(contents).enumerate() {
+        let number = index + 1;
+        let value = Value::deserialize(document).map_err(|e| RouteError::Document {
+            document: number,
+            reason: e.to_string(),
+        })?;
+        let Value::Object(mut fields) = value else {
+            // Empty documents are skipped; other non-objects are the policy reader's to refuse.
+            continue;
+        };
+        // Copied from `kubectl get -o yaml`: what the API server wrote is not the user's.
+        fields.remove("status");
+        let read = Stored::read(Value::Object(fields)).map_err(|source| RouteError::Object {
+            document: number,
+            source,
+        })?;
+        let Some((key, stored)) = read else {
+            continue;
+        };
+        if let Some(first) = documents.insert(key.clone(), number) {
+            return Err(RouteError::Duplicate {
+                document: number,
+                key,
+                first,
+            });
+        }
+        objects.insert(key, stored);
+    }
+    Ok(objects)
+}
+
+/// `--policy-file`'s route documents: the last valid ones, re-read every
+/// [`FILE_POLL_INTERVAL`].
+#[derive(Debug)]
+pub struct RouteFile(PolledFile<Objects>);
+
+impl RouteFile {
+    /// Reads and checks the file at start-up, where a missing or invalid file is an error.
+    pub fn load(path: &Path) -> Result<RouteFile, RouteError> {
+        PolledFile::load(path, parse_file).map(RouteFile)
+    }
+
+    fn objects(&self) -> &Objects {
+        self.0.value()
+    }
+}
+
+/// What is read of a cluster object: its kind (from the resource watched, whatever the list
+/// said), the metadata sigil uses, and its spec.
+fn cluster_written(resource: RouteResource, object: &DynamicObject) -> Option<Value> {
+    let meta = &object.metadata;
+    let mut metadata = Map::new();
+    metadata.insert("namespace".into(), meta.namespace.clone()?.into());
+    metadata.insert("name".into(), meta.name.clone()?.into());
+    if let Some(time) = &meta.creation_timestamp {
+        metadata.insert("creationTimestamp".into(), serde_json::to_value(time).ok()?);
+    }
+    if let Some(generation) = meta.generation {
+        metadata.insert("generation".into(), generation.into());
+    }
+    if let Some(annotations) = &meta.annotations {
+        metadata.insert(
+            "annotations".into(),
+            serde_json::to_value(annotations).ok()?,
+        );
+    }
+    let (group, version) = resource.group_version();
+    let mut fields = Map::new();
+    fields.insert("apiVersion".into(), format!("{group}/{version}").into());
+    fields.insert("kind".into(), resource.kind().into());
+    fields.insert("metadata".into(), Value::Object(metadata));
+    if let Some(spec) = object.data.get("spec") {
+        fields.insert("spec".into(), spec.clone());
+    }
+    Some(Value::Object(fields))
+}
+
+/// A cluster object, read; `None` (logged) when it cannot be: the CRD's schema should have
+/// refused it, and what is not understood is not sent.
+fn cluster_object(resource: RouteResource, object: &DynamicObject) -> Option<(ObjectKey, Stored)> {
+    let written = cluster_written(resource, object)?;
+    match Stored::read(written) {
+        Ok(read) => read,
+        Err(e) => {
+            warn!(%resource, error = %e, "an object cannot be read; it is left out of the routes");
+            None
+        }
+    }
+}
+
+fn cluster_key(resource: RouteResource, object: &DynamicObject) -> Option<ObjectKey> {
+    Some(ObjectKey {
+        resource,
+        namespace: object.metadata.namespace.clone()?,
+        name: object.metadata.name.clone()?,
+    })
+}
+
+/// One watched kind, as its watch delivered it.
+#[derive(Debug, Default)]
+struct ClusterKind {
+    /// Whether the last list found the resource not served (its CRD not installed).
+    missing: bool,
+    /// Synced once the initial list has completed, or found the resource not served.
+    listed: Listed<ObjectKey, Stored>,
+}
+
+impl ClusterKind {
+    /// Follows one watch event; returns whether the objects may have changed.
+    fn on_event(&mut self, resource: RouteResource, event: WatchEvent<DynamicObject>) -> bool {
+        match event {
+            Ok(event) => {
+                let listing_done = matches!(event, Event::InitDone);
+                let changed = self.listed.apply_event(
+                    event,
+                    |object| cluster_key(resource, object),
+                    |object| cluster_object(resource, object).map(|(_, stored)| stored),
+                );
+                if listing_done && changed {
+                    if self.missing {
+                        info!(%resource, "the route resource is served now");
+                    }
+                    debug!(%resource, objects = self.listed.items.len(), "cluster routes synced");
+                    self.missing = false;
+                }
+                changed
+            }
+            Err(e) if not_served(&e) => {
+                if !self.missing {
+                    let (group, _) = resource.group_version();
+                    info!(%resource, resource_name = %format!("{}.{group}", resource.plural()), "the route resource is not served (no CRD); until it is there are no objects of this kind. To use it: {}", resource.install_hint());
+                }
+                self.missing = true;
+                self.listed.set_empty_and_synced()
+            }
+            Err(e) => {
+                warn!(%resource, error = %e, "route watch failed; retrying");
+                false
+            }
+        }
+    }
+}
+
+/// An input of the route task.
+pub enum RouteEvent {
+    /// The mesh membership task published.
+    Mesh(Arc<MeshState>),
+    // Boxed: the objects are large, and an event is moved through the merged stream.
+    Cluster(RouteResource, Box<WatchEvent<DynamicObject>>),
+}
+
+/// Where the route objects come from.
+#[derive(Default)]
+pub struct Sources {
+    /// The cluster-wide watches of the five kinds, with this client (`--attestor k8s`).
+    pub kubernetes: Option<kube::Client>,
+    /// `--policy-file`'s route documents, loaded at start-up.
+    pub file: Option<RouteFile>,
+}
+
+/// What the route task's output is computed from: the objects and the Services, compared to
+/// tell whether anything changed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RouteInputs {
+    pub objects: Objects,
+    pub services: BTreeMap<ServiceRef, ServiceInfo>,
+}
+
+/// What the route task publishes: 0 until every source has synced, then one more with every
+/// change of its inputs, compiled once.
+#[derive(Debug, Default)]
+pub struct RouteState {
+    pub version: u64,
+    pub inputs: RouteInputs,
+    pub compiled: Compiled,
+}
+
+impl Synced for RouteState {
+    fn is_synced(&self) -> bool {
+        self.version > 0
+    }
+}
+
+/// The Services routes are judged against: the meshed ones, with their ports and the SPIFFE IDs
+/// of their endpoints.
+fn services(mesh: &MeshState) -> BTreeMap<ServiceRef, ServiceInfo> {
+    mesh.services()
+        .services()
+        .map(|service| {
+            let key = ServiceRef {
+                namespace: service.key.namespace.clone(),
+                name: service.key.name.clone(),
+            };
+            let info = ServiceInfo {
+                ports: service
+                    .ports
+                    .iter()
+                    .map(|port| ServicePortInfo {
+                        name: port.name.clone(),
+                        port: port.port,
+                        app_protocol: port.app_protocol.clone(),
+                    })
+                    .collect(),
+                cluster_ips: service.cluster_ips.clone(),
+                meshed: true,
+                endpoint_ids: service.endpoints.iter().map(|e| e.id.clone()).collect(),
+            };
+            (key, info)
+        })
+        .collect()
+}
+
+/// Starts the task that keeps the routes, which stops when `shutdown` turns true or its sender
+/// is dropped (ending every `WatchRoutes` stream). The receiver holds version 0 until the mesh
+/// state and every source have synced.
+pub fn spawn(
+    sources: Sources,
+    mesh: watch::Receiver<Arc<MeshState>>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> watch::Receiver<Arc<RouteState>> {
+    let mesh_events = WatchStream::new(mesh).map(RouteEvent::Mesh).boxed();
+    let cluster_events = sources.kubernetes.map(cluster_events);
+    let cluster = cluster_events.as_ref().map(|_| {
+        RouteResource::ALL
+            .into_iter()
+            .map(|resource| (resource, ClusterKind::default()))
+            .collect()
+    });
+    let events = match cluster_events {
+        Some(cluster_events) => futures::stream::select(mesh_events, cluster_events).boxed(),
+        None => mesh_events,
+    };
+    let store = RouteStore {
+        mesh: None,
+        cluster,
+        file: sources.file,
+        logged_conflicts: BTreeSet::new(),
+        metrics,
+    };
+    publish::spawn("route feed", store, Some(events), shutdown)
+}
+
+/// The watches of the five kinds in every namespace, each event tagged with its kind. The
+/// watchers retry with backoff and re-list when they must.
+fn cluster_events(client: kube::Client) -> Events<RouteEvent> {
+    follow::tagged(RouteResource::ALL.map(|resource| {
+        let api = Api::all_with(client.clone(), &resource.api_resource());
+        (resource, follow::watch(api, watcher::Config::default()))
+    }))
+    .map(|(resource, event)| RouteEvent::Cluster(resource, Box::new(event)))
+    .boxed()
+}
+
+/// The route task's state: it alone reads the sources and publishes.
+struct RouteStore {
+    /// The Services of the mesh state last received; `None` until the first synced one.
+    mesh: Option<BTreeMap<ServiceRef, ServiceInfo>>,
+    /// `Some` when the Kubernetes source is on.
+    cluster: Option<BTreeMap<RouteResource, ClusterKind>>,
+    file: Option<RouteFile>,
+    /// Objects in both sources already logged, so a lasting overlap is logged once.
+    logged_conflicts: BTreeSet<ObjectKey>,
+    metrics: Arc<Metrics>,
+}
+
+impl State for RouteStore {
+    type Event = RouteEvent;
+    type Content = RouteInputs;
+    type Snapshot = RouteState;
+
+    fn has_file(&self) -> bool {
+        self.file.is_some()
+    }
+
+    fn synced(&self) -> bool {
+        self.mesh.is_some()
+            && self
+                .cluster
+                .as_ref()
+                .is_none_or(|kinds| kinds.values().all(|kind| kind.listed.synced))
+    }
+
+    fn on_event(&mut self, event: RouteEvent) -> bool {
+        match event {
+            RouteEvent::Mesh(state) => {
+                if !state.is_synced() {
+                    return false;
+                }
+                let services = services(&state);
+                let changed = self.mesh.as_ref() != Some(&services);
+                self.mesh = Some(services);
+                changed
+            }
+            RouteEvent::Cluster(resource, event) => {
+                let Some(kind) = self.cluster.as_mut().and_then(|c| c.get_mut(&resource)) else {
+                    return false;
+                };
+                kind.on_event(resource, *event)
+            }
+        }
+    }
+
+    async fn poll_file(&mut self) -> bool {
+        let Some(file) = self.file.as_mut() else {
+            return false;
+        };
+        let reloaded = file.0.poll(parse_file).await;
+        let path = file.0.path().display();
+        match reloaded {
+            Ok(false) => false,
+            Ok(true) => {
+                info!(%path, objects = file.objects().len(), "route objects of the policy file reloaded");
+                true
+            }
+            Err(e) => {
+                self.metrics.policy_file_reload_failures.inc();
+                error!(%path, error = %e, "the route objects of the policy file are invalid; keeping its last good ones");
+                false
+            }
+        }
+    }
+
+    /// The merged objects and the Services, logging the overlaps not logged yet.
+    fn content(&mut self) -> RouteInputs {
+        let (objects, conflicts) = merge(self.cluster.as_ref(), self.file.as_ref());
+        for key in conflicts.difference(&self.logged_conflicts) {
+            warn!(object = %key, "a route object is both in the cluster and in --policy-file; using the cluster's");
+        }
+        self.logged_conflicts = conflicts;
+        RouteInputs {
+            objects,
+            services: self.mesh.clone().unwrap_or_default(),
+        }
+    }
+
+    fn published(state: &RouteState) -> (u64, &RouteInputs) {
+        (state.version, &state.inputs)
+    }
+
+    /// Compiles the inputs: once per change, for every client.
+    fn snapshot(&self, version: u64, inputs: RouteInputs) -> RouteState {
+        let objects: RouteObjects = inputs
+            .objects
+            .values()
+            .map(|stored| stored.object.clone())
+            .collect();
+        let catalog = Catalog {
+            services: inputs.services.clone(),
+        };
+        let compiled = sigil_route::compile::compile(&objects, &catalog);
+        let (objects, ports) = (inputs.objects.len(), compiled.producer.len());
+        if version == 1 {
+            info!(objects, producer_ports = ports, "routes synced");
+        } else {
+            debug!(version, objects, producer_ports = ports, "routes changed");
+        }
+        RouteState {
+            version,
+            inputs,
+            compiled,
+        }
+    }
+}
+
+/// Every source's objects: the file's, then the cluster's over them; and the keys in both.
+fn merge(
+    cluster: Option<&BTreeMap<RouteResource, ClusterKind>>,
+    file: Option<&RouteFile>,
+) -> (Objects, BTreeSet<ObjectKey>) {
+    let mut objects = file.map(|file| file.objects().clone()).unwrap_or_default();
+    let mut conflicts = BTreeSet::new();
+    for (key, stored) in cluster
+        .into_iter()
+        .flat_map(|kinds| kinds.values())
+        .flat_map(|kind| &kind.listed.items)
+    {
+        if objects.insert(key.clone(), stored.clone()).is_some() {
+            conflicts.insert(key.clone());
+        }
+    }
+    (objects, conflicts)
+}
+
+/// Who a client is for its routes: its namespace is the `ns` segment of its SPIFFE ID (none:
+/// only producer routes apply to it).
+fn client_scope(id: &sigil_identity::SpiffeId) -> ClientScope {
+    ClientScope {
+        namespace: id
+            .service_account()
+            .map(|(namespace, _)| namespace.to_string())
+            .unwrap_or_default(),
+        id: id.clone(),
+    }
+}
+
+/// `sigil.route.v1.RouteDiscovery`: to each attested workload, its view of the routes.
+pub struct RoutesApi {
+    workloads: Workloads,
+    state: watch::Receiver<Arc<RouteState>>,
+}
+
+impl RoutesApi {
+    pub fn new(workloads: Workloads, state: watch::Receiver<Arc<RouteState>>) -> Self {
+        RoutesApi { workloads, state }
+    }
+
+    pub fn into_service(self) -> RouteDiscoveryServer<RoutesApi> {
+        RouteDiscoveryServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl RouteDiscovery for RoutesApi {
+    type WatchRoutesStream = ResponseStream<RouteUpdate>;
+
+    async fn watch_routes(
+        &self,
+        request: Request<WatchRoutesRequest>,
+    ) -> Result<Response<Self::WatchRoutesStream>, Status> {
+        // Routes name Services and identities: only attested callers learn them.
+        let workload = self.workloads.attest(&request).await?;
+        let scope = client_scope(&workload.id);
+        info!(identity = %workload.id, namespace = %scope.namespace, "route stream opened");
+        Ok(Response::new(push_stream::into_stream(feed(
+            self.state.clone(),
+            &self.workloads.metrics,
+            scope,
+        ))))
+    }
+}
+
+/// One `WatchRoutes` stream: the client's whole view at once (once synced), then the entries
+/// that changed in it, skipping the states that changed nothing it uses.
+fn feed(
+    state: watch::Receiver<Arc<RouteState>>,
+    metrics: &Metrics,
+    scope: ClientScope,
+) -> StateFeed<RouteState, RouteUpdate> {
+    StateFeed::new(state, metrics, SocketApi::Routes, move |sent, state| {
+        let previous = sent.map(|sent| sent.compiled.view(&scope));
+        let current = state.compiled.view(&scope);
+        sigil_proxy_api::routes::update(previous.as_ref(), &current, state.version)
+    })
+}
+
+#[cfg(test)]
+mod tests;
