@@ -1,6 +1,7 @@
 //! The proxy's admin endpoint (--admin-addr, loopback by default): `/certs` (the certificate in
 //! use and the trust bundle; `/certs/chain.pem` and `/certs/bundle.pem` as PEM for
-//! `sigil inspect cert`), `/config` (the effective configuration and mesh membership) and
+//! `sigil inspect cert`), `/config` (the effective configuration, mesh membership and the version of the route table
+//! in force with the Service ports it routes) and
 //! `/ready`. Prometheus metrics are served separately on --metrics-addr.
 
 use std::sync::Arc;
@@ -19,12 +20,14 @@ use tokio::sync::watch;
 use crate::config::ProxyConfig;
 use crate::tls::TlsState;
 use sigil_proxy_api::mesh::MeshSnapshot;
+use sigil_proxy_api::routes::RouteTable;
 
 #[derive(Clone)]
 struct AdminState {
     config: Arc<ProxyConfig>,
     tls: watch::Receiver<Option<Arc<TlsState>>>,
     mesh: watch::Receiver<Option<Arc<MeshSnapshot>>>,
+    routes: watch::Receiver<Option<Arc<RouteTable>>>,
     ready: watch::Receiver<Readiness>,
 }
 
@@ -33,6 +36,7 @@ pub async fn serve(
     config: Arc<ProxyConfig>,
     tls: watch::Receiver<Option<Arc<TlsState>>>,
     mesh: watch::Receiver<Option<Arc<MeshSnapshot>>>,
+    routes: watch::Receiver<Option<Arc<RouteTable>>>,
     ready: watch::Receiver<Readiness>,
     shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -46,6 +50,7 @@ pub async fn serve(
             config,
             tls,
             mesh,
+            routes,
             ready,
         });
     sigil_base::admin::serve_router(listener, app, shutdown).await
@@ -132,9 +137,19 @@ async fn config_dump(State(state): State<AdminState>) -> Json<Value> {
                 .collect::<Vec<_>>(),
         })
     });
+    // The version says which update is in force; `sigil inspect route` explains the rules.
+    let routes = state.routes.borrow().clone().map(|table| {
+        json!({
+            "version": table.version,
+            "ports": table.routes.ports.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            "backends": table.routes.backends.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            "inbound": table.routes.inbound.keys().map(ToString::to_string).collect::<Vec<_>>(),
+        })
+    });
     Json(json!({
         "config": &*state.config,
         "mesh": members,
+        "routes": routes,
     }))
 }
 

@@ -505,7 +505,7 @@ fn two_distinct(n: usize) -> (usize, usize) {
 
 /// A random number below `n`, from a per-thread SplitMix64 sequence seeded once by the OS
 /// (through `RandomState`): not for secrets, ample for choosing endpoints.
-fn random_below(n: usize) -> usize {
+pub(crate) fn random_below(n: usize) -> usize {
     thread_local! {
         static STATE: std::cell::Cell<u64> = std::cell::Cell::new(RandomState::new().build_hasher().finish());
     }

@@ -58,6 +58,8 @@ pub struct Shared {
     pub balancers: Arc<Balancers>,
     /// ...and pooled HTTP/2 connections per endpoint.
     pub pools: Arc<Pools>,
+    /// Outbound: the retry budget of each backend Service routes retry to.
+    pub retry_budgets: Arc<crate::outbound::RetryBudgets>,
     /// Inbound: connections to the application, reused across requests and client connections.
     pub app_pools: Arc<AppPools>,
 }

@@ -255,6 +255,23 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+// proxy-routing (issue 15): labels of the retry and mirror counters.
+/// Retries of routed requests, by backend Service, route (`<namespace>/<name>` of the
+/// HTTPRoute/GRPCRoute) and what became of each retry the policy named.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub service: String,
+    pub route: String,
+    pub outcome: crate::outbound::RetryOutcome,
+}
+
+/// Mirrored copies by mirror backend Service and outcome (`sent`, `dropped`, `failed`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub service: String,
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     pub connections_opened: Family<ConnectionLabels, Counter>,
     pub connections_closed: Family<ConnectionLabels, Counter>,
@@ -289,6 +306,11 @@ pub struct Metrics {
     // outlier (issue 15, circuit breaking)
     pub endpoint_ejections: Family<EjectionLabels, Counter>,
     pub endpoint_readmissions: Family<ServiceLabels, Counter>,
+    // proxy-routing (issue 15)
+    pub retries: Family<RetryLabels, Counter>,
+    pub mirrored_requests: Family<MirrorLabels, Counter>,
+    pub route_updates_rejected: Counter,
+    pub routes_reconnects: Counter,
 }
 
 impl Metrics {
@@ -329,6 +351,11 @@ impl Metrics {
             // outlier (issue 15, circuit breaking)
             endpoint_ejections: Family::default(),
             endpoint_readmissions: Family::default(),
+            // proxy-routing (issue 15)
+            retries: Family::default(),
+            mirrored_requests: Family::default(),
+            route_updates_rejected: Counter::default(),
+            routes_reconnects: Counter::default(),
         };
         registry.register_collector(Box::new(ProcessMetrics::default()));
         let r = registry.sub_registry_with_prefix(names::PREFIX);
@@ -512,6 +539,32 @@ impl Metrics {
             "Ejected endpoints of a destination Service taken back after a successful probe \
              request",
             metrics.endpoint_readmissions.clone(),
+        );
+        // proxy-routing (issue 15)
+        r.register(
+            "retries",
+            "Retries of routed requests by backend Service, route and outcome: sent, or not sent \
+             because the backend's retry budget was spent (budget_exhausted), the request may not \
+             be repeated (not_retryable) or its body passed the retry buffer (body_too_large)",
+            metrics.retries.clone(),
+        );
+        r.register(
+            "mirrored_requests",
+            "Copies of routed requests sent to a RequestMirror backend, by mirror Service and \
+             outcome: sent (answered, the answer dropped), dropped (the mirror fell behind the \
+             primary, which went on), failed",
+            metrics.mirrored_requests.clone(),
+        );
+        r.register(
+            "route_updates_rejected",
+            "Route updates from the agent refused whole for an invalid entry (the last table \
+             stays in force)",
+            metrics.route_updates_rejected.clone(),
+        );
+        r.register(
+            "routes_reconnects",
+            "Times the routes stream to the agent was lost and re-opened",
+            metrics.routes_reconnects.clone(),
         );
         metrics
     }

@@ -25,7 +25,7 @@ use crate::outbound::{self, Upstream};
 use crate::policy::{self, PolicyState};
 use crate::pool::Pools;
 use crate::tls::TlsState;
-use crate::{admin as proxy_admin, probes, sds, services};
+use crate::{admin as proxy_admin, probes, routes, sds, services};
 use sigil_proxy_api::mesh::MeshSnapshot;
 use sigil_proxy_api::routes::RouteTable;
 use sigil_proxy_api::services::ServiceTable;
@@ -149,6 +149,18 @@ pub async fn run(
         ));
     }
 
+    // Routes make outbound requests follow HTTPRoute/GRPCRoute rules; without them (explicit
+    // mode, an older agent) every Service is balanced as it is.
+    let (routes_tx, routes_rx) = watch::channel(None::<Arc<RouteTable>>);
+    if needs_mesh {
+        tokio::spawn(routes::run(
+            config.agent_socket.clone(),
+            routes_tx,
+            metrics.route_updates_rejected.clone(),
+            metrics.routes_reconnects.clone(),
+        ));
+    }
+
     let (policies_tx, policies_rx) = watch::channel(None::<Arc<PolicyState>>);
     tokio::spawn(policy::feed::run(
         config.agent_socket.clone(),
@@ -168,15 +180,17 @@ pub async fn run(
     let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
     let (endpoints_stop_tx, endpoints_stop) = watch::channel(false);
     tokio::spawn({
-        let (config, tls, mesh, ready, stop) = (
+        let (config, tls, mesh, routes, ready, stop) = (
             config.clone(),
             tls_rx.clone(),
             mesh_rx.clone(),
+            routes_rx.clone(),
             ready_rx.clone(),
             endpoints_stop.clone(),
         );
         async move {
-            if let Err(e) = proxy_admin::serve(admin_listener, config, tls, mesh, ready, stop).await
+            if let Err(e) =
+                proxy_admin::serve(admin_listener, config, tls, mesh, routes, ready, stop).await
             {
                 error!(error = %e, "admin endpoint failed");
             }
@@ -199,13 +213,12 @@ pub async fn run(
         config.connect_timeout,
         config.max_connections_per_endpoint as usize,
     ));
-    // The routes follower (sigil.route.v1.RouteDiscovery) sends on routes_tx.
-    let (_routes_tx, routes_rx) = watch::channel(None::<Arc<RouteTable>>);
     let shared = Shared {
         config: config.clone(),
         routes: routes_rx,
         balancers: Arc::new(Balancers::new(metrics.clone())),
         pools,
+        retry_budgets: Arc::default(),
         app_pools: Arc::default(),
         services: services_rx,
         tls: tls_rx,

@@ -804,4 +804,4 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

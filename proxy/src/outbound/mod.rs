@@ -11,7 +11,10 @@
 //! prove one of the identities listed for it; any other destination is passed through
 //! untouched.
 
+mod mirror;
 mod requests;
+mod retry;
+mod route;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -31,6 +34,7 @@ use crate::metrics::{Direction, DirectionLabels, Metrics, Security, ServiceLabel
 use crate::tls::HandshakeFailure;
 
 pub use requests::PROXY_ERROR_HEADER;
+pub use retry::{RetryBudgets, RetryOutcome};
 
 /// Where accepted connections go.
 #[derive(Clone, Debug)]

@@ -33,18 +33,22 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::ServiceRoute;
+use super::{ServiceRoute, route};
 use crate::balance::{Balancer, EndpointLoad, Outcome};
 use crate::dial::{self, DialError};
 use crate::forward::{Ended, Shared};
 use crate::l7::request_metrics::{CountedBody, grpc_status};
 use crate::l7::{HttpError, HttpVersion, Tunnel, TunnelSlot, remove_hop_by_hop, serve_downstream};
 use crate::metrics::{Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome};
-use crate::pool::{PoolError, Pools, RequestBody, StreamSlot, Target};
+use crate::pool::{PoolError, Pools, StreamSlot, Target};
 use crate::tls::TlsState;
+use sigil_route::compiled::{HeaderModifier, PortKey, ServiceRef};
 
 /// The header of a response the proxy made itself, saying why (no endpoint, none reachable).
 pub const PROXY_ERROR_HEADER: HeaderName = HeaderName::from_static("sigil-proxy-error");
+
+/// gRPC UNIMPLEMENTED: a gRPC request no route rule matches.
+const GRPC_UNIMPLEMENTED: u32 = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -56,10 +60,28 @@ pub enum CallError {
     Upstream(#[source] hyper::Error),
     #[error(transparent)]
     Tunnel(#[from] HttpError),
+    #[error("plain HTTP to a Service outside the mesh: {0}")]
+    Plain(String),
 }
+
+/// The error of a response body on its way to the application: the endpoint's, or a route
+/// timeout that cut it short.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body as the proxy passes it on.
+pub type AnswerBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A route timeout that expired after the response head was forwarded: the response is cut
+/// short (HTTP/2 stream reset, HTTP/1 connection closed).
+#[derive(Debug, thiserror::Error)]
+#[error("the route's {0} timeout expired during the response")]
+pub struct BodyTimeout(&'static str);
 
 /// What every request of one application connection to one Service port needs.
 pub(super) struct ServiceCalls {
+    shared: Shared,
+    /// The Service port the application addressed, for its routes.
+    port_key: PortKey,
     service: ServiceKey,
     balancer: Arc<Balancer>,
     pools: Arc<Pools>,
@@ -80,6 +102,14 @@ impl ServiceCalls {
         destination: SocketAddr,
     ) -> Arc<ServiceCalls> {
         Arc::new(ServiceCalls {
+            shared: shared.clone(),
+            port_key: PortKey {
+                service: ServiceRef {
+                    namespace: route.service.key.namespace.clone(),
+                    name: route.service.key.name.clone(),
+                },
+                port: route.port.port,
+            },
             service: route.service.key.clone(),
             balancer: route.balancer.clone(),
             pools: shared.pools.clone(),
@@ -129,15 +159,17 @@ where
 }
 
 /// What a request was, for its metrics and log line.
-struct RequestFacts {
+pub(super) struct RequestFacts {
     started: Instant,
     method: Method,
     path: String,
-    host: String,
+    pub(super) host: String,
+    /// The route (`<namespace>/<name>`) whose rule served it.
+    pub(super) route: Option<String>,
 }
 
 impl ServiceCalls {
-    async fn call(
+    pub(super) async fn call(
         self: &Arc<Self>,
         request: Request<Incoming>,
         version: HttpVersion,
@@ -148,7 +180,30 @@ impl ServiceCalls {
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
             host: authority(&request).unwrap_or_default(),
+            route: None,
         };
+        let table = self.shared.routes.borrow().clone();
+        let normalization = self.shared.config.path_normalization;
+        match route::select(table, &self.port_key, &request, normalization) {
+            route::Selection::Unrouted => {}
+            route::Selection::BadPath(why) => {
+                let why = format!("bad request path: {why}");
+                return self.local(StatusCode::BAD_REQUEST, &why, facts, "bad_request");
+            }
+            route::Selection::NoMatch { grpc } => {
+                return self.failure(
+                    grpc,
+                    StatusCode::NOT_FOUND,
+                    GRPC_UNIMPLEMENTED,
+                    &format!("no route rule of {} matches", self.service),
+                    facts,
+                    "no_route",
+                );
+            }
+            route::Selection::Rule(rule, table) => {
+                return route::dispatch(self, *rule, table, request, version, tunnel, facts).await;
+            }
+        }
         let Some(pending) = self.balancer.pick() else {
             super::no_endpoints(&self.metrics, &self.service, "503");
             let why = format!("no ready endpoints for {}", self.service);
@@ -181,12 +236,7 @@ impl ServiceCalls {
         let (response, slot, written) = match sent {
             Ok(sent) => sent,
             Err(e) => {
-                self.metrics
-                    .upstream_failures
-                    .get_or_create(&DirectionLabels {
-                        direction: Direction::Outbound,
-                    })
-                    .inc();
+                self.count_upstream_failure();
                 warn!(error = %e, service = %self.service, endpoint = %endpoint.addr, "a request to a Service endpoint failed; answered 502");
                 endpoint.report(Outcome::NoAnswer);
                 let mut response = self.local(
@@ -195,9 +245,7 @@ impl ServiceCalls {
                     facts,
                     "upstream_failed",
                 );
-                if let Some(done) = &mut response.body_mut().done {
-                    done.endpoint = Some(endpoint);
-                }
+                response.body_mut().set_endpoint(Some(endpoint));
                 return response;
             }
         };
@@ -229,15 +277,140 @@ impl ServiceCalls {
         Response::from_parts(
             parts,
             ResponseBody {
-                inner: body.boxed_unsync(),
+                inner: body.map_err(Into::into).boxed_unsync(),
                 done: Some(done),
+                timers: None,
             },
         )
     }
 
+    pub(super) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The cluster IP and port the application addressed.
+    pub(super) fn destination(&self) -> SocketAddr {
+        self.destination
+    }
+
+    pub(super) fn count_upstream_failure(&self) {
+        self.metrics
+            .upstream_failures
+            .get_or_create(&DirectionLabels {
+                direction: Direction::Outbound,
+            })
+            .inc();
+    }
+
+    /// A backend's response head, passed on: turned back into the application's protocol, the
+    /// route's response header modifiers applied, counted and logged when its body ends.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn respond(
+        self: &Arc<Self>,
+        response: Response<AnswerBody>,
+        version: HttpVersion,
+        facts: RequestFacts,
+        endpoint: Option<Arc<EndpointLoad>>,
+        slot: Option<StreamSlot>,
+        modifiers: &[HeaderModifier],
+        timers: Option<ResponseTimers>,
+    ) -> Response<ResponseBody> {
+        let (mut parts, body) = response.into_parts();
+        if version == HttpVersion::Http1 {
+            parts.version = Version::HTTP_11;
+        }
+        for modifier in modifiers {
+            sigil_route::filters::modify_headers(modifier, &mut parts.headers);
+        }
+        let done = RequestDone {
+            calls: self.clone(),
+            head_after: facts.started.elapsed(),
+            facts,
+            endpoint,
+            status: parts.status.as_u16(),
+            grpc_status: grpc_status(&parts.headers),
+            request_bytes: Arc::default(),
+            response_bytes: 0,
+            result: "ok",
+            _slot: slot,
+        };
+        Response::from_parts(
+            parts,
+            ResponseBody {
+                inner: body,
+                done: Some(done),
+                timers,
+            },
+        )
+    }
+
+    /// A failure answered by the proxy: `status` with [`PROXY_ERROR_HEADER`], or for a gRPC
+    /// request a trailers-only answer with `grpc_code`.
+    pub(super) fn failure(
+        self: &Arc<Self>,
+        grpc: bool,
+        status: StatusCode,
+        grpc_code: u32,
+        why: &str,
+        facts: RequestFacts,
+        result: &'static str,
+    ) -> Response<ResponseBody> {
+        if !grpc {
+            return self.local(status, why, facts, result);
+        }
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(grpc_code));
+        if let Ok(value) = HeaderValue::from_str(why) {
+            headers.insert("grpc-message", value.clone());
+            headers.insert(PROXY_ERROR_HEADER, value);
+        }
+        self.answer(StatusCode::OK, headers, Some(grpc_code), facts, result)
+    }
+
+    /// An answer the proxy makes itself, without a body.
+    pub(super) fn answer(
+        self: &Arc<Self>,
+        status: StatusCode,
+        headers: http::HeaderMap,
+        grpc_status: Option<u32>,
+        facts: RequestFacts,
+        result: &'static str,
+    ) -> Response<ResponseBody> {
+        let done = RequestDone {
+            calls: self.clone(),
+            head_after: facts.started.elapsed(),
+            facts,
+            endpoint: None,
+            status: status.as_u16(),
+            grpc_status,
+            request_bytes: Arc::default(),
+            response_bytes: 0,
+            result,
+            _slot: None,
+        };
+        let mut response = Response::new(ResponseBody {
+            inner: http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            done: Some(done),
+            timers: None,
+        });
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    }
+
     /// A request that switches protocols: HTTP/1.1 as the application sent it, on a dedicated
     /// connection to the endpoint, kept for the tunnel if the endpoint switches.
-    async fn switch(
+    pub(super) async fn switch(
         &self,
         mut request: Request<Incoming>,
         endpoint: &EndpointLoad,
@@ -299,6 +472,7 @@ impl ServiceCalls {
         let mut response = Response::new(ResponseBody {
             inner: body,
             done: Some(done),
+            timers: None,
         });
         *response.status_mut() = status;
         if let Ok(value) = HeaderValue::from_str(why) {
@@ -323,7 +497,7 @@ fn authority<B>(request: &Request<B>) -> Option<String> {
 /// An HTTP/1.x request made an HTTP/2 one between proxies: hop-by-hop headers removed, the
 /// version in `sigil-orig-proto`, the Host (else the destination address) as `:authority`. An
 /// HTTP/2 request goes as it is.
-fn to_mesh<B>(request: &mut Request<B>, destination: SocketAddr) {
+pub(super) fn to_mesh<B>(request: &mut Request<B>, destination: SocketAddr) {
     let original = match request.version() {
         Version::HTTP_10 | Version::HTTP_09 => "HTTP/1.0",
         Version::HTTP_11 => "HTTP/1.1",
@@ -389,6 +563,7 @@ impl RequestDone {
             source_ip = %calls.source.ip(),
             destination = %calls.destination,
             service = %calls.service,
+            route = self.facts.route.as_deref(),
             upstream = self.endpoint.as_ref().map(|e| e.addr.to_string()),
             destination_identity = endpoint_id.map(ToString::to_string),
             method = %self.facts.method,
@@ -407,19 +582,80 @@ impl RequestDone {
 /// A response body on its way to the application: counts its data bytes, reads `grpc-status`
 /// from its trailers, and writes the request's record when it ends or is dropped.
 pub(super) struct ResponseBody {
-    inner: RequestBody,
+    inner: AnswerBody,
     done: Option<RequestDone>,
+    timers: Option<ResponseTimers>,
+}
+
+impl ResponseBody {
+    /// The endpoint a failed request went to, for its log line.
+    pub(super) fn set_endpoint(&mut self, endpoint: Option<Arc<EndpointLoad>>) {
+        if let Some(done) = &mut self.done {
+            done.endpoint = endpoint;
+        }
+    }
+}
+
+/// A routed response's timeouts past its head: the request (or attempt) deadline, and no
+/// frame for the idle time.
+pub(super) struct ResponseTimers {
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+impl ResponseTimers {
+    pub(super) fn new(deadline: Option<tokio::time::Instant>, idle: Option<Duration>) -> Self {
+        ResponseTimers {
+            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            idle: idle.map(|idle| (idle, Box::pin(tokio::time::sleep(idle)))),
+        }
+    }
+
+    /// Which timeout expired, if one did.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
+        if let Some(deadline) = &mut self.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Some("request");
+        }
+        if let Some((_, idle)) = &mut self.idle
+            && idle.as_mut().poll(cx).is_ready()
+        {
+            return Some("idle");
+        }
+        None
+    }
+
+    fn frame_seen(&mut self) {
+        if let Some((idle, sleep)) = &mut self.idle {
+            sleep.as_mut().reset(tokio::time::Instant::now() + *idle);
+        }
+    }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Some(timers) = &mut self.timers {
+            if polled.is_pending() {
+                if let Some(which) = timers.expired(cx) {
+                    if let Some(mut done) = self.done.take() {
+                        done.result = "timeout";
+                        done.finish();
+                    }
+                    self.timers = None;
+                    return Poll::Ready(Some(Err(Box::new(BodyTimeout(which)))));
+                }
+            } else {
+                timers.frame_seen();
+            }
+        }
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(done) = &mut self.done {

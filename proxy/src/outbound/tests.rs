@@ -268,6 +268,7 @@ impl Proxy {
                 config.max_connections_per_endpoint as usize,
             )),
             balancers: Arc::new(Balancers::new(metrics.clone())),
+            retry_budgets: Arc::default(),
             app_pools: Arc::default(),
             config: Arc::new(config),
             tls,
