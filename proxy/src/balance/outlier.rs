@@ -162,6 +162,12 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The failures in a row that eject (0: off).
+    #[cfg(test)]
+    pub fn consecutive_5xx(&self) -> u32 {
+        self.consecutive_5xx.load(Ordering::Relaxed)
+    }
+
     fn set(&self, policy: Option<&OutlierDetection>) {
         let (in_row, gateway) = policy.map_or((0, 0), |p| {
             (p.consecutive_5xx_errors, p.consecutive_gateway_errors)

@@ -84,7 +84,8 @@ fn id(n: usize) -> String {
 
 /// One endpoint: an HTTP/2 server over mutual TLS on 127.0.0.`n` (a loopback address of its
 /// own), presenting `id(n)`, answering after `delay` with `x-endpoint: n`, the version the
-/// request came from (`x-orig-proto`), the request body's length, and a `grpc-status` trailer.
+/// request came from (`x-orig-proto`), the request body's length, and a `grpc-status` trailer;
+/// with 500 instead when the request's `x-fail-on` names it.
 async fn endpoint_server(ca: &Ca, n: usize, delay: Duration) -> SocketAddr {
     let state = ca.state(&id(n));
     let listener = TcpListener::bind((Ipv4Addr::new(127, 0, 0, n as u8), 0))
@@ -167,6 +168,10 @@ async fn answer(
         return Ok(response);
     }
     let orig = request.headers().get(ORIG_PROTO_HEADER).cloned();
+    let fail = request
+        .headers()
+        .get("x-fail-on")
+        .is_some_and(|on| on.as_bytes() == n.to_string().as_bytes());
     let received = request
         .into_body()
         .collect()
@@ -184,6 +189,9 @@ async fn answer(
     response
         .headers_mut()
         .insert("x-endpoint", n.to_string().parse().unwrap());
+    if fail {
+        *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+    }
     if let Some(orig) = orig {
         response.headers_mut().insert("x-orig-proto", orig);
     }
@@ -622,4 +630,84 @@ async fn opaque_and_undetected_connections_are_balanced_per_connection() {
             .metrics_text()
             .contains("sigil_proxy_protocol_detect_timeouts_total{direction=\"outbound\"} 1")
     );
+}
+
+/// Gives the proxy's demo/api balancer Istio's default outlier detection (5 failures in a row
+/// eject; 10% of the endpoints: one of three).
+fn guard(proxy: &Proxy) {
+    let route = ServiceRoute::of(&proxy.shared, SocketAddr::from((CLUSTER_IP, 80))).unwrap();
+    route
+        .balancer
+        .set_policy(Some(&sigil_route::OutlierDetection::default()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_500_gets_no_requests_after_the_threshold() {
+    let ca = Ca::new();
+    let proxy = Proxy::start(&ca, &three_endpoints(&ca, [0, 0, 0]).await).await;
+    guard(&proxy);
+    let mut sender = h2_client(&proxy).await;
+    let mut counts: HashMap<(String, u16), usize> = HashMap::new();
+    for _ in 0..300 {
+        let request = Request::get("http://api.demo/x")
+            .header("x-fail-on", "3")
+            .body(Full::new(Bytes::from_static(b"ping")))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let endpoint = response.headers()["x-endpoint"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        *counts
+            .entry((endpoint, response.status().as_u16()))
+            .or_default() += 1;
+    }
+    // One request at a time: each outcome is counted before the next pick.
+    assert_eq!(counts.get(&("3".into(), 500)), Some(&5), "{counts:?}");
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    let text = proxy.metrics_text();
+    for series in [
+        "sigil_proxy_endpoint_ejections_total{service=\"demo/api\",reason=\"consecutive\"} 1",
+        "sigil_proxy_balancer_endpoints{service=\"demo/api\",state=\"ejected\"} 1",
+        "sigil_proxy_endpoint_readmissions_total{service=\"demo/api\"} 0",
+    ] {
+        assert!(text.contains(series), "{series} not in\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opaque_endpoint_refusing_connections_gets_none_after_the_threshold() {
+    use tokio::io::AsyncBufReadExt;
+
+    let ca = Ca::new();
+    let mut endpoints = three_endpoints(&ca, [0, 0, 0]).await;
+    // Endpoint 3's address with nothing listening: connections refused.
+    let gone = TcpListener::bind((Ipv4Addr::new(127, 0, 0, 3), 0))
+        .await
+        .unwrap();
+    endpoints[2].0 = gone.local_addr().unwrap();
+    drop(gone);
+    let proxy = Proxy::start_with(&ca, &endpoints, Protocol::Opaque).await;
+    guard(&proxy);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..60 {
+        let app = tokio::net::TcpStream::connect(proxy.listener_addr)
+            .await
+            .unwrap();
+        let mut greeting = String::new();
+        tokio::io::BufReader::new(app)
+            .read_line(&mut greeting)
+            .await
+            .unwrap();
+        // Closed at once when the endpoint refused.
+        let endpoint = greeting
+            .trim()
+            .strip_prefix("endpoint ")
+            .unwrap_or("refused");
+        *counts.entry(endpoint.to_owned()).or_default() += 1;
+    }
+    assert_eq!(counts.get("refused"), Some(&5), "{counts:?}");
+    assert!(proxy.metrics_text().contains(
+        "sigil_proxy_endpoint_ejections_total{service=\"demo/api\",reason=\"consecutive\"} 1"
+    ));
 }
