@@ -388,12 +388,13 @@ pub enum RouteEvent {
 }
 
 /// Where the route objects come from.
-#[derive(Default)]
 pub struct Sources {
     /// The cluster-wide watches of the five kinds, with this client (`--attestor k8s`).
     pub kubernetes: Option<kube::Client>,
     /// `--policy-file`'s route documents, loaded at start-up.
     pub file: Option<RouteFile>,
+    /// Turns rate-limit overrides' service accounts into SPIFFE IDs.
+    pub trust_domain: sigil_identity::TrustDomain,
 }
 
 /// What the route task's output is computed from: the objects and the Services, compared to
@@ -473,6 +474,7 @@ pub fn spawn(
         mesh: None,
         cluster,
         file: sources.file,
+        trust_domain: sources.trust_domain,
         logged_conflicts: BTreeSet::new(),
         metrics,
     };
@@ -497,6 +499,7 @@ struct RouteStore {
     /// `Some` when the Kubernetes source is on.
     cluster: Option<BTreeMap<RouteResource, ClusterKind>>,
     file: Option<RouteFile>,
+    trust_domain: sigil_identity::TrustDomain,
     /// Objects in both sources already logged, so a lasting overlap is logged once.
     logged_conflicts: BTreeSet<ObjectKey>,
     metrics: Arc<Metrics>,
@@ -586,7 +589,7 @@ impl State for RouteStore {
         let catalog = Catalog {
             services: inputs.services.clone(),
         };
-        let compiled = sigil_route::compile::compile(&objects, &catalog);
+        let compiled = sigil_route::compile::compile(&objects, &catalog, &self.trust_domain);
         let (objects, ports) = (inputs.objects.len(), compiled.producer.len());
         if version == 1 {
             info!(objects, producer_ports = ports, "routes synced");

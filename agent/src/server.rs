@@ -240,6 +240,7 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
         routes::Sources {
             kubernetes: kube_client,
             file: route_file,
+            trust_domain: td.clone(),
         },
         mesh.clone(),
         metrics.clone(),
