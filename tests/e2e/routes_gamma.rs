@@ -392,8 +392,8 @@ spec:
     .await;
     let a = mesh.client("a");
     for (path, want) in [("/v1", "echo-v1"), ("/v2", "echo-v2")] {
-        for _ in 0..4 {
-            let answer = a.curl(&[], &format!("http://{ECHO}{path}")).await;
+        for http in [&[][..], &["--http2-prior-knowledge"][..]] {
+            let answer = a.curl(http, &format!("http://{ECHO}{path}")).await;
             assert_eq!(answer.status, 200, "MeshSplit {path}: {answer:?}");
             assert_eq!(
                 service_of(&answer.pod()),
@@ -616,7 +616,7 @@ spec:
 
 async fn weight(mesh: &RoutesMesh) {
     case(
-        "MeshHTTPRouteWeight: 70/30 over 500 requests within ±5 points (h2c)",
+        "MeshHTTPRouteWeight: 70/30 over 500 requests within ±5 points",
         "conformance/tests/mesh/httproute-weight.go",
     );
     mesh.apply(
@@ -644,15 +644,13 @@ spec:
         &["a", "k"],
     )
     .await;
-    // Upstream's tolerance (0.05 of the share) over its 500 requests; it retries a failed
+    // HTTP/1.1 keep-alive: Debian 12's curl 7.88.1 cannot reuse an h2c prior-knowledge
+    // connection ("Error in the HTTP2 framing layer", curl/curl#10634, fixed in 7.89), so h2c
+    // is exercised one request per connection in MeshSplit. Upstream's tolerance (0.05 of the share) over its 500 requests; it retries a failed
     // distribution up to 10 times, this test judges one run (the odds of a miss are < 1e-3).
     let answers = mesh
         .client("a")
-        .curl_many(
-            &["--http2-prior-knowledge"],
-            &format!("http://{ECHO}/"),
-            500,
-        )
+        .curl_many(&[], &format!("http://{ECHO}/"), 500)
         .await;
     assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
     let v1 = answers

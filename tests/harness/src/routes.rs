@@ -508,6 +508,13 @@ impl MeshPod {
             .await
             .unwrap_or_else(|e| panic!("running curl in {}: {e}", self.spec.name));
         let text = String::from_utf8_lossy(&out.stdout);
+        if !out.stderr.is_empty() {
+            println!(
+                "  curl in {} said: {}",
+                self.spec.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
         let mut answers = Vec::new();
         let mut pod = String::new();
         for line in text.lines().filter(|l| !l.is_empty()) {
