@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use sigil_agent::config::AgentConfig;
 use sigil_ca::cli::{CaCommand, InspectCertArgs};
@@ -97,6 +98,13 @@ enum InspectCommand {
     /// `DENY` and the deciding policy (`namespace/name` or `default`) on the first line, then
     /// why; exits 0 for ALLOW, 1 for DENY, 2 for a usage or policy error.
     Policy(sigil_policy::inspect::InspectPolicyArgs),
+    /// Which route, rule, filters and backends a request from a client to a Service port takes,
+    /// and why each other rule was not taken, from the agent's --policy-file and --mesh-file
+    /// (the agent's and the proxy's own code). The first line is the answer: `ROUTE <kind>
+    /// <namespace>/<name> rule <n>`, `REDIRECT <status> <location>`, `NO-ROUTE` (the Service is
+    /// balanced as without routes) or `NOT-FOUND` (the proxy answers 404); exits 0, or 1 for
+    /// NOT-FOUND, 2 for a usage or file error.
+    Route(sigil_route::inspect::InspectRouteArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -219,6 +227,7 @@ async fn run(cli: Cli) -> ExitCode {
                 .await
                 .map_err(Into::into)
         }
+        Command::Inspect(InspectCommand::Route(args)) => inspect_route(&args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -228,6 +237,19 @@ async fn run(cli: Cli) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `sigil inspect route`: the Services of the mesh file (checked as the agent checks it, in the
+/// client's trust domain), then the answer.
+fn inspect_route(args: &sigil_route::inspect::InspectRouteArgs) -> anyhow::Result<bool> {
+    let mesh = sigil_agent::mesh::MeshFile::load(&args.mesh_file, args.from.trust_domain())
+        .with_context(|| format!("mesh file {}", args.mesh_file.display()))?;
+    let catalog = sigil_proxy_api::routes::catalog(mesh.services());
+    Ok(sigil_route::inspect::run(
+        args,
+        &catalog,
+        &mut Stdout::new(),
+    )?)
 }
 
 /// The error and its causes on one line, `outer: inner: ...`, leaving out a cause whose text the

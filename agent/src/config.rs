@@ -95,11 +95,15 @@ pub struct AgentConfig {
     #[arg(long)]
     pub mesh_file: Option<PathBuf>,
 
-    /// Authorization policies in a YAML file, with either attestor: AuthorizationPolicy and
-    /// PeerAuthentication objects as in the cluster (`apiVersion: sigil.dev/v1alpha1`, `kind`,
-    /// `metadata: {name, namespace}`, `spec`), several documents separated by `---`. Outside
-    /// Kubernetes it is the only source of policies; with --attestor k8s it adds to the
-    /// cluster's, which win over an object of the same kind, namespace and name. Re-read every
+    /// Authorization policies and routes in a YAML file, with either attestor:
+    /// AuthorizationPolicy and PeerAuthentication objects as in the cluster (`apiVersion:
+    /// sigil.dev/v1alpha1`, `kind`, `metadata: {name, namespace}`, `spec`), several documents
+    /// separated by `---`; beside them, the route kinds as in the cluster: HTTPRoute, GRPCRoute
+    /// and ReferenceGrant (`gateway.networking.k8s.io/v1`, ReferenceGrant also v1beta1),
+    /// BackendPolicy and RateLimitPolicy (`sigil.dev/v1alpha1`), served to proxies as their
+    /// routes. Outside Kubernetes it is the only source of policies and routes; with --attestor
+    /// k8s it adds to the cluster's, which win over an object of the same kind, namespace and
+    /// name. Re-read every
     /// second; an invalid edit is logged and the last good objects kept. Replace it whole (write
     /// another file, then rename it over this one): a read of a half-written file may take
     /// effect.

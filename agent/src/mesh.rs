@@ -169,7 +169,8 @@ impl MeshFile {
         &self.0.value().members
     }
 
-    fn services(&self) -> &[MeshService] {
+    /// The Services it lists, checked (`sigil inspect route` reads them too).
+    pub fn services(&self) -> &[MeshService] {
         &self.0.value().services
     }
 }

@@ -34,6 +34,7 @@ use crate::mesh::{MeshApi, MeshState};
 use crate::metrics::{ApiLabels, Metrics, SocketApi};
 use crate::peer::{self, Workloads};
 use crate::policy_feed::{PolicyApi, PolicySnapshot};
+use crate::routes::{RouteState, RoutesApi};
 use crate::sds::Sds;
 use crate::services::ServicesApi;
 use crate::workload_api::WorkloadApi;
@@ -217,6 +218,8 @@ pub(crate) struct TestAgent {
     pub(crate) mesh_tx: watch::Sender<Arc<MeshState>>,
     /// The policies the policy API serves (version 0, not synced, until a test sends some).
     pub(crate) policy_tx: watch::Sender<Arc<PolicySnapshot>>,
+    /// The routes the route API serves (version 0, not synced, until a test sends some).
+    pub(crate) route_tx: watch::Sender<Arc<RouteState>>,
     _credential: watch::Sender<Arc<CertifiedKey>>,
 }
 
@@ -264,6 +267,7 @@ impl TestAgent {
         );
         let (mesh_tx, mesh_rx) = watch::channel(Arc::new(MeshState::default()));
         let (policy_tx, policy_rx) = watch::channel(Arc::new(PolicySnapshot::default()));
+        let (route_tx, route_rx) = watch::channel(Arc::new(RouteState::default()));
         let routes = match api {
             SocketApi::Sds => Routes::new(Sds::new(workloads).into_service()),
             SocketApi::WorkloadApi => Routes::new(WorkloadApi::new(workloads).into_service()),
@@ -273,6 +277,7 @@ impl TestAgent {
             SocketApi::Policy => {
                 Routes::new(PolicyApi::new(workloads, policy_rx, None).into_service())
             }
+            SocketApi::Routes => Routes::new(RoutesApi::new(workloads, route_rx).into_service()),
         };
         let socket_dir = tempfile::tempdir().unwrap();
         let socket = socket_dir.path().join("agent.sock");
@@ -302,6 +307,7 @@ impl TestAgent {
             bundle_tx,
             mesh_tx,
             policy_tx,
+            route_tx,
             _credential: credential,
         }
     }

@@ -99,7 +99,8 @@ fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
         .collect()
 }
 
-fn parse_header(s: &str) -> Result<(http::HeaderName, http::HeaderValue), String> {
+/// A `--header NAME=VALUE` flag (`sigil inspect route` takes the same).
+pub fn parse_header(s: &str) -> Result<(http::HeaderName, http::HeaderValue), String> {
     let (name, value) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected NAME=VALUE"))?;

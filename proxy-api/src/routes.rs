@@ -27,6 +27,9 @@ use sigil_route::compiled::{
     RouteKind, RouteOrigin, RuleRef, ServiceRef, Timeouts, ValueMatch, WeightedBackend,
     regex_pattern,
 };
+use sigil_route::validate::{Catalog, ServiceInfo, ServicePortInfo};
+
+use crate::services::MeshService;
 
 /// Request bodies up to this size are kept while they are sent, so a failed attempt can be
 /// retried; a longer body makes its request not retryable (Linkerd's bound).
@@ -201,6 +204,39 @@ fn removed<K: Ord + fmt::Display, V>(
         .filter(|key| !current.contains_key(*key))
         .map(ToString::to_string)
         .collect()
+}
+
+/// The Services routes are judged against, from meshed Services (the agent's table, or a mesh
+/// file's `services:` for `sigil inspect route`): their ports and the SPIFFE IDs of their
+/// endpoints.
+pub fn catalog<'s>(services: impl IntoIterator<Item = &'s MeshService>) -> Catalog {
+    Catalog {
+        services: services
+            .into_iter()
+            .map(|service| {
+                let key = ServiceRef {
+                    namespace: service.key.namespace.clone(),
+                    name: service.key.name.clone(),
+                };
+                let info = ServiceInfo {
+                    ports: service
+                        .ports
+                        .iter()
+                        .map(|port| ServicePortInfo {
+                            name: port.name.clone(),
+                            port: port.port,
+                            app_protocol: port.app_protocol.clone(),
+                        })
+                        .collect(),
+                    cluster_ips: service.cluster_ips.clone(),
+                    // Only meshed Services are in the table.
+                    meshed: true,
+                    endpoint_ids: service.endpoints.iter().map(|e| e.id.clone()).collect(),
+                };
+                (key, info)
+            })
+            .collect(),
+    }
 }
 
 // ---- checking: what is wrong, and where ----
