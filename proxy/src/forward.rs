@@ -25,6 +25,7 @@ use crate::metrics::{
 };
 use crate::policy::PolicyState;
 use crate::pool::Pools;
+use crate::ratelimit::RateLimits;
 use crate::tls::{HandshakeFailure, TlsState};
 use sigil_proxy_api::mesh::MeshSnapshot;
 use sigil_proxy_api::routes::RouteTable;
@@ -54,6 +55,8 @@ pub struct Shared {
     /// Routes, backend policies and local rate limits for this workload (None from an agent
     /// without them, or before the first update: every Service is balanced as it is).
     pub routes: watch::Receiver<Option<Arc<RouteTable>>>,
+    /// Inbound: the local rate limits of the Service ports this workload serves.
+    pub rate_limits: Arc<RateLimits>,
     /// Outbound: a balancer per meshed Service port...
     pub balancers: Arc<Balancers>,
     /// ...and pooled HTTP/2 connections per endpoint.

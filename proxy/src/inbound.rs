@@ -34,6 +34,7 @@ use crate::l7::request_metrics::RequestMetrics;
 use crate::l7::{self, HttpVersion, Sniffed, sniff};
 use crate::metrics::{Direction, DirectionLabels, PeerLabels, Security};
 use crate::policy::{ConnectionAuthz, PolicyState, Transport};
+use crate::ratelimit::ConnectionLimits;
 use crate::tls::{self, HandshakeFailure};
 use sigil_proxy_api::services::Protocol;
 
@@ -265,6 +266,11 @@ async fn authorize_and_forward<D>(
                 metrics: shared.metrics.clone(),
                 peer: PeerLabels::new(Direction::Inbound, None, log.source_identity.as_ref()),
             },
+            rate_limits: Some(ConnectionLimits::new(
+                shared.rate_limits.clone(),
+                log.destination,
+                log.source_identity.clone(),
+            )),
         },
         authz: authz.clone(),
     };

@@ -34,6 +34,9 @@ pub mod request_metrics;
 
 use app_pool::{AppBody, AppUpstream, PoolError};
 use request_metrics::{RequestMetrics, RequestTimer};
+use sigil_route::select::RequestHead;
+
+use crate::ratelimit::ConnectionLimits;
 
 /// The body of a denied request: Envoy's, so clients and dashboards that know it keep working.
 pub const DENIED_BODY: &str = "RBAC: access denied\n";
@@ -333,6 +336,8 @@ pub struct Settings {
     pub forward_client_cert: Option<http::HeaderValue>,
     /// Where every request, answered by the application or by the proxy, is counted.
     pub metrics: RequestMetrics,
+    /// The local rate limits authorized requests take a token from (`None`: none).
+    pub rate_limits: Option<ConnectionLimits>,
 }
 
 /// The header an application reads the caller's verified identity from, as Envoy sets it.
@@ -438,6 +443,7 @@ struct Handler<A> {
     normalization: PathNormalization,
     forward_client_cert: Option<http::HeaderValue>,
     authorizer: Arc<A>,
+    rate_limits: Option<ConnectionLimits>,
     /// An HTTP/1.1 connection that switched protocols, joined once the server hands it over.
     tunnel: TunnelSlot,
 }
@@ -475,6 +481,21 @@ impl<A: Authorize> Handler<A> {
         let Some(policy) = self.authorizer.authorize(&info) else {
             return denied();
         };
+        // After authorization: a denied request never takes a token.
+        if let Some(limits) = &self.rate_limits {
+            let head = RequestHead {
+                method: request.method(),
+                path: request.uri().path(),
+                query: request.uri().query(),
+                headers: request.headers(),
+            };
+            if let Some(refusal) = limits.check(&head) {
+                let response = refusal.response();
+                self.authorizer
+                    .served(&info, &policy, response.status().as_u16(), Duration::ZERO);
+                return response.map(Either::Right);
+            }
+        }
         if let Some(xfcc) = &self.forward_client_cert {
             request.headers_mut().insert(XFCC, xfcc.clone());
         }
@@ -556,6 +577,7 @@ where
         header_read_timeout,
         forward_client_cert,
         metrics,
+        rate_limits,
     } = settings;
     let handler = Arc::new(Handler {
         downstream: version,
@@ -563,6 +585,7 @@ where
         normalization,
         forward_client_cert,
         authorizer,
+        rate_limits,
         tunnel: TunnelSlot::default(),
     });
     let respond = {

@@ -18,6 +18,7 @@ pub mod outbound;
 pub mod policy;
 pub mod pool;
 pub mod probes;
+pub mod ratelimit;
 pub mod routes;
 pub mod sds;
 pub mod server;

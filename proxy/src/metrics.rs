@@ -229,6 +229,17 @@ pub struct EjectionLabels {
     pub reason: &'static str,
 }
 
+/// A refusal by a local rate limit (ratelimit, issue 15): no client label, to stay bounded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    /// `<namespace>/<name>` of the Service.
+    pub service: String,
+    /// `<namespace>/<name>` of the RateLimitPolicy.
+    pub policy: String,
+    /// `total`, `identity` or `override`.
+    pub scope: &'static str,
+}
+
 /// Upper bounds of the request latency histogram, seconds: 1 ms to 10 s.
 pub const LATENCY_BUCKETS: [f64; 13] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -311,6 +322,8 @@ pub struct Metrics {
     pub mirrored_requests: Family<MirrorLabels, Counter>,
     pub route_updates_rejected: Counter,
     pub routes_reconnects: Counter,
+    // ratelimit (issue 15): local rate limits on inbound requests.
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
 }
 
 impl Metrics {
@@ -356,6 +369,8 @@ impl Metrics {
             mirrored_requests: Family::default(),
             route_updates_rejected: Counter::default(),
             routes_reconnects: Counter::default(),
+            // ratelimit (issue 15).
+            rate_limited: Family::default(),
         };
         registry.register_collector(Box::new(ProcessMetrics::default()));
         let r = registry.sub_registry_with_prefix(names::PREFIX);
@@ -565,6 +580,14 @@ impl Metrics {
             "routes_reconnects",
             "Times the routes stream to the agent was lost and re-opened",
             metrics.routes_reconnects.clone(),
+        );
+        // ratelimit (issue 15).
+        r.register(
+            "rate_limited",
+            "Inbound requests refused by a RateLimitPolicy (answered 429, or gRPC \
+             RESOURCE_EXHAUSTED), by Service, policy and the bucket that was empty: total, \
+             identity (the client's own) or override",
+            metrics.rate_limited.clone(),
         );
         metrics
     }

@@ -24,6 +24,7 @@ use crate::metrics::{Direction, Metrics};
 use crate::outbound::{self, Upstream};
 use crate::policy::{self, PolicyState};
 use crate::pool::Pools;
+use crate::ratelimit::RateLimits;
 use crate::tls::TlsState;
 use crate::{admin as proxy_admin, probes, routes, sds, services};
 use sigil_proxy_api::mesh::MeshSnapshot;
@@ -215,6 +216,11 @@ pub async fn run(
     ));
     let shared = Shared {
         config: config.clone(),
+        rate_limits: Arc::new(RateLimits::new(
+            routes_rx.clone(),
+            services_rx.clone(),
+            metrics.clone(),
+        )),
         routes: routes_rx,
         balancers: Arc::new(Balancers::new(metrics.clone())),
         pools,

@@ -123,7 +123,7 @@ pub fn run(
         namespace: client_namespace(&args.from),
         id: args.from.clone(),
     };
-    let routes = compile(&objects, catalog).view(&scope);
+    let routes = compile(&objects, catalog, args.from.trust_domain()).view(&scope);
     Ok(answer(&routes, catalog, &scope, args, out)?)
 }
 

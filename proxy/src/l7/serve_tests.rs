@@ -71,6 +71,7 @@ fn settings() -> Settings {
             metrics: Arc::new(Metrics::new(&mut Registry::default())),
             peer: PeerLabels::new(Direction::Inbound, None, None),
         },
+        rate_limits: None,
     }
 }
 

@@ -29,6 +29,7 @@ use crate::balance::Balancers;
 use crate::config::ProxyConfig;
 use crate::metrics::Metrics;
 use crate::pool::Pools;
+use crate::ratelimit::RateLimits;
 use crate::tls::TlsState;
 
 const CLUSTER_IP: [u8; 4] = [198, 19, 0, 10];
@@ -269,6 +270,11 @@ impl Proxy {
         let (policies_tx, policies) = watch::channel(None);
         let (close_tx, close) = watch::channel(false);
         let shared = Shared {
+            rate_limits: Arc::new(RateLimits::new(
+                watch::channel(None).1,
+                watch::channel(None).1,
+                metrics.clone(),
+            )),
             pools: Arc::new(Pools::new(
                 tls.clone(),
                 metrics.clone(),
