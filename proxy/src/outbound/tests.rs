@@ -88,6 +88,17 @@ fn id(n: usize) -> String {
 /// request came from (`x-orig-proto`), the request body's length, and a `grpc-status` trailer;
 /// with 500 instead when the request's `x-fail-on` names it.
 async fn endpoint_server(ca: &Ca, n: usize, delay: Duration) -> SocketAddr {
+    serve_endpoint(ca, n, move |request| answer(request, n, delay)).await
+}
+
+/// An endpoint on 127.0.0.`n` presenting `id(n)`, answering with `respond`.
+async fn serve_endpoint<F, Fut, B>(ca: &Ca, n: usize, respond: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let state = ca.state(&id(n));
     let listener = TcpListener::bind((Ipv4Addr::new(127, 0, 0, n as u8), 0))
         .await
@@ -102,13 +113,12 @@ async fn endpoint_server(ca: &Ca, n: usize, delay: Duration) -> SocketAddr {
             // the client's delayed ACK, and latency is what the balancer measures.
             tcp.set_nodelay(true).unwrap();
             let acceptor = tokio_rustls::TlsAcceptor::from(state.server.clone());
+            let respond = respond.clone();
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                    answer(request, n, delay)
-                });
+                let service = hyper::service::service_fn(respond);
                 // HTTP/2 from the pool; HTTP/1.1 on a connection dedicated to an upgrade.
                 let mut first = Vec::new();
                 // The proxy's HTTP clients speak at once; bytes with nothing sent yet are a
@@ -214,6 +224,8 @@ struct Proxy {
     listener_addr: SocketAddr,
     /// The feeds' senders, held: a closed `close` channel would end every connection at once.
     _feeds: Feeds,
+    /// Swaps the route table.
+    routes: watch::Sender<Option<Arc<sigil_proxy_api::routes::RouteTable>>>,
 }
 
 type Feeds = (
@@ -234,38 +246,26 @@ impl Proxy {
         endpoints: &[(SocketAddr, String, bool)],
         protocol: Protocol,
     ) -> Proxy {
+        let service = mesh_service("api", CLUSTER_IP, protocol, endpoints);
+        Proxy::with_services(ca, vec![service], None).await
+    }
+
+    /// A proxy whose application connects to demo/api at 198.19.0.10:80, with `services`
+    /// meshed and `routes` in force.
+    async fn with_services(
+        ca: &Ca,
+        services: Vec<MeshService>,
+        routes: Option<sigil_proxy_api::routes::RouteTable>,
+    ) -> Proxy {
         let config = Cli::try_parse_from(["proxy", "--access-log"])
             .unwrap()
             .proxy;
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let (tls_tx, tls) = watch::channel(Some(ca.state("spiffe://cluster.local/ns/demo/sa/web")));
-        let service = MeshService {
-            key: ServiceKey::new("demo", "api"),
-            cluster_ips: vec![IpAddr::from(CLUSTER_IP)],
-            ports: vec![ServicePort {
-                name: "http".into(),
-                port: 80,
-                protocol,
-                app_protocol: None,
-            }],
-            endpoints: endpoints
-                .iter()
-                .map(|(addr, id, ready)| Endpoint {
-                    ip: addr.ip(),
-                    ports: BTreeMap::from([("http".to_owned(), addr.port())]),
-                    id: id.parse().unwrap(),
-                    ready: *ready,
-                    serving: *ready,
-                    terminating: false,
-                    node: None,
-                    zone: None,
-                    source: "mesh-file".into(),
-                })
-                .collect(),
-        };
+        let (routes_tx, routes) = watch::channel(routes.map(Arc::new));
         let (services_tx, services) =
-            watch::channel(Some(Arc::new(ServiceTable::new(1, [service]))));
+            watch::channel(Some(Arc::new(ServiceTable::new(1, services))));
         let (mesh_tx, mesh) = watch::channel(Some(Arc::new(MeshSnapshot::default())));
         let (policies_tx, policies) = watch::channel(None);
         let (close_tx, close) = watch::channel(false);
@@ -292,7 +292,7 @@ impl Proxy {
             close,
             inbound_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             services,
-            routes: watch::channel(None).1,
+            routes,
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listener_addr = listener.local_addr().unwrap();
@@ -317,6 +317,7 @@ impl Proxy {
             registry,
             listener_addr,
             _feeds: (tls_tx, services_tx, mesh_tx, policies_tx, close_tx),
+            routes: routes_tx,
         }
     }
 
@@ -324,6 +325,39 @@ impl Proxy {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).unwrap();
         text
+    }
+}
+
+/// Service demo/`name` at `cluster_ip`:80 with `endpoints` (address, identity, ready).
+fn mesh_service(
+    name: &str,
+    cluster_ip: [u8; 4],
+    protocol: Protocol,
+    endpoints: &[(SocketAddr, String, bool)],
+) -> MeshService {
+    MeshService {
+        key: ServiceKey::new("demo", name),
+        cluster_ips: vec![IpAddr::from(cluster_ip)],
+        ports: vec![ServicePort {
+            name: "http".into(),
+            port: 80,
+            protocol,
+            app_protocol: None,
+        }],
+        endpoints: endpoints
+            .iter()
+            .map(|(addr, id, ready)| Endpoint {
+                ip: addr.ip(),
+                ports: BTreeMap::from([("http".to_owned(), addr.port())]),
+                id: id.parse().unwrap(),
+                ready: *ready,
+                serving: *ready,
+                terminating: false,
+                node: None,
+                zone: None,
+                source: "mesh-file".into(),
+            })
+            .collect(),
     }
 }
 
@@ -717,3 +751,5 @@ async fn an_opaque_endpoint_refusing_connections_gets_none_after_the_threshold()
         "sigil_proxy_endpoint_ejections_total{service=\"demo/api\",reason=\"consecutive\"} 1"
     ));
 }
+
+mod routes;
