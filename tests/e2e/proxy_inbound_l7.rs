@@ -603,6 +603,17 @@ fn the_readme_request_metrics_name_real_metrics_and_their_promql_parses() {
     metrics.balancer_pending.get_or_create(&service()).set(1);
     metrics.no_endpoints.get_or_create(&service()).inc();
     metrics
+        .endpoint_ejections
+        .get_or_create(&EjectionLabels {
+            service: "shop/api".into(),
+            reason: "consecutive",
+        })
+        .inc();
+    metrics
+        .endpoint_readmissions
+        .get_or_create(&service())
+        .inc();
+    metrics
         .detect_timeouts
         .get_or_create(&DirectionLabels {
             direction: Direction::Inbound,

@@ -12,7 +12,8 @@
 //!
 //! Counting is atomic per endpoint; the balancer's lock is taken only for a change of state
 //! (ejection, readmission) and for the judgement each `interval`, which the balancer runs at a
-//! pick once the interval has passed (no timer task: an idle balancer has nothing to judge).
+//! pick once the interval has passed (no timer task: an idle balancer has nothing to judge; the
+//! intervals it spent idle count at its next pick, each one off an active endpoint's n).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -59,7 +60,12 @@ const PROBING: u8 = 2;
 /// What a reported outcome asks of the balancer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    Eject(Reason),
+    /// `first`: the count just reached the threshold (a refusal is logged only then, not
+    /// again for each further failure, each of which is judged again).
+    Eject {
+        reason: Reason,
+        first: bool,
+    },
     Readmit,
 }
 
@@ -126,21 +132,36 @@ impl Health {
         let limit = limits.consecutive_5xx.load(Ordering::Relaxed);
         match self.mode.load(Ordering::Relaxed) {
             PROBING if !failure => Some(Verdict::Readmit),
-            PROBING if gateway && gateway_limit > 0 => Some(Verdict::Eject(Reason::Gateway)),
-            PROBING => Some(Verdict::Eject(Reason::Consecutive)),
+            PROBING => Some(Verdict::Eject {
+                reason: if gateway && gateway_limit > 0 {
+                    Reason::Gateway
+                } else {
+                    Reason::Consecutive
+                },
+                first: true,
+            }),
             ACTIVE if gateway_limit > 0 && gateway_in_row >= gateway_limit => {
-                Some(Verdict::Eject(Reason::Gateway))
+                Some(Verdict::Eject {
+                    reason: Reason::Gateway,
+                    first: gateway_in_row == gateway_limit,
+                })
             }
-            ACTIVE if limit > 0 && in_row >= limit => Some(Verdict::Eject(Reason::Consecutive)),
+            ACTIVE if limit > 0 && in_row >= limit => Some(Verdict::Eject {
+                reason: Reason::Consecutive,
+                first: in_row == limit,
+            }),
             // Ejected: answers to requests sent before the ejection change nothing.
             _ => None,
         }
     }
 
+    /// Back to active, every count at 0.
     fn reset(&self) {
         self.mode.store(ACTIVE, Ordering::Relaxed);
         self.consecutive_5xx.store(0, Ordering::Relaxed);
         self.consecutive_gateway.store(0, Ordering::Relaxed);
+        self.window_requests.store(0, Ordering::Relaxed);
+        self.window_failures.store(0, Ordering::Relaxed);
         if let Ok(mut ejection) = self.ejection.lock() {
             *ejection = Ejection::default();
         }
@@ -222,6 +243,15 @@ impl Events {
     }
 }
 
+/// An ejection asked for, and why (for the metrics and the log).
+struct Cause {
+    reason: Reason,
+    /// The counts that led to it.
+    counts: String,
+    /// Whether a refusal is logged (not for each further failure of an endpoint refused once).
+    log_refusal: bool,
+}
+
 /// A balancer's policy and ejection bookkeeping, kept under the balancer's lock.
 #[derive(Debug)]
 pub struct Detector {
@@ -246,7 +276,8 @@ impl Detector {
 
     /// Takes `policy` (None: no ejection; every endpoint is readmitted, silently, since the
     /// policy that ejected it is gone). A changed policy keeps the ejections made under the
-    /// previous one until they expire.
+    /// previous one until they expire; a first one starts from zero counts (not from what was
+    /// counted while nothing judged them).
     pub fn set_policy(
         &mut self,
         policy: Option<&OutlierDetection>,
@@ -257,12 +288,13 @@ impl Detector {
         if self.policy.as_ref() == policy {
             return;
         }
-        if self.policy.is_none() {
+        let first = self.policy.is_none();
+        if first {
             self.judged = now;
         }
         limits.set(policy);
         self.policy = policy.cloned();
-        if policy.is_none() {
+        if first || policy.is_none() {
             for endpoint in ready {
                 endpoint.health.reset();
             }
@@ -324,7 +356,10 @@ impl Detector {
             return;
         }
         let intervals = (elapsed.as_nanos() / interval.as_nanos()).min(u128::from(u32::MAX)) as u32;
-        self.judged += interval * intervals;
+        self.judged = interval
+            .checked_mul(intervals)
+            .and_then(|judged| self.judged.checked_add(judged))
+            .unwrap_or(now);
         // Envoy's multiplier decay: one less per interval spent healthy.
         for endpoint in ready.iter().filter(|e| e.health.is_active()) {
             if let Ok(mut ejection) = endpoint.health.ejection.lock() {
@@ -356,8 +391,12 @@ impl Detector {
         }
         for (endpoint, requests, failures) in judged {
             if u64::from(failures) * 100 >= u64::from(rate.threshold) * u64::from(requests) {
-                let counts = format!("{failures} failures in {requests} requests");
-                self.eject(endpoint, Reason::Rate, &counts, ready, now, events);
+                let cause = Cause {
+                    reason: Reason::Rate,
+                    counts: format!("{failures} failures in {requests} requests"),
+                    log_refusal: true,
+                };
+                self.eject(endpoint, &cause, ready, now, events);
             }
         }
     }
@@ -373,13 +412,17 @@ impl Detector {
     ) {
         let health = &endpoint.health;
         match verdict {
-            Verdict::Eject(reason) => {
-                let counts = format!(
-                    "{} failures in a row, {} gateway errors in a row",
-                    health.consecutive_5xx.load(Ordering::Relaxed),
-                    health.consecutive_gateway.load(Ordering::Relaxed)
-                );
-                self.eject(endpoint, reason, &counts, ready, now, events);
+            Verdict::Eject { reason, first } => {
+                let cause = Cause {
+                    reason,
+                    counts: format!(
+                        "{} failures in a row, {} gateway errors in a row",
+                        health.consecutive_5xx.load(Ordering::Relaxed),
+                        health.consecutive_gateway.load(Ordering::Relaxed)
+                    ),
+                    log_refusal: first,
+                };
+                self.eject(endpoint, &cause, ready, now, events);
             }
             Verdict::Readmit => {
                 // Another report may have acted first.
@@ -409,8 +452,7 @@ impl Detector {
     fn eject(
         &mut self,
         endpoint: &EndpointLoad,
-        reason: Reason,
-        counts: &str,
+        cause: &Cause,
         ready: &[Arc<EndpointLoad>],
         now: Instant,
         events: &Events,
@@ -437,12 +479,15 @@ impl Detector {
                     None
                 };
                 if let Some(why) = refused {
+                    if !cause.log_refusal {
+                        return;
+                    }
                     warn!(
                         service = %events.service,
                         endpoint = %endpoint.addr,
                         identity = %endpoint.id,
-                        reason = reason.label(),
-                        counts,
+                        reason = cause.reason.label(),
+                        counts = %cause.counts,
                         ejected = held_out,
                         endpoints = total,
                         "endpoint not ejected: {why}"
@@ -468,13 +513,13 @@ impl Detector {
         health.consecutive_5xx.store(0, Ordering::Relaxed);
         health.consecutive_gateway.store(0, Ordering::Relaxed);
         self.recount(ready);
-        events.ejected(reason);
+        events.ejected(cause.reason);
         warn!(
             service = %events.service,
             endpoint = %endpoint.addr,
             identity = %endpoint.id,
-            reason = reason.label(),
-            counts,
+            reason = cause.reason.label(),
+            counts = %cause.counts,
             times_ejected = times,
             duration_ms = duration.as_millis() as u64,
             ejected = self.held_out,

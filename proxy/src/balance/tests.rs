@@ -697,3 +697,32 @@ async fn a_policy_from_the_routes_applies_to_existing_and_new_balancers_and_foll
     drop(services_tx);
     following.await.unwrap();
 }
+
+#[test]
+fn responses_are_classed_as_istio_and_the_design_say() {
+    let cases = [
+        (200, None, Outcome::Success),
+        (404, None, Outcome::Success),
+        (500, None, FAILURE),
+        (501, None, FAILURE),
+        (502, None, GATEWAY),
+        (503, None, GATEWAY),
+        (504, None, GATEWAY),
+        // gRPC: UNKNOWN, INTERNAL, UNAVAILABLE, DATA_LOSS fail; DEADLINE_EXCEEDED and
+        // PERMISSION_DENIED do not (the caller's doing as often as not).
+        (200, Some(0), Outcome::Success),
+        (200, Some(2), FAILURE),
+        (200, Some(13), FAILURE),
+        (200, Some(14), FAILURE),
+        (200, Some(15), FAILURE),
+        (200, Some(4), Outcome::Success),
+        (200, Some(7), Outcome::Success),
+    ];
+    for (status, grpc_status, outcome) in cases {
+        assert_eq!(
+            Outcome::of_response(status, grpc_status),
+            outcome,
+            "{status} {grpc_status:?}"
+        );
+    }
+}
