@@ -35,6 +35,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher::{self, Event};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use sigil_identity::TrustDomain;
 use sigil_kube_watch::follow::{self, Events, WatchEvent};
 use sigil_kube_watch::{Listed, POLL_INTERVAL, PolledFile, State, publish};
 use sigil_proto::sigil::route::v1::route_discovery_server::{RouteDiscovery, RouteDiscoveryServer};
@@ -42,7 +43,7 @@ use sigil_proto::sigil::route::v1::{RouteUpdate, WatchRoutesRequest};
 use sigil_route::ServiceRef;
 use sigil_route::compile::{ClientScope, Compiled};
 use sigil_route::model::{Meta, ModelError, RouteObject, RouteObjects};
-use sigil_route::validate::{Catalog, ServiceInfo, ServicePortInfo};
+use sigil_route::validate::{Catalog, ServiceInfo};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
@@ -388,13 +389,12 @@ pub enum RouteEvent {
 }
 
 /// Where the route objects come from.
+#[derive(Default)]
 pub struct Sources {
     /// The cluster-wide watches of the five kinds, with this client (`--attestor k8s`).
     pub kubernetes: Option<kube::Client>,
     /// `--policy-file`'s route documents, loaded at start-up.
     pub file: Option<RouteFile>,
-    /// Turns rate-limit overrides' service accounts into SPIFFE IDs.
-    pub trust_domain: sigil_identity::TrustDomain,
 }
 
 /// What the route task's output is computed from: the objects and the Services, compared to
@@ -405,13 +405,35 @@ pub struct RouteInputs {
     pub services: BTreeMap<ServiceRef, ServiceInfo>,
 }
 
+/// The inputs and what they compile to; two are the same when their inputs are.
+#[derive(Clone, Debug, Default)]
+pub struct RouteContent {
+    pub inputs: RouteInputs,
+    pub compiled: Compiled,
+}
+
+impl PartialEq for RouteContent {
+    fn eq(&self, other: &RouteContent) -> bool {
+        self.inputs == other.inputs
+    }
+}
+
 /// What the route task publishes: 0 until every source has synced, then one more with every
-/// change of its inputs, compiled once.
+/// change of its inputs, compiled once for every client.
 #[derive(Debug, Default)]
 pub struct RouteState {
     pub version: u64,
-    pub inputs: RouteInputs,
-    pub compiled: Compiled,
+    pub content: RouteContent,
+}
+
+impl RouteState {
+    pub fn inputs(&self) -> &RouteInputs {
+        &self.content.inputs
+    }
+
+    pub fn compiled(&self) -> &Compiled {
+        &self.content.compiled
+    }
 }
 
 impl Synced for RouteState {
@@ -423,36 +445,14 @@ impl Synced for RouteState {
 /// The Services routes are judged against: the meshed ones, with their ports and the SPIFFE IDs
 /// of their endpoints.
 fn services(mesh: &MeshState) -> BTreeMap<ServiceRef, ServiceInfo> {
-    mesh.services()
-        .services()
-        .map(|service| {
-            let key = ServiceRef {
-                namespace: service.key.namespace.clone(),
-                name: service.key.name.clone(),
-            };
-            let info = ServiceInfo {
-                ports: service
-                    .ports
-                    .iter()
-                    .map(|port| ServicePortInfo {
-                        name: port.name.clone(),
-                        port: port.port,
-                        app_protocol: port.app_protocol.clone(),
-                    })
-                    .collect(),
-                cluster_ips: service.cluster_ips.clone(),
-                meshed: true,
-                endpoint_ids: service.endpoints.iter().map(|e| e.id.clone()).collect(),
-            };
-            (key, info)
-        })
-        .collect()
+    sigil_proxy_api::routes::catalog(mesh.services().services().map(|service| &**service)).services
 }
 
 /// Starts the task that keeps the routes, which stops when `shutdown` turns true or its sender
 /// is dropped (ending every `WatchRoutes` stream). The receiver holds version 0 until the mesh
 /// state and every source have synced.
 pub fn spawn(
+    td: TrustDomain,
     sources: Sources,
     mesh: watch::Receiver<Arc<MeshState>>,
     metrics: Arc<Metrics>,
@@ -471,11 +471,12 @@ pub fn spawn(
         None => mesh_events,
     };
     let store = RouteStore {
+        td,
         mesh: None,
         cluster,
         file: sources.file,
-        trust_domain: sources.trust_domain,
         logged_conflicts: BTreeSet::new(),
+        last: None,
         metrics,
     };
     publish::spawn("route feed", store, Some(events), shutdown)
@@ -494,20 +495,23 @@ fn cluster_events(client: kube::Client) -> Events<RouteEvent> {
 
 /// The route task's state: it alone reads the sources and publishes.
 struct RouteStore {
+    /// Whose SPIFFE IDs rate-limit overrides name.
+    td: TrustDomain,
     /// The Services of the mesh state last received; `None` until the first synced one.
     mesh: Option<BTreeMap<ServiceRef, ServiceInfo>>,
     /// `Some` when the Kubernetes source is on.
     cluster: Option<BTreeMap<RouteResource, ClusterKind>>,
     file: Option<RouteFile>,
-    trust_domain: sigil_identity::TrustDomain,
     /// Objects in both sources already logged, so a lasting overlap is logged once.
     logged_conflicts: BTreeSet<ObjectKey>,
+    /// What was compiled last, whose unchanged entries the next compilation keeps.
+    last: Option<RouteContent>,
     metrics: Arc<Metrics>,
 }
 
 impl State for RouteStore {
     type Event = RouteEvent;
-    type Content = RouteInputs;
+    type Content = RouteContent;
     type Snapshot = RouteState;
 
     fn has_file(&self) -> bool {
@@ -562,25 +566,48 @@ impl State for RouteStore {
         }
     }
 
-    /// The merged objects and the Services, logging the overlaps not logged yet.
-    fn content(&mut self) -> RouteInputs {
+    /// The merged objects and the Services, compiled (unless they are what was compiled last),
+    /// logging the overlaps not logged yet.
+    fn content(&mut self) -> RouteContent {
         let (objects, conflicts) = merge(self.cluster.as_ref(), self.file.as_ref());
         for key in conflicts.difference(&self.logged_conflicts) {
             warn!(object = %key, "a route object is both in the cluster and in --policy-file; using the cluster's");
         }
         self.logged_conflicts = conflicts;
-        RouteInputs {
+        let inputs = RouteInputs {
             objects,
             services: self.mesh.clone().unwrap_or_default(),
+        };
+        if let Some(last) = &self.last
+            && last.inputs == inputs
+        {
+            return last.clone();
         }
+        let content = self.compile(inputs);
+        self.last = Some(content.clone());
+        content
     }
 
-    fn published(state: &RouteState) -> (u64, &RouteInputs) {
-        (state.version, &state.inputs)
+    fn published(state: &RouteState) -> (u64, &RouteContent) {
+        (state.version, &state.content)
     }
 
-    /// Compiles the inputs: once per change, for every client.
-    fn snapshot(&self, version: u64, inputs: RouteInputs) -> RouteState {
+    fn snapshot(&self, version: u64, content: RouteContent) -> RouteState {
+        let objects = content.inputs.objects.len();
+        let ports = content.compiled.producer.len();
+        if version == 1 {
+            info!(objects, producer_ports = ports, "routes synced");
+        } else {
+            debug!(version, objects, producer_ports = ports, "routes changed");
+        }
+        RouteState { version, content }
+    }
+}
+
+impl RouteStore {
+    /// Compiles `inputs` for every client. Entries that come out as they were last time keep
+    /// their `Arc`s, so that streams send only what changed (they compare by pointer).
+    fn compile(&self, inputs: RouteInputs) -> RouteContent {
         let objects: RouteObjects = inputs
             .objects
             .values()
@@ -589,17 +616,51 @@ impl State for RouteStore {
         let catalog = Catalog {
             services: inputs.services.clone(),
         };
-        let compiled = sigil_route::compile::compile(&objects, &catalog, &self.trust_domain);
-        let (objects, ports) = (inputs.objects.len(), compiled.producer.len());
-        if version == 1 {
-            info!(objects, producer_ports = ports, "routes synced");
-        } else {
-            debug!(version, objects, producer_ports = ports, "routes changed");
+        let mut compiled = sigil_route::compile::compile(&objects, &catalog, &self.td);
+        if let Some(last) = &self.last {
+            keep_unchanged(&last.compiled, &mut compiled);
         }
-        RouteState {
-            version,
-            inputs,
-            compiled,
+        RouteContent { inputs, compiled }
+    }
+}
+
+/// Puts `previous`'s `Arc` in place of every entry of `current` that is the same on the wire.
+fn keep_unchanged(previous: &Compiled, current: &mut Compiled) {
+    use sigil_proxy_api::routes::{
+        backend_policy_to_message, inbound_policy_to_message, port_routes_to_message,
+    };
+    keep_same(
+        &previous.producer,
+        &mut current.producer,
+        port_routes_to_message,
+    );
+    for (namespace, ports) in &mut current.consumer {
+        if let Some(before) = previous.consumer.get(namespace) {
+            keep_same(before, ports, port_routes_to_message);
+        }
+    }
+    keep_same(
+        &previous.backends,
+        &mut current.backends,
+        backend_policy_to_message,
+    );
+    keep_same(
+        &previous.inbound,
+        &mut current.inbound,
+        inbound_policy_to_message,
+    );
+}
+
+fn keep_same<K: Ord, T, M: PartialEq>(
+    previous: &BTreeMap<K, Arc<T>>,
+    current: &mut BTreeMap<K, Arc<T>>,
+    message: impl Fn(&T) -> M,
+) {
+    for (key, entry) in current.iter_mut() {
+        if let Some(before) = previous.get(key)
+            && message(before) == message(entry)
+        {
+            *entry = before.clone();
         }
     }
 }
@@ -679,8 +740,8 @@ fn feed(
     scope: ClientScope,
 ) -> StateFeed<RouteState, RouteUpdate> {
     StateFeed::new(state, metrics, SocketApi::Routes, move |sent, state| {
-        let previous = sent.map(|sent| sent.compiled.view(&scope));
-        let current = state.compiled.view(&scope);
+        let previous = sent.map(|sent| sent.compiled().view(&scope));
+        let current = state.compiled().view(&scope);
         sigil_proxy_api::routes::update(previous.as_ref(), &current, state.version)
     })
 }

@@ -237,10 +237,10 @@ pub async fn run(config: AgentConfig, signalled: watch::Receiver<bool>) -> Resul
     // Not a readiness condition: a proxy without routes balances over each Service as before,
     // and the Gateway API CRDs may never be installed.
     let route_state = routes::spawn(
+        td.clone(),
         routes::Sources {
             kubernetes: kube_client,
             file: route_file,
-            trust_domain: td.clone(),
         },
         mesh.clone(),
         metrics.clone(),

@@ -388,7 +388,7 @@ fn header_value_text(value: &HeaderValue) -> String {
 
 // ---- PortRoutes ----
 
-fn port_routes_to_message(routes: &PortRoutes) -> wire::PortRoutes {
+pub fn port_routes_to_message(routes: &PortRoutes) -> wire::PortRoutes {
     wire::PortRoutes {
         namespace: routes.key.service.namespace.clone(),
         name: routes.key.service.name.clone(),
@@ -1005,7 +1005,7 @@ fn backends_from_message(backends: &[wire::WeightedBackend]) -> Checked<Backends
 
 // ---- BackendPolicy ----
 
-fn backend_policy_to_message(policy: &BackendPolicy) -> wire::BackendPolicy {
+pub fn backend_policy_to_message(policy: &BackendPolicy) -> wire::BackendPolicy {
     wire::BackendPolicy {
         namespace: policy.service.namespace.clone(),
         name: policy.service.name.clone(),
@@ -1101,7 +1101,7 @@ fn outlier_detection_from_message(message: &wire::OutlierDetection) -> Checked<O
 
 // ---- InboundPolicy ----
 
-fn inbound_policy_to_message(policy: &InboundPolicy) -> wire::InboundPolicy {
+pub fn inbound_policy_to_message(policy: &InboundPolicy) -> wire::InboundPolicy {
     let limit = |limit: &Limit| wire::Limit {
         requests: limit.requests,
         period_ms: millis(limit.period),

@@ -13,7 +13,7 @@ use sigil_test_apiserver::{ServerOptions, TestApiServer};
 
 use super::*;
 use crate::push_stream::PushFeed;
-use crate::test_support::{BundleSource, TestAgent, TestCa, WEB_ID, this_uid};
+use crate::test_support::{BundleSource, TestAgent, TestCa, WEB_ID, td, this_uid};
 
 const WAIT: Duration = Duration::from_secs(10);
 /// The watcher's longest backoff (30 s) and then some: how long a CRD installed late may take
@@ -220,7 +220,7 @@ async fn routes_wait_for_the_mesh_then_follow_the_file_and_the_services() {
         file: Some(RouteFile::load(&path).unwrap()),
     };
     let metrics = metrics();
-    let rx = spawn(sources, mesh_rx, metrics.clone(), shutdown);
+    let rx = spawn(td(), sources, mesh_rx, metrics.clone(), shutdown);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         !rx.borrow().is_synced(),
@@ -237,10 +237,10 @@ async fn routes_wait_for_the_mesh_then_follow_the_file_and_the_services() {
         port: 80,
     };
     assert_eq!(
-        synced.compiled.producer.keys().collect::<Vec<_>>(),
+        synced.compiled().producer.keys().collect::<Vec<_>>(),
         [&web_80]
     );
-    assert_eq!(synced.inputs.services.len(), 3);
+    assert_eq!(synced.inputs().services.len(), 3);
 
     // A mesh state that changes nothing routes use (members) is no new version.
     let mut members = BTreeMap::new();
@@ -263,9 +263,9 @@ async fn routes_wait_for_the_mesh_then_follow_the_file_and_the_services() {
             &http_route("demo", "api", "api", "api"),
         ]),
     );
-    let edited = until(&rx, WAIT, |state| state.inputs.objects.len() == 2).await;
+    let edited = until(&rx, WAIT, |state| state.inputs().objects.len() == 2).await;
     assert_eq!(edited.version, 2, "the members' change made no version");
-    assert_eq!(edited.compiled.producer.len(), 2);
+    assert_eq!(edited.compiled().producer.len(), 2);
     // A Service going away is a change.
     mesh_tx.send_replace(Arc::new(MeshState::new(
         3,
@@ -273,7 +273,7 @@ async fn routes_wait_for_the_mesh_then_follow_the_file_and_the_services() {
         [mesh_service("web", "198.19.0.10", "198.18.0.2", WEB_ID)],
     )));
     let fewer = until(&rx, WAIT, |state| state.version == 3).await;
-    assert_eq!(fewer.inputs.services.len(), 1);
+    assert_eq!(fewer.inputs().services.len(), 1);
 
     // An invalid edit keeps the last good routes, and is counted.
     replace(
@@ -282,25 +282,33 @@ async fn routes_wait_for_the_mesh_then_follow_the_file_and_the_services() {
     );
     tokio::time::sleep(FILE_POLL_INTERVAL * 2).await;
     assert_eq!(rx.borrow().version, 3);
-    assert_eq!(rx.borrow().inputs.objects.len(), 2);
+    assert_eq!(rx.borrow().inputs().objects.len(), 2);
     assert!(metrics.policy_file_reload_failures.get() >= 1);
 }
 
-/// The state the route task would publish for these documents over [`mesh`].
-fn state(version: u64, docs: &[&str]) -> Arc<RouteState> {
+/// A route task's state without sources, for [`state`].
+fn store() -> RouteStore {
+    RouteStore {
+        td: td(),
+        mesh: None,
+        cluster: None,
+        file: None,
+        logged_conflicts: BTreeSet::new(),
+        last: None,
+        metrics: metrics(),
+    }
+}
+
+/// The state `store` publishes next when its objects are these documents, over [`mesh`].
+fn state(store: &mut RouteStore, version: u64, docs: &[&str]) -> Arc<RouteState> {
     let objects = parse_file(documents(docs).as_bytes()).unwrap();
     let inputs = RouteInputs {
         objects,
         services: services(&mesh(1)),
     };
-    let store = RouteStore {
-        mesh: None,
-        cluster: None,
-        file: None,
-        logged_conflicts: BTreeSet::new(),
-        metrics: metrics(),
-    };
-    Arc::new(store.snapshot(version, inputs))
+    let content = store.compile(inputs);
+    store.last = Some(content.clone());
+    Arc::new(store.snapshot(version, content))
 }
 
 async fn next(feed: &mut StateFeed<RouteState, RouteUpdate>) -> RouteUpdate {
@@ -324,7 +332,8 @@ async fn each_client_gets_its_namespace_s_consumer_routes_else_the_producer_s_th
     let producer = http_route("demo", "web", "web", "web");
     let consumer = http_route("shop", "web-for-shop", "web", "web-v2");
     let api = http_route("demo", "api", "api", "api");
-    let first = state(1, &[&producer, &consumer, GRANT_SHOP, &api]);
+    let mut store = store();
+    let first = state(&mut store, 1, &[&producer, &consumer, GRANT_SHOP, &api]);
     let (tx, rx) = watch::channel(first);
     let metrics = metrics();
     let mut shop = feed(rx.clone(), &metrics, scope(SHOP_ID));
@@ -361,7 +370,11 @@ async fn each_client_gets_its_namespace_s_consumer_routes_else_the_producer_s_th
 
     // The api route changes: both get that entry only.
     let api_moved = http_route("demo", "api", "api", "web");
-    tx.send_replace(state(2, &[&producer, &consumer, GRANT_SHOP, &api_moved]));
+    tx.send_replace(state(
+        &mut store,
+        2,
+        &[&producer, &consumer, GRANT_SHOP, &api_moved],
+    ));
     for feed in [&mut shop, &mut other] {
         let update = next(feed).await;
         assert!(!update.reset);
@@ -371,14 +384,14 @@ async fn each_client_gets_its_namespace_s_consumer_routes_else_the_producer_s_th
     }
 
     // The consumer route goes: shop falls back to the producer's; the others see no change.
-    tx.send_replace(state(3, &[&producer, GRANT_SHOP, &api_moved]));
+    tx.send_replace(state(&mut store, 3, &[&producer, GRANT_SHOP, &api_moved]));
     let update = next(&mut shop).await;
     assert_eq!(upserted_ports(&update), ["demo/web:80"]);
     assert_eq!(origin(&update, "demo/web:80"), WireOrigin::Producer as i32);
     nothing(&mut other).await;
 
     // The api route goes: removed for both.
-    tx.send_replace(state(4, &[&producer, GRANT_SHOP]));
+    tx.send_replace(state(&mut store, 4, &[&producer, GRANT_SHOP]));
     for feed in [&mut shop, &mut other] {
         let update = next(feed).await;
         assert!(update.port_upserts.is_empty());
@@ -479,10 +492,10 @@ async fn without_the_gateway_api_crds_routes_are_synced_and_empty_until_they_are
         kubernetes: Some(server.client()),
         file: None,
     };
-    let rx = spawn(sources, mesh_rx, metrics(), shutdown);
+    let rx = spawn(td(), sources, mesh_rx, metrics(), shutdown);
     let synced = until(&rx, WAIT, RouteState::is_synced).await;
-    assert!(synced.inputs.objects.is_empty());
-    assert!(synced.compiled.producer.is_empty());
+    assert!(synced.inputs().objects.is_empty());
+    assert!(synced.compiled().producer.is_empty());
 
     let crds: Api<CustomResourceDefinition> = Api::all(server.client());
     crds.create(&PostParams::default(), &crd(RouteResource::HttpRoute))
@@ -498,14 +511,14 @@ async fn without_the_gateway_api_crds_routes_are_synced_and_empty_until_they_are
         .data(json!({ "spec": route["spec"] }));
     api.create(&PostParams::default(), &object).await.unwrap();
     let installed = until(&rx, CRD_RETRY_WAIT, |state| {
-        !state.inputs.objects.is_empty()
+        !state.inputs().objects.is_empty()
     })
     .await;
     assert_eq!(
-        installed.inputs.objects.keys().collect::<Vec<_>>(),
+        installed.inputs().objects.keys().collect::<Vec<_>>(),
         [&key(RouteResource::HttpRoute, "demo", "web")]
     );
-    assert_eq!(installed.compiled.producer.len(), 1);
+    assert_eq!(installed.compiled().producer.len(), 1);
 }
 
 // --- the gRPC service on a real socket ---
@@ -527,6 +540,7 @@ async fn an_attested_caller_gets_its_view_and_an_unattested_one_is_refused() {
     let uid = this_uid();
     let agent = serve(&format!("workloads:\n- {{uid: {uid}, id: {SHOP_ID}}}\n")).await;
     agent.route_tx.send_replace(state(
+        &mut store(),
         1,
         &[
             &http_route("demo", "web", "web", "web"),
