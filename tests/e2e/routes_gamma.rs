@@ -1271,12 +1271,25 @@ spec:
             );
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "echo-v2 saw {} of 10 mirrored calls (before: {mirrored_before}){}",
-            copies.len(),
-            mesh.recent_logs()
-        );
+        if Instant::now() > deadline {
+            let mut outcomes = Vec::new();
+            for outcome in ["sent", "dropped", "failed"] {
+                let labels = [
+                    ("service", "gateway-conformance-mesh/echo-v2"),
+                    ("outcome", outcome),
+                ];
+                let count = mesh
+                    .metric("a", "sigil_proxy_mirrored_requests_total", &labels)
+                    .await;
+                outcomes.push((outcome, count));
+            }
+            panic!(
+                "echo-v2 saw {} of 10 mirrored calls (before: {mirrored_before}); a's proxy \
+                 counts mirrored requests {outcomes:?}{}",
+                copies.len(),
+                mesh.recent_logs()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -318,6 +318,8 @@ spec:
         a.curl_many(&[], &url, 25).await;
     }
     let times: Vec<Instant> = mesh.echo("t3").seen().iter().map(|s| s.at).collect();
+    // A probe goes out with the first request the balancer gives t3 after the ejection ends,
+    // so each gap is at least the ejection time (base × n), not exactly it.
     let (first_ejection, second_ejection) = (times[3] - times[2], times[4] - times[3]);
     let ejections = mesh
         .metric(
@@ -345,8 +347,8 @@ spec:
         "no traffic to t3 for baseEjectionTime after its 3rd failure: {first_ejection:?}"
     );
     assert!(
-        second_ejection >= Duration::from_millis(600) && second_ejection > first_ejection,
-        "the second ejection lasts base × 2: {second_ejection:?} after {first_ejection:?}"
+        second_ejection >= Duration::from_millis(600),
+        "the second ejection lasts base × 2: {second_ejection:?} (the first {first_ejection:?})"
     );
     assert!(
         ejections >= 2.0,
@@ -622,18 +624,24 @@ spec:
     let mut times: Vec<Duration> = answers.iter().map(|a| a.time).collect();
     times.sort();
     let p99 = times[times.len() * 99 / 100];
+    // The copies go out beside the primaries; wait (8 s at most) for the share to be reached.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while mesh.echo("m1").count() - before < 70 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let copies = mesh.echo("m1").count() - before;
     let share = copies as f64 / 200.0;
-    let sent = mesh
-        .metric(
-            "a",
-            "sigil_proxy_mirrored_requests_total",
-            &[("service", "demo/shadow"), ("outcome", "sent")],
-        )
-        .await;
+    let mut outcomes = Vec::new();
+    for outcome in ["sent", "dropped", "failed"] {
+        let labels = [("service", "demo/shadow"), ("outcome", outcome)];
+        let count = mesh
+            .metric("a", "sigil_proxy_mirrored_requests_total", &labels)
+            .await;
+        outcomes.push((outcome, count));
+    }
     println!(
         "  200 GETs: p99 {p99:?}, answered by {:?}; the shadow saw {copies} copies \
-         ({:.0}%), mirrored_requests_total{{outcome=\"sent\"}} {sent}",
+         ({:.0}%); mirrored_requests_total by outcome so far {outcomes:?}",
         count_by_pod(&answers),
         100.0 * share
     );

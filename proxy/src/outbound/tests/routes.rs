@@ -190,11 +190,7 @@ type Endpoints = Vec<(SocketAddr, String, bool)>;
 
 /// A proxy with demo/api (endpoint 1) and the backends `services` (name, cluster IP's last
 /// octet, endpoints).
-async fn routed_proxy(
-    ca: &Ca,
-    services: Vec<(&str, u8, Endpoints)>,
-    routes: RouteTable,
-) -> Proxy {
+async fn routed_proxy(ca: &Ca, services: Vec<(&str, u8, Endpoints)>, routes: RouteTable) -> Proxy {
     let api = endpoint_server(ca, 1, Duration::ZERO).await;
     let mut meshed = vec![mesh_service(
         "api",
