@@ -26,12 +26,12 @@ use sigil_policy::path::{self, PathNormalization};
 use crate::compile::{ClientScope, compile};
 use crate::compiled::{
     BackendTarget, Backends, Filter, GrpcMatch, HeaderModifier, HttpMatch, PathModifier, PortKey,
-    PortRoutes, RetryPolicy, RouteOrigin, RouteSet, RuleRef, ServiceRef, Timeouts,
+    PortRoutes, RetryPolicy, RouteKind, RouteOrigin, RouteSet, RuleRef, ServiceRef, Timeouts,
 };
 use crate::filters::{self, RequestUrl};
-use crate::model::{ModelError, RouteObject, RouteObjects};
+use crate::model::{ModelError, ParentReference, RouteObject, RouteObjects};
 use crate::select::{self, EntryVerdict, RequestHead};
-use crate::validate::Catalog;
+use crate::validate::{self, Catalog};
 
 #[derive(Args, Debug)]
 pub struct InspectRouteArgs {
@@ -124,7 +124,94 @@ pub fn run(
         id: args.from.clone(),
     };
     let routes = compile(&objects, catalog, args.from.trust_domain()).view(&scope);
-    Ok(answer(&routes, catalog, &scope, args, out)?)
+    let routed = answer(&routes, catalog, &scope, args, out)?;
+    for line in status_lines(&objects, catalog, &scope, &args.to) {
+        writeln!(out, "{line}")?;
+    }
+    Ok(routed)
+}
+
+/// The Gateway API status (as the CA writes it) of every route that names the Service port as
+/// a parent and could apply to the client: producer routes, and consumer routes of its
+/// namespace, including those that were not accepted and so are in no table.
+fn status_lines(
+    objects: &RouteObjects,
+    catalog: &Catalog,
+    scope: &ClientScope,
+    key: &PortKey,
+) -> Vec<String> {
+    let parents: Vec<(RouteKind, &str, &str, &[ParentReference])> = objects
+        .http_routes
+        .iter()
+        .map(|r| {
+            let m = &r.meta;
+            (
+                RouteKind::HttpRoute,
+                m.namespace.as_str(),
+                m.name.as_str(),
+                r.spec.parent_refs.as_slice(),
+            )
+        })
+        .chain(objects.grpc_routes.iter().map(|r| {
+            let m = &r.meta;
+            (
+                RouteKind::GrpcRoute,
+                m.namespace.as_str(),
+                m.name.as_str(),
+                r.spec.parent_refs.as_slice(),
+            )
+        }))
+        .collect();
+    let names_port = |namespace: &str, parent: &ParentReference| {
+        parent.is_service()
+            && parent.namespace.as_deref().unwrap_or(namespace) == key.service.namespace
+            && parent.name == key.service.name
+            && parent.port.is_none_or(|port| port == key.port)
+    };
+    let mut lines = Vec::new();
+    for verdict in validate::judge_routes(objects, catalog) {
+        if verdict.namespace != key.service.namespace && verdict.namespace != scope.namespace {
+            continue;
+        }
+        let Some((_, _, _, refs)) = parents.iter().find(|(kind, namespace, name, _)| {
+            *kind == verdict.kind && *namespace == verdict.namespace && *name == verdict.name
+        }) else {
+            continue;
+        };
+        for parent in &verdict.parents {
+            if !refs
+                .get(parent.parent_index)
+                .is_some_and(|r| names_port(&verdict.namespace, r))
+            {
+                continue;
+            }
+            let conditions: Vec<String> = parent
+                .conditions
+                .iter()
+                .map(|c| {
+                    let mut text =
+                        format!("{}={}", c.type_, if c.status { "True" } else { "False" });
+                    if c.reason != c.type_ {
+                        let _ = write!(text, " ({}", c.reason);
+                        if !c.message.is_empty() {
+                            let _ = write!(text, ": {}", c.message);
+                        }
+                        text.push(')');
+                    }
+                    text
+                })
+                .collect();
+            lines.push(format!(
+                "status: {} {}/{} parentRefs[{}]: {}",
+                verdict.kind,
+                verdict.namespace,
+                verdict.name,
+                parent.parent_index,
+                conditions.join(", ")
+            ));
+        }
+    }
+    lines
 }
 
 /// The route documents of a policy file (the other documents are policies, not read here).

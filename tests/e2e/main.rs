@@ -37,6 +37,7 @@ mod proxy_netns;
 mod proxy_peers;
 mod proxy_policy;
 mod readme_quickstart;
+mod route_inspect;
 mod routes_gamma;
 mod routes_resilience;
 mod stat;

@@ -140,6 +140,10 @@ impl Body for Copy {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if *self.abandoned.borrow() {
+            // Never ended as if whole: the sending task breaks the request off.
+            return Poll::Pending;
+        }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Teed::Frame(frame))) => {
                 let len = frame.data_ref().map_or(0, Bytes::len);
@@ -147,8 +151,7 @@ impl Body for Copy {
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Teed::Abandon)) => {
-                // The sending task breaks the request off; nothing more is sent meanwhile.
-                let _ = self.abandoned.send(true);
+                self.abandoned.send_replace(true);
                 Poll::Pending
             }
             Poll::Ready(None) => {
@@ -215,7 +218,8 @@ pub fn start(
     let calls = calls.clone();
     tokio::spawn(async move {
         let send = async {
-            let answered = route::send_once(&calls, &destination, request, app_version).await?;
+            let answered =
+                route::send_once(&calls, &destination, request, app_version, None).await?;
             // Read and dropped.
             let _ = answered.response.into_body().collect().await;
             Ok::<_, route::Failed>(())
@@ -275,6 +279,63 @@ fn with_authority(uri: &Uri, authority: &str) -> Uri {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn teed(chunks: Vec<Bytes>) -> (Tee, Copy) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let frames: Vec<Result<Frame<Bytes>, hyper::Error>> =
+            chunks.into_iter().map(|c| Ok(Frame::data(c))).collect();
+        let tee = Tee {
+            inner: http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync(),
+            copy: Some(tx),
+            queued: queued.clone(),
+            dropped: Arc::default(),
+        };
+        let copy = Copy {
+            rx,
+            queued,
+            abandoned: watch::channel(false).0,
+            ended: false,
+        };
+        (tee, copy)
+    }
+
+    #[tokio::test]
+    async fn the_primary_reads_on_when_the_mirror_falls_behind_and_the_copy_is_abandoned() {
+        let half = Bytes::from(vec![b'x'; MAX_MIRROR_BODY_BYTES / 2 + 1]);
+        // Nobody reads the copy: the second chunk would pass the bound.
+        let (tee, copy) = teed(vec![half.clone(), half.clone(), half.clone()]);
+        let dropped = tee.dropped.clone();
+        let primary = tee.collect().await.unwrap().to_bytes();
+        assert_eq!(primary.len(), 3 * half.len());
+        assert!(dropped.load(Ordering::Relaxed));
+        let mut abandoned = copy.abandoned.subscribe();
+        let mut copy = copy;
+        // The copy gives what it had, then stops (its request is broken off, not ended).
+        let first = copy.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap().len(), half.len());
+        let next = tokio::time::timeout(Duration::from_millis(100), copy.frame()).await;
+        assert!(next.is_err(), "the copy must not end as if whole");
+        assert!(*abandoned.borrow_and_update());
+
+        // A mirror that keeps up gets the whole body and its end.
+        let (tee, mut copy) = teed(vec![half.clone(), half.clone(), half.clone()]);
+        let reading = tokio::spawn(async move {
+            let mut got = 0;
+            while let Some(frame) = copy.frame().await {
+                got += frame.unwrap().into_data().unwrap().len();
+            }
+            got
+        });
+        let mut tee = tee;
+        while let Some(frame) = tee.frame().await {
+            frame.unwrap();
+            // Paced: the mirror drains between chunks.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(tee);
+        assert_eq!(reading.await.unwrap(), 3 * half.len());
+    }
 
     #[test]
     fn shadow_hosts_keep_their_port() {

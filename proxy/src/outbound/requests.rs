@@ -588,6 +588,13 @@ pub(super) struct ResponseBody {
 }
 
 impl ResponseBody {
+    /// Where the request's body bytes are counted, for its metrics and log line.
+    pub(super) fn count_request_bytes(&mut self, bytes: Arc<AtomicU64>) {
+        if let Some(done) = &mut self.done {
+            done.request_bytes = bytes;
+        }
+    }
+
     /// The endpoint a failed request went to, for its log line.
     pub(super) fn set_endpoint(&mut self, endpoint: Option<Arc<EndpointLoad>>) {
         if let Some(done) = &mut self.done {

@@ -8,9 +8,16 @@
 //! meshed backend is balanced over its endpoints, any other reached at its cluster IP over
 //! plain HTTP. Attempts follow the rule's timeouts (GEP-1742) and retries (GEP-1731, with the
 //! backend's retry budget, [`super::retry`]); each attempt's outcome feeds outlier detection.
+//!
+//! Where this is narrower than the specs: a gRPC status is retried only when the answer is
+//! trailers-only (a status in the trailers comes after bytes were forwarded; gRPC's own retry
+//! policy stops there too); the idle timeout also bounds each attempt's wait for its response
+//! head; a protocol switch (Upgrade, CONNECT) is never retried, and only to a meshed backend.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -33,7 +40,7 @@ use super::requests::{CallError, RequestFacts, ResponseBody, ResponseTimers, Ser
 use super::retry::{self, Replay, RetryOutcome};
 use crate::balance::{Balancer, EndpointLoad, Outcome, random_below};
 use crate::dial;
-use crate::l7::request_metrics::grpc_status;
+use crate::l7::request_metrics::{CountedBody, grpc_status};
 use crate::l7::{HttpVersion, TunnelSlot};
 use crate::metrics::RetryLabels;
 use crate::pool::{PoolError, RequestBody, StreamSlot, Target};
@@ -229,13 +236,17 @@ pub enum Failed {
     TimedOut,
 }
 
-/// Sends `request` once to `destination`: through its balancer (a new pick) or to its cluster IP.
+/// Sends `request` once to `destination`: through its balancer (a new pick) or to its cluster IP,
+/// waiting at most `limit` for the response head (an endpoint that takes longer counts as not
+/// answering).
 pub async fn send_once(
     calls: &ServiceCalls,
     destination: &Destination,
     mut request: Request<RequestBody>,
     app_version: HttpVersion,
+    limit: Option<Duration>,
 ) -> Result<Answered, Failed> {
+    let within = |limit: Option<Duration>| limit.map_or(Duration::MAX, |l| l);
     match destination {
         Destination::Meshed { service, balancer } => {
             let Some(pending) = balancer.pick() else {
@@ -247,7 +258,13 @@ pub async fn send_once(
                 addr: endpoint.addr,
                 id: endpoint.id.clone(),
             };
-            match calls.shared().pools.send(&target, request).await {
+            let sent =
+                tokio::time::timeout(within(limit), calls.shared().pools.send(&target, request));
+            let Ok(sent) = sent.await else {
+                endpoint.report(Outcome::NoAnswer);
+                return Err(Failed::TimedOut);
+            };
+            match sent {
                 Ok(sent) => {
                     let status = sent.response.status();
                     let grpc = grpc_status(sent.response.headers());
@@ -273,13 +290,31 @@ pub async fn send_once(
                 }
             }
         }
-        Destination::Plain { addr, .. } => {
+        Destination::Plain { addr, .. } => tokio::time::timeout(
+            within(limit),
+            send_plain(calls, *addr, request, app_version),
+        )
+        .await
+        .unwrap_or(Err(Failed::TimedOut)),
+    }
+}
+
+/// One request in plain HTTP to a Service outside the mesh, on a connection of its own, in the
+/// version the application spoke.
+async fn send_plain(
+    calls: &ServiceCalls,
+    addr: SocketAddr,
+    mut request: Request<RequestBody>,
+    app_version: HttpVersion,
+) -> Result<Answered, Failed> {
+    {
+        {
             let failed = |error, unsent| Failed::Call {
                 error,
                 endpoint: None,
                 unsent,
             };
-            let stream = dial::connect(*addr, calls.shared().config.connect_timeout)
+            let stream = dial::connect(addr, calls.shared().config.connect_timeout)
                 .await
                 .map_err(|e| failed(CallError::Plain(e.to_string()), true))?;
             let io = TokioIo::new(stream);
@@ -535,7 +570,8 @@ pub async fn dispatch(
     }
 
     let (parts, body) = request.into_parts();
-    let mut body: RequestBody = body.boxed_unsync();
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let mut body: RequestBody = CountedBody::new(body, request_bytes.clone()).boxed_unsync();
     for mirror in &mirrors {
         let head = mirror::Head {
             method: &parts.method,
@@ -564,7 +600,7 @@ pub async fn dispatch(
     };
     let Some((attempted, attempt_started)) = attempted else {
         let why = format!("request timeout ({})", rule.describe());
-        return calls.failure(
+        let mut response = calls.failure(
             grpc,
             StatusCode::GATEWAY_TIMEOUT,
             GRPC_DEADLINE_EXCEEDED,
@@ -572,8 +608,10 @@ pub async fn dispatch(
             facts,
             "timeout",
         );
+        response.body_mut().count_request_bytes(request_bytes);
+        return response;
     };
-    match attempted {
+    let mut response = match attempted {
         Ok(answered) => {
             let body_deadline = [
                 deadline,
@@ -635,7 +673,9 @@ pub async fn dispatch(
             response.body_mut().set_endpoint(endpoint);
             response
         }
-    }
+    };
+    response.body_mut().count_request_bytes(request_bytes);
+    response
 }
 
 fn empty_body() -> RequestBody {
@@ -710,7 +750,10 @@ async fn attempts(
             })
             .inc();
     };
-    let may_repeat = policy.is_some_and(|p| p.non_idempotent) || retry::idempotent(&parts.method);
+    // Every gRPC call is a POST: the statuses a gRPC policy names are the operator saying those
+    // calls are safe to repeat (as gRPC's own retry policy reads them).
+    let may_repeat =
+        policy.is_some_and(|p| p.non_idempotent) || rule.grpc || retry::idempotent(&parts.method);
     let mut retries = 0;
     loop {
         let started = Instant::now();
@@ -726,14 +769,7 @@ async fn attempts(
         *request.uri_mut() = parts.uri.clone();
         *request.version_mut() = parts.version;
         *request.headers_mut() = parts.headers.clone();
-        let sent = send_once(calls, destination, request, version);
-        let result = match per_attempt {
-            Some(limit) => match tokio::time::timeout(limit, sent).await {
-                Ok(result) => result,
-                Err(_) => Err(Failed::TimedOut),
-            },
-            None => sent.await,
-        };
+        let result = send_once(calls, destination, request, version, per_attempt).await;
         let Some(policy) = policy else {
             return (result, started);
         };

@@ -47,13 +47,15 @@ impl App {
 }
 
 /// Answers with `x-endpoint`, the path (`x-path`) and Host (`x-host`) received, the body's
-/// length (`x-got-bytes`) and each `x-` request header as `x-req-<name>`.
+/// length (`x-got-bytes`) and each `x-` request header as `x-req-<name>`; a failure is a 503,
+/// or for a gRPC request a trailers-only UNAVAILABLE (`grpc-status` 0 when it succeeds).
 async fn app_answer(
     request: Request<Incoming>,
     n: usize,
     app: Arc<App>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     app.hits.fetch_add(1, Ordering::Relaxed);
+    let grpc = sigil_route::select::is_grpc(request.headers());
     let host = request
         .uri()
         .authority()
@@ -83,7 +85,13 @@ async fn app_answer(
     response
         .headers_mut()
         .insert("x-got-bytes", received.to_string().parse().unwrap());
-    if random_below(100) < app.fail_percent.load(Ordering::Relaxed) as usize {
+    let failed = random_below(100) < app.fail_percent.load(Ordering::Relaxed) as usize;
+    if grpc {
+        let status = if failed { "14" } else { "0" };
+        let headers = response.headers_mut();
+        headers.insert("content-type", HeaderValue::from_static("application/grpc"));
+        headers.insert("grpc-status", HeaderValue::from_static(status));
+    } else if failed {
         *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     }
     Ok(response)
@@ -725,4 +733,78 @@ async fn a_backend_outside_the_mesh_is_reached_at_its_cluster_ip_in_plain_http()
     assert_eq!(header(&response, "x-endpoint"), "21");
     assert_eq!(header(&response, "x-got-bytes"), "5");
     assert_eq!(plain.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unavailable_answers_are_retried() {
+    let ca = Ca::new();
+    let flaky = App::failing(50);
+    let services = vec![("v1", 11, vec![app_endpoint(&ca, 11, &flaky).await])];
+    let mut retry = rule("retry", 0, vec![weighted(1, "v1")]);
+    retry.retry = Some(RetryPolicy {
+        grpc_codes: BTreeSet::from([14]),
+        ..retrying(9, &[])
+    });
+    let routes = table(vec![(retry, vec![prefix("/")])], &[("v1", 200)]);
+    let proxy = routed_proxy(&ca, services, routes).await;
+    let mut sender = h2_client(&proxy).await;
+    let requests = 100;
+    let mut ok = 0;
+    for _ in 0..requests {
+        let response = get(
+            &mut sender,
+            Request::post("http://api.demo/pkg.Greeter/Hello")
+                .header("content-type", "application/grpc"),
+            Bytes::from_static(b"\0\0\0\0\0"),
+        )
+        .await;
+        ok += usize::from(header(&response, "grpc-status") == "0");
+    }
+    eprintln!(
+        "gRPC 50% UNAVAILABLE, retry 9 on 14: {ok}/{requests} OK, attempts/requests = {:.2}",
+        flaky.hits() as f64 / requests as f64
+    );
+    // A POST: gRPC calls are retried on the statuses named, whatever the method.
+    assert!(ok >= 99, "{ok} of {requests}");
+    assert!(flaky.hits() > requests);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_past_its_backend_request_timeout_is_retried_elsewhere() {
+    let ca = Ca::new();
+    let (stalled, fast) = (App::slow(Duration::from_secs(5)), App::failing(0));
+    let services = vec![(
+        "v1",
+        11,
+        vec![
+            app_endpoint(&ca, 11, &stalled).await,
+            app_endpoint(&ca, 12, &fast).await,
+        ],
+    )];
+    let mut retry = rule("retry", 0, vec![weighted(1, "v1")]);
+    retry.timeouts.backend_request = Some(Duration::from_millis(200));
+    // No codes: only failures without an answer (here, the attempt's timeout) are retried. The
+    // stalled endpoint never answers, so the balancer knows nothing against it: each attempt
+    // takes it half the time, and 12 retries leave 1 request in 8000 on it every time.
+    retry.retry = Some(retrying(12, &[]));
+    let routes = table(vec![(retry, vec![prefix("/")])], &[("v1", 200)]);
+    let proxy = routed_proxy(&ca, services, routes).await;
+    let mut sender = h2_client(&proxy).await;
+    for _ in 0..6 {
+        let response = get(&mut sender, Request::get("http://api.demo/"), Bytes::new()).await;
+        assert_eq!(
+            response.status(),
+            200,
+            "{}",
+            header(&response, PROXY_ERROR_HEADER.as_str())
+        );
+        assert_eq!(header(&response, "x-endpoint"), "12");
+    }
+    let retried = retries_metric(&proxy.metrics_text(), "sent");
+    eprintln!(
+        "6 requests, one endpoint stalled: {retried} retries after a backend request timeout"
+    );
+    // An attempt cut short while its connection was still being set up never reached the app.
+    assert!(retried > 0 && stalled.hits() <= retried as usize);
+    assert_eq!(fast.hits(), 6);
 }
