@@ -80,8 +80,9 @@ pub enum RouteError {
     #[error("document {document}: {source}")]
     Object {
         document: usize,
+        // Boxed: it names the field, and errors are moved through every `Result` here.
         #[source]
-        source: ModelError,
+        source: Box<ModelError>,
     },
     #[error("document {document}: {key} is already document {first}")]
     Duplicate {
@@ -251,7 +252,7 @@ fn parse_file(contents: &[u8]) -> Result<Objects, RouteError> {
         fields.remove("status");
         let read = Stored::read(Value::Object(fields)).map_err(|source| RouteError::Object {
             document: number,
-            source,
+            source: Box::new(source),
         })?;
         let Some((key, stored)) = read else {
             continue;

@@ -1,8 +1,9 @@
 //! HTTP awareness on inbound connections: telling HTTP/1.1 and HTTP/2 from other bytes by their
 //! first bytes ([`Sniffed`]), then serving the connection as HTTP, deciding on every request (for
-//! policies with HTTP fields: methods, paths, hosts, headers), answering a denied one with 403 and
-//! forwarding an allowed one to the application, without the client's `x-forwarded-client-cert`
-//! or hop-by-hop headers, over connections pooled across requests and clients ([`app_pool`]).
+//! policies with HTTP fields: methods, paths, hosts, headers), answering a denied one with 403, an
+//! allowed one over a local rate limit with 429 ([`crate::ratelimit`]), and forwarding the others
+//! to the application, without the client's `x-forwarded-client-cert` or hop-by-hop headers, over
+//! connections pooled across requests and clients ([`app_pool`]).
 //! A request a peer sigil proxy carried over HTTP/2 for an HTTP/1.x client (`sigil-orig-proto`)
 //! reaches the application as that HTTP/1.x request ([`app_version`]); other requests keep their
 //! version. HTTP/1.1 upgrades (WebSocket) and CONNECT get an application connection of their own
@@ -491,6 +492,7 @@ impl<A: Authorize> Handler<A> {
             };
             if let Some(refusal) = limits.check(&head) {
                 let response = refusal.response();
+                // The access-log line, with the 429 (why is logged at debug by the limiter).
                 self.authorizer
                     .served(&info, &policy, response.status().as_u16(), Duration::ZERO);
                 return response.map(Either::Right);

@@ -13,6 +13,7 @@ mod agent_certs;
 mod agent_clients;
 mod agent_envoy;
 mod agent_kubernetes;
+mod agent_routes;
 mod agent_services;
 mod ca_kubernetes;
 mod ca_offline;
