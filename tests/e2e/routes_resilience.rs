@@ -629,19 +629,32 @@ spec:
     while mesh.echo("m1").count() - before < 70 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The proxy counts a copy once the shadow has answered it (2 s later): wait for every copy
+    // the shadow saw to be counted, and none to be lost on the way.
+    let outcomes = async || {
+        let mut counts = Vec::new();
+        for outcome in ["sent", "dropped", "failed"] {
+            let labels = [("service", "demo/shadow"), ("outcome", outcome)];
+            let count = mesh
+                .metric("a", "sigil_proxy_mirrored_requests_total", &labels)
+                .await;
+            counts.push((outcome, count as usize));
+        }
+        counts
+    };
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut counted = outcomes().await;
+    while counted.iter().map(|(_, n)| n).sum::<usize>() < mesh.echo("m1").count() - before
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        counted = outcomes().await;
+    }
     let copies = mesh.echo("m1").count() - before;
     let share = copies as f64 / 200.0;
-    let mut outcomes = Vec::new();
-    for outcome in ["sent", "dropped", "failed"] {
-        let labels = [("service", "demo/shadow"), ("outcome", outcome)];
-        let count = mesh
-            .metric("a", "sigil_proxy_mirrored_requests_total", &labels)
-            .await;
-        outcomes.push((outcome, count));
-    }
     println!(
         "  200 GETs: p99 {p99:?}, answered by {:?}; the shadow saw {copies} copies \
-         ({:.0}%); mirrored_requests_total by outcome so far {outcomes:?}",
+         ({:.0}%); mirrored_requests_total by outcome {counted:?}",
         count_by_pod(&answers),
         100.0 * share
     );
@@ -660,6 +673,11 @@ spec:
         (0.35..=0.65).contains(&share),
         "the shadow saw {copies} of 200 copies, want about 50%{}",
         mesh.recent_logs()
+    );
+    assert_eq!(
+        counted,
+        [("sent", copies), ("dropped", 0), ("failed", 0)],
+        "every copy the shadow saw is counted as sent, none lost"
     );
     mesh.echo("m1").faults.delay(Duration::ZERO);
 }
