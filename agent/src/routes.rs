@@ -58,7 +58,7 @@ use crate::push_stream::{self, ResponseStream};
 /// How often `--policy-file` is re-read for routes.
 pub const FILE_POLL_INTERVAL: Duration = POLL_INTERVAL;
 /// What an operator is told when a Gateway API route kind is not served.
-const GATEWAY_CRDS_MISSING: &str = "install the Gateway API CRDs (standard channel, v1.1 or later): kubectl apply -f https://github.com/kubernetes-sigs/gateway-api/releases/download/v1.3.0/standard-install.yaml";
+const GATEWAY_CRDS_MISSING: &str = "install the Gateway API CRDs (standard channel): kubectl apply --server-side -f https://github.com/kubernetes-sigs/gateway-api/releases/download/v1.6.1/standard-install.yaml";
 /// What an operator is told when a sigil.dev kind is not served.
 const SIGIL_CRDS_MISSING: &str = "install the sigil CRDs: kubectl apply -k deploy/";
 
