@@ -22,6 +22,23 @@ pub const REQUEST_DURATION: &str = "request_duration";
 /// The buckets of [`REQUEST_DURATION`] as exposed (each with an `le` label).
 pub const REQUEST_DURATION_BUCKET_SERIES: &str = "sigil_proxy_request_duration_seconds_bucket";
 
+/// Counter of retries of routed requests, labelled by [`SERVICE`] (the backend), [`ROUTE`] and
+/// [`RETRY_OUTCOME`].
+pub const RETRIES: &str = "retries";
+/// [`RETRIES`] as exposed.
+pub const RETRIES_SERIES: &str = "sigil_proxy_retries_total";
+/// The HTTPRoute or GRPCRoute whose rule served a request, `<namespace>/<name>`.
+pub const ROUTE: &str = "route";
+/// What became of a retry the policy named: `sent`, `budget_exhausted`, `not_retryable`,
+/// `body_too_large`.
+pub const RETRY_OUTCOME: &str = "outcome";
+
+/// Counter of mirrored copies, labelled by [`SERVICE`] (the mirror) and `outcome` (`sent`,
+/// `dropped`, `failed`).
+pub const MIRRORED_REQUESTS: &str = "mirrored_requests";
+/// [`MIRRORED_REQUESTS`] as exposed.
+pub const MIRRORED_REQUESTS_SERIES: &str = "sigil_proxy_mirrored_requests_total";
+
 /// Gauge of established connections open now, labelled by [`DIRECTION`] and `security`.
 pub const CONNECTIONS_ACTIVE: &str = "connections_active";
 /// [`CONNECTIONS_ACTIVE`] as exposed.

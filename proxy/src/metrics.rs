@@ -557,14 +557,14 @@ impl Metrics {
         );
         // proxy-routing (issue 15)
         r.register(
-            "retries",
+            names::RETRIES,
             "Retries of routed requests by backend Service, route and outcome: sent, or not sent \
              because the backend's retry budget was spent (budget_exhausted), the request may not \
              be repeated (not_retryable) or its body passed the retry buffer (body_too_large)",
             metrics.retries.clone(),
         );
         r.register(
-            "mirrored_requests",
+            names::MIRRORED_REQUESTS,
             "Copies of routed requests sent to a RequestMirror backend, by mirror Service and \
              outcome: sent (answered, the answer dropped), dropped (the mirror fell behind the \
              primary, which went on), failed",

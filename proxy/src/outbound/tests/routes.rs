@@ -459,8 +459,10 @@ fn retrying(attempts: u32, codes: &[u16]) -> RetryPolicy {
 }
 
 fn retries_metric(text: &str, outcome: &str) -> u64 {
+    // Spelled with the names `sigil stat` and the e2e tests use: a renamed one fails here.
+    use sigil_proxy_api::metrics::{RETRIES_SERIES, RETRY_OUTCOME, ROUTE, SERVICE};
     let series = format!(
-        "sigil_proxy_retries_total{{service=\"demo/v1\",route=\"demo/retry\",outcome=\"{outcome}\"}} "
+        "{RETRIES_SERIES}{{{SERVICE}=\"demo/v1\",{ROUTE}=\"demo/retry\",{RETRY_OUTCOME}=\"{outcome}\"}} "
     );
     text.lines()
         .find_map(|line| line.strip_prefix(&series))
