@@ -39,6 +39,8 @@ mod proxy_peers;
 mod proxy_policy;
 mod readme_quickstart;
 mod route_inspect;
+mod routes_gamma;
+mod routes_resilience;
 mod routes_status;
 mod stat;
 mod tls_key_exchange;

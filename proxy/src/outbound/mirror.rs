@@ -229,7 +229,8 @@ pub fn start(
                 Ok(Ok(())) => "sent",
                 Ok(Err(_)) | Err(_) => "failed",
             },
-            _ = abandoned_rx.wait_for(|abandoned| *abandoned) => "dropped",
+            // Err: the copy's body was dropped whole once sent, which is no abandonment.
+            Ok(_) = abandoned_rx.wait_for(|abandoned| *abandoned) => "dropped",
         };
         let outcome = if outcome == "failed" && abandoned_copy.load(Ordering::Relaxed) {
             "dropped"
