@@ -433,20 +433,6 @@ spec:
     - name: echo-v1
       namespace: {NS}
       port: 80
----
-apiVersion: gateway.networking.k8s.io/v1beta1
-kind: ReferenceGrant
-metadata:
-  name: consumer-to-echo
-  namespace: {NS}
-spec:
-  from:
-  - group: gateway.networking.k8s.io
-    kind: HTTPRoute
-    namespace: {CONSUMER_NS}
-  to:
-  - group: ""
-    kind: Service
 "#
         ),
         &["a", "k"],

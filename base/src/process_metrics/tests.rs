@@ -156,9 +156,11 @@ fn this_process_is_measured_as_it_runs() {
         }
     }
     let after = encode(ProcessMetrics::default());
+    // Other tests of this binary open and close files meanwhile, so the count is checked
+    // against what this test holds (its 20 files and stdio), not against `before`.
     assert!(
-        sample(&after, "process_open_fds") >= sample(&before, "process_open_fds") + 20.0,
-        "20 more files open:\n{before}\n{after}"
+        sample(&after, "process_open_fds") >= 23.0,
+        "at least the 20 files held and stdio open:\n{after}"
     );
     drop(files);
     let now = SystemTime::now()
