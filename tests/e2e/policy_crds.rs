@@ -13,6 +13,9 @@ use sigil_test_apiserver::parse_manifest;
 
 const AP_CRD: &str = include_str!("../../deploy/crds/authorizationpolicies.sigil.dev.yaml");
 const PA_CRD: &str = include_str!("../../deploy/crds/peerauthentications.sigil.dev.yaml");
+const BACKEND_POLICY_CRD: &str = include_str!("../../deploy/crds/backendpolicies.sigil.dev.yaml");
+const RATE_LIMIT_POLICY_CRD: &str =
+    include_str!("../../deploy/crds/ratelimitpolicies.sigil.dev.yaml");
 const KUSTOMIZATION: &str = include_str!("../../deploy/crds/kustomization.yaml");
 const MODEL: &str = include_str!("../../policy/src/model.rs");
 /// Istio's short names for its own AuthorizationPolicy and PeerAuthentication: ours must differ
@@ -134,7 +137,9 @@ fn names_versions_scope_subresources_and_columns() {
         kustomization["resources"],
         json!([
             "authorizationpolicies.sigil.dev.yaml",
-            "peerauthentications.sigil.dev.yaml"
+            "peerauthentications.sigil.dev.yaml",
+            "backendpolicies.sigil.dev.yaml",
+            "ratelimitpolicies.sigil.dev.yaml"
         ])
     );
     let mut short_names = BTreeSet::new();
@@ -284,6 +289,17 @@ fn schemas_are_structural() {
         let mut problems = Vec::new();
         structural_problems(&schema(kind), "", &mut problems);
         assert!(problems.is_empty(), "{kind}: {problems:#?}");
+    }
+    // The traffic-policy kinds (issue 15) too.
+    for (name, text) in [
+        ("BackendPolicy", BACKEND_POLICY_CRD),
+        ("RateLimitPolicy", RATE_LIMIT_POLICY_CRD),
+    ] {
+        let crd = only(text);
+        let mut problems = Vec::new();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        structural_problems(schema, "", &mut problems);
+        assert!(problems.is_empty(), "{name}: {problems:#?}");
     }
 }
 

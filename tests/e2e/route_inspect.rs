@@ -276,7 +276,7 @@ async fn a_service_port_without_routes_and_bad_files() {
     .await;
     assert_eq!(bad.code, 2, "{}{}", bad.stdout, bad.stderr);
     assert!(bad.stdout.is_empty(), "{}", bad.stdout);
-    assert!(bad.stderr.contains("document 5"), "{}", bad.stderr);
+    assert!(bad.stderr.contains("document 4"), "{}", bad.stderr);
 
     let usage = inspect(
         dir.path(),
