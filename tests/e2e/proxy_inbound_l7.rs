@@ -619,6 +619,29 @@ fn the_readme_request_metrics_name_real_metrics_and_their_promql_parses() {
             direction: Direction::Inbound,
         })
         .inc();
+    metrics
+        .retries
+        .get_or_create(&RetryLabels {
+            service: "shop/api".into(),
+            route: "shop/api".into(),
+            outcome: sigil_proxy::outbound::RetryOutcome::Sent,
+        })
+        .inc();
+    metrics
+        .mirrored_requests
+        .get_or_create(&MirrorLabels {
+            service: "shop/api".into(),
+            outcome: "sent",
+        })
+        .inc();
+    metrics
+        .rate_limited
+        .get_or_create(&RateLimitedLabels {
+            service: "shop/api".into(),
+            policy: "shop/limit".into(),
+            scope: "total",
+        })
+        .inc();
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     let registered = |name: &str| {
