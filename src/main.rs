@@ -244,7 +244,8 @@ async fn run(cli: Cli) -> ExitCode {
 fn inspect_route(args: &sigil_route::inspect::InspectRouteArgs) -> anyhow::Result<bool> {
     let mesh = sigil_agent::mesh::MeshFile::load(&args.mesh_file, args.from.trust_domain())
         .with_context(|| format!("mesh file {}", args.mesh_file.display()))?;
-    let catalog = sigil_proxy_api::routes::catalog(mesh.services());
+    // The mesh file lists meshed Services only (every endpoint a member).
+    let catalog = sigil_proxy_api::routes::catalog(mesh.services(), []);
     Ok(sigil_route::inspect::run(
         args,
         &catalog,

@@ -6,7 +6,9 @@
 //! The sources, merged by one task that owns all of the state and publishes an immutable
 //! [`MeshState`] on a `watch` channel whenever the merged content changes: the membership (a
 //! [`MeshSnapshot`]) and, from the same sources and by the same rule, the meshed Services and
-//! their endpoints (a [`ServiceTable`], served by [`crate::services`]):
+//! their endpoints (a [`ServiceTable`], served by [`crate::services`]), and the other Services
+//! of Kubernetes with their cluster IPs and ports ([`UnmeshedService`], which routes may name as
+//! backends, reached plainly):
 //! - Kubernetes (`--attestor k8s`): a cluster-wide watch of the pods labelled
 //!   [`TLS_MODE_LABEL`]`=`[`TLS_MODE_MTLS`]. Each pod's IPs map to its service account's
 //!   identity. Host-network pods (their IP is the node's), finished pods and pods without an IP
@@ -62,6 +64,7 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, error, info, warn};
 
 use sigil_proxy_api::mesh::{Member, MemberError, MeshSnapshot, parse_entries};
+use sigil_proxy_api::routes::UnmeshedService;
 use sigil_proxy_api::services::{Endpoint, MeshService, ServiceKey, ServicePort, ServiceTable};
 use sigil_proxy_api::{OPAQUE_PORTS_ANNOTATION, TLS_MODE_LABEL, TLS_MODE_MTLS};
 
@@ -645,13 +648,19 @@ struct MergeNotes {
     invalid_opaque_ports: Vec<(ServiceKey, InvalidOpaquePorts)>,
 }
 
+/// What [`merge`] found: the membership, the meshed Services and the unmeshed ones.
+#[derive(Debug, Default)]
+struct Merged {
+    members: BTreeMap<IpAddr, Member>,
+    services: Vec<MeshService>,
+    unmeshed: Vec<UnmeshedService>,
+}
+
 /// The membership from every source: the pods', the file's entries over them, then the
-/// Services' (whose endpoints are looked up among those) where the IP is not taken; and the
-/// meshed Services, the file's over Kubernetes' of the same name.
-fn merge(
-    kube: Option<&KubeState>,
-    file: Option<&MeshFile>,
-) -> (BTreeMap<IpAddr, Member>, Vec<MeshService>, MergeNotes) {
+/// Services' (whose endpoints are looked up among those) where the IP is not taken; the
+/// meshed Services, the file's over Kubernetes' of the same name; and every other Service of
+/// Kubernetes (routes may send to those, plainly, at their cluster IPs), sorted by key.
+fn merge(kube: Option<&KubeState>, file: Option<&MeshFile>) -> (Merged, MergeNotes) {
     let mut notes = MergeNotes::default();
     let mut members = kube
         .map(|kube| pod_members(kube.pods.items.values(), &mut notes.conflicts))
@@ -682,7 +691,23 @@ fn merge(
     for service in file.map(MeshFile::services).into_iter().flatten() {
         services.insert(service.key.clone(), service.clone());
     }
-    (members, services.into_values().collect(), notes)
+    let mut unmeshed: Vec<UnmeshedService> = kube
+        .into_iter()
+        .flat_map(|kube| kube.services.items.values())
+        .filter(|service| !services.contains_key(&service.key))
+        .map(|service| UnmeshedService {
+            key: service.key.clone(),
+            cluster_ips: service.cluster_ips.clone(),
+            ports: service.ports.clone(),
+        })
+        .collect();
+    unmeshed.sort_by(|a, b| a.key.cmp(&b.key));
+    let merged = Merged {
+        members,
+        services: services.into_values().collect(),
+        unmeshed,
+    };
+    (merged, notes)
 }
 
 /// Where the membership comes from.
@@ -695,10 +720,11 @@ pub struct Sources {
     pub file: Option<MeshFile>,
 }
 
-/// What the membership task publishes: the membership (served by `WatchMembers`) and the meshed
-/// Services (`WatchServices`), computed together from the same sources and versioned together:
-/// 0 until every source has synced, then one more with every change of either (each stream
-/// skips the versions that change nothing it serves).
+/// What the membership task publishes: the membership (served by `WatchMembers`), the meshed
+/// Services (`WatchServices`) and the unmeshed ones (only the route feed reads them), computed
+/// together from the same sources and versioned together: 0 until every source has synced,
+/// then one more with every change of any (each stream skips the versions that change nothing
+/// it serves).
 #[derive(Debug, Default)]
 pub struct MeshState(MeshContent);
 
@@ -707,13 +733,17 @@ pub struct MeshState(MeshContent);
 struct MeshContent {
     members: MeshSnapshot,
     services: ServiceTable,
+    /// Sorted by key.
+    unmeshed: Vec<UnmeshedService>,
 }
 
-/// The publisher's test for a change: the members and Services, not the versions it gives them.
+/// The publisher's test for a change: the members and Services, meshed or not, not the
+/// versions it gives them.
 impl PartialEq for MeshContent {
     fn eq(&self, other: &MeshContent) -> bool {
         self.members.members == other.members.members
             && self.services.services().eq(other.services.services())
+            && self.unmeshed == other.unmeshed
     }
 }
 
@@ -726,7 +756,15 @@ impl MeshState {
         MeshState(MeshContent {
             members: MeshSnapshot { version, members },
             services: ServiceTable::new(version, services),
+            unmeshed: Vec::new(),
         })
+    }
+
+    /// This state with the unmeshed Services `unmeshed`.
+    pub fn with_unmeshed(mut self, mut unmeshed: Vec<UnmeshedService>) -> MeshState {
+        unmeshed.sort_by(|a, b| a.key.cmp(&b.key));
+        self.0.unmeshed = unmeshed;
+        self
     }
 
     pub fn version(&self) -> u64 {
@@ -746,6 +784,11 @@ impl MeshState {
     /// The meshed Services, at this state's version.
     pub fn services(&self) -> &ServiceTable {
         &self.0.services
+    }
+
+    /// The Services of Kubernetes that are not meshed, sorted by key: routes' backends only.
+    pub fn unmeshed_services(&self) -> &[UnmeshedService] {
+        &self.0.unmeshed
     }
 }
 
@@ -867,9 +910,11 @@ impl State for Membership {
     /// The merged membership and Services (unversioned), logging the conflicts, partly meshed
     /// Services and ignored annotations not logged yet.
     fn content(&mut self) -> MeshContent {
-        let (members, services, notes) = merge(self.kube.as_ref(), self.file.as_ref());
+        let (merged, notes) = merge(self.kube.as_ref(), self.file.as_ref());
         self.log_new(notes);
-        MeshState::new(0, members, services).0
+        MeshState::new(0, merged.members, merged.services)
+            .with_unmeshed(merged.unmeshed)
+            .0
     }
 
     fn published(state: &MeshState) -> (u64, &MeshContent) {

@@ -8,8 +8,8 @@
 //! One task owns the state and publishes an immutable [`RouteState`] on a `watch` channel
 //! whenever its inputs change; the objects are compiled once per change, not per client. Its
 //! inputs:
-//! - the mesh membership task's [`MeshState`] (its meshed Services become the
-//!   [`Catalog`] routes are judged against);
+//! - the mesh membership task's [`MeshState`] (its meshed Services, and its unmeshed ones as
+//!   plain backends, become the [`Catalog`] routes are judged against);
 //! - Kubernetes (`--attestor k8s`): cluster-wide watches of the five kinds ([`RouteResource`]).
 //!   The Gateway API CRDs are not part of a plain cluster, and an old sigil install may lack the
 //!   sigil.dev ones: a kind whose list is 404 has no objects (logged once, at info, with what to
@@ -436,9 +436,13 @@ impl Synced for RouteState {
 }
 
 /// The Services routes are judged against: the meshed ones, with their ports and the SPIFFE IDs
-/// of their endpoints.
+/// of their endpoints, and the unmeshed ones (backends only), with their ports and cluster IPs.
 fn services(mesh: &MeshState) -> BTreeMap<ServiceRef, ServiceInfo> {
-    sigil_proxy_api::routes::catalog(mesh.services().services().map(|service| &**service)).services
+    sigil_proxy_api::routes::catalog(
+        mesh.services().services().map(|service| &**service),
+        mesh.unmeshed_services(),
+    )
+    .services
 }
 
 /// Starts the task that keeps the routes, which stops when `shutdown` turns true or its sender
@@ -677,18 +681,6 @@ fn merge(
     (objects, conflicts)
 }
 
-/// Who a client is for its routes: its namespace is the `ns` segment of its SPIFFE ID (none:
-/// only producer routes apply to it).
-fn client_scope(id: &sigil_identity::SpiffeId) -> ClientScope {
-    ClientScope {
-        namespace: id
-            .service_account()
-            .map(|(namespace, _)| namespace.to_string())
-            .unwrap_or_default(),
-        id: id.clone(),
-    }
-}
-
 /// `sigil.route.v1.RouteDiscovery`: to each attested workload, its view of the routes.
 pub struct RoutesApi {
     workloads: Workloads,
@@ -715,7 +707,7 @@ impl RouteDiscovery for RoutesApi {
     ) -> Result<Response<Self::WatchRoutesStream>, Status> {
         // Routes name Services and identities: only attested callers learn them.
         let workload = self.workloads.attest(&request).await?;
-        let scope = client_scope(&workload.id);
+        let scope = ClientScope::of(&workload.id);
         info!(identity = %workload.id, namespace = %scope.namespace, "route stream opened");
         Ok(Response::new(push_stream::into_stream(feed(
             self.state.clone(),

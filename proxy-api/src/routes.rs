@@ -29,7 +29,7 @@ use sigil_route::compiled::{
 };
 use sigil_route::validate::{Catalog, ServiceInfo, ServicePortInfo};
 
-use crate::services::MeshService;
+use crate::services::{MeshService, ServiceKey, ServicePort};
 
 /// Request bodies up to this size are kept while they are sent, so a failed attempt can be
 /// retried; a longer body makes its request not retryable (Linkerd's bound).
@@ -206,37 +206,57 @@ fn removed<K: Ord + fmt::Display, V>(
         .collect()
 }
 
-/// The Services routes are judged against, from meshed Services (the agent's table, or a mesh
-/// file's `services:` for `sigil inspect route`): their ports and the SPIFFE IDs of their
-/// endpoints.
-pub fn catalog<'s>(services: impl IntoIterator<Item = &'s MeshService>) -> Catalog {
+/// A Service outside the mesh (some endpoint is not a meshed workload): routes may send to it,
+/// plainly, at its cluster IPs, but it is no parent of routes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnmeshedService {
+    pub key: ServiceKey,
+    /// Empty for a headless Service (which routes cannot reach: it has no address of its own).
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+/// The Services routes are judged against: the meshed ones (the agent's table, or a mesh file's
+/// `services:` for `sigil inspect route`), with their ports and the SPIFFE IDs of their
+/// endpoints, and the unmeshed ones, with their ports and cluster IPs. A meshed Service wins
+/// over an unmeshed one of the same name.
+pub fn catalog<'s>(
+    meshed: impl IntoIterator<Item = &'s MeshService>,
+    unmeshed: impl IntoIterator<Item = &'s UnmeshedService>,
+) -> Catalog {
+    let unmeshed = unmeshed.into_iter().map(|service| {
+        let info = ServiceInfo {
+            ports: port_infos(&service.ports),
+            cluster_ips: service.cluster_ips.clone(),
+            meshed: false,
+            endpoint_ids: BTreeSet::new(),
+        };
+        (ServiceRef::from(&service.key), info)
+    });
+    let meshed = meshed.into_iter().map(|service| {
+        let info = ServiceInfo {
+            ports: port_infos(&service.ports),
+            cluster_ips: service.cluster_ips.clone(),
+            meshed: true,
+            endpoint_ids: service.endpoints.iter().map(|e| e.id.clone()).collect(),
+        };
+        (ServiceRef::from(&service.key), info)
+    });
     Catalog {
-        services: services
-            .into_iter()
-            .map(|service| {
-                let key = ServiceRef {
-                    namespace: service.key.namespace.clone(),
-                    name: service.key.name.clone(),
-                };
-                let info = ServiceInfo {
-                    ports: service
-                        .ports
-                        .iter()
-                        .map(|port| ServicePortInfo {
-                            name: port.name.clone(),
-                            port: port.port,
-                            app_protocol: port.app_protocol.clone(),
-                        })
-                        .collect(),
-                    cluster_ips: service.cluster_ips.clone(),
-                    // Only meshed Services are in the table.
-                    meshed: true,
-                    endpoint_ids: service.endpoints.iter().map(|e| e.id.clone()).collect(),
-                };
-                (key, info)
-            })
-            .collect(),
+        // Collected in order: the meshed entries replace unmeshed ones of the same key.
+        services: unmeshed.chain(meshed).collect(),
     }
+}
+
+fn port_infos(ports: &[ServicePort]) -> Vec<ServicePortInfo> {
+    ports
+        .iter()
+        .map(|port| ServicePortInfo {
+            name: port.name.clone(),
+            port: port.port,
+            app_protocol: port.app_protocol.clone(),
+        })
+        .collect()
 }
 
 // ---- checking: what is wrong, and where ----

@@ -35,6 +35,20 @@ pub struct ClientScope {
     pub id: SpiffeId,
 }
 
+impl ClientScope {
+    /// The scope of the workload `id`: its namespace is the `ns` segment of its SPIFFE ID (none,
+    /// for another shape of ID: only producer routes apply to it).
+    pub fn of(id: &SpiffeId) -> ClientScope {
+        ClientScope {
+            namespace: id
+                .service_account()
+                .map(|(namespace, _)| namespace.to_owned())
+                .unwrap_or_default(),
+            id: id.clone(),
+        }
+    }
+}
+
 /// Everything compiled, for every client.
 #[derive(Clone, Debug, Default)]
 pub struct Compiled {

@@ -119,10 +119,7 @@ pub fn run(
     out: &mut impl Write,
 ) -> Result<bool, InspectError> {
     let objects = read_route_documents(&args.policy_file)?;
-    let scope = ClientScope {
-        namespace: client_namespace(&args.from),
-        id: args.from.clone(),
-    };
+    let scope = ClientScope::of(&args.from);
     let routes = compile(&objects, catalog, args.from.trust_domain()).view(&scope);
     let routed = answer(&routes, catalog, &scope, args, out)?;
     for line in status_lines(&objects, catalog, &scope, &args.to) {
@@ -240,13 +237,6 @@ pub fn read_route_documents(path: &Path) -> Result<RouteObjects, InspectError> {
         objects.extend(object);
     }
     Ok(objects.into_iter().collect())
-}
-
-/// The `ns` segment of a workload ID; empty (only producer routes) for another shape.
-fn client_namespace(id: &SpiffeId) -> String {
-    id.service_account()
-        .map(|(namespace, _)| namespace.to_owned())
-        .unwrap_or_default()
 }
 
 /// The answer for a client holding `routes` (its view).

@@ -409,6 +409,140 @@ fn a_duplicate_ip_goes_to_the_running_then_newest_pod() {
     assert!(conflicts.is_empty());
 }
 
+#[test]
+fn services_outside_the_mesh_are_published_for_routes_without_changing_the_feeds() {
+    let api = "spiffe://cluster.local/ns/demo/sa/api";
+    let pods = [pod_at("api-1", "api", &["198.18.7.5"])];
+    let services = [
+        service("api", "demo", "198.19.7.10"),
+        // One endpoint is not meshed.
+        service("partial", "demo", "198.19.7.12"),
+        service("plain", "demo", "198.19.7.13"),
+        service("plain-headless", "demo", "None"),
+        // No endpoint yet.
+        service("none", "demo", "198.19.7.15"),
+        // The mesh file lists it: meshed, whatever Kubernetes says.
+        service("db", "demo", "198.19.7.16"),
+    ];
+    let slices = [
+        slice("api-a", "demo", "api", &["198.18.7.5"]),
+        slice(
+            "partial-a",
+            "demo",
+            "partial",
+            &["198.18.7.5", "198.18.7.99"],
+        ),
+        slice("plain-a", "demo", "plain", &["198.18.7.98"]),
+        slice(
+            "plain-headless-a",
+            "demo",
+            "plain-headless",
+            &["198.18.7.98"],
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.yaml");
+    let vm = "spiffe://cluster.local/vm/db";
+    std::fs::write(
+        &path,
+        format!(
+            "members: [{{ip: 198.18.7.50, id: {vm}}}]\n\
+             services:\n\
+             - namespace: demo\n  name: db\n  clusterIPs: [198.19.7.16]\n\
+             \x20 ports: [{{port: 80}}]\n\
+             \x20 endpoints: [{{ip: 198.18.7.50}}]\n"
+        ),
+    )
+    .unwrap();
+    let file = MeshFile::load(&path, &td()).unwrap();
+    let mut kube = kube_state(&pods, &services, &slices);
+    kube.pods.synced = true;
+    kube.services.synced = true;
+    kube.slices.synced = true;
+
+    let (merged, _) = merge(Some(&kube), Some(&file));
+    let port_80 = ServicePort {
+        name: String::new(),
+        port: 80,
+        protocol: Protocol::Detect,
+        app_protocol: None,
+    };
+    let unmeshed = |name: &str, cluster_ips: &[&str]| UnmeshedService {
+        key: ServiceKey::new("demo", name),
+        cluster_ips: cluster_ips.iter().map(|a| ip(a)).collect(),
+        ports: vec![port_80.clone()],
+    };
+    assert_eq!(
+        merged.unmeshed,
+        [
+            unmeshed("none", &["198.19.7.15"]),
+            unmeshed("partial", &["198.19.7.12"]),
+            unmeshed("plain", &["198.19.7.13"]),
+            unmeshed("plain-headless", &[]),
+        ]
+    );
+    let meshed: Vec<String> = merged.services.iter().map(|s| s.key.to_string()).collect();
+    assert_eq!(meshed, ["demo/api", "demo/db"]);
+    // Unmeshed Services are no members: their connections pass through.
+    assert!(!merged.members.contains_key(&ip("198.19.7.13")));
+
+    let mut membership = Membership {
+        td: td(),
+        kube: Some(kube),
+        file: Some(file),
+        logged_conflicts: BTreeSet::new(),
+        logged_partly_meshed: BTreeSet::new(),
+        logged_invalid_opaque_ports: BTreeSet::new(),
+        metrics: metrics(),
+    };
+    let content = membership.content();
+    let first = Arc::new(membership.snapshot(1, content));
+    assert_eq!(first.unmeshed_services(), merged.unmeshed);
+
+    // An unmeshed Service changes: a new state for the routes, nothing for the feeds.
+    let kube = membership.kube.as_mut().unwrap();
+    assert!(kube.services.on_event(
+        Event::Apply(service("plain", "demo", "198.19.7.14")),
+        "services",
+        kube_service
+    ));
+    let content = membership.content();
+    assert!(content != first.0, "the publisher sees a change");
+    let second = Arc::new(membership.snapshot(2, content));
+    assert_eq!(second.members().members, first.members().members);
+    assert_eq!(second.services().update_from(first.services()), None);
+    assert_eq!(
+        second.unmeshed_services()[2],
+        unmeshed("plain", &["198.19.7.14"])
+    );
+
+    // It becomes meshed (its endpoint is now a meshed pod): it moves to the meshed Services.
+    let kube = membership.kube.as_mut().unwrap();
+    assert!(kube.on_pod_event(
+        Event::Apply(pod_at("plain-1", "api", &["198.18.7.98"])),
+        &td()
+    ));
+    let content = membership.content();
+    assert!(content != second.0);
+    let third = membership.snapshot(3, content);
+    let unmeshed_keys: Vec<String> = (third.unmeshed_services().iter())
+        .map(|s| s.key.to_string())
+        .collect();
+    assert_eq!(unmeshed_keys, ["demo/none", "demo/partial"]);
+    assert!(
+        third
+            .services()
+            .services()
+            .any(|s| s.key == ServiceKey::new("demo", "plain"))
+    );
+    assert!(
+        third
+            .members()
+            .get(ip("198.19.7.14"))
+            .is_some_and(|m| m.ids.contains(&spiffe(api)))
+    );
+}
+
 fn apply_pod(pods: &mut Listed<String, MeshPod>, pod: Pod) -> bool {
     pods.on_event(Event::Apply(pod), "meshed pods", |pod| {
         pod_contribution(pod, &td())
@@ -472,6 +606,7 @@ fn kube_state(pods: &[Pod], services: &[Service], slices: &[EndpointSlice]) -> K
 fn service_members_of(kube: &KubeState, file: Option<&MeshFile>) -> BTreeMap<IpAddr, Member> {
     merge(Some(kube), file)
         .0
+        .members
         .into_iter()
         .filter(|(_, m)| m.source.contains("/service/"))
         .collect()
@@ -528,7 +663,7 @@ fn a_service_is_a_member_when_every_endpoint_is_meshed_with_the_identities_behin
         slice("manual-1", "demo", "manual", &["10.0.0.6"]),
     ];
     let mut kube = kube_state(&pods, &services, &slices);
-    let (members, _, notes) = merge(Some(&kube), None);
+    let (Merged { members, .. }, notes) = merge(Some(&kube), None);
     assert_eq!(
         service_members_of(&kube, None),
         BTreeMap::from([
@@ -562,7 +697,7 @@ fn a_service_is_a_member_when_every_endpoint_is_meshed_with_the_identities_behin
     )
     .unwrap();
     let file = MeshFile::load(&path, &td()).unwrap();
-    let (members, _, notes) = merge(Some(&kube), Some(&file));
+    let (Merged { members, .. }, notes) = merge(Some(&kube), Some(&file));
     assert_eq!(members[&ip("10.96.0.10")], member(vm, FILE_SOURCE));
     assert_eq!(
         members[&ip("10.96.0.12")],
@@ -733,7 +868,7 @@ fn a_leaving_pod_never_takes_its_service_out_of_the_mesh() {
                     kube.on_slice_event(Event::Apply(*slice));
                 }
             }
-            let (members, _, notes) = merge(Some(&kube), None);
+            let (Merged { members, .. }, notes) = merge(Some(&kube), None);
             assert_eq!(
                 members.get(&cluster_ip),
                 Some(&member(web, "demo/service/web")),
@@ -763,7 +898,7 @@ fn a_leaving_pod_never_takes_its_service_out_of_the_mesh() {
         ("10.0.0.6", "uid-web-2", true, true, false),
         ("10.0.0.5", "uid-plain", true, true, false),
     ])));
-    let (members, _, notes) = merge(Some(&kube), None);
+    let (Merged { members, .. }, notes) = merge(Some(&kube), None);
     assert_eq!(members.get(&cluster_ip), None);
     assert_eq!(notes.partly_meshed.len(), 1);
 }
@@ -819,7 +954,7 @@ fn the_file_wins_over_a_pod_on_the_same_ip() {
         pods,
         ..KubeState::default()
     };
-    let (members, _, notes) = merge(Some(&kube), Some(&file));
+    let (Merged { members, .. }, notes) = merge(Some(&kube), Some(&file));
     assert_eq!(
         members,
         BTreeMap::from([
@@ -900,7 +1035,8 @@ fn slice_of(
 
 fn services_of(kube: &KubeState, file: Option<&MeshFile>) -> BTreeMap<String, MeshService> {
     merge(Some(kube), file)
-        .1
+        .0
+        .services
         .into_iter()
         .map(|service| (service.key.to_string(), service))
         .collect()
@@ -1041,7 +1177,7 @@ fn meshed_services_are_served_with_their_endpoints_by_the_membership_rule() {
         "annotation ignored"
     );
     assert_eq!(headless.endpoints.len(), 1);
-    let (members, _, notes) = merge(Some(&kube), None);
+    let (Merged { members, .. }, notes) = merge(Some(&kube), None);
     assert_eq!(
         members[&ip("198.19.0.10")],
         member(API, "demo/service/api"),

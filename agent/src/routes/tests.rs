@@ -8,7 +8,9 @@ use serde_json::json;
 use sigil_identity::SpiffeId;
 use sigil_proto::sigil::route::v1::route_discovery_client::RouteDiscoveryClient;
 use sigil_proto::sigil::route::v1::{PortRoutes, RouteOrigin as WireOrigin};
+use sigil_proxy_api::routes::UnmeshedService;
 use sigil_proxy_api::services::{Endpoint, MeshService, Protocol, ServiceKey, ServicePort};
+use sigil_route::compiled::BackendTarget;
 use sigil_test_apiserver::{ServerOptions, TestApiServer};
 
 use super::*;
@@ -130,7 +132,7 @@ fn upserted_ports(update: &RouteUpdate) -> Vec<String> {
 }
 
 fn scope(id: &str) -> ClientScope {
-    client_scope(&id.parse::<SpiffeId>().unwrap())
+    ClientScope::of(&id.parse::<SpiffeId>().unwrap())
 }
 
 // --- the policy file's route documents ---
@@ -399,6 +401,176 @@ async fn each_client_gets_its_namespace_s_consumer_routes_else_the_producer_s_th
 fn a_client_s_namespace_is_the_ns_segment_of_its_id() {
     assert_eq!(scope(SHOP_ID).namespace, "shop");
     assert_eq!(scope("spiffe://cluster.local/host/db1").namespace, "");
+}
+
+// --- backends outside the mesh ---
+
+/// demo/legacy, a Service outside the mesh with one port 80.
+fn unmeshed_service(name: &str, cluster_ips: &[&str]) -> UnmeshedService {
+    UnmeshedService {
+        key: ServiceKey::new("demo", name),
+        cluster_ips: cluster_ips.iter().map(|a| ip(a)).collect(),
+        ports: vec![ServicePort {
+            name: "http".into(),
+            port: 80,
+            protocol: Protocol::Http1,
+            app_protocol: None,
+        }],
+    }
+}
+
+/// [`mesh`] with these unmeshed Services.
+fn mesh_with_unmeshed(version: u64, unmeshed: Vec<UnmeshedService>) -> Arc<MeshState> {
+    let services: Vec<MeshService> = mesh(version)
+        .services()
+        .services()
+        .map(|s| (**s).clone())
+        .collect();
+    Arc::new(MeshState::new(version, BTreeMap::new(), services).with_unmeshed(unmeshed))
+}
+
+/// The targets of the rules of the producer route on demo/web:80, in spec order.
+fn web_targets(state: &RouteContent) -> Vec<Vec<BackendTarget>> {
+    let web_80 = sigil_route::PortKey {
+        service: ServiceRef {
+            namespace: "demo".into(),
+            name: "web".into(),
+        },
+        port: 80,
+    };
+    let routes = state
+        .compiled
+        .producer
+        .get(&web_80)
+        .expect("routes on web:80");
+    let table = routes.http.as_ref().expect("an HTTP table");
+    table
+        .rules
+        .iter()
+        .map(|rule| {
+            (rule.backends.entries.iter())
+                .map(|backend| backend.target.clone())
+                .collect()
+        })
+        .collect()
+}
+
+fn legacy_backend(cluster_ips: &[&str]) -> BackendTarget {
+    BackendTarget::Service(sigil_route::compiled::Backend {
+        service: ServiceRef {
+            namespace: "demo".into(),
+            name: "legacy".into(),
+        },
+        port: 80,
+        cluster_ips: cluster_ips.iter().map(|a| ip(a)).collect(),
+    })
+}
+
+/// Whether the routes' `ResolvedRefs` condition is true, as the CA would write it.
+fn refs_resolved(content: &RouteContent) -> Vec<bool> {
+    let objects: RouteObjects = (content.inputs.objects.values())
+        .map(|stored| stored.object.clone())
+        .collect();
+    let catalog = Catalog {
+        services: content.inputs.services.clone(),
+    };
+    sigil_route::validate::judge_routes(&objects, &catalog)
+        .iter()
+        .flat_map(|verdict| &verdict.parents)
+        .flat_map(|parent| &parent.conditions)
+        .filter(|condition| condition.type_ == "ResolvedRefs")
+        .map(|condition| condition.status)
+        .collect()
+}
+
+#[test]
+fn a_backend_outside_the_mesh_is_reached_at_its_cluster_ips_and_follows_the_mesh_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, http_route("demo", "web", "web", "legacy")).unwrap();
+    let mut store = RouteStore {
+        file: Some(RouteFile::load(&path).unwrap()),
+        ..store()
+    };
+    let legacy_ips = ["198.19.0.20", "2001:2::20"];
+
+    // Before: the route feed knew no unmeshed Service, and its share was answered 500.
+    assert!(store.on_event(RouteEvent::Mesh(mesh(1))));
+    let content = store.content();
+    assert!(matches!(
+        web_targets(&content)[1][..],
+        [BackendTarget::Invalid(_)]
+    ));
+    assert_eq!(refs_resolved(&content), [false]);
+
+    // Outside the mesh: a plain connection to one of its cluster IPs.
+    let unmeshed = vec![unmeshed_service("legacy", &legacy_ips)];
+    assert!(store.on_event(RouteEvent::Mesh(mesh_with_unmeshed(2, unmeshed.clone()))));
+    let content = store.content();
+    let targets = web_targets(&content);
+    assert_eq!(targets[1], [legacy_backend(&legacy_ips)]);
+    // Its parent is meshed web; web-v2 stays a meshed backend, balanced by the proxy.
+    assert_eq!(
+        targets[0],
+        [BackendTarget::Service(sigil_route::compiled::Backend {
+            service: ServiceRef {
+                namespace: "demo".into(),
+                name: "web-v2".into(),
+            },
+            port: 80,
+            cluster_ips: vec![],
+        })]
+    );
+    assert_eq!(refs_resolved(&content), [true]);
+    let info = &content.inputs.services[&ServiceRef {
+        namespace: "demo".into(),
+        name: "legacy".into(),
+    }];
+    assert!(!info.meshed && info.endpoint_ids.is_empty());
+
+    // The same state again is no change.
+    assert!(!store.on_event(RouteEvent::Mesh(mesh_with_unmeshed(3, unmeshed))));
+
+    // Its cluster IPs changing is one.
+    let moved = vec![unmeshed_service("legacy", &["198.19.0.21"])];
+    assert!(store.on_event(RouteEvent::Mesh(mesh_with_unmeshed(4, moved.clone()))));
+    assert_eq!(
+        web_targets(&store.content())[1],
+        [legacy_backend(&["198.19.0.21"])]
+    );
+
+    // Becoming meshed is one: now balanced over its endpoints.
+    let mut services: Vec<MeshService> = mesh(5)
+        .services()
+        .services()
+        .map(|s| (**s).clone())
+        .collect();
+    services.push(mesh_service("legacy", "198.19.0.21", "198.18.0.5", WEB_ID));
+    assert!(store.on_event(RouteEvent::Mesh(Arc::new(MeshState::new(
+        5,
+        BTreeMap::new(),
+        services
+    )))));
+    let content = store.content();
+    assert_eq!(web_targets(&content)[1], [legacy_backend(&[])]);
+    assert_eq!(refs_resolved(&content), [true]);
+
+    // And leaving the mesh again.
+    assert!(store.on_event(RouteEvent::Mesh(mesh_with_unmeshed(6, moved))));
+    assert_eq!(
+        web_targets(&store.content())[1],
+        [legacy_backend(&["198.19.0.21"])]
+    );
+
+    // A headless Service outside the mesh has no address to reach: still not found.
+    let headless = vec![unmeshed_service("legacy", &[])];
+    assert!(store.on_event(RouteEvent::Mesh(mesh_with_unmeshed(7, headless))));
+    let content = store.content();
+    assert!(matches!(
+        web_targets(&content)[1][..],
+        [BackendTarget::Invalid(_)]
+    ));
+    assert_eq!(refs_resolved(&content), [false]);
 }
 
 // --- the Kubernetes source, against the test API server ---

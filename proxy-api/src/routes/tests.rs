@@ -746,3 +746,63 @@ fn a_refused_update_leaves_the_table_as_it_was() {
     assert_eq!(table.routes.ports.len(), 2);
     assert_eq!(table.version, 1);
 }
+
+#[test]
+fn the_catalog_holds_meshed_and_unmeshed_services_the_meshed_winning() {
+    use crate::services::{Endpoint, Protocol};
+    let port = ServicePort {
+        name: "http".into(),
+        port: 80,
+        protocol: Protocol::Http1,
+        app_protocol: Some("http".into()),
+    };
+    let id: SpiffeId = "spiffe://cluster.local/ns/demo/sa/web".parse().unwrap();
+    let web = MeshService {
+        key: ServiceKey::new("demo", "web"),
+        cluster_ips: vec!["198.19.0.10".parse().unwrap()],
+        ports: vec![port.clone()],
+        endpoints: vec![Endpoint {
+            ip: "198.18.0.2".parse().unwrap(),
+            ports: [("http".to_string(), 8080)].into(),
+            id: id.clone(),
+            ready: true,
+            serving: true,
+            terminating: false,
+            node: None,
+            zone: None,
+            source: "mesh-file".into(),
+        }],
+    };
+    let unmeshed = |name: &str, ip: &str| UnmeshedService {
+        key: ServiceKey::new("demo", name),
+        cluster_ips: vec![ip.parse().unwrap()],
+        ports: vec![port.clone()],
+    };
+    // A stale unmeshed entry of web (the agent never sends one) loses to the meshed one.
+    let catalog = super::catalog(
+        [&web],
+        &[
+            unmeshed("legacy", "198.19.0.20"),
+            unmeshed("web", "198.19.0.99"),
+        ],
+    );
+    let web_info = &catalog.services[&service("demo", "web")];
+    assert!(web_info.meshed);
+    assert_eq!(web_info.endpoint_ids, BTreeSet::from([id]));
+    assert_eq!(web_info.cluster_ips, web.cluster_ips);
+    let legacy = &catalog.services[&service("demo", "legacy")];
+    assert_eq!(
+        *legacy,
+        ServiceInfo {
+            ports: vec![ServicePortInfo {
+                name: "http".into(),
+                port: 80,
+                app_protocol: Some("http".into()),
+            }],
+            cluster_ips: vec!["198.19.0.20".parse().unwrap()],
+            meshed: false,
+            endpoint_ids: BTreeSet::new(),
+        }
+    );
+    assert_eq!(catalog.services.len(), 2);
+}
