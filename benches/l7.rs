@@ -1624,7 +1624,10 @@ async fn bench() -> ExitCode {
                 "A's proxy's {series}:\n{}",
                 tail(&client.logs(), 30)
             );
-            println!("sigil: A's proxy balances over {ready} ready endpoints of bench/api");
+            println!(
+                "{}: A's proxy balances over {ready} ready endpoints of bench/api",
+                setup.name()
+            );
         }
         println!(
             "{}: requests through after {:.0} ms",
