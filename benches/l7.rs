@@ -27,6 +27,22 @@
 //!   and sends it over pooled mTLS HTTP/2 to the endpoint, where iptables REDIRECTs it to that
 //!   pod's proxy, which forwards it to the backend.
 //!
+//! Opt-in sigil setups (not in the default `BENCH_SETUPS`; Envoy's equivalent is not configured,
+//! so they compare with the `sigil` column, whose requests take no route):
+//!
+//! - `sigil-route`: `sigil` plus an HTTPRoute on the Service (from the agent's `--policy-file`)
+//!   of [`ROUTE_RULES`] rules, all matching a PathPrefix and 2 headers, of which only the last
+//!   matches (the load generator sends its headers and path) and sets a header
+//!   (RequestHeaderModifier): the cost per request of route selection and filters;
+//! - `sigil-retry`: the same with `retry: {codes: [503], attempts: 2}` on the matching rule and
+//!   healthy backends: the cost of buffering request bodies and of the retry budget when
+//!   nothing is retried;
+//! - `sigil-ratelimit`: `sigil` plus a RateLimitPolicy on the Service per `BENCH_RATE_LIMITS`
+//!   (1,000 and 5,000) requests/s R, HTTP/1.1 at 2R open loop for `BENCH_SECS`: accepted/s,
+//!   429/s and the accepted requests' latency. The limit is enforced by each serving pod's
+//!   proxy (`total` is per pod), so the policy gives each of the 3 pods R per 3 s
+//!   (`requests: R, period: 3s`) for R/s over the Service.
+//!
 //! Every proxy takes its certificate over SDS / the workload API from one `sigil agent run`
 //! (unix attestor: each pod's proxy uid is that pod's identity; the Envoys run as those uids)
 //! signed by one `sigil ca serve`. Each proxy gets `BENCH_PROXY_WORKERS` (1) workers.
@@ -38,10 +54,11 @@
 //! 1,000 requests/s and RSS, and the latency at `BENCH_SLOW_RATE` (1,000/s) while B1 answers
 //! `BENCH_SLOW_MS` (50) ms late. Each phase lasts `BENCH_SECS` (10) s, after an unmeasured
 //! closed-loop warm-up of `BENCH_WARMUP_SECS` (2) s per setup and protocol; `BENCH_SETUPS`
-//! (`none,envoy,sigil`, always run in that order: sigil's iptables rules stay) and
-//! `BENCH_PROTOCOLS` (`http1,grpc`) pick what runs.
+//! (`none,envoy,sigil`; also `sigil-route`, `sigil-retry`, `sigil-ratelimit`; always run in
+//! that order: sigil's iptables rules stay) and `BENCH_PROTOCOLS` (`http1,grpc`) pick what runs.
 //!
-//! Run: `cargo bench --bench l7` (as root).
+//! Run: `cargo bench --bench l7` (as root); the route, retry and rate-limit costs beside sigil's:
+//! `BENCH_SETUPS=none,sigil,sigil-route,sigil-retry,sigil-ratelimit cargo bench --bench l7`.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -112,6 +129,14 @@ const BACKENDS: [BackendSpec; 3] = [
 /// The HTTP/1.1 request (the answer: 1 KiB with Content-Length).
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: api.bench\r\n\r\n";
 const HTTP1_BODY_LEN: usize = 1024;
+/// The routed setups' HTTP/1.1 request: the gRPC method's path and the headers the matching
+/// rule of [`route_policy`] wants.
+const GET_ROUTED: &[u8] = b"GET /sigil.bench.Bench/Unary HTTP/1.1\r\nHost: api.bench\r\n\
+x-bench-tenant: gold\r\nx-bench-plan: premium\r\n\r\n";
+/// The routed setups' headers (on gRPC requests too).
+const ROUTED_HEADERS: [(&str, &str); 2] = [("x-bench-tenant", "gold"), ("x-bench-plan", "premium")];
+/// The HTTPRoute's rules: all but the last differ from the requests only in a header value.
+const ROUTE_RULES: usize = 10;
 /// The gRPC method, and its request and answer: a length-prefixed protobuf message each
 /// (field 1, a string).
 const GRPC_PATH: &str = "/sigil.bench.Bench/Unary";
@@ -255,11 +280,17 @@ impl Protocol {
 struct GrpcClient {
     sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
     uri: hyper::Uri,
+    routed: bool,
 }
 
 impl GrpcClient {
     /// Handshakes on `stream` (needs a tokio runtime: the connection runs on a task of it).
-    async fn handshake(stream: tokio::net::TcpStream, to: SocketAddr) -> std::io::Result<Self> {
+    /// `routed`: the calls carry [`ROUTED_HEADERS`].
+    async fn handshake(
+        stream: tokio::net::TcpStream,
+        to: SocketAddr,
+        routed: bool,
+    ) -> std::io::Result<Self> {
         stream.set_nodelay(true)?;
         let (sender, connection) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -269,18 +300,28 @@ impl GrpcClient {
         let uri = format!("http://{to}{GRPC_PATH}")
             .parse()
             .expect("the gRPC URI");
-        Ok(GrpcClient { sender, uri })
+        Ok(GrpcClient {
+            sender,
+            uri,
+            routed,
+        })
     }
 
-    async fn connect(netns: String, to: SocketAddr) -> std::io::Result<Self> {
-        GrpcClient::handshake(connect_in(&netns, to).await?, to).await
+    async fn connect(netns: String, to: SocketAddr, routed: bool) -> std::io::Result<Self> {
+        GrpcClient::handshake(connect_in(&netns, to).await?, to, routed).await
     }
 
     /// One call: Ok if the answer is 200 with the message and `grpc-status: 0` trailers.
     async fn call(&mut self) -> std::io::Result<()> {
-        let request = hyper::Request::post(self.uri.clone())
+        let mut request = hyper::Request::post(self.uri.clone())
             .header("content-type", "application/grpc")
-            .header("te", "trailers")
+            .header("te", "trailers");
+        if self.routed {
+            for (name, value) in ROUTED_HEADERS {
+                request = request.header(name, value);
+            }
+        }
+        let request = request
             .body(Full::new(Bytes::from_static(GRPC_REQUEST)))
             .expect("a gRPC request");
         self.sender.ready().await.map_err(std::io::Error::other)?;
@@ -324,7 +365,7 @@ struct BlockingGrpcClient {
 }
 
 impl BlockingGrpcClient {
-    fn connect(netns: &str, to: SocketAddr) -> std::io::Result<Self> {
+    fn connect(netns: &str, to: SocketAddr, routed: bool) -> std::io::Result<Self> {
         let stream = in_netns(netns, || {
             std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
         })?;
@@ -333,7 +374,7 @@ impl BlockingGrpcClient {
             .enable_all()
             .build()?;
         let mut client = runtime.block_on(async {
-            GrpcClient::handshake(tokio::net::TcpStream::from_std(stream)?, to).await
+            GrpcClient::handshake(tokio::net::TcpStream::from_std(stream)?, to, routed).await
         })?;
         // The first call is not timed: it pays for the connection (a proxy's mTLS behind).
         runtime.block_on(client.call())?;
@@ -347,20 +388,27 @@ impl BlockingRequester for BlockingGrpcClient {
     }
 }
 
-fn http1_blocking(netns: &str, to: SocketAddr) -> std::io::Result<SyncClient> {
+/// The HTTP/1.1 request: [`GET_ROUTED`] when `routed`, else [`GET`].
+fn http1_request(routed: bool) -> &'static [u8] {
+    if routed { GET_ROUTED } else { GET }
+}
+
+fn http1_blocking(netns: &str, to: SocketAddr, routed: bool) -> std::io::Result<SyncClient> {
     let stream = in_netns(netns, || {
         std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
     })?;
-    SyncClient::new(stream, GET)
+    SyncClient::new(stream, http1_request(routed))
 }
 
-async fn http1_async(netns: String, to: SocketAddr) -> std::io::Result<AsyncClient> {
-    AsyncClient::new(connect_in(&netns, to).await?, GET)
+async fn http1_async(netns: String, to: SocketAddr, routed: bool) -> std::io::Result<AsyncClient> {
+    AsyncClient::new(connect_in(&netns, to).await?, http1_request(routed))
 }
 
-/// The open loop of `protocol` from `netns` to `to`.
+/// The open loop of `protocol` from `netns` to `to` (with the routed requests when `routed`).
+#[allow(clippy::too_many_arguments)]
 fn run_open_loop(
     protocol: Protocol,
+    routed: bool,
     netns: String,
     to: SocketAddr,
     rate: u64,
@@ -371,7 +419,7 @@ fn run_open_loop(
     let (connections, length) = (config.open_connections, config.length);
     match protocol {
         Protocol::Http1 => open_loop(
-            move || http1_blocking(&netns, to),
+            move || http1_blocking(&netns, to, routed),
             rate,
             connections,
             length,
@@ -379,7 +427,7 @@ fn run_open_loop(
             backends,
         ),
         Protocol::Grpc => open_loop(
-            move || BlockingGrpcClient::connect(&netns, to),
+            move || BlockingGrpcClient::connect(&netns, to, routed),
             rate,
             connections,
             length,
@@ -391,6 +439,7 @@ fn run_open_loop(
 
 async fn run_closed_loop(
     protocol: Protocol,
+    routed: bool,
     netns: &str,
     to: SocketAddr,
     config: &Config,
@@ -402,7 +451,7 @@ async fn run_closed_loop(
     match protocol {
         Protocol::Http1 => {
             closed_loop(
-                move || http1_async(netns.clone(), to),
+                move || http1_async(netns.clone(), to, routed),
                 connections,
                 length,
                 pids,
@@ -412,7 +461,7 @@ async fn run_closed_loop(
         }
         Protocol::Grpc => {
             closed_loop(
-                move || GrpcClient::connect(netns.clone(), to),
+                move || GrpcClient::connect(netns.clone(), to, routed),
                 connections,
                 length,
                 pids,
@@ -424,12 +473,22 @@ async fn run_closed_loop(
 }
 
 /// One request of `protocol` from `netns` to `to`, within 2 s.
-async fn one_request(protocol: Protocol, netns: &str, to: SocketAddr) -> std::io::Result<()> {
+async fn one_request(
+    protocol: Protocol,
+    routed: bool,
+    netns: &str,
+    to: SocketAddr,
+) -> std::io::Result<()> {
     let attempt = async {
         match protocol {
-            Protocol::Http1 => http1_async(netns.to_owned(), to).await?.request().await,
+            Protocol::Http1 => {
+                http1_async(netns.to_owned(), to, routed)
+                    .await?
+                    .request()
+                    .await
+            }
             Protocol::Grpc => {
-                GrpcClient::connect(netns.to_owned(), to)
+                GrpcClient::connect(netns.to_owned(), to, routed)
                     .await?
                     .call()
                     .await
@@ -444,22 +503,40 @@ async fn one_request(protocol: Protocol, netns: &str, to: SocketAddr) -> std::io
 // ---------------------------------------------------------------------------------------------
 // The setups.
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Setup {
     None,
     Envoy,
     Sigil,
+    SigilRoute,
+    SigilRetry,
+    SigilRateLimit,
 }
 
 impl Setup {
-    const ALL: [Setup; 3] = [Setup::None, Setup::Envoy, Setup::Sigil];
+    const ALL: [Setup; 6] = [
+        Setup::None,
+        Setup::Envoy,
+        Setup::Sigil,
+        Setup::SigilRoute,
+        Setup::SigilRetry,
+        Setup::SigilRateLimit,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Setup::None => "none",
             Setup::Envoy => "envoy",
             Setup::Sigil => "sigil",
+            Setup::SigilRoute => "sigil-route",
+            Setup::SigilRetry => "sigil-retry",
+            Setup::SigilRateLimit => "sigil-ratelimit",
         }
+    }
+
+    /// Whether its requests carry the path and headers the HTTPRoute matches.
+    fn routed(self) -> bool {
+        matches!(self, Setup::SigilRoute | Setup::SigilRetry)
     }
 
     /// Where the load generator in A connects.
@@ -467,7 +544,9 @@ impl Setup {
         match self {
             Setup::None => SocketAddrV4::new(BACKENDS[0].ip, APP_PORT).into(),
             Setup::Envoy => SocketAddrV4::new(Ipv4Addr::LOCALHOST, ENVOY_OUTBOUND_PORT).into(),
-            Setup::Sigil => CLUSTER_IP.into(),
+            Setup::Sigil | Setup::SigilRoute | Setup::SigilRetry | Setup::SigilRateLimit => {
+                CLUSTER_IP.into()
+            }
         }
     }
 }
@@ -486,6 +565,8 @@ struct Config {
     setups: Vec<Setup>,
     protocols: Vec<Protocol>,
     envoy_curves: Vec<String>,
+    /// The Service-wide limits (requests/s) of `sigil-ratelimit`'s phases.
+    rate_limits: Vec<u64>,
 }
 
 fn list(name: &str, default: &str) -> Vec<String> {
@@ -503,7 +584,8 @@ impl Config {
         for name in &named {
             assert!(
                 Setup::ALL.iter().any(|s| s.name() == name),
-                "BENCH_SETUPS: unknown setup {name:?} (none, envoy, sigil)"
+                "BENCH_SETUPS: unknown setup {name:?} (none, envoy, sigil, sigil-route, \
+                 sigil-retry, sigil-ratelimit)"
             );
         }
         let protocols = list("BENCH_PROTOCOLS", "http1,grpc")
@@ -532,6 +614,13 @@ impl Config {
                 .collect(),
             protocols,
             envoy_curves: list("BENCH_ENVOY_ECDH_CURVES", ""),
+            rate_limits: list("BENCH_RATE_LIMITS", "1000,5000")
+                .iter()
+                .map(|r| {
+                    r.parse()
+                        .expect("BENCH_RATE_LIMITS: requests/s, comma-separated")
+                })
+                .collect(),
         }
     }
 }
@@ -552,6 +641,10 @@ struct World {
     backends: Vec<Backend>,
     host: MeshHost,
     envoy: Option<PathBuf>,
+    /// The agent's `--policy-file` (routes and traffic policies of the sigil setups).
+    policy_file: PathBuf,
+    /// Whether `sigil proxy init` already ran in the pods (its rules stay).
+    intercepted: std::cell::Cell<bool>,
 }
 
 impl World {
@@ -769,73 +862,190 @@ async fn start_setup(setup: Setup, world: &World, config: &Config) -> Running {
                 sigil: Vec::new(),
             }
         }
-        Setup::Sigil => {
-            // From here on every pod's TCP goes through its proxy (the rules stay).
-            proxy_init(&world.a, A_UID);
-            for (spec, pod) in BACKENDS.iter().zip(&world.pods) {
-                proxy_init(pod, spec.uid);
-            }
-            let workers = config.workers.to_string();
-            let args = ["--concurrency", workers.as_str()];
-            let mut running = Vec::new();
-            let mut proxies = Vec::new();
-            let log = world.dir.join("sigil-client.log");
-            let client = PodProxy::start(
-                &world.a,
-                A_IP,
-                None,
-                A_UID,
-                &world.host.socket,
-                &args,
-                log.clone(),
-                &world.node.c,
-            )
-            .await;
-            proxies.push(Proxy {
-                role: "client",
-                pid: client.proc.child.id(),
-                log: log.display().to_string(),
-            });
-            running.push(client);
-            for (spec, pod) in BACKENDS.iter().zip(&world.pods) {
-                let log = world.dir.join(format!("sigil-{}.log", spec.name));
-                let proxy = PodProxy::start(
-                    pod,
-                    spec.ip,
-                    None,
-                    spec.uid,
-                    &world.host.socket,
-                    &args,
-                    log.clone(),
-                    &world.node.c,
-                )
-                .await;
-                proxies.push(Proxy {
-                    role: spec.name,
-                    pid: proxy.proc.child.id(),
-                    log: log.display().to_string(),
-                });
-                running.push(proxy);
-            }
-            // Until A's proxy has the Service from the agent, connections to the cluster IP
-            // would pass through as TCP (balanced per connection by the node).
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while !running[0].log_lines().iter().any(|l| {
-                l["message"] == "meshed Services updated" && l["services"].as_u64() >= Some(1)
-            }) {
-                assert!(
-                    Instant::now() < deadline,
-                    "A's proxy never got the Service from the agent:\n{}",
-                    tail(&running[0].logs(), 30)
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Running {
-                proxies,
-                _envoys: Vec::new(),
-                sigil: running,
+        Setup::Sigil | Setup::SigilRoute | Setup::SigilRetry | Setup::SigilRateLimit => {
+            start_sigil(setup, world, config).await
+        }
+    }
+}
+
+/// The policy file of a sigil setup: `sigil-route`'s and `sigil-retry`'s HTTPRoute; nothing for
+/// the others (`sigil-ratelimit` writes its policies per phase).
+fn setup_policy(setup: Setup) -> String {
+    match setup {
+        Setup::SigilRoute => route_policy(false),
+        Setup::SigilRetry => route_policy(true),
+        _ => String::new(),
+    }
+}
+
+/// The HTTPRoute on bench/api: [`ROUTE_RULES`] rules matching the gRPC service's path prefix and
+/// 2 headers, only the last of which the requests match ([`ROUTED_HEADERS`]); it sets a header
+/// and, when `retry`, retries 503s once.
+fn route_policy(retry: bool) -> String {
+    let mut yaml = String::from(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: api\n  \
+         namespace: bench\nspec:\n  parentRefs:\n  - group: \"\"\n    kind: Service\n    name: api\n  \
+         rules:\n",
+    );
+    for rule in 1..=ROUTE_RULES {
+        let matching = rule == ROUTE_RULES;
+        let tenant = if matching {
+            ROUTED_HEADERS[0].1.to_owned()
+        } else {
+            format!("tenant-{rule}")
+        };
+        yaml.push_str(&format!(
+            "  - matches:\n    - path: {{type: PathPrefix, value: /sigil.bench.Bench}}\n      \
+             headers:\n      - {{name: {}, value: {tenant}}}\n      - {{name: {}, value: {}}}\n    \
+             backendRefs:\n    - {{name: api, port: {}}}\n",
+            ROUTED_HEADERS[0].0,
+            ROUTED_HEADERS[1].0,
+            ROUTED_HEADERS[1].1,
+            CLUSTER_IP.port()
+        ));
+        if matching {
+            yaml.push_str(
+                "    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier:\n        \
+                 set:\n        - {name: x-bench-route, value: matched}\n",
+            );
+            if retry {
+                yaml.push_str("    retry: {codes: [503], attempts: 2}\n");
             }
         }
+    }
+    yaml
+}
+
+/// The RateLimitPolicy on bench/api that admits `limit` requests/s over the Service: each of
+/// the serving pods' proxies (which enforce `total` each) admits `limit` per that many seconds,
+/// with a bucket of 100 ms of its rate (the default, a whole period, would add seconds of
+/// requests to the phase).
+fn rate_limit_policy(limit: u64) -> (String, u64) {
+    let pods = BACKENDS.len() as u64;
+    let burst = (limit / pods / 10).max(1);
+    let yaml = format!(
+        "apiVersion: sigil.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata:\n  name: api\n  \
+         namespace: bench\nspec:\n  targetRefs:\n  - group: \"\"\n    kind: Service\n    name: api\n  \
+         total:\n    requests: {limit}\n    period: {pods}s\n    burst: {burst}\n"
+    );
+    (yaml, burst)
+}
+
+/// Replaces the agent's policy file whole (it re-reads it every second).
+fn write_policy(world: &World, yaml: &str) {
+    let next = world.policy_file.with_extension("next");
+    std::fs::write(&next, yaml).expect("writing the policy file");
+    std::fs::rename(&next, &world.policy_file).expect("replacing the policy file");
+}
+
+/// The proxy's "routes updated" log lines.
+fn routes_updates(proxy: &PodProxy) -> Vec<Value> {
+    proxy
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["message"] == "routes updated")
+        .collect()
+}
+
+/// Waits (up to 20 s) until `proxy` logged more than `seen` routes updates, the last with a
+/// non-zero `field` (`ports`: outbound routes; `inbound`: inbound policies).
+async fn await_routes(proxy: &PodProxy, seen: usize, field: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let updates = routes_updates(proxy);
+        if updates.len() > seen && updates.last().is_some_and(|u| u[field].as_u64() > Some(0)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} never got its routes from the agent:\n{}",
+            tail(&proxy.logs(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sigil proxies of `setup` (`sigil proxy init` in every pod the first time), with the
+/// setup's policy file taken by the agent.
+async fn start_sigil(setup: Setup, world: &World, config: &Config) -> Running {
+    let policy = setup_policy(setup);
+    if std::fs::read_to_string(&world.policy_file).ok().as_deref() != Some(policy.as_str()) {
+        write_policy(world, &policy);
+        // The agent re-reads the file every second: a proxy started sooner could get the
+        // previous setup's routes first.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+    }
+    if !world.intercepted.replace(true) {
+        // From here on every pod's TCP goes through its proxy (the rules stay).
+        proxy_init(&world.a, A_UID);
+        for (spec, pod) in BACKENDS.iter().zip(&world.pods) {
+            proxy_init(pod, spec.uid);
+        }
+    }
+    let workers = config.workers.to_string();
+    let args = ["--concurrency", workers.as_str()];
+    let mut running = Vec::new();
+    let mut proxies = Vec::new();
+    let log = world.dir.join("sigil-client.log");
+    let client = PodProxy::start(
+        &world.a,
+        A_IP,
+        None,
+        A_UID,
+        &world.host.socket,
+        &args,
+        log.clone(),
+        &world.node.c,
+    )
+    .await;
+    proxies.push(Proxy {
+        role: "client",
+        pid: client.proc.child.id(),
+        log: log.display().to_string(),
+    });
+    running.push(client);
+    for (spec, pod) in BACKENDS.iter().zip(&world.pods) {
+        let log = world.dir.join(format!("sigil-{}.log", spec.name));
+        let proxy = PodProxy::start(
+            pod,
+            spec.ip,
+            None,
+            spec.uid,
+            &world.host.socket,
+            &args,
+            log.clone(),
+            &world.node.c,
+        )
+        .await;
+        proxies.push(Proxy {
+            role: spec.name,
+            pid: proxy.proc.child.id(),
+            log: log.display().to_string(),
+        });
+        running.push(proxy);
+    }
+    // Until A's proxy has the Service from the agent, connections to the cluster IP
+    // would pass through as TCP (balanced per connection by the node).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !running[0]
+        .log_lines()
+        .iter()
+        .any(|l| l["message"] == "meshed Services updated" && l["services"].as_u64() >= Some(1))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "A's proxy never got the Service from the agent:\n{}",
+            tail(&running[0].logs(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if setup.routed() {
+        await_routes(&running[0], 0, "ports", "A's proxy").await;
+    }
+    Running {
+        proxies,
+        _envoys: Vec::new(),
+        sigil: running,
     }
 }
 
@@ -844,7 +1054,7 @@ async fn wait_through(setup: Setup, world: &World, config: &Config, proxies: &[P
     let deadline = Instant::now() + Duration::from_secs(30);
     for &protocol in &config.protocols {
         loop {
-            let outcome = one_request(protocol, &world.a.name, setup.entry()).await;
+            let outcome = one_request(protocol, setup.routed(), &world.a.name, setup.entry()).await;
             if outcome.is_ok() {
                 break;
             }
@@ -911,6 +1121,7 @@ async fn measure(
         let result = tokio::task::spawn_blocking(move || {
             run_open_loop(
                 protocol,
+                setup.routed(),
                 netns,
                 setup.entry(),
                 rate,
@@ -938,6 +1149,7 @@ async fn measure(
     let before = settled_counts(world).await;
     let closed = run_closed_loop(
         protocol,
+        setup.routed(),
         &world.a.name,
         setup.entry(),
         config,
@@ -968,6 +1180,7 @@ async fn measure(
         let result = tokio::task::spawn_blocking(move || {
             run_open_loop(
                 protocol,
+                setup.routed(),
                 netns,
                 setup.entry(),
                 slow_rate,
@@ -1007,6 +1220,85 @@ async fn measure(
         rss_loaded,
         hwm,
     }
+}
+
+/// The unmeasured closed loop before a setup and protocol's phases: the proxies' pools,
+/// balancers and allocators settle.
+async fn warm_up(
+    setup: Setup,
+    protocol: Protocol,
+    world: &World,
+    config: &Config,
+    running: &Running,
+) {
+    let warm_up = Config {
+        length: config.warm_up,
+        ..config.clone()
+    };
+    let pids: Vec<u32> = running.proxies.iter().map(|p| p.pid).collect();
+    run_closed_loop(
+        protocol,
+        setup.routed(),
+        &world.a.name,
+        setup.entry(),
+        &warm_up,
+        &pids,
+        &world.backend_pids(),
+    )
+    .await;
+}
+
+/// `sigil-ratelimit`'s phases, HTTP/1.1: per limit R of `BENCH_RATE_LIMITS`, the agent gets the
+/// RateLimitPolicy (every serving pod's proxy takes it), then 2R requests/s open loop.
+async fn rate_limit_phases(world: &World, config: &Config, running: &Running) {
+    let pids: Vec<u32> = running.proxies.iter().map(|p| p.pid).collect();
+    let backends = world.backend_pids();
+    let servers = &running.sigil[1..];
+    let pods = BACKENDS.len() as u64;
+    for &limit in &config.rate_limits {
+        let (policy, burst) = rate_limit_policy(limit);
+        let seen: Vec<usize> = servers.iter().map(|p| routes_updates(p).len()).collect();
+        write_policy(world, &policy);
+        for ((proxy, seen), spec) in servers.iter().zip(seen).zip(&BACKENDS) {
+            await_routes(proxy, seen, "inbound", spec.name).await;
+        }
+        let offered = 2 * limit;
+        let (netns, pids, backends) = (world.a.name.clone(), pids.clone(), backends.clone());
+        let phase = config.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            run_open_loop(
+                Protocol::Http1,
+                false,
+                netns,
+                Setup::SigilRateLimit.entry(),
+                offered,
+                &phase,
+                &pids,
+                &backends,
+            )
+        })
+        .await
+        .expect("the rate-limit phase panicked");
+        let secs = result.elapsed.as_secs_f64();
+        // Each pod's bucket starts full: its burst comes on top of the rate once.
+        let expected = limit as f64 + (pods * burst) as f64 / secs;
+        println!(
+            "sigil-ratelimit http1: limit {limit}/s over the Service (RateLimitPolicy total \
+             {limit} per {pods}s, burst {burst}, enforced by each of the {pods} serving pods' \
+             proxies), open loop {offered}/s: accepted {:.0}/s (expected {expected:.0}), 429 \
+             {:.0}/s, accepted p50 {:.3} ms, p99 {:.3} ms, {} errors{}, proxies' CPU per 1,000 \
+             offered req/s {:.1} % core, load generator lag p99 {:.3} ms",
+            result.latencies.len() as f64 / secs,
+            result.refused as f64 / secs,
+            ms(quantile(&result.latencies, 0.5).unwrap_or(0)),
+            ms(quantile(&result.latencies, 0.99).unwrap_or(0)),
+            result.errors,
+            first_error(&result.first_error),
+            100.0 * result.cpu.proxies / secs / (offered as f64 / 1000.0),
+            ms(quantile(&result.lag, 0.99).unwrap_or(0)),
+        );
+    }
+    write_policy(world, "");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1163,18 +1455,19 @@ fn print_table(results: &[Measured], config: &Config) {
         .iter()
         .map(|m| format!("{} {}", m.setup.name(), m.protocol.name()))
         .collect();
+    let column = headers.iter().map(String::len).max().unwrap_or(0).max(12);
     println!();
     print!("{:width$}", "");
     for h in &headers {
-        print!("  {h:>12}");
+        print!("  {h:>column$}");
     }
     println!();
     for row in rows {
         print!("{:width$}", row.label);
         for cell in &row.cells {
             match cell {
-                Some(v) => print!("  {:>12.*}", row.decimals, v),
-                None => print!("  {:>12}", "-"),
+                Some(v) => print!("  {:>column$.*}", row.decimals, v),
+                None => print!("  {:>column$}", "-"),
             }
         }
         println!();
@@ -1242,10 +1535,21 @@ async fn bench() -> ExitCode {
     println!(
         "paths: none: A → B1:8080. envoy: A → 127.0.0.1:15001 (A's Envoy, explicit, no iptables) → HTTP/1.1 or HTTP/2 as received, mTLS, LEAST_REQUEST → Bn:15443 (Bn's Envoy) → 127.0.0.1:8080. sigil: A → {CLUSTER_IP} (iptables REDIRECT in A to A's proxy) → per-request P2C peak-EWMA, pooled mTLS HTTP/2 → Bn:8080 (iptables REDIRECT in Bn to Bn's proxy) → the backend"
     );
+    if config.setups.iter().any(|s| *s > Setup::Sigil) {
+        println!(
+            "opt-in sigil setups (Envoy's equivalent is not configured: compare with the sigil column): sigil-route: sigil's path, the requests to /sigil.bench.Bench/Unary with 2 headers, selected by an HTTPRoute of {ROUTE_RULES} rules (PathPrefix + 2 header matches each; the last one matches and sets a header, RequestHeaderModifier). sigil-retry: the same with retry {{codes: [503], attempts: 2}} on that rule, healthy backends (nothing retried). sigil-ratelimit: sigil's path with a RateLimitPolicy per limit R in {:?}/s over the Service, HTTP/1.1 at 2R open loop ({:.1} s); the limit is per serving pod (RateLimitPolicy total R per {}s on each of {} pods)",
+            config.rate_limits,
+            config.length.as_secs_f64(),
+            BACKENDS.len(),
+            BACKENDS.len()
+        );
+    }
 
     let dir = tempfile::tempdir().expect("a temporary directory");
     let mesh_file = dir.path().join("mesh.yaml");
     write_mesh_file(&mesh_file);
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, "").expect("writing the policy file");
     let node = Node::new(NETNS_PREFIX, C_IP);
     let a = node.add_pod("a", A_IP);
     let pods: Vec<Netns> = BACKENDS
@@ -1265,7 +1569,12 @@ async fn bench() -> ExitCode {
         dir.path(),
         &workloads,
         "1h",
-        &["--mesh-file", mesh_file.to_str().expect("a UTF-8 path")],
+        &[
+            "--mesh-file",
+            mesh_file.to_str().expect("a UTF-8 path"),
+            "--policy-file",
+            policy_file.to_str().expect("a UTF-8 path"),
+        ],
     )
     .await;
     let exe = std::env::current_exe().expect("this executable's path");
@@ -1295,6 +1604,8 @@ async fn bench() -> ExitCode {
         backends,
         host,
         envoy,
+        policy_file,
+        intercepted: std::cell::Cell::new(false),
     };
 
     let mut results = Vec::new();
@@ -1313,30 +1624,24 @@ async fn bench() -> ExitCode {
                 "A's proxy's {series}:\n{}",
                 tail(&client.logs(), 30)
             );
-            println!("sigil: A's proxy balances over {ready} ready endpoints of bench/api");
+            println!(
+                "{}: A's proxy balances over {ready} ready endpoints of bench/api",
+                setup.name()
+            );
         }
         println!(
             "{}: requests through after {:.0} ms",
             setup.name(),
             started.elapsed().as_secs_f64() * 1e3
         );
-        for &protocol in &config.protocols {
-            // Untimed: the proxies' pools, balancers and allocators settle before the phases.
-            let warm_up = Config {
-                length: config.warm_up,
-                ..config.clone()
-            };
-            let pids: Vec<u32> = running.proxies.iter().map(|p| p.pid).collect();
-            run_closed_loop(
-                protocol,
-                &world.a.name,
-                setup.entry(),
-                &warm_up,
-                &pids,
-                &world.backend_pids(),
-            )
-            .await;
-            results.push(measure(setup, protocol, &world, &config, &running.proxies).await);
+        if setup == Setup::SigilRateLimit {
+            warm_up(setup, Protocol::Http1, &world, &config, &running).await;
+            rate_limit_phases(&world, &config, &running).await;
+        } else {
+            for &protocol in &config.protocols {
+                warm_up(setup, protocol, &world, &config, &running).await;
+                results.push(measure(setup, protocol, &world, &config, &running.proxies).await);
+            }
         }
         drop(running);
     }

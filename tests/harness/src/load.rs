@@ -90,6 +90,24 @@ pub fn response_head(buf: &[u8]) -> Option<std::io::Result<(u16, usize)>> {
     })
 }
 
+/// A 429 answer: the server refused the request (a rate limit) and the connection stays usable.
+/// The open loop counts it apart from errors and latencies and keeps the connection.
+#[derive(Debug)]
+pub struct Refused;
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("status 429 (refused)")
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Whether `e` is a [`Refused`] answer.
+pub fn is_refused(e: &std::io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Refused>())
+}
+
 /// The read side of a keep-alive client connection: bytes received and not yet consumed.
 pub struct Responses {
     buf: Vec<u8>,
@@ -127,6 +145,8 @@ impl Responses {
         self.len -= total;
         Some(if status == 200 {
             Ok(())
+        } else if status == 429 {
+            Err(std::io::Error::other(Refused))
         } else {
             Err(std::io::Error::other(format!("status {status}")))
         })
@@ -178,8 +198,11 @@ impl SyncClient {
             request,
             responses: Responses::new(),
         };
-        client.get()?;
-        Ok(client)
+        match client.get() {
+            // A rate-limited server may refuse this one; the connection is fine.
+            Err(e) if !is_refused(&e) => Err(e),
+            _ => Ok(client),
+        }
     }
 
     /// [`SyncClient::new`] on a new connection to `addr`.
@@ -329,6 +352,8 @@ pub struct OpenLoop {
     /// How late the threads sent after the moment they meant to (ns, sorted).
     pub lag: Vec<u64>,
     pub errors: u64,
+    /// Answers that were [`Refused`] (not errors, not in `latencies`).
+    pub refused: u64,
     /// Requests scheduled but not sent because the run overran by more than its length.
     pub unsent: u64,
     pub first_error: Option<String>,
@@ -342,6 +367,7 @@ struct OpenLoopThread {
     latencies: Vec<u64>,
     lag: Vec<u64>,
     errors: u64,
+    refused: u64,
     unsent: u64,
     first_error: Option<String>,
 }
@@ -391,6 +417,7 @@ fn open_loop_connection<C: BlockingRequester>(
             Ok(()) => out
                 .latencies
                 .push(free_at.duration_since(intended).as_nanos() as u64),
+            Err(e) if is_refused(&e) => out.refused += 1,
             Err(e) => {
                 out.errors += 1;
                 out.first_error.get_or_insert_with(|| e.to_string());
@@ -437,6 +464,7 @@ where
         latencies: Vec::new(),
         lag: Vec::new(),
         errors: 0,
+        refused: 0,
         unsent: 0,
         first_error: None,
         elapsed: Duration::ZERO,
@@ -447,6 +475,7 @@ where
         result.latencies.extend(t.latencies);
         result.lag.extend(t.lag);
         result.errors += t.errors;
+        result.refused += t.refused;
         result.unsent += t.unsent;
         result.first_error = result.first_error.or(t.first_error);
     }
@@ -635,6 +664,21 @@ mod tests {
         }
         assert_eq!(responses.len, 0, "bytes left over");
         outcomes
+    }
+
+    #[test]
+    fn a_429_is_refused_not_an_error_and_the_next_answer_follows() {
+        let mut responses = Responses::new();
+        let bytes = b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-length: 0\r\n\r\n\
+HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        responses.spare()[..bytes.len()].copy_from_slice(bytes);
+        responses.filled(bytes.len()).unwrap();
+        let refused = responses.take().unwrap().unwrap_err();
+        assert!(is_refused(&refused), "{refused}");
+        let failed = responses.take().unwrap().unwrap_err();
+        assert!(!is_refused(&failed), "a 503 is an error: {failed}");
+        assert!(responses.take().unwrap().is_ok());
+        assert!(responses.take().is_none());
     }
 
     #[test]
