@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "istio/v1/auth/ca.proto",
         "workload.proto",
         "grpc/health/v1/health.proto",
+        "opentelemetry/proto/collector/trace/v1/trace_service.proto",
     ];
     println!("cargo:rerun-if-changed=protos");
     let descriptors = protox::compile(protos, ["protos"])?;

@@ -38,6 +38,36 @@ pub mod grpc {
     }
 }
 
+/// OpenTelemetry's OTLP trace types and its `TraceService` (vendored from
+/// open-telemetry/opentelemetry-proto, see `protos/opentelemetry/VERSION`): what the proxy exports
+/// spans with, and what the tests receive them with.
+pub mod opentelemetry {
+    pub mod proto {
+        pub mod common {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.common.v1");
+            }
+        }
+        pub mod resource {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.resource.v1");
+            }
+        }
+        pub mod trace {
+            pub mod v1 {
+                tonic::include_proto!("opentelemetry.proto.trace.v1");
+            }
+        }
+        pub mod collector {
+            pub mod trace {
+                pub mod v1 {
+                    tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+                }
+            }
+        }
+    }
+}
+
 pub mod istio {
     pub mod v1 {
         pub mod auth {

@@ -65,6 +65,9 @@ pub struct Shared {
     pub retry_budgets: Arc<crate::outbound::RetryBudgets>,
     /// Inbound: connections to the application, reused across requests and client connections.
     pub app_pools: Arc<AppPools>,
+    /// Spans of sampled requests, both directions ([`crate::trace::Tracer::disabled`] without a
+    /// collector).
+    pub tracer: crate::trace::Tracer,
 }
 
 impl Shared {

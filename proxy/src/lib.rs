@@ -24,3 +24,4 @@ pub mod sds;
 pub mod server;
 pub mod services;
 pub mod tls;
+pub mod trace;

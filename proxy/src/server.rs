@@ -226,6 +226,7 @@ pub async fn run(
         pools,
         retry_budgets: Arc::default(),
         app_pools: Arc::default(),
+        tracer: crate::trace::Tracer::disabled(),
         services: services_rx,
         tls: tls_rx,
         mesh: mesh_rx,

@@ -284,6 +284,7 @@ impl Proxy {
             balancers: Arc::new(Balancers::new(metrics.clone())),
             retry_budgets: Arc::default(),
             app_pools: Arc::default(),
+            tracer: crate::trace::Tracer::disabled(),
             config: Arc::new(config),
             tls,
             mesh,

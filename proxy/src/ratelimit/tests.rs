@@ -562,6 +562,7 @@ async fn the_inbound_proxy_limits_authorized_requests_on_real_connections() {
         )),
         balancers: Arc::new(crate::balance::Balancers::new(metrics.clone())),
         app_pools: Arc::default(),
+        tracer: crate::trace::Tracer::disabled(),
         config: Arc::new(config),
         tls,
         mesh,
