@@ -131,7 +131,7 @@ fn b3_single_rules() {
         (format!("{}-{PARENT}-1", "0".repeat(16)), None),
         (format!("{TRACE}-{}-1", "0".repeat(16)), None),
         (format!("{TRACE}-{}-1", PARENT.to_uppercase()), None),
-        (format!("{TRACE}"), None),
+        (TRACE.to_owned(), None),
         ("2".to_owned(), None),
     ];
     for (value, expected) in cases {
@@ -367,6 +367,16 @@ fn an_invalid_traceparent_is_replaced_and_its_tracestate_dropped() {
         format!("00-{TRACE}-1122334455667788-01")
     );
     assert!(!invalid.contains_key("tracestate"));
+    // A stray tracestate does not join the trace a root starts.
+    let mut stray = headers(&[("tracestate", "vendor=opaque")]);
+    assert_eq!(extract(&stray), None);
+    let root = Outgoing {
+        parent: None,
+        ..outgoing(&incoming, false)
+    };
+    inject(&mut stray, &root, true);
+    assert!(stray.contains_key("traceparent"));
+    assert!(!stray.contains_key("tracestate"));
 }
 
 #[test]
