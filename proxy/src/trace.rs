@@ -76,7 +76,7 @@ impl Tracer {
         Tracer { inner: None }
     }
 
-    /// Tracing on: spans go to `queue` (the [`export::Exporter`] task owns its receiver).
+    /// Tracing on: spans go to `queue` (the exporter task of [`export::start`] owns its receiver).
     pub fn new(
         sampler: Sampler,
         queue: tokio::sync::mpsc::Sender<SpanRecord>,
