@@ -10,14 +10,14 @@
 pub const PREFIX: &str = "sigil_proxy";
 
 /// Counter of HTTP and gRPC requests answered, labelled by [`DIRECTION`], [`SERVICE`],
-/// [`PEER_NAMESPACE`], [`PEER_SERVICE_ACCOUNT`], [`STATUS_CLASS`], [`STATUS_CODE`] and
-/// [`GRPC_STATUS`].
+/// [`ROUTE`], [`PEER_NAMESPACE`], [`PEER_SERVICE_ACCOUNT`], [`STATUS_CLASS`], [`STATUS_CODE`],
+/// [`GRPC_STATUS`] and [`RESULT`].
 pub const REQUESTS: &str = "requests";
 /// [`REQUESTS`] as exposed.
 pub const REQUESTS_SERIES: &str = "sigil_proxy_requests_total";
 
 /// Histogram (seconds) from a request's head to its response's head, labelled as [`REQUESTS`]
-/// less the status code and gRPC status.
+/// less the status code, gRPC status and result.
 pub const REQUEST_DURATION: &str = "request_duration";
 /// The buckets of [`REQUEST_DURATION`] as exposed (each with an `le` label).
 pub const REQUEST_DURATION_BUCKET_SERIES: &str = "sigil_proxy_request_duration_seconds_bucket";
@@ -27,7 +27,8 @@ pub const REQUEST_DURATION_BUCKET_SERIES: &str = "sigil_proxy_request_duration_s
 pub const RETRIES: &str = "retries";
 /// [`RETRIES`] as exposed.
 pub const RETRIES_SERIES: &str = "sigil_proxy_retries_total";
-/// The HTTPRoute or GRPCRoute whose rule served a request, `<namespace>/<name>`.
+/// The HTTPRoute or GRPCRoute whose rule served a request, `<namespace>/<name>`; on the request
+/// metrics, empty when no route applied (and inbound).
 pub const ROUTE: &str = "route";
 /// What became of a retry the policy named: `sent`, `budget_exhausted`, `not_retryable`,
 /// `body_too_large`.
@@ -67,3 +68,10 @@ pub const STATUS_CODE: &str = "status_code";
 pub const GRPC_STATUS: &str = "grpc_status";
 /// The `grpc-status` of a gRPC call that succeeded.
 pub const GRPC_STATUS_OK: &str = "0";
+/// Outbound: how a request ended: [`RESULT_OK`], or what the proxy answered itself and why
+/// ([`RESULT_TIMEOUT`], `no_endpoints`, `upstream_failed`, `no_route`...); inbound: empty.
+pub const RESULT: &str = "result";
+/// An answer passed on from the backend.
+pub const RESULT_OK: &str = "ok";
+/// A route's timeout expired (504 before the response head; after it, the response was cut).
+pub const RESULT_TIMEOUT: &str = "timeout";

@@ -20,10 +20,30 @@
 //! chosen from the next pick on; one that leaves, turns unready or terminating is never chosen
 //! again, while what was sent to it finishes ([`Pending`] holds its own reference).
 //!
+//! Failures cost latency. An endpoint that fails fast (a 5xx or a 429 answered at once, a refused
+//! connection, gRPC UNAVAILABLE or RESOURCE_EXHAUSTED) would otherwise look like the fastest one
+//! and draw more requests the more it fails. Each failure reported ([`EndpointLoad::report`],
+//! [`Outcome::penalized`]) multiplies the endpoint's estimate by [`FAILURE_PENALTY`], on top of
+//! what its latency did, while a success pulls the estimate back towards its latency by at least
+//! [`PULL`]. Beside two healthy endpoints (a simulation of this code with fast failures), one
+//! failing 10% of its requests keeps its third of them, one failing 20% gets a fifth, 30% a
+//! twelfth, 50% about 2%. It is tried again as the estimate decays and takes its share back
+//! with its successes.
+//! - Finagle and linkerd2-proxy feed their peak EWMA the latency of every answer, failed or not,
+//!   and leave failures to a separate breaker (failure accrual).
+//! - Envoy's least-request balancer does not look at failures either; its outlier detection
+//!   ejects.
+//! - gRPC's weighted round robin (gRFC A58) charges errors in the weight itself
+//!   (`error_utilization_penalty`), which is what this does for a latency balancer. Without it a
+//!   RateLimitPolicy split over three pods admitted 14% under its rate, the client favouring
+//!   the pod whose bucket was empty (BENCHMARKS.md).
+//!
 //! Each balancer also follows its Service's `outlierDetection` (from the routes the agent sends,
 //! [`outlier`]): the outcome of every request or connection is reported
 //! ([`EndpointLoad::report`]), an endpoint that fails too often is ejected, and the two choices
 //! are drawn among the endpoints not ejected (a probing one only while it has nothing pending).
+//! A 429 (or RESOURCE_EXHAUSTED) costs the balancer's penalty but is no failure to outlier
+//! detection (as in Envoy's, where only 5xx count): the endpoint is full, not broken.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -55,6 +75,16 @@ const _: () = assert!(
     PEAK_STEP * (1.0 - TIE) < 1.0,
     "one response must stay within a tie"
 );
+/// What a failure multiplies an endpoint's latency estimate by (see the module docs): more than
+/// a success's least pull takes back (1 / (1 − [`PULL`])), so that mostly failing endpoints
+/// lose their share, and less than the factor of two that wins every comparison ([`TIE`]), so
+/// that one failure alone does not sideline an endpoint.
+pub const FAILURE_PENALTY: f64 = 1.5;
+const _: () = assert!(
+    FAILURE_PENALTY * (1.0 - PULL) > 1.0 && FAILURE_PENALTY * (1.0 - TIE) < 1.0,
+    "a failure must outweigh a success and stay within a tie"
+);
+
 /// The latency assumed of an endpoint before its first response when no endpoint of its
 /// balancer has answered yet (Linkerd's default); otherwise it counts as the mean of those that
 /// have, so that it is tried at once without being preferred.
@@ -128,6 +158,12 @@ impl EndpointLoad {
             estimate.observe(rtt, now);
         }
     }
+
+    fn penalize(&self, now: Instant) {
+        if let Ok(mut estimate) = self.rtt.lock() {
+            estimate.penalize(now);
+        }
+    }
 }
 
 /// The peak-EWMA latency estimate of one endpoint.
@@ -163,6 +199,19 @@ impl PeakEwma {
         self.updated = self.updated.max(now);
     }
 
+    /// A failure: the estimate as of `now` times [`FAILURE_PENALTY`]. Before any response it
+    /// starts from [`DEFAULT_RTT`] (the penalty must make the endpoint look slower than an
+    /// unmeasured one, which counts as the mean of its balancer).
+    fn penalize(&mut self, now: Instant) {
+        let current = if self.measured {
+            self.decayed(now)
+        } else {
+            DEFAULT_RTT.as_nanos() as f64
+        };
+        (self.estimate_ns, self.measured) = (current * FAILURE_PENALTY, true);
+        self.updated = self.updated.max(now);
+    }
+
     /// The estimate as of `now`, decayed for the time since the last update (and kept so).
     fn decayed(&mut self, now: Instant) -> f64 {
         self.estimate_ns *= self.weight_since_update(now);
@@ -176,11 +225,15 @@ impl PeakEwma {
     }
 }
 
-/// What one request (or connection) to an endpoint came to, for outlier detection.
+/// What one request (or connection) to an endpoint came to, for outlier detection and the
+/// balancer's failure penalty.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// An answer that is not a failure.
     Success,
+    /// A 429, or gRPC RESOURCE_EXHAUSTED: the endpoint is full (a local rate limit). Penalized
+    /// by the balancer; a success to outlier detection.
+    Refused,
     /// A 5xx, or a gRPC status UNAVAILABLE, INTERNAL, DATA_LOSS or UNKNOWN; `gateway` for
     /// 502, 503 and 504.
     Failure { gateway: bool },
@@ -188,6 +241,9 @@ pub enum Outcome {
     /// timeout.
     NoAnswer,
 }
+
+/// gRPC RESOURCE_EXHAUSTED: a rate limit's refusal.
+const GRPC_RESOURCE_EXHAUSTED: u32 = 8;
 
 impl Outcome {
     /// The outcome of a response with HTTP `status` and, for gRPC, `grpc_status` (as far as
@@ -199,23 +255,52 @@ impl Outcome {
         match status {
             502..=504 => Outcome::Failure { gateway: true },
             500..=599 => Outcome::Failure { gateway: false },
+            429 => Outcome::Refused,
             _ if grpc_status.is_some_and(|code| GRPC_FAILURES.contains(&code)) => {
                 Outcome::Failure { gateway: false }
             }
+            _ if grpc_status == Some(GRPC_RESOURCE_EXHAUSTED) => Outcome::Refused,
             _ => Outcome::Success,
         }
+    }
+
+    /// The outcome a response head tells, or None when it is known only at the end of the
+    /// body: a gRPC response (`grpc`) whose head carries no `grpc-status` (not trailers-only)
+    /// and no HTTP failure has its status in the trailers.
+    pub fn of_head(status: u16, grpc: bool, grpc_status: Option<u32>) -> Option<Outcome> {
+        let outcome = Outcome::of_response(status, grpc_status);
+        let in_trailers = grpc && grpc_status.is_none() && outcome == Outcome::Success;
+        (!in_trailers).then_some(outcome)
+    }
+
+    /// The outcome of a gRPC response whose status was left to its end: `grpc_status` from the
+    /// trailers, None when the stream ended without one (a gRPC client reads that as INTERNAL).
+    pub fn of_grpc_end(status: u16, grpc_status: Option<u32>) -> Outcome {
+        match grpc_status {
+            Some(code) => Outcome::of_response(status, Some(code)),
+            None => Outcome::Failure { gateway: false },
+        }
+    }
+
+    /// Whether the balancer charges this outcome [`FAILURE_PENALTY`].
+    pub fn penalized(self) -> bool {
+        self != Outcome::Success
     }
 }
 
 impl EndpointLoad {
-    /// Counts an outcome in this endpoint's outlier detection (ejects it when its Service's
-    /// policy says so). Called when the outcome is known: at the response head, or at the end
-    /// of a gRPC response's trailers.
+    /// Counts an outcome: a failure in the endpoint's latency estimate ([`FAILURE_PENALTY`]),
+    /// and in its outlier detection (ejects it when its Service's policy says so). Called once
+    /// per request when the outcome is known: at the response head (after its latency was
+    /// observed), or at the end of a gRPC response whose status is in the trailers.
     pub fn report(&self, outcome: Outcome) {
         self.report_at(outcome, Instant::now());
     }
 
     fn report_at(&self, outcome: Outcome, now: Instant) {
+        if outcome.penalized() {
+            self.penalize(now);
+        }
         let Some(balancer) = self.balancer.upgrade() else {
             return;
         };

@@ -152,9 +152,9 @@ pub struct DirectionLabels {
     pub direction: Direction,
 }
 
-/// The workload on the other side of a request and, outbound, the Service it was sent to: what
-/// every golden metric is broken down by. Bounded by the workloads and Services this one talks
-/// to (never paths or addresses). Shared strings: a request's label sets are cloned per request
+/// The workload on the other side of a request and, outbound, the Service it was sent to and the
+/// route that served it: what every golden metric is broken down by. Bounded by the workloads,
+/// Services and route objects this one talks to (never paths or addresses). Shared strings: a request's label sets are cloned per request
 /// (each golden metric's family is looked up with them), so a clone must not allocate.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
@@ -162,6 +162,9 @@ pub struct PeerLabels {
     /// Outbound: the destination Service, `<namespace>/<name>`; inbound, or outbound to a
     /// destination that is no meshed Service: empty.
     pub service: Arc<str>,
+    /// Outbound: the HTTPRoute or GRPCRoute whose rule served the request, `<namespace>/<name>`;
+    /// empty when no route applied, and inbound.
+    pub route: Arc<str>,
     /// From the peer's verified SPIFFE ID (`/ns/<ns>/sa/<sa>`); empty for a plaintext peer or
     /// an ID of another shape.
     pub peer_namespace: Arc<str>,
@@ -179,9 +182,18 @@ impl PeerLabels {
         PeerLabels {
             direction,
             service: service.map(ToString::to_string).unwrap_or_default().into(),
+            route: Arc::default(),
             peer_namespace: namespace.into(),
             peer_service_account: service_account.into(),
         }
+    }
+
+    /// These labels with the route (`<namespace>/<name>`) that served the request, if one did.
+    pub fn with_route(mut self, route: Option<&str>) -> Self {
+        if let Some(route) = route {
+            self.route = route.into();
+        }
+        self
     }
 }
 
@@ -196,6 +208,8 @@ pub struct RequestLabels {
     /// The response's `grpc-status` (trailer, or header of a trailers-only response); empty
     /// for a response that is not gRPC.
     pub grpc_status: Option<u32>,
+    /// Outbound: how the request ended, [`RequestOutcome::result`]; inbound: empty.
+    pub result: &'static str,
 }
 
 /// [`PeerLabels`] and the status class (the latency histogram leaves out the code, to bound
@@ -251,6 +265,12 @@ pub struct RequestOutcome {
     pub peer: PeerLabels,
     pub status: u16,
     pub grpc_status: Option<u32>,
+    /// Outbound: `ok` for an answer passed on from the backend; else what the proxy answered
+    /// itself, and why (`timeout`: a route timeout, 504 before the response head, the
+    /// backend's status after it, the response cut short; `no_endpoints`, `upstream_failed`,
+    /// `no_route`, `bad_request`, `redirect`, `no_backend`, `invalid_backend`), the same word
+    /// as the access log's `result`. Inbound: empty (a bounded set either way).
+    pub result: &'static str,
     pub duration: std::time::Duration,
     pub request_bytes: u64,
     pub response_bytes: u64,
@@ -636,6 +656,7 @@ impl Metrics {
                 status_class: class,
                 status_code: outcome.status,
                 grpc_status: outcome.grpc_status,
+                result: outcome.result,
             })
             .inc();
         self.request_duration
@@ -664,9 +685,11 @@ mod tests {
         let peer: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
         let service = ServiceKey::new("shop", "api");
         metrics.record_request(&RequestOutcome {
-            peer: PeerLabels::new(Direction::Outbound, Some(&service), Some(&peer)),
+            peer: PeerLabels::new(Direction::Outbound, Some(&service), Some(&peer))
+                .with_route(Some("shop/api-canary")),
             status: 200,
             grpc_status: Some(0),
+            result: "ok",
             duration: std::time::Duration::from_millis(3),
             request_bytes: 10,
             response_bytes: 20,
@@ -675,7 +698,7 @@ mod tests {
         use names::*;
         let labels = format!(
             "{DIRECTION}=\"{DIRECTION_OUTBOUND}\",{SERVICE}=\"shop/api\",\
-             {PEER_NAMESPACE}=\"shop\",{PEER_SERVICE_ACCOUNT}=\"web\""
+             {ROUTE}=\"shop/api-canary\",{PEER_NAMESPACE}=\"shop\",{PEER_SERVICE_ACCOUNT}=\"web\""
         );
         metrics
             .connections_active
@@ -689,7 +712,7 @@ mod tests {
         for series in [
             format!(
                 "{REQUESTS_SERIES}{{{labels},{STATUS_CLASS}=\"2xx\",{STATUS_CODE}=\"200\",\
-                 {GRPC_STATUS}=\"{GRPC_STATUS_OK}\"}} 1"
+                 {GRPC_STATUS}=\"{GRPC_STATUS_OK}\",{RESULT}=\"{RESULT_OK}\"}} 1"
             ),
             format!(
                 "{REQUEST_DURATION_BUCKET_SERIES}{{le=\"0.005\",{labels},{STATUS_CLASS}=\"2xx\"}} 1"

@@ -15,6 +15,8 @@ Examples:
   sigil stat --prometheus http://127.0.0.1:9090
   # Calls to each meshed Service as their callers' proxies see them, redrawn every 2 s
   sigil stat --prometheus http://127.0.0.1:9090 --by service --watch
+  # The same per HTTPRoute or GRPCRoute that served them
+  sigil stat --prometheus http://127.0.0.1:9090 --by route
   # Straight from two proxies' metrics ports, no Prometheus: who calls them, over 10 s
   sigil stat --metrics 198.18.0.2:15020 198.18.0.3:15020 --by peer
   # For scripts: one JSON document (a line per refresh with --watch)
@@ -37,13 +39,15 @@ pub struct StatArgs {
     #[arg(long, value_name = "HOST:PORT", num_args = 1.., value_parser = parse_metrics_target)]
     pub metrics: Vec<MetricsTarget>,
     /// What a row is: `pod` (each proxy), `service` (the destination Service of outbound
-    /// requests, summed over every caller's proxy) or `peer` (the workload on the other side,
-    /// from its verified SPIFFE ID: namespace/service-account; `-` for plaintext).
+    /// requests, summed over every caller's proxy), `route` (the HTTPRoute or GRPCRoute that
+    /// served outbound requests and their Service, `namespace/route namespace/service`; `-`
+    /// for the requests no route served) or `peer` (the workload on the other side, from its
+    /// verified SPIFFE ID: namespace/service-account; `-` for plaintext).
     #[arg(long, value_enum, default_value_t = By::Pod)]
     pub by: By,
     /// Which requests: those the proxies received for their workload (`inbound`) or sent for
-    /// it (`outbound`). Default: outbound with --by service (the only way a Service is
-    /// known), else inbound.
+    /// it (`outbound`). Default: outbound with --by service or route (the only way a Service
+    /// or route is known), else inbound.
     #[arg(long, value_enum)]
     pub direction: Option<Direction>,
     /// How far back rates, success rates and latencies reach (e.g. 30s, 5m). Default: 1m from

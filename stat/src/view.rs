@@ -1,5 +1,5 @@
-//! What a stat table is: which requests (direction), what a row is (pod, Service or peer, and
-//! the labels that key it), and the rows both sources produce.
+//! What a stat table is: which requests (direction), what a row is (pod, Service, route or peer,
+//! and the labels that key it), and the rows both sources produce.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +22,7 @@ pub const QUANTILES: [f64; 3] = [0.5, 0.95, 0.99];
 pub enum By {
     Pod,
     Service,
+    Route,
     Peer,
 }
 
@@ -49,6 +50,11 @@ pub enum ViewError {
          requests carry no Service; drop --direction inbound, or use --by pod or --by peer"
     )]
     ServiceIsOutbound,
+    #[error(
+        "--by route counts the requests callers send through each HTTPRoute or GRPCRoute \
+         (outbound): inbound requests carry no route; drop --direction inbound"
+    )]
+    RouteIsOutbound,
 }
 
 /// A table's rows and the requests they count.
@@ -63,6 +69,8 @@ impl View {
         let direction = match (by, direction) {
             (By::Service, Some(Direction::Inbound)) => return Err(ViewError::ServiceIsOutbound),
             (By::Service, _) => Direction::Outbound,
+            (By::Route, Some(Direction::Inbound)) => return Err(ViewError::RouteIsOutbound),
+            (By::Route, _) => Direction::Outbound,
             (_, direction) => direction.unwrap_or(Direction::Inbound),
         };
         Ok(View { by, direction })
@@ -73,6 +81,7 @@ impl View {
         match self.by {
             By::Pod => &[NAMESPACE, POD, INSTANCE],
             By::Service => &[names::SERVICE],
+            By::Route => &[names::ROUTE, names::SERVICE],
             By::Peer => &[names::PEER_NAMESPACE, names::PEER_SERVICE_ACCOUNT],
         }
     }
@@ -87,9 +96,10 @@ impl View {
         )
     }
 
-    /// What a row is called: `namespace/pod` (else the instance), the Service, or the peer's
-    /// `namespace/service-account`; `-` for requests to no meshed Service or from a plaintext
-    /// peer.
+    /// What a row is called: `namespace/pod` (else the instance), the Service, the route and
+    /// the Service it served (`namespace/route namespace/service`; `-` for the route of requests
+    /// no route served), or the peer's `namespace/service-account`; `-` for requests to no
+    /// meshed Service or from a plaintext peer.
     pub fn row_name(&self, key: &GroupKey) -> String {
         let values: Vec<&str> = key.0.iter().map(String::as_str).collect();
         let name = match (self.by, values.as_slice()) {
@@ -100,6 +110,10 @@ impl View {
             (By::Pod, [_, _, instance]) => (*instance).to_owned(),
             (By::Peer, [namespace, account]) if !namespace.is_empty() => {
                 format!("{namespace}/{account}")
+            }
+            (By::Route, [route, service]) if !service.is_empty() => {
+                let route = if route.is_empty() { "-" } else { route };
+                format!("{route} {service}")
             }
             (_, values) => values.concat(),
         };
@@ -249,6 +263,17 @@ mod tests {
         let service = View::new(By::Service, None).unwrap();
         assert_eq!(service.direction, Direction::Outbound);
         assert!(View::new(By::Service, Some(Direction::Inbound)).is_err());
+        let route = View::new(By::Route, None).unwrap();
+        assert_eq!(route.direction, Direction::Outbound);
+        assert!(View::new(By::Route, Some(Direction::Inbound)).is_err());
+        let routed = labels(&[("route", "shop/api-canary"), ("service", "shop/api")]);
+        assert_eq!(
+            route.row_name(&route.key(&routed)),
+            "shop/api-canary shop/api"
+        );
+        let unrouted = labels(&[("service", "shop/api")]);
+        assert_eq!(route.row_name(&route.key(&unrouted)), "- shop/api");
+        assert_eq!(route.row_name(&route.key(&labels(&[]))), "-");
     }
 
     #[test]

@@ -265,6 +265,7 @@ fn served_metric_names() -> BTreeSet<String> {
             peer: PeerLabels::new(Direction::Inbound, None, None),
             status: 200,
             grpc_status: None,
+            result: "",
             duration: Duration::from_millis(1),
             request_bytes: 1,
             response_bytes: 1,

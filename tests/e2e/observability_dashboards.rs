@@ -10,7 +10,7 @@
 //! ```text
 //!   pod web 198.18.42.1          pods api 198.18.42.11, .12
 //!   HTTP/1.1 client (root)       app :8080: 500 on /fail, else 200
-//!   sigil proxy                  sigil proxy (DENY /admin; PERMISSIVE)
+//!   sigil proxy (HTTPRoute api)  sigil proxy (DENY /admin; PERMISSIVE)
 //!        │ eth0                        │ eth0
 //!        └──────── br0 in C 198.18.42.100 ────────┘
 //!                  Service demo/api at 198.19.42.10:80 (kube-proxy's rules)
@@ -76,6 +76,15 @@ const PERMISSIVE: &str = "apiVersion: sigil.dev/v1alpha1
 kind: PeerAuthentication
 metadata: {name: permissive, namespace: demo}
 spec: {mtls: {mode: PERMISSIVE}}
+";
+/// A producer route on the api Service sending all of its requests to it, so that the outbound
+/// request metrics carry `route="demo/api"` for the workload dashboard's panels by route.
+const API_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: api, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: api}]
+  rules: [{backendRefs: [{name: api, port: 80}]}]
 ";
 /// The data source variable every panel and query variable must use.
 const DATASOURCE: &str = "${datasource}";
@@ -548,11 +557,11 @@ async fn every_dashboard_query_returns_data_from_a_scraped_mesh() {
     let mesh_file = dir.path().join("mesh.yaml");
     std::fs::write(&mesh_file, yaml).unwrap();
     let policy_file = dir.path().join("policies.yaml");
-    // DENY /admin, and PERMISSIVE (sigil's default is STRICT) to let plaintext in.
+    // DENY /admin, PERMISSIVE (sigil's default is STRICT) to let plaintext in, and a route.
     std::fs::write(
         &policy_file,
         format!(
-            "{}---\n{PERMISSIVE}",
+            "{}---\n{PERMISSIVE}---\n{API_ROUTE}",
             include_str!("../fixtures/deny-admin.yaml")
         ),
     )

@@ -220,8 +220,9 @@ async fn send(
 
 fn requests_series(status: u16) -> String {
     format!(
-        "sigil_proxy_requests_total{{direction=\"inbound\",service=\"\",peer_namespace=\"demo\",\
-         peer_service_account=\"web\",status_class=\"{}xx\",status_code=\"{status}\",grpc_status=\"\"}}",
+        "sigil_proxy_requests_total{{direction=\"inbound\",service=\"\",route=\"\",peer_namespace=\"demo\",\
+         peer_service_account=\"web\",status_class=\"{}xx\",status_code=\"{status}\",grpc_status=\"\",\
+         result=\"\"}}",
         status / 100
     )
 }
@@ -301,8 +302,7 @@ async fn http1_requests_carried_over_http2_reach_an_http1_app_over_few_reused_co
             && proxy.metric(&requests_series(400)).await == 1.0
     })
     .await;
-    let peer =
-        "direction=\"inbound\",service=\"\",peer_namespace=\"demo\",peer_service_account=\"web\"";
+    let peer = "direction=\"inbound\",service=\"\",route=\"\",peer_namespace=\"demo\",peer_service_account=\"web\"";
     assert_eq!(
         proxy
             .metric(&format!("sigil_proxy_request_body_bytes_total{{{peer}}}"))
@@ -550,6 +550,7 @@ fn the_autoscaling_example_reads_the_proxys_request_counter() {
         peer: PeerLabels::new(Direction::Inbound, None, None),
         status: 200,
         grpc_status: None,
+        result: "",
         duration: Duration::from_millis(1),
         request_bytes: 0,
         response_bytes: 0,
@@ -586,6 +587,7 @@ fn the_readme_request_metrics_name_real_metrics_and_their_promql_parses() {
         peer,
         status: 200,
         grpc_status: None,
+        result: "",
         duration: Duration::from_millis(1),
         request_bytes: 1,
         response_bytes: 1,
@@ -774,8 +776,9 @@ async fn grpc_keeps_http2_and_is_counted_by_its_grpc_status() {
 
     let series = |grpc: &str| {
         format!(
-            "sigil_proxy_requests_total{{direction=\"inbound\",service=\"\",peer_namespace=\"demo\",\
-             peer_service_account=\"web\",status_class=\"2xx\",status_code=\"200\",grpc_status=\"{grpc}\"}}"
+            "sigil_proxy_requests_total{{direction=\"inbound\",service=\"\",route=\"\",peer_namespace=\"demo\",\
+             peer_service_account=\"web\",status_class=\"2xx\",status_code=\"200\",grpc_status=\"{grpc}\",\
+             result=\"\"}}"
         )
     };
     let proxy = &p.proxy;

@@ -416,18 +416,22 @@ spec:
     let started = Instant::now();
     let answer = a.curl(&["-H", &delay], &format!("http://{FLAKY}/")).await;
     let took = started.elapsed();
-    // The contract also names a `result="timeout"` label; the proxy does not export one yet
-    // (see the final report of s22-e2e), so the status is what is checked.
     let counted = mesh
         .metric(
             "a",
             "sigil_proxy_requests_total",
-            &[("direction", "outbound"), ("status_code", "504")],
+            &[
+                ("direction", "outbound"),
+                ("route", "demo/flaky-timeout"),
+                ("status_code", "504"),
+                ("result", "timeout"),
+            ],
         )
         .await;
     println!(
         "  {} after {took:?} (curl included), sigil-proxy-error {:?}; requests_total \
-         {{direction=\"outbound\",status_code=\"504\"}} {counted}",
+         {{direction=\"outbound\",route=\"demo/flaky-timeout\",status_code=\"504\",\
+         result=\"timeout\"}} {counted}",
         answer.status,
         answer.headers.get("sigil-proxy-error")
     );

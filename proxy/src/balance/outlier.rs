@@ -107,7 +107,8 @@ impl Health {
     /// Counts `outcome` (atomically, no lock) and says whether the balancer must act on it.
     pub fn count(&self, outcome: Outcome, limits: &Limits) -> Option<Verdict> {
         let (failure, gateway) = match outcome {
-            Outcome::Success => (false, false),
+            // Envoy's rule: only 5xx (and no answer) are failures; a rate limit's refusal is not.
+            Outcome::Success | Outcome::Refused => (false, false),
             Outcome::Failure { gateway } => (true, gateway),
             Outcome::NoAnswer => (true, true),
         };

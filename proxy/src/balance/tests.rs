@@ -717,6 +717,9 @@ fn responses_are_classed_as_istio_and_the_design_say() {
         (200, Some(15), FAILURE),
         (200, Some(4), Outcome::Success),
         (200, Some(7), Outcome::Success),
+        // A rate limit's refusal: penalized by the balancer, no failure to outlier detection.
+        (429, None, Outcome::Refused),
+        (200, Some(8), Outcome::Refused),
     ];
     for (status, grpc_status, outcome) in cases {
         assert_eq!(
@@ -725,4 +728,168 @@ fn responses_are_classed_as_istio_and_the_design_say() {
             "{status} {grpc_status:?}"
         );
     }
+}
+
+#[test]
+fn a_grpc_status_in_the_trailers_is_the_outcome_at_the_end_of_the_body() {
+    // A gRPC head without grpc-status: known only at the end.
+    assert_eq!(Outcome::of_head(200, true, None), None);
+    assert_eq!(Outcome::of_grpc_end(200, Some(14)), FAILURE);
+    assert_eq!(Outcome::of_grpc_end(200, Some(0)), Outcome::Success);
+    assert_eq!(Outcome::of_grpc_end(200, Some(8)), Outcome::Refused);
+    // A stream that ends without a status is what a gRPC client reads as INTERNAL.
+    assert_eq!(Outcome::of_grpc_end(200, None), FAILURE);
+    // Trailers-only answers, HTTP failures and other protocols: known at the head.
+    assert_eq!(Outcome::of_head(200, true, Some(14)), Some(FAILURE));
+    assert_eq!(Outcome::of_head(503, true, None), Some(GATEWAY));
+    assert_eq!(Outcome::of_head(200, false, None), Some(Outcome::Success));
+    assert_eq!(Outcome::of_head(429, false, None), Some(Outcome::Refused));
+}
+
+#[test]
+fn a_refusal_costs_the_balancer_but_never_ejects() {
+    let start = Instant::now();
+    let (_balancers, _balancer, metrics, ready) = guarded(3, Some(&policy()));
+    ready[0].observe(Duration::from_millis(1), start);
+    report(&ready[0], Outcome::Refused, 10, start);
+    assert!(ready[0].health.is_active());
+    assert_eq!(ejections(&metrics, "consecutive"), 0);
+    assert!(
+        ready[0].estimate_ns(start) > 50e6,
+        "ten refusals: 1 ms × 1.5^10"
+    );
+}
+
+/// How one simulated request to an endpoint went: its latency and outcome.
+type Answer = (Duration, Outcome);
+
+/// Sends `rate` requests a second for `secs` seconds of simulated time, one at a time (each
+/// answered before the next: nothing pending, as with an open-loop client below the endpoints'
+/// capacity), each endpoint answering as `answer` says; counts the picks per endpoint's last
+/// address byte. Time starts at `start` and is injected, so seconds take none.
+fn simulate(
+    balancer: &Balancer,
+    start: Instant,
+    rate: u32,
+    secs: u32,
+    mut answer: impl FnMut(u8, Instant) -> Answer,
+) -> [usize; 4] {
+    let mut counts = [0; 4];
+    let interval = Duration::from_secs(1) / rate;
+    for i in 0..rate * secs {
+        let now = start + interval * i;
+        let pending = balancer.pick_at(now).expect("a ready endpoint");
+        let endpoint = pending.endpoint().clone();
+        let IpAddr::V4(ip) = endpoint.addr.ip() else {
+            unreachable!()
+        };
+        let last = ip.octets()[3];
+        counts[last as usize] += 1;
+        let (rtt, outcome) = answer(last, now);
+        endpoint.observe(rtt, now + rtt);
+        endpoint.report_at(outcome, now + rtt);
+    }
+    counts
+}
+
+fn three() -> (Balancers, Arc<Balancer>) {
+    let (balancers, balancer, _) = balancer(vec![
+        endpoint(1, true, false),
+        endpoint(2, true, false),
+        endpoint(3, true, false),
+    ]);
+    (balancers, balancer)
+}
+
+const OK: Answer = (Duration::from_millis(1), Outcome::Success);
+/// A failure answered ten times faster than a success.
+const FAST_FAILURE: Answer = (Duration::from_micros(100), GATEWAY);
+
+#[test]
+fn a_fast_failing_endpoint_gets_a_small_share() {
+    let (_balancers, balancer) = three();
+    let counts = simulate(&balancer, Instant::now(), 1000, 3, |last, _| {
+        if last == 1 { FAST_FAILURE } else { OK }
+    });
+    // Without the penalty it would get the most (the fastest answers): about two thirds.
+    assert!(counts[1] < 3000 / 20, "{:?}", &counts[1..]);
+    // Still tried now and then, to see whether it recovered.
+    assert!(counts[1] > 0, "{:?}", &counts[1..]);
+}
+
+#[test]
+fn an_endpoint_failing_rarely_keeps_its_share() {
+    let (_balancers, balancer) = three();
+    let mut sent = 0;
+    let counts = simulate(&balancer, Instant::now(), 1000, 3, |last, _| {
+        if last != 1 {
+            return OK;
+        }
+        sent += 1;
+        // 1 in 20 fails.
+        if sent % 20 == 0 { FAST_FAILURE } else { OK }
+    });
+    assert!(counts[1] > 3000 * 27 / 100, "{:?}", &counts[1..]);
+}
+
+#[test]
+fn a_rate_limited_endpoint_gets_no_more_than_its_share() {
+    // BENCHMARKS.md's case: a RateLimitPolicy of R/s over three pods (each R/3 a second, a
+    // burst of a tenth of a second's worth), offered 2R. A pod whose bucket is empty answers
+    // 429 faster than the others answer 200; the others must not be left with unused tokens.
+    const R: f64 = 1000.0;
+    const SECS: u32 = 5;
+    let per_pod = R / 3.0;
+    let burst = per_pod / 10.0;
+    let start = Instant::now();
+    let mut buckets = [(burst, start); 4];
+    let mut admitted = 0usize;
+    let (_balancers, balancer) = three();
+    let counts = simulate(&balancer, start, (2.0 * R) as u32, SECS, |last, now| {
+        let (tokens, refilled) = &mut buckets[last as usize];
+        let elapsed = now.saturating_duration_since(*refilled).as_secs_f64();
+        *tokens = (*tokens + elapsed * per_pod).min(burst);
+        *refilled = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            admitted += 1;
+            (Duration::from_micros(400), Outcome::Success)
+        } else {
+            (Duration::from_micros(100), Outcome::Refused)
+        }
+    });
+    let total: usize = counts.iter().sum();
+    for last in 1..=3 {
+        assert!(
+            counts[last] * 100 <= total * 36,
+            "endpoint {last} got more than its third: {:?}",
+            &counts[1..]
+        );
+    }
+    let expected = R * f64::from(SECS);
+    assert!(
+        admitted as f64 >= expected * 0.97,
+        "admitted {admitted} of a limit of {expected}"
+    );
+}
+
+#[test]
+fn a_failing_endpoint_takes_its_share_back_when_it_succeeds() {
+    let (_balancers, balancer) = three();
+    let start = Instant::now();
+    let failing = simulate(&balancer, start, 1000, 2, |last, _| {
+        if last == 1 { FAST_FAILURE } else { OK }
+    });
+    assert!(failing[1] < 2000 / 20, "{:?}", &failing[1..]);
+    // Healthy again: within a second it is back to a third.
+    let recovered = start + Duration::from_secs(2);
+    simulate(&balancer, recovered, 1000, 1, |_, _| OK);
+    let counts = simulate(
+        &balancer,
+        recovered + Duration::from_secs(1),
+        1000,
+        1,
+        |_, _| OK,
+    );
+    assert!(counts[1] > 1000 * 27 / 100, "{:?}", &counts[1..]);
 }

@@ -145,6 +145,7 @@ impl Pending {
             peer: self.metrics.peer,
             status: self.status,
             grpc_status: self.grpc_status,
+            result: "",
             duration: self.duration,
             request_bytes: self.request_bytes.load(Ordering::Relaxed),
             response_bytes: self.response_bytes,
@@ -237,8 +238,7 @@ mod tests {
         text
     }
 
-    const PEER: &str =
-        "direction=\"inbound\",service=\"\",peer_namespace=\"shop\",peer_service_account=\"web\"";
+    const PEER: &str = "direction=\"inbound\",service=\"\",route=\"\",peer_namespace=\"shop\",peer_service_account=\"web\"";
 
     #[tokio::test]
     async fn a_request_is_counted_once_with_its_bytes_and_the_grpc_status_of_its_trailers() {
@@ -262,7 +262,7 @@ mod tests {
         let text = text(&registry);
         for series in [
             format!(
-                "sigil_proxy_requests_total{{{PEER},status_class=\"2xx\",status_code=\"200\",grpc_status=\"14\"}} 1"
+                "sigil_proxy_requests_total{{{PEER},status_class=\"2xx\",status_code=\"200\",grpc_status=\"14\",result=\"\"}} 1"
             ),
             format!("sigil_proxy_request_body_bytes_total{{{PEER}}} 5"),
             format!("sigil_proxy_response_body_bytes_total{{{PEER}}} 7"),
@@ -290,10 +290,10 @@ mod tests {
         let text = text(&registry);
         for series in [
             format!(
-                "sigil_proxy_requests_total{{{PEER},status_class=\"2xx\",status_code=\"200\",grpc_status=\"7\"}} 1"
+                "sigil_proxy_requests_total{{{PEER},status_class=\"2xx\",status_code=\"200\",grpc_status=\"7\",result=\"\"}} 1"
             ),
             format!(
-                "sigil_proxy_requests_total{{{PEER},status_class=\"4xx\",status_code=\"403\",grpc_status=\"\"}} 1"
+                "sigil_proxy_requests_total{{{PEER},status_class=\"4xx\",status_code=\"403\",grpc_status=\"\",result=\"\"}} 1"
             ),
         ] {
             assert!(text.contains(&series), "{series} not in\n{text}");

@@ -249,13 +249,13 @@ impl ServiceCalls {
                 return response;
             }
         };
-        endpoint.report(Outcome::of_response(
-            response.status().as_u16(),
-            grpc_status(response.headers()),
-        ));
         match written {
             Some(written) => pending.answered_since(written),
             None => pending.answered(),
+        }
+        let outcome = head_outcome(response.status(), response.headers());
+        if let Some(outcome) = outcome {
+            endpoint.report(outcome);
         }
         let (mut parts, body) = response.into_parts();
         if version == HttpVersion::Http1 {
@@ -269,9 +269,10 @@ impl ServiceCalls {
             endpoint: Some(endpoint),
             status: parts.status.as_u16(),
             grpc_status: grpc_status(&parts.headers),
+            outcome_at_end: outcome.is_none(),
             request_bytes,
             response_bytes: 0,
-            result: "ok",
+            result: sigil_proxy_api::metrics::RESULT_OK,
             _slot: slot,
         };
         Response::from_parts(
@@ -323,6 +324,9 @@ impl ServiceCalls {
         if version == HttpVersion::Http1 {
             parts.version = Version::HTTP_11;
         }
+        // What the endpoint's answer came to, judged before the route's modifiers touch it.
+        let outcome_at_end =
+            endpoint.is_some() && head_outcome(parts.status, &parts.headers).is_none();
         for modifier in modifiers {
             sigil_route::filters::modify_headers(modifier, &mut parts.headers);
         }
@@ -333,9 +337,10 @@ impl ServiceCalls {
             endpoint,
             status: parts.status.as_u16(),
             grpc_status: grpc_status(&parts.headers),
+            outcome_at_end,
             request_bytes: Arc::default(),
             response_bytes: 0,
-            result: "ok",
+            result: sigil_proxy_api::metrics::RESULT_OK,
             _slot: slot,
         };
         Response::from_parts(
@@ -391,6 +396,7 @@ impl ServiceCalls {
             endpoint: None,
             status: status.as_u16(),
             grpc_status,
+            outcome_at_end: false,
             request_bytes: Arc::default(),
             response_bytes: 0,
             result,
@@ -464,6 +470,7 @@ impl ServiceCalls {
             endpoint: None,
             status: status.as_u16(),
             grpc_status: None,
+            outcome_at_end: false,
             request_bytes: Arc::default(),
             response_bytes: 0,
             result,
@@ -480,6 +487,16 @@ impl ServiceCalls {
         }
         response
     }
+}
+
+/// The outcome an endpoint's response head tells its balancer and outlier detection, or None
+/// for a gRPC response whose status comes in its trailers ([`ResponseBody`] reports it then).
+pub(super) fn head_outcome(status: StatusCode, headers: &http::HeaderMap) -> Option<Outcome> {
+    Outcome::of_head(
+        status.as_u16(),
+        sigil_route::select::is_grpc(headers),
+        grpc_status(headers),
+    )
 }
 
 /// The request's authority: the URI's, else its Host.
@@ -533,6 +550,10 @@ struct RequestDone {
     endpoint: Option<Arc<EndpointLoad>>,
     status: u16,
     grpc_status: Option<u32>,
+    /// A gRPC response whose status is in its trailers: its outcome is reported to the
+    /// endpoint's balancer and outlier detection when the body ends (never retried: the head
+    /// went on already).
+    outcome_at_end: bool,
     request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
     result: &'static str,
@@ -541,14 +562,25 @@ struct RequestDone {
 }
 
 impl RequestDone {
+    /// Reports the outcome left to the end of the body, once.
+    fn report_end(&mut self, outcome: Outcome) {
+        if std::mem::take(&mut self.outcome_at_end)
+            && let Some(endpoint) = &self.endpoint
+        {
+            endpoint.report(outcome);
+        }
+    }
+
     fn finish(self) {
         let calls = &self.calls;
         let endpoint_id: Option<&SpiffeId> = self.endpoint.as_ref().map(|e| &e.id);
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         calls.metrics.record_request(&RequestOutcome {
-            peer: PeerLabels::new(Direction::Outbound, Some(&calls.service), endpoint_id),
+            peer: PeerLabels::new(Direction::Outbound, Some(&calls.service), endpoint_id)
+                .with_route(self.facts.route.as_deref()),
             status: self.status,
             grpc_status: self.grpc_status,
+            result: self.result,
             duration: self.head_after,
             request_bytes,
             response_bytes: self.response_bytes,
@@ -653,7 +685,8 @@ impl Body for ResponseBody {
             if polled.is_pending() {
                 if let Some(which) = timers.expired(cx) {
                     if let Some(mut done) = self.done.take() {
-                        done.result = "timeout";
+                        done.result = sigil_proxy_api::metrics::RESULT_TIMEOUT;
+                        done.report_end(Outcome::NoAnswer);
                         done.finish();
                     }
                     self.timers = None;
@@ -669,19 +702,28 @@ impl Body for ResponseBody {
                     if let Some(data) = frame.data_ref() {
                         done.response_bytes += data.len() as u64;
                     }
-                    if let Some(trailers) = frame.trailers_ref()
-                        && let Some(status) = grpc_status(trailers)
-                    {
-                        done.grpc_status = Some(status);
+                    if let Some(trailers) = frame.trailers_ref() {
+                        if let Some(status) = grpc_status(trailers) {
+                            done.grpc_status = Some(status);
+                        }
+                        done.report_end(Outcome::of_grpc_end(done.status, done.grpc_status));
                     }
                 }
             }
             Poll::Ready(None) => {
-                if let Some(done) = self.done.take() {
+                if let Some(mut done) = self.done.take() {
+                    done.report_end(Outcome::of_grpc_end(done.status, done.grpc_status));
                     done.finish();
                 }
             }
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+            // The endpoint's stream broke before its status (a client that goes away drops
+            // the body instead, and nothing is reported: that is no endpoint's doing).
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(done) = &mut self.done {
+                    done.report_end(Outcome::of_grpc_end(done.status, None));
+                }
+            }
+            Poll::Pending => {}
         }
         polled
     }

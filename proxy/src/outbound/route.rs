@@ -11,7 +11,8 @@
 //!
 //! Where this is narrower than the specs: a gRPC status is retried only when the answer is
 //! trailers-only (a status in the trailers comes after bytes were forwarded; gRPC's own retry
-//! policy stops there too); the idle timeout also bounds each attempt's wait for its response
+//! policy stops there too; it still feeds outlier detection and the balancer when the body
+//! ends); the idle timeout also bounds each attempt's wait for its response
 //! head; a protocol switch (Upgrade, CONNECT) is never retried, and only to a meshed backend.
 
 use std::net::SocketAddr;
@@ -36,7 +37,9 @@ use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::mirror;
-use super::requests::{CallError, RequestFacts, ResponseBody, ResponseTimers, ServiceCalls};
+use super::requests::{
+    CallError, RequestFacts, ResponseBody, ResponseTimers, ServiceCalls, head_outcome,
+};
 use super::retry::{self, Replay, RetryOutcome};
 use crate::balance::{Balancer, EndpointLoad, Outcome, random_below};
 use crate::dial;
@@ -266,10 +269,12 @@ pub async fn send_once(
             };
             match sent {
                 Ok(sent) => {
-                    let status = sent.response.status();
-                    let grpc = grpc_status(sent.response.headers());
                     pending.answered_since(sent.written);
-                    endpoint.report(Outcome::of_response(status.as_u16(), grpc));
+                    // A status in the trailers is reported when the body ends.
+                    let outcome = head_outcome(sent.response.status(), sent.response.headers());
+                    if let Some(outcome) = outcome {
+                        endpoint.report(outcome);
+                    }
                     Ok(Answered {
                         response: sent.response,
                         slot: Some(sent.slot),
@@ -606,7 +611,7 @@ pub async fn dispatch(
             GRPC_DEADLINE_EXCEEDED,
             &why,
             facts,
-            "timeout",
+            sigil_proxy_api::metrics::RESULT_TIMEOUT,
         );
         response.body_mut().count_request_bytes(request_bytes);
         return response;
@@ -654,7 +659,7 @@ pub async fn dispatch(
                 GRPC_DEADLINE_EXCEEDED,
                 &why,
                 facts,
-                "timeout",
+                sigil_proxy_api::metrics::RESULT_TIMEOUT,
             )
         }
         Err(Failed::Call {

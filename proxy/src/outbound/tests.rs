@@ -86,7 +86,9 @@ fn id(n: usize) -> String {
 /// One endpoint: an HTTP/2 server over mutual TLS on 127.0.0.`n` (a loopback address of its
 /// own), presenting `id(n)`, answering after `delay` with `x-endpoint: n`, the version the
 /// request came from (`x-orig-proto`), the request body's length, and a `grpc-status` trailer;
-/// with 500 instead when the request's `x-fail-on` names it.
+/// with 500 instead when the request's `x-fail-on` names it. A request with `x-grpc-fail-on`
+/// gets a gRPC answer (`content-type: application/grpc`), its trailer UNAVAILABLE (14) from the
+/// endpoint it names.
 async fn endpoint_server(ca: &Ca, n: usize, delay: Duration) -> SocketAddr {
     serve_endpoint(ca, n, move |request| answer(request, n, delay)).await
 }
@@ -179,17 +181,23 @@ async fn answer(
         return Ok(response);
     }
     let orig = request.headers().get(ORIG_PROTO_HEADER).cloned();
-    let fail = request
-        .headers()
-        .get("x-fail-on")
-        .is_some_and(|on| on.as_bytes() == n.to_string().as_bytes());
+    let names_me = |header: &str| {
+        request
+            .headers()
+            .get(header)
+            .is_some_and(|on| on.as_bytes() == n.to_string().as_bytes())
+    };
+    let fail = names_me("x-fail-on");
+    let grpc = request.headers().contains_key("x-grpc-fail-on");
+    let grpc_fail = names_me("x-grpc-fail-on");
     let received = request
         .into_body()
         .collect()
         .await
         .map_or(0, |b| b.to_bytes().len());
     let mut trailers = http::HeaderMap::new();
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let status = if grpc_fail { "14" } else { "0" };
+    trailers.insert("grpc-status", http::HeaderValue::from_static(status));
     let frames = vec![
         Ok(Frame::data(Bytes::from(format!(
             "endpoint {n} got {received}"
@@ -202,6 +210,12 @@ async fn answer(
         .insert("x-endpoint", n.to_string().parse().unwrap());
     if fail {
         *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    if grpc {
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
     }
     if let Some(orig) = orig {
         response.headers_mut().insert("x-orig-proto", orig);
@@ -444,7 +458,7 @@ async fn one_http2_connection_spreads_its_requests_over_the_endpoints() {
     let text = proxy.metrics_text();
     for n in 1..=3 {
         let series = format!(
-            "sigil_proxy_requests_total{{direction=\"outbound\",service=\"demo/api\",peer_namespace=\"demo\",peer_service_account=\"api-{n}\",status_class=\"2xx\",status_code=\"200\",grpc_status=\"0\"}} {}",
+            "sigil_proxy_requests_total{{direction=\"outbound\",service=\"demo/api\",route=\"\",peer_namespace=\"demo\",peer_service_account=\"api-{n}\",status_class=\"2xx\",status_code=\"200\",grpc_status=\"0\",result=\"ok\"}} {}",
             counts[&n.to_string()]
         );
         assert!(text.contains(&series), "{series} not in\n{text}");
@@ -682,38 +696,106 @@ fn guard(proxy: &Proxy) {
         .set_policy(Some(&sigil_route::OutlierDetection::default()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_endpoint_answering_500_gets_no_requests_after_the_threshold() {
-    let ca = Ca::new();
-    let proxy = Proxy::start(&ca, &three_endpoints(&ca, [0, 0, 0]).await).await;
-    guard(&proxy);
-    let mut sender = h2_client(&proxy).await;
-    let mut counts: HashMap<(String, u16), usize> = HashMap::new();
-    for _ in 0..300 {
-        let request = Request::get("http://api.demo/x")
-            .header("x-fail-on", "3")
-            .body(Full::new(Bytes::from_static(b"ping")))
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
+const EJECTED: &str =
+    "sigil_proxy_endpoint_ejections_total{service=\"demo/api\",reason=\"consecutive\"} 1";
+
+/// Sends `request()` one at a time (each outcome counted before the next pick) until the
+/// proxy ejected an endpoint (at most 5,000 requests), then 100 more; counts the answers by
+/// endpoint and by what `status` reads of each.
+async fn until_ejected(
+    proxy: &Proxy,
+    request: impl Fn() -> Request<Full<Bytes>>,
+    status: impl AsyncFn(Response<Incoming>) -> String,
+) -> HashMap<(String, String), usize> {
+    let mut sender = h2_client(proxy).await;
+    let mut counts: HashMap<(String, String), usize> = HashMap::new();
+    let mut after = 0;
+    for _ in 0..5000 {
+        let response = sender.send_request(request()).await.unwrap();
         let endpoint = response.headers()["x-endpoint"]
             .to_str()
             .unwrap()
             .to_owned();
         *counts
-            .entry((endpoint, response.status().as_u16()))
+            .entry((endpoint, status(response).await))
             .or_default() += 1;
+        if after > 0 || proxy.metrics_text().contains(EJECTED) {
+            after += 1;
+            if after > 100 {
+                break;
+            }
+        }
     }
-    // One request at a time: each outcome is counted before the next pick.
-    assert_eq!(counts.get(&("3".into(), 500)), Some(&5), "{counts:?}");
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_500_gets_no_requests_after_the_threshold() {
+    let ca = Ca::new();
+    let proxy = Proxy::start(&ca, &three_endpoints(&ca, [0, 0, 0]).await).await;
+    guard(&proxy);
+    let request = || {
+        Request::get("http://api.demo/x")
+            .header("x-fail-on", "3")
+            .body(Full::new(Bytes::from_static(b"ping")))
+            .unwrap()
+    };
+    let counts = until_ejected(&proxy, request, async |response| {
+        response.status().as_str().to_owned()
+    })
+    .await;
+    // Five in a row, then none (the balancer's failure penalty spaces them out).
+    assert_eq!(
+        counts.get(&("3".into(), "500".into())),
+        Some(&5),
+        "{counts:?}"
+    );
     assert_eq!(counts.len(), 3, "{counts:?}");
     let text = proxy.metrics_text();
     for series in [
-        "sigil_proxy_endpoint_ejections_total{service=\"demo/api\",reason=\"consecutive\"} 1",
+        EJECTED,
         "sigil_proxy_balancer_endpoints{service=\"demo/api\",state=\"ejected\"} 1",
         "sigil_proxy_endpoint_readmissions_total{service=\"demo/api\"} 0",
     ] {
         assert!(text.contains(series), "{series} not in\n{text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_status_in_the_trailers_counts_when_the_body_ends() {
+    let ca = Ca::new();
+    let proxy = Proxy::start(&ca, &three_endpoints(&ca, [0, 0, 0]).await).await;
+    guard(&proxy);
+    let request = || {
+        Request::post("http://api.demo/demo.Api/Call")
+            .header("content-type", "application/grpc")
+            .header("x-grpc-fail-on", "3")
+            .body(Full::new(Bytes::from_static(b"ping")))
+            .unwrap()
+    };
+    let counts = until_ejected(&proxy, request, async |response| {
+        // The head says 200; the status comes at the end of the body.
+        assert_eq!(response.status(), 200);
+        let body = response.into_body().collect().await.unwrap();
+        body.trailers().unwrap()["grpc-status"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    })
+    .await;
+    // UNAVAILABLE in the trailers, five in a row: ejected as a 500 at the head would be. The
+    // others' status 0, also in their trailers, counts as success (neither is ejected).
+    assert_eq!(
+        counts.get(&("3".into(), "14".into())),
+        Some(&5),
+        "{counts:?}"
+    );
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(
+        proxy
+            .metrics_text()
+            .contains("sigil_proxy_balancer_endpoints{service=\"demo/api\",state=\"ejected\"} 1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,6 +76,63 @@ fn requests(direction: &str, peer: &str, class: &str, count: u64) -> String {
     )
 }
 
+/// Outbound requests to the Service demo/api answered `status` (`result` ok, or timeout for a
+/// 504), through `route` ("": none).
+fn routed(route: &str, status: u16, count: u64) -> String {
+    let (class, result) = if status == 504 {
+        ("5xx", "timeout")
+    } else {
+        ("2xx", "ok")
+    };
+    format!(
+        "sigil_proxy_requests_total{{direction=\"outbound\",service=\"demo/api\",route=\"{route}\",\
+         peer_namespace=\"demo\",peer_service_account=\"api\",status_class=\"{class}\",\
+         status_code=\"{status}\",grpc_status=\"\",result=\"{result}\"}} {count}\n"
+    )
+}
+
+#[test]
+fn rows_per_route_and_the_requests_no_route_served() {
+    let t0 = Instant::now();
+    let t1 = t0 + Duration::from_secs(10);
+    // Through demo/api-canary: 300 answered, 100 cut by its timeout; 50 no route served; the
+    // second proxy sends 200 more through the route.
+    let a0 = format!(
+        "{}{}",
+        routed("demo/api-canary", 200, 0),
+        routed("", 200, 0)
+    );
+    let a1 = format!(
+        "{}{}{}",
+        routed("demo/api-canary", 200, 300),
+        routed("demo/api-canary", 504, 100),
+        routed("", 200, 50)
+    );
+    let b1 = routed("demo/api-canary", 200, 200);
+    let before = snapshot(t0, [&a0, ""]);
+    let now = snapshot(t1, [&a1, &b1]);
+    let table = stats(
+        &View::new(By::Route, None).unwrap(),
+        &before,
+        &now,
+        String::new(),
+    );
+    let rows: Vec<(&str, f64, Option<f64>)> = table
+        .rows
+        .iter()
+        .map(|r| (r.name.as_str(), r.requests_per_second, r.success_rate))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("- demo/api", 5.0, Some(1.0)),
+            ("demo/api-canary demo/api", 60.0, Some(500.0 / 600.0)),
+        ]
+    );
+    assert_eq!(table.rows[1].labels["route"], "demo/api-canary");
+    assert_eq!(table.rows[1].labels["service"], "demo/api");
+}
+
 fn histogram(direction: &str, peer: &str, counts: [u64; 3]) -> String {
     ["0.01", "0.1", "+Inf"]
         .iter()

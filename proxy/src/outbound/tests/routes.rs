@@ -443,7 +443,7 @@ async fn the_request_timeout_answers_504_and_is_counted() {
     );
     let text = proxy.metrics_text();
     assert!(
-        text.contains("service=\"demo/api\",peer_namespace=\"\",peer_service_account=\"\",status_class=\"5xx\",status_code=\"504\""),
+        text.contains("service=\"demo/api\",route=\"demo/timed\",peer_namespace=\"\",peer_service_account=\"\",status_class=\"5xx\",status_code=\"504\",grpc_status=\"\",result=\"timeout\""),
         "{text}"
     );
 }
