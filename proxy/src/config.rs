@@ -179,7 +179,8 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
 
     /// A kubelet HTTP probe answered on the metrics port as /app-health/NAME by asking the
-    /// application at 127.0.0.1:PORT/PATH (repeatable), so probes work under STRICT mTLS and
+    /// application at 127.0.0.1:PORT/PATH, or [::1]:PORT/PATH when 127.0.0.1 refuses
+    /// (repeatable), so probes work under STRICT mTLS and
     /// deny-all policies; the injector rewrites the pod's probes to these.
     #[arg(long = "app-probe", value_name = "NAME=PORT/PATH", value_parser = crate::probes::parse_app_probe)]
     pub app_probes: Vec<crate::probes::AppProbe>,
