@@ -1080,7 +1080,9 @@ async fn the_ca_and_an_agent_on_the_ipv6_wildcard_answer_over_both_families() {
         Ipv6Addr::LOCALHOST.into(),
     ];
     for ip in loopbacks {
-        let (status, body) = http_get(SocketAddr::new(ip, admin), "/ready").await.unwrap();
+        let (status, body) = http_get(SocketAddr::new(ip, admin), "/ready")
+            .await
+            .unwrap();
         assert_eq!(status, 200, "CA /ready over {ip}: {body}");
         let channel = sigil_agent::ca_channel::connect(
             &SocketAddr::new(ip, grpc).to_string(),
@@ -1122,8 +1124,16 @@ async fn the_ca_and_an_agent_on_the_ipv6_wildcard_answer_over_both_families() {
         SocketAddr::from((Ipv6Addr::LOCALHOST, agent_admin)),
     )
     .await;
-    let (status, body) = http_get(SocketAddr::from((Ipv4Addr::LOCALHOST, agent_admin)), "/ready")
-        .await
-        .unwrap();
-    assert_eq!(status, 200, "agent /ready over IPv4: {body}\n{}", agent.logs());
+    let (status, body) = http_get(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, agent_admin)),
+        "/ready",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status,
+        200,
+        "agent /ready over IPv4: {body}\n{}",
+        agent.logs()
+    );
 }
