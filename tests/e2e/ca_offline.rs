@@ -1,7 +1,9 @@
 //! The CA without Kubernetes: state in a directory, callers authenticated by client certificates
-//! it issued, node agents scoped by static entries, plug-in intermediates, and root rotation under
-//! continuous load with zero failures.
+//! it issued, node agents scoped by static entries, plug-in intermediates, root rotation under
+//! continuous load with zero failures, and the CA and an agent listening on `[::]` for both
+//! address families.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -1040,5 +1042,98 @@ async fn calls_without_credentials_are_refused_before_their_message_is_read() {
             "sigil_ca_sign_denied_total{api=\"sigil\",reason=\"unauthenticated\"}"
         ),
         2.0
+    );
+}
+
+/// A port free right now on both loopbacks.
+fn dual_stack_port() -> u16 {
+    std::net::TcpListener::bind("[::]:0")
+        .expect("this test needs IPv6 (::1)")
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// What the dual-stack overlay (deploy/overlays/dual-stack) sets: `--listen [::]:P`,
+/// `--admin-addr [::]:P` are one socket for both families (Linux's default,
+/// net.ipv6.bindv6only=0), so the CA signs and reports ready over 127.0.0.1 and ::1 alike, and an
+/// agent dialling the CA over IPv6 and serving its admin on `[::]` answers on both too.
+#[tokio::test]
+async fn the_ca_and_an_agent_on_the_ipv6_wildcard_answer_over_both_families() {
+    let dir = tempfile::tempdir().unwrap();
+    let offline = OfflineCa::init(dir.path(), &[WEB_ID]);
+    let (grpc, admin) = (dual_stack_port(), dual_stack_port());
+    let wildcard = |port| SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    let mut ca = CaProcess::start_on(
+        dir.path(),
+        None,
+        &offline.serve_args(),
+        wildcard(grpc),
+        wildcard(admin),
+    );
+    ca.wait_ready().await;
+    let bundle = state_dir_bundle(&offline.state);
+    let agent_cert = dir.path().join("agent-cert");
+    let agent = offline.issue(AGENT_ID, &agent_cert);
+    let loopbacks = [
+        std::net::IpAddr::from(Ipv4Addr::LOCALHOST),
+        Ipv6Addr::LOCALHOST.into(),
+    ];
+    for ip in loopbacks {
+        let (status, body) = http_get(SocketAddr::new(ip, admin), "/ready")
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "CA /ready over {ip}: {body}");
+        let channel = sigil_agent::ca_channel::connect(
+            &SocketAddr::new(ip, grpc).to_string(),
+            "localhost",
+            &bundle,
+            Some(&agent),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the CA over {ip}: {e}"));
+        let mut client = sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthorityClient::new(channel);
+        let (_, csr) = key_and_csr();
+        let signed = client
+            .sign(sign_request(csr, 0, WEB_ID, None))
+            .await
+            .unwrap_or_else(|e| panic!("signing over {ip}: {e}"))
+            .into_inner();
+        assert_eq!(
+            profile::leaf_spiffe_id(&signed.leaf).unwrap().to_string(),
+            WEB_ID
+        );
+    }
+
+    // An agent that reaches the CA at [::1] and serves its admin on [::].
+    let map = dir.path().join("workloads.yaml");
+    std::fs::write(&map, format!("workloads:\n- {{uid: 0, id: {WEB_ID}}}\n")).unwrap();
+    let agent_admin = dual_stack_port();
+    let args = unix_agent_args(
+        SocketAddr::from((Ipv6Addr::LOCALHOST, grpc)),
+        &offline,
+        &agent_cert,
+        &map,
+        &dir.path().join("agent.sock"),
+        wildcard(agent_admin),
+        "1h",
+    );
+    let agent = spawn_agent(
+        &args,
+        dir.path().join("agent.log"),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, agent_admin)),
+    )
+    .await;
+    let (status, body) = http_get(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, agent_admin)),
+        "/ready",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        status,
+        200,
+        "agent /ready over IPv4: {body}\n{}",
+        agent.logs()
     );
 }

@@ -1,5 +1,5 @@
 //! The Kubernetes manifests in deploy/: they render with the real kubectl's kustomize (the base
-//! and the plug-in CA overlay), every rendered object passes the API's own JSON schemas for
+//! and the plug-in CA, Istio ambient and dual-stack overlays), every rendered object passes the API's own JSON schemas for
 //! Kubernetes 1.30 and the newest version kubernetes-validate bundles (strict: no unknown
 //! field), every custom-resource example passes sigil's CRD schemas and sigil's own validation,
 //! and the manifests agree with the binary: each container's arguments and environment are
@@ -33,6 +33,10 @@ fn plugin_overlay() -> Vec<Value> {
 
 fn istio_overlay() -> Vec<Value> {
     kustomize(&deploy().join("overlays/istio-ambient"))
+}
+
+fn dual_stack_overlay() -> Vec<Value> {
+    kustomize(&deploy().join("overlays/dual-stack"))
 }
 
 /// Every object rendered, and the custom-resource kinds: the rendered CRDs.
@@ -90,6 +94,7 @@ fn base_and_overlay_render_and_pass_the_kubernetes_schemas() {
     assert_eq!(rendered, kustomize(&deploy().join("base")));
     let overlay = plugin_overlay();
     let istio = istio_overlay();
+    let dual_stack = dual_stack_overlay();
 
     let expected: BTreeSet<(String, String, String)> = [
         ("Namespace", "", NAMESPACE),
@@ -127,7 +132,7 @@ fn base_and_overlay_render_and_pass_the_kubernetes_schemas() {
     .into_iter()
     .map(|(k, ns, n)| (k.to_string(), ns.to_string(), n.to_string()))
     .collect();
-    for objects in [&rendered, &overlay, &istio] {
+    for objects in [&rendered, &overlay, &istio, &dual_stack] {
         let found: BTreeSet<(String, String, String)> = objects
             .iter()
             .map(|o| {
@@ -148,6 +153,7 @@ fn base_and_overlay_render_and_pass_the_kubernetes_schemas() {
     let mut all = rendered.clone();
     all.extend(overlay);
     all.extend(istio);
+    all.extend(dual_stack);
     let (latest, problems) = kubernetes_schema_problems(&all, &[OLDEST_KUBERNETES, "latest"]);
     assert!(
         latest.as_str() >= "1.35",
@@ -256,9 +262,20 @@ fn custom_resource_examples_pass_our_crd_schemas_and_sigil() {
 fn container_arguments_are_what_the_binary_accepts() {
     let rendered = base();
     let overlay = plugin_overlay();
+    let dual_stack = dual_stack_overlay();
     let workloads = [
         (find(&rendered, "Deployment", "sigil-ca"), "ca", "sigil CA"),
         (find(&overlay, "Deployment", "sigil-ca"), "ca", "sigil CA"),
+        (
+            find(&dual_stack, "Deployment", "sigil-ca"),
+            "ca",
+            "sigil CA",
+        ),
+        (
+            find(&dual_stack, "DaemonSet", "sigil-agent"),
+            "agent",
+            "sigil agent",
+        ),
         (
             find(&rendered, "DaemonSet", "sigil-agent"),
             "agent",
@@ -1030,4 +1047,77 @@ fn the_dockerfile_builds_one_static_sigil_image() {
             assert!(!ignored(pattern, path), "{pattern} excludes {path}");
         }
     }
+}
+
+/// deploy/overlays/dual-stack: the CA and the agents listen on `[::]` (both families) at the
+/// base's ports, and the CA's Service asks for a cluster IP of each family; nothing else differs
+/// from the base.
+#[test]
+fn the_dual_stack_overlay_listens_on_both_families_at_the_bases_ports() {
+    let rendered = base();
+    let dual_stack = dual_stack_overlay();
+    let listeners: [(&str, &str, &str, &[&str]); 2] = [
+        (
+            "Deployment",
+            "sigil-ca",
+            "ca",
+            &["listen", "admin_addr", "webhook_addr"],
+        ),
+        ("DaemonSet", "sigil-agent", "agent", &["admin_addr"]),
+    ];
+    for (kind_, name_, container_name, fields) in listeners {
+        let before = parsed_config(find(&rendered, kind_, name_), container_name);
+        let after = parsed_config(find(&dual_stack, kind_, name_), container_name);
+        for f in fields {
+            let base_addr = field(&before, f);
+            assert!(
+                base_addr.starts_with("0.0.0.0:"),
+                "{name_} {f}: {base_addr}"
+            );
+            assert_eq!(
+                field(&after, f),
+                format!("[::]:{}", debug_port(base_addr)),
+                "{name_} {f}"
+            );
+        }
+        let changed: Vec<&String> = before
+            .keys()
+            .filter(|k| before.get(*k) != after.get(*k))
+            .collect();
+        assert_eq!(changed.len(), fields.len(), "{name_}: {changed:?}");
+    }
+    let service = find(&dual_stack, "Service", "sigil-ca");
+    assert_eq!(service["spec"]["ipFamilyPolicy"], "PreferDualStack");
+
+    // Without those changes, the overlay is the base.
+    let mut undone = dual_stack.clone();
+    for object in &mut undone {
+        let (object_kind, object_name) = (kind(object).to_string(), name(object).to_string());
+        match (object_kind.as_str(), object_name.as_str()) {
+            ("Service", "sigil-ca") => {
+                object["spec"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("ipFamilyPolicy");
+            }
+            ("Deployment", "sigil-ca") | ("DaemonSet", "sigil-agent") => {
+                object["spec"]["template"]["spec"]["containers"][0]["args"]
+                    .as_array_mut()
+                    .unwrap()
+                    .retain(|arg| !arg.as_str().unwrap_or_default().contains("=[::]:"));
+            }
+            _ => {}
+        }
+    }
+    let key = |o: &Value| {
+        (
+            kind(o).to_string(),
+            namespace(o).to_string(),
+            name(o).to_string(),
+        )
+    };
+    let (mut undone, mut rendered) = (undone, rendered);
+    undone.sort_by_key(key);
+    rendered.sort_by_key(key);
+    assert_eq!(undone, rendered);
 }

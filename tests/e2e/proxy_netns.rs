@@ -14,6 +14,11 @@
 //! 5. a destination outside the mesh (the HTTP server in C) is passed through untouched;
 //! 6. inbound connections go to the original destination (B's pod IP), as Istio's since 1.10,
 //!    so a port B's app bound to 127.0.0.1 only is not reachable from the mesh (issue 11 item 7).
+//! 7. a transparent proxy listens on both families: in a namespace of its own
+//!    (`sigil-v6listen-<pid>-pod`, a veth with 198.18.23.1/24 and 2001:2:0:23::1/64),
+//!    connections redirected by iptables and by ip6tables each reach it on their family's
+//!    listener, and it reads each one's original destination (`SO_ORIGINAL_DST`,
+//!    `IP6T_SO_ORIGINAL_DST`) and source without IPv4-mapped addresses.
 //!
 //! ```text
 //!          pod A (netns)                           pod B (netns)
@@ -387,4 +392,130 @@ async fn transparent_proxies_carry_a_plain_http_request_over_mtls_between_two_po
     assert_eq!(meshed["security"], "mtls", "{meshed}");
     assert_eq!(meshed["source_identity"], WEB_ID, "{meshed}");
     assert_eq!(b_app.requests().len(), 3);
+}
+
+/// Item 7: `sigil proxy run` (no agent: outbound connections are refused for want of mesh
+/// membership, and the access-log line of each refusal names its source and original
+/// destination) in a namespace where iptables and ip6tables redirect 198.18.23.0/24 and
+/// 2001:2:0:23::/64 to its outbound port.
+#[tokio::test]
+async fn a_transparent_proxy_reads_the_original_destination_of_both_families() {
+    require_root("creating network namespaces and ip6tables rules");
+    let pod = Netns::new("sigil-v6listen", "pod");
+    // A veth pair with both ends in the namespace: a route to each family's /24 and /64.
+    pod.run(&[
+        "ip", "link", "add", "v6l0", "type", "veth", "peer", "name", "v6l1",
+    ]);
+    for link in ["v6l0", "v6l1"] {
+        pod.run(&["ip", "link", "set", link, "up"]);
+    }
+    pod.run(&["ip", "addr", "add", "198.18.23.1/24", "dev", "v6l0"]);
+    pod.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "2001:2:0:23::1/64",
+        "dev",
+        "v6l0",
+        "nodad",
+    ]);
+    for (tables, net) in [
+        ("iptables", "198.18.23.0/24"),
+        ("ip6tables", "2001:2:0:23::/64"),
+    ] {
+        pod.run(&[
+            tables,
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            net,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = pod.command(&[
+        sigil_test_harness::sigil_exe(),
+        "proxy",
+        "run",
+        "--agent-socket",
+        "/nonexistent/agent.sock",
+    ]);
+    command.env("RUST_LOG", "info");
+    let proxy = sigil_test_harness::Proc::spawn(command, dir.path().join("proxy.log"));
+    let lines = || -> Vec<Value> {
+        proxy
+            .logs()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    };
+    let listening = |lines: &[Value]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l["message"] == "outbound listener")
+            .filter_map(|l| l["addr"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listening(&lines()).len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no outbound listeners:\n{}",
+            proxy.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(listening(&lines()), ["0.0.0.0:15001", "[::]:15001"]);
+
+    for (source, destination) in [
+        ("198.18.23.1", "198.18.23.2:8080"),
+        ("2001:2:0:23::1", "[2001:2:0:23::2]:8080"),
+    ] {
+        let destination: std::net::SocketAddr = destination.parse().unwrap();
+        let socket = sigil_test_harness::netns::in_netns(&pod.name, || {
+            if destination.is_ipv6() {
+                tokio::net::TcpSocket::new_v6()
+            } else {
+                tokio::net::TcpSocket::new_v4()
+            }
+        })
+        .unwrap();
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(destination))
+            .await
+            .expect("connect timed out")
+            .unwrap_or_else(|e| panic!("connecting to {destination} (redirected): {e}"));
+        let local = stream.local_addr().unwrap();
+        // The proxy closes it: no mesh membership yet.
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let line = loop {
+            let found = lines()
+                .into_iter()
+                .find(|l| l["target"] == "sigil_access" && l["source"] == local.to_string());
+            if let Some(line) = found {
+                break line;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no access-log line for {local}:\n{}",
+                proxy.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let fields = &line;
+        assert_eq!(fields["direction"], "outbound", "{line}");
+        assert_eq!(fields["destination"], destination.to_string(), "{line}");
+        // Found by its source: the client's own address, not IPv4-mapped.
+        assert_eq!(local.ip(), source.parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(fields["result"], "no_mesh_membership", "{line}");
+    }
 }
