@@ -41,7 +41,7 @@ use crate::{PodCgroup, Proc, metric, sigil_exe};
 /// Debian's python3: unprivileged uids can run it (pyenv's lives under /root, mode 0700).
 pub const PYTHON: &str = "/usr/bin/python3";
 /// The prefix length of every IPv4 address the tests put on a link (all of them share one /24).
-pub const LINK_PREFIX_V4: &str = "24";
+pub const LINK_PREFIX: &str = "24";
 /// The prefix length of every IPv6 address the tests put on a link (all of them share one /64).
 pub const LINK_PREFIX_V6: &str = "64";
 /// sigil's default metrics port, which `proxy init` leaves alone.
@@ -200,7 +200,10 @@ impl Netns {
     /// A listener on [::]:`port` inside the namespace that accepts both families (IPv4 callers
     /// appear as IPv4-mapped addresses), as a dual-stack application's would.
     pub fn listen_dual(&self, port: u16) -> TcpListener {
-        self.bind_listener(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0).into(), false)
+        self.bind_listener(
+            SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0).into(),
+            false,
+        )
     }
 
     fn bind_listener(&self, addr: SocketAddr, v6_only: bool) -> TcpListener {
@@ -289,21 +292,21 @@ pub struct LinkAddrs {
 }
 
 impl LinkAddrs {
-    pub fn v4(ip: Ipv4Addr) -> LinkAddrs {
+    pub const fn v4(ip: Ipv4Addr) -> LinkAddrs {
         LinkAddrs {
             v4: Some(ip),
             v6: None,
         }
     }
 
-    pub fn v6(ip: Ipv6Addr) -> LinkAddrs {
+    pub const fn v6(ip: Ipv6Addr) -> LinkAddrs {
         LinkAddrs {
             v4: None,
             v6: Some(ip),
         }
     }
 
-    pub fn dual(v4: Ipv4Addr, v6: Ipv6Addr) -> LinkAddrs {
+    pub const fn dual(v4: Ipv4Addr, v6: Ipv6Addr) -> LinkAddrs {
         LinkAddrs {
             v4: Some(v4),
             v6: Some(v6),
@@ -321,7 +324,7 @@ impl LinkAddrs {
     /// (if given) as the default routes of each family.
     fn configure(&self, netns: &Netns, dev: &str, gateway: Option<LinkAddrs>) {
         if let Some(ip) = self.v4 {
-            let cidr = format!("{ip}/{LINK_PREFIX_V4}");
+            let cidr = format!("{ip}/{LINK_PREFIX}");
             netns.run(&["ip", "addr", "add", &cidr, "dev", dev]);
         }
         if let Some(ip) = self.v6 {
@@ -334,7 +337,15 @@ impl LinkAddrs {
             netns.run(&["ip", "route", "add", "default", "via", &via.to_string()]);
         }
         if let (Some(_), Some(via)) = (self.v6, gateway.v6) {
-            netns.run(&["ip", "-6", "route", "add", "default", "via", &via.to_string()]);
+            netns.run(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &via.to_string(),
+            ]);
         }
     }
 }
