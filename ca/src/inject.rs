@@ -42,6 +42,11 @@ pub const DEFAULT_EXCLUDED_NAMESPACES: [&str; 4] = [
 pub const EXCLUDE_INBOUND_PORTS: &str = "sigil.dev/exclude-inbound-ports";
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "sigil.dev/exclude-outbound-ports";
 pub const EXCLUDE_OUTBOUND_CIDRS: &str = "sigil.dev/exclude-outbound-cidrs";
+/// `auto`, `on` or `off`, passed as `sigil proxy init --ipv6`: `off` for pods on nodes without
+/// ip6table_nat, whose IPv6 traffic then bypasses the proxy.
+pub const IPV6_ANNOTATION: &str = "sigil.dev/ipv6";
+/// What `sigil proxy init --ipv6` accepts.
+const IPV6_MODES: [&str; 3] = ["auto", "on", "off"];
 /// The proxy's metrics and probe port, as Kubernetes declares ports.
 const METRICS_PORT: i32 = sigil_proxy_api::METRICS_PORT as i32;
 /// The name of the proxy container's metrics port, which the Prometheus Operator's PodMonitor
@@ -517,7 +522,7 @@ fn init_args(
                 "sigil injector: annotation {annotation}: {bad:?} is not valid (expected a \
                  comma-separated list of {})",
                 if flag.ends_with("cidrs") {
-                    "IPv4 CIDRs, e.g. 169.254.169.254/32"
+                    "IPv4 or IPv6 CIDRs, e.g. 169.254.169.254/32,fd00:ec2::254/128"
                 } else {
                     "ports, e.g. 8080,9090"
                 }
@@ -533,6 +538,16 @@ fn init_args(
             args.push(flag.to_string());
             args.push(items.join(","));
         }
+    }
+    if let Some(mode) = annotations.and_then(|a| a.get(IPV6_ANNOTATION)) {
+        if !IPV6_MODES.contains(&mode.as_str()) {
+            return Err(format!(
+                "sigil injector: annotation {IPV6_ANNOTATION}: {mode:?} is not valid; write \
+                 \"auto\" (IPv6 rules when the pod has IPv6), \"on\" or \"off\" (IPv6 traffic \
+                 then bypasses the proxy)"
+            ));
+        }
+        args.extend(["--ipv6".to_owned(), mode.clone()]);
     }
     Ok(args)
 }
@@ -575,9 +590,18 @@ fn check_port(s: &str) -> bool {
     s.parse::<u16>().is_ok_and(|p| p != 0)
 }
 
+/// An IPv4 (prefix 0-32) or IPv6 (prefix 0-128) CIDR, with its prefix, as `sigil proxy init
+/// --exclude-outbound-cidrs` takes them.
 fn check_cidr(s: &str) -> bool {
-    let (ip, len) = s.split_once('/').unwrap_or((s, "32"));
-    ip.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
+    let Some((ip, len)) = s.split_once('/') else {
+        return false;
+    };
+    let max = match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return false,
+    };
+    len.parse::<u8>().is_ok_and(|l| l <= max)
 }
 
 fn init_container(config: &InjectConfig, args: Vec<String>) -> Value {

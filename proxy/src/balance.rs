@@ -1,4 +1,6 @@
-//! Load balancing over a meshed Service's endpoints, one balancer per (Service, Service port):
+//! Load balancing over a meshed Service's endpoints, one balancer per (Service, Service port,
+//! address family: a connection to a Service's IPv6 cluster IP goes to its IPv6 endpoints, as
+//! kube-proxy sends it):
 //! power of two choices over peak-EWMA latency (Linkerd's and Finagle's): each endpoint keeps an
 //! exponentially weighted moving average of its response times that rises with a slower
 //! response at once (at most [`PEAK_STEP`] times per response) and decays with [`DECAY`], and
@@ -40,6 +42,7 @@ use sigil_proxy_api::services::{MeshService, ServiceKey, ServicePort, ServiceTab
 use sigil_route::{OutlierDetection, ServiceRef};
 use tokio::sync::watch;
 
+use crate::forward::Family;
 use crate::metrics::{EndpointLabels, Metrics, ServiceLabels};
 
 mod outlier;
@@ -265,6 +268,8 @@ impl Drop for Pending {
 #[derive(Debug)]
 pub struct Balancer {
     pub service: ServiceKey,
+    /// The family of the cluster IP dialled: only its endpoints are chosen.
+    family: Family,
     /// Given to its endpoints, which report to it.
     me: Weak<Balancer>,
     state: Mutex<BalancerState>,
@@ -290,7 +295,7 @@ struct BalancerState {
 }
 
 impl Balancer {
-    fn new(service: ServiceKey, metrics: &Metrics) -> Arc<Balancer> {
+    fn new(service: ServiceKey, family: Family, metrics: &Metrics) -> Arc<Balancer> {
         let label = service.to_string();
         let endpoints = |state| {
             metrics
@@ -315,6 +320,7 @@ impl Balancer {
             draining_gauge: endpoints("draining"),
             ejected_gauge: endpoints("ejected"),
             service,
+            family,
             state: Mutex::new(BalancerState {
                 synced: None,
                 ready: Vec::new(),
@@ -370,7 +376,12 @@ impl Balancer {
             .map(|load| ((load.addr, load.id.clone()), load))
             .collect();
         let mut ready = Vec::new();
-        for endpoint in service.endpoints.iter().filter(|e| e.takes_new_requests()) {
+        // Of this family only: no fallback to the other one, which a pod of a single family
+        // could not reach (a dual-stack pod could; kube-proxy does not either).
+        let endpoints = service.endpoints.iter().filter(|endpoint| {
+            endpoint.takes_new_requests() && Family::of(endpoint.ip) == self.family
+        });
+        for endpoint in endpoints {
             let Some(target) = endpoint.target_port(port) else {
                 continue;
             };
@@ -520,10 +531,10 @@ pub(crate) fn random_below(n: usize) -> usize {
     (next % n as u64) as usize
 }
 
-/// Every balancer of this proxy, by Service and Service port, made on first use.
+/// Every balancer of this proxy, by Service, Service port and family, made on first use.
 pub struct Balancers {
     metrics: Arc<Metrics>,
-    by_port: Mutex<HashMap<(ServiceKey, u16), Arc<Balancer>>>,
+    by_port: Mutex<HashMap<(ServiceKey, u16, Family), Arc<Balancer>>>,
     /// The routes last received, for the outlier detection policy of balancers made later.
     routes: Mutex<Option<Arc<RouteTable>>>,
 }
@@ -551,14 +562,20 @@ impl Balancers {
         }
     }
 
-    /// The balancer of `service`'s `port`, synced with `service` as it is now.
-    pub fn get(&self, service: &Arc<MeshService>, port: &ServicePort) -> Arc<Balancer> {
+    /// The balancer of `service`'s `port` over its endpoints of `family` (the dialled cluster
+    /// IP's), synced with `service` as it is now.
+    pub fn get(
+        &self,
+        service: &Arc<MeshService>,
+        port: &ServicePort,
+        family: Family,
+    ) -> Arc<Balancer> {
         let balancer = {
             let mut by_port = self.by_port.lock().unwrap_or_else(|e| e.into_inner());
             by_port
-                .entry((service.key.clone(), port.port))
+                .entry((service.key.clone(), port.port, family))
                 .or_insert_with(|| {
-                    let balancer = Balancer::new(service.key.clone(), &self.metrics);
+                    let balancer = Balancer::new(service.key.clone(), family, &self.metrics);
                     let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
                     balancer.set_policy(policy_of(&routes, &service.key));
                     balancer
@@ -611,14 +628,14 @@ impl Balancers {
     fn set_routes(&self, routes: Option<Arc<RouteTable>>) {
         *self.routes.lock().unwrap_or_else(|e| e.into_inner()) = routes.clone();
         let by_port = self.by_port.lock().unwrap_or_else(|e| e.into_inner());
-        for ((key, _), balancer) in by_port.iter() {
+        for ((key, _, _), balancer) in by_port.iter() {
             balancer.set_policy(policy_of(&routes, key));
         }
     }
 
     fn sync_all(&self, table: &ServiceTable) {
         let mut by_port = self.by_port.lock().unwrap_or_else(|e| e.into_inner());
-        by_port.retain(|(key, number), balancer| {
+        by_port.retain(|(key, number, _), balancer| {
             let found = table
                 .get(key)
                 .and_then(|service| Some((service, service.port(*number)?)));

@@ -10,12 +10,10 @@ use sigil_base::flags::parse_duration;
 use sigil_identity::tls::KeyExchange;
 use sigil_policy::path::PathNormalization;
 use sigil_proxy_api::ports::PortSet;
-use sigil_proxy_api::{ADMIN_PORT, AGENT_SOCKET, INBOUND_PORT, METRICS_PORT, OUTBOUND_PORT};
+use sigil_proxy_api::{ADMIN_PORT, AGENT_SOCKET, INBOUND_PORT, OUTBOUND_PORT};
 
 pub const DEFAULT_ADMIN_ADDR: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ADMIN_PORT);
-pub const DEFAULT_METRICS_ADDR: SocketAddr =
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), METRICS_PORT);
 pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 /// How long live connections may finish after SIGTERM (Istio's terminationDrainDuration).
 pub const DEFAULT_DRAIN_TIMEOUT: &str = "5s";
@@ -75,9 +73,12 @@ pub struct ProxyConfig {
     #[arg(long, default_value_t = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,
 
-    /// Prometheus /metrics (and /ready for the kubelet's probe).
-    #[arg(long, default_value_t = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
+    /// Prometheus /metrics (and /ready and /app-health/ for the kubelet's probes). Default:
+    /// `[::]:15020`, both IPv4 and IPv6 on one socket (the kubelet and Prometheus reach a pod at
+    /// its IPv6 address in IPv6-only clusters), or `0.0.0.0:15020` where the pod has no IPv6. A
+    /// given address is bound as given (`[::]:P` for both families, `[::1]:P` IPv6 only).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 
     /// Transparent mode: where `sigil proxy init` redirects inbound connections.
     #[arg(long, default_value_t = INBOUND_PORT)]
@@ -178,7 +179,8 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
 
     /// A kubelet HTTP probe answered on the metrics port as /app-health/NAME by asking the
-    /// application at 127.0.0.1:PORT/PATH (repeatable), so probes work under STRICT mTLS and
+    /// application at 127.0.0.1:PORT/PATH, or [::1]:PORT/PATH when 127.0.0.1 refuses
+    /// (repeatable), so probes work under STRICT mTLS and
     /// deny-all policies; the injector rewrites the pod's probes to these.
     #[arg(long = "app-probe", value_name = "NAME=PORT/PATH", value_parser = crate::probes::parse_app_probe)]
     pub app_probes: Vec<crate::probes::AppProbe>,

@@ -95,7 +95,7 @@ pub async fn accept_loop<F, Fut>(
         };
         match accepted {
             Ok((stream, peer)) => {
-                tracker.spawn(handle(stream, peer));
+                tracker.spawn(handle(stream, canonical(peer)));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -106,16 +106,48 @@ pub async fn accept_loop<F, Fut>(
     }
 }
 
-/// The destination a redirected connection was originally addressed to (SO_ORIGINAL_DST).
+/// The destination a redirected connection was originally addressed to: `SO_ORIGINAL_DST` for
+/// IPv4, `IP6T_SO_ORIGINAL_DST` for IPv6, by the family of the connection's local address. An
+/// IPv4 connection accepted on a dual-stack socket has an IPv4-mapped local address and its
+/// original destination in the IPv4 table, so that is asked first (as ztunnel does). The result
+/// is canonical: never an IPv4-mapped address.
 pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
     let socket = socket2::SockRef::from(stream);
     let original = match stream.local_addr()? {
         SocketAddr::V4(_) => socket.original_dst_v4()?,
+        SocketAddr::V6(local) if local.ip().to_ipv4_mapped().is_some() => socket
+            .original_dst_v4()
+            .or_else(|_| socket.original_dst_v6())?,
         SocketAddr::V6(_) => socket.original_dst_v6()?,
     };
     original
         .as_socket()
+        .map(canonical)
         .ok_or_else(|| io::Error::other("original destination is not an IP socket address"))
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:198.18.0.1`) as the IPv4 address it is, so
+/// that policies, mesh membership, metrics and logs see one address per peer.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// An address family, of a cluster IP and of the endpoints a connection to it is balanced over
+/// (kube-proxy's semantics: a Service's IPv6 cluster IP leads to its IPv6 endpoints).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The family of `ip`, an IPv4-mapped address being IPv4.
+    pub fn of(ip: IpAddr) -> Family {
+        match ip.to_canonical() {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
 }
 
 /// Loopback of the same family as `ip`: where inbound traffic for the app goes.
@@ -486,5 +518,38 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_addresses_are_their_ipv4_address_and_family() {
+        let mapped: SocketAddr = "[::ffff:198.18.0.7]:8080".parse().unwrap();
+        assert_eq!(canonical(mapped), "198.18.0.7:8080".parse().unwrap());
+        assert_eq!(Family::of(mapped.ip()), Family::V4);
+        let v6: SocketAddr = "[2001:2::7]:8080".parse().unwrap();
+        assert_eq!(canonical(v6), v6, "a real IPv6 address stays as it is");
+        assert_eq!(Family::of(v6.ip()), Family::V6);
+        let v4: SocketAddr = "198.18.0.7:8080".parse().unwrap();
+        assert_eq!((canonical(v4), Family::of(v4.ip())), (v4, Family::V4));
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_was_not_redirected_has_no_original_destination() {
+        for local in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = TcpListener::bind(local).await.unwrap();
+            let (client, accepted) = tokio::join!(
+                TcpStream::connect(listener.local_addr().unwrap()),
+                listener.accept()
+            );
+            let (_client, (server, _)) = (client.unwrap(), accepted.unwrap());
+            // No NAT entry (ENOENT; ENOPROTOOPT without conntrack): an error, never an address
+            // made up from the wrong family's table.
+            let found = original_destination(&server);
+            assert!(found.is_err(), "{local}: {found:?}");
+        }
     }
 }

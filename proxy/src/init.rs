@@ -1,6 +1,8 @@
-//! `sigil proxy init`: the iptables nat rules that send a pod's TCP traffic through the proxy.
+//! `sigil proxy init`: the iptables and ip6tables nat rules that send a pod's TCP traffic
+//! through the proxy.
 //!
-//! The rule shape follows Istio's istio-iptables, so its behaviour and exclusions carry over:
+//! The rule shape follows Istio's istio-iptables, so its behaviour and exclusions carry over;
+//! both families get the same chains and rules (each with its own `--exclude-outbound-cidrs`):
 //!
 //! ```text
 //! PREROUTING -p tcp -> SIGIL_INBOUND
@@ -11,20 +13,27 @@
 //!     the rest -> SIGIL_REDIRECT: REDIRECT --to-ports <--outbound-port>
 //! ```
 //!
-//! Everything is applied as one `iptables-restore --noflush` transaction, built from what
-//! `iptables-save -t nat` shows: sigil's old jumps are deleted and its chains flushed in the same
-//! transaction that adds the new rules, so running init twice leaves exactly the same rules and no
-//! moment exists with half of them. `--cleanup` removes every `SIGIL_` chain and every jump to
-//! one, and leaves other rules alone.
+//! Each family is applied as one `iptables-restore --noflush` (`ip6tables-restore`) transaction,
+//! built from what `iptables-save -t nat` shows: sigil's old jumps are deleted and its chains
+//! flushed in the same transaction that adds the new rules, so running init twice leaves exactly
+//! the same rules and no moment exists with half of them. IPv4 goes first, then IPv6; a failure
+//! in the second is fixed by running init again. `--cleanup` removes every `SIGIL_` chain and
+//! every jump to one, in both families, and leaves other rules alone.
 //!
-//! IPv4 only: IPv6 CIDRs are refused, and IPv6 traffic is not redirected (no ip6tables rules).
+//! IPv6 (`--ipv6`): with `auto` the IPv6 rules are installed iff the namespace has IPv6 (its
+//! `disable_ipv6` sysctl exists and is 0), so IPv4-only namespaces behave as before IPv6 support.
+//! The ip6tables command is the same backend as `--iptables` (`iptables-legacy` →
+//! `ip6tables-legacy`), or `--ip6tables`. When the namespace has IPv6 and its rules cannot be
+//! applied, init fails: a pod must not start with IPv6 bypassing the proxy, unless `--ipv6 off`
+//! says so.
 
 use std::fmt;
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use tracing::{info, warn};
 
 use sigil_proxy_api::{INBOUND_PORT, OUTBOUND_PORT, PROXY_UID};
@@ -34,6 +43,12 @@ pub const DEFAULT_EXCLUDED_INBOUND_PORTS: &str = "15020";
 /// The iptables command whose `-save` and `-restore` variants are run: the system's default
 /// backend (nf_tables or legacy, as Debian's alternatives choose).
 pub const DEFAULT_IPTABLES: &str = "iptables";
+/// The IPv4 command's name, which the IPv6 one replaces to keep the backend.
+const IPTABLES_NAME: &str = "iptables";
+const IP6TABLES_NAME: &str = "ip6tables";
+/// Present and `0` iff the network namespace has IPv6 (absent when the kernel runs with
+/// `ipv6.disable=1`). /proc/sys/net is the reading process's own namespace.
+const IPV6_SYSCTL: &str = "/proc/sys/net/ipv6/conf/all/disable_ipv6";
 
 /// Every chain sigil owns starts with this; cleanup removes all of them, even ones an older
 /// version created.
@@ -57,10 +72,10 @@ const SAVE_ARGS: [&str; 2] = ["-t", "nat"];
 /// What iptables prints when it lacks privileges (nf_tables and legacy backends alike).
 const PERMISSION_MARKERS: [&str; 2] = ["Permission denied", "must be root"];
 
-/// Writes (or with --cleanup removes) the iptables nat rules that send a pod's TCP traffic
-/// through the proxy: OUTPUT → --outbound-port, PREROUTING → --inbound-port. Traffic of the
-/// proxy's own uid and on loopback is never redirected. Idempotent: running it twice leaves
-/// the same rules. Needs NET_ADMIN and NET_RAW in the pod's network namespace. IPv4 only.
+/// Writes (or with --cleanup removes) the iptables and ip6tables nat rules that send a pod's
+/// TCP traffic through the proxy: OUTPUT → --outbound-port, PREROUTING → --inbound-port.
+/// Traffic of the proxy's own uid and on loopback is never redirected. Idempotent: running it
+/// twice leaves the same rules. Needs NET_ADMIN and NET_RAW in the pod's network namespace.
 #[derive(Args, Clone, Debug)]
 pub struct InitConfig {
     /// The uid the proxy runs as; its own connections are not redirected. Must not be 0.
@@ -89,16 +104,18 @@ pub struct InitConfig {
     #[arg(long, value_delimiter = ',', num_args = 0..)]
     pub exclude_outbound_ports: Vec<String>,
 
-    /// Outbound destination IPv4 CIDRs left alone (comma-separated, e.g. 169.254.169.254/32).
+    /// Outbound destination CIDRs left alone, IPv4 or IPv6 (comma-separated, e.g.
+    /// 169.254.169.254/32,fd00:ec2::254/128); each goes to its own family's rules.
     #[arg(long, value_delimiter = ',', num_args = 0..)]
     pub exclude_outbound_cidrs: Vec<String>,
 
-    /// Remove sigil's chains and jumps instead of installing them.
+    /// Remove sigil's chains and jumps (of both families) instead of installing them.
     #[arg(long)]
     pub cleanup: bool,
 
-    /// Print the iptables-restore input instead of applying it (reads the current rules when it
-    /// may, so the text is exactly what would be applied).
+    /// Print the iptables-restore input instead of applying it, each family's after a
+    /// `# <command>` comment line (reads the current rules when it may, so the text is exactly
+    /// what would be applied).
     #[arg(long)]
     pub dry_run: bool,
 
@@ -106,6 +123,29 @@ pub struct InitConfig {
     /// iptables-legacy or iptables-nft to choose a backend, or a full path.
     #[arg(long, default_value = DEFAULT_IPTABLES)]
     pub iptables: String,
+
+    /// The ip6tables command, run as `<IP6TABLES>-save` and `<IP6TABLES>-restore`. Default:
+    /// --iptables with `iptables` replaced by `ip6tables`, i.e. the same backend
+    /// (iptables-nft → ip6tables-nft, /usr/sbin/iptables → /usr/sbin/ip6tables).
+    #[arg(long)]
+    pub ip6tables: Option<String>,
+
+    /// IPv6 redirection. auto: when the namespace has IPv6; on: required (fails without IPv6);
+    /// off: none, and IPv6 traffic then bypasses the proxy (no mTLS, no policy). With auto or
+    /// on, init fails when IPv6 is present and its rules cannot be applied.
+    #[arg(long, value_enum, default_value_t = Ipv6Mode::Auto)]
+    pub ipv6: Ipv6Mode,
+}
+
+/// Whether `sigil proxy init` installs IPv6 rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Ipv6Mode {
+    /// When the network namespace has IPv6.
+    Auto,
+    /// Always; fails when the namespace has no IPv6.
+    On,
+    /// Never: IPv6 traffic bypasses the proxy.
+    Off,
 }
 
 /// Why `sigil proxy init` refused or failed; each message says what to do.
@@ -125,18 +165,33 @@ pub enum InitError {
     )]
     SamePorts(u16),
     #[error(
-        "--exclude-outbound-cidrs {cidr:?}: expected an IPv4 CIDR ADDRESS/PREFIX with a prefix \
-         of 0-32, e.g. 169.254.169.254/32"
+        "--exclude-outbound-cidrs {cidr:?}: expected a CIDR ADDRESS/PREFIX, IPv4 (prefix 0-32) \
+         or IPv6 (prefix 0-128), e.g. 169.254.169.254/32 or fd00:ec2::254/128"
     )]
     BadCidr { cidr: String },
     #[error(
-        "--exclude-outbound-cidrs {0:?}: IPv6 is not supported yet; sigil proxy init installs \
-         IPv4 rules only (IPv6 traffic is not redirected), so leave IPv6 CIDRs out"
+        "--iptables {iptables:?}: cannot tell the ip6tables command of the same backend (the \
+         name does not start with \"iptables\"); give --ip6tables, or --ipv6 off to leave IPv6 \
+         traffic unredirected"
     )]
-    Ipv6Cidr(String),
+    Ip6tablesUnknown { iptables: String },
+    #[error(
+        "--ipv6 on, but this network namespace has no IPv6 ({IPV6_SYSCTL} is absent or not 0); \
+         use --ipv6 auto to install the IPv4 rules alone"
+    )]
+    Ipv6Absent,
+    #[error("reading {IPV6_SYSCTL} to tell whether the namespace has IPv6: {0}")]
+    Ipv6Sysctl(#[source] io::Error),
+    #[error(
+        "this network namespace has IPv6 but sigil's IPv6 redirection could not be applied, so \
+         IPv6 traffic would bypass the proxy (no mTLS, no policy): {0}. Install ip6tables and \
+         the ip6table_nat kernel module, point --ip6tables at the ip6tables command, or accept \
+         the bypass with --ipv6 off"
+    )]
+    Ipv6Rules(#[source] Box<InitError>),
     #[error(
         "{program} not found: install iptables (Debian: apt-get install iptables), or point \
-         --iptables at it"
+         --iptables (--ip6tables for IPv6) at it"
     )]
     IptablesMissing { program: String },
     #[error(
@@ -164,58 +219,187 @@ pub enum InitError {
 /// Installs (or removes, with --cleanup) the redirection; with --dry-run prints the
 /// iptables-restore input on stdout instead.
 pub fn run(config: &InitConfig) -> Result<(), InitError> {
-    run_to(config, &mut io::stdout().lock())
+    run_to(config, Path::new(IPV6_SYSCTL), &mut io::stdout().lock())
 }
 
-fn run_to(config: &InitConfig, out: &mut impl Write) -> Result<(), InitError> {
+/// [`run`], with the IPv6 sysctl to read and the dry run's output as arguments.
+fn run_to(config: &InitConfig, ipv6_sysctl: &Path, out: &mut impl Write) -> Result<(), InitError> {
     let plan = Plan::new(config)?;
-    let iptables = Iptables::new(&config.iptables);
+    let ipv4 = Iptables::new(&config.iptables);
+    let ipv6 = Ipv6::resolve(config, ipv6_sysctl)?;
     if config.dry_run {
-        // A dry run must work without root or iptables; it then shows the transaction for a
-        // namespace with no sigil rules yet.
-        let state = iptables.nat_state().unwrap_or_else(|e| {
-            warn!(error = %e, "cannot read the current rules; showing a first install");
-            NatState::default()
-        });
-        let transaction = if config.cleanup {
-            cleanup_transaction(&state)
-        } else {
-            install_transaction(&plan, &state)
-        };
-        return out
-            .write_all(transaction.as_bytes())
-            .map_err(InitError::Print);
+        let mut text = dry_run_section(&ipv4, &plan, Family::V4, config.cleanup);
+        if let Ipv6::Install(ip6tables) = &ipv6 {
+            text += &dry_run_section(ip6tables, &plan, Family::V6, config.cleanup);
+        }
+        return out.write_all(text.as_bytes()).map_err(InitError::Print);
     }
-    let state = iptables.nat_state()?;
+    let ipv4_state = apply(&ipv4, &plan, Family::V4, config.cleanup)?;
+    let ipv6_state = match &ipv6 {
+        Ipv6::Install(ip6tables) => Some(
+            apply(ip6tables, &plan, Family::V6, config.cleanup)
+                .map_err(|e| InitError::Ipv6Rules(Box::new(e)))?,
+        ),
+        Ipv6::Absent | Ipv6::Off => None,
+    };
+    let backend = |state: &NatState| state.generated_by.clone().unwrap_or("unknown".to_owned());
+    let ip6tables = ipv6_state.as_ref().map(backend);
     if config.cleanup {
-        iptables.restore(&cleanup_transaction(&state))?;
         info!(
-            iptables = state.generated_by.as_deref().unwrap_or("unknown"),
-            removed_chains = ?state.sigil_chains,
-            removed_jumps = ?state.jumps,
+            iptables = backend(&ipv4_state),
+            ip6tables,
+            ipv6 = ipv6.name(),
+            removed_chains = ?ipv4_state.sigil_chains,
+            removed_jumps = ?ipv4_state.jumps,
+            removed_ipv6_chains = ?ipv6_state.as_ref().map(|s| &s.sigil_chains),
+            removed_ipv6_jumps = ?ipv6_state.as_ref().map(|s| &s.jumps),
             "removed sigil's iptables redirection"
         );
     } else {
-        iptables.restore(&install_transaction(&plan, &state))?;
         let cidrs: Vec<String> = plan
             .exclude_outbound_cidrs
             .iter()
             .map(ToString::to_string)
             .collect();
         info!(
-            iptables = state.generated_by.as_deref().unwrap_or("unknown"),
+            iptables = backend(&ipv4_state),
+            ip6tables,
+            ipv6 = ipv6.name(),
             proxy_uid = plan.proxy_uid,
             inbound_port = plan.inbound_port,
             outbound_port = plan.outbound_port,
             excluded_inbound_ports = ?plan.exclude_inbound_ports,
             excluded_outbound_ports = ?plan.exclude_outbound_ports,
             excluded_outbound_cidrs = ?cidrs,
-            replaced_jumps = state.jumps.len(),
-            rules = ?plan.rules(),
+            replaced_jumps = ipv4_state.jumps.len()
+                + ipv6_state.as_ref().map_or(0, |s| s.jumps.len()),
+            rules = ?plan.rules(Family::V4),
+            ipv6_rules = ?ipv6_state.as_ref().map(|_| plan.rules(Family::V6)),
             "installed sigil's iptables redirection"
         );
     }
     Ok(())
+}
+
+/// Reads one family's nat table and applies the install (or cleanup) transaction; returns
+/// what the table held before.
+fn apply(
+    iptables: &Iptables,
+    plan: &Plan,
+    family: Family,
+    cleanup: bool,
+) -> Result<NatState, InitError> {
+    let state = iptables.nat_state()?;
+    iptables.restore(&transaction(plan, &state, family, cleanup))?;
+    Ok(state)
+}
+
+/// One family's part of a dry run: a comment naming the command, then its input.
+fn dry_run_section(iptables: &Iptables, plan: &Plan, family: Family, cleanup: bool) -> String {
+    // A dry run must work without root or iptables; it then shows the transaction for a
+    // namespace with no sigil rules yet.
+    let state = iptables.nat_state().unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the current rules; showing a first install");
+        NatState::default()
+    });
+    format!(
+        "# {} {}\n{}",
+        iptables.restore,
+        RESTORE_ARGS.join(" "),
+        transaction(plan, &state, family, cleanup)
+    )
+}
+
+fn transaction(plan: &Plan, state: &NatState, family: Family, cleanup: bool) -> String {
+    if cleanup {
+        cleanup_transaction(state)
+    } else {
+        install_transaction(plan, state, family)
+    }
+}
+
+/// An address family, whose rules are applied by its own command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(address: IpAddr) -> Family {
+        match address {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// What init does about IPv6, decided from --ipv6 and the namespace.
+#[derive(Debug)]
+enum Ipv6 {
+    /// The namespace has IPv6: its rules are applied with this command.
+    Install(Iptables),
+    /// The namespace has no IPv6, so nothing can bypass the proxy over it.
+    Absent,
+    /// --ipv6 off.
+    Off,
+}
+
+impl Ipv6 {
+    fn resolve(config: &InitConfig, sysctl: &Path) -> Result<Ipv6, InitError> {
+        let present = ipv6_present(sysctl)?;
+        match (config.ipv6, present) {
+            (Ipv6Mode::Off, present) => {
+                if present {
+                    warn!(
+                        "--ipv6 off: this network namespace has IPv6 and no IPv6 rules are \
+                         installed, so IPv6 traffic bypasses the proxy (no mTLS, no policy)"
+                    );
+                }
+                Ok(Ipv6::Off)
+            }
+            (Ipv6Mode::On, false) => Err(InitError::Ipv6Absent),
+            (Ipv6Mode::Auto, false) => Ok(Ipv6::Absent),
+            (Ipv6Mode::On | Ipv6Mode::Auto, true) => {
+                let command = match &config.ip6tables {
+                    Some(command) => command.clone(),
+                    None => ip6tables_command(&config.iptables).ok_or_else(|| {
+                        InitError::Ip6tablesUnknown {
+                            iptables: config.iptables.clone(),
+                        }
+                    })?,
+                };
+                Ok(Ipv6::Install(Iptables::new(&command)))
+            }
+        }
+    }
+
+    /// For the log line.
+    fn name(&self) -> &'static str {
+        match self {
+            Ipv6::Install(_) => "installed",
+            Ipv6::Absent => "absent",
+            Ipv6::Off => "off",
+        }
+    }
+}
+
+/// Whether the namespace has IPv6: the sysctl exists and is 0.
+fn ipv6_present(sysctl: &Path) -> Result<bool, InitError> {
+    match std::fs::read_to_string(sysctl) {
+        Ok(value) => Ok(value.trim() == "0"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(InitError::Ipv6Sysctl(e)),
+    }
+}
+
+/// The ip6tables command of the same backend as `iptables`: its file name's `iptables` prefix
+/// replaced by `ip6tables`, the directory kept; `None` when the name has no such prefix.
+fn ip6tables_command(iptables: &str) -> Option<String> {
+    let name_start = iptables.rfind('/').map_or(0, |slash| slash + 1);
+    let (directory, name) = iptables.split_at(name_start);
+    let backend = name.strip_prefix(IPTABLES_NAME)?;
+    Some(format!("{directory}{IP6TABLES_NAME}{backend}"))
 }
 
 /// The validated flags.
@@ -226,7 +410,7 @@ struct Plan {
     outbound_port: u16,
     exclude_inbound_ports: Vec<u16>,
     exclude_outbound_ports: Vec<u16>,
-    exclude_outbound_cidrs: Vec<Ipv4Cidr>,
+    exclude_outbound_cidrs: Vec<Cidr>,
 }
 
 impl Plan {
@@ -241,7 +425,7 @@ impl Plan {
         }
         let exclude_outbound_cidrs = dedup(
             non_empty(&config.exclude_outbound_cidrs)
-                .map(Ipv4Cidr::parse)
+                .map(Cidr::parse)
                 .collect::<Result<_, _>>()?,
         );
         Ok(Plan {
@@ -260,9 +444,10 @@ impl Plan {
         })
     }
 
-    /// The rules of our chains and the jumps into them, as `iptables-save` prints them (so
-    /// they can be compared with its output), jumps last.
-    fn rules(&self) -> Vec<String> {
+    /// One family's rules of our chains and the jumps into them, as `iptables-save` prints
+    /// them (so they can be compared with its output), jumps last. Only the excluded CIDRs
+    /// differ between the families.
+    fn rules(&self, family: Family) -> Vec<String> {
         let mut rules = vec![format!(
             "-A {IN_REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {}",
             self.inbound_port
@@ -291,13 +476,14 @@ impl Plan {
             "-A {OUTPUT_CHAIN} -m owner --uid-owner {} -j RETURN",
             self.proxy_uid
         ));
-        // Loopback covers 127.0.0.0/8 and the application calling its own pod IP.
+        // Loopback covers 127.0.0.0/8, ::1 and the application calling its own pod IPs.
         rules.push(format!(
             "-A {OUTPUT_CHAIN} -o {LOOPBACK_INTERFACE} -j RETURN"
         ));
         rules.extend(
             self.exclude_outbound_cidrs
                 .iter()
+                .filter(|cidr| Family::of(cidr.network) == family)
                 .map(|cidr| format!("-A {OUTPUT_CHAIN} -d {cidr} -j RETURN")),
         );
         rules.extend(
@@ -356,47 +542,51 @@ fn dedup<T: PartialEq>(items: Vec<T>) -> Vec<T> {
     unique
 }
 
-/// An IPv4 network, its address masked to the prefix the way iptables stores it.
+/// An IPv4 or IPv6 network, its address masked to the prefix the way iptables stores it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Ipv4Cidr {
-    network: Ipv4Addr,
+struct Cidr {
+    network: IpAddr,
     prefix: u8,
 }
 
-impl Ipv4Cidr {
-    const MAX_PREFIX: u8 = 32;
-
-    fn parse(text: &str) -> Result<Ipv4Cidr, InitError> {
+impl Cidr {
+    fn parse(text: &str) -> Result<Cidr, InitError> {
         let bad = || InitError::BadCidr {
             cidr: text.to_owned(),
         };
         let (address, prefix) = text.split_once('/').ok_or_else(bad)?;
-        let address = match address.parse::<IpAddr>().map_err(|_| bad())? {
-            IpAddr::V4(address) => address,
-            IpAddr::V6(_) => return Err(InitError::Ipv6Cidr(text.to_owned())),
+        let address = address.parse::<IpAddr>().map_err(|_| bad())?;
+        let max_prefix = match address {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
         };
         let prefix = prefix
             .parse::<u8>()
             .ok()
-            .filter(|p| *p <= Self::MAX_PREFIX)
+            .filter(|p| *p <= max_prefix)
             .ok_or_else(bad)?;
-        let mask = u32::MAX
-            .checked_shl(u32::from(Self::MAX_PREFIX - prefix))
-            .unwrap_or(0);
-        Ok(Ipv4Cidr {
-            network: Ipv4Addr::from(u32::from(address) & mask),
-            prefix,
-        })
+        let host_bits = u32::from(max_prefix - prefix);
+        let network = match address {
+            IpAddr::V4(address) => {
+                let mask = u32::MAX.checked_shl(host_bits).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(address) & mask))
+            }
+            IpAddr::V6(address) => {
+                let mask = u128::MAX.checked_shl(host_bits).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(address) & mask))
+            }
+        };
+        Ok(Cidr { network, prefix })
     }
 }
 
-impl fmt::Display for Ipv4Cidr {
+impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.network, self.prefix)
     }
 }
 
-/// What `iptables-save -t nat` shows of sigil.
+/// What `iptables-save -t nat` (or `ip6tables-save`) shows of sigil.
 #[derive(Debug, Default, PartialEq)]
 struct NatState {
     /// The `iptables-save` version line, e.g. `iptables-save v1.8.9 (nf_tables)` (the backend).
@@ -463,9 +653,9 @@ fn rule_words(rule: &str) -> Vec<&str> {
 }
 
 /// The `iptables-restore --noflush` input that replaces whatever sigil had installed with the
-/// plan's rules: declaring a chain creates it or flushes it, old jumps are deleted, chains of
+/// plan's rules of `family`: declaring a chain creates it or flushes it, old jumps are deleted, chains of
 /// older versions that we no longer use are removed.
-fn install_transaction(plan: &Plan, state: &NatState) -> String {
+fn install_transaction(plan: &Plan, state: &NatState, family: Family) -> String {
     let stale: Vec<&str> = state
         .sigil_chains
         .iter()
@@ -477,7 +667,7 @@ fn install_transaction(plan: &Plan, state: &NatState) -> String {
     lines.extend(state.jumps.iter().map(|jump| format!("-D {jump}")));
     lines.extend(stale.iter().map(|chain| format!("-F {chain}")));
     lines.extend(stale.iter().map(|chain| format!("-X {chain}")));
-    lines.extend(plan.rules());
+    lines.extend(plan.rules(family));
     lines.push("COMMIT".to_owned());
     lines.join("\n") + "\n"
 }
@@ -493,7 +683,8 @@ fn cleanup_transaction(state: &NatState) -> String {
     lines.join("\n") + "\n"
 }
 
-/// The `-save` and `-restore` commands of one iptables backend.
+/// The `-save` and `-restore` commands of one iptables backend and family.
+#[derive(Debug)]
 struct Iptables {
     save: String,
     restore: String,

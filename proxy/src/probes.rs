@@ -5,6 +5,8 @@
 //! port is not intercepted and not subject to policies, and only the configured probes can be
 //! reached through it: one path (or gRPC service) on one port each, GET only.
 
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +43,7 @@ pub enum ProbeKind {
 }
 
 /// `--app-probe NAME=[http:|https:|tcp:|grpc:]PORT[/PATH][#HEADER=VALUE]...`: the probe
-/// `/app-health/NAME` asks `127.0.0.1:PORT`; for `grpc:` the PATH (without its slash) is the
+/// `/app-health/NAME` asks `127.0.0.1:PORT` (`[::1]:PORT` if that refuses); for `grpc:` the PATH (without its slash) is the
 /// service name checked. HTTP(S) probes send each `#HEADER=VALUE` (the pod's `httpHeaders`,
 /// VALUE percent-encoded), a `Host` among them replacing the default, as Istio's agent does.
 #[derive(Clone, PartialEq, Eq, serde::Serialize)]
@@ -190,15 +192,13 @@ async fn probe(
 
 /// One probe of the application; the status code to answer with.
 async fn ask(probe: &AppProbe) -> Result<u16, String> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], probe.port));
-    let connect = || async move {
-        dial::connect(addr, PROBE_TIMEOUT)
-            .await
-            .map_err(|e| format!("connecting to {addr}: {e}"))
-    };
+    let tcp = |addr| dial::connect(addr, PROBE_TIMEOUT);
     match probe.kind {
-        ProbeKind::Tcp => connect().await.map(|_| 200),
-        ProbeKind::Http => http_get(probe, addr, TokioIo::new(connect().await?)).await,
+        ProbeKind::Tcp => on_loopback(probe.port, tcp).await.map(|_| 200),
+        ProbeKind::Http => {
+            let (addr, stream) = on_loopback(probe.port, tcp).await?;
+            http_get(probe, addr, TokioIo::new(stream)).await
+        }
         ProbeKind::Https => {
             let provider = sigil_identity::tls::crypto_provider();
             let config = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -207,29 +207,75 @@ async fn ask(probe: &AppProbe) -> Result<u16, String> {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(KubeletLikeVerifier(provider)))
                 .with_no_client_auth();
+            let (addr, stream) = on_loopback(probe.port, tcp).await?;
             let name = ServerName::IpAddress(addr.ip().into());
             let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, connect().await?)
+                .connect(name, stream)
                 .await
                 .map_err(|e| format!("TLS to {addr}: {e}"))?;
             http_get(probe, addr, TokioIo::new(tls)).await
         }
-        ProbeKind::Grpc => grpc_check(probe, addr).await,
+        ProbeKind::Grpc => {
+            let (_, channel) = on_loopback(probe.port, grpc_channel).await?;
+            grpc_check(probe, channel).await
+        }
     }
 }
 
-/// `grpc.health.v1.Health/Check` of the service named by the probe's path: 200 when SERVING,
-/// 503 otherwise.
-async fn grpc_check(probe: &AppProbe, addr: std::net::SocketAddr) -> Result<u16, String> {
-    use sigil_proto::grpc::health::v1::health_check_response::ServingStatus;
-    use sigil_proto::grpc::health::v1::{HealthCheckRequest, health_client::HealthClient};
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| e.to_string())?
+/// `connect` to the application's `port` on loopback: at 127.0.0.1, or at ::1 when nothing
+/// listens on 127.0.0.1 (an application bound to `::1`, or to `[::]` with IPV6_V6ONLY, as in
+/// IPv6-only pods); with the address that answered.
+async fn on_loopback<T, E, F, Fut>(port: u16, connect: F) -> Result<(SocketAddr, T), String>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::error::Error + 'static,
+{
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    match connect(v4).await {
+        Ok(connected) => Ok((v4, connected)),
+        Err(e) if refused(&e) => {
+            let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+            connect(v6)
+                .await
+                .map(|connected| (v6, connected))
+                .map_err(|e6| format!("connecting to {v4}: {e}; to {v6}: {e6}"))
+        }
+        Err(e) => Err(format!("connecting to {v4}: {e}")),
+    }
+}
+
+/// Whether `error`, or an error it wraps, is a refused TCP connection (nothing listening).
+fn refused(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(error) = next {
+        if error
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        next = error.source();
+    }
+    false
+}
+
+/// An HTTP/2 channel to the application's gRPC server at `addr`.
+async fn grpc_channel(
+    addr: SocketAddr,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(PROBE_TIMEOUT)
         .timeout(PROBE_TIMEOUT)
         .connect()
         .await
-        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+}
+
+/// `grpc.health.v1.Health/Check` of the service named by the probe's path: 200 when SERVING,
+/// 503 otherwise.
+async fn grpc_check(probe: &AppProbe, channel: tonic::transport::Channel) -> Result<u16, String> {
+    use sigil_proto::grpc::health::v1::health_check_response::ServingStatus;
+    use sigil_proto::grpc::health::v1::{HealthCheckRequest, health_client::HealthClient};
     let service = probe.path.trim_start_matches('/').to_string();
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest { service })
@@ -242,7 +288,7 @@ async fn grpc_check(probe: &AppProbe, addr: std::net::SocketAddr) -> Result<u16,
 }
 
 /// One GET of `probe.path` over `io`; the status code.
-async fn http_get<I>(probe: &AppProbe, addr: std::net::SocketAddr, io: I) -> Result<u16, String>
+async fn http_get<I>(probe: &AppProbe, addr: SocketAddr, io: I) -> Result<u16, String>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -534,6 +580,70 @@ mod tests {
         assert!(
             unknown.contains("NotFound") || unknown.contains("not found"),
             "{unknown}"
+        );
+    }
+
+    /// An application listening on ::1 only (or on `[::]` with IPV6_V6ONLY, as in an IPv6-only
+    /// pod): 127.0.0.1 refuses, and every kind of probe reaches it at [::1].
+    #[tokio::test]
+    async fn probes_fall_back_to_ipv6_loopback_when_ipv4_loopback_refuses() {
+        let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err(),
+            "nothing on 127.0.0.1:{port}"
+        );
+        let http_app = tokio::spawn(async move {
+            let mut hosts = Vec::new();
+            for _ in 0..2 {
+                let (mut tcp, _) = listener.accept().await.unwrap();
+                let mut head = vec![0u8; 4096];
+                let n = tokio::io::AsyncReadExt::read(&mut tcp, &mut head)
+                    .await
+                    .unwrap_or(0);
+                hosts.push(String::from_utf8_lossy(&head[..n]).to_lowercase());
+                let answer = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n";
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, answer).await;
+            }
+            hosts
+        });
+        let tcp = parse_app_probe(&format!("db-live=tcp:{port}")).unwrap();
+        assert_eq!(ask(&tcp).await, Ok(200));
+        let http = parse_app_probe(&format!("web-live={port}/healthz")).unwrap();
+        assert_eq!(ask(&http).await, Ok(204));
+        let heads = http_app.await.unwrap();
+        assert!(
+            heads[1].contains(&format!("host: [::1]:{port}")),
+            "{}",
+            heads[1]
+        );
+
+        // gRPC too, through tonic's own connector.
+        let listener = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    sigil_proto::grpc::health::v1::health_server::HealthServer::new(Health),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let grpc = parse_app_probe(&format!("app-live=grpc:{port}")).unwrap();
+        assert_eq!(ask(&grpc).await, Ok(200));
+
+        // Neither family listening: the probe fails naming both addresses.
+        let gone = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let port = gone.local_addr().unwrap().port();
+        drop(gone);
+        let failed = ask(&parse_app_probe(&format!("x=tcp:{port}")).unwrap())
+            .await
+            .unwrap_err();
+        assert!(
+            failed.contains(&format!("127.0.0.1:{port}"))
+                && failed.contains(&format!("[::1]:{port}")),
+            "{failed}"
         );
     }
 }

@@ -2,7 +2,8 @@
 //! Services), the listeners (transparent or explicit), the admin and metrics endpoints,
 //! readiness, and the drain on SIGTERM.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
@@ -27,6 +28,7 @@ use crate::pool::Pools;
 use crate::ratelimit::RateLimits;
 use crate::tls::TlsState;
 use crate::{admin as proxy_admin, probes, routes, sds, services};
+use sigil_proxy_api::METRICS_PORT;
 use sigil_proxy_api::mesh::MeshSnapshot;
 use sigil_proxy_api::routes::RouteTable;
 use sigil_proxy_api::services::ServiceTable;
@@ -48,10 +50,37 @@ pub enum ProxyError {
     },
 }
 
-/// The listeners of one mode, bound before anything is announced as ready.
+/// The listeners of one mode, bound before anything is announced as ready: in transparent
+/// mode one per address family and direction, in explicit mode the given addresses.
 struct Listeners {
-    inbound: Option<(TcpListener, AppTarget)>,
-    outbound: Option<(TcpListener, Upstream)>,
+    inbound: Vec<(TcpListener, AppTarget)>,
+    outbound: Vec<(TcpListener, Upstream)>,
+}
+
+/// `EAFNOSUPPORT` (Linux): no IPv6 socket can be made at all (kernel booted with
+/// `ipv6.disable=1`).
+const EAFNOSUPPORT: i32 = 97;
+
+/// Whether binding an IPv6 address failed because the network namespace has no IPv6 (rather than
+/// because the port is taken or not ours).
+fn ipv6_unavailable(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::AddrNotAvailable || error.raw_os_error() == Some(EAFNOSUPPORT)
+}
+
+/// A listening socket on `addr`, as `TcpListener::bind` makes one (SO_REUSEADDR, backlog 1024);
+/// an IPv6 one accepts IPv6 only when `v6_only`, else IPv4 too (as IPv4-mapped addresses),
+/// whatever `net.ipv6.bindv6only` says.
+fn listen(addr: SocketAddr, v6_only: bool) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(v6_only)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
@@ -60,29 +89,94 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Proxy
         .map_err(|source| ProxyError::Bind { what, addr, source })
 }
 
+/// Transparent mode's listeners on `port`: `0.0.0.0` and `[::]` (IPv6 only), one socket per
+/// family, so that each accepted connection's family is its socket's (the original destination
+/// is asked of the right family, and no IPv4-mapped address reaches policies, mesh membership or
+/// logs). IPv6 is skipped where the network namespace has none; any other failure is fatal.
+fn bind_each_family(what: &'static str, port: u16) -> Result<Vec<TcpListener>, ProxyError> {
+    let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let mut listeners = vec![listen(v4, true).map_err(|source| ProxyError::Bind {
+        what,
+        addr: v4,
+        source,
+    })?];
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    match listen(v6, true) {
+        Ok(listener) => listeners.push(listener),
+        Err(e) if ipv6_unavailable(&e) => {
+            info!(what, addr = %v6, error = %e, "no IPv6 in this network namespace: listening on IPv4 only");
+        }
+        Err(source) => {
+            return Err(ProxyError::Bind {
+                what,
+                addr: v6,
+                source,
+            });
+        }
+    }
+    Ok(listeners)
+}
+
+/// The metrics endpoint: the given address as given, or by default `[::]:15020` for both
+/// families (the kubelet and Prometheus reach the pod at its IPv6 address in IPv6-only
+/// clusters).
+fn bind_metrics(given: Option<SocketAddr>) -> Result<TcpListener, ProxyError> {
+    let what = "the metrics endpoint";
+    match given {
+        // `[::]:P` is both families; a specific IPv6 address is that address only.
+        Some(addr) => listen(addr, !addr.ip().is_unspecified())
+            .map_err(|source| ProxyError::Bind { what, addr, source }),
+        None => bind_dual_stack(what, METRICS_PORT),
+    }
+}
+
+/// One socket on `[::]:port` taking both families, or on `0.0.0.0:port` where the network
+/// namespace has no IPv6.
+fn bind_dual_stack(what: &'static str, port: u16) -> Result<TcpListener, ProxyError> {
+    let dual = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+    match listen(dual, false) {
+        Ok(listener) => Ok(listener),
+        Err(e) if ipv6_unavailable(&e) => {
+            info!(what, error = %e, "no IPv6 in this network namespace: listening on IPv4 only");
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+            listen(v4, true).map_err(|source| ProxyError::Bind {
+                what,
+                addr: v4,
+                source,
+            })
+        }
+        Err(source) => Err(ProxyError::Bind {
+            what,
+            addr: dual,
+            source,
+        }),
+    }
+}
+
 async fn bind_listeners(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
     if !config.explicit {
         if config.inbound_port == config.outbound_port {
             return Err(ProxyError::SamePorts);
         }
-        let any = |port| SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let inbound = bind_each_family("the inbound listener", config.inbound_port)?;
+        let outbound = bind_each_family("the outbound listener", config.outbound_port)?;
         return Ok(Listeners {
-            inbound: Some((
-                bind("the inbound listener", any(config.inbound_port)).await?,
-                AppTarget::OriginalPort,
-            )),
-            outbound: Some((
-                bind("the outbound listener", any(config.outbound_port)).await?,
-                Upstream::OriginalDestination,
-            )),
+            inbound: inbound
+                .into_iter()
+                .map(|listener| (listener, AppTarget::OriginalPort))
+                .collect(),
+            outbound: outbound
+                .into_iter()
+                .map(|listener| (listener, Upstream::OriginalDestination))
+                .collect(),
         });
     }
     let inbound = match (config.inbound_listen, config.inbound_app) {
-        (Some(listen), Some(app)) => Some((
+        (Some(listen), Some(app)) => vec![(
             bind("the inbound listener", listen).await?,
             AppTarget::Fixed(app),
-        )),
-        _ => None,
+        )],
+        _ => Vec::new(),
     };
     let outbound = match (
         config.outbound_listen,
@@ -91,14 +185,14 @@ async fn bind_listeners(config: &ProxyConfig) -> Result<Listeners, ProxyError> {
     ) {
         (Some(listen), Some(upstream), Some(identity)) => {
             let identity = SpiffeId::parse(identity).map_err(ProxyError::OutboundIdentity)?;
-            Some((
+            vec![(
                 bind("the outbound listener", listen).await?,
                 Upstream::Fixed(upstream, identity),
-            ))
+            )]
         }
-        _ => None,
+        _ => Vec::new(),
     };
-    if inbound.is_none() && outbound.is_none() {
+    if inbound.is_empty() && outbound.is_empty() {
         return Err(ProxyError::NothingToServe);
     }
     Ok(Listeners { inbound, outbound })
@@ -178,7 +272,7 @@ pub async fn run(
     );
 
     let admin_listener = bind("the admin endpoint", config.admin_addr).await?;
-    let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
+    let metrics_listener = bind_metrics(config.metrics_addr)?;
     let (endpoints_stop_tx, endpoints_stop) = watch::channel(false);
     tokio::spawn({
         let (config, tls, mesh, routes, ready, stop) = (
@@ -247,24 +341,26 @@ pub async fn run(
     let (inbound_stop_tx, inbound_stop) = watch::channel(false);
     let (outbound_stop_tx, outbound_stop) = watch::channel(false);
     let mut accepting = Vec::new();
-    if let Some((listener, target)) = listeners.inbound {
+    // One accept loop per listener (per family in transparent mode), all stopped together.
+    for (listener, target) in listeners.inbound {
         info!(addr = %local(&listener), app = ?target, "inbound listener");
         let shared = shared.clone();
         accepting.push(tokio::spawn(forward::accept_loop(
             listener,
             Direction::Inbound,
             tracker.clone(),
-            inbound_stop,
+            inbound_stop.clone(),
             move |stream, peer| inbound::handle(stream, peer, target, shared.clone()),
         )));
     }
-    if let Some((listener, upstream)) = listeners.outbound {
+    for (listener, upstream) in listeners.outbound {
         info!(addr = %local(&listener), ?upstream, "outbound listener");
+        let shared = shared.clone();
         accepting.push(tokio::spawn(forward::accept_loop(
             listener,
             Direction::Outbound,
             tracker.clone(),
-            outbound_stop,
+            outbound_stop.clone(),
             move |stream, peer| outbound::handle(stream, peer, upstream.clone(), shared.clone()),
         )));
     }
@@ -324,4 +420,105 @@ fn readiness(
         .watch("policies", policies, Option::is_some)
         .watch("not_draining", draining, |draining| !*draining)
         .spawn()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// A port free on both families right now.
+    fn free_port() -> u16 {
+        let probe = listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), false).unwrap();
+        probe.local_addr().unwrap().port()
+    }
+
+    /// The peer address `listener` sees for a connection from `to`'s family to `to`.
+    async fn peer_seen(listener: &TcpListener, to: SocketAddr) -> SocketAddr {
+        let (_client, accepted) = tokio::join!(TcpStream::connect(to), listener.accept());
+        accepted.unwrap().1
+    }
+
+    #[tokio::test]
+    async fn transparent_listeners_are_one_socket_per_family_on_the_same_port() {
+        let port = free_port();
+        let listeners = bind_each_family("the test listener", port).unwrap();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        assert_eq!(
+            addrs,
+            [
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+            ]
+        );
+        // Each family arrives on its own socket, never as an IPv4-mapped address.
+        let v4 = peer_seen(&listeners[0], SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await;
+        assert_eq!(v4.ip(), Ipv4Addr::LOCALHOST);
+        let v6 = peer_seen(&listeners[1], SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await;
+        assert_eq!(v6.ip(), Ipv6Addr::LOCALHOST);
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_port_taken_by_another_process_is_fatal_not_skipped() {
+        let port = free_port();
+        let _taken = listen(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), true).unwrap();
+        match bind_each_family("the test listener", port) {
+            Err(ProxyError::Bind { addr, source, .. }) => {
+                assert_eq!(addr, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)));
+                assert_eq!(source.kind(), io::ErrorKind::AddrInUse);
+            }
+            other => panic!("expected a bind error, got {:?}", other.map(|l| l.len())),
+        }
+    }
+
+    #[test]
+    fn only_a_missing_ipv6_is_skipped() {
+        const EADDRINUSE: i32 = 98;
+        const EADDRNOTAVAIL: i32 = 99;
+        const EACCES: i32 = 13;
+        for (errno, skipped) in [
+            (EAFNOSUPPORT, true),
+            (EADDRNOTAVAIL, true),
+            (EADDRINUSE, false),
+            (EACCES, false),
+        ] {
+            let error = io::Error::from_raw_os_error(errno);
+            assert_eq!(ipv6_unavailable(&error), skipped, "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_default_metrics_socket_answers_both_families() {
+        let port = free_port();
+        let listener = bind_dual_stack("the test endpoint", port).unwrap();
+        assert_eq!(
+            listener.local_addr().unwrap(),
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+        );
+        let v6 = peer_seen(&listener, SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await;
+        assert_eq!(v6.ip(), Ipv6Addr::LOCALHOST);
+        // IPv4 arrives IPv4-mapped on a dual-stack socket, which forward::canonical undoes.
+        let v4 = peer_seen(&listener, SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await;
+        assert_eq!(v4.ip(), Ipv4Addr::LOCALHOST.to_ipv6_mapped());
+        assert_eq!(forward::canonical(v4).ip(), Ipv4Addr::LOCALHOST);
+    }
+
+    #[tokio::test]
+    async fn a_given_metrics_address_is_bound_as_given() {
+        let port = free_port();
+        let v6_only = bind_metrics(Some(SocketAddr::from((Ipv6Addr::LOCALHOST, port)))).unwrap();
+        assert!(
+            TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+                .await
+                .is_err(),
+            "[::1] takes no IPv4"
+        );
+        drop(v6_only);
+        let v4 = bind_metrics(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))).unwrap();
+        assert_eq!(
+            v4.local_addr().unwrap(),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+        );
+    }
 }

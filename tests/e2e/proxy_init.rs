@@ -1,15 +1,18 @@
 //! `sigil proxy init` for real, as root, each test in network namespaces of its own (deleted
-//! at the end, pass or fail): the rules it installs with the nf_tables and the legacy iptables
-//! backends, that a second run changes nothing, that --cleanup removes all of sigil's rules and
-//! nothing else (twice in a row too), that --dry-run prints exactly what would be applied and
-//! changes nothing; and that connections really are redirected, outbound and inbound (from a
-//! second namespace over a veth pair), except for the proxy's uid and the excluded ports and
-//! CIDRs, with the original destination readable through SO_ORIGINAL_DST as the proxy reads it.
-//! The namespaces are tests/harness/src/netns.rs's, shared with tests/e2e/proxy_netns.rs and
-//! tests/e2e/policy_netns.rs.
+//! at the end, pass or fail): the rules it installs with the nf_tables and the legacy backends,
+//! in iptables and in ip6tables (the same backend, derived from --iptables), that a second run
+//! changes nothing, that --cleanup removes all of sigil's rules and nothing else (twice in a row
+//! too), that --dry-run prints exactly what would be applied and changes nothing; that
+//! connections really are redirected over IPv4 and IPv6, outbound and inbound (from a second
+//! namespace over a veth pair), except for the proxy's uid and the excluded ports and CIDRs of
+//! each family, with the original destination readable through SO_ORIGINAL_DST and
+//! IP6T_SO_ORIGINAL_DST as the proxy reads it; and that init fails closed when the namespace has
+//! IPv6 and ip6tables cannot be run, unless --ipv6 off (which warns), while a namespace without
+//! IPv6 needs no ip6tables. The namespaces are tests/harness/src/netns.rs's, shared with
+//! tests/e2e/proxy_netns.rs and tests/e2e/policy_netns.rs. IPv6 addresses: 2001:2:0:20::/64.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::{Child, Output, Stdio};
 
 use sigil_test_harness::netns::{LINK_PREFIX, Netns, PYTHON, require_root, run};
 use sigil_test_harness::sigil_exe;
@@ -33,41 +36,64 @@ const OUTBOUND_PORT: &str = "15001";
 const METRICS_PORT: &str = "15020";
 /// A rule that is not sigil's, which sigil must leave alone (192.0.2.0/24 is TEST-NET-1).
 const FOREIGN_RULE: [&str; 6] = ["-A", "OUTPUT", "-d", "192.0.2.1/32", "-j", "RETURN"];
+/// The same for IPv6.
+const FOREIGN_RULE_V6: [&str; 6] = ["-A", "OUTPUT", "-d", "2001:2:0:20::ff/128", "-j", "RETURN"];
+/// IPv6 addresses from 2001:2:0:20::/64 (2001:2::/48 is for benchmarking).
+const POD_IP6: &str = "2001:2:0:20::1";
+const PEER_IP6: &str = "2001:2:0:20::2";
+const LINK_PREFIX_V6: &str = "64";
+/// Part of the link the pod is told to leave alone.
+const EXCLUDED_CIDR6: &str = "2001:2:0:20::100/120";
+const PEER_EXCLUDED_IP6: &str = "2001:2:0:20::102";
+/// What the warning of --ipv6 off says.
+const IPV6_BYPASS_WARNING: &str = "IPv6 traffic bypasses the proxy";
 
-/// Serves `LABEL=PORT` listeners on every address; each connection gets back its listener's
-/// label and the connection's original destination (SO_ORIGINAL_DST, as the proxy reads it),
-/// then is closed.
+/// Serves `LABEL=PORT` listeners on every IPv4 and every IPv6 address (one socket per family,
+/// as the proxy listens); each connection gets back its listener's label and the connection's
+/// original destination (SO_ORIGINAL_DST for IPv4, IP6T_SO_ORIGINAL_DST for IPv6, as the proxy
+/// reads them), then is closed.
 const LISTENER: &str = r#"
 import selectors, socket, struct, sys
-SO_ORIGINAL_DST = 80
+SO_ORIGINAL_DST = IP6T_SO_ORIGINAL_DST = 80
 sel = selectors.DefaultSelector()
 for spec in sys.argv[1:]:
     label, port = spec.split("=")
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", int(port)))
-    s.listen(16)
-    sel.register(s, selectors.EVENT_READ, label)
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        s = socket.socket(family)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind((address, int(port)))
+        s.listen(16)
+        sel.register(s, selectors.EVENT_READ, label)
 print("ready", flush=True)
 while True:
     for key, _ in sel.select():
         conn, _ = key.fileobj.accept()
         try:
-            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            dst = "%s:%d" % (socket.inet_ntoa(raw[4:8]), struct.unpack("!H", raw[2:4])[0])
+            if conn.family == socket.AF_INET6:
+                # struct sockaddr_in6: family, port, flow info, address, scope id.
+                raw = conn.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+                host = "[%s]" % socket.inet_ntop(socket.AF_INET6, raw[8:24])
+            else:
+                raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+                host = socket.inet_ntoa(raw[4:8])
+            dst = "%s:%d" % (host, struct.unpack("!H", raw[2:4])[0])
         except OSError:  # no connection tracking in this namespace: nothing was rewritten
-            dst = "%s:%d" % conn.getsockname()
+            host, port = conn.getsockname()[:2]
+            dst = ("[%s]:%d" if conn.family == socket.AF_INET6 else "%s:%d") % (host, port)
         conn.sendall(("%s %s" % (key.data, dst)).encode())
         conn.close()
 "#;
 
-/// Connects to each `HOST:PORT` argument and prints `HOST:PORT -> ANSWER` (or the error).
+/// Connects to each `HOST:PORT` argument (`[IPV6]:PORT` for IPv6) and prints
+/// `HOST:PORT -> ANSWER` (or the error).
 const CLIENT: &str = r#"
 import socket, sys
 for target in sys.argv[1:]:
     host, port = target.rsplit(":", 1)
     try:
-        with socket.create_connection((host, int(port)), timeout=2) as c:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2) as c:
             answer = b""
             while chunk := c.recv(256):
                 answer += chunk
@@ -81,6 +107,8 @@ for target in sys.argv[1:]:
 trait InitNetns {
     /// `sigil proxy init ARGS` in the namespace; its stdout.
     fn init(&self, args: &[&str]) -> String;
+    /// `sigil proxy init ARGS` in the namespace, whether it succeeds or not.
+    fn try_init(&self, args: &[&str]) -> Output;
     /// The nat table as `<iptables>-save` shows it, without its timestamped comments.
     fn nat(&self, iptables: &str) -> String;
     /// Runs the client script as `uid` and returns its `TARGET -> ANSWER` lines.
@@ -90,6 +118,12 @@ trait InitNetns {
 impl InitNetns for Netns {
     fn init(&self, args: &[&str]) -> String {
         self.run(&[&[sigil_exe(), "proxy", "init"], args].concat())
+    }
+
+    fn try_init(&self, args: &[&str]) -> Output {
+        self.command(&[&[sigil_exe(), "proxy", "init"], args].concat())
+            .output()
+            .expect("running sigil proxy init")
     }
 
     fn nat(&self, iptables: &str) -> String {
@@ -139,9 +173,11 @@ impl Drop for Listener {
     }
 }
 
-/// The sigil lines `iptables-save -t nat` shows for the flags of `rules_cycle`, in its order.
-fn expected_sigil_lines() -> String {
-    "\
+/// The sigil lines `iptables-save -t nat` (`ip6tables-save`) shows for the flags of
+/// `rules_cycle`, in its order, with the excluded CIDR of that family.
+fn expected_sigil_lines(excluded_cidr: &str) -> String {
+    format!(
+        "\
 :SIGIL_INBOUND - [0:0]
 :SIGIL_IN_REDIRECT - [0:0]
 :SIGIL_OUTPUT - [0:0]
@@ -155,12 +191,12 @@ fn expected_sigil_lines() -> String {
 -A SIGIL_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
 -A SIGIL_OUTPUT -m owner --uid-owner 1337 -j RETURN
 -A SIGIL_OUTPUT -o lo -j RETURN
--A SIGIL_OUTPUT -d 169.254.169.254/32 -j RETURN
+-A SIGIL_OUTPUT -d {excluded_cidr} -j RETURN
 -A SIGIL_OUTPUT -p tcp -m tcp --dport 5432 -j RETURN
 -A SIGIL_OUTPUT -j SIGIL_REDIRECT
 -A SIGIL_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 "
-    .to_owned()
+    )
 }
 
 fn sigil_lines(nat: &str) -> String {
@@ -170,12 +206,48 @@ fn sigil_lines(nat: &str) -> String {
         .collect()
 }
 
-/// Install, reinstall, dry runs and cleanups with one iptables backend.
+/// A dry run's sections: each `# COMMAND` comment line with the transaction after it.
+fn dry_run_sections(dry: &str) -> Vec<(String, String)> {
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for line in dry.lines() {
+        match (line.strip_prefix("# "), sections.last_mut()) {
+            (Some(command), _) => sections.push((command.to_owned(), String::new())),
+            (None, Some((_, body))) => *body += &format!("{line}\n"),
+            (None, None) => panic!("the dry run does not start with its command: {dry}"),
+        }
+    }
+    sections
+}
+
+/// A namespace with IPv6 whose addresses are usable at once (no duplicate address detection).
+fn ipv6_netns(role: &str) -> Netns {
+    let netns = Netns::new(NETNS_PREFIX, role);
+    netns.run(&[
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ]);
+    netns
+}
+
+/// Install, reinstall, dry runs and cleanups with one backend, IPv4 and IPv6 at once (the
+/// namespace has IPv6, so `--ipv6 auto` installs both with the same backend).
 fn rules_cycle(iptables: &str) {
     require_root(ROOT);
-    let netns = Netns::new(NETNS_PREFIX, iptables);
+    let ip6tables = iptables.replacen("iptables", "ip6tables", 1);
+    let netns = ipv6_netns(iptables);
     netns.run(&[&[iptables, "-w", "-t", "nat"][..], &FOREIGN_RULE].concat());
-    let before = netns.nat(iptables);
+    netns.run(
+        &[
+            &[ip6tables.as_str(), "-w", "-t", "nat"][..],
+            &FOREIGN_RULE_V6,
+        ]
+        .concat(),
+    );
+    let nat = || (netns.nat(iptables), netns.nat(&ip6tables));
+    let before = nat();
     let flags = [
         "--iptables",
         iptables,
@@ -184,62 +256,83 @@ fn rules_cycle(iptables: &str) {
         "--exclude-outbound-ports",
         "5432",
         "--exclude-outbound-cidrs",
-        "169.254.169.254/32",
+        "169.254.169.254/32,2001:2:0:20::fe/128",
     ];
+    let restore = |command: &str| format!("{command}-restore --noflush --wait");
 
-    // A dry run prints the whole transaction and changes nothing.
+    // A dry run prints both transactions, IPv4 first, and changes nothing.
     let dry = netns.init(&[&flags[..], &["--dry-run"]].concat());
-    assert!(dry.starts_with("*nat\n:SIGIL_INBOUND - [0:0]\n"), "{dry}");
-    assert!(
-        dry.ends_with("-A OUTPUT -p tcp -j SIGIL_OUTPUT\nCOMMIT\n"),
-        "{dry}"
-    );
-    assert!(!dry.contains("-D "), "nothing to replace yet: {dry}");
-    assert_eq!(netns.nat(iptables), before, "--dry-run changed the rules");
+    let sections = dry_run_sections(&dry);
+    let commands: Vec<&str> = sections.iter().map(|(c, _)| c.as_str()).collect();
+    assert_eq!(commands, [restore(iptables), restore(&ip6tables)], "{dry}");
+    for ((_, body), (cidr, other)) in sections.iter().zip([
+        ("169.254.169.254/32", "2001:2:0:20::fe/128"),
+        ("2001:2:0:20::fe/128", "169.254.169.254/32"),
+    ]) {
+        assert!(body.starts_with("*nat\n:SIGIL_INBOUND - [0:0]\n"), "{dry}");
+        assert!(
+            body.ends_with("-A OUTPUT -p tcp -j SIGIL_OUTPUT\nCOMMIT\n"),
+            "{dry}"
+        );
+        assert!(!body.contains("-D "), "nothing to replace yet: {dry}");
+        assert!(body.contains(&format!("-d {cidr} -j RETURN")), "{dry}");
+        assert!(!body.contains(other), "each family its own CIDRs: {dry}");
+    }
+    assert_eq!(nat(), before, "--dry-run changed the rules");
 
     let log = netns.init(&flags);
     assert!(
         log.contains("installed sigil's iptables redirection"),
         "{log}"
     );
-    let installed = netns.nat(iptables);
+    assert!(log.contains(r#""ipv6":"installed""#), "{log}");
+    let installed = nat();
     assert_eq!(
-        sigil_lines(&installed),
-        expected_sigil_lines(),
-        "{installed}"
+        sigil_lines(&installed.0),
+        expected_sigil_lines("169.254.169.254/32"),
+        "{}",
+        installed.0
     );
-    let foreign = FOREIGN_RULE.join(" ");
-    assert!(installed.contains(&foreign), "{installed}");
+    assert_eq!(
+        sigil_lines(&installed.1),
+        expected_sigil_lines("2001:2:0:20::fe/128"),
+        "{}",
+        installed.1
+    );
+    assert!(
+        installed.0.contains(&FOREIGN_RULE.join(" ")),
+        "{installed:?}"
+    );
+    assert!(
+        installed.1.contains(&FOREIGN_RULE_V6.join(" ")),
+        "{installed:?}"
+    );
 
     netns.init(&flags);
-    assert_eq!(
-        netns.nat(iptables),
-        installed,
-        "a second run changed the rules"
-    );
+    assert_eq!(nat(), installed, "a second run changed the rules");
 
     let dry = netns.init(&[&flags[..], &["--dry-run"]].concat());
-    assert!(
-        dry.contains("-D PREROUTING -p tcp -j SIGIL_INBOUND\n-D OUTPUT -p tcp -j SIGIL_OUTPUT\n"),
-        "a reinstall replaces the old jumps: {dry}"
-    );
-    assert_eq!(
-        netns.nat(iptables),
-        installed,
-        "--dry-run changed the rules"
-    );
+    for (command, body) in dry_run_sections(&dry) {
+        assert!(
+            body.contains(
+                "-D PREROUTING -p tcp -j SIGIL_INBOUND\n-D OUTPUT -p tcp -j SIGIL_OUTPUT\n"
+            ),
+            "a reinstall replaces the old jumps ({command}): {dry}"
+        );
+    }
+    assert_eq!(nat(), installed, "--dry-run changed the rules");
 
     netns.init(&["--iptables", iptables, "--cleanup"]);
-    assert_eq!(netns.nat(iptables), before, "--cleanup left something");
+    assert_eq!(nat(), before, "--cleanup left something");
     netns.init(&["--iptables", iptables, "--cleanup"]);
-    assert_eq!(
-        netns.nat(iptables),
-        before,
-        "a second --cleanup changed something"
-    );
+    assert_eq!(nat(), before, "a second --cleanup changed something");
     assert_eq!(
         netns.init(&["--iptables", iptables, "--cleanup", "--dry-run"]),
-        "*nat\nCOMMIT\n"
+        format!(
+            "# {}\n*nat\nCOMMIT\n# {}\n*nat\nCOMMIT\n",
+            restore(iptables),
+            restore(&ip6tables)
+        )
     );
 }
 
@@ -254,21 +347,87 @@ fn rules_are_idempotent_and_cleanup_removes_only_sigil_legacy() {
 }
 
 #[test]
-fn connections_are_redirected_except_the_proxy_uid_and_exclusions() {
+fn with_ipv6_present_init_fails_closed_unless_ipv6_is_off_and_without_ipv6_needs_no_ip6tables() {
     require_root(ROOT);
-    let pod = Netns::new(NETNS_PREFIX, "pod");
-    let peer = Netns::new(NETNS_PREFIX, "peer");
-    // A veth pair: eth0 in the pod, eth0 in the peer, one /24 between them.
+    let netns = ipv6_netns("v6-missing");
+    let missing = [
+        "--iptables",
+        "iptables-nft",
+        "--ip6tables",
+        "/nonexistent/sigil-test/ip6tables",
+    ];
+    let output = |out: &Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+
+    let failed = netns.try_init(&missing);
+    let message = output(&failed);
+    assert!(!failed.status.success(), "{message}");
+    for part in [
+        "IPv6 traffic would bypass the proxy",
+        "/nonexistent/sigil-test/ip6tables-save not found",
+        "--ipv6 off",
+    ] {
+        assert!(message.contains(part), "{part:?} missing: {message}");
+    }
+
+    let off = netns.init(&[&missing[..], &["--ipv6", "off"]].concat());
+    assert!(off.contains(IPV6_BYPASS_WARNING), "{off}");
+    assert!(off.contains(r#""ipv6":"off""#), "{off}");
+    assert!(
+        sigil_lines(&netns.nat("iptables-nft")).contains("-A OUTPUT -p tcp -j SIGIL_OUTPUT"),
+        "IPv4 is still redirected"
+    );
+    assert_eq!(
+        sigil_lines(&netns.nat("ip6tables-nft")),
+        "",
+        "no IPv6 rules"
+    );
+    netns.init(&[&missing[..], &["--ipv6", "off", "--cleanup"]].concat());
+
+    // A namespace without IPv6 behaves as before IPv6 support: no ip6tables needed, no warning;
+    // but --ipv6 on refuses it.
+    netns.run(&["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"]);
+    let absent = netns.init(&missing);
+    assert!(absent.contains(r#""ipv6":"absent""#), "{absent}");
+    assert!(!absent.contains(IPV6_BYPASS_WARNING), "{absent}");
+    let on = netns.try_init(&[&missing[..], &["--ipv6", "on"]].concat());
+    assert!(!on.status.success());
+    assert!(
+        output(&on).contains("--ipv6 on, but this network namespace has no IPv6"),
+        "{}",
+        output(&on)
+    );
+}
+
+#[test]
+fn connections_are_redirected_except_the_proxy_uid_and_exclusions_over_both_families() {
+    require_root(ROOT);
+    let pod = ipv6_netns("pod");
+    let peer = ipv6_netns("peer");
+    // A veth pair: eth0 in the pod, eth0 in the peer, one /24 and one /64 between them.
     pod.run(&[
         "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
     ]);
-    for (netns, addresses) in [
-        (&pod, &[POD_IP][..]),
-        (&peer, &[PEER_IP, PEER_EXCLUDED_IP][..]),
+    for (netns, addresses, addresses6) in [
+        (&pod, &[POD_IP][..], &[POD_IP6][..]),
+        (
+            &peer,
+            &[PEER_IP, PEER_EXCLUDED_IP][..],
+            &[PEER_IP6, PEER_EXCLUDED_IP6][..],
+        ),
     ] {
         for address in addresses {
             let cidr = format!("{address}/{LINK_PREFIX}");
             netns.run(&["ip", "addr", "add", &cidr, "dev", "eth0"]);
+        }
+        for address in addresses6 {
+            let cidr = format!("{address}/{LINK_PREFIX_V6}");
+            netns.run(&["ip", "-6", "addr", "add", &cidr, "dev", "eth0", "nodad"]);
         }
         netns.run(&["ip", "link", "set", "eth0", "up"]);
     }
@@ -278,7 +437,7 @@ fn connections_are_redirected_except_the_proxy_uid_and_exclusions() {
         "--exclude-outbound-ports",
         EXCLUDED_OUTBOUND_PORT,
         "--exclude-outbound-cidrs",
-        EXCLUDED_CIDR,
+        &format!("{EXCLUDED_CIDR},{EXCLUDED_CIDR6}"),
     ]);
 
     let inbound = format!("inbound={INBOUND_PORT}");
@@ -288,49 +447,67 @@ fn connections_are_redirected_except_the_proxy_uid_and_exclusions() {
     let excluded_port = format!("peer={EXCLUDED_OUTBOUND_PORT}");
     let _peer_listener = Listener::start(&peer, &["peer=80", &excluded_port]);
 
-    let app_targets = [
-        format!("{PEER_IP}:80"),
-        format!("{PEER_IP}:{EXCLUDED_OUTBOUND_PORT}"),
-        format!("{PEER_EXCLUDED_IP}:80"),
-    ];
-    assert_eq!(
-        pod.connect("0", &app_targets),
-        [
-            format!("{PEER_IP}:80 -> outbound {PEER_IP}:80"),
-            format!(
-                "{PEER_IP}:{EXCLUDED_OUTBOUND_PORT} -> peer {PEER_IP}:{EXCLUDED_OUTBOUND_PORT}"
-            ),
-            format!("{PEER_EXCLUDED_IP}:80 -> peer {PEER_EXCLUDED_IP}:80"),
-        ],
-        "outbound, as an application (root)"
-    );
-    assert_eq!(
-        pod.connect(PROXY_UID, &[format!("{PEER_IP}:80")]),
-        [format!("{PEER_IP}:80 -> peer {PEER_IP}:80")],
-        "the proxy's own uid is not redirected"
-    );
-    assert_eq!(
-        pod.connect("0", &[format!("127.0.0.1:{METRICS_PORT}")]),
-        [format!(
-            "127.0.0.1:{METRICS_PORT} -> metrics 127.0.0.1:{METRICS_PORT}"
-        )],
-        "loopback is not redirected"
-    );
+    for (peer_ip, peer_excluded_ip, pod_ip, loopback) in [
+        (PEER_IP, PEER_EXCLUDED_IP, POD_IP, "127.0.0.1"),
+        (PEER_IP6, PEER_EXCLUDED_IP6, POD_IP6, "::1"),
+    ] {
+        let host = |ip: &str| {
+            if ip.contains(':') {
+                format!("[{ip}]")
+            } else {
+                ip.to_owned()
+            }
+        };
+        let (peer_ip, peer_excluded_ip, pod_ip, loopback) = (
+            host(peer_ip),
+            host(peer_excluded_ip),
+            host(pod_ip),
+            host(loopback),
+        );
+        let app_targets = [
+            format!("{peer_ip}:80"),
+            format!("{peer_ip}:{EXCLUDED_OUTBOUND_PORT}"),
+            format!("{peer_excluded_ip}:80"),
+        ];
+        assert_eq!(
+            pod.connect("0", &app_targets),
+            [
+                format!("{peer_ip}:80 -> outbound {peer_ip}:80"),
+                format!(
+                    "{peer_ip}:{EXCLUDED_OUTBOUND_PORT} -> peer {peer_ip}:{EXCLUDED_OUTBOUND_PORT}"
+                ),
+                format!("{peer_excluded_ip}:80 -> peer {peer_excluded_ip}:80"),
+            ],
+            "outbound, as an application (root)"
+        );
+        assert_eq!(
+            pod.connect(PROXY_UID, &[format!("{peer_ip}:80")]),
+            [format!("{peer_ip}:80 -> peer {peer_ip}:80")],
+            "the proxy's own uid is not redirected"
+        );
+        assert_eq!(
+            pod.connect("0", &[format!("{loopback}:{METRICS_PORT}")]),
+            [format!(
+                "{loopback}:{METRICS_PORT} -> metrics {loopback}:{METRICS_PORT}"
+            )],
+            "loopback is not redirected"
+        );
 
-    let peer_targets = [
-        format!("{POD_IP}:8080"),
-        format!("{POD_IP}:{METRICS_PORT}"),
-        format!("{POD_IP}:{OUTBOUND_PORT}"),
-        format!("{POD_IP}:{INBOUND_PORT}"),
-    ];
-    assert_eq!(
-        peer.connect("0", &peer_targets),
-        [
-            format!("{POD_IP}:8080 -> inbound {POD_IP}:8080"),
-            format!("{POD_IP}:{METRICS_PORT} -> metrics {POD_IP}:{METRICS_PORT}"),
-            format!("{POD_IP}:{OUTBOUND_PORT} -> outbound {POD_IP}:{OUTBOUND_PORT}"),
-            format!("{POD_IP}:{INBOUND_PORT} -> inbound {POD_IP}:{INBOUND_PORT}"),
-        ],
-        "inbound, from another host"
-    );
+        let peer_targets = [
+            format!("{pod_ip}:8080"),
+            format!("{pod_ip}:{METRICS_PORT}"),
+            format!("{pod_ip}:{OUTBOUND_PORT}"),
+            format!("{pod_ip}:{INBOUND_PORT}"),
+        ];
+        assert_eq!(
+            peer.connect("0", &peer_targets),
+            [
+                format!("{pod_ip}:8080 -> inbound {pod_ip}:8080"),
+                format!("{pod_ip}:{METRICS_PORT} -> metrics {pod_ip}:{METRICS_PORT}"),
+                format!("{pod_ip}:{OUTBOUND_PORT} -> outbound {pod_ip}:{OUTBOUND_PORT}"),
+                format!("{pod_ip}:{INBOUND_PORT} -> inbound {pod_ip}:{INBOUND_PORT}"),
+            ],
+            "inbound, from another host"
+        );
+    }
 }

@@ -393,6 +393,83 @@ fn exclusion_annotations_reach_the_init_container() {
 }
 
 #[test]
+fn cidr_annotations_take_ipv4_and_ipv6_with_their_prefix() {
+    for good in [
+        "169.254.169.254/32",
+        "0.0.0.0/0",
+        "2001:2:0:20::/64",
+        "fd00:ec2::254/128",
+        "::/0",
+    ] {
+        assert!(check_cidr(good), "{good}");
+    }
+    for bad in [
+        // Without a prefix `sigil proxy init` refuses it, so the pod would never start.
+        "169.254.169.254",
+        "2001:2:0:20::1",
+        "198.18.0.0/33",
+        "2001:2:0:20::/129",
+        "2001:2:0:20:::/64",
+        "[2001:2:0:20::]/64",
+        "example.com/32",
+        "198.18.0.0/x",
+    ] {
+        assert!(!check_cidr(bad), "{bad}");
+    }
+    let mut review = web_review();
+    review["request"]["object"]["metadata"]["annotations"] =
+        json!({EXCLUDE_OUTBOUND_CIDRS: "169.254.169.254/32, fd00:ec2::254/128"});
+    let args = patched(&review, &answer(&review).0)["spec"]["initContainers"][0]["args"].clone();
+    assert_eq!(
+        args.as_array().unwrap()[4..],
+        [
+            json!("--exclude-outbound-cidrs"),
+            json!("169.254.169.254/32,fd00:ec2::254/128")
+        ]
+    );
+    review["request"]["object"]["metadata"]["annotations"] =
+        json!({EXCLUDE_OUTBOUND_CIDRS: "fd00:ec2::254/129"});
+    let (response, outcome) = answer(&review);
+    assert!(matches!(outcome, Outcome::Denied(_)), "{outcome:?}");
+    let message = response["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("\"fd00:ec2::254/129\" is not valid (expected a comma-separated list of IPv4 or IPv6 CIDRs"),
+        "{message}"
+    );
+}
+
+#[test]
+fn the_ipv6_annotation_reaches_the_init_container_and_a_bad_one_is_refused() {
+    let init_args = |annotations: Value| {
+        let mut review = web_review();
+        review["request"]["object"]["metadata"]["annotations"] = annotations;
+        let (response, outcome) = answer(&review);
+        (outcome, response, review)
+    };
+    for mode in ["auto", "on", "off"] {
+        let (outcome, response, review) = init_args(json!({IPV6_ANNOTATION: mode}));
+        assert_eq!(outcome, Outcome::Injected, "{response}");
+        let args = patched(&review, &response)["spec"]["initContainers"][0]["args"].clone();
+        assert_eq!(
+            args.as_array().unwrap()[4..],
+            [json!("--ipv6"), json!(mode)],
+            "{mode}"
+        );
+    }
+    let (outcome, response, review) = init_args(json!({}));
+    let args = patched(&review, &response)["spec"]["initContainers"][0]["args"].to_string();
+    assert_eq!(outcome, Outcome::Injected);
+    assert!(!args.contains("--ipv6"), "{args}");
+    let (outcome, response, _) = init_args(json!({IPV6_ANNOTATION: "false"}));
+    assert!(matches!(outcome, Outcome::Denied(_)), "{outcome:?}");
+    let message = response["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("sigil.dev/ipv6: \"false\" is not valid"),
+        "{message}"
+    );
+}
+
+#[test]
 fn the_access_log_annotation_turns_on_the_proxys_access_log_and_a_bad_one_is_refused() {
     let proxy_args = |annotations: Value| {
         let mut review = web_review();

@@ -45,7 +45,7 @@ fn service(endpoints: Vec<Endpoint>) -> Arc<MeshService> {
 fn balancer(endpoints: Vec<Endpoint>) -> (Balancers, Arc<Balancer>, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new(&mut Registry::default()));
     let balancers = Balancers::new(metrics.clone());
-    let balancer = balancers.get(&service(endpoints), &port());
+    let balancer = balancers.get(&service(endpoints), &port(), Family::V4);
     (balancers, balancer, metrics)
 }
 
@@ -166,7 +166,7 @@ fn terminating_unready_and_removed_endpoints_get_nothing_new_but_finish() {
         endpoint(3, true, true),
         endpoint(4, false, false),
     ]);
-    let balancer = balancers.get(&before, &port());
+    let balancer = balancers.get(&before, &port(), Family::V4);
     assert_eq!(balancer.ready().len(), 2);
     assert_eq!(gauge("ready"), 2);
     // Hold a request on each ready endpoint, then remove 2.
@@ -181,7 +181,7 @@ fn terminating_unready_and_removed_endpoints_get_nothing_new_but_finish() {
         }
     }
     let after = service(vec![endpoint(1, true, false), endpoint(3, true, true)]);
-    let balancer = balancers.get(&after, &port());
+    let balancer = balancers.get(&after, &port(), Family::V4);
     for _ in 0..500 {
         let pending = balancer.pick().unwrap();
         assert_eq!(pending.endpoint().addr.ip(), IpAddr::from([198, 18, 0, 1]));
@@ -198,12 +198,12 @@ fn terminating_unready_and_removed_endpoints_get_nothing_new_but_finish() {
     assert_eq!((gauge("ready"), gauge("draining")), (1, 0));
     // A new endpoint is used from the next picks on.
     let grown = service(vec![endpoint(1, true, false), endpoint(5, true, false)]);
-    let balancer = balancers.get(&grown, &port());
+    let balancer = balancers.get(&grown, &port(), Family::V4);
     let counts = picks(&balancer, 100, |_| Duration::from_millis(1));
     assert!(counts[5] > 0, "{:?}", &counts[..6]);
     // Nothing ready: no pick.
     let none = service(vec![endpoint(1, false, false), endpoint(5, true, true)]);
-    assert!(balancers.get(&none, &port()).pick().is_none());
+    assert!(balancers.get(&none, &port(), Family::V4).pick().is_none());
 }
 
 #[test]
@@ -649,7 +649,7 @@ async fn a_policy_from_the_routes_applies_to_existing_and_new_balancers_and_foll
     let metrics = Arc::new(Metrics::new(&mut Registry::default()));
     let balancers = Arc::new(Balancers::new(metrics.clone()));
     let api = service((1..=3).map(|last| endpoint(last, true, false)).collect());
-    let balancer = balancers.get(&api, &port());
+    let balancer = balancers.get(&api, &port(), Family::V4);
     let ready = balancer.ready();
     let (services_tx, services_rx) = watch::channel(None);
     let (routes_tx, routes_rx) = watch::channel(None);
@@ -679,7 +679,7 @@ async fn a_policy_from_the_routes_applies_to_existing_and_new_balancers_and_foll
     for endpoint in &mut admin.endpoints {
         endpoint.ports.insert("admin".into(), 9090);
     }
-    let later = balancers.get(&Arc::new(admin), &other);
+    let later = balancers.get(&Arc::new(admin), &other, Family::V4);
     let later_ready = later.ready();
     report(&later_ready[0], FAILURE, 2, now);
     assert!(!later_ready[0].health.is_active());

@@ -28,7 +28,7 @@ use tracing::{debug, warn};
 
 use crate::balance::{Balancer, EndpointLoad, Outcome};
 use crate::dial::{self, DialError};
-use crate::forward::{self, ConnectionLog, Counted, Prefixed, Shared};
+use crate::forward::{self, ConnectionLog, Counted, Family, Prefixed, Shared};
 use crate::l7::{self, HttpVersion, Sniffed};
 use crate::metrics::{Direction, DirectionLabels, Metrics, Security, ServiceLabels};
 use crate::tls::HandshakeFailure;
@@ -160,12 +160,14 @@ struct ServiceRoute {
 
 impl ServiceRoute {
     /// The Service port `original` is, if the agent lists a meshed Service at that cluster IP
-    /// with that port.
+    /// with that port; balanced over the endpoints of the cluster IP's family.
     fn of(shared: &Shared, original: SocketAddr) -> Option<ServiceRoute> {
         let table = shared.services.borrow().clone()?;
         let service = table.by_cluster_ip(original.ip())?.clone();
         let port = service.port(original.port())?.clone();
-        let balancer = shared.balancers.get(&service, &port);
+        let balancer = shared
+            .balancers
+            .get(&service, &port, Family::of(original.ip()));
         Some(ServiceRoute {
             service,
             port,

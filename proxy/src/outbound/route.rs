@@ -40,6 +40,7 @@ use super::requests::{CallError, RequestFacts, ResponseBody, ResponseTimers, Ser
 use super::retry::{self, Replay, RetryOutcome};
 use crate::balance::{Balancer, EndpointLoad, Outcome, random_below};
 use crate::dial;
+use crate::forward::Family;
 use crate::l7::request_metrics::{CountedBody, grpc_status};
 use crate::l7::{HttpVersion, TunnelSlot};
 use crate::metrics::RetryLabels;
@@ -196,18 +197,24 @@ impl Destination {
 pub fn destination(calls: &ServiceCalls, backend: &Backend) -> Result<Destination, String> {
     let key = ServiceKey::new(&backend.service.namespace, &backend.service.name);
     let shared = calls.shared();
+    // The backend is reached in the family the application dialled, as kube-proxy would.
+    let family = Family::of(calls.destination().ip());
     let table = shared.services.borrow().clone();
     if let Some(service) = table.as_ref().and_then(|t| t.get(&key)) {
         let Some(port) = service.port(backend.port) else {
             return Err(format!("{key} has no port {}", backend.port));
         };
-        let balancer = shared.balancers.get(service, port);
+        let balancer = shared.balancers.get(service, port, family);
         return Ok(Destination::Meshed {
             service: key,
             balancer,
         });
     }
-    match backend.cluster_ips.first() {
+    let same_family = backend
+        .cluster_ips
+        .iter()
+        .find(|ip| Family::of(**ip) == family);
+    match same_family.or(backend.cluster_ips.first()) {
         Some(ip) => Ok(Destination::Plain {
             service: key,
             addr: SocketAddr::new(*ip, backend.port),

@@ -2,7 +2,7 @@
 //! HTTP/1.1), the proxy's Service handling, and three real HTTP/2-over-mTLS endpoints with
 //! certificates of a test CA.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -754,3 +754,94 @@ async fn an_opaque_endpoint_refusing_connections_gets_none_after_the_threshold()
 }
 
 mod routes;
+
+/// kube-proxy's semantics on a dual-stack Service: a connection to its IPv6 cluster IP goes to
+/// its IPv6 endpoints only, one to its IPv4 cluster IP to its IPv4 endpoints only, and each
+/// family's balancer keeps to its family when the endpoints change.
+#[tokio::test]
+async fn each_cluster_ip_family_is_balanced_over_that_familys_endpoints() {
+    let ca = Ca::new();
+    let cluster_v6: IpAddr = "2001:2:0:ff::10".parse().unwrap();
+    let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let endpoints = |list: &[&str]| -> Vec<(SocketAddr, String, bool)> {
+        list.iter()
+            .enumerate()
+            .map(|(n, a)| (addr(a), id(n), true))
+            .collect()
+    };
+    let dual_stack = |list: &[&str]| {
+        let mut service = mesh_service("api", CLUSTER_IP, Protocol::Http1, &endpoints(list));
+        service.cluster_ips.push(cluster_v6);
+        service
+    };
+    let proxy = Proxy::with_services(
+        &ca,
+        vec![dual_stack(&[
+            "198.18.0.1:8080",
+            "[2001:2::1]:8080",
+            "198.18.0.2:8080",
+            "[2001:2::2]:8080",
+        ])],
+        None,
+    )
+    .await;
+    let ready = |destination: SocketAddr| -> BTreeSet<SocketAddr> {
+        let route = ServiceRoute::of(&proxy.shared, destination).expect("a meshed Service");
+        route.balancer.ready().iter().map(|e| e.addr).collect()
+    };
+    let (to_v4, to_v6) = (
+        SocketAddr::from((CLUSTER_IP, 80)),
+        SocketAddr::new(cluster_v6, 80),
+    );
+    assert_eq!(
+        ready(to_v4),
+        BTreeSet::from([addr("198.18.0.1:8080"), addr("198.18.0.2:8080")])
+    );
+    assert_eq!(
+        ready(to_v6),
+        BTreeSet::from([addr("[2001:2::1]:8080"), addr("[2001:2::2]:8080")])
+    );
+    let picked = ServiceRoute::of(&proxy.shared, to_v6)
+        .unwrap()
+        .balancer
+        .pick()
+        .unwrap();
+    assert!(picked.endpoint().addr.is_ipv6());
+    drop(picked);
+
+    // The balancers follow the table: an endpoint of each family leaves, one IPv6 one arrives.
+    let balancer = |to: SocketAddr| ServiceRoute::of(&proxy.shared, to).unwrap().balancer;
+    let (v4_balancer, v6_balancer) = (balancer(to_v4), balancer(to_v6));
+    let follow = tokio::spawn(
+        proxy
+            .shared
+            .balancers
+            .clone()
+            .follow(proxy.shared.services.clone(), proxy.shared.routes.clone()),
+    );
+    let table = ServiceTable::new(
+        2,
+        [dual_stack(&[
+            "198.18.0.1:8080",
+            "[2001:2::1]:8080",
+            "[2001:2::3]:8080",
+        ])],
+    );
+    proxy._feeds.1.send(Some(Arc::new(table))).unwrap();
+    let addrs = |b: &crate::balance::Balancer| -> BTreeSet<SocketAddr> {
+        b.ready().iter().map(|e| e.addr).collect()
+    };
+    let want_v6 = BTreeSet::from([addr("[2001:2::1]:8080"), addr("[2001:2::3]:8080")]);
+    for _ in 0..100 {
+        if addrs(&v6_balancer) == want_v6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(addrs(&v6_balancer), want_v6);
+    assert_eq!(
+        addrs(&v4_balancer),
+        BTreeSet::from([addr("198.18.0.1:8080")])
+    );
+    follow.abort();
+}
