@@ -8,16 +8,17 @@
 //!    it is (not IPv4-mapped);
 //! 2. what crosses the wire is TLS: with a raw listener in B's proxy's place, every connection
 //!    from A starts with a ClientHello;
-//! 3. STRICT refuses IPv6 plaintext from a client outside the mesh (in C), directly and through
-//!    the cluster IP that C routes with ip6tables as kube-proxy does;
+//! 3. STRICT refuses IPv6 plaintext from a client outside the mesh (pod U, no proxy), directly
+//!    and through the cluster IP that the node routes with ip6tables as kube-proxy does;
 //! 4. an `ipBlocks` / `notIpBlocks` policy on an IPv6 CIDR allows and denies as written, and an
 //!    IPv4 block never matches an IPv6 caller (a dual-stack caller over IPv4 does match it);
 //! 5. nothing bypasses the proxies over either family: from A, as root and as another uid, to
 //!    B's IPv4 address, IPv6 address, IPv6 link-local address and IPv4-mapped IPv6 address, on
 //!    B's app port and on a port nothing uses, every connection that reaches B is a ClientHello
 //!    on B's inbound port (the link-local one never arrives: its original destination has no
-//!    scope), B's app and the other port see nothing, and `ip6tables-save -t nat` shows the
-//!    `SIGIL_` chains in both pods.
+//!    scope, though B's link-local address is reachable, as A's proxy uid shows), B's app and
+//!    the other port see nothing, and `ip6tables-save -t nat` shows the `SIGIL_` chains in both
+//!    pods.
 //!
 //! ```text
 //!      pod A (netns)                               pod B (netns)
@@ -28,10 +29,10 @@
 //!   eth0 198.18.11.10/24, 2001:2:0:11::a/64       eth0 198.18.11.11/24, 2001:2:0:11::b/64
 //!     └──── veth-a ───────┐       ┌──────── veth-b ┘                               (dual-stack)
 //!                       ┌─┴───────┴─┐
-//!                       │ br0       │ netns C: 2001:2:0:10::1 (and 198.18.11.1); the plaintext
-//!                       └───────────┘ client, the cluster IP [2001:2:0:ff::10]:80 (ip6tables
-//!                                     DNAT to B), the reader of the proxies' /metrics on
-//!                                     [<pod IPv6>]:15020
+//!                       │ br0       │ netns C: 2001:2:0:10::1 (and 198.18.11.1); the cluster
+//!                       └─────┬─────┘ IP [2001:2:0:ff::10]:80 (ip6tables DNAT to B), the reader
+//!                             │       of the proxies' /metrics on [<pod IPv6>]:15020
+//!                           veth-u ── pod U (::d, and 198.18.11.13): a plaintext client, no proxy
 //! ```
 //!
 //! The policy tests add a third meshed pod O (OPS, `::c`) on 2001:2:0:12::/64 (and
@@ -81,7 +82,7 @@ struct Topology {
     c: LinkAddrs,
     a: LinkAddrs,
     b: LinkAddrs,
-    /// The policy tests' second caller.
+    /// The policy tests' second caller, or the mesh tests' unmeshed client U.
     o: LinkAddrs,
 }
 
@@ -94,7 +95,7 @@ const IPV6_ONLY: Topology = Topology {
     c: LinkAddrs::v6(v6(0x10, 1)),
     a: LinkAddrs::v6(v6(0x10, 0xa)),
     b: LinkAddrs::v6(v6(0x10, 0xb)),
-    o: LinkAddrs::v6(v6(0x10, 0xc)),
+    o: LinkAddrs::v6(v6(0x10, 0xd)),
 };
 
 const DUAL_STACK: Topology = Topology {
@@ -102,7 +103,7 @@ const DUAL_STACK: Topology = Topology {
     c: LinkAddrs::dual(Ipv4Addr::new(198, 18, 11, 1), v6(0x11, 1)),
     a: LinkAddrs::dual(Ipv4Addr::new(198, 18, 11, 10), v6(0x11, 0xa)),
     b: LinkAddrs::dual(Ipv4Addr::new(198, 18, 11, 11), v6(0x11, 0xb)),
-    o: LinkAddrs::dual(Ipv4Addr::new(198, 18, 11, 12), v6(0x11, 0xc)),
+    o: LinkAddrs::dual(Ipv4Addr::new(198, 18, 11, 13), v6(0x11, 0xd)),
 };
 
 const POLICY_IPV6_ONLY: Topology = Topology {
@@ -279,6 +280,7 @@ async fn mesh_over(topology: Topology) {
     proxy_init(&a, WEB_UID);
     let b = node.add_pod_addrs("b", topology.b);
     proxy_init(&b, DB_UID);
+    let u = node.add_pod_addrs("u", topology.o);
     let c = &node.c;
     let (a_v6, b_v6, c_v6) = (ipv6(topology.a), ipv6(topology.b), ipv6(topology.c));
     let _service = ClusterIpService::new(
@@ -381,39 +383,41 @@ async fn mesh_over(topology: Topology) {
         "no mTLS connection from {a_v6} to [{b_v6}]:{APP_PORT} as WEB in B's log:\n{connections:#?}"
     );
 
-    // 3. STRICT: plaintext from C (no proxy there) to each of B's addresses and to the IPv6
-    // cluster IP (which C DNATs to B) is refused before B's app sees it.
+    // 3. STRICT: plaintext from U (a pod without proxy) to each of B's addresses and to the
+    // IPv6 cluster IP (which C DNATs to B, masquerading as C) is refused before B's app sees
+    // it; B's log names each caller's address of the family it used, as it is.
     let before = app.requests().len();
+    let mut callers: Vec<String> = Vec::new();
     for &(ip, port) in &targets {
-        let refused = get(c, ip, port, "/plaintext").await;
+        let refused = get(&u, ip, port, "/plaintext").await;
         assert!(refused.is_err(), "STRICT let plaintext to {ip}:{port} in");
+        let caller = match ip {
+            IpAddr::V4(_) => IpAddr::from(topology.o.v4.unwrap()),
+            IpAddr::V6(_) if ip == IpAddr::from(CLUSTER_IP) => c_v6.into(),
+            IpAddr::V6(_) => ipv6(topology.o).into(),
+        };
+        callers.push(caller.to_string());
     }
-    let refusals = targets.len() as f64;
-    eventually("B's not_tls refusals", || async {
-        b_proxy.metric(NOT_TLS).await == refusals
-    })
-    .await;
-    let from_c_v6 = format!("[{c_v6}]:");
-    let refused: Vec<Value> = b_proxy
-        .access_log()
-        .into_iter()
-        .filter(|l| l["result"] == "not_tls")
-        .collect();
-    assert!(
-        refused.iter().all(|l| l["source_identity"].is_null()),
-        "{refused:#?}"
-    );
-    assert_eq!(
+    callers.sort();
+    let not_tls_lines = || {
+        let mut refused: Vec<String> = b_proxy
+            .access_log()
+            .into_iter()
+            .filter(|l| l["result"] == "not_tls" && l["source_identity"].is_null())
+            .filter_map(|l| {
+                let source: SocketAddr = l["source"].as_str()?.parse().ok()?;
+                Some(source.ip().to_string())
+            })
+            .collect();
+        refused.sort();
         refused
-            .iter()
-            .filter(|l| l["source"]
-                .as_str()
-                .unwrap_or_default()
-                .starts_with(&from_c_v6))
-            .count(),
-        targets.iter().filter(|(ip, _)| ip.is_ipv6()).count(),
-        "{refused:#?}"
-    );
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while not_tls_lines().len() < callers.len() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(not_tls_lines(), callers, "B:\n{}", b_proxy.logs());
+    assert_eq!(b_proxy.metric(NOT_TLS).await, callers.len() as f64);
     assert_eq!(app.requests().len(), before, "B's app saw plaintext");
 
     // 5. (and 2.) Nothing bypasses the proxies: with raw listeners in B's proxy's place (its
@@ -480,22 +484,22 @@ async fn mesh_over(topology: Topology) {
         "B's app was reached: {:?}\n{report}",
         app.requests()
     );
-    let link_local_failures = a_proxy
-        .access_log()
-        .into_iter()
-        .filter(|l| {
-            l["destination"]
-                .as_str()
-                .unwrap_or_default()
-                .starts_with("[fe80:")
-                && l["result"] != "ok"
-        })
-        .count();
-    assert_eq!(
-        link_local_failures,
-        2 * 2,
-        "A's proxy did not refuse the link-local attempts:\n{}\n{report}",
-        a_proxy.logs()
+    // B's link-local address is reachable (so its attempts were stopped, not lost): A's
+    // proxy's uid, which A's rules exempt, reaches B over it in plaintext.
+    let mut exempt = tokio::process::Command::from(a.command_as(
+        &WEB_UID.to_string(),
+        &[PYTHON, "-I", "-c", CONNECT_ALL, &b_link_local, &unused_port],
+    ));
+    let exempt = exempt.output().await.unwrap();
+    eventually("the exempt uid's link-local connection at B", || async {
+        inbound.requests().len() > arriving
+    })
+    .await;
+    let last = inbound.requests().pop().unwrap();
+    // "GET /bypass" in hex: plaintext, as sent.
+    assert!(
+        last.contains("474554202f627970617373"),
+        "{last}: {exempt:?}"
     );
     for pod in [&a, &b] {
         let rules = pod.run(&["ip6tables-save", "-t", "nat"]);
