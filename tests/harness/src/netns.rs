@@ -17,8 +17,8 @@
 //! IPv6 (issue 17): nodes and pods may be IPv6-only or dual-stack ([`LinkAddrs`]), with
 //! addresses from 2001:2::/48 (RFC 5180's benchmarking range), a /64 per test module:
 //! 2001:2:0:10::/64 (IPv6-only pods) and 2001:2:0:11::/64 with 198.18.11.0/24 (dual-stack pods)
-//! for tests/e2e/proxy_ipv6.rs, 2001:2:0:12::/64 with 198.18.12.0/24 for its policy tests, and
-//! 2001:2:0:ff::/64 for IPv6 cluster IPs. Duplicate address detection is off in every namespace
+//! for tests/e2e/proxy_ipv6.rs, 2001:2:0:12::/64 with 198.18.12.0/24 for its policy tests,
+//! 2001:2:0:20::/64 for tests/e2e/proxy_init.rs, and 2001:2:0:ff::/64 for IPv6 cluster IPs. Duplicate address detection is off in every namespace
 //! (and addresses are added `nodad`): a tentative address cannot be bound or connected from for
 //! the second or two DAD takes, which would make every test wait or flake.
 
