@@ -33,6 +33,7 @@ mod proxy_explicit;
 mod proxy_hardening;
 mod proxy_inbound_l7;
 mod proxy_init;
+mod proxy_ipv6;
 mod proxy_l7_peers;
 mod proxy_netns;
 mod proxy_peers;

@@ -13,10 +13,18 @@
 //! tests/e2e/proxy_init.rs, 198.18.1.x and 198.18.2.x for tests/e2e/policy_netns.rs, 198.18.3.x
 //! and 198.19.0.x for tests/e2e/proxy_balance.rs, 198.18.42.x and 198.19.42.x for
 //! tests/e2e/observability_dashboards.rs) exist only inside its namespaces.
+//!
+//! IPv6 (issue 17): nodes and pods may be IPv6-only or dual-stack ([`LinkAddrs`]), with
+//! addresses from 2001:2::/48 (RFC 5180's benchmarking range), a /64 per test module:
+//! 2001:2:0:10::/64 (IPv6-only pods) and 2001:2:0:11::/64 with 198.18.11.0/24 (dual-stack pods)
+//! for tests/e2e/proxy_ipv6.rs, 2001:2:0:12::/64 with 198.18.12.0/24 for its policy tests,
+//! 2001:2:0:20::/64 for tests/e2e/proxy_init.rs, and 2001:2:0:ff::/64 for IPv6 cluster IPs. Duplicate address detection is off in every namespace
+//! (and addresses are added `nodad`): a tentative address cannot be bound or connected from for
+//! the second or two DAD takes, which would make every test wait or flake.
 
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,8 +40,10 @@ use crate::{PodCgroup, Proc, metric, sigil_exe};
 
 /// Debian's python3: unprivileged uids can run it (pyenv's lives under /root, mode 0700).
 pub const PYTHON: &str = "/usr/bin/python3";
-/// The prefix length of every address the tests put on a link (all of them share one /24).
+/// The prefix length of every IPv4 address the tests put on a link (all of them share one /24).
 pub const LINK_PREFIX: &str = "24";
+/// The prefix length of every IPv6 address the tests put on a link (all of them share one /64).
+pub const LINK_PREFIX_V6: &str = "64";
 /// sigil's default metrics port, which `proxy init` leaves alone.
 pub const METRICS_PORT: u16 = 15020;
 
@@ -46,6 +56,17 @@ pub fn require_root(why: &str) {
         .find_map(|line| line.strip_prefix("Uid:"))
         .and_then(|ids| ids.split_whitespace().nth(1));
     assert_eq!(euid, Some("0"), "{why}");
+}
+
+/// Whether this host's network namespaces have IPv6 (the kernel was not booted with
+/// `ipv6.disable=1`); if not, says on stderr that `test` is skipped and why. The IPv6 tests
+/// return early when this is false: IPv4-only hosts exist, and the IPv4 tests cover them.
+pub fn require_ipv6(test: &str) -> bool {
+    let present = Path::new("/proc/sys/net/ipv6").exists();
+    if !present {
+        eprintln!("skipping {test}: this host has no IPv6 (/proc/sys/net/ipv6 is absent)");
+    }
+    present
 }
 
 /// Runs a command to completion; panics with its output unless it succeeds. Returns stdout.
@@ -86,7 +107,10 @@ pub fn in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
 
 /// A TCP connection from inside the namespace `name`.
 pub async fn connect_in(name: &str, addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = in_netns(name, TcpSocket::new_v4)?;
+    let socket = in_netns(name, || match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    })?;
     tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
@@ -112,8 +136,9 @@ pub async fn http_get_in(name: &str, addr: SocketAddr, path: &str) -> io::Result
     Ok((status, body.to_owned()))
 }
 
-/// A network namespace of this test process, `<prefix>-<pid>-<role>`, with its loopback up;
-/// deleted on drop.
+/// A network namespace of this test process, `<prefix>-<pid>-<role>`, with its loopback up and
+/// (where the host has IPv6) duplicate address detection and ICMPv6 redirects off; deleted on
+/// drop.
 pub struct Netns {
     pub name: String,
 }
@@ -123,6 +148,19 @@ impl Netns {
         let name = format!("{prefix}-{}-{role}", std::process::id());
         run(Command::new("ip").args(["netns", "add", &name]));
         let netns = Netns { name };
+        if Path::new("/proc/sys/net/ipv6").exists() {
+            // Before any interface exists, so that every one (link-local addresses included)
+            // inherits `default`; a redirect from the node would reroute pod-to-pod traffic.
+            netns.run(&[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv6.conf.all.accept_redirects=0",
+                "net.ipv6.conf.default.accept_redirects=0",
+            ]);
+        }
         netns.run(&["ip", "link", "set", "lo", "up"]);
         netns
     }
@@ -151,13 +189,39 @@ impl Netns {
 
     /// A listener on 0.0.0.0:`port` inside the namespace.
     pub fn listen(&self, port: u16) -> TcpListener {
+        self.listen_on(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())
+    }
+
+    /// A listener on `addr` inside the namespace (an IPv6 one accepts IPv6 only).
+    pub fn listen_on(&self, addr: SocketAddr) -> TcpListener {
+        self.bind_listener(addr, true)
+    }
+
+    /// A listener on [::]:`port` inside the namespace that accepts both families (IPv4 callers
+    /// appear as IPv4-mapped addresses), as a dual-stack application's would.
+    pub fn listen_dual(&self, port: u16) -> TcpListener {
+        self.bind_listener(
+            SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0).into(),
+            false,
+        )
+    }
+
+    fn bind_listener(&self, addr: SocketAddr, v6_only: bool) -> TcpListener {
         let socket = in_netns(&self.name, || -> io::Result<TcpSocket> {
-            let socket = TcpSocket::new_v4()?;
+            let socket = match addr {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => {
+                    let socket = TcpSocket::new_v6()?;
+                    // Explicit either way: `net.ipv6.bindv6only` decides otherwise.
+                    socket2::SockRef::from(&socket).set_only_v6(v6_only)?;
+                    socket
+                }
+            };
             socket.set_reuseaddr(true)?;
-            socket.bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+            socket.bind(addr)?;
             Ok(socket)
         })
-        .unwrap_or_else(|e| panic!("binding port {port} in {}: {e}", self.name));
+        .unwrap_or_else(|e| panic!("binding {addr} in {}: {e}", self.name));
         socket.listen(64).unwrap()
     }
 }
@@ -188,7 +252,16 @@ impl RecordingServer {
         H: Fn(TcpStream, Arc<Mutex<Vec<String>>>) -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
-        let listener = netns.listen(port);
+        Self::serve(netns.listen(port), handle)
+    }
+
+    /// [`RecordingServer::start`] on a listener of the caller's (an IPv6 or dual-stack one:
+    /// [`Netns::listen_on`], [`Netns::listen_dual`]).
+    pub fn serve<H, F>(listener: TcpListener, handle: H) -> RecordingServer
+    where
+        H: Fn(TcpStream, Arc<Mutex<Vec<String>>>) -> F + Send + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = requests.clone();
         let task = tokio::spawn(async move {
@@ -211,27 +284,96 @@ impl Drop for RecordingServer {
     }
 }
 
-/// The "node" the pods of a test are plugged into: namespace C with a bridge `br0` that has an
-/// address of its own (the pods' default gateway). Each pod is a namespace with an `eth0` (a
-/// veth whose peer, `veth-<role>`, is plugged into `br0`) holding its address on the bridge's
-/// /24, and a default route via C's address.
+/// A namespace's addresses on its link: an IPv4 one, an IPv6 one, or both (dual-stack).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkAddrs {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl LinkAddrs {
+    pub const fn v4(ip: Ipv4Addr) -> LinkAddrs {
+        LinkAddrs {
+            v4: Some(ip),
+            v6: None,
+        }
+    }
+
+    pub const fn v6(ip: Ipv6Addr) -> LinkAddrs {
+        LinkAddrs {
+            v4: None,
+            v6: Some(ip),
+        }
+    }
+
+    pub const fn dual(v4: Ipv4Addr, v6: Ipv6Addr) -> LinkAddrs {
+        LinkAddrs {
+            v4: Some(v4),
+            v6: Some(v6),
+        }
+    }
+
+    /// Both addresses, IPv4 first.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        let v4 = self.v4.map(IpAddr::from);
+        let v6 = self.v6.map(IpAddr::from);
+        v4.into_iter().chain(v6).collect()
+    }
+
+    /// `ip addr add` and `ip route add default` in `netns` on `dev`, with `gateway`'s addresses
+    /// (if given) as the default routes of each family.
+    fn configure(&self, netns: &Netns, dev: &str, gateway: Option<LinkAddrs>) {
+        if let Some(ip) = self.v4 {
+            let cidr = format!("{ip}/{LINK_PREFIX}");
+            netns.run(&["ip", "addr", "add", &cidr, "dev", dev]);
+        }
+        if let Some(ip) = self.v6 {
+            let cidr = format!("{ip}/{LINK_PREFIX_V6}");
+            netns.run(&["ip", "-6", "addr", "add", &cidr, "dev", dev, "nodad"]);
+        }
+        netns.run(&["ip", "link", "set", dev, "up"]);
+        let Some(gateway) = gateway else { return };
+        if let (Some(_), Some(via)) = (self.v4, gateway.v4) {
+            netns.run(&["ip", "route", "add", "default", "via", &via.to_string()]);
+        }
+        if let (Some(_), Some(via)) = (self.v6, gateway.v6) {
+            netns.run(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &via.to_string(),
+            ]);
+        }
+    }
+}
+
+/// The "node" the pods of a test are plugged into: namespace C with a bridge `br0` that has
+/// addresses of its own (the pods' default gateway in each family). Each pod is a namespace
+/// with an `eth0` (a veth whose peer, `veth-<role>`, is plugged into `br0`) holding its
+/// addresses on the bridge's /24 and /64, and default routes via C's addresses.
 pub struct Node {
     pub c: Netns,
-    pub ip: Ipv4Addr,
+    pub addrs: LinkAddrs,
     prefix: String,
 }
 
 impl Node {
     /// Namespace `<prefix>-<pid>-c`, its bridge holding `ip`.
     pub fn new(prefix: &str, ip: Ipv4Addr) -> Node {
+        Node::new_dual(prefix, LinkAddrs::v4(ip))
+    }
+
+    /// Namespace `<prefix>-<pid>-c`, its bridge holding `addrs` (IPv4, IPv6 or both).
+    pub fn new_dual(prefix: &str, addrs: LinkAddrs) -> Node {
         let c = Netns::new(prefix, "c");
-        let cidr = format!("{ip}/{LINK_PREFIX}");
         c.run(&["ip", "link", "add", "br0", "type", "bridge"]);
-        c.run(&["ip", "addr", "add", &cidr, "dev", "br0"]);
-        c.run(&["ip", "link", "set", "br0", "up"]);
+        addrs.configure(&c, "br0", None);
         Node {
             c,
-            ip,
+            addrs,
             prefix: prefix.to_owned(),
         }
     }
@@ -239,15 +381,18 @@ impl Node {
     /// A pod `<prefix>-<pid>-<role>` at `ip`, plugged into the bridge (no `proxy init` rules
     /// yet: see [`proxy_init`]).
     pub fn add_pod(&self, role: &str, ip: Ipv4Addr) -> Netns {
+        self.add_pod_addrs(role, LinkAddrs::v4(ip))
+    }
+
+    /// A pod `<prefix>-<pid>-<role>` with `addrs` on its `eth0` (an IPv6-only pod has no IPv4
+    /// address but loopback's), plugged into the bridge.
+    pub fn add_pod_addrs(&self, role: &str, addrs: LinkAddrs) -> Netns {
         let pod = Netns::new(&self.prefix, role);
         let (port, node) = (format!("veth-{role}"), &self.c.name);
         pod.run(&[
             "ip", "link", "add", "eth0", "type", "veth", "peer", "name", &port, "netns", node,
         ]);
-        let cidr = format!("{ip}/{LINK_PREFIX}");
-        pod.run(&["ip", "addr", "add", &cidr, "dev", "eth0"]);
-        pod.run(&["ip", "link", "set", "eth0", "up"]);
-        pod.run(&["ip", "route", "add", "default", "via", &self.ip.to_string()]);
+        addrs.configure(&pod, "eth0", Some(self.addrs));
         self.c.run(&["ip", "link", "set", &port, "master", "br0"]);
         self.c.run(&["ip", "link", "set", &port, "up"]);
         pod
@@ -294,32 +439,42 @@ impl PodNetwork {
 /// undoes the DNAT) and picks one `KUBE-SEP-` chain per connection with `-m statistic --mode
 /// random --probability` rules (1/n, then 1/(n-1)... then the last unconditionally), each
 /// DNAT'ing to one backend's `podIP:targetPort`. Changing the backends rewrites the Service's
-/// chains in one `iptables-restore` transaction, as kube-proxy does.
+/// chains in one `iptables-restore` transaction, as kube-proxy does. An IPv6 cluster IP is made
+/// the same way with ip6tables (kube-proxy runs one proxier per family), its backends being
+/// IPv6 addresses.
 pub struct ClusterIpService<'a> {
     node: &'a Netns,
     name: String,
+    cluster_ip: IpAddr,
     target_port: u16,
-    backends: Mutex<Vec<Ipv4Addr>>,
+    backends: Mutex<Vec<IpAddr>>,
 }
 
 /// kube-proxy's mark bit for connections to masquerade.
 const MASQ_MARK: &str = "0x4000";
 
 impl ClusterIpService<'_> {
-    /// The Service `name` (upper case, it names the chains) at `cluster_ip` in the node's
-    /// namespace, sent to `backends` on `target_port`; turns on forwarding in C.
-    pub fn new<'a>(
+    /// The Service `name` (upper case, it names the chains) at `cluster_ip` (IPv4 or IPv6) in
+    /// the node's namespace, sent to `backends` (of the same family) on `target_port`; turns on
+    /// forwarding of that family in C.
+    pub fn new<'a, A: Copy + Into<IpAddr>>(
         node: &'a Node,
         name: &str,
-        cluster_ip: SocketAddrV4,
+        cluster_ip: impl Into<SocketAddr>,
         target_port: u16,
-        backends: &[Ipv4Addr],
+        backends: &[A],
     ) -> ClusterIpService<'a> {
+        let cluster_ip = cluster_ip.into();
         let c = &node.c;
-        c.run(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        let (forwarding, host_prefix) = match cluster_ip {
+            SocketAddr::V4(_) => ("net.ipv4.ip_forward=1", 32),
+            SocketAddr::V6(_) => ("net.ipv6.conf.all.forwarding=1", 128),
+        };
+        c.run(&["sysctl", "-q", "-w", forwarding]);
         let service = ClusterIpService {
             node: c,
             name: name.to_owned(),
+            cluster_ip: cluster_ip.ip(),
             target_port,
             backends: Mutex::new(Vec::new()),
         };
@@ -335,12 +490,12 @@ impl ClusterIpService<'_> {
              -A POSTROUTING -j KUBE-POSTROUTING\n\
              -A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}\n\
              -A KUBE-POSTROUTING -m mark --mark {MASQ_MARK}/{MASQ_MARK} -j MASQUERADE\n\
-             -A KUBE-SERVICES -d {ip}/32 -p tcp --dport {port} -j {svc}\n\
+             -A KUBE-SERVICES -d {ip}/{host_prefix} -p tcp --dport {port} -j {svc}\n\
              COMMIT\n",
             ip = cluster_ip.ip(),
             port = cluster_ip.port(),
         );
-        restore(c, &rules);
+        restore(c, cluster_ip.ip(), &rules);
         service.set_backends(backends);
         service
     }
@@ -349,12 +504,27 @@ impl ClusterIpService<'_> {
         format!("KUBE-SVC-{}", self.name)
     }
 
-    fn sep_chain(&self, backend: Ipv4Addr) -> String {
-        format!("KUBE-SEP-{}-{:08X}", self.name, u32::from(backend))
+    /// A backend's chain, named by its address's last 32 bits (chain names are 28 characters
+    /// at most, so not the whole of an IPv6 address).
+    fn sep_chain(&self, backend: IpAddr) -> String {
+        let low_bits = match backend {
+            IpAddr::V4(ip) => u32::from(ip),
+            IpAddr::V6(ip) => u128::from(ip) as u32,
+        };
+        format!("KUBE-SEP-{}-{low_bits:08X}", self.name)
     }
 
-    /// Sends new connections to `backends` from now on (established ones keep theirs).
-    pub fn set_backends(&self, backends: &[Ipv4Addr]) {
+    /// Sends new connections to `backends` (of the cluster IP's family) from now on
+    /// (established ones keep theirs).
+    pub fn set_backends<A: Copy + Into<IpAddr>>(&self, backends: &[A]) {
+        let backends: Vec<IpAddr> = backends.iter().map(|&b| b.into()).collect();
+        assert!(
+            backends
+                .iter()
+                .all(|b| b.is_ipv4() == self.cluster_ip.is_ipv4()),
+            "backends {backends:?} of another family than the cluster IP {}",
+            self.cluster_ip
+        );
         let mut current = self.backends.lock().unwrap();
         let svc = self.svc_chain();
         let mut chains = format!("*nat\n:{svc} - [0:0]\n");
@@ -372,8 +542,8 @@ impl ClusterIpService<'_> {
                 rules.push_str(&format!("-A {svc} -j {sep}\n"));
             }
             rules.push_str(&format!(
-                "-A {sep} -p tcp -j DNAT --to-destination {backend}:{}\n",
-                self.target_port
+                "-A {sep} -p tcp -j DNAT --to-destination {}\n",
+                SocketAddr::new(*backend, self.target_port)
             ));
         }
         // Chains of backends that are gone: flushed by being declared, then deleted.
@@ -386,21 +556,30 @@ impl ClusterIpService<'_> {
             chains.push_str(&format!(":{sep} - [0:0]\n"));
             rules.push_str(&format!("-X {sep}\n"));
         }
-        restore(self.node, &format!("{chains}{rules}COMMIT\n"));
-        *current = backends.to_vec();
+        restore(
+            self.node,
+            self.cluster_ip,
+            &format!("{chains}{rules}COMMIT\n"),
+        );
+        *current = backends;
     }
 }
 
-/// Applies `rules` (iptables-restore syntax) in the namespace without flushing the rest.
-fn restore(netns: &Netns, rules: &str) {
+/// Applies `rules` (iptables-restore syntax) for `family`'s table (iptables or ip6tables) in the
+/// namespace without flushing the rest.
+fn restore(netns: &Netns, family: IpAddr, rules: &str) {
     use std::io::Write;
+    let command = match family {
+        IpAddr::V4(_) => "iptables-restore",
+        IpAddr::V6(_) => "ip6tables-restore",
+    };
     let mut child = netns
-        .command(&["iptables-restore", "--noflush"])
+        .command(&[command, "--noflush"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("running iptables-restore");
+        .unwrap_or_else(|e| panic!("running {command}: {e}"));
     child
         .stdin
         .take()
@@ -410,7 +589,7 @@ fn restore(netns: &Netns, rules: &str) {
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "iptables-restore in {} failed ({}): {}\n{rules}",
+        "{command} in {} failed ({}): {}\n{rules}",
         netns.name,
         out.status,
         String::from_utf8_lossy(&out.stderr)
@@ -419,7 +598,8 @@ fn restore(netns: &Netns, rules: &str) {
 
 /// A transparent `sigil proxy run` in a pod's namespace (and, if given, a container cgroup of
 /// the pod, for the Kubernetes attestor), as the pod's proxy uid; killed on drop. Its /ready
-/// and /metrics (on the pod's address, port 15020) are read from `observer`.
+/// and /metrics (on the pod's address, port 15020: an IPv4 or an IPv6 one) are read from
+/// `observer`.
 pub struct PodProxy {
     pub proc: Proc,
     pub metrics: SocketAddr,
@@ -432,7 +612,7 @@ impl PodProxy {
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         pod: &Netns,
-        pod_ip: Ipv4Addr,
+        pod_ip: impl Into<IpAddr>,
         cgroup: Option<&PodCgroup>,
         uid: u32,
         agent_socket: &Path,
@@ -441,7 +621,14 @@ impl PodProxy {
         observer: &Netns,
     ) -> PodProxy {
         let uid = uid.to_string();
-        let metrics_addr = format!("0.0.0.0:{METRICS_PORT}");
+        let pod_ip = pod_ip.into();
+        // The pod address's family's wildcard: `[::]` takes IPv4 too (IPV6_V6ONLY is off by
+        // default), and an IPv4 pod keeps the address the IPv4-only tests always gave.
+        let metrics_addr = match pod_ip {
+            IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, METRICS_PORT)),
+            IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, METRICS_PORT)),
+        }
+        .to_string();
         let mut command = pod.command_as(
             &uid,
             &[
@@ -461,7 +648,7 @@ impl PodProxy {
         command.env("RUST_LOG", "info");
         let mut proxy = PodProxy {
             proc: Proc::spawn(command, log),
-            metrics: SocketAddrV4::new(pod_ip, METRICS_PORT).into(),
+            metrics: SocketAddr::new(pod_ip, METRICS_PORT),
             observer: observer.name.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
