@@ -233,6 +233,8 @@ async fn a_route_backend_outside_the_mesh_is_reached_at_its_cluster_ip_in_plaint
     };
     println!("  {url}: {} from {:?}", answer.status, answer.pod());
     assert_eq!(answer.status, 200, "{answer:?}{}", logs());
+    // plain's pod has no proxy and its echo speaks no TLS: its answer means plaintext, and
+    // front's pod (where the request would go without the route) answers nothing.
     assert_eq!(
         answer.pod(),
         "plain-1",
