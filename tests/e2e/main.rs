@@ -43,5 +43,6 @@ mod route_inspect;
 mod routes_gamma;
 mod routes_resilience;
 mod routes_status;
+mod routes_unmeshed;
 mod stat;
 mod tls_key_exchange;
