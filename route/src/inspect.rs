@@ -26,11 +26,12 @@ use sigil_policy::path::{self, PathNormalization};
 use crate::compile::{ClientScope, compile};
 use crate::compiled::{
     BackendTarget, Backends, Filter, GrpcMatch, HeaderModifier, HttpMatch, PathModifier, PortKey,
-    PortRoutes, RetryPolicy, RouteKind, RouteOrigin, RouteSet, RuleRef, ServiceRef, Timeouts,
+    PortRoutes, RetryPolicy, RouteKind, RouteOrigin, RouteSet, RouteTable, RuleRef, ServiceRef,
+    Timeouts,
 };
 use crate::filters::{self, RequestUrl};
 use crate::model::{ModelError, ParentReference, RouteObject, RouteObjects};
-use crate::select::{self, EntryVerdict, RequestHead};
+use crate::select::{self, EntryVerdict, RequestHead, RouteMatch};
 use crate::validate::{self, Catalog};
 
 #[derive(Args, Debug)]
@@ -329,46 +330,18 @@ pub fn answer(
         return Ok(true);
     };
     let _ = writeln!(e, "routes: {}", origin(port_routes, scope));
-    let backend_budget = |backends: &Backends| budget_lines(routes, backends);
+    let default_host = format!("{}.{}", key.service.name, key.service.namespace);
+    let asked = Asked {
+        request,
+        host: args.host.as_deref().unwrap_or(&default_host),
+        port: key.port,
+        explanation: &explanation,
+        routes,
+    };
 
     if let (true, Some(table)) = (grpc, &port_routes.grpc) {
-        let selected = select::select_grpc(table, &request);
-        let verdicts = select::explain_grpc(table, &request);
-        let describe = |entry: usize| {
-            let (rule, m) = &table.order[entry];
-            format!(
-                "{} match ({})",
-                rule_title(&table.rules[*rule].source),
-                grpc_match(m)
-            )
-        };
-        let Some(selected) = selected else {
-            writeln!(out, "NOT-FOUND")?;
-            out.write_all(explanation.as_bytes())?;
-            writeln!(
-                out,
-                "selected: nothing: no GRPCRoute rule matches; the proxy answers UNIMPLEMENTED"
-            )?;
-            write_not_selected(out, &verdicts, None, describe)?;
-            return Ok(false);
-        };
-        let rule = selected.rule;
-        writeln!(
-            out,
-            "ROUTE {} {}/{} rule {}",
-            rule.source.kind, rule.source.namespace, rule.source.name, rule.source.rule_index
-        )?;
-        out.write_all(explanation.as_bytes())?;
-        writeln!(out, "selected: {}", describe(selected.entry))?;
-        write_filters(out, &rule.filters, path, None)?;
-        write_backends(out, &rule.backends)?;
-        writeln!(out, "  timeouts:  {}", timeouts(&rule.timeouts))?;
-        writeln!(out, "  retry:     {}", retry(rule.retry.as_ref()))?;
-        for line in backend_budget(&rule.backends) {
-            writeln!(out, "  {line}")?;
-        }
-        write_not_selected(out, &verdicts, Some(selected.entry), describe)?;
-        return Ok(true);
+        let not_found = "no GRPCRoute rule matches; the proxy answers UNIMPLEMENTED";
+        return write_selection(out, table, grpc_match, not_found, &asked);
     }
 
     let Some(table) = &port_routes.http else {
@@ -380,42 +353,65 @@ pub fn answer(
         )?;
         return Ok(true);
     };
-    let verdicts = select::explain_http(table, &request);
+    let not_found = format!(
+        "no HTTPRoute rule matches; the proxy answers 404{}",
+        if grpc { " (gRPC: UNIMPLEMENTED)" } else { "" }
+    );
+    write_selection(out, table, http_match, &not_found, &asked)
+}
+
+/// The request and what [`write_selection`] says besides the table.
+struct Asked<'a> {
+    request: RequestHead<'a>,
+    /// The Host the client sends, for redirects.
+    host: &'a str,
+    port: u16,
+    /// The lines after the answer's.
+    explanation: &'a str,
+    routes: &'a RouteSet,
+}
+
+/// The answer from one table (HTTPRoute or GRPCRoute): the rule selected, what it does, and why
+/// the entries before it were not taken. `not_found` says what happens when no rule matches.
+fn write_selection<M: RouteMatch>(
+    out: &mut impl Write,
+    table: &RouteTable<M>,
+    describe_match: fn(&M) -> String,
+    not_found: &str,
+    asked: &Asked<'_>,
+) -> std::io::Result<bool> {
+    let verdicts = select::explain(table, &asked.request);
     let describe = |entry: usize| {
         let (rule, m) = &table.order[entry];
         format!(
             "{} match ({})",
             rule_title(&table.rules[*rule].source),
-            http_match(m)
+            describe_match(m)
         )
     };
-    let Some(selected) = select::select_http(table, &request) else {
+    let Some(selected) = select::select_rule(table, &asked.request) else {
         writeln!(out, "NOT-FOUND")?;
-        out.write_all(explanation.as_bytes())?;
-        writeln!(
-            out,
-            "selected: nothing: no HTTPRoute rule matches; the proxy answers 404{}",
-            if grpc { " (gRPC: UNIMPLEMENTED)" } else { "" }
-        )?;
+        out.write_all(asked.explanation.as_bytes())?;
+        writeln!(out, "selected: nothing: {not_found}")?;
         write_not_selected(out, &verdicts, None, describe)?;
         return Ok(false);
     };
     let rule = selected.rule;
+    // Only an HTTPRoute rule redirects.
     let redirect = rule.filters.iter().find_map(|filter| match filter {
         Filter::Redirect(redirect) => Some(redirect),
         _ => None,
     });
-    let default_host = format!("{}.{}", key.service.name, key.service.namespace);
     match redirect {
         Some(redirect) => {
             let target = filters::redirect(
                 redirect,
                 &RequestUrl {
                     scheme: "http",
-                    host: args.host.as_deref().unwrap_or(&default_host),
-                    port: key.port,
-                    path,
-                    query,
+                    host: asked.host,
+                    port: asked.port,
+                    path: asked.request.path,
+                    query: asked.request.query,
                 },
                 selected.matched_prefix,
             );
@@ -432,14 +428,19 @@ pub fn answer(
             rule.source.kind, rule.source.namespace, rule.source.name, rule.source.rule_index
         )?,
     }
-    out.write_all(explanation.as_bytes())?;
+    out.write_all(asked.explanation.as_bytes())?;
     writeln!(out, "selected: {}", describe(selected.entry))?;
-    write_filters(out, &rule.filters, path, selected.matched_prefix)?;
+    write_filters(
+        out,
+        &rule.filters,
+        asked.request.path,
+        selected.matched_prefix,
+    )?;
     if redirect.is_none() {
         write_backends(out, &rule.backends)?;
         writeln!(out, "  timeouts:  {}", timeouts(&rule.timeouts))?;
         writeln!(out, "  retry:     {}", retry(rule.retry.as_ref()))?;
-        for line in backend_budget(&rule.backends) {
+        for line in budget_lines(asked.routes, &rule.backends) {
             writeln!(out, "  {line}")?;
         }
     }
