@@ -227,7 +227,7 @@ async fn run(cli: Cli) -> ExitCode {
                 .await
                 .map_err(Into::into)
         }
-        Command::Inspect(InspectCommand::Route(args)) => inspect_route(&args),
+        Command::Inspect(InspectCommand::Route(args)) => inspect_route(&args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -239,15 +239,35 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// `sigil inspect route`: the Services of the mesh file (checked as the agent checks it, in the
-/// client's trust domain), then the answer.
-fn inspect_route(args: &sigil_route::inspect::InspectRouteArgs) -> anyhow::Result<bool> {
-    let mesh = sigil_agent::mesh::MeshFile::load(&args.mesh_file, args.from.trust_domain())
-        .with_context(|| format!("mesh file {}", args.mesh_file.display()))?;
-    // The mesh file lists meshed Services only (every endpoint a member).
-    let catalog = sigil_proxy_api::routes::catalog(mesh.services(), []);
+/// How long `sigil inspect route` waits for the cluster's Services and routes to be listed.
+const INSPECT_ROUTE_LIST_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `sigil inspect route`: the route objects of the policy file and the Services of the mesh file
+/// (checked as the agent checks it, in the client's trust domain), or without them the
+/// cluster's as an agent sees them; then the answer.
+async fn inspect_route(args: &sigil_route::inspect::InspectRouteArgs) -> anyhow::Result<bool> {
+    let td = args.from.trust_domain();
+    let (objects, catalog) = match (&args.policy_file, &args.mesh_file) {
+        (Some(policy_file), Some(mesh_file)) => {
+            let mesh = sigil_agent::mesh::MeshFile::load(mesh_file, td)
+                .with_context(|| format!("mesh file {}", mesh_file.display()))?;
+            // The mesh file lists meshed Services only (every endpoint a member).
+            let catalog = sigil_proxy_api::routes::catalog(mesh.services(), []);
+            (
+                sigil_route::inspect::read_route_documents(policy_file)?,
+                catalog,
+            )
+        }
+        // clap makes each of the files require the other.
+        _ => {
+            let inputs =
+                sigil_agent::routes::cluster_inputs(td.clone(), INSPECT_ROUTE_LIST_WAIT).await?;
+            (inputs.route_objects(), inputs.catalog())
+        }
+    };
     Ok(sigil_route::inspect::run(
         args,
+        &objects,
         &catalog,
         &mut Stdout::new(),
     )?)

@@ -2,11 +2,13 @@
 //! and why the others were not taken, computed by the agent's and the proxy's own code.
 //!
 //! The route objects come from `--policy-file` (the agent's, holding HTTPRoute, GRPCRoute,
-//! BackendPolicy and RateLimitPolicy documents among the policies) and the
-//! Services from `--mesh-file`'s `services:` (read by the caller, which passes the
-//! [`Catalog`]). They go through [`crate::compile`] and the client's view exactly as in the
-//! agent, then the request through [`crate::select`] and [`crate::filters`] as in the proxy.
-//! There is no cluster mode yet: the cluster's meshed Services are the agent's to compute.
+//! BackendPolicy and RateLimitPolicy documents among the policies) and the Services from
+//! `--mesh-file`'s `services:`; without these two, from the cluster (through `KUBECONFIG` or the
+//! in-cluster config, as `sigil inspect policy` reads it): its route objects and its Services,
+//! meshed or not, as an agent computes them from Services, EndpointSlices and labelled pods.
+//! The caller reads them and passes the objects and the [`Catalog`]. They go through
+//! [`crate::compile`] and the client's view exactly as in the agent, then the request through
+//! [`crate::select`] and [`crate::filters`] as in the proxy.
 //!
 //! The first line is the answer: `ROUTE <kind> <namespace>/<name> rule <n>` when a rule is
 //! selected, `REDIRECT <status> <location>` when that rule redirects, `NO-ROUTE` when no route
@@ -64,11 +66,12 @@ pub struct InspectRouteArgs {
     #[arg(long)]
     pub host: Option<String>,
     /// The agent's --policy-file: the route documents in it are read, the others skipped.
-    #[arg(long, value_name = "FILE")]
-    pub policy_file: PathBuf,
+    /// Without it (and --mesh-file), the routes and Services are read from the cluster.
+    #[arg(long, value_name = "FILE", requires = "mesh_file")]
+    pub policy_file: Option<PathBuf>,
     /// The agent's --mesh-file: its `services:` are the Services routes attach to.
-    #[arg(long, value_name = "FILE")]
-    pub mesh_file: PathBuf,
+    #[arg(long, value_name = "FILE", requires = "policy_file")]
+    pub mesh_file: Option<PathBuf>,
 }
 
 /// `<service>.<namespace>:<port>`, as a client names a Service.
@@ -112,18 +115,19 @@ pub enum InspectError {
     Output(#[from] std::io::Error),
 }
 
-/// Answers the question and writes the answer to `out`: Ok(false) when routes apply and no rule
-/// matches (the proxy answers 404), Ok(true) otherwise.
+/// Answers the question about the route `objects` and the Services of `catalog`, and writes
+/// the answer to `out`: Ok(false) when routes apply and no rule matches (the proxy answers
+/// 404), Ok(true) otherwise.
 pub fn run(
     args: &InspectRouteArgs,
+    objects: &RouteObjects,
     catalog: &Catalog,
     out: &mut impl Write,
 ) -> Result<bool, InspectError> {
-    let objects = read_route_documents(&args.policy_file)?;
     let scope = ClientScope::of(&args.from);
-    let routes = compile(&objects, catalog, args.from.trust_domain()).view(&scope);
+    let routes = compile(objects, catalog, args.from.trust_domain()).view(&scope);
     let routed = answer(&routes, catalog, &scope, args, out)?;
-    for line in status_lines(&objects, catalog, &scope, &args.to) {
+    for line in status_lines(objects, catalog, &scope, &args.to) {
         writeln!(out, "{line}")?;
     }
     Ok(routed)
@@ -289,7 +293,11 @@ pub fn answer(
         key.service,
         key.port,
         match known {
-            None => " (not a meshed Service in --mesh-file: routes cannot attach to it)",
+            None if args.mesh_file.is_some() =>
+                " (not a meshed Service in --mesh-file: routes cannot attach to it)",
+            None => " (not a Service in the cluster: routes cannot attach to it)",
+            Some(info) if !info.meshed =>
+                " (not fully meshed: some endpoint is not a sigil workload, so routes do not apply to it)",
             Some(info) if !info.ports.iter().any(|p| p.port == key.port) =>
                 " (the Service has no such port)",
             Some(_) => "",

@@ -43,8 +43,8 @@ fn args(method: Method, path: &str, headers: &[(&str, &str)]) -> InspectRouteArg
             .collect(),
         grpc: false,
         host: None,
-        policy_file: PathBuf::new(),
-        mesh_file: PathBuf::new(),
+        policy_file: Some(PathBuf::new()),
+        mesh_file: Some(PathBuf::new()),
     }
 }
 
