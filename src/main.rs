@@ -99,18 +99,28 @@ enum InspectCommand {
     /// why; exits 0 for ALLOW, 1 for DENY, 2 for a usage or policy error.
     Policy(sigil_policy::inspect::InspectPolicyArgs),
     /// Which route, rule, filters and backends a request from a client to a Service port takes,
-    /// and why each other rule was not taken, from the agent's --policy-file and --mesh-file
-    /// (the agent's and the proxy's own code). The first line is the answer: `ROUTE <kind>
+    /// and why each other rule was not taken, from the agent's --policy-file and --mesh-file,
+    /// or without them from the cluster (the agent's and the proxy's own code). The first line is the answer: `ROUTE <kind>
     /// <namespace>/<name> rule <n>`, `REDIRECT <status> <location>`, `NO-ROUTE` (the Service is
     /// balanced as without routes) or `NOT-FOUND` (the proxy answers 404); exits 0, or 1 for
     /// NOT-FOUND, 2 for a usage or file error.
     Route(sigil_route::inspect::InspectRouteArgs),
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to standard output, or to standard error for a command whose answer is standard
+/// output (`sigil inspect`).
+fn init_logging(format: LogFormat, to_stderr: bool) {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let writer = if to_stderr {
+        BoxMakeWriter::new(std::io::stderr)
+    } else {
+        BoxMakeWriter::new(std::io::stdout)
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder
             .json()
@@ -141,7 +151,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo keeps stdout for its report and logs to files of its own.
     if !matches!(cli.command, Command::Demo(_)) {
-        init_logging(cli.log_format);
+        init_logging(cli.log_format, matches!(cli.command, Command::Inspect(_)));
     }
     // The proxy sizes its workers to its CPU limit (one worker: a single-threaded runtime, with
     // no hand-off between threads); everything else takes tokio's default.
