@@ -99,18 +99,28 @@ enum InspectCommand {
     /// why; exits 0 for ALLOW, 1 for DENY, 2 for a usage or policy error.
     Policy(sigil_policy::inspect::InspectPolicyArgs),
     /// Which route, rule, filters and backends a request from a client to a Service port takes,
-    /// and why each other rule was not taken, from the agent's --policy-file and --mesh-file
-    /// (the agent's and the proxy's own code). The first line is the answer: `ROUTE <kind>
+    /// and why each other rule was not taken, from the agent's --policy-file and --mesh-file,
+    /// or without them from the cluster (the agent's and the proxy's own code). The first line is the answer: `ROUTE <kind>
     /// <namespace>/<name> rule <n>`, `REDIRECT <status> <location>`, `NO-ROUTE` (the Service is
     /// balanced as without routes) or `NOT-FOUND` (the proxy answers 404); exits 0, or 1 for
     /// NOT-FOUND, 2 for a usage or file error.
     Route(sigil_route::inspect::InspectRouteArgs),
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to standard output, or to standard error for a command whose answer is standard
+/// output (`sigil inspect`).
+fn init_logging(format: LogFormat, to_stderr: bool) {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let writer = if to_stderr {
+        BoxMakeWriter::new(std::io::stderr)
+    } else {
+        BoxMakeWriter::new(std::io::stdout)
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder
             .json()
@@ -141,7 +151,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo keeps stdout for its report and logs to files of its own.
     if !matches!(cli.command, Command::Demo(_)) {
-        init_logging(cli.log_format);
+        init_logging(cli.log_format, matches!(cli.command, Command::Inspect(_)));
     }
     // The proxy sizes its workers to its CPU limit (one worker: a single-threaded runtime, with
     // no hand-off between threads); everything else takes tokio's default.
@@ -227,7 +237,7 @@ async fn run(cli: Cli) -> ExitCode {
                 .await
                 .map_err(Into::into)
         }
-        Command::Inspect(InspectCommand::Route(args)) => inspect_route(&args),
+        Command::Inspect(InspectCommand::Route(args)) => inspect_route(&args).await,
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -239,15 +249,35 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// `sigil inspect route`: the Services of the mesh file (checked as the agent checks it, in the
-/// client's trust domain), then the answer.
-fn inspect_route(args: &sigil_route::inspect::InspectRouteArgs) -> anyhow::Result<bool> {
-    let mesh = sigil_agent::mesh::MeshFile::load(&args.mesh_file, args.from.trust_domain())
-        .with_context(|| format!("mesh file {}", args.mesh_file.display()))?;
-    // The mesh file lists meshed Services only (every endpoint a member).
-    let catalog = sigil_proxy_api::routes::catalog(mesh.services(), []);
+/// How long `sigil inspect route` waits for the cluster's Services and routes to be listed.
+const INSPECT_ROUTE_LIST_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `sigil inspect route`: the route objects of the policy file and the Services of the mesh file
+/// (checked as the agent checks it, in the client's trust domain), or without them the
+/// cluster's as an agent sees them; then the answer.
+async fn inspect_route(args: &sigil_route::inspect::InspectRouteArgs) -> anyhow::Result<bool> {
+    let td = args.from.trust_domain();
+    let (objects, catalog) = match (&args.policy_file, &args.mesh_file) {
+        (Some(policy_file), Some(mesh_file)) => {
+            let mesh = sigil_agent::mesh::MeshFile::load(mesh_file, td)
+                .with_context(|| format!("mesh file {}", mesh_file.display()))?;
+            // The mesh file lists meshed Services only (every endpoint a member).
+            let catalog = sigil_proxy_api::routes::catalog(mesh.services(), []);
+            (
+                sigil_route::inspect::read_route_documents(policy_file)?,
+                catalog,
+            )
+        }
+        // clap makes each of the files require the other.
+        _ => {
+            let inputs =
+                sigil_agent::routes::cluster_inputs(td.clone(), INSPECT_ROUTE_LIST_WAIT).await?;
+            (inputs.route_objects(), inputs.catalog())
+        }
+    };
     Ok(sigil_route::inspect::run(
         args,
+        &objects,
         &catalog,
         &mut Stdout::new(),
     )?)

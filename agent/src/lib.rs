@@ -11,6 +11,7 @@ pub mod config;
 pub mod h2_authority;
 pub mod mesh;
 pub mod metrics;
+pub mod object_source;
 pub mod peer;
 pub mod policy_feed;
 pub mod push_stream;

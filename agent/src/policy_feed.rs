@@ -9,8 +9,9 @@
 //! an invalid entry with its fail-closed stand-in, so that its workloads' proxies deny what it
 //! would have governed. Selecting reads only `spec.selector.matchLabels`.
 //!
-//! Two sources, merged by one task that owns all of the state and publishes an immutable
-//! [`PolicySnapshot`] on a `watch` channel whenever the merged content changes:
+//! Two sources ([`crate::object_source`]), merged by one task that owns all of the state and
+//! publishes an immutable [`PolicySnapshot`] on a `watch` channel whenever the merged content
+//! changes:
 //! - Kubernetes (`--attestor k8s`): cluster-wide watches of `authorizationpolicies.sigil.dev` and
 //!   `peerauthentications.sigil.dev` ([`VERSION`]). A resource whose CRD is not installed (its
 //!   list is 404) counts as synced and empty, with a warning, and keeps being retried (with the
@@ -30,17 +31,15 @@
 //! labels of its `--unix-map` entry.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{Api, DynamicObject};
-use kube::runtime::watcher::{self, Event};
+use kube::api::{ApiResource, DynamicObject};
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use serde_json::Value;
-use sigil_kube_watch::follow::{self, Events, WatchEvent};
-use sigil_kube_watch::{Listed, POLL_INTERVAL, PolledFile, State, publish};
+use sigil_kube_watch::follow::WatchEvent;
+use sigil_kube_watch::{POLL_INTERVAL, State, publish};
 use sigil_policy::cluster;
 use sigil_policy::envelope::{API_VERSION, GROUP, ROOT_NAMESPACE};
 use sigil_policy::{Envelope, Kind, ObjectKey};
@@ -50,11 +49,12 @@ use sigil_proto::sigil::policy::v2::policy_discovery_server::{
 use sigil_proto::sigil::policy::v2::{self as wire, PolicySet, WatchPoliciesRequest};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::attest::Workload;
 use crate::attest::k8s::NodePods;
 use crate::metrics::{ApiLabels, Metrics, OpenStream, SocketApi};
+use crate::object_source::{self, ObjectFile, ObjectKind, ObjectSource};
 use crate::peer::Workloads;
 use crate::push_stream::{self, PushFeed, ResponseStream};
 
@@ -62,9 +62,6 @@ use crate::push_stream::{self, PushFeed, ResponseStream};
 pub const FILE_POLL_INTERVAL: Duration = POLL_INTERVAL;
 /// What an operator is told when a policy resource is not served.
 const CRDS_MISSING: &str = "install the sigil CRDs: kubectl apply -k deploy/";
-/// The status of a list of a resource that is not served. Checked as a code, not as the
-/// `NotFound` reason: in front of some API servers the answer is a plain-text 404.
-const NOT_FOUND: u16 = 404;
 /// The top-level fields of a policy file document: an object's envelope. `status` is allowed
 /// (and dropped) so that objects copied from `kubectl get -o yaml` load.
 const DOCUMENT_FIELDS: [&str; 5] = ["apiVersion", "kind", "metadata", "spec", "status"];
@@ -74,7 +71,7 @@ const LABELS: ApiLabels = ApiLabels {
 
 type ClusterEvent = (Kind, WatchEvent<DynamicObject>);
 /// Policy objects by identity, so in the order they are sent in.
-pub type Objects = BTreeMap<ObjectKey, Arc<PolicyObject>>;
+pub type Objects = object_source::Objects<Kind>;
 
 /// Only shutdown ends a stream: clients retry, and reach the agent replacing this one.
 impl From<PolicyError> for Status {
@@ -347,70 +344,37 @@ fn required<'a>(value: Option<&'a Value>, what: &str) -> Result<&'a str, String>
 }
 
 /// `--policy-file`: the last valid objects in it, re-read every [`FILE_POLL_INTERVAL`].
-#[derive(Debug)]
-pub struct PolicyFile(PolledFile<Objects>);
+pub type PolicyFile = ObjectFile<Kind>;
 
-impl PolicyFile {
-    /// Reads and checks the file at start-up, where a missing or invalid file is an error.
-    pub fn load(path: &Path) -> Result<PolicyFile, PolicyError> {
-        PolledFile::load(path, parse_file).map(PolicyFile)
+/// The policy kinds, read from the cluster with [`cluster`] and from a file with
+/// [`parse_file`].
+impl ObjectKind for Kind {
+    type Key = ObjectKey;
+    type Object = Arc<PolicyObject>;
+    type FileError = PolicyError;
+
+    const ALL: &'static [Kind] = &Kind::ALL;
+    const NOUN: &'static str = "policy";
+
+    fn api_resource(self) -> ApiResource {
+        cluster::api_resource(self)
     }
 
-    fn objects(&self) -> &Objects {
-        self.0.value()
+    fn cluster_key(self, object: &DynamicObject) -> Option<ObjectKey> {
+        cluster_key(self, object)
     }
-}
 
-/// One policy resource in the cluster, as its watch delivered it.
-#[derive(Debug, Default)]
-struct ClusterKind {
-    /// Whether the last list found the resource not served (its CRD not installed).
-    missing: bool,
-    /// Synced once the initial list has completed, or found the resource not served.
-    listed: Listed<ObjectKey, Arc<PolicyObject>>,
-}
-
-impl ClusterKind {
-    /// Follows one watch event; returns whether the objects may have changed.
-    fn on_event(&mut self, kind: Kind, event: WatchEvent<DynamicObject>) -> bool {
-        match event {
-            Ok(event) => {
-                let listing_done = matches!(event, Event::InitDone);
-                let changed = self.listed.apply_event(
-                    event,
-                    |object| cluster_key(kind, object),
-                    |object| cluster_object(kind, object).map(|(_, object)| object),
-                );
-                if listing_done && changed {
-                    if self.missing {
-                        info!(%kind, "the policy resource is served now");
-                    }
-                    info!(%kind, objects = self.listed.items.len(), "cluster policies synced");
-                    self.missing = false;
-                }
-                changed
-            }
-            // The resource is not served: nothing of this kind exists. The watcher retries the
-            // list, which succeeds once the CRD is installed.
-            Err(e) if not_served(&e) => {
-                if !self.missing {
-                    warn!(%kind, resource = %format!("{}.{GROUP}", kind.plural()), "the policy resource is not served (no CRD); {CRDS_MISSING}. Until then there are no cluster policies of this kind");
-                }
-                self.missing = true;
-                self.listed.set_empty_and_synced()
-            }
-            Err(e) => {
-                warn!(%kind, error = %e, "policy watch failed; retrying");
-                false
-            }
-        }
+    fn cluster_object(self, object: &DynamicObject) -> Option<Arc<PolicyObject>> {
+        cluster_object(self, object).map(|(_, object)| object)
     }
-}
 
-/// Whether a watch failed because its resource is not served (its CRD is not installed): its
-/// list answered 404. The watcher retries the list, which succeeds once the CRD is installed.
-pub(crate) fn not_served(error: &watcher::Error) -> bool {
-    matches!(error, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.code == NOT_FOUND)
+    fn log_not_served(self) {
+        warn!(kind = %self, resource = %format!("{}.{GROUP}", self.plural()), "the policy resource is not served (no CRD); {CRDS_MISSING}. Until then there are no cluster policies of this kind");
+    }
+
+    fn parse_file(contents: &[u8]) -> Result<Objects, PolicyError> {
+        parse_file(contents)
+    }
 }
 
 /// What names a cluster object (see [`cluster::envelope`]).
@@ -450,37 +414,21 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> watch::Receiver<Arc<PolicySnapshot>> {
-    let events = sources.kubernetes.map(cluster_events);
+    let events = sources.kubernetes.map(object_source::cluster_events);
     let store = PolicyStore {
-        cluster: events.as_ref().map(|_| {
-            Kind::ALL
-                .into_iter()
-                .map(|kind| (kind, ClusterKind::default()))
-                .collect()
-        }),
-        file: sources.file,
-        logged_conflicts: BTreeSet::new(),
+        source: ObjectSource::new(
+            events.is_some(),
+            sources.file,
+            metrics.policy_file_reload_failures.clone(),
+        ),
         metrics,
     };
     publish::spawn("policy feed", store, events, shutdown)
 }
 
-/// The watches of both policy resources in every namespace, each event tagged with its kind.
-/// The watchers retry with backoff and re-list when they must.
-fn cluster_events(client: kube::Client) -> Events<ClusterEvent> {
-    follow::tagged(Kind::ALL.map(|kind| {
-        let api = Api::all_with(client.clone(), &cluster::api_resource(kind));
-        (kind, follow::watch(api, watcher::Config::default()))
-    }))
-}
-
 /// The policy task's state: it alone reads the sources and publishes.
 struct PolicyStore {
-    /// `Some` when the Kubernetes source is on.
-    cluster: Option<BTreeMap<Kind, ClusterKind>>,
-    file: Option<PolicyFile>,
-    /// Objects in both sources already logged, so a lasting overlap is logged once.
-    logged_conflicts: BTreeSet<ObjectKey>,
+    source: ObjectSource<Kind>,
     metrics: Arc<Metrics>,
 }
 
@@ -490,47 +438,24 @@ impl State for PolicyStore {
     type Snapshot = PolicySnapshot;
 
     fn has_file(&self) -> bool {
-        self.file.is_some()
+        self.source.has_file()
     }
 
     fn synced(&self) -> bool {
-        self.cluster
-            .as_ref()
-            .is_none_or(|kinds| kinds.values().all(|kind| kind.listed.synced))
+        self.source.synced()
     }
 
     fn on_event(&mut self, (kind, event): ClusterEvent) -> bool {
-        let Some(state) = self.cluster.as_mut().and_then(|c| c.get_mut(&kind)) else {
-            return false;
-        };
-        state.on_event(kind, event)
+        self.source.on_event(kind, event)
     }
 
     async fn poll_file(&mut self) -> bool {
-        let Some(file) = self.file.as_mut() else {
-            return false;
-        };
-        let reloaded = file.0.poll(parse_file).await;
-        let path = file.0.path().display();
-        match reloaded {
-            Ok(false) => false,
-            Ok(true) => {
-                info!(%path, objects = file.objects().len(), "policy file reloaded");
-                true
-            }
-            Err(e) => {
-                self.metrics.policy_file_reload_failures.inc();
-                error!(%path, error = %e, "policy file is unreadable or invalid; keeping its last good objects");
-                false
-            }
-        }
+        self.source.poll_file().await
     }
 
     /// The merged objects, logging the overlaps not logged yet.
     fn content(&mut self) -> Objects {
-        let (objects, conflicts) = merge(self.cluster.as_ref(), self.file.as_ref());
-        self.log_new(conflicts);
-        objects
+        self.source.merged()
     }
 
     fn published(snapshot: &PolicySnapshot) -> (u64, &Objects) {
@@ -546,34 +471,6 @@ impl State for PolicyStore {
         }
         PolicySnapshot { version, objects }
     }
-}
-
-impl PolicyStore {
-    fn log_new(&mut self, conflicts: BTreeSet<ObjectKey>) {
-        for key in conflicts.difference(&self.logged_conflicts) {
-            warn!(object = %key, "a policy object is both in the cluster and in --policy-file; using the cluster's");
-        }
-        self.logged_conflicts = conflicts;
-    }
-}
-
-/// Every source's objects: the file's, then the cluster's over them; and the keys in both.
-fn merge(
-    cluster: Option<&BTreeMap<Kind, ClusterKind>>,
-    file: Option<&PolicyFile>,
-) -> (Objects, BTreeSet<ObjectKey>) {
-    let mut objects = file.map(|file| file.objects().clone()).unwrap_or_default();
-    let mut conflicts = BTreeSet::new();
-    for (key, object) in cluster
-        .into_iter()
-        .flat_map(|kinds| kinds.values())
-        .flat_map(|kind| &kind.listed.items)
-    {
-        if objects.insert(key.clone(), object.clone()).is_some() {
-            conflicts.insert(key.clone());
-        }
-    }
-    (objects, conflicts)
 }
 
 /// `sigil.policy.v2.PolicyDiscovery`: to each attested workload, the policies that apply to it.

@@ -10,7 +10,7 @@
 //! inputs:
 //! - the mesh membership task's [`MeshState`] (its meshed Services, and its unmeshed ones as
 //!   plain backends, become the [`Catalog`] routes are judged against);
-//! - Kubernetes (`--attestor k8s`): cluster-wide watches of the five kinds ([`RouteResource`]).
+//! - Kubernetes (`--attestor k8s`): cluster-wide watches of the four kinds ([`RouteResource`]).
 //!   The Gateway API CRDs are not part of a plain cluster, and an old sigil install may lack the
 //!   sigil.dev ones: a kind whose list is 404 has no objects (logged once, at info, with what to
 //!   install) and keeps being retried with the watcher's backoff (at most 30 s apart). Neither
@@ -19,25 +19,25 @@
 //!   [`FILE_POLL_INTERVAL`]; an invalid edit is logged and counted, and the last good objects
 //!   stay. An object in both is taken from the cluster.
 //!
+//! The two object sources are [`crate::object_source`]'s, as the policy feed's are.
+//!
 //! Nothing is published before every source has delivered its initial state. Each
 //! `WatchRoutes` stream sends its client's whole view first (`reset`), then only the entries
 //! that changed ([`sigil_proxy_api::routes::update`]); a slow reader gets the newest state, not a
 //! backlog.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::watcher::{self, Event};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sigil_identity::TrustDomain;
-use sigil_kube_watch::follow::{self, Events, WatchEvent};
-use sigil_kube_watch::{Listed, POLL_INTERVAL, PolledFile, State, publish};
+use sigil_kube_watch::follow::{Events, WatchEvent};
+use sigil_kube_watch::{POLL_INTERVAL, State, publish};
 use sigil_proto::sigil::route::v1::route_discovery_server::{RouteDiscovery, RouteDiscoveryServer};
 use sigil_proto::sigil::route::v1::{RouteUpdate, WatchRoutesRequest};
 use sigil_route::ServiceRef;
@@ -47,12 +47,12 @@ use sigil_route::validate::{Catalog, ServiceInfo};
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tonic::{Request, Response, Status};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::mesh::{MeshState, StateFeed, Synced};
 use crate::metrics::{Metrics, SocketApi};
+use crate::object_source::{self, ObjectFile, ObjectKind, ObjectSource};
 use crate::peer::Workloads;
-use crate::policy_feed::not_served;
 use crate::push_stream::{self, ResponseStream};
 
 /// How often `--policy-file` is re-read for routes.
@@ -69,9 +69,16 @@ impl From<RouteError> for Status {
     }
 }
 
-/// Why the route documents of a policy file are invalid.
+/// Why the route documents of a policy file are invalid, or the cluster's routes could not be
+/// read ([`cluster_inputs`]).
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
+    #[error("connecting to the Kubernetes API: {0}")]
+    Client(#[source] kube::Error),
+    #[error(
+        "the cluster's Services and route objects were not all listed within {0:?}: is the API server reachable, and may this user list and watch them?"
+    )]
+    NotListed(Duration),
     #[error("reading it: {0}")]
     Read(#[from] std::io::Error),
     /// `document` counts from 1, empty documents included, as an editor would.
@@ -223,7 +230,7 @@ impl Stored {
 }
 
 /// Route objects by kind, namespace and name.
-pub type Objects = BTreeMap<ObjectKey, Stored>;
+pub type Objects = object_source::Objects<RouteResource>;
 
 /// Reads the route documents of a policy file, skipping the others (policies, read by
 /// [`crate::policy_feed`]); `Err` names the first invalid route document.
@@ -263,17 +270,37 @@ fn parse_file(contents: &[u8]) -> Result<Objects, RouteError> {
 
 /// `--policy-file`'s route documents: the last valid ones, re-read every
 /// [`FILE_POLL_INTERVAL`].
-#[derive(Debug)]
-pub struct RouteFile(PolledFile<Objects>);
+pub type RouteFile = ObjectFile<RouteResource>;
 
-impl RouteFile {
-    /// Reads and checks the file at start-up, where a missing or invalid file is an error.
-    pub fn load(path: &Path) -> Result<RouteFile, RouteError> {
-        PolledFile::load(path, parse_file).map(RouteFile)
+/// The route kinds, read from the cluster with [`cluster_object`] and from a file with
+/// [`parse_file`].
+impl ObjectKind for RouteResource {
+    type Key = ObjectKey;
+    type Object = Stored;
+    type FileError = RouteError;
+
+    const ALL: &'static [RouteResource] = &RouteResource::ALL;
+    const NOUN: &'static str = "route";
+
+    fn api_resource(self) -> ApiResource {
+        RouteResource::api_resource(self)
     }
 
-    fn objects(&self) -> &Objects {
-        self.0.value()
+    fn cluster_key(self, object: &DynamicObject) -> Option<ObjectKey> {
+        cluster_key(self, object)
+    }
+
+    fn cluster_object(self, object: &DynamicObject) -> Option<Stored> {
+        cluster_object(self, object).map(|(_, stored)| stored)
+    }
+
+    fn log_not_served(self) {
+        let (group, _) = self.group_version();
+        info!(resource = %self, resource_name = %format!("{}.{group}", self.plural()), "the route resource is not served (no CRD); until it is there are no objects of this kind. To use it: {}", self.install_hint());
+    }
+
+    fn parse_file(contents: &[u8]) -> Result<Objects, RouteError> {
+        parse_file(contents)
     }
 }
 
@@ -328,51 +355,6 @@ fn cluster_key(resource: RouteResource, object: &DynamicObject) -> Option<Object
     })
 }
 
-/// One watched kind, as its watch delivered it.
-#[derive(Debug, Default)]
-struct ClusterKind {
-    /// Whether the last list found the resource not served (its CRD not installed).
-    missing: bool,
-    /// Synced once the initial list has completed, or found the resource not served.
-    listed: Listed<ObjectKey, Stored>,
-}
-
-impl ClusterKind {
-    /// Follows one watch event; returns whether the objects may have changed.
-    fn on_event(&mut self, resource: RouteResource, event: WatchEvent<DynamicObject>) -> bool {
-        match event {
-            Ok(event) => {
-                let listing_done = matches!(event, Event::InitDone);
-                let changed = self.listed.apply_event(
-                    event,
-                    |object| cluster_key(resource, object),
-                    |object| cluster_object(resource, object).map(|(_, stored)| stored),
-                );
-                if listing_done && changed {
-                    if self.missing {
-                        info!(%resource, "the route resource is served now");
-                    }
-                    debug!(%resource, objects = self.listed.items.len(), "cluster routes synced");
-                    self.missing = false;
-                }
-                changed
-            }
-            Err(e) if not_served(&e) => {
-                if !self.missing {
-                    let (group, _) = resource.group_version();
-                    info!(%resource, resource_name = %format!("{}.{group}", resource.plural()), "the route resource is not served (no CRD); until it is there are no objects of this kind. To use it: {}", resource.install_hint());
-                }
-                self.missing = true;
-                self.listed.set_empty_and_synced()
-            }
-            Err(e) => {
-                warn!(%resource, error = %e, "route watch failed; retrying");
-                false
-            }
-        }
-    }
-}
-
 /// An input of the route task.
 pub enum RouteEvent {
     /// The mesh membership task published.
@@ -384,7 +366,7 @@ pub enum RouteEvent {
 /// Where the route objects come from.
 #[derive(Default)]
 pub struct Sources {
-    /// The cluster-wide watches of the five kinds, with this client (`--attestor k8s`).
+    /// The cluster-wide watches of the four kinds, with this client (`--attestor k8s`).
     pub kubernetes: Option<kube::Client>,
     /// `--policy-file`'s route documents, loaded at start-up.
     pub file: Option<RouteFile>,
@@ -396,6 +378,22 @@ pub struct Sources {
 pub struct RouteInputs {
     pub objects: Objects,
     pub services: BTreeMap<ServiceRef, ServiceInfo>,
+}
+
+impl RouteInputs {
+    /// The objects, as [`sigil_route::compile`] takes them.
+    pub fn route_objects(&self) -> RouteObjects {
+        (self.objects.values())
+            .map(|stored| stored.object.clone())
+            .collect()
+    }
+
+    /// The Services, as [`sigil_route::compile`] takes them.
+    pub fn catalog(&self) -> Catalog {
+        Catalog {
+            services: self.services.clone(),
+        }
+    }
 }
 
 /// The inputs and what they compile to; two are the same when their inputs are.
@@ -457,12 +455,11 @@ pub fn spawn(
 ) -> watch::Receiver<Arc<RouteState>> {
     let mesh_events = WatchStream::new(mesh).map(RouteEvent::Mesh).boxed();
     let cluster_events = sources.kubernetes.map(cluster_events);
-    let cluster = cluster_events.as_ref().map(|_| {
-        RouteResource::ALL
-            .into_iter()
-            .map(|resource| (resource, ClusterKind::default()))
-            .collect()
-    });
+    let source = ObjectSource::new(
+        cluster_events.is_some(),
+        sources.file,
+        metrics.policy_file_reload_failures.clone(),
+    );
     let events = match cluster_events {
         Some(cluster_events) => futures::stream::select(mesh_events, cluster_events).boxed(),
         None => mesh_events,
@@ -470,24 +467,51 @@ pub fn spawn(
     let store = RouteStore {
         td,
         mesh: None,
-        cluster,
-        file: sources.file,
-        logged_conflicts: BTreeSet::new(),
+        source,
         last: None,
-        metrics,
     };
     publish::spawn("route feed", store, Some(events), shutdown)
 }
 
-/// The watches of the five kinds in every namespace, each event tagged with its kind. The
-/// watchers retry with backoff and re-list when they must.
+/// The route objects and the Services of the cluster as an agent sees them, for `sigil inspect
+/// route`: connected through `KUBECONFIG` or the in-cluster config, an agent's mesh and route
+/// tasks follow the cluster until both have listed everything (at most `wait`), then stop.
+pub async fn cluster_inputs(td: TrustDomain, wait: Duration) -> Result<RouteInputs, RouteError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(RouteError::Client)?;
+    let metrics = Arc::new(Metrics::new(
+        &mut prometheus_client::registry::Registry::default(),
+    ));
+    // Dropped on return, which stops both tasks.
+    let (_stop, shutdown) = watch::channel(false);
+    let mesh = crate::mesh::spawn(
+        td.clone(),
+        crate::mesh::Sources {
+            kubernetes: Some(client.clone()),
+            file: None,
+        },
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let sources = Sources {
+        kubernetes: Some(client),
+        file: None,
+    };
+    let mut state = spawn(td, sources, mesh, metrics, shutdown);
+    let synced = tokio::time::timeout(wait, state.wait_for(|state| state.is_synced())).await;
+    match synced {
+        Ok(Ok(state)) => Ok(state.inputs().clone()),
+        _ => Err(RouteError::NotListed(wait)),
+    }
+}
+
+/// The watches of the four kinds in every namespace ([`object_source::cluster_events`]), as
+/// route task inputs.
 fn cluster_events(client: kube::Client) -> Events<RouteEvent> {
-    follow::tagged(RouteResource::ALL.map(|resource| {
-        let api = Api::all_with(client.clone(), &resource.api_resource());
-        (resource, follow::watch(api, watcher::Config::default()))
-    }))
-    .map(|(resource, event)| RouteEvent::Cluster(resource, Box::new(event)))
-    .boxed()
+    object_source::cluster_events(client)
+        .map(|(resource, event)| RouteEvent::Cluster(resource, Box::new(event)))
+        .boxed()
 }
 
 /// The route task's state: it alone reads the sources and publishes.
@@ -496,14 +520,9 @@ struct RouteStore {
     td: TrustDomain,
     /// The Services of the mesh state last received; `None` until the first synced one.
     mesh: Option<BTreeMap<ServiceRef, ServiceInfo>>,
-    /// `Some` when the Kubernetes source is on.
-    cluster: Option<BTreeMap<RouteResource, ClusterKind>>,
-    file: Option<RouteFile>,
-    /// Objects in both sources already logged, so a lasting overlap is logged once.
-    logged_conflicts: BTreeSet<ObjectKey>,
+    source: ObjectSource<RouteResource>,
     /// What was compiled last, whose unchanged entries the next compilation keeps.
     last: Option<RouteContent>,
-    metrics: Arc<Metrics>,
 }
 
 impl State for RouteStore {
@@ -512,15 +531,11 @@ impl State for RouteStore {
     type Snapshot = RouteState;
 
     fn has_file(&self) -> bool {
-        self.file.is_some()
+        self.source.has_file()
     }
 
     fn synced(&self) -> bool {
-        self.mesh.is_some()
-            && self
-                .cluster
-                .as_ref()
-                .is_none_or(|kinds| kinds.values().all(|kind| kind.listed.synced))
+        self.mesh.is_some() && self.source.synced()
     }
 
     fn on_event(&mut self, event: RouteEvent) -> bool {
@@ -534,43 +549,18 @@ impl State for RouteStore {
                 self.mesh = Some(services);
                 changed
             }
-            RouteEvent::Cluster(resource, event) => {
-                let Some(kind) = self.cluster.as_mut().and_then(|c| c.get_mut(&resource)) else {
-                    return false;
-                };
-                kind.on_event(resource, *event)
-            }
+            RouteEvent::Cluster(resource, event) => self.source.on_event(resource, *event),
         }
     }
 
     async fn poll_file(&mut self) -> bool {
-        let Some(file) = self.file.as_mut() else {
-            return false;
-        };
-        let reloaded = file.0.poll(parse_file).await;
-        let path = file.0.path().display();
-        match reloaded {
-            Ok(false) => false,
-            Ok(true) => {
-                info!(%path, objects = file.objects().len(), "route objects of the policy file reloaded");
-                true
-            }
-            Err(e) => {
-                self.metrics.policy_file_reload_failures.inc();
-                error!(%path, error = %e, "the route objects of the policy file are invalid; keeping its last good ones");
-                false
-            }
-        }
+        self.source.poll_file().await
     }
 
     /// The merged objects and the Services, compiled (unless they are what was compiled last),
     /// logging the overlaps not logged yet.
     fn content(&mut self) -> RouteContent {
-        let (objects, conflicts) = merge(self.cluster.as_ref(), self.file.as_ref());
-        for key in conflicts.difference(&self.logged_conflicts) {
-            warn!(object = %key, "a route object is both in the cluster and in --policy-file; using the cluster's");
-        }
-        self.logged_conflicts = conflicts;
+        let objects = self.source.merged();
         let inputs = RouteInputs {
             objects,
             services: self.mesh.clone().unwrap_or_default(),
@@ -605,15 +595,8 @@ impl RouteStore {
     /// Compiles `inputs` for every client. Entries that come out as they were last time keep
     /// their `Arc`s, so that streams send only what changed (they compare by pointer).
     fn compile(&self, inputs: RouteInputs) -> RouteContent {
-        let objects: RouteObjects = inputs
-            .objects
-            .values()
-            .map(|stored| stored.object.clone())
-            .collect();
-        let catalog = Catalog {
-            services: inputs.services.clone(),
-        };
-        let mut compiled = sigil_route::compile::compile(&objects, &catalog, &self.td);
+        let mut compiled =
+            sigil_route::compile::compile(&inputs.route_objects(), &inputs.catalog(), &self.td);
         if let Some(last) = &self.last {
             keep_unchanged(&last.compiled, &mut compiled);
         }
@@ -660,25 +643,6 @@ fn keep_same<K: Ord, T, M: PartialEq>(
             *entry = before.clone();
         }
     }
-}
-
-/// Every source's objects: the file's, then the cluster's over them; and the keys in both.
-fn merge(
-    cluster: Option<&BTreeMap<RouteResource, ClusterKind>>,
-    file: Option<&RouteFile>,
-) -> (Objects, BTreeSet<ObjectKey>) {
-    let mut objects = file.map(|file| file.objects().clone()).unwrap_or_default();
-    let mut conflicts = BTreeSet::new();
-    for (key, stored) in cluster
-        .into_iter()
-        .flat_map(|kinds| kinds.values())
-        .flat_map(|kind| &kind.listed.items)
-    {
-        if objects.insert(key.clone(), stored.clone()).is_some() {
-            conflicts.insert(key.clone());
-        }
-    }
-    (objects, conflicts)
 }
 
 /// `sigil.route.v1.RouteDiscovery`: to each attested workload, its view of the routes.

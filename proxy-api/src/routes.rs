@@ -20,12 +20,11 @@ use sigil_identity::SpiffeId;
 use sigil_proto::sigil::route::v1 as wire;
 use sigil_route::RouteSet;
 use sigil_route::compiled::{
-    Backend, BackendPolicy, BackendTarget, Backends, FailurePercentage, Filter, GrpcMatch,
-    GrpcRouteTable, GrpcRule, HeaderMatch, HeaderModifier, HttpMatch, HttpRouteTable, HttpRule,
-    IdentityOverride, InboundPolicy, Limit, LocalRateLimit, Mirror, OutlierDetection, PathMatch,
-    PathModifier, PortKey, PortRoutes, QueryMatch, Redirect, RetryBudget, RetryPolicy, Rewrite,
-    RouteKind, RouteOrigin, RuleRef, ServiceRef, Timeouts, ValueMatch, WeightedBackend,
-    regex_pattern,
+    self, Backend, BackendPolicy, BackendTarget, Backends, FailurePercentage, Filter, GrpcMatch,
+    HeaderMatch, HeaderModifier, HttpMatch, IdentityOverride, InboundPolicy, Limit, LocalRateLimit,
+    Mirror, OutlierDetection, PathMatch, PathModifier, PortKey, PortRoutes, QueryMatch, Redirect,
+    RetryBudget, RetryPolicy, Rewrite, RouteKind, RouteOrigin, Rule, RuleRef, ServiceRef, Timeouts,
+    ValueMatch, WeightedBackend, regex_pattern,
 };
 use sigil_route::validate::{Catalog, ServiceInfo, ServicePortInfo};
 
@@ -417,8 +416,8 @@ pub fn port_routes_to_message(routes: &PortRoutes) -> wire::PortRoutes {
             RouteOrigin::Producer => wire::RouteOrigin::Producer,
             RouteOrigin::Consumer => wire::RouteOrigin::Consumer,
         } as i32,
-        http: routes.http.as_deref().map(http_table_to_message),
-        grpc: routes.grpc.as_deref().map(grpc_table_to_message),
+        http: routes.http.as_deref().map(WireTable::to_message),
+        grpc: routes.grpc.as_deref().map(WireTable::to_message),
     }
 }
 
@@ -443,12 +442,12 @@ fn port_routes_from_message(message: &wire::PortRoutes) -> Result<PortRoutes, Ro
             http: message
                 .http
                 .as_ref()
-                .map(|table| http_table_from_message(table).within("http").map(Arc::new))
+                .map(|table| table.compiled().within("http").map(Arc::new))
                 .transpose()?,
             grpc: message
                 .grpc
                 .as_ref()
-                .map(|table| grpc_table_from_message(table).within("grpc").map(Arc::new))
+                .map(|table| table.compiled().within("grpc").map(Arc::new))
                 .transpose()?,
         })
     };
@@ -628,101 +627,89 @@ fn grpc_match_from_message(message: &wire::GrpcMatch) -> Checked<GrpcMatch> {
 
 // ---- tables and rules ----
 
-fn http_table_to_message(table: &HttpRouteTable) -> wire::HttpRouteTable {
-    wire::HttpRouteTable {
-        rules: table
-            .rules
-            .iter()
-            .map(|rule| wire::HttpRule {
-                source: Some(rule_ref_to_message(&rule.source)),
-                filters: filters_to_message(&rule.filters),
-                backends: backends_to_message(&rule.backends),
-                timeouts: Some(timeouts_to_message(&rule.timeouts)),
-                retry: rule.retry.as_ref().map(retry_to_message),
-            })
-            .collect(),
-        order: table
-            .order
-            .iter()
-            .map(|(rule, m)| wire::HttpMatchEntry {
-                rule: rule_index_to_message(*rule),
-                r#match: Some(http_match_to_message(m)),
-            })
-            .collect(),
-    }
+/// A compiled route table and its wire message. The wire has a message per kind (prost makes
+/// `HttpRouteTable`/`HttpRule` and `GrpcRouteTable`/`GrpcRule` distinct types of the same
+/// shape), so the field-by-field conversion of a table and its rules is written once here and
+/// implemented for both by [`wire_table!`]; only the match conversion differs.
+trait WireTable: Sized {
+    type Match;
+
+    fn to_message(table: &compiled::RouteTable<Self::Match>) -> Self;
+    fn compiled(&self) -> Checked<compiled::RouteTable<Self::Match>>;
 }
 
-fn http_table_from_message(message: &wire::HttpRouteTable) -> Checked<HttpRouteTable> {
-    let rules = each(&message.rules, "rules", |rule| {
-        Ok(HttpRule {
-            source: rule_ref_from_message(rule.source.as_ref())?,
-            filters: filters_from_message(&rule.filters)?,
-            backends: backends_from_message(&rule.backends)?,
-            timeouts: timeouts_from_message(rule.timeouts.as_ref()),
-            retry: rule
-                .retry
-                .as_ref()
-                .map(retry_from_message)
-                .transpose()
-                .within("retry")?,
-        })
-    })?;
-    let order = each(&message.order, "order", |entry| {
-        Ok((
-            rule_index_from_message(entry.rule, rules.len())?,
-            http_match_from_message(required(entry.r#match.as_ref(), "match")?).within("match")?,
-        ))
-    })?;
-    Ok(HttpRouteTable { rules, order })
+macro_rules! wire_table {
+    ($table:ident, $rule:ident, $entry:ident, $match:ty, $to:ident, $from:ident) => {
+        impl WireTable for wire::$table {
+            type Match = $match;
+
+            fn to_message(table: &compiled::RouteTable<$match>) -> wire::$table {
+                wire::$table {
+                    rules: table
+                        .rules
+                        .iter()
+                        .map(|rule| wire::$rule {
+                            source: Some(rule_ref_to_message(&rule.source)),
+                            filters: filters_to_message(&rule.filters),
+                            backends: backends_to_message(&rule.backends),
+                            timeouts: Some(timeouts_to_message(&rule.timeouts)),
+                            retry: rule.retry.as_ref().map(retry_to_message),
+                        })
+                        .collect(),
+                    order: table
+                        .order
+                        .iter()
+                        .map(|(rule, m)| wire::$entry {
+                            rule: rule_index_to_message(*rule),
+                            r#match: Some($to(m)),
+                        })
+                        .collect(),
+                }
+            }
+
+            fn compiled(&self) -> Checked<compiled::RouteTable<$match>> {
+                let rules = each(&self.rules, "rules", |rule| {
+                    Ok(Rule {
+                        source: rule_ref_from_message(rule.source.as_ref())?,
+                        filters: filters_from_message(&rule.filters)?,
+                        backends: backends_from_message(&rule.backends)?,
+                        timeouts: timeouts_from_message(rule.timeouts.as_ref()),
+                        retry: rule
+                            .retry
+                            .as_ref()
+                            .map(retry_from_message)
+                            .transpose()
+                            .within("retry")?,
+                    })
+                })?;
+                let order = each(&self.order, "order", |entry| {
+                    Ok((
+                        rule_index_from_message(entry.rule, rules.len())?,
+                        $from(required(entry.r#match.as_ref(), "match")?).within("match")?,
+                    ))
+                })?;
+                Ok(compiled::RouteTable { rules, order })
+            }
+        }
+    };
 }
 
-fn grpc_table_to_message(table: &GrpcRouteTable) -> wire::GrpcRouteTable {
-    wire::GrpcRouteTable {
-        rules: table
-            .rules
-            .iter()
-            .map(|rule| wire::GrpcRule {
-                source: Some(rule_ref_to_message(&rule.source)),
-                filters: filters_to_message(&rule.filters),
-                backends: backends_to_message(&rule.backends),
-                timeouts: Some(timeouts_to_message(&rule.timeouts)),
-                retry: rule.retry.as_ref().map(retry_to_message),
-            })
-            .collect(),
-        order: table
-            .order
-            .iter()
-            .map(|(rule, m)| wire::GrpcMatchEntry {
-                rule: rule_index_to_message(*rule),
-                r#match: Some(grpc_match_to_message(m)),
-            })
-            .collect(),
-    }
-}
-
-fn grpc_table_from_message(message: &wire::GrpcRouteTable) -> Checked<GrpcRouteTable> {
-    let rules = each(&message.rules, "rules", |rule| {
-        Ok(GrpcRule {
-            source: rule_ref_from_message(rule.source.as_ref())?,
-            filters: filters_from_message(&rule.filters)?,
-            backends: backends_from_message(&rule.backends)?,
-            timeouts: timeouts_from_message(rule.timeouts.as_ref()),
-            retry: rule
-                .retry
-                .as_ref()
-                .map(retry_from_message)
-                .transpose()
-                .within("retry")?,
-        })
-    })?;
-    let order = each(&message.order, "order", |entry| {
-        Ok((
-            rule_index_from_message(entry.rule, rules.len())?,
-            grpc_match_from_message(required(entry.r#match.as_ref(), "match")?).within("match")?,
-        ))
-    })?;
-    Ok(GrpcRouteTable { rules, order })
-}
+wire_table!(
+    HttpRouteTable,
+    HttpRule,
+    HttpMatchEntry,
+    HttpMatch,
+    http_match_to_message,
+    http_match_from_message
+);
+wire_table!(
+    GrpcRouteTable,
+    GrpcRule,
+    GrpcMatchEntry,
+    GrpcMatch,
+    grpc_match_to_message,
+    grpc_match_from_message
+);
 
 fn rule_index_to_message(rule: usize) -> u32 {
     u32::try_from(rule).unwrap_or(u32::MAX)

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use sigil_identity::{SpiffeId, TrustDomain};
 
 use crate::compiled::{
-    BackendPolicy, BackendTarget, Filter, GrpcMatch, GrpcRouteTable, HttpMatch, HttpRouteTable,
-    IdentityOverride, InboundPolicy, LocalRateLimit, PathMatch, PortKey, PortRoutes, RetryBudget,
-    RouteOrigin, RouteSet, ServiceRef, ValueMatch, WeightedBackend, regex_pattern,
+    BackendPolicy, BackendTarget, Filter, GrpcMatch, HttpMatch, IdentityOverride, InboundPolicy,
+    LocalRateLimit, PathMatch, PortKey, PortRoutes, RetryBudget, RouteOrigin, RouteSet, RouteTable,
+    ServiceRef, ValueMatch, WeightedBackend, regex_pattern,
 };
 use crate::model::RouteObjects;
 use crate::validate::{Catalog, CheckedRoute, Client, check_policies, check_routes};
@@ -111,14 +111,10 @@ pub fn compile(objects: &RouteObjects, catalog: &Catalog, trust_domain: &TrustDo
         }
     }
     let port_routes = |key: PortKey, origin: RouteOrigin, attached: Attached| {
-        let http = (!attached.http.is_empty()).then(|| {
-            let (rules, order) = ordered(&routes.http, &attached.http, http_rank);
-            Arc::new(HttpRouteTable { rules, order })
-        });
-        let grpc = (!attached.grpc.is_empty()).then(|| {
-            let (rules, order) = ordered(&routes.grpc, &attached.grpc, grpc_rank);
-            Arc::new(GrpcRouteTable { rules, order })
-        });
+        let http = (!attached.http.is_empty())
+            .then(|| Arc::new(ordered(&routes.http, &attached.http, http_rank)));
+        let grpc = (!attached.grpc.is_empty())
+            .then(|| Arc::new(ordered(&routes.grpc, &attached.grpc, grpc_rank)));
         Arc::new(PortRoutes {
             key,
             origin,
@@ -247,12 +243,12 @@ fn backend_services<'r>(
 /// The rules of the `attached` routes (oldest route first, then `{namespace}/{name}`, each
 /// route's kept rules in order) and every (rule, match) sorted by `rank`: a stable sort over
 /// entries already in route, rule and match order, so that ties keep that order.
-fn ordered<R: Clone, M: Clone, K: Ord>(
-    routes: &[CheckedRoute<'_, R, M>],
+fn ordered<M: Clone, K: Ord>(
+    routes: &[CheckedRoute<'_, M>],
     attached: &BTreeSet<usize>,
     rank: fn(&M) -> K,
-) -> (Vec<R>, Vec<(usize, M)>) {
-    let mut by_age: Vec<&CheckedRoute<'_, R, M>> = attached.iter().map(|&i| &routes[i]).collect();
+) -> RouteTable<M> {
+    let mut by_age: Vec<&CheckedRoute<'_, M>> = attached.iter().map(|&i| &routes[i]).collect();
     by_age.sort_by(|a, b| a.meta.age_order(b.meta));
     let mut rules = Vec::new();
     let mut order = Vec::new();
@@ -264,7 +260,7 @@ fn ordered<R: Clone, M: Clone, K: Ord>(
         }
     }
     order.sort_by_cached_key(|(_, m)| rank(m));
-    (rules, order)
+    RouteTable { rules, order }
 }
 
 /// The HTTP precedence key, smaller first (see the module doc).

@@ -92,13 +92,19 @@ impl RuleRef {
     }
 }
 
-/// An HTTPRoute table: rules, and every (rule, match) pair in precedence order.
+/// A route table over matches of type `M` ([`HttpMatch`] or [`GrpcMatch`]): the rules, and
+/// every (rule, match) pair in precedence order.
 #[derive(Clone, Debug)]
-pub struct HttpRouteTable {
-    pub rules: Vec<HttpRule>,
+pub struct RouteTable<M> {
+    pub rules: Vec<Rule>,
     /// The proxy tries these in order and takes the first that matches; `.0` indexes `rules`.
-    pub order: Vec<(usize, HttpMatch)>,
+    pub order: Vec<(usize, M)>,
 }
+
+/// An HTTPRoute table.
+pub type HttpRouteTable = RouteTable<HttpMatch>;
+/// A GRPCRoute table.
+pub type GrpcRouteTable = RouteTable<GrpcMatch>;
 
 /// One HTTPRoute match; every part present must match.
 #[derive(Clone, Debug, Default)]
@@ -200,9 +206,10 @@ pub struct QueryMatch {
     pub value: ValueMatch,
 }
 
-/// One rule of an HTTPRoute.
+/// One rule of an HTTPRoute or a GRPCRoute (whose filters are only header modifiers and
+/// mirrors).
 #[derive(Clone, Debug)]
-pub struct HttpRule {
+pub struct Rule {
     pub source: RuleRef,
     /// In spec order.
     pub filters: Vec<Filter>,
@@ -321,13 +328,6 @@ pub struct RetryPolicy {
     pub non_idempotent: bool,
 }
 
-/// A GRPCRoute table.
-#[derive(Clone, Debug)]
-pub struct GrpcRouteTable {
-    pub rules: Vec<GrpcRule>,
-    pub order: Vec<(usize, GrpcMatch)>,
-}
-
 #[derive(Clone, Debug, Default)]
 pub struct GrpcMatch {
     /// `None`: any service.
@@ -335,16 +335,6 @@ pub struct GrpcMatch {
     /// `None`: any method.
     pub method: Option<ValueMatch>,
     pub headers: Vec<HeaderMatch>,
-}
-
-#[derive(Clone, Debug)]
-pub struct GrpcRule {
-    pub source: RuleRef,
-    /// Header modifiers and mirrors.
-    pub filters: Vec<Filter>,
-    pub backends: Backends,
-    pub timeouts: Timeouts,
-    pub retry: Option<RetryPolicy>,
 }
 
 /// The traffic policy of one backend Service, for every client.

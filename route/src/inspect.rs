@@ -2,11 +2,13 @@
 //! and why the others were not taken, computed by the agent's and the proxy's own code.
 //!
 //! The route objects come from `--policy-file` (the agent's, holding HTTPRoute, GRPCRoute,
-//! BackendPolicy and RateLimitPolicy documents among the policies) and the
-//! Services from `--mesh-file`'s `services:` (read by the caller, which passes the
-//! [`Catalog`]). They go through [`crate::compile`] and the client's view exactly as in the
-//! agent, then the request through [`crate::select`] and [`crate::filters`] as in the proxy.
-//! There is no cluster mode yet: the cluster's meshed Services are the agent's to compute.
+//! BackendPolicy and RateLimitPolicy documents among the policies) and the Services from
+//! `--mesh-file`'s `services:`; without these two, from the cluster (through `KUBECONFIG` or the
+//! in-cluster config, as `sigil inspect policy` reads it): its route objects and its Services,
+//! meshed or not, as an agent computes them from Services, EndpointSlices and labelled pods.
+//! The caller reads them and passes the objects and the [`Catalog`]. They go through
+//! [`crate::compile`] and the client's view exactly as in the agent, then the request through
+//! [`crate::select`] and [`crate::filters`] as in the proxy.
 //!
 //! The first line is the answer: `ROUTE <kind> <namespace>/<name> rule <n>` when a rule is
 //! selected, `REDIRECT <status> <location>` when that rule redirects, `NO-ROUTE` when no route
@@ -26,11 +28,12 @@ use sigil_policy::path::{self, PathNormalization};
 use crate::compile::{ClientScope, compile};
 use crate::compiled::{
     BackendTarget, Backends, Filter, GrpcMatch, HeaderModifier, HttpMatch, PathModifier, PortKey,
-    PortRoutes, RetryPolicy, RouteKind, RouteOrigin, RouteSet, RuleRef, ServiceRef, Timeouts,
+    PortRoutes, RetryPolicy, RouteKind, RouteOrigin, RouteSet, RouteTable, RuleRef, ServiceRef,
+    Timeouts,
 };
 use crate::filters::{self, RequestUrl};
 use crate::model::{ModelError, ParentReference, RouteObject, RouteObjects};
-use crate::select::{self, EntryVerdict, RequestHead};
+use crate::select::{self, EntryVerdict, RequestHead, RouteMatch};
 use crate::validate::{self, Catalog};
 
 #[derive(Args, Debug)]
@@ -63,11 +66,12 @@ pub struct InspectRouteArgs {
     #[arg(long)]
     pub host: Option<String>,
     /// The agent's --policy-file: the route documents in it are read, the others skipped.
-    #[arg(long, value_name = "FILE")]
-    pub policy_file: PathBuf,
+    /// Without it (and --mesh-file), the routes and Services are read from the cluster.
+    #[arg(long, value_name = "FILE", requires = "mesh_file")]
+    pub policy_file: Option<PathBuf>,
     /// The agent's --mesh-file: its `services:` are the Services routes attach to.
-    #[arg(long, value_name = "FILE")]
-    pub mesh_file: PathBuf,
+    #[arg(long, value_name = "FILE", requires = "policy_file")]
+    pub mesh_file: Option<PathBuf>,
 }
 
 /// `<service>.<namespace>:<port>`, as a client names a Service.
@@ -111,18 +115,19 @@ pub enum InspectError {
     Output(#[from] std::io::Error),
 }
 
-/// Answers the question and writes the answer to `out`: Ok(false) when routes apply and no rule
-/// matches (the proxy answers 404), Ok(true) otherwise.
+/// Answers the question about the route `objects` and the Services of `catalog`, and writes
+/// the answer to `out`: Ok(false) when routes apply and no rule matches (the proxy answers
+/// 404), Ok(true) otherwise.
 pub fn run(
     args: &InspectRouteArgs,
+    objects: &RouteObjects,
     catalog: &Catalog,
     out: &mut impl Write,
 ) -> Result<bool, InspectError> {
-    let objects = read_route_documents(&args.policy_file)?;
     let scope = ClientScope::of(&args.from);
-    let routes = compile(&objects, catalog, args.from.trust_domain()).view(&scope);
+    let routes = compile(objects, catalog, args.from.trust_domain()).view(&scope);
     let routed = answer(&routes, catalog, &scope, args, out)?;
-    for line in status_lines(&objects, catalog, &scope, &args.to) {
+    for line in status_lines(objects, catalog, &scope, &args.to) {
         writeln!(out, "{line}")?;
     }
     Ok(routed)
@@ -288,7 +293,11 @@ pub fn answer(
         key.service,
         key.port,
         match known {
-            None => " (not a meshed Service in --mesh-file: routes cannot attach to it)",
+            None if args.mesh_file.is_some() =>
+                " (not a meshed Service in --mesh-file: routes cannot attach to it)",
+            None => " (not a Service in the cluster: routes cannot attach to it)",
+            Some(info) if !info.meshed =>
+                " (not fully meshed: some endpoint is not a sigil workload, so routes do not apply to it)",
             Some(info) if !info.ports.iter().any(|p| p.port == key.port) =>
                 " (the Service has no such port)",
             Some(_) => "",
@@ -329,46 +338,18 @@ pub fn answer(
         return Ok(true);
     };
     let _ = writeln!(e, "routes: {}", origin(port_routes, scope));
-    let backend_budget = |backends: &Backends| budget_lines(routes, backends);
+    let default_host = format!("{}.{}", key.service.name, key.service.namespace);
+    let asked = Asked {
+        request,
+        host: args.host.as_deref().unwrap_or(&default_host),
+        port: key.port,
+        explanation: &explanation,
+        routes,
+    };
 
     if let (true, Some(table)) = (grpc, &port_routes.grpc) {
-        let selected = select::select_grpc(table, &request);
-        let verdicts = select::explain_grpc(table, &request);
-        let describe = |entry: usize| {
-            let (rule, m) = &table.order[entry];
-            format!(
-                "{} match ({})",
-                rule_title(&table.rules[*rule].source),
-                grpc_match(m)
-            )
-        };
-        let Some(selected) = selected else {
-            writeln!(out, "NOT-FOUND")?;
-            out.write_all(explanation.as_bytes())?;
-            writeln!(
-                out,
-                "selected: nothing: no GRPCRoute rule matches; the proxy answers UNIMPLEMENTED"
-            )?;
-            write_not_selected(out, &verdicts, None, describe)?;
-            return Ok(false);
-        };
-        let rule = selected.rule;
-        writeln!(
-            out,
-            "ROUTE {} {}/{} rule {}",
-            rule.source.kind, rule.source.namespace, rule.source.name, rule.source.rule_index
-        )?;
-        out.write_all(explanation.as_bytes())?;
-        writeln!(out, "selected: {}", describe(selected.entry))?;
-        write_filters(out, &rule.filters, path, None)?;
-        write_backends(out, &rule.backends)?;
-        writeln!(out, "  timeouts:  {}", timeouts(&rule.timeouts))?;
-        writeln!(out, "  retry:     {}", retry(rule.retry.as_ref()))?;
-        for line in backend_budget(&rule.backends) {
-            writeln!(out, "  {line}")?;
-        }
-        write_not_selected(out, &verdicts, Some(selected.entry), describe)?;
-        return Ok(true);
+        let not_found = "no GRPCRoute rule matches; the proxy answers UNIMPLEMENTED";
+        return write_selection(out, table, grpc_match, not_found, &asked);
     }
 
     let Some(table) = &port_routes.http else {
@@ -380,42 +361,65 @@ pub fn answer(
         )?;
         return Ok(true);
     };
-    let verdicts = select::explain_http(table, &request);
+    let not_found = format!(
+        "no HTTPRoute rule matches; the proxy answers 404{}",
+        if grpc { " (gRPC: UNIMPLEMENTED)" } else { "" }
+    );
+    write_selection(out, table, http_match, &not_found, &asked)
+}
+
+/// The request and what [`write_selection`] says besides the table.
+struct Asked<'a> {
+    request: RequestHead<'a>,
+    /// The Host the client sends, for redirects.
+    host: &'a str,
+    port: u16,
+    /// The lines after the answer's.
+    explanation: &'a str,
+    routes: &'a RouteSet,
+}
+
+/// The answer from one table (HTTPRoute or GRPCRoute): the rule selected, what it does, and why
+/// the entries before it were not taken. `not_found` says what happens when no rule matches.
+fn write_selection<M: RouteMatch>(
+    out: &mut impl Write,
+    table: &RouteTable<M>,
+    describe_match: fn(&M) -> String,
+    not_found: &str,
+    asked: &Asked<'_>,
+) -> std::io::Result<bool> {
+    let verdicts = select::explain(table, &asked.request);
     let describe = |entry: usize| {
         let (rule, m) = &table.order[entry];
         format!(
             "{} match ({})",
             rule_title(&table.rules[*rule].source),
-            http_match(m)
+            describe_match(m)
         )
     };
-    let Some(selected) = select::select_http(table, &request) else {
+    let Some(selected) = select::select_rule(table, &asked.request) else {
         writeln!(out, "NOT-FOUND")?;
-        out.write_all(explanation.as_bytes())?;
-        writeln!(
-            out,
-            "selected: nothing: no HTTPRoute rule matches; the proxy answers 404{}",
-            if grpc { " (gRPC: UNIMPLEMENTED)" } else { "" }
-        )?;
+        out.write_all(asked.explanation.as_bytes())?;
+        writeln!(out, "selected: nothing: {not_found}")?;
         write_not_selected(out, &verdicts, None, describe)?;
         return Ok(false);
     };
     let rule = selected.rule;
+    // Only an HTTPRoute rule redirects.
     let redirect = rule.filters.iter().find_map(|filter| match filter {
         Filter::Redirect(redirect) => Some(redirect),
         _ => None,
     });
-    let default_host = format!("{}.{}", key.service.name, key.service.namespace);
     match redirect {
         Some(redirect) => {
             let target = filters::redirect(
                 redirect,
                 &RequestUrl {
                     scheme: "http",
-                    host: args.host.as_deref().unwrap_or(&default_host),
-                    port: key.port,
-                    path,
-                    query,
+                    host: asked.host,
+                    port: asked.port,
+                    path: asked.request.path,
+                    query: asked.request.query,
                 },
                 selected.matched_prefix,
             );
@@ -432,14 +436,19 @@ pub fn answer(
             rule.source.kind, rule.source.namespace, rule.source.name, rule.source.rule_index
         )?,
     }
-    out.write_all(explanation.as_bytes())?;
+    out.write_all(asked.explanation.as_bytes())?;
     writeln!(out, "selected: {}", describe(selected.entry))?;
-    write_filters(out, &rule.filters, path, selected.matched_prefix)?;
+    write_filters(
+        out,
+        &rule.filters,
+        asked.request.path,
+        selected.matched_prefix,
+    )?;
     if redirect.is_none() {
         write_backends(out, &rule.backends)?;
         writeln!(out, "  timeouts:  {}", timeouts(&rule.timeouts))?;
         writeln!(out, "  retry:     {}", retry(rule.retry.as_ref()))?;
-        for line in backend_budget(&rule.backends) {
+        for line in budget_lines(asked.routes, &rule.backends) {
             writeln!(out, "  {line}")?;
         }
     }

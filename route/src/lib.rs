@@ -18,9 +18,8 @@ pub mod select;
 pub mod validate;
 
 pub use compiled::{
-    Backend, BackendPolicy, BackendTarget, Backends, Filter, GrpcRouteTable, GrpcRule,
-    HttpRouteTable, HttpRule, InboundPolicy, Limit, LocalRateLimit, OutlierDetection, PortKey,
-    PortRoutes, RetryBudget, RetryPolicy, RouteKind, RouteOrigin, RouteSet, RuleRef, ServiceRef,
-    Timeouts,
+    Backend, BackendPolicy, BackendTarget, Backends, Filter, GrpcRouteTable, HttpRouteTable,
+    InboundPolicy, Limit, LocalRateLimit, OutlierDetection, PortKey, PortRoutes, RetryBudget,
+    RetryPolicy, RouteKind, RouteOrigin, RouteSet, RouteTable, Rule, RuleRef, ServiceRef, Timeouts,
 };
-pub use select::{RequestHead, Selected, select_grpc, select_http};
+pub use select::{RequestHead, RouteMatch, Selected, select_rule};

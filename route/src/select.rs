@@ -1,7 +1,8 @@
 //! The one request matcher: which rule of a route table a request takes, by the precedence the
-//! agent already sorted ([`crate::compiled::HttpRouteTable::order`]). The proxy routes with it,
+//! agent already sorted ([`crate::compiled::RouteTable::order`]). The proxy routes with it,
 //! the inbound rate limiter scopes limits with it, and `sigil inspect route` explains with it
-//! ([`explain_http`], [`explain_grpc`]: the same code, keeping the reason of each mismatch).
+//! ([`explain`]: the same code, keeping the reason of each mismatch). [`RouteMatch`] is what an
+//! HTTPRoute and a GRPCRoute match have in common, so that one [`select_rule`] serves both.
 //!
 //! Matching rules: the path is the normalized path the proxy forwards; PathPrefix is
 //! element-wise and ignores a trailing `/` in the prefix (`/` matches every path); header names
@@ -20,8 +21,7 @@ use http::{HeaderMap, HeaderName, Method};
 use percent_encoding::percent_decode_str;
 
 use crate::compiled::{
-    GrpcMatch, GrpcRouteTable, GrpcRule, HeaderMatch, HttpMatch, HttpRouteTable, HttpRule,
-    PathMatch, QueryMatch, ValueMatch,
+    GrpcMatch, HeaderMatch, HttpMatch, PathMatch, QueryMatch, RouteTable, Rule, ValueMatch,
 };
 
 /// What of a request matching looks at.
@@ -37,8 +37,8 @@ pub struct RequestHead<'a> {
 
 /// The rule a request takes.
 #[derive(Debug)]
-pub struct Selected<'t, R> {
-    pub rule: &'t R,
+pub struct Selected<'t> {
+    pub rule: &'t Rule,
     pub rule_index: usize,
     /// Index into the table's `order`.
     pub entry: usize,
@@ -135,48 +135,62 @@ pub struct EntryVerdict {
     pub mismatch: Option<Mismatch>,
 }
 
+/// An HTTPRoute or GRPCRoute match, as [`select_rule`] and [`explain`] read it.
+pub trait RouteMatch {
+    /// Why `request` does not match this match; `None`: it matches.
+    fn mismatch(&self, request: &RequestHead<'_>) -> Option<Mismatch>;
+    /// The PathPrefix this match matched, for URLRewrite/RequestRedirect `ReplacePrefixMatch`.
+    fn matched_prefix(&self) -> Option<&str>;
+}
+
+impl RouteMatch for HttpMatch {
+    fn mismatch(&self, request: &RequestHead<'_>) -> Option<Mismatch> {
+        mismatch_http(self, request)
+    }
+
+    fn matched_prefix(&self) -> Option<&str> {
+        match &self.path {
+            Some(PathMatch::Prefix(prefix)) => Some(prefix.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// A gRPC request's match; a GRPCRoute has no path prefix.
+impl RouteMatch for GrpcMatch {
+    fn mismatch(&self, request: &RequestHead<'_>) -> Option<Mismatch> {
+        mismatch_grpc(self, request)
+    }
+
+    fn matched_prefix(&self) -> Option<&str> {
+        None
+    }
+}
+
 /// The first rule of `table` (in precedence order) that `request` matches.
-pub fn select_http<'t>(
-    table: &'t HttpRouteTable,
+pub fn select_rule<'t, M: RouteMatch>(
+    table: &'t RouteTable<M>,
     request: &RequestHead<'_>,
-) -> Option<Selected<'t, HttpRule>> {
+) -> Option<Selected<'t>> {
     let (entry, (rule_index, m)) = table
         .order
         .iter()
         .enumerate()
-        .find(|(_, (_, m))| matches_http(m, request))?;
+        .find(|(_, (_, m))| m.mismatch(request).is_none())?;
     Some(Selected {
         rule: table.rules.get(*rule_index)?,
         rule_index: *rule_index,
         entry,
-        matched_prefix: match &m.path {
-            Some(PathMatch::Prefix(prefix)) => Some(prefix.as_str()),
-            _ => None,
-        },
-    })
-}
-
-/// The first rule of `table` (in precedence order) that the gRPC `request` matches.
-pub fn select_grpc<'t>(
-    table: &'t GrpcRouteTable,
-    request: &RequestHead<'_>,
-) -> Option<Selected<'t, GrpcRule>> {
-    let (entry, (rule_index, _)) = table
-        .order
-        .iter()
-        .enumerate()
-        .find(|(_, (_, m))| matches_grpc(m, request))?;
-    Some(Selected {
-        rule: table.rules.get(*rule_index)?,
-        rule_index: *rule_index,
-        entry,
-        matched_prefix: None,
+        matched_prefix: m.matched_prefix(),
     })
 }
 
 /// Every entry of `table` in precedence order, each with why `request` does not match it;
-/// [`select_http`] takes the first without a mismatch.
-pub fn explain_http(table: &HttpRouteTable, request: &RequestHead<'_>) -> Vec<EntryVerdict> {
+/// [`select_rule`] takes the first without a mismatch.
+pub fn explain<M: RouteMatch>(
+    table: &RouteTable<M>,
+    request: &RequestHead<'_>,
+) -> Vec<EntryVerdict> {
     table
         .order
         .iter()
@@ -184,21 +198,7 @@ pub fn explain_http(table: &HttpRouteTable, request: &RequestHead<'_>) -> Vec<En
         .map(|(entry, (rule_index, m))| EntryVerdict {
             entry,
             rule_index: *rule_index,
-            mismatch: mismatch_http(m, request),
-        })
-        .collect()
-}
-
-/// [`explain_http`] for a GRPCRoute table.
-pub fn explain_grpc(table: &GrpcRouteTable, request: &RequestHead<'_>) -> Vec<EntryVerdict> {
-    table
-        .order
-        .iter()
-        .enumerate()
-        .map(|(entry, (rule_index, m))| EntryVerdict {
-            entry,
-            rule_index: *rule_index,
-            mismatch: mismatch_grpc(m, request),
+            mismatch: m.mismatch(request),
         })
         .collect()
 }

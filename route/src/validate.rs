@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use sigil_identity::SpiffeId;
 
-use crate::compiled::{GrpcMatch, GrpcRule, HttpMatch, HttpRule, PortKey, RouteKind, ServiceRef};
+use crate::compiled::{GrpcMatch, HttpMatch, PortKey, RouteKind, Rule, ServiceRef};
 use crate::model::{Meta, RouteObjects};
 
 mod annotations;
@@ -142,28 +142,28 @@ fn joined<'p>(prefix: &str, problems: impl IntoIterator<Item = &'p Problem>) -> 
 
 /// A rule as kept (compiled, with its matches: the default match when it has none) or why it
 /// is dropped.
-pub(crate) type RuleOutcome<R, M> = Result<(R, Vec<M>), Vec<Problem>>;
+pub(crate) type RuleOutcome<M> = Result<(Rule, Vec<M>), Vec<Problem>>;
 
 /// One route judged against the cluster: the Service ports each Service parent attaches to,
 /// each rule kept or dropped, the references that did not resolve. [`judge_routes`] turns it
 /// into conditions, [`crate::compile`] into tables: one judgement for both.
 #[derive(Debug)]
-pub(crate) struct CheckedRoute<'a, R, M> {
+pub(crate) struct CheckedRoute<'a, M> {
     pub kind: RouteKind,
     pub meta: &'a Meta,
     /// One per `spec.parentRefs[i]` that is a Service: its ports, or why it does not attach.
     pub parents: Vec<(usize, Result<Vec<PortKey>, Problem>)>,
     /// One per rule, in spec order (an HTTPRoute without rules has the CRD's default rule).
-    pub rules: Vec<RuleOutcome<R, M>>,
+    pub rules: Vec<RuleOutcome<M>>,
     /// backendRefs and mirror backendRefs that did not resolve (the rule is kept).
     pub unresolved: Vec<Problem>,
     /// What sigil ignores, said in the `Accepted` message (hostnames, bad annotations).
     pub notes: Vec<String>,
 }
 
-impl<R, M> CheckedRoute<'_, R, M> {
+impl<M> CheckedRoute<'_, M> {
     /// The kept rules with their index in the spec.
-    pub(crate) fn kept(&self) -> impl Iterator<Item = (usize, &R, &[M])> {
+    pub(crate) fn kept(&self) -> impl Iterator<Item = (usize, &Rule, &[M])> {
         self.rules
             .iter()
             .enumerate()
@@ -264,8 +264,8 @@ pub(crate) fn condition(
 
 /// Every route judged.
 pub(crate) struct CheckedRoutes<'a> {
-    pub http: Vec<CheckedRoute<'a, HttpRule, HttpMatch>>,
-    pub grpc: Vec<CheckedRoute<'a, GrpcRule, GrpcMatch>>,
+    pub http: Vec<CheckedRoute<'a, HttpMatch>>,
+    pub grpc: Vec<CheckedRoute<'a, GrpcMatch>>,
 }
 
 pub(crate) fn check_routes<'a>(

@@ -1,10 +1,20 @@
 //! `sigil inspect route` as operators run it: the real binary on an agent's policy file (two
 //! HTTPRoutes on one Service, a producer route and a consumer route of the client's namespace,
 //! beside an authorization policy it skips) and mesh file, with its first-line and exit-code
-//! contract (0 routed, 1 NOT-FOUND, 2 usage or file error).
+//! contract (0 routed, 1 NOT-FOUND, 2 usage or file error); and the same routes read from the
+//! cluster (the Kubernetes API test double, through `KUBECONFIG`), its Services meshed or not as
+//! an agent computes them from Services, EndpointSlices and labelled pods.
 
 use std::path::Path;
 
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use serde_json::json;
+use sigil_proxy_api::{TLS_MODE_LABEL, TLS_MODE_MTLS};
+use sigil_test_apiserver::{PodSpec, TestApiServer, parse_manifest};
 use sigil_test_harness::sigil_exe;
 
 const WEB_CLIENT: &str = "spiffe://cluster.local/ns/web/sa/front";
@@ -110,15 +120,18 @@ async fn inspect(dir: &Path, policies: &str, args: &[&str]) -> Run {
     let mesh_file = dir.join("mesh.yaml");
     std::fs::write(&policy_file, policies).unwrap();
     std::fs::write(&mesh_file, MESH).unwrap();
-    let out = tokio::process::Command::new(sigil_exe())
+    let mut command = tokio::process::Command::new(sigil_exe());
+    command
         .args(["inspect", "route", "--policy-file"])
         .arg(&policy_file)
         .arg("--mesh-file")
         .arg(&mesh_file)
-        .args(args)
-        .output()
-        .await
-        .expect("running sigil");
+        .args(args);
+    run(command).await
+}
+
+async fn run(mut command: tokio::process::Command) -> Run {
+    let out = command.output().await.expect("running sigil");
     Run {
         code: out.status.code().expect("exit code"),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -290,4 +303,208 @@ async fn a_service_port_without_routes_and_bad_files() {
         "{}",
         usage.stderr
     );
+}
+
+/// A pod of shop at `ip`, meshed (labelled for mTLS) or not.
+async fn add_pod(
+    server: &TestApiServer,
+    name: &str,
+    service_account: &str,
+    ip: &str,
+    meshed: bool,
+) {
+    let mut spec = PodSpec::new("shop", name, service_account, "node-a");
+    if meshed {
+        spec.labels
+            .insert(TLS_MODE_LABEL.into(), TLS_MODE_MTLS.into());
+    }
+    server.add_pod(&spec);
+    // What the kubelet writes once the pod's sandbox has an address.
+    let pods: Api<Pod> = Api::namespaced(server.client(), "shop");
+    let status = json!({ "status": { "podIP": ip, "podIPs": [{ "ip": ip }] } });
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+/// Service shop/`name` at `cluster_ip`, port http 9080, and its EndpointSlice of `pods`
+/// (name, address).
+async fn add_service(server: &TestApiServer, name: &str, cluster_ip: &str, pods: &[(&str, &str)]) {
+    let service: Service = serde_json::from_value(json!({
+        "metadata": { "name": name, "namespace": "shop" },
+        "spec": {
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ports": [{ "name": "http", "port": 9080, "targetPort": 8080 }],
+        },
+    }))
+    .unwrap();
+    Api::<Service>::namespaced(server.client(), "shop")
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    let endpoints: Vec<_> = pods
+        .iter()
+        .map(|(pod, address)| {
+            json!({
+                "addresses": [address],
+                "conditions": { "ready": true, "serving": true, "terminating": false },
+                "targetRef": { "kind": "Pod", "namespace": "shop", "name": pod },
+            })
+        })
+        .collect();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {
+            "name": format!("{name}-x7k2p"),
+            "namespace": "shop",
+            "labels": { "kubernetes.io/service-name": name },
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+    }))
+    .unwrap();
+    Api::<EndpointSlice>::namespaced(server.client(), "shop")
+        .create(&PostParams::default(), &slice)
+        .await
+        .unwrap();
+}
+
+/// `sigil inspect route` without files: the cluster of `kubeconfig`.
+async fn inspect_cluster(kubeconfig: &Path, args: &[&str]) -> Run {
+    let mut command = tokio::process::Command::new(sigil_exe());
+    command
+        .args(["inspect", "route"])
+        .args(args)
+        .env("KUBECONFIG", kubeconfig);
+    run(command).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_from_the_cluster() {
+    let server = TestApiServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+
+    // The Services and members of MESH, and shop/ratings, whose one endpoint is not meshed.
+    for (pod, account, ip) in [
+        ("reviews-v1-0", "reviews-v1", "198.18.61.2"),
+        ("reviews-v2-0", "reviews-v2", "198.18.61.3"),
+        ("reviews-v3-0", "reviews-v3", "198.18.61.4"),
+    ] {
+        add_pod(&server, pod, account, ip, true).await;
+    }
+    add_pod(&server, "ratings-0", "ratings", "198.18.61.5", false).await;
+    add_service(
+        &server,
+        "reviews",
+        "198.19.61.10",
+        &[
+            ("reviews-v1-0", "198.18.61.2"),
+            ("reviews-v2-0", "198.18.61.3"),
+            ("reviews-v3-0", "198.18.61.4"),
+        ],
+    )
+    .await;
+    for (version, cluster_ip, address) in [
+        ("v1", "198.19.61.11", "198.18.61.2"),
+        ("v2", "198.19.61.12", "198.18.61.3"),
+        ("v3", "198.19.61.13", "198.18.61.4"),
+    ] {
+        let name = format!("reviews-{version}");
+        add_service(
+            &server,
+            &name,
+            cluster_ip,
+            &[(&format!("{name}-0"), address)],
+        )
+        .await;
+    }
+    add_service(
+        &server,
+        "ratings",
+        "198.19.61.14",
+        &[("ratings-0", "198.18.61.5")],
+    )
+    .await;
+    // POLICIES' routes (its authorization policy is not the route feed's).
+    let http_routes = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+        "httproutes",
+    );
+    for document in parse_manifest(POLICIES).unwrap() {
+        if document["kind"] != "HTTPRoute" {
+            continue;
+        }
+        let route: DynamicObject = serde_json::from_value(document).unwrap();
+        let namespace = route.metadata.namespace.clone().unwrap();
+        Api::<DynamicObject>::namespaced_with(server.client(), &namespace, &http_routes)
+            .create(&PostParams::default(), &route)
+            .await
+            .unwrap();
+    }
+
+    // Each answer is the files' answer, word for word: the consumer route's canary, and the
+    // producer route for another namespace's client.
+    let canary = [
+        "--from",
+        WEB_CLIENT,
+        "--to",
+        "reviews.shop:9080",
+        "--path",
+        "/api/items",
+        "--header",
+        "x-canary=1",
+    ];
+    let producer = [
+        "--from",
+        SHOP_CLIENT,
+        "--to",
+        "reviews.shop:9080",
+        "--path",
+        "/reviews/7",
+    ];
+    for (args, first_line) in [
+        (&canary[..], "ROUTE HTTPRoute web/reviews-canary rule 0"),
+        (&producer[..], "ROUTE HTTPRoute shop/reviews rule 0"),
+    ] {
+        let cluster = inspect_cluster(&kubeconfig, args).await;
+        assert_eq!(cluster.code, 0, "{}{}", cluster.stdout, cluster.stderr);
+        assert_eq!(cluster.first_line(), first_line, "{}", cluster.stdout);
+        let files = inspect(dir.path(), POLICIES, args).await;
+        assert_eq!(cluster.stdout, files.stdout);
+    }
+
+    // A Service with an endpoint outside the mesh takes no routes, and says why.
+    let ratings = inspect_cluster(
+        &kubeconfig,
+        &["--from", WEB_CLIENT, "--to", "ratings.shop:9080"],
+    )
+    .await;
+    assert_eq!(ratings.code, 0, "{}{}", ratings.stdout, ratings.stderr);
+    assert_eq!(ratings.first_line(), "NO-ROUTE");
+    assert!(
+        ratings
+            .stdout
+            .contains("service: shop/ratings port 9080 (not fully meshed"),
+        "{}",
+        ratings.stdout
+    );
+
+    // One file without the other is a usage error.
+    let usage = inspect_cluster(
+        &kubeconfig,
+        &[
+            "--from",
+            WEB_CLIENT,
+            "--to",
+            "reviews.shop:9080",
+            "--policy-file",
+            "p.yaml",
+        ],
+    )
+    .await;
+    assert_eq!(usage.code, 2, "{}{}", usage.stdout, usage.stderr);
+    assert!(usage.stderr.contains("--mesh-file"), "{}", usage.stderr);
 }

@@ -1,8 +1,8 @@
 use k8s_openapi::api::core::v1::{Pod, PodSpec as CorePodSpec, PodStatus};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::Api;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::core::Status as ApiStatus;
-use prometheus_client::registry::Registry;
+use kube::runtime::watcher::{self, Event};
 use serde_json::json;
 use sigil_identity::SpiffeId;
 use sigil_proto::sigil::policy::v2::policy_discovery_client::PolicyDiscoveryClient;
@@ -10,19 +10,15 @@ use sigil_test_apiserver::{ServerOptions, TestApiServer};
 
 use super::*;
 use crate::attest::PodRef;
+use crate::object_source::ClusterKind;
+use crate::object_source::tests::{
+    CRD_RETRY_WAIT, WAIT, failed_list, metrics, not_found, replace, until,
+};
 use crate::test_support::{BundleSource, TestAgent, TestCa, WEB_ID, this_uid};
 use sigil_policy::envelope::VERSION;
 
-const WAIT: Duration = Duration::from_secs(10);
-/// The watcher's longest backoff (30 s) and then some: how long a CRD installed late may take
-/// to be noticed.
-const CRD_RETRY_WAIT: Duration = Duration::from_secs(40);
 const AP: Kind = Kind::AuthorizationPolicy;
 const PA: Kind = Kind::PeerAuthentication;
-
-fn metrics() -> Arc<Metrics> {
-    Arc::new(Metrics::new(&mut Registry::default()))
-}
 
 fn key(kind: Kind, namespace: &str, name: &str) -> ObjectKey {
     ObjectKey {
@@ -87,26 +83,6 @@ fn sent_envelope(key: &ObjectKey) -> Option<wire::Envelope> {
         name: key.name.clone(),
         ..Default::default()
     })
-}
-
-async fn until(
-    rx: &watch::Receiver<Arc<PolicySnapshot>>,
-    wait: Duration,
-    what: impl Fn(&PolicySnapshot) -> bool,
-) -> Arc<PolicySnapshot> {
-    tokio::time::timeout(wait, rx.clone().wait_for(|snapshot| what(snapshot)))
-        .await
-        .expect("the policies never reached the expected state")
-        .expect("the policy task stopped")
-        .clone()
-}
-
-/// Replaces the file as operators should (and ConfigMap volumes do): whole, never seen
-/// half-written by a poll.
-fn replace(path: &Path, contents: impl AsRef<[u8]>) {
-    let staged = path.with_extension("staged");
-    std::fs::write(&staged, contents).unwrap();
-    std::fs::rename(&staged, path).unwrap();
 }
 
 fn object_keys(snapshot: &PolicySnapshot) -> Vec<String> {
@@ -600,20 +576,7 @@ async fn a_pod_gets_a_new_set_when_its_labels_change_and_only_then() {
 // --- the Kubernetes source, against the test API server ---
 
 fn crd(kind: Kind) -> CustomResourceDefinition {
-    serde_json::from_value(json!({
-            "metadata": { "name": format!("{}.{GROUP}", kind.plural()) },
-            "spec": {
-                "group": GROUP,
-                "names": { "plural": kind.plural(), "kind": kind.name() },
-                "scope": "Namespaced",
-                "versions": [{
-                    "name": VERSION, "served": true, "storage": true,
-                    "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } },
-                    "subresources": { "status": {} },
-                }],
-            },
-        }))
-        .unwrap()
+    object_source::tests::crd(GROUP, VERSION, kind.plural(), kind.name())
 }
 
 async fn install_crds(server: &TestApiServer) {
@@ -789,19 +752,6 @@ async fn without_the_crds_the_cluster_has_no_policies_until_they_are_installed()
 
 #[test]
 fn a_missing_crd_is_an_empty_synced_source_until_it_is_listed() {
-    let failed_list = |message: &str, reason: &str, code: u16| {
-        let status = ApiStatus::failure(message, reason).with_code(code);
-        Err(watcher::Error::InitialListFailed(kube::Error::Api(
-            status.boxed(),
-        )))
-    };
-    let not_found = || {
-        failed_list(
-            "the server could not find the requested resource",
-            "NotFound",
-            404,
-        )
-    };
     let mut state = ClusterKind::default();
     assert!(!state.on_event(AP, Ok(Event::Init)));
     assert!(state.on_event(AP, not_found()), "synced: publish");

@@ -1,9 +1,8 @@
 use std::net::IpAddr;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::PostParams;
-use kube::core::Status as ApiStatus;
-use prometheus_client::registry::Registry;
+use kube::api::{Api, PostParams};
+use kube::runtime::watcher::Event;
 use serde_json::json;
 use sigil_identity::SpiffeId;
 use sigil_proto::sigil::route::v1::route_discovery_client::RouteDiscoveryClient;
@@ -14,19 +13,15 @@ use sigil_route::compiled::BackendTarget;
 use sigil_test_apiserver::{ServerOptions, TestApiServer};
 
 use super::*;
+use crate::object_source::ClusterKind;
+use crate::object_source::tests::{
+    CRD_RETRY_WAIT, WAIT, failed_list, metrics, not_found, replace, until,
+};
 use crate::push_stream::PushFeed;
 use crate::test_support::{BundleSource, TestAgent, TestCa, WEB_ID, td, this_uid};
 
-const WAIT: Duration = Duration::from_secs(10);
-/// The watcher's longest backoff (30 s) and then some: how long a CRD installed late may take
-/// to be noticed.
-const CRD_RETRY_WAIT: Duration = Duration::from_secs(40);
 const SHOP_ID: &str = "spiffe://cluster.local/ns/shop/sa/cart";
 const OTHER_ID: &str = "spiffe://cluster.local/ns/other/sa/batch";
-
-fn metrics() -> Arc<Metrics> {
-    Arc::new(Metrics::new(&mut Registry::default()))
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -102,25 +97,6 @@ fn key(resource: RouteResource, namespace: &str, name: &str) -> ObjectKey {
 
 fn documents(docs: &[&str]) -> String {
     docs.join("---\n")
-}
-
-async fn until(
-    rx: &watch::Receiver<Arc<RouteState>>,
-    wait: Duration,
-    what: impl Fn(&RouteState) -> bool,
-) -> Arc<RouteState> {
-    tokio::time::timeout(wait, rx.clone().wait_for(|state| what(state)))
-        .await
-        .expect("the routes never reached the expected state")
-        .expect("the route task stopped")
-        .clone()
-}
-
-/// Replaces the file whole, never seen half-written by a poll.
-fn replace(path: &Path, contents: impl AsRef<[u8]>) {
-    let staged = path.with_extension("staged");
-    std::fs::write(&staged, contents).unwrap();
-    std::fs::rename(&staged, path).unwrap();
 }
 
 fn port_key(update: &PortRoutes) -> String {
@@ -281,16 +257,13 @@ async fn routes_wait_for_the_mesh_then_follow_the_file_and_the_services() {
     assert!(metrics.policy_file_reload_failures.get() >= 1);
 }
 
-/// A route task's state without sources, for [`state`].
-fn store() -> RouteStore {
+/// A route task's state with no source but `file`, for [`state`].
+fn store(file: Option<RouteFile>) -> RouteStore {
     RouteStore {
         td: td(),
         mesh: None,
-        cluster: None,
-        file: None,
-        logged_conflicts: BTreeSet::new(),
+        source: ObjectSource::new(false, file, metrics().policy_file_reload_failures.clone()),
         last: None,
-        metrics: metrics(),
     }
 }
 
@@ -327,7 +300,7 @@ async fn each_client_gets_its_namespace_s_consumer_routes_else_the_producer_s_th
     let producer = http_route("demo", "web", "web", "web");
     let consumer = http_route("shop", "web-for-shop", "web", "web-v2");
     let api = http_route("demo", "api", "api", "api");
-    let mut store = store();
+    let mut store = store(None);
     let first = state(&mut store, 1, &[&producer, &consumer, &api]);
     let (tx, rx) = watch::channel(first);
     let metrics = metrics();
@@ -488,10 +461,7 @@ fn a_backend_outside_the_mesh_is_reached_at_its_cluster_ips_and_follows_the_mesh
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policy.yaml");
     std::fs::write(&path, http_route("demo", "web", "web", "legacy")).unwrap();
-    let mut store = RouteStore {
-        file: Some(RouteFile::load(&path).unwrap()),
-        ..store()
-    };
+    let mut store = store(Some(RouteFile::load(&path).unwrap()));
     let legacy_ips = ["198.19.0.20", "2001:2::20"];
 
     // Before: the route feed knew no unmeshed Service, and its share was answered 500.
@@ -577,19 +547,6 @@ fn a_backend_outside_the_mesh_is_reached_at_its_cluster_ips_and_follows_the_mesh
 
 #[test]
 fn a_missing_crd_is_an_empty_synced_kind_until_it_is_listed() {
-    let failed_list = |message: &str, reason: &str, code: u16| {
-        let status = ApiStatus::failure(message, reason).with_code(code);
-        Err(watcher::Error::InitialListFailed(kube::Error::Api(
-            status.boxed(),
-        )))
-    };
-    let not_found = || {
-        failed_list(
-            "the server could not find the requested resource",
-            "NotFound",
-            404,
-        )
-    };
     let http = RouteResource::HttpRoute;
     let mut state = ClusterKind::default();
     assert!(!state.on_event(http, Ok(Event::Init)));
@@ -624,20 +581,7 @@ fn a_missing_crd_is_an_empty_synced_kind_until_it_is_listed() {
 
 fn crd(resource: RouteResource) -> CustomResourceDefinition {
     let (group, version) = resource.group_version();
-    serde_json::from_value(json!({
-        "metadata": { "name": format!("{}.{group}", resource.plural()) },
-        "spec": {
-            "group": group,
-            "names": { "plural": resource.plural(), "kind": resource.kind() },
-            "scope": "Namespaced",
-            "versions": [{
-                "name": version, "served": true, "storage": true,
-                "schema": { "openAPIV3Schema": { "type": "object", "x-kubernetes-preserve-unknown-fields": true } },
-                "subresources": { "status": {} },
-            }],
-        },
-    }))
-    .unwrap()
+    object_source::tests::crd(group, version, resource.plural(), resource.kind())
 }
 
 #[tokio::test]
@@ -701,7 +645,7 @@ async fn an_attested_caller_gets_its_view_and_an_unattested_one_is_refused() {
     let uid = this_uid();
     let agent = serve(&format!("workloads:\n- {{uid: {uid}, id: {SHOP_ID}}}\n")).await;
     agent.route_tx.send_replace(state(
-        &mut store(),
+        &mut store(None),
         1,
         &[
             &http_route("demo", "web", "web", "web"),

@@ -8,10 +8,10 @@ use sigil_proto::sigil::route::v1 as wire;
 use sigil_route::RouteSet;
 use sigil_route::compiled::{
     Backend, BackendPolicy, BackendTarget, Backends, FailurePercentage, Filter, GrpcMatch,
-    GrpcRouteTable, GrpcRule, HeaderMatch, HeaderModifier, HttpMatch, HttpRouteTable, HttpRule,
-    IdentityOverride, InboundPolicy, Limit, LocalRateLimit, Mirror, OutlierDetection, PathMatch,
-    PathModifier, PortKey, PortRoutes, QueryMatch, Redirect, RetryBudget, RetryPolicy, Rewrite,
-    RouteKind, RouteOrigin, RuleRef, ServiceRef, Timeouts, ValueMatch, WeightedBackend,
+    GrpcRouteTable, HeaderMatch, HeaderModifier, HttpMatch, HttpRouteTable, IdentityOverride,
+    InboundPolicy, Limit, LocalRateLimit, Mirror, OutlierDetection, PathMatch, PathModifier,
+    PortKey, PortRoutes, QueryMatch, Redirect, RetryBudget, RetryPolicy, Rewrite, RouteKind,
+    RouteOrigin, Rule, RuleRef, ServiceRef, Timeouts, ValueMatch, WeightedBackend,
 };
 
 use super::*;
@@ -69,7 +69,7 @@ fn http_table() -> HttpRouteTable {
         add: vec![header("x-add", "1"), header("x-add", "2")],
         remove: vec![HeaderName::from_static("x-drop")],
     };
-    let canary = HttpRule {
+    let canary = Rule {
         source: rule_ref(RouteKind::HttpRoute, 0, Some("canary")),
         filters: vec![
             Filter::RequestHeaders(modifier.clone()),
@@ -117,7 +117,7 @@ fn http_table() -> HttpRouteTable {
             non_idempotent: true,
         }),
     };
-    let redirect = HttpRule {
+    let redirect = Rule {
         source: rule_ref(RouteKind::HttpRoute, 1, None),
         filters: vec![Filter::Redirect(Redirect {
             scheme: Some("https".into()),
@@ -175,7 +175,7 @@ fn http_table() -> HttpRouteTable {
 
 fn grpc_table() -> GrpcRouteTable {
     GrpcRouteTable {
-        rules: vec![GrpcRule {
+        rules: vec![Rule {
             source: rule_ref(RouteKind::GrpcRoute, 0, Some("hello")),
             filters: vec![Filter::RequestHeaders(HeaderModifier {
                 set: vec![header("x-grpc", "1")],

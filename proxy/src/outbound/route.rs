@@ -67,39 +67,32 @@ enum RuleTable {
 }
 
 impl Rule {
-    pub fn source(&self) -> &RuleRef {
+    /// The compiled rule, in whichever table it is.
+    fn rule(&self) -> &sigil_route::Rule {
         match &self.table {
-            RuleTable::Http(t) => &t.rules[self.index].source,
-            RuleTable::Grpc(t) => &t.rules[self.index].source,
+            RuleTable::Http(t) => &t.rules[self.index],
+            RuleTable::Grpc(t) => &t.rules[self.index],
         }
+    }
+
+    pub fn source(&self) -> &RuleRef {
+        &self.rule().source
     }
 
     fn filters(&self) -> &[Filter] {
-        match &self.table {
-            RuleTable::Http(t) => &t.rules[self.index].filters,
-            RuleTable::Grpc(t) => &t.rules[self.index].filters,
-        }
+        &self.rule().filters
     }
 
     fn backends(&self) -> &sigil_route::Backends {
-        match &self.table {
-            RuleTable::Http(t) => &t.rules[self.index].backends,
-            RuleTable::Grpc(t) => &t.rules[self.index].backends,
-        }
+        &self.rule().backends
     }
 
     fn timeouts(&self) -> Timeouts {
-        match &self.table {
-            RuleTable::Http(t) => t.rules[self.index].timeouts,
-            RuleTable::Grpc(t) => t.rules[self.index].timeouts,
-        }
+        self.rule().timeouts
     }
 
     fn retry(&self) -> Option<&RetryPolicy> {
-        match &self.table {
-            RuleTable::Http(t) => t.rules[self.index].retry.as_ref(),
-            RuleTable::Grpc(t) => t.rules[self.index].retry.as_ref(),
-        }
+        self.rule().retry.as_ref()
     }
 
     /// `route ns/name rule 2`, for answers and logs.
@@ -153,21 +146,17 @@ pub fn select(
         query,
         headers: request.headers(),
     };
-    let rule = match (&routes.grpc, &routes.http) {
-        (Some(t), _) if grpc => select::select_grpc(t, &head).map(|s| Rule {
-            index: s.rule_index,
-            matched_prefix: s.matched_prefix.map(str::to_owned),
-            table: RuleTable::Grpc(t.clone()),
-            grpc,
-        }),
-        (_, Some(t)) => select::select_http(t, &head).map(|s| Rule {
-            index: s.rule_index,
-            matched_prefix: s.matched_prefix.map(str::to_owned),
-            table: RuleTable::Http(t.clone()),
-            grpc,
-        }),
+    let (selected, table_of_rule) = match (&routes.grpc, &routes.http) {
+        (Some(t), _) if grpc => (select::select_rule(t, &head), RuleTable::Grpc(t.clone())),
+        (_, Some(t)) => (select::select_rule(t, &head), RuleTable::Http(t.clone())),
         _ => return Selection::Unrouted,
     };
+    let rule = selected.map(|s| Rule {
+        index: s.rule_index,
+        matched_prefix: s.matched_prefix.map(str::to_owned),
+        table: table_of_rule,
+        grpc,
+    });
     match rule {
         Some(rule) => Selection::Rule(Box::new(rule), table),
         None => Selection::NoMatch { grpc },

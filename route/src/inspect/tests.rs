@@ -6,8 +6,8 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 
 use super::*;
 use crate::compiled::{
-    Backend, BackendPolicy, GrpcRouteTable, GrpcRule, HeaderMatch, HttpRouteTable, HttpRule,
-    PathMatch, Redirect, RetryBudget, Rewrite, RouteKind, ValueMatch, WeightedBackend,
+    Backend, BackendPolicy, GrpcRouteTable, HeaderMatch, HttpRouteTable, PathMatch, Redirect,
+    RetryBudget, Rewrite, RouteKind, Rule, ValueMatch, WeightedBackend,
 };
 use crate::validate::{ServiceInfo, ServicePortInfo};
 
@@ -43,8 +43,8 @@ fn args(method: Method, path: &str, headers: &[(&str, &str)]) -> InspectRouteArg
             .collect(),
         grpc: false,
         host: None,
-        policy_file: PathBuf::new(),
-        mesh_file: PathBuf::new(),
+        policy_file: Some(PathBuf::new()),
+        mesh_file: Some(PathBuf::new()),
     }
 }
 
@@ -98,7 +98,7 @@ fn to_service(name: &str, weight: u32) -> WeightedBackend {
 /// Consumer routes of `web` for shop/reviews:9080: a canary rule on a header, a redirect of
 /// /old, and the rest to v1.
 fn routes() -> RouteSet {
-    let canary = HttpRule {
+    let canary = Rule {
         source: source(0, Some("canary")),
         filters: vec![
             Filter::RequestHeaders(HeaderModifier {
@@ -129,7 +129,7 @@ fn routes() -> RouteSet {
             non_idempotent: false,
         }),
     };
-    let moved = HttpRule {
+    let moved = Rule {
         source: source(1, None),
         filters: vec![Filter::Redirect(Redirect {
             scheme: Some("https".into()),
@@ -142,7 +142,7 @@ fn routes() -> RouteSet {
         timeouts: Timeouts::default(),
         retry: None,
     };
-    let rest = HttpRule {
+    let rest = Rule {
         source: source(2, None),
         filters: Vec::new(),
         backends: Backends {
@@ -316,7 +316,7 @@ fn grpc_requests_use_the_grpc_table() {
     let mut set = routes();
     let mut port = PortRoutes::clone(&set.ports[&reviews()]);
     port.grpc = Some(Arc::new(GrpcRouteTable {
-        rules: vec![GrpcRule {
+        rules: vec![Rule {
             source: RuleRef {
                 kind: RouteKind::GrpcRoute,
                 namespace: "shop".into(),

@@ -4,8 +4,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use super::*;
 use crate::compiled::{
-    Backends, GrpcMatch, GrpcRouteTable, GrpcRule, HeaderMatch, HttpMatch, HttpRouteTable,
-    HttpRule, PathMatch, QueryMatch, RouteKind, RuleRef, Timeouts, ValueMatch, regex_pattern,
+    Backends, GrpcMatch, GrpcRouteTable, HeaderMatch, HttpMatch, HttpRouteTable, PathMatch,
+    QueryMatch, RouteKind, Rule, RuleRef, Timeouts, ValueMatch, regex_pattern,
 };
 
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -334,8 +334,8 @@ fn mismatch_names_the_first_failing_part() {
     assert_eq!(mismatch(&Method::POST, "/api/x", Some("q=1"), &good), None);
 }
 
-fn rule(index: u32) -> HttpRule {
-    HttpRule {
+fn rule(index: u32) -> Rule {
+    Rule {
         source: RuleRef {
             kind: RouteKind::HttpRoute,
             namespace: "ns".into(),
@@ -397,7 +397,7 @@ fn select_http_takes_the_first_matching_entry() {
         (Method::GET, "/apix", &canary, 4, 1, Some("/")),
     ];
     for (method, path, sent, entry, rule_index, prefix) in cases {
-        let selected = select_http(&table, &head(&method, path, None, sent)).unwrap();
+        let selected = select_rule(&table, &head(&method, path, None, sent)).unwrap();
         assert_eq!(
             (selected.entry, selected.rule_index, selected.matched_prefix),
             (entry, rule_index, prefix),
@@ -417,14 +417,14 @@ fn select_http_without_a_matching_entry_is_none() {
         order: vec![(0, path_only(PathMatch::Exact("/a".into())))],
     };
     let none = HeaderMap::new();
-    assert!(select_http(&table, &head(&Method::GET, "/b", None, &none)).is_none());
+    assert!(select_rule(&table, &head(&Method::GET, "/b", None, &none)).is_none());
 }
 
 #[test]
 fn explain_http_gives_every_entry_in_order() {
     let table = table();
     let none = HeaderMap::new();
-    let verdicts = explain_http(&table, &head(&Method::GET, "/api/x", None, &none));
+    let verdicts = explain(&table, &head(&Method::GET, "/api/x", None, &none));
     let summary: Vec<_> = verdicts
         .iter()
         .map(|v| {
@@ -450,12 +450,12 @@ fn explain_http_gives_every_entry_in_order() {
         ]
     );
     let first = verdicts.iter().position(|v| v.mismatch.is_none());
-    let selected = select_http(&table, &head(&Method::GET, "/api/x", None, &none)).unwrap();
+    let selected = select_rule(&table, &head(&Method::GET, "/api/x", None, &none)).unwrap();
     assert_eq!(first, Some(selected.entry));
 }
 
-fn grpc_rule(index: u32) -> GrpcRule {
-    GrpcRule {
+fn grpc_rule(index: u32) -> Rule {
+    Rule {
         source: RuleRef {
             kind: RouteKind::GrpcRoute,
             namespace: "ns".into(),
@@ -561,13 +561,13 @@ fn select_grpc_takes_the_first_matching_entry() {
     };
     let empty = HeaderMap::new();
     let pick = |path| {
-        select_grpc(&table, &head(&Method::POST, path, None, &empty))
+        select_rule(&table, &head(&Method::POST, path, None, &empty))
             .map(|s| (s.entry, s.rule_index, s.matched_prefix))
     };
     assert_eq!(pick("/s.A/Get"), Some((0, 1, None)));
     assert_eq!(pick("/s.A/Put"), Some((1, 0, None)));
     assert_eq!(pick("/s.B/Get"), None);
-    let verdicts = explain_grpc(&table, &head(&Method::POST, "/s.B/Get", None, &empty));
+    let verdicts = explain(&table, &head(&Method::POST, "/s.B/Get", None, &empty));
     assert_eq!(
         verdicts[0].mismatch.as_ref().unwrap().to_string(),
         "service s.B does not match service=s.A"

@@ -10,9 +10,9 @@ use http::{HeaderName, HeaderValue, Method, StatusCode};
 use super::annotations::RouteAnnotations;
 use super::{Catalog, CheckedRoute, Problem, RuleOutcome};
 use crate::compiled::{
-    Backend, BackendTarget, Backends, Filter, GrpcMatch, GrpcRule, HeaderMatch, HeaderModifier,
-    HttpMatch, HttpRule, Mirror, PathMatch, PathModifier, PortKey, QueryMatch, Redirect,
-    RetryPolicy, Rewrite, RouteKind, RuleRef, ServiceRef, Timeouts, ValueMatch, WeightedBackend,
+    Backend, BackendTarget, Backends, Filter, GrpcMatch, HeaderMatch, HeaderModifier, HttpMatch,
+    Mirror, PathMatch, PathModifier, PortKey, QueryMatch, Redirect, RetryPolicy, Rewrite,
+    RouteKind, Rule, RuleRef, ServiceRef, Timeouts, ValueMatch, WeightedBackend,
 };
 use crate::model::{
     BackendObjectReference, BackendRef, GrpcRoute, GrpcRouteMatch, GrpcRouteRule, HeaderFilter,
@@ -39,15 +39,7 @@ struct RouteContext<'a> {
 pub(super) fn check_http_route<'a>(
     route: &'a HttpRoute,
     catalog: &'a Catalog,
-) -> CheckedRoute<'a, HttpRule, HttpMatch> {
-    let cx = RouteContext {
-        kind: RouteKind::HttpRoute,
-        meta: &route.meta,
-        catalog,
-    };
-    let mut notes = hostname_notes(&route.spec.hostnames);
-    let annotations = RouteAnnotations::parse(&route.meta.annotations, cx.kind, &mut notes);
-    let mut unresolved = Vec::new();
+) -> CheckedRoute<'a, HttpMatch> {
     // The CRD's default: one rule matching every request, with no backend (answered 500).
     let default_rule = [HttpRouteRule::default()];
     let rules = if route.spec.rules.is_empty() {
@@ -55,38 +47,50 @@ pub(super) fn check_http_route<'a>(
     } else {
         &route.spec.rules
     };
-    let rules = (rules.iter().enumerate())
-        .map(|(i, rule)| check_http_rule(&cx, i, rule, &annotations, &mut unresolved))
-        .collect();
-    CheckedRoute {
-        kind: cx.kind,
-        meta: cx.meta,
-        parents: check_parents(&cx, &route.spec.parent_refs),
+    check_route(
+        &route.meta,
+        catalog,
+        &route.spec.hostnames,
+        &route.spec.parent_refs,
         rules,
-        unresolved,
-        notes,
-    }
+    )
 }
 
 pub(super) fn check_grpc_route<'a>(
     route: &'a GrpcRoute,
     catalog: &'a Catalog,
-) -> CheckedRoute<'a, GrpcRule, GrpcMatch> {
+) -> CheckedRoute<'a, GrpcMatch> {
+    check_route(
+        &route.meta,
+        catalog,
+        &route.spec.hostnames,
+        &route.spec.parent_refs,
+        &route.spec.rules,
+    )
+}
+
+fn check_route<'a, R: RuleSpec>(
+    meta: &'a Meta,
+    catalog: &'a Catalog,
+    hostnames: &[String],
+    parent_refs: &[ParentReference],
+    rules: &[R],
+) -> CheckedRoute<'a, R::Match> {
     let cx = RouteContext {
-        kind: RouteKind::GrpcRoute,
-        meta: &route.meta,
+        kind: R::KIND,
+        meta,
         catalog,
     };
-    let mut notes = hostname_notes(&route.spec.hostnames);
-    let annotations = RouteAnnotations::parse(&route.meta.annotations, cx.kind, &mut notes);
+    let mut notes = hostname_notes(hostnames);
+    let annotations = RouteAnnotations::parse(&meta.annotations, cx.kind, &mut notes);
     let mut unresolved = Vec::new();
-    let rules = (route.spec.rules.iter().enumerate())
-        .map(|(i, rule)| check_grpc_rule(&cx, i, rule, &annotations, &mut unresolved))
+    let rules = (rules.iter().enumerate())
+        .map(|(i, rule)| check_rule(&cx, i, rule, &annotations, &mut unresolved))
         .collect();
     CheckedRoute {
         kind: cx.kind,
         meta: cx.meta,
-        parents: check_parents(&cx, &route.spec.parent_refs),
+        parents: check_parents(&cx, parent_refs),
         rules,
         unresolved,
         notes,
@@ -315,25 +319,55 @@ fn rule_ref(cx: &RouteContext<'_>, index: usize, name: &Option<String>) -> RuleR
     }
 }
 
-fn check_http_rule(
+/// What [`check_rule`] reads of an HTTPRoute or a GRPCRoute rule, and the checks and
+/// policies that only one kind has.
+trait RuleSpec {
+    const KIND: RouteKind;
+    /// A match as the object spells it; its `Default` is the CRD's match for a rule without
+    /// matches.
+    type MatchSpec: Default;
+    type Match;
+
+    fn name(&self) -> &Option<String>;
+    fn matches(&self) -> &[Self::MatchSpec];
+    fn filters(&self) -> &[RouteFilter];
+    fn backend_refs(&self) -> &[BackendRef];
+    fn check_match(path: &str, m: &Self::MatchSpec) -> Result<Self::Match, Vec<Problem>>;
+    /// The kind's own checks of the filters against the rule and its matches.
+    fn check_filters(
+        &self,
+        path: &str,
+        match_specs: &[Self::MatchSpec],
+        filters: &[Filter],
+        problems: &mut Vec<Problem>,
+    );
+    /// The rule's timeouts and retry policy.
+    fn policies(
+        &self,
+        path: &str,
+        annotations: &RouteAnnotations,
+        problems: &mut Vec<Problem>,
+    ) -> (Timeouts, Option<RetryPolicy>);
+}
+
+fn check_rule<R: RuleSpec>(
     cx: &RouteContext<'_>,
     index: usize,
-    rule: &HttpRouteRule,
+    rule: &R,
     annotations: &RouteAnnotations,
     unresolved: &mut Vec<Problem>,
-) -> RuleOutcome<HttpRule, HttpMatch> {
+) -> RuleOutcome<R::Match> {
     let path = format!("spec.rules[{index}]");
     let mut problems = Vec::new();
-    // The CRD's default: one PathPrefix `/` match.
-    let default_match = [HttpRouteMatch::default()];
-    let match_specs = if rule.matches.is_empty() {
+    let default_match = [R::MatchSpec::default()];
+    let match_specs = if rule.matches().is_empty() {
         &default_match[..]
     } else {
-        &rule.matches
+        rule.matches()
     };
     let mut matches = Vec::new();
     for (j, m) in match_specs.iter().enumerate() {
-        match http_match(&format!("{path}.matches[{j}]"), m) {
+        match R::check_match(&format!("{path}.matches[{j}]"), m) {
             Ok(m) => matches.push(m),
             Err(mut p) => problems.append(&mut p),
         }
@@ -341,50 +375,20 @@ fn check_http_rule(
     let filters = rule_filters(
         cx,
         &path,
-        &rule.filters,
-        RouteKind::HttpRoute,
+        rule.filters(),
+        R::KIND,
         &mut problems,
         unresolved,
     );
-    let has = |type_: &str| rule.filters.iter().any(|f| f.type_ == type_);
-    if has("RequestRedirect") && has("URLRewrite") {
-        problems.push(Problem::new(
-            INCOMPATIBLE,
-            &path,
-            "RequestRedirect and URLRewrite cannot be used in one rule",
-        ));
-    }
-    if has("RequestRedirect") && !rule.backend_refs.is_empty() {
-        problems.push(Problem::new(
-            INCOMPATIBLE,
-            &path,
-            "RequestRedirect cannot be used with backendRefs",
-        ));
-    }
-    let replaces_prefix = filters.iter().any(|f| {
-        let modifier = match f {
-            Filter::Redirect(r) => r.path.as_ref(),
-            Filter::Rewrite(r) => r.path.as_ref(),
-            _ => None,
-        };
-        matches!(modifier, Some(PathModifier::ReplacePrefixMatch(_)))
-    });
-    if replaces_prefix && !(match_specs.len() == 1 && match_specs[0].path.type_ == "PathPrefix") {
-        problems.push(Problem::new(
-            UNSUPPORTED,
-            &path,
-            "ReplacePrefixMatch needs exactly one match, of type PathPrefix",
-        ));
-    }
-    let backends = backends(cx, &path, &rule.backend_refs, &mut problems, unresolved);
-    let timeouts = http_timeouts(&path, rule.timeouts.as_ref(), annotations, &mut problems);
-    let retry = http_retry(&path, rule.retry.as_ref(), annotations, &mut problems);
+    rule.check_filters(&path, match_specs, &filters, &mut problems);
+    let backends = backends(cx, &path, rule.backend_refs(), &mut problems, unresolved);
+    let (timeouts, retry) = rule.policies(&path, annotations, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
     Ok((
-        HttpRule {
-            source: rule_ref(cx, index, &rule.name),
+        Rule {
+            source: rule_ref(cx, index, rule.name()),
             filters,
             backends,
             timeouts,
@@ -392,6 +396,124 @@ fn check_http_rule(
         },
         matches,
     ))
+}
+
+impl RuleSpec for HttpRouteRule {
+    const KIND: RouteKind = RouteKind::HttpRoute;
+    /// PathPrefix `/`.
+    type MatchSpec = HttpRouteMatch;
+    type Match = HttpMatch;
+
+    fn name(&self) -> &Option<String> {
+        &self.name
+    }
+
+    fn matches(&self) -> &[HttpRouteMatch] {
+        &self.matches
+    }
+
+    fn filters(&self) -> &[RouteFilter] {
+        &self.filters
+    }
+
+    fn backend_refs(&self) -> &[BackendRef] {
+        &self.backend_refs
+    }
+
+    fn check_match(path: &str, m: &HttpRouteMatch) -> Result<HttpMatch, Vec<Problem>> {
+        http_match(path, m)
+    }
+
+    fn check_filters(
+        &self,
+        path: &str,
+        match_specs: &[HttpRouteMatch],
+        filters: &[Filter],
+        problems: &mut Vec<Problem>,
+    ) {
+        let has = |type_: &str| self.filters.iter().any(|f| f.type_ == type_);
+        if has("RequestRedirect") && has("URLRewrite") {
+            problems.push(Problem::new(
+                INCOMPATIBLE,
+                path,
+                "RequestRedirect and URLRewrite cannot be used in one rule",
+            ));
+        }
+        if has("RequestRedirect") && !self.backend_refs.is_empty() {
+            problems.push(Problem::new(
+                INCOMPATIBLE,
+                path,
+                "RequestRedirect cannot be used with backendRefs",
+            ));
+        }
+        let replaces_prefix = filters.iter().any(|f| {
+            let modifier = match f {
+                Filter::Redirect(r) => r.path.as_ref(),
+                Filter::Rewrite(r) => r.path.as_ref(),
+                _ => None,
+            };
+            matches!(modifier, Some(PathModifier::ReplacePrefixMatch(_)))
+        });
+        if replaces_prefix && !(match_specs.len() == 1 && match_specs[0].path.type_ == "PathPrefix")
+        {
+            problems.push(Problem::new(
+                UNSUPPORTED,
+                path,
+                "ReplacePrefixMatch needs exactly one match, of type PathPrefix",
+            ));
+        }
+    }
+
+    fn policies(
+        &self,
+        path: &str,
+        annotations: &RouteAnnotations,
+        problems: &mut Vec<Problem>,
+    ) -> (Timeouts, Option<RetryPolicy>) {
+        let timeouts = http_timeouts(path, self.timeouts.as_ref(), annotations, problems);
+        let retry = http_retry(path, self.retry.as_ref(), annotations, problems);
+        (timeouts, retry)
+    }
+}
+
+/// A GRPCRoute has no filter combination to refuse, and its timeouts and retry policy come
+/// from the annotations only.
+impl RuleSpec for GrpcRouteRule {
+    const KIND: RouteKind = RouteKind::GrpcRoute;
+    /// Every request.
+    type MatchSpec = GrpcRouteMatch;
+    type Match = GrpcMatch;
+
+    fn name(&self) -> &Option<String> {
+        &self.name
+    }
+
+    fn matches(&self) -> &[GrpcRouteMatch] {
+        &self.matches
+    }
+
+    fn filters(&self) -> &[RouteFilter] {
+        &self.filters
+    }
+
+    fn backend_refs(&self) -> &[BackendRef] {
+        &self.backend_refs
+    }
+
+    fn check_match(path: &str, m: &GrpcRouteMatch) -> Result<GrpcMatch, Vec<Problem>> {
+        grpc_match(path, m)
+    }
+
+    fn check_filters(&self, _: &str, _: &[GrpcRouteMatch], _: &[Filter], _: &mut Vec<Problem>) {}
+
+    fn policies(
+        &self,
+        _: &str,
+        annotations: &RouteAnnotations,
+        _: &mut Vec<Problem>,
+    ) -> (Timeouts, Option<RetryPolicy>) {
+        (annotations.timeouts, annotations.retry.clone())
+    }
 }
 
 /// An HTTPRoute rule's `timeouts`, else the annotations'; the idle timeout always from
@@ -477,52 +599,6 @@ fn http_retry(
         }
         None => annotations.retry.clone(),
     }
-}
-
-fn check_grpc_rule(
-    cx: &RouteContext<'_>,
-    index: usize,
-    rule: &GrpcRouteRule,
-    annotations: &RouteAnnotations,
-    unresolved: &mut Vec<Problem>,
-) -> RuleOutcome<GrpcRule, GrpcMatch> {
-    let path = format!("spec.rules[{index}]");
-    let mut problems = Vec::new();
-    let default_match = [GrpcRouteMatch::default()];
-    let match_specs = if rule.matches.is_empty() {
-        &default_match[..]
-    } else {
-        &rule.matches
-    };
-    let mut matches = Vec::new();
-    for (j, m) in match_specs.iter().enumerate() {
-        match grpc_match(&format!("{path}.matches[{j}]"), m) {
-            Ok(m) => matches.push(m),
-            Err(mut p) => problems.append(&mut p),
-        }
-    }
-    let filters = rule_filters(
-        cx,
-        &path,
-        &rule.filters,
-        RouteKind::GrpcRoute,
-        &mut problems,
-        unresolved,
-    );
-    let backends = backends(cx, &path, &rule.backend_refs, &mut problems, unresolved);
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    Ok((
-        GrpcRule {
-            source: rule_ref(cx, index, &rule.name),
-            filters,
-            backends,
-            timeouts: annotations.timeouts,
-            retry: annotations.retry.clone(),
-        },
-        matches,
-    ))
 }
 
 /// A duration field: `None` when absent; a problem when not GEP-2257.

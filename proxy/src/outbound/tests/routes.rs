@@ -10,9 +10,9 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use sigil_proxy_api::routes::{MAX_RETRY_BODY_BYTES, RouteTable};
 use sigil_route::compiled::{
     Backend, BackendPolicy, BackendTarget, Backends, Filter, HeaderMatch, HeaderModifier,
-    HttpMatch, HttpRouteTable, HttpRule, Mirror, PathMatch, PathModifier, PortKey, PortRoutes,
-    Redirect, RetryBudget, RetryPolicy, Rewrite, RouteKind, RouteOrigin, RouteSet, RuleRef,
-    ServiceRef, Timeouts, ValueMatch, WeightedBackend,
+    HttpMatch, HttpRouteTable, Mirror, PathMatch, PathModifier, PortKey, PortRoutes, Redirect,
+    RetryBudget, RetryPolicy, Rewrite, RouteKind, RouteOrigin, RouteSet, Rule, RuleRef, ServiceRef,
+    Timeouts, ValueMatch, WeightedBackend,
 };
 
 use super::*;
@@ -128,8 +128,8 @@ fn weighted(weight: u32, name: &str) -> WeightedBackend {
 }
 
 /// Rule `index` of HTTPRoute demo/`route` to `backends`.
-fn rule(route: &str, index: u32, backends: Vec<WeightedBackend>) -> HttpRule {
-    HttpRule {
+fn rule(route: &str, index: u32, backends: Vec<WeightedBackend>) -> Rule {
+    Rule {
         source: RuleRef {
             kind: RouteKind::HttpRoute,
             namespace: "demo".into(),
@@ -153,7 +153,7 @@ fn prefix(path: &str) -> HttpMatch {
 
 /// The table of demo/api:80: `rules` with their matches, in precedence order, and the retry
 /// budgets of `budgets`.
-fn table(rules: Vec<(HttpRule, Vec<HttpMatch>)>, budgets: &[(&str, u32)]) -> RouteTable {
+fn table(rules: Vec<(Rule, Vec<HttpMatch>)>, budgets: &[(&str, u32)]) -> RouteTable {
     let mut http = HttpRouteTable {
         rules: Vec::new(),
         order: Vec::new(),
