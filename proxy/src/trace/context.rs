@@ -109,12 +109,15 @@ pub fn extract(headers: &HeaderMap) -> Option<Incoming> {
 
 /// Writes `context` into every propagation format `headers` carries, valid or not (so no hop
 /// sees two traces); `traceparent` is written too when `root` (a trace we start, or a B3
-/// decision without ids). A `tracestate` whose `traceparent` was invalid is removed with it.
+/// decision without ids). A `tracestate` without a valid `traceparent` is removed when we
+/// write one.
 pub fn inject(headers: &mut HeaderMap, context: &Outgoing, root: bool) {
-    if headers.contains_key(TRACEPARENT) && traceparent(headers).is_none() {
-        headers.remove(TRACESTATE);
-    }
     if root || headers.contains_key(TRACEPARENT) {
+        // A `tracestate` belongs to its valid `traceparent`; without one it describes no
+        // trace we continue.
+        if traceparent(headers).is_none() {
+            headers.remove(TRACESTATE);
+        }
         headers.insert(TRACEPARENT, header(write_traceparent(context)));
     }
     if headers.contains_key(B3) {

@@ -21,8 +21,8 @@ impl Sampler {
 
     /// Whether a trace with no sampling decision is sampled at `ratio` (exact at 0 and 1).
     pub fn ratio_decision(trace_id: TraceId, ratio: f64) -> bool {
-        // `!(ratio > 0)` also refuses NaN.
-        if !(ratio > 0.0) {
+        // NaN samples nothing, as 0 does.
+        if ratio.is_nan() || ratio <= 0.0 {
             return false;
         }
         if ratio >= 1.0 {
