@@ -12,22 +12,22 @@
 //!    the tests below see of the proxies' spans is what an OpenTelemetry Collector would see;
 //! 1. (`w3c_b3_unsampled_and_sampled_access_log`, gRPC export, `--trace-sampling 0`,
 //!    `--access-log-sampling 0.5`)
-//!    a. a request of the SDK's client makes one trace of 4 spans, one parent→child chain: the
-//!       app's CLIENT span → A's proxy's CLIENT span → B's proxy's SERVER span → the app's
-//!       SERVER span, with the verified identities, the deciding policy and the status as
-//!       attributes; both proxies' access lines carry the trace id and their own span id;
-//!    b. B3 callers (a plain client sending one `b3` header with a 64-bit trace id, then
-//!       `X-B3-*` headers) are continued: the proxies' spans have the padded trace id and the
-//!       caller's span as parent, and B's app gets the same B3 format with B's proxy's span and
-//!       continues the trace;
-//!    c. an unsampled W3C request (`-00`) makes no proxy span and reaches the app with its
-//!       `traceparent` unchanged; a request without context is a root sampled at the ratio, 0
-//!       here: no span, and the app gets a `traceparent` with flags `00` (one decision for
-//!       every hop);
-//!    d. with `--access-log-sampling 0.5`, unsampled requests are logged by both proxies for
-//!       exactly the same trace ids, about half of them (±15 %);
-//!    e. a proxy's export batch, decoded by PyPI's `opentelemetry-proto` (not sigil's generated
-//!       types), holds the same spans the receiver decoded;
+//!    - (a) a request of the SDK's client makes one trace of 4 spans, one parent→child chain: the
+//!      app's CLIENT span → A's proxy's CLIENT span → B's proxy's SERVER span → the app's
+//!      SERVER span, with the verified identities, the deciding policy and the status as
+//!      attributes; both proxies' access lines carry the trace id and their own span id;
+//!    - (b) B3 callers (a plain client sending one `b3` header with a 64-bit trace id, then
+//!      `X-B3-*` headers) are continued: the proxies' spans have the padded trace id and the
+//!      caller's span as parent, and B's app gets the same B3 format with B's proxy's span and
+//!      continues the trace;
+//!    - (c) an unsampled W3C request (`-00`) makes no proxy span and reaches the app with its
+//!      `traceparent` unchanged; a request without context is a root sampled at the ratio, 0
+//!      here: no span, and the app gets a `traceparent` with flags `00` (one decision for
+//!      every hop);
+//!    - (d) with `--access-log-sampling 0.5`, unsampled requests are logged by both proxies for
+//!      exactly the same trace ids, about half of them (±15 %);
+//!    - (e) a proxy's export batch, decoded by PyPI's `opentelemetry-proto` (not our generated
+//!      types), holds the same spans the receiver decoded;
 //! 2. (`http_protobuf_export_and_sampled_roots`, OTLP/HTTP, `--trace-sampling 1`) the same chain
 //!    arrives over HTTP/protobuf, a raw HTTP batch decodes alike in Python, and a request
 //!    without context becomes a root span of A's proxy, continued by B's and by the app;
