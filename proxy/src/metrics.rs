@@ -18,6 +18,7 @@ use sigil_proxy_api::metrics as names;
 use sigil_proxy_api::services::ServiceKey;
 
 use crate::tls::HandshakeFailure;
+use crate::trace::TraceMetrics;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
@@ -324,6 +325,8 @@ pub struct Metrics {
     pub mirrored_requests: Family<MirrorLabels, Counter>,
     pub route_updates_rejected: Counter,
     pub routes_reconnects: Counter,
+    // tracing (s23-tcore): the span exporter's counters (crate::trace::export).
+    pub trace: TraceMetrics,
 }
 
 impl Metrics {
@@ -371,6 +374,8 @@ impl Metrics {
             mirrored_requests: Family::default(),
             route_updates_rejected: Counter::default(),
             routes_reconnects: Counter::default(),
+            // tracing (s23-tcore)
+            trace: TraceMetrics::default(),
         };
         registry.register_collector(Box::new(ProcessMetrics::default()));
         let r = registry.sub_registry_with_prefix(names::PREFIX);
@@ -588,6 +593,36 @@ impl Metrics {
             "routes_reconnects",
             "Times the routes stream to the agent was lost and re-opened",
             metrics.routes_reconnects.clone(),
+        );
+        // tracing (s23-tcore)
+        r.register(
+            "trace_spans_exported",
+            "Spans the collector accepted",
+            metrics.trace.spans_exported.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Spans not exported, by reason: queue_full (the exporter fell behind; the request \
+             went on), export_failed (the collector failed or timed out, or the exporter was \
+             backing off after a failure), rejected (the collector's partial success), shutdown \
+             (still queued when the proxy stopped)",
+            metrics.trace.spans_dropped.clone(),
+        );
+        r.register(
+            "trace_exports",
+            "Export requests sent to the collector, by result (ok, error)",
+            metrics.trace.exports.clone(),
+        );
+        r.register_with_unit(
+            "trace_export_duration",
+            "Time one export request took, up to --trace-export-timeout",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.trace.export_duration.clone(),
+        );
+        r.register(
+            "trace_queue_spans",
+            "Spans waiting in the exporter's queue",
+            metrics.trace.queue_spans.clone(),
         );
         metrics
     }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
+use tokio::sync::mpsc::error::TrySendError;
 
 pub use context::{Incoming, SpanId, TraceId};
 pub use export::{ExportProtocol, TraceMetrics};
@@ -99,16 +100,67 @@ impl Tracer {
     /// (a new root gets `traceparent`, sampled or not, so the next hops follow one decision).
     /// Unsampled requests with a context keep their headers untouched.
     pub fn begin(&self, kind: SpanKind, headers: &mut HeaderMap) -> RequestTrace {
-        let _ = (kind, headers);
-        unimplemented!("trace-core")
+        let Some(inner) = &self.inner else {
+            return RequestTrace::none();
+        };
+        let extracted = context::extract(headers);
+        let had_context = extracted.is_some();
+        let incoming = extracted.unwrap_or_else(|| Incoming {
+            trace_id: TraceId::random(),
+            parent: None,
+            sampled: None,
+            debug: false,
+            random: false,
+            short_trace_id: false,
+        });
+        let sampled = inner.sampler.decide(incoming.trace_id, incoming.sampled);
+        let root = incoming.parent.is_none();
+        if !sampled && had_context {
+            // The caller decided (or defers, and every proxy decides alike on the trace id):
+            // nothing to add. A B3 decision without ids names no trace.
+            return RequestTrace {
+                trace_id: (!root).then_some(incoming.trace_id),
+                parent_span_id: incoming.parent,
+                sampled: false,
+                span: None,
+                tracer: Tracer::disabled(),
+            };
+        }
+        let span_id = SpanId::random();
+        let outgoing = context::Outgoing {
+            trace_id: incoming.trace_id,
+            span_id,
+            parent: incoming.parent,
+            sampled,
+            debug: incoming.debug,
+            random: incoming.random,
+            short_trace_id: incoming.short_trace_id,
+        };
+        context::inject(headers, &outgoing, root);
+        let span =
+            sampled.then(|| ActiveSpan::start(incoming.trace_id, span_id, incoming.parent, kind));
+        RequestTrace {
+            trace_id: Some(incoming.trace_id),
+            parent_span_id: incoming.parent,
+            sampled,
+            tracer: if sampled {
+                self.clone()
+            } else {
+                Tracer::disabled()
+            },
+            span,
+        }
     }
 
     /// Whether the access log writes an allowed request's line: sampled traces always, else the
     /// share `ratio` decided on the trace id (so both proxies of a request decide alike), else at
     /// random.
     pub fn log_sampled(&self, trace: &RequestTrace, ratio: f64) -> bool {
-        let _ = (trace, ratio);
-        unimplemented!("trace-core")
+        match trace.trace_id {
+            _ if trace.sampled => true,
+            Some(trace_id) => Sampler::ratio_decision(trace_id, ratio),
+            None => fastrand::f64() < ratio,
+        }
     }
 }
 
@@ -144,7 +196,24 @@ impl RequestTrace {
     /// Ends the span (if any) with `outcome` and queues it for export without waiting: a full
     /// queue drops it and counts `trace_spans_dropped_total{reason="queue_full"}`.
     pub fn finish(&mut self, outcome: &SpanOutcome) {
-        let _ = (outcome, &self.tracer);
-        unimplemented!("trace-core")
+        let (Some(span), Some(inner)) = (self.span.take(), &self.tracer.inner) else {
+            return;
+        };
+        let metrics = &inner.metrics;
+        // Counted before the send, so the exporter's decrement never comes first.
+        metrics.queue_spans.inc();
+        let reason = match inner.queue.try_send(span.end(outcome)) {
+            Ok(()) => return,
+            Err(TrySendError::Full(_)) => "queue_full",
+            Err(TrySendError::Closed(_)) => "shutdown",
+        };
+        metrics.queue_spans.dec();
+        metrics
+            .spans_dropped
+            .get_or_create(&export::DropLabels { reason })
+            .inc();
     }
 }
+
+#[cfg(test)]
+mod tests;
