@@ -207,3 +207,26 @@ fn parse_trace_collector(s: &str) -> Result<String, String> {
     }
     Ok(s.to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trace_collector_must_be_plain_http_to_a_host() {
+        assert_eq!(
+            parse_trace_collector("http://otel-collector.observability:4317").as_deref(),
+            Ok("http://otel-collector.observability:4317")
+        );
+        for bad in [
+            "https://c:4317",
+            "c:4317",
+            "http://u@c:4317",
+            "http://c:4318/v1/traces?x=1",
+            "not a url",
+        ] {
+            let e = parse_trace_collector(bad).unwrap_err();
+            assert!(e.contains("http://HOST:PORT"), "{bad}: {e}");
+        }
+    }
+}

@@ -214,26 +214,19 @@ struct Pending {
 impl Pending {
     /// Counts the request, ends its span and writes its log line; `complete`: its response
     /// body was sent to its end (else the client went away first).
-    fn record(self, complete: bool) {
+    fn record(mut self, complete: bool) {
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         self.metrics.metrics.record_request(&RequestOutcome {
-            peer: self.metrics.peer,
+            peer: self.metrics.peer.clone(),
             status: self.status,
             grpc_status: self.grpc_status,
             duration: self.duration,
             request_bytes,
             response_bytes: self.response_bytes,
         });
-        let Some(mut facts) = self.facts else {
+        let Some(mut facts) = self.facts.take() else {
             return;
         };
-        facts.trace.finish(&SpanOutcome {
-            status: Some(self.status),
-            grpc_status: self.grpc_status,
-            request_bytes,
-            response_bytes: self.response_bytes,
-            error: facts.error_type().or((!complete).then_some("cancelled")),
-        });
         let connection = &self.metrics.connection;
         let wanted = request_log::wanted(
             &connection.tracer,
@@ -241,9 +234,21 @@ impl Pending {
             connection.access_log,
             facts.always_logged(),
         );
-        if !wanted {
-            return;
+        // The line first: it names the span, which finishing hands to the exporter.
+        if wanted {
+            self.write_line(&facts, request_bytes);
         }
+        facts.trace.finish(&SpanOutcome {
+            status: Some(self.status),
+            grpc_status: self.grpc_status,
+            request_bytes,
+            response_bytes: self.response_bytes,
+            error: facts.error_type().or((!complete).then_some("cancelled")),
+        });
+    }
+
+    fn write_line(&self, facts: &RequestFacts, request_bytes: u64) {
+        let connection = &self.metrics.connection;
         RequestLine {
             direction: Direction::Inbound,
             trace: &facts.trace,

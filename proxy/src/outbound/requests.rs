@@ -596,22 +596,28 @@ impl RequestDone {
                 span.set(attr::SIGIL_ROUTE, route.as_str());
             }
         }
+        // The line first: it names the span, which finishing hands to the exporter.
+        if request_log::wanted(&calls.shared.tracer, trace, calls.access_log, !answered) {
+            self.write_line(request_bytes);
+        }
         let error = match self.result {
             _ if answered && !complete => Some("cancelled"),
             _ if answered => None,
             failed => Some(failed),
         };
-        trace.finish(&SpanOutcome {
+        self.facts.trace.finish(&SpanOutcome {
             status: Some(self.status),
             grpc_status: self.grpc_status,
             request_bytes,
             response_bytes: self.response_bytes,
             error,
         });
+    }
+
+    fn write_line(&self, request_bytes: u64) {
+        let calls = &self.calls;
+        let endpoint_id = self.endpoint.as_ref().map(|e| e.id.to_string());
         let trace = &self.facts.trace;
-        if !request_log::wanted(&calls.shared.tracer, trace, calls.access_log, !answered) {
-            return;
-        }
         let source_identity = calls.tls.borrow().as_ref().map(|s| s.id.to_string());
         let service = calls.service.to_string();
         RequestLine {
@@ -619,7 +625,7 @@ impl RequestDone {
             trace,
             source_ip: calls.source.ip(),
             source_identity: source_identity.as_deref(),
-            destination_identity: endpoint_id.map(ToString::to_string).as_deref(),
+            destination_identity: endpoint_id.as_deref(),
             method: self.facts.method.as_str(),
             authority: &self.facts.host,
             path: &self.facts.path,
