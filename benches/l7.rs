@@ -41,7 +41,14 @@
 //!   (1,000 and 5,000) requests/s R, HTTP/1.1 at 2R open loop for `BENCH_SECS`: accepted/s,
 //!   429/s and the accepted requests' latency. The limit is enforced by each serving pod's
 //!   proxy (`total` is per pod), so the policy gives each of the 3 pods R per 3 s
-//!   (`requests: R, period: 3s`) for R/s over the Service.
+//!   (`requests: R, period: 3s`) for R/s over the Service;
+//! - `sigil-trace0`, `sigil-trace1`, `sigil-trace100`: `sigil` plus `--trace-collector` at an
+//!   OTLP/gRPC receiver in C that counts the spans it gets (tests/harness/src/otlp.rs, so export
+//!   costs what it costs with a real collector) and `--trace-sampling` 0, 0.01 and 1. The load
+//!   generator sends no trace header: A's proxy starts every trace, and the ratio decides (at 0
+//!   the cost is reading the headers and writing a `traceparent`). Besides the latency and CPU
+//!   rows, per rate: the spans the proxies exported per second and the spans they dropped (their
+//!   /metrics), and the spans the receiver got per second.
 //!
 //! Every proxy takes its certificate over SDS / the workload API from one `sigil agent run`
 //! (unix attestor: each pod's proxy uid is that pod's identity; the Envoys run as those uids)
@@ -54,11 +61,12 @@
 //! 1,000 requests/s and RSS, and the latency at `BENCH_SLOW_RATE` (1,000/s) while B1 answers
 //! `BENCH_SLOW_MS` (50) ms late. Each phase lasts `BENCH_SECS` (10) s, after an unmeasured
 //! closed-loop warm-up of `BENCH_WARMUP_SECS` (2) s per setup and protocol; `BENCH_SETUPS`
-//! (`none,envoy,sigil`; also `sigil-route`, `sigil-retry`, `sigil-ratelimit`; always run in
-//! that order: sigil's iptables rules stay) and `BENCH_PROTOCOLS` (`http1,grpc`) pick what runs.
+//! (`none,envoy,sigil`; also `sigil-route`, `sigil-retry`, `sigil-ratelimit`, `sigil-trace0`,
+//! `sigil-trace1`, `sigil-trace100`; always run in that order: sigil's iptables rules stay) and `BENCH_PROTOCOLS` (`http1,grpc`) pick what runs.
 //!
 //! Run: `cargo bench --bench l7` (as root); the route, retry and rate-limit costs beside sigil's:
-//! `BENCH_SETUPS=none,sigil,sigil-route,sigil-retry,sigil-ratelimit cargo bench --bench l7`.
+//! `BENCH_SETUPS=none,sigil,sigil-route,sigil-retry,sigil-ratelimit cargo bench --bench l7`; the
+//! cost of tracing: `BENCH_SETUPS=none,sigil,sigil-trace0,sigil-trace1,sigil-trace100`.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -79,6 +87,7 @@ use sigil_test_harness::load::{
 use sigil_test_harness::netns::{
     ClusterIpService, Netns, Node, PodProxy, connect_in, in_netns, proxy_init, require_root,
 };
+use sigil_test_harness::otlp::{Keep, OTLP_GRPC_PORT, OTLP_HTTP_PORT, OtlpReceiver};
 use sigil_test_harness::{MeshHost, Proc, envoy_binary, serve_h1_or_h2};
 
 /// Set in a child process that is a backend: the path prefix of its delay and count files.
@@ -511,16 +520,22 @@ enum Setup {
     SigilRoute,
     SigilRetry,
     SigilRateLimit,
+    SigilTrace0,
+    SigilTrace1,
+    SigilTrace100,
 }
 
 impl Setup {
-    const ALL: [Setup; 6] = [
+    const ALL: [Setup; 9] = [
         Setup::None,
         Setup::Envoy,
         Setup::Sigil,
         Setup::SigilRoute,
         Setup::SigilRetry,
         Setup::SigilRateLimit,
+        Setup::SigilTrace0,
+        Setup::SigilTrace1,
+        Setup::SigilTrace100,
     ];
 
     fn name(self) -> &'static str {
@@ -531,6 +546,19 @@ impl Setup {
             Setup::SigilRoute => "sigil-route",
             Setup::SigilRetry => "sigil-retry",
             Setup::SigilRateLimit => "sigil-ratelimit",
+            Setup::SigilTrace0 => "sigil-trace0",
+            Setup::SigilTrace1 => "sigil-trace1",
+            Setup::SigilTrace100 => "sigil-trace100",
+        }
+    }
+
+    /// The tracing setups' `--trace-sampling`.
+    fn trace_sampling(self) -> Option<&'static str> {
+        match self {
+            Setup::SigilTrace0 => Some("0"),
+            Setup::SigilTrace1 => Some("0.01"),
+            Setup::SigilTrace100 => Some("1"),
+            _ => None,
         }
     }
 
@@ -544,9 +572,13 @@ impl Setup {
         match self {
             Setup::None => SocketAddrV4::new(BACKENDS[0].ip, APP_PORT).into(),
             Setup::Envoy => SocketAddrV4::new(Ipv4Addr::LOCALHOST, ENVOY_OUTBOUND_PORT).into(),
-            Setup::Sigil | Setup::SigilRoute | Setup::SigilRetry | Setup::SigilRateLimit => {
-                CLUSTER_IP.into()
-            }
+            Setup::Sigil
+            | Setup::SigilRoute
+            | Setup::SigilRetry
+            | Setup::SigilRateLimit
+            | Setup::SigilTrace0
+            | Setup::SigilTrace1
+            | Setup::SigilTrace100 => CLUSTER_IP.into(),
         }
     }
 }
@@ -585,7 +617,7 @@ impl Config {
             assert!(
                 Setup::ALL.iter().any(|s| s.name() == name),
                 "BENCH_SETUPS: unknown setup {name:?} (none, envoy, sigil, sigil-route, \
-                 sigil-retry, sigil-ratelimit)"
+                 sigil-retry, sigil-ratelimit, sigil-trace0, sigil-trace1, sigil-trace100)"
             );
         }
         let protocols = list("BENCH_PROTOCOLS", "http1,grpc")
@@ -645,6 +677,8 @@ struct World {
     policy_file: PathBuf,
     /// Whether `sigil proxy init` already ran in the pods (its rules stay).
     intercepted: std::cell::Cell<bool>,
+    /// The tracing setups' collector in C, counting what it gets.
+    collector: Option<OtlpReceiver>,
 }
 
 impl World {
@@ -862,9 +896,13 @@ async fn start_setup(setup: Setup, world: &World, config: &Config) -> Running {
                 sigil: Vec::new(),
             }
         }
-        Setup::Sigil | Setup::SigilRoute | Setup::SigilRetry | Setup::SigilRateLimit => {
-            start_sigil(setup, world, config).await
-        }
+        Setup::Sigil
+        | Setup::SigilRoute
+        | Setup::SigilRetry
+        | Setup::SigilRateLimit
+        | Setup::SigilTrace0
+        | Setup::SigilTrace1
+        | Setup::SigilTrace100 => start_sigil(setup, world, config).await,
     }
 }
 
@@ -983,7 +1021,16 @@ async fn start_sigil(setup: Setup, world: &World, config: &Config) -> Running {
         }
     }
     let workers = config.workers.to_string();
-    let args = ["--concurrency", workers.as_str()];
+    let collector = format!("http://{C_IP}:{OTLP_GRPC_PORT}");
+    let mut args = vec!["--concurrency", workers.as_str()];
+    if let Some(sampling) = setup.trace_sampling() {
+        args.extend([
+            "--trace-collector",
+            &collector,
+            "--trace-sampling",
+            sampling,
+        ]);
+    }
     let mut running = Vec::new();
     let mut proxies = Vec::new();
     let log = world.dir.join("sigil-client.log");
@@ -1091,11 +1138,42 @@ async fn settled_counts(world: &World) -> Vec<u64> {
     world.served()
 }
 
+/// What the proxies of a tracing setup did with spans during one open-loop phase.
+struct Traced {
+    /// Spans the proxies exported (their `trace_spans_exported_total`).
+    exported: f64,
+    /// Spans they dropped, for any reason (`trace_spans_dropped_total`).
+    dropped: f64,
+    /// Spans the collector got.
+    received: u64,
+}
+
+/// The reasons of `sigil_proxy_trace_spans_dropped_total`.
+const TRACE_DROP_REASONS: [&str; 4] = ["queue_full", "export_failed", "rejected", "shutdown"];
+/// How long after a phase the spans it made are all exported: the proxies' default
+/// `--trace-batch-timeout` (5 s), and some.
+const TRACE_SETTLE: Duration = Duration::from_millis(5500);
+
+/// The proxies' span counters, summed: (exported, dropped).
+async fn trace_counters(proxies: &[PodProxy]) -> (f64, f64) {
+    let (mut exported, mut dropped) = (0.0, 0.0);
+    for proxy in proxies {
+        exported += proxy.metric("sigil_proxy_trace_spans_exported_total").await;
+        for reason in TRACE_DROP_REASONS {
+            let series = format!("sigil_proxy_trace_spans_dropped_total{{reason=\"{reason}\"}}");
+            dropped += proxy.metric(&series).await;
+        }
+    }
+    (exported, dropped)
+}
+
 /// One setup and protocol's numbers.
 struct Measured {
     setup: Setup,
     protocol: Protocol,
     open: Vec<OpenLoop>,
+    /// Per open-loop rate, the tracing setups' span counts.
+    traced: Vec<Option<Traced>>,
     closed: ClosedLoop,
     closed_shares: Vec<f64>,
     slow: Option<(OpenLoop, Vec<f64>)>,
@@ -1110,12 +1188,19 @@ async fn measure(
     world: &World,
     config: &Config,
     proxies: &[Proxy],
+    sigil: &[PodProxy],
 ) -> Measured {
     let pids: Vec<u32> = proxies.iter().map(|p| p.pid).collect();
     let backends = world.backend_pids();
     let label = format!("{} {}", setup.name(), protocol.name());
     let mut open = Vec::new();
+    let mut traced = Vec::new();
+    let received = || world.collector.as_ref().map_or(0, OtlpReceiver::span_count);
     for &rate in &config.rates {
+        let spans_before = match setup.trace_sampling() {
+            Some(_) => Some((trace_counters(sigil).await, received())),
+            None => None,
+        };
         let (netns, pids, backends) = (world.a.name.clone(), pids.clone(), backends.clone());
         let config = config.clone();
         let result = tokio::task::spawn_blocking(move || {
@@ -1139,6 +1224,22 @@ async fn measure(
             result.errors,
             first_error(&result.first_error)
         );
+        if let Some(((exported, dropped), got)) = spans_before {
+            tokio::time::sleep(TRACE_SETTLE).await;
+            let (exported_after, dropped_after) = trace_counters(sigil).await;
+            let spans = Traced {
+                exported: exported_after - exported,
+                dropped: dropped_after - dropped,
+                received: received() - got,
+            };
+            println!(
+                "{label}: open loop {rate}/s: {:.0} spans exported, {:.0} dropped, {} received",
+                spans.exported, spans.dropped, spans.received
+            );
+            traced.push(Some(spans));
+        } else {
+            traced.push(None);
+        }
         open.push(result);
     }
     let rss_loaded = proxies
@@ -1214,6 +1315,7 @@ async fn measure(
         setup,
         protocol,
         open,
+        traced,
         closed,
         closed_shares,
         slow,
@@ -1368,6 +1470,18 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
         });
         add(format!("{rate}/s load generator lag p99 (ms)"), 3, &|m| {
             quantile(&m.open[i].lag, 0.99).map(ms)
+        });
+        let per_second = |m: &Measured, count: f64| count / m.open[i].elapsed.as_secs_f64();
+        add(format!("{rate}/s spans exported/s (proxies)"), 0, &|m| {
+            m.traced[i].as_ref().map(|t| per_second(m, t.exported))
+        });
+        add(format!("{rate}/s spans dropped (proxies)"), 0, &|m| {
+            m.traced[i].as_ref().map(|t| t.dropped)
+        });
+        add(format!("{rate}/s spans received/s (collector)"), 0, &|m| {
+            m.traced[i]
+                .as_ref()
+                .map(|t| per_second(m, t.received as f64))
         });
     }
     let closed_rate = |m: &Measured| m.closed.requests as f64 / m.closed.elapsed.as_secs_f64();
@@ -1537,11 +1651,12 @@ async fn bench() -> ExitCode {
     );
     if config.setups.iter().any(|s| *s > Setup::Sigil) {
         println!(
-            "opt-in sigil setups (Envoy's equivalent is not configured: compare with the sigil column): sigil-route: sigil's path, the requests to /sigil.bench.Bench/Unary with 2 headers, selected by an HTTPRoute of {ROUTE_RULES} rules (PathPrefix + 2 header matches each; the last one matches and sets a header, RequestHeaderModifier). sigil-retry: the same with retry {{codes: [503], attempts: 2}} on that rule, healthy backends (nothing retried). sigil-ratelimit: sigil's path with a RateLimitPolicy per limit R in {:?}/s over the Service, HTTP/1.1 at 2R open loop ({:.1} s); the limit is per serving pod (RateLimitPolicy total R per {}s on each of {} pods)",
+            "opt-in sigil setups (Envoy's equivalent is not configured: compare with the sigil column): sigil-route: sigil's path, the requests to /sigil.bench.Bench/Unary with 2 headers, selected by an HTTPRoute of {ROUTE_RULES} rules (PathPrefix + 2 header matches each; the last one matches and sets a header, RequestHeaderModifier). sigil-retry: the same with retry {{codes: [503], attempts: 2}} on that rule, healthy backends (nothing retried). sigil-ratelimit: sigil's path with a RateLimitPolicy per limit R in {:?}/s over the Service, HTTP/1.1 at 2R open loop ({:.1} s); the limit is per serving pod (RateLimitPolicy total R per {}s on each of {} pods). sigil-trace0, sigil-trace1, sigil-trace100: sigil's path with --trace-collector (OTLP/gRPC to a counting receiver in C) and --trace-sampling 0, 0.01, 1; no trace header from the load generator (A's proxy starts each trace); spans counted {:.1} s after each phase (the default 5 s batch timeout)",
             config.rate_limits,
             config.length.as_secs_f64(),
             BACKENDS.len(),
-            BACKENDS.len()
+            BACKENDS.len(),
+            TRACE_SETTLE.as_secs_f64()
         );
     }
 
@@ -1596,6 +1711,12 @@ async fn bench() -> ExitCode {
         .setups
         .contains(&Setup::Envoy)
         .then(|| envoy_binary(dir.path()));
+    // The tracing setups' collector: every span decoded and counted, none kept.
+    let collector = config
+        .setups
+        .iter()
+        .any(|s| s.trace_sampling().is_some())
+        .then(|| OtlpReceiver::start(&node.c, OTLP_GRPC_PORT, OTLP_HTTP_PORT, Keep::Counts));
     let world = World {
         dir: dir.path().to_path_buf(),
         node,
@@ -1606,6 +1727,7 @@ async fn bench() -> ExitCode {
         envoy,
         policy_file,
         intercepted: std::cell::Cell::new(false),
+        collector,
     };
 
     let mut results = Vec::new();
@@ -1640,7 +1762,17 @@ async fn bench() -> ExitCode {
         } else {
             for &protocol in &config.protocols {
                 warm_up(setup, protocol, &world, &config, &running).await;
-                results.push(measure(setup, protocol, &world, &config, &running.proxies).await);
+                results.push(
+                    measure(
+                        setup,
+                        protocol,
+                        &world,
+                        &config,
+                        &running.proxies,
+                        &running.sigil,
+                    )
+                    .await,
+                );
             }
         }
         drop(running);

@@ -168,6 +168,19 @@ pub struct CaConfig {
     #[arg(long = "inject-exclude-namespace", default_values = crate::inject::DEFAULT_EXCLUDED_NAMESPACES)]
     pub inject_excluded_namespaces: Vec<String>,
 
+    /// Make every injected proxy send its spans to this OpenTelemetry collector (OTLP), e.g.
+    /// http://otel-collector.observability:4317: the proxies then propagate W3C Trace Context
+    /// and B3 headers and record a span per HTTP request (`sigil proxy run --trace-collector`).
+    /// Spans leave the pods in plaintext. Pods choose their share of new traces with the
+    /// annotation `sigil.dev/trace-sampling: "0.05"` (default 0.01).
+    #[arg(long, value_parser = parse_trace_collector)]
+    pub inject_trace_collector: Option<String>,
+
+    /// How injected proxies reach --inject-trace-collector: `grpc` (port 4317) or
+    /// `http/protobuf` (port 4318).
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "http/protobuf"], requires = "inject_trace_collector")]
+    pub inject_trace_protocol: String,
+
     /// Most gRPC connections that have authenticated a call, open at once (agents keep one
     /// each). Connections not yet authenticated have their own 512 slots.
     #[arg(long, default_value_t = crate::tls_server::MAX_CONNECTIONS, value_parser = clap::value_parser!(usize))]
@@ -177,4 +190,43 @@ pub struct CaConfig {
     /// authenticated a call yet; each has 10 s after its handshake to authenticate one.
     #[arg(long, default_value_t = crate::tls_server::MAX_UNAUTHENTICATED_PER_SOURCE)]
     pub max_connections_per_source: usize,
+}
+
+/// A collector URL as `sigil proxy run --trace-collector` takes it (`http://HOST[:PORT][/PATH]`),
+/// checked here so that a typo stops the CA rather than every injected proxy.
+fn parse_trace_collector(s: &str) -> Result<String, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a URL ({e}); expected http://HOST:PORT"))?;
+    let host = uri.authority().map_or("", |a| a.host());
+    let userinfo = uri.authority().is_some_and(|a| a.as_str().contains('@'));
+    if uri.scheme_str() != Some("http") || host.is_empty() || userinfo || uri.query().is_some() {
+        return Err(format!(
+            "{s:?}: expected http://HOST:PORT (plaintext OTLP; no https, userinfo or query)"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trace_collector_must_be_plain_http_to_a_host() {
+        assert_eq!(
+            parse_trace_collector("http://otel-collector.observability:4317").as_deref(),
+            Ok("http://otel-collector.observability:4317")
+        );
+        for bad in [
+            "https://c:4317",
+            "c:4317",
+            "http://u@c:4317",
+            "http://c:4318/v1/traces?x=1",
+            "not a url",
+        ] {
+            let e = parse_trace_collector(bad).unwrap_err();
+            assert!(e.contains("http://HOST:PORT"), "{bad}: {e}");
+        }
+    }
 }

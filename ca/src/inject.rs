@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use sigil_proxy_api::ports::PortSet;
 use sigil_proxy_api::{
     ACCESS_LOG_ANNOTATION, AGENT_SOCKET_DIR, OPAQUE_PORTS_ANNOTATION, PROXY_PORTS, TLS_MODE_LABEL,
-    TLS_MODE_MTLS,
+    TLS_MODE_MTLS, TRACE_SAMPLING_ANNOTATION,
 };
 
 /// Namespace label (and pod label or annotation, `"false"`) that turns injection on (off).
@@ -70,6 +70,16 @@ pub struct InjectConfig {
     pub image: String,
     pub proxy_uid: u32,
     pub excluded_namespaces: BTreeSet<String>,
+    /// The OTLP collector every injected proxy sends its spans to (`--trace-collector`), and
+    /// how (`--trace-protocol`: `grpc` or `http/protobuf`); None: tracing off.
+    pub trace_collector: Option<TraceCollector>,
+}
+
+/// Where injected proxies export spans (`sigil ca serve --inject-trace-collector`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceCollector {
+    pub url: String,
+    pub protocol: String,
 }
 
 /// What happened to one review, for the log line and the metrics.
@@ -310,7 +320,7 @@ fn decide(
         }
     }
     let init_args = init_args(meta.annotations.as_ref(), config.proxy_uid)?;
-    let proxy_flags = proxy_flags(meta.annotations.as_ref())?;
+    let proxy_flags = proxy_flags(meta.annotations.as_ref(), config)?;
 
     let mut mutated = original.clone();
     let mut warnings = Vec::new();
@@ -553,10 +563,13 @@ fn init_args(
 }
 
 /// The proxy's flags from the pod's annotations (`sigil.dev/opaque-ports` as `--opaque-ports`,
-/// `sigil.dev/access-log: "true"` as `--access-log`), checked here so that a typo refuses the
-/// pod with the reason instead of a proxy that never starts or a setting silently ignored.
+/// `sigil.dev/access-log: "true"` or a ratio as `--access-log [--access-log-sampling R]`,
+/// `sigil.dev/trace-sampling` as `--trace-sampling`) and the mesh-wide trace collector,
+/// checked here so that a typo refuses the pod with the reason instead of a proxy that never
+/// starts or a setting silently ignored.
 fn proxy_flags(
     annotations: Option<&std::collections::BTreeMap<String, String>>,
+    config: &InjectConfig,
 ) -> Result<Vec<String>, String> {
     let mut flags = Vec::new();
     if let Some(value) = annotations.and_then(|a| a.get(OPAQUE_PORTS_ANNOTATION)) {
@@ -576,14 +589,47 @@ fn proxy_flags(
     {
         None | Some("false") => {}
         Some("true") => flags.push("--access-log".to_owned()),
-        Some(other) => {
-            return Err(format!(
-                "sigil injector: annotation {ACCESS_LOG_ANNOTATION}: {other:?} is not valid; \
-                 write \"true\" (one log line per request) or \"false\""
-            ));
-        }
+        Some(other) => match ratio(other).filter(|r| *r > 0.0) {
+            Some(share) => flags.extend([
+                "--access-log".to_owned(),
+                "--access-log-sampling".to_owned(),
+                share.to_string(),
+            ]),
+            None => {
+                return Err(format!(
+                    "sigil injector: annotation {ACCESS_LOG_ANNOTATION}: {other:?} is not \
+                     valid; write \"true\" (one log line per request), a share of the allowed \
+                     requests to log between 0 and 1 (e.g. \"0.1\"), or \"false\""
+                ));
+            }
+        },
+    }
+    if let Some(value) = annotations.and_then(|a| a.get(TRACE_SAMPLING_ANNOTATION)) {
+        let share = ratio(value).ok_or_else(|| {
+            format!(
+                "sigil injector: annotation {TRACE_SAMPLING_ANNOTATION}: {value:?} is not \
+                 valid; write the share of new traces to sample between 0 and 1, e.g. \"0.05\""
+            )
+        })?;
+        flags.extend(["--trace-sampling".to_owned(), share.to_string()]);
+    }
+    if let Some(collector) = &config.trace_collector {
+        flags.extend([
+            "--trace-collector".to_owned(),
+            collector.url.clone(),
+            "--trace-protocol".to_owned(),
+            collector.protocol.clone(),
+        ]);
     }
     Ok(flags)
+}
+
+/// A share between 0 and 1 (`"0.25"`, `"1"`).
+fn ratio(s: &str) -> Option<f64> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|r| (0.0..=1.0).contains(r))
 }
 
 fn check_port(s: &str) -> bool {
@@ -643,7 +689,7 @@ fn proxy_container(
     }
     args.extend(proxy_flags);
     let ready = json!({"httpGet": {"path": "/ready", "port": METRICS_PORT}});
-    json!({
+    let mut container = json!({
         "name": PROXY_CONTAINER,
         "image": config.image,
         "args": args,
@@ -676,7 +722,16 @@ fn proxy_container(
             "limits": {"memory": "256Mi"},
         },
         "volumeMounts": [{"name": AGENT_VOLUME, "mountPath": AGENT_SOCKET_DIR, "readOnly": true}],
-    })
+    });
+    // The spans' resource names the pod (`k8s.pod.name`, `k8s.namespace.name`).
+    if config.trace_collector.is_some() {
+        let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+        container["env"] = json!([
+            {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+            {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+        ]);
+    }
+    container
 }
 
 fn pod_name(pod: &Value) -> String {

@@ -23,7 +23,7 @@ use crate::authn_first::AuthenticateFirstLayer;
 use crate::authority::Authority;
 use crate::authz::{Authorizer, StaticEntries};
 use crate::config::{AuthMode, CaConfig, DEFAULT_SERVICE_NAME, JWKS_REFRESH};
-use crate::inject::InjectConfig;
+use crate::inject::{InjectConfig, TraceCollector};
 use crate::jwt::Jwks;
 use crate::metrics::{Metrics, Port};
 use crate::plugin::PluginSource;
@@ -310,6 +310,13 @@ pub async fn serve(config: CaConfig, signalled: watch::Receiver<bool>) -> Result
                 image: config.proxy_image.clone(),
                 proxy_uid: config.proxy_uid,
                 excluded_namespaces: config.inject_excluded_namespaces.iter().cloned().collect(),
+                trace_collector: config
+                    .inject_trace_collector
+                    .as_ref()
+                    .map(|url| TraceCollector {
+                        url: url.clone(),
+                        protocol: config.inject_trace_protocol.clone(),
+                    }),
             },
             metrics.clone(),
         );

@@ -47,10 +47,15 @@ pub const TLS_MODE_MTLS: &str = "mtls";
 /// `config.linkerd.io/opaque-ports`).
 pub const OPAQUE_PORTS_ANNOTATION: &str = "sigil.dev/opaque-ports";
 
-/// The pod annotation that turns on its proxy's per-request access log (`"true"`; `"false"` or
-/// absent: off): the injector passes `--access-log`, so one workload can be looked at closely
-/// without every proxy of the mesh logging each request.
+/// The pod annotation that turns on its proxy's per-request access log (`"true"`; a ratio in
+/// (0, 1] such as `"0.1"` logs that share of allowed requests; `"false"` or absent: off): the
+/// injector passes `--access-log` (and `--access-log-sampling`), so one workload can be looked
+/// at closely without every proxy of the mesh logging each request.
 pub const ACCESS_LOG_ANNOTATION: &str = "sigil.dev/access-log";
+
+/// The pod annotation setting the share of new traces its proxy samples (`"0.05"`; 0 to 1),
+/// passed as `--trace-sampling` when the injector is configured with a trace collector.
+pub const TRACE_SAMPLING_ANNOTATION: &str = "sigil.dev/trace-sampling";
 
 /// The request header that carries an HTTP/1.x request's version between two sigil proxies,
 /// which send every request over HTTP/2: the server's proxy removes it and speaks HTTP/1.1 to

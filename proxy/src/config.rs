@@ -5,6 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::trace::{ExportProtocol, TraceConfig};
 use clap::{Args, ValueEnum};
 use sigil_base::flags::parse_duration;
 use sigil_identity::tls::KeyExchange;
@@ -28,6 +29,16 @@ pub const DEFAULT_DETECT_TIMEOUT: &str = "500ms";
 pub const DEFAULT_MAX_INBOUND_CONNECTIONS: u32 = 4096;
 /// Pooled HTTP/2 connections to one endpoint of a meshed Service, at most.
 pub const DEFAULT_MAX_CONNECTIONS_PER_ENDPOINT: u32 = 4;
+/// The share of new traces sampled (Istio's default: 1 %).
+pub const DEFAULT_TRACE_SAMPLING: f64 = 0.01;
+/// Spans waiting for export, at most (`OTEL_BSP_MAX_QUEUE_SIZE`'s default).
+pub const DEFAULT_TRACE_QUEUE_SIZE: u32 = 2048;
+/// Spans per export request (`OTEL_BSP_MAX_EXPORT_BATCH_SIZE`'s default).
+pub const DEFAULT_TRACE_BATCH_SIZE: u32 = 512;
+/// How long a batch's first span waits for more (`OTEL_BSP_SCHEDULE_DELAY`'s default).
+pub const DEFAULT_TRACE_BATCH_TIMEOUT: &str = "5s";
+/// One export request's bound (`OTEL_EXPORTER_OTLP_TIMEOUT`'s default).
+pub const DEFAULT_TRACE_EXPORT_TIMEOUT: &str = "10s";
 
 /// PeerAuthentication's mode, which `--mtls-mode` and `--port-mtls` set where no policy does.
 pub use sigil_policy::MtlsMode;
@@ -51,6 +62,61 @@ fn parse_port_mtls(s: &str) -> Result<PortMtls, String> {
     let mode = MtlsMode::from_str(mode, true)
         .map_err(|_| format!("{mode:?}: mode must be STRICT, PERMISSIVE or DISABLE"))?;
     Ok(PortMtls { port, mode })
+}
+
+/// `--trace-protocol`, named as `OTEL_EXPORTER_OTLP_PROTOCOL` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum TraceProtocol {
+    /// OTLP over gRPC (collectors listen on 4317).
+    #[value(name = "grpc")]
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP over HTTP/1.1, protobuf bodies `POST`ed to `/v1/traces` (collectors listen on 4318).
+    #[value(name = "http/protobuf")]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// A collector URL: `http://HOST[:PORT][/PATH]`. Exports leave the pod in plaintext (the
+/// proxy's own traffic is not redirected into the mesh), so `https` is refused rather than
+/// silently downgraded.
+fn parse_collector(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a URL ({e}); expected http://HOST:PORT"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "{s:?}: expected http://HOST:PORT (exports are plaintext OTLP; no https)"
+        ));
+    }
+    match uri.authority() {
+        Some(authority) if !authority.host().is_empty() && !authority.as_str().contains('@') => {}
+        _ => {
+            return Err(format!(
+                "{s:?}: expected http://HOST:PORT (a host, no userinfo)"
+            ));
+        }
+    }
+    if uri.query().is_some() {
+        return Err(format!("{s:?}: a collector URL takes no query"));
+    }
+    Ok(uri)
+}
+
+/// A share between 0 and 1 (`0.25`, `1`).
+pub fn parse_ratio(s: &str) -> Result<f64, String> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|r| (0.0..=1.0).contains(r))
+        .ok_or_else(|| format!("{s:?} is not a ratio between 0 and 1 (e.g. 0.01 for 1 %)"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        Duration::ZERO => Err(format!("{s:?}: must be longer than zero")),
+        duration => Ok(duration),
+    }
 }
 
 /// Runs the proxy beside an application.
@@ -101,11 +167,62 @@ pub struct ProxyConfig {
     #[arg(long)]
     pub forward_client_cert: bool,
 
-    /// Inbound HTTP: log one JSON line per request (target `sigil_access`, `kind: http`): peer
-    /// identity, method, host, normalized path, status, deciding policy, duration. Denied and
-    /// refused requests are always logged.
+    /// HTTP, both directions: log one JSON line per request (target `sigil_access`, `kind:
+    /// http`) when its response ends: trace and span ids, identities of both sides, method,
+    /// authority, normalized path (never the query), route, status, gRPC status, deciding
+    /// policy, body bytes both ways, time to the response head and to its end, upstream
+    /// address. Denied, malformed (400) and requests the proxy failed itself are always
+    /// logged, with or without this flag.
     #[arg(long)]
     pub access_log: bool,
+
+    /// With --access-log: the share of allowed requests logged (0 to 1). Traced (sampled)
+    /// requests are always logged; others are picked on their trace id, so the proxies on
+    /// both sides of a request log the same requests.
+    #[arg(long, value_parser = parse_ratio, default_value_t = 1.0)]
+    pub access_log_sampling: f64,
+
+    /// Send spans to this OpenTelemetry collector (OTLP), e.g. http://otel-collector.observability:4317.
+    /// Each proxy then takes part in W3C Trace Context (`traceparent`) and B3 propagation: it
+    /// continues the caller's trace (or starts one), passes the context on, and records a
+    /// server span per inbound and a client span per outbound HTTP request. Spans leave the pod
+    /// in plaintext, outside the mesh. Without it, no trace header is read or written.
+    #[arg(long, value_parser = parse_collector)]
+    #[serde(serialize_with = "display")]
+    pub trace_collector: Option<http::Uri>,
+
+    /// How spans reach the collector: `grpc` (port 4317) or `http/protobuf` (port 4318; the
+    /// URL's path, else `/v1/traces`).
+    #[arg(long, value_enum, default_value_t = TraceProtocol::Grpc, requires = "trace_collector")]
+    pub trace_protocol: TraceProtocol,
+
+    /// The share (0 to 1) of new traces sampled: requests that arrive with no sampling decision
+    /// of their caller. A caller's decision (sampled or not) is always followed.
+    #[arg(long, value_parser = parse_ratio, default_value_t = DEFAULT_TRACE_SAMPLING)]
+    pub trace_sampling: f64,
+
+    /// Spans waiting for export, at most; more are dropped (counted in
+    /// sigil_proxy_trace_spans_dropped_total{reason="queue_full"}), never waited for.
+    #[arg(long, default_value_t = DEFAULT_TRACE_QUEUE_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
+    pub trace_queue_size: u32,
+
+    /// Spans per export request, at most.
+    #[arg(long, default_value_t = DEFAULT_TRACE_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..))]
+    pub trace_batch_size: u32,
+
+    /// How long the first span of a batch waits for more before the batch is sent.
+    #[arg(long, value_parser = parse_positive_duration, default_value = DEFAULT_TRACE_BATCH_TIMEOUT)]
+    #[serde(with = "humantime_secs")]
+    pub trace_batch_timeout: Duration,
+
+    /// Give up on an export request after this long (its spans are dropped and counted).
+    #[arg(long, value_parser = parse_positive_duration, default_value = DEFAULT_TRACE_EXPORT_TIMEOUT)]
+    #[serde(with = "humantime_secs")]
+    pub trace_export_timeout: Duration,
+
+    /// The spans' `service.name`. Default: `SERVICE_ACCOUNT.NAMESPACE` of this proxy's SPIFFE ID.
+    #[arg(long, requires = "trace_collector")]
+    pub trace_service_name: Option<String>,
 
     /// Inbound PeerAuthentication mode for every port without a --port-mtls override.
     #[arg(long, value_enum, default_value_t = MtlsMode::Strict, ignore_case = true)]
@@ -230,12 +347,45 @@ impl ProxyConfig {
             .max(1)
     }
 
+    /// The tracing settings, when --trace-collector names a collector.
+    pub fn trace_config(&self) -> Option<TraceConfig> {
+        Some(TraceConfig {
+            collector: self.trace_collector.clone()?,
+            protocol: match self.trace_protocol {
+                TraceProtocol::Grpc => ExportProtocol::Grpc,
+                TraceProtocol::HttpProtobuf => ExportProtocol::HttpProtobuf,
+            },
+            sampling: self.trace_sampling,
+            queue_size: self.trace_queue_size as usize,
+            batch_size: self.trace_batch_size as usize,
+            batch_timeout: self.trace_batch_timeout,
+            export_timeout: self.trace_export_timeout,
+            service_name: self.trace_service_name.clone(),
+        })
+    }
+
+    /// The share of allowed requests the access log writes; None without --access-log.
+    pub fn access_log_ratio(&self) -> Option<f64> {
+        self.access_log.then_some(self.access_log_sampling)
+    }
+
     /// The mode for inbound connections to `port`.
     pub fn mtls_mode_for(&self, port: u16) -> MtlsMode {
         self.port_mtls
             .iter()
             .find(|p| p.port == port)
             .map_or(self.mtls_mode, |p| p.mode)
+    }
+}
+
+/// Values shown as their text in /config (a collector URL).
+fn display<T: std::fmt::Display, S: serde::Serializer>(
+    value: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => s.collect_str(value),
+        None => s.serialize_none(),
     }
 }
 
@@ -329,6 +479,91 @@ mod tests {
         ])
         .unwrap();
         assert!(config.explicit && config.inbound_listen.is_none());
+    }
+
+    #[test]
+    fn tracing_is_off_without_a_collector_and_takes_every_flag_with_one() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.trace_config(), None);
+        assert_eq!(config.access_log_ratio(), None);
+        let config = parse(&[
+            "--trace-collector",
+            "http://198.18.0.9:4318",
+            "--trace-protocol",
+            "http/protobuf",
+            "--trace-sampling",
+            "0.5",
+            "--trace-queue-size",
+            "16",
+            "--trace-batch-size",
+            "4",
+            "--trace-batch-timeout",
+            "200ms",
+            "--trace-export-timeout",
+            "2s",
+            "--trace-service-name",
+            "web.shop",
+            "--access-log",
+            "--access-log-sampling",
+            "0.25",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.trace_config(),
+            Some(TraceConfig {
+                collector: "http://198.18.0.9:4318".parse().unwrap(),
+                protocol: ExportProtocol::HttpProtobuf,
+                sampling: 0.5,
+                queue_size: 16,
+                batch_size: 4,
+                batch_timeout: Duration::from_millis(200),
+                export_timeout: Duration::from_secs(2),
+                service_name: Some("web.shop".into()),
+            })
+        );
+        assert_eq!(config.access_log_ratio(), Some(0.25));
+        let defaults = parse(&["--trace-collector", "http://collector:4317"])
+            .unwrap()
+            .trace_config()
+            .unwrap();
+        assert_eq!(defaults.protocol, ExportProtocol::Grpc);
+        assert_eq!(defaults.sampling, 0.01);
+        assert_eq!((defaults.queue_size, defaults.batch_size), (2048, 512));
+        assert_eq!(defaults.batch_timeout, Duration::from_secs(5));
+        assert_eq!(defaults.export_timeout, Duration::from_secs(10));
+        let json =
+            serde_json::to_value(parse(&["--trace-collector", "http://c:4317"]).unwrap()).unwrap();
+        assert_eq!(json["trace_collector"], "http://c:4317/");
+        assert_eq!(json["trace_protocol"], "grpc");
+    }
+
+    #[test]
+    fn bad_trace_flags_say_what_is_expected() {
+        for (args, expected) in [
+            (&["--trace-collector", "https://c:4317"][..], "no https"),
+            (
+                &["--trace-collector", "c:4317"][..],
+                "expected http://HOST:PORT",
+            ),
+            (&["--trace-collector", "http://u@c:4317"][..], "no userinfo"),
+            (&["--trace-collector", "http://c:4317/?a=b"][..], "no query"),
+            (&["--trace-collector", "not a url"][..], "is not a URL"),
+            (&["--trace-sampling", "1.5"][..], "between 0 and 1"),
+            (&["--trace-sampling=-0.1"][..], "between 0 and 1"),
+            (&["--trace-sampling", "NaN"][..], "between 0 and 1"),
+            (&["--access-log-sampling", "2"][..], "between 0 and 1"),
+            (&["--trace-queue-size", "0"][..], "0"),
+            (&["--trace-batch-size", "0"][..], "0"),
+            (&["--trace-batch-timeout", "0s"][..], "longer than zero"),
+            (&["--trace-export-timeout", "soon"][..], "not a duration"),
+            (&["--trace-protocol", "http"][..], "http/protobuf"),
+        ] {
+            let e = parse(args).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains(expected)),
+                "{args:?}: {e:?}"
+            );
+        }
     }
 
     #[test]

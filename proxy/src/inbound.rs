@@ -30,7 +30,7 @@ use crate::config::MtlsMode;
 use crate::dial;
 use crate::forward::{self, ConnectionLog, Counted, Ended, HANDSHAKE_TIMEOUT, Prefixed, Shared};
 use crate::l7::app_pool::{AppPools, AppUpstream};
-use crate::l7::request_metrics::RequestMetrics;
+use crate::l7::request_metrics::{InboundConnection, RequestMetrics};
 use crate::l7::{self, HttpVersion, Sniffed, sniff};
 use crate::metrics::{Direction, DirectionLabels, PeerLabels, Security};
 use crate::policy::{ConnectionAuthz, PolicyState, Transport};
@@ -194,7 +194,6 @@ async fn authorize_and_forward<D>(
             mtls: security == Security::Mtls,
             default_mode: shared.config.mtls_mode_for(port),
         },
-        shared.config.access_log,
         shared.metrics.clone(),
     ));
     let config = &shared.config;
@@ -265,6 +264,18 @@ async fn authorize_and_forward<D>(
             metrics: RequestMetrics {
                 metrics: shared.metrics.clone(),
                 peer: PeerLabels::new(Direction::Inbound, None, log.source_identity.as_ref()),
+                connection: Arc::new(InboundConnection {
+                    tracer: shared.tracer.clone(),
+                    access_log: config.access_log_ratio(),
+                    source: log.source,
+                    source_identity: log.source_identity.as_ref().map(ToString::to_string),
+                    destination_identity: log
+                        .destination_identity
+                        .as_ref()
+                        .map(ToString::to_string),
+                    key_exchange: log.key_exchange,
+                    app,
+                }),
             },
             rate_limits: Some(ConnectionLimits::new(
                 shared.rate_limits.clone(),

@@ -34,10 +34,13 @@ pub mod app_pool;
 pub mod request_metrics;
 
 use app_pool::{AppBody, AppUpstream, PoolError};
-use request_metrics::{RequestMetrics, RequestTimer};
+use request_metrics::{RequestFacts, RequestMetrics, RequestTimer};
 use sigil_route::select::RequestHead;
 
 use crate::ratelimit::ConnectionLimits;
+use crate::request_log;
+use crate::trace::span::attr;
+use crate::trace::{RequestTrace, SpanKind};
 
 /// The body of a denied request: Envoy's, so clients and dashboards that know it keep working.
 pub const DENIED_BODY: &str = "RBAC: access denied\n";
@@ -174,18 +177,24 @@ pub struct RequestInfo<'a> {
     pub headers: &'a http::HeaderMap,
 }
 
-/// Decides on one request and records what became of it.
+/// Decides on one request and counts what became of it (its access-log line is written when
+/// its response ends: [`request_metrics`]).
 pub trait Authorize: Send + Sync + 'static {
     /// The deciding policy (`namespace/name` or `default`) if the request may be forwarded;
-    /// None answers 403 (and is logged by the implementation).
-    fn authorize(&self, request: &RequestInfo<'_>) -> Option<String>;
-    /// An allowed request answered with `status` after `elapsed` (the per-request access log).
-    fn served(&self, request: &RequestInfo<'_>, policy: &str, status: u16, elapsed: Duration);
-    /// A request answered 400 before any policy saw it (`target` as the client sent it):
-    /// logged with why, and counted.
-    fn bad_request(&self, method: &str, target: &str, why: &BadRequest);
+    /// a refusal answers 403.
+    fn authorize(&self, request: &RequestInfo<'_>) -> Result<String, Denied>;
+    /// A request answered 400 before any policy saw it.
+    fn bad_request(&self);
     /// The application could not be reached for an allowed request (answered 502).
     fn upstream_failed(&self, error: &HttpError);
+}
+
+/// A request a policy refused.
+#[derive(Clone, Debug)]
+pub struct Denied {
+    /// `namespace/name` or `default`.
+    pub policy: String,
+    pub reason: String,
 }
 
 /// Why a request is answered 400 before authorization.
@@ -297,7 +306,7 @@ pub enum HttpError {
 
 type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-fn denied() -> Response<ProxyBody> {
+fn denied_response() -> Response<ProxyBody> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
         DENIED_BODY.as_bytes(),
     ))));
@@ -450,18 +459,31 @@ struct Handler<A> {
 }
 
 impl<A: Authorize> Handler<A> {
-    /// Checks, authorizes and forwards one request: the response for the client.
+    /// Checks, authorizes and forwards one request: the response for the client. What the
+    /// request was goes to `timer`, for its span and log line at the response's end.
     async fn handle(
         &self,
         mut request: Request<Incoming>,
-        timer: &RequestTimer,
+        timer: &mut RequestTimer,
     ) -> Response<ProxyBody> {
+        let connection = timer.connection().clone();
         let checked = match check(&request, self.normalization) {
             Ok(checked) => checked,
             Err(why) => {
-                let target = request.uri().path_and_query().map_or("", |p| p.as_str());
-                self.authorizer
-                    .bad_request(request.method().as_str(), target, &why);
+                self.authorizer.bad_request();
+                let authority = request.uri().authority().map(|a| a.as_str().to_owned());
+                let host = request.headers().get(http::header::HOST);
+                let host = host.map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+                timer.describe(RequestFacts {
+                    trace: RequestTrace::none(),
+                    method: request.method().as_str().to_owned(),
+                    authority: authority.or(host).unwrap_or_default(),
+                    path: request.uri().path().to_owned(),
+                    policy: None,
+                    result: "bad_request",
+                    detail: Some(why.to_string()),
+                    upstream: None,
+                });
                 return bad_request();
             }
         };
@@ -470,6 +492,46 @@ impl<A: Authorize> Handler<A> {
         {
             set_target(&mut request, target);
         }
+        let mut trace = request_log::begin(
+            &connection.tracer,
+            SpanKind::Server,
+            request.headers_mut(),
+            connection.access_log.is_some(),
+        );
+        if let Some(span) = trace.span_mut() {
+            request_log::describe_head(span, &request, request.uri().path(), &checked.host);
+            request_log::describe_peer(span, connection.source);
+            span.set(attr::CLIENT_ADDRESS, connection.source.ip().to_string());
+            if let Some(id) = &connection.source_identity {
+                span.set(attr::SIGIL_SOURCE_IDENTITY, id.as_str());
+            }
+            if let Some(id) = &connection.destination_identity {
+                span.set(attr::SIGIL_DESTINATION_IDENTITY, id.as_str());
+            }
+        }
+        let mut facts = RequestFacts {
+            trace,
+            method: request.method().as_str().to_owned(),
+            authority: checked.host.clone(),
+            path: request.uri().path().to_owned(),
+            policy: None,
+            result: "allowed",
+            detail: None,
+            upstream: None,
+        };
+        let response = self.forward(request, &checked, &mut facts, timer).await;
+        timer.describe(facts);
+        response
+    }
+
+    /// Authorizes and forwards a checked request, noting in `facts` what became of it.
+    async fn forward(
+        &self,
+        mut request: Request<Incoming>,
+        checked: &Checked,
+        facts: &mut RequestFacts,
+        timer: &RequestTimer,
+    ) -> Response<ProxyBody> {
         // Only the proxy speaks for the peer: a client's own header never reaches the app.
         request.headers_mut().remove(XFCC);
         let app_version = app_version(&mut request, self.downstream);
@@ -479,9 +541,21 @@ impl<A: Authorize> Handler<A> {
             host: &checked.host,
             headers: request.headers(),
         };
-        let Some(policy) = self.authorizer.authorize(&info) else {
-            return denied();
+        let decided = self.authorizer.authorize(&info);
+        let (policy, allowed) = match &decided {
+            Ok(policy) => (policy.clone(), true),
+            Err(denied) => (denied.policy.clone(), false),
         };
+        if let Some(span) = facts.trace.span_mut() {
+            span.set(attr::SIGIL_POLICY, policy.as_str());
+            span.set(attr::SIGIL_AUTHZ, if allowed { "allow" } else { "deny" });
+        }
+        facts.policy = Some(policy);
+        if let Err(denied) = decided {
+            facts.result = "denied";
+            facts.detail = Some(denied.reason);
+            return denied_response();
+        }
         // After authorization: a denied request never takes a token.
         if let Some(limits) = &self.rate_limits {
             let head = RequestHead {
@@ -491,11 +565,9 @@ impl<A: Authorize> Handler<A> {
                 headers: request.headers(),
             };
             if let Some(refusal) = limits.check(&head) {
-                let response = refusal.response();
-                // The access-log line, with the 429 (why is logged at debug by the limiter).
-                self.authorizer
-                    .served(&info, &policy, response.status().as_u16(), Duration::ZERO);
-                return response.map(Either::Right);
+                // Why is logged at debug by the limiter.
+                facts.result = "rate_limited";
+                return refusal.response().map(Either::Right);
             }
         }
         if let Some(xfcc) = &self.forward_client_cert {
@@ -508,10 +580,9 @@ impl<A: Authorize> Handler<A> {
         if client_upgrade.is_none() {
             remove_hop_by_hop(request.headers_mut());
         }
-        let started = std::time::Instant::now();
         let method = request.method().clone();
-        let path = request.uri().path().to_owned();
         let request = request.map(|body| timer.counted(body));
+        facts.upstream = Some(timer.connection().app);
         let sent = match client_upgrade {
             Some(_) => self.upstream.send_dedicated(request).await,
             None => self.upstream.send(request, app_version).await,
@@ -519,6 +590,8 @@ impl<A: Authorize> Handler<A> {
         let mut response = match sent {
             Ok(response) => response,
             Err(e) => {
+                facts.result = "upstream_failed";
+                facts.detail = Some(e.to_string());
                 if matches!(e, PoolError::Connect(_) | PoolError::Handshake(_)) {
                     self.authorizer.upstream_failed(&HttpError::App(e));
                 }
@@ -545,18 +618,6 @@ impl<A: Authorize> Handler<A> {
             HttpVersion::Http1 if app_version == HttpVersion::Http2 => http::Version::HTTP_11,
             HttpVersion::Http1 => response.version(),
         };
-        let info = RequestInfo {
-            method: method.as_str(),
-            path: &path,
-            host: &checked.host,
-            headers: &http::HeaderMap::new(),
-        };
-        self.authorizer.served(
-            &info,
-            &policy,
-            response.status().as_u16(),
-            started.elapsed(),
-        );
         response.map(Either::Left)
     }
 }
@@ -594,9 +655,9 @@ where
         let handler = handler.clone();
         move |request: Request<Incoming>| {
             let handler = handler.clone();
-            let timer = metrics.start();
+            let mut timer = metrics.start();
             async move {
-                let response = handler.handle(request, &timer).await;
+                let response = handler.handle(request, &mut timer).await;
                 timer.respond(response)
             }
         }

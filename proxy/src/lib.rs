@@ -19,6 +19,7 @@ pub mod policy;
 pub mod pool;
 pub mod probes;
 pub mod ratelimit;
+pub mod request_log;
 pub mod routes;
 pub mod sds;
 pub mod server;

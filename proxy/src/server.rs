@@ -1,6 +1,6 @@
 //! `sigil proxy run`: wires the agent feeds (SDS certificates, mesh membership, meshed
 //! Services), the listeners (transparent or explicit), the admin and metrics endpoints,
-//! readiness, and the drain on SIGTERM.
+//! readiness, the span exporter (with a trace collector), and the drain on SIGTERM.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -301,6 +301,27 @@ pub async fn run(
         }
     });
 
+    // Spans leave through one exporter task; the data path only queues them. It is stopped
+    // (after flushing) once the connections that make spans are gone.
+    let (exporter_stop_tx, exporter_stop) = watch::channel(false);
+    let (tracer, exporter) = match config.trace_config() {
+        Some(trace) => {
+            info!(
+                collector = %trace.collector,
+                protocol = ?trace.protocol,
+                sampling = trace.sampling,
+                "exporting spans"
+            );
+            let (tracer, task) = crate::trace::export::start(
+                &trace,
+                tls_rx.clone(),
+                metrics.trace.clone(),
+                exporter_stop,
+            );
+            (tracer, Some(task))
+        }
+        None => (crate::trace::Tracer::disabled(), None),
+    };
     let (close_tx, close_rx) = watch::channel(false);
     let pools = Arc::new(Pools::new(
         tls_rx.clone(),
@@ -320,7 +341,7 @@ pub async fn run(
         pools,
         retry_budgets: Arc::default(),
         app_pools: Arc::default(),
-        tracer: crate::trace::Tracer::disabled(),
+        tracer,
         services: services_rx,
         tls: tls_rx,
         mesh: mesh_rx,
@@ -390,6 +411,15 @@ pub async fn run(
     let _ = close_tx.send(true);
     // Closed connections write their access-log lines; this is quick.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tracker.wait()).await;
+    // Their spans are queued now: the exporter sends what it can within the drain timeout.
+    let _ = exporter_stop_tx.send(true);
+    if let Some(exporter) = exporter
+        && tokio::time::timeout(config.drain_timeout, exporter)
+            .await
+            .is_err()
+    {
+        info!("the span exporter did not finish within the drain timeout");
+    }
     let _ = endpoints_stop_tx.send(true);
     for task in accepting {
         let _ = task.await;

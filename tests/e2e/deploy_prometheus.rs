@@ -421,6 +421,7 @@ fn injected_pod(annotations: Value, pod_name: &str, ip: &str) -> Value {
         image: "sigil:test".into(),
         proxy_uid: sigil_proxy_api::PROXY_UID,
         excluded_namespaces: BTreeSet::new(),
+        trace_collector: None,
     };
     let (response, _, _) = sigil_ca::inject::review(&serde_json::to_vec(&review).unwrap(), &config);
     let mut pod = sigil_test_harness::admission::apply(&review, &response);

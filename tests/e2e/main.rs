@@ -38,6 +38,7 @@ mod proxy_l7_peers;
 mod proxy_netns;
 mod proxy_peers;
 mod proxy_policy;
+mod proxy_tracing;
 mod readme_quickstart;
 mod route_inspect;
 mod routes_gamma;

@@ -12,6 +12,7 @@ fn config() -> InjectConfig {
         image: "registry.example/sigil:0.1.0".into(),
         proxy_uid: sigil_proxy_api::PROXY_UID,
         excluded_namespaces: DEFAULT_EXCLUDED_NAMESPACES.map(String::from).into(),
+        trace_collector: None,
     }
 }
 
@@ -500,6 +501,116 @@ fn the_access_log_annotation_turns_on_the_proxys_access_log_and_a_bad_one_is_ref
         "write \"true\"",
     ] {
         assert!(message.contains(part), "{part:?} not in {message:?}");
+    }
+}
+
+/// The injected proxy container's args and env for a pod with `annotations`, injected with
+/// `config`; or the refusal's message.
+fn injected_proxy(
+    annotations: Value,
+    config: &InjectConfig,
+) -> Result<(Vec<String>, Value), String> {
+    let mut review = web_review();
+    review["request"]["object"]["metadata"]["annotations"] = annotations;
+    let (response, outcome, _) = super::review(&serde_json::to_vec(&review).unwrap(), config);
+    let response = response["response"].clone();
+    if outcome != Outcome::Injected {
+        return Err(response["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned());
+    }
+    let proxy = patched(&review, &response)["spec"]["initContainers"][1].clone();
+    assert_eq!(proxy["name"], PROXY_CONTAINER);
+    let args = proxy["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned());
+    Ok((args.collect(), proxy["env"].clone()))
+}
+
+/// The value following `flag` in `args`.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let at = args.iter().position(|a| a == flag)?;
+    args.get(at + 1).map(String::as_str)
+}
+
+#[test]
+fn an_access_log_ratio_samples_the_log_and_a_bad_one_says_what_to_write() {
+    let (args, _) = injected_proxy(json!({ACCESS_LOG_ANNOTATION: "0.1"}), &config()).unwrap();
+    assert!(args.iter().any(|a| a == "--access-log"), "{args:?}");
+    assert_eq!(
+        flag_value(&args, "--access-log-sampling"),
+        Some("0.1"),
+        "{args:?}"
+    );
+    let (args, _) = injected_proxy(json!({ACCESS_LOG_ANNOTATION: "1"}), &config()).unwrap();
+    assert_eq!(
+        flag_value(&args, "--access-log-sampling"),
+        Some("1"),
+        "{args:?}"
+    );
+    for bad in ["0", "1.5", "-0.2", "half"] {
+        let message = injected_proxy(json!({ACCESS_LOG_ANNOTATION: bad}), &config()).unwrap_err();
+        for part in [
+            ACCESS_LOG_ANNOTATION,
+            "is not valid",
+            "between 0 and 1",
+            "\"0.1\"",
+        ] {
+            assert!(message.contains(part), "{bad}: {part:?} not in {message:?}");
+        }
+    }
+}
+
+#[test]
+fn the_trace_collector_reaches_every_proxy_with_the_pods_sampling_and_its_name() {
+    // No collector: no trace flag, no env; the pod's sampling is passed all the same (harmless
+    // without a collector) and checked.
+    let (args, env) = injected_proxy(json!({}), &config()).unwrap();
+    assert!(!args.iter().any(|a| a.starts_with("--trace")), "{args:?}");
+    assert!(env.is_null(), "{env}");
+    let traced = InjectConfig {
+        trace_collector: Some(TraceCollector {
+            url: "http://otel-collector.observability:4318".into(),
+            protocol: "http/protobuf".into(),
+        }),
+        ..config()
+    };
+    let (args, env) = injected_proxy(json!({TRACE_SAMPLING_ANNOTATION: "0.25"}), &traced).unwrap();
+    assert_eq!(
+        flag_value(&args, "--trace-collector"),
+        Some("http://otel-collector.observability:4318")
+    );
+    assert_eq!(flag_value(&args, "--trace-protocol"), Some("http/protobuf"));
+    assert_eq!(flag_value(&args, "--trace-sampling"), Some("0.25"));
+    assert_eq!(
+        env,
+        json!([
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        ])
+    );
+    let (args, _) = injected_proxy(json!({}), &traced).unwrap();
+    assert_eq!(
+        flag_value(&args, "--trace-sampling"),
+        None,
+        "the proxy's default"
+    );
+    for bad in ["1.01", "10%", ""] {
+        let message = injected_proxy(json!({TRACE_SAMPLING_ANNOTATION: bad}), &traced).unwrap_err();
+        for part in [
+            TRACE_SAMPLING_ANNOTATION,
+            "is not valid",
+            "between 0 and 1",
+            "\"0.05\"",
+        ] {
+            assert!(
+                message.contains(part),
+                "{bad:?}: {part:?} not in {message:?}"
+            );
+        }
     }
 }
 

@@ -1,8 +1,10 @@
 //! The golden metrics of each inbound HTTP request: counted once, when its response body ends
 //! (or is dropped, when the client goes away first), with the status, the gRPC status (from the
 //! trailers, or the headers of a trailers-only response), the time to the response head and the
-//! body bytes both ways.
+//! body bytes both ways. Its span ends and its access-log line is written at the same place
+//! ([`RequestFacts`]).
 
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,13 +14,67 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
-use crate::metrics::{Metrics, PeerLabels, RequestOutcome};
+use crate::metrics::{Direction, Metrics, PeerLabels, RequestOutcome};
+use crate::request_log::{self, RequestLine};
+use crate::trace::{RequestTrace, SpanOutcome, Tracer};
 
-/// The metrics and the peer every request of one client connection is counted for.
+/// The metrics and the peer every request of one client connection is counted for, and what
+/// its requests are traced and logged with.
 #[derive(Clone)]
 pub struct RequestMetrics {
     pub metrics: Arc<Metrics>,
     pub peer: PeerLabels,
+    pub connection: Arc<InboundConnection>,
+}
+
+/// What every request of one inbound connection is traced and logged with.
+#[derive(Debug)]
+pub struct InboundConnection {
+    pub tracer: Tracer,
+    /// --access-log-sampling with --access-log; None: only refused and failed requests logged.
+    pub access_log: Option<f64>,
+    /// The client (the peer's proxy, for mTLS).
+    pub source: SocketAddr,
+    /// The peer's verified SPIFFE ID, and this workload's.
+    pub source_identity: Option<String>,
+    pub destination_identity: Option<String>,
+    /// The connection's TLS key exchange (mTLS).
+    pub key_exchange: Option<&'static str>,
+    /// Where allowed requests go.
+    pub app: SocketAddr,
+}
+
+/// What an inbound request was and what became of it, for its span and log line at its end.
+#[derive(Debug)]
+pub struct RequestFacts {
+    pub trace: RequestTrace,
+    pub method: String,
+    pub authority: String,
+    /// Without the query.
+    pub path: String,
+    /// The deciding policy.
+    pub policy: Option<String>,
+    /// `allowed`, `rate_limited`, or a refusal or failure (`denied`, `bad_request`,
+    /// `upstream_failed`), which are always logged.
+    pub result: &'static str,
+    pub detail: Option<String>,
+    /// The application, once the request was sent to it.
+    pub upstream: Option<SocketAddr>,
+}
+
+impl RequestFacts {
+    /// Refused or failed by the proxy: logged with or without --access-log.
+    fn always_logged(&self) -> bool {
+        !matches!(self.result, "allowed" | "rate_limited")
+    }
+
+    /// The span's `error.type` when the proxy failed the request itself.
+    fn error_type(&self) -> Option<&'static str> {
+        match self.result {
+            "bad_request" | "upstream_failed" => Some(self.result),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for RequestMetrics {
@@ -36,6 +92,7 @@ impl RequestMetrics {
             metrics: self.clone(),
             started: Instant::now(),
             request_bytes: Arc::default(),
+            facts: None,
         }
     }
 }
@@ -46,9 +103,20 @@ pub struct RequestTimer {
     metrics: RequestMetrics,
     started: Instant,
     request_bytes: Arc<AtomicU64>,
+    facts: Option<RequestFacts>,
 }
 
 impl RequestTimer {
+    /// What the connection's requests are traced and logged with.
+    pub fn connection(&self) -> &Arc<InboundConnection> {
+        &self.metrics.connection
+    }
+
+    /// What the request was, for its span and log line (without, neither is made).
+    pub fn describe(&mut self, facts: RequestFacts) {
+        self.facts = Some(facts);
+    }
+
     /// The request's body, its data bytes counted.
     pub fn counted<B>(&self, body: B) -> CountedBody<B> {
         CountedBody {
@@ -58,7 +126,7 @@ impl RequestTimer {
     }
 
     /// The response whose head is ready now: its body records the request when it ends.
-    pub fn respond<B>(self, response: http::Response<B>) -> http::Response<RecordedBody<B>> {
+    pub fn respond<B: Body>(self, response: http::Response<B>) -> http::Response<RecordedBody<B>> {
         let status = response.status().as_u16();
         let grpc_status = grpc_status(response.headers());
         let duration = self.started.elapsed();
@@ -68,9 +136,11 @@ impl RequestTimer {
                 metrics: self.metrics,
                 status,
                 grpc_status,
+                started: self.started,
                 duration,
                 request_bytes: self.request_bytes,
                 response_bytes: 0,
+                facts: self.facts,
             }),
         })
     }
@@ -134,42 +204,98 @@ struct Pending {
     metrics: RequestMetrics,
     status: u16,
     grpc_status: Option<u32>,
+    started: Instant,
     duration: Duration,
     request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
+    facts: Option<RequestFacts>,
 }
 
 impl Pending {
-    fn record(self) {
+    /// Counts the request, ends its span and writes its log line; `complete`: its response
+    /// body was sent to its end (else the client went away first).
+    fn record(mut self, complete: bool) {
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         self.metrics.metrics.record_request(&RequestOutcome {
-            peer: self.metrics.peer,
+            peer: self.metrics.peer.clone(),
             status: self.status,
             grpc_status: self.grpc_status,
             result: "",
             duration: self.duration,
-            request_bytes: self.request_bytes.load(Ordering::Relaxed),
+            request_bytes,
             response_bytes: self.response_bytes,
         });
+        let Some(mut facts) = self.facts.take() else {
+            return;
+        };
+        let connection = &self.metrics.connection;
+        let wanted = request_log::wanted(
+            &connection.tracer,
+            &facts.trace,
+            connection.access_log,
+            facts.always_logged(),
+        );
+        // The line first: it names the span, which finishing hands to the exporter.
+        if wanted {
+            self.write_line(&facts, request_bytes);
+        }
+        facts.trace.finish(&SpanOutcome {
+            status: Some(self.status),
+            grpc_status: self.grpc_status,
+            request_bytes,
+            response_bytes: self.response_bytes,
+            error: facts.error_type().or((!complete).then_some("cancelled")),
+        });
+    }
+
+    fn write_line(&self, facts: &RequestFacts, request_bytes: u64) {
+        let connection = &self.metrics.connection;
+        RequestLine {
+            direction: Direction::Inbound,
+            trace: &facts.trace,
+            source_ip: connection.source.ip(),
+            source_identity: connection.source_identity.as_deref(),
+            destination_identity: connection.destination_identity.as_deref(),
+            method: &facts.method,
+            authority: &facts.authority,
+            path: &facts.path,
+            route: None,
+            service: None,
+            status: self.status,
+            grpc_status: self.grpc_status,
+            result: facts.result,
+            policy: facts.policy.as_deref(),
+            request_bytes,
+            response_bytes: self.response_bytes,
+            duration: self.duration,
+            total: self.started.elapsed(),
+            upstream: facts.upstream,
+            key_exchange: connection.key_exchange,
+            detail: facts.detail.as_deref(),
+        }
+        .write();
     }
 }
 
 /// A response body that records its request when it ends or is dropped.
-pub struct RecordedBody<B> {
+pub struct RecordedBody<B: Body> {
     inner: B,
     pending: Option<Pending>,
 }
 
-impl<B> RecordedBody<B> {
-    fn finish(&mut self) {
+impl<B: Body> RecordedBody<B> {
+    fn finish(&mut self, complete: bool) {
         if let Some(pending) = self.pending.take() {
-            pending.record();
+            pending.record(complete);
         }
     }
 }
 
-impl<B> Drop for RecordedBody<B> {
+impl<B: Body> Drop for RecordedBody<B> {
     fn drop(&mut self) {
-        self.finish();
+        // A body with nothing to send may be dropped unpolled: that is its end.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
     }
 }
 
@@ -197,10 +323,11 @@ where
                     }
                 }
                 if self.inner.is_end_stream() {
-                    self.finish();
+                    self.finish(true);
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
             Poll::Pending => {}
         }
         polled
@@ -229,7 +356,23 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&mut registry));
         let peer: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
         let peer = PeerLabels::new(Direction::Inbound, None, Some(&peer));
-        (registry, RequestMetrics { metrics, peer })
+        let connection = Arc::new(InboundConnection {
+            tracer: Tracer::disabled(),
+            access_log: None,
+            source: "198.18.0.1:40000".parse().unwrap(),
+            source_identity: None,
+            destination_identity: None,
+            key_exchange: None,
+            app: "198.18.0.2:8080".parse().unwrap(),
+        });
+        (
+            registry,
+            RequestMetrics {
+                metrics,
+                peer,
+                connection,
+            },
+        )
     }
 
     fn text(registry: &Registry) -> String {

@@ -12,15 +12,17 @@ use tokio::net::TcpListener;
 use super::app_pool::AppPool;
 use super::*;
 use crate::metrics::{Direction, Metrics, PeerLabels};
+use crate::trace::span::AttributeValue;
+use crate::trace::{Sampler, SpanId, SpanKind, TraceId, TraceMetrics, Tracer};
+use request_metrics::InboundConnection;
 
 struct AllowAll;
 
 impl Authorize for AllowAll {
-    fn authorize(&self, _: &RequestInfo<'_>) -> Option<String> {
-        Some("default".into())
+    fn authorize(&self, _: &RequestInfo<'_>) -> Result<String, Denied> {
+        Ok("default".into())
     }
-    fn served(&self, _: &RequestInfo<'_>, _: &str, _: u16, _: Duration) {}
-    fn bad_request(&self, _: &str, _: &str, _: &BadRequest) {}
+    fn bad_request(&self) {}
     fn upstream_failed(&self, _: &HttpError) {}
 }
 
@@ -62,7 +64,7 @@ async fn app() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     (addr, accepted)
 }
 
-fn settings() -> Settings {
+fn settings(app: std::net::SocketAddr, tracer: Tracer) -> Settings {
     Settings {
         normalization: PathNormalization::Base,
         header_read_timeout: Duration::from_secs(5),
@@ -70,20 +72,42 @@ fn settings() -> Settings {
         metrics: RequestMetrics {
             metrics: Arc::new(Metrics::new(&mut Registry::default())),
             peer: PeerLabels::new(Direction::Inbound, None, None),
+            connection: Arc::new(InboundConnection {
+                tracer,
+                access_log: None,
+                source: "198.18.0.1:40000".parse().unwrap(),
+                source_identity: Some(PEER_ID.into()),
+                destination_identity: Some(OWN_ID.into()),
+                key_exchange: None,
+                app,
+            }),
         },
         rate_limits: None,
     }
 }
 
+const PEER_ID: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const OWN_ID: &str = "spiffe://cluster.local/ns/shop/sa/db";
+
 /// A client connection served by [`serve`] through `pool`: the client's HTTP/1.1 sender.
 async fn client(pool: &Arc<AppPool<AppBody>>) -> client_h1::SendRequest<Empty<Bytes>> {
+    // The application's address only goes into log lines, which these tests do not read.
+    traced_client(pool, ([127, 0, 0, 1], 0).into(), Tracer::disabled()).await
+}
+
+/// [`client`] to the application at `app`, its requests traced by `tracer`.
+async fn traced_client(
+    pool: &Arc<AppPool<AppBody>>,
+    app: std::net::SocketAddr,
+    tracer: Tracer,
+) -> client_h1::SendRequest<Empty<Bytes>> {
     let (client, server): (DuplexStream, DuplexStream) = tokio::io::duplex(64 * 1024);
     let upstream = Arc::new(AppUpstream::new(pool.clone(), None));
     tokio::spawn(serve(
         server,
         HttpVersion::Http1,
         upstream,
-        settings(),
+        settings(app, tracer),
         Arc::new(AllowAll),
     ));
     let (sender, connection) = client_h1::handshake(TokioIo::new(client)).await.unwrap();
@@ -139,4 +163,77 @@ async fn connect_gets_a_connection_of_its_own_and_becomes_a_tunnel() {
     let mut other = client(&pool).await;
     assert_eq!(get(&mut other).await, "ok");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_sampled_request_makes_a_server_span_continuing_the_callers_trace() {
+    let (app, _) = app().await;
+    let pool = AppPool::new(app, Duration::from_secs(2), app_pool::IDLE_TIMEOUT);
+    let (queue, mut spans) = tokio::sync::mpsc::channel(8);
+    let tracer = Tracer::new(Sampler { ratio: 0.0 }, queue, TraceMetrics::default());
+    let mut sender = traced_client(&pool, app, tracer).await;
+    let request = Request::get("/orders/7?token=secret")
+        .header("host", "db:8080")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    let span = tokio::time::timeout(Duration::from_secs(5), spans.recv())
+        .await
+        .expect("a span when the response ended")
+        .unwrap();
+    assert_eq!(span.kind, SpanKind::Server);
+    assert_eq!(span.name, "GET");
+    assert_eq!(
+        span.trace_id,
+        TraceId(0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes())
+    );
+    assert_eq!(
+        span.parent,
+        Some(SpanId(0xb7ad6b7169203331_u64.to_be_bytes()))
+    );
+    assert!(!span.error);
+    let attribute = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let text = |v: &str| Some(AttributeValue::Str(v.into()));
+    for (key, expected) in [
+        ("http.request.method", text("GET")),
+        ("url.path", text("/orders/7")),
+        ("url.scheme", text("http")),
+        ("server.address", text("db")),
+        ("server.port", Some(AttributeValue::Int(8080))),
+        ("network.protocol.version", text("1.1")),
+        ("client.address", text("198.18.0.1")),
+        ("network.peer.port", Some(AttributeValue::Int(40000))),
+        ("sigil.source.identity", text(PEER_ID)),
+        ("sigil.destination.identity", text(OWN_ID)),
+        ("sigil.policy", text("default")),
+        ("sigil.authz", text("allow")),
+    ] {
+        assert_eq!(attribute(key), expected, "{key}: {:?}", span.attributes);
+    }
+    // An unsampled caller: no span, whatever the ratio.
+    let request = Request::get("/")
+        .header("host", "db")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319d-b7ad6b7169203331-00",
+        )
+        .body(Empty::new())
+        .unwrap();
+    sender.ready().await.unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    response.into_body().collect().await.unwrap();
+    assert_eq!(get(&mut sender).await, "ok");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(spans.try_recv().is_err(), "no span of an unsampled trace");
 }

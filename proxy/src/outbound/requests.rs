@@ -9,7 +9,9 @@
 //! Requests that change the protocol (`Upgrade`, CONNECT) get a dedicated mutual TLS connection
 //! to their endpoint speaking HTTP/1.1; after a 101 (or a CONNECT's 2xx) both connections are
 //! relayed as bytes. Every request is counted in the golden metrics when its response body
-//! ends, and logged (`sigil_access`, `kind: http`) with --access-log.
+//! ends, and logged (`sigil_access`, `kind: http`: [`crate::request_log`]) with --access-log;
+//! with a trace collector it gets a client span, begun before its endpoint is picked (so the
+//! next hop's span is its child) and ended with its metrics.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -31,7 +33,7 @@ use sigil_proxy_api::ORIG_PROTO_HEADER;
 use sigil_proxy_api::services::ServiceKey;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::{ServiceRoute, route};
 use crate::balance::{Balancer, EndpointLoad, Outcome};
@@ -41,7 +43,10 @@ use crate::l7::request_metrics::{CountedBody, grpc_status};
 use crate::l7::{HttpError, HttpVersion, Tunnel, TunnelSlot, remove_hop_by_hop, serve_downstream};
 use crate::metrics::{Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome};
 use crate::pool::{PoolError, Pools, StreamSlot, Target};
+use crate::request_log::{self, RequestLine};
 use crate::tls::TlsState;
+use crate::trace::span::attr;
+use crate::trace::{RequestTrace, SpanKind, SpanOutcome};
 use sigil_route::compiled::{HeaderModifier, PortKey, ServiceRef};
 
 /// The header of a response the proxy made itself, saying why (no endpoint, none reachable).
@@ -89,7 +94,8 @@ pub(super) struct ServiceCalls {
     tls: watch::Receiver<Option<Arc<TlsState>>>,
     connect_timeout: Duration,
     header_read_timeout: Duration,
-    access_log: bool,
+    /// --access-log-sampling with --access-log; None: only failed requests logged.
+    access_log: Option<f64>,
     source: SocketAddr,
     destination: SocketAddr,
 }
@@ -117,7 +123,7 @@ impl ServiceCalls {
             tls: shared.tls.clone(),
             connect_timeout: shared.config.connect_timeout,
             header_read_timeout: shared.config.header_read_timeout,
-            access_log: shared.config.access_log,
+            access_log: shared.config.access_log_ratio(),
             source,
             destination,
         })
@@ -166,21 +172,45 @@ pub(super) struct RequestFacts {
     pub(super) host: String,
     /// The route (`<namespace>/<name>`) whose rule served it.
     pub(super) route: Option<String>,
+    /// Its part in a trace: the ids its log line prints, and its client span when sampled.
+    trace: RequestTrace,
 }
 
 impl ServiceCalls {
     pub(super) async fn call(
         self: &Arc<Self>,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         version: HttpVersion,
         tunnel: &TunnelSlot,
     ) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let host = authority(&request).unwrap_or_default();
+        let path = request.uri().path().to_owned();
+        // Before the endpoint is picked: the context the request carries on is this span's.
+        let mut trace = request_log::begin(
+            &self.shared.tracer,
+            SpanKind::Client,
+            request.headers_mut(),
+            self.access_log.is_some(),
+        );
+        if let Some(span) = trace.span_mut() {
+            request_log::describe_head(span, &request, &path, &host);
+            span.set(attr::URL_FULL, format!("http://{host}{path}"));
+            span.set(
+                "sigil.service",
+                format!("{}:{}", self.service, self.port_key.port),
+            );
+            if let Some(state) = self.tls.borrow().as_ref() {
+                span.set(attr::SIGIL_SOURCE_IDENTITY, state.id.to_string());
+            }
+        }
         let facts = RequestFacts {
-            started: Instant::now(),
+            started,
             method: request.method().clone(),
-            path: request.uri().path().to_owned(),
-            host: authority(&request).unwrap_or_default(),
+            path,
+            host,
             route: None,
+            trace,
         };
         let table = self.shared.routes.borrow().clone();
         let normalization = self.shared.config.path_normalization;
@@ -571,7 +601,9 @@ impl RequestDone {
         }
     }
 
-    fn finish(self) {
+    /// Counts the request, ends its span and writes its log line; `complete`: its response
+    /// body reached its end (else the application went away first, or a timeout cut it).
+    fn finish(mut self, complete: bool) {
         let calls = &self.calls;
         let endpoint_id: Option<&SpiffeId> = self.endpoint.as_ref().map(|e| &e.id);
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
@@ -585,29 +617,65 @@ impl RequestDone {
             request_bytes,
             response_bytes: self.response_bytes,
         });
-        if !calls.access_log {
-            return;
+        let answered = matches!(self.result, "ok" | "redirect");
+        let trace = &mut self.facts.trace;
+        if let Some(span) = trace.span_mut() {
+            if let Some(endpoint) = &self.endpoint {
+                request_log::describe_peer(span, endpoint.addr);
+                span.set(attr::SIGIL_DESTINATION_IDENTITY, endpoint.id.to_string());
+            }
+            if let Some(route) = &self.facts.route {
+                span.set(attr::SIGIL_ROUTE, route.as_str());
+            }
         }
-        info!(
-            target: "sigil_access",
-            kind = "http",
-            direction = "outbound",
-            source_ip = %calls.source.ip(),
-            destination = %calls.destination,
-            service = %calls.service,
-            route = self.facts.route.as_deref(),
-            upstream = self.endpoint.as_ref().map(|e| e.addr.to_string()),
-            destination_identity = endpoint_id.map(ToString::to_string),
-            method = %self.facts.method,
-            path = %self.facts.path,
-            host = %self.facts.host,
-            status = self.status,
-            grpc_status = self.grpc_status,
-            result = self.result,
-            duration_ms = self.head_after.as_secs_f64() * 1e3,
+        // The line first: it names the span, which finishing hands to the exporter.
+        if request_log::wanted(&calls.shared.tracer, trace, calls.access_log, !answered) {
+            self.write_line(request_bytes);
+        }
+        let error = match self.result {
+            _ if answered && !complete => Some("cancelled"),
+            _ if answered => None,
+            failed => Some(failed),
+        };
+        self.facts.trace.finish(&SpanOutcome {
+            status: Some(self.status),
+            grpc_status: self.grpc_status,
             request_bytes,
-            response_bytes = self.response_bytes,
-        );
+            response_bytes: self.response_bytes,
+            error,
+        });
+    }
+
+    fn write_line(&self, request_bytes: u64) {
+        let calls = &self.calls;
+        let endpoint_id = self.endpoint.as_ref().map(|e| e.id.to_string());
+        let trace = &self.facts.trace;
+        let source_identity = calls.tls.borrow().as_ref().map(|s| s.id.to_string());
+        let service = calls.service.to_string();
+        RequestLine {
+            direction: Direction::Outbound,
+            trace,
+            source_ip: calls.source.ip(),
+            source_identity: source_identity.as_deref(),
+            destination_identity: endpoint_id.as_deref(),
+            method: self.facts.method.as_str(),
+            authority: &self.facts.host,
+            path: &self.facts.path,
+            route: self.facts.route.as_deref(),
+            service: Some(&service),
+            status: self.status,
+            grpc_status: self.grpc_status,
+            result: self.result,
+            policy: None,
+            request_bytes,
+            response_bytes: self.response_bytes,
+            duration: self.head_after,
+            total: self.facts.started.elapsed(),
+            upstream: self.endpoint.as_ref().map(|e| e.addr),
+            key_exchange: None,
+            detail: None,
+        }
+        .write();
     }
 }
 
@@ -687,7 +755,7 @@ impl Body for ResponseBody {
                     if let Some(mut done) = self.done.take() {
                         done.result = sigil_proxy_api::metrics::RESULT_TIMEOUT;
                         done.report_end(Outcome::NoAnswer);
-                        done.finish();
+                        done.finish(false);
                     }
                     self.timers = None;
                     return Poll::Ready(Some(Err(Box::new(BodyTimeout(which)))));
@@ -713,7 +781,7 @@ impl Body for ResponseBody {
             Poll::Ready(None) => {
                 if let Some(mut done) = self.done.take() {
                     done.report_end(Outcome::of_grpc_end(done.status, done.grpc_status));
-                    done.finish();
+                    done.finish(true);
                 }
             }
             // The endpoint's stream broke before its status (a client that goes away drops
@@ -740,7 +808,8 @@ impl Body for ResponseBody {
 impl Drop for ResponseBody {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
-            done.finish();
+            // A body with nothing to send may be dropped unpolled: that is its end.
+            done.finish(self.inner.is_end_stream());
         }
     }
 }

@@ -1,17 +1,17 @@
 //! Decisions on one inbound connection and its HTTP requests, always against the newest
-//! policies in force, with their metrics and access-log lines.
+//! policies in force, with their metrics (a request's access-log line is written when its
+//! response ends: `crate::l7::request_metrics`).
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use sigil_identity::SpiffeId;
 use sigil_policy::{Decision, HttpRequest, MtlsMode, Peer, Request};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::state::PolicyState;
-use crate::l7::{Authorize, BadRequest, HttpError, RequestInfo};
+use crate::l7::{Authorize, Denied, HttpError, RequestInfo};
 use crate::metrics::{AuthzDecision, AuthzLabels, Direction, DirectionLabels, Layer, Metrics};
 
 /// The outcome of one decision, for logs.
@@ -40,14 +40,11 @@ impl Outcome {
 pub struct ConnectionAuthz {
     policies: watch::Receiver<Option<Arc<PolicyState>>>,
     peer: Option<Peer>,
-    peer_id: Option<String>,
     source_ip: IpAddr,
     port: u16,
     /// How the connection arrived, and the port's mode where no PeerAuthentication sets one
     /// (the proxy's flags): re-checked against the mode after every policy change.
     transport: Transport,
-    /// --access-log: one line per allowed HTTP request too (denied ones are always logged).
-    access_log: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -65,17 +62,14 @@ impl ConnectionAuthz {
         source_ip: IpAddr,
         port: u16,
         transport: Transport,
-        access_log: bool,
         metrics: Arc<Metrics>,
     ) -> ConnectionAuthz {
         ConnectionAuthz {
             policies,
             peer: peer.map(Peer::new),
-            peer_id: peer.map(ToString::to_string),
             source_ip,
             port,
             transport,
-            access_log,
             metrics,
         }
     }
@@ -181,7 +175,7 @@ impl ConnectionAuthz {
 }
 
 impl Authorize for ConnectionAuthz {
-    fn authorize(&self, request: &RequestInfo<'_>) -> Option<String> {
+    fn authorize(&self, request: &RequestInfo<'_>) -> Result<String, Denied> {
         let state = self.policies.borrow().clone();
         let outcome = match &state {
             Some(state) => Outcome::of(&state.set.evaluate(
@@ -197,59 +191,16 @@ impl Authorize for ConnectionAuthz {
         };
         self.count(&outcome, Layer::L7);
         if outcome.allowed {
-            return Some(outcome.policy);
+            return Ok(outcome.policy);
         }
-        info!(
-            target: "sigil_access",
-            kind = "http",
-            source_ip = %self.source_ip,
-            source_identity = self.peer_id.as_deref(),
-            port = self.port,
-            method = request.method,
-            path = request.path,
-            host = request.host,
-            result = "denied",
-            status = 403,
-            policy = %outcome.policy,
-            detail = %outcome.reason,
-        );
-        None
+        Err(Denied {
+            policy: outcome.policy,
+            reason: outcome.reason,
+        })
     }
 
-    fn served(&self, request: &RequestInfo<'_>, policy: &str, status: u16, elapsed: Duration) {
-        if !self.access_log {
-            return;
-        }
-        info!(
-            target: "sigil_access",
-            kind = "http",
-            source_ip = %self.source_ip,
-            source_identity = self.peer_id.as_deref(),
-            port = self.port,
-            method = request.method,
-            path = request.path,
-            host = request.host,
-            result = "allowed",
-            status,
-            policy,
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-        );
-    }
-
-    fn bad_request(&self, method: &str, target: &str, why: &BadRequest) {
+    fn bad_request(&self) {
         self.metrics.http_bad_requests.inc();
-        info!(
-            target: "sigil_access",
-            kind = "http",
-            source_ip = %self.source_ip,
-            source_identity = self.peer_id.as_deref(),
-            port = self.port,
-            method,
-            path = target,
-            result = "bad_request",
-            status = 400,
-            detail = %why,
-        );
     }
 
     fn upstream_failed(&self, error: &HttpError) {

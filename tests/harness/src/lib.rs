@@ -9,6 +9,7 @@ pub mod l7;
 pub mod load;
 pub mod manifests;
 pub mod netns;
+pub mod otlp;
 pub mod routes;
 
 use std::net::{SocketAddr, TcpListener};
