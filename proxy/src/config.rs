@@ -547,7 +547,7 @@ mod tests {
             (&["--trace-collector", "http://c:4317/?a=b"][..], "no query"),
             (&["--trace-collector", "not a url"][..], "is not a URL"),
             (&["--trace-sampling", "1.5"][..], "between 0 and 1"),
-            (&["--trace-sampling", "-0.1"][..], "between 0 and 1"),
+            (&["--trace-sampling=-0.1"][..], "between 0 and 1"),
             (&["--trace-sampling", "NaN"][..], "between 0 and 1"),
             (&["--access-log-sampling", "2"][..], "between 0 and 1"),
             (&["--trace-queue-size", "0"][..], "0"),

@@ -39,6 +39,7 @@ use sigil_route::select::RequestHead;
 
 use crate::ratelimit::ConnectionLimits;
 use crate::request_log;
+use crate::trace::span::attr;
 use crate::trace::{RequestTrace, SpanKind};
 
 /// The body of a denied request: Envoy's, so clients and dashboards that know it keep working.
@@ -500,12 +501,12 @@ impl<A: Authorize> Handler<A> {
         if let Some(span) = trace.span_mut() {
             request_log::describe_head(span, &request, request.uri().path(), &checked.host);
             request_log::describe_peer(span, connection.source);
-            span.set("client.address", connection.source.ip().to_string());
+            span.set(attr::CLIENT_ADDRESS, connection.source.ip().to_string());
             if let Some(id) = &connection.source_identity {
-                span.set("sigil.source.identity", id.as_str());
+                span.set(attr::SIGIL_SOURCE_IDENTITY, id.as_str());
             }
             if let Some(id) = &connection.destination_identity {
-                span.set("sigil.destination.identity", id.as_str());
+                span.set(attr::SIGIL_DESTINATION_IDENTITY, id.as_str());
             }
         }
         let mut facts = RequestFacts {
@@ -546,8 +547,8 @@ impl<A: Authorize> Handler<A> {
             Err(denied) => (denied.policy.clone(), false),
         };
         if let Some(span) = facts.trace.span_mut() {
-            span.set("sigil.policy", policy.as_str());
-            span.set("sigil.authz", if allowed { "allow" } else { "deny" });
+            span.set(attr::SIGIL_POLICY, policy.as_str());
+            span.set(attr::SIGIL_AUTHZ, if allowed { "allow" } else { "deny" });
         }
         facts.policy = Some(policy);
         if let Err(denied) = decided {

@@ -20,6 +20,7 @@ use http::HeaderMap;
 use tracing::info;
 
 use crate::metrics::Direction;
+use crate::trace::span::attr;
 use crate::trace::{ActiveSpan, RequestTrace, SpanKind, Tracer, context};
 
 /// One request's line.
@@ -120,47 +121,26 @@ pub fn begin(
     trace
 }
 
-/// The methods semantic conventions name; others are `_OTHER` (a client picks method names:
-/// unbounded).
-const KNOWN_METHODS: [&str; 9] = [
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
-];
-
-/// Names `span` after the request and sets the attributes of its head (OpenTelemetry semantic
-/// conventions for HTTP, and for RPC when it is gRPC): the name is the method (`HTTP` for an
-/// unknown one) or gRPC's `package.Service/Method`, never the path (unbounded). `path` is the
-/// path without its query, `authority` the request's (Host or `:authority`).
+/// Names `span` after the request ([`ActiveSpan::describe`]) and sets the attributes of its
+/// head (OpenTelemetry semantic conventions for HTTP). `path` is the path without its query,
+/// `authority` the request's (Host or `:authority`).
 pub fn describe_head<B>(
     span: &mut ActiveSpan,
     request: &http::Request<B>,
     path: &str,
     authority: &str,
 ) {
-    let method = request.method().as_str();
-    if KNOWN_METHODS.contains(&method) {
-        span.name = method.to_owned();
-        span.set("http.request.method", method);
-    } else {
-        span.name = "HTTP".to_owned();
-        span.set("http.request.method", "_OTHER");
-        span.set("http.request.method_original", method);
-    }
     let grpc = request
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|t| t.as_bytes().starts_with(b"application/grpc"));
-    if grpc {
-        let rpc_method = path.trim_start_matches('/');
-        span.name = rpc_method.to_owned();
-        span.set("rpc.system.name", "grpc");
-        span.set("rpc.method", rpc_method);
-    }
-    span.set("url.scheme", "http");
-    span.set("url.path", path);
+    span.describe(request.method(), path, grpc);
+    span.set(attr::URL_SCHEME, "http");
+    span.set(attr::URL_PATH, path);
     if let Ok(authority) = authority.parse::<http::uri::Authority>() {
-        span.set("server.address", authority.host());
+        span.set(attr::SERVER_ADDRESS, authority.host());
         if let Some(port) = authority.port_u16() {
-            span.set("server.port", i64::from(port));
+            span.set(attr::SERVER_PORT, i64::from(port));
         }
     }
     let version = match request.version() {
@@ -170,13 +150,13 @@ pub fn describe_head<B>(
         http::Version::HTTP_2 => "2",
         _ => "3",
     };
-    span.set("network.protocol.version", version);
+    span.set(attr::NETWORK_PROTOCOL_VERSION, version);
 }
 
 /// Sets the address of the other side of the hop (`network.peer.*`).
 pub fn describe_peer(span: &mut ActiveSpan, peer: SocketAddr) {
-    span.set("network.peer.address", peer.ip().to_string());
-    span.set("network.peer.port", i64::from(peer.port()));
+    span.set(attr::NETWORK_PEER_ADDRESS, peer.ip().to_string());
+    span.set(attr::NETWORK_PEER_PORT, i64::from(peer.port()));
 }
 
 #[cfg(test)]

@@ -6,8 +6,9 @@
 //! is configured, which reads and writes no trace header). Per request:
 //! `let mut trace = tracer.begin(kind, request.headers_mut())` reads the incoming context, decides
 //! sampling and rewrites the propagation headers for the next hop; the code fills
-//! `trace.span_mut()` with attributes as it learns them, and calls `trace.finish(..)` where the
-//! request's metrics are recorded (its response body's end).
+//! `trace.span_mut()` with attributes as it learns them ([`span::attr`] names them), and calls
+//! `trace.finish(..)` with a [`SpanOutcome`] where the request's metrics are recorded (its
+//! response body's end); the span's status follows from the outcome ([`span::is_error`]).
 
 pub mod context;
 pub mod export;
@@ -75,7 +76,7 @@ impl Tracer {
         Tracer { inner: None }
     }
 
-    /// Tracing on: spans go to `queue` (the [`export::Exporter`] task owns its receiver).
+    /// Tracing on: spans go to `queue` (the exporter task of [`export::start`] owns its receiver).
     pub fn new(
         sampler: Sampler,
         queue: tokio::sync::mpsc::Sender<SpanRecord>,

@@ -709,10 +709,11 @@ async fn the_verified_peer_is_forwarded_and_every_request_is_logged() {
                 && l["result"] == "allowed"
                 && l["source_identity"] == WEB_ID
                 && l["method"] == "GET"
-                && l["host"] == "db"
+                && l["authority"] == "db"
                 && l["path"] == "/public"
                 && l["status"] == 200
                 && l["policy"] == "default"
+                && l["total_ms"].as_f64().is_some()
                 && l["duration_ms"].as_f64().is_some()
         })
     })

@@ -350,7 +350,23 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&mut registry));
         let peer: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
         let peer = PeerLabels::new(Direction::Inbound, None, Some(&peer));
-        (registry, RequestMetrics { metrics, peer })
+        let connection = Arc::new(InboundConnection {
+            tracer: Tracer::disabled(),
+            access_log: None,
+            source: "198.18.0.1:40000".parse().unwrap(),
+            source_identity: None,
+            destination_identity: None,
+            key_exchange: None,
+            app: "198.18.0.2:8080".parse().unwrap(),
+        });
+        (
+            registry,
+            RequestMetrics {
+                metrics,
+                peer,
+                connection,
+            },
+        )
     }
 
     fn text(registry: &Registry) -> String {

@@ -45,6 +45,7 @@ use crate::metrics::{Direction, DirectionLabels, Metrics, PeerLabels, RequestOut
 use crate::pool::{PoolError, Pools, StreamSlot, Target};
 use crate::request_log::{self, RequestLine};
 use crate::tls::TlsState;
+use crate::trace::span::attr;
 use crate::trace::{RequestTrace, SpanKind, SpanOutcome};
 use sigil_route::compiled::{HeaderModifier, PortKey, ServiceRef};
 
@@ -194,13 +195,13 @@ impl ServiceCalls {
         );
         if let Some(span) = trace.span_mut() {
             request_log::describe_head(span, &request, &path, &host);
-            span.set("url.full", format!("http://{host}{path}"));
+            span.set(attr::URL_FULL, format!("http://{host}{path}"));
             span.set(
                 "sigil.service",
                 format!("{}:{}", self.service, self.port_key.port),
             );
             if let Some(state) = self.tls.borrow().as_ref() {
-                span.set("sigil.source.identity", state.id.to_string());
+                span.set(attr::SIGIL_SOURCE_IDENTITY, state.id.to_string());
             }
         }
         let facts = RequestFacts {
@@ -589,10 +590,10 @@ impl RequestDone {
         if let Some(span) = trace.span_mut() {
             if let Some(endpoint) = &self.endpoint {
                 request_log::describe_peer(span, endpoint.addr);
-                span.set("sigil.destination.identity", endpoint.id.to_string());
+                span.set(attr::SIGIL_DESTINATION_IDENTITY, endpoint.id.to_string());
             }
             if let Some(route) = &self.facts.route {
-                span.set("sigil.route", route.as_str());
+                span.set(attr::SIGIL_ROUTE, route.as_str());
             }
         }
         let error = match self.result {

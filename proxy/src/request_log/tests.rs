@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use super::*;
-use crate::trace::{Sampler, TraceMetrics};
+use crate::trace::{Sampler, SpanOutcome, TraceMetrics};
 
 /// The log lines written while `f` runs, as the proxy's JSON logger writes them (flattened).
 fn lines_of(f: impl FnOnce()) -> Vec<serde_json::Value> {
@@ -87,10 +87,10 @@ fn a_line_has_the_same_fields_both_ways_and_the_traces_ids() {
         .expect("a sampled caller: a span")
         .to_string();
     let lines = lines_of(|| line(&trace).write());
-    let [line] = &lines[..] else {
+    let [written] = &lines[..] else {
         panic!("one line: {lines:?}")
     };
-    let fields: std::collections::BTreeSet<&str> = line
+    let fields: std::collections::BTreeSet<&str> = written
         .as_object()
         .unwrap()
         .keys()
@@ -124,21 +124,21 @@ fn a_line_has_the_same_fields_both_ways_and_the_traces_ids() {
         "upstream",
         "key_exchange",
     ];
-    assert_eq!(fields, expected.into(), "{line}");
-    assert_eq!(line["target"], "sigil_access");
-    assert_eq!(line["kind"], "http");
-    assert_eq!(line["direction"], "outbound");
-    assert_eq!(line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_eq!(line["parent_span_id"], "00f067aa0ba902b7");
-    assert_eq!(line["span_id"], span_id.as_str());
-    assert_eq!(line["sampled"], true);
-    assert_eq!(line["upstream"], "198.18.0.2:8080");
+    assert_eq!(fields, expected.into(), "{written}");
+    assert_eq!(written["target"], "sigil_access");
+    assert_eq!(written["kind"], "http");
+    assert_eq!(written["direction"], "outbound");
+    assert_eq!(written["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(written["parent_span_id"], "00f067aa0ba902b7");
+    assert_eq!(written["span_id"], span_id.as_str());
+    assert_eq!(written["sampled"], true);
+    assert_eq!(written["upstream"], "198.18.0.2:8080");
     assert_eq!(
-        (line["status"].as_u64(), line["grpc_status"].as_u64()),
+        (written["status"].as_u64(), written["grpc_status"].as_u64()),
         (Some(200), Some(0))
     );
-    assert_eq!(line["duration_ms"], 3.0);
-    assert_eq!(line["total_ms"], 7.0);
+    assert_eq!(written["duration_ms"], 3.0);
+    assert_eq!(written["total_ms"], 7.0);
     trace.finish(&SpanOutcome::default());
 
     // No trace, nothing known of the other side: those fields are left out, not empty.
@@ -158,7 +158,7 @@ fn a_line_has_the_same_fields_both_ways_and_the_traces_ids() {
         ..line(&none)
     };
     let lines = lines_of(|| bare.write());
-    let line = &lines[0];
+    let written = &lines[0];
     for absent in [
         "trace_id",
         "span_id",
@@ -167,15 +167,13 @@ fn a_line_has_the_same_fields_both_ways_and_the_traces_ids() {
         "upstream",
         "grpc_status",
     ] {
-        assert!(line.get(absent).is_none(), "{absent} in {line}");
+        assert!(written.get(absent).is_none(), "{absent} in {written}");
     }
-    assert_eq!(line["sampled"], false);
-    assert_eq!(line["direction"], "inbound");
-    assert_eq!(line["policy"], "shop/deny-all");
-    assert_eq!(line["detail"], "denied by shop/deny-all");
+    assert_eq!(written["sampled"], false);
+    assert_eq!(written["direction"], "inbound");
+    assert_eq!(written["policy"], "shop/deny-all");
+    assert_eq!(written["detail"], "denied by shop/deny-all");
 }
-
-use crate::trace::SpanOutcome;
 
 #[test]
 fn refused_and_failed_requests_are_always_logged_allowed_ones_as_sampled() {
