@@ -57,13 +57,15 @@
 //! and shows how disturbed the phase was.
 //!
 //! Each phase lasts `BENCH_SECS` (10) seconds; the whole program takes about 3 minutes with the
-//! defaults. `BENCH_SETUPS` (`none,sigil,envoy,envoy-http`) picks the setups.
+//! defaults. `BENCH_SETUPS` (`none,sigil,envoy,envoy-http`) picks the setups; `sigil-classical`
+//! (the sigil pair with `--tls-key-exchange classical`) puts the pre-issue-17 key exchange beside
+//! the hybrid one in the same run.
 //!
 //! The two stacks do not negotiate the same TLS by default: Envoy (BoringSSL) picks AES-128-GCM
-//! and X25519MLKEM768 and its client resumes sessions; the sigil proxy (rustls, ring) picks
-//! AES-256-GCM and X25519 and never resumes. Envoy's negotiated parameters are printed;
-//! `BENCH_ENVOY_ECDH_CURVES=X25519` and `BENCH_ENVOY_MAX_SESSION_KEYS=0` align its handshakes
-//! with sigil's. The sigil proxies run at their default log level (an access-log line per
+//! and X25519MLKEM768 and its client resumes sessions; the sigil proxy (rustls) picks
+//! AES-256-GCM and X25519MLKEM768 (X25519 with `sigil-classical`) and never resumes. Envoy's
+//! negotiated parameters are printed; `BENCH_ENVOY_MAX_SESSION_KEYS=0` stops its resumption, and
+//! `BENCH_ENVOY_ECDH_CURVES=X25519` matches it to `sigil-classical`. The sigil proxies run at their default log level (an access-log line per
 //! connection) unless `BENCH_SIGIL_RUST_LOG` is set; the Envoys log at `warning`, no access log.
 //!
 //! Run: `cargo bench --bench proxy` (as root: the agent's unix attestor maps uid 0).
@@ -417,6 +419,9 @@ async fn bulk(addr: SocketAddr, bytes: u64, pids: &[u32], backend: u32) -> Bulk 
 enum Setup {
     None,
     Sigil,
+    /// The sigil proxies with `--tls-key-exchange classical` (X25519, P-256, P-384 without the
+    /// hybrid X25519MLKEM768): the pre-issue-17 key exchange, for the side-by-side row.
+    SigilClassical,
     Envoy,
     EnvoyHttp,
 }
@@ -426,15 +431,22 @@ impl Setup {
         match self {
             Setup::None => "none",
             Setup::Sigil => "sigil",
+            Setup::SigilClassical => "sigil-classical",
             Setup::Envoy => "envoy",
             Setup::EnvoyHttp => "envoy-http",
         }
     }
 
     fn parse(name: &str) -> Option<Setup> {
-        [Setup::None, Setup::Sigil, Setup::Envoy, Setup::EnvoyHttp]
-            .into_iter()
-            .find(|s| s.name() == name.trim())
+        [
+            Setup::None,
+            Setup::Sigil,
+            Setup::SigilClassical,
+            Setup::Envoy,
+            Setup::EnvoyHttp,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name.trim())
     }
 }
 
@@ -462,7 +474,7 @@ impl Config {
             .split(',')
             .map(|s| {
                 Setup::parse(s).unwrap_or_else(|| {
-                    panic!("BENCH_SETUPS: unknown setup {s:?} (none, sigil, envoy, envoy-http)")
+                    panic!("BENCH_SETUPS: unknown setup {s:?} (none, sigil, sigil-classical, envoy, envoy-http)")
                 })
             })
             .collect();
@@ -541,7 +553,8 @@ impl Running {
     }
 }
 
-fn start_sigil(shared: &Shared, config: &Config) -> Running {
+/// The explicit-mode sigil pair, both offering `key_exchange` (`--tls-key-exchange`).
+fn start_sigil(shared: &Shared, config: &Config, key_exchange: &str) -> Running {
     let (outbound, inbound) = (free_addr(), free_addr());
     let start = |role: &'static str, args: Vec<String>| {
         let (admin, metrics) = (free_addr(), free_addr());
@@ -551,6 +564,7 @@ fn start_sigil(shared: &Shared, config: &Config) -> Running {
             .args(["--admin-addr", &admin.to_string()])
             .args(["--metrics-addr", &metrics.to_string()])
             .args(["--concurrency", &config.workers.to_string()])
+            .args(["--tls-key-exchange", key_exchange])
             .args(args);
         // The proxy's own default log level (one access-log line per connection), as deployed,
         // unless BENCH_SIGIL_RUST_LOG says otherwise.
@@ -752,7 +766,7 @@ fn start_envoy(shared: &Shared, config: &Config, http: bool) -> Running {
 /// time from the proxies' start to that first answer.
 async fn wait_ready(setup: Setup, running: &mut Running, started: Instant) -> Duration {
     let deadline = started + Duration::from_secs(30);
-    if setup == Setup::Sigil {
+    if matches!(setup, Setup::Sigil | Setup::SigilClassical) {
         for proxy in &mut running.proxies {
             while !matches!(http_get(proxy.admin, "/ready").await, Ok((200, _))) {
                 if let Ok(Some(status)) = proxy.proc.child.try_wait() {
@@ -883,7 +897,8 @@ async fn measure(setup: Setup, shared: &Shared, config: &Config) -> Measured {
             entry: shared.backend,
             proxies: Vec::new(),
         },
-        Setup::Sigil => start_sigil(shared, config),
+        Setup::Sigil => start_sigil(shared, config, "hybrid"),
+        Setup::SigilClassical => start_sigil(shared, config, "classical"),
         Setup::Envoy => start_envoy(shared, config, false),
         Setup::EnvoyHttp => start_envoy(shared, config, true),
     };
@@ -981,7 +996,7 @@ async fn measure(setup: Setup, shared: &Shared, config: &Config) -> Measured {
     let mut notes = Vec::new();
     let counters = match setup {
         Setup::None => Vec::new(),
-        Setup::Sigil => sigil_counters(&running).await,
+        Setup::Sigil | Setup::SigilClassical => sigil_counters(&running).await,
         Setup::Envoy | Setup::EnvoyHttp => envoy_tls_stats(&running).await,
     };
     for line in counters {
@@ -1302,13 +1317,15 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
 
 fn print_table(results: &[Measured], config: &Config) {
     let column = |setup: Setup| results.iter().position(|m| m.setup == setup);
-    let (none, sigil, envoy) = (
+    let (none, sigil, classical, envoy) = (
         column(Setup::None),
         column(Setup::Sigil),
+        column(Setup::SigilClassical),
         column(Setup::Envoy),
     );
     let ratio_columns: Vec<(&str, usize, usize)> = [
         ("sigil/envoy", sigil, envoy),
+        ("hybrid/classical", sigil, classical),
         ("sigil/none", sigil, none),
         ("envoy/none", envoy, none),
     ]

@@ -292,12 +292,24 @@ async fn transparent_proxies_carry_a_plain_http_request_over_mtls_between_two_po
     );
     private_seen.abort();
     let b_line = &b_proxy.access_lines(2).await[1];
+    // The request's own line: B's proxy answered 502 because nothing listens on the pod's
+    // address at that port.
+    assert_eq!(b_line["result"], "upstream_failed", "{b_line}");
+    assert_eq!(b_line["status"], 502, "{b_line}");
+    assert!(
+        b_line["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("connecting to the application")),
+        "{b_line}"
+    );
+    // Then the connection's line.
+    let b_line = &b_proxy.access_lines(3).await[2];
     assert_eq!(b_line["result"], "upstream_connect_failed", "{b_line}");
 
     // 3. STRICT: plaintext from C (no proxy there) is refused before B's app sees anything.
     let refused = c.http_client("0", &b_url).await;
     assert!(refused.is_err(), "STRICT let plaintext in: {refused:?}");
-    let b_line = &b_proxy.access_lines(3).await[2];
+    let b_line = &b_proxy.access_lines(4).await[3];
     assert_eq!(b_line["result"], "not_tls", "{b_line}");
     assert!(
         field(b_line, "source").starts_with(&format!("{C_IP}:")),

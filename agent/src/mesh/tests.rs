@@ -1276,6 +1276,105 @@ fn meshed_services_are_served_with_their_endpoints_by_the_membership_rule() {
     assert_eq!(headless.endpoints[0].source, FILE_SOURCE);
 }
 
+#[test]
+fn a_dual_stack_service_is_served_with_both_cluster_ips_and_both_families_endpoints() {
+    // Dual-stack pods (one IPv4 and one IPv6 podIP each) behind a Service with two cluster IPs:
+    // the EndpointSlice controller writes one slice per family.
+    let pods = [
+        pod_at("api-1", "api", &["198.18.0.2", "2001:2::2"]),
+        pod_at("api-2", "api", &["198.18.0.3", "2001:2::3"]),
+    ];
+    let services = [service_of(
+        "api",
+        serde_json::json!({
+            "clusterIP": "198.19.0.10",
+            "clusterIPs": ["198.19.0.10", "2001:2:0:ff::10"],
+            "ipFamilies": ["IPv4", "IPv6"],
+            "ipFamilyPolicy": "RequireDualStack",
+            "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+        }),
+        serde_json::json!({}),
+    )];
+    let endpoint = |address: &str, pod: &str| {
+        serde_json::json!({
+            "addresses": [address],
+            "conditions": {"ready": true},
+            "targetRef": {"kind": "Pod", "namespace": "demo", "name": pod, "uid": format!("uid-{pod}")},
+        })
+    };
+    let ports = serde_json::json!([{"name": "http", "port": 8080}]);
+    let v4 = slice_of(
+        "api-v4",
+        "api",
+        serde_json::json!([
+            endpoint("198.18.0.2", "api-1"),
+            endpoint("198.18.0.3", "api-2")
+        ]),
+        ports.clone(),
+    );
+    let mut v6 = slice_of(
+        "api-v6",
+        "api",
+        serde_json::json!([
+            endpoint("2001:2::2", "api-1"),
+            endpoint("2001:2::3", "api-2")
+        ]),
+        ports,
+    );
+    v6.address_type = "IPv6".into();
+    let kube = kube_state(&pods, &services, &[v4, v6]);
+
+    let served = services_of(&kube, None);
+    let api = &served["demo/api"];
+    assert_eq!(api.cluster_ips, [ip("198.19.0.10"), ip("2001:2:0:ff::10")]);
+    let mut addresses: Vec<IpAddr> = api.endpoints.iter().map(|e| e.ip).collect();
+    addresses.sort();
+    assert_eq!(
+        addresses,
+        [
+            ip("198.18.0.2"),
+            ip("198.18.0.3"),
+            ip("2001:2::2"),
+            ip("2001:2::3")
+        ],
+        "both families' endpoints, each with its pod's identity"
+    );
+    assert!(api.endpoints.iter().all(|e| e.id == spiffe(API)));
+
+    let (Merged { members, .. }, notes) = merge(Some(&kube), None);
+    for address in ["198.18.0.2", "2001:2::2", "198.19.0.10", "2001:2:0:ff::10"] {
+        assert!(
+            members.contains_key(&ip(address)),
+            "{address} is a member: {members:?}"
+        );
+    }
+    assert!(notes.partly_meshed.is_empty());
+
+    // The IPv6 slice gains an endpoint that is not meshed: the Service leaves the mesh in
+    // both families, as it would in one.
+    let mut v6 = slice_of(
+        "api-v6",
+        "api",
+        serde_json::json!([
+            endpoint("2001:2::2", "api-1"),
+            endpoint("2001:2::99", "plain-1")
+        ]),
+        serde_json::json!([{"name": "http", "port": 8080}]),
+    );
+    v6.address_type = "IPv6".into();
+    let v4 = slice_of(
+        "api-v4",
+        "api",
+        serde_json::json!([endpoint("198.18.0.2", "api-1")]),
+        serde_json::json!([{"name": "http", "port": 8080}]),
+    );
+    let kube = kube_state(&pods, &services, &[v4, v6]);
+    assert!(!services_of(&kube, None).contains_key("demo/api"));
+    let (Merged { members, .. }, _) = merge(Some(&kube), None);
+    assert!(!members.contains_key(&ip("2001:2:0:ff::10")));
+    assert!(!members.contains_key(&ip("198.19.0.10")));
+}
+
 /// The file source alone, on paused time: its Services are served, and an invalid edit keeps
 /// the last good ones.
 #[tokio::test(start_paused = true)]
