@@ -65,8 +65,9 @@
 //! and X25519MLKEM768 and its client resumes sessions; the sigil proxy (rustls) picks
 //! AES-256-GCM and X25519MLKEM768 (X25519 with `sigil-classical`) and never resumes. Envoy's
 //! negotiated parameters are printed; `BENCH_ENVOY_MAX_SESSION_KEYS=0` stops its resumption, and
-//! `BENCH_ENVOY_ECDH_CURVES=X25519` matches it to `sigil-classical`. The sigil proxies run at their default log level (an access-log line per
-//! connection) unless `BENCH_SIGIL_RUST_LOG` is set; the Envoys log at `warning`, no access log.
+//! `BENCH_ENVOY_ECDH_CURVES=X25519` matches it to `sigil-classical`. The sigil proxies run at
+//! their default log level (an access-log line per connection) unless `BENCH_SIGIL_RUST_LOG` is
+//! set; the Envoys log at `warning`, no access log.
 //!
 //! Run: `cargo bench --bench proxy` (as root: the agent's unix attestor maps uid 0).
 
