@@ -219,25 +219,12 @@ fn dry_run_sections(dry: &str) -> Vec<(String, String)> {
     sections
 }
 
-/// A namespace with IPv6 whose addresses are usable at once (no duplicate address detection).
-fn ipv6_netns(role: &str) -> Netns {
-    let netns = Netns::new(NETNS_PREFIX, role);
-    netns.run(&[
-        "sysctl",
-        "-q",
-        "-w",
-        "net.ipv6.conf.all.accept_dad=0",
-        "net.ipv6.conf.default.accept_dad=0",
-    ]);
-    netns
-}
-
 /// Install, reinstall, dry runs and cleanups with one backend, IPv4 and IPv6 at once (the
 /// namespace has IPv6, so `--ipv6 auto` installs both with the same backend).
 fn rules_cycle(iptables: &str) {
     require_root(ROOT);
     let ip6tables = iptables.replacen("iptables", "ip6tables", 1);
-    let netns = ipv6_netns(iptables);
+    let netns = Netns::new(NETNS_PREFIX, iptables);
     netns.run(&[&[iptables, "-w", "-t", "nat"][..], &FOREIGN_RULE].concat());
     netns.run(
         &[
@@ -349,7 +336,7 @@ fn rules_are_idempotent_and_cleanup_removes_only_sigil_legacy() {
 #[test]
 fn with_ipv6_present_init_fails_closed_unless_ipv6_is_off_and_without_ipv6_needs_no_ip6tables() {
     require_root(ROOT);
-    let netns = ipv6_netns("v6-missing");
+    let netns = Netns::new(NETNS_PREFIX, "v6-missing");
     let missing = [
         "--iptables",
         "iptables-nft",
@@ -407,8 +394,8 @@ fn with_ipv6_present_init_fails_closed_unless_ipv6_is_off_and_without_ipv6_needs
 #[test]
 fn connections_are_redirected_except_the_proxy_uid_and_exclusions_over_both_families() {
     require_root(ROOT);
-    let pod = ipv6_netns("pod");
-    let peer = ipv6_netns("peer");
+    let pod = Netns::new(NETNS_PREFIX, "pod");
+    let peer = Netns::new(NETNS_PREFIX, "peer");
     // A veth pair: eth0 in the pod, eth0 in the peer, one /24 and one /64 between them.
     pod.run(&[
         "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &peer.name,

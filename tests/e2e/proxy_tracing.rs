@@ -347,18 +347,13 @@ impl Mesh {
         let all = describe(&spans);
         assert_eq!(spans.len(), 4, "one span per hop:\n{all}");
         let app_client = one(&spans, CLIENT_APP, SpanKind::Client);
-        let outbound = one(&spans, WEB_SERVICE_NAME, SpanKind::Client);
-        let inbound = one(&spans, DB_SERVICE_NAME, SpanKind::Server);
-        let app_server = one(&spans, SERVER_APP, SpanKind::Server);
         assert_eq!(app_client.span_id(), client["span_id"], "{all}");
         assert_eq!(
             app_client.parent_span_id(),
             "",
             "the app's span is the root:\n{all}"
         );
-        assert_eq!(outbound.parent_span_id(), app_client.span_id(), "{all}");
-        assert_eq!(inbound.parent_span_id(), outbound.span_id(), "{all}");
-        assert_eq!(app_server.parent_span_id(), inbound.span_id(), "{all}");
+        let (outbound, inbound) = proxy_chain(&spans, &app_client.span_id());
         assert_eq!(
             client["server"]["parent_span_id"],
             inbound.span_id(),
@@ -513,6 +508,26 @@ fn assert_traceparent(seen: &Value, trace_id: &str, parent: &str, sampled: bool)
             && flags.map(|f| f & 1 == 1) == Some(sampled),
         "the app got traceparent {seen}, not 00-{trace_id}-{parent}-(sampled: {sampled})"
     );
+}
+
+/// The proxies' spans (A's, B's) of a request through both, after checking that they and B's
+/// app's span form a chain, A's a child of `caller` (`""`: a root).
+fn proxy_chain<'a>(
+    spans: &'a [ReceivedSpan],
+    caller: &str,
+) -> (&'a ReceivedSpan, &'a ReceivedSpan) {
+    let all = describe(spans);
+    let outbound = one(spans, WEB_SERVICE_NAME, SpanKind::Client);
+    let inbound = one(spans, DB_SERVICE_NAME, SpanKind::Server);
+    let app_server = one(spans, SERVER_APP, SpanKind::Server);
+    assert_eq!(
+        outbound.parent_span_id(),
+        caller,
+        "A's proxy's parent:\n{all}"
+    );
+    assert_eq!(inbound.parent_span_id(), outbound.span_id(), "{all}");
+    assert_eq!(app_server.parent_span_id(), inbound.span_id(), "{all}");
+    (outbound, inbound)
 }
 
 /// The one span of `spans` from `service` of `kind`.
@@ -698,22 +713,7 @@ async fn w3c_b3_unsampled_and_sampled_access_log() {
     assert_eq!(status, 200, "{app}");
     let padded = format!("{:0>32}", short_trace);
     let spans = mesh.trace(&padded, 3).await;
-    let outbound = one(&spans, WEB_SERVICE_NAME, SpanKind::Client);
-    let inbound = one(&spans, DB_SERVICE_NAME, SpanKind::Server);
-    let app_server = one(&spans, SERVER_APP, SpanKind::Server);
-    assert_eq!(outbound.parent_span_id(), caller, "{}", describe(&spans));
-    assert_eq!(
-        inbound.parent_span_id(),
-        outbound.span_id(),
-        "{}",
-        describe(&spans)
-    );
-    assert_eq!(
-        app_server.parent_span_id(),
-        inbound.span_id(),
-        "{}",
-        describe(&spans)
-    );
+    let (_, inbound) = proxy_chain(&spans, &caller);
     let seen = app["headers"]["b3"].as_str().unwrap_or_default();
     let fields: Vec<&str> = seen.split('-').collect();
     assert!(
@@ -740,22 +740,7 @@ async fn w3c_b3_unsampled_and_sampled_access_log() {
         .await;
     assert_eq!(status, 200, "{app}");
     let spans = mesh.trace(&trace_id, 3).await;
-    let outbound = one(&spans, WEB_SERVICE_NAME, SpanKind::Client);
-    let inbound = one(&spans, DB_SERVICE_NAME, SpanKind::Server);
-    let app_server = one(&spans, SERVER_APP, SpanKind::Server);
-    assert_eq!(outbound.parent_span_id(), caller, "{}", describe(&spans));
-    assert_eq!(
-        inbound.parent_span_id(),
-        outbound.span_id(),
-        "{}",
-        describe(&spans)
-    );
-    assert_eq!(
-        app_server.parent_span_id(),
-        inbound.span_id(),
-        "{}",
-        describe(&spans)
-    );
+    let (outbound, inbound) = proxy_chain(&spans, &caller);
     let headers = &app["headers"];
     assert_eq!(headers["x-b3-traceid"], trace_id, "{app}");
     assert_eq!(headers["x-b3-spanid"], inbound.span_id(), "{app}");
@@ -854,27 +839,7 @@ async fn http_protobuf_export_and_sampled_roots() {
     assert_eq!(status, 200, "{app}");
     let trace_id = app["trace_id"].as_str().unwrap().to_owned();
     let spans = mesh.trace(&trace_id, 3).await;
-    let outbound = one(&spans, WEB_SERVICE_NAME, SpanKind::Client);
-    let inbound = one(&spans, DB_SERVICE_NAME, SpanKind::Server);
-    let app_server = one(&spans, SERVER_APP, SpanKind::Server);
-    assert_eq!(
-        outbound.parent_span_id(),
-        "",
-        "a root:\n{}",
-        describe(&spans)
-    );
-    assert_eq!(
-        inbound.parent_span_id(),
-        outbound.span_id(),
-        "{}",
-        describe(&spans)
-    );
-    assert_eq!(
-        app_server.parent_span_id(),
-        inbound.span_id(),
-        "{}",
-        describe(&spans)
-    );
+    let (_, inbound) = proxy_chain(&spans, "");
     assert_traceparent(
         &app["headers"]["traceparent"],
         &trace_id,

@@ -8,10 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use serde_json::{Value, json};
-use sigil_test_apiserver::{TestApiServer, parse_manifest};
+use sigil_test_apiserver::TestApiServer;
+use sigil_test_harness::routes::{GATEWAY_API_CRDS, install_crds};
 use sigil_test_harness::*;
 
 const NS: &str = "shop";
@@ -35,28 +35,6 @@ fn resource(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource
 
 fn http_routes() -> ApiResource {
     resource("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes")
-}
-
-async fn install_crds(server: &TestApiServer) {
-    let crds: Api<CustomResourceDefinition> = Api::all(server.client());
-    let texts = [
-        std::fs::read_to_string(
-            manifests::repo().join("tests/fixtures/gateway-api/v1.6.1/standard-install.yaml"),
-        )
-        .unwrap(),
-        std::fs::read_to_string(
-            manifests::repo().join("deploy/crds/backendpolicies.sigil.dev.yaml"),
-        )
-        .unwrap(),
-    ];
-    for text in texts {
-        for document in parse_manifest(&text).unwrap() {
-            if document["kind"] == "CustomResourceDefinition" {
-                let crd: CustomResourceDefinition = serde_json::from_value(document).unwrap();
-                crds.create(&PostParams::default(), &crd).await.unwrap();
-            }
-        }
-    }
 }
 
 async fn create(server: &TestApiServer, resource: &ApiResource, object: Value) {
@@ -139,7 +117,14 @@ fn has(conditions: &[(String, String, String)], type_: &str, status: &str, reaso
 #[tokio::test]
 async fn the_ca_writes_route_and_policy_status() {
     let server = TestApiServer::start().await;
-    install_crds(&server).await;
+    install_crds(
+        &server,
+        &[
+            GATEWAY_API_CRDS,
+            "deploy/crds/backendpolicies.sigil.dev.yaml",
+        ],
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).unwrap();

@@ -21,15 +21,15 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
 use serde_json::json;
-use sigil_test_apiserver::{PodSpec, TestApiServer, parse_manifest};
-use sigil_test_harness::manifests;
+use sigil_test_apiserver::{PodSpec, TestApiServer};
 use sigil_test_harness::netns::{ClusterIpService, Node, PodProxy, proxy_init, require_root};
-use sigil_test_harness::routes::{HTTP_PORT, MeshPod, PodSpec as MeshPodSpec, RouteEcho};
+use sigil_test_harness::routes::{
+    GATEWAY_API_CRDS, HTTP_PORT, MeshPod, PodSpec as MeshPodSpec, RouteEcho, install_crds,
+};
 use sigil_test_harness::{CaProcess, PodCgroup, spawn_k8s_agent, wait_agent_ready};
 
 /// This module's namespaces are `sigil-ru-<pid>-*`.
@@ -93,21 +93,6 @@ async fn add_service(server: &TestApiServer, name: &str, cluster_ip: Ipv4Addr, e
         .unwrap_or_else(|e| panic!("creating {name}'s EndpointSlice: {e}"));
 }
 
-/// The Gateway API's standard CRDs, as the user installs them (README).
-async fn install_gateway_api(server: &TestApiServer) {
-    let crds: Api<CustomResourceDefinition> = Api::all(server.client());
-    let text = std::fs::read_to_string(
-        manifests::repo().join("tests/fixtures/gateway-api/v1.6.1/standard-install.yaml"),
-    )
-    .unwrap();
-    for document in parse_manifest(&text).unwrap() {
-        if document["kind"] == "CustomResourceDefinition" {
-            let crd: CustomResourceDefinition = serde_json::from_value(document).unwrap();
-            crds.create(&PostParams::default(), &crd).await.unwrap();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_backend_outside_the_mesh_is_reached_at_its_cluster_ip_in_plaintext() {
     require_root(
@@ -122,7 +107,7 @@ async fn a_route_backend_outside_the_mesh_is_reached_at_its_cluster_ip_in_plaint
     let server = TestApiServer::start().await;
     let kubeconfig = dir.path().join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).unwrap();
-    install_gateway_api(&server).await;
+    install_crds(&server, &[GATEWAY_API_CRDS]).await;
     let agent_pod = server.add_pod(&PodSpec::new(
         "sigil-system",
         "sigil-agent-1",

@@ -24,6 +24,10 @@ use hyper::{Request, Response};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+use sigil_test_apiserver::{TestApiServer, parse_manifest};
+
 use crate::l7::peer_python;
 use crate::netns::{Netns, Node, PodProxy, http_get_in, proxy_init};
 use crate::{MeshHost, serve_h1_or_h2};
@@ -695,4 +699,25 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 .then(|| value.parse::<f64>().ok())?
         })
         .sum()
+}
+
+/// The Gateway API release the tests install (standard channel), vendored from its tag.
+pub const GATEWAY_API_CRDS: &str = "tests/fixtures/gateway-api/v1.6.1/standard-install.yaml";
+
+/// Creates in `server` every CustomResourceDefinition of the manifests at `files` (paths from
+/// the repository's root), as `kubectl apply` would before the objects that use them.
+pub async fn install_crds(server: &TestApiServer, files: &[&str]) {
+    let crds: Api<CustomResourceDefinition> = Api::all(server.client());
+    for file in files {
+        let text = std::fs::read_to_string(crate::manifests::repo().join(file))
+            .unwrap_or_else(|e| panic!("reading {file}: {e}"));
+        for document in parse_manifest(&text).unwrap() {
+            if document["kind"] == "CustomResourceDefinition" {
+                let crd: CustomResourceDefinition = serde_json::from_value(document).unwrap();
+                crds.create(&PostParams::default(), &crd)
+                    .await
+                    .unwrap_or_else(|e| panic!("creating a CRD of {file}: {e}"));
+            }
+        }
+    }
 }
