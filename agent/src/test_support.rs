@@ -48,10 +48,7 @@ pub(crate) fn td() -> TrustDomain {
 }
 
 pub(crate) fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    sigil_base::ports::unused_loopback_addr().unwrap()
 }
 
 pub(crate) fn this_uid() -> u32 {

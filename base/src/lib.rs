@@ -1,8 +1,8 @@
 //! Process machinery every sigil process (CA, node agent, proxy) shares: the admin endpoint
 //! ([`admin`]), readiness ([`readiness`]) and shutdown ([`shutdown`]), retry backoff
 //! ([`backoff`]), command-line values ([`flags`]), metrics labels ([`metrics`]), the process's
-//! own CPU, memory and descriptors ([`process_metrics`]), connection slots ([`slots`]) and the
-//! agent-socket gRPC client ([`socket_client`]). Nothing here knows about certificates, policies
+//! own CPU, memory and descriptors ([`process_metrics`]), connection slots ([`slots`]), the
+//! agent-socket gRPC client ([`socket_client`]) and unused loopback ports ([`ports`]). Nothing here knows about certificates, policies
 //! or Kubernetes: those live in the crates above.
 #![forbid(unsafe_code)]
 
@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod exposition;
 pub mod flags;
 pub mod metrics;
+pub mod ports;
 pub mod process_metrics;
 pub mod readiness;
 pub mod shutdown;

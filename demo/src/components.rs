@@ -4,7 +4,7 @@
 //! unix attestor gives them different identities.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -110,11 +110,9 @@ fn write(path: &Path, contents: &str) -> Result<(), ComponentError> {
     std::fs::write(path, contents).map_err(io(path))
 }
 
-/// A loopback address nobody listens on right now.
+/// A loopback address nobody listens on, for a component told its address before it starts.
 pub fn free_addr() -> Result<SocketAddr, ComponentError> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(ComponentError::Port)
+    sigil_base::ports::unused_loopback_addr().map_err(ComponentError::Port)
 }
 
 /// A duration as a flag value the CA's and agent's parsers take.

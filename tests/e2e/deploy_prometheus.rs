@@ -634,11 +634,7 @@ fn the_scrape_config_passes_promtool_and_finds_proxies_ca_and_agents() {
 
     // The real Prometheus: its targets API shows what the relabelling made of them (the pods'
     // addresses are loopback ones).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = sigil_test_harness::free_addr().port();
     let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
     let mut prometheus = Command::new(PROMETHEUS)
         .arg(format!("--config.file={}", config.display()))

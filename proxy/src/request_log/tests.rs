@@ -197,7 +197,8 @@ fn refused_and_failed_requests_are_always_logged_allowed_ones_as_sampled() {
     trace.finish(&SpanOutcome::default());
     // Unsampled traces are picked on their id: the same on every proxy, about the share.
     let mut picked = 0;
-    for n in 0..2000u32 {
+    // From 1: the all-zero trace id is invalid and would be replaced by a random one.
+    for n in 1..=2000u32 {
         let id = format!(
             "00-{:032x}-00f067aa0ba902b7-00",
             u128::from(n).wrapping_mul(0x9e3779b97f4a7c15f39cc0605cedc835)

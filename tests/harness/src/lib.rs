@@ -12,7 +12,7 @@ pub mod netns;
 pub mod otlp;
 pub mod routes;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -58,12 +58,9 @@ pub fn td() -> TrustDomain {
     TrustDomain::new("cluster.local").unwrap()
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on and no other test of this run was given.
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    sigil_base::ports::unused_loopback_addr().expect("an unused loopback port")
 }
 
 /// A `sigil ca serve` child process; killed on drop. Its stdout (JSON logs, audit lines) goes to
