@@ -246,14 +246,7 @@ async fn main() {
     );
 
     let server = TestApiServer::start().await;
-    let pod = server.add_pod(&PodSpec {
-        namespace: "bench".into(),
-        name: "client-1".into(),
-        service_account: "client".into(),
-        node: "node-a".into(),
-        phase: "Running".into(),
-        labels: Default::default(),
-    });
+    let pod = server.add_pod(&PodSpec::new("bench", "client-1", "client", "node-a"));
     let spec = TokenSpec::for_pod(&pod, "sigil-ca");
     let dir = tempfile::tempdir().unwrap();
 

@@ -171,12 +171,8 @@ mod tests {
 
     fn pod(ns: &str, name: &str, sa: &str, node: &str, phase: &str) -> PodSpec {
         PodSpec {
-            namespace: ns.into(),
-            name: name.into(),
-            service_account: sa.into(),
-            node: node.into(),
             phase: phase.into(),
-            labels: Default::default(),
+            ..PodSpec::new(ns, name, sa, node)
         }
     }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use prost::Message;
@@ -42,17 +42,10 @@ for message in watch(b""):
 "#;
 
 /// A labelled (meshed) pod of `demo` on node-b with `ip` as its address.
-async fn add_meshed_pod(server: &TestApiServer, name: &str, ip: &str) {
-    let mut spec = PodSpec::new(NAMESPACE, name, "api", "node-b");
-    spec.labels
-        .insert(TLS_MODE_LABEL.into(), TLS_MODE_MTLS.into());
-    server.add_pod(&spec);
-    // What the kubelet writes once the pod's sandbox has an address.
-    let pods: Api<Pod> = Api::namespaced(server.client(), NAMESPACE);
-    let status = json!({ "status": { "podIP": ip, "podIPs": [{ "ip": ip }] } });
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap_or_else(|e| panic!("setting {name}'s podIP: {e}"));
+fn meshed_pod(name: &str, ip: &str) -> PodSpec {
+    PodSpec::new(NAMESPACE, name, "api", "node-b")
+        .with_label(TLS_MODE_LABEL, TLS_MODE_MTLS)
+        .with_ip(ip.parse::<std::net::IpAddr>().unwrap())
 }
 
 /// An endpoint of the api slice: `(address, pod, ready, serving, terminating)`.
@@ -245,8 +238,8 @@ async fn services_from_endpoint_slices_then_only_their_changes() {
     ));
     // The client's pod, on the agent's node.
     let web = server.add_pod(&PodSpec::new(NAMESPACE, "web-1", "web", "node-a"));
-    add_meshed_pod(&server, "api-1", "198.18.0.2").await;
-    add_meshed_pod(&server, "api-2", "198.18.0.3").await;
+    server.add_pod(&meshed_pod("api-1", "198.18.0.2"));
+    server.add_pod(&meshed_pod("api-2", "198.18.0.3"));
     let services: Api<Service> = Api::namespaced(server.client(), NAMESPACE);
     // Its opaque-ports annotation does not parse: ignored (the port stays HTTP), logged once.
     let service: Service = serde_json::from_value(json!({
@@ -323,7 +316,7 @@ async fn services_from_endpoint_slices_then_only_their_changes() {
         metric(&text, "sigil_agent_mesh_members")
     };
     let before = members().await;
-    add_meshed_pod(&server, "api-3", "198.18.0.4").await;
+    server.add_pod(&meshed_pod("api-3", "198.18.0.4"));
     eventually("the new pod is a mesh member", || async {
         members().await > before
     })

@@ -58,12 +58,11 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::json;
+use sigil_proxy_api::{TLS_MODE_LABEL, TLS_MODE_MTLS};
 use sigil_test_apiserver::{PodSpec, TestApiServer};
 use sigil_test_harness::netns::{
     METRICS_PORT, Netns, PodNetwork, PodProxy, RecordingServer, connect_in, http_get_in,
@@ -129,27 +128,12 @@ fn decisions(decision: &str, policy: &str, layer: &str) -> String {
     )
 }
 
-/// A running meshed pod: `app` label `app`, status Running with `ip` as its address.
-async fn add_meshed_pod(
-    server: &TestApiServer,
-    name: &str,
-    sa: &str,
-    app: &str,
-    ip: Ipv4Addr,
-) -> Pod {
-    let mut spec = PodSpec::new(NAMESPACE, name, sa, NODE);
-    spec.labels
-        .insert("sigil.dev/tls-mode".into(), "mtls".into());
-    spec.labels.insert("app".into(), app.into());
-    let pod = server.add_pod(&spec);
-    // What the kubelet writes once the pod's sandbox has an address.
-    let pods: Api<Pod> = Api::namespaced(server.client(), NAMESPACE);
-    let status =
-        json!({ "status": { "podIP": ip.to_string(), "podIPs": [{ "ip": ip.to_string() }] } });
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap_or_else(|e| panic!("setting {name}'s podIP: {e}"));
-    pod
+/// A running meshed pod labelled `app: {app}`, at `ip`.
+fn meshed_pod(name: &str, sa: &str, app: &str, ip: Ipv4Addr) -> PodSpec {
+    PodSpec::new(NAMESPACE, name, sa, NODE)
+        .with_label(TLS_MODE_LABEL, TLS_MODE_MTLS)
+        .with_label("app", app)
+        .with_ip(ip)
 }
 
 /// `authorizationpolicies.sigil.dev` in the test namespace.
@@ -183,8 +167,8 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
         "sigil-agent",
         NODE,
     ));
-    let web_pod = add_meshed_pod(&server, "web-1", "web", "web", A_IP).await;
-    let db_pod = add_meshed_pod(&server, "db-1", "db", "db", B_IP).await;
+    let web_pod = server.add_pod(&meshed_pod("web-1", "web", "web", A_IP));
+    let db_pod = server.add_pod(&meshed_pod("db-1", "db", "db", B_IP));
 
     // The CA (TokenReview against the test server) and the node agent in Kubernetes mode.
     let mut ca = CaProcess::start(dir.path(), Some(&kubeconfig), &[] as &[&str]);

@@ -8,7 +8,7 @@
 //!    cluster IP each land all their requests on one backend (kube-proxy balances connections:
 //!    many connections do reach every backend);
 //! b. with the proxies, the same two clients' requests are spread over the three backends
-//!    (every backend at least [`MIN_SHARE`]), sent over mTLS to each endpoint, and the
+//!    (a third each, within [`SHARE_TOLERANCE`]), sent over mTLS to each endpoint, and the
 //!    HTTP/1.1 client's requests reach the apps as HTTP/1.1;
 //! c. a backend whose app answers 50 ms late gets a small share of concurrent requests;
 //! d. while requests flow on long-lived connections, a backend marked terminating (then
@@ -79,11 +79,8 @@ const IN_FLIGHT: usize = 8;
 const SLOW_DELAY: Duration = Duration::from_millis(50);
 /// The most the slow backend may get in phase c.
 const SLOW_MAX_SHARE: f64 = 0.15;
-/// The least share of b's requests each of the three backends must get. Balanced per connection
-/// one backend would get them all; balanced per request each gets about a third, but peak-EWMA
-/// rightly sends fewer to a backend whose latency a loaded machine makes noisy (13% was seen with
-/// a build running beside the test), so the bound says "every backend is used", not "evenly".
-const MIN_SHARE: f64 = 0.10;
+/// How far (in shares, i.e. percentage points / 100) each backend may be from a third in b.
+const SHARE_TOLERANCE: f64 = 0.10;
 /// Concurrent HTTP/2 requests of the steady load in phase d (besides one HTTP/1.1 client).
 const STEADY_H2_WORKERS: usize = 3;
 
@@ -709,13 +706,13 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
         assert!(failures.is_empty(), "{http:?}: {failures:?}{}", logs());
         for backend in &BACKENDS[..3] {
             let share = *by_backend.get(backend.name).unwrap_or(&0) as f64 / REQUESTS as f64;
-            if share < MIN_SHARE {
+            if (share - 1.0 / 3.0).abs() > SHARE_TOLERANCE {
                 unmet.push(format!(
-                    "b. {http:?}: {} got {:.1}% of the requests, less than {:.0}%: \
+                    "b. {http:?}: {} got {:.1}% of the requests, not a third ±{:.0} points: \
                      {by_backend:?}",
                     backend.name,
                     share * 100.0,
-                    MIN_SHARE * 100.0
+                    SHARE_TOLERANCE * 100.0
                 ));
             }
         }

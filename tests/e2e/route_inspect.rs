@@ -7,11 +7,9 @@
 
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::json;
 use sigil_proxy_api::{TLS_MODE_LABEL, TLS_MODE_MTLS};
 use sigil_test_apiserver::{PodSpec, TestApiServer, parse_manifest};
@@ -306,25 +304,14 @@ async fn a_service_port_without_routes_and_bad_files() {
 }
 
 /// A pod of shop at `ip`, meshed (labelled for mTLS) or not.
-async fn add_pod(
-    server: &TestApiServer,
-    name: &str,
-    service_account: &str,
-    ip: &str,
-    meshed: bool,
-) {
-    let mut spec = PodSpec::new("shop", name, service_account, "node-a");
+fn shop_pod(name: &str, service_account: &str, ip: &str, meshed: bool) -> PodSpec {
+    let spec = PodSpec::new("shop", name, service_account, "node-a")
+        .with_ip(ip.parse::<std::net::IpAddr>().unwrap());
     if meshed {
-        spec.labels
-            .insert(TLS_MODE_LABEL.into(), TLS_MODE_MTLS.into());
+        spec.with_label(TLS_MODE_LABEL, TLS_MODE_MTLS)
+    } else {
+        spec
     }
-    server.add_pod(&spec);
-    // What the kubelet writes once the pod's sandbox has an address.
-    let pods: Api<Pod> = Api::namespaced(server.client(), "shop");
-    let status = json!({ "status": { "podIP": ip, "podIPs": [{ "ip": ip }] } });
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap();
 }
 
 /// Service shop/`name` at `cluster_ip`, port http 9080, and its EndpointSlice of `pods`
@@ -393,9 +380,9 @@ async fn answers_from_the_cluster() {
         ("reviews-v2-0", "reviews-v2", "198.18.61.3"),
         ("reviews-v3-0", "reviews-v3", "198.18.61.4"),
     ] {
-        add_pod(&server, pod, account, ip, true).await;
+        server.add_pod(&shop_pod(pod, account, ip, true));
     }
-    add_pod(&server, "ratings-0", "ratings", "198.18.61.5", false).await;
+    server.add_pod(&shop_pod("ratings-0", "ratings", "198.18.61.5", false));
     add_service(
         &server,
         "reviews",

@@ -19,12 +19,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::json;
+use sigil_proxy_api::{TLS_MODE_LABEL, TLS_MODE_MTLS};
 use sigil_test_apiserver::{PodSpec, TestApiServer};
 use sigil_test_harness::netns::{ClusterIpService, Node, PodProxy, proxy_init, require_root};
 use sigil_test_harness::routes::{
@@ -44,20 +43,11 @@ const CLIENT_UID: u32 = 41801;
 const NAMESPACE: &str = "demo";
 const NODE: &str = "node-1";
 
-/// A running meshed pod on the node: status Running with `ip` as its address.
-async fn add_meshed_pod(server: &TestApiServer, name: &str, sa: &str, ip: Ipv4Addr) -> Pod {
-    let mut spec = PodSpec::new(NAMESPACE, name, sa, NODE);
-    spec.labels
-        .insert("sigil.dev/tls-mode".into(), "mtls".into());
-    let pod = server.add_pod(&spec);
-    // What the kubelet writes once the pod's sandbox has an address.
-    let pods: Api<Pod> = Api::namespaced(server.client(), NAMESPACE);
-    let status =
-        json!({ "status": { "podIP": ip.to_string(), "podIPs": [{ "ip": ip.to_string() }] } });
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap_or_else(|e| panic!("setting {name}'s podIP: {e}"));
-    pod
+/// A running meshed pod on the node at `ip`.
+fn meshed_pod(name: &str, sa: &str, ip: Ipv4Addr) -> PodSpec {
+    PodSpec::new(NAMESPACE, name, sa, NODE)
+        .with_label(TLS_MODE_LABEL, TLS_MODE_MTLS)
+        .with_ip(ip)
 }
 
 /// The Service `name` at `cluster_ip`, port 80 to the endpoint `endpoint`'s 8080, with the
@@ -114,8 +104,8 @@ async fn a_route_backend_outside_the_mesh_is_reached_at_its_cluster_ip_in_plaint
         "sigil-agent",
         NODE,
     ));
-    let client_pod = add_meshed_pod(&server, "web-1", "web", CLIENT_IP).await;
-    add_meshed_pod(&server, "front-1", "front", FRONT_POD_IP).await;
+    let client_pod = server.add_pod(&meshed_pod("web-1", "web", CLIENT_IP));
+    server.add_pod(&meshed_pod("front-1", "front", FRONT_POD_IP));
     // front: meshed (its only endpoint a meshed pod); plain: not (its endpoint is no pod of the
     // mesh).
     add_service(&server, "front", FRONT_IP, FRONT_POD_IP).await;

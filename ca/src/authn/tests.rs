@@ -19,14 +19,7 @@ async fn setup(
     Arc<Metrics>,
 ) {
     let server = TestApiServer::start().await;
-    let pod = server.add_pod(&PodSpec {
-        namespace: "demo".into(),
-        name: "web-1".into(),
-        service_account: "web".into(),
-        node: "node-a".into(),
-        phase: "Running".into(),
-        labels: Default::default(),
-    });
+    let pod = server.add_pod(&PodSpec::new("demo", "web-1", "web", "node-a"));
     let (tx, mut rx) = watch::channel(PodIndex::default());
     tokio::spawn(crate::pods::run(server.client(), tx));
     rx.wait_for(|i| i.synced).await.unwrap();

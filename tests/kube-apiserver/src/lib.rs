@@ -64,6 +64,7 @@ mod watch;
 
 use std::{
     collections::BTreeMap,
+    net::IpAddr,
     path::Path,
     sync::{
         Arc, Mutex,
@@ -128,6 +129,9 @@ pub struct PodSpec {
     /// `status.phase`, e.g. "Running".
     pub phase: String,
     pub labels: BTreeMap<String, String>,
+    /// `status.podIP` (and `podIPs`), which the kubelet writes once the pod's sandbox has an
+    /// address; `None` before.
+    pub ip: Option<IpAddr>,
 }
 
 impl PodSpec {
@@ -140,6 +144,21 @@ impl PodSpec {
             node: node.into(),
             phase: "Running".into(),
             labels: BTreeMap::new(),
+            ip: None,
+        }
+    }
+
+    /// The same pod with the label `key: value` added.
+    pub fn with_label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// The same pod with `status.podIP` set.
+    pub fn with_ip(self, ip: impl Into<IpAddr>) -> Self {
+        Self {
+            ip: Some(ip.into()),
+            ..self
         }
     }
 }
@@ -345,12 +364,17 @@ impl TestApiServer {
             self.ensure_node(&pod.node);
             spec["nodeName"] = json!(pod.node);
         }
+        let mut status = json!({ "phase": pod.phase });
+        if let Some(ip) = pod.ip {
+            status["podIP"] = json!(ip.to_string());
+            status["podIPs"] = json!([{ "ip": ip.to_string() }]);
+        }
         let object = json!({
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": { "name": pod.name, "labels": pod.labels },
             "spec": spec,
-            "status": { "phase": pod.phase },
+            "status": status,
         });
         let info = self.store().resolve(&core("pods"));
         let created = self
