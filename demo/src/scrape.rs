@@ -4,23 +4,21 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use sigil_base::exposition::{self, Sample};
+use sigil_base::http_get::{self, GetError};
 
 /// How long one admin request may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScrapeError {
-    #[error("GET http://{addr}{path}: {source}")]
+    #[error("GET http://{addr}{path}")]
     Http {
         addr: SocketAddr,
         path: String,
-        source: Box<dyn std::error::Error + Send + Sync>,
+        #[source]
+        source: GetError,
     },
-    #[error("GET http://{addr}{path}: timed out after {TIMEOUT:?}")]
-    Timeout { addr: SocketAddr, path: String },
     #[error("GET http://{addr}{path}: status {status}: {body}")]
     Status {
         addr: SocketAddr,
@@ -38,42 +36,18 @@ pub enum ScrapeError {
 
 /// GET `path` on `addr`: (status, body).
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), ScrapeError> {
-    let http = |source: Box<dyn std::error::Error + Send + Sync>| ScrapeError::Http {
-        addr,
-        path: path.to_string(),
-        source,
-    };
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(addr)
+    let url: hyper::Uri = format!("http://{addr}{path}")
+        .parse()
+        .expect("an address and an absolute path make a URL");
+    let (status, body) =
+        http_get::get(&url, TIMEOUT)
             .await
-            .map_err(|e| http(e.into()))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| http(e.into()))?;
-        tokio::spawn(connection);
-        let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, addr.to_string())
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| http(e.into()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| http(e.into()))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| http(e.into()))?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(TIMEOUT, exchange)
-        .await
-        .map_err(|_| ScrapeError::Timeout {
-            addr,
-            path: path.to_string(),
-        })?
+            .map_err(|source| ScrapeError::Http {
+                addr,
+                path: path.to_string(),
+                source,
+            })?;
+    Ok((status.as_u16(), String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// GET `path` and require 200.

@@ -480,35 +480,41 @@ mod tests {
         assert!(refused.contains("connecting to"), "{refused}");
     }
 
-    /// An HTTP app answering one request, 204 when it carries the virtual host and token the
-    /// pod's probe names (as an app behind a Host-routing server would), 404 otherwise.
-    #[tokio::test]
-    async fn http_probes_send_the_pods_headers() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let app = tokio::spawn(async move {
+    /// An HTTP app on `listener` answering `requests` requests, each on its own connection, with
+    /// the status `status(head)` gives for its lower-cased head; returns the heads.
+    fn http_app(
+        listener: tokio::net::TcpListener,
+        requests: usize,
+        status: fn(&str) -> u16,
+    ) -> tokio::task::JoinHandle<Vec<String>> {
+        tokio::spawn(async move {
             let mut heads = Vec::new();
-            for _ in 0..2 {
+            for _ in 0..requests {
                 let (mut tcp, _) = listener.accept().await.unwrap();
                 let mut head = vec![0u8; 4096];
                 let n = tokio::io::AsyncReadExt::read(&mut tcp, &mut head)
                     .await
-                    .unwrap();
+                    .unwrap_or(0);
                 let head = String::from_utf8_lossy(&head[..n]).to_lowercase();
-                let wanted = head.contains("\r\nhost: shop.example\r\n")
-                    && head.contains("\r\nx-token: a#b\r\n")
-                    && head.matches("\r\nhost:").count() == 1;
-                let answer: &[u8] = if wanted {
-                    b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n"
-                } else {
-                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n"
-                };
-                tokio::io::AsyncWriteExt::write_all(&mut tcp, answer)
-                    .await
-                    .unwrap();
+                let answer = format!("HTTP/1.1 {} -\r\ncontent-length: 0\r\n\r\n", status(&head));
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, answer.as_bytes()).await;
                 heads.push(head);
             }
             heads
+        })
+    }
+
+    /// 204 when the request carries the virtual host and token the pod's probe names (as an app
+    /// behind a Host-routing server would), 404 otherwise.
+    #[tokio::test]
+    async fn http_probes_send_the_pods_headers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = http_app(listener, 2, |head| {
+            let wanted = head.contains("\r\nhost: shop.example\r\n")
+                && head.contains("\r\nx-token: a#b\r\n")
+                && head.matches("\r\nhost:").count() == 1;
+            if wanted { 204 } else { 404 }
         });
         let with = parse_app_probe(&format!(
             "web-live={port}/healthz#Host=shop.example#X-Token=a%23b"
@@ -595,20 +601,7 @@ mod tests {
                 .is_err(),
             "nothing on 127.0.0.1:{port}"
         );
-        let http_app = tokio::spawn(async move {
-            let mut hosts = Vec::new();
-            for _ in 0..2 {
-                let (mut tcp, _) = listener.accept().await.unwrap();
-                let mut head = vec![0u8; 4096];
-                let n = tokio::io::AsyncReadExt::read(&mut tcp, &mut head)
-                    .await
-                    .unwrap_or(0);
-                hosts.push(String::from_utf8_lossy(&head[..n]).to_lowercase());
-                let answer = b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n";
-                let _ = tokio::io::AsyncWriteExt::write_all(&mut tcp, answer).await;
-            }
-            hosts
-        });
+        let http_app = http_app(listener, 2, |_| 204);
         let tcp = parse_app_probe(&format!("db-live=tcp:{port}")).unwrap();
         assert_eq!(ask(&tcp).await, Ok(200));
         let http = parse_app_probe(&format!("web-live={port}/healthz")).unwrap();

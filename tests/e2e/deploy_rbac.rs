@@ -400,9 +400,7 @@ async fn cluster(rendered: &[Value]) -> (TestApiServer, Pod, Pod) {
     .await;
     // The Gateway API (standard channel, as the README installs it) with a route of each kind
     // on a Service, and sigil's traffic policies: the CA writes their status.
-    let gateway_api = manifests::yaml_file(
-        &repo().join("tests/fixtures/gateway-api/v1.6.1/standard-install.yaml"),
-    );
+    let gateway_api = manifests::yaml_file(&repo().join(routes::GATEWAY_API_CRDS));
     for crd in of_kind(&gateway_api, "CustomResourceDefinition") {
         create(&client, crd, "customresourcedefinitions").await;
     }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use sigil_proxy_api::metrics as names;
 
-use crate::client::{self, HttpError};
 use crate::view::{By, GroupKey, Measured, QUANTILES, Stats, View, success_matchers};
+use sigil_base::http_get::{self, GetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrometheusError {
@@ -19,7 +19,7 @@ pub enum PrometheusError {
     Unreachable {
         url: String,
         #[source]
-        source: HttpError,
+        source: GetError,
     },
     #[error(
         "Prometheus at {url} answered {query:?} with {status} and no API answer: is it Prometheus's base URL?"
@@ -161,7 +161,7 @@ impl Prometheus {
         promql: &str,
     ) -> Result<Vec<(BTreeMap<String, String>, f64)>, PrometheusError> {
         let url = self.query_url(promql);
-        let (status, body) = client::get(&url, self.timeout).await.map_err(|source| {
+        let (status, body) = http_get::get(&url, self.timeout).await.map_err(|source| {
             PrometheusError::Unreachable {
                 url: self.base.to_string(),
                 source,

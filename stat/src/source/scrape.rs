@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use sigil_proxy_api::metrics as names;
 
-use crate::client::{self, HttpError};
 use crate::config::MetricsTarget;
 use crate::view::INSTANCE;
 use sigil_base::exposition::{self, ParseError, Sample};
+use sigil_base::http_get::{self, GetError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScrapeError {
@@ -20,7 +20,7 @@ pub enum ScrapeError {
     Unreachable {
         target: String,
         #[source]
-        source: HttpError,
+        source: GetError,
     },
     #[error("scraping {target}: answered {status}, not its metrics (is the path right?)")]
     Status {
@@ -98,7 +98,7 @@ impl Scraper {
     async fn scrape_one(&self, target: &MetricsTarget) -> Result<TargetScrape, ScrapeError> {
         let name = || target.name.clone();
         let started = Instant::now();
-        let (status, body) = client::get(&target.url, self.timeout)
+        let (status, body) = http_get::get(&target.url, self.timeout)
             .await
             .map_err(|source| ScrapeError::Unreachable {
                 target: name(),
