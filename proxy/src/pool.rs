@@ -74,6 +74,8 @@ struct Connection {
     sender: http2::SendRequest<RequestBody>,
     in_flight: Arc<AtomicUsize>,
     last_used: Arc<Mutex<Instant>>,
+    /// The key exchange group its handshake agreed on (`sigil_identity::tls::key_exchange_group`).
+    key_exchange: &'static str,
 }
 
 /// The connections to one endpoint; the async lock makes concurrent requests wait for one dial
@@ -94,11 +96,21 @@ pub struct Pools {
 
 /// One request's stream on a pooled connection, counted until dropped (when its response body
 /// ended).
-pub struct StreamSlot(Arc<AtomicUsize>);
+pub struct StreamSlot {
+    in_flight: Arc<AtomicUsize>,
+    key_exchange: &'static str,
+}
+
+impl StreamSlot {
+    /// The key exchange group of the connection the request went out on, for its log line.
+    pub fn key_exchange(&self) -> &'static str {
+        self.key_exchange
+    }
+}
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -198,7 +210,11 @@ impl Pools {
         if let Ok(mut last_used) = chosen.last_used.lock() {
             *last_used = Instant::now();
         }
-        Ok((chosen.sender.clone(), StreamSlot(chosen.in_flight.clone())))
+        let slot = StreamSlot {
+            in_flight: chosen.in_flight.clone(),
+            key_exchange: chosen.key_exchange,
+        };
+        Ok((chosen.sender.clone(), slot))
     }
 
     async fn dial(&self, target: &Target) -> Result<Connection, PoolError> {
@@ -211,6 +227,7 @@ impl Pools {
                     self.count_refusal(*reason);
                 }
             })?;
+        let key_exchange = sigil_identity::tls::key_exchange_group(stream.get_ref().1);
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(stream))
@@ -236,6 +253,7 @@ impl Pools {
             sender,
             in_flight,
             last_used,
+            key_exchange,
         })
     }
 

@@ -893,6 +893,16 @@ async fn proxies_balance_each_request_over_a_services_endpoints() {
             "A's proxy logged requests to {upstream} with another identity than {}: {misnamed:?}",
             backend.spec.id
         );
+        // Each line names the key exchange of the pooled connection the request went out on.
+        let not_hybrid: Vec<&&Value> = sent
+            .iter()
+            .filter(|l| l["key_exchange"] != "X25519MLKEM768")
+            .collect();
+        assert!(
+            not_hybrid.is_empty(),
+            "A's proxy logged requests to {upstream} without the hybrid key exchange: \
+             {not_hybrid:?}"
+        );
         println!(
             "e. {}: its proxy logged {} requests, all from {CLIENT_ID}; A's proxy logged {} \
              to {upstream}, all to {}",

@@ -303,7 +303,7 @@ impl ServiceCalls {
             request_bytes,
             response_bytes: 0,
             result: sigil_proxy_api::metrics::RESULT_OK,
-            _slot: slot,
+            slot,
         };
         Response::from_parts(
             parts,
@@ -371,7 +371,7 @@ impl ServiceCalls {
             request_bytes: Arc::default(),
             response_bytes: 0,
             result: sigil_proxy_api::metrics::RESULT_OK,
-            _slot: slot,
+            slot,
         };
         Response::from_parts(
             parts,
@@ -430,7 +430,7 @@ impl ServiceCalls {
             request_bytes: Arc::default(),
             response_bytes: 0,
             result,
-            _slot: None,
+            slot: None,
         };
         let mut response = Response::new(ResponseBody {
             inner: http_body_util::Empty::new()
@@ -504,7 +504,7 @@ impl ServiceCalls {
             request_bytes: Arc::default(),
             response_bytes: 0,
             result,
-            _slot: None,
+            slot: None,
         };
         let mut response = Response::new(ResponseBody {
             inner: body,
@@ -588,7 +588,7 @@ struct RequestDone {
     response_bytes: u64,
     result: &'static str,
     /// The request's stream on its pooled connection, held until the response is done.
-    _slot: Option<StreamSlot>,
+    slot: Option<StreamSlot>,
 }
 
 impl RequestDone {
@@ -672,7 +672,7 @@ impl RequestDone {
             duration: self.head_after,
             total: self.facts.started.elapsed(),
             upstream: self.endpoint.as_ref().map(|e| e.addr),
-            key_exchange: None,
+            key_exchange: self.slot.as_ref().map(StreamSlot::key_exchange),
             detail: None,
         }
         .write();
