@@ -69,8 +69,7 @@ use sigil_test_harness::netns::{
     require_root,
 };
 use sigil_test_harness::{
-    CaProcess, DB_ID, PodCgroup, WEB_ID, eventually, get_on, serve_keep_alive, spawn_k8s_agent,
-    wait_agent_ready,
+    DB_ID, K8sMesh, PodCgroup, WEB_ID, eventually, get_on, serve_keep_alive, start_k8s_mesh,
 };
 use tokio::io::AsyncReadExt;
 
@@ -171,26 +170,12 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
     let db_pod = server.add_pod(&meshed_pod("db-1", "db", "db", B_IP));
 
     // The CA (TokenReview against the test server) and the node agent in Kubernetes mode.
-    let mut ca = CaProcess::start(dir.path(), Some(&kubeconfig), &[] as &[&str]);
-    ca.wait_ready().await;
-    let socket = dir.path().join("run").join("agent.sock");
-    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
-    std::fs::set_permissions(
-        socket.parent().unwrap(),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    let (agent, agent_admin) = spawn_k8s_agent(
-        dir.path(),
-        &server,
-        &kubeconfig,
-        &ca,
-        &agent_pod,
-        NODE,
-        &socket,
-    )
-    .await;
-    wait_agent_ready(&agent, agent_admin, &format!("\nCA:\n{}", ca.logs())).await;
+    let K8sMesh {
+        ca: _ca,
+        agent,
+        agent_admin: _,
+        socket,
+    } = start_k8s_mesh(dir.path(), &server, &kubeconfig, &agent_pod, NODE).await;
 
     // The network: C holds the bridge both pods are plugged into, with an address of its own.
     let PodNetwork { a, b, c } =

@@ -29,7 +29,7 @@ use sigil_test_harness::netns::{ClusterIpService, Node, PodProxy, proxy_init, re
 use sigil_test_harness::routes::{
     GATEWAY_API_CRDS, HTTP_PORT, MeshPod, PodSpec as MeshPodSpec, RouteEcho, install_crds,
 };
-use sigil_test_harness::{CaProcess, PodCgroup, spawn_k8s_agent, wait_agent_ready};
+use sigil_test_harness::{K8sMesh, PodCgroup, start_k8s_mesh};
 
 /// This module's namespaces are `sigil-ru-<pid>-*`.
 const NETNS_PREFIX: &str = "sigil-ru";
@@ -130,26 +130,12 @@ async fn a_route_backend_outside_the_mesh_is_reached_at_its_cluster_ip_in_plaint
         .await
         .expect("creating the HTTPRoute");
 
-    let mut ca = CaProcess::start(dir.path(), Some(&kubeconfig), &[] as &[&str]);
-    ca.wait_ready().await;
-    let socket = dir.path().join("run").join("agent.sock");
-    std::fs::create_dir_all(socket.parent().unwrap()).unwrap();
-    std::fs::set_permissions(
-        socket.parent().unwrap(),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    let (agent, agent_admin) = spawn_k8s_agent(
-        dir.path(),
-        &server,
-        &kubeconfig,
-        &ca,
-        &agent_pod,
-        NODE,
-        &socket,
-    )
-    .await;
-    wait_agent_ready(&agent, agent_admin, &format!("\nCA:\n{}", ca.logs())).await;
+    let K8sMesh {
+        ca: _ca,
+        agent,
+        agent_admin: _,
+        socket,
+    } = start_k8s_mesh(dir.path(), &server, &kubeconfig, &agent_pod, NODE).await;
 
     let node = Node::new(NETNS_PREFIX, NODE_IP);
     let plain_pod = node.add_pod("u", PLAIN_POD_IP);

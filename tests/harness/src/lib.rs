@@ -607,6 +607,41 @@ pub async fn spawn_k8s_agent(
     (Proc::spawn(cmd, dir.join("agent.log")), admin)
 }
 
+/// A CA checking tokens against `server` by TokenReview and, on `node`, the node agent in
+/// Kubernetes mode as the pod `agent_pod` (see [`spawn_k8s_agent`]), both ready. The agent serves
+/// `socket`, `dir/run/agent.sock`, in a directory the proxies' uids may enter.
+pub struct K8sMesh {
+    pub ca: CaProcess,
+    pub agent: Proc,
+    pub agent_admin: SocketAddr,
+    pub socket: PathBuf,
+}
+
+/// Starts a [`K8sMesh`] and waits until both are ready.
+pub async fn start_k8s_mesh(
+    dir: &Path,
+    server: &TestApiServer,
+    kubeconfig: &Path,
+    agent_pod: &Pod,
+    node: &str,
+) -> K8sMesh {
+    let mut ca = CaProcess::start(dir, Some(kubeconfig), &[] as &[&str]);
+    ca.wait_ready().await;
+    let socket = dir.join("run").join("agent.sock");
+    let run = socket.parent().expect("a socket in run/");
+    std::fs::create_dir_all(run).unwrap();
+    std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (agent, agent_admin) =
+        spawn_k8s_agent(dir, server, kubeconfig, &ca, agent_pod, node, &socket).await;
+    wait_agent_ready(&agent, agent_admin, &format!("\nCA:\n{}", ca.logs())).await;
+    K8sMesh {
+        ca,
+        agent,
+        agent_admin,
+        socket,
+    }
+}
+
 /// Waits up to 30 s for the agent's `/ready` on `admin`, panicking with its log (and `more`).
 pub async fn wait_agent_ready(agent: &Proc, admin: SocketAddr, more: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
