@@ -4,7 +4,9 @@
 //! rules, `promtool check config` on the scrape config, and the real Prometheus relabelling the
 //! targets Kubernetes discovery would give it for sigil's pods. Every metric the rules name is one
 //! the CA, the agent or the proxy registers; the overlay renders, passes the manifest checks of
-//! the other overlays, selects what it means to scrape, and its PrometheusRule is the rules file.
+//! the other overlays, its Operator objects pass the Operator's own CRD schemas (v0.93.0,
+//! vendored in tests/fixtures), it selects what it means to scrape, and its PrometheusRule is the
+//! rules file.
 //!
 //! Debian builds Prometheus without Kubernetes service discovery (its client library's
 //! dependencies are not packaged), so its promtool refuses `kubernetes_sd_configs`. The scrape
@@ -26,6 +28,8 @@ const PROMTOOL: &str = "/usr/bin/promtool";
 /// The custom resources of the Prometheus Operator, which a plain cluster lacks (so they are in
 /// the overlay, not the base).
 const OPERATOR_API_VERSION: &str = "monitoring.coreos.com/v1";
+/// The Prometheus Operator's CRDs of the kinds the overlay uses (from the repository's root).
+const OPERATOR_CRDS: &str = "tests/fixtures/prometheus-operator/v0.93.0";
 
 fn prometheus_dir() -> PathBuf {
     repo().join("deploy/prometheus")
@@ -769,11 +773,36 @@ fn the_prometheus_operator_overlay_renders_and_scrapes_what_it_means_to() {
     for object in &operator {
         assert_eq!(namespace(object), "sigil-system", "{}", describe(object));
     }
-    // The API's schemas, strict, for the built-in kinds (the Operator's are not in
-    // kubernetes-validate, nor is there a copy of its CRDs here: their fields are checked below
-    // by what they must select).
+    // The API's schemas, strict: kubernetes-validate's for the built-in kinds, the Operator's own
+    // CRDs (vendored) for its kinds, undeclared fields refused as strict field validation does.
     let (_, problems) = kubernetes_schema_problems(&kubernetes, &["1.30", "latest"]);
     assert!(problems.is_empty(), "{problems:#?}");
+    let crds: Vec<Value> = ["podmonitors", "prometheusrules", "servicemonitors"]
+        .iter()
+        .flat_map(|plural| {
+            yaml_file(&repo().join(format!(
+                "{OPERATOR_CRDS}/monitoring.coreos.com_{plural}.yaml"
+            )))
+        })
+        .collect();
+    let schema_of = |object: &Value| {
+        crd_schema(&crds, OPERATOR_API_VERSION, kind(object))
+            .unwrap_or_else(|| panic!("no Operator CRD serves {}", describe(object)))
+    };
+    for object in &operator {
+        let problems = custom_resource_problems(&schema_of(object), object);
+        assert!(problems.is_empty(), "{}: {problems:#?}", describe(object));
+    }
+    // The check bites: a misspelt field and a wrong type are refused.
+    let mut misspelt = find(&rendered, "PodMonitor", "sigil-proxies").clone();
+    misspelt["spec"]["podMetricsEndpoints"][0]["portName"] = json!("metrics");
+    misspelt["spec"]["namespaceSelector"]["any"] = json!("yes");
+    let problems = custom_resource_problems(&schema_of(&misspelt), &misspelt);
+    assert!(
+        problems.iter().any(|p| p.contains("portName"))
+            && problems.iter().any(|p| p.contains("any")),
+        "{problems:#?}"
+    );
 
     // The proxies' PodMonitor selects injected pods in any namespace, at the port the injector
     // names, and not the control plane's pods.

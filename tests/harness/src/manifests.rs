@@ -243,18 +243,41 @@ pub fn crd_schema(crds: &[Value], api_version: &str, kind_: &str) -> Option<Valu
 /// (OpenAPI v3.0 is JSON Schema draft 4 with extensions), and fields the schema does not declare
 /// (refused under kubectl's strict field validation).
 pub fn custom_resource_problems(schema: &Value, object: &Value) -> Vec<String> {
+    let mut schema = schema.clone();
+    drop_go_only_patterns(&mut schema);
     let validator = jsonschema::draft4::options()
         .should_validate_formats(true)
-        .build(schema)
+        .build(&schema)
         .expect("the CRD schema compiles");
     let mut problems: Vec<String> = validator
         .iter_errors(object)
         .map(|e| format!("{}: {e}", e.instance_path()))
         .collect();
     let mut unknown = Vec::new();
-    unknown_fields(schema, object, "", &mut unknown);
+    unknown_fields(&schema, object, "", &mut unknown);
     problems.extend(unknown.into_iter().map(|f| format!("{f}: unknown field")));
     problems
+}
+
+/// Removes the `pattern`s that use Go's inline flags (`(?i)` and the like): the API server
+/// matches patterns with Go's regexp, JSON Schema with ECMA-262, which has no inline flags and
+/// refuses such a schema. Those fields go unchecked here (the Prometheus Operator's
+/// `partial_response_strategy` is one; nothing of sigil's sets it).
+fn drop_go_only_patterns(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            if map
+                .get("pattern")
+                .and_then(Value::as_str)
+                .is_some_and(|p| p.contains("(?"))
+            {
+                map.remove("pattern");
+            }
+            map.values_mut().for_each(drop_go_only_patterns);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_go_only_patterns),
+        _ => {}
+    }
 }
 
 fn unknown_fields(schema: &Value, object: &Value, path: &str, out: &mut Vec<String>) {
