@@ -34,7 +34,7 @@ pub mod app_pool;
 pub mod request_metrics;
 
 use app_pool::{AppBody, AppUpstream, PoolError};
-use request_metrics::{RequestFacts, RequestMetrics, RequestTimer};
+use request_metrics::{InboundConnection, RequestFacts, RequestMetrics, RequestTimer};
 use sigil_route::select::RequestHead;
 
 use crate::ratelimit::ConnectionLimits;
@@ -438,6 +438,27 @@ pub fn remove_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
+/// The server span's attributes from the request's head and its connection.
+fn describe_server_span<B>(
+    trace: &mut RequestTrace,
+    request: &Request<B>,
+    authority: &str,
+    connection: &InboundConnection,
+) {
+    let Some(span) = trace.span_mut() else {
+        return;
+    };
+    request_log::describe_head(span, request, request.uri().path(), authority);
+    request_log::describe_peer(span, connection.source);
+    span.set(attr::CLIENT_ADDRESS, connection.source.ip().to_string());
+    if let Some(id) = &connection.source_identity {
+        span.set(attr::SIGIL_SOURCE_IDENTITY, id.as_str());
+    }
+    if let Some(id) = &connection.destination_identity {
+        span.set(attr::SIGIL_DESTINATION_IDENTITY, id.as_str());
+    }
+}
+
 /// A request that, answered with 101 (an `Upgrade`) or 2xx (CONNECT), turns its connection into
 /// a tunnel: it gets an application connection of its own.
 fn wants_tunnel<B>(request: &Request<B>, downstream: HttpVersion) -> bool {
@@ -467,6 +488,13 @@ impl<A: Authorize> Handler<A> {
         timer: &mut RequestTimer,
     ) -> Response<ProxyBody> {
         let connection = timer.connection().clone();
+        // Before the checks, so that a refused request's span and log line join its trace.
+        let mut trace = request_log::begin(
+            &connection.tracer,
+            SpanKind::Server,
+            request.headers_mut(),
+            connection.access_log.is_some(),
+        );
         let checked = match check(&request, self.normalization) {
             Ok(checked) => checked,
             Err(why) => {
@@ -474,10 +502,12 @@ impl<A: Authorize> Handler<A> {
                 let authority = request.uri().authority().map(|a| a.as_str().to_owned());
                 let host = request.headers().get(http::header::HOST);
                 let host = host.map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+                let authority = authority.or(host).unwrap_or_default();
+                describe_server_span(&mut trace, &request, &authority, &connection);
                 timer.describe(RequestFacts {
-                    trace: RequestTrace::none(),
+                    trace,
                     method: request.method().as_str().to_owned(),
-                    authority: authority.or(host).unwrap_or_default(),
+                    authority,
                     path: request.uri().path().to_owned(),
                     policy: None,
                     result: "bad_request",
@@ -492,23 +522,8 @@ impl<A: Authorize> Handler<A> {
         {
             set_target(&mut request, target);
         }
-        let mut trace = request_log::begin(
-            &connection.tracer,
-            SpanKind::Server,
-            request.headers_mut(),
-            connection.access_log.is_some(),
-        );
-        if let Some(span) = trace.span_mut() {
-            request_log::describe_head(span, &request, request.uri().path(), &checked.host);
-            request_log::describe_peer(span, connection.source);
-            span.set(attr::CLIENT_ADDRESS, connection.source.ip().to_string());
-            if let Some(id) = &connection.source_identity {
-                span.set(attr::SIGIL_SOURCE_IDENTITY, id.as_str());
-            }
-            if let Some(id) = &connection.destination_identity {
-                span.set(attr::SIGIL_DESTINATION_IDENTITY, id.as_str());
-            }
-        }
+
+        describe_server_span(&mut trace, &request, &checked.host, &connection);
         let mut facts = RequestFacts {
             trace,
             method: request.method().as_str().to_owned(),

@@ -237,3 +237,57 @@ async fn a_sampled_request_makes_a_server_span_continuing_the_callers_trace() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(spans.try_recv().is_err(), "no span of an unsampled trace");
 }
+
+#[tokio::test]
+async fn a_refused_request_joins_the_callers_trace() {
+    let (app, _) = app().await;
+    let pool = AppPool::new(app, Duration::from_secs(2), app_pool::IDLE_TIMEOUT);
+    let (queue, mut spans) = tokio::sync::mpsc::channel(8);
+    let tracer = Tracer::new(Sampler { ratio: 0.0 }, queue, TraceMetrics::default());
+    let mut sender = traced_client(&pool, app, tracer).await;
+    // Two Host headers: refused before the request reaches authorization or the app.
+    let request = Request::get("/orders/7")
+        .header("host", "db")
+        .header("host", "admin")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .body(Empty::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    response.into_body().collect().await.unwrap();
+    let span = tokio::time::timeout(Duration::from_secs(5), spans.recv())
+        .await
+        .expect("a span for the refused request")
+        .unwrap();
+    assert_eq!(span.kind, SpanKind::Server);
+    assert_eq!(span.name, "GET");
+    assert_eq!(
+        span.trace_id,
+        TraceId(0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes())
+    );
+    assert_eq!(
+        span.parent,
+        Some(SpanId(0xb7ad6b7169203331_u64.to_be_bytes()))
+    );
+    let status = span
+        .attributes
+        .iter()
+        .find(|(k, _)| *k == "http.response.status_code")
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        status,
+        Some(AttributeValue::Int(400)),
+        "{:?}",
+        span.attributes
+    );
+    assert!(
+        span.attributes.iter().any(
+            |(k, v)| *k == "sigil.source.identity" && *v == AttributeValue::Str(PEER_ID.into())
+        ),
+        "{:?}",
+        span.attributes
+    );
+}
