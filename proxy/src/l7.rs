@@ -37,6 +37,7 @@ use app_pool::{AppBody, AppUpstream, PoolError};
 use request_metrics::{InboundConnection, RequestFacts, RequestMetrics, RequestTimer};
 use sigil_route::select::RequestHead;
 
+use crate::metrics::Security;
 use crate::ratelimit::ConnectionLimits;
 use crate::request_log;
 use crate::trace::span::attr;
@@ -451,6 +452,11 @@ fn describe_server_span<B>(
     request_log::describe_head(span, request, request.uri().path(), authority);
     request_log::describe_peer(span, connection.source);
     span.set(attr::CLIENT_ADDRESS, connection.source.ip().to_string());
+    let security = match connection.source_identity {
+        Some(_) => Security::Mtls,
+        None => Security::Plaintext,
+    };
+    span.set(attr::SIGIL_SECURITY, security.as_str());
     if let Some(id) = &connection.source_identity {
         span.set(attr::SIGIL_SOURCE_IDENTITY, id.as_str());
     }

@@ -391,6 +391,11 @@ impl Mesh {
                 Some(DB_ID),
                 "{which}: {span:?}"
             );
+            assert_eq!(
+                span.attribute("sigil.security").as_deref(),
+                Some("mtls"),
+                "{which}: {span:?}"
+            );
             assert!(
                 span.span.start_time_unix_nano > 0
                     && span.span.end_time_unix_nano >= span.span.start_time_unix_nano,

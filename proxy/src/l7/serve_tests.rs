@@ -216,6 +216,7 @@ async fn a_sampled_request_makes_a_server_span_continuing_the_callers_trace() {
         ("network.peer.port", Some(AttributeValue::Int(40000))),
         ("sigil.source.identity", text(PEER_ID)),
         ("sigil.destination.identity", text(OWN_ID)),
+        ("sigil.security", text("mtls")),
         ("sigil.policy", text("default")),
         ("sigil.authz", text("allow")),
     ] {

@@ -41,7 +41,7 @@ use crate::dial::{self, DialError};
 use crate::forward::{Ended, Shared};
 use crate::l7::request_metrics::{CountedBody, grpc_status};
 use crate::l7::{HttpError, HttpVersion, Tunnel, TunnelSlot, remove_hop_by_hop, serve_downstream};
-use crate::metrics::{Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome};
+use crate::metrics::{Direction, DirectionLabels, Metrics, PeerLabels, RequestOutcome, Security};
 use crate::pool::{PoolError, Pools, StreamSlot, Target};
 use crate::request_log::{self, RequestLine};
 use crate::tls::TlsState;
@@ -197,7 +197,7 @@ impl ServiceCalls {
             request_log::describe_head(span, &request, &path, &host);
             span.set(attr::URL_FULL, format!("http://{host}{path}"));
             span.set(
-                "sigil.service",
+                attr::SIGIL_SERVICE,
                 format!("{}:{}", self.service, self.port_key.port),
             );
             if let Some(state) = self.tls.borrow().as_ref() {
@@ -623,6 +623,11 @@ impl RequestDone {
             if let Some(endpoint) = &self.endpoint {
                 request_log::describe_peer(span, endpoint.addr);
                 span.set(attr::SIGIL_DESTINATION_IDENTITY, endpoint.id.to_string());
+                span.set(attr::SIGIL_SECURITY, Security::Mtls.as_str());
+            } else if self.result == sigil_proxy_api::metrics::RESULT_OK {
+                // Answered without a mesh endpoint: a route's backend outside the mesh, reached
+                // at its cluster IP in plain HTTP.
+                span.set(attr::SIGIL_SECURITY, Security::Plaintext.as_str());
             }
             if let Some(route) = &self.facts.route {
                 span.set(attr::SIGIL_ROUTE, route.as_str());

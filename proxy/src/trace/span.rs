@@ -42,7 +42,9 @@ pub mod attr {
     pub const SIGIL_ROUTE: &str = "sigil.route";
     /// The outbound Service (`ns/name:port`).
     pub const SIGIL_SERVICE: &str = "sigil.service";
-    /// `mtls` or `plaintext`.
+    /// How the request crossed to the other side: `mtls` (inbound from a verified client,
+    /// outbound to a mesh endpoint) or `plaintext` (inbound under PERMISSIVE or DISABLE, outbound
+    /// to a route's backend outside the mesh).
     pub const SIGIL_SECURITY: &str = "sigil.security";
 }
 
