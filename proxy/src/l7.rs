@@ -528,7 +528,6 @@ impl<A: Authorize> Handler<A> {
         {
             set_target(&mut request, target);
         }
-
         describe_server_span(&mut trace, &request, &checked.host, &connection);
         let mut facts = RequestFacts {
             trace,
