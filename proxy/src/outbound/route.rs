@@ -308,51 +308,47 @@ async fn send_plain(
     mut request: Request<RequestBody>,
     app_version: HttpVersion,
 ) -> Result<Answered, Failed> {
-    {
-        {
-            let failed = |error, unsent| Failed::Call {
-                error,
-                endpoint: None,
-                unsent,
-            };
-            let stream = dial::connect(addr, calls.shared().config.connect_timeout)
+    let failed = |error, unsent| Failed::Call {
+        error,
+        endpoint: None,
+        unsent,
+    };
+    let stream = dial::connect(addr, calls.shared().config.connect_timeout)
+        .await
+        .map_err(|e| failed(CallError::Plain(e.to_string()), true))?;
+    let io = TokioIo::new(stream);
+    let response = if app_version == HttpVersion::Http2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(|e| failed(CallError::Plain(e.to_string()), true))?;
-            let io = TokioIo::new(stream);
-            let response = if app_version == HttpVersion::Http2 {
-                let (mut sender, connection) =
-                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                        .await
-                        .map_err(|e| failed(CallError::Plain(e.to_string()), true))?;
-                tokio::spawn(connection);
-                *request.version_mut() = Version::HTTP_2;
-                sender.send_request(request).await
-            } else {
-                let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
-                    .await
-                    .map_err(|e| failed(CallError::Plain(e.to_string()), true))?;
-                tokio::spawn(connection);
-                crate::l7::remove_hop_by_hop(request.headers_mut());
-                *request.version_mut() = Version::HTTP_11;
-                let origin = request
-                    .uri()
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_owned();
-                if let Ok(uri) = origin.parse::<Uri>() {
-                    *request.uri_mut() = uri;
-                }
-                sender.send_request(request).await
-            };
-            response
-                .map(|response| Answered {
-                    response,
-                    slot: None,
-                    endpoint: None,
-                })
-                .map_err(|e| failed(CallError::Plain(e.to_string()), false))
+        tokio::spawn(connection);
+        *request.version_mut() = Version::HTTP_2;
+        sender.send_request(request).await
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| failed(CallError::Plain(e.to_string()), true))?;
+        tokio::spawn(connection);
+        crate::l7::remove_hop_by_hop(request.headers_mut());
+        *request.version_mut() = Version::HTTP_11;
+        let origin = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        if let Ok(uri) = origin.parse::<Uri>() {
+            *request.uri_mut() = uri;
         }
-    }
+        sender.send_request(request).await
+    };
+    response
+        .map(|response| Answered {
+            response,
+            slot: None,
+            endpoint: None,
+        })
+        .map_err(|e| failed(CallError::Plain(e.to_string()), false))
 }
 
 /// The request's Host (or authority) without its port, and the port it names.
