@@ -13,7 +13,7 @@ use super::app_pool::AppPool;
 use super::*;
 use crate::metrics::{Direction, Metrics, PeerLabels};
 use crate::trace::span::AttributeValue;
-use crate::trace::{Sampler, SpanId, SpanKind, TraceId, TraceMetrics, Tracer};
+use crate::trace::{Sampler, SpanId, SpanKind, SpanRecord, TraceId, TraceMetrics, Tracer};
 use request_metrics::InboundConnection;
 
 struct AllowAll;
@@ -137,6 +137,43 @@ async fn until(what: &str, check: impl Fn() -> bool) {
     }
 }
 
+/// The caller's sampled trace context of the tracing tests.
+const CALLER_TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+/// A client of a proxy whose tracer samples no root of its own (only what a caller sampled),
+/// and the spans it ends.
+async fn traced() -> (
+    client_h1::SendRequest<Empty<Bytes>>,
+    tokio::sync::mpsc::Receiver<SpanRecord>,
+) {
+    let (app, _) = app().await;
+    let pool = AppPool::new(app, Duration::from_secs(2), app_pool::IDLE_TIMEOUT);
+    let (queue, spans) = tokio::sync::mpsc::channel(8);
+    let tracer = Tracer::new(Sampler { ratio: 0.0 }, queue, TraceMetrics::default());
+    (traced_client(&pool, app, tracer).await, spans)
+}
+
+/// The next span ended, checked as a server span named GET continuing [`CALLER_TRACEPARENT`].
+async fn server_span_of_the_callers_trace(
+    spans: &mut tokio::sync::mpsc::Receiver<SpanRecord>,
+) -> SpanRecord {
+    let span = tokio::time::timeout(Duration::from_secs(5), spans.recv())
+        .await
+        .expect("a span when the response ended")
+        .unwrap();
+    assert_eq!(span.kind, SpanKind::Server);
+    assert_eq!(span.name, "GET");
+    assert_eq!(
+        span.trace_id,
+        TraceId(0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes())
+    );
+    assert_eq!(
+        span.parent,
+        Some(SpanId(0xb7ad6b7169203331_u64.to_be_bytes()))
+    );
+    span
+}
+
 #[tokio::test]
 async fn connect_gets_a_connection_of_its_own_and_becomes_a_tunnel() {
     let (app, accepted) = app().await;
@@ -167,36 +204,16 @@ async fn connect_gets_a_connection_of_its_own_and_becomes_a_tunnel() {
 
 #[tokio::test]
 async fn a_sampled_request_makes_a_server_span_continuing_the_callers_trace() {
-    let (app, _) = app().await;
-    let pool = AppPool::new(app, Duration::from_secs(2), app_pool::IDLE_TIMEOUT);
-    let (queue, mut spans) = tokio::sync::mpsc::channel(8);
-    let tracer = Tracer::new(Sampler { ratio: 0.0 }, queue, TraceMetrics::default());
-    let mut sender = traced_client(&pool, app, tracer).await;
+    let (mut sender, mut spans) = traced().await;
     let request = Request::get("/orders/7?token=secret")
         .header("host", "db:8080")
-        .header(
-            "traceparent",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
+        .header("traceparent", CALLER_TRACEPARENT)
         .body(Empty::new())
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     response.into_body().collect().await.unwrap();
-    let span = tokio::time::timeout(Duration::from_secs(5), spans.recv())
-        .await
-        .expect("a span when the response ended")
-        .unwrap();
-    assert_eq!(span.kind, SpanKind::Server);
-    assert_eq!(span.name, "GET");
-    assert_eq!(
-        span.trace_id,
-        TraceId(0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes())
-    );
-    assert_eq!(
-        span.parent,
-        Some(SpanId(0xb7ad6b7169203331_u64.to_be_bytes()))
-    );
+    let span = server_span_of_the_callers_trace(&mut spans).await;
     assert!(!span.error);
     let attribute = |key: &str| {
         span.attributes
@@ -241,53 +258,33 @@ async fn a_sampled_request_makes_a_server_span_continuing_the_callers_trace() {
 
 #[tokio::test]
 async fn a_refused_request_joins_the_callers_trace() {
-    let (app, _) = app().await;
-    let pool = AppPool::new(app, Duration::from_secs(2), app_pool::IDLE_TIMEOUT);
-    let (queue, mut spans) = tokio::sync::mpsc::channel(8);
-    let tracer = Tracer::new(Sampler { ratio: 0.0 }, queue, TraceMetrics::default());
-    let mut sender = traced_client(&pool, app, tracer).await;
+    let (mut sender, mut spans) = traced().await;
     // Two Host headers: refused before the request reaches authorization or the app.
     let request = Request::get("/orders/7")
         .header("host", "db")
         .header("host", "admin")
-        .header(
-            "traceparent",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
+        .header("traceparent", CALLER_TRACEPARENT)
         .body(Empty::new())
         .unwrap();
     let response = sender.send_request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     response.into_body().collect().await.unwrap();
-    let span = tokio::time::timeout(Duration::from_secs(5), spans.recv())
-        .await
-        .expect("a span for the refused request")
-        .unwrap();
-    assert_eq!(span.kind, SpanKind::Server);
-    assert_eq!(span.name, "GET");
+    let span = server_span_of_the_callers_trace(&mut spans).await;
+    let attribute = |key: &str| {
+        span.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone())
+    };
     assert_eq!(
-        span.trace_id,
-        TraceId(0x0af7651916cd43dd8448eb211c80319c_u128.to_be_bytes())
-    );
-    assert_eq!(
-        span.parent,
-        Some(SpanId(0xb7ad6b7169203331_u64.to_be_bytes()))
-    );
-    let status = span
-        .attributes
-        .iter()
-        .find(|(k, _)| *k == "http.response.status_code")
-        .map(|(_, v)| v.clone());
-    assert_eq!(
-        status,
+        attribute("http.response.status_code"),
         Some(AttributeValue::Int(400)),
         "{:?}",
         span.attributes
     );
-    assert!(
-        span.attributes.iter().any(
-            |(k, v)| *k == "sigil.source.identity" && *v == AttributeValue::Str(PEER_ID.into())
-        ),
+    assert_eq!(
+        attribute("sigil.source.identity"),
+        Some(AttributeValue::Str(PEER_ID.into())),
         "{:?}",
         span.attributes
     );
