@@ -69,7 +69,7 @@ use sigil_test_harness::netns::{
     require_root,
 };
 use sigil_test_harness::{
-    DB_ID, K8sMesh, PodCgroup, WEB_ID, eventually, get_on, serve_keep_alive, start_k8s_mesh,
+    DB_ID, PodCgroup, WEB_ID, eventually, get_on, serve_keep_alive, start_k8s_mesh,
 };
 use tokio::io::AsyncReadExt;
 
@@ -170,12 +170,7 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
     let db_pod = server.add_pod(&meshed_pod("db-1", "db", "db", B_IP));
 
     // The CA (TokenReview against the test server) and the node agent in Kubernetes mode.
-    let K8sMesh {
-        ca: _ca,
-        agent,
-        agent_admin: _,
-        socket,
-    } = start_k8s_mesh(dir.path(), &server, &kubeconfig, &agent_pod, NODE).await;
+    let mesh = start_k8s_mesh(dir.path(), &server, &kubeconfig, &agent_pod, NODE).await;
 
     // The network: C holds the bridge both pods are plugged into, with an address of its own.
     let PodNetwork { a, b, c } =
@@ -190,7 +185,7 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
         A_IP,
         Some(&a_cgroup),
         WEB_UID,
-        &socket,
+        &mesh.socket,
         &[],
         dir.path().join("proxy-a.log"),
         &c,
@@ -201,7 +196,7 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
         B_IP,
         Some(&b_cgroup),
         DB_UID,
-        &socket,
+        &mesh.socket,
         &["--app-probe", PROBE_ARG],
         dir.path().join("proxy-b.log"),
         &c,
@@ -212,7 +207,7 @@ async fn kubernetes_policies_deny_allow_per_path_and_revoke_open_connections_bet
             "\n--- A's proxy:\n{}\n--- B's proxy:\n{}\n--- agent:\n{}",
             a_proxy.logs(),
             b_proxy.logs(),
-            agent.logs()
+            mesh.agent.logs()
         )
     };
     // Attested as their pods: the policy feed scopes each to its pod's namespace.

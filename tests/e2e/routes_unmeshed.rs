@@ -29,7 +29,7 @@ use sigil_test_harness::netns::{ClusterIpService, Node, PodProxy, proxy_init, re
 use sigil_test_harness::routes::{
     GATEWAY_API_CRDS, HTTP_PORT, MeshPod, PodSpec as MeshPodSpec, RouteEcho, install_crds,
 };
-use sigil_test_harness::{K8sMesh, PodCgroup, start_k8s_mesh};
+use sigil_test_harness::{PodCgroup, start_k8s_mesh};
 
 /// This module's namespaces are `sigil-ru-<pid>-*`.
 const NETNS_PREFIX: &str = "sigil-ru";
@@ -130,12 +130,7 @@ async fn a_route_backend_outside_the_mesh_is_reached_at_its_cluster_ip_in_plaint
         .await
         .expect("creating the HTTPRoute");
 
-    let K8sMesh {
-        ca: _ca,
-        agent,
-        agent_admin: _,
-        socket,
-    } = start_k8s_mesh(dir.path(), &server, &kubeconfig, &agent_pod, NODE).await;
+    let mesh = start_k8s_mesh(dir.path(), &server, &kubeconfig, &agent_pod, NODE).await;
 
     let node = Node::new(NETNS_PREFIX, NODE_IP);
     let plain_pod = node.add_pod("u", PLAIN_POD_IP);
@@ -155,7 +150,7 @@ async fn a_route_backend_outside_the_mesh_is_reached_at_its_cluster_ip_in_plaint
         CLIENT_IP,
         Some(&cgroup),
         CLIENT_UID,
-        &socket,
+        &mesh.socket,
         &[],
         dir.path().join("proxy-a.log"),
         &node.c,
@@ -189,7 +184,7 @@ async fn a_route_backend_outside_the_mesh_is_reached_at_its_cluster_ip_in_plaint
         format!(
             "\n--- client proxy:\n{}\n--- agent:\n{}",
             client.proxy.logs(),
-            agent.logs()
+            mesh.agent.logs()
         )
     };
     println!("  {url}: {} from {:?}", answer.status, answer.pod());

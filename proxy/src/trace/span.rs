@@ -284,4 +284,15 @@ pub struct SpanRecord {
 }
 
 #[cfg(test)]
+impl SpanRecord {
+    /// The value of the attribute `key`, if the span has it.
+    pub(crate) fn attribute(&self, key: &str) -> Option<&AttributeValue> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, value)| value)
+    }
+}
+
+#[cfg(test)]
 mod tests;

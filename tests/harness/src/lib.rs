@@ -613,7 +613,6 @@ pub async fn spawn_k8s_agent(
 pub struct K8sMesh {
     pub ca: CaProcess,
     pub agent: Proc,
-    pub agent_admin: SocketAddr,
     pub socket: PathBuf,
 }
 
@@ -634,12 +633,7 @@ pub async fn start_k8s_mesh(
     let (agent, agent_admin) =
         spawn_k8s_agent(dir, server, kubeconfig, &ca, agent_pod, node, &socket).await;
     wait_agent_ready(&agent, agent_admin, &format!("\nCA:\n{}", ca.logs())).await;
-    K8sMesh {
-        ca,
-        agent,
-        agent_admin,
-        socket,
-    }
+    K8sMesh { ca, agent, socket }
 }
 
 /// Waits up to 30 s for the agent's `/ready` on `admin`, panicking with its log (and `more`).

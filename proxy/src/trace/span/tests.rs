@@ -4,14 +4,6 @@ fn span(kind: SpanKind) -> ActiveSpan {
     ActiveSpan::start(TraceId([1; 16]), SpanId([2; 8]), Some(SpanId([3; 8])), kind)
 }
 
-fn attribute<'a>(record: &'a SpanRecord, key: &str) -> Option<&'a AttributeValue> {
-    record
-        .attributes
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map(|(_, value)| value)
-}
-
 #[test]
 fn spans_are_named_by_method_or_grpc_method() {
     let mut get = span(SpanKind::Server);
@@ -22,11 +14,11 @@ fn spans_are_named_by_method_or_grpc_method() {
     assert_eq!(other.name, "HTTP");
     let record = other.end(&SpanOutcome::default());
     assert_eq!(
-        attribute(&record, attr::HTTP_REQUEST_METHOD),
+        record.attribute(attr::HTTP_REQUEST_METHOD),
         Some(&"_OTHER".into())
     );
     assert_eq!(
-        attribute(&record, attr::HTTP_REQUEST_METHOD_ORIGINAL),
+        record.attribute(attr::HTTP_REQUEST_METHOD_ORIGINAL),
         Some(&"PURGE".into())
     );
     let mut grpc = span(SpanKind::Client);
@@ -38,15 +30,15 @@ fn spans_are_named_by_method_or_grpc_method() {
         ..SpanOutcome::default()
     });
     assert_eq!(
-        attribute(&record, attr::RPC_SYSTEM_NAME),
+        record.attribute(attr::RPC_SYSTEM_NAME),
         Some(&"grpc".into())
     );
     assert_eq!(
-        attribute(&record, attr::RPC_METHOD),
+        record.attribute(attr::RPC_METHOD),
         Some(&"echo.v1.Echo/Say".into())
     );
     assert_eq!(
-        attribute(&record, attr::RPC_RESPONSE_STATUS_CODE),
+        record.attribute(attr::RPC_RESPONSE_STATUS_CODE),
         Some(&"OK".into())
     );
     // A gRPC path that names no method keeps the HTTP name.
@@ -69,7 +61,7 @@ fn set_replaces_an_attribute() {
         .collect();
     assert_eq!(policies, [&(attr::SIGIL_POLICY, "ns/allow-a".into())]);
     assert_eq!(
-        attribute(&record, attr::SERVER_PORT),
+        record.attribute(attr::SERVER_PORT),
         Some(&AttributeValue::Int(8080))
     );
 }
@@ -129,7 +121,7 @@ fn status_follows_the_semantic_conventions() {
         let record = span(kind).end(&outcome);
         assert_eq!(record.error, error, "{kind:?} {outcome:?}");
         assert_eq!(
-            attribute(&record, attr::ERROR_TYPE),
+            record.attribute(attr::ERROR_TYPE),
             error_type.map(AttributeValue::from).as_ref(),
             "{kind:?} {outcome:?}"
         );
@@ -147,15 +139,15 @@ fn end_records_sizes_status_and_time() {
         ..SpanOutcome::default()
     });
     assert_eq!(
-        attribute(&record, attr::HTTP_RESPONSE_STATUS_CODE),
+        record.attribute(attr::HTTP_RESPONSE_STATUS_CODE),
         Some(&AttributeValue::Int(201))
     );
     assert_eq!(
-        attribute(&record, attr::HTTP_REQUEST_BODY_SIZE),
+        record.attribute(attr::HTTP_REQUEST_BODY_SIZE),
         Some(&AttributeValue::Int(12))
     );
     assert_eq!(
-        attribute(&record, attr::HTTP_RESPONSE_BODY_SIZE),
+        record.attribute(attr::HTTP_RESPONSE_BODY_SIZE),
         Some(&AttributeValue::Int(345))
     );
     assert_eq!(record.start, start);
