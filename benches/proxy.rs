@@ -85,7 +85,7 @@ use sigil_test_harness::load::{
     quantile, response_head, tail,
 };
 use sigil_test_harness::{
-    AGENT_ID, CaProcess, OfflineCa, Proc, free_addr, http_get, sigil_exe, spawn_agent,
+    AGENT_ID, CaProcess, OfflineCa, Proc, free_addr, http_get, sigil_proxy_exe, spawn_agent,
     unix_agent_args,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -559,8 +559,8 @@ fn start_sigil(shared: &Shared, config: &Config, key_exchange: &str) -> Running 
     let (outbound, inbound) = (free_addr(), free_addr());
     let start = |role: &'static str, args: Vec<String>| {
         let (admin, metrics) = (free_addr(), free_addr());
-        let mut cmd = Command::new(sigil_exe());
-        cmd.args(["proxy", "run", "--explicit", "--agent-socket"])
+        let mut cmd = Command::new(sigil_proxy_exe());
+        cmd.args(["run", "--explicit", "--agent-socket"])
             .arg(&shared.socket)
             .args(["--admin-addr", &admin.to_string()])
             .args(["--metrics-addr", &metrics.to_string()])
@@ -1401,10 +1401,10 @@ fn envoy_version(envoy: &Path) -> String {
         .to_string()
 }
 
-/// Whether this build's `sigil proxy run` has explicit mode.
+/// Whether this build's `sigil-proxy run` has explicit mode.
 fn sigil_has_explicit_mode() -> bool {
-    Command::new(sigil_exe())
-        .args(["proxy", "run", "--help"])
+    Command::new(sigil_proxy_exe())
+        .args(["run", "--help"])
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).contains("--explicit"))
         .unwrap_or(false)
@@ -1436,8 +1436,8 @@ async fn bench() -> ExitCode {
         .then(envoy_binary);
     if config.setups.contains(&Setup::Sigil) && !sigil_has_explicit_mode() {
         eprintln!(
-            "{} has no `proxy run --explicit`; leave sigil out of BENCH_SETUPS to run the others",
-            sigil_exe()
+            "{} has no `run --explicit`; leave sigil out of BENCH_SETUPS to run the others",
+            sigil_proxy_exe()
         );
         return ExitCode::FAILURE;
     }

@@ -3,34 +3,26 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use sigil_agent::config::AgentConfig;
+use sigil_base::bootstrap::{LogArgs, block_on, error_report, shutdown_signal};
 use sigil_ca::cli::{CaCommand, InspectCertArgs};
 use sigil_identity::tls::KeyExchange;
-use sigil_proxy::config::ProxyConfig;
-use sigil_proxy::init::InitConfig;
-use tokio::sync::watch;
+use sigil_proxy::cli::ProxyCommand;
 
 /// sigil: workload identity and mutual TLS for Kubernetes.
 ///
 /// One binary for every part: the CA (`sigil ca serve`), the node agent (`sigil agent run`), the
-/// bundled proxy (`sigil proxy run`, `sigil proxy init`), and
-/// operator tools (`sigil inspect`, `sigil stat`). Logs are JSON lines
-/// on stdout by default; set RUST_LOG (e.g. `info`, `sigil_ca=debug`) to change the level.
+/// bundled proxy (`sigil proxy run`, `sigil proxy init`; also alone as `sigil-proxy`, which
+/// injected sidecars run), and operator tools (`sigil inspect`, `sigil stat`). Logs are JSON
+/// lines on stdout by default; set RUST_LOG (e.g. `info`, `sigil_ca=debug`) to change the level.
 #[derive(Parser, Debug)]
 #[command(name = "sigil", version, about, long_about)]
 struct Cli {
-    /// Log format: json (one object per line, for collectors) or text (for people).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json)]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Json,
-    Text,
 }
 
 #[derive(Subcommand, Debug)]
@@ -43,7 +35,8 @@ enum Command {
     #[command(subcommand)]
     Agent(AgentCommand),
     /// The bundled proxy: `run` beside an application (mTLS in and out), `init` to install the
-    /// iptables rules that send the pod's traffic through it.
+    /// iptables rules that send the pod's traffic through it. The same as the `sigil-proxy`
+    /// binary, which injected sidecars run: it carries the proxy alone and maps less memory.
     #[command(subcommand)]
     Proxy(ProxyCommand),
     /// Look at what sigil issued.
@@ -75,14 +68,6 @@ enum AgentCommand {
 }
 
 #[derive(Subcommand, Debug)]
-enum ProxyCommand {
-    /// Run the proxy (see --help for transparent and explicit modes).
-    Run(Box<ProxyConfig>),
-    /// Install (or --cleanup) the iptables redirection in this network namespace.
-    Init(InitConfig),
-}
-
-#[derive(Subcommand, Debug)]
 enum InspectCommand {
     /// Print a certificate chain's identity, validity and every departure from sigil's profile;
     /// exits 1 if anything is wrong.
@@ -107,85 +92,29 @@ enum InspectCommand {
     Route(sigil_route::inspect::InspectRouteArgs),
 }
 
-/// Logs go to standard output, or to standard error for a command whose answer is standard
-/// output (`sigil inspect`).
-fn init_logging(format: LogFormat, to_stderr: bool) {
-    use tracing_subscriber::fmt::writer::BoxMakeWriter;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let writer = if to_stderr {
-        BoxMakeWriter::new(std::io::stderr)
-    } else {
-        BoxMakeWriter::new(std::io::stdout)
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-/// Flips to true on SIGTERM or Ctrl-C, so servers drain and exit.
-fn shutdown_signal() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutdown signal received");
-        let _ = tx.send(true);
-    });
-    rx
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo keeps stdout for its report and logs to files of its own.
     if !matches!(cli.command, Command::Demo(_)) {
-        init_logging(cli.log_format, matches!(cli.command, Command::Inspect(_)));
+        cli.log.init(matches!(cli.command, Command::Inspect(_)));
     }
-    // The proxy sizes its workers to its CPU limit (one worker: a single-threaded runtime, with
-    // no hand-off between threads); everything else takes tokio's default.
     // Before any TLS configuration: every connection of the process, sigil's own and the
     // Kubernetes client's, uses the key exchange the component was given.
     let key_exchange = match &cli.command {
         Command::Ca(CaCommand::Serve(config)) => config.tls_key_exchange,
         Command::Agent(AgentCommand::Run(config)) => config.tls_key_exchange,
-        Command::Proxy(ProxyCommand::Run(config)) => config.tls_key_exchange,
+        Command::Proxy(command) => command.key_exchange(),
         _ => KeyExchange::default(),
     };
     if let Err(e) = sigil_identity::tls::use_key_exchange(key_exchange) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    let mut runtime = match &cli.command {
-        Command::Proxy(ProxyCommand::Run(config)) if config.worker_threads() == 1 => {
-            tokio::runtime::Builder::new_current_thread()
-        }
-        Command::Proxy(ProxyCommand::Run(config)) => {
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.worker_threads(config.worker_threads());
-            runtime
-        }
+    let runtime = match &cli.command {
+        Command::Proxy(command) => command.runtime(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
-    let runtime = match runtime.enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    runtime.block_on(run(cli))
+    block_on(runtime, run(cli))
 }
 
 async fn run(cli: Cli) -> ExitCode {
@@ -200,13 +129,9 @@ async fn run(cli: Cli) -> ExitCode {
                 .map(|()| true)
                 .map_err(Into::into)
         }
-        Command::Proxy(ProxyCommand::Run(config)) => {
-            sigil_proxy::server::run(*config, shutdown_signal())
-                .await
-                .map(|()| true)
-                .map_err(Into::into)
-        }
-        Command::Proxy(ProxyCommand::Init(config)) => sigil_proxy::init::run(&config)
+        Command::Proxy(command) => command
+            .run(shutdown_signal())
+            .await
             .map(|()| true)
             .map_err(Into::into),
         Command::Inspect(InspectCommand::Agent { socket }) => {
@@ -243,7 +168,7 @@ async fn run(cli: Cli) -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
-            eprintln!("error: {}", error_report(&e));
+            eprintln!("error: {}", error_report(e.as_ref()));
             ExitCode::from(2)
         }
     }
@@ -281,20 +206,6 @@ async fn inspect_route(args: &sigil_route::inspect::InspectRouteArgs) -> anyhow:
         &catalog,
         &mut Stdout::new(),
     )?)
-}
-
-/// The error and its causes on one line, `outer: inner: ...`, leaving out a cause whose text the
-/// message already carries (many errors say their source in their own message).
-fn error_report(error: &anyhow::Error) -> String {
-    let mut report = error.to_string();
-    for cause in error.chain().skip(1) {
-        let cause = cause.to_string();
-        if !report.contains(&cause) {
-            report.push_str(": ");
-            report.push_str(&cause);
-        }
-    }
-    report
 }
 
 /// Standard output for commands that print an answer. Once the reader has gone (`sigil inspect
@@ -336,38 +247,5 @@ impl std::io::Write for Stdout {
             }
             other => other,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An error that says its source in its own message, and also returns it as its source.
-    #[derive(Debug)]
-    struct Embeds {
-        source: std::io::Error,
-    }
-
-    impl std::fmt::Display for Embeds {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "reading policy file p.yaml: {}", self.source)
-        }
-    }
-
-    impl std::error::Error for Embeds {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            Some(&self.source)
-        }
-    }
-
-    #[test]
-    fn a_cause_already_in_the_message_is_not_repeated() {
-        let e = anyhow::Error::new(Embeds {
-            source: std::io::Error::other("no such file"),
-        });
-        assert_eq!(error_report(&e), "reading policy file p.yaml: no such file");
-        let chained = anyhow::Error::new(std::io::Error::other("refused")).context("connecting");
-        assert_eq!(error_report(&chained), "connecting: refused");
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod cli;
 pub mod config;
 pub mod dial;
 pub mod feed;

@@ -958,7 +958,7 @@ fn ignored(pattern: &str, path: &str) -> bool {
 }
 
 #[test]
-fn the_dockerfile_builds_one_static_sigil_image() {
+fn the_dockerfile_builds_one_image_of_the_static_sigil_binaries() {
     let text = std::fs::read_to_string(deploy().join("Dockerfile")).unwrap();
     let instructions = dockerfile_instructions(&text);
     let stages: Vec<usize> = instructions
@@ -971,7 +971,8 @@ fn the_dockerfile_builds_one_static_sigil_image() {
     let build = &instructions[stages[0]..stages[1]];
     let run = &instructions[stages[1]..];
 
-    // Build: Rust new enough for the workspace, the locked `sigil` binary, static.
+    // Build: Rust new enough for the workspace, the locked `sigil` and `sigil-proxy` binaries,
+    // static.
     let (from, stage_name) = build[0].1.split_once(" AS ").unwrap();
     // Alpine's Rust: the musl target, static by default.
     let rust = from
@@ -990,18 +991,27 @@ fn the_dockerfile_builds_one_static_sigil_image() {
         .collect();
     for part in [
         "COPY . .",
-        "cargo build --profile dist --locked --bin sigil",
+        "cargo build --profile dist --locked --bin sigil --bin sigil-proxy",
         "cp target/dist/sigil /sigil",
+        "cp target/dist/sigil-proxy /sigil-proxy",
     ] {
         assert!(build_text.contains(part), "{part:?} not in\n{build_text}");
     }
     // Static without flags; +crt-static in RUSTFLAGS would break proc-macros on a musl host.
     assert!(!build_text.contains("crt-static"), "{build_text}");
 
-    // Run: the binary at /sigil, run as its entrypoint, as a non-root user by default, with
-    // the iptables that `sigil proxy init` runs.
+    // Run: the binaries at /sigil, run as the entrypoint, and at the path the injector runs the
+    // proxy from, as a non-root user by default, with the iptables that `sigil proxy init` runs.
     assert!(
         run.contains(&("COPY".into(), format!("--from={stage_name} /sigil /sigil"))),
+        "{run:?}"
+    );
+    let proxy = sigil_ca::inject::PROXY_COMMAND;
+    assert!(
+        run.contains(&(
+            "COPY".into(),
+            format!("--from={stage_name} {proxy} {proxy}")
+        )),
         "{run:?}"
     );
     assert!(

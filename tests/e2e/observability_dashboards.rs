@@ -39,7 +39,7 @@ use sigil_test_harness::netns::{
     http_get_in, proxy_init, require_root,
 };
 use sigil_test_harness::{
-    CaProcess, MeshHost, Proc, http_get, key_and_csr, metric, serve_h1_or_h2, sigil_exe,
+    CaProcess, MeshHost, Proc, http_get, key_and_csr, metric, serve_h1_or_h2, sigil_proxy_exe,
     sign_request, state_dir_bundle,
 };
 use tokio::task::JoinHandle;
@@ -645,8 +645,7 @@ async fn every_dashboard_query_returns_data_from_a_scraped_mesh() {
     let mut late_command = web.command_as(
         &LATE_UID.to_string(),
         &[
-            sigil_exe(),
-            "proxy",
+            sigil_proxy_exe(),
             "run",
             "--explicit",
             "--agent-socket",

@@ -454,8 +454,7 @@ async fn a_transparent_proxy_reads_the_original_destination_of_both_families() {
     }
     let dir = tempfile::tempdir().unwrap();
     let mut command = pod.command(&[
-        sigil_test_harness::sigil_exe(),
-        "proxy",
+        sigil_test_harness::sigil_proxy_exe(),
         "run",
         "--agent-socket",
         "/nonexistent/agent.sock",

@@ -12,7 +12,8 @@
 //! 1. `docker build` / `kind load`: the Dockerfile exists, its final stage runs `/sigil`, and the
 //!    tag is the image the rendered manifests run and the CA injects by default.
 //! 2. `kubectl apply -k`: renders with the real kubectl's kustomize; every container of the
-//!    built image has its arguments accepted by the binary; the CA starts; `rollout status`
+//!    built image runs a binary the image holds (`/sigil`, or `/sigil-proxy` for injected
+//!    proxies) with arguments that binary accepts; the CA starts; `rollout status`
 //!    names objects that exist in that namespace (and waits for the CA to be ready).
 //! 3. `create` / `label namespace`, `apply -f`: the rendered webhook's selectors (with the
 //!    API server's semantics) decide which pods are sent to the real injector, as AdmissionReviews
@@ -46,7 +47,7 @@ use sigil_test_apiserver::TestApiServer;
 use sigil_test_harness::manifests::{
     describe, dockerfile_instructions, kind, name, namespace, repo,
 };
-use sigil_test_harness::{CaProcess, sigil_exe};
+use sigil_test_harness::{CaProcess, sigil_exe, sigil_proxy_exe};
 use sigil_test_harness::{admission, manifests};
 
 /// The heading of the README section this test follows.
@@ -263,14 +264,19 @@ fn sigil_invocations(line: &CommandLine) -> Vec<Vec<String>> {
 /// Runs `sigil ARGS` with an empty environment (so no SIGIL_* variable of the test's changes what
 /// it prints) and no way to reach a cluster.
 fn run_sigil(args: &[String]) -> Output {
-    Command::new(sigil_exe())
+    run_binary(sigil_exe(), args)
+}
+
+/// [`run_sigil`] with any of the package's binaries.
+fn run_binary(program: &str, args: &[String]) -> Output {
+    Command::new(program)
         .args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("KUBECONFIG", "/nonexistent/kubeconfig")
         .stdin(Stdio::null())
         .output()
-        .expect("running sigil")
+        .unwrap_or_else(|e| panic!("running {program}: {e}"))
 }
 
 /// One option in a `--help` text.
@@ -324,13 +330,34 @@ fn help_subcommands(help: &str) -> Vec<String> {
         .collect()
 }
 
-/// The `sigil` binary's command-line interface, as its `--help` texts describe it.
-#[derive(Default)]
+/// A binary's command-line interface (`sigil`'s or `sigil-proxy`'s), as its `--help` texts
+/// describe it.
 struct Cli {
+    program: &'static str,
     help: Mutex<HashMap<Vec<String>, String>>,
 }
 
 impl Cli {
+    fn sigil() -> Cli {
+        Cli::of(sigil_exe())
+    }
+
+    fn sigil_proxy() -> Cli {
+        Cli::of(sigil_proxy_exe())
+    }
+
+    fn of(program: &'static str) -> Cli {
+        Cli {
+            program,
+            help: Mutex::default(),
+        }
+    }
+
+    /// The binary's name, as messages say it.
+    fn name(&self) -> &str {
+        self.program.rsplit('/').next().unwrap_or(self.program)
+    }
+
     /// `sigil PATH --help`.
     fn help<S: AsRef<str>>(&self, path: &[S]) -> String {
         let path: Vec<String> = path.iter().map(|s| s.as_ref().to_string()).collect();
@@ -339,10 +366,11 @@ impl Cli {
         }
         let mut args = path.clone();
         args.push("--help".into());
-        let out = run_sigil(&args);
+        let out = run_binary(self.program, &args);
         assert!(
             out.status.success(),
-            "`sigil {}` failed: {}",
+            "`{} {}` failed: {}",
+            self.name(),
             args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -357,7 +385,8 @@ impl Cli {
             .find(|o| o.names.iter().any(|n| n == flag))
             .unwrap_or_else(|| {
                 panic!(
-                    "`sigil {}` has no option {flag}",
+                    "`{} {}` has no option {flag}",
+                    self.name(),
                     path.iter()
                         .map(|s| s.as_ref())
                         .collect::<Vec<_>>()
@@ -406,12 +435,13 @@ impl Cli {
     /// Whether the binary's parser accepts `sigil ARGS`; the error says why not.
     fn accepts(&self, args: &[String]) -> Result<(), String> {
         let argv = self.check_args(args);
-        let out = run_sigil(&argv);
+        let out = run_binary(self.program, &argv);
         if out.status.success() {
             Ok(())
         } else {
             Err(format!(
-                "`sigil {}` exits with {}: {}",
+                "`{} {}` exits with {}: {}",
+                self.name(),
                 argv.join(" "),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -1027,6 +1057,10 @@ struct Ca {
 
 struct Quickstart {
     cli: Cli,
+    /// `sigil-proxy`'s, which injected proxies run.
+    proxy_cli: Cli,
+    /// What the built image's final stage puts where (COPY and ADD destinations).
+    image_paths: BTreeSet<String>,
     dir: tempfile::TempDir,
     server: TestApiServer,
     kubeconfig: PathBuf,
@@ -1052,7 +1086,9 @@ impl Quickstart {
         let kubeconfig = dir.path().join("kubeconfig");
         server.write_kubeconfig(&kubeconfig).unwrap();
         let mut quickstart = Quickstart {
-            cli: Cli::default(),
+            cli: Cli::sigil(),
+            proxy_cli: Cli::sigil_proxy(),
+            image_paths: BTreeSet::new(),
             dir,
             server,
             kubeconfig,
@@ -1255,8 +1291,8 @@ impl Quickstart {
     }
 
     /// Containers of the quickstart's image: a loaded tag, pulled only if absent (a loaded image
-    /// is not in any registry), run through the image's entrypoint with arguments the binary
-    /// accepts.
+    /// is not in any registry), run through the image's entrypoint or its `/sigil-proxy`, with
+    /// arguments that binary accepts.
     fn check_images(&self, object: &Value) {
         let spec = if kind(object) == "Pod" {
             &object["spec"]
@@ -1267,11 +1303,12 @@ impl Quickstart {
         for container in all_containers(spec) {
             let image = container["image"].as_str().unwrap_or_default();
             // sigil's containers: of the built image's repository, or running a subcommand of
-            // sigil through the image's entrypoint.
-            let runs_sigil = container["command"].is_null()
+            // sigil through the image's entrypoint, or the image's proxy.
+            let runs_sigil = (container["command"].is_null()
                 && manifests::args(container)
                     .first()
-                    .is_some_and(|a| top_level.contains(a));
+                    .is_some_and(|a| top_level.contains(a)))
+                || container["command"] == json!([sigil_ca::inject::PROXY_COMMAND]);
             if !self.is_built_repository(image) && !runs_sigil {
                 continue;
             }
@@ -1291,16 +1328,37 @@ impl Quickstart {
                      `kind load` did not put it"
                 ));
             }
-            if !(container["command"].is_null() || container["command"] == json!(["/sigil"])) {
-                self.fail(format!(
-                    "{what} overrides the image's entrypoint: {}",
-                    container["command"]
-                ));
-            }
-            if let Err(e) = self.cli.accepts(&manifests::args(container)) {
+            let cli = self
+                .binary_of(container)
+                .unwrap_or_else(|e| self.fail(format!("{what} {e}")));
+            if let Err(e) = cli.accepts(&manifests::args(container)) {
                 self.fail(format!("{what}: the binary refuses its arguments: {e}"));
             }
         }
+    }
+
+    /// The binary a container of the built image runs: the entrypoint `/sigil` (no `command`, or
+    /// `/sigil` itself) or `/sigil-proxy`, each where the image's final stage put it.
+    fn binary_of(&self, container: &Value) -> Result<&Cli, String> {
+        let command = &container["command"];
+        let (path, cli) = if command.is_null() || *command == json!(["/sigil"]) {
+            ("/sigil", &self.cli)
+        } else if *command == json!([sigil_ca::inject::PROXY_COMMAND]) {
+            (sigil_ca::inject::PROXY_COMMAND, &self.proxy_cli)
+        } else {
+            return Err(format!(
+                "overrides the image's entrypoint with {command}, which is neither /sigil nor \
+                 {}",
+                sigil_ca::inject::PROXY_COMMAND
+            ));
+        };
+        if !self.image_paths.contains(path) {
+            return Err(format!(
+                "runs {path}, which the image's final stage does not put there ({:?})",
+                self.image_paths
+            ));
+        }
+        Ok(cli)
     }
 
     /// Starts the real `sigil ca serve` as the rendered Deployment runs it: its arguments and
@@ -1708,11 +1766,12 @@ impl Quickstart {
                 let spec = &self.pods[pod].pod["spec"];
                 let admin = all_containers(spec)
                     .into_iter()
+                    .filter(|c| c["command"] == json!([sigil_ca::inject::PROXY_COMMAND]))
                     .map(manifests::args)
-                    .filter(|args| args.starts_with(&["proxy".to_string(), "run".to_string()]))
+                    .filter(|args| args.starts_with(&["run".to_string()]))
                     .map(|args| {
-                        self.cli
-                            .effective(&["proxy", "run"], &args[2..], &[], "--admin-addr")
+                        self.proxy_cli
+                            .effective(&["run"], &args[1..], &[], "--admin-addr")
                             .unwrap()
                     })
                     .next()
@@ -1810,9 +1869,12 @@ impl Quickstart {
                 "{dockerfile}: the final stage's ENTRYPOINT is {entrypoint}, not /sigil"
             ));
         }
-        if !run.iter().any(|(i, rest)| {
-            (i == "COPY" || i == "ADD") && rest.split_whitespace().last() == Some("/sigil")
-        }) {
+        self.image_paths = run
+            .iter()
+            .filter(|(i, _)| i == "COPY" || i == "ADD")
+            .filter_map(|(_, rest)| rest.split_whitespace().last().map(str::to_string))
+            .collect();
+        if !self.image_paths.contains("/sigil") {
             self.fail(format!(
                 "{dockerfile}: the final stage puts nothing at /sigil"
             ));
@@ -2141,7 +2203,7 @@ impl Quickstart {
     }
 
     /// After the last step: every pod the quickstart made is one Kubernetes 1.30 and the newest
-    /// version accept, and each meshed pod runs `sigil proxy init` and `sigil proxy run`.
+    /// version accept, and each meshed pod runs `/sigil proxy init` and `/sigil-proxy run`.
     fn finish(&self) {
         let mut meshed = 0;
         for record in &self.pods {
@@ -2149,16 +2211,21 @@ impl Quickstart {
                 continue;
             }
             meshed += 1;
-            let commands: Vec<Vec<String>> = all_containers(&record.pod["spec"])
+            // What each container runs: its binary's name and its first two arguments.
+            let commands: Vec<String> = all_containers(&record.pod["spec"])
                 .into_iter()
-                .map(|c| manifests::args(c).into_iter().take(2).collect())
+                .filter_map(|c| {
+                    let cli = self.binary_of(c).ok()?;
+                    let args: Vec<String> = manifests::args(c).into_iter().take(2).collect();
+                    Some(format!("{} {}", cli.name(), args.join(" ")))
+                })
                 .collect();
-            for wanted in [["proxy", "init"], ["proxy", "run"]] {
+            for wanted in ["sigil proxy init", "sigil-proxy run "] {
                 assert!(
-                    commands.contains(&wanted.map(str::to_string).to_vec()),
-                    "{}: an injected pod runs no `sigil {}`: {:#}",
+                    commands.iter().any(|c| c.starts_with(wanted)),
+                    "{}: an injected pod runs no `{}`: {:#}",
                     describe(&record.workload),
-                    wanted.join(" "),
+                    wanted.trim_end(),
                     record.pod
                 );
             }
@@ -2192,7 +2259,7 @@ async fn the_cluster_quickstart_works_as_far_as_it_can_without_a_cluster() {
 
 #[test]
 fn every_sigil_command_line_in_the_readme_is_accepted_by_the_binary() {
-    let cli = Cli::default();
+    let cli = Cli::sigil();
     let mut checked = Vec::new();
     let mut refused = Vec::new();
     for block in code_blocks(&readme()).iter().filter(|b| is_shell(&b.lang)) {
@@ -2245,7 +2312,7 @@ fn every_sigil_command_line_in_the_readme_is_accepted_by_the_binary() {
 /// semantics are Kubernetes'.
 #[test]
 fn the_checks_bite() {
-    let cli = Cli::default();
+    let cli = Cli::sigil();
     let words = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
     for good in [
         "inspect cert db.pem --bundle bundle.pem",

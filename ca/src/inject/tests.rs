@@ -92,11 +92,14 @@ fn http_probes_go_through_the_proxy_with_matching_flags() {
         "X-Probe"
     );
     assert_eq!(web["readinessProbe"]["periodSeconds"], 5);
+    assert_eq!(
+        pod["spec"]["initContainers"][1]["command"],
+        json!(["/sigil-proxy"])
+    );
     let proxy_args = pod["spec"]["initContainers"][1]["args"].clone();
     assert_eq!(
         proxy_args,
         json!([
-            "proxy",
             "run",
             "--concurrency",
             "2",

@@ -29,29 +29,38 @@ use sigil_test_apiserver::{TestApiServer, TokenSpec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
-/// The `sigil` binary under test. Cargo builds it into `target/<profile>/` before it runs
-/// integration tests and benches, and tells only those targets its path
-/// (`CARGO_BIN_EXE_sigil`); this library finds it next to the `deps/` directory the running test
-/// or bench binary is in.
+/// The `sigil` binary under test. Cargo builds the package's binaries into `target/<profile>/`
+/// before it runs integration tests and benches, and tells only those targets their paths
+/// (`CARGO_BIN_EXE_sigil`); this library finds them next to the `deps/` directory the running
+/// test or bench binary is in.
 pub fn sigil_exe() -> &'static str {
     static PATH: OnceLock<String> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let running = std::env::current_exe().expect("the path of the running test binary");
-        let profile_dir = running
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binaries run from target/<profile>/deps/");
-        let sigil = profile_dir.join("sigil");
-        assert!(
-            sigil.is_file(),
-            "no sigil binary at {} (cargo builds it for tests and benches)",
-            sigil.display()
-        );
-        sigil
-            .into_os_string()
-            .into_string()
-            .expect("a UTF-8 target directory")
-    })
+    PATH.get_or_init(|| built_binary("sigil"))
+}
+
+/// The `sigil-proxy` binary under test: the proxy alone, as injected sidecars run it
+/// (`sigil-proxy run` is `sigil proxy run`).
+pub fn sigil_proxy_exe() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| built_binary("sigil-proxy"))
+}
+
+fn built_binary(name: &str) -> String {
+    let running = std::env::current_exe().expect("the path of the running test binary");
+    let profile_dir = running
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries run from target/<profile>/deps/");
+    let binary = profile_dir.join(name);
+    assert!(
+        binary.is_file(),
+        "no {name} binary at {} (cargo builds it for tests and benches)",
+        binary.display()
+    );
+    binary
+        .into_os_string()
+        .into_string()
+        .expect("a UTF-8 target directory")
 }
 
 pub fn td() -> TrustDomain {
@@ -828,7 +837,7 @@ impl ProxyProcess {
     }
 }
 
-/// Starts `sigil proxy run ARGS` as `uid` (root if `None`) on fresh loopback admin and metrics
+/// Starts `sigil-proxy run ARGS` as `uid` (root if `None`) on fresh loopback admin and metrics
 /// ports, logging to `dir/<name>.log`, and waits for its `/ready`.
 pub async fn spawn_proxy(
     dir: &Path,
@@ -836,10 +845,11 @@ pub async fn spawn_proxy(
     uid: Option<u32>,
     args: &[String],
 ) -> ProxyProcess {
-    spawn_proxy_from(Path::new(sigil_exe()), dir, name, uid, args).await
+    spawn_proxy_from(Path::new(sigil_proxy_exe()), dir, name, uid, args).await
 }
 
-/// [`spawn_proxy`] with another `sigil` binary (benches/resources.rs measures an old build).
+/// [`spawn_proxy`] with another binary (benches/resources.rs measures an old build): `sigil-proxy
+/// run`, or `sigil proxy run` for a binary of another name (builds before `sigil-proxy` existed).
 pub async fn spawn_proxy_from(
     binary: &Path,
     dir: &Path,
@@ -849,7 +859,12 @@ pub async fn spawn_proxy_from(
 ) -> ProxyProcess {
     let (admin, metrics) = (free_addr(), free_addr());
     let mut cmd = Command::new(binary);
-    cmd.args(["proxy", "run"])
+    let run: &[&str] = if binary.file_name() == Some("sigil-proxy".as_ref()) {
+        &["run"]
+    } else {
+        &["proxy", "run"]
+    };
+    cmd.args(run)
         .args(args)
         .args(["--admin-addr", &admin.to_string()])
         .args(["--metrics-addr", &metrics.to_string()])

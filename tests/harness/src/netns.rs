@@ -36,7 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::{PodCgroup, Proc, metric, sigil_exe};
+use crate::{PodCgroup, Proc, metric, sigil_exe, sigil_proxy_exe};
 
 /// Debian's python3: unprivileged uids can run it (pyenv's lives under /root, mode 0700).
 pub const PYTHON: &str = "/usr/bin/python3";
@@ -596,7 +596,7 @@ fn restore(netns: &Netns, family: IpAddr, rules: &str) {
     );
 }
 
-/// A transparent `sigil proxy run` in a pod's namespace (and, if given, a container cgroup of
+/// A transparent `sigil-proxy run` in a pod's namespace (and, if given, a container cgroup of
 /// the pod, for the Kubernetes attestor), as the pod's proxy uid; killed on drop. Its /ready
 /// and /metrics (on the pod's address, port 15020: an IPv4 or an IPv6 one) are read from
 /// `observer`.
@@ -632,8 +632,7 @@ impl PodProxy {
         let mut command = pod.command_as(
             &uid,
             &[
-                sigil_exe(),
-                "proxy",
+                sigil_proxy_exe(),
                 "run",
                 "--agent-socket",
                 agent_socket.to_str().unwrap(),
