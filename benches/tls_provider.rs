@@ -2,11 +2,12 @@
 //! rustls provider and key exchange group costs, every variant in one run.
 //!
 //! Variants: ring as before issue 17 (X25519 first); ring with aws-lc-rs's X25519MLKEM768 plugged
-//! in for the key exchange only; aws-lc-rs for everything, with X25519MLKEM768 first and with
+//! in for the key exchange only, and the same with AES-128-GCM preferred; aws-lc-rs for everything, with X25519MLKEM768 first and with
 //! the classical groups only. For each, in one thread and in memory (no sockets, so only the
 //! crypto and rustls differ): full mutual-TLS 1.3 handshakes per second with sigil's settings
 //! (ECDSA P-256 leaves and CA, both chains verified, no resumption), the bytes each side sends
-//! in the handshake, and bulk AES-128-GCM throughput over one connection. Then the CA's work per
+//! in the handshake, and bulk throughput over one connection with the cipher suite the variant
+//! agrees (each provider's default order prefers AES-256-GCM; one variant puts AES-128-GCM first). Then the CA's work per
 //! certificate with each library: ECDSA P-256 signatures and verifications per second.
 //!
 //! Rounds alternate the variants (A B C D A B C D ...) so that load from other processes on a
@@ -136,6 +137,49 @@ fn variants() -> Vec<Variant> {
                 ring_provider::default_provider(),
                 &[&[aws_provider::kx_group::X25519MLKEM768][..], &ring_kx].concat(),
             ),
+        },
+        Variant {
+            name: "ring + ML-KEM, AES-128 1st",
+            provider: {
+                let mut provider = ring_provider::default_provider();
+                provider.kx_groups =
+                    [&[aws_provider::kx_group::X25519MLKEM768][..], &ring_kx].concat();
+                provider.cipher_suites = vec![
+                    ring_provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
+                    ring_provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+                    ring_provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+                ];
+                Arc::new(provider)
+            },
+        },
+        Variant {
+            name: "ring + ML-KEM, aws SHA-384",
+            provider: {
+                let mut provider = ring_provider::default_provider();
+                provider.kx_groups =
+                    [&[aws_provider::kx_group::X25519MLKEM768][..], &ring_kx].concat();
+                let (
+                    rustls::SupportedCipherSuite::Tls13(ring),
+                    rustls::SupportedCipherSuite::Tls13(aws),
+                ) = (
+                    ring_provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+                    aws_provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+                )
+                else {
+                    unreachable!()
+                };
+                let mixed: &'static rustls::Tls13CipherSuite =
+                    Box::leak(Box::new(rustls::Tls13CipherSuite {
+                        common: rustls::crypto::CipherSuiteCommon {
+                            hash_provider: aws.common.hash_provider,
+                            ..ring.common
+                        },
+                        hkdf_provider: aws.hkdf_provider,
+                        ..*ring
+                    }));
+                provider.cipher_suites = vec![rustls::SupportedCipherSuite::Tls13(mixed)];
+                Arc::new(provider)
+            },
         },
         Variant {
             name: "aws-lc-rs, X25519MLKEM768",
@@ -321,9 +365,10 @@ fn main() {
         }
     }
     println!(
-        "{:<27} {:>15} {:>13} {:>13} {:>14} {:>10}",
+        "{:<27} {:>15} {:>24} {:>13} {:>13} {:>14} {:>10}",
         "provider, first group",
         "group agreed",
+        "suite agreed",
         "handshakes/s",
         "client bytes",
         "server bytes",
@@ -336,10 +381,15 @@ fn main() {
             .negotiated_key_exchange_group()
             .map(|g| format!("{:?}", g.name()))
             .unwrap_or_default();
+        let suite = c
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite()))
+            .unwrap_or_default();
         println!(
-            "{:<27} {:>15} {:>13.0} {:>13} {:>14} {:>10.0}",
+            "{:<27} {:>15} {:>24} {:>13.0} {:>13} {:>14} {:>10.0}",
             variant.name,
             group,
+            suite,
             median(rates[i].clone()),
             client_bytes,
             server_bytes,
