@@ -126,6 +126,11 @@ fn variants() -> Vec<Variant> {
         aws_provider::kx_group::SECP256R1,
         aws_provider::kx_group::SECP384R1,
     ];
+    // ring with aws-lc-rs's hybrid group first: sigil's provider.
+    let ring_hybrid = || CryptoProvider {
+        kx_groups: [&[aws_provider::kx_group::X25519MLKEM768][..], &ring_kx].concat(),
+        ..ring_provider::default_provider()
+    };
     vec![
         Variant {
             name: "ring, X25519 (before)",
@@ -133,53 +138,25 @@ fn variants() -> Vec<Variant> {
         },
         Variant {
             name: "ring + aws-lc-rs ML-KEM",
-            provider: with_groups(
-                ring_provider::default_provider(),
-                &[&[aws_provider::kx_group::X25519MLKEM768][..], &ring_kx].concat(),
-            ),
+            provider: Arc::new(ring_hybrid()),
         },
         Variant {
             name: "ring + ML-KEM, AES-128 1st",
-            provider: {
-                let mut provider = ring_provider::default_provider();
-                provider.kx_groups =
-                    [&[aws_provider::kx_group::X25519MLKEM768][..], &ring_kx].concat();
-                provider.cipher_suites = vec![
+            provider: Arc::new(CryptoProvider {
+                cipher_suites: vec![
                     ring_provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
                     ring_provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
                     ring_provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-                ];
-                Arc::new(provider)
-            },
+                ],
+                ..ring_hybrid()
+            }),
         },
         Variant {
             name: "ring + ML-KEM, aws SHA-384",
-            provider: {
-                let mut provider = ring_provider::default_provider();
-                provider.kx_groups =
-                    [&[aws_provider::kx_group::X25519MLKEM768][..], &ring_kx].concat();
-                let (
-                    rustls::SupportedCipherSuite::Tls13(ring),
-                    rustls::SupportedCipherSuite::Tls13(aws),
-                ) = (
-                    ring_provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
-                    aws_provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
-                )
-                else {
-                    unreachable!()
-                };
-                let mixed: &'static rustls::Tls13CipherSuite =
-                    Box::leak(Box::new(rustls::Tls13CipherSuite {
-                        common: rustls::crypto::CipherSuiteCommon {
-                            hash_provider: aws.common.hash_provider,
-                            ..ring.common
-                        },
-                        hkdf_provider: aws.hkdf_provider,
-                        ..*ring
-                    }));
-                provider.cipher_suites = vec![rustls::SupportedCipherSuite::Tls13(mixed)];
-                Arc::new(provider)
-            },
+            provider: Arc::new(CryptoProvider {
+                cipher_suites: vec![aes256_with_aws_lc_sha384()],
+                ..ring_hybrid()
+            }),
         },
         Variant {
             name: "aws-lc-rs, X25519MLKEM768",
@@ -193,6 +170,26 @@ fn variants() -> Vec<Variant> {
             provider: with_groups(aws_provider::default_provider(), &aws_kx),
         },
     ]
+}
+
+/// TLS_AES_256_GCM_SHA384 with ring's AES-GCM and aws-lc-rs's SHA-384 and HKDF: whether the
+/// transcript hash, not the cipher, is what the AES-256 suite costs in a handshake.
+fn aes256_with_aws_lc_sha384() -> rustls::SupportedCipherSuite {
+    let (rustls::SupportedCipherSuite::Tls13(ring), rustls::SupportedCipherSuite::Tls13(aws)) = (
+        ring_provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        aws_provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+    ) else {
+        unreachable!("both are TLS 1.3 suites")
+    };
+    let mixed: &'static rustls::Tls13CipherSuite = Box::leak(Box::new(rustls::Tls13CipherSuite {
+        common: rustls::crypto::CipherSuiteCommon {
+            hash_provider: aws.common.hash_provider,
+            ..ring.common
+        },
+        hkdf_provider: aws.hkdf_provider,
+        ..*ring
+    }));
+    rustls::SupportedCipherSuite::Tls13(mixed)
 }
 
 /// Moves every pending TLS byte from `from` to `to` and lets `to` process them; returns how many.
