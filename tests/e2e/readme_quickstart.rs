@@ -279,6 +279,11 @@ fn run_binary(program: &str, args: &[String]) -> Output {
         .unwrap_or_else(|e| panic!("running {program}: {e}"))
 }
 
+/// Whether a container's arguments start with the subcommand `path` (`["agent", "run"]`).
+fn runs_subcommand(args: &[String], path: &[&str]) -> bool {
+    args.len() >= path.len() && args.iter().zip(path).all(|(a, p)| a == p)
+}
+
 /// One option in a `--help` text.
 #[derive(Debug)]
 struct OptionHelp {
@@ -1138,10 +1143,7 @@ impl Quickstart {
         self.objects.iter().find_map(|o| {
             all_containers(&o["spec"]["template"]["spec"])
                 .into_iter()
-                .find(|c| {
-                    let args = manifests::args(c);
-                    args.len() >= path.len() && args.iter().zip(path).all(|(a, p)| a == p)
-                })
+                .find(|c| runs_subcommand(&manifests::args(c), path))
                 .map(|c| (o.clone(), c.clone()))
         })
     }
@@ -1768,7 +1770,7 @@ impl Quickstart {
                     .into_iter()
                     .filter(|c| c["command"] == json!([sigil_ca::inject::PROXY_COMMAND]))
                     .map(manifests::args)
-                    .filter(|args| args.starts_with(&["run".to_string()]))
+                    .filter(|args| runs_subcommand(args, &["run"]))
                     .map(|args| {
                         self.proxy_cli
                             .effective(&["run"], &args[1..], &[], "--admin-addr")
@@ -2211,21 +2213,21 @@ impl Quickstart {
                 continue;
             }
             meshed += 1;
-            // What each container runs: its binary's name and its first two arguments.
-            let commands: Vec<String> = all_containers(&record.pod["spec"])
+            // What each container runs: its binary's name and its arguments.
+            let commands: Vec<(&str, Vec<String>)> = all_containers(&record.pod["spec"])
                 .into_iter()
-                .filter_map(|c| {
-                    let cli = self.binary_of(c).ok()?;
-                    let args: Vec<String> = manifests::args(c).into_iter().take(2).collect();
-                    Some(format!("{} {}", cli.name(), args.join(" ")))
-                })
+                .filter_map(|c| Some((self.binary_of(c).ok()?.name(), manifests::args(c))))
                 .collect();
-            for wanted in ["sigil proxy init", "sigil-proxy run "] {
+            for (binary, subcommand) in
+                [("sigil", &["proxy", "init"][..]), ("sigil-proxy", &["run"])]
+            {
                 assert!(
-                    commands.iter().any(|c| c.starts_with(wanted)),
-                    "{}: an injected pod runs no `{}`: {:#}",
+                    commands
+                        .iter()
+                        .any(|(name, args)| *name == binary && runs_subcommand(args, subcommand)),
+                    "{}: an injected pod runs no `{binary} {}`: {:#}",
                     describe(&record.workload),
-                    wanted.trim_end(),
+                    subcommand.join(" "),
                     record.pod
                 );
             }
