@@ -50,6 +50,7 @@ use sigil_test_harness::netns::{
     ClusterIpService, LinkAddrs, Netns, Node, PYTHON, PodProxy, RecordingServer, http_get_in,
     proxy_init, require_ipv6, require_root,
 };
+use sigil_test_harness::otlp::hex;
 use sigil_test_harness::{DB_ID, MeshHost, WEB_ID, eventually, serve_keep_alive};
 use tokio::io::AsyncReadExt;
 
@@ -200,16 +201,39 @@ fn raw_listener(b: &Netns, port: u16) -> RecordingServer {
                 _ => break,
             }
         }
-        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        seen.lock().unwrap().push(format!("{peer} {hex}"));
+        seen.lock().unwrap().push(format!("{peer} {}", hex(&bytes)));
     })
 }
 
 /// Whether a raw listener's record (`peer hex`) is a TLS ClientHello: a handshake record
-/// (0x16 0x03 ..) whose first message is a ClientHello (0x01), with no plaintext request.
+/// (0x16 0x03 ..) whose first message is a ClientHello (0x01), and nothing but whole TLS records
+/// after it, so no plaintext request. (Searching the bytes for "GET" instead fails now and then:
+/// a ClientHello's 1.4 KB of random key shares holds those three bytes about once in 6,000.)
 fn is_client_hello(record: &str) -> bool {
     let hex = record.rsplit(' ').next().unwrap_or_default();
-    hex.len() > 12 && hex.starts_with("1603") && &hex[10..12] == "01" && !hex.contains("474554")
+    let Some(bytes) = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return false;
+    };
+    if bytes.len() <= 5 || bytes[..2] != [0x16, 0x03] || bytes[5] != 0x01 {
+        return false;
+    }
+    // TLS records back to back: content type 20-23, version 3.x, a length within the limit.
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let [kind, 0x03, _, high, low, ..] = *rest else {
+            return false;
+        };
+        let length = usize::from(u16::from_be_bytes([high, low]));
+        if !(0x14..=0x17).contains(&kind) || length > (1 << 14) + 256 || rest.len() < 5 + length {
+            return false;
+        }
+        rest = &rest[5 + length..];
+    }
+    true
 }
 
 /// A GET from the test process (root, so redirected in a pod) in `netns`: the body if the
@@ -671,4 +695,25 @@ async fn ip_blocks_on_an_ipv6_cidr_allow_and_deny_as_written_on_dual_stack_pods(
         return;
     }
     ip_blocks_over(POLICY_DUAL_STACK).await;
+}
+
+/// The ClientHello check accepts whole TLS records only, whatever their random bytes hold: a
+/// real hybrid ClientHello (from a CI run) whose key share holds the bytes "GET" passes; the
+/// same followed by a plaintext request, a plaintext request alone, or a cut record do not.
+#[test]
+fn client_hellos_are_told_from_plaintext_by_their_records() {
+    let hello = include_str!("../fixtures/tls/client-hello-x25519mlkem768.hex").trim();
+    assert!(
+        hello.contains("474554"),
+        "the fixture holds \"GET\" by chance"
+    );
+    let peer = "[2001:2:0:11::a]:50226";
+    assert!(is_client_hello(&format!("{peer} {hello}")));
+    let get = hex(b"GET / HTTP/1.1\r\n\r\n");
+    assert!(!is_client_hello(&format!("{peer} {hello}{get}")));
+    assert!(!is_client_hello(&format!("{peer} {get}")));
+    assert!(!is_client_hello(&format!(
+        "{peer} {}",
+        &hello[..hello.len() - 2]
+    )));
 }
