@@ -68,8 +68,10 @@ pub const STATUS_CODE: &str = "status_code";
 pub const GRPC_STATUS: &str = "grpc_status";
 /// The `grpc-status` of a gRPC call that succeeded.
 pub const GRPC_STATUS_OK: &str = "0";
-/// Outbound: how a request ended: [`RESULT_OK`], or what the proxy answered itself and why
-/// ([`RESULT_TIMEOUT`], `no_endpoints`, `upstream_failed`, `no_route`...); inbound: empty.
+/// How a request ended. Outbound: [`RESULT_OK`], or what the proxy answered itself and why
+/// ([`RESULT_TIMEOUT`], `no_endpoints`, `upstream_failed`, `no_route`...); inbound:
+/// `allowed` (passed to the application, whatever it answered), `denied`, `rate_limited`,
+/// `bad_request` or `upstream_failed`.
 pub const RESULT: &str = "result";
 /// An answer passed on from the backend.
 pub const RESULT_OK: &str = "ok";

@@ -208,7 +208,7 @@ pub struct RequestLabels {
     /// The response's `grpc-status` (trailer, or header of a trailers-only response); empty
     /// for a response that is not gRPC.
     pub grpc_status: Option<u32>,
-    /// Outbound: how the request ended, [`RequestOutcome::result`]; inbound: empty.
+    /// How the request ended, [`RequestOutcome::result`].
     pub result: &'static str,
 }
 
@@ -269,7 +269,9 @@ pub struct RequestOutcome {
     /// itself, and why (`timeout`: a route timeout, 504 before the response head, the
     /// backend's status after it, the response cut short; `no_endpoints`, `upstream_failed`,
     /// `no_route`, `bad_request`, `redirect`, `no_backend`, `invalid_backend`), the same word
-    /// as the access log's `result`. Inbound: empty (a bounded set either way).
+    /// as the access log's `result`. Inbound: the inbound access log's word, `allowed` for a
+    /// request the application answered, else the proxy's own answer (`denied`,
+    /// `rate_limited`, `bad_request`, `upstream_failed`). A bounded set either way.
     pub result: &'static str,
     pub duration: std::time::Duration,
     pub request_bytes: u64,

@@ -218,11 +218,12 @@ async fn send(
     (status, body, trailers, headers)
 }
 
-fn requests_series(status: u16) -> String {
+/// The inbound request counter's series for `status`, which the proxy counts with `result`.
+fn requests_series(status: u16, result: &str) -> String {
     format!(
         "sigil_proxy_requests_total{{direction=\"inbound\",service=\"\",route=\"\",peer_namespace=\"demo\",\
          peer_service_account=\"web\",status_class=\"{}xx\",status_code=\"{status}\",grpc_status=\"\",\
-         result=\"\"}}",
+         result=\"{result}\"}}",
         status / 100
     )
 }
@@ -294,12 +295,13 @@ async fn http1_requests_carried_over_http2_reach_an_http1_app_over_few_reused_co
     let (status, _, _, _) = send(&h2, carried("/a%00b", full(""))).await;
     assert_eq!(status, 400);
 
-    // The golden metrics: every request once, by status, for the web workload.
+    // The golden metrics: every request once, by status and by what the proxy did with it
+    // (the refusals are its own answers, told from the application's by `result`).
     let proxy = &p.proxy;
-    eventually("the requests counted by status", || async {
-        proxy.metric(&requests_series(200)).await == (REQUESTS + 1) as f64
-            && proxy.metric(&requests_series(403)).await == 1.0
-            && proxy.metric(&requests_series(400)).await == 1.0
+    eventually("the requests counted by status and result", || async {
+        proxy.metric(&requests_series(200, "allowed")).await == (REQUESTS + 1) as f64
+            && proxy.metric(&requests_series(403, "denied")).await == 1.0
+            && proxy.metric(&requests_series(400, "bad_request")).await == 1.0
     })
     .await;
     let peer = "direction=\"inbound\",service=\"\",route=\"\",peer_namespace=\"demo\",peer_service_account=\"web\"";
@@ -778,7 +780,7 @@ async fn grpc_keeps_http2_and_is_counted_by_its_grpc_status() {
         format!(
             "sigil_proxy_requests_total{{direction=\"inbound\",service=\"\",route=\"\",peer_namespace=\"demo\",\
              peer_service_account=\"web\",status_class=\"2xx\",status_code=\"200\",grpc_status=\"{grpc}\",\
-             result=\"\"}}"
+             result=\"allowed\"}}"
         )
     };
     let proxy = &p.proxy;

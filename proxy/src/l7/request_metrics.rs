@@ -220,7 +220,7 @@ impl Pending {
             peer: self.metrics.peer.clone(),
             status: self.status,
             grpc_status: self.grpc_status,
-            result: "",
+            result: self.facts.as_ref().map_or("", |facts| facts.result),
             duration: self.duration,
             request_bytes,
             response_bytes: self.response_bytes,
