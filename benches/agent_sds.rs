@@ -644,6 +644,10 @@ async fn unix_setup(dir: &Path, samples: u32) -> UnixSetup {
             "certs",
             "--static-entries",
             dir.join("entries.yaml").to_str().unwrap(),
+            // One agent signs for every identity here: the agent is measured, not the CA's
+            // per-caller budget (500 a second by default).
+            "--max-signs-per-caller",
+            "0",
         ],
     );
     ca.wait_ready().await;
@@ -717,7 +721,14 @@ async fn kubernetes_memory(dir: &Path, pods: usize) -> Prefetch {
     let mut ca = CaProcess::start(
         dir,
         Some(&kubeconfig),
-        &["--auth", "tokenreview", "--no-root-configmaps"],
+        // The agent's 1,000 identities at once, beyond the default per-caller budget (500).
+        &[
+            "--auth",
+            "tokenreview",
+            "--no-root-configmaps",
+            "--max-signs-per-caller",
+            "0",
+        ],
     );
     ca.wait_ready().await;
     let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =

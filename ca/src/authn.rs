@@ -14,6 +14,7 @@ use kube::api::{Api, PostParams};
 use sigil_identity::{SpiffeId, TrustDomain};
 use tokio::sync::{OnceCell, Semaphore, watch};
 
+use crate::budget::Budgets;
 use crate::jwt::{self, Jwks, Validation};
 use crate::metrics::{CacheLabels, CacheResult, Metrics};
 use crate::pods::{self, PodIndex};
@@ -38,8 +39,6 @@ pub const REVIEWS_PER_SOURCE_BURST: f64 = 20.0;
 /// ...refilled at this rate. A node agent needs one review per token refresh; a flood of
 /// made-up tokens from one address is refused before it reaches the API server.
 pub const REVIEWS_PER_SOURCE_PER_SECOND: f64 = 5.0;
-/// Most source addresses whose review budget is tracked at once.
-const MAX_TRACKED_SOURCES: usize = 4096;
 /// Extra keys TokenReview puts on pod-bound tokens.
 const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
@@ -101,6 +100,49 @@ pub struct Caller {
     pub credential: Credential,
 }
 
+impl Caller {
+    /// Whose signing budget this caller spends: the pod of a pod-bound token (node agents are
+    /// pods of one service account, and each has a budget of its own), else its SPIFFE ID.
+    pub fn principal(&self) -> Principal {
+        match &self.credential {
+            Credential::Token(TokenIdentity {
+                pod: Some((name, uid)),
+                namespace,
+                ..
+            }) => Principal::Pod {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                uid: uid.clone(),
+            },
+            _ => Principal::Id(self.id.clone()),
+        }
+    }
+}
+
+/// One caller, as the CA's per-caller limits count them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Principal {
+    Pod {
+        namespace: String,
+        name: String,
+        uid: String,
+    },
+    Id(SpiffeId),
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Pod {
+                namespace,
+                name,
+                uid,
+            } => write!(f, "pod {namespace}/{name} (uid {uid})"),
+            Principal::Id(id) => write!(f, "{id}"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Credential {
     Token(TokenIdentity),
@@ -138,7 +180,7 @@ pub struct Authenticator {
     /// Bounds TokenReview calls in flight, so a flood of bogus tokens cannot flood the API server.
     review_slots: Semaphore,
     /// Each source address's remaining TokenReview budget.
-    review_budgets: Mutex<HashMap<IpAddr, Budget>>,
+    review_budgets: Budgets<IpAddr>,
     metrics: Arc<Metrics>,
 }
 
@@ -167,20 +209,6 @@ impl Reviewed {
     }
 }
 
-/// A token bucket: `REVIEWS_PER_SOURCE_BURST` reviews, refilled continuously.
-#[derive(Clone, Copy, Debug)]
-struct Budget {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Budget {
-    fn refilled(self, now: Instant) -> f64 {
-        let earned = now.duration_since(self.at).as_secs_f64() * REVIEWS_PER_SOURCE_PER_SECOND;
-        (self.tokens + earned).min(REVIEWS_PER_SOURCE_BURST)
-    }
-}
-
 impl Authenticator {
     pub fn new(
         trust_domain: TrustDomain,
@@ -200,7 +228,7 @@ impl Authenticator {
             pods,
             cache: Mutex::new(HashMap::new()),
             review_slots: Semaphore::new(MAX_CONCURRENT_TOKEN_REVIEWS),
-            review_budgets: Mutex::new(HashMap::new()),
+            review_budgets: Budgets::new(REVIEWS_PER_SOURCE_BURST, REVIEWS_PER_SOURCE_PER_SECOND),
             metrics,
         }
     }
@@ -275,7 +303,7 @@ impl Authenticator {
                     .get_or_init(|| async {
                         reviewed.store(true, Ordering::Relaxed);
                         let result = match source {
-                            Some(ip) if !self.spend_review_budget(ip, Instant::now()) => {
+                            Some(ip) if !self.review_budgets.spend(&ip, Instant::now()) => {
                                 Err(AuthnError::RateLimited(ip))
                             }
                             _ => {
@@ -392,30 +420,6 @@ impl Authenticator {
             }),
             Some(_) => Ok(()),
         }
-    }
-
-    /// Takes one TokenReview from `source`'s budget; false when it has none left.
-    fn spend_review_budget(&self, source: IpAddr, now: Instant) -> bool {
-        let mut budgets = self.review_budgets.lock().expect("review budget lock");
-        if budgets.len() >= MAX_TRACKED_SOURCES && !budgets.contains_key(&source) {
-            // Sources whose budget is full again are the same as untracked ones.
-            budgets.retain(|_, b| b.refilled(now) < REVIEWS_PER_SOURCE_BURST);
-            if budgets.len() >= MAX_TRACKED_SOURCES {
-                // Every tracked source is spending: start over rather than grow without bound.
-                budgets.clear();
-            }
-        }
-        let budget = budgets.entry(source).or_insert(Budget {
-            tokens: REVIEWS_PER_SOURCE_BURST,
-            at: now,
-        });
-        let tokens = budget.refilled(now);
-        let granted = tokens >= 1.0;
-        *budget = Budget {
-            tokens: if granted { tokens - 1.0 } else { tokens },
-            at: now,
-        };
-        granted
     }
 
     /// The cache cell for a token: its cached review if still fresh, else a new empty cell

@@ -190,6 +190,13 @@ pub struct CaConfig {
     /// authenticated a call yet; each has 10 s after its handshake to authenticate one.
     #[arg(long, default_value_t = crate::tls_server::MAX_UNAUTHENTICATED_PER_SOURCE)]
     pub max_connections_per_source: usize,
+
+    /// Signing requests one caller may make at once and per second (its budget refills at that
+    /// rate); beyond it the caller gets RESOURCE_EXHAUSTED "retry later" and the audit log says
+    /// why. A caller is one pod for a pod-bound token (each node agent has its own budget),
+    /// else one SPIFFE ID. 0: no limit.
+    #[arg(long, default_value_t = crate::service::SIGNS_PER_CALLER)]
+    pub max_signs_per_caller: u32,
 }
 
 /// A collector URL as `sigil proxy run --trace-collector` takes it (`http://HOST[:PORT][/PATH]`),

@@ -8,6 +8,7 @@ pub mod authn;
 pub mod authn_first;
 pub mod authority;
 pub mod authz;
+pub mod budget;
 pub mod cli;
 pub mod conditions;
 pub mod config;

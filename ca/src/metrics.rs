@@ -26,6 +26,8 @@ pub enum DenyReason {
     InvalidTtl,
     InvalidRequest,
     Unavailable,
+    /// The caller's signing budget is spent (`--max-signs-per-caller`).
+    RateLimited,
     Internal,
 }
 
@@ -53,6 +55,7 @@ impl DenyReason {
             DenyReason::InvalidTtl => "invalid_ttl",
             DenyReason::InvalidRequest => "invalid_request",
             DenyReason::Unavailable => "unavailable",
+            DenyReason::RateLimited => "rate_limited",
             DenyReason::Internal => "internal",
         }
     }

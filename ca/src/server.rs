@@ -231,6 +231,7 @@ pub async fn serve(config: CaConfig, signalled: watch::Receiver<bool>) -> Result
             default: config.default_ttl,
             max: config.max_ttl,
         },
+        config.max_signs_per_caller,
         metrics.clone(),
     );
 

@@ -23,9 +23,10 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::audit::{self, Record};
-use crate::authn::{Authenticator, Caller, Credential};
+use crate::authn::{Authenticator, Caller, Credential, Principal};
 use crate::authority::{Authority, AuthorityError, Issued, SharedAuthority};
 use crate::authz::Authorizer;
+use crate::budget::Budgets;
 use crate::metrics::{Api, ApiLabels, DenyLabels, DenyReason, Metrics};
 use crate::tls_server::PeerInfo;
 use sigil_identity::bundle::certificate_to_pem;
@@ -37,6 +38,11 @@ const SIGIL_SERVICE: &str = "sigil.ca.v1.CertificateAuthority";
 const ISTIO_SERVICE: &str = "istio.v1.auth.IstioCertificateService";
 /// Istio's metadata key for node-agent impersonation.
 pub const ISTIO_IMPERSONATE_KEY: &str = "ImpersonatedIdentity";
+/// Signing requests one caller ([`Principal`]) may make at once and per second by default:
+/// SPIRE's limit per source address. A node agent renewing 250 pods' certificates at once stays
+/// under it; one caller flooding the CA gets a small share of what it can sign (about 8,000 a
+/// second per core, BENCHMARKS.md).
+pub const SIGNS_PER_CALLER: u32 = 500;
 
 /// Lifetimes the CA hands out.
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +64,7 @@ impl Refusal {
             DenyReason::Unauthenticated => Status::unauthenticated("authentication failed"),
             DenyReason::PermissionDenied => Status::permission_denied("permission denied"),
             DenyReason::Unavailable => Status::unavailable("CA unavailable, retry later"),
+            DenyReason::RateLimited => Status::resource_exhausted("too many requests, retry later"),
             DenyReason::Internal => Status::internal("internal error"),
             DenyReason::InvalidTtl | DenyReason::InvalidCsr | DenyReason::InvalidRequest => {
                 // The caller's own input: say which field and what is wrong with it.
@@ -99,22 +106,30 @@ pub struct Ca {
     authn: Authenticator,
     authz: Authorizer,
     ttl: TtlPolicy,
+    /// Each caller's signing budget, and its size (None: no limit).
+    sign_budgets: Option<(Budgets<Principal>, u32)>,
     metrics: Arc<Metrics>,
 }
 
 impl Ca {
+    /// `signs_per_caller`: the signing requests one caller may make at once and per second
+    /// (0: no limit).
     pub fn new(
         authority: watch::Receiver<SharedAuthority>,
         authn: Authenticator,
         authz: Authorizer,
         ttl: TtlPolicy,
+        signs_per_caller: u32,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let per_caller = f64::from(signs_per_caller);
         Arc::new(Ca {
             authority,
             authn,
             authz,
             ttl,
+            sign_budgets: (signs_per_caller > 0)
+                .then(|| (Budgets::new(per_caller, per_caller), signs_per_caller)),
             metrics,
         })
     }
@@ -266,6 +281,17 @@ impl Ca {
             Credential::Token(_) => "token",
             Credential::ClientCert => "client-cert",
         });
+        // Before anything that costs the CA more than a lookup (the CSR's signature check, the
+        // signature): one caller cannot take the CA's whole signing rate from everyone else.
+        if let Some((budgets, per_second)) = &self.sign_budgets {
+            let principal = caller.principal();
+            if !budgets.spend(&principal, Instant::now()) {
+                return Err(Refusal::new(
+                    DenyReason::RateLimited,
+                    format!("more than {per_second} signing requests per second from {principal}"),
+                ));
+            }
+        }
         let identity = self
             .authz
             .authorize(&caller, impersonate)
@@ -479,7 +505,7 @@ mod tests {
     use prometheus_client::registry::Registry;
     use sigil_identity::TrustDomain;
 
-    fn ca_with(authority: Authority) -> (Arc<Ca>, Arc<Metrics>) {
+    fn ca_with(authority: Authority, signs_per_caller: u32) -> (Arc<Ca>, Arc<Metrics>) {
         let td = TrustDomain::new("cluster.local").unwrap();
         let metrics = Arc::new(Metrics::new(&mut Registry::default()));
         let (_, rx) = watch::channel(Arc::new(authority));
@@ -501,7 +527,10 @@ mod tests {
             default: Duration::from_secs(3600),
             max: Duration::from_secs(7200),
         };
-        (Ca::new(rx, authn, authz, ttl, metrics.clone()), metrics)
+        (
+            Ca::new(rx, authn, authz, ttl, signs_per_caller, metrics.clone()),
+            metrics,
+        )
     }
 
     fn peer(id: &str) -> PeerInfo {
@@ -514,7 +543,10 @@ mod tests {
 
     #[tokio::test]
     async fn sign_without_a_key_is_unavailable() {
-        let (ca, metrics) = ca_with(Authority::empty(TrustDomain::new("cluster.local").unwrap()));
+        let (ca, metrics) = ca_with(
+            Authority::empty(TrustDomain::new("cluster.local").unwrap()),
+            SIGNS_PER_CALLER,
+        );
         let key = rcgen::KeyPair::generate().unwrap();
         let peer = peer("spiffe://cluster.local/ns/a/sa/b");
         let status = ca
@@ -543,18 +575,66 @@ mod tests {
         assert_eq!(denied, 1);
     }
 
-    #[tokio::test]
-    async fn istio_request_with_negative_validity_is_rejected_not_defaulted() {
+    /// An authority holding a signing key.
+    fn signing_authority() -> Authority {
         let td = TrustDomain::new("cluster.local").unwrap();
         let (signer, root) = crate::authority::tests::test_root(&td);
         let signer = Arc::new(signer);
-        let authority = Authority {
+        Authority {
             trust_domain: td.clone(),
             serving_signer: Some(signer.clone()),
             signer: Some(signer),
             bundle: sigil_identity::TrustBundle::new(td, vec![root], 1),
+        }
+    }
+
+    #[tokio::test]
+    async fn each_caller_has_a_signing_budget_of_its_own() {
+        let (ca, metrics) = ca_with(signing_authority(), 2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let sign = |id: &'static str| {
+            let ca = ca.clone();
+            let csr = csr::build_csr(&key);
+            async move {
+                let peer = peer(id);
+                ca.issue(
+                    Api::Sigil,
+                    csr,
+                    Ok(0),
+                    "",
+                    Credentials {
+                        metadata: &MetadataMap::new(),
+                        peer: Some(&peer),
+                        caller: None,
+                    },
+                )
+                .await
+                .map(|_| ())
+            }
         };
-        let (ca, _) = ca_with(authority);
+        let flooding = "spiffe://cluster.local/ns/a/sa/flood";
+        assert!(sign(flooding).await.is_ok());
+        assert!(sign(flooding).await.is_ok());
+        let status = sign(flooding).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(status.message(), "too many requests, retry later");
+        assert!(
+            sign("spiffe://cluster.local/ns/a/sa/other").await.is_ok(),
+            "another caller is served"
+        );
+        let limited = metrics
+            .denied
+            .get_or_create(&DenyLabels {
+                api: Api::Sigil,
+                reason: DenyReason::RateLimited,
+            })
+            .get();
+        assert_eq!(limited, 1);
+    }
+
+    #[tokio::test]
+    async fn istio_request_with_negative_validity_is_rejected_not_defaulted() {
+        let (ca, _) = ca_with(signing_authority(), SIGNS_PER_CALLER);
         let key = rcgen::KeyPair::generate().unwrap();
         let csr_pem = rcgen::CertificateParams::default()
             .serialize_request(&key)

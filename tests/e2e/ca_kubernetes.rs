@@ -937,3 +937,76 @@ async fn token_reviews_are_bounded_per_source_and_rejections_are_remembered() {
         ca.audit()
     );
 }
+
+/// One caller flooding the CA with signing requests (a compromised node agent, say) gets its
+/// budget and "retry later" beyond it; other callers, among them another pod of the same
+/// service account, are still served, and the audit log names the caller.
+#[tokio::test]
+async fn signing_is_bounded_per_caller_and_other_callers_are_still_served() {
+    let c = cluster().await;
+    let web_2 = c
+        .server
+        .add_pod(&PodSpec::new("demo", "web-2", "web", "node-a"));
+    let mut ca = c.start_ca(&["--max-signs-per-caller", "5"]);
+    ca.wait_ready().await;
+    let bundle = c.secret_bundle().await;
+    let mut client = ca.client(&bundle, None).await;
+
+    let flooding = c.token(&c.web);
+    let started = std::time::Instant::now();
+    let (mut signed, mut retry_later) = (0, 0);
+    for _ in 0..40 {
+        let (_, csr) = key_and_csr();
+        match client.sign(sign_request(csr, 0, "", Some(&flooding))).await {
+            Ok(_) => signed += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert_eq!(status.message(), "too many requests, retry later");
+                retry_later += 1;
+            }
+        }
+    }
+    // 5 at once, 5 more per second.
+    let budget = 5 + (5.0 * started.elapsed().as_secs_f64()).ceil() as u64;
+    assert!(
+        signed <= budget && retry_later >= 40 - budget,
+        "{signed} signed, {retry_later} refused (budget {budget})"
+    );
+
+    // Another pod of the same service account, and an agent signing for the flooding pod's
+    // identity, are callers of their own.
+    let (_, csr) = key_and_csr();
+    client
+        .sign(sign_request(csr, 0, "", Some(&c.token(&web_2))))
+        .await
+        .unwrap();
+    let (_, csr) = key_and_csr();
+    client
+        .sign(sign_request(
+            csr,
+            0,
+            "spiffe://cluster.local/ns/demo/sa/web",
+            Some(&c.token(&c.agent_a)),
+        ))
+        .await
+        .unwrap();
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let limited: Vec<_> = ca
+        .audit()
+        .into_iter()
+        .filter(|r| r["reason"] == "rate_limited")
+        .collect();
+    assert_eq!(limited.len() as u64, retry_later, "{limited:#?}");
+    let detail = limited[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("more than 5 signing requests per second from pod demo/web-1 (uid "),
+        "{detail}"
+    );
+    assert!(
+        ca.metrics().await.contains(&format!(
+            "sigil_ca_sign_denied_total{{api=\"sigil\",reason=\"rate_limited\"}} {retry_later}"
+        )),
+        "the refusals are counted"
+    );
+}
