@@ -547,32 +547,41 @@ mod tests {
             Authority::empty(TrustDomain::new("cluster.local").unwrap()),
             SIGNS_PER_CALLER,
         );
-        let key = rcgen::KeyPair::generate().unwrap();
-        let peer = peer("spiffe://cluster.local/ns/a/sa/b");
-        let status = ca
-            .issue(
-                Api::Sigil,
-                csr::build_csr(&key),
-                Ok(0),
-                "",
-                Credentials {
-                    metadata: &MetadataMap::new(),
-                    peer: Some(&peer),
-                    caller: None,
-                },
-            )
+        let status = sign_as(&ca, "spiffe://cluster.local/ns/a/sa/b")
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
         assert_eq!(status.code(), tonic::Code::Unavailable);
-        let denied = metrics
+        assert_eq!(denied(&metrics, DenyReason::Unavailable), 1);
+    }
+
+    /// Asks `ca` for a certificate of its own identity as the client certificate `id`.
+    async fn sign_as(ca: &Ca, id: &str) -> Result<(), Status> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let peer = peer(id);
+        ca.issue(
+            Api::Sigil,
+            csr::build_csr(&key),
+            Ok(0),
+            "",
+            Credentials {
+                metadata: &MetadataMap::new(),
+                peer: Some(&peer),
+                caller: None,
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Signing requests of the sigil API refused for `reason`.
+    fn denied(metrics: &Metrics, reason: DenyReason) -> u64 {
+        metrics
             .denied
             .get_or_create(&DenyLabels {
                 api: Api::Sigil,
-                reason: DenyReason::Unavailable,
+                reason,
             })
-            .get();
-        assert_eq!(denied, 1);
+            .get()
     }
 
     /// An authority holding a signing key.
@@ -591,45 +600,19 @@ mod tests {
     #[tokio::test]
     async fn each_caller_has_a_signing_budget_of_its_own() {
         let (ca, metrics) = ca_with(signing_authority(), 2);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let sign = |id: &'static str| {
-            let ca = ca.clone();
-            let csr = csr::build_csr(&key);
-            async move {
-                let peer = peer(id);
-                ca.issue(
-                    Api::Sigil,
-                    csr,
-                    Ok(0),
-                    "",
-                    Credentials {
-                        metadata: &MetadataMap::new(),
-                        peer: Some(&peer),
-                        caller: None,
-                    },
-                )
-                .await
-                .map(|_| ())
-            }
-        };
         let flooding = "spiffe://cluster.local/ns/a/sa/flood";
-        assert!(sign(flooding).await.is_ok());
-        assert!(sign(flooding).await.is_ok());
-        let status = sign(flooding).await.unwrap_err();
+        assert!(sign_as(&ca, flooding).await.is_ok());
+        assert!(sign_as(&ca, flooding).await.is_ok());
+        let status = sign_as(&ca, flooding).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert_eq!(status.message(), "too many requests, retry later");
         assert!(
-            sign("spiffe://cluster.local/ns/a/sa/other").await.is_ok(),
+            sign_as(&ca, "spiffe://cluster.local/ns/a/sa/other")
+                .await
+                .is_ok(),
             "another caller is served"
         );
-        let limited = metrics
-            .denied
-            .get_or_create(&DenyLabels {
-                api: Api::Sigil,
-                reason: DenyReason::RateLimited,
-            })
-            .get();
-        assert_eq!(limited, 1);
+        assert_eq!(denied(&metrics, DenyReason::RateLimited), 1);
     }
 
     #[tokio::test]
