@@ -32,6 +32,7 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client
 use futures::StreamExt;
 use futures::channel::mpsc::{UnboundedSender, unbounded};
 use sigil_test_apiserver::{PodSpec, TestApiServer, TokenSpec};
+use sigil_test_harness::load::env_or;
 use sigil_test_harness::{CaProcess, cpu_seconds, free_addr, http_get, metric, sigil_exe};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
@@ -49,13 +50,6 @@ const CLIENT_SOCKET_ENV: &str = "SIGIL_BENCH_SDS_SOCKET";
 /// The SPIFFE ID the client process must receive.
 const CLIENT_EXPECT_ENV: &str = "SIGIL_BENCH_SDS_EXPECT";
 const FANOUT_TTL: &str = "6s";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn bench_id(index: u32) -> String {
     format!("spiffe://cluster.local/ns/bench/sa/w-{index}")
@@ -830,8 +824,8 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn bench() {
-    let samples = env_or("BENCH_SAMPLES", 50) as u32;
-    let streams = env_or("BENCH_STREAMS", 1000) as usize;
+    let samples = env_or("BENCH_SAMPLES", 50u32);
+    let streams = env_or("BENCH_STREAMS", 1000usize);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);

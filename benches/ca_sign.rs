@@ -19,6 +19,7 @@ use sigil_proto::sigil::ca::v1::certificate_authority_client::CertificateAuthori
 use sigil_test_apiserver::{PodSpec, TestApiServer, TokenAlg, TokenSpec};
 use tokio::sync::Mutex;
 
+use sigil_test_harness::load::env_or;
 use sigil_test_harness::{cpu_seconds, free_addr, sigil_exe};
 
 struct Ca(Child);
@@ -28,13 +29,6 @@ impl Drop for Ca {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[derive(Clone, Copy)]
@@ -239,8 +233,8 @@ fn ring_limit() -> (f64, f64) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let seconds = env_or("BENCH_SECONDS", 5);
-    let concurrency = env_or("BENCH_CONCURRENCY", 32) as usize;
+    let seconds = env_or("BENCH_SECONDS", 5u64);
+    let concurrency = env_or("BENCH_CONCURRENCY", 32usize);
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
