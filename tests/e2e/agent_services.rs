@@ -131,10 +131,7 @@ impl ServicesClient {
         .await;
         match line {
             Ok(Some(hex)) => {
-                let bytes: Vec<u8> = (0..hex.len())
-                    .step_by(2)
-                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-                    .collect();
+                let bytes = unhex(&hex).expect("the agent writes whole bytes of hex");
                 let update = ServiceUpdate::decode(bytes.as_slice()).unwrap();
                 // Checked entry by entry as the proxy checks it.
                 self.table = self.table.apply(&update, &td()).unwrap();

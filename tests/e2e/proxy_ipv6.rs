@@ -50,8 +50,7 @@ use sigil_test_harness::netns::{
     ClusterIpService, LinkAddrs, Netns, Node, PYTHON, PodProxy, RecordingServer, http_get_in,
     proxy_init, require_ipv6, require_root,
 };
-use sigil_test_harness::otlp::hex;
-use sigil_test_harness::{DB_ID, MeshHost, WEB_ID, eventually, serve_keep_alive};
+use sigil_test_harness::{DB_ID, MeshHost, WEB_ID, eventually, hex, serve_keep_alive, unhex};
 use tokio::io::AsyncReadExt;
 
 /// A's proxy: attested as WEB, excluded from A's redirection.
@@ -211,11 +210,7 @@ fn raw_listener(b: &Netns, port: u16) -> RecordingServer {
 /// a ClientHello's 1.4 KB of random key shares holds those three bytes about once in 6,000.)
 fn is_client_hello(record: &str) -> bool {
     let hex = record.rsplit(' ').next().unwrap_or_default();
-    let Some(bytes) = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()
-    else {
+    let Some(bytes) = unhex(hex) else {
         return false;
     };
     if bytes.len() <= 5 || bytes[..2] != [0x16, 0x03] || bytes[5] != 0x01 {

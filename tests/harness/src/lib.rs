@@ -355,6 +355,19 @@ pub fn bundle_from_der(roots: &[Vec<u8>]) -> TrustBundle {
     )
 }
 
+/// Lower-case hex, as trace and span ids are written in headers and logs.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes `hex` spells (either case); None if it is not whole bytes of hex digits.
+pub fn unhex(hex: &str) -> Option<Vec<u8>> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 pub fn pem(der: &[u8]) -> String {
     sigil_identity::bundle::certificate_to_pem(der)
 }

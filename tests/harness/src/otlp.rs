@@ -32,6 +32,7 @@ use sigil_proto::opentelemetry::proto::trace::v1::Span;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::hex;
 use crate::netns::Netns;
 
 /// The OTLP/gRPC port (the Collector's default).
@@ -112,11 +113,6 @@ pub fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
         AnyValue::DoubleValue(d) => d.to_string(),
         other => format!("{other:?}"),
     })
-}
-
-/// Lower-case hex, as trace and span ids are written in headers and logs.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The spans of `request`, each with its resource's `service.name`.
