@@ -35,10 +35,18 @@ impl<K: Hash + Eq + Clone> Budgets<K> {
         }
     }
 
+    /// How many a budget earns back per second.
+    pub fn per_second(&self) -> f64 {
+        self.per_second
+    }
+
     /// Takes one from `key`'s budget; false (and nothing taken) when it has none left.
     pub fn spend(&self, key: &K, now: Instant) -> bool {
         let mut buckets = self.buckets.lock().expect("budget lock");
-        if buckets.len() >= MAX_TRACKED_KEYS && !buckets.contains_key(key) {
+        if let Some(bucket) = buckets.get_mut(key) {
+            return self.take(bucket, now);
+        }
+        if buckets.len() >= MAX_TRACKED_KEYS {
             // Keys whose budget is full again are the same as untracked ones.
             buckets.retain(|_, b| self.refilled(*b, now) < self.burst);
             if buckets.len() >= MAX_TRACKED_KEYS {
@@ -46,14 +54,17 @@ impl<K: Hash + Eq + Clone> Budgets<K> {
                 buckets.clear();
             }
         }
-        if !buckets.contains_key(key) {
-            let full = Bucket {
-                tokens: self.burst,
-                at: now,
-            };
-            buckets.insert(key.clone(), full);
-        }
-        let bucket = buckets.get_mut(key).expect("inserted above");
+        let mut bucket = Bucket {
+            tokens: self.burst,
+            at: now,
+        };
+        let granted = self.take(&mut bucket, now);
+        buckets.insert(key.clone(), bucket);
+        granted
+    }
+
+    /// Refills `bucket` to `now` and takes one from it if it has one.
+    fn take(&self, bucket: &mut Bucket, now: Instant) -> bool {
         let tokens = self.refilled(*bucket, now);
         let granted = tokens >= 1.0;
         *bucket = Bucket {

@@ -106,8 +106,8 @@ pub struct Ca {
     authn: Authenticator,
     authz: Authorizer,
     ttl: TtlPolicy,
-    /// Each caller's signing budget, and its size (None: no limit).
-    sign_budgets: Option<(Budgets<Principal>, u32)>,
+    /// Each caller's signing budget (None: no limit).
+    sign_budgets: Option<Budgets<Principal>>,
     metrics: Arc<Metrics>,
 }
 
@@ -128,8 +128,7 @@ impl Ca {
             authn,
             authz,
             ttl,
-            sign_budgets: (signs_per_caller > 0)
-                .then(|| (Budgets::new(per_caller, per_caller), signs_per_caller)),
+            sign_budgets: (signs_per_caller > 0).then(|| Budgets::new(per_caller, per_caller)),
             metrics,
         })
     }
@@ -283,12 +282,15 @@ impl Ca {
         });
         // Before anything that costs the CA more than a lookup (the CSR's signature check, the
         // signature): one caller cannot take the CA's whole signing rate from everyone else.
-        if let Some((budgets, per_second)) = &self.sign_budgets {
+        if let Some(budgets) = &self.sign_budgets {
             let principal = caller.principal();
             if !budgets.spend(&principal, Instant::now()) {
                 return Err(Refusal::new(
                     DenyReason::RateLimited,
-                    format!("more than {per_second} signing requests per second from {principal}"),
+                    format!(
+                        "more than {} signing requests per second from {principal}",
+                        budgets.per_second()
+                    ),
                 ));
             }
         }
