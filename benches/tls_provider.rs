@@ -2,12 +2,13 @@
 //! rustls provider and key exchange group costs, every variant in one run.
 //!
 //! Variants: ring as before issue 17 (X25519 first); ring with aws-lc-rs's X25519MLKEM768 plugged
-//! in for the key exchange only, and the same with AES-128-GCM preferred; aws-lc-rs for everything, with X25519MLKEM768 first and with
-//! the classical groups only. For each, in one thread and in memory (no sockets, so only the
-//! crypto and rustls differ): full mutual-TLS 1.3 handshakes per second with sigil's settings
+//! in for the key exchange only (sigil's provider), the same with AES-128-GCM preferred, and the
+//! same with SHA-384 and HKDF from aws-lc-rs; aws-lc-rs for everything, with X25519MLKEM768 first
+//! and with the classical groups only. For each, in one thread and in memory (no sockets, so only
+//! the crypto and rustls differ): full mutual-TLS 1.3 handshakes per second with sigil's settings
 //! (ECDSA P-256 leaves and CA, both chains verified, no resumption), the bytes each side sends
 //! in the handshake, and bulk throughput over one connection with the cipher suite the variant
-//! agrees (each provider's default order prefers AES-256-GCM; one variant puts AES-128-GCM first). Then the CA's work per
+//! agrees (each provider's default order prefers AES-256-GCM). Then the CA's work per
 //! certificate with each library: ECDSA P-256 signatures and verifications per second.
 //!
 //! Rounds alternate the variants (A B C D A B C D ...) so that load from other processes on a
