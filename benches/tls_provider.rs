@@ -112,6 +112,53 @@ struct Variant {
     provider: Arc<CryptoProvider>,
 }
 
+/// The configurations sigil's proxies build (`sigil_identity::tls`), with SVIDs from sigil's
+/// profile: the client expects the server's SPIFFE ID, the server requires a client SVID.
+fn sigil_configs() -> (Arc<ClientConfig>, Arc<ServerConfig>) {
+    use sigil_identity::profile::{KeyKind, ca_params, leaf_params};
+    use sigil_identity::tls::{CertifiedKey, ClientAuth, ExpectedServer};
+    use sigil_identity::{SpiffeId, TrustBundle, TrustDomain};
+
+    let td = TrustDomain::new("cluster.local").expect("trust domain");
+    let now = time::OffsetDateTime::now_utc();
+    let (not_before, not_after) = (
+        now - time::Duration::hours(1),
+        now + time::Duration::hours(1),
+    );
+    let ca_key = KeyPair::generate().expect("CA key");
+    let ca = ca_params(&td, "bench root", not_before, not_after, None);
+    let root = ca
+        .self_signed(&ca_key)
+        .expect("CA certificate")
+        .der()
+        .clone();
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    let svid = |id: &SpiffeId| {
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = leaf_params(id, KeyKind::EcdsaP256, not_before, not_after)
+            .signed_by(&key, &issuer)
+            .expect("leaf certificate");
+        CertifiedKey {
+            chain: vec![cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+        }
+    };
+    let server_id = SpiffeId::parse("spiffe://cluster.local/ns/bench/sa/server").expect("ID");
+    let client_id = SpiffeId::parse("spiffe://cluster.local/ns/bench/sa/client").expect("ID");
+    let bundle = TrustBundle::new(td, vec![root], 1);
+    let server =
+        sigil_identity::tls::server_config(&svid(&server_id), &bundle, ClientAuth::Required, &[])
+            .expect("sigil server config");
+    let client = sigil_identity::tls::client_config(
+        Some(&svid(&client_id)),
+        &bundle,
+        ExpectedServer::Spiffe(server_id),
+        &[],
+    )
+    .expect("sigil client config");
+    (Arc::new(client), Arc::new(server))
+}
+
 fn variants() -> Vec<Variant> {
     let with_groups = |mut provider: CryptoProvider, groups: &[&'static dyn SupportedKxGroup]| {
         provider.kx_groups = groups.to_vec();
@@ -347,8 +394,11 @@ fn main() {
     let for_ = Duration::from_secs(env_or("BENCH_SECONDS", 2));
     let rounds = env_or("BENCH_ROUNDS", 5).max(1);
     let pki = Pki::new();
-    let variants = variants();
-    let configs: Vec<_> = variants.iter().map(|v| pki.configs(&v.provider)).collect();
+    let mut variants: Vec<(&str, _)> = variants()
+        .iter()
+        .map(|v| (v.name, pki.configs(&v.provider)))
+        .collect();
+    variants.push(("sigil's configs", sigil_configs()));
 
     println!(
         "# {rounds} rounds x {}s per variant, variants alternating; median round; one thread",
@@ -357,7 +407,7 @@ fn main() {
     let mut rates = vec![Vec::new(); variants.len()];
     let mut bulk = vec![Vec::new(); variants.len()];
     for _ in 0..rounds {
-        for (i, (client, server)) in configs.iter().enumerate() {
+        for (i, (_, (client, server))) in variants.iter().enumerate() {
             rates[i].push(handshakes_per_second(client, server, for_));
             bulk[i].push(bulk_mb_per_second(client, server, for_ / 2));
         }
@@ -372,8 +422,7 @@ fn main() {
         "server bytes",
         "bulk MB/s"
     );
-    for (i, variant) in variants.iter().enumerate() {
-        let (client, server) = &configs[i];
+    for (i, (name, (client, server))) in variants.iter().enumerate() {
         let (c, _, client_bytes, server_bytes) = handshake(client, server);
         let group = c
             .negotiated_key_exchange_group()
@@ -385,7 +434,7 @@ fn main() {
             .unwrap_or_default();
         println!(
             "{:<27} {:>15} {:>24} {:>13.0} {:>13} {:>14} {:>10.0}",
-            variant.name,
+            name,
             group,
             suite,
             median(rates[i].clone()),

@@ -1,7 +1,8 @@
 //! rustls configurations that authenticate peers by SPIFFE ID: TLS 1.3 only, one crypto provider
 //! for the whole process (key exchange X25519MLKEM768 first, unless `--tls-key-exchange
-//! classical`), chains verified by webpki against a [`TrustBundle`], then the leaf's SPIFFE ID
-//! checked against the bundle's trust domain (and, for clients, the expected server identity).
+//! classical`), chains verified by webpki against a [`TrustBundle`] (once per chain and
+//! configuration while the chain is valid: [`verified_chains`]), then the leaf's SPIFFE ID checked
+//! against the bundle's trust domain (and, for clients, the expected server identity).
 //!
 //! Verifiers report why they reject a peer through `rustls::Error`, so handshake failures in
 //! logs name the reason; [`TlsError::from`] turns such an error back into a [`TlsError`].
@@ -28,6 +29,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use crate::bundle::{BundleError, TrustBundle};
 use crate::profile::{ProfileError, leaf_spiffe_id};
 use crate::spiffe::{SpiffeId, TrustDomain};
+
+mod verified_chains;
+use verified_chains::VerifiedChains;
 
 /// Why a peer or a TLS configuration was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -349,8 +353,8 @@ fn alpn_list(alpn: &[&[u8]]) -> Vec<Vec<u8>> {
 }
 
 /// A TLS 1.3 server config presenting `identity`; client certificates (if asked for) are
-/// checked by [`SpiffeClientVerifier`]. Session resumption is off so every connection's peer is
-/// verified against the current bundle.
+/// checked by [`SpiffeClientVerifier`]. Session resumption is off so every connection's peer
+/// proves its key and is checked against the current bundle.
 pub fn server_config(
     identity: &CertifiedKey,
     bundle: &TrustBundle,
@@ -389,7 +393,8 @@ pub fn server_config_with_versions(
 }
 
 /// A TLS 1.3 client config, presenting `identity` if given and verifying the server as
-/// `server` says. Resumption is off (as in ztunnel) so the server is verified every time.
+/// `server` says. Resumption is off (as in ztunnel) so the server proves its key and is checked
+/// every time.
 pub fn client_config(
     identity: Option<&CertifiedKey>,
     bundle: &TrustBundle,
@@ -471,10 +476,12 @@ fn name_ca_as_leaf(e: rustls::Error) -> rustls::Error {
 }
 
 /// Verifies client certificates: the chain by webpki against the bundle (client-auth EKU),
-/// then the leaf must be an X.509-SVID of the bundle's trust domain.
+/// once per chain while it is valid ([`verified_chains`]), then the leaf must be an X.509-SVID
+/// of the bundle's trust domain.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     chain: Arc<dyn ClientCertVerifier>,
+    verified: VerifiedChains,
     trust_domain: TrustDomain,
 }
 
@@ -496,6 +503,7 @@ impl SpiffeClientVerifier {
             .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
         Ok(SpiffeClientVerifier {
             chain,
+            verified: VerifiedChains::default(),
             trust_domain: bundle.trust_domain.clone(),
         })
     }
@@ -520,8 +528,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.chain
-            .verify_client_cert(end_entity, intermediates, now)
+        self.verified
+            .verify_once(end_entity, intermediates, now, || {
+                self.chain
+                    .verify_client_cert(end_entity, intermediates, now)
+                    .map(|_| ())
+            })
             .map_err(name_ca_as_leaf)?;
         peer_spiffe_id(std::slice::from_ref(end_entity), &self.trust_domain)
             .map_err(TlsError::into_rustls)?;
@@ -552,11 +564,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 /// Verifies server certificates by SPIFFE ID instead of hostname: the chain by webpki against
-/// the bundle (server-auth EKU), then the leaf must be an X.509-SVID of the bundle's trust
+/// the bundle (server-auth EKU), once per chain while it is valid ([`verified_chains`]), then the
+/// leaf must be an X.509-SVID of the bundle's trust
 /// domain and, if an identity is expected, exactly that identity.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
+    verified: VerifiedChains,
     trust_domain: TrustDomain,
     expected: Option<SpiffeId>,
     algorithms: WebPkiSupportedAlgorithms,
@@ -576,6 +590,7 @@ impl SpiffeServerVerifier {
         }
         Ok(SpiffeServerVerifier {
             roots: Arc::new(bundle.root_store()?),
+            verified: VerifiedChains::default(),
             trust_domain: bundle.trust_domain.clone(),
             expected,
             algorithms: crypto_provider().signature_verification_algorithms,
@@ -592,15 +607,18 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms.all,
-        )
-        .map_err(name_ca_as_leaf)?;
+        self.verified
+            .verify_once(end_entity, intermediates, now, || {
+                let cert = ParsedCertificate::try_from(end_entity)?;
+                verify_server_cert_signed_by_trust_anchor(
+                    &cert,
+                    &self.roots,
+                    intermediates,
+                    now,
+                    self.algorithms.all,
+                )
+            })
+            .map_err(name_ca_as_leaf)?;
         let got = peer_spiffe_id(std::slice::from_ref(end_entity), &self.trust_domain)
             .map_err(TlsError::into_rustls)?;
         if let Some(expected) = &self.expected

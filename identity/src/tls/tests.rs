@@ -412,6 +412,69 @@ fn peer_spiffe_id_checks() {
     );
 }
 
+/// Both verifiers keep a chain they verified, and still refuse it once a certificate in it has
+/// expired, or when it is presented under a wrong identity.
+#[test]
+fn verified_chains_are_reused_only_while_valid() {
+    let root = TestCa::root("example.org");
+    let intermediate = root.intermediate(None);
+    let (leaf, _) = intermediate.leaf(SERVER);
+    let chain = [intermediate.der.clone()];
+    let bundle = root.bundle();
+    let expiry = |der: &CertificateDer<'_>| {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+        cert.validity().not_after.timestamp() as u64
+    };
+    let after = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+        expiry(&leaf).min(expiry(&intermediate.der)) + 1,
+    ));
+    let name = ServerName::try_from("x").unwrap();
+
+    let servers = SpiffeServerVerifier::new(&bundle, Some(spiffe(SERVER))).unwrap();
+    for _ in 0..2 {
+        servers
+            .verify_server_cert(&leaf, &chain, &name, &[], UnixTime::now())
+            .unwrap();
+    }
+    assert_eq!(
+        TlsError::from(
+            servers
+                .verify_server_cert(&leaf, &chain, &name, &[], after)
+                .unwrap_err()
+        ),
+        TlsError::Expired
+    );
+    let wrong = SpiffeServerVerifier::new(&bundle, Some(spiffe(CLIENT))).unwrap();
+    wrong
+        .verify_server_cert(&leaf, &chain, &name, &[], UnixTime::now())
+        .unwrap_err();
+
+    let clients = SpiffeClientVerifier::new(&bundle, true).unwrap();
+    for _ in 0..2 {
+        clients
+            .verify_client_cert(&leaf, &chain, UnixTime::now())
+            .unwrap();
+    }
+    assert_eq!(
+        TlsError::from(
+            clients
+                .verify_client_cert(&leaf, &chain, after)
+                .unwrap_err()
+        ),
+        TlsError::Expired
+    );
+    // A chain of another CA is still refused after a good one was kept.
+    let (foreign, _) = TestCa::root("example.org").leaf(SERVER);
+    assert_eq!(
+        TlsError::from(
+            clients
+                .verify_client_cert(&foreign, &[], UnixTime::now())
+                .unwrap_err()
+        ),
+        TlsError::UnknownIssuer
+    );
+}
+
 /// One handshake between raw configs over an in-memory pipe: the group each side agreed on.
 async fn agreed_groups(
     server: rustls::ServerConfig,
