@@ -276,12 +276,16 @@ where
 
 /// Runs an established connection's `forwarding` until it ends, the policy `revoked` it, or the
 /// drain period is over; then counts and logs it. `counts` are the downstream side's bytes.
+///
+/// `forwarding` comes boxed because an async fn keeps each argument in its frame for its whole
+/// life: passed by value, the connection's largest future (about 12 KB for an inbound TLS
+/// connection) was stored twice, as the argument and as the copy `select!` polls.
 pub async fn track<F, R>(
     shared: &Shared,
     mut log: ConnectionLog,
     security: Security,
     counts: Arc<ByteCounts>,
-    forwarding: F,
+    forwarding: Pin<Box<F>>,
     revoked: R,
 ) where
     F: Future<Output = Ended>,
@@ -377,7 +381,7 @@ pub async fn splice<D, U>(
         log,
         security,
         counts,
-        copy_both(&mut downstream, upstream),
+        Box::pin(copy_both(&mut downstream, upstream)),
         std::future::pending(),
     )
     .await;

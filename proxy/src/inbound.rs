@@ -287,7 +287,8 @@ async fn authorize_and_forward<D>(
     };
     let downstream = Counted::new(downstream);
     let counts = downstream.counts();
-    // Either future, no allocation: bytes (possibly HTTP after all), or HTTP request by request.
+    // Bytes (possibly HTTP after all), or HTTP request by request: one future either way, boxed
+    // for `track`.
     let forwarding = match http {
         None => match dial::connect(app, serving.connect_timeout).await {
             Ok(upstream) => {
@@ -301,7 +302,15 @@ async fn authorize_and_forward<D>(
         Some(version) => Either::Right(serving.serve(downstream, version, None)),
     };
     let revoked = authz.revoked(per_request);
-    forward::track(&shared, log, security, counts, forwarding, revoked).await;
+    forward::track(
+        &shared,
+        log,
+        security,
+        counts,
+        Box::pin(forwarding),
+        revoked,
+    )
+    .await;
 }
 
 /// Forwards a connection that is not HTTP as bytes, both ways. If the client had sent nothing

@@ -303,7 +303,7 @@ async fn serve_http<D>(
         log,
         Security::Mtls,
         counts,
-        serving,
+        Box::pin(serving),
         std::future::pending(),
     )
     .await;
