@@ -1,7 +1,7 @@
 //! rustls configurations that authenticate peers by SPIFFE ID: TLS 1.3 only, one crypto provider
 //! for the whole process (key exchange X25519MLKEM768 first, unless `--tls-key-exchange
 //! classical`), chains verified by webpki against a [`TrustBundle`] (once per chain and
-//! configuration while the chain is valid: [`verified_chains`]), then the leaf's SPIFFE ID checked
+//! configuration while the chain is valid: `verified_chains`), then the leaf's SPIFFE ID checked
 //! against the bundle's trust domain (and, for clients, the expected server identity).
 //!
 //! Verifiers report why they reject a peer through `rustls::Error`, so handshake failures in
@@ -476,8 +476,8 @@ fn name_ca_as_leaf(e: rustls::Error) -> rustls::Error {
 }
 
 /// Verifies client certificates: the chain by webpki against the bundle (client-auth EKU),
-/// once per chain while it is valid ([`verified_chains`]), then the leaf must be an X.509-SVID
-/// of the bundle's trust domain.
+/// once per chain while it is valid (`verified_chains`), then the leaf must be an X.509-SVID of
+/// the bundle's trust domain.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     chain: Arc<dyn ClientCertVerifier>,
@@ -564,9 +564,9 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 /// Verifies server certificates by SPIFFE ID instead of hostname: the chain by webpki against
-/// the bundle (server-auth EKU), once per chain while it is valid ([`verified_chains`]), then the
-/// leaf must be an X.509-SVID of the bundle's trust
-/// domain and, if an identity is expected, exactly that identity.
+/// the bundle (server-auth EKU), once per chain while it is valid (`verified_chains`), then the
+/// leaf must be an X.509-SVID of the bundle's trust domain and, if an identity is expected,
+/// exactly that identity.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
     roots: Arc<RootCertStore>,
