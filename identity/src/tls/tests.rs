@@ -422,8 +422,10 @@ fn verified_chains_are_reused_only_while_valid() {
     let chain = [intermediate.der.clone()];
     let bundle = root.bundle();
     let expiry = |der: &CertificateDer<'_>| {
-        let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
-        cert.validity().not_after.timestamp() as u64
+        crate::profile::inspect_cert(der)
+            .unwrap()
+            .not_after
+            .unix_timestamp() as u64
     };
     let after = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
         expiry(&leaf).min(expiry(&intermediate.der)) + 1,

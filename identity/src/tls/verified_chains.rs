@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use ring::digest::{SHA256, digest};
+use ring::digest::{Context, SHA256};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
@@ -89,16 +89,22 @@ impl VerifiedChains {
     }
 }
 
+/// The presented certificates, leaf first.
+fn certificates<'a>(
+    end_entity: &'a [u8],
+    intermediates: &'a [CertificateDer<'_>],
+) -> impl Iterator<Item = &'a [u8]> {
+    std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref()))
+}
+
 fn chain_digest(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> ChainDigest {
-    let mut bytes = Vec::with_capacity(
-        end_entity.len() + intermediates.iter().map(|c| c.len() + 8).sum::<usize>() + 8,
-    );
-    for der in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
-        bytes.extend_from_slice(&(der.len() as u64).to_be_bytes());
-        bytes.extend_from_slice(der);
+    let mut hash = Context::new(&SHA256);
+    for der in certificates(end_entity, intermediates) {
+        hash.update(&(der.len() as u64).to_be_bytes());
+        hash.update(der);
     }
     let mut key = [0u8; 32];
-    key.copy_from_slice(digest(&SHA256, &bytes).as_ref());
+    key.copy_from_slice(hash.finish().as_ref());
     key
 }
 
@@ -116,7 +122,7 @@ impl Validity {
             not_before: 0,
             not_after: u64::MAX,
         };
-        for der in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
+        for der in certificates(end_entity, intermediates) {
             let (_, cert) = X509Certificate::from_der(der).ok()?;
             let validity = cert.validity();
             let not_before = u64::try_from(validity.not_before.timestamp()).unwrap_or(0);
@@ -203,11 +209,10 @@ mod tests {
         let intermediate = root.intermediate(None);
         let (leaf, _) = intermediate.leaf(PEER);
         let dates = |der: &[u8]| {
-            let (_, cert) = X509Certificate::from_der(der).unwrap();
-            let v = cert.validity();
+            let report = crate::profile::inspect_cert(der).unwrap();
             (
-                v.not_before.timestamp() as u64,
-                v.not_after.timestamp() as u64,
+                report.not_before.unix_timestamp() as u64,
+                report.not_after.unix_timestamp() as u64,
             )
         };
         let (leaf_from, leaf_until) = dates(&leaf);
