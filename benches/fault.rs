@@ -32,6 +32,7 @@ use std::process::{Command, ExitCode};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sigil_test_harness::load::env_or;
 use sigil_test_harness::{CaProcess, DB_ID, PairSpec, ProxyPair, http_app, request};
 
 const WEB_UID: u32 = 41201;
@@ -40,13 +41,6 @@ const DB_UID: u32 = 41202;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Load alone before each fault, and after its end.
 const SETTLE: Duration = Duration::from_secs(5);
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// When each request was sent and whether it succeeded.
 type Outcomes = Arc<Mutex<Vec<(Instant, bool)>>>;

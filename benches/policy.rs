@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use sigil_identity::SpiffeId;
 use sigil_policy::file::parse_policy_set;
 use sigil_policy::{HeaderMap, HttpRequest, Peer, PolicySet, Request, Workload};
+use sigil_test_harness::load::env_or;
 
 const POLICIES: usize = 100;
 const RULES: usize = 10;
@@ -24,13 +25,6 @@ const DENY_POLICIES: usize = 10;
 const AUDIT_POLICIES: usize = 5;
 /// Decisions between clock reads, so reading the clock costs nothing measurable.
 const BATCH: u32 = 10_000;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Rule `k` of policy `i`: five shapes, so every field kind is exercised.
 fn rule(i: usize, k: usize) -> String {
@@ -98,7 +92,7 @@ fn measure(set: &PolicySet, workload: &Workload<'_>, request: &Request<'_>, seco
 }
 
 fn main() {
-    let seconds = env_or("BENCH_SECONDS", 3);
+    let seconds = env_or("BENCH_SECONDS", 3u64);
     let text = policies();
     let compile_start = Instant::now();
     let set = parse_policy_set(&text).expect("benchmark policies are valid");

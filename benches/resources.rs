@@ -44,6 +44,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use sigil_identity::TrustBundle;
 use sigil_identity::tls::CertifiedKey;
 use sigil_test_apiserver::TestApiServer;
+use sigil_test_harness::load::env_or;
 use sigil_test_harness::*;
 use tokio::io::AsyncWriteExt;
 
@@ -55,13 +56,6 @@ const AGENT_BUDGET_MB: f64 = 128.0 * 1.048_576;
 /// Half the memory limit the injector gives the proxy sidecar (ca/src/inject.rs, 256Mi), in MB.
 const PROXY_BUDGET_MB: f64 = 128.0 * 1.048_576;
 const DENY_ADMIN: &str = include_str!("../tests/fixtures/deny-admin.yaml");
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// VmRSS and VmHWM of `pid`, in MB (10^6 bytes).
 fn memory_mb(pid: u32) -> (f64, f64) {
@@ -155,7 +149,7 @@ async fn agent_signs(grpc: SocketAddr, bundle: &TrustBundle, agent: &CertifiedKe
 
 /// Samples VmRSS while an attack is held, and VmHWM at the end.
 async fn hold_and_measure(pid: u32) -> f64 {
-    let hold = Duration::from_secs(env_or("BENCH_HOLD_SECS", 15));
+    let hold = Duration::from_secs(env_or("BENCH_HOLD_SECS", 15u64));
     tokio::time::sleep(hold).await;
     memory_mb(pid).1
 }
@@ -343,7 +337,7 @@ async fn tls_without_preface(binary: &Path, dir: &Path) -> Row {
             async move { agent_signs(grpc, &bundle, &agent).await }
         }
     });
-    let total = env_or("BENCH_TLS_CONNECTIONS", 9_999) as usize;
+    let total = env_or("BENCH_TLS_CONNECTIONS", 9_999usize);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(256));
     let established = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -620,7 +614,7 @@ async fn main() {
     println!(
         "Resource benchmark: {} (hold {} s per attack, {} cores)",
         binary.display(),
-        env_or("BENCH_HOLD_SECS", 15),
+        env_or("BENCH_HOLD_SECS", 15u64),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let counter = AtomicU64::new(0);

@@ -32,17 +32,11 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{
     ClientConfig, ClientConnection, ConnectionCommon, RootCertStore, ServerConfig, ServerConnection,
 };
+use sigil_test_harness::load::env_or;
 
 const SERVER_NAME: &str = "server.bench.test";
 /// Plaintext per write in the bulk phase: one full TLS record.
 const RECORD: usize = 16 * 1024;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A P-256 CA and two P-256 leaves it signed, as sigil issues them.
 struct Pki {
@@ -391,8 +385,8 @@ fn ecdsa_rates(rounds: u64, for_: Duration) -> [(&'static str, f64, f64); 2] {
 }
 
 fn main() {
-    let for_ = Duration::from_secs(env_or("BENCH_SECONDS", 2));
-    let rounds = env_or("BENCH_ROUNDS", 5).max(1);
+    let for_ = Duration::from_secs(env_or("BENCH_SECONDS", 2u64));
+    let rounds = env_or("BENCH_ROUNDS", 5u64).max(1);
     let pki = Pki::new();
     let mut variants: Vec<(&str, _)> = variants()
         .iter()
