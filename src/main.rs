@@ -95,8 +95,11 @@ enum InspectCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo keeps stdout for its report and logs to files of its own.
-    if !matches!(cli.command, Command::Demo(_)) {
-        cli.log.init(matches!(cli.command, Command::Inspect(_)));
+    if !matches!(cli.command, Command::Demo(_))
+        && let Err(e) = cli.log.init(matches!(cli.command, Command::Inspect(_)))
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
     }
     // Before any TLS configuration: every connection of the process, sigil's own and the
     // Kubernetes client's, uses the key exchange the component was given.

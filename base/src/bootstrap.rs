@@ -1,9 +1,21 @@
 //! What every sigil binary (`sigil`, `sigil-proxy`) does around its command: the `--log-format`
-//! flag and the log subscriber, the async runtime, the shutdown signal, and the one-line error
-//! report it prints before exiting 2.
+//! flag, RUST_LOG's filter and the log subscriber, the async runtime, the shutdown signal, and
+//! the one-line error report it prints before exiting 2.
 
 use clap::{Args, ValueEnum};
 use tokio::sync::watch;
+use tracing_subscriber::filter::{ParseError, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error(
+        "RUST_LOG={value:?} is not a log filter ({source}): give a level, target=level pairs or both, \
+         comma-separated, e.g. `info` or `warn,sigil_proxy=debug`"
+    )]
+    LogFilter { value: String, source: ParseError },
+}
 
 /// Log format: json (one object per line, for collectors) or text (for people).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -21,28 +33,47 @@ pub struct LogArgs {
 }
 
 impl LogArgs {
-    /// Installs the process's log subscriber: RUST_LOG's filter (default `info`), lines on
-    /// standard output, or on standard error for a command whose answer is standard output.
-    pub fn init(self, to_stderr: bool) {
-        use tracing_subscriber::fmt::writer::BoxMakeWriter;
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    /// Installs the process's log subscriber: [`log_filter`]'s filter, lines on standard output,
+    /// or on standard error for a command whose answer is standard output.
+    pub fn init(self, to_stderr: bool) -> Result<(), BootstrapError> {
+        use tracing_subscriber::fmt::{layer, writer::BoxMakeWriter};
         let writer = if to_stderr {
             BoxMakeWriter::new(std::io::stderr)
         } else {
             BoxMakeWriter::new(std::io::stdout)
         };
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(writer);
+        let subscriber = tracing_subscriber::registry().with(log_filter()?);
         match self.log_format {
-            LogFormat::Json => builder
-                .json()
-                .flatten_event(true)
-                .with_current_span(false)
+            LogFormat::Json => subscriber
+                .with(
+                    layer()
+                        .json()
+                        .flatten_event(true)
+                        .with_current_span(false)
+                        .with_writer(writer),
+                )
                 .init(),
-            LogFormat::Text => builder.init(),
+            LogFormat::Text => subscriber.with(layer().with_writer(writer)).init(),
         }
+        Ok(())
+    }
+}
+
+/// The log filter RUST_LOG names, `info` when it is unset or empty. Levels per target prefix
+/// (`warn,sigil_proxy=debug`), not `EnvFilter`'s span and field directives: those compile
+/// regular expressions at start, which kept about 0.4 MiB more of each proxy resident
+/// (BENCHMARKS.md, "Session 28").
+pub fn log_filter() -> Result<Targets, BootstrapError> {
+    parse_log_filter(std::env::var("RUST_LOG").ok().as_deref())
+}
+
+fn parse_log_filter(value: Option<&str>) -> Result<Targets, BootstrapError> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(Targets::new().with_default(tracing::Level::INFO)),
+        Some(value) => value.parse().map_err(|source| BootstrapError::LogFilter {
+            value: value.to_string(),
+            source,
+        }),
     }
 }
 
@@ -130,6 +161,34 @@ mod tests {
     impl std::error::Error for Wraps {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn rust_log_takes_levels_per_target_and_refuses_anything_else() {
+        use tracing::Level;
+        use tracing::level_filters::LevelFilter;
+
+        let default = parse_log_filter(None).unwrap();
+        assert!(default.would_enable("sigil_proxy::inbound", &Level::INFO));
+        assert!(!default.would_enable("sigil_proxy::inbound", &Level::DEBUG));
+        assert_eq!(
+            parse_log_filter(Some(" ")).unwrap().default_level(),
+            Some(LevelFilter::INFO)
+        );
+
+        let targets = parse_log_filter(Some("warn,sigil_agent::certs=debug")).unwrap();
+        assert!(targets.would_enable("sigil_agent::certs", &Level::DEBUG));
+        assert!(!targets.would_enable("sigil_agent::server", &Level::INFO));
+        assert!(targets.would_enable("h2::proto", &Level::WARN));
+
+        for bad in ["sigil_proxy=loud", "info,=debug=x"] {
+            let error = parse_log_filter(Some(bad)).unwrap_err().to_string();
+            assert!(
+                error.starts_with(&format!("RUST_LOG={bad:?} is not a log filter (")),
+                "{error}"
+            );
+            assert!(error.contains("e.g. `info`"), "{error}");
         }
     }
 

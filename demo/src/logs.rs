@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use tracing::Metadata;
-use tracing_subscriber::filter::{EnvFilter, FilterFn};
+use tracing_subscriber::filter::FilterFn;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{Layer, Registry};
@@ -19,6 +19,8 @@ pub enum LogError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Filter(#[from] sigil_base::bootstrap::BootstrapError),
 }
 
 pub const CA_LOG: &str = "ca.log";
@@ -34,12 +36,12 @@ fn create(dir: &Path, name: &str) -> Result<File, LogError> {
     File::create(&path).map_err(|source| LogError::Create { path, source })
 }
 
-/// Sends this process's logs to `dir/ca.log` and `dir/agent.log` (level from RUST_LOG, default
-/// info). A no-op if a global subscriber is installed already (as in tests).
+/// Sends this process's logs to `dir/ca.log` and `dir/agent.log` (filtered as RUST_LOG says,
+/// [`sigil_base::bootstrap::log_filter`]). A no-op if a global subscriber is installed already (as in tests).
 pub fn install(dir: &Path) -> Result<(), LogError> {
     let ca = create(dir, CA_LOG)?;
     let agent = create(dir, AGENT_LOG)?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = sigil_base::bootstrap::log_filter()?;
     let _ = Registry::default()
         .with(filter)
         .with(json(ca).with_filter(FilterFn::new(|m: &Metadata<'_>| is_ca_target(m.target()))))

@@ -25,7 +25,10 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cli.log.init(false);
+    if let Err(e) = cli.log.init(false) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     // Before any TLS configuration is built.
     if let Err(e) = sigil_identity::tls::use_key_exchange(cli.command.key_exchange()) {
         eprintln!("error: {e}");

@@ -254,7 +254,7 @@ fn exits_within(command: &mut Command, limit: Duration) -> Option<std::process::
 
 /// A configuration mistake stops the process at start, with the reason and exit code 2, instead
 /// of a process that runs and never serves (a bad `--server-name` used to fail every 5 s in the
-/// background, forever). The same for the agent's names of the CA.
+/// background, forever). The same for the agent's names of the CA, and for RUST_LOG.
 #[test]
 fn configuration_errors_stop_the_process_at_start_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -301,6 +301,25 @@ fn configuration_errors_stop_the_process_at_start_with_the_reason() {
         assert_eq!(out.status.code(), Some(2), "{flag}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(flag) && stderr.contains(reason), "{stderr}");
+    }
+
+    // A RUST_LOG that does not parse, in either binary (it used to become `info` silently).
+    let mut ca = Command::new(sigil_exe());
+    ca.args(["ca", "serve", "--listen", &free_addr().to_string()])
+        .args(["--admin-addr", &free_addr().to_string()])
+        .args(offline.serve_args());
+    let mut proxy = Command::new(sigil_proxy_exe());
+    proxy.args(["run", "--explicit"]);
+    for command in [&mut ca, &mut proxy] {
+        command.env("RUST_LOG", "info,sigil_ca=loud");
+        let out = exits_within(command, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{command:?} must stop at start on a bad RUST_LOG"));
+        assert_eq!(out.status.code(), Some(2), "{command:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.starts_with("error: RUST_LOG=\"info,sigil_ca=loud\" is not a log filter ("),
+            "{stderr}"
+        );
     }
 }
 

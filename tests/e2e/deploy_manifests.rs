@@ -917,6 +917,8 @@ fn workspace_layout() -> (String, Vec<String>) {
         "Cargo.toml".to_string(),
         "Cargo.lock".to_string(),
         "src/main.rs".to_string(),
+        // Its link flags (packed relocations) are part of what the image ships.
+        ".cargo/config.toml".to_string(),
     ];
     let members = manifest
         .split("members = [")
@@ -999,6 +1001,8 @@ fn the_dockerfile_builds_one_image_of_the_static_sigil_binaries() {
     }
     // Static without flags; +crt-static in RUSTFLAGS would break proc-macros on a musl host.
     assert!(!build_text.contains("crt-static"), "{build_text}");
+    // RUSTFLAGS would also replace .cargo/config.toml's link flags.
+    assert!(!build_text.contains("RUSTFLAGS"), "{build_text}");
 
     // Run: the binaries at /sigil, run as the entrypoint, and at the path the injector runs the
     // proxy from, as a non-root user by default, with the iptables that `sigil proxy init` runs.
