@@ -11,8 +11,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
     #[error(
-        "RUST_LOG={value:?} is not a log filter ({source}): give a level, target=level pairs or both, \
-         comma-separated, e.g. `info` or `warn,sigil_proxy=debug`"
+        "RUST_LOG={value:?} is not a log filter ({source}): give a level, target=level pairs \
+         or both, comma-separated, e.g. `info` or `warn,sigil_proxy=debug`"
     )]
     LogFilter { value: String, source: ParseError },
 }
@@ -61,7 +61,7 @@ impl LogArgs {
 
 /// The log filter RUST_LOG names, `info` when it is unset or empty. Levels per target prefix
 /// (`warn,sigil_proxy=debug`), not `EnvFilter`'s span and field directives: those compile
-/// regular expressions at start, which kept about 0.4 MiB more of each proxy resident
+/// regular expressions at start, which kept 0.2–0.3 MiB more of each proxy resident
 /// (BENCHMARKS.md, "Session 28").
 pub fn log_filter() -> Result<Targets, BootstrapError> {
     parse_log_filter(std::env::var("RUST_LOG").ok().as_deref())

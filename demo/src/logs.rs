@@ -37,7 +37,8 @@ fn create(dir: &Path, name: &str) -> Result<File, LogError> {
 }
 
 /// Sends this process's logs to `dir/ca.log` and `dir/agent.log` (filtered as RUST_LOG says,
-/// [`sigil_base::bootstrap::log_filter`]). A no-op if a global subscriber is installed already (as in tests).
+/// [`sigil_base::bootstrap::log_filter`]). A no-op if a global subscriber is installed already
+/// (as in tests).
 pub fn install(dir: &Path) -> Result<(), LogError> {
     let ca = create(dir, CA_LOG)?;
     let agent = create(dir, AGENT_LOG)?;
