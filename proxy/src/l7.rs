@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http_body_util::{Either, Full};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
@@ -721,8 +722,10 @@ where
     let seen = seen_request.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         seen.store(true, Ordering::Relaxed);
-        let response = respond(request);
-        async move { Ok::<_, Infallible>(response.await) }
+        // Not `async move { Ok(response.await) }`: an async block keeps the future it awaits
+        // twice (the captured value and the awaited one), and hyper moves this future into a
+        // task per request, so every byte of it is copied on each request.
+        respond(request).map(Ok::<_, Infallible>)
     });
     let io = TokioIo::new(downstream);
     match version {

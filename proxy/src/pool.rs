@@ -201,7 +201,9 @@ impl Pools {
         let chosen = match reuse {
             Some(c) => c,
             None => {
-                let connection = self.dial(target).await?;
+                // Boxed: the handshake's future is most of this one's size, and a request that
+                // finds a connection (nearly all) would otherwise carry it, copied as it moves.
+                let connection = Box::pin(self.dial(target)).await?;
                 connections.push(connection);
                 connections.last().expect("just pushed")
             }

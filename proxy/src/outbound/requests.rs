@@ -231,7 +231,10 @@ impl ServiceCalls {
                 );
             }
             route::Selection::Rule(rule, table) => {
-                return route::dispatch(self, *rule, table, request, version, tunnel, facts).await;
+                // Boxed, as the switch below: each request's future is moved whole into its
+                // task and through it, so what only some requests await is kept apart.
+                let dispatch = route::dispatch(self, *rule, table, request, version, tunnel, facts);
+                return Box::pin(dispatch).await;
             }
         }
         let Some(pending) = self.balancer.pick() else {
@@ -245,7 +248,7 @@ impl ServiceCalls {
                 || request.method() == Method::CONNECT);
         let request_bytes = Arc::new(AtomicU64::new(0));
         let sent = if switching {
-            self.switch(request, &endpoint, tunnel)
+            Box::pin(self.switch(request, &endpoint, tunnel))
                 .await
                 .map(|response| (response, None, None))
         } else {

@@ -538,7 +538,7 @@ pub async fn dispatch(
             );
         };
         let endpoint = pending.endpoint().clone();
-        return match calls.switch(request, &endpoint, tunnel).await {
+        return match Box::pin(calls.switch(request, &endpoint, tunnel)).await {
             Ok(response) => {
                 pending.answered();
                 calls.respond(
