@@ -17,7 +17,11 @@
 //!   sides, the client side matching the server's SPIFFE ID (URI SAN), the server side requiring
 //!   a client certificate and matching its SPIFFE ID;
 //! - `envoy-http`: the same two Envoys with the HTTP connection manager and the router instead
-//!   (as Istio's sidecars run HTTP traffic, without Istio's telemetry filters).
+//!   (as Istio's sidecars run HTTP traffic, without Istio's telemetry filters);
+//! - `floor` (opt-in): two plaintext forwarders in the same roles, this executable re-run as
+//!   child processes: a blocking thread per direction of each connection copying bytes, with
+//!   TCP_NODELAY, and no TLS. The least two userspace hops can add on this machine: what is left
+//!   is waking a process per hop. Not bounded by `BENCH_PROXY_WORKERS`.
 //!
 //! All proxies take their certificate (`default`) and trust bundle (`ROOTCA`) over SDS from one
 //! `sigil agent run --attestor unix`, which maps this process's uid (the proxies run as it) to one
@@ -94,6 +98,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const BENCH_ID: &str = "spiffe://cluster.local/ns/bench/sa/proxy";
 /// Set in the backend child process: the address to listen on.
 const BACKEND_ENV: &str = "SIGIL_BENCH_PROXY_BACKEND";
+/// Set in a `floor` forwarder child process: `<listen address>,<upstream address>`.
+const FORWARD_ENV: &str = "SIGIL_BENCH_PROXY_FORWARD";
 /// The body of every `GET /` answer.
 const BODY_LEN: usize = 1024;
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n";
@@ -243,6 +249,42 @@ fn backend_main(addr: &str) -> ExitCode {
             }
         }
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The `floor` setup's forwarders (child processes running this executable with FORWARD_ENV set).
+
+/// Accepts on `listen` and relays each connection to `upstream`, a blocking thread per
+/// direction: a read that returns wakes the one thread that writes it on.
+fn forward_main(addresses: &str) -> ExitCode {
+    let (listen, upstream) = addresses
+        .split_once(',')
+        .expect("SIGIL_BENCH_PROXY_FORWARD: <listen>,<upstream>");
+    let upstream: SocketAddr = upstream.parse().expect("the upstream address");
+    let listener = std::net::TcpListener::bind(listen).expect("binding the forwarder's address");
+    for accepted in listener.incoming() {
+        let Ok(downstream) = accepted else { continue };
+        std::thread::spawn(move || {
+            let Ok(upstream) = std::net::TcpStream::connect(upstream) else {
+                return;
+            };
+            for stream in [&downstream, &upstream] {
+                stream.set_nodelay(true).expect("TCP_NODELAY");
+            }
+            let relay = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            };
+            let (down, up) = (
+                downstream.try_clone().expect("cloning a socket"),
+                upstream.try_clone().expect("cloning a socket"),
+            );
+            let responses = std::thread::spawn(move || relay(up, down));
+            relay(downstream, upstream);
+            let _ = responses.join();
+        });
+    }
+    ExitCode::SUCCESS
 }
 
 struct Connects {
@@ -425,6 +467,8 @@ enum Setup {
     SigilClassical,
     Envoy,
     EnvoyHttp,
+    /// Two plaintext byte forwarders (`forward_main`): the floor under any userspace pair.
+    Floor,
 }
 
 impl Setup {
@@ -435,6 +479,7 @@ impl Setup {
             Setup::SigilClassical => "sigil-classical",
             Setup::Envoy => "envoy",
             Setup::EnvoyHttp => "envoy-http",
+            Setup::Floor => "floor",
         }
     }
 
@@ -445,6 +490,7 @@ impl Setup {
             Setup::SigilClassical,
             Setup::Envoy,
             Setup::EnvoyHttp,
+            Setup::Floor,
         ]
         .into_iter()
         .find(|s| s.name() == name.trim())
@@ -475,7 +521,7 @@ impl Config {
             .split(',')
             .map(|s| {
                 Setup::parse(s).unwrap_or_else(|| {
-                    panic!("BENCH_SETUPS: unknown setup {s:?} (none, sigil, sigil-classical, envoy, envoy-http)")
+                    panic!("BENCH_SETUPS: unknown setup {s:?} (none, sigil, sigil-classical, envoy, envoy-http, floor)")
                 })
             })
             .collect();
@@ -763,6 +809,26 @@ fn start_envoy(shared: &Shared, config: &Config, http: bool) -> Running {
     }
 }
 
+fn start_floor(shared: &Shared) -> Running {
+    let (outbound, inbound) = (free_addr(), free_addr());
+    let start = |role: &'static str, listen: SocketAddr, upstream: SocketAddr| {
+        let mut cmd = Command::new(std::env::current_exe().expect("this executable's path"));
+        cmd.env(FORWARD_ENV, format!("{listen},{upstream}"));
+        Proxy {
+            role,
+            proc: Proc::spawn(cmd, shared.dir.join(format!("floor-{role}.log"))),
+            admin: free_addr(),
+            metrics: None,
+        }
+    };
+    let server = start("server", inbound, shared.backend);
+    let client = start("client", outbound, inbound);
+    Running {
+        entry: outbound,
+        proxies: vec![client, server],
+    }
+}
+
 /// Waits for the setup's admin readiness (sigil) and its first request through, and returns the
 /// time from the proxies' start to that first answer.
 async fn wait_ready(setup: Setup, running: &mut Running, started: Instant) -> Duration {
@@ -902,6 +968,7 @@ async fn measure(setup: Setup, shared: &Shared, config: &Config) -> Measured {
         Setup::SigilClassical => start_sigil(shared, config, "classical"),
         Setup::Envoy => start_envoy(shared, config, false),
         Setup::EnvoyHttp => start_envoy(shared, config, true),
+        Setup::Floor => start_floor(shared),
     };
     let ready_after = wait_ready(setup, &mut running, started).await;
     let ready_after = (setup != Setup::None).then_some(ready_after);
@@ -996,7 +1063,7 @@ async fn measure(setup: Setup, shared: &Shared, config: &Config) -> Measured {
 
     let mut notes = Vec::new();
     let counters = match setup {
-        Setup::None => Vec::new(),
+        Setup::None | Setup::Floor => Vec::new(),
         Setup::Sigil | Setup::SigilClassical => sigil_counters(&running).await,
         Setup::Envoy | Setup::EnvoyHttp => envoy_tls_stats(&running).await,
     };
@@ -1318,15 +1385,17 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
 
 fn print_table(results: &[Measured], config: &Config) {
     let column = |setup: Setup| results.iter().position(|m| m.setup == setup);
-    let (none, sigil, classical, envoy) = (
+    let (none, sigil, classical, envoy, floor) = (
         column(Setup::None),
         column(Setup::Sigil),
         column(Setup::SigilClassical),
         column(Setup::Envoy),
+        column(Setup::Floor),
     );
     let ratio_columns: Vec<(&str, usize, usize)> = [
         ("sigil/envoy", sigil, envoy),
         ("hybrid/classical", sigil, classical),
+        ("floor/envoy", floor, envoy),
         ("sigil/none", sigil, none),
         ("envoy/none", envoy, none),
     ]
@@ -1413,6 +1482,9 @@ fn sigil_has_explicit_mode() -> bool {
 fn main() -> ExitCode {
     if let Ok(addr) = std::env::var(BACKEND_ENV) {
         return backend_main(&addr);
+    }
+    if let Ok(addresses) = std::env::var(FORWARD_ENV) {
+        return forward_main(&addresses);
     }
     // Before any thread exists, so that the open-loop threads inherit it: their sleeps end within
     // microseconds of the schedule instead of the default 50 µs slack.
