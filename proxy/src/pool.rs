@@ -230,9 +230,12 @@ impl Pools {
                 }
             })?;
         let key_exchange = sigil_identity::tls::key_exchange_group(stream.get_ref().1);
+        // Boxed: hyper sizes every task it spawns per request (the request body's and the
+        // response's) by its largest kind, the connection's, which holds this IO; the TLS stream
+        // inline would add about 1 KB to each.
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(Box::new(stream)))
             .await
             .map_err(|source| PoolError::Handshake {
                 addr: target.addr,

@@ -179,6 +179,16 @@ async fn handshake_http1<B: PoolBody>(
     Ok(sender)
 }
 
+async fn handshake_http2<B: PoolBody>(
+    stream: TcpStream,
+) -> Result<client_h2::SendRequest<B>, PoolError> {
+    let (sender, connection) = client_h2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .map_err(PoolError::Handshake)?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
 /// One client connection's way to the application: through the pool, except for a connection
 /// opened before the client spoke (see `inbound::forward_opaque`), which its first request uses.
 pub struct AppUpstream<B: PoolBody> {
@@ -271,7 +281,11 @@ impl<B: PoolBody> AppUpstream<B> {
                 },
             }
         }
-        let mut sender = handshake_http1(self.new_connection().await?).await?;
+        // Boxed: connecting and the handshake are most of this future's size, and a request
+        // that finds a kept or idle connection (nearly all) would otherwise carry them in its
+        // task, copied as it moves.
+        let mut sender =
+            Box::pin(async { handshake_http1(self.new_connection().await?).await }).await?;
         let response = sender
             .send_request(request)
             .await
@@ -303,12 +317,10 @@ impl<B: PoolBody> AppUpstream<B> {
                     sender.clone()
                 }
                 _ => {
-                    let stream = self.new_connection().await?;
-                    let (sender, connection) =
-                        client_h2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                            .await
-                            .map_err(PoolError::Handshake)?;
-                    tokio::spawn(connection);
+                    // Boxed, as in `send_http1`.
+                    let sender =
+                        Box::pin(async { handshake_http2(self.new_connection().await?).await })
+                            .await?;
                     *shared = Some((sender.clone(), Instant::now()));
                     sender
                 }
