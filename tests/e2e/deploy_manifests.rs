@@ -976,10 +976,10 @@ fn the_dockerfile_builds_one_image_of_the_static_sigil_binaries() {
     // Build: Rust new enough for the workspace, the locked `sigil` and `sigil-proxy` binaries,
     // static.
     let (from, stage_name) = build[0].1.split_once(" AS ").unwrap();
-    // Alpine's Rust: the musl target, static by default.
+    // Debian's Rust: glibc, linked statically below.
     let rust = from
         .strip_prefix("rust:")
-        .and_then(|tag| tag.strip_suffix("-alpine"))
+        .and_then(|tag| tag.strip_suffix("-bookworm"))
         .unwrap_or_else(|| panic!("build stage from {from}"));
     let (rust_version, needed) = workspace_layout();
     let version = |v: &str| -> Vec<u32> { v.split('.').map(|n| n.parse().unwrap()).collect() };
@@ -993,15 +993,23 @@ fn the_dockerfile_builds_one_image_of_the_static_sigil_binaries() {
         .collect();
     for part in [
         "COPY . .",
-        "cargo build --profile dist --locked --bin sigil --bin sigil-proxy",
-        "cp target/dist/sigil /sigil",
-        "cp target/dist/sigil-proxy /sigil-proxy",
+        "target=\"$(uname -m)-unknown-linux-gnu\"",
+        "cargo build --profile dist --locked --target \"$target\"",
+        "--bin sigil --bin sigil-proxy",
+        "cp \"target/$target/dist/sigil\" /sigil",
+        "cp \"target/$target/dist/sigil-proxy\" /sigil-proxy",
     ] {
         assert!(build_text.contains(part), "{part:?} not in\n{build_text}");
     }
-    // Static without flags; +crt-static in RUSTFLAGS would break proc-macros on a musl host.
-    assert!(!build_text.contains("crt-static"), "{build_text}");
-    // RUSTFLAGS would also replace .cargo/config.toml's link flags.
+    // Static through the target's own rustflags: with --target given they stay off the build
+    // scripts and proc-macros (which cannot be static) and are joined to .cargo/config.toml's
+    // link flags, which RUSTFLAGS would replace.
+    assert!(
+        build_text.contains(
+            "--config \"target.$target.rustflags = ['-C', 'target-feature=+crt-static']\""
+        ),
+        "{build_text}"
+    );
     assert!(!build_text.contains("RUSTFLAGS"), "{build_text}");
 
     // Run: the binaries at /sigil, run as the entrypoint, and at the path the injector runs the
