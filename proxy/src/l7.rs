@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 pub mod app_pool;
 pub mod request_metrics;
 
-use app_pool::{AppBody, AppUpstream, PoolError};
+use app_pool::{AppBody, AppResponseBody, AppUpstream, PoolError};
 use request_metrics::{InboundConnection, RequestFacts, RequestMetrics, RequestTimer};
 use sigil_route::select::RequestHead;
 
@@ -306,7 +306,7 @@ pub enum HttpError {
     Tunnel(#[source] std::io::Error),
 }
 
-type ProxyBody = Either<Incoming, Full<Bytes>>;
+type ProxyBody = Either<AppResponseBody, Full<Bytes>>;
 
 fn denied_response() -> Response<ProxyBody> {
     let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
@@ -605,7 +605,8 @@ impl<A: Authorize> Handler<A> {
         let request = request.map(|body| timer.counted(body));
         facts.upstream = Some(timer.connection().app);
         let sent = match client_upgrade {
-            Some(_) => self.upstream.send_dedicated(request).await,
+            Some(_) => (self.upstream.send_dedicated(request).await)
+                .map(|response| response.map(Either::Left)),
             None => self.upstream.send(request, app_version).await,
         };
         let mut response = match sent {
@@ -613,7 +614,10 @@ impl<A: Authorize> Handler<A> {
             Err(e) => {
                 facts.result = "upstream_failed";
                 facts.detail = Some(e.to_string());
-                if matches!(e, PoolError::Connect(_) | PoolError::Handshake(_)) {
+                if matches!(
+                    e,
+                    PoolError::Connect(_) | PoolError::Handshake(_) | PoolError::Http2Handshake(_)
+                ) {
                     self.authorizer.upstream_failed(&HttpError::App(e));
                 }
                 return bad_gateway();

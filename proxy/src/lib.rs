@@ -10,6 +10,7 @@ pub mod config;
 pub mod dial;
 pub mod feed;
 pub mod forward;
+pub mod h2_client;
 pub mod inbound;
 pub mod init;
 pub mod l7;

@@ -4,6 +4,8 @@
 //! `--max-connections-per-endpoint` (past that, requests queue on the least busy connection).
 //! A broken connection is dropped and a new one dialled for the next request; one without a
 //! request for [`IDLE_CLOSE`] is closed.
+//!
+//! Requests go on their connection through [`crate::h2_client`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -13,14 +15,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use sigil_identity::SpiffeId;
 use tokio::sync::watch;
 
 use crate::dial::{self, DialError};
+use crate::h2_client::{self, ResponseBody};
 use crate::metrics::{Direction, HandshakeLabels, Metrics};
 use crate::tls::{HandshakeFailure, TlsState};
 
@@ -43,19 +43,19 @@ pub enum PoolError {
     Handshake {
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("sending the request to {addr}: {source}")]
     Send {
         addr: SocketAddr,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
 }
 
 /// A request's response head from an endpoint.
 pub struct Sent {
-    pub response: Response<Incoming>,
+    pub response: Response<ResponseBody>,
     /// The request's stream on its connection, to hold until its response body is done.
     pub slot: StreamSlot,
     /// When the request went out on a ready connection (after any dial).
@@ -71,9 +71,14 @@ pub struct Target {
 
 /// One open connection.
 struct Connection {
-    sender: http2::SendRequest<RequestBody>,
-    in_flight: Arc<AtomicUsize>,
-    last_used: Arc<Mutex<Instant>>,
+    h2: h2_client::Connection,
+    state: Arc<ConnectionState>,
+}
+
+/// What a connection's requests and its task share.
+struct ConnectionState {
+    in_flight: AtomicUsize,
+    last_used: Mutex<Instant>,
     /// The key exchange group its handshake agreed on (`sigil_identity::tls::key_exchange_group`).
     key_exchange: &'static str,
 }
@@ -97,20 +102,19 @@ pub struct Pools {
 /// One request's stream on a pooled connection, counted until dropped (when its response body
 /// ended).
 pub struct StreamSlot {
-    in_flight: Arc<AtomicUsize>,
-    key_exchange: &'static str,
+    connection: Arc<ConnectionState>,
 }
 
 impl StreamSlot {
     /// The key exchange group of the connection the request went out on, for its log line.
     pub fn key_exchange(&self) -> &'static str {
-        self.key_exchange
+        self.connection.key_exchange
     }
 }
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.connection.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -130,7 +134,7 @@ impl Pools {
         }
     }
 
-    /// Sends `request` to `target` over a pooled connection.
+    /// Sends `request` to `target` over a pooled connection and waits for the response head.
     pub async fn send(
         &self,
         target: &Target,
@@ -140,46 +144,32 @@ impl Pools {
             let mut by_target = self.by_target.lock().unwrap_or_else(|e| e.into_inner());
             by_target.entry(target.clone()).or_default().clone()
         };
+        let send_error = |source| PoolError::Send {
+            addr: target.addr,
+            source,
+        };
         // A connection that broke before the request went out on it (the server closed it
-        // while idle, say) gives the request back: it is sent once more on another.
-        let mut request = request;
+        // while idle, say) is passed by from then on, and the request goes out once more on
+        // another.
         let mut retried = false;
-        loop {
-            let (mut sender, slot) = self.checkout(&pool, target).await?;
+        let (sender, slot, written) = loop {
+            let (connection, slot) = self.checkout(&pool, target).await?;
             let written = Instant::now();
-            let error = match sender.ready().await {
-                Ok(()) => match sender.try_send_request(request).await {
-                    Ok(response) => {
-                        return Ok(Sent {
-                            response,
-                            slot,
-                            written,
-                        });
-                    }
-                    Err(mut unsent) => match unsent.take_message() {
-                        Some(unsent_request) if !retried => {
-                            request = unsent_request;
-                            unsent.into_error()
-                        }
-                        _ => {
-                            return Err(PoolError::Send {
-                                addr: target.addr,
-                                source: unsent.into_error(),
-                            });
-                        }
-                    },
-                },
-                Err(error) if !retried => error,
-                Err(source) => {
-                    return Err(PoolError::Send {
-                        addr: target.addr,
-                        source,
-                    });
+            match connection.ready().await {
+                Ok(sender) => break (sender, slot, written),
+                Err(error) if !retried => {
+                    tracing::debug!(error = %error, addr = %target.addr, "pooled connection broke before a request went out; retrying on another");
+                    retried = true;
                 }
-            };
-            tracing::debug!(error = %error, addr = %target.addr, "pooled connection broke before a request went out; retrying on another");
-            retried = true;
-        }
+                Err(error) => return Err(send_error(error)),
+            }
+        };
+        let response = h2_client::send(sender, request).await.map_err(send_error)?;
+        Ok(Sent {
+            response,
+            slot,
+            written,
+        })
     }
 
     /// A connection with room for one more request (dialled if none has), counted as in use.
@@ -187,14 +177,13 @@ impl Pools {
         &self,
         pool: &EndpointPool,
         target: &Target,
-    ) -> Result<(http2::SendRequest<RequestBody>, StreamSlot), PoolError> {
+    ) -> Result<(h2_client::Connection, StreamSlot), PoolError> {
         let mut connections = pool.connections.lock().await;
-        connections.retain(|c| !c.sender.is_closed());
-        let least_busy = connections
-            .iter()
-            .min_by_key(|c| c.in_flight.load(Ordering::Relaxed));
+        connections.retain(|c| !c.h2.is_closed());
+        let in_flight = |c: &Connection| c.state.in_flight.load(Ordering::Relaxed);
+        let least_busy = connections.iter().min_by_key(|c| in_flight(c));
         let reuse = match least_busy {
-            Some(c) if c.in_flight.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION => Some(c),
+            Some(c) if in_flight(c) < STREAMS_PER_CONNECTION => Some(c),
             Some(c) if connections.len() >= self.max_per_endpoint => Some(c),
             _ => None,
         };
@@ -208,15 +197,14 @@ impl Pools {
                 connections.last().expect("just pushed")
             }
         };
-        chosen.in_flight.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut last_used) = chosen.last_used.lock() {
+        chosen.state.in_flight.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last_used) = chosen.state.last_used.lock() {
             *last_used = Instant::now();
         }
         let slot = StreamSlot {
-            in_flight: chosen.in_flight.clone(),
-            key_exchange: chosen.key_exchange,
+            connection: chosen.state.clone(),
         };
-        Ok((chosen.sender.clone(), slot))
+        Ok((chosen.h2.clone(), slot))
     }
 
     async fn dial(&self, target: &Target) -> Result<Connection, PoolError> {
@@ -230,36 +218,19 @@ impl Pools {
                 }
             })?;
         let key_exchange = sigil_identity::tls::key_exchange_group(stream.get_ref().1);
-        // Boxed: hyper sizes every task it spawns per request (the request body's and the
-        // response's) by its largest kind, the connection's, which holds this IO; the TLS stream
-        // inline would add about 1 KB to each.
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .handshake(TokioIo::new(Box::new(stream)))
+        let state = Arc::new(ConnectionState {
+            in_flight: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+            key_exchange,
+        });
+        let idle = idle_for(state.clone(), IDLE_CLOSE);
+        let h2 = h2_client::handshake(stream, target.addr, idle)
             .await
             .map_err(|source| PoolError::Handshake {
                 addr: target.addr,
                 source,
             })?;
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let last_used = Arc::new(Mutex::new(Instant::now()));
-        let idle = idle_for(in_flight.clone(), last_used.clone(), IDLE_CLOSE);
-        let addr = target.addr;
-        tokio::spawn(async move {
-            tokio::select! {
-                ended = connection => if let Err(e) = ended {
-                    tracing::debug!(error = %e, %addr, "pooled connection to an endpoint ended");
-                },
-                // Dropping the connection closes it; its sender then reports closed.
-                () = idle => tracing::debug!(%addr, "closing an idle pooled connection"),
-            }
-        });
-        Ok(Connection {
-            sender,
-            in_flight,
-            last_used,
-            key_exchange,
-        })
+        Ok(Connection { h2, state })
     }
 
     /// Counts a refused handshake with an endpoint (pooled or dedicated).
@@ -275,11 +246,14 @@ impl Pools {
 }
 
 /// Resolves once a connection had nothing in flight and no new request for `idle`.
-async fn idle_for(in_flight: Arc<AtomicUsize>, last_used: Arc<Mutex<Instant>>, idle: Duration) {
+async fn idle_for(state: Arc<ConnectionState>, idle: Duration) {
     loop {
         tokio::time::sleep(idle / 4).await;
-        let quiet = last_used.lock().map_or(Duration::ZERO, |t| t.elapsed());
-        if in_flight.load(Ordering::Relaxed) == 0 && quiet >= idle {
+        let quiet = state
+            .last_used
+            .lock()
+            .map_or(Duration::ZERO, |t| t.elapsed());
+        if state.in_flight.load(Ordering::Relaxed) == 0 && quiet >= idle {
             return;
         }
     }

@@ -19,15 +19,16 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use http_body_util::Either;
 use hyper::body::{Body, Incoming};
-use hyper::client::conn::{http1 as client_h1, http2 as client_h2};
+use hyper::client::conn::http1 as client_h1;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::HttpVersion;
 use super::request_metrics::CountedBody;
-use crate::dial;
+use crate::{dial, h2_client};
 
 /// Idle HTTP/1.1 connections kept per application address; more are closed once their response
 /// is done. Many: a peer proxy multiplexes its clients' requests over one HTTP/2 connection, and
@@ -41,6 +42,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// A request body on its way to the application.
 pub type AppBody = CountedBody<Incoming>;
 
+/// A response body from the application: over HTTP/1.1 (hyper's client) or HTTP/2.
+pub type AppResponseBody = Either<Incoming, h2_client::ResponseBody>;
+
 /// What a request body must be to go over a pooled connection (hyper's client bounds).
 pub trait PoolBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
 impl<B> PoolBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
@@ -53,8 +57,12 @@ pub enum PoolError {
     Connect(#[source] std::io::Error),
     #[error("HTTP handshake with the application: {0}")]
     Handshake(#[source] hyper::Error),
+    #[error("HTTP/2 handshake with the application: {0}")]
+    Http2Handshake(#[source] h2::Error),
     #[error("sending the request to the application: {0}")]
     Request(#[source] hyper::Error),
+    #[error("sending the request to the application over HTTP/2: {0}")]
+    Http2Request(#[source] h2::Error),
 }
 
 /// Every application address's pool (transparent mode: one per port the pod is reached on).
@@ -83,7 +91,7 @@ pub struct AppPool<B> {
     http1: Mutex<Vec<(client_h1::SendRequest<B>, Instant)>>,
     /// The shared HTTP/2 connection and when it last carried a request. An async lock: the
     /// requests that arrive while it is being opened wait for it rather than open their own.
-    http2: tokio::sync::Mutex<Option<(client_h2::SendRequest<B>, Instant)>>,
+    http2: tokio::sync::Mutex<Option<(h2_client::Connection, Instant)>>,
 }
 
 impl<B: PoolBody> AppPool<B> {
@@ -147,11 +155,11 @@ impl<B: PoolBody> AppPool<B> {
             });
         }
         if let Ok(mut shared) = self.http2.try_lock()
-            && shared.as_ref().is_some_and(|(sender, used)| {
-                used.elapsed() >= self.idle_timeout || sender.is_closed()
+            && shared.as_ref().is_some_and(|(connection, used)| {
+                used.elapsed() >= self.idle_timeout || connection.is_closed()
             })
         {
-            // The last handle: hyper closes the connection (GOAWAY) once its streams are done.
+            // The last handle: h2 closes the connection (GOAWAY) once its streams are done.
             *shared = None;
         }
     }
@@ -179,14 +187,15 @@ async fn handshake_http1<B: PoolBody>(
     Ok(sender)
 }
 
-async fn handshake_http2<B: PoolBody>(
+async fn handshake_http2(
     stream: TcpStream,
-) -> Result<client_h2::SendRequest<B>, PoolError> {
-    let (sender, connection) = client_h2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+    app: SocketAddr,
+) -> Result<h2_client::Connection, PoolError> {
+    // Closed by dropping the pool's handle (see `close_expired`), so never otherwise.
+    let until = std::future::pending();
+    h2_client::handshake(stream, app, until)
         .await
-        .map_err(PoolError::Handshake)?;
-    tokio::spawn(connection);
-    Ok(sender)
+        .map_err(PoolError::Http2Handshake)
 }
 
 /// One client connection's way to the application: through the pool, except for a connection
@@ -251,10 +260,10 @@ impl<B: PoolBody> AppUpstream<B> {
         &self,
         request: Request<B>,
         version: HttpVersion,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<Response<AppResponseBody>, PoolError> {
         match version {
-            HttpVersion::Http1 => self.send_http1(request).await,
-            HttpVersion::Http2 => self.send_http2(request).await,
+            HttpVersion::Http1 => Ok(self.send_http1(request).await?.map(Either::Left)),
+            HttpVersion::Http2 => Ok(self.send_http2(request).await?.map(Either::Right)),
         }
     }
 
@@ -308,29 +317,33 @@ impl<B: PoolBody> AppUpstream<B> {
         }
     }
 
-    async fn send_http2(&self, request: Request<B>) -> Result<Response<Incoming>, PoolError> {
-        let mut sender = {
+    async fn send_http2(
+        &self,
+        request: Request<B>,
+    ) -> Result<Response<h2_client::ResponseBody>, PoolError> {
+        let connection = {
             let mut shared = self.pool.http2.lock().await;
             match shared.as_mut() {
-                Some((sender, used)) if !sender.is_closed() => {
+                Some((connection, used)) if !connection.is_closed() => {
                     *used = Instant::now();
-                    sender.clone()
+                    connection.clone()
                 }
                 _ => {
                     // Boxed, as in `send_http1`.
-                    let sender =
-                        Box::pin(async { handshake_http2(self.new_connection().await?).await })
-                            .await?;
-                    *shared = Some((sender.clone(), Instant::now()));
-                    sender
+                    let app = self.pool.app;
+                    let connection = Box::pin(async {
+                        handshake_http2(self.new_connection().await?, app).await
+                    })
+                    .await?;
+                    *shared = Some((connection.clone(), Instant::now()));
+                    connection
                 }
             }
         };
-        sender.ready().await.map_err(PoolError::Request)?;
-        sender
-            .send_request(request)
+        let sender = connection.ready().await.map_err(PoolError::Http2Request)?;
+        h2_client::send(sender, request)
             .await
-            .map_err(PoolError::Request)
+            .map_err(PoolError::Http2Request)
     }
 }
 

@@ -76,6 +76,15 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A response body as the proxy passes it on.
 pub type AnswerBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
+/// `body` as an [`AnswerBody`].
+pub(super) fn boxed<B>(body: B) -> AnswerBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
 /// A route timeout that expired after the response head was forwarded: the response is cut
 /// short (HTTP/2 stream reset, HTTP/1 connection closed).
 #[derive(Debug, thiserror::Error)]
@@ -250,7 +259,7 @@ impl ServiceCalls {
         let sent = if switching {
             Box::pin(self.switch(request, &endpoint, tunnel))
                 .await
-                .map(|response| (response, None, None))
+                .map(|response| (response.map(boxed), None, None))
         } else {
             let (parts, body) = request.into_parts();
             let body = CountedBody::new(body, request_bytes.clone());
@@ -263,7 +272,10 @@ impl ServiceCalls {
             self.pools
                 .send(&target, request)
                 .await
-                .map(|sent| (sent.response, Some(sent.slot), Some(sent.written)))
+                .map(|sent| {
+                    let response = sent.response.map(boxed);
+                    (response, Some(sent.slot), Some(sent.written))
+                })
                 .map_err(CallError::from)
         };
         let (response, slot, written) = match sent {
@@ -311,7 +323,7 @@ impl ServiceCalls {
         Response::from_parts(
             parts,
             ResponseBody {
-                inner: body.map_err(Into::into).boxed_unsync(),
+                inner: body,
                 done: Some(done),
                 timers: None,
             },

@@ -38,7 +38,8 @@ use tracing::{debug, warn};
 
 use super::mirror;
 use super::requests::{
-    CallError, RequestFacts, ResponseBody, ResponseTimers, ServiceCalls, head_outcome,
+    AnswerBody, CallError, RequestFacts, ResponseBody, ResponseTimers, ServiceCalls, boxed,
+    head_outcome,
 };
 use super::retry::{self, Replay, RetryOutcome};
 use crate::balance::{Balancer, EndpointLoad, Outcome, random_below};
@@ -217,7 +218,7 @@ pub fn destination(calls: &ServiceCalls, backend: &Backend) -> Result<Destinatio
 
 /// A response head from a backend.
 pub struct Answered {
-    pub response: Response<Incoming>,
+    pub response: Response<AnswerBody>,
     slot: Option<StreamSlot>,
     endpoint: Option<Arc<EndpointLoad>>,
 }
@@ -272,7 +273,7 @@ pub async fn send_once(
                         endpoint.report(outcome);
                     }
                     Ok(Answered {
-                        response: sent.response,
+                        response: sent.response.map(boxed),
                         slot: Some(sent.slot),
                         endpoint: Some(endpoint),
                     })
@@ -344,7 +345,7 @@ async fn send_plain(
     };
     response
         .map(|response| Answered {
-            response,
+            response: response.map(boxed),
             slot: None,
             endpoint: None,
         })
@@ -542,7 +543,7 @@ pub async fn dispatch(
             Ok(response) => {
                 pending.answered();
                 calls.respond(
-                    response.map(|b| b.map_err(Into::into).boxed_unsync()),
+                    response.map(boxed),
                     version,
                     facts,
                     Some(endpoint),
@@ -618,11 +619,8 @@ pub async fn dispatch(
             .flatten()
             .min();
             let timers = ResponseTimers::new(body_deadline, timeouts.idle);
-            let response = answered
-                .response
-                .map(|b| b.map_err(Into::into).boxed_unsync());
             calls.respond(
-                response,
+                answered.response,
                 version,
                 facts,
                 answered.endpoint,

@@ -836,6 +836,7 @@ async fn an_opaque_endpoint_refusing_connections_gets_none_after_the_threshold()
     ));
 }
 
+mod pool;
 mod routes;
 
 /// kube-proxy's semantics on a dual-stack Service: a connection to its IPv6 cluster IP goes to

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::{http1 as server_h1, http2 as server_h2};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
 use super::*;
@@ -187,6 +188,20 @@ async fn http2_requests_share_one_connection() {
     .await;
     assert!(answers.iter().all(|a| a == "HTTP/2.0"), "{answers:?}");
     assert_eq!(counts.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_and_the_next_request_opens_another() {
+    let (app, counts) = app(HttpVersion::Http2, Duration::ZERO, true).await;
+    let pool = pool(app, Duration::from_millis(200));
+    let upstream = AppUpstream::new(pool.clone(), None);
+    assert_eq!(get(&upstream, HttpVersion::Http2).await, "HTTP/2.0");
+    until("the idle connection closed at the application", || {
+        counts.open.load(Ordering::SeqCst) == 0
+    })
+    .await;
+    assert_eq!(get(&upstream, HttpVersion::Http2).await, "HTTP/2.0");
+    assert_eq!(counts.accepted.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
