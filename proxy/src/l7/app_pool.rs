@@ -191,7 +191,7 @@ async fn handshake_http2(
     stream: TcpStream,
     app: SocketAddr,
 ) -> Result<h2_client::Connection, PoolError> {
-    // Closed by dropping the pool's handle (see `close_expired`), so never otherwise.
+    // Closed when the pool drops its handle (`close_expired`): `until` never resolves.
     let until = std::future::pending();
     h2_client::handshake(stream, app, until)
         .await
