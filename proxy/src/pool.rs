@@ -142,7 +142,12 @@ impl Pools {
     ) -> Result<Sent, PoolError> {
         let pool = {
             let mut by_target = self.by_target.lock().unwrap_or_else(|e| e.into_inner());
-            by_target.entry(target.clone()).or_default().clone()
+            // Looked up before `entry`, which would take a copy of the key (two strings of the
+            // SPIFFE ID) for every request.
+            match by_target.get(target) {
+                Some(pool) => pool.clone(),
+                None => by_target.entry(target.clone()).or_default().clone(),
+            }
         };
         let send_error = |source| PoolError::Send {
             addr: target.addr,
