@@ -49,10 +49,12 @@ impl Connection {
     }
 
     /// Waits until the connection can take one more stream. One that cannot (the peer closed
-    /// it, or sent GOAWAY) is marked closed, so that the next request passes it by.
-    pub async fn ready(&self) -> Result<SendRequest<Bytes>, h2::Error> {
-        let ready = self.sender.clone().ready().await;
-        ready.inspect_err(|_| self.closed.store(true, Ordering::Relaxed))
+    /// it, or sent GOAWAY) is marked closed, so that the next request passes it by. Takes this
+    /// handle rather than cloning its sender: each clone and drop of one takes h2's lock.
+    pub async fn ready(self) -> Result<SendRequest<Bytes>, h2::Error> {
+        let Connection { sender, closed } = self;
+        let ready = sender.ready().await;
+        ready.inspect_err(|_| closed.store(true, Ordering::Relaxed))
     }
 }
 
@@ -114,9 +116,9 @@ where
     // a route's header modifier may have added one after the hop-by-hop ones were removed.
     crate::l7::remove_hop_by_hop(&mut head.headers);
     let end_of_stream = body.is_end_stream();
-    let (response, stream) = sender.send_request(Request::from_parts(head, ()), end_of_stream)?;
+    let (mut response, stream) =
+        sender.send_request(Request::from_parts(head, ()), end_of_stream)?;
     let mut copy = (!end_of_stream).then(|| CopyBody::new(body, stream));
-    let mut response = response;
     let head = std::future::poll_fn(|cx| {
         if let Some(body) = copy.as_mut()
             && Pin::new(body).poll(cx).is_ready()
