@@ -23,6 +23,8 @@ use hyper::body::{Body, Frame, SizeHint};
 use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::BoxError;
+
 /// Streams a connection may open before the peer's settings say how many it allows.
 const INITIAL_MAX_STREAMS: usize = 100;
 /// Flow-control windows announced to the peer (hyper's client's, which these clients used
@@ -31,8 +33,6 @@ const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// The largest response head accepted.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// An open connection: where to open streams, and whether its task has ended.
 #[derive(Clone)]

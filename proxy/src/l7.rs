@@ -720,7 +720,7 @@ where
     Fut: Future<Output = Response<B>> + Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<crate::BoxError>,
 {
     let seen_request = Arc::new(AtomicBool::new(false));
     let seen = seen_request.clone();

@@ -3,6 +3,10 @@
 //! for outbound connections to meshed destinations, so the application never handles TLS.
 #![forbid(unsafe_code)]
 
+/// The error of a body the proxy passes on, whatever produced it: hyper, h2, or a timeout the
+/// proxy applied.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 pub mod admin;
 pub mod balance;
 pub mod cli;

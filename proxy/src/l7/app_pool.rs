@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 
 use super::HttpVersion;
 use super::request_metrics::CountedBody;
-use crate::{dial, h2_client};
+use crate::{BoxError, dial, h2_client};
 
 /// Idle HTTP/1.1 connections kept per application address; more are closed once their response
 /// is done. Many: a peer proxy multiplexes its clients' requests over one HTTP/2 connection, and
@@ -48,8 +48,6 @@ pub type AppResponseBody = Either<Incoming, h2_client::ResponseBody>;
 /// What a request body must be to go over a pooled connection (hyper's client bounds).
 pub trait PoolBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
 impl<B> PoolBody for B where B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {

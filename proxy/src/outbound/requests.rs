@@ -36,6 +36,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use super::{ServiceRoute, route};
+use crate::BoxError;
 use crate::balance::{Balancer, EndpointLoad, Outcome};
 use crate::dial::{self, DialError};
 use crate::forward::{Ended, Shared};
@@ -69,11 +70,8 @@ pub enum CallError {
     Plain(String),
 }
 
-/// The error of a response body on its way to the application: the endpoint's, or a route
-/// timeout that cut it short.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A response body as the proxy passes it on.
+/// A response body as the proxy passes it on; its error is the endpoint's, or a route timeout
+/// that cut it short.
 pub type AnswerBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// `body` as an [`AnswerBody`].
