@@ -63,6 +63,10 @@
 //! closed-loop warm-up of `BENCH_WARMUP_SECS` (2) s per setup and protocol; `BENCH_SETUPS`
 //! (`none,envoy,sigil`; also `sigil-route`, `sigil-retry`, `sigil-ratelimit`, `sigil-trace0`,
 //! `sigil-trace1`, `sigil-trace100`; always run in that order: sigil's iptables rules stay) and `BENCH_PROTOCOLS` (`http1,grpc`) pick what runs.
+//! `BENCH_ROUNDS` (1) runs every setup that many times, the setups alternating in each round, so
+//! that a slow spell of a shared machine falls on all of them: the table then holds each cell's
+//! median over the rounds (each round's "added" against that round's `none`), followed by each
+//! round's added p50s and maximum rates and the sigil/Envoy ratio of each round.
 //!
 //! Run: `cargo bench --bench l7` (as root); the route, retry and rate-limit costs beside sigil's:
 //! `BENCH_SETUPS=none,sigil,sigil-route,sigil-retry,sigil-ratelimit cargo bench --bench l7`; the
@@ -81,14 +85,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use sigil_test_harness::load::{
     AsyncClient, AsyncRequester, BlockingRequester, ClosedLoop, OpenLoop, SyncClient, closed_loop,
-    env_or, envoy_common_tls, envoy_sds_cluster, first_error, memory_kib, ms, open_loop, quantile,
-    tail,
+    env_or, envoy_common_tls, envoy_sds_cluster, first_error, median, memory_kib, ms, open_loop,
+    quantile, tail,
 };
 use sigil_test_harness::netns::{
     ClusterIpService, Netns, Node, PodProxy, connect_in, in_netns, proxy_init, require_root,
 };
 use sigil_test_harness::otlp::{Keep, OTLP_GRPC_PORT, OTLP_HTTP_PORT, OtlpReceiver};
-use sigil_test_harness::{MeshHost, Proc, envoy_binary, serve_h1_or_h2};
+use sigil_test_harness::{MeshHost, Proc, envoy_binary, serve_h1_or_h2, sigil_exe};
 
 /// Set in a child process that is a backend: the path prefix of its delay and count files.
 const BACKEND_ENV: &str = "SIGIL_BENCH_L7_BACKEND";
@@ -599,6 +603,8 @@ struct Config {
     envoy_curves: Vec<String>,
     /// The Service-wide limits (requests/s) of `sigil-ratelimit`'s phases.
     rate_limits: Vec<u64>,
+    /// How many times every setup runs, alternating.
+    rounds: usize,
 }
 
 fn list(name: &str, default: &str) -> Vec<String> {
@@ -653,6 +659,7 @@ impl Config {
                         .expect("BENCH_RATE_LIMITS: requests/s, comma-separated")
                 })
                 .collect(),
+            rounds: env_or("BENCH_ROUNDS", 1).max(1),
         }
     }
 }
@@ -675,7 +682,8 @@ struct World {
     envoy: Option<PathBuf>,
     /// The agent's `--policy-file` (routes and traffic policies of the sigil setups).
     policy_file: PathBuf,
-    /// Whether `sigil proxy init` already ran in the pods (its rules stay).
+    /// Whether `sigil proxy init`'s rules are in the pods (from the first sigil setup of a round
+    /// to the next round's first other setup).
     intercepted: std::cell::Cell<bool>,
     /// The tracing setups' collector in C, counting what it gets.
     collector: Option<OtlpReceiver>,
@@ -851,6 +859,13 @@ struct Running {
 }
 
 async fn start_setup(setup: Setup, world: &World, config: &Config) -> Running {
+    if matches!(setup, Setup::None | Setup::Envoy) && world.intercepted.replace(false) {
+        // A later round: the previous round's sigil rules would redirect these setups' traffic
+        // to proxies that are gone.
+        for pod in std::iter::once(&world.a).chain(&world.pods) {
+            pod.run(&[sigil_exe(), "proxy", "init", "--cleanup"]);
+        }
+    }
     match setup {
         Setup::None => Running {
             proxies: Vec::new(),
@@ -1169,6 +1184,8 @@ async fn trace_counters(proxies: &[PodProxy]) -> (f64, f64) {
 
 /// One setup and protocol's numbers.
 struct Measured {
+    /// Which of the `BENCH_ROUNDS` rounds (from 0).
+    round: usize,
     setup: Setup,
     protocol: Protocol,
     open: Vec<OpenLoop>,
@@ -1183,6 +1200,7 @@ struct Measured {
 }
 
 async fn measure(
+    round: usize,
     setup: Setup,
     protocol: Protocol,
     world: &World,
@@ -1312,6 +1330,7 @@ async fn measure(
         .map(|p| (p.role, memory_kib(p.pid).1))
         .collect();
     Measured {
+        round,
         setup,
         protocol,
         open,
@@ -1419,19 +1438,21 @@ fn mib(list: &[(&str, u64)], client: bool) -> Option<f64> {
         .reduce(f64::max)
 }
 
-fn table(results: &[Measured], config: &Config) -> Vec<Row> {
+/// The rows of one round's results, a column per setup and protocol.
+fn table(results: &[&Measured], config: &Config) -> Vec<Row> {
     let mut rows = Vec::new();
     let mut add = |label: String, decimals: usize, cell: &dyn Fn(&Measured) -> Option<f64>| {
         rows.push(Row {
             label,
             decimals,
-            cells: results.iter().map(cell).collect(),
+            cells: results.iter().map(|m| cell(m)).collect(),
         });
     };
     let baseline = |m: &Measured| {
         results
             .iter()
             .find(|b| b.setup == Setup::None && b.protocol == m.protocol)
+            .copied()
     };
     for (i, rate) in config.rates.iter().enumerate() {
         let q = |m: &Measured, p: f64| quantile(&m.open[i].latencies, p).map(ms);
@@ -1468,6 +1489,11 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
         add(format!("{rate}/s machine busy (% core)"), 0, &|m| {
             Some(100.0 * m.open[i].cpu.machine / m.open[i].elapsed.as_secs_f64())
         });
+        add(
+            format!("{rate}/s stolen by the hypervisor (% core)"),
+            0,
+            &|m| Some(100.0 * m.open[i].cpu.stolen / m.open[i].elapsed.as_secs_f64()),
+        );
         add(format!("{rate}/s load generator lag p99 (ms)"), 3, &|m| {
             quantile(&m.open[i].lag, 0.99).map(ms)
         });
@@ -1513,6 +1539,7 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
         ("backends", |c| c.backend),
         ("load generator", |c| c.loadgen),
         ("others", |c| c.others()),
+        ("stolen by the hypervisor", |c| c.stolen),
     ] {
         add(format!("closed loop CPU: {what} (% core)"), 0, &|m| {
             Some(100.0 * f(&m.closed.cpu) / m.closed.elapsed.as_secs_f64())
@@ -1562,17 +1589,87 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
     rows
 }
 
-fn print_table(results: &[Measured], config: &Config) {
-    let rows = table(results, config);
-    let width = rows.iter().map(|r| r.label.len()).max().unwrap_or(0);
-    let headers: Vec<String> = results
-        .iter()
-        .map(|m| format!("{} {}", m.setup.name(), m.protocol.name()))
+/// The table (with several rounds, each cell's median over them), then each round's values of
+/// the rows issue 14's goals are read from, with the sigil/Envoy ratio of each round.
+fn print_results(results: &[Measured], config: &Config) {
+    let by_round: Vec<Vec<Row>> = (0..config.rounds)
+        .map(|round| {
+            let measured: Vec<&Measured> = results.iter().filter(|m| m.round == round).collect();
+            table(&measured, config)
+        })
         .collect();
+    let columns: Vec<(Setup, Protocol)> = results
+        .iter()
+        .filter(|m| m.round == 0)
+        .map(|m| (m.setup, m.protocol))
+        .collect();
+    let headers: Vec<String> = columns
+        .iter()
+        .map(|(setup, protocol)| format!("{} {}", setup.name(), protocol.name()))
+        .collect();
+    let Some(first) = by_round.first() else {
+        return;
+    };
+    let medians: Vec<Row> = first
+        .iter()
+        .enumerate()
+        .map(|(r, row)| Row {
+            label: row.label.clone(),
+            decimals: row.decimals,
+            cells: (0..columns.len())
+                .map(|c| median(by_round.iter().filter_map(|rows| rows[r].cells[c])))
+                .collect(),
+        })
+        .collect();
+    if config.rounds > 1 {
+        println!("\nmedian of {} rounds:", config.rounds);
+    }
+    print_rows(&headers, &medians);
+    if config.rounds == 1 {
+        return;
+    }
+    println!("\nby round:");
+    let width = headers.iter().map(String::len).max().unwrap_or(0) + 14;
+    let values = |cells: &[Option<f64>], decimals: usize| -> String {
+        cells
+            .iter()
+            .map(|v| v.map_or(format!("{:>8}", "-"), |v| format!("{v:>8.decimals$}")))
+            .collect()
+    };
+    for (r, row) in first.iter().enumerate() {
+        if !(row.label.ends_with("added p50 (ms)") || row.label.starts_with("max req/s")) {
+            continue;
+        }
+        println!("{}", row.label);
+        for (c, header) in headers.iter().enumerate() {
+            let cells: Vec<Option<f64>> = by_round.iter().map(|rows| rows[r].cells[c]).collect();
+            println!("  {header:width$}{}", values(&cells, row.decimals));
+        }
+        for protocol in &config.protocols {
+            let column = |setup: Setup| columns.iter().position(|col| *col == (setup, *protocol));
+            let (Some(sigil), Some(envoy)) = (column(Setup::Sigil), column(Setup::Envoy)) else {
+                continue;
+            };
+            let ratios: Vec<Option<f64>> = by_round
+                .iter()
+                .map(|rows| Some(rows[r].cells[sigil]? / rows[r].cells[envoy]?))
+                .collect();
+            let label = format!("sigil/envoy {}", protocol.name());
+            println!(
+                "  {label:width$}{}   median {:.2}",
+                values(&ratios, 2),
+                median(ratios.iter().flatten().copied()).unwrap_or(f64::NAN)
+            );
+        }
+    }
+}
+
+fn print_rows(headers: &[String], rows: &[Row]) {
+    let width = rows.iter().map(|r| r.label.len()).max().unwrap_or(0);
     let column = headers.iter().map(String::len).max().unwrap_or(0).max(12);
     println!();
     print!("{:width$}", "");
-    for h in &headers {
+    for h in headers {
         print!("  {h:>column$}");
     }
     println!();
@@ -1731,57 +1828,64 @@ async fn bench() -> ExitCode {
     };
 
     let mut results = Vec::new();
-    for &setup in &config.setups {
-        let started = Instant::now();
-        let running = start_setup(setup, &world, &config).await;
-        wait_through(setup, &world, &config, &running.proxies).await;
-        if let Some(client) = running.sigil.first() {
-            // The balancer A's proxy made for the Service on its first request: the requests
-            // take the L7 path, not the TCP pass-through.
-            let series = "sigil_proxy_balancer_endpoints{service=\"bench/api\",state=\"ready\"}";
-            let ready = client.metric(series).await;
-            assert_eq!(
-                ready,
-                BACKENDS.len() as f64,
-                "A's proxy's {series}:\n{}",
-                tail(&client.logs(), 30)
-            );
-            println!(
-                "{}: A's proxy balances over {ready} ready endpoints of bench/api",
-                setup.name()
-            );
+    for round in 0..config.rounds {
+        if config.rounds > 1 {
+            println!("round {} of {}", round + 1, config.rounds);
         }
-        println!(
-            "{}: requests through after {:.0} ms",
-            setup.name(),
-            started.elapsed().as_secs_f64() * 1e3
-        );
-        if setup == Setup::SigilRateLimit {
-            warm_up(setup, Protocol::Http1, &world, &config, &running).await;
-            rate_limit_phases(&world, &config, &running).await;
-        } else {
-            for &protocol in &config.protocols {
-                warm_up(setup, protocol, &world, &config, &running).await;
-                results.push(
-                    measure(
-                        setup,
-                        protocol,
-                        &world,
-                        &config,
-                        &running.proxies,
-                        &running.sigil,
-                    )
-                    .await,
+        for &setup in &config.setups {
+            let started = Instant::now();
+            let running = start_setup(setup, &world, &config).await;
+            wait_through(setup, &world, &config, &running.proxies).await;
+            if let Some(client) = running.sigil.first() {
+                // The balancer A's proxy made for the Service on its first request: the requests
+                // take the L7 path, not the TCP pass-through.
+                let series =
+                    "sigil_proxy_balancer_endpoints{service=\"bench/api\",state=\"ready\"}";
+                let ready = client.metric(series).await;
+                assert_eq!(
+                    ready,
+                    BACKENDS.len() as f64,
+                    "A's proxy's {series}:\n{}",
+                    tail(&client.logs(), 30)
+                );
+                println!(
+                    "{}: A's proxy balances over {ready} ready endpoints of bench/api",
+                    setup.name()
                 );
             }
+            println!(
+                "{}: requests through after {:.0} ms",
+                setup.name(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            if setup == Setup::SigilRateLimit {
+                warm_up(setup, Protocol::Http1, &world, &config, &running).await;
+                rate_limit_phases(&world, &config, &running).await;
+            } else {
+                for &protocol in &config.protocols {
+                    warm_up(setup, protocol, &world, &config, &running).await;
+                    results.push(
+                        measure(
+                            round,
+                            setup,
+                            protocol,
+                            &world,
+                            &config,
+                            &running.proxies,
+                            &running.sigil,
+                        )
+                        .await,
+                    );
+                }
+            }
+            drop(running);
         }
-        drop(running);
     }
     results.sort_by_key(|m| {
         let protocol = config.protocols.iter().position(|p| *p == m.protocol);
-        (protocol, m.setup as u8)
+        (protocol, m.setup as u8, m.round)
     });
-    print_table(&results, &config);
+    print_results(&results, &config);
     println!(
         "\nWhat limits the numbers: {cores} cores shared by everything (see the CPU rows: when proxies + backends + load generator + others reach {} % the closed loop is machine-bound, not proxy-bound); the load generator is this process (a thread per open-loop connection, a current-thread tokio runtime for the closed loop, HTTP/1.1 hand-written, gRPC on hyper's HTTP/2 client, which costs it more CPU than HTTP/1.1); its lag p99 says how late it sent. One request at a time per connection. \"added\": the setup's quantile minus none's for the same protocol. Proxies' CPU: user+system of all 4 proxy processes from /proc (10 ms resolution), per 1,000 achieved requests/s. Shares: requests each backend counted. RSS: VmRSS (VmHWM for peak) from /proc.",
         cores * 100

@@ -63,7 +63,11 @@
 //! Each phase lasts `BENCH_SECS` (10) seconds; the whole program takes about 3 minutes with the
 //! defaults. `BENCH_SETUPS` (`none,sigil,envoy,envoy-http`) picks the setups; `sigil-classical`
 //! (the sigil pair with `--tls-key-exchange classical`) puts the pre-issue-17 key exchange beside
-//! the hybrid one in the same run.
+//! the hybrid one in the same run. `BENCH_ROUNDS` (1) runs the setups that many times, alternating
+//! in each round, so that a slow spell of a shared machine falls on all of them: the table then
+//! holds each cell's median over the rounds (the ratio columns are the medians' ratios),
+//! followed by each round's added p50s, maximum rates and new connections per second, and the
+//! sigil/Envoy ratio of each round.
 //!
 //! The two stacks do not negotiate the same TLS by default: Envoy (BoringSSL) picks AES-128-GCM
 //! and X25519MLKEM768 and its client resumes sessions; the sigil proxy (rustls) picks
@@ -85,8 +89,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sigil_test_harness::load::{
     self, AsyncClient, ClosedLoop, Cpu, OpenLoop, Responses, SyncClient, closed_loop,
-    content_length, env_or, envoy_sds_cluster, first_error, head_end, memory_kib, ms, open_loop,
-    quantile, response_head, tail,
+    content_length, env_or, envoy_sds_cluster, first_error, head_end, median, memory_kib, ms,
+    open_loop, quantile, response_head, tail,
 };
 use sigil_test_harness::{
     AGENT_ID, CaProcess, OfflineCa, Proc, free_addr, http_get, sigil_proxy_exe, spawn_agent,
@@ -512,6 +516,8 @@ struct Config {
     envoy_session_keys: Option<u32>,
     /// RUST_LOG for the sigil proxies (None: unset, the proxy's default).
     sigil_log: Option<String>,
+    /// How many times every setup runs, alternating.
+    rounds: usize,
 }
 
 impl Config {
@@ -552,6 +558,7 @@ impl Config {
                 .ok()
                 .map(|v| v.parse().expect("BENCH_ENVOY_MAX_SESSION_KEYS: a number")),
             sigil_log: std::env::var("BENCH_SIGIL_RUST_LOG").ok(),
+            rounds: env_or("BENCH_ROUNDS", 1).max(1),
         }
     }
 }
@@ -944,6 +951,8 @@ async fn sigil_counters(running: &Running) -> Vec<String> {
 }
 
 struct Measured {
+    /// Which of the `BENCH_ROUNDS` rounds (from 0).
+    round: usize,
     setup: Setup,
     ready_after: Option<Duration>,
     open: Vec<OpenLoop>,
@@ -957,7 +966,7 @@ struct Measured {
     notes: Vec<String>,
 }
 
-async fn measure(setup: Setup, shared: &Shared, config: &Config) -> Measured {
+async fn measure(round: usize, setup: Setup, shared: &Shared, config: &Config) -> Measured {
     let started = Instant::now();
     let mut running = match setup {
         Setup::None => Running {
@@ -1080,6 +1089,7 @@ async fn measure(setup: Setup, shared: &Shared, config: &Config) -> Measured {
         }
     }
     Measured {
+        round,
         setup,
         ready_after,
         open,
@@ -1128,8 +1138,10 @@ fn rss_mib(list: &[(&str, u64)], role: Option<&str>) -> Option<f64> {
     )
 }
 
-fn table(results: &[Measured], config: &Config) -> Vec<Row> {
-    let column = |f: &dyn Fn(&Measured) -> Option<f64>| results.iter().map(f).collect::<Vec<_>>();
+/// The rows of one round's results, a column per setup.
+fn table(results: &[&Measured], config: &Config) -> Vec<Row> {
+    let column =
+        |f: &dyn Fn(&Measured) -> Option<f64>| results.iter().map(|m| f(m)).collect::<Vec<_>>();
     // Only for rows about the proxies themselves: "none" has none.
     let proxies = |f: &dyn Fn(&Measured) -> f64| {
         results
@@ -1137,7 +1149,7 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
             .map(|m| (m.setup != Setup::None).then(|| f(m)))
             .collect::<Vec<_>>()
     };
-    let none = results.iter().find(|m| m.setup == Setup::None);
+    let none = results.iter().find(|m| m.setup == Setup::None).copied();
     let secs = |d: Duration| d.as_secs_f64();
     let mut rows = Vec::new();
 
@@ -1205,6 +1217,12 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
             column(&|m| Some(m.open[i].cpu.others() / secs(m.open[i].elapsed))),
         ));
         rows.push(row(
+            "  CPU stolen by the hypervisor, cores",
+            2,
+            false,
+            column(&|m| Some(m.open[i].cpu.stolen / secs(m.open[i].elapsed))),
+        ));
+        rows.push(row(
             "  load generator lag p99, ms",
             3,
             false,
@@ -1260,6 +1278,12 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
         2,
         false,
         column(&|m| Some(m.closed.cpu.others() / closed_secs(m))),
+    ));
+    rows.push(row(
+        "  CPU stolen by the hypervisor, cores",
+        2,
+        false,
+        column(&|m| Some(m.closed.cpu.stolen / closed_secs(m))),
     ));
     rows.push(row(
         "  errors",
@@ -1342,6 +1366,12 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
         column(&|m| Some(m.connects.cpu.others() / connect_secs(m))),
     ));
     rows.push(row(
+        "  CPU stolen by the hypervisor, cores",
+        2,
+        false,
+        column(&|m| Some(m.connects.cpu.stolen / connect_secs(m))),
+    ));
+    rows.push(row(
         "  errors",
         0,
         false,
@@ -1383,8 +1413,109 @@ fn table(results: &[Measured], config: &Config) -> Vec<Row> {
     rows
 }
 
-fn print_table(results: &[Measured], config: &Config) {
-    let column = |setup: Setup| results.iter().position(|m| m.setup == setup);
+/// The table (with several rounds, each cell's median over them), then each round's values of
+/// the rows issue 14's goals are read from, with the sigil/Envoy ratio of each round.
+fn print_results(results: &[Measured], config: &Config) {
+    let setups: Vec<Setup> = results
+        .iter()
+        .filter(|m| m.round == 0)
+        .map(|m| m.setup)
+        .collect();
+    let by_round: Vec<Vec<Row>> = (0..config.rounds)
+        .map(|round| {
+            let measured: Vec<&Measured> = results.iter().filter(|m| m.round == round).collect();
+            table(&measured, config)
+        })
+        .collect();
+    let Some(first) = by_round.first() else {
+        return;
+    };
+    let cells_of = |round: &[Row], r: usize| match &round[r] {
+        Row::Values { cells, .. } => cells.clone(),
+        Row::Section(_) => Vec::new(),
+    };
+    let medians: Vec<Row> = first
+        .iter()
+        .enumerate()
+        .map(|(r, row)| match row {
+            Row::Section(title) => Row::Section(title.clone()),
+            Row::Values {
+                label,
+                decimals,
+                ratios,
+                ..
+            } => Row::Values {
+                label: label.clone(),
+                decimals: *decimals,
+                ratios: *ratios,
+                cells: (0..setups.len())
+                    .map(|c| median(by_round.iter().filter_map(|round| cells_of(round, r)[c])))
+                    .collect(),
+            },
+        })
+        .collect();
+    if config.rounds > 1 {
+        println!("\nmedian of {} rounds:", config.rounds);
+    }
+    print_rows(&setups, &medians);
+    if config.rounds == 1 {
+        return;
+    }
+    println!("\nby round:");
+    let column = |setup: Setup| setups.iter().position(|s| *s == setup);
+    let values = |cells: &[Option<f64>], decimals: usize| -> String {
+        cells
+            .iter()
+            .map(|v| v.map_or(format!(" {:>9}", "-"), |v| format!(" {v:>9.decimals$}")))
+            .collect()
+    };
+    let mut section = "";
+    for (r, row) in first.iter().enumerate() {
+        let (label, decimals) = match row {
+            Row::Section(title) => {
+                section = title;
+                continue;
+            }
+            Row::Values {
+                label, decimals, ..
+            } => (label.trim(), *decimals),
+        };
+        let wanted = [
+            "added p50 vs none, ms",
+            "requests/s",
+            "connections/s",
+            "proxies' CPU per 1,000 connections, ms",
+        ];
+        if !wanted.contains(&label) {
+            continue;
+        }
+        println!("{section}: {label}");
+        for (c, setup) in setups.iter().enumerate() {
+            let cells: Vec<Option<f64>> =
+                by_round.iter().map(|round| cells_of(round, r)[c]).collect();
+            println!("  {:<12}{}", setup.name(), values(&cells, decimals));
+        }
+        if let (Some(sigil), Some(envoy)) = (column(Setup::Sigil), column(Setup::Envoy)) {
+            let ratios: Vec<Option<f64>> = by_round
+                .iter()
+                .map(|round| {
+                    let cells = cells_of(round, r);
+                    Some(cells[sigil]? / cells[envoy]?)
+                })
+                .collect();
+            println!(
+                "  {:<12}{}   median {:.2}",
+                "sigil/envoy",
+                values(&ratios, 2),
+                median(ratios.iter().flatten().copied()).unwrap_or(f64::NAN)
+            );
+        }
+    }
+}
+
+/// The table: a column per setup, then the ratio columns of the rows they make sense for.
+fn print_rows(setups: &[Setup], rows: &[Row]) {
+    let column = |setup: Setup| setups.iter().position(|s| *s == setup);
     let (none, sigil, classical, envoy, floor) = (
         column(Setup::None),
         column(Setup::Sigil),
@@ -1403,14 +1534,14 @@ fn print_table(results: &[Measured], config: &Config) {
     .filter_map(|(name, a, b)| Some((name, a?, b?)))
     .collect();
     let mut header = format!("{:<52}", "");
-    for m in results {
-        header.push_str(&format!(" {:>11}", m.setup.name()));
+    for setup in setups {
+        header.push_str(&format!(" {:>11}", setup.name()));
     }
     for (name, _, _) in &ratio_columns {
         header.push_str(&format!(" {name:>11}"));
     }
     println!("\n{}", header.trim_end());
-    for row in table(results, config) {
+    for row in rows {
         match row {
             Row::Section(title) => println!("{title}"),
             Row::Values {
@@ -1420,7 +1551,7 @@ fn print_table(results: &[Measured], config: &Config) {
                 ratios,
             } => {
                 let mut line = format!("{label:<52}");
-                for cell in &cells {
+                for cell in cells {
                     match cell {
                         Some(v) => line.push_str(&format!(" {v:>11.decimals$}")),
                         None => line.push_str(&format!(" {:>11}", "-")),
@@ -1619,10 +1750,15 @@ async fn bench() -> ExitCode {
     };
 
     let mut results = Vec::new();
-    for &setup in &config.setups {
-        results.push(measure(setup, &shared, &config).await);
+    for round in 0..config.rounds {
+        if config.rounds > 1 {
+            println!("round {} of {}", round + 1, config.rounds);
+        }
+        for &setup in &config.setups {
+            results.push(measure(round, setup, &shared, &config).await);
+        }
     }
-    print_table(&results, &config);
+    print_results(&results, &config);
     let notes: Vec<&String> = results.iter().flat_map(|m| &m.notes).collect();
     if !notes.is_empty() {
         println!(

@@ -32,7 +32,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{
     ClientConfig, ClientConnection, ConnectionCommon, RootCertStore, ServerConfig, ServerConnection,
 };
-use sigil_test_harness::load::env_or;
+use sigil_test_harness::load::{self, env_or};
 
 const SERVER_NAME: &str = "server.bench.test";
 /// Plaintext per write in the bulk phase: one full TLS record.
@@ -308,9 +308,9 @@ fn bulk_mb_per_second(
     bytes as f64 / 1e6 / start.elapsed().as_secs_f64()
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+/// The median of one variant's rounds (at least one).
+fn median(values: Vec<f64>) -> f64 {
+    load::median(values).expect("at least one round")
 }
 
 /// ECDSA P-256 signatures and verifications per second with ring and with aws-lc-rs (the CA's

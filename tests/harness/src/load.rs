@@ -38,6 +38,18 @@ pub fn quantile(sorted: &[u64], p: f64) -> Option<u64> {
     sorted.get(i.min(sorted.len() - 1)).copied()
 }
 
+/// The median of `values` (the mean of the middle two of an even count); None without any.
+pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.into_iter().collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(sorted[n / 2]),
+        _ => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
+    }
+}
+
 /// ` (first: <error>)`, or nothing without an error.
 pub fn first_error(error: &Option<String>) -> String {
     error
@@ -276,22 +288,26 @@ impl AsyncRequester for AsyncClient {
 // Measurements.
 
 /// CPU seconds used so far by the proxies (summed), the backends (summed), this process (the
-/// load generator) and the whole machine.
+/// load generator) and the whole machine, and the seconds the hypervisor ran other guests while
+/// this machine had work (steal).
 #[derive(Clone, Copy, Default)]
 pub struct Cpu {
     pub proxies: f64,
     pub backend: f64,
     pub loadgen: f64,
     pub machine: f64,
+    pub stolen: f64,
 }
 
 impl Cpu {
     pub fn now(proxies: &[u32], backends: &[u32]) -> Cpu {
+        let (machine, stolen) = machine_seconds();
         Cpu {
             proxies: proxies.iter().map(|&pid| cpu_seconds(pid)).sum(),
             backend: backends.iter().map(|&pid| cpu_seconds(pid)).sum(),
             loadgen: cpu_seconds(std::process::id()),
-            machine: machine_busy_seconds(),
+            machine,
+            stolen,
         }
     }
 
@@ -301,18 +317,20 @@ impl Cpu {
             backend: self.backend - before.backend,
             loadgen: self.loadgen - before.loadgen,
             machine: self.machine - before.machine,
+            stolen: self.stolen - before.stolen,
         }
     }
 
     /// CPU used by everything else on the machine (the agent and the CA, which are idle, and
-    /// whatever else runs there): what disturbs the numbers.
+    /// whatever else runs there): what disturbs the numbers, with [`Cpu::stolen`].
     pub fn others(&self) -> f64 {
         (self.machine - self.proxies - self.backend - self.loadgen).max(0.0)
     }
 }
 
-/// Busy CPU seconds of the whole machine since boot (all CPUs), from /proc/stat.
-pub fn machine_busy_seconds() -> f64 {
+/// Busy CPU seconds of the whole machine since boot (all CPUs), and the seconds stolen from it
+/// by the hypervisor, from /proc/stat.
+fn machine_seconds() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let fields: Vec<f64> = stat
         .lines()
@@ -324,12 +342,10 @@ pub fn machine_busy_seconds() -> f64 {
                 .collect()
         })
         .unwrap_or_default();
-    // user nice system idle iowait irq softirq steal: everything but idle and iowait.
-    [0, 1, 2, 5, 6, 7]
-        .iter()
-        .filter_map(|&i| fields.get(i))
-        .sum::<f64>()
-        / 100.0 // USER_HZ
+    let seconds = |i: usize| fields.get(i).copied().unwrap_or(0.0) / 100.0; // USER_HZ
+    // user nice system idle iowait irq softirq steal: busy is all but idle, iowait and steal.
+    let busy = [0, 1, 2, 5, 6].into_iter().map(seconds).sum();
+    (busy, seconds(7))
 }
 
 /// Resident and peak resident memory of a process (KiB), from /proc.
@@ -634,6 +650,13 @@ pub fn envoy_sds_cluster(socket: &Path) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians_take_the_middle_or_the_mean_of_the_middle_two() {
+        assert_eq!(median([3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(std::iter::empty()), None);
+    }
 
     #[test]
     fn quantiles_are_nearest_rank() {
