@@ -66,7 +66,8 @@
 //! `BENCH_ROUNDS` (1) runs every setup that many times, the setups alternating in each round, so
 //! that a slow spell of a shared machine falls on all of them: the table then holds each cell's
 //! median over the rounds (each round's "added" against that round's `none`), followed by each
-//! round's added p50s and maximum rates and the sigil/Envoy ratio of each round.
+//! round's added p50s, maximum rates and proxies' CPU per 1,000 requests/s, and the sigil/Envoy
+//! ratio of each round.
 //!
 //! Run: `cargo bench --bench l7` (as root); the route, retry and rate-limit costs beside sigil's:
 //! `BENCH_SETUPS=none,sigil,sigil-route,sigil-retry,sigil-ratelimit cargo bench --bench l7`; the
@@ -1637,7 +1638,10 @@ fn print_results(results: &[Measured], config: &Config) {
             .collect()
     };
     for (r, row) in first.iter().enumerate() {
-        if !(row.label.ends_with("added p50 (ms)") || row.label.starts_with("max req/s")) {
+        if !(row.label.ends_with("added p50 (ms)")
+            || row.label.starts_with("max req/s")
+            || row.label.ends_with("proxies' CPU per 1,000 req/s (% core)"))
+        {
             continue;
         }
         println!("{}", row.label);
