@@ -86,8 +86,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
 use sigil_test_harness::load::{
     AsyncClient, AsyncRequester, BlockingRequester, ClosedLoop, OpenLoop, SyncClient, closed_loop,
-    env_or, envoy_common_tls, envoy_sds_cluster, first_error, median, memory_kib, ms, open_loop,
-    quantile, tail,
+    column_medians, env_or, envoy_common_tls, envoy_sds_cluster, first_error, memory_kib, ms,
+    open_loop, print_round_row, quantile, tail,
 };
 use sigil_test_harness::netns::{
     ClusterIpService, Netns, Node, PodProxy, connect_in, in_netns, proxy_init, require_root,
@@ -1611,15 +1611,16 @@ fn print_results(results: &[Measured], config: &Config) {
     let Some(first) = by_round.first() else {
         return;
     };
+    let cells = |r: usize| -> Vec<Vec<Option<f64>>> {
+        by_round.iter().map(|rows| rows[r].cells.clone()).collect()
+    };
     let medians: Vec<Row> = first
         .iter()
         .enumerate()
         .map(|(r, row)| Row {
             label: row.label.clone(),
             decimals: row.decimals,
-            cells: (0..columns.len())
-                .map(|c| median(by_round.iter().filter_map(|rows| rows[r].cells[c])))
-                .collect(),
+            cells: column_medians(&cells(r)),
         })
         .collect();
     if config.rounds > 1 {
@@ -1630,40 +1631,25 @@ fn print_results(results: &[Measured], config: &Config) {
         return;
     }
     println!("\nby round:");
-    let width = headers.iter().map(String::len).max().unwrap_or(0) + 14;
-    let values = |cells: &[Option<f64>], decimals: usize| -> String {
-        cells
-            .iter()
-            .map(|v| v.map_or(format!("{:>8}", "-"), |v| format!("{v:>8.decimals$}")))
-            .collect()
-    };
-    for (r, row) in first.iter().enumerate() {
-        if !(row.label.ends_with("added p50 (ms)")
-            || row.label.starts_with("max req/s")
-            || row.label.ends_with("proxies' CPU per 1,000 req/s (% core)"))
-        {
-            continue;
-        }
-        println!("{}", row.label);
-        for (c, header) in headers.iter().enumerate() {
-            let cells: Vec<Option<f64>> = by_round.iter().map(|rows| rows[r].cells[c]).collect();
-            println!("  {header:width$}{}", values(&cells, row.decimals));
-        }
-        for protocol in &config.protocols {
+    let ratios: Vec<(String, usize, usize)> = config
+        .protocols
+        .iter()
+        .filter_map(|protocol| {
             let column = |setup: Setup| columns.iter().position(|col| *col == (setup, *protocol));
-            let (Some(sigil), Some(envoy)) = (column(Setup::Sigil), column(Setup::Envoy)) else {
-                continue;
-            };
-            let ratios: Vec<Option<f64>> = by_round
-                .iter()
-                .map(|rows| Some(rows[r].cells[sigil]? / rows[r].cells[envoy]?))
-                .collect();
-            let label = format!("sigil/envoy {}", protocol.name());
-            println!(
-                "  {label:width$}{}   median {:.2}",
-                values(&ratios, 2),
-                median(ratios.iter().flatten().copied()).unwrap_or(f64::NAN)
-            );
+            Some((
+                format!("sigil/envoy {}", protocol.name()),
+                column(Setup::Sigil)?,
+                column(Setup::Envoy)?,
+            ))
+        })
+        .collect();
+    for (r, row) in first.iter().enumerate() {
+        if row.label.ends_with("added p50 (ms)")
+            || row.label.starts_with("max req/s")
+            || row.label.ends_with("proxies' CPU per 1,000 req/s (% core)")
+        {
+            println!("{}", row.label);
+            print_round_row(&headers, &cells(r), row.decimals, &ratios);
         }
     }
 }

@@ -66,8 +66,8 @@
 //! the hybrid one in the same run. `BENCH_ROUNDS` (1) runs the setups that many times, alternating
 //! in each round, so that a slow spell of a shared machine falls on all of them: the table then
 //! holds each cell's median over the rounds (the ratio columns are the medians' ratios),
-//! followed by each round's added p50s, maximum rates and new connections per second, and the
-//! sigil/Envoy ratio of each round.
+//! followed by each round's added p50s, maximum rates, new connections per second and proxies'
+//! CPU per new connection, and the sigil/Envoy ratio of each round.
 //!
 //! The two stacks do not negotiate the same TLS by default: Envoy (BoringSSL) picks AES-128-GCM
 //! and X25519MLKEM768 and its client resumes sessions; the sigil proxy (rustls) picks
@@ -89,8 +89,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sigil_test_harness::load::{
     self, AsyncClient, ClosedLoop, Cpu, OpenLoop, Responses, SyncClient, closed_loop,
-    content_length, env_or, envoy_sds_cluster, first_error, head_end, median, memory_kib, ms,
-    open_loop, quantile, response_head, tail,
+    column_medians, content_length, env_or, envoy_sds_cluster, first_error, head_end, memory_kib,
+    ms, open_loop, print_round_row, quantile, response_head, tail,
 };
 use sigil_test_harness::{
     AGENT_ID, CaProcess, OfflineCa, Proc, free_addr, http_get, sigil_proxy_exe, spawn_agent,
@@ -1430,28 +1430,26 @@ fn print_results(results: &[Measured], config: &Config) {
     let Some(first) = by_round.first() else {
         return;
     };
-    let cells_of = |round: &[Row], r: usize| match &round[r] {
-        Row::Values { cells, .. } => cells.clone(),
-        Row::Section(_) => Vec::new(),
+    let cells = |r: usize| -> Vec<Vec<Option<f64>>> {
+        by_round
+            .iter()
+            .map(|rows| match &rows[r] {
+                Row::Values { cells, .. } => cells.clone(),
+                Row::Section(_) => Vec::new(),
+            })
+            .collect()
     };
     let medians: Vec<Row> = first
         .iter()
         .enumerate()
-        .map(|(r, row)| match row {
+        .map(|(r, of_round)| match of_round {
             Row::Section(title) => Row::Section(title.clone()),
             Row::Values {
                 label,
                 decimals,
                 ratios,
                 ..
-            } => Row::Values {
-                label: label.clone(),
-                decimals: *decimals,
-                ratios: *ratios,
-                cells: (0..setups.len())
-                    .map(|c| median(by_round.iter().filter_map(|round| cells_of(round, r)[c])))
-                    .collect(),
-            },
+            } => row(label.clone(), *decimals, *ratios, column_medians(&cells(r))),
         })
         .collect();
     if config.rounds > 1 {
@@ -1462,53 +1460,30 @@ fn print_results(results: &[Measured], config: &Config) {
         return;
     }
     println!("\nby round:");
+    let headers: Vec<String> = setups.iter().map(|s| s.name().to_string()).collect();
     let column = |setup: Setup| setups.iter().position(|s| *s == setup);
-    let values = |cells: &[Option<f64>], decimals: usize| -> String {
-        cells
-            .iter()
-            .map(|v| v.map_or(format!(" {:>9}", "-"), |v| format!(" {v:>9.decimals$}")))
-            .collect()
-    };
+    let ratios: Vec<(String, usize, usize)> = column(Setup::Sigil)
+        .zip(column(Setup::Envoy))
+        .map(|(sigil, envoy)| ("sigil/envoy".to_string(), sigil, envoy))
+        .into_iter()
+        .collect();
+    let wanted = [
+        "added p50 vs none, ms",
+        "requests/s",
+        "connections/s",
+        "proxies' CPU per 1,000 connections, ms",
+    ];
     let mut section = "";
-    for (r, row) in first.iter().enumerate() {
-        let (label, decimals) = match row {
-            Row::Section(title) => {
-                section = title;
-                continue;
-            }
+    for (r, values) in first.iter().enumerate() {
+        match values {
+            Row::Section(title) => section = title,
             Row::Values {
                 label, decimals, ..
-            } => (label.trim(), *decimals),
-        };
-        let wanted = [
-            "added p50 vs none, ms",
-            "requests/s",
-            "connections/s",
-            "proxies' CPU per 1,000 connections, ms",
-        ];
-        if !wanted.contains(&label) {
-            continue;
-        }
-        println!("{section}: {label}");
-        for (c, setup) in setups.iter().enumerate() {
-            let cells: Vec<Option<f64>> =
-                by_round.iter().map(|round| cells_of(round, r)[c]).collect();
-            println!("  {:<12}{}", setup.name(), values(&cells, decimals));
-        }
-        if let (Some(sigil), Some(envoy)) = (column(Setup::Sigil), column(Setup::Envoy)) {
-            let ratios: Vec<Option<f64>> = by_round
-                .iter()
-                .map(|round| {
-                    let cells = cells_of(round, r);
-                    Some(cells[sigil]? / cells[envoy]?)
-                })
-                .collect();
-            println!(
-                "  {:<12}{}   median {:.2}",
-                "sigil/envoy",
-                values(&ratios, 2),
-                median(ratios.iter().flatten().copied()).unwrap_or(f64::NAN)
-            );
+            } if wanted.contains(&label.trim()) => {
+                println!("{section}: {}", label.trim());
+                print_round_row(&headers, &cells(r), *decimals, &ratios);
+            }
+            Row::Values { .. } => {}
         }
     }
 }

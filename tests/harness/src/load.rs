@@ -50,6 +50,54 @@ pub fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     }
 }
 
+/// Each column's median over the rounds of a bench's `BENCH_ROUNDS` (`rounds[r][c]`: column
+/// `c`'s value in round `r`; rounds without a value are left out).
+pub fn column_medians(rounds: &[Vec<Option<f64>>]) -> Vec<Option<f64>> {
+    let columns = rounds.first().map_or(0, Vec::len);
+    (0..columns)
+        .map(|c| median(rounds.iter().filter_map(|round| round[c])))
+        .collect()
+}
+
+/// One row of a bench's by-round output: each column's value in each round (`rounds[r][c]`),
+/// then each of `ratios` (name, numerator column, denominator column) in each round, with the
+/// median of those ratios.
+pub fn print_round_row(
+    headers: &[String],
+    rounds: &[Vec<Option<f64>>],
+    decimals: usize,
+    ratios: &[(String, usize, usize)],
+) {
+    let width = headers
+        .iter()
+        .chain(ratios.iter().map(|(name, _, _)| name))
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        + 2;
+    let values = |cells: &[Option<f64>], decimals: usize| -> String {
+        cells
+            .iter()
+            .map(|v| v.map_or(format!(" {:>9}", "-"), |v| format!(" {v:>9.decimals$}")))
+            .collect()
+    };
+    for (c, header) in headers.iter().enumerate() {
+        let cells: Vec<Option<f64>> = rounds.iter().map(|round| round[c]).collect();
+        println!("  {header:width$}{}", values(&cells, decimals));
+    }
+    for (name, numerator, denominator) in ratios {
+        let each: Vec<Option<f64>> = rounds
+            .iter()
+            .map(|round| Some(round[*numerator]? / round[*denominator]?))
+            .collect();
+        println!(
+            "  {name:width$}{}   median {:.2}",
+            values(&each, 2),
+            median(each.iter().flatten().copied()).unwrap_or(f64::NAN)
+        );
+    }
+}
+
 /// ` (first: <error>)`, or nothing without an error.
 pub fn first_error(error: &Option<String>) -> String {
     error
