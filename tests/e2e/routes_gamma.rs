@@ -891,33 +891,48 @@ spec:
     .await;
     // HTTP/1.1 keep-alive: Debian 12's curl 7.88.1 cannot reuse an h2c prior-knowledge
     // connection ("Error in the HTTP2 framing layer", curl/curl#10634, fixed in 7.89), so h2c
-    // is exercised one request per connection in MeshTrafficSplit. Upstream's tolerance (0.05 of
-    // the share) over its 500 requests, and like upstream a missed distribution is sampled again
-    // (here up to 4 times): each backend is picked at random per request, so one sample of a
-    // correct 70/30 split misses by more than 0.05 (2.4 standard deviations) about once in 70,
-    // four in a row about once in 2e7; a wrong split (50/50 is 10 deviations off) misses every
-    // time.
-    const ATTEMPTS: usize = 4;
-    for attempt in 1..=ATTEMPTS {
+    // is exercised one request per connection in MeshTrafficSplit.
+    assert_seventy_thirty("HTTPRoute", || async {
         let answers = mesh
             .client("a")
-            .curl_many(&[], &format!("http://{ECHO}/"), 500)
+            .curl_many(&[], &format!("http://{ECHO}/"), WEIGHT_SAMPLE)
             .await;
         assert!(answers.iter().all(|a| a.status == 200), "{answers:?}");
-        let v1 = answers
+        println!("  by pod {:?}", count_by_pod(&answers));
+        answers.into_iter().map(|a| a.pod).collect()
+    })
+    .await;
+}
+
+/// Requests per sample of a weighted split: upstream's 500.
+const WEIGHT_SAMPLE: usize = 500;
+
+/// Upstream's check of a 70/30 split: echo-v1's share of the pods that answered one sample
+/// (`sample`, [`WEIGHT_SAMPLE`] requests) within 0.05 of 0.7. Like upstream, a missed sample is
+/// taken again (here up to 4 times): each backend is picked at random per request, so one sample
+/// of a correct split misses by more than 0.05 (2.4 standard deviations) about once in 70, four
+/// in a row about once in 2e7; a wrong split (50/50 is 10 deviations off) misses every time.
+async fn assert_seventy_thirty<F, Fut>(what: &str, mut sample: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Vec<String>>,
+{
+    const ATTEMPTS: usize = 4;
+    for attempt in 1..=ATTEMPTS {
+        let pods = sample().await;
+        let v1 = pods
             .iter()
-            .filter(|a| service_of(&a.pod) == "echo-v1")
+            .filter(|pod| service_of(pod) == "echo-v1")
             .count() as f64
-            / 500.0;
-        println!(
-            "  sample {attempt}: by pod {:?}: echo-v1 share {v1:.3}",
-            count_by_pod(&answers)
-        );
+            / pods.len() as f64;
+        println!("  sample {attempt}: echo-v1 share {v1:.3}");
         if (v1 - 0.7).abs() <= 0.05 {
             return;
         }
     }
-    panic!("echo-v1 share missed 0.7 ± 0.05 in {ATTEMPTS} samples of 500 requests");
+    panic!(
+        "{what}: echo-v1 share missed 0.7 ± 0.05 in {ATTEMPTS} samples of {WEIGHT_SAMPLE} requests"
+    );
 }
 
 /// Upstream's RequestHeaderModifier filters of MeshHTTPRouteRequestHeaderModifier and
@@ -1651,25 +1666,23 @@ spec:
         &["a", "k"],
     )
     .await;
-    // Sampled again on a miss, as in `weight` (which says why).
-    const ATTEMPTS: usize = 4;
-    for attempt in 1..=ATTEMPTS {
+    assert_seventy_thirty("GRPCRoute", || async {
         let calls = mesh
             .client("a")
-            .grpc_calls(&format!("{ECHO}:7070"), "/weights.Test/Call", &[], 500)
+            .grpc_calls(
+                &format!("{ECHO}:7070"),
+                "/weights.Test/Call",
+                &[],
+                WEIGHT_SAMPLE,
+            )
             .await;
         assert!(calls.iter().all(|(code, _)| code == "OK"), "{calls:?}");
-        let v1 = calls
+        calls
             .iter()
-            .filter(|(_, a)| service_of(a["pod"].as_str().unwrap_or_default()) == "echo-v1")
-            .count() as f64
-            / 500.0;
-        println!("  sample {attempt}: echo-v1 share {v1:.3}");
-        if (v1 - 0.7).abs() <= 0.05 {
-            return;
-        }
-    }
-    panic!("gRPC echo-v1 share missed 0.7 ± 0.05 in {ATTEMPTS} samples of 500 calls");
+            .map(|(_, answer)| answer["pod"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    })
+    .await;
 }
 
 async fn grpc_mirror(mesh: &RoutesMesh) {
